@@ -1,0 +1,711 @@
+//! The broker's shared state: session registry, subscription index, retained messages, timers
+//! for delayed wills and session expiry, and routing of a publish to the sessions that want it.
+//!
+//! Lock order (never take them the other way round): registry → session → index shard.
+//! Routing takes index read locks only while collecting matches, then locks each target
+//! session on its own.
+
+use crate::auth::{Access, AllowAll, Authenticator, Authorizer, Principal};
+use crate::config::{MqttConfig, SharedStrategy};
+use crate::index::{Match, SubscriptionIndex};
+use crate::message::{Delivery, Message};
+use crate::retained::RetainedIndex;
+use crate::session::{
+    Enqueued, PendingWill, QueueLimits, Session, SessionState, SubEntry, SubscriptionRecord,
+};
+use crate::stats::BrokerStats;
+use crate::topic::{TopicLimits, TopicName, parse_subscription};
+use ahash::HashMap;
+use parking_lot::Mutex;
+use raftmq_codec::{ByteStr, QoS, ReasonCode, RetainHandling, SubscriptionOptions};
+use smallvec::SmallVec;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Session Expiry Interval meaning "never expires".
+pub const NEVER_EXPIRES: u32 = u32::MAX;
+
+/// The operation was attempted by a connection whose session was taken over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("session taken over by another connection")]
+pub struct TakenOver;
+
+/// Result of attaching a connection to a session.
+#[derive(Debug)]
+pub struct Attached {
+    pub session: Arc<Session>,
+    /// The fencing token of this attachment.
+    pub epoch: u64,
+    /// Whether an existing session was resumed.
+    pub session_present: bool,
+}
+
+/// How a connection ended, for will handling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetachKind {
+    /// DISCONNECT with reason 0x00: discard the will.
+    Normal,
+    /// DISCONNECT with reason 0x04: publish the will now.
+    WithWill,
+    /// Network closed, protocol error, keep-alive timeout, server shutdown: the will is
+    /// published after its delay (or when the session ends, if sooner).
+    Abnormal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    Will,
+    Expire,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Timer {
+    at: Instant,
+    kind: TimerKind,
+    client_id: ByteStr,
+    epoch: u64,
+}
+
+#[derive(Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<Timer>>,
+    waker: Option<Waker>,
+}
+
+/// The broker: everything shared by all connections of one node.
+pub struct Broker {
+    config: MqttConfig,
+    topic_limits: TopicLimits,
+    queue_limits: QueueLimits,
+    index: SubscriptionIndex<Arc<Session>, SubEntry>,
+    retained: RetainedIndex<Arc<Message>>,
+    sessions: Mutex<HashMap<ByteStr, Arc<Session>>>,
+    timers: Mutex<Timers>,
+    authenticator: Arc<dyn Authenticator>,
+    authorizer: Arc<dyn Authorizer>,
+    stats: BrokerStats,
+    assigned_ids: AtomicU64,
+    id_prefix: String,
+    rng: AtomicU64,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// A broker that accepts everyone (see [`Broker::with_auth`]).
+    pub fn new(config: MqttConfig) -> Self {
+        Self::with_auth(config, Arc::new(AllowAll), Arc::new(AllowAll), 1)
+    }
+
+    /// A broker with the given authentication and authorization, on node `node_id` (used to
+    /// make assigned client ids unique across a cluster).
+    pub fn with_auth(
+        config: MqttConfig,
+        authenticator: Arc<dyn Authenticator>,
+        authorizer: Arc<dyn Authorizer>,
+        node_id: u64,
+    ) -> Self {
+        let topic_limits = TopicLimits {
+            max_levels: config.max_topic_levels,
+            max_len: config.max_topic_length,
+        };
+        let queue_limits = QueueLimits {
+            max_queued: config.max_queued_messages,
+            overflow: config.queue_overflow,
+            queue_qos0_offline: config.queue_qos0_offline,
+        };
+        Broker {
+            index: SubscriptionIndex::new(config.index_shards),
+            retained: RetainedIndex::new(),
+            sessions: Mutex::new(HashMap::default()),
+            timers: Mutex::new(Timers::default()),
+            authenticator,
+            authorizer,
+            stats: BrokerStats::default(),
+            assigned_ids: AtomicU64::new(0),
+            id_prefix: format!("raftmq-{node_id}-"),
+            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ node_id),
+            topic_limits,
+            queue_limits,
+            config,
+        }
+    }
+
+    /// The protocol settings.
+    pub fn config(&self) -> &MqttConfig {
+        &self.config
+    }
+
+    /// Topic length/level limits derived from the config.
+    pub fn topic_limits(&self) -> &TopicLimits {
+        &self.topic_limits
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> &BrokerStats {
+        &self.stats
+    }
+
+    /// The authenticator.
+    pub fn authenticator(&self) -> &dyn Authenticator {
+        &*self.authenticator
+    }
+
+    /// Whether `principal` may perform `access`.
+    pub fn authorize(&self, principal: &Principal, access: Access<'_>) -> bool {
+        self.authorizer.authorize(principal, access)
+    }
+
+    /// A fresh client identifier for a client that connected with an empty one.
+    pub fn assign_client_id(&self) -> ByteStr {
+        let n = self.assigned_ids.fetch_add(1, Relaxed);
+        let salt = self.next_random() & 0xFFFF_FFFF;
+        ByteStr::from(format!("{}{n:x}-{salt:08x}", self.id_prefix))
+    }
+
+    fn next_random(&self) -> u64 {
+        // splitmix64 over an atomic counter: cheap, lock-free, reproducible per node id.
+        let mut z = self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Number of sessions (online and offline).
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    /// The session of `client_id`, if one exists.
+    pub fn session(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.sessions.lock().get(client_id).cloned()
+    }
+
+    /// All sessions (for admin listings).
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.lock().values().cloned().collect()
+    }
+
+    /// Number of subscriptions in the index.
+    pub fn subscription_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Number of retained messages.
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Attaches a connection to the session of `client_id`: resumes it (clean start false and
+    /// one exists), or replaces/creates it. A connection still attached to it is fenced off and
+    /// woken so it closes with Session Taken Over.
+    pub fn attach(
+        &self,
+        client_id: &ByteStr,
+        clean_start: bool,
+        expiry_secs: u32,
+        will: Option<PendingWill>,
+        now: Instant,
+    ) -> Attached {
+        let mut wills_to_publish = Vec::new();
+        let attached = {
+            let mut registry = self.sessions.lock();
+            let resumed = match registry.get(client_id) {
+                Some(existing) => {
+                    let mut st = existing.state.lock();
+                    if st.online {
+                        self.stats.takeovers.fetch_add(1, Relaxed);
+                        // The old connection's will: due now if it had no delay.
+                        if let Some(w) = st.will.take().filter(|w| w.delay_secs == 0) {
+                            wills_to_publish.push(w.message);
+                        }
+                        self.stats.sessions_online.fetch_sub(1, Relaxed);
+                        existing.set_online(&mut st, false);
+                    } else {
+                        // A delayed will is cancelled by a new connection (MQTT 5 §3.1.2.5).
+                        st.will = None;
+                    }
+                    st.epoch += 1;
+                    Session::notify(&mut st);
+                    if clean_start {
+                        self.discard_locked(existing, &mut st);
+                        None
+                    } else {
+                        drop(st);
+                        Some(existing.clone())
+                    }
+                }
+                None => None,
+            };
+            let session_present = resumed.is_some();
+            let session = match resumed {
+                Some(s) => s,
+                None => {
+                    let s = Arc::new(Session::new(client_id.clone(), expiry_secs));
+                    if registry.insert(client_id.clone(), s.clone()).is_none() {
+                        self.stats.sessions_total.fetch_add(1, Relaxed);
+                    }
+                    s
+                }
+            };
+            let mut st = session.state.lock();
+            st.epoch += 1;
+            st.notified = false;
+            st.waker = None;
+            st.expiry_secs = expiry_secs;
+            st.will = will;
+            st.disconnected_at = None;
+            session.set_online(&mut st, true);
+            self.stats.sessions_online.fetch_add(1, Relaxed);
+            let epoch = st.epoch;
+            drop(st);
+            Attached {
+                session,
+                epoch,
+                session_present,
+            }
+        };
+        for w in wills_to_publish {
+            self.publish_will(w, now);
+        }
+        attached
+    }
+
+    /// Detaches the connection holding `epoch`. No-op if the session was taken over since.
+    pub fn detach(&self, session: &Arc<Session>, epoch: u64, kind: DetachKind, now: Instant) {
+        let mut publish_now = None;
+        {
+            let mut registry = self.sessions.lock();
+            let mut st = session.state.lock();
+            if st.epoch != epoch || !st.online {
+                return;
+            }
+            session.set_online(&mut st, false);
+            self.stats.sessions_online.fetch_sub(1, Relaxed);
+            st.waker = None;
+            st.disconnected_at = Some(now);
+            match kind {
+                DetachKind::Normal => st.will = None,
+                DetachKind::WithWill => publish_now = st.will.take().map(|w| w.message),
+                DetachKind::Abnormal => {}
+            }
+            if st.expiry_secs == 0 {
+                // The session ends with the connection: a pending will goes out now.
+                if let Some(w) = st.will.take() {
+                    publish_now = Some(w.message);
+                }
+                self.discard_locked(session, &mut st);
+                drop(st);
+                self.remove_from_registry(&mut registry, session);
+            } else {
+                let client_id = session.client_id().clone();
+                let mut timers = Vec::new();
+                if let Some(w) = &st.will {
+                    if w.delay_secs == 0 {
+                        publish_now = st.will.take().map(|w| w.message);
+                    } else if w.delay_secs < st.expiry_secs {
+                        let at = now + Duration::from_secs(u64::from(w.delay_secs));
+                        timers.push(Timer {
+                            at,
+                            kind: TimerKind::Will,
+                            client_id: client_id.clone(),
+                            epoch,
+                        });
+                    }
+                }
+                if st.expiry_secs != NEVER_EXPIRES {
+                    let at = now + Duration::from_secs(u64::from(st.expiry_secs));
+                    timers.push(Timer {
+                        at,
+                        kind: TimerKind::Expire,
+                        client_id,
+                        epoch,
+                    });
+                }
+                drop(st);
+                drop(registry);
+                self.schedule(timers);
+            }
+        }
+        if let Some(w) = publish_now {
+            self.publish_will(w, now);
+        }
+    }
+
+    /// Changes the expiry of the session attached with `epoch` (MQTT 5 DISCONNECT property).
+    pub fn set_session_expiry(
+        &self,
+        session: &Session,
+        epoch: u64,
+        secs: u32,
+    ) -> Result<(), TakenOver> {
+        let mut st = session.state.lock();
+        if st.epoch != epoch {
+            return Err(TakenOver);
+        }
+        st.expiry_secs = secs;
+        Ok(())
+    }
+
+    fn remove_from_registry(
+        &self,
+        registry: &mut HashMap<ByteStr, Arc<Session>>,
+        session: &Arc<Session>,
+    ) {
+        if registry
+            .get(session.client_id())
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            registry.remove(session.client_id());
+            self.stats.sessions_total.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Removes a session's subscriptions and messages (its state lock held).
+    fn discard_locked(&self, session: &Arc<Session>, st: &mut SessionState) {
+        for (_, rec) in st.subscriptions.drain() {
+            self.index
+                .unsubscribe(&rec.filter, rec.share_group.as_deref(), session);
+        }
+        self.stats
+            .messages_queued
+            .fetch_sub(st.queue.len() as i64, Relaxed);
+        st.queue.clear();
+        let inflight = st
+            .outgoing
+            .values()
+            .filter(|o| matches!(o.state, crate::session::Outgoing::Publish(_)))
+            .count();
+        self.stats
+            .messages_inflight
+            .fetch_sub(inflight as i64, Relaxed);
+        st.outgoing.clear();
+        st.incoming_qos2.clear();
+    }
+
+    fn schedule(&self, new: Vec<Timer>) {
+        if new.is_empty() {
+            return;
+        }
+        let mut t = self.timers.lock();
+        let earliest = t.heap.peek().map(|Reverse(t)| t.at);
+        let mut wake = false;
+        for timer in new {
+            wake |= earliest.is_none_or(|e| timer.at < e);
+            t.heap.push(Reverse(timer));
+        }
+        if wake {
+            if let Some(w) = t.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// When [`Broker::handle_timeout`] next has work (a will delay or session expiry).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.lock().heap.peek().map(|Reverse(t)| t.at)
+    }
+
+    /// Ready when a timer earlier than the last [`Broker::poll_timeout`] was scheduled.
+    pub fn poll_timers_changed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut t = self.timers.lock();
+        t.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Runs due timers: publishes delayed wills and ends expired sessions.
+    pub fn handle_timeout(&self, now: Instant) {
+        loop {
+            let timer = {
+                let mut t = self.timers.lock();
+                match t.heap.peek() {
+                    Some(Reverse(timer)) if timer.at <= now => t.heap.pop().map(|Reverse(t)| t),
+                    _ => None,
+                }
+            };
+            let Some(timer) = timer else { break };
+            let publish;
+            {
+                let mut registry = self.sessions.lock();
+                let Some(session) = registry.get(&timer.client_id).cloned() else {
+                    continue;
+                };
+                let mut st = session.state.lock();
+                if st.epoch != timer.epoch || st.online {
+                    continue;
+                }
+                match timer.kind {
+                    TimerKind::Will => publish = st.will.take().map(|w| w.message),
+                    TimerKind::Expire => {
+                        publish = st.will.take().map(|w| w.message);
+                        self.discard_locked(&session, &mut st);
+                        drop(st);
+                        self.remove_from_registry(&mut registry, &session);
+                    }
+                }
+            }
+            if let Some(w) = publish {
+                self.publish_will(w, now);
+            }
+        }
+    }
+
+    fn publish_will(&self, message: Arc<Message>, now: Instant) {
+        self.stats.wills_published.fetch_add(1, Relaxed);
+        self.publish(message, now);
+    }
+
+    /// Routes a message to every matching session and applies its RETAIN flag. Returns the
+    /// number of sessions it was offered to.
+    pub fn publish(&self, message: Arc<Message>, now: Instant) -> usize {
+        if message.retain && self.config.retain_available {
+            self.store_retained(&message);
+        }
+        let mut targets: SmallVec<[(Arc<Session>, SubEntry); 8]> = SmallVec::new();
+        let origin = message.origin.as_ref();
+        self.index.for_each_match(&message.topic, |m| match m {
+            Match::Plain { key, value, .. } => {
+                if !(value.options.no_local && origin == Some(key.client_id())) {
+                    targets.push((key.clone(), *value));
+                }
+            }
+            Match::Shared {
+                members, cursor, ..
+            } => {
+                if let Some((key, value)) = self.pick_shared(members, cursor) {
+                    targets.push((key.clone(), *value));
+                }
+            }
+        });
+        if targets.is_empty() {
+            self.stats.messages_unrouted.fetch_add(1, Relaxed);
+            return 0;
+        }
+        if targets.len() > 1 {
+            targets.sort_unstable_by_key(|(s, _)| Arc::as_ptr(s) as usize);
+        }
+        let mut offered = 0;
+        let mut i = 0;
+        while i < targets.len() {
+            // Overlapping subscriptions of one session: one delivery, highest QoS, every
+            // subscription identifier (MQTT 5 §3.3.4).
+            let (session, first) = &targets[i];
+            let mut qos = first.options.qos;
+            let mut retain_as_published = first.options.retain_as_published;
+            let mut ids: SmallVec<[u32; 2]> = first.subscription_id.into_iter().collect();
+            let mut j = i + 1;
+            while j < targets.len() && Arc::ptr_eq(&targets[j].0, session) {
+                let e = &targets[j].1;
+                qos = qos.max(e.options.qos);
+                retain_as_published |= e.options.retain_as_published;
+                ids.extend(e.subscription_id);
+                j += 1;
+            }
+            let delivery = Delivery {
+                qos: qos.min(message.qos),
+                retain: message.retain && retain_as_published,
+                subscription_ids: ids,
+                message: message.clone(),
+            };
+            if session.enqueue(delivery, &self.queue_limits, &self.stats) == Enqueued::Queued {
+                offered += 1;
+            }
+            i = j;
+        }
+        let _ = now;
+        offered
+    }
+
+    fn pick_shared<'a>(
+        &self,
+        members: &'a [(Arc<Session>, SubEntry)],
+        cursor: &std::sync::atomic::AtomicUsize,
+    ) -> Option<&'a (Arc<Session>, SubEntry)> {
+        let n = members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = match self.config.shared_strategy {
+            SharedStrategy::RoundRobin => cursor.fetch_add(1, Relaxed) % n,
+            SharedStrategy::Random => (self.next_random() % n as u64) as usize,
+        };
+        // Prefer a member that is connected; fall back to queueing for an offline one.
+        (0..n)
+            .map(|k| &members[(start + k) % n])
+            .find(|(s, _)| s.is_online())
+            .or(members.get(start))
+    }
+
+    fn store_retained(&self, message: &Arc<Message>) {
+        if message.payload.is_empty() {
+            self.retained.remove(&message.topic);
+            return;
+        }
+        let Ok(topic) = TopicName::new(&message.topic, &self.topic_limits) else {
+            return;
+        };
+        let max = self.config.max_retained_messages;
+        if max > 0 && self.retained.len() >= max && self.retained.get(&message.topic).is_none() {
+            return;
+        }
+        self.retained.set(&topic, message.clone());
+    }
+
+    /// Retained messages matching `filter`, as deliveries for a subscription with `options`.
+    fn retained_deliveries(
+        &self,
+        filter: &str,
+        options: &SubscriptionOptions,
+        subscription_id: Option<u32>,
+        now: Instant,
+    ) -> Vec<Delivery> {
+        self.retained
+            .matching(filter, self.config.max_queued_messages)
+            .into_iter()
+            .filter(|(_, m)| !m.is_expired(now))
+            .map(|(_, m)| Delivery {
+                qos: options.qos.min(m.qos),
+                retain: true,
+                subscription_ids: subscription_id.into_iter().collect(),
+                message: m,
+            })
+            .collect()
+    }
+
+    /// Retained message stored for `topic`.
+    pub fn retained(&self, topic: &str) -> Option<Arc<Message>> {
+        self.retained.get(topic)
+    }
+
+    /// Handles one topic filter of a SUBSCRIBE for the session attached with `epoch`: validates,
+    /// authorizes, records it and queues the matching retained messages. Returns the SUBACK
+    /// reason code (the granted QoS on success).
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        epoch: u64,
+        principal: &Principal,
+        filter: &str,
+        options: SubscriptionOptions,
+        subscription_id: Option<u32>,
+        now: Instant,
+    ) -> Result<ReasonCode, TakenOver> {
+        let parsed = match parse_subscription(filter, &self.topic_limits) {
+            Ok(p) => p,
+            Err(_) => return Ok(ReasonCode::TOPIC_FILTER_INVALID),
+        };
+        if parsed.share_group.is_some() && !self.config.shared_subscriptions {
+            return Ok(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+        }
+        if !self.config.wildcard_subscriptions && parsed.filter.contains(['+', '#']) {
+            return Ok(ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED);
+        }
+        let granted = options
+            .qos
+            .min(QoS::from_u8(self.config.max_qos).unwrap_or(QoS::ExactlyOnce));
+        if !self.authorize(
+            principal,
+            Access::Subscribe {
+                filter,
+                qos: granted,
+            },
+        ) {
+            return Ok(ReasonCode::NOT_AUTHORIZED);
+        }
+        let options = SubscriptionOptions {
+            qos: granted,
+            ..options
+        };
+        let entry = SubEntry {
+            options,
+            subscription_id,
+        };
+        let key: Arc<str> = Arc::from(filter);
+        let existed = {
+            let mut st = session.state.lock();
+            if st.epoch != epoch {
+                return Err(TakenOver);
+            }
+            let max = self.config.max_subscriptions_per_client;
+            if max > 0 && st.subscriptions.len() >= max && !st.subscriptions.contains_key(&key) {
+                return Ok(ReasonCode::QUOTA_EXCEEDED);
+            }
+            self.index.subscribe(
+                &parsed.filter,
+                parsed.share_group.as_deref(),
+                session.clone(),
+                entry,
+            );
+            let rec = SubscriptionRecord {
+                filter: parsed.filter.clone(),
+                share_group: parsed.share_group.clone(),
+                entry,
+            };
+            st.subscriptions.insert(key, rec).is_some()
+        };
+        // Retained messages are not sent for shared subscriptions (MQTT 5 §4.8.2).
+        let send_retained = parsed.share_group.is_none()
+            && match options.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendIfNew => !existed,
+                RetainHandling::DoNotSend => false,
+            };
+        if send_retained {
+            for d in self.retained_deliveries(&parsed.filter, &options, subscription_id, now) {
+                session.enqueue(d, &self.queue_limits, &self.stats);
+            }
+        }
+        Ok(ReasonCode(granted.as_u8()))
+    }
+
+    /// Removes one subscription. Returns whether it existed.
+    pub fn unsubscribe(
+        &self,
+        session: &Arc<Session>,
+        epoch: u64,
+        filter: &str,
+    ) -> Result<bool, TakenOver> {
+        let mut st = session.state.lock();
+        if st.epoch != epoch {
+            return Err(TakenOver);
+        }
+        match st.subscriptions.remove(filter) {
+            Some(rec) => {
+                self.index
+                    .unsubscribe(&rec.filter, rec.share_group.as_deref(), session);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Ends a session by administrative action (kicks its connection if online).
+    pub fn remove_session(&self, client_id: &str) -> bool {
+        let mut registry = self.sessions.lock();
+        let Some(session) = registry.get(client_id).cloned() else {
+            return false;
+        };
+        let mut st = session.state.lock();
+        if st.online {
+            self.stats.sessions_online.fetch_sub(1, Relaxed);
+            session.set_online(&mut st, false);
+        }
+        st.epoch += 1;
+        st.will = None;
+        Session::notify(&mut st);
+        self.discard_locked(&session, &mut st);
+        drop(st);
+        self.remove_from_registry(&mut registry, &session);
+        true
+    }
+}

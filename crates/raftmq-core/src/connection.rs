@@ -1,0 +1,966 @@
+//! The per-connection protocol state machine (sans-IO).
+//!
+//! The server's connection task feeds it decoded packets ([`Connection::handle_packet`]),
+//! decode errors, session wake-ups ([`Connection::pump`]) and the time; it drains packets to
+//! send with [`Connection::poll_transmit`] and closes the socket once [`Connection::is_closed`]
+//! and everything was written. No I/O and no clock here: `now` is always an argument.
+
+use crate::auth::{Access, ConnectInfo, Principal};
+use crate::broker::{Broker, DetachKind, NEVER_EXPIRES, TakenOver};
+use crate::message::{Delivery, Message};
+use crate::session::{Outgoing, OutgoingEntry, PendingWill, Session};
+use crate::stats::DropReason;
+use crate::topic::TopicName;
+use ahash::HashMap;
+use raftmq_codec::{
+    ByteStr, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, Packet, PacketId,
+    ProtocolVersion, PubResponse, Publish, PublishProperties, QoS, ReasonCode, ReasonProperties,
+    SubAck, Subscribe, UnsubAck, Unsubscribe, encoded_len,
+};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+/// How long a new connection may take to send CONNECT.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the connection closed (for logs and metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// The peer closed the network connection.
+    TransportClosed,
+    /// CONNECT was refused with this code.
+    ConnectRefused(ReasonCode),
+    /// A protocol violation or malformed packet, with the reason code.
+    ProtocolViolation(ReasonCode),
+    /// No packet within 1.5 × keep alive (or no CONNECT in time).
+    KeepAliveTimeout,
+    /// Another connection took over the session.
+    TakenOver,
+    /// The server is shutting down or draining.
+    ServerShutdown,
+}
+
+struct Attachment {
+    session: Arc<Session>,
+    epoch: u64,
+    client_id: ByteStr,
+    principal: Principal,
+}
+
+/// Server→client topic aliases: topics get aliases 1..=max in first-use order, never evicted.
+#[derive(Default)]
+struct OutboundAliases {
+    max: u16,
+    by_topic: HashMap<ByteStr, u16>,
+}
+
+impl OutboundAliases {
+    /// `(alias, already_known_by_client)` for `topic`, or `None` when aliases are off or full.
+    fn alias_for(&mut self, topic: &ByteStr) -> Option<(u16, bool)> {
+        if self.max == 0 {
+            return None;
+        }
+        if let Some(a) = self.by_topic.get(topic) {
+            return Some((*a, true));
+        }
+        let next = u16::try_from(self.by_topic.len() + 1)
+            .ok()
+            .filter(|n| *n <= self.max)?;
+        self.by_topic.insert(topic.clone(), next);
+        Some((next, false))
+    }
+}
+
+/// One client connection's protocol state.
+pub struct Connection {
+    broker: Arc<Broker>,
+    peer: Option<SocketAddr>,
+    version: ProtocolVersion,
+    attachment: Option<Attachment>,
+    out: VecDeque<Packet>,
+    closed: Option<CloseReason>,
+    created_at: Instant,
+    last_received: Instant,
+    keep_alive: Option<Duration>,
+    /// Client's Receive Maximum: QoS 1/2 PUBLISH we may have unacknowledged.
+    client_receive_max: u16,
+    /// Client's Maximum Packet Size.
+    client_max_packet: u32,
+    request_problem_info: bool,
+    /// Session Expiry Interval from CONNECT (DISCONNECT may not raise it from 0).
+    connect_expiry: u32,
+    inbound_aliases: HashMap<u16, ByteStr>,
+    outbound_aliases: OutboundAliases,
+    /// Set when the server's own shutdown closes the connection.
+    cert_identity: Option<String>,
+}
+
+impl Connection {
+    /// A new connection from `peer`, accepted at `now`.
+    pub fn new(broker: Arc<Broker>, peer: Option<SocketAddr>, now: Instant) -> Self {
+        Connection {
+            broker,
+            peer,
+            version: ProtocolVersion::V3_1_1,
+            attachment: None,
+            out: VecDeque::new(),
+            closed: None,
+            created_at: now,
+            last_received: now,
+            keep_alive: None,
+            client_receive_max: u16::MAX,
+            client_max_packet: u32::MAX,
+            request_problem_info: true,
+            connect_expiry: 0,
+            inbound_aliases: HashMap::default(),
+            outbound_aliases: OutboundAliases::default(),
+            cert_identity: None,
+        }
+    }
+
+    /// Sets the identity taken from a verified client certificate (before CONNECT).
+    pub fn set_cert_identity(&mut self, identity: Option<String>) {
+        self.cert_identity = identity;
+    }
+
+    /// The negotiated protocol version (3.1.1 until CONNECT arrives).
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// The maximum packet size this connection accepts from the client.
+    pub fn max_incoming_packet_size(&self) -> u32 {
+        u32::try_from(self.broker.config().max_packet_size.0).unwrap_or(u32::MAX)
+    }
+
+    /// The client id once connected.
+    pub fn client_id(&self) -> Option<&ByteStr> {
+        self.attachment.as_ref().map(|a| &a.client_id)
+    }
+
+    /// The attached session (to await its notifications).
+    pub fn session(&self) -> Option<&Arc<Session>> {
+        self.attachment.as_ref().map(|a| &a.session)
+    }
+
+    /// Why the connection closed, once it has.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.closed
+    }
+
+    /// True once the connection must be closed (after sending what [`Self::poll_transmit`] yields).
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
+    /// The next packet to send.
+    pub fn poll_transmit(&mut self) -> Option<Packet> {
+        self.out.pop_front()
+    }
+
+    /// Packets waiting to be sent.
+    pub fn pending_transmit(&self) -> usize {
+        self.out.len()
+    }
+
+    /// When [`Self::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed.is_some() {
+            return None;
+        }
+        match (&self.attachment, self.keep_alive) {
+            (None, _) => Some(self.created_at + CONNECT_TIMEOUT),
+            (Some(_), Some(ka)) => Some(self.last_received + ka + ka / 2),
+            (Some(_), None) => None,
+        }
+    }
+
+    /// Closes the connection if the client missed its keep alive (or never sent CONNECT).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(deadline) = self.poll_timeout()
+            && now >= deadline
+        {
+            self.close(
+                CloseReason::KeepAliveTimeout,
+                Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
+                now,
+            );
+        }
+    }
+
+    /// The network connection ended (EOF or error).
+    pub fn handle_transport_closed(&mut self, now: Instant) {
+        if self.closed.is_none() {
+            self.out.clear();
+            self.closed = Some(CloseReason::TransportClosed);
+            self.detach(DetachKind::Abnormal, now);
+        }
+    }
+
+    /// The server is shutting down: tell v5 clients why, and close.
+    pub fn handle_shutdown(&mut self, code: ReasonCode, now: Instant) {
+        self.close(CloseReason::ServerShutdown, Some(code), now);
+    }
+
+    /// The decoder rejected the client's bytes.
+    pub fn handle_decode_error(&mut self, err: &DecodeError, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        if self.attachment.is_none() {
+            if let DecodeError::UnsupportedProtocolVersion(level) = err {
+                // MQTT 3.1.1 §3.1.2.2 / MQTT 5 §3.1.2.2: answer in the format the client expects.
+                let version = if *level >= 5 {
+                    ProtocolVersion::V5
+                } else {
+                    ProtocolVersion::V3_1_1
+                };
+                self.version = version;
+                self.refuse_connect(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION, now);
+            } else {
+                self.closed = Some(CloseReason::ProtocolViolation(err.reason_code()));
+            }
+            return;
+        }
+        self.close(
+            CloseReason::ProtocolViolation(err.reason_code()),
+            Some(err.reason_code()),
+            now,
+        );
+    }
+
+    /// Handles one packet from the client.
+    pub fn handle_packet(&mut self, packet: Packet, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.last_received = now;
+        if self.attachment.is_none() {
+            match packet {
+                Packet::Connect(c) => self.handle_connect(*c, now),
+                // The first packet must be CONNECT (§3.1): close without a reply.
+                _ => self.closed = Some(CloseReason::ProtocolViolation(ReasonCode::PROTOCOL_ERROR)),
+            }
+            return;
+        }
+        let result = match packet {
+            Packet::Publish(p) => self.handle_publish(p, now),
+            Packet::PubAck(r) => self.handle_puback(r),
+            Packet::PubRec(r) => self.handle_pubrec(r),
+            Packet::PubRel(r) => self.handle_pubrel(r),
+            Packet::PubComp(r) => self.handle_pubcomp(r),
+            Packet::Subscribe(s) => self.handle_subscribe(s, now),
+            Packet::Unsubscribe(u) => self.handle_unsubscribe(u),
+            Packet::PingReq => {
+                self.out.push_back(Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                self.handle_disconnect(d, now);
+                return;
+            }
+            // A second CONNECT, enhanced authentication (unsupported), or a server-only packet.
+            Packet::Connect(_)
+            | Packet::Auth(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
+        };
+        match result {
+            Ok(()) => {}
+            Err(Violation::Code(code)) => {
+                self.close(CloseReason::ProtocolViolation(code), Some(code), now)
+            }
+            Err(Violation::TakenOver) => self.taken_over(),
+        }
+    }
+
+    fn handle_connect(&mut self, c: Connect, now: Instant) {
+        self.version = c.protocol;
+        let v5 = c.protocol.is_v5();
+        let cfg = self.broker.config().clone();
+        if c.properties.authentication_method.is_some() {
+            return self.refuse_connect(ReasonCode::BAD_AUTHENTICATION_METHOD, now);
+        }
+        // Client identifier (§3.1.3.1).
+        let mut assigned = None;
+        let client_id = if c.client_id.is_empty() {
+            let allowed = cfg.allow_empty_client_id
+                && c.protocol != ProtocolVersion::V3_1
+                && (v5 || c.clean_start);
+            if !allowed {
+                return self.refuse_connect(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, now);
+            }
+            let id = self.broker.assign_client_id();
+            assigned = Some(id.clone());
+            id
+        } else {
+            c.client_id.clone()
+        };
+        let info = ConnectInfo {
+            client_id: &client_id,
+            username: c.username.as_deref(),
+            password: c.password.as_ref(),
+            peer_addr: self.peer,
+            cert_identity: self.cert_identity.as_deref(),
+        };
+        let principal = match self.broker.authenticator().authenticate(&info) {
+            Ok(p) => p,
+            Err(code) => {
+                self.broker.stats().auth_failures.fetch_add(1, Relaxed);
+                return self.refuse_connect(code, now);
+            }
+        };
+        // Will (§3.1.2.5).
+        let will = match &c.will {
+            None => None,
+            Some(w) => {
+                if TopicName::new(&w.topic, self.broker.topic_limits()).is_err() {
+                    return self.refuse_connect(ReasonCode::TOPIC_NAME_INVALID, now);
+                }
+                if w.qos.as_u8() > cfg.max_qos {
+                    return self.refuse_connect(ReasonCode::QOS_NOT_SUPPORTED, now);
+                }
+                if w.retain && !cfg.retain_available {
+                    return self.refuse_connect(ReasonCode::RETAIN_NOT_SUPPORTED, now);
+                }
+                let access = Access::Publish {
+                    topic: &w.topic,
+                    qos: w.qos,
+                    retain: w.retain,
+                };
+                if !self.broker.authorize(&principal, access) {
+                    return self.refuse_connect(ReasonCode::NOT_AUTHORIZED, now);
+                }
+                let p = &w.properties;
+                let message = Message {
+                    topic: w.topic.clone(),
+                    payload: w.payload.clone(),
+                    qos: w.qos,
+                    retain: w.retain,
+                    properties: PublishProperties {
+                        payload_format_indicator: p.payload_format_indicator,
+                        content_type: p.content_type.clone(),
+                        response_topic: p.response_topic.clone(),
+                        correlation_data: p.correlation_data.clone(),
+                        user_properties: p.user_properties.clone(),
+                        ..Default::default()
+                    },
+                    expires_at: p
+                        .message_expiry_interval
+                        .map(|s| now + Duration::from_secs(s.into())),
+                    received_at: now,
+                    origin: Some(client_id.clone()),
+                };
+                Some(PendingWill {
+                    message: Arc::new(message),
+                    delay_secs: p.will_delay_interval.unwrap_or(0),
+                })
+            }
+        };
+        // Session expiry (§3.1.2.11): 3.x clean session 0 means "until cleaned".
+        let requested_expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            NEVER_EXPIRES
+        };
+        let cap = u32::try_from(cfg.max_session_expiry.0.as_secs()).unwrap_or(u32::MAX);
+        let expiry = if cap > 0 {
+            requested_expiry.min(cap)
+        } else {
+            requested_expiry
+        };
+        // Keep alive (§3.1.2.10): the server may impose its own via Server Keep Alive (v5).
+        let max_ka = u16::try_from(cfg.max_keep_alive.0.as_secs()).unwrap_or(u16::MAX);
+        let mut server_keep_alive = None;
+        let keep_alive = if v5 && max_ka > 0 && (c.keep_alive == 0 || c.keep_alive > max_ka) {
+            server_keep_alive = Some(max_ka);
+            max_ka
+        } else {
+            c.keep_alive
+        };
+        self.keep_alive = (keep_alive > 0).then(|| Duration::from_secs(keep_alive.into()));
+        self.client_receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
+        self.client_max_packet = c.properties.maximum_packet_size.unwrap_or(u32::MAX);
+        self.request_problem_info = c.properties.request_problem_information.unwrap_or(true);
+        self.outbound_aliases.max = if v5 {
+            c.properties.topic_alias_maximum.unwrap_or(0)
+        } else {
+            0
+        };
+        self.connect_expiry = expiry;
+
+        let attached = self
+            .broker
+            .attach(&client_id, c.clean_start, expiry, will, now);
+        let mut props = ConnAckProperties::default();
+        if v5 {
+            props.assigned_client_identifier = assigned;
+            props.receive_maximum = Some(cfg.receive_maximum);
+            props.maximum_packet_size = u32::try_from(cfg.max_packet_size.0).ok();
+            props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
+            props.server_keep_alive = server_keep_alive;
+            if expiry != requested_expiry {
+                props.session_expiry_interval = Some(expiry);
+            }
+            if cfg.max_qos < 2 {
+                props.maximum_qos = QoS::from_u8(cfg.max_qos);
+            }
+            if !cfg.retain_available {
+                props.retain_available = Some(false);
+            }
+            if !cfg.wildcard_subscriptions {
+                props.wildcard_subscription_available = Some(false);
+            }
+            if !cfg.subscription_identifiers {
+                props.subscription_identifiers_available = Some(false);
+            }
+            if !cfg.shared_subscriptions {
+                props.shared_subscription_available = Some(false);
+            }
+        }
+        self.out.push_back(Packet::ConnAck(ConnAck {
+            session_present: attached.session_present,
+            reason_code: ReasonCode::SUCCESS,
+            properties: props,
+        }));
+        self.attachment = Some(Attachment {
+            session: attached.session,
+            epoch: attached.epoch,
+            client_id,
+            principal,
+        });
+        if attached.session_present {
+            self.resend_inflight(now);
+        }
+    }
+
+    fn refuse_connect(&mut self, code: ReasonCode, _now: Instant) {
+        self.out.push_back(Packet::ConnAck(ConnAck {
+            session_present: false,
+            reason_code: code,
+            properties: ConnAckProperties::default(),
+        }));
+        self.closed = Some(CloseReason::ConnectRefused(code));
+    }
+
+    /// Resends unacknowledged messages after a session is resumed (§4.4): PUBLISH with DUP,
+    /// and PUBREL for those already released, in their original order.
+    fn resend_inflight(&mut self, now: Instant) {
+        let Some(att) = &self.attachment else { return };
+        let session = att.session.clone();
+        let mut entries: Vec<(u16, OutgoingEntry)> = {
+            let st = session.state.lock();
+            st.outgoing.iter().map(|(id, e)| (*id, e.clone())).collect()
+        };
+        entries.sort_by_key(|(_, e)| e.seq);
+        for (id, entry) in entries {
+            let Some(pid) = PacketId::new(id) else {
+                continue;
+            };
+            match entry.state {
+                Outgoing::Publish(d) => {
+                    let packet = self.publish_packet(&d, Some(pid), true, now);
+                    self.out.push_back(Packet::Publish(packet));
+                }
+                Outgoing::Released => self
+                    .out
+                    .push_back(Packet::PubRel(PubResponse::success(pid))),
+            }
+        }
+    }
+
+    /// Moves queued deliveries into the transmit queue, as far as the client's receive window
+    /// allows, at most `budget` of them. Also notices a session takeover. Returns true when
+    /// more deliveries are ready (budget exhausted).
+    ///
+    /// The caller pumps after every batch of input (packets change the window; a SUBSCRIBE
+    /// queues retained messages) and whenever the session is notified.
+    pub fn pump(&mut self, now: Instant, budget: usize) -> bool {
+        if self.closed.is_some() {
+            return false;
+        }
+        let Some(att) = &self.attachment else {
+            return false;
+        };
+        let session = att.session.clone();
+        let epoch = att.epoch;
+        let window = usize::from(
+            self.client_receive_max
+                .min(self.broker.config().max_inflight),
+        );
+        let broker = self.broker.clone();
+        let stats = broker.stats();
+        let mut moved = 0;
+        let mut batch: Vec<(Delivery, Option<PacketId>)> = Vec::new();
+        {
+            let mut st = session.state.lock();
+            if st.epoch != epoch {
+                drop(st);
+                self.taken_over();
+                return false;
+            }
+            while moved < budget {
+                let Some(front) = st.queue.front() else { break };
+                if front.message.is_expired(now) {
+                    st.queue.pop_front();
+                    stats.messages_queued.fetch_sub(1, Relaxed);
+                    stats.dropped(DropReason::Expired, 1);
+                    continue;
+                }
+                let pid = if front.qos == QoS::AtMostOnce {
+                    None
+                } else {
+                    let inflight = st.outgoing.len();
+                    if inflight >= window {
+                        break;
+                    }
+                    match st.allocate_packet_id() {
+                        Some(pid) => Some(pid),
+                        None => break,
+                    }
+                };
+                let Some(d) = st.queue.pop_front() else { break };
+                stats.messages_queued.fetch_sub(1, Relaxed);
+                if let Some(pid) = pid {
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
+                    st.outgoing.insert(
+                        pid.get(),
+                        OutgoingEntry {
+                            seq,
+                            state: Outgoing::Publish(d.clone()),
+                        },
+                    );
+                    stats.messages_inflight.fetch_add(1, Relaxed);
+                }
+                batch.push((d, pid));
+                moved += 1;
+            }
+        }
+        let more = moved == budget && budget != usize::MAX;
+        for (d, pid) in batch {
+            let packet = self.publish_packet(&d, pid, false, now);
+            if self.fits(&packet) {
+                stats.messages_sent[usize::from(d.qos.as_u8())].fetch_add(1, Relaxed);
+                stats
+                    .bytes_sent
+                    .fetch_add(d.message.payload.len() as u64, Relaxed);
+                self.out.push_back(Packet::Publish(packet));
+            } else {
+                // Too large for the client (MQTT 5 §3.1.2.25): drop it as if delivered.
+                stats.dropped(DropReason::TooLarge, 1);
+                if let Some(pid) = pid {
+                    self.complete_outgoing(pid.get());
+                }
+            }
+        }
+        more
+    }
+
+    fn fits(&self, packet: &Publish) -> bool {
+        if self.client_max_packet == u32::MAX {
+            return true;
+        }
+        // Size check only when the client announced a limit (rare): avoids a clone otherwise.
+        let len = encoded_len(&Packet::Publish(packet.clone()), self.version);
+        u32::try_from(len).is_ok_and(|l| l <= self.client_max_packet)
+    }
+
+    fn publish_packet(
+        &mut self,
+        d: &Delivery,
+        packet_id: Option<PacketId>,
+        dup: bool,
+        now: Instant,
+    ) -> Publish {
+        let m = &d.message;
+        let mut topic = m.topic.clone();
+        let properties = if self.version.is_v5() {
+            let mut p = m.properties.clone();
+            p.message_expiry_interval = m.remaining_expiry(now);
+            p.subscription_identifiers = d.subscription_ids.to_vec();
+            if let Some((alias, known)) = self.outbound_aliases.alias_for(&m.topic) {
+                p.topic_alias = Some(alias);
+                if known {
+                    topic = ByteStr::default();
+                }
+            }
+            p
+        } else {
+            PublishProperties::default()
+        };
+        Publish {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic,
+            packet_id,
+            properties,
+            payload: m.payload.clone(),
+        }
+    }
+
+    fn attachment(&self) -> Result<&Attachment, Violation> {
+        self.attachment
+            .as_ref()
+            .ok_or(Violation::Code(ReasonCode::PROTOCOL_ERROR))
+    }
+
+    fn handle_publish(&mut self, p: Publish, now: Instant) -> Result<(), Violation> {
+        let cfg = self.broker.config();
+        let v5 = self.version.is_v5();
+        if p.qos.as_u8() > cfg.max_qos {
+            return Err(Violation::Code(ReasonCode::QOS_NOT_SUPPORTED));
+        }
+        if p.retain && !cfg.retain_available {
+            return Err(Violation::Code(ReasonCode::RETAIN_NOT_SUPPORTED));
+        }
+        if !p.properties.subscription_identifiers.is_empty() {
+            return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR));
+        }
+        // Topic alias (§3.3.2.3.4).
+        let topic = match p.properties.topic_alias {
+            Some(alias) if v5 => {
+                if alias == 0 || alias > cfg.topic_alias_maximum {
+                    return Err(Violation::Code(ReasonCode::TOPIC_ALIAS_INVALID));
+                }
+                if p.topic.is_empty() {
+                    match self.inbound_aliases.get(&alias) {
+                        Some(t) => t.clone(),
+                        None => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
+                    }
+                } else {
+                    self.inbound_aliases.insert(alias, p.topic.clone());
+                    p.topic.clone()
+                }
+            }
+            _ if p.topic.is_empty() => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
+            _ => p.topic.clone(),
+        };
+        let pid = p.packet_id;
+        let topic_ok = TopicName::new(&topic, self.broker.topic_limits()).is_ok();
+        let format_ok = p.properties.payload_format_indicator != Some(true)
+            || std::str::from_utf8(&p.payload).is_ok();
+        let att = self.attachment()?;
+        let allowed = !topic.starts_with("$SYS")
+            && self.broker.authorize(
+                &att.principal,
+                Access::Publish {
+                    topic: &topic,
+                    qos: p.qos,
+                    retain: p.retain,
+                },
+            );
+        let refusal = if !topic_ok {
+            Some(ReasonCode::TOPIC_NAME_INVALID)
+        } else if !format_ok {
+            Some(ReasonCode::PAYLOAD_FORMAT_INVALID)
+        } else if !allowed {
+            self.broker.stats().publish_denied.fetch_add(1, Relaxed);
+            Some(ReasonCode::NOT_AUTHORIZED)
+        } else {
+            None
+        };
+        let stats = self.broker.stats();
+        stats.messages_received[usize::from(p.qos.as_u8())].fetch_add(1, Relaxed);
+        stats
+            .bytes_received
+            .fetch_add(p.payload.len() as u64, Relaxed);
+
+        // QoS 2: a PUBLISH whose packet id is still awaiting PUBREL is a duplicate: not routed
+        // again, just acknowledged again (method B, §4.3.3).
+        if p.qos == QoS::ExactlyOnce {
+            let pid = pid.ok_or(Violation::Code(ReasonCode::PROTOCOL_ERROR))?;
+            let (session, epoch) = (att.session.clone(), att.epoch);
+            let mut st = session.state.lock();
+            if st.epoch != epoch {
+                return Err(Violation::TakenOver);
+            }
+            if st.incoming_qos2.contains(&pid.get()) {
+                drop(st);
+                self.out
+                    .push_back(Packet::PubRec(PubResponse::success(pid)));
+                return Ok(());
+            }
+            if refusal.is_none() || !v5 {
+                if st.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
+                    return Err(Violation::Code(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED));
+                }
+                st.incoming_qos2.insert(pid.get());
+            }
+        }
+        let mut reason = ReasonCode::SUCCESS;
+        if let Some(code) = refusal {
+            reason = code;
+        } else {
+            let mut properties = p.properties;
+            let expiry = properties.message_expiry_interval.take();
+            properties.topic_alias = None;
+            let message = Message {
+                topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                properties,
+                expires_at: expiry.map(|s| now + Duration::from_secs(s.into())),
+                received_at: now,
+                origin: Some(att.client_id.clone()),
+            };
+            if self.broker.publish(Arc::new(message), now) == 0 {
+                reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+            }
+        }
+        let ack = |pid| PubResponse {
+            packet_id: pid,
+            reason_code: if v5 { reason } else { ReasonCode::SUCCESS },
+            properties: ReasonProperties::default(),
+        };
+        match (p.qos, pid) {
+            (QoS::AtMostOnce, _) => {}
+            (QoS::AtLeastOnce, Some(pid)) => self.out.push_back(Packet::PubAck(ack(pid))),
+            (QoS::ExactlyOnce, Some(pid)) => self.out.push_back(Packet::PubRec(ack(pid))),
+            (_, None) => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
+        }
+        Ok(())
+    }
+
+    fn handle_pubrel(&mut self, r: PubResponse) -> Result<(), Violation> {
+        let att = self.attachment()?;
+        let existed = {
+            let mut st = att.session.state.lock();
+            if st.epoch != att.epoch {
+                return Err(Violation::TakenOver);
+            }
+            st.incoming_qos2.remove(&r.packet_id.get())
+        };
+        let reason = if existed || !self.version.is_v5() {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        self.out.push_back(Packet::PubComp(PubResponse {
+            packet_id: r.packet_id,
+            reason_code: reason,
+            properties: ReasonProperties::default(),
+        }));
+        Ok(())
+    }
+
+    fn handle_puback(&mut self, r: PubResponse) -> Result<(), Violation> {
+        let att = self.attachment()?;
+        let mut st = att.session.state.lock();
+        if st.epoch != att.epoch {
+            return Err(Violation::TakenOver);
+        }
+        let id = r.packet_id.get();
+        if matches!(st.outgoing.get(&id), Some(OutgoingEntry { state: Outgoing::Publish(d), .. }) if d.qos == QoS::AtLeastOnce)
+        {
+            st.outgoing.remove(&id);
+            self.broker.stats().messages_inflight.fetch_sub(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    fn handle_pubrec(&mut self, r: PubResponse) -> Result<(), Violation> {
+        let att = self.attachment()?;
+        let id = r.packet_id.get();
+        let known = {
+            let mut st = att.session.state.lock();
+            if st.epoch != att.epoch {
+                return Err(Violation::TakenOver);
+            }
+            match st.outgoing.get_mut(&id) {
+                Some(e) if matches!(&e.state, Outgoing::Publish(d) if d.qos == QoS::ExactlyOnce) => {
+                    self.broker.stats().messages_inflight.fetch_sub(1, Relaxed);
+                    if r.reason_code.is_success() {
+                        e.state = Outgoing::Released;
+                    } else {
+                        // The client refused the message: the exchange ends here (§4.3.3).
+                        st.outgoing.remove(&id);
+                        return Ok(());
+                    }
+                    true
+                }
+                Some(e) => matches!(e.state, Outgoing::Released),
+                None => false,
+            }
+        };
+        let reason = if known || !self.version.is_v5() {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        self.out.push_back(Packet::PubRel(PubResponse {
+            packet_id: r.packet_id,
+            reason_code: reason,
+            properties: ReasonProperties::default(),
+        }));
+        Ok(())
+    }
+
+    fn handle_pubcomp(&mut self, r: PubResponse) -> Result<(), Violation> {
+        let att = self.attachment()?;
+        let mut st = att.session.state.lock();
+        if st.epoch != att.epoch {
+            return Err(Violation::TakenOver);
+        }
+        if matches!(
+            st.outgoing.get(&r.packet_id.get()),
+            Some(OutgoingEntry {
+                state: Outgoing::Released,
+                ..
+            })
+        ) {
+            st.outgoing.remove(&r.packet_id.get());
+        }
+        Ok(())
+    }
+
+    fn complete_outgoing(&mut self, id: u16) {
+        if let Some(att) = &self.attachment
+            && att.session.state.lock().outgoing.remove(&id).is_some()
+        {
+            self.broker.stats().messages_inflight.fetch_sub(1, Relaxed);
+        }
+    }
+
+    fn handle_subscribe(&mut self, s: Subscribe, now: Instant) -> Result<(), Violation> {
+        let cfg = self.broker.config();
+        let v5 = self.version.is_v5();
+        let sub_id = s.properties.subscription_identifier;
+        if sub_id.is_some() && !cfg.subscription_identifiers {
+            return Err(Violation::Code(
+                ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
+            ));
+        }
+        let att = self.attachment()?;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        for f in &s.filters {
+            // No Local on a shared subscription is a Protocol Error (§3.8.3.1).
+            if v5 && f.options.no_local && f.filter.starts_with("$share/") {
+                return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR));
+            }
+            let code = self
+                .broker
+                .subscribe(
+                    &att.session,
+                    att.epoch,
+                    &att.principal,
+                    &f.filter,
+                    f.options,
+                    sub_id,
+                    now,
+                )
+                .map_err(|TakenOver| Violation::TakenOver)?;
+            codes.push(code);
+        }
+        self.out.push_back(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            properties: ReasonProperties::default(),
+            reason_codes: codes,
+        }));
+        Ok(())
+    }
+
+    fn handle_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Violation> {
+        let att = self.attachment()?;
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            let existed = self
+                .broker
+                .unsubscribe(&att.session, att.epoch, f)
+                .map_err(|TakenOver| Violation::TakenOver)?;
+            codes.push(if existed {
+                ReasonCode::SUCCESS
+            } else {
+                ReasonCode::NO_SUBSCRIPTION_EXISTED
+            });
+        }
+        self.out.push_back(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            properties: ReasonProperties::default(),
+            reason_codes: codes,
+        }));
+        Ok(())
+    }
+
+    fn handle_disconnect(&mut self, d: Disconnect, now: Instant) {
+        if let Some(secs) = d.properties.session_expiry_interval {
+            // Raising the expiry from 0 at DISCONNECT is a Protocol Error (§3.14.2.2.2).
+            if self.connect_expiry == 0 && secs != 0 {
+                return self.close(
+                    CloseReason::ProtocolViolation(ReasonCode::PROTOCOL_ERROR),
+                    Some(ReasonCode::PROTOCOL_ERROR),
+                    now,
+                );
+            }
+            if let Some(att) = &self.attachment
+                && self
+                    .broker
+                    .set_session_expiry(&att.session, att.epoch, secs)
+                    .is_err()
+            {
+                return self.taken_over();
+            }
+        }
+        let kind = if d.reason_code == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE {
+            DetachKind::WithWill
+        } else if d.reason_code == ReasonCode::NORMAL_DISCONNECTION {
+            DetachKind::Normal
+        } else {
+            DetachKind::Abnormal
+        };
+        self.closed = Some(CloseReason::ClientDisconnect);
+        self.detach(kind, now);
+    }
+
+    /// Closes the connection from the server side, telling a v5 client why.
+    fn close(&mut self, reason: CloseReason, code: Option<ReasonCode>, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        if self.attachment.is_some() {
+            if let (true, Some(code)) = (self.version.is_v5(), code) {
+                self.out
+                    .push_back(Packet::Disconnect(Disconnect::with_code(code)));
+            }
+        }
+        self.closed = Some(reason);
+        self.detach(DetachKind::Abnormal, now);
+    }
+
+    /// The session was taken over: say so (v5) and close without touching the session.
+    fn taken_over(&mut self) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.out.clear();
+        if self.version.is_v5() {
+            self.out.push_back(Packet::Disconnect(Disconnect::with_code(
+                ReasonCode::SESSION_TAKEN_OVER,
+            )));
+        }
+        self.closed = Some(CloseReason::TakenOver);
+        self.attachment = None;
+    }
+
+    fn detach(&mut self, kind: DetachKind, now: Instant) {
+        if let Some(att) = self.attachment.take() {
+            self.broker.detach(&att.session, att.epoch, kind, now);
+        }
+    }
+}
+
+enum Violation {
+    Code(ReasonCode),
+    TakenOver,
+}

@@ -1,0 +1,255 @@
+//! Sessions: the state that outlives a network connection (MQTT 5 §4.1).
+//!
+//! A [`Session`] is shared between the broker's registry, the subscription index (as the
+//! subscriber key) and the connection currently attached to it. Every field lives behind one
+//! mutex; publishers lock it briefly to enqueue a delivery, the attached connection locks it to
+//! drain the queue and to record acknowledgements.
+//!
+//! **Fencing.** Each attach increments the session's `epoch`. A connection holds the epoch it
+//! attached with and every operation it makes is checked against the current one, so a
+//! connection whose session was taken over can no longer deliver or acknowledge anything.
+
+use crate::config::OverflowPolicy;
+use crate::message::{Delivery, Message};
+use crate::stats::{BrokerStats, DropReason};
+use ahash::{HashMap, HashMapExt};
+use parking_lot::Mutex;
+use raftmq_codec::{ByteStr, PacketId, QoS, SubscriptionOptions};
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+/// The value stored in the subscription index for one subscription.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubEntry {
+    pub options: SubscriptionOptions,
+    pub subscription_id: Option<u32>,
+}
+
+/// A subscription as the session remembers it (to list, resume and remove it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionRecord {
+    pub filter: crate::topic::TopicFilter,
+    pub share_group: Option<Arc<str>>,
+    pub entry: SubEntry,
+}
+
+/// A message sent to the client and not yet completely acknowledged.
+#[derive(Clone, Debug)]
+pub(crate) enum Outgoing {
+    /// PUBLISH QoS 1/2 awaiting PUBACK/PUBREC.
+    Publish(Delivery),
+    /// PUBREL sent, awaiting PUBCOMP.
+    Released,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct OutgoingEntry {
+    /// Send order, so redelivery after reconnect keeps the original order.
+    pub seq: u64,
+    pub state: Outgoing,
+}
+
+/// A will waiting to be published.
+#[derive(Clone, Debug)]
+pub struct PendingWill {
+    pub message: Arc<Message>,
+    pub delay_secs: u32,
+}
+
+/// Mutable session state (behind [`Session`]'s lock).
+#[derive(Debug)]
+pub(crate) struct SessionState {
+    /// Incremented by every attach; the fencing token.
+    pub epoch: u64,
+    /// Whether a connection is attached.
+    pub online: bool,
+    /// Set by publishers and by takeover; cleared when the connection polls.
+    pub notified: bool,
+    pub waker: Option<Waker>,
+    /// Session Expiry Interval in seconds (`u32::MAX` = never).
+    pub expiry_secs: u32,
+    /// Keyed by the full filter as subscribed (including `$share/group/`).
+    pub subscriptions: HashMap<Arc<str>, SubscriptionRecord>,
+    /// Deliveries waiting for the client (and for in-flight window room).
+    pub queue: VecDeque<Delivery>,
+    /// Messages towards the client awaiting acknowledgement, by packet id.
+    pub outgoing: HashMap<u16, OutgoingEntry>,
+    pub next_packet_id: u16,
+    pub next_seq: u64,
+    /// QoS 2 packet ids received from the client, PUBREC sent, PUBREL not yet received.
+    pub incoming_qos2: ahash::HashSet<u16>,
+    /// The will of the attached connection, or a will waiting for its delay after disconnect.
+    pub will: Option<PendingWill>,
+    /// When the session was disconnected (to compute the will and expiry deadlines).
+    pub disconnected_at: Option<Instant>,
+}
+
+/// A session, shared by reference. Equality and hashing are by identity (two sessions with the
+/// same client id at different times are different sessions).
+#[derive(Debug)]
+pub struct Session {
+    client_id: ByteStr,
+    online: AtomicBool,
+    pub(crate) state: Mutex<SessionState>,
+}
+
+impl PartialEq for Session {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for Session {}
+impl Hash for Session {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        (self as *const Session as usize).hash(h)
+    }
+}
+
+/// What happened to a delivery offered to a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    Queued,
+    Dropped(DropReason),
+}
+
+/// Limits applied when enqueueing.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    pub max_queued: usize,
+    pub overflow: OverflowPolicy,
+    pub queue_qos0_offline: bool,
+}
+
+impl Session {
+    pub(crate) fn new(client_id: ByteStr, expiry_secs: u32) -> Self {
+        Session {
+            client_id,
+            online: AtomicBool::new(false),
+            state: Mutex::new(SessionState {
+                epoch: 0,
+                online: false,
+                notified: false,
+                waker: None,
+                expiry_secs,
+                subscriptions: HashMap::new(),
+                queue: VecDeque::new(),
+                outgoing: HashMap::new(),
+                next_packet_id: 1,
+                next_seq: 0,
+                incoming_qos2: Default::default(),
+                will: None,
+                disconnected_at: None,
+            }),
+        }
+    }
+
+    /// The session's client identifier.
+    pub fn client_id(&self) -> &ByteStr {
+        &self.client_id
+    }
+
+    /// Whether a connection is attached (lock-free; may be momentarily stale).
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_online(&self, state: &mut SessionState, online: bool) {
+        state.online = online;
+        self.online.store(online, Ordering::Relaxed);
+    }
+
+    /// Number of subscriptions.
+    pub fn subscription_count(&self) -> usize {
+        self.state.lock().subscriptions.len()
+    }
+
+    /// The subscriptions, sorted by filter (for admin listings and tests).
+    pub fn subscriptions(&self) -> Vec<SubscriptionRecord> {
+        let mut subs: Vec<_> = self.state.lock().subscriptions.values().cloned().collect();
+        subs.sort_by(|a, b| (&a.share_group, &a.filter).cmp(&(&b.share_group, &b.filter)));
+        subs
+    }
+
+    /// (queued, in flight) message counts.
+    pub fn queue_depth(&self) -> (usize, usize) {
+        let s = self.state.lock();
+        (s.queue.len(), s.outgoing.len())
+    }
+
+    /// Offers a delivery. Wakes the attached connection.
+    pub fn enqueue(
+        &self,
+        delivery: Delivery,
+        limits: &QueueLimits,
+        stats: &BrokerStats,
+    ) -> Enqueued {
+        let mut s = self.state.lock();
+        if !s.online && delivery.qos == QoS::AtMostOnce && !limits.queue_qos0_offline {
+            stats.dropped(DropReason::Offline, 1);
+            return Enqueued::Dropped(DropReason::Offline);
+        }
+        if s.queue.len() >= limits.max_queued {
+            match limits.overflow {
+                OverflowPolicy::DropNew => {
+                    stats.dropped(DropReason::QueueFull, 1);
+                    return Enqueued::Dropped(DropReason::QueueFull);
+                }
+                OverflowPolicy::DropOldest => {
+                    if s.queue.pop_front().is_some() {
+                        stats.dropped(DropReason::QueueFull, 1);
+                        stats.messages_queued.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        s.queue.push_back(delivery);
+        stats.messages_queued.fetch_add(1, Ordering::Relaxed);
+        Self::notify(&mut s);
+        Enqueued::Queued
+    }
+
+    pub(crate) fn notify(s: &mut SessionState) {
+        if !s.notified {
+            s.notified = true;
+            if let Some(w) = s.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Ready when the session has news for the connection attached with `epoch` (messages
+    /// queued, or the session was taken over). Registers the waker otherwise.
+    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.state.lock();
+        if s.notified {
+            s.notified = false;
+            Poll::Ready(())
+        } else {
+            match &s.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => s.waker = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        }
+    }
+}
+
+impl SessionState {
+    /// Allocates a packet id not in use by an outgoing message.
+    pub(crate) fn allocate_packet_id(&mut self) -> Option<PacketId> {
+        if self.outgoing.len() >= usize::from(u16::MAX) {
+            return None;
+        }
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.outgoing.contains_key(&id) {
+                return PacketId::new(id);
+            }
+        }
+    }
+}

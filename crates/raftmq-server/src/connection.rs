@@ -1,0 +1,128 @@
+//! One task per client connection: read → decode → [`Connection`] → encode → write.
+//!
+//! Writes are batched: every packet the state machine produced since the last write is encoded
+//! into one buffer and written with one call. Deliveries are pumped in bounded batches so a
+//! connection with a deep queue still reads its socket and notices shutdown.
+
+use bytes::BytesMut;
+use metrics::{counter, gauge};
+use raftmq_codec::{ReasonCode, decode, encode};
+use raftmq_core::{Broker, CloseReason, Connection};
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::metrics::{CONNECTIONS_CLOSED_TOTAL, CONNECTIONS_CURRENT, DECODE_ERRORS_TOTAL};
+
+/// Deliveries moved to the write buffer per wake-up before the socket is serviced again.
+const PUMP_BATCH: usize = 256;
+/// Initial read buffer: small, grows with the packets a client actually sends.
+const READ_BUFFER: usize = 512;
+/// A client that does not accept our bytes for this long is disconnected.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) async fn run<S>(mut stream: S, peer: SocketAddr, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    gauge!(CONNECTIONS_CURRENT).increment(1.0);
+    let mut conn = Connection::new(broker, Some(peer), Instant::now());
+    let mut rbuf = BytesMut::with_capacity(READ_BUFFER);
+    let mut wbuf = BytesMut::new();
+    let mut more = false;
+    loop {
+        // Write everything produced so far in one go.
+        while let Some(packet) = conn.poll_transmit() {
+            if let Err(e) = encode(&packet, conn.version(), &mut wbuf) {
+                debug!(%peer, error = %e, "dropping unencodable packet");
+            }
+        }
+        if !wbuf.is_empty() {
+            match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&wbuf)).await {
+                Ok(Ok(())) => wbuf.clear(),
+                _ => {
+                    conn.handle_transport_closed(Instant::now());
+                    break;
+                }
+            }
+            // Keep the write buffer small once a burst is over.
+            if wbuf.capacity() > 64 * 1024 {
+                wbuf = BytesMut::new();
+            }
+        }
+        if conn.is_closed() {
+            break;
+        }
+        if more {
+            more = conn.pump(Instant::now(), PUMP_BATCH);
+            continue;
+        }
+        let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
+        let session = conn.session().cloned();
+        tokio::select! {
+            read = stream.read_buf(&mut rbuf) => {
+                let now = Instant::now();
+                match read {
+                    Ok(0) | Err(_) => {
+                        conn.handle_transport_closed(now);
+                        break;
+                    }
+                    Ok(_) => {
+                        loop {
+                            match decode(&mut rbuf, conn.version(), conn.max_incoming_packet_size()) {
+                                Ok(Some(packet)) => {
+                                    conn.handle_packet(packet, now);
+                                    if conn.is_closed() {
+                                        break;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    debug!(%peer, error = %e, "malformed packet");
+                                    counter!(DECODE_ERRORS_TOTAL).increment(1);
+                                    conn.handle_decode_error(&e, now);
+                                    break;
+                                }
+                            }
+                        }
+                        more = conn.pump(now, PUMP_BATCH);
+                    }
+                }
+            }
+            _ = poll_fn(|cx| match &session {
+                Some(s) => s.poll_notified(cx),
+                None => std::task::Poll::Pending,
+            }) => {
+                more = conn.pump(Instant::now(), PUMP_BATCH);
+            }
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => conn.handle_timeout(Instant::now()),
+            _ = shutdown.changed() => conn.handle_shutdown(ReasonCode::SERVER_SHUTTING_DOWN, Instant::now()),
+        }
+    }
+    let _ = stream.shutdown().await;
+    let reason = conn.close_reason().map_or("transport_closed", close_label);
+    counter!(CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
+    gauge!(CONNECTIONS_CURRENT).decrement(1.0);
+    debug!(%peer, client_id = ?conn.client_id(), reason, "connection closed");
+}
+
+fn close_label(reason: CloseReason) -> &'static str {
+    match reason {
+        CloseReason::ClientDisconnect => "client_disconnect",
+        CloseReason::TransportClosed => "transport_closed",
+        CloseReason::ConnectRefused(_) => "connect_refused",
+        CloseReason::ProtocolViolation(_) => "protocol_violation",
+        CloseReason::KeepAliveTimeout => "keep_alive_timeout",
+        CloseReason::TakenOver => "taken_over",
+        CloseReason::ServerShutdown => "server_shutdown",
+    }
+}

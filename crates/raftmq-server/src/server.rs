@@ -1,0 +1,153 @@
+//! Binding listeners and running them until shutdown.
+
+use crate::{HttpConfig, ListenersConfig, connection, http, metrics};
+use raftmq_core::Broker;
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Renders the Prometheus exposition text (provided by the binary, which owns the recorder).
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// How long connections get to say goodbye at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind {what} listener on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet running broker front end.
+pub struct Server {
+    broker: Arc<Broker>,
+    mqtt: Option<TcpListener>,
+    http: Option<TcpListener>,
+    metrics: Option<MetricsRender>,
+}
+
+async fn bind(what: &'static str, addr: Option<SocketAddr>) -> Result<Option<TcpListener>, ServerError> {
+    match addr {
+        None => Ok(None),
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| ServerError::Bind { what, addr, source }),
+    }
+}
+
+impl Server {
+    /// Binds every configured listener (so "address in use" is reported before anything runs).
+    pub async fn bind(
+        broker: Arc<Broker>,
+        listeners: &ListenersConfig,
+        http: &HttpConfig,
+        metrics: Option<MetricsRender>,
+    ) -> Result<Server, ServerError> {
+        Ok(Server {
+            broker,
+            mqtt: bind("MQTT", listeners.tcp).await?,
+            http: bind("HTTP", http.addr).await?,
+            metrics,
+        })
+    }
+
+    /// The bound MQTT TCP address (with the real port when 0 was configured).
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The broker this server fronts.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Serves until `shutdown` resolves, then tells every client (MQTT 5: DISCONNECT 0x8B),
+    /// closes the listeners and waits for connection tasks (at most a few seconds).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let tasks = TaskTracker::new();
+        let ready = Arc::new(AtomicBool::new(true));
+
+        if let Some(listener) = self.mqtt {
+            tasks.spawn(accept_loop(listener, self.broker.clone(), stop_rx.clone(), tasks.clone()));
+        }
+        if let Some(listener) = self.http {
+            let state = http::HttpState { broker: self.broker.clone(), metrics: self.metrics, ready: ready.clone() };
+            tasks.spawn(http::serve(listener, state, stop_rx.clone()));
+        }
+        tasks.spawn(broker_timers(self.broker.clone(), stop_rx.clone()));
+        tasks.spawn(stats_exporter(self.broker.clone(), stop_rx.clone()));
+
+        shutdown.await;
+        info!("shutting down");
+        ready.store(false, Ordering::Relaxed);
+        let _ = stop_tx.send(true);
+        tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+            warn!(remaining = tasks.len(), "connections still open after the shutdown grace period");
+        }
+        Ok(())
+    }
+}
+
+async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, mut stop: watch::Receiver<bool>, tasks: TaskTracker) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    ::metrics::counter!(metrics::CONNECTIONS_ACCEPTED_TOTAL).increment(1);
+                    // Small packets must not wait for Nagle's algorithm.
+                    let _ = stream.set_nodelay(true);
+                    tasks.spawn(connection::run(stream, peer, broker.clone(), stop.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Fires delayed wills and session expiries when they are due.
+async fn broker_timers(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
+    loop {
+        broker.handle_timeout(Instant::now());
+        let next = broker.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = poll_fn(|cx| broker.poll_timers_changed(cx)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn stats_exporter(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => metrics::export_broker_stats(&broker),
+            _ = stop.changed() => return,
+        }
+    }
+}

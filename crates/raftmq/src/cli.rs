@@ -1,0 +1,263 @@
+//! The command line: `raftmq [serve] [flags]`, `raftmq config default|check FILE`.
+
+use crate::config::{Layer, LogFormat};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use toml::Value;
+
+/// raftmq: a clustered MQTT broker.
+///
+/// With no command, runs the broker (`raftmq serve`).
+#[derive(Debug, Parser)]
+#[command(name = "raftmq", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Flags of `serve`, accepted without the command name.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+impl Cli {
+    /// The command to run (`serve` when none was given).
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
+    }
+}
+
+/// A `raftmq` command.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker until SIGINT or SIGTERM (the default command).
+    Serve(ServeArgs),
+    /// Print or check configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `raftmq config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the default configuration as TOML, with a comment explaining every key.
+    Default,
+    /// Check a config file (merged over the defaults): print every problem and exit 1, or
+    /// print "ok". Environment variables and flags are not considered.
+    Check {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+/// Flags of `raftmq serve`; each overrides the config file and the `RAFTMQ_<SECTION>__<KEY>`
+/// environment variables, and can itself be set from the environment variable shown.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see `raftmq config default`).
+    #[arg(short, long, value_name = "FILE", env = "RAFTMQ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id in the cluster [config: node_id].
+    #[arg(long, value_name = "N", env = "RAFTMQ_NODE_ID", value_parser = clap::value_parser!(i64).range(1..))]
+    pub node_id: Option<i64>,
+    /// Directory for the node's state [config: data_dir].
+    #[arg(long, value_name = "DIR", env = "RAFTMQ_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// MQTT TCP listener address, or "none" to disable it [config: listeners.tcp].
+    #[arg(long, value_name = "ADDR", env = "RAFTMQ_MQTT_ADDR", value_parser = parse_listen_addr)]
+    pub mqtt_addr: Option<ListenAddr>,
+    /// HTTP (metrics, health) address, or "none" to disable it [config: http.addr].
+    #[arg(long, value_name = "ADDR", env = "RAFTMQ_HTTP_ADDR", value_parser = parse_listen_addr)]
+    pub http_addr: Option<ListenAddr>,
+    /// Cluster listener address [config: cluster.addr].
+    #[arg(long, value_name = "ADDR", env = "RAFTMQ_CLUSTER_ADDR")]
+    pub cluster_addr: Option<SocketAddr>,
+    /// Comma-separated host:port of nodes to join [config: cluster.seeds].
+    #[arg(long, value_name = "HOST:PORT,...", env = "RAFTMQ_SEEDS", value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// Log format [config: log.format].
+    #[arg(long, value_name = "FORMAT", env = "RAFTMQ_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. "info" or "info,raftmq_server=debug" [config: log.level].
+    #[arg(long, value_name = "LEVEL", env = "RAFTMQ_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// A listener address flag: an address, or disabled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `none` or an empty value.
+    Disabled,
+    /// Listen on this address.
+    At(SocketAddr),
+}
+
+fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
+    let s = s.trim();
+    if s.is_empty() || s.eq_ignore_ascii_case("none") {
+        return Ok(ListenAddr::Disabled);
+    }
+    s.parse()
+        .map(ListenAddr::At)
+        .map_err(|_| format!("expected an address such as 0.0.0.0:1883 or [::]:1883, or \"none\" (got `{s}`)"))
+}
+
+impl ListenAddr {
+    fn to_value(self) -> Value {
+        match self {
+            ListenAddr::Disabled => Value::String("none".to_owned()),
+            ListenAddr::At(addr) => Value::String(addr.to_string()),
+        }
+    }
+}
+
+impl ServeArgs {
+    /// The configuration layer these flags make (the top one).
+    pub fn layer(&self) -> Layer {
+        let mut layer = Layer::default();
+        if let Some(n) = self.node_id {
+            layer.set("node_id", Value::Integer(n), "--node-id");
+        }
+        if let Some(dir) = &self.data_dir {
+            layer.set("data_dir", Value::String(dir.to_string_lossy().into_owned()), "--data-dir");
+        }
+        if let Some(addr) = self.mqtt_addr {
+            layer.set("listeners.tcp", addr.to_value(), "--mqtt-addr");
+        }
+        if let Some(addr) = self.http_addr {
+            layer.set("http.addr", addr.to_value(), "--http-addr");
+        }
+        if let Some(addr) = self.cluster_addr {
+            layer.set("cluster.addr", Value::String(addr.to_string()), "--cluster-addr");
+        }
+        if let Some(seeds) = &self.seeds {
+            let seeds = seeds.iter().map(|s| s.trim()).filter(|s| !s.is_empty());
+            layer.set("cluster.seeds", Value::Array(seeds.map(|s| Value::String(s.to_owned())).collect()), "--seeds");
+        }
+        if let Some(format) = self.log_format {
+            layer.set("log.format", Value::String(format.as_str().to_owned()), "--log-format");
+        }
+        if let Some(level) = &self.log_level {
+            layer.set("log.level", Value::String(level.clone()), "--log-level");
+        }
+        layer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, FLAG_ONLY_ENV_VARS, env_layer, resolve};
+    use clap::CommandFactory;
+    use std::ffi::OsString;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("raftmq").chain(args.iter().copied())).map(Cli::into_command)
+    }
+
+    fn serve_config(args: &[&str]) -> Config {
+        let Ok(Command::Serve(serve)) = parse(args) else { panic!("not serve: {args:?}") };
+        resolve(None, Layer::default(), serve.layer()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_command_means_serve_and_top_level_flags_are_serve_flags() {
+        assert!(matches!(parse(&[]), Ok(Command::Serve(s)) if s.layer() == Layer::default()));
+        assert_eq!(serve_config(&[]), Config::default());
+        assert_eq!(serve_config(&["--node-id", "3"]).node_id, 3);
+        assert_eq!(serve_config(&["serve", "--node-id", "3"]).node_id, 3);
+    }
+
+    #[test]
+    fn mqtt_addr_none_disables_the_listener() {
+        assert_eq!(serve_config(&["serve", "--mqtt-addr", "none"]).listeners.tcp, None);
+        assert_eq!(serve_config(&["--mqtt-addr", ""]).listeners.tcp, None);
+        let config = serve_config(&["--http-addr", "NONE"]);
+        assert_eq!((config.http.addr, config.listeners), (None, Default::default()));
+    }
+
+    #[test]
+    fn flags_set_their_config_keys() {
+        let config = serve_config(&[
+            "serve",
+            "--node-id=5",
+            "--data-dir=/var/lib/raftmq",
+            "--mqtt-addr=127.0.0.1:1884",
+            "--http-addr=[::1]:9200",
+            "--cluster-addr=10.0.0.1:7000",
+            "--seeds=a:1,b:2",
+            "--log-format=json",
+            "--log-level=debug,raftmq=trace",
+        ]);
+        assert_eq!(config.node_id, 5);
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/raftmq"));
+        assert_eq!(config.listeners.tcp, Some(SocketAddr::from(([127, 0, 0, 1], 1884))));
+        assert_eq!(config.http.addr, "[::1]:9200".parse().ok());
+        assert_eq!(config.cluster.addr, SocketAddr::from(([10, 0, 0, 1], 7000)));
+        assert_eq!(config.cluster.seeds, ["a:1", "b:2"]);
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.log.level, "debug,raftmq=trace");
+    }
+
+    #[test]
+    fn bad_flag_values_are_usage_errors() {
+        for args in [
+            &["--mqtt-addr", "localhost"][..],
+            &["--node-id", "0"],
+            &["--node-id", "x"],
+            &["--log-format", "xml"],
+            &["--cluster-addr", "nowhere"],
+        ] {
+            let err = parse(args).expect_err("rejected");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+        let err = parse(&["--mqtt-addr", "localhost"]).expect_err("rejected");
+        assert!(err.to_string().contains("\"none\""), "{err}");
+    }
+
+    #[test]
+    fn serve_flags_do_not_mix_with_other_commands() {
+        assert!(parse(&["--node-id", "2", "config", "default"]).is_err());
+        assert!(matches!(parse(&["config", "default"]), Ok(Command::Config(ConfigCommand::Default))));
+        assert!(matches!(
+            parse(&["config", "check", "x.toml"]),
+            Ok(Command::Config(ConfigCommand::Check { file })) if file == PathBuf::from("x.toml")
+        ));
+        assert!(parse(&["config", "check"]).is_err());
+    }
+
+    #[test]
+    fn version_and_help_are_offered() {
+        let err = parse(&["--version"]).expect_err("prints version");
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert!(err.to_string().contains(env!("CARGO_PKG_VERSION")));
+        let err = parse(&["serve", "--help"]).expect_err("prints help");
+        assert!(err.to_string().contains("[env: RAFTMQ_MQTT_ADDR="), "{err}");
+    }
+
+    /// Flag variables are either `RAFTMQ_<KEY>` names the environment layer also understands
+    /// (same meaning) or listed as flag-only so the environment layer does not reject them.
+    #[test]
+    fn flag_env_vars_are_never_rejected_by_the_env_layer() {
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").expect("serve command");
+        let vars: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(vars.len(), 9, "{vars:?}");
+        for var in &vars {
+            let value = if var == "RAFTMQ_NODE_ID" { "2" } else { "x" };
+            let layer = env_layer([(OsString::from(var), OsString::from(value))]);
+            assert!(layer.problems.is_empty(), "{var}: {:?}", layer.problems);
+        }
+        for var in FLAG_ONLY_ENV_VARS {
+            assert!(vars.iter().any(|v| v == var), "{var} is not a flag's variable any more");
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! What each configuration key means, in one place: `raftmq config default` prints these as
+//! comments above the keys, and tests make sure every key of the configuration has one.
+
+use crate::config::default_table;
+use toml::Value;
+
+/// The documentation of one configuration key (or section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyDoc {
+    /// Dotted path (`mqtt.max_qos`), or a section name (`mqtt`).
+    pub key: &'static str,
+    /// What it means (one paragraph; wrapped when printed).
+    pub doc: &'static str,
+    /// For a key absent by default (an optional value): an example value, as TOML, printed
+    /// commented out.
+    pub example: Option<&'static str>,
+}
+
+const fn key(key: &'static str, doc: &'static str) -> KeyDoc {
+    KeyDoc { key, doc, example: None }
+}
+
+const fn optional(key: &'static str, doc: &'static str, example: &'static str) -> KeyDoc {
+    KeyDoc { key, doc, example: Some(example) }
+}
+
+/// Every key and section, in the order `config default` prints them (top-level keys first, then
+/// each section followed by its keys).
+pub const KEYS: &[KeyDoc] = &[
+    key("node_id", "This node's id in the cluster: a positive integer, unique among the nodes."),
+    key(
+        "data_dir",
+        "Directory where the node keeps its state (Raft log, sessions, retained messages). \
+         Created at startup if missing.",
+    ),
+    key("listeners", "MQTT listeners."),
+    key(
+        "listeners.tcp",
+        "Address of the plain TCP MQTT listener, \"host:port\"; \"none\" disables it. \
+         Clients connect anonymously for now: bind to a loopback address or firewall the port \
+         unless the network is trusted.",
+    ),
+    key("http", "The HTTP endpoint: Prometheus metrics (/metrics), health (/healthz, /readyz), admin API."),
+    key("http.addr", "Address of the HTTP endpoint, \"host:port\"; \"none\" disables it."),
+    key("cluster", "Cluster membership."),
+    key("cluster.addr", "Address the cluster listener (Raft and membership traffic between nodes) binds."),
+    optional(
+        "cluster.advertise_addr",
+        "\"host:port\" other nodes use to reach this one, when it differs from `addr` (NAT, \
+         containers, 0.0.0.0). Defaults to `addr`.",
+        "\"raftmq-1.example.internal:7946\"",
+    ),
+    key(
+        "cluster.seeds",
+        "\"host:port\" of nodes to contact when joining a cluster; empty for a single node.",
+    ),
+    key("mqtt", "MQTT protocol and session settings."),
+    key(
+        "mqtt.max_packet_size",
+        "Largest packet the broker accepts (64B to 256MiB); announced to MQTT 5 clients as Maximum \
+         Packet Size.",
+    ),
+    key(
+        "mqtt.receive_maximum",
+        "How many QoS 1/2 PUBLISH a client may have unacknowledged towards the broker (Receive \
+         Maximum announced in CONNACK).",
+    ),
+    key(
+        "mqtt.max_inflight",
+        "Most messages in flight (sent, not yet acknowledged) towards one client; the client's own \
+         Receive Maximum lowers it further.",
+    ),
+    key("mqtt.max_queued_messages", "Messages queued per session beyond those in flight (online or offline)."),
+    key(
+        "mqtt.queue_overflow",
+        "What to do when a session's queue is full: \"drop-new\" drops the arriving message, \
+         \"drop-oldest\" drops the oldest queued one (both are counted).",
+    ),
+    key("mqtt.queue_qos0_offline", "Queue QoS 0 messages for offline persistent sessions."),
+    key(
+        "mqtt.topic_alias_maximum",
+        "Topic Alias Maximum announced to MQTT 5 clients; 0 disables client-to-server aliases.",
+    ),
+    key(
+        "mqtt.max_session_expiry",
+        "Cap on the session expiry interval a client may ask for; \"0s\" means no cap. At most \
+         4294967295s.",
+    ),
+    key(
+        "mqtt.max_keep_alive",
+        "Largest keep alive accepted (at most 65535s); a larger or zero client keep alive is \
+         replaced by this value, sent to MQTT 5 clients as Server Keep Alive. \"0s\" accepts what \
+         the client asks.",
+    ),
+    key("mqtt.max_qos", "Highest QoS the broker grants: 0, 1 or 2."),
+    key("mqtt.retain_available", "Whether retained messages are supported."),
+    key("mqtt.wildcard_subscriptions", "Whether wildcard subscriptions (+ and #) are allowed."),
+    key("mqtt.shared_subscriptions", "Whether shared subscriptions ($share/group/filter) are allowed."),
+    key("mqtt.subscription_identifiers", "Whether MQTT 5 subscription identifiers are supported."),
+    key(
+        "mqtt.shared_strategy",
+        "How a shared subscription group picks the member that gets a message: \"round-robin\" or \
+         \"random\".",
+    ),
+    key(
+        "mqtt.allow_empty_client_id",
+        "Accept an empty client id and assign one (MQTT 3.1.1 clients must then ask for a clean \
+         session).",
+    ),
+    key("mqtt.max_topic_length", "Longest topic name or filter, in bytes (1 to 65535)."),
+    key("mqtt.max_topic_levels", "Most /-separated levels in a topic name or filter."),
+    key("mqtt.max_subscriptions_per_client", "Most subscriptions one session may hold; 0 = unlimited."),
+    key(
+        "mqtt.max_retained_messages",
+        "Most retained messages the broker stores; 0 = unlimited. Retained messages on new topics \
+         beyond it are refused.",
+    ),
+    key("mqtt.index_shards", "Number of shards of the subscription index (1 to 1024)."),
+    key("log", "Logging (to standard error)."),
+    key("log.format", "\"text\" for human-readable lines, \"json\" for one JSON object per line."),
+    key(
+        "log.level",
+        "Which events to log: a level (error, warn, info, debug, trace) or a tracing EnvFilter \
+         directive such as \"info,raftmq_server=debug\". RUST_LOG, when set, overrides it.",
+    ),
+];
+
+/// The documentation of a dotted key or section.
+pub fn doc(key: &str) -> Option<&'static KeyDoc> {
+    KEYS.iter().find(|d| d.key == key)
+}
+
+/// Whether `key` is a documented optional key (absent from the default configuration).
+pub fn is_optional_key(key: &str) -> bool {
+    doc(key).is_some_and(|d| d.example.is_some())
+}
+
+/// The names (last path segment) of the optional keys directly under `prefix` (`""` for the top
+/// level, `"cluster."` for the cluster section).
+pub fn optional_keys_under(prefix: &str) -> impl Iterator<Item = &'static str> + '_ {
+    KEYS.iter()
+        .filter(|d| d.example.is_some())
+        .filter_map(move |d| d.key.strip_prefix(prefix))
+        .filter(|rest| !rest.contains('.'))
+}
+
+const HEADER: &str = "\
+# raftmq configuration, with every key at its default value.
+#
+# Precedence, lowest first: defaults, this file (--config FILE or RAFTMQ_CONFIG), environment
+# variables, command-line flags. Any key can be set from the environment as
+# RAFTMQ_<SECTION>__<KEY> (RAFTMQ_MQTT__MAX_INFLIGHT=64, RAFTMQ_LISTENERS__TCP=0.0.0.0:1884)
+# or, at the top level, RAFTMQ_<KEY> (RAFTMQ_NODE_ID=2).
+#
+# Durations: \"250ms\", \"30s\", \"5m\", \"2h\", \"7d\", \"1h30m\" (a bare number is seconds).
+# Sizes: \"512B\", \"64KiB\", \"1MiB\", \"1GiB\" (KB, MB, GB are powers of 1000; a bare number is bytes).
+";
+
+const WIDTH: usize = 98;
+
+fn push_comment(out: &mut String, text: &str) {
+    let mut line = String::from("#");
+    for word in text.split_whitespace() {
+        if line.len() > 1 && line.len() + 1 + word.len() > WIDTH {
+            out.push_str(&line);
+            out.push('\n');
+            line = String::from("#");
+        }
+        line.push(' ');
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out.push('\n');
+}
+
+fn push_key(out: &mut String, name: &str, doc: Option<&KeyDoc>, value: Option<&Value>) {
+    push_comment(out, doc.map_or("(undocumented)", |d| d.doc));
+    match (value, doc.and_then(|d| d.example)) {
+        (Some(v), _) => out.push_str(&format!("{name} = {v}\n")),
+        (None, Some(example)) => out.push_str(&format!("# {name} = {example}\n")),
+        (None, None) => {}
+    }
+}
+
+/// The full default configuration as TOML, each key preceded by a comment saying what it means
+/// (optional keys commented out, with an example value).
+pub fn default_config_toml() -> String {
+    let defaults = default_table();
+    let mut out = String::from(HEADER);
+    // Top-level keys must come before the first [section].
+    for d in KEYS.iter().filter(|d| !d.key.contains('.')) {
+        match defaults.get(d.key) {
+            Some(Value::Table(_)) => {}
+            value => {
+                out.push('\n');
+                push_key(&mut out, d.key, Some(d), value);
+            }
+        }
+    }
+    for d in KEYS.iter().filter(|d| !d.key.contains('.')) {
+        let Some(Value::Table(section)) = defaults.get(d.key) else { continue };
+        out.push('\n');
+        push_comment(&mut out, d.doc);
+        out.push_str(&format!("[{}]\n", d.key));
+        let prefix = format!("{}.", d.key);
+        for k in KEYS.iter().filter(|k| k.key.strip_prefix(&prefix).is_some_and(|rest| !rest.contains('.'))) {
+            let name = &k.key[prefix.len()..];
+            push_key(&mut out, name, Some(k), section.get(name));
+        }
+        // Keys missing from the table above still get printed (the docs test then fails).
+        for (name, value) in section {
+            if doc(&format!("{prefix}{name}")).is_none() {
+                push_key(&mut out, name, None, Some(value));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use toml::Table;
+
+    /// Every dotted path of the table, sections included.
+    fn paths(table: &Table, prefix: &str, out: &mut Vec<String>) {
+        for (k, v) in table {
+            let path = format!("{prefix}{k}");
+            if let Value::Table(t) = v {
+                paths(t, &format!("{path}."), out);
+            }
+            out.push(path);
+        }
+    }
+
+    #[test]
+    fn every_default_key_is_documented() {
+        let mut all = Vec::new();
+        paths(&default_table(), "", &mut all);
+        assert!(all.len() > 20, "{all:?}");
+        let undocumented: Vec<&String> =
+            all.iter().filter(|k| doc(k).is_none_or(|d| d.doc.trim().is_empty())).collect();
+        assert!(undocumented.is_empty(), "add these keys to docs::KEYS: {undocumented:?}");
+    }
+
+    #[test]
+    fn every_documented_key_exists() {
+        let mut all = Vec::new();
+        paths(&default_table(), "", &mut all);
+        for d in KEYS {
+            if all.iter().any(|k| k == d.key) {
+                assert!(d.example.is_none(), "{}: has a default, needs no example", d.key);
+                continue;
+            }
+            // An optional key: its example must be accepted and change the configuration.
+            let example = d.example.unwrap_or_else(|| panic!("{}: documented but not a key", d.key));
+            let (section, name) = d.key.split_once('.').unwrap_or(("", d.key));
+            let text = if section.is_empty() {
+                format!("{name} = {example}")
+            } else {
+                format!("[{section}]\n{name} = {example}")
+            };
+            let table: Table = text.parse().expect("example is TOML");
+            let config = Config::check(&table).unwrap_or_else(|p| panic!("{}: {p:?}", d.key));
+            assert_ne!(config, Config::default(), "{}", d.key);
+        }
+        let mut keys: Vec<&str> = KEYS.iter().map(|d| d.key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), KEYS.len(), "duplicate entries in docs::KEYS");
+    }
+
+    #[test]
+    fn config_default_output_reparses_to_the_default_config() {
+        let text = default_config_toml();
+        let table: Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(table, default_table());
+        assert_eq!(Config::check(&table), Ok(Config::default()));
+    }
+
+    #[test]
+    fn config_default_output_has_a_comment_above_every_key() {
+        let text = default_config_toml();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut keys = 0;
+        for (i, line) in lines.iter().enumerate() {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            keys += 1;
+            assert!(i > 0 && lines[i - 1].starts_with("# "), "no comment above `{line}`:\n{text}");
+            assert!(!lines[i - 1].contains("(undocumented)"), "`{line}`");
+        }
+        assert!(keys > 25, "{text}");
+        assert!(text.contains("\n# advertise_addr = \"raftmq-1.example.internal:7946\"\n"), "{text}");
+        assert!(text.lines().all(|l| l.len() <= WIDTH + 2), "{text}");
+    }
+
+    #[test]
+    fn optional_keys_are_listed_under_their_section() {
+        assert_eq!(optional_keys_under("cluster.").collect::<Vec<_>>(), ["advertise_addr"]);
+        assert_eq!(optional_keys_under("").count(), 0);
+        assert!(is_optional_key("cluster.advertise_addr"));
+        assert!(!is_optional_key("cluster.addr"));
+    }
+}

@@ -1,0 +1,145 @@
+//! Shared support for raftmq's black-box tests: an in-process broker on an ephemeral port and
+//! a raw MQTT client (built on `raftmq-codec`) for the packets client libraries won't send.
+//!
+//! Every wait has a timeout ([`TIMEOUT`]): a broken broker fails a test, never hangs it.
+
+use bytes::BytesMut;
+use raftmq_codec::{Packet, ProtocolVersion, decode, encode};
+use raftmq_core::Broker;
+use raftmq_core::config::MqttConfig;
+use raftmq_server::{HttpConfig, ListenersConfig, Server};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Upper bound for any single wait in a test.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A broker running in this process on 127.0.0.1 with ephemeral ports.
+pub struct TestBroker {
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    pub broker: Arc<Broker>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestBroker {
+    /// Starts a broker with default settings.
+    pub async fn start() -> TestBroker {
+        Self::with_config(MqttConfig::default()).await
+    }
+
+    /// Starts a broker with `config`.
+    pub async fn with_config(config: MqttConfig) -> TestBroker {
+        Self::with_broker(Arc::new(Broker::new(config))).await
+    }
+
+    /// Starts the front end for an existing broker.
+    pub async fn with_broker(broker: Arc<Broker>) -> TestBroker {
+        let listeners = ListenersConfig { tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))) };
+        let http = HttpConfig { addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))) };
+        let server = Server::bind(broker.clone(), &listeners, &http, None).await.expect("bind test broker");
+        let mqtt = server.mqtt_addr().expect("mqtt addr");
+        let http = server.http_addr().expect("http addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        TestBroker { mqtt, http, broker, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Host and port for client libraries.
+    pub fn host_port(&self) -> (String, u16) {
+        (self.mqtt.ip().to_string(), self.mqtt.port())
+    }
+
+    /// Stops the broker gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(TIMEOUT, task).await;
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A raw MQTT client: sends exactly the bytes or packets it is given.
+pub struct RawClient {
+    stream: TcpStream,
+    buf: BytesMut,
+    pub version: ProtocolVersion,
+}
+
+impl RawClient {
+    /// Connects a TCP socket (no MQTT CONNECT yet).
+    pub async fn connect(addr: SocketAddr, version: ProtocolVersion) -> RawClient {
+        let stream = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawClient { stream, buf: BytesMut::new(), version }
+    }
+
+    /// Sends raw bytes.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Encodes and sends a packet for this client's protocol version.
+    pub async fn send(&mut self, packet: &Packet) {
+        let mut out = BytesMut::new();
+        encode(packet, self.version, &mut out).expect("encode");
+        self.send_bytes(&out).await;
+    }
+
+    /// The next packet from the broker; `None` if the broker closed the connection.
+    /// Panics on timeout or on bytes that don't decode.
+    pub async fn recv(&mut self) -> Option<Packet> {
+        self.recv_within(TIMEOUT).await.expect("timed out waiting for a packet")
+    }
+
+    /// Like [`Self::recv`] but returns `Err(())` on timeout instead of panicking.
+    pub async fn recv_within(&mut self, wait: Duration) -> Result<Option<Packet>, ()> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(p) = decode(&mut self.buf, self.version, u32::MAX).expect("broker sent a malformed packet") {
+                return Ok(Some(p));
+            }
+            let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await;
+            match read {
+                Err(_) => return Err(()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Asserts the broker closes the connection (after any packets it sends first, which are
+    /// returned).
+    pub async fn expect_closed(&mut self) -> Vec<Packet> {
+        let mut seen = Vec::new();
+        while let Some(p) = self.recv().await {
+            seen.push(p);
+        }
+        seen
+    }
+}
