@@ -387,16 +387,8 @@ fn connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     } else {
         None
     };
-    let username = if has_username {
-        Some(r.string()?)
-    } else {
-        None
-    };
-    let password = if has_password {
-        Some(r.binary()?)
-    } else {
-        None
-    };
+    let username = has_username.then(|| r.string()).transpose()?;
+    let password = has_password.then(|| r.binary()).transpose()?;
 
     Ok(Connect {
         protocol,

@@ -92,18 +92,12 @@ fn remaining_len(packet: &Packet, version: ProtocolVersion) -> usize {
         Packet::PubAck(response)
         | Packet::PubRec(response)
         | Packet::PubRel(response)
-        | Packet::PubComp(response) => {
-            if v5 {
-                2 + ReasonTail::new(
-                    response.reason_code,
-                    &response.properties,
-                    packet.packet_type(),
-                )
-                .len()
-            } else {
-                2
-            }
+        | Packet::PubComp(response)
+            if v5 =>
+        {
+            2 + ReasonTail::new(response.reason_code, &response.properties).len()
         }
+        Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => 2,
         Packet::Subscribe(subscribe) => {
             2 + v5_section_len(v5, &subscribe.properties)
                 + subscribe
@@ -128,16 +122,11 @@ fn remaining_len(packet: &Packet, version: ProtocolVersion) -> usize {
         }
         Packet::UnsubAck(_) => 2,
         Packet::PingReq | Packet::PingResp => 0,
-        Packet::Disconnect(disconnect) if v5 => ReasonTail::new(
-            disconnect.reason_code,
-            &disconnect.properties,
-            PacketType::Disconnect,
-        )
-        .len(),
-        Packet::Disconnect(_) => 0,
-        Packet::Auth(auth) => {
-            ReasonTail::new(auth.reason_code, &auth.properties, PacketType::Auth).len()
+        Packet::Disconnect(disconnect) if v5 => {
+            ReasonTail::new(disconnect.reason_code, &disconnect.properties).len()
         }
+        Packet::Disconnect(_) => 0,
+        Packet::Auth(auth) => ReasonTail::auth(auth.reason_code, &auth.properties).len(),
     }
 }
 
@@ -177,12 +166,7 @@ fn put_body(
         | Packet::PubComp(response) => {
             buf.put_u16(response.packet_id.get());
             if v5 {
-                ReasonTail::new(
-                    response.reason_code,
-                    &response.properties,
-                    packet.packet_type(),
-                )
-                .put(buf)?;
+                ReasonTail::new(response.reason_code, &response.properties).put(buf)?;
             }
         }
         Packet::Subscribe(subscribe) => {
@@ -217,17 +201,10 @@ fn put_body(
         Packet::PingReq | Packet::PingResp => {}
         Packet::Disconnect(disconnect) => {
             if v5 {
-                ReasonTail::new(
-                    disconnect.reason_code,
-                    &disconnect.properties,
-                    PacketType::Disconnect,
-                )
-                .put(buf)?;
+                ReasonTail::new(disconnect.reason_code, &disconnect.properties).put(buf)?;
             }
         }
-        Packet::Auth(auth) => {
-            ReasonTail::new(auth.reason_code, &auth.properties, PacketType::Auth).put(buf)?
-        }
+        Packet::Auth(auth) => ReasonTail::auth(auth.reason_code, &auth.properties).put(buf)?,
     }
     Ok(())
 }
@@ -260,14 +237,20 @@ enum ReasonTail<'a, P> {
 }
 
 impl<'a, P: PropertySet> ReasonTail<'a, P> {
-    fn new(code: ReasonCode, properties: &'a P, packet_type: PacketType) -> Self {
-        let no_properties = properties_len(properties) == 0;
-        if no_properties && code == ReasonCode::SUCCESS {
-            ReasonTail::Omitted
-        } else if no_properties && packet_type != PacketType::Auth {
-            ReasonTail::Code(code)
-        } else {
-            ReasonTail::Full(code, properties)
+    /// The tail of PUBACK, PUBREC, PUBREL, PUBCOMP or DISCONNECT.
+    fn new(code: ReasonCode, properties: &'a P) -> Self {
+        match (code, properties_len(properties)) {
+            (ReasonCode::SUCCESS, 0) => ReasonTail::Omitted,
+            (code, 0) => ReasonTail::Code(code),
+            (code, _) => ReasonTail::Full(code, properties),
+        }
+    }
+
+    /// The tail of AUTH, which has no form with a reason code alone.
+    fn auth(code: ReasonCode, properties: &'a P) -> Self {
+        match Self::new(code, properties) {
+            ReasonTail::Code(code) => ReasonTail::Full(code, properties),
+            tail => tail,
         }
     }
 

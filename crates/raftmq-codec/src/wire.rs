@@ -73,7 +73,7 @@ pub(crate) fn put_prefixed(buf: &mut BytesMut, bytes: &[u8]) -> Result<(), Encod
 
 /// True if `topic` contains a wildcard character, which Topic Names must not [MQTT-3.3.2-2].
 /// Checking bytes is exact: multi-byte UTF-8 sequences never contain ASCII bytes.
-pub(crate) fn has_wildcard(topic: &[u8]) -> bool {
+fn has_wildcard(topic: &[u8]) -> bool {
     topic.iter().any(|&b| b == b'+' || b == b'#')
 }
 

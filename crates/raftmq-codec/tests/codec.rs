@@ -1234,7 +1234,8 @@ fn packet_over_the_mqtt_maximum_is_not_encodable() {
 // Properties
 // ---------------------------------------------------------------------------------------------
 
-/// Strategies generating valid packets for a protocol version.
+/// Strategies generating valid packets for a protocol version. `prop_compose!` bodies are not
+/// formatted by rustfmt.
 mod strategy {
     use super::*;
     use proptest::collection::vec;
@@ -1260,6 +1261,7 @@ mod strategy {
         0x95, 0x96, 0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
     ];
     const AUTH: &[u8] = &[0x00, 0x18, 0x19];
+    const SUCCESS: &[u8] = &[0x00];
 
     pub fn version() -> impl Strategy<Value = ProtocolVersion> {
         select(ALL_VERSIONS.to_vec())
@@ -1302,6 +1304,7 @@ mod strategy {
         "[^\\x00+#]{1,6}".prop_map(ByteStr::from)
     }
 
+    /// Any filter, valid or not: the codec leaves filter syntax to the broker.
     fn topic_filter() -> impl Strategy<Value = ByteStr> {
         "[a-z/+#]{1,8}".prop_map(ByteStr::from)
     }
@@ -1336,470 +1339,288 @@ mod strategy {
         select(codes.iter().copied().map(ReasonCode).collect::<Vec<_>>())
     }
 
-    /// `properties` on MQTT 5; MQTT 3.x has none.
+    /// `value` on MQTT 5, the default (no properties, no reason codes) on 3.x.
     fn v5_only<T: Default + Clone + Debug + 'static>(
         version: ProtocolVersion,
-        properties: impl Strategy<Value = T> + 'static,
+        value: impl Strategy<Value = T> + 'static,
     ) -> BoxedStrategy<T> {
         if version.is_v5() {
-            properties.boxed()
+            value.boxed()
         } else {
             Just(T::default()).boxed()
         }
     }
 
-    fn connect_properties() -> impl Strategy<Value = ConnectProperties> {
-        (
-            maybe(any::<u32>()),
-            maybe(1..=u16::MAX),
-            maybe(1..=u32::MAX),
-            maybe(any::<u16>()),
-            maybe(any::<bool>()),
-            maybe(any::<bool>()),
-            user_properties(),
-            maybe(text()),
-            maybe(binary()),
-        )
-            .prop_map(
-                |(
-                    session_expiry,
-                    receive_max,
-                    max_packet_size,
-                    alias_max,
-                    response,
-                    problem,
-                    user,
-                    method,
-                    data,
-                )| {
-                    ConnectProperties {
-                        // Authentication data needs a method.
-                        authentication_data: data.filter(|_| method.is_some()),
-                        session_expiry_interval: session_expiry,
-                        receive_maximum: receive_max,
-                        maximum_packet_size: max_packet_size,
-                        topic_alias_maximum: alias_max,
-                        request_response_information: response,
-                        request_problem_information: problem,
-                        user_properties: user,
-                        authentication_method: method,
-                    }
-                },
-            )
-    }
-
-    fn will_properties() -> impl Strategy<Value = WillProperties> {
-        (
-            maybe(any::<u32>()),
-            maybe(any::<bool>()),
-            maybe(any::<u32>()),
-            maybe(text()),
-            maybe(topic_name()),
-            maybe(binary()),
-            user_properties(),
-        )
-            .prop_map(
-                |(delay, format, expiry, content_type, response_topic, correlation, user)| {
-                    WillProperties {
-                        will_delay_interval: delay,
-                        payload_format_indicator: format,
-                        message_expiry_interval: expiry,
-                        content_type,
-                        response_topic,
-                        correlation_data: correlation,
-                        user_properties: user,
-                    }
-                },
-            )
-    }
-
-    fn connack_properties() -> impl Strategy<Value = ConnAckProperties> {
-        (
-            (
-                maybe(any::<u32>()),
-                maybe(1..=u16::MAX),
-                maybe(select(vec![QoS::AtMostOnce, QoS::AtLeastOnce])),
-                maybe(any::<bool>()),
-                maybe(1..=u32::MAX),
-                maybe(text()),
-                maybe(any::<u16>()),
-                maybe(text()),
-                user_properties(),
-            ),
-            (
-                maybe(any::<bool>()),
-                maybe(any::<bool>()),
-                maybe(any::<bool>()),
-                maybe(any::<u16>()),
-                maybe(text()),
-                maybe(text()),
-                maybe(text()),
-                maybe(binary()),
-            ),
-        )
-            .prop_map(
-                |(
-                    (
-                        expiry,
-                        receive_max,
-                        max_qos,
-                        retain,
-                        max_size,
-                        assigned_id,
-                        alias_max,
-                        reason,
-                        user,
-                    ),
-                    (
-                        wildcard,
-                        sub_ids,
-                        shared,
-                        keep_alive,
-                        response_info,
-                        server_ref,
-                        method,
-                        data,
-                    ),
-                )| ConnAckProperties {
-                    session_expiry_interval: expiry,
-                    receive_maximum: receive_max,
-                    maximum_qos: max_qos,
-                    retain_available: retain,
-                    maximum_packet_size: max_size,
-                    assigned_client_identifier: assigned_id,
-                    topic_alias_maximum: alias_max,
-                    reason_string: reason,
-                    user_properties: user,
-                    wildcard_subscription_available: wildcard,
-                    subscription_identifiers_available: sub_ids,
-                    shared_subscription_available: shared,
-                    server_keep_alive: keep_alive,
-                    response_information: response_info,
-                    server_reference: server_ref,
-                    authentication_method: method,
-                    authentication_data: data,
-                },
-            )
-    }
-
-    fn publish_properties() -> impl Strategy<Value = PublishProperties> {
-        (
-            maybe(any::<bool>()),
-            maybe(any::<u32>()),
-            maybe(1..=u16::MAX),
-            maybe(topic_name()),
-            maybe(binary()),
-            user_properties(),
-            vec(subscription_id(), 0..3),
-            maybe(text()),
-        )
-            .prop_map(
-                |(
-                    format,
-                    expiry,
-                    alias,
-                    response_topic,
-                    correlation,
-                    user,
-                    sub_ids,
-                    content_type,
-                )| {
-                    PublishProperties {
-                        payload_format_indicator: format,
-                        message_expiry_interval: expiry,
-                        topic_alias: alias,
-                        response_topic,
-                        correlation_data: correlation,
-                        user_properties: user,
-                        subscription_identifiers: sub_ids,
-                        content_type,
-                    }
-                },
-            )
-    }
-
-    fn reason_properties() -> impl Strategy<Value = ReasonProperties> {
-        (maybe(text()), user_properties()).prop_map(|(reason_string, user_properties)| {
-            ReasonProperties {
-                reason_string,
-                user_properties,
+    prop_compose! {
+        fn connect_properties()(
+            session_expiry_interval in maybe(any::<u32>()),
+            receive_maximum in maybe(1..=u16::MAX),
+            maximum_packet_size in maybe(1..=u32::MAX),
+            topic_alias_maximum in maybe(any::<u16>()),
+            request_response_information in maybe(any::<bool>()),
+            request_problem_information in maybe(any::<bool>()),
+            user_properties in user_properties(),
+            authentication_method in maybe(text()),
+            data in maybe(binary()),
+        ) -> ConnectProperties {
+            // Authentication data needs a method.
+            let authentication_data = data.filter(|_| authentication_method.is_some());
+            ConnectProperties {
+                session_expiry_interval, receive_maximum, maximum_packet_size, topic_alias_maximum,
+                request_response_information, request_problem_information, user_properties,
+                authentication_method, authentication_data,
             }
-        })
+        }
     }
 
-    fn subscribe_properties() -> impl Strategy<Value = SubscribeProperties> {
-        (maybe(subscription_id()), user_properties()).prop_map(
-            |(subscription_identifier, user_properties)| SubscribeProperties {
-                subscription_identifier,
-                user_properties,
-            },
-        )
+    prop_compose! {
+        fn will_properties()(
+            will_delay_interval in maybe(any::<u32>()),
+            payload_format_indicator in maybe(any::<bool>()),
+            message_expiry_interval in maybe(any::<u32>()),
+            content_type in maybe(text()),
+            response_topic in maybe(topic_name()),
+            correlation_data in maybe(binary()),
+            user_properties in user_properties(),
+        ) -> WillProperties {
+            WillProperties {
+                will_delay_interval, payload_format_indicator, message_expiry_interval, content_type,
+                response_topic, correlation_data, user_properties,
+            }
+        }
     }
 
-    fn disconnect_properties() -> impl Strategy<Value = DisconnectProperties> {
-        (
-            maybe(any::<u32>()),
-            maybe(text()),
-            user_properties(),
-            maybe(text()),
-        )
-            .prop_map(
-                |(session_expiry_interval, reason_string, user_properties, server_reference)| {
-                    DisconnectProperties {
-                        session_expiry_interval,
-                        reason_string,
-                        user_properties,
-                        server_reference,
-                    }
-                },
-            )
+    prop_compose! {
+        fn connack_properties()(
+            session_expiry_interval in maybe(any::<u32>()),
+            receive_maximum in maybe(1..=u16::MAX),
+            maximum_qos in maybe(select(vec![QoS::AtMostOnce, QoS::AtLeastOnce])),
+            retain_available in maybe(any::<bool>()),
+            maximum_packet_size in maybe(1..=u32::MAX),
+            assigned_client_identifier in maybe(text()),
+            topic_alias_maximum in maybe(any::<u16>()),
+            reason_string in maybe(text()),
+            user_properties in user_properties(),
+            wildcard_subscription_available in maybe(any::<bool>()),
+            subscription_identifiers_available in maybe(any::<bool>()),
+            shared_subscription_available in maybe(any::<bool>()),
+            server_keep_alive in maybe(any::<u16>()),
+            response_information in maybe(text()),
+            server_reference in maybe(text()),
+            authentication_method in maybe(text()),
+            authentication_data in maybe(binary()),
+        ) -> ConnAckProperties {
+            ConnAckProperties {
+                session_expiry_interval, receive_maximum, maximum_qos, retain_available,
+                maximum_packet_size, assigned_client_identifier, topic_alias_maximum, reason_string,
+                user_properties, wildcard_subscription_available, subscription_identifiers_available,
+                shared_subscription_available, server_keep_alive, response_information,
+                server_reference, authentication_method, authentication_data,
+            }
+        }
     }
 
-    fn auth_properties() -> impl Strategy<Value = AuthProperties> {
-        (
-            maybe(text()),
-            maybe(binary()),
-            maybe(text()),
-            user_properties(),
-        )
-            .prop_map(
-                |(authentication_method, authentication_data, reason_string, user_properties)| {
-                    AuthProperties {
-                        authentication_method,
-                        authentication_data,
-                        reason_string,
-                        user_properties,
-                    }
-                },
-            )
+    prop_compose! {
+        fn publish_properties()(
+            payload_format_indicator in maybe(any::<bool>()),
+            message_expiry_interval in maybe(any::<u32>()),
+            topic_alias in maybe(1..=u16::MAX),
+            response_topic in maybe(topic_name()),
+            correlation_data in maybe(binary()),
+            user_properties in user_properties(),
+            subscription_identifiers in vec(subscription_id(), 0..3),
+            content_type in maybe(text()),
+        ) -> PublishProperties {
+            PublishProperties {
+                payload_format_indicator, message_expiry_interval, topic_alias, response_topic,
+                correlation_data, user_properties, subscription_identifiers, content_type,
+            }
+        }
     }
 
-    /// CONNECT carries its own protocol version, independent of the connection's.
-    fn connect() -> impl Strategy<Value = Packet> {
-        version().prop_flat_map(|protocol| {
-            let will = (
-                topic_name(),
-                binary(),
-                qos(),
-                any::<bool>(),
-                v5_only(protocol, will_properties()),
-            )
-                .prop_map(|(topic, payload, qos, retain, properties)| Will {
-                    topic,
-                    payload,
-                    qos,
-                    retain,
-                    properties,
-                });
-            (
-                any::<bool>(),
-                any::<u16>(),
-                text(),
-                maybe(will),
-                maybe(text()),
-                maybe(binary()),
-                v5_only(protocol, connect_properties()),
-            )
-                .prop_map(
-                    move |(
-                        clean_start,
-                        keep_alive,
-                        client_id,
-                        will,
-                        username,
-                        password,
-                        properties,
-                    )| {
-                        // MQTT 3.x allows a password only with a user name.
-                        let password = password.filter(|_| protocol.is_v5() || username.is_some());
-                        Packet::Connect(Box::new(Connect {
-                            protocol,
-                            clean_start,
-                            keep_alive,
-                            client_id,
-                            will,
-                            username,
-                            password,
-                            properties,
-                        }))
-                    },
-                )
-        })
+    prop_compose! {
+        fn reason_properties()(
+            reason_string in maybe(text()),
+            user_properties in user_properties(),
+        ) -> ReasonProperties {
+            ReasonProperties { reason_string, user_properties }
+        }
     }
 
-    fn connack(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
-        (
-            any::<bool>(),
-            reason_code(version, CONNACK_V5, CONNACK_V3),
-            v5_only(version, connack_properties()),
-        )
-            .prop_map(move |(session_present, reason_code, properties)| {
-                Packet::ConnAck(ConnAck {
-                    // MQTT 3.1 has no Session Present flag.
-                    session_present: session_present && version != V31,
-                    reason_code,
-                    properties,
-                })
-            })
+    prop_compose! {
+        fn subscribe_properties()(
+            subscription_identifier in maybe(subscription_id()),
+            user_properties in user_properties(),
+        ) -> SubscribeProperties {
+            SubscribeProperties { subscription_identifier, user_properties }
+        }
     }
 
-    fn publish(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
-        (
-            qos(),
-            any::<bool>(),
-            any::<bool>(),
-            topic_name(),
-            any::<bool>(),
-            packet_id(),
-            v5_only(version, publish_properties()),
-            binary(),
-        )
-            .prop_map(
-                move |(qos, dup, retain, topic, use_alias, packet_id, properties, payload)| {
-                    let at_most_once = qos == QoS::AtMostOnce;
-                    // With a Topic Alias, an MQTT 5 PUBLISH may leave the topic empty.
-                    let topic = if use_alias && properties.topic_alias.is_some() {
-                        ByteStr::default()
-                    } else {
-                        topic
-                    };
-                    Packet::Publish(Publish {
-                        dup: dup && !at_most_once,
-                        qos,
-                        retain,
-                        topic,
-                        packet_id: (!at_most_once).then_some(packet_id),
-                        properties,
-                        payload,
-                    })
-                },
-            )
+    prop_compose! {
+        fn disconnect_properties()(
+            session_expiry_interval in maybe(any::<u32>()),
+            reason_string in maybe(text()),
+            user_properties in user_properties(),
+            server_reference in maybe(text()),
+        ) -> DisconnectProperties {
+            DisconnectProperties { session_expiry_interval, reason_string, user_properties, server_reference }
+        }
     }
 
-    fn pub_response(
-        version: ProtocolVersion,
-        codes: &'static [u8],
-        packet: fn(PubResponse) -> Packet,
-    ) -> impl Strategy<Value = Packet> {
-        (
-            packet_id(),
-            reason_code(version, codes, &[0x00]),
-            v5_only(version, reason_properties()),
-        )
-            .prop_map(move |(packet_id, reason_code, properties)| {
-                packet(PubResponse {
-                    packet_id,
-                    reason_code,
-                    properties,
-                })
-            })
+    prop_compose! {
+        fn auth_properties()(
+            authentication_method in maybe(text()),
+            authentication_data in maybe(binary()),
+            reason_string in maybe(text()),
+            user_properties in user_properties(),
+        ) -> AuthProperties {
+            AuthProperties { authentication_method, authentication_data, reason_string, user_properties }
+        }
     }
 
-    fn subscribe(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
-        let retain_handling = select(vec![
-            RetainHandling::SendAtSubscribe,
-            RetainHandling::SendIfNew,
-            RetainHandling::DoNotSend,
-        ]);
-        let options = (qos(), any::<bool>(), any::<bool>(), retain_handling).prop_map(
-            move |(qos, no_local, retain_as_published, retain_handling)| {
-                if version.is_v5() {
-                    SubscriptionOptions {
-                        qos,
-                        no_local,
-                        retain_as_published,
-                        retain_handling,
-                    }
-                } else {
-                    SubscriptionOptions {
-                        qos,
-                        ..SubscriptionOptions::default()
-                    }
-                }
-            },
-        );
-        let filter = (topic_filter(), options)
-            .prop_map(|(filter, options)| SubscribeFilter { filter, options });
-        (
-            packet_id(),
-            v5_only(version, subscribe_properties()),
-            vec(filter, 1..4),
-        )
-            .prop_map(|(packet_id, properties, filters)| {
-                Packet::Subscribe(Subscribe {
-                    packet_id,
-                    properties,
-                    filters,
-                })
-            })
+    prop_compose! {
+        fn will(protocol: ProtocolVersion)(
+            topic in topic_name(),
+            payload in binary(),
+            qos in qos(),
+            retain in any::<bool>(),
+            properties in v5_only(protocol, will_properties()),
+        ) -> Will {
+            Will { topic, payload, qos, retain, properties }
+        }
     }
 
-    fn suback(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
-        (
-            packet_id(),
-            v5_only(version, reason_properties()),
-            vec(reason_code(version, SUBACK_V5, SUBACK_V3), 1..4),
-        )
-            .prop_map(|(packet_id, properties, reason_codes)| {
-                Packet::SubAck(SubAck {
-                    packet_id,
-                    properties,
-                    reason_codes,
-                })
-            })
+    prop_compose! {
+        /// CONNECT carries its own protocol version, whatever the connection's.
+        fn connect()(protocol in version())(
+            protocol in Just(protocol),
+            clean_start in any::<bool>(),
+            keep_alive in any::<u16>(),
+            client_id in text(),
+            will in maybe(will(protocol)),
+            username in maybe(text()),
+            password in maybe(binary()),
+            properties in v5_only(protocol, connect_properties()),
+        ) -> Packet {
+            // MQTT 3.x allows a password only with a user name.
+            let password = password.filter(|_| protocol.is_v5() || username.is_some());
+            let connect = Connect { protocol, clean_start, keep_alive, client_id, will, username, password, properties };
+            Packet::Connect(Box::new(connect))
+        }
     }
 
-    fn unsubscribe(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
-        (
-            packet_id(),
-            v5_only(version, user_properties()),
-            vec(topic_filter(), 1..4),
-        )
-            .prop_map(|(packet_id, properties, filters)| {
-                Packet::Unsubscribe(Unsubscribe {
-                    packet_id,
-                    properties,
-                    filters,
-                })
-            })
+    prop_compose! {
+        fn connack(version: ProtocolVersion)(
+            session_present in any::<bool>(),
+            reason_code in reason_code(version, CONNACK_V5, CONNACK_V3),
+            properties in v5_only(version, connack_properties()),
+        ) -> Packet {
+            // MQTT 3.1 has no Session Present flag.
+            let session_present = session_present && version != V31;
+            Packet::ConnAck(ConnAck { session_present, reason_code, properties })
+        }
     }
 
-    fn unsuback(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
-        let codes = vec(reason_code(version, UNSUBACK, &[0x00]), 0..4);
-        (
-            packet_id(),
-            v5_only(version, reason_properties()),
-            v5_only(version, codes),
-        )
-            .prop_map(|(packet_id, properties, reason_codes)| {
-                Packet::UnsubAck(UnsubAck {
-                    packet_id,
-                    properties,
-                    reason_codes,
-                })
-            })
+    prop_compose! {
+        fn publish(version: ProtocolVersion)(
+            qos in qos(),
+            dup in any::<bool>(),
+            retain in any::<bool>(),
+            topic in topic_name(),
+            use_topic_alias in any::<bool>(),
+            packet_id in packet_id(),
+            properties in v5_only(version, publish_properties()),
+            payload in binary(),
+        ) -> Packet {
+            let at_most_once = qos == QoS::AtMostOnce;
+            // With a Topic Alias, an MQTT 5 PUBLISH may leave the topic empty.
+            let topic = if use_topic_alias && properties.topic_alias.is_some() { ByteStr::default() } else { topic };
+            let packet_id = (!at_most_once).then_some(packet_id);
+            Packet::Publish(Publish { dup: dup && !at_most_once, qos, retain, topic, packet_id, properties, payload })
+        }
     }
 
-    fn disconnect(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
-        (
-            reason_code(version, DISCONNECT, &[0x00]),
-            v5_only(version, disconnect_properties()),
-        )
-            .prop_map(|(reason_code, properties)| {
-                Packet::Disconnect(Disconnect {
-                    reason_code,
-                    properties,
-                })
-            })
+    prop_compose! {
+        fn pub_response(version: ProtocolVersion, codes: &'static [u8], packet: fn(PubResponse) -> Packet)(
+            packet_id in packet_id(),
+            reason_code in reason_code(version, codes, SUCCESS),
+            properties in v5_only(version, reason_properties()),
+        ) -> Packet {
+            packet(PubResponse { packet_id, reason_code, properties })
+        }
     }
 
-    fn auth() -> impl Strategy<Value = Packet> {
-        (reason_code(V5, AUTH, AUTH), auth_properties()).prop_map(|(reason_code, properties)| {
-            Packet::Auth(Auth {
-                reason_code,
-                properties,
-            })
-        })
+    prop_compose! {
+        fn subscription_options(version: ProtocolVersion)(
+            qos in qos(),
+            no_local in any::<bool>(),
+            retain_as_published in any::<bool>(),
+            retain_handling in select(vec![
+                RetainHandling::SendAtSubscribe, RetainHandling::SendIfNew, RetainHandling::DoNotSend,
+            ]),
+        ) -> SubscriptionOptions {
+            if version.is_v5() {
+                SubscriptionOptions { qos, no_local, retain_as_published, retain_handling }
+            } else {
+                SubscriptionOptions { qos, ..SubscriptionOptions::default() }
+            }
+        }
+    }
+
+    prop_compose! {
+        fn subscribe(version: ProtocolVersion)(
+            packet_id in packet_id(),
+            properties in v5_only(version, subscribe_properties()),
+            filters in vec((topic_filter(), subscription_options(version)), 1..4),
+        ) -> Packet {
+            let filters = filters.into_iter().map(|(filter, options)| SubscribeFilter { filter, options }).collect();
+            Packet::Subscribe(Subscribe { packet_id, properties, filters })
+        }
+    }
+
+    prop_compose! {
+        fn suback(version: ProtocolVersion)(
+            packet_id in packet_id(),
+            properties in v5_only(version, reason_properties()),
+            reason_codes in vec(reason_code(version, SUBACK_V5, SUBACK_V3), 1..4),
+        ) -> Packet {
+            Packet::SubAck(SubAck { packet_id, properties, reason_codes })
+        }
+    }
+
+    prop_compose! {
+        fn unsubscribe(version: ProtocolVersion)(
+            packet_id in packet_id(),
+            properties in v5_only(version, user_properties()),
+            filters in vec(topic_filter(), 1..4),
+        ) -> Packet {
+            Packet::Unsubscribe(Unsubscribe { packet_id, properties, filters })
+        }
+    }
+
+    prop_compose! {
+        fn unsuback(version: ProtocolVersion)(
+            packet_id in packet_id(),
+            properties in v5_only(version, reason_properties()),
+            reason_codes in v5_only(version, vec(reason_code(version, UNSUBACK, SUCCESS), 0..4)),
+        ) -> Packet {
+            Packet::UnsubAck(UnsubAck { packet_id, properties, reason_codes })
+        }
+    }
+
+    prop_compose! {
+        fn disconnect(version: ProtocolVersion)(
+            reason_code in reason_code(version, DISCONNECT, SUCCESS),
+            properties in v5_only(version, disconnect_properties()),
+        ) -> Packet {
+            Packet::Disconnect(Disconnect { reason_code, properties })
+        }
+    }
+
+    prop_compose! {
+        fn auth()(reason_code in reason_code(V5, AUTH, AUTH), properties in auth_properties()) -> Packet {
+            Packet::Auth(Auth { reason_code, properties })
+        }
     }
 }
 

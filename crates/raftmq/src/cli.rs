@@ -10,7 +10,12 @@ use toml::Value;
 ///
 /// With no command, runs the broker (`raftmq serve`).
 #[derive(Debug, Parser)]
-#[command(name = "raftmq", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "raftmq",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -72,7 +77,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR", env = "RAFTMQ_CLUSTER_ADDR")]
     pub cluster_addr: Option<SocketAddr>,
     /// Comma-separated host:port of nodes to join [config: cluster.seeds].
-    #[arg(long, value_name = "HOST:PORT,...", env = "RAFTMQ_SEEDS", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "HOST:PORT,...",
+        env = "RAFTMQ_SEEDS",
+        value_delimiter = ','
+    )]
     pub seeds: Option<Vec<String>>,
     /// Log format [config: log.format].
     #[arg(long, value_name = "FORMAT", env = "RAFTMQ_LOG_FORMAT", value_enum)]
@@ -96,9 +106,9 @@ fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
     if s.is_empty() || s.eq_ignore_ascii_case("none") {
         return Ok(ListenAddr::Disabled);
     }
-    s.parse()
-        .map(ListenAddr::At)
-        .map_err(|_| format!("expected an address such as 0.0.0.0:1883 or [::]:1883, or \"none\" (got `{s}`)"))
+    s.parse().map(ListenAddr::At).map_err(|_| {
+        format!("expected an address such as 0.0.0.0:1883 or [::]:1883, or \"none\" (got `{s}`)")
+    })
 }
 
 impl ListenAddr {
@@ -118,7 +128,11 @@ impl ServeArgs {
             layer.set("node_id", Value::Integer(n), "--node-id");
         }
         if let Some(dir) = &self.data_dir {
-            layer.set("data_dir", Value::String(dir.to_string_lossy().into_owned()), "--data-dir");
+            layer.set(
+                "data_dir",
+                Value::String(dir.to_string_lossy().into_owned()),
+                "--data-dir",
+            );
         }
         if let Some(addr) = self.mqtt_addr {
             layer.set("listeners.tcp", addr.to_value(), "--mqtt-addr");
@@ -127,14 +141,26 @@ impl ServeArgs {
             layer.set("http.addr", addr.to_value(), "--http-addr");
         }
         if let Some(addr) = self.cluster_addr {
-            layer.set("cluster.addr", Value::String(addr.to_string()), "--cluster-addr");
+            layer.set(
+                "cluster.addr",
+                Value::String(addr.to_string()),
+                "--cluster-addr",
+            );
         }
         if let Some(seeds) = &self.seeds {
             let seeds = seeds.iter().map(|s| s.trim()).filter(|s| !s.is_empty());
-            layer.set("cluster.seeds", Value::Array(seeds.map(|s| Value::String(s.to_owned())).collect()), "--seeds");
+            layer.set(
+                "cluster.seeds",
+                Value::Array(seeds.map(|s| Value::String(s.to_owned())).collect()),
+                "--seeds",
+            );
         }
         if let Some(format) = self.log_format {
-            layer.set("log.format", Value::String(format.as_str().to_owned()), "--log-format");
+            layer.set(
+                "log.format",
+                Value::String(format.as_str().to_owned()),
+                "--log-format",
+            );
         }
         if let Some(level) = &self.log_level {
             layer.set("log.level", Value::String(level.clone()), "--log-level");
@@ -151,11 +177,14 @@ mod tests {
     use std::ffi::OsString;
 
     fn parse(args: &[&str]) -> Result<Command, clap::Error> {
-        Cli::try_parse_from(std::iter::once("raftmq").chain(args.iter().copied())).map(Cli::into_command)
+        Cli::try_parse_from(std::iter::once("raftmq").chain(args.iter().copied()))
+            .map(Cli::into_command)
     }
 
     fn serve_config(args: &[&str]) -> Config {
-        let Ok(Command::Serve(serve)) = parse(args) else { panic!("not serve: {args:?}") };
+        let Ok(Command::Serve(serve)) = parse(args) else {
+            panic!("not serve: {args:?}")
+        };
         resolve(None, Layer::default(), serve.layer()).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -174,10 +203,18 @@ mod tests {
 
     #[test]
     fn mqtt_addr_none_disables_the_listener() {
-        assert_eq!(serve_config(&["serve", "--mqtt-addr", "none"]).listeners.tcp, None);
+        assert_eq!(
+            serve_config(&["serve", "--mqtt-addr", "none"])
+                .listeners
+                .tcp,
+            None
+        );
         assert_eq!(serve_config(&["--mqtt-addr", ""]).listeners.tcp, None);
         let config = serve_config(&["--http-addr", "NONE"]);
-        assert_eq!((config.http.addr, config.listeners), (None, Default::default()));
+        assert_eq!(
+            (config.http.addr, config.listeners),
+            (None, Default::default())
+        );
     }
 
     #[test]
@@ -195,7 +232,10 @@ mod tests {
         ]);
         assert_eq!(config.node_id, 5);
         assert_eq!(config.data_dir, PathBuf::from("/var/lib/raftmq"));
-        assert_eq!(config.listeners.tcp, Some(SocketAddr::from(([127, 0, 0, 1], 1884))));
+        assert_eq!(
+            config.listeners.tcp,
+            Some(SocketAddr::from(([127, 0, 0, 1], 1884)))
+        );
         assert_eq!(config.http.addr, "[::1]:9200".parse().ok());
         assert_eq!(config.cluster.addr, SocketAddr::from(([10, 0, 0, 1], 7000)));
         assert_eq!(config.cluster.seeds, ["a:1", "b:2"]);
@@ -222,7 +262,10 @@ mod tests {
     #[test]
     fn serve_flags_do_not_mix_with_other_commands() {
         assert!(parse(&["--node-id", "2", "config", "default"]).is_err());
-        assert!(matches!(parse(&["config", "default"]), Ok(Command::Config(ConfigCommand::Default))));
+        assert!(matches!(
+            parse(&["config", "default"]),
+            Ok(Command::Config(ConfigCommand::Default))
+        ));
         assert!(matches!(
             parse(&["config", "check", "x.toml"]),
             Ok(Command::Config(ConfigCommand::Check { file })) if file == PathBuf::from("x.toml")
@@ -257,7 +300,10 @@ mod tests {
             assert!(layer.problems.is_empty(), "{var}: {:?}", layer.problems);
         }
         for var in FLAG_ONLY_ENV_VARS {
-            assert!(vars.iter().any(|v| v == var), "{var} is not a flag's variable any more");
+            assert!(
+                vars.iter().any(|v| v == var),
+                "{var} is not a flag's variable any more"
+            );
         }
     }
 }

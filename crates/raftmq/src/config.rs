@@ -89,7 +89,11 @@ pub struct ClusterConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { addr: SocketAddr::from(([0, 0, 0, 0], 7946)), advertise_addr: None, seeds: Vec::new() }
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 7946)),
+            advertise_addr: None,
+            seeds: Vec::new(),
+        }
     }
 }
 
@@ -105,7 +109,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Text, level: "info".to_owned() }
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
     }
 }
 
@@ -137,7 +144,11 @@ pub struct InvalidConfig(pub Vec<ConfigProblem>);
 impl fmt::Display for InvalidConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        write!(f, "invalid configuration ({n} problem{})", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "invalid configuration ({n} problem{})",
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.0 {
             write!(f, "\n  {p}")?;
         }
@@ -199,7 +210,9 @@ fn set_path(table: &mut Table, path: &[&str], value: Value) {
             table.insert((*last).to_owned(), value);
         }
         [first, rest @ ..] => {
-            let entry = table.entry((*first).to_owned()).or_insert_with(|| Value::Table(Table::new()));
+            let entry = table
+                .entry((*first).to_owned())
+                .or_insert_with(|| Value::Table(Table::new()));
             if !entry.is_table() {
                 *entry = Value::Table(Table::new());
             }
@@ -215,7 +228,8 @@ pub fn read_file(path: &Path) -> anyhow::Result<Table> {
     use anyhow::Context as _;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
-    text.parse::<Table>().with_context(|| format!("parsing config file {}", path.display()))
+    text.parse::<Table>()
+        .with_context(|| format!("parsing config file {}", path.display()))
 }
 
 /// What a dotted key is, according to the default configuration and the documented optional
@@ -240,7 +254,11 @@ fn lookup<'a>(schema: &'a Table, path: &[&str]) -> Slot<'a> {
             _ => break,
         }
     }
-    if docs::is_optional_key(&path.join(".")) { Slot::Optional } else { Slot::Unknown }
+    if docs::is_optional_key(&path.join(".")) {
+        Slot::Optional
+    } else {
+        Slot::Unknown
+    }
 }
 
 /// Parses an environment variable's value: as a TOML value when it is one (number, boolean,
@@ -286,11 +304,16 @@ where
     vars.sort();
     for (name, value) in vars {
         let Some(name) = name.to_str() else { continue };
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
         if FLAG_ONLY_ENV_VARS.contains(&name) {
             continue;
         }
-        let problem = |problem: String| ConfigProblem { key: name.to_owned(), problem };
+        let problem = |problem: String| ConfigProblem {
+            key: name.to_owned(),
+            problem,
+        };
         let lower = rest.to_ascii_lowercase();
         let path: Vec<&str> = lower.split("__").collect();
         let dotted = path.join(".");
@@ -310,12 +333,16 @@ where
                 continue;
             }
             Slot::Unknown => {
-                layer.problems.push(problem(format!("unknown setting (there is no key `{dotted}`)")));
+                layer.problems.push(problem(format!(
+                    "unknown setting (there is no key `{dotted}`)"
+                )));
                 continue;
             }
         };
         let Ok(value) = value.into_string() else {
-            layer.problems.push(problem("value is not valid UTF-8".to_owned()));
+            layer
+                .problems
+                .push(problem("value is not valid UTF-8".to_owned()));
             continue;
         };
         layer.set(&dotted, env_value_for(&value, default), name);
@@ -362,7 +389,10 @@ where
 }
 
 fn problem(key: impl Into<String>, problem: impl Into<String>) -> ConfigProblem {
-    ConfigProblem { key: key.into(), problem: problem.into() }
+    ConfigProblem {
+        key: key.into(),
+        problem: problem.into(),
+    }
 }
 
 /// The message of a deserialization error, without position information.
@@ -399,7 +429,12 @@ impl Config {
             }
         }
 
-        let mut c = Checker { table: &table, schema: &schema, problems: &mut problems, broken: Vec::new() };
+        let mut c = Checker {
+            table: &table,
+            schema: &schema,
+            problems: &mut problems,
+            broken: Vec::new(),
+        };
         if let Some(node_id) = c.section::<u64>("node_id")
             && node_id == 0
         {
@@ -416,10 +451,20 @@ impl Config {
             c.problems.extend(cluster.validate("cluster."));
             // Only compare addresses the user actually gave (not defaults standing in for bad
             // values).
-            let typed = ["listeners", "http", "cluster"].iter().all(|k| !c.broken.iter().any(|b| b == k));
+            let typed = ["listeners", "http", "cluster"]
+                .iter()
+                .all(|k| !c.broken.iter().any(|b| b == k));
             if let (Some(l), Some(h), true) = (&listeners, &http, typed) {
-                let tcp = if disabled.contains(&"listeners.tcp") { None } else { l.tcp };
-                let http = if disabled.contains(&"http.addr") { None } else { h.addr };
+                let tcp = if disabled.contains(&"listeners.tcp") {
+                    None
+                } else {
+                    l.tcp
+                };
+                let http = if disabled.contains(&"http.addr") {
+                    None
+                } else {
+                    h.addr
+                };
                 c.problems.extend(address_clashes(tcp, http, cluster.addr));
             }
         }
@@ -433,7 +478,8 @@ impl Config {
             return Err(problems);
         }
 
-        let mut config = Config::deserialize(Value::Table(table)).map_err(|e| vec![problem("", message(&e))])?;
+        let mut config =
+            Config::deserialize(Value::Table(table)).map_err(|e| vec![problem("", message(&e))])?;
         if disabled.contains(&"listeners.tcp") {
             config.listeners.tcp = None;
         }
@@ -467,9 +513,15 @@ impl LogConfig {
     pub fn validate(&self, prefix: &str) -> Vec<ConfigProblem> {
         let mut out = Vec::new();
         if self.level.trim().is_empty() {
-            out.push(problem(format!("{prefix}level"), "must not be empty (e.g. \"info\")"));
+            out.push(problem(
+                format!("{prefix}level"),
+                "must not be empty (e.g. \"info\")",
+            ));
         } else if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
-            out.push(problem(format!("{prefix}level"), format!("`{}` is not a valid log filter: {e}", self.level)));
+            out.push(problem(
+                format!("{prefix}level"),
+                format!("`{}` is not a valid log filter: {e}", self.level),
+            ));
         }
         out
     }
@@ -497,7 +549,11 @@ fn check_host_port(s: &str) -> Result<(), String> {
 }
 
 /// Two listeners configured on the same address (port 0 means "any free port", never a clash).
-fn address_clashes(tcp: Option<SocketAddr>, http: Option<SocketAddr>, cluster: SocketAddr) -> Vec<ConfigProblem> {
+fn address_clashes(
+    tcp: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    cluster: SocketAddr,
+) -> Vec<ConfigProblem> {
     let clash = |a: Option<SocketAddr>, b: Option<SocketAddr>| matches!((a, b), (Some(a), Some(b)) if a == b && a.port() != 0);
     let mut out = Vec::new();
     if clash(tcp, http) {
@@ -526,13 +582,18 @@ impl Checker<'_> {
     /// against the section itself, and returns the section with the offending keys at their
     /// defaults (so its other values can still be validated), if that deserializes.
     fn section<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
-        let value = self.table.get(key).or_else(|| self.schema.get(key))?.clone();
+        let value = self
+            .table
+            .get(key)
+            .or_else(|| self.schema.get(key))?
+            .clone();
         let err = match T::deserialize(value.clone()) {
             Ok(v) => return Some(v),
             Err(e) => e,
         };
         self.broken.push(key.to_owned());
-        let (Value::Table(fields), Some(Value::Table(defaults))) = (&value, self.schema.get(key)) else {
+        let (Value::Table(fields), Some(Value::Table(defaults))) = (&value, self.schema.get(key))
+        else {
             self.problems.push(problem(key, message(&err)));
             return None;
         };
@@ -550,7 +611,8 @@ impl Checker<'_> {
                     repaired.insert(field.clone(), field_value.clone());
                 }
                 Err(e) => {
-                    self.problems.push(problem(format!("{key}.{field}"), message(&e)));
+                    self.problems
+                        .push(problem(format!("{key}.{field}"), message(&e)));
                     pinpointed = true;
                 }
             }
@@ -576,8 +638,13 @@ fn unknown_keys(table: &Table, schema: &Table, prefix: &str, out: &mut Vec<Confi
             Some(_) => {}
             None if docs::is_optional_key(&path) => {}
             None => {
-                let what = if value.is_table() { "unknown section" } else { "unknown key" };
-                let known = schema.keys().map(String::as_str).chain(docs::optional_keys_under(prefix));
+                let what = if value.is_table() {
+                    "unknown section"
+                } else {
+                    "unknown key"
+                };
+                let optional = docs::optional_keys_under(prefix).map(|k| -> &str { k });
+                let known = schema.keys().map(String::as_str).chain(optional);
                 let hint = match closest(key, known) {
                     Some(k) => format!(" (did you mean `{prefix}{k}`?)"),
                     None => String::new(),
@@ -592,7 +659,7 @@ fn unknown_keys(table: &Table, schema: &Table, prefix: &str, out: &mut Vec<Confi
 fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .map(|c| (edit_distance(word, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 4))
+        .filter(|(d, c)| *d <= (c.chars().count() / 3).max(1))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
 }
@@ -622,7 +689,10 @@ mod tests {
     }
 
     fn env(vars: &[(&str, &str)]) -> Layer {
-        env_layer(vars.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))))
+        env_layer(
+            vars.iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        )
     }
 
     fn check_file(text: &str) -> Result<Config, Vec<String>> {
@@ -646,19 +716,31 @@ mod tests {
 
     #[test]
     fn later_layers_win_file_then_env_then_flags() {
-        let f = file("node_id = 2\ndata_dir = \"/file\"\n[mqtt]\nmax_inflight = 10\n[log]\nlevel = \"warn\"");
-        let e = || env(&[("RAFTMQ_NODE_ID", "3"), ("RAFTMQ_MQTT__MAX_INFLIGHT", "20"), ("RAFTMQ_DATA_DIR", "/env")]);
+        let f = file(
+            "node_id = 2\ndata_dir = \"/file\"\n[mqtt]\nmax_inflight = 10\n[log]\nlevel = \"warn\"",
+        );
+        let e = || {
+            env(&[
+                ("RAFTMQ_NODE_ID", "3"),
+                ("RAFTMQ_MQTT__MAX_INFLIGHT", "20"),
+                ("RAFTMQ_DATA_DIR", "/env"),
+            ])
+        };
         let mut flags = Layer::default();
         flags.set("node_id", Value::Integer(4), "--node-id");
 
-        let only_file = resolve(Some(f.clone()), Layer::default(), Layer::default()).expect("valid");
+        let only_file =
+            resolve(Some(f.clone()), Layer::default(), Layer::default()).expect("valid");
         assert_eq!((only_file.node_id, only_file.mqtt.max_inflight), (2, 10));
         assert_eq!(only_file.data_dir, PathBuf::from("/file"));
 
         let with_env = resolve(Some(f.clone()), e(), Layer::default()).expect("valid");
         assert_eq!((with_env.node_id, with_env.mqtt.max_inflight), (3, 20));
         assert_eq!(with_env.data_dir, PathBuf::from("/env"));
-        assert_eq!(with_env.log.level, "warn", "keys no later layer sets keep the file's value");
+        assert_eq!(
+            with_env.log.level, "warn",
+            "keys no later layer sets keep the file's value"
+        );
 
         let with_flags = resolve(Some(f), e(), flags).expect("valid");
         assert_eq!((with_flags.node_id, with_flags.mqtt.max_inflight), (4, 20));
@@ -667,13 +749,21 @@ mod tests {
     #[test]
     fn keys_not_set_anywhere_keep_their_defaults() {
         let config = check_file("[mqtt]\nmax_qos = 1").expect("valid");
-        assert_eq!(config.mqtt, MqttConfig { max_qos: 1, ..MqttConfig::default() });
+        assert_eq!(
+            config.mqtt,
+            MqttConfig {
+                max_qos: 1,
+                ..MqttConfig::default()
+            }
+        );
         assert_eq!(config.listeners, ListenersConfig::default());
     }
 
     #[test]
     fn unknown_key_in_file_is_reported_with_its_dotted_path() {
-        let p = problems("[mqtt]\nmax_inflihgt = 5\n[mqqt]\nx = 1\n[cluster]\nseeds = []\nbogus = true");
+        let p = problems(
+            "[mqtt]\nmax_inflihgt = 5\n[mqqt]\nx = 1\n[cluster]\nseeds = []\nbogus = true",
+        );
         assert_eq!(
             p,
             [
@@ -712,28 +802,56 @@ mod tests {
 
     #[test]
     fn every_type_error_in_one_section_is_reported_by_key() {
-        let p = problems("[mqtt]\nmax_inflight = \"lots\"\nmax_qos = -1\nqueue_overflow = \"explode\"");
+        let p =
+            problems("[mqtt]\nmax_inflight = \"lots\"\nmax_qos = -1\nqueue_overflow = \"explode\"");
         assert_eq!(p.len(), 3, "{p:#?}");
-        assert!(p[0].starts_with("mqtt.max_inflight: invalid type: string \"lots\""), "{}", p[0]);
-        assert!(p[1].starts_with("mqtt.max_qos: invalid value: integer `-1`"), "{}", p[1]);
-        assert!(p[2].starts_with("mqtt.queue_overflow: unknown variant `explode`"), "{}", p[2]);
+        assert!(
+            p[0].starts_with("mqtt.max_inflight: invalid type: string \"lots\""),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[1].starts_with("mqtt.max_qos: invalid value: integer `-1`"),
+            "{}",
+            p[1]
+        );
+        assert!(
+            p[2].starts_with("mqtt.queue_overflow: unknown variant `explode`"),
+            "{}",
+            p[2]
+        );
     }
 
     #[test]
     fn bad_duration_reports_its_key() {
         let p = problems("[mqtt]\nmax_keep_alive = \"10x\"");
-        assert_eq!(p, ["mqtt.max_keep_alive: invalid unit `x` in `10x` (use ms, s, m, h, d)"]);
+        assert_eq!(
+            p,
+            ["mqtt.max_keep_alive: invalid unit `x` in `10x` (use ms, s, m, h, d)"]
+        );
         let p = problems("[mqtt]\nmax_packet_size = \"1 parsec\"");
         assert_eq!(p.len(), 1);
-        assert!(p[0].starts_with("mqtt.max_packet_size: invalid unit"), "{}", p[0]);
+        assert!(
+            p[0].starts_with("mqtt.max_packet_size: invalid unit"),
+            "{}",
+            p[0]
+        );
     }
 
     #[test]
     fn a_section_of_the_wrong_type_is_reported_by_its_name() {
         let p = problems("mqtt = 5\nnode_id = \"one\"");
         assert_eq!(p.len(), 2);
-        assert!(p[0].starts_with("node_id: invalid type: string \"one\", expected u64"), "{}", p[0]);
-        assert!(p[1].starts_with("mqtt: invalid type: integer `5`"), "{}", p[1]);
+        assert!(
+            p[0].starts_with("node_id: invalid type: string \"one\", expected u64"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[1].starts_with("mqtt: invalid type: integer `5`"),
+            "{}",
+            p[1]
+        );
     }
 
     #[test]
@@ -742,19 +860,43 @@ mod tests {
             "[cluster]\nadvertise_addr = \"::1:7946\"\nseeds = [\"a:0\"]\n[log]\nlevel = \"info,[[\"",
         );
         assert_eq!(p.len(), 3, "{p:#?}");
-        assert!(p[0].starts_with("cluster.advertise_addr: `::1:7946` is not host:port"), "{}", p[0]);
-        assert_eq!(p[1], "cluster.seeds: `a:0` is not host:port (port must be 1-65535)");
-        assert!(p[2].starts_with("log.level: `info,[[` is not a valid log filter"), "{}", p[2]);
-        let p = problems("[listeners]\ntcp = \"127.0.0.1:9100\"\n[http]\naddr = \"127.0.0.1:9100\"");
+        assert!(
+            p[0].starts_with("cluster.advertise_addr: `::1:7946` is not host:port"),
+            "{}",
+            p[0]
+        );
+        assert_eq!(
+            p[1],
+            "cluster.seeds: `a:0` is not host:port (port must be 1-65535)"
+        );
+        assert!(
+            p[2].starts_with("log.level: `info,[[` is not a valid log filter"),
+            "{}",
+            p[2]
+        );
+        let p =
+            problems("[listeners]\ntcp = \"127.0.0.1:9100\"\n[http]\naddr = \"127.0.0.1:9100\"");
         assert_eq!(p, ["http.addr: same address as listeners.tcp"]);
     }
 
     #[test]
     fn valid_host_port_forms_are_accepted() {
-        for ok in ["broker-2:7946", "10.0.0.2:7946", "[::1]:7946", "node.example.com:1"] {
+        for ok in [
+            "broker-2:7946",
+            "10.0.0.2:7946",
+            "[::1]:7946",
+            "node.example.com:1",
+        ] {
             assert_eq!(check_host_port(ok), Ok(()), "{ok}");
         }
-        for bad in ["broker", ":7946", "broker:", "broker:99999", "::1:7946", "a b:1"] {
+        for bad in [
+            "broker",
+            ":7946",
+            "broker:",
+            "broker:99999",
+            "::1:7946",
+            "a b:1",
+        ] {
             assert!(check_host_port(bad).is_err(), "{bad}");
         }
     }
@@ -763,7 +905,12 @@ mod tests {
     fn none_or_empty_disables_an_address() {
         let config = check_file("[listeners]\ntcp = \"none\"\n[http]\naddr = \"\"").expect("valid");
         assert_eq!((config.listeners.tcp, config.http.addr), (None, None));
-        let config = resolve(None, env(&[("RAFTMQ_HTTP__ADDR", "NONE")]), Layer::default()).expect("valid");
+        let config = resolve(
+            None,
+            env(&[("RAFTMQ_HTTP__ADDR", "NONE")]),
+            Layer::default(),
+        )
+        .expect("valid");
         assert_eq!(config.http.addr, None);
         assert_eq!(config.listeners, ListenersConfig::default());
     }
@@ -774,14 +921,29 @@ mod tests {
         assert_eq!(parse_env_value("-3"), Value::Integer(-3));
         assert_eq!(parse_env_value("true"), Value::Boolean(true));
         assert_eq!(parse_env_value("1.5"), Value::Float(1.5));
-        assert_eq!(parse_env_value("0.0.0.0:1884"), Value::String("0.0.0.0:1884".into()));
-        assert_eq!(parse_env_value("/var/lib/raftmq"), Value::String("/var/lib/raftmq".into()));
-        assert_eq!(parse_env_value("\"quoted\""), Value::String("quoted".into()));
-        assert_eq!(parse_env_value("2024-01-01"), Value::String("2024-01-01".into()));
+        assert_eq!(
+            parse_env_value("0.0.0.0:1884"),
+            Value::String("0.0.0.0:1884".into())
+        );
+        assert_eq!(
+            parse_env_value("/var/lib/raftmq"),
+            Value::String("/var/lib/raftmq".into())
+        );
+        assert_eq!(
+            parse_env_value("\"quoted\""),
+            Value::String("quoted".into())
+        );
+        assert_eq!(
+            parse_env_value("2024-01-01"),
+            Value::String("2024-01-01".into())
+        );
         assert_eq!(parse_env_value("1 = 2"), Value::String("1 = 2".into()));
         assert_eq!(
             parse_env_value("[\"a:1\", \"b:2\"]"),
-            Value::Array(vec![Value::String("a:1".into()), Value::String("b:2".into())])
+            Value::Array(vec![
+                Value::String("a:1".into()),
+                Value::String("b:2".into())
+            ])
         );
     }
 
@@ -807,11 +969,17 @@ mod tests {
         assert_eq!(config.mqtt.max_inflight, 64);
         assert!(!config.mqtt.retain_available);
         assert_eq!(config.mqtt.max_keep_alive.0, Duration::from_secs(90));
-        assert_eq!(config.listeners.tcp, Some(SocketAddr::from(([0, 0, 0, 0], 1884))));
+        assert_eq!(
+            config.listeners.tcp,
+            Some(SocketAddr::from(([0, 0, 0, 0], 1884)))
+        );
         assert_eq!(config.node_id, 2);
         assert_eq!(config.data_dir, PathBuf::from("/data"));
         assert_eq!(config.cluster.seeds, ["a:1", "b:2"]);
-        assert_eq!(config.cluster.advertise_addr.as_deref(), Some("node-2:7946"));
+        assert_eq!(
+            config.cluster.advertise_addr.as_deref(),
+            Some("node-2:7946")
+        );
         assert_eq!(config.log.level, "debug");
     }
 
@@ -819,7 +987,10 @@ mod tests {
     fn string_keys_take_env_text_verbatim_and_lists_take_toml_arrays() {
         let config = resolve(
             None,
-            env(&[("RAFTMQ_DATA_DIR", "42"), ("RAFTMQ_CLUSTER__SEEDS", "[\"a:1\"]")]),
+            env(&[
+                ("RAFTMQ_DATA_DIR", "42"),
+                ("RAFTMQ_CLUSTER__SEEDS", "[\"a:1\"]"),
+            ]),
             Layer::default(),
         )
         .expect("valid");
@@ -840,8 +1011,18 @@ mod tests {
             ("RAFTMQ_NODE_ID", "7"),
         ]);
         let keys: Vec<&str> = layer.problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["RAFTMQ_MQTT", "RAFTMQ_MQTT____X", "RAFTMQ_MQTT__MAX_INFLIHGT"]);
-        assert_eq!(layer.problems[2].problem, "unknown setting (there is no key `mqtt.max_inflihgt`)");
+        assert_eq!(
+            keys,
+            [
+                "RAFTMQ_MQTT",
+                "RAFTMQ_MQTT__MAX_INFLIHGT",
+                "RAFTMQ_MQTT____X"
+            ]
+        );
+        assert_eq!(
+            layer.problems[1].problem,
+            "unknown setting (there is no key `mqtt.max_inflihgt`)"
+        );
         assert_eq!(layer.table, file("node_id = 7"));
         let err = resolve(None, layer, Layer::default()).expect_err("unknown vars are errors");
         assert_eq!(err.0.len(), 3);
@@ -851,18 +1032,31 @@ mod tests {
     fn bad_values_from_env_or_flags_name_their_source() {
         let mut flags = Layer::default();
         flags.set("log.format", Value::String("yaml".into()), "--log-format");
-        let err = resolve(None, env(&[("RAFTMQ_MQTT__MAX_INFLIGHT", "lots")]), flags).expect_err("bad");
+        let err =
+            resolve(None, env(&[("RAFTMQ_MQTT__MAX_INFLIGHT", "lots")]), flags).expect_err("bad");
         let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("mqtt.max_inflight: invalid type"), "{}", lines[0]);
-        assert!(lines[0].ends_with("(set by RAFTMQ_MQTT__MAX_INFLIGHT)"), "{}", lines[0]);
+        assert!(
+            lines[0].starts_with("mqtt.max_inflight: invalid type"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[0].ends_with("(set by RAFTMQ_MQTT__MAX_INFLIGHT)"),
+            "{}",
+            lines[0]
+        );
         assert!(lines[1].ends_with("(set by --log-format)"), "{}", lines[1]);
     }
 
     #[test]
     fn invalid_config_lists_one_problem_per_line() {
-        let err = resolve(Some(file("node_id = 0\n[mqtt]\nmax_qos = 9")), Layer::default(), Layer::default())
-            .expect_err("bad");
+        let err = resolve(
+            Some(file("node_id = 0\n[mqtt]\nmax_qos = 9")),
+            Layer::default(),
+            Layer::default(),
+        )
+        .expect_err("bad");
         assert_eq!(
             err.to_string(),
             "invalid configuration (2 problems)\n  node_id: must be at least 1\n  mqtt.max_qos: must be 0, 1 or 2"
@@ -874,13 +1068,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("missing.toml");
         let err = load(Some(&missing), [], Layer::default()).expect_err("missing file");
-        assert!(format!("{err:#}").starts_with(&format!("reading config file {}: ", missing.display())));
+        assert!(
+            format!("{err:#}").starts_with(&format!("reading config file {}: ", missing.display()))
+        );
 
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "[mqtt\nmax_qos = 1").expect("write");
         let err = load(Some(&bad), [], Layer::default()).expect_err("bad TOML");
         let msg = format!("{err:#}");
-        assert!(msg.starts_with(&format!("parsing config file {}: ", bad.display())), "{msg}");
+        assert!(
+            msg.starts_with(&format!("parsing config file {}: ", bad.display())),
+            "{msg}"
+        );
         assert!(msg.contains("line 1"), "{msg}");
     }
 
@@ -889,15 +1088,27 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config/raftmq.toml");
         let table = read_file(&path).expect("example config is readable TOML");
         let config = Config::check(&table).unwrap_or_else(|p| panic!("{p:#?}"));
-        assert_ne!(config, Config::default(), "the example sets production values");
+        assert_ne!(
+            config,
+            Config::default(),
+            "the example sets production values"
+        );
     }
 
     #[test]
     fn typo_suggestions_only_for_close_names() {
         let keys = ["max_inflight", "max_qos", "retain_available"];
-        assert_eq!(closest("max_inflght", keys.into_iter()), Some("max_inflight"));
+        assert_eq!(
+            closest("max_inflght", keys.into_iter()),
+            Some("max_inflight")
+        );
         assert_eq!(closest("maxqos", keys.into_iter()), Some("max_qos"));
         assert_eq!(closest("color", keys.into_iter()), None);
+        assert_eq!(
+            closest("foo", ["log"].into_iter()),
+            None,
+            "short names need a closer match"
+        );
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

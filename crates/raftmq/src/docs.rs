@@ -17,17 +17,28 @@ pub struct KeyDoc {
 }
 
 const fn key(key: &'static str, doc: &'static str) -> KeyDoc {
-    KeyDoc { key, doc, example: None }
+    KeyDoc {
+        key,
+        doc,
+        example: None,
+    }
 }
 
 const fn optional(key: &'static str, doc: &'static str, example: &'static str) -> KeyDoc {
-    KeyDoc { key, doc, example: Some(example) }
+    KeyDoc {
+        key,
+        doc,
+        example: Some(example),
+    }
 }
 
 /// Every key and section, in the order `config default` prints them (top-level keys first, then
 /// each section followed by its keys).
 pub const KEYS: &[KeyDoc] = &[
-    key("node_id", "This node's id in the cluster: a positive integer, unique among the nodes."),
+    key(
+        "node_id",
+        "This node's id in the cluster: a positive integer, unique among the nodes.",
+    ),
     key(
         "data_dir",
         "Directory where the node keeps its state (Raft log, sessions, retained messages). \
@@ -40,10 +51,19 @@ pub const KEYS: &[KeyDoc] = &[
          Clients connect anonymously for now: bind to a loopback address or firewall the port \
          unless the network is trusted.",
     ),
-    key("http", "The HTTP endpoint: Prometheus metrics (/metrics), health (/healthz, /readyz), admin API."),
-    key("http.addr", "Address of the HTTP endpoint, \"host:port\"; \"none\" disables it."),
+    key(
+        "http",
+        "The HTTP endpoint: Prometheus metrics (/metrics), health (/healthz, /readyz), admin API.",
+    ),
+    key(
+        "http.addr",
+        "Address of the HTTP endpoint, \"host:port\"; \"none\" disables it.",
+    ),
     key("cluster", "Cluster membership."),
-    key("cluster.addr", "Address the cluster listener (Raft and membership traffic between nodes) binds."),
+    key(
+        "cluster.addr",
+        "Address the cluster listener (Raft and membership traffic between nodes) binds.",
+    ),
     optional(
         "cluster.advertise_addr",
         "\"host:port\" other nodes use to reach this one, when it differs from `addr` (NAT, \
@@ -70,13 +90,19 @@ pub const KEYS: &[KeyDoc] = &[
         "Most messages in flight (sent, not yet acknowledged) towards one client; the client's own \
          Receive Maximum lowers it further.",
     ),
-    key("mqtt.max_queued_messages", "Messages queued per session beyond those in flight (online or offline)."),
+    key(
+        "mqtt.max_queued_messages",
+        "Messages queued per session beyond those in flight (online or offline).",
+    ),
     key(
         "mqtt.queue_overflow",
         "What to do when a session's queue is full: \"drop-new\" drops the arriving message, \
          \"drop-oldest\" drops the oldest queued one (both are counted).",
     ),
-    key("mqtt.queue_qos0_offline", "Queue QoS 0 messages for offline persistent sessions."),
+    key(
+        "mqtt.queue_qos0_offline",
+        "Queue QoS 0 messages for offline persistent sessions.",
+    ),
     key(
         "mqtt.topic_alias_maximum",
         "Topic Alias Maximum announced to MQTT 5 clients; 0 disables client-to-server aliases.",
@@ -93,10 +119,22 @@ pub const KEYS: &[KeyDoc] = &[
          the client asks.",
     ),
     key("mqtt.max_qos", "Highest QoS the broker grants: 0, 1 or 2."),
-    key("mqtt.retain_available", "Whether retained messages are supported."),
-    key("mqtt.wildcard_subscriptions", "Whether wildcard subscriptions (+ and #) are allowed."),
-    key("mqtt.shared_subscriptions", "Whether shared subscriptions ($share/group/filter) are allowed."),
-    key("mqtt.subscription_identifiers", "Whether MQTT 5 subscription identifiers are supported."),
+    key(
+        "mqtt.retain_available",
+        "Whether retained messages are supported.",
+    ),
+    key(
+        "mqtt.wildcard_subscriptions",
+        "Whether wildcard subscriptions (+ and #) are allowed.",
+    ),
+    key(
+        "mqtt.shared_subscriptions",
+        "Whether shared subscriptions ($share/group/filter) are allowed.",
+    ),
+    key(
+        "mqtt.subscription_identifiers",
+        "Whether MQTT 5 subscription identifiers are supported.",
+    ),
     key(
         "mqtt.shared_strategy",
         "How a shared subscription group picks the member that gets a message: \"round-robin\" or \
@@ -107,17 +145,32 @@ pub const KEYS: &[KeyDoc] = &[
         "Accept an empty client id and assign one (MQTT 3.1.1 clients must then ask for a clean \
          session).",
     ),
-    key("mqtt.max_topic_length", "Longest topic name or filter, in bytes (1 to 65535)."),
-    key("mqtt.max_topic_levels", "Most /-separated levels in a topic name or filter."),
-    key("mqtt.max_subscriptions_per_client", "Most subscriptions one session may hold; 0 = unlimited."),
+    key(
+        "mqtt.max_topic_length",
+        "Longest topic name or filter, in bytes (1 to 65535).",
+    ),
+    key(
+        "mqtt.max_topic_levels",
+        "Most /-separated levels in a topic name or filter.",
+    ),
+    key(
+        "mqtt.max_subscriptions_per_client",
+        "Most subscriptions one session may hold; 0 = unlimited.",
+    ),
     key(
         "mqtt.max_retained_messages",
         "Most retained messages the broker stores; 0 = unlimited. Retained messages on new topics \
          beyond it are refused.",
     ),
-    key("mqtt.index_shards", "Number of shards of the subscription index (1 to 1024)."),
+    key(
+        "mqtt.index_shards",
+        "Number of shards of the subscription index (1 to 1024).",
+    ),
     key("log", "Logging (to standard error)."),
-    key("log.format", "\"text\" for human-readable lines, \"json\" for one JSON object per line."),
+    key(
+        "log.format",
+        "\"text\" for human-readable lines, \"json\" for one JSON object per line.",
+    ),
     key(
         "log.level",
         "Which events to log: a level (error, warn, info, debug, trace) or a tracing EnvFilter \
@@ -198,12 +251,18 @@ pub fn default_config_toml() -> String {
         }
     }
     for d in KEYS.iter().filter(|d| !d.key.contains('.')) {
-        let Some(Value::Table(section)) = defaults.get(d.key) else { continue };
+        let Some(Value::Table(section)) = defaults.get(d.key) else {
+            continue;
+        };
         out.push('\n');
         push_comment(&mut out, d.doc);
         out.push_str(&format!("[{}]\n", d.key));
         let prefix = format!("{}.", d.key);
-        for k in KEYS.iter().filter(|k| k.key.strip_prefix(&prefix).is_some_and(|rest| !rest.contains('.'))) {
+        for k in KEYS.iter().filter(|k| {
+            k.key
+                .strip_prefix(&prefix)
+                .is_some_and(|rest| !rest.contains('.'))
+        }) {
             let name = &k.key[prefix.len()..];
             push_key(&mut out, name, Some(k), section.get(name));
         }
@@ -239,9 +298,14 @@ mod tests {
         let mut all = Vec::new();
         paths(&default_table(), "", &mut all);
         assert!(all.len() > 20, "{all:?}");
-        let undocumented: Vec<&String> =
-            all.iter().filter(|k| doc(k).is_none_or(|d| d.doc.trim().is_empty())).collect();
-        assert!(undocumented.is_empty(), "add these keys to docs::KEYS: {undocumented:?}");
+        let undocumented: Vec<&String> = all
+            .iter()
+            .filter(|k| doc(k).is_none_or(|d| d.doc.trim().is_empty()))
+            .collect();
+        assert!(
+            undocumented.is_empty(),
+            "add these keys to docs::KEYS: {undocumented:?}"
+        );
     }
 
     #[test]
@@ -250,11 +314,17 @@ mod tests {
         paths(&default_table(), "", &mut all);
         for d in KEYS {
             if all.iter().any(|k| k == d.key) {
-                assert!(d.example.is_none(), "{}: has a default, needs no example", d.key);
+                assert!(
+                    d.example.is_none(),
+                    "{}: has a default, needs no example",
+                    d.key
+                );
                 continue;
             }
             // An optional key: its example must be accepted and change the configuration.
-            let example = d.example.unwrap_or_else(|| panic!("{}: documented but not a key", d.key));
+            let example = d
+                .example
+                .unwrap_or_else(|| panic!("{}: documented but not a key", d.key));
             let (section, name) = d.key.split_once('.').unwrap_or(("", d.key));
             let text = if section.is_empty() {
                 format!("{name} = {example}")
@@ -289,17 +359,26 @@ mod tests {
                 continue;
             }
             keys += 1;
-            assert!(i > 0 && lines[i - 1].starts_with("# "), "no comment above `{line}`:\n{text}");
+            assert!(
+                i > 0 && lines[i - 1].starts_with("# "),
+                "no comment above `{line}`:\n{text}"
+            );
             assert!(!lines[i - 1].contains("(undocumented)"), "`{line}`");
         }
         assert!(keys > 25, "{text}");
-        assert!(text.contains("\n# advertise_addr = \"raftmq-1.example.internal:7946\"\n"), "{text}");
+        assert!(
+            text.contains("\n# advertise_addr = \"raftmq-1.example.internal:7946\"\n"),
+            "{text}"
+        );
         assert!(text.lines().all(|l| l.len() <= WIDTH + 2), "{text}");
     }
 
     #[test]
     fn optional_keys_are_listed_under_their_section() {
-        assert_eq!(optional_keys_under("cluster.").collect::<Vec<_>>(), ["advertise_addr"]);
+        assert_eq!(
+            optional_keys_under("cluster.").collect::<Vec<_>>(),
+            ["advertise_addr"]
+        );
         assert_eq!(optional_keys_under("").count(), 0);
         assert!(is_optional_key("cluster.advertise_addr"));
         assert!(!is_optional_key("cluster.addr"));

@@ -34,7 +34,11 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
             let mut out = Vec::new();
             let ok = check_config_file(&file, &mut out)?;
             write_stdout(&out)?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
@@ -43,7 +47,11 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
 /// returns whether the file is valid.
 pub fn check_config_file(file: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
     let problems = match config::read_file(file) {
-        Ok(table) => match config::resolve(Some(table), config::Layer::default(), config::Layer::default()) {
+        Ok(table) => match config::resolve(
+            Some(table),
+            config::Layer::default(),
+            config::Layer::default(),
+        ) {
             Ok(_) => Vec::new(),
             Err(invalid) => invalid.0.iter().map(ToString::to_string).collect(),
         },
@@ -82,7 +90,10 @@ mod tests {
 
     #[test]
     fn config_check_prints_ok_for_a_valid_file() {
-        assert_eq!(check("node_id = 2\n[mqtt]\nmax_qos = 1\n"), (true, "ok\n".to_owned()));
+        assert_eq!(
+            check("node_id = 2\n[mqtt]\nmax_qos = 1\n"),
+            (true, "ok\n".to_owned())
+        );
         assert_eq!(check(""), (true, "ok\n".to_owned()));
     }
 
@@ -104,9 +115,13 @@ mod tests {
         assert!(!ok);
         assert!(out.starts_with("parsing config file "), "{out}");
         let mut out = Vec::new();
-        let ok = check_config_file(Path::new("/nonexistent/raftmq.toml"), &mut out).expect("writes");
+        let ok =
+            check_config_file(Path::new("/nonexistent/raftmq.toml"), &mut out).expect("writes");
         assert!(!ok);
         let out = String::from_utf8(out).expect("utf-8");
-        assert!(out.starts_with("reading config file /nonexistent/raftmq.toml: "), "{out}");
+        assert!(
+            out.starts_with("reading config file /nonexistent/raftmq.toml: "),
+            "{out}"
+        );
     }
 }

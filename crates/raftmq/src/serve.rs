@@ -40,9 +40,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.node_id,
     ));
     let metrics_render = telemetry::metrics_render(metrics);
-    let server = Server::bind(broker, &config.listeners, &config.http, Some(metrics_render))
-        .await
-        .context("starting listeners")?;
+    let server = Server::bind(
+        broker,
+        &config.listeners,
+        &config.http,
+        Some(metrics_render),
+    )
+    .await
+    .context("starting listeners")?;
     match server.mqtt_addr() {
         Some(addr) => {
             info!("mqtt listening on {addr}");

@@ -13,8 +13,8 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Bucket bounds of histograms whose names end in `_seconds`: 50µs to 10s.
 pub const SECONDS_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Bucket bounds of histograms whose names end in `_bytes`: 16B to 256MiB, by powers of 4.
@@ -47,14 +47,19 @@ pub enum FilterSource {
 }
 
 /// The log filter: `RUST_LOG` when set and not empty, otherwise `level` (from the config).
-pub fn log_filter(level: &str, rust_log: Option<&str>) -> anyhow::Result<(EnvFilter, FilterSource)> {
+pub fn log_filter(
+    level: &str,
+    rust_log: Option<&str>,
+) -> anyhow::Result<(EnvFilter, FilterSource)> {
     match rust_log.map(str::trim).filter(|s| !s.is_empty()) {
         Some(directives) => {
-            let filter = EnvFilter::try_new(directives).with_context(|| format!("parsing RUST_LOG `{directives}`"))?;
+            let filter = EnvFilter::try_new(directives)
+                .with_context(|| format!("parsing RUST_LOG `{directives}`"))?;
             Ok((filter, FilterSource::RustLog(directives.to_owned())))
         }
         None => {
-            let filter = EnvFilter::try_new(level).with_context(|| format!("parsing log.level `{level}`"))?;
+            let filter = EnvFilter::try_new(level)
+                .with_context(|| format!("parsing log.level `{level}`"))?;
             Ok((filter, FilterSource::Config))
         }
     }
@@ -67,8 +72,12 @@ pub fn init_tracing(log: &LogConfig) -> anyhow::Result<FilterSource> {
     let registry = tracing_subscriber::registry().with(filter);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let installed = match log.format {
-        LogFormat::Text => registry.with(fmt.with_ansi(std::io::stderr().is_terminal())).try_init(),
-        LogFormat::Json => registry.with(fmt.json().flatten_event(true).with_current_span(false)).try_init(),
+        LogFormat::Text => registry
+            .with(fmt.with_ansi(std::io::stderr().is_terminal()))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(fmt.json().flatten_event(true).with_current_span(false))
+            .try_init(),
     };
     installed.context("installing the tracing subscriber")?;
     Ok(source)
@@ -86,13 +95,18 @@ pub fn prometheus_builder() -> anyhow::Result<PrometheusBuilder> {
 
 /// Installs the global metrics recorder and returns the handle that renders it.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    prometheus_builder()?.install_recorder().context("installing the metrics recorder")
+    prometheus_builder()?
+        .install_recorder()
+        .context("installing the metrics recorder")
 }
 
 /// Describes the process-wide metrics and sets the constant ones. (The other crates describe
 /// their own metrics.)
 pub fn describe_metrics() {
-    metrics::describe_gauge!("raftmq_build_info", "Build information of the running broker; always 1.");
+    metrics::describe_gauge!(
+        "raftmq_build_info",
+        "Build information of the running broker; always 1."
+    );
     metrics::gauge!("raftmq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -140,9 +154,15 @@ mod tests {
     #[test]
     fn build_info_gauge_carries_the_version() {
         let out = render_with(describe_metrics);
-        let line = format!("raftmq_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        let line = format!(
+            "raftmq_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         assert!(out.lines().any(|l| l == line), "{out}");
-        assert!(out.contains("# HELP raftmq_build_info Build information"), "{out}");
+        assert!(
+            out.contains("# HELP raftmq_build_info Build information"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -152,12 +172,30 @@ mod tests {
             metrics::histogram!("raftmq_test_payload_bytes").record(1_000.0);
             metrics::histogram!("raftmq_test_other").record(1.0);
         });
-        assert!(out.contains("# TYPE raftmq_test_latency_seconds histogram"), "{out}");
-        assert!(out.contains("raftmq_test_latency_seconds_bucket{le=\"0.00005\"} 0"), "{out}");
-        assert!(out.contains("raftmq_test_latency_seconds_bucket{le=\"0.005\"} 1"), "{out}");
-        assert!(out.contains("raftmq_test_latency_seconds_bucket{le=\"10\"} 1"), "{out}");
-        assert!(out.contains("# TYPE raftmq_test_payload_bytes histogram"), "{out}");
-        assert!(out.contains("raftmq_test_payload_bytes_bucket{le=\"1024\"} 1"), "{out}");
+        assert!(
+            out.contains("# TYPE raftmq_test_latency_seconds histogram"),
+            "{out}"
+        );
+        assert!(
+            out.contains("raftmq_test_latency_seconds_bucket{le=\"0.00005\"} 0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("raftmq_test_latency_seconds_bucket{le=\"0.005\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("raftmq_test_latency_seconds_bucket{le=\"10\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("# TYPE raftmq_test_payload_bytes histogram"),
+            "{out}"
+        );
+        assert!(
+            out.contains("raftmq_test_payload_bytes_bucket{le=\"1024\"} 1"),
+            "{out}"
+        );
         assert!(out.contains("# TYPE raftmq_test_other summary"), "{out}");
     }
 
@@ -180,6 +218,9 @@ mod tests {
         assert_eq!(source, FilterSource::RustLog("raftmq=trace".into()));
         assert_eq!(filter.to_string(), "raftmq=trace");
         let err = log_filter("info", Some("raftmq=[[")).expect_err("invalid");
-        assert!(format!("{err:#}").starts_with("parsing RUST_LOG `raftmq=[[`"), "{err:#}");
+        assert!(
+            format!("{err:#}").starts_with("parsing RUST_LOG `raftmq=[[`"),
+            "{err:#}"
+        );
     }
 }

@@ -1,0 +1,171 @@
+//! The `raftmq` executable end to end: exit codes, output, and a serve / SIGTERM cycle.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The executable with a clean environment (no stray `RAFTMQ_*` or `RUST_LOG`).
+fn raftmq() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_raftmq"));
+    cmd.env_clear();
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    raftmq().args(args).output().expect("runs raftmq")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn version_exits_0() {
+    let out = run(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        text(&out.stdout),
+        format!("raftmq {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["--mqtt-addr", "nowhere"][..],
+        &["frobnicate"],
+        &["config", "check"],
+    ] {
+        let out = run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn config_default_passes_config_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(&["config", "default"]);
+    assert_eq!(out.status.code(), Some(0));
+    let path = dir.path().join("default.toml");
+    std::fs::write(&path, &out.stdout).expect("write");
+    let out = run(&["config", "check", path.to_str().expect("utf-8 path")]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).as_str()),
+        (Some(0), "ok\n")
+    );
+}
+
+#[test]
+fn config_check_prints_every_problem_and_exits_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "node_id = 0\n[mqtt]\nmax_qos = 3\nmax_keep_alive = \"10x\"\n",
+    )
+    .expect("write");
+    let out = run(&["config", "check", path.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stdout),
+        "node_id: must be at least 1\n\
+         mqtt.max_keep_alive: invalid unit `x` in `10x` (use ms, s, m, h, d)\n\
+         mqtt.max_qos: must be 0, 1 or 2\n"
+    );
+}
+
+#[test]
+fn serve_with_a_bad_config_exits_1_naming_every_problem() {
+    let out = raftmq()
+        .args(["serve", "--mqtt-addr", "none", "--http-addr", "none"])
+        .env("RAFTMQ_MQTT__MAX_QOS", "7")
+        .env("RAFTMQ_MQTT__NO_SUCH_KEY", "1")
+        .output()
+        .expect("runs raftmq");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("error: loading configuration: invalid configuration (2 problems)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("\n  RAFTMQ_MQTT__NO_SUCH_KEY: unknown setting"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("\n  mqtt.max_qos: must be 0, 1 or 2 (set by RAFTMQ_MQTT__MAX_QOS)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_runs_until_sigterm_then_exits_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let mut child = raftmq()
+        .args([
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+        ])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starts raftmq");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("http listening on 127.0.0.1:"))
+    {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => seen.push(line),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("no startup log ({e}): {seen:#?}");
+            }
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("mqtt listening on 127.0.0.1:")),
+        "{seen:#?}"
+    );
+    assert!(
+        !seen.iter().any(|l| l.contains("ANONYMOUS")),
+        "loopback needs no warning: {seen:#?}"
+    );
+    assert!(data_dir.is_dir(), "data_dir is created");
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("runs kill");
+    assert!(killed.success());
+    let status = child.wait().expect("raftmq exits");
+    assert_eq!(status.code(), Some(0));
+    let rest: Vec<String> = rx.iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("received SIGTERM")),
+        "{rest:#?}"
+    );
+}
