@@ -3,8 +3,12 @@
 //!
 //! Every wait has a timeout ([`TIMEOUT`]): a broken broker fails a test, never hangs it.
 
-use bytes::BytesMut;
-use raftmq_codec::{Packet, ProtocolVersion, decode, encode};
+use bytes::{Bytes, BytesMut};
+use raftmq_codec::{
+    ConnAck, Connect, ConnectProperties, Disconnect, Packet, PacketId, ProtocolVersion, Publish,
+    PublishProperties, QoS, ReasonCode, Subscribe, SubscribeFilter, SubscriptionOptions, decode,
+    encode,
+};
 use raftmq_core::Broker;
 use raftmq_core::config::MqttConfig;
 use raftmq_server::{HttpConfig, ListenersConfig, Server};
@@ -41,9 +45,15 @@ impl TestBroker {
 
     /// Starts the front end for an existing broker.
     pub async fn with_broker(broker: Arc<Broker>) -> TestBroker {
-        let listeners = ListenersConfig { tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))) };
-        let http = HttpConfig { addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))) };
-        let server = Server::bind(broker.clone(), &listeners, &http, None).await.expect("bind test broker");
+        let listeners = ListenersConfig {
+            tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        };
+        let http = HttpConfig {
+            addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        };
+        let server = Server::bind(broker.clone(), &listeners, &http, None)
+            .await
+            .expect("bind test broker");
         let mqtt = server.mqtt_addr().expect("mqtt addr");
         let http = server.http_addr().expect("http addr");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -54,7 +64,13 @@ impl TestBroker {
                 })
                 .await;
         });
-        TestBroker { mqtt, http, broker, stop: Some(stop), task: Some(task) }
+        TestBroker {
+            mqtt,
+            http,
+            broker,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Host and port for client libraries.
@@ -96,7 +112,11 @@ impl RawClient {
             .expect("connect timed out")
             .expect("connect");
         stream.set_nodelay(true).expect("nodelay");
-        RawClient { stream, buf: BytesMut::new(), version }
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+            version,
+        }
     }
 
     /// Sends raw bytes.
@@ -114,14 +134,18 @@ impl RawClient {
     /// The next packet from the broker; `None` if the broker closed the connection.
     /// Panics on timeout or on bytes that don't decode.
     pub async fn recv(&mut self) -> Option<Packet> {
-        self.recv_within(TIMEOUT).await.expect("timed out waiting for a packet")
+        self.recv_within(TIMEOUT)
+            .await
+            .expect("timed out waiting for a packet")
     }
 
     /// Like [`Self::recv`] but returns `Err(())` on timeout instead of panicking.
     pub async fn recv_within(&mut self, wait: Duration) -> Result<Option<Packet>, ()> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if let Some(p) = decode(&mut self.buf, self.version, u32::MAX).expect("broker sent a malformed packet") {
+            if let Some(p) = decode(&mut self.buf, self.version, u32::MAX)
+                .expect("broker sent a malformed packet")
+            {
                 return Ok(Some(p));
             }
             let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await;
@@ -141,5 +165,117 @@ impl RawClient {
             seen.push(p);
         }
         seen
+    }
+}
+
+/// Waits until `cond` holds, checking every few milliseconds; panics naming `what` after
+/// [`TIMEOUT`]. For broker state that has no packet to wait for (a subscription made by an
+/// external client, a session going offline).
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A non-zero packet identifier.
+pub fn pid(n: u16) -> PacketId {
+    PacketId::new(n).expect("packet id must not be 0")
+}
+
+/// A CONNECT for `version` with keep alive off and no will.
+pub fn connect_packet(version: ProtocolVersion, client_id: &str, clean_start: bool) -> Connect {
+    Connect {
+        protocol: version,
+        clean_start,
+        keep_alive: 0,
+        client_id: client_id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: ConnectProperties::default(),
+    }
+}
+
+/// A PUBLISH of `payload` to `topic` (packet id `id` unless QoS 0).
+pub fn publish_packet(topic: &str, qos: QoS, id: u16, payload: &[u8]) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id: (qos != QoS::AtMostOnce).then(|| pid(id)),
+        properties: PublishProperties::default(),
+        payload: Bytes::copy_from_slice(payload),
+    }
+}
+
+impl RawClient {
+    /// Opens a connection, sends `connect` and returns the CONNACK (whatever its code).
+    pub async fn handshake(addr: SocketAddr, connect: Connect) -> (RawClient, ConnAck) {
+        let mut c = RawClient::connect(addr, connect.protocol).await;
+        c.send(&Packet::Connect(Box::new(connect))).await;
+        match c.recv().await {
+            Some(Packet::ConnAck(ack)) => (c, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Connects with clean start and asserts the broker accepted.
+    pub async fn connected(
+        addr: SocketAddr,
+        version: ProtocolVersion,
+        client_id: &str,
+    ) -> RawClient {
+        let (c, ack) = Self::handshake(addr, connect_packet(version, client_id, true)).await;
+        assert_eq!(ack.reason_code, ReasonCode::SUCCESS, "CONNACK {ack:?}");
+        c
+    }
+
+    /// Subscribes to `filter` and waits for the SUBACK granting `qos`.
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id: pid(1),
+            properties: Default::default(),
+            filters: vec![SubscribeFilter {
+                filter: filter.into(),
+                options: SubscriptionOptions {
+                    qos,
+                    ..Default::default()
+                },
+            }],
+        }))
+        .await;
+        match self.recv().await {
+            Some(Packet::SubAck(ack)) => assert_eq!(
+                ack.reason_codes,
+                [ReasonCode(qos.as_u8())],
+                "SUBACK for {filter}"
+            ),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// The next packet, which must be a PUBLISH.
+    pub async fn recv_publish(&mut self) -> Publish {
+        match self.recv().await {
+            Some(Packet::Publish(p)) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Asserts the broker closes the connection because of `code`: an MQTT 5 client first gets
+    /// DISCONNECT with that reason code, an MQTT 3 client is just disconnected.
+    pub async fn expect_disconnect(&mut self, code: ReasonCode) {
+        let seen = self.expect_closed().await;
+        if self.version.is_v5() {
+            assert_eq!(seen, [Packet::Disconnect(Disconnect::with_code(code))]);
+        } else {
+            assert_eq!(seen, [], "MQTT 3 has no DISCONNECT from the server");
+        }
     }
 }

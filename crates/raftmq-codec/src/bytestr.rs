@@ -6,7 +6,7 @@ use std::fmt;
 use std::ops::Deref;
 
 /// Immutable UTF-8 text held in a [`Bytes`]. Cloning is a reference-count increment.
-#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteStr(Bytes);
 
 impl ByteStr {
@@ -43,6 +43,14 @@ impl ByteStr {
     /// True for the empty string.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+// Hash as `str` does: `ByteStr: Borrow<str>`, so a map keyed by `ByteStr` must be searchable
+// with a `&str` (Borrow requires equal hashes for equal values).
+impl std::hash::Hash for ByteStr {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.as_str().hash(h)
     }
 }
 
@@ -98,5 +106,19 @@ impl fmt::Debug for ByteStr {
 impl fmt::Display for ByteStr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ByteStr;
+    use std::collections::HashMap;
+
+    #[test]
+    fn maps_keyed_by_bytestr_are_searchable_by_str() {
+        let mut m = HashMap::new();
+        m.insert(ByteStr::from("client-1"), 7);
+        assert_eq!(m.get("client-1"), Some(&7));
+        assert_eq!(m.get("client-2"), None);
     }
 }

@@ -73,6 +73,7 @@ impl DecodeError {
         match self {
             DecodeError::PacketTooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
             DecodeError::UnsupportedProtocolVersion(_) => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+            // Topic Alias 0 [MQTT-3.3.2-8] gets the code MQTT 5 uses for every bad alias.
             DecodeError::InvalidPropertyValue(id::TOPIC_ALIAS) => ReasonCode::TOPIC_ALIAS_INVALID,
             DecodeError::DuplicateProperty(_)
             | DecodeError::PropertyNotAllowed { .. }

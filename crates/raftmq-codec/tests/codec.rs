@@ -1231,7 +1231,7 @@ fn packet_over_the_mqtt_maximum_is_not_encodable() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Properties
+// Property-based tests: generated valid packets, arbitrary and corrupted bytes
 // ---------------------------------------------------------------------------------------------
 
 /// Strategies generating valid packets for a protocol version. `prop_compose!` bodies are not

@@ -74,6 +74,9 @@ struct Timer {
 struct Timers {
     heap: BinaryHeap<Reverse<Timer>>,
     waker: Option<Waker>,
+    /// A timer earlier than all others was scheduled since [`Broker::poll_timers_changed`]
+    /// last reported Ready.
+    changed: bool,
 }
 
 /// The broker: everything shared by all connections of one node.
@@ -89,6 +92,9 @@ pub struct Broker {
     authorizer: Arc<dyn Authorizer>,
     stats: BrokerStats,
     assigned_ids: AtomicU64,
+    /// Source of session epochs. Broker-wide, so an epoch is never reused even by a new
+    /// session object with the same client id (a stale timer must not match it).
+    epochs: AtomicU64,
     id_prefix: String,
     rng: AtomicU64,
 }
@@ -133,6 +139,7 @@ impl Broker {
             authorizer,
             stats: BrokerStats::default(),
             assigned_ids: AtomicU64::new(0),
+            epochs: AtomicU64::new(0),
             id_prefix: format!("raftmq-{node_id}-"),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ node_id),
             topic_limits,
@@ -171,6 +178,11 @@ impl Broker {
         let n = self.assigned_ids.fetch_add(1, Relaxed);
         let salt = self.next_random() & 0xFFFF_FFFF;
         ByteStr::from(format!("{}{n:x}-{salt:08x}", self.id_prefix))
+    }
+
+    /// A fencing token never handed out before.
+    fn next_epoch(&self) -> u64 {
+        self.epochs.fetch_add(1, Relaxed) + 1
     }
 
     fn next_random(&self) -> u64 {
@@ -225,17 +237,17 @@ impl Broker {
                     let mut st = existing.state.lock();
                     if st.online {
                         self.stats.takeovers.fetch_add(1, Relaxed);
-                        // The old connection's will: due now if it had no delay.
-                        if let Some(w) = st.will.take().filter(|w| w.delay_secs == 0) {
-                            wills_to_publish.push(w.message);
-                        }
                         self.stats.sessions_online.fetch_sub(1, Relaxed);
                         existing.set_online(&mut st, false);
-                    } else {
-                        // A delayed will is cancelled by a new connection (MQTT 5 §3.1.2.5).
-                        st.will = None;
                     }
-                    st.epoch += 1;
+                    // The previous connection's will (still attached, or waiting for its delay):
+                    // due now if it has no delay or if clean start ends its session; otherwise
+                    // cancelled, as the session got a new connection within the delay
+                    // (MQTT 5 §3.1.2.5, §3.1.3.2.2).
+                    if let Some(w) = st.will.take().filter(|w| w.delay_secs == 0 || clean_start) {
+                        wills_to_publish.push(w);
+                    }
+                    st.epoch = self.next_epoch();
                     Session::notify(&mut st);
                     if clean_start {
                         self.discard_locked(existing, &mut st);
@@ -259,7 +271,7 @@ impl Broker {
                 }
             };
             let mut st = session.state.lock();
-            st.epoch += 1;
+            st.epoch = self.next_epoch();
             st.notified = false;
             st.waker = None;
             st.expiry_secs = expiry_secs;
@@ -296,13 +308,13 @@ impl Broker {
             st.disconnected_at = Some(now);
             match kind {
                 DetachKind::Normal => st.will = None,
-                DetachKind::WithWill => publish_now = st.will.take().map(|w| w.message),
+                DetachKind::WithWill => publish_now = st.will.take(),
                 DetachKind::Abnormal => {}
             }
             if st.expiry_secs == 0 {
                 // The session ends with the connection: a pending will goes out now.
                 if let Some(w) = st.will.take() {
-                    publish_now = Some(w.message);
+                    publish_now = Some(w);
                 }
                 self.discard_locked(session, &mut st);
                 drop(st);
@@ -312,7 +324,7 @@ impl Broker {
                 let mut timers = Vec::new();
                 if let Some(w) = &st.will {
                     if w.delay_secs == 0 {
-                        publish_now = st.will.take().map(|w| w.message);
+                        publish_now = st.will.take();
                     } else if w.delay_secs < st.expiry_secs {
                         let at = now + Duration::from_secs(u64::from(w.delay_secs));
                         timers.push(Timer {
@@ -405,6 +417,7 @@ impl Broker {
             t.heap.push(Reverse(timer));
         }
         if wake {
+            t.changed = true;
             if let Some(w) = t.waker.take() {
                 w.wake();
             }
@@ -416,9 +429,14 @@ impl Broker {
         self.timers.lock().heap.peek().map(|Reverse(t)| t.at)
     }
 
-    /// Ready when a timer earlier than the last [`Broker::poll_timeout`] was scheduled.
+    /// Ready (once) when a timer earlier than all others was scheduled since the last time it
+    /// was Ready: the caller must ask [`Broker::poll_timeout`] again. Registers the waker
+    /// otherwise.
     pub fn poll_timers_changed(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut t = self.timers.lock();
+        if std::mem::take(&mut t.changed) {
+            return Poll::Ready(());
+        }
         t.waker = Some(cx.waker().clone());
         Poll::Pending
     }
@@ -445,9 +463,9 @@ impl Broker {
                     continue;
                 }
                 match timer.kind {
-                    TimerKind::Will => publish = st.will.take().map(|w| w.message),
+                    TimerKind::Will => publish = st.will.take(),
                     TimerKind::Expire => {
-                        publish = st.will.take().map(|w| w.message);
+                        publish = st.will.take();
                         self.discard_locked(&session, &mut st);
                         drop(st);
                         self.remove_from_registry(&mut registry, &session);
@@ -460,9 +478,9 @@ impl Broker {
         }
     }
 
-    fn publish_will(&self, message: Arc<Message>, now: Instant) {
+    fn publish_will(&self, will: PendingWill, now: Instant) {
         self.stats.wills_published.fetch_add(1, Relaxed);
-        self.publish(message, now);
+        self.publish(will.into_message(now), now);
     }
 
     /// Routes a message to every matching session and applies its RETAIN flag. Returns the
@@ -596,10 +614,13 @@ impl Broker {
         epoch: u64,
         principal: &Principal,
         filter: &str,
-        options: SubscriptionOptions,
-        subscription_id: Option<u32>,
+        requested: SubEntry,
         now: Instant,
     ) -> Result<ReasonCode, TakenOver> {
+        let SubEntry {
+            options,
+            subscription_id,
+        } = requested;
         let parsed = match parse_subscription(filter, &self.topic_limits) {
             Ok(p) => p,
             Err(_) => return Ok(ReasonCode::TOPIC_FILTER_INVALID),
@@ -700,7 +721,7 @@ impl Broker {
             self.stats.sessions_online.fetch_sub(1, Relaxed);
             session.set_online(&mut st, false);
         }
-        st.epoch += 1;
+        st.epoch = self.next_epoch();
         st.will = None;
         Session::notify(&mut st);
         self.discard_locked(&session, &mut st);

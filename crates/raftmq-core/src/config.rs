@@ -77,6 +77,9 @@ pub struct MqttConfig {
     pub max_retained_messages: usize,
     /// Number of shards of the subscription index.
     pub index_shards: usize,
+    /// How often broker statistics are published as retained `$SYS/broker/...` messages
+    /// (0 disables them).
+    pub sys_interval: DurationStr,
 }
 
 impl Default for MqttConfig {
@@ -103,6 +106,7 @@ impl Default for MqttConfig {
             max_subscriptions_per_client: 0,
             max_retained_messages: 0,
             index_shards: 16,
+            sys_interval: DurationStr(Duration::from_secs(10)),
         }
     }
 }

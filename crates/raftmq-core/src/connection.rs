@@ -8,7 +8,7 @@
 use crate::auth::{Access, ConnectInfo, Principal};
 use crate::broker::{Broker, DetachKind, NEVER_EXPIRES, TakenOver};
 use crate::message::{Delivery, Message};
-use crate::session::{Outgoing, OutgoingEntry, PendingWill, Session};
+use crate::session::{Outgoing, OutgoingEntry, PendingWill, Session, SubEntry};
 use crate::stats::DropReason;
 use crate::topic::TopicName;
 use ahash::HashMap;
@@ -21,6 +21,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// How long a new connection may take to send CONNECT.
@@ -61,7 +62,8 @@ struct OutboundAliases {
 
 impl OutboundAliases {
     /// `(alias, already_known_by_client)` for `topic`, or `None` when aliases are off or full.
-    fn alias_for(&mut self, topic: &ByteStr) -> Option<(u16, bool)> {
+    /// A new alias is only recorded by [`Self::commit`], once the packet introducing it is sent.
+    fn alias_for(&self, topic: &ByteStr) -> Option<(u16, bool)> {
         if self.max == 0 {
             return None;
         }
@@ -71,8 +73,12 @@ impl OutboundAliases {
         let next = u16::try_from(self.by_topic.len() + 1)
             .ok()
             .filter(|n| *n <= self.max)?;
-        self.by_topic.insert(topic.clone(), next);
         Some((next, false))
+    }
+
+    /// Records that the client learnt `alias` for `topic` (a PUBLISH carrying both was sent).
+    fn commit(&mut self, topic: &ByteStr, alias: u16) {
+        self.by_topic.entry(topic.clone()).or_insert(alias);
     }
 }
 
@@ -146,6 +152,15 @@ impl Connection {
     /// The attached session (to await its notifications).
     pub fn session(&self) -> Option<&Arc<Session>> {
         self.attachment.as_ref().map(|a| &a.session)
+    }
+
+    /// Ready when the attached session has news for this connection: deliveries queued, or the
+    /// session taken over (then [`Self::pump`] closes the connection). Pending before CONNECT.
+    pub fn poll_session(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.attachment {
+            Some(att) => att.session.poll_notified(att.epoch, cx),
+            None => Poll::Pending,
+        }
     }
 
     /// Why the connection closed, once it has.
@@ -352,15 +367,14 @@ impl Connection {
                         user_properties: p.user_properties.clone(),
                         ..Default::default()
                     },
-                    expires_at: p
-                        .message_expiry_interval
-                        .map(|s| now + Duration::from_secs(s.into())),
+                    expires_at: None,
                     received_at: now,
                     origin: Some(client_id.clone()),
                 };
                 Some(PendingWill {
                     message: Arc::new(message),
                     delay_secs: p.will_delay_interval.unwrap_or(0),
+                    message_expiry_secs: p.message_expiry_interval,
                 })
             }
         };
@@ -372,12 +386,7 @@ impl Connection {
         } else {
             NEVER_EXPIRES
         };
-        let cap = u32::try_from(cfg.max_session_expiry.0.as_secs()).unwrap_or(u32::MAX);
-        let expiry = if cap > 0 {
-            requested_expiry.min(cap)
-        } else {
-            requested_expiry
-        };
+        let expiry = self.cap_session_expiry(requested_expiry);
         // Keep alive (§3.1.2.10): the server may impose its own via Server Keep Alive (v5).
         let max_ka = u16::try_from(cfg.max_keep_alive.0.as_secs()).unwrap_or(u16::MAX);
         let mut server_keep_alive = None;
@@ -443,6 +452,16 @@ impl Connection {
         }
     }
 
+    /// `secs` limited to the configured maximum session expiry.
+    fn cap_session_expiry(&self, secs: u32) -> u32 {
+        let cap = self.broker.config().max_session_expiry.0.as_secs();
+        match u32::try_from(cap) {
+            Ok(0) => secs,
+            Ok(cap) => secs.min(cap),
+            Err(_) => secs,
+        }
+    }
+
     fn refuse_connect(&mut self, code: ReasonCode, _now: Instant) {
         self.out.push_back(Packet::ConnAck(ConnAck {
             session_present: false,
@@ -468,8 +487,11 @@ impl Connection {
             };
             match entry.state {
                 Outgoing::Publish(d) => {
-                    let packet = self.publish_packet(&d, Some(pid), true, now);
-                    self.out.push_back(Packet::Publish(packet));
+                    if !self.transmit_publish(&d, Some(pid), true, now) {
+                        // The client's new Maximum Packet Size is smaller: drop it (§3.1.2.25).
+                        self.broker.stats().dropped(DropReason::TooLarge, 1);
+                        self.complete_outgoing(id);
+                    }
                 }
                 Outgoing::Released => self
                     .out
@@ -548,13 +570,11 @@ impl Connection {
         }
         let more = moved == budget && budget != usize::MAX;
         for (d, pid) in batch {
-            let packet = self.publish_packet(&d, pid, false, now);
-            if self.fits(&packet) {
+            if self.transmit_publish(&d, pid, false, now) {
                 stats.messages_sent[usize::from(d.qos.as_u8())].fetch_add(1, Relaxed);
                 stats
                     .bytes_sent
                     .fetch_add(d.message.payload.len() as u64, Relaxed);
-                self.out.push_back(Packet::Publish(packet));
             } else {
                 // Too large for the client (MQTT 5 §3.1.2.25): drop it as if delivered.
                 stats.dropped(DropReason::TooLarge, 1);
@@ -575,8 +595,30 @@ impl Connection {
         u32::try_from(len).is_ok_and(|l| l <= self.client_max_packet)
     }
 
-    fn publish_packet(
+    /// Queues the PUBLISH for `d` unless it exceeds the client's Maximum Packet Size (then
+    /// returns false and sends nothing, leaving the topic alias state untouched).
+    fn transmit_publish(
         &mut self,
+        d: &Delivery,
+        packet_id: Option<PacketId>,
+        dup: bool,
+        now: Instant,
+    ) -> bool {
+        let packet = self.publish_packet(d, packet_id, dup, now);
+        if !self.fits(&packet) {
+            return false;
+        }
+        if let Some(alias) = packet.properties.topic_alias
+            && !packet.topic.is_empty()
+        {
+            self.outbound_aliases.commit(&packet.topic, alias);
+        }
+        self.out.push_back(Packet::Publish(packet));
+        true
+    }
+
+    fn publish_packet(
+        &self,
         d: &Delivery,
         packet_id: Option<PacketId>,
         dup: bool,
@@ -856,8 +898,10 @@ impl Connection {
                     att.epoch,
                     &att.principal,
                     &f.filter,
-                    f.options,
-                    sub_id,
+                    SubEntry {
+                        options: f.options,
+                        subscription_id: sub_id,
+                    },
                     now,
                 )
                 .map_err(|TakenOver| Violation::TakenOver)?;
@@ -903,6 +947,7 @@ impl Connection {
                     now,
                 );
             }
+            let secs = self.cap_session_expiry(secs);
             if let Some(att) = &self.attachment
                 && self
                     .broker
@@ -928,11 +973,9 @@ impl Connection {
         if self.closed.is_some() {
             return;
         }
-        if self.attachment.is_some() {
-            if let (true, Some(code)) = (self.version.is_v5(), code) {
-                self.out
-                    .push_back(Packet::Disconnect(Disconnect::with_code(code)));
-            }
+        if let (true, true, Some(code)) = (self.attachment.is_some(), self.version.is_v5(), code) {
+            self.out
+                .push_back(Packet::Disconnect(Disconnect::with_code(code)));
         }
         self.closed = Some(reason);
         self.detach(DetachKind::Abnormal, now);

@@ -20,7 +20,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The value stored in the subscription index for one subscription.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,8 +56,24 @@ pub(crate) struct OutgoingEntry {
 /// A will waiting to be published.
 #[derive(Clone, Debug)]
 pub struct PendingWill {
+    /// The will as a message, without `expires_at` (see `message_expiry_secs`).
     pub message: Arc<Message>,
     pub delay_secs: u32,
+    /// The will's Message Expiry Interval: its lifetime counts from when it is published, not
+    /// from CONNECT (MQTT 5 §3.1.3.2.4).
+    pub message_expiry_secs: Option<u32>,
+}
+
+impl PendingWill {
+    /// The message to publish at `now`.
+    pub fn into_message(self, now: Instant) -> Arc<Message> {
+        let mut message = Arc::unwrap_or_clone(self.message);
+        message.received_at = now;
+        message.expires_at = self
+            .message_expiry_secs
+            .map(|s| now + Duration::from_secs(s.into()));
+        Arc::new(message)
+    }
 }
 
 /// Mutable session state (behind [`Session`]'s lock).
@@ -223,8 +239,15 @@ impl Session {
 
     /// Ready when the session has news for the connection attached with `epoch` (messages
     /// queued, or the session was taken over). Registers the waker otherwise.
-    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+    ///
+    /// Only the connection holding the current epoch registers its waker: a fenced-off
+    /// connection is always ready (its next operation notices the takeover), so it can neither
+    /// steal the waker slot from the new connection nor consume its notification.
+    pub fn poll_notified(&self, epoch: u64, cx: &mut Context<'_>) -> Poll<()> {
         let mut s = self.state.lock();
+        if s.epoch != epoch {
+            return Poll::Ready(());
+        }
         if s.notified {
             s.notified = false;
             Poll::Ready(())

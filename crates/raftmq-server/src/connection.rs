@@ -25,8 +25,12 @@ const READ_BUFFER: usize = 512;
 /// A client that does not accept our bytes for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub(crate) async fn run<S>(mut stream: S, peer: SocketAddr, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>)
-where
+pub(crate) async fn run<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    mut shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     gauge!(CONNECTIONS_CURRENT).increment(1.0);
@@ -62,7 +66,6 @@ where
             continue;
         }
         let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
-        let session = conn.session().cloned();
         tokio::select! {
             read = stream.read_buf(&mut rbuf) => {
                 let now = Instant::now();
@@ -93,10 +96,7 @@ where
                     }
                 }
             }
-            _ = poll_fn(|cx| match &session {
-                Some(s) => s.poll_notified(cx),
-                None => std::task::Poll::Pending,
-            }) => {
+            _ = poll_fn(|cx| conn.poll_session(cx)) => {
                 more = conn.pump(Instant::now(), PUMP_BATCH);
             }
             _ = async {

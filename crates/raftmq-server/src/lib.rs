@@ -11,6 +11,7 @@ mod connection;
 mod http;
 pub mod metrics;
 mod server;
+mod sys;
 
 pub use config::{HttpConfig, ListenersConfig};
 pub use server::{MetricsRender, Server, ServerError};

@@ -95,6 +95,10 @@ impl Server {
         }
         tasks.spawn(broker_timers(self.broker.clone(), stop_rx.clone()));
         tasks.spawn(stats_exporter(self.broker.clone(), stop_rx.clone()));
+        let sys_interval = self.broker.config().sys_interval.0;
+        if !sys_interval.is_zero() {
+            tasks.spawn(crate::sys::publish_loop(self.broker.clone(), sys_interval, stop_rx.clone()));
+        }
 
         shutdown.await;
         info!("shutting down");

@@ -478,8 +478,8 @@ impl Config {
             return Err(problems);
         }
 
-        let mut config =
-            Config::deserialize(Value::Table(table)).map_err(|e| vec![problem("", message(&e))])?;
+        let mut config = Config::deserialize(Value::Table(table))
+            .map_err(|e| vec![problem("config", message(&e))])?;
         if disabled.contains(&"listeners.tcp") {
             config.listeners.tcp = None;
         }

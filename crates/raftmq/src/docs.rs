@@ -163,6 +163,11 @@ pub const KEYS: &[KeyDoc] = &[
          beyond it are refused.",
     ),
     key(
+        "mqtt.sys_interval",
+        "How often broker statistics are published as retained $SYS/broker/... messages; \"0s\" \
+         disables them.",
+    ),
+    key(
         "mqtt.index_shards",
         "Number of shards of the subscription index (1 to 1024).",
     ),
@@ -276,10 +281,71 @@ pub fn default_config_toml() -> String {
     out
 }
 
+/// The configuration reference as Markdown tables (one per section): key, default, meaning.
+/// `docs/configuration.md` embeds it between markers; a test keeps the two identical.
+pub fn markdown_reference() -> String {
+    let defaults = default_table();
+    let lookup = |key: &str| -> Option<Value> {
+        let mut v = Value::Table(defaults.clone());
+        for part in key.split('.') {
+            v = v.as_table()?.get(part)?.clone();
+        }
+        Some(v)
+    };
+    let cell = |d: &KeyDoc| match (lookup(d.key), d.example) {
+        (Some(v), _) => format!("`{v}`"),
+        (None, Some(example)) => format!("unset (e.g. `{example}`)"),
+        (None, None) => "unset".to_string(),
+    };
+    let mut out = String::new();
+    let top: Vec<&KeyDoc> = KEYS
+        .iter()
+        .filter(|d| !d.key.contains('.') && !matches!(lookup(d.key), Some(Value::Table(_))))
+        .collect();
+    out.push_str("### Top level\n\n| Key | Default | Meaning |\n|---|---|---|\n");
+    for d in top {
+        out.push_str(&format!("| `{}` | {} | {} |\n", d.key, cell(d), d.doc));
+    }
+    for section in KEYS.iter().filter(|d| matches!(lookup(d.key), Some(Value::Table(_)))) {
+        out.push_str(&format!(
+            "\n### `[{}]`\n\n{}\n\n| Key | Default | Meaning |\n|---|---|---|\n",
+            section.key, section.doc
+        ));
+        let prefix = format!("{}.", section.key);
+        for k in KEYS.iter().filter(|k| k.key.starts_with(&prefix)) {
+            out.push_str(&format!("| `{}` | {} | {} |\n", k.key, cell(k), k.doc));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    const BEGIN: &str = "<!-- BEGIN GENERATED REFERENCE -->\n";
+    const END: &str = "<!-- END GENERATED REFERENCE -->";
+
+    /// `docs/configuration.md` must carry the current reference. Regenerate it with
+    /// `RAFTMQ_BLESS=1 cargo test -p raftmq docs_configuration_reference_is_current`.
+    #[test]
+    fn docs_configuration_reference_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md");
+        let text = std::fs::read_to_string(path).expect("read docs/configuration.md");
+        let start = text.find(BEGIN).expect("begin marker") + BEGIN.len();
+        let end = text.find(END).expect("end marker");
+        let expected = markdown_reference();
+        if std::env::var_os("RAFTMQ_BLESS").is_some() {
+            let updated = format!("{}{}{}", &text[..start], expected, &text[end..]);
+            std::fs::write(path, updated).expect("write docs/configuration.md");
+            return;
+        }
+        assert!(
+            text[start..end] == expected,
+            "docs/configuration.md is out of date: run RAFTMQ_BLESS=1 cargo test -p raftmq docs_configuration_reference_is_current"
+        );
+    }
     use toml::Table;
 
     /// Every dotted path of the table, sections included.

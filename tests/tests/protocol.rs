@@ -1,0 +1,454 @@
+//! Black-box protocol conformance over real sockets, with raw packets (MQTT 3.1.1 and 5.0).
+
+use raftmq_codec::{
+    Connect, ConnectProperties, Disconnect, Packet, ProtocolVersion, PubResponse, Publish, QoS,
+    ReasonCode, Will, WillProperties,
+};
+use raftmq_core::config::{ByteSize, MqttConfig};
+use raftmq_tests::{RawClient, TestBroker, connect_packet, pid, publish_packet};
+use std::net::SocketAddr;
+
+const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
+const V5: ProtocolVersion = ProtocolVersion::V5;
+
+/// Asserts the broker still routes messages between two fresh clients.
+async fn assert_broker_serves(addr: SocketAddr) {
+    let mut sub = RawClient::connected(addr, V3, "health-sub").await;
+    sub.subscribe("health", QoS::AtLeastOnce).await;
+    let mut publisher = RawClient::connected(addr, V3, "health-pub").await;
+    publisher
+        .send(&Packet::Publish(publish_packet(
+            "health",
+            QoS::AtLeastOnce,
+            1,
+            b"ok",
+        )))
+        .await;
+    assert_eq!(
+        publisher.recv().await,
+        Some(Packet::PubAck(PubResponse::success(pid(1))))
+    );
+    assert_eq!(&sub.recv_publish().await.payload[..], b"ok");
+}
+
+/// Raw PUBLISH QoS 0 bytes with an arbitrary (possibly invalid) topic.
+fn raw_publish(version: ProtocolVersion, topic: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic);
+    if version.is_v5() {
+        body.push(0); // no properties
+    }
+    body.extend_from_slice(b"payload");
+    let mut packet = vec![0x30, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Connects a client of each version, sends `bytes` and expects the broker to close the
+/// connection with `code` (MQTT 5 DISCONNECT, MQTT 3 plain close); then checks the broker
+/// still serves other clients.
+async fn rejects(bytes: &[u8], code: ReasonCode) {
+    rejects_with(MqttConfig::default(), bytes, code).await;
+}
+
+async fn rejects_with(config: MqttConfig, bytes: &[u8], code: ReasonCode) {
+    let broker = TestBroker::with_config(config).await;
+    for version in [V3, V5] {
+        let mut c = RawClient::connected(broker.mqtt, version, "victim").await;
+        c.send_bytes(bytes).await;
+        c.expect_disconnect(code).await;
+    }
+    assert_broker_serves(broker.mqtt).await;
+}
+
+#[tokio::test]
+async fn malformed_remaining_length_closes_the_connection() {
+    rejects(
+        &[0xC0, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F],
+        ReasonCode::MALFORMED_PACKET,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn reserved_fixed_header_flags_close_the_connection() {
+    // PINGREQ with flags 0001.
+    rejects(&[0xC1, 0x00], ReasonCode::MALFORMED_PACKET).await;
+    // SUBSCRIBE with flags 0000 instead of 0010.
+    rejects(
+        &[0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00],
+        ReasonCode::MALFORMED_PACKET,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn null_character_in_topic_closes_the_connection() {
+    for version in [V3, V5] {
+        let broker = TestBroker::start().await;
+        let mut c = RawClient::connected(broker.mqtt, version, "nul").await;
+        c.send_bytes(&raw_publish(version, b"a\0b")).await;
+        c.expect_disconnect(ReasonCode::MALFORMED_PACKET).await;
+        assert_broker_serves(broker.mqtt).await;
+    }
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_topic_closes_the_connection() {
+    for version in [V3, V5] {
+        let broker = TestBroker::start().await;
+        let mut c = RawClient::connected(broker.mqtt, version, "utf8").await;
+        c.send_bytes(&raw_publish(version, &[b'a', 0xC3, 0x28]))
+            .await;
+        c.expect_disconnect(ReasonCode::MALFORMED_PACKET).await;
+        assert_broker_serves(broker.mqtt).await;
+    }
+}
+
+#[tokio::test]
+async fn wildcard_in_publish_topic_closes_the_connection() {
+    for version in [V3, V5] {
+        let broker = TestBroker::start().await;
+        let mut c = RawClient::connected(broker.mqtt, version, "wild").await;
+        c.send_bytes(&raw_publish(version, b"a/+")).await;
+        c.expect_disconnect(ReasonCode::TOPIC_NAME_INVALID).await;
+        assert_broker_serves(broker.mqtt).await;
+    }
+}
+
+#[tokio::test]
+async fn packet_larger_than_maximum_packet_size_closes_with_0x95() {
+    let config = MqttConfig {
+        max_packet_size: ByteSize(1024),
+        ..Default::default()
+    };
+    let broker = TestBroker::with_config(config).await;
+    // The limit is announced to MQTT 5 clients.
+    let (_c, ack) = RawClient::handshake(broker.mqtt, connect_packet(V5, "announce", true)).await;
+    assert_eq!(ack.properties.maximum_packet_size, Some(1024));
+    for version in [V3, V5] {
+        let mut c = RawClient::connected(broker.mqtt, version, "big").await;
+        let big = publish_packet("t", QoS::AtMostOnce, 0, &[b'x'; 2000]);
+        c.send(&Packet::Publish(big)).await;
+        c.expect_disconnect(ReasonCode::PACKET_TOO_LARGE).await;
+    }
+    assert_broker_serves(broker.mqtt).await;
+}
+
+#[tokio::test]
+async fn first_packet_other_than_connect_closes_the_connection() {
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::connect(broker.mqtt, V3).await;
+    c.send(&Packet::PingReq).await;
+    assert_eq!(c.expect_closed().await, []);
+    assert_broker_serves(broker.mqtt).await;
+}
+
+#[tokio::test]
+async fn unsupported_protocol_level_gets_connack_in_the_clients_format() {
+    let broker = TestBroker::start().await;
+    // "MQTT" level 6: an MQTT 5 style CONNACK with 0x84.
+    let connect_level = |level: u8| {
+        let mut v = vec![
+            0x10, 0x0D, 0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02, 0x00, 0x00,
+        ];
+        if level >= 5 {
+            v.push(0x00); // property length
+        }
+        v.extend_from_slice(&[0x00, 0x00]); // empty client id
+        v[1] = (v.len() - 2) as u8;
+        v
+    };
+    let mut c = RawClient::connect(broker.mqtt, V5).await;
+    c.send_bytes(&connect_level(6)).await;
+    let seen = c.expect_closed().await;
+    assert!(
+        matches!(&seen[..], [Packet::ConnAck(a)] if a.reason_code == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
+        "{seen:?}"
+    );
+    // "MQTT" level 2: a 3.1.1 CONNACK with return code 1.
+    let mut c = RawClient::connect(broker.mqtt, V3).await;
+    c.send_bytes(&connect_level(2)).await;
+    let seen = c.expect_closed().await;
+    assert!(
+        matches!(&seen[..], [Packet::ConnAck(a)] if a.reason_code.to_v3_connack() == 1),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn empty_client_id_with_clean_session_0_is_refused_on_v311() {
+    let broker = TestBroker::start().await;
+    let (mut c, ack) = RawClient::handshake(broker.mqtt, connect_packet(V3, "", false)).await;
+    assert_eq!(ack.reason_code.to_v3_connack(), 2);
+    assert_eq!(c.expect_closed().await, []);
+    let (_c, ack) = RawClient::handshake(broker.mqtt, connect_packet(V5, "", true)).await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    assert!(
+        ack.properties
+            .assigned_client_identifier
+            .is_some_and(|id| !id.is_empty())
+    );
+}
+
+#[tokio::test]
+async fn second_connect_closes_the_connection() {
+    let broker = TestBroker::start().await;
+    let mut c = RawClient::connected(broker.mqtt, V5, "twice").await;
+    c.send(&Packet::Connect(Box::new(connect_packet(
+        V5, "twice", true,
+    ))))
+    .await;
+    c.expect_disconnect(ReasonCode::PROTOCOL_ERROR).await;
+}
+
+#[tokio::test]
+async fn retained_message_is_set_replaced_and_deleted_for_later_subscribers() {
+    let broker = TestBroker::start().await;
+    let mut p = RawClient::connected(broker.mqtt, V3, "pub").await;
+    let retain = |payload: &[u8], id| {
+        Packet::Publish(Publish {
+            retain: true,
+            ..publish_packet("status/dev", QoS::AtLeastOnce, id, payload)
+        })
+    };
+    for (i, payload) in [&b"v1"[..], b"v2"].into_iter().enumerate() {
+        let id = i as u16 + 1;
+        p.send(&retain(payload, id)).await;
+        assert_eq!(
+            p.recv().await,
+            Some(Packet::PubAck(PubResponse::success(pid(id))))
+        );
+    }
+    let mut s1 = RawClient::connected(broker.mqtt, V3, "s1").await;
+    s1.subscribe("status/+", QoS::AtLeastOnce).await;
+    let got = s1.recv_publish().await;
+    assert_eq!((&got.payload[..], got.retain), (&b"v2"[..], true));
+
+    p.send(&retain(b"", 3)).await;
+    assert_eq!(
+        p.recv().await,
+        Some(Packet::PubAck(PubResponse::success(pid(3))))
+    );
+    // The live subscriber sees the deletion as an ordinary message...
+    let deletion = s1.recv_publish().await;
+    assert!(deletion.payload.is_empty() && !deletion.retain);
+    // ...and a later subscriber gets nothing retained: the next thing it sees is a live message.
+    let mut s2 = RawClient::connected(broker.mqtt, V3, "s2").await;
+    s2.subscribe("status/+", QoS::AtLeastOnce).await;
+    p.send(&Packet::Publish(publish_packet(
+        "status/dev",
+        QoS::AtMostOnce,
+        0,
+        b"live",
+    )))
+    .await;
+    let got = s2.recv_publish().await;
+    assert_eq!((&got.payload[..], got.retain), (&b"live"[..], false));
+}
+
+/// Subscribes with a persistent session, disconnects, has QoS 0/1/2 messages published, and
+/// reconnects: the QoS 1 and 2 messages are delivered, the QoS 0 one is not.
+async fn persistent_session_round_trip(connect: Connect) {
+    let broker = TestBroker::start().await;
+    let version = connect.protocol;
+    let (mut c, ack) = RawClient::handshake(broker.mqtt, connect.clone()).await;
+    assert!(!ack.session_present);
+    c.subscribe("inbox/#", QoS::ExactlyOnce).await;
+    c.send(&Packet::Disconnect(Disconnect::default())).await;
+    assert_eq!(c.expect_closed().await, []);
+
+    let mut p = RawClient::connected(broker.mqtt, V5, "pub").await;
+    p.send(&Packet::Publish(publish_packet(
+        "inbox/0",
+        QoS::AtMostOnce,
+        0,
+        b"q0",
+    )))
+    .await;
+    p.send(&Packet::Publish(publish_packet(
+        "inbox/1",
+        QoS::AtLeastOnce,
+        1,
+        b"q1",
+    )))
+    .await;
+    assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    p.send(&Packet::Publish(publish_packet(
+        "inbox/2",
+        QoS::ExactlyOnce,
+        2,
+        b"q2",
+    )))
+    .await;
+    assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
+
+    let (mut c, ack) = RawClient::handshake(broker.mqtt, connect).await;
+    assert!(ack.session_present, "{version:?} session not resumed");
+    let m1 = c.recv_publish().await;
+    assert_eq!((&m1.payload[..], m1.qos), (&b"q1"[..], QoS::AtLeastOnce));
+    let m2 = c.recv_publish().await;
+    assert_eq!((&m2.payload[..], m2.qos), (&b"q2"[..], QoS::ExactlyOnce));
+    // The subscription itself survived too.
+    p.send(&Packet::Publish(publish_packet(
+        "inbox/3",
+        QoS::AtMostOnce,
+        0,
+        b"live",
+    )))
+    .await;
+    assert_eq!(&c.recv_publish().await.payload[..], b"live");
+}
+
+#[tokio::test]
+async fn v311_persistent_session_keeps_subscriptions_and_queues_messages_while_offline() {
+    persistent_session_round_trip(connect_packet(V3, "persist-3", false)).await;
+}
+
+#[tokio::test]
+async fn v5_session_expiry_keeps_subscriptions_and_queues_messages_while_offline() {
+    let connect = Connect {
+        properties: ConnectProperties {
+            session_expiry_interval: Some(300),
+            ..Default::default()
+        },
+        ..connect_packet(V5, "persist-5", false)
+    };
+    persistent_session_round_trip(connect).await;
+}
+
+#[tokio::test]
+async fn qos2_is_delivered_exactly_once_in_both_directions() {
+    for version in [V3, V5] {
+        let broker = TestBroker::start().await;
+        let mut sub = RawClient::connected(broker.mqtt, version, "sub").await;
+        sub.subscribe("x", QoS::ExactlyOnce).await;
+        let mut p = RawClient::connected(broker.mqtt, version, "pub").await;
+
+        // Client → broker, with a duplicate before PUBREL.
+        let m = publish_packet("x", QoS::ExactlyOnce, 10, b"once");
+        p.send(&Packet::Publish(m.clone())).await;
+        assert_eq!(
+            p.recv().await,
+            Some(Packet::PubRec(PubResponse::success(pid(10))))
+        );
+        p.send(&Packet::Publish(Publish { dup: true, ..m })).await;
+        assert_eq!(
+            p.recv().await,
+            Some(Packet::PubRec(PubResponse::success(pid(10))))
+        );
+        p.send(&Packet::PubRel(PubResponse::success(pid(10)))).await;
+        assert_eq!(
+            p.recv().await,
+            Some(Packet::PubComp(PubResponse::success(pid(10))))
+        );
+
+        // Broker → client.
+        let got = sub.recv_publish().await;
+        assert_eq!(
+            (&got.payload[..], got.qos),
+            (&b"once"[..], QoS::ExactlyOnce)
+        );
+        let id = got.packet_id.expect("QoS 2 has a packet id");
+        sub.send(&Packet::PubRec(PubResponse::success(id))).await;
+        assert_eq!(
+            sub.recv().await,
+            Some(Packet::PubRel(PubResponse::success(id)))
+        );
+        sub.send(&Packet::PubComp(PubResponse::success(id))).await;
+
+        // A sentinel proves the duplicate was not routed: it is the next thing delivered.
+        p.send(&Packet::Publish(publish_packet(
+            "x",
+            QoS::AtMostOnce,
+            0,
+            b"sentinel",
+        )))
+        .await;
+        assert_eq!(
+            &sub.recv_publish().await.payload[..],
+            b"sentinel",
+            "{version:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn takeover_disconnects_the_old_connection_and_the_new_one_receives() {
+    let broker = TestBroker::start().await;
+    let persistent = Connect {
+        properties: ConnectProperties {
+            session_expiry_interval: Some(300),
+            ..Default::default()
+        },
+        ..connect_packet(V5, "device", false)
+    };
+    let (mut old, _) = RawClient::handshake(broker.mqtt, persistent.clone()).await;
+    old.subscribe("cmd", QoS::AtLeastOnce).await;
+    let (mut new, ack) = RawClient::handshake(broker.mqtt, persistent).await;
+    assert!(ack.session_present);
+    old.expect_disconnect(ReasonCode::SESSION_TAKEN_OVER).await;
+
+    let mut p = RawClient::connected(broker.mqtt, V5, "ctl").await;
+    p.send(&Packet::Publish(publish_packet(
+        "cmd",
+        QoS::AtLeastOnce,
+        1,
+        b"reboot",
+    )))
+    .await;
+    assert_eq!(&new.recv_publish().await.payload[..], b"reboot");
+
+    // MQTT 3.1.1: the old connection is simply closed.
+    let mut old3 = RawClient::connected(broker.mqtt, V3, "device3").await;
+    let _new3 = RawClient::connected(broker.mqtt, V3, "device3").await;
+    assert_eq!(old3.expect_closed().await, []);
+}
+
+#[tokio::test]
+async fn keep_alive_timeout_disconnects_with_0x8d() {
+    let broker = TestBroker::start().await;
+    let (mut c, ack) = RawClient::handshake(
+        broker.mqtt,
+        Connect {
+            keep_alive: 1,
+            ..connect_packet(V5, "sleepy", true)
+        },
+    )
+    .await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    // Silence for 1.5 s: the broker gives up (recv waits up to the harness TIMEOUT).
+    c.expect_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn delayed_will_is_published_by_the_broker_timer() {
+    let broker = TestBroker::start().await;
+    let mut watcher = RawClient::connected(broker.mqtt, V5, "watcher").await;
+    watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
+    let connect = Connect {
+        will: Some(Will {
+            topic: "wills/dev".into(),
+            payload: "offline".into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: WillProperties {
+                will_delay_interval: Some(1),
+                ..Default::default()
+            },
+        }),
+        properties: ConnectProperties {
+            session_expiry_interval: Some(60),
+            ..Default::default()
+        },
+        ..connect_packet(V5, "dev", true)
+    };
+    let (c, _) = RawClient::handshake(broker.mqtt, connect).await;
+    drop(c); // network failure, no DISCONNECT
+    let will = watcher.recv_publish().await;
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..]),
+        ("wills/dev", &b"offline"[..])
+    );
+}
