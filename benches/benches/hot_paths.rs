@@ -10,12 +10,13 @@
 use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use raftmq_codec::{
-    Connect, ConnectProperties, Packet, PacketId, ProtocolVersion, Publish, PublishProperties,
-    QoS, Subscribe, SubscribeFilter, SubscribeProperties, SubscriptionOptions, decode, encode,
+    Connect, ConnectProperties, Packet, PacketId, ProtocolVersion, Publish, PublishProperties, QoS,
+    Subscribe, SubscribeFilter, SubscribeProperties, SubscriptionOptions, decode, encode,
 };
 use raftmq_core::auth::Principal;
 use raftmq_core::config::MqttConfig;
 use raftmq_core::index::SubscriptionIndex;
+use raftmq_core::session::SubEntry;
 use raftmq_core::topic::{TopicFilter, TopicLimits};
 use raftmq_core::{Broker, Message, NEVER_EXPIRES};
 use std::hint::black_box;
@@ -164,15 +165,23 @@ const PUBLISHES_PER_RESET: u64 = 500;
 fn attach_all(broker: &Broker, now: Instant) {
     let principal = Principal::default();
     for i in 0..SESSIONS {
-        let attached = broker.attach(&format!("session-{i}").into(), true, NEVER_EXPIRES, None, now);
+        let attached = broker.attach(
+            &format!("session-{i}").into(),
+            true,
+            NEVER_EXPIRES,
+            None,
+            now,
+        );
         broker
             .subscribe(
                 &attached.session,
                 attached.epoch,
                 &principal,
                 "fan/out",
-                SubscriptionOptions::default(),
-                None,
+                SubEntry {
+                    options: SubscriptionOptions::default(),
+                    subscription_id: None,
+                },
                 now,
             )
             .expect("not taken over");
@@ -194,7 +203,11 @@ fn broker(c: &mut Criterion) {
         origin: None,
     });
 
-    assert_eq!(broker.publish(message.clone(), now), SESSIONS, "every session is offered the message");
+    assert_eq!(
+        broker.publish(message.clone(), now),
+        SESSIONS,
+        "every session is offered the message"
+    );
     attach_all(&broker, now);
 
     let mut group = c.benchmark_group("broker");

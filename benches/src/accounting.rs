@@ -261,7 +261,10 @@ mod tests {
         use Receipt::*;
         assert_eq!(kinds, [New, New, Duplicate, New, Duplicate, Duplicate]);
         let t = tally_each(&l, &Sent(vec![3]), &[0]);
-        assert_eq!((t.delivered, t.lost, t.duplicates, t.out_of_order), (3, 0, 3, 0));
+        assert_eq!(
+            (t.delivered, t.lost, t.duplicates, t.out_of_order),
+            (3, 0, 3, 0)
+        );
     }
 
     #[test]
@@ -272,7 +275,10 @@ mod tests {
             &Sent(vec![6]),
             &[0],
         );
-        assert_eq!((t.delivered, t.lost, t.duplicates, t.out_of_order), (6, 0, 1, 2));
+        assert_eq!(
+            (t.delivered, t.lost, t.duplicates, t.out_of_order),
+            (6, 0, 1, 2)
+        );
     }
 
     #[test]
@@ -283,7 +289,10 @@ mod tests {
             &Sent(vec![3, 2, 1]),
             &[0, 1, 2],
         );
-        assert_eq!((t.expected, t.delivered, t.lost, t.out_of_order), (6, 6, 0, 0));
+        assert_eq!(
+            (t.expected, t.delivered, t.lost, t.out_of_order),
+            (6, 6, 0, 0)
+        );
     }
 
     #[test]
@@ -354,7 +363,10 @@ mod tests {
         let b = log(&[(0, 1), (0, 2), (0, 2)]);
         let t = tally_group(&[&a, &b], &sent, &[0]);
         // 1 and 2 went to both members (2 of them twice to b), 3 to nobody.
-        assert_eq!((t.expected, t.delivered, t.lost, t.duplicates), (4, 3, 1, 3));
+        assert_eq!(
+            (t.expected, t.delivered, t.lost, t.duplicates),
+            (4, 3, 1, 3)
+        );
     }
 
     #[test]

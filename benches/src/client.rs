@@ -164,7 +164,8 @@ impl Conn {
 
     /// Sends DISCONNECT (normal) and closes the connection, within a second.
     pub async fn close(mut self) -> Result<()> {
-        self.bufs.queue(&Packet::Disconnect(Disconnect::default()))?;
+        self.bufs
+            .queue(&Packet::Disconnect(Disconnect::default()))?;
         close(&mut self.stream, &mut self.bufs.write).await
     }
 
@@ -261,11 +262,15 @@ pub struct Plan {
 pub struct Inbox {
     run: u32,
     publishers: u32,
+    measure_from: Instant,
+    measure_until: Instant,
+    /// `measure_from` as a [`timestamp`], to compare with stamps.
     measure_from_ns: u64,
     pub log: StreamLog,
-    /// Publish → first receipt latency (µs) of measured messages; allocated on first use.
+    /// Publish → first receipt latency (µs) of messages published in the measured window,
+    /// whenever they arrive; allocated on first use.
     pub latency: Option<Histogram<u64>>,
-    /// First receipts of messages published since `measure_from`.
+    /// First receipts that arrived in the measured window (whenever they were published).
     pub measured: u64,
     /// Messages without a stamp of this run (or from an unknown publisher).
     pub foreign: u64,
@@ -274,11 +279,14 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    /// An inbox for stamps of `run` from publishers `0..publishers`.
-    pub fn new(run: u32, publishers: u32, measure_from: Instant) -> Self {
+    /// An inbox for stamps of `run` from publishers `0..publishers`, measuring from
+    /// `measure_from` until `measure_until`.
+    pub fn new(run: u32, publishers: u32, measure_from: Instant, measure_until: Instant) -> Self {
         Inbox {
             run,
             publishers,
+            measure_from,
+            measure_until,
             measure_from_ns: timestamp(measure_from),
             log: StreamLog::default(),
             latency: None,
@@ -299,8 +307,10 @@ impl Inbox {
             return false;
         }
         self.last_new_at = Some(now);
-        if stamp.sent_ns >= self.measure_from_ns {
+        if (self.measure_from..self.measure_until).contains(&now) {
             self.measured += 1;
+        }
+        if stamp.sent_ns >= self.measure_from_ns {
             let micros = timestamp(now).saturating_sub(stamp.sent_ns) / 1000;
             self.latency
                 .get_or_insert_with(latency_histogram)
@@ -612,7 +622,9 @@ impl State {
             self.out.sent += 1;
             self.out.sent_measured += u64::from(measured);
         };
-        self.counters.sent.fetch_add(self.out.sent - before, Relaxed);
+        self.counters
+            .sent
+            .fetch_add(self.out.sent - before, Relaxed);
         Ok(blocked)
     }
 
@@ -664,7 +676,10 @@ impl State {
 
     fn on_puback(&mut self, r: PubResponse) -> Result<()> {
         if self.our_qos() != QoS::AtLeastOnce || *self.out.slot(r.packet_id) != Slot::AwaitAck {
-            bail!("PUBACK for packet id {} which is not in flight", r.packet_id);
+            bail!(
+                "PUBACK for packet id {} which is not in flight",
+                r.packet_id
+            );
         }
         self.out.complete(r.packet_id, r.reason_code.is_success());
         Ok(())
@@ -672,7 +687,10 @@ impl State {
 
     fn on_pubrec(&mut self, r: PubResponse) -> Result<()> {
         if self.our_qos() != QoS::ExactlyOnce || *self.out.slot(r.packet_id) != Slot::AwaitAck {
-            bail!("PUBREC for packet id {} which is not in flight", r.packet_id);
+            bail!(
+                "PUBREC for packet id {} which is not in flight",
+                r.packet_id
+            );
         }
         if r.reason_code.is_success() {
             *self.out.slot(r.packet_id) = Slot::AwaitComp;
@@ -686,7 +704,10 @@ impl State {
 
     fn on_pubcomp(&mut self, r: PubResponse) -> Result<()> {
         if *self.out.slot(r.packet_id) != Slot::AwaitComp {
-            bail!("PUBCOMP for packet id {} which is not in flight", r.packet_id);
+            bail!(
+                "PUBCOMP for packet id {} which is not in flight",
+                r.packet_id
+            );
         }
         self.out.complete(r.packet_id, true);
         Ok(())

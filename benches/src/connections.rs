@@ -28,7 +28,10 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
     let open = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut connections = JoinSet::new();
-    let mut ticks = tokio::time::interval_at((started + Duration::from_secs(1)).into(), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval_at(
+        (started + Duration::from_secs(1)).into(),
+        Duration::from_secs(1),
+    );
     let progress = |open: u64| {
         eprintln!(
             "[{:>4.0}s] {open} connections open",
@@ -49,7 +52,7 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
         let endpoint = ctx.endpoint.clone();
         let session = SessionOptions::clean(ctx.client_id('c', i));
         let (stopped, results, open) = (stopped.clone(), results.clone(), open.clone());
-        let inbox = Inbox::new(ctx.run, 0, started);
+        let inbox = Inbox::new(ctx.run, 0, started, started);
         connections.spawn(async move {
             let permit = permits.acquire_owned().await?;
             let t = Instant::now();
@@ -118,7 +121,10 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
     summary.duration_s = args.duration.as_secs_f64();
     summary.connect = connect.stats();
     if let (Some(before), Some(loaded), Some(end)) = (before, loaded, end) {
-        summary.broker = Some(BrokerUsage::between(before, before, end, loaded).per_connection(summary.connect.established));
+        summary.broker = Some(
+            BrokerUsage::between(before, before, end, loaded)
+                .per_connection(summary.connect.established),
+        );
     }
     if still_open < summary.connect.established {
         errors.push(&anyhow::anyhow!(
@@ -183,7 +189,10 @@ pub async fn churn(ctx: &Context, args: &ChurnArgs) -> Result<Summary> {
             me
         });
     }
-    let mut ticks = tokio::time::interval_at((started + Duration::from_secs(1)).into(), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval_at(
+        (started + Duration::from_secs(1)).into(),
+        Duration::from_secs(1),
+    );
     let mut last = 0;
     let mut churners = Vec::new();
     loop {
@@ -227,7 +236,7 @@ pub async fn churn(ctx: &Context, args: &ChurnArgs) -> Result<Summary> {
         broker_cpu_us_per_cycle: None,
     };
     if let (Some(before), Some(loaded)) = (before, loaded.await??) {
-        let usage = BrokerUsage::between(before, before, loaded, loaded).per_connection(args.clients.into());
+        let usage = BrokerUsage::between(before, before, loaded, loaded);
         churn.broker_cpu_us_per_cycle =
             (total.cycles > 0).then(|| usage.cpu_seconds * 1e6 / total.cycles as f64);
         summary.broker = Some(usage);

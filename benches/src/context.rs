@@ -6,13 +6,13 @@ use crate::client::{Counters, Endpoint, latency_histogram};
 use crate::procfs::{self, Sample};
 use crate::summary::{ConnectStats, Percentiles, Summary};
 use anyhow::{Context as _, Result, anyhow};
+use hdrhistogram::Histogram;
 use raftmq_codec::{ProtocolVersion, QoS};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use hdrhistogram::Histogram;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -35,7 +35,9 @@ impl Context {
             _ => ProtocolVersion::V3_1_1,
         };
         Ok(Context {
-            run: std::collections::hash_map::RandomState::new().build_hasher().finish() as u32,
+            run: std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish() as u32,
             common: common.clone(),
             endpoint: Endpoint {
                 addr,
@@ -120,12 +122,15 @@ impl Context {
         let mut opened: Vec<Option<T>> = (0..count).map(|_| None).collect();
         let mut log = ConnectLog::default();
         while let Some(joined) = tasks.join_next().await {
-            let (i, value, took) = joined?.with_context(|| format!("opening {count} connections"))?;
+            let (i, value, took) =
+                joined?.with_context(|| format!("opening {count} connections"))?;
             opened[i as usize] = Some(value);
             log.established(took);
         }
         log.elapsed = started.elapsed();
-        let opened = opened.into_iter().map(|v| v.ok_or_else(|| anyhow!("lost a connection")));
+        let opened = opened
+            .into_iter()
+            .map(|v| v.ok_or_else(|| anyhow!("lost a connection")));
         Ok((opened.collect::<Result<_>>()?, log))
     }
 }
@@ -182,7 +187,11 @@ impl ConnectLog {
             attempted: self.attempted,
             established,
             failed: self.failed,
-            per_s: if seconds > 0.0 { established as f64 / seconds } else { 0.0 },
+            per_s: if seconds > 0.0 {
+                established as f64 / seconds
+            } else {
+                0.0
+            },
             latency_ms: Percentiles::of(&self.latency, 1000.0),
         }
     }

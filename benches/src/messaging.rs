@@ -2,13 +2,19 @@
 //!
 //! Timeline: subscribers connect and subscribe, then publishers connect; publishing starts for
 //! everyone at once and lasts warm-up + duration; then up to `--drain` for acknowledgements and
-//! messages in transit, ending early once every expected copy has arrived. Rates, latency and
-//! broker CPU cover the measured window (after warm-up, until the end of the drain for CPU);
-//! loss, duplicates and ordering cover the whole run.
+//! messages in transit, ending early once every expected copy has arrived.
+//!
+//! The measured window is the `--duration` after the warm-up. Offered rate: messages published
+//! in it; delivered rate: first receipts arriving in it (so an overloaded broker still
+//! delivering a backlog shows its real delivery rate); broker CPU per message: CPU time in it
+//! divided by those receipts. Latency covers the messages published in the window, whenever
+//! they arrive. Loss, duplicates and ordering cover the whole run, warm-up and drain included.
 
 use crate::accounting::{Sent, Tally, tally_each, tally_group};
 use crate::cli::LoadArgs;
-use crate::client::{Conn, Counters, Driver, Inbox, Outcome, Plan, SessionOptions, latency_histogram};
+use crate::client::{
+    Conn, Counters, Driver, Inbox, Outcome, Plan, SessionOptions, latency_histogram,
+};
 use crate::context::{Context, Progress, qos};
 use crate::payload::STAMP_LEN;
 use crate::procfs::BrokerUsage;
@@ -161,11 +167,11 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
     let counters = Arc::new(Counters::default());
     let (stop, stopped) = watch::channel(false);
     let cpu_start = ctx.sample_at(measure_from);
-    let loaded = ctx.sample_at(until);
+    let cpu_end = ctx.sample_at(until);
 
     let mut subscriber_tasks = JoinSet::new();
     for (i, conn) in subscribers.into_iter().enumerate() {
-        let inbox = Inbox::new(ctx.run, publishers, measure_from);
+        let inbox = Inbox::new(ctx.run, publishers, measure_from, until);
         let driver = Driver::new(conn, stopped.clone(), counters.clone(), inbox);
         subscriber_tasks.spawn(async move { (i, driver.run().await) });
     }
@@ -186,14 +192,17 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
             until: Some(until),
             measure_from,
         };
-        let inbox = Inbox::new(ctx.run, 0, measure_from);
+        let inbox = Inbox::new(ctx.run, 0, measure_from, until);
         let driver = Driver::new(conn, stopped.clone(), counters.clone(), inbox).publishing(plan);
         publisher_tasks.spawn(async move { (i, driver.run().await) });
     }
 
     // Publishers end by themselves once done and acknowledged, or at the deadline.
     let mut progress = Progress::new(counters.clone(), topology.copies(0));
-    let mut ticks = tokio::time::interval_at((start + Duration::from_secs(1)).into(), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval_at(
+        (start + Duration::from_secs(1)).into(),
+        Duration::from_secs(1),
+    );
     let hard_stop = tokio::time::sleep_until(deadline.into());
     tokio::pin!(hard_stop);
     let mut published = Vec::new();
@@ -212,14 +221,15 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
     let sent = Sent(published.iter().map(|o| o.sent).collect());
 
     // Wait for the copies still in transit.
-    let expected: u64 = (0..publishers).map(|p| sent.0[p as usize] * topology.copies(p)).sum();
+    let expected: u64 = (0..publishers)
+        .map(|p| sent.0[p as usize] * topology.copies(p))
+        .sum();
     while counters.received.load(Relaxed) < expected && Instant::now() < deadline {
         tokio::select! {
             _ = ticks.tick() => progress.tick(),
             () = tokio::time::sleep(Duration::from_millis(5)) => {}
         }
     }
-    let cpu_end = ctx.sample()?;
     stop.send_replace(true);
     let mut received: Vec<_> = subscriber_tasks.join_all().await;
     received.sort_by_key(|(i, _)| *i);
@@ -275,13 +285,15 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
             tally.lost as f64 / tally.expected as f64
         },
     });
-    if let (Some(before), Some(start), Some(end), Some(loaded)) =
-        (before, cpu_start.await??, cpu_end, loaded.await??)
-    {
-        summary.broker = Some(BrokerUsage::between(before, start, end, loaded).per_message(measured));
+    if let (Some(before), Some(start), Some(end)) = (before, cpu_start.await??, cpu_end.await??) {
+        summary.broker = Some(BrokerUsage::between(before, start, end, end).per_message(measured));
     }
     let mut errors = Errors::default();
-    for error in published.iter().chain(&received).filter_map(|o| o.error.as_ref()) {
+    for error in published
+        .iter()
+        .chain(&received)
+        .filter_map(|o| o.error.as_ref())
+    {
         errors.push(error);
     }
     errors.store(&mut summary);

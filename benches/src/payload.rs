@@ -53,7 +53,8 @@ impl Stamp {
     /// The stamp of `payload` if it carries one from run `run`.
     pub fn parse(payload: &[u8], run: u32) -> Option<Self> {
         let header: &[u8; STAMP_LEN] = payload.get(..STAMP_LEN)?.try_into().ok()?;
-        let u32_at = |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+        let u32_at =
+            |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
         let u64_at = |i: usize| (u64::from(u32_at(i)) << 32) | u64::from(u32_at(i + 4));
         let stamp = Stamp {
             run: u32_at(0),

@@ -49,7 +49,8 @@ fn stem(path: &Path) -> String {
 }
 
 fn read_summary(path: &Path) -> Result<Summary> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -65,7 +66,12 @@ struct Metric {
 const METRICS: &[Metric] = &[
     Metric {
         name: "delivered msg/s ↑",
-        value: |s| s.messages.as_ref().filter(|_| s.retained.is_none()).map(|m| m.delivered_per_s),
+        value: |s| {
+            s.messages
+                .as_ref()
+                .filter(|_| s.retained.is_none())
+                .map(|m| m.delivered_per_s)
+        },
         ratio: true,
     },
     Metric {
@@ -108,7 +114,11 @@ const METRICS: &[Metric] = &[
     },
     Metric {
         name: "broker RSS KiB/conn ↓",
-        value: |s| s.broker.and_then(|b| b.rss_per_conn_bytes).map(|b| b / 1024.0),
+        value: |s| {
+            s.broker
+                .and_then(|b| b.rss_per_conn_bytes)
+                .map(|b| b / 1024.0)
+        },
         ratio: true,
     },
     Metric {
@@ -168,7 +178,11 @@ fn render(first: &Run, second: &Run, notes: &[String]) -> String {
                 (Some(vx), Some(vy)) if metric.ratio && vy != 0.0 => format!("{:.2}", vx / vy),
                 _ => "–".to_owned(),
             };
-            let label = if std::mem::take(&mut first_row) { title } else { "" };
+            let label = if std::mem::take(&mut first_row) {
+                title
+            } else {
+                ""
+            };
             let _ = writeln!(
                 md,
                 "| {label} | {} | {} | {} | {ratio} |",
@@ -239,12 +253,21 @@ mod tests {
         let md = render(&a, &b, &["Machine: test".into()]);
         assert!(md.starts_with("# raftmq vs mosquitto"), "{md}");
         assert!(md.contains("Machine: test"));
-        assert!(md.contains("| p2p: 10 pairs | delivered msg/s ↑ | 200,000 | 100,000 | 2.00 |"), "{md}");
-        assert!(md.contains("|  | latency p99 ms ↓ | 2.00 | 4.00 | 0.50 |"), "{md}");
+        assert!(
+            md.contains("| p2p: 10 pairs | delivered msg/s ↑ | 200,000 | 100,000 | 2.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("|  | latency p99 ms ↓ | 2.00 | 4.00 | 0.50 |"),
+            "{md}"
+        );
         assert!(md.contains("|  | loss % ↓ | 0.000 | 0.000 | – |"), "{md}");
         assert!(md.contains("| – | 5.00 | – |"), "{md}");
         assert!(md.contains("raftmq has no result for `02-fanout`"), "{md}");
-        assert!(md.contains("mosquitto `01-p2p`: 1 error(s), first: connection reset"), "{md}");
+        assert!(
+            md.contains("mosquitto `01-p2p`: 1 error(s), first: connection reset"),
+            "{md}"
+        );
     }
 
     #[test]

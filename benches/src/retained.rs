@@ -3,7 +3,9 @@
 
 use crate::accounting::{Sent, tally_each};
 use crate::cli::RetainedArgs;
-use crate::client::{Conn, Counters, Driver, Endpoint, Inbox, Outcome, Plan, SessionOptions, subscribe_packet};
+use crate::client::{
+    Conn, Counters, Driver, Endpoint, Inbox, Outcome, Plan, SessionOptions, subscribe_packet,
+};
 use crate::context::{ConnectLog, Context, qos};
 use crate::payload::STAMP_LEN;
 use crate::procfs::BrokerUsage;
@@ -32,7 +34,16 @@ pub async fn run(ctx: &Context, args: &RetainedArgs) -> Result<Summary> {
 
     // Store.
     let started = Instant::now();
-    let stored = publish_all(ctx, &pub_endpoint, &topics, Some(args.payload), qos, args, &mut connect).await?;
+    let stored = publish_all(
+        ctx,
+        &pub_endpoint,
+        &topics,
+        Some(args.payload),
+        qos,
+        args,
+        &mut connect,
+    )
+    .await?;
     let store_time = started.elapsed();
     let loaded = ctx.sample()?;
     ensure!(
@@ -45,14 +56,15 @@ pub async fn run(ctx: &Context, args: &RetainedArgs) -> Result<Summary> {
 
     // Receive them all.
     let t = Instant::now();
-    let (conn, _) = Conn::connect(&sub_endpoint, &SessionOptions::clean(ctx.client_id('s', 0))).await?;
+    let (conn, _) =
+        Conn::connect(&sub_endpoint, &SessionOptions::clean(ctx.client_id('s', 0))).await?;
     connect.established(t.elapsed());
+    connect.elapsed += t.elapsed();
     let counters = Arc::new(Counters::default());
     let (stop, stopped) = watch::channel(false);
-    let inbox = Inbox::new(ctx.run, 1, Instant::now());
+    let inbox = Inbox::new(ctx.run, 1, Instant::now(), Instant::now() + args.timeout);
     let driver = Driver::new(conn, stopped, counters.clone(), inbox)
         .sending(&subscribe_packet(&ctx.topic("retained/#"), qos))?;
-    let cpu_start = ctx.sample()?;
     let subscribed_at = Instant::now();
     let receiving = tokio::spawn(driver.run());
     let deadline = subscribed_at + args.timeout;
@@ -75,7 +87,10 @@ pub async fn run(ctx: &Context, args: &RetainedArgs) -> Result<Summary> {
         .map(|at| at.duration_since(subscribed_at).as_secs_f64());
     let mut summary = ctx.summary(
         "retained",
-        format!("{} topics, QoS {}, {} B payload", args.topics, args.qos, args.payload),
+        format!(
+            "{} topics, QoS {}, {} B payload",
+            args.topics, args.qos, args.payload
+        ),
     );
     summary.duration_s = receive_time.unwrap_or(args.timeout.as_secs_f64());
     summary.connect = connect.stats();
@@ -96,8 +111,10 @@ pub async fn run(ctx: &Context, args: &RetainedArgs) -> Result<Summary> {
         delivered_per_s: receive_time.map_or(0.0, |s| tally.delivered as f64 / s),
         loss_ratio: tally.lost as f64 / stored.sent as f64,
     });
-    if let (Some(before), Some(start), Some(end), Some(loaded)) = (before, cpu_start, cpu_end, loaded) {
-        summary.broker = Some(BrokerUsage::between(before, start, end, loaded).per_message(tally.delivered));
+    // Over the store and receive phases: the receive phase alone is often shorter than the
+    // 10 ms resolution of the CPU counters.
+    if let (Some(before), Some(end), Some(loaded)) = (before, cpu_end, loaded) {
+        summary.broker = Some(BrokerUsage::between(before, before, end, loaded));
     }
     for outcome in [&stored, &received, &cleared] {
         if let Some(error) = &outcome.error {
@@ -130,6 +147,7 @@ async fn publish_all(
     let t = Instant::now();
     let (conn, _) = Conn::connect(endpoint, &SessionOptions::clean(ctx.client_id('p', 0))).await?;
     connect.established(t.elapsed());
+    connect.elapsed += t.elapsed();
     let now = Instant::now();
     let plan = Plan {
         run: ctx.run,
@@ -146,7 +164,7 @@ async fn publish_all(
         measure_from: now,
     };
     let (stop, stopped) = watch::channel(false);
-    let inbox = Inbox::new(ctx.run, 0, now);
+    let inbox = Inbox::new(ctx.run, 0, now, now);
     let mut publishing = tokio::spawn(
         Driver::new(conn, stopped, Arc::new(Counters::default()), inbox)
             .publishing(plan)

@@ -62,7 +62,7 @@ pub struct MessageStats {
     pub foreign: u64,
     /// Messages published per second in the measured window.
     pub offered_per_s: f64,
-    /// Copies delivered per second (first receipts of messages published in the window).
+    /// Copies delivered per second: first receipts arriving in the measured window.
     pub delivered_per_s: f64,
     /// lost / expected.
     pub loss_ratio: f64,
@@ -194,17 +194,20 @@ impl fmt::Display for Summary {
             thousands(c.per_s)
         )?;
         if let Some(l) = &c.latency_ms {
-            write!(f, "; connect p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", l.p50, l.p99, l.max)?;
+            write!(
+                f,
+                "; connect p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                l.p50, l.p99, l.max
+            )?;
         }
         writeln!(f)?;
         if let Some(m) = &self.messages {
             let t = &m.tally;
             writeln!(
                 f,
-                "  published    {} ({} msg/s over {:.1} s); acked {}, rejected {}, unacked {}",
+                "  published    {} ({} msg/s); acked {}, rejected {}, unacked {}",
                 n(m.published),
                 thousands(m.offered_per_s),
-                self.duration_s,
                 n(m.acked),
                 n(m.rejected),
                 n(m.unacked)
@@ -245,7 +248,11 @@ impl fmt::Display for Summary {
             );
             match (r.receive_all_ms, r.receive_per_s) {
                 (Some(ms), Some(rate)) => {
-                    let _ = write!(line, "; all received {ms:.1} ms after SUBSCRIBE ({} msg/s)", thousands(rate));
+                    let _ = write!(
+                        line,
+                        "; all received {ms:.1} ms after SUBSCRIBE ({} msg/s)",
+                        thousands(rate)
+                    );
                 }
                 _ => line.push_str("; NOT all received"),
             }
@@ -312,7 +319,10 @@ mod tests {
         assert!((p.p50 - 500.0).abs() <= 5.0, "{p:?}");
         assert!((p.p99 - 990.0).abs() <= 10.0, "{p:?}");
         assert!((p.max - 1000.0).abs() <= 10.0, "{p:?}");
-        assert_eq!(Percentiles::of(&crate::client::latency_histogram(), 1.0), None);
+        assert_eq!(
+            Percentiles::of(&crate::client::latency_histogram(), 1.0),
+            None
+        );
     }
 
     #[test]

@@ -7,11 +7,15 @@
 
 use crate::auth::{Access, AllowAll, Authenticator, Authorizer, Principal};
 use crate::config::{MqttConfig, SharedStrategy};
+use crate::durability::{
+    Commit, DetachRecord, Durability, InMemory, MessageId, Recovered, StateChange, StoredTarget,
+};
 use crate::index::{Match, SubscriptionIndex};
 use crate::message::{Delivery, Message};
 use crate::retained::RetainedIndex;
 use crate::session::{
-    Enqueued, PendingWill, QueueLimits, Session, SessionState, SubEntry, SubscriptionRecord,
+    Enqueued, Outgoing, OutgoingEntry, PendingWill, QueueLimits, Session, SessionState, SubEntry,
+    SubscriptionRecord,
 };
 use crate::stats::BrokerStats;
 use crate::topic::{TopicLimits, TopicName, parse_subscription};
@@ -42,6 +46,27 @@ pub struct Attached {
     pub epoch: u64,
     /// Whether an existing session was resumed.
     pub session_present: bool,
+    /// Resolves when the attachment is durable (CONNACK waits for it).
+    pub commit: Commit,
+}
+
+/// Result of routing a publish.
+#[derive(Debug)]
+pub struct Routed {
+    /// Sessions the message was offered to.
+    pub offered: usize,
+    /// Resolves when the message is durable for every persistent session it was offered to
+    /// (and its retained change recorded); the publisher's PUBACK/PUBREC waits for it.
+    pub commit: Commit,
+}
+
+/// Result of one topic filter of a SUBSCRIBE.
+#[derive(Debug)]
+pub struct Subscribed {
+    /// SUBACK reason code (the granted QoS on success).
+    pub code: ReasonCode,
+    /// The durable record to propose (persistent sessions only).
+    pub change: Option<StateChange>,
 }
 
 /// How a connection ended, for will handling.
@@ -90,6 +115,7 @@ pub struct Broker {
     timers: Mutex<Timers>,
     authenticator: Arc<dyn Authenticator>,
     authorizer: Arc<dyn Authorizer>,
+    durability: Arc<dyn Durability>,
     stats: BrokerStats,
     assigned_ids: AtomicU64,
     /// Source of session epochs. Broker-wide, so an epoch is never reused even by a new
@@ -137,6 +163,7 @@ impl Broker {
             timers: Mutex::new(Timers::default()),
             authenticator,
             authorizer,
+            durability: Arc::new(InMemory::default()),
             stats: BrokerStats::default(),
             assigned_ids: AtomicU64::new(0),
             epochs: AtomicU64::new(0),
@@ -145,6 +172,22 @@ impl Broker {
             topic_limits,
             queue_limits,
             config,
+        }
+    }
+
+    /// Uses `durability` for persistent state (the default, [`InMemory`], keeps nothing).
+    /// Call [`Broker::recover`] afterwards to load what it holds.
+    pub fn with_durability(mut self, durability: Arc<dyn Durability>) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Proposes `changes` (nothing to do when empty).
+    pub fn propose(&self, changes: Vec<StateChange>) -> Commit {
+        if changes.is_empty() {
+            Commit::ready()
+        } else {
+            self.durability.propose(changes)
         }
     }
 
@@ -230,11 +273,13 @@ impl Broker {
         now: Instant,
     ) -> Attached {
         let mut wills_to_publish = Vec::new();
+        let mut changes = Vec::new();
         let attached = {
             let mut registry = self.sessions.lock();
             let resumed = match registry.get(client_id) {
                 Some(existing) => {
                     let mut st = existing.state.lock();
+                    let was_durable = existing.is_durable();
                     if st.online {
                         self.stats.takeovers.fetch_add(1, Relaxed);
                         self.stats.sessions_online.fetch_sub(1, Relaxed);
@@ -251,6 +296,12 @@ impl Broker {
                     Session::notify(&mut st);
                     if clean_start {
                         self.discard_locked(existing, &mut st);
+                        if was_durable {
+                            existing.set_durable(false);
+                            if expiry_secs == 0 {
+                                changes.push(StateChange::SessionEnded { client_id: client_id.clone() });
+                            }
+                        }
                         None
                     } else {
                         drop(st);
@@ -275,18 +326,32 @@ impl Broker {
             st.notified = false;
             st.waker = None;
             st.expiry_secs = expiry_secs;
-            st.will = will;
             st.disconnected_at = None;
             session.set_online(&mut st, true);
             self.stats.sessions_online.fetch_add(1, Relaxed);
             let epoch = st.epoch;
+            // A persistent session (or one that was, resumed with expiry 0 for this connection)
+            // is recorded, with its will, before CONNACK.
+            if expiry_secs > 0 || session.is_durable() {
+                session.set_durable(true);
+                changes.push(StateChange::SessionOpened {
+                    client_id: client_id.clone(),
+                    epoch,
+                    clean_start,
+                    expiry_secs,
+                    will: will.clone(),
+                });
+            }
+            st.will = will;
             drop(st);
             Attached {
                 session,
                 epoch,
                 session_present,
+                commit: Commit::ready(),
             }
         };
+        let attached = Attached { commit: self.propose(changes), ..attached };
         for w in wills_to_publish {
             self.publish_will(w, now);
         }
@@ -319,6 +384,11 @@ impl Broker {
                 self.discard_locked(session, &mut st);
                 drop(st);
                 self.remove_from_registry(&mut registry, session);
+                if session.is_durable() {
+                    session.set_durable(false);
+                    drop(registry);
+                    self.propose(vec![StateChange::SessionEnded { client_id: session.client_id().clone() }]);
+                }
             } else {
                 let client_id = session.client_id().clone();
                 let mut timers = Vec::new();
@@ -344,8 +414,23 @@ impl Broker {
                         epoch,
                     });
                 }
+                let record = StateChange::SessionDetached {
+                    client_id: session.client_id().clone(),
+                    epoch,
+                    how: if publish_now.is_some() {
+                        DetachRecord::WillPublished
+                    } else if st.will.is_some() {
+                        DetachRecord::Abnormal
+                    } else {
+                        DetachRecord::Normal
+                    },
+                    expiry_secs: st.expiry_secs,
+                };
                 drop(st);
                 drop(registry);
+                if session.is_durable() {
+                    self.propose(vec![record]);
+                }
                 self.schedule(timers);
             }
         }
@@ -396,7 +481,7 @@ impl Broker {
         let inflight = st
             .outgoing
             .values()
-            .filter(|o| matches!(o.state, crate::session::Outgoing::Publish(_)))
+            .filter(|o| matches!(o.state, Outgoing::Publish(_)))
             .count();
         self.stats
             .messages_inflight
@@ -462,14 +547,26 @@ impl Broker {
                 if st.epoch != timer.epoch || st.online {
                     continue;
                 }
-                match timer.kind {
-                    TimerKind::Will => publish = st.will.take(),
+                let client_id = session.client_id().clone();
+                let record = match timer.kind {
+                    TimerKind::Will => {
+                        publish = st.will.take();
+                        publish.is_some().then_some(StateChange::WillPublished { client_id })
+                    }
                     TimerKind::Expire => {
                         publish = st.will.take();
                         self.discard_locked(&session, &mut st);
                         drop(st);
                         self.remove_from_registry(&mut registry, &session);
+                        Some(StateChange::SessionEnded { client_id })
                     }
+                };
+                if let Some(record) = record.filter(|_| session.is_durable()) {
+                    if timer.kind == TimerKind::Expire {
+                        session.set_durable(false);
+                    }
+                    drop(registry);
+                    self.propose(vec![record]);
                 }
             }
             if let Some(w) = publish {
@@ -483,12 +580,35 @@ impl Broker {
         self.publish(will.into_message(now), now);
     }
 
-    /// Routes a message to every matching session and applies its RETAIN flag. Returns the
-    /// number of sessions it was offered to.
+    /// Routes a message to every matching session and applies its RETAIN flag, without
+    /// waiting for durability (wills, `$SYS`, administrative publishes). Returns the number of
+    /// sessions it was offered to.
     pub fn publish(&self, message: Arc<Message>, now: Instant) -> usize {
-        if message.retain && self.config.retain_available {
-            self.store_retained(&message);
+        self.route(message, None, now).offered
+    }
+
+    /// Routes a message published by a client. QoS 1/2 deliveries to persistent sessions are
+    /// stored once (one [`StateChange::MessageStored`] for all of them) and a retained change is
+    /// recorded; `incoming_qos2` (the publisher's session and packet id, for a new QoS 2
+    /// PUBLISH) is recorded when that session is persistent. The returned commit covers all of it.
+    pub fn route(&self, message: Arc<Message>, incoming_qos2: Option<(&Session, u16)>, now: Instant) -> Routed {
+        let mut changes = Vec::new();
+        if let Some((publisher, packet_id)) = incoming_qos2.filter(|(s, _)| s.is_durable()) {
+            changes.push(StateChange::IncomingQos2Received { client_id: publisher.client_id().clone(), packet_id });
         }
+        if message.retain && self.config.retain_available && self.store_retained(&message) {
+            changes.push(if message.payload.is_empty() {
+                StateChange::RetainedCleared { topic: message.topic.clone() }
+            } else {
+                StateChange::RetainedSet { message: message.clone() }
+            });
+        }
+        let offered = self.deliver(&message, &mut changes);
+        let _ = now;
+        Routed { offered, commit: self.propose(changes) }
+    }
+
+    fn deliver(&self, message: &Arc<Message>, changes: &mut Vec<StateChange>) -> usize {
         let mut targets: SmallVec<[(Arc<Session>, SubEntry); 8]> = SmallVec::new();
         let origin = message.origin.as_ref();
         self.index.for_each_match(&message.topic, |m| match m {
@@ -509,6 +629,7 @@ impl Broker {
             self.stats.messages_unrouted.fetch_add(1, Relaxed);
             return 0;
         }
+        let mut stored: Option<(MessageId, Vec<StoredTarget>)> = None;
         if targets.len() > 1 {
             targets.sort_unstable_by_key(|(s, _)| Arc::as_ptr(s) as usize);
         }
@@ -529,18 +650,30 @@ impl Broker {
                 ids.extend(e.subscription_id);
                 j += 1;
             }
-            let delivery = Delivery {
-                qos: qos.min(message.qos),
-                retain: message.retain && retain_as_published,
-                subscription_ids: ids,
-                message: message.clone(),
-            };
+            let qos = qos.min(message.qos);
+            let retain = message.retain && retain_as_published;
+            // QoS 1/2 for a persistent session: stored once, referenced by each such session.
+            let durable = (qos != QoS::AtMostOnce && session.is_durable()).then(|| {
+                stored.get_or_insert_with(|| (self.durability.next_message_id(), Vec::new())).0
+            });
+            let target = durable.map(|_| StoredTarget {
+                client_id: session.client_id().clone(),
+                qos,
+                retain,
+                subscription_ids: ids.clone(),
+            });
+            let delivery = Delivery { qos, retain, subscription_ids: ids, message: message.clone(), durable };
             if session.enqueue(delivery, &self.queue_limits, &self.stats) == Enqueued::Queued {
                 offered += 1;
+                if let (Some(target), Some((_, targets))) = (target, stored.as_mut()) {
+                    targets.push(target);
+                }
             }
             i = j;
         }
-        let _ = now;
+        if let Some((id, targets)) = stored.filter(|(_, t)| !t.is_empty()) {
+            changes.push(StateChange::MessageStored { id, message: message.clone(), targets });
+        }
         offered
     }
 
@@ -564,19 +697,20 @@ impl Broker {
             .or(members.get(start))
     }
 
-    fn store_retained(&self, message: &Arc<Message>) {
+    /// Applies a RETAIN publish to the retained store. Returns whether anything changed.
+    fn store_retained(&self, message: &Arc<Message>) -> bool {
         if message.payload.is_empty() {
-            self.retained.remove(&message.topic);
-            return;
+            return self.retained.remove(&message.topic).is_some();
         }
         let Ok(topic) = TopicName::new(&message.topic, &self.topic_limits) else {
-            return;
+            return false;
         };
         let max = self.config.max_retained_messages;
         if max > 0 && self.retained.len() >= max && self.retained.get(&message.topic).is_none() {
-            return;
+            return false;
         }
         self.retained.set(&topic, message.clone());
+        true
     }
 
     /// Retained messages matching `filter`, as deliveries for a subscription with `options`.
@@ -596,6 +730,7 @@ impl Broker {
                 retain: true,
                 subscription_ids: subscription_id.into_iter().collect(),
                 message: m,
+                durable: None,
             })
             .collect()
     }
@@ -616,20 +751,21 @@ impl Broker {
         filter: &str,
         requested: SubEntry,
         now: Instant,
-    ) -> Result<ReasonCode, TakenOver> {
+    ) -> Result<Subscribed, TakenOver> {
+        let refuse = |code| Ok(Subscribed { code, change: None });
         let SubEntry {
             options,
             subscription_id,
         } = requested;
         let parsed = match parse_subscription(filter, &self.topic_limits) {
             Ok(p) => p,
-            Err(_) => return Ok(ReasonCode::TOPIC_FILTER_INVALID),
+            Err(_) => return refuse(ReasonCode::TOPIC_FILTER_INVALID),
         };
         if parsed.share_group.is_some() && !self.config.shared_subscriptions {
-            return Ok(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+            return refuse(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
         }
         if !self.config.wildcard_subscriptions && parsed.filter.contains(['+', '#']) {
-            return Ok(ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED);
+            return refuse(ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED);
         }
         let granted = options
             .qos
@@ -641,7 +777,7 @@ impl Broker {
                 qos: granted,
             },
         ) {
-            return Ok(ReasonCode::NOT_AUTHORIZED);
+            return refuse(ReasonCode::NOT_AUTHORIZED);
         }
         let options = SubscriptionOptions {
             qos: granted,
@@ -659,7 +795,7 @@ impl Broker {
             }
             let max = self.config.max_subscriptions_per_client;
             if max > 0 && st.subscriptions.len() >= max && !st.subscriptions.contains_key(&key) {
-                return Ok(ReasonCode::QUOTA_EXCEEDED);
+                return refuse(ReasonCode::QUOTA_EXCEEDED);
             }
             self.index.subscribe(
                 &parsed.filter,
@@ -686,28 +822,109 @@ impl Broker {
                 session.enqueue(d, &self.queue_limits, &self.stats);
             }
         }
-        Ok(ReasonCode(granted.as_u8()))
+        let change = session.is_durable().then(|| StateChange::Subscribed {
+            client_id: session.client_id().clone(),
+            filter: Arc::from(filter),
+            entry,
+        });
+        Ok(Subscribed { code: ReasonCode(granted.as_u8()), change })
     }
 
-    /// Removes one subscription. Returns whether it existed.
+    /// Removes one subscription. Returns whether it existed, and the durable record to
+    /// propose (persistent sessions only).
     pub fn unsubscribe(
         &self,
         session: &Arc<Session>,
         epoch: u64,
         filter: &str,
-    ) -> Result<bool, TakenOver> {
+    ) -> Result<(bool, Option<StateChange>), TakenOver> {
         let mut st = session.state.lock();
         if st.epoch != epoch {
             return Err(TakenOver);
         }
-        match st.subscriptions.remove(filter) {
-            Some(rec) => {
+        match st.subscriptions.remove_entry(filter) {
+            Some((key, rec)) => {
                 self.index
                     .unsubscribe(&rec.filter, rec.share_group.as_deref(), session);
-                Ok(true)
+                let change = session.is_durable().then(|| StateChange::Unsubscribed {
+                    client_id: session.client_id().clone(),
+                    filter: key,
+                });
+                Ok((true, change))
             }
-            None => Ok(false),
+            None => Ok((false, None)),
         }
+    }
+
+    /// Rebuilds the broker from its durable storage at start-up: persistent sessions come back
+    /// offline with their subscriptions, queued and in-flight messages (in-flight ones keep
+    /// their packet ids, so they are resent as the protocol requires) and incoming QoS 2 state;
+    /// retained messages come back too. Will and expiry timers restart from `now`. Returns the
+    /// number of sessions recovered.
+    pub fn recover(&self, now: Instant) -> usize {
+        let Recovered { sessions, retained } = self.durability.recover();
+        for message in retained {
+            self.store_retained(&message);
+        }
+        let count = sessions.len();
+        for image in sessions {
+            let session = Arc::new(Session::new(image.client_id.clone(), image.expiry_secs));
+            session.set_durable(true);
+            let mut st = session.state.lock();
+            st.epoch = self.next_epoch();
+            st.disconnected_at = Some(now);
+            for (key, entry) in image.subscriptions {
+                let Ok(parsed) = parse_subscription(&key, &self.topic_limits) else { continue };
+                self.index.subscribe(&parsed.filter, parsed.share_group.as_deref(), session.clone(), entry);
+                let rec = SubscriptionRecord { filter: parsed.filter, share_group: parsed.share_group, entry };
+                st.subscriptions.insert(key, rec);
+            }
+            for stored in image.messages {
+                let delivery = Delivery {
+                    qos: stored.target.qos,
+                    retain: stored.target.retain,
+                    subscription_ids: stored.target.subscription_ids,
+                    message: stored.message,
+                    durable: Some(stored.id),
+                };
+                match stored.packet_id.filter(|id| *id != 0 && !st.outgoing.contains_key(id)) {
+                    Some(id) => {
+                        let state = if stored.released {
+                            Outgoing::Released(Some(stored.id))
+                        } else {
+                            self.stats.messages_inflight.fetch_add(1, Relaxed);
+                            Outgoing::Publish(delivery)
+                        };
+                        let seq = st.next_seq;
+                        st.next_seq += 1;
+                        st.outgoing.insert(id, OutgoingEntry { seq, state });
+                        st.next_packet_id = id.checked_add(1).unwrap_or(1);
+                    }
+                    None => {
+                        self.stats.messages_queued.fetch_add(1, Relaxed);
+                        st.queue.push_back(delivery);
+                    }
+                }
+            }
+            st.incoming_qos2.extend(image.incoming_qos2);
+            let epoch = st.epoch;
+            let mut timers = Vec::new();
+            if let Some(w) = &image.will {
+                let at = now + Duration::from_secs(u64::from(w.delay_secs));
+                timers.push(Timer { at, kind: TimerKind::Will, client_id: image.client_id.clone(), epoch });
+            }
+            st.will = image.will;
+            if image.expiry_secs != NEVER_EXPIRES {
+                let at = now + Duration::from_secs(u64::from(image.expiry_secs));
+                timers.push(Timer { at, kind: TimerKind::Expire, client_id: image.client_id.clone(), epoch });
+            }
+            drop(st);
+            if self.sessions.lock().insert(image.client_id, session).is_none() {
+                self.stats.sessions_total.fetch_add(1, Relaxed);
+            }
+            self.schedule(timers);
+        }
+        count
     }
 
     /// Ends a session by administrative action (kicks its connection if online).
@@ -727,6 +944,11 @@ impl Broker {
         self.discard_locked(&session, &mut st);
         drop(st);
         self.remove_from_registry(&mut registry, &session);
+        drop(registry);
+        if session.is_durable() {
+            session.set_durable(false);
+            self.propose(vec![StateChange::SessionEnded { client_id: session.client_id().clone() }]);
+        }
         true
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::auth::{Access, ConnectInfo, Principal};
 use crate::broker::{Broker, DetachKind, NEVER_EXPIRES, TakenOver};
+use crate::durability::{Commit, StateChange};
 use crate::message::{Delivery, Message};
 use crate::session::{Outgoing, OutgoingEntry, PendingWill, Session, SubEntry};
 use crate::stats::DropReason;
@@ -44,6 +45,8 @@ pub enum CloseReason {
     TakenOver,
     /// The server is shutting down or draining.
     ServerShutdown,
+    /// Durable storage could not commit (no quorum): the client should retry later.
+    StorageUnavailable,
 }
 
 struct Attachment {
@@ -89,6 +92,9 @@ pub struct Connection {
     version: ProtocolVersion,
     attachment: Option<Attachment>,
     out: VecDeque<Packet>,
+    /// Packets waiting for a durable commit, in order; once anything waits, everything after it
+    /// waits too, so the client sees acknowledgements and deliveries in protocol order.
+    pending: VecDeque<(Commit, Packet)>,
     closed: Option<CloseReason>,
     created_at: Instant,
     last_received: Instant,
@@ -115,6 +121,7 @@ impl Connection {
             version: ProtocolVersion::V3_1_1,
             attachment: None,
             out: VecDeque::new(),
+            pending: VecDeque::new(),
             closed: None,
             created_at: now,
             last_received: now,
@@ -176,6 +183,51 @@ impl Connection {
     /// The next packet to send.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
         self.out.pop_front()
+    }
+
+    /// The commit that the oldest held-back packet waits for; the caller awaits it and then
+    /// calls [`Self::handle_commits`].
+    pub fn pending_commit(&self) -> Option<Commit> {
+        self.pending.front().map(|(c, _)| c.clone())
+    }
+
+    /// Releases held-back packets whose commits completed. A failed commit (storage
+    /// unavailable, no quorum) closes the connection without the acknowledgement: v5 clients
+    /// get CONNACK 0x88 or DISCONNECT 0x89 and retry later, nothing is acknowledged that is not
+    /// durable.
+    pub fn handle_commits(&mut self, now: Instant) {
+        while let Some((commit, _)) = self.pending.front() {
+            match commit.result() {
+                None => return,
+                Some(Ok(())) => {
+                    if let Some((_, packet)) = self.pending.pop_front() {
+                        self.out.push_back(packet);
+                    }
+                }
+                Some(Err(_)) => {
+                    let connack = matches!(self.pending.front(), Some((_, Packet::ConnAck(_))));
+                    self.pending.clear();
+                    if connack {
+                        self.detach(DetachKind::Normal, now);
+                        return self.refuse_connect(ReasonCode::SERVER_UNAVAILABLE, now);
+                    }
+                    return self.close(
+                        CloseReason::StorageUnavailable,
+                        Some(ReasonCode::SERVER_BUSY),
+                        now,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends `packet` once `commit` (if any) and everything queued before it have completed.
+    fn emit(&mut self, packet: Packet, commit: Option<Commit>) {
+        let commit = commit.filter(|c| c.result() != Some(Ok(())));
+        match commit {
+            None if self.pending.is_empty() => self.out.push_back(packet),
+            commit => self.pending.push_back((commit.unwrap_or_else(Commit::ready), packet)),
+        }
     }
 
     /// Packets waiting to be sent.
@@ -272,7 +324,7 @@ impl Connection {
             Packet::Subscribe(s) => self.handle_subscribe(s, now),
             Packet::Unsubscribe(u) => self.handle_unsubscribe(u),
             Packet::PingReq => {
-                self.out.push_back(Packet::PingResp);
+                self.emit(Packet::PingResp, None);
                 Ok(())
             }
             Packet::Disconnect(d) => {
@@ -436,11 +488,14 @@ impl Connection {
                 props.shared_subscription_available = Some(false);
             }
         }
-        self.out.push_back(Packet::ConnAck(ConnAck {
-            session_present: attached.session_present,
-            reason_code: ReasonCode::SUCCESS,
-            properties: props,
-        }));
+        self.emit(
+            Packet::ConnAck(ConnAck {
+                session_present: attached.session_present,
+                reason_code: ReasonCode::SUCCESS,
+                properties: props,
+            }),
+            Some(attached.commit),
+        );
         self.attachment = Some(Attachment {
             session: attached.session,
             epoch: attached.epoch,
@@ -493,9 +548,7 @@ impl Connection {
                         self.complete_outgoing(id);
                     }
                 }
-                Outgoing::Released => self
-                    .out
-                    .push_back(Packet::PubRel(PubResponse::success(pid))),
+                Outgoing::Released(_) => self.emit(Packet::PubRel(PubResponse::success(pid)), None),
             }
         }
     }
@@ -507,7 +560,8 @@ impl Connection {
     /// The caller pumps after every batch of input (packets change the window; a SUBSCRIBE
     /// queues retained messages) and whenever the session is notified.
     pub fn pump(&mut self, now: Instant, budget: usize) -> bool {
-        if self.closed.is_some() {
+        if self.closed.is_some() || matches!(self.pending.front(), Some((_, Packet::ConnAck(_)))) {
+            // Nothing is delivered before CONNACK.
             return false;
         }
         let Some(att) = &self.attachment else {
@@ -515,6 +569,7 @@ impl Connection {
         };
         let session = att.session.clone();
         let epoch = att.epoch;
+        let mut sent_records = Vec::new();
         let window = usize::from(
             self.client_receive_max
                 .min(self.broker.config().max_inflight),
@@ -553,6 +608,13 @@ impl Connection {
                 let Some(d) = st.queue.pop_front() else { break };
                 stats.messages_queued.fetch_sub(1, Relaxed);
                 if let Some(pid) = pid {
+                    if let Some(id) = d.durable {
+                        sent_records.push(StateChange::MessageSent {
+                            client_id: session.client_id().clone(),
+                            id,
+                            packet_id: pid.get(),
+                        });
+                    }
                     let seq = st.next_seq;
                     st.next_seq += 1;
                     st.outgoing.insert(
@@ -569,6 +631,9 @@ impl Connection {
             }
         }
         let more = moved == budget && budget != usize::MAX;
+        // Packet ids of durable deliveries are recorded so a resumed session resends them with
+        // the same ids (§4.4); not awaited (a lost record only costs a QoS 1 duplicate).
+        broker.propose(sent_records);
         for (d, pid) in batch {
             if self.transmit_publish(&d, pid, false, now) {
                 stats.messages_sent[usize::from(d.qos.as_u8())].fetch_add(1, Relaxed);
@@ -613,7 +678,7 @@ impl Connection {
         {
             self.outbound_aliases.commit(&packet.topic, alias);
         }
-        self.out.push_back(Packet::Publish(packet));
+        self.emit(Packet::Publish(packet), None);
         true
     }
 
@@ -729,8 +794,7 @@ impl Connection {
             }
             if st.incoming_qos2.contains(&pid.get()) {
                 drop(st);
-                self.out
-                    .push_back(Packet::PubRec(PubResponse::success(pid)));
+                self.emit(Packet::PubRec(PubResponse::success(pid)), None);
                 return Ok(());
             }
             if refusal.is_none() || !v5 {
@@ -741,6 +805,7 @@ impl Connection {
             }
         }
         let mut reason = ReasonCode::SUCCESS;
+        let mut commit = None;
         if let Some(code) = refusal {
             reason = code;
         } else {
@@ -757,9 +822,14 @@ impl Connection {
                 received_at: now,
                 origin: Some(att.client_id.clone()),
             };
-            if self.broker.publish(Arc::new(message), now) == 0 {
+            let incoming_qos2 = pid
+                .filter(|_| p.qos == QoS::ExactlyOnce)
+                .map(|pid| (&*att.session, pid.get()));
+            let routed = self.broker.route(Arc::new(message), incoming_qos2, now);
+            if routed.offered == 0 {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
             }
+            commit = Some(routed.commit);
         }
         let ack = |pid| PubResponse {
             packet_id: pid,
@@ -768,8 +838,8 @@ impl Connection {
         };
         match (p.qos, pid) {
             (QoS::AtMostOnce, _) => {}
-            (QoS::AtLeastOnce, Some(pid)) => self.out.push_back(Packet::PubAck(ack(pid))),
-            (QoS::ExactlyOnce, Some(pid)) => self.out.push_back(Packet::PubRec(ack(pid))),
+            (QoS::AtLeastOnce, Some(pid)) => self.emit(Packet::PubAck(ack(pid)), commit),
+            (QoS::ExactlyOnce, Some(pid)) => self.emit(Packet::PubRec(ack(pid)), commit),
             (_, None) => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
         }
         Ok(())
@@ -784,16 +854,23 @@ impl Connection {
             }
             st.incoming_qos2.remove(&r.packet_id.get())
         };
+        if existed && att.session.is_durable() {
+            self.broker.propose(vec![StateChange::IncomingQos2Completed {
+                client_id: att.client_id.clone(),
+                packet_id: r.packet_id.get(),
+            }]);
+        }
         let reason = if existed || !self.version.is_v5() {
             ReasonCode::SUCCESS
         } else {
             ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
         };
-        self.out.push_back(Packet::PubComp(PubResponse {
+        let comp = Packet::PubComp(PubResponse {
             packet_id: r.packet_id,
             reason_code: reason,
             properties: ReasonProperties::default(),
-        }));
+        });
+        self.emit(comp, None);
         Ok(())
     }
 
@@ -805,9 +882,11 @@ impl Connection {
         }
         let id = r.packet_id.get();
         if matches!(st.outgoing.get(&id), Some(OutgoingEntry { state: Outgoing::Publish(d), .. }) if d.qos == QoS::AtLeastOnce)
+            && let Some(OutgoingEntry { state: Outgoing::Publish(d), .. }) = st.outgoing.remove(&id)
         {
-            st.outgoing.remove(&id);
+            drop(st);
             self.broker.stats().messages_inflight.fetch_sub(1, Relaxed);
+            self.record_acked(d.durable);
         }
         Ok(())
     }
@@ -815,6 +894,7 @@ impl Connection {
     fn handle_pubrec(&mut self, r: PubResponse) -> Result<(), Violation> {
         let att = self.attachment()?;
         let id = r.packet_id.get();
+        let mut released = None;
         let known = {
             let mut st = att.session.state.lock();
             if st.epoch != att.epoch {
@@ -823,29 +903,41 @@ impl Connection {
             match st.outgoing.get_mut(&id) {
                 Some(e) if matches!(&e.state, Outgoing::Publish(d) if d.qos == QoS::ExactlyOnce) => {
                     self.broker.stats().messages_inflight.fetch_sub(1, Relaxed);
-                    if r.reason_code.is_success() {
-                        e.state = Outgoing::Released;
-                    } else {
+                    let durable = match &e.state {
+                        Outgoing::Publish(d) => d.durable,
+                        Outgoing::Released(_) => None,
+                    };
+                    if !r.reason_code.is_success() {
                         // The client refused the message: the exchange ends here (§4.3.3).
                         st.outgoing.remove(&id);
+                        drop(st);
+                        self.record_acked(durable);
                         return Ok(());
                     }
+                    e.state = Outgoing::Released(durable);
+                    released = durable;
                     true
                 }
-                Some(e) => matches!(e.state, Outgoing::Released),
+                Some(e) => matches!(e.state, Outgoing::Released(_)),
                 None => false,
             }
         };
+        // PUBREL for a stored message waits until "released" is durable: after a restart the
+        // session must resend PUBREL, not the PUBLISH (exactly once).
+        let commit = released.map(|id| {
+            self.broker.propose(vec![StateChange::MessageReleased { client_id: att.client_id.clone(), id }])
+        });
         let reason = if known || !self.version.is_v5() {
             ReasonCode::SUCCESS
         } else {
             ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
         };
-        self.out.push_back(Packet::PubRel(PubResponse {
+        let rel = Packet::PubRel(PubResponse {
             packet_id: r.packet_id,
             reason_code: reason,
             properties: ReasonProperties::default(),
-        }));
+        });
+        self.emit(rel, commit);
         Ok(())
     }
 
@@ -855,23 +947,36 @@ impl Connection {
         if st.epoch != att.epoch {
             return Err(Violation::TakenOver);
         }
-        if matches!(
-            st.outgoing.get(&r.packet_id.get()),
-            Some(OutgoingEntry {
-                state: Outgoing::Released,
-                ..
-            })
-        ) {
-            st.outgoing.remove(&r.packet_id.get());
+        let id = r.packet_id.get();
+        if let Some(OutgoingEntry { state: Outgoing::Released(durable), .. }) = st.outgoing.get(&id) {
+            let durable = *durable;
+            st.outgoing.remove(&id);
+            drop(st);
+            self.record_acked(durable);
         }
         Ok(())
     }
 
+    /// Records that a stored message is done for this session (not awaited: a lost record
+    /// only means a redelivery after a crash).
+    fn record_acked(&self, durable: Option<crate::durability::MessageId>) {
+        if let (Some(id), Some(att)) = (durable, &self.attachment) {
+            self.broker.propose(vec![StateChange::MessageAcked { client_id: att.client_id.clone(), id }]);
+        }
+    }
+
     fn complete_outgoing(&mut self, id: u16) {
-        if let Some(att) = &self.attachment
-            && att.session.state.lock().outgoing.remove(&id).is_some()
-        {
-            self.broker.stats().messages_inflight.fetch_sub(1, Relaxed);
+        let Some(att) = &self.attachment else { return };
+        let removed = att.session.state.lock().outgoing.remove(&id);
+        if let Some(entry) = removed {
+            let durable = match entry.state {
+                Outgoing::Publish(d) => {
+                    self.broker.stats().messages_inflight.fetch_sub(1, Relaxed);
+                    d.durable
+                }
+                Outgoing::Released(durable) => durable,
+            };
+            self.record_acked(durable);
         }
     }
 
@@ -886,12 +991,13 @@ impl Connection {
         }
         let att = self.attachment()?;
         let mut codes = Vec::with_capacity(s.filters.len());
+        let mut changes = Vec::new();
         for f in &s.filters {
             // No Local on a shared subscription is a Protocol Error (§3.8.3.1).
             if v5 && f.options.no_local && f.filter.starts_with("$share/") {
                 return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR));
             }
-            let code = self
+            let subscribed = self
                 .broker
                 .subscribe(
                     &att.session,
@@ -905,35 +1011,42 @@ impl Connection {
                     now,
                 )
                 .map_err(|TakenOver| Violation::TakenOver)?;
-            codes.push(code);
+            codes.push(subscribed.code);
+            changes.extend(subscribed.change);
         }
-        self.out.push_back(Packet::SubAck(SubAck {
+        let commit = self.broker.propose(changes);
+        let ack = Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             properties: ReasonProperties::default(),
             reason_codes: codes,
-        }));
+        });
+        self.emit(ack, Some(commit));
         Ok(())
     }
 
     fn handle_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Violation> {
         let att = self.attachment()?;
         let mut codes = Vec::with_capacity(u.filters.len());
+        let mut changes = Vec::new();
         for f in &u.filters {
-            let existed = self
+            let (existed, change) = self
                 .broker
                 .unsubscribe(&att.session, att.epoch, f)
                 .map_err(|TakenOver| Violation::TakenOver)?;
+            changes.extend(change);
             codes.push(if existed {
                 ReasonCode::SUCCESS
             } else {
                 ReasonCode::NO_SUBSCRIPTION_EXISTED
             });
         }
-        self.out.push_back(Packet::UnsubAck(UnsubAck {
+        let commit = self.broker.propose(changes);
+        let ack = Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             properties: ReasonProperties::default(),
             reason_codes: codes,
-        }));
+        });
+        self.emit(ack, Some(commit));
         Ok(())
     }
 
@@ -987,6 +1100,7 @@ impl Connection {
             return;
         }
         self.out.clear();
+        self.pending.clear();
         if self.version.is_v5() {
             self.out.push_back(Packet::Disconnect(Disconnect::with_code(
                 ReasonCode::SESSION_TAKEN_OVER,

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod durability;
 pub mod index;
 pub mod message;
 pub mod retained;

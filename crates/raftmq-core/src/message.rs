@@ -55,4 +55,6 @@ pub struct Delivery {
     pub retain: bool,
     /// Identifiers of the matching subscriptions (MQTT 5).
     pub subscription_ids: SmallVec<[u32; 2]>,
+    /// Set when the message is stored durably for this (persistent) session.
+    pub durable: Option<crate::durability::MessageId>,
 }

@@ -10,7 +10,7 @@
 //! connection whose session was taken over can no longer deliver or acknowledge anything.
 
 use crate::config::OverflowPolicy;
-use crate::message::{Delivery, Message};
+use crate::message::Delivery;
 use crate::stats::{BrokerStats, DropReason};
 use ahash::{HashMap, HashMapExt};
 use parking_lot::Mutex;
@@ -20,7 +20,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The value stored in the subscription index for one subscription.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,8 +42,8 @@ pub struct SubscriptionRecord {
 pub(crate) enum Outgoing {
     /// PUBLISH QoS 1/2 awaiting PUBACK/PUBREC.
     Publish(Delivery),
-    /// PUBREL sent, awaiting PUBCOMP.
-    Released,
+    /// PUBREL sent, awaiting PUBCOMP (with the stored message's id, if it is durable).
+    Released(Option<crate::durability::MessageId>),
 }
 
 #[derive(Clone, Debug)]
@@ -53,28 +53,8 @@ pub(crate) struct OutgoingEntry {
     pub state: Outgoing,
 }
 
-/// A will waiting to be published.
-#[derive(Clone, Debug)]
-pub struct PendingWill {
-    /// The will as a message, without `expires_at` (see `message_expiry_secs`).
-    pub message: Arc<Message>,
-    pub delay_secs: u32,
-    /// The will's Message Expiry Interval: its lifetime counts from when it is published, not
-    /// from CONNECT (MQTT 5 §3.1.3.2.4).
-    pub message_expiry_secs: Option<u32>,
-}
-
-impl PendingWill {
-    /// The message to publish at `now`.
-    pub fn into_message(self, now: Instant) -> Arc<Message> {
-        let mut message = Arc::unwrap_or_clone(self.message);
-        message.received_at = now;
-        message.expires_at = self
-            .message_expiry_secs
-            .map(|s| now + Duration::from_secs(s.into()));
-        Arc::new(message)
-    }
-}
+/// A will waiting to be published (the same record that durable storage keeps).
+pub use crate::durability::WillRecord as PendingWill;
 
 /// Mutable session state (behind [`Session`]'s lock).
 #[derive(Debug)]
@@ -110,6 +90,8 @@ pub(crate) struct SessionState {
 pub struct Session {
     client_id: ByteStr,
     online: AtomicBool,
+    /// Recorded in durable storage (a persistent session): its changes are proposed.
+    durable: AtomicBool,
     pub(crate) state: Mutex<SessionState>,
 }
 
@@ -145,6 +127,7 @@ impl Session {
         Session {
             client_id,
             online: AtomicBool::new(false),
+            durable: AtomicBool::new(false),
             state: Mutex::new(SessionState {
                 epoch: 0,
                 online: false,
@@ -171,6 +154,15 @@ impl Session {
     /// Whether a connection is attached (lock-free; may be momentarily stale).
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Relaxed)
+    }
+
+    /// Whether the session is recorded in durable storage.
+    pub fn is_durable(&self) -> bool {
+        self.durable.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_durable(&self, durable: bool) {
+        self.durable.store(durable, Ordering::Relaxed);
     }
 
     pub(crate) fn set_online(&self, state: &mut SessionState, online: bool) {

@@ -66,6 +66,7 @@ pub(crate) async fn run<S>(
             continue;
         }
         let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
+        let commit = conn.pending_commit();
         tokio::select! {
             read = stream.read_buf(&mut rbuf) => {
                 let now = Instant::now();
@@ -105,6 +106,13 @@ pub(crate) async fn run<S>(
                     None => std::future::pending().await,
                 }
             } => conn.handle_timeout(Instant::now()),
+            // An acknowledgement held back until its change is durable.
+            _ = async {
+                match &commit {
+                    Some(c) => { let _ = c.clone().await; }
+                    None => std::future::pending().await,
+                }
+            } => conn.handle_commits(Instant::now()),
             _ = shutdown.changed() => conn.handle_shutdown(ReasonCode::SERVER_SHUTTING_DOWN, Instant::now()),
         }
     }
@@ -124,5 +132,6 @@ fn close_label(reason: CloseReason) -> &'static str {
         CloseReason::KeepAliveTimeout => "keep_alive_timeout",
         CloseReason::TakenOver => "taken_over",
         CloseReason::ServerShutdown => "server_shutdown",
+        CloseReason::StorageUnavailable => "storage_unavailable",
     }
 }

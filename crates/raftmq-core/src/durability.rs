@@ -1,0 +1,500 @@
+//! The seam between the broker's in-memory state and durable (replicated) storage.
+//!
+//! The broker keeps all state in memory for speed and reports every change that a persistent
+//! session or a retained message must survive as a [`StateChange`] to a [`Durability`]
+//! implementation, which returns a [`Commit`]. Acknowledgements that promise durability wait for
+//! that commit: CONNACK for a persistent session, SUBACK/UNSUBACK on one, PUBACK/PUBREC for a
+//! QoS 1/2 message that a persistent session will receive or that sets a retained message, and
+//! PUBREL towards a persistent subscriber. Everything else (QoS 0, clean sessions, online
+//! delivery) never waits.
+//!
+//! [`InMemory`] commits at once and remembers nothing (a single node without a data dir). The
+//! Raft-replicated RocksDB store implements the same trait; on start-up the broker is rebuilt
+//! from [`Durability::recover`].
+//!
+//! Messages are stored once, under a [`MessageId`], and referenced by every session that needs
+//! them: fan-out to many persistent sessions is one stored message, not one copy per session.
+
+use crate::message::Message;
+use crate::session::SubEntry;
+use parking_lot::Mutex;
+use raftmq_codec::{ByteStr, QoS};
+use smallvec::SmallVec;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+
+/// Identifies a stored message cluster-wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub u64);
+
+/// A delivery of a stored message to one persistent session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredTarget {
+    pub client_id: ByteStr,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: SmallVec<[u32; 2]>,
+}
+
+/// A will as stored with its session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WillRecord {
+    pub message: Arc<Message>,
+    pub delay_secs: u32,
+    pub message_expiry_secs: Option<u32>,
+}
+
+impl WillRecord {
+    /// The will as the message to publish at `now`: its expiry counts from publication
+    /// (MQTT 5 §3.1.3.2.4).
+    pub fn into_message(self, now: std::time::Instant) -> Arc<Message> {
+        let mut message = Arc::unwrap_or_clone(self.message);
+        message.received_at = now;
+        message.expires_at =
+            self.message_expiry_secs.map(|s| now + std::time::Duration::from_secs(s.into()));
+        Arc::new(message)
+    }
+}
+
+/// How a session's connection ended, as recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetachRecord {
+    /// Normal DISCONNECT: the will is discarded.
+    Normal,
+    /// The will is (or was) published.
+    WillPublished,
+    /// Abnormal end: the will waits for its delay.
+    Abnormal,
+}
+
+/// One change of durable state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateChange {
+    /// A connection attached to the persistent session of `client_id` (creating it, or replacing
+    /// it when `clean_start`). `epoch` is the attachment's fencing token.
+    SessionOpened { client_id: ByteStr, epoch: u64, clean_start: bool, expiry_secs: u32, will: Option<WillRecord> },
+    /// The connection of `client_id` ended; expiry counts from here.
+    SessionDetached { client_id: ByteStr, epoch: u64, how: DetachRecord, expiry_secs: u32 },
+    /// The session ended (expired, replaced by a clean session, or removed).
+    SessionEnded { client_id: ByteStr },
+    Subscribed { client_id: ByteStr, filter: Arc<str>, entry: SubEntry },
+    Unsubscribed { client_id: ByteStr, filter: Arc<str> },
+    /// A delayed will was published (it must not be published again after recovery).
+    WillPublished { client_id: ByteStr },
+    /// A message to deliver to persistent sessions, stored once for all of them.
+    MessageStored { id: MessageId, message: Arc<Message>, targets: Vec<StoredTarget> },
+    /// A stored message was sent to a session under `packet_id` (redeliveries reuse it).
+    MessageSent { client_id: ByteStr, id: MessageId, packet_id: u16 },
+    /// A session acknowledged a stored message (PUBACK, or PUBCOMP for QoS 2).
+    MessageAcked { client_id: ByteStr, id: MessageId },
+    /// A session answered PUBREC for a stored QoS 2 message: PUBREL is next on redelivery.
+    MessageReleased { client_id: ByteStr, id: MessageId },
+    /// A persistent session received QoS 2 `packet_id` from its client (PUBREC sent).
+    IncomingQos2Received { client_id: ByteStr, packet_id: u16 },
+    /// The client's PUBREL completed that exchange.
+    IncomingQos2Completed { client_id: ByteStr, packet_id: u16 },
+    RetainedSet { message: Arc<Message> },
+    RetainedCleared { topic: ByteStr },
+}
+
+/// Why a change could not be made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DurabilityError {
+    /// No quorum (or the store is failing): refuse with Server Unavailable, retry later.
+    #[error("durable storage unavailable")]
+    Unavailable,
+}
+
+#[derive(Debug, Default)]
+struct CommitInner {
+    result: Option<Result<(), DurabilityError>>,
+    wakers: SmallVec<[Waker; 1]>,
+}
+
+/// Completion of a [`Durability::propose`]: a future that any number of clones can await.
+#[derive(Clone, Debug)]
+pub struct Commit(Option<Arc<Mutex<CommitInner>>>);
+
+/// Resolves a pending [`Commit`].
+#[derive(Debug)]
+pub struct CommitHandle(Arc<Mutex<CommitInner>>);
+
+impl Commit {
+    /// An already committed change.
+    pub fn ready() -> Commit {
+        Commit(None)
+    }
+
+    /// A commit resolved later through the returned handle.
+    pub fn pending() -> (Commit, CommitHandle) {
+        let inner = Arc::new(Mutex::new(CommitInner::default()));
+        (Commit(Some(inner.clone())), CommitHandle(inner))
+    }
+
+    /// The result, if known.
+    pub fn result(&self) -> Option<Result<(), DurabilityError>> {
+        match &self.0 {
+            None => Some(Ok(())),
+            Some(inner) => inner.lock().result,
+        }
+    }
+
+    /// Polls for the result, registering the waker.
+    pub fn poll_result(&self, cx: &mut Context<'_>) -> Poll<Result<(), DurabilityError>> {
+        let Some(inner) = &self.0 else { return Poll::Ready(Ok(())) };
+        let mut inner = inner.lock();
+        match inner.result {
+            Some(r) => Poll::Ready(r),
+            None => {
+                if !inner.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    inner.wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Future for Commit {
+    type Output = Result<(), DurabilityError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.poll_result(cx)
+    }
+}
+
+impl CommitHandle {
+    /// Resolves the commit and wakes its waiters.
+    pub fn complete(self, result: Result<(), DurabilityError>) {
+        let wakers = {
+            let mut inner = self.0.lock();
+            inner.result = Some(result);
+            std::mem::take(&mut inner.wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl Drop for CommitHandle {
+    fn drop(&mut self) {
+        // A handle dropped without an answer must not leave its waiters hanging.
+        let wakers = {
+            let mut inner = self.0.lock();
+            if inner.result.is_some() {
+                return;
+            }
+            inner.result = Some(Err(DurabilityError::Unavailable));
+            std::mem::take(&mut inner.wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// A persistent session as recovered from durable storage.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionImage {
+    pub client_id: ByteStr,
+    pub expiry_secs: u32,
+    pub subscriptions: Vec<(Arc<str>, SubEntry)>,
+    /// Stored messages not yet acknowledged, in delivery order.
+    pub messages: Vec<StoredDelivery>,
+    /// Incoming QoS 2 packet ids awaiting PUBREL.
+    pub incoming_qos2: Vec<u16>,
+    pub will: Option<WillRecord>,
+}
+
+/// A stored message pending for one session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDelivery {
+    pub id: MessageId,
+    pub message: Arc<Message>,
+    pub target: StoredTarget,
+    /// The packet id it was sent with, if it was sent.
+    pub packet_id: Option<u16>,
+    /// PUBREC received (QoS 2): PUBREL is what gets resent.
+    pub released: bool,
+}
+
+/// Durable state as recovered at start-up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub sessions: Vec<SessionImage>,
+    pub retained: Vec<Arc<Message>>,
+}
+
+/// Durable storage for broker state.
+pub trait Durability: Send + Sync + 'static {
+    /// Records `changes` (in order, atomically as a batch); the commit resolves once they are
+    /// durable. Implementations batch concurrent proposals (group commit).
+    fn propose(&self, changes: Vec<StateChange>) -> Commit;
+
+    /// A fresh, never reused message id.
+    fn next_message_id(&self) -> MessageId;
+
+    /// The durable state, to rebuild the broker at start-up.
+    fn recover(&self) -> Recovered;
+}
+
+/// No durability: every change commits at once and nothing survives the process.
+#[derive(Debug, Default)]
+pub struct InMemory {
+    next_id: AtomicU64,
+}
+
+impl Durability for InMemory {
+    fn propose(&self, _changes: Vec<StateChange>) -> Commit {
+        Commit::ready()
+    }
+
+    fn next_message_id(&self) -> MessageId {
+        MessageId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    fn recover(&self) -> Recovered {
+        Recovered::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Wake;
+
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn pending_commit_wakes_its_waiter_when_completed() {
+        let (commit, handle) = Commit::pending();
+        let flag = Arc::new(Flag(false.into()));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(commit.poll_result(&mut cx).is_pending());
+        handle.complete(Ok(()));
+        assert!(flag.0.load(Ordering::SeqCst));
+        assert_eq!(commit.poll_result(&mut cx), Poll::Ready(Ok(())));
+        assert_eq!(commit.clone().result(), Some(Ok(())));
+    }
+
+    #[test]
+    fn dropped_handle_fails_the_commit() {
+        let (commit, handle) = Commit::pending();
+        drop(handle);
+        assert_eq!(commit.result(), Some(Err(DurabilityError::Unavailable)));
+    }
+}
+
+/// The durable state as a pure function of the [`StateChange`]s applied to it, in order: the
+/// reference semantics of the replicated state machine. Deterministic (no clock, no randomness).
+/// Messages are held once, with the number of sessions still referencing them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateImage {
+    sessions: std::collections::BTreeMap<ByteStr, ImageSession>,
+    messages: std::collections::BTreeMap<MessageId, (Arc<Message>, usize)>,
+    retained: std::collections::BTreeMap<ByteStr, Arc<Message>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ImageSession {
+    expiry_secs: u32,
+    subscriptions: std::collections::BTreeMap<Arc<str>, SubEntry>,
+    /// In delivery order.
+    deliveries: Vec<ImageDelivery>,
+    incoming_qos2: std::collections::BTreeSet<u16>,
+    will: Option<WillRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ImageDelivery {
+    id: MessageId,
+    target: StoredTarget,
+    packet_id: Option<u16>,
+    released: bool,
+}
+
+impl StateImage {
+    /// Applies one change.
+    pub fn apply(&mut self, change: &StateChange) {
+        match change {
+            StateChange::SessionOpened { client_id, clean_start, expiry_secs, will, .. } => {
+                if *clean_start {
+                    self.end_session(client_id);
+                }
+                let s = self.sessions.entry(client_id.clone()).or_default();
+                s.expiry_secs = *expiry_secs;
+                s.will = will.clone();
+            }
+            StateChange::SessionDetached { client_id, how, expiry_secs, .. } => {
+                if let Some(s) = self.sessions.get_mut(client_id) {
+                    s.expiry_secs = *expiry_secs;
+                    if *how != DetachRecord::Abnormal {
+                        s.will = None;
+                    }
+                }
+            }
+            StateChange::SessionEnded { client_id } => self.end_session(client_id),
+            StateChange::WillPublished { client_id } => {
+                if let Some(s) = self.sessions.get_mut(client_id) {
+                    s.will = None;
+                }
+            }
+            StateChange::Subscribed { client_id, filter, entry } => {
+                if let Some(s) = self.sessions.get_mut(client_id) {
+                    s.subscriptions.insert(filter.clone(), *entry);
+                }
+            }
+            StateChange::Unsubscribed { client_id, filter } => {
+                if let Some(s) = self.sessions.get_mut(client_id) {
+                    s.subscriptions.remove(filter);
+                }
+            }
+            StateChange::MessageStored { id, message, targets } => {
+                let mut refs = 0;
+                for target in targets {
+                    if let Some(s) = self.sessions.get_mut(&target.client_id) {
+                        s.deliveries.push(ImageDelivery {
+                            id: *id,
+                            target: target.clone(),
+                            packet_id: None,
+                            released: false,
+                        });
+                        refs += 1;
+                    }
+                }
+                if refs > 0 {
+                    self.messages.insert(*id, (message.clone(), refs));
+                }
+            }
+            StateChange::MessageSent { client_id, id, packet_id } => {
+                if let Some(d) = self.delivery_mut(client_id, *id) {
+                    d.packet_id = Some(*packet_id);
+                }
+            }
+            StateChange::MessageReleased { client_id, id } => {
+                if let Some(d) = self.delivery_mut(client_id, *id) {
+                    d.released = true;
+                }
+            }
+            StateChange::MessageAcked { client_id, id } => {
+                let removed = self.sessions.get_mut(client_id).and_then(|s| {
+                    let pos = s.deliveries.iter().position(|d| d.id == *id)?;
+                    Some(s.deliveries.remove(pos))
+                });
+                if removed.is_some() {
+                    self.release_message(*id);
+                }
+            }
+            StateChange::IncomingQos2Received { client_id, packet_id } => {
+                if let Some(s) = self.sessions.get_mut(client_id) {
+                    s.incoming_qos2.insert(*packet_id);
+                }
+            }
+            StateChange::IncomingQos2Completed { client_id, packet_id } => {
+                if let Some(s) = self.sessions.get_mut(client_id) {
+                    s.incoming_qos2.remove(packet_id);
+                }
+            }
+            StateChange::RetainedSet { message } => {
+                self.retained.insert(message.topic.clone(), message.clone());
+            }
+            StateChange::RetainedCleared { topic } => {
+                self.retained.remove(topic);
+            }
+        }
+    }
+
+    fn delivery_mut(&mut self, client_id: &ByteStr, id: MessageId) -> Option<&mut ImageDelivery> {
+        self.sessions.get_mut(client_id)?.deliveries.iter_mut().find(|d| d.id == id)
+    }
+
+    fn release_message(&mut self, id: MessageId) {
+        if let Some((_, refs)) = self.messages.get_mut(&id) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.messages.remove(&id);
+            }
+        }
+    }
+
+    fn end_session(&mut self, client_id: &ByteStr) {
+        if let Some(s) = self.sessions.remove(client_id) {
+            for d in s.deliveries {
+                self.release_message(d.id);
+            }
+        }
+    }
+
+    /// Number of stored messages (each counted once, however many sessions reference it).
+    pub fn stored_messages(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// The state in the form the broker recovers from.
+    pub fn recovered(&self) -> Recovered {
+        let sessions = self
+            .sessions
+            .iter()
+            .map(|(client_id, s)| SessionImage {
+                client_id: client_id.clone(),
+                expiry_secs: s.expiry_secs,
+                subscriptions: s.subscriptions.iter().map(|(f, e)| (f.clone(), *e)).collect(),
+                messages: s
+                    .deliveries
+                    .iter()
+                    .filter_map(|d| {
+                        let (message, _) = self.messages.get(&d.id)?;
+                        Some(StoredDelivery {
+                            id: d.id,
+                            message: message.clone(),
+                            target: d.target.clone(),
+                            packet_id: d.packet_id,
+                            released: d.released,
+                        })
+                    })
+                    .collect(),
+                incoming_qos2: s.incoming_qos2.iter().copied().collect(),
+                will: s.will.clone(),
+            })
+            .collect();
+        Recovered { sessions, retained: self.retained.values().cloned().collect() }
+    }
+}
+
+/// Durability that keeps a [`StateImage`] in memory: state survives rebuilding the broker in the
+/// same process (tests, embedding), not a process restart. Commits at once.
+#[derive(Debug, Default)]
+pub struct MemoryDurability {
+    image: Mutex<StateImage>,
+    next_id: AtomicU64,
+}
+
+impl MemoryDurability {
+    /// A copy of the current state.
+    pub fn image(&self) -> StateImage {
+        self.image.lock().clone()
+    }
+}
+
+impl Durability for MemoryDurability {
+    fn propose(&self, changes: Vec<StateChange>) -> Commit {
+        let mut image = self.image.lock();
+        for change in &changes {
+            image.apply(change);
+        }
+        Commit::ready()
+    }
+
+    fn next_message_id(&self) -> MessageId {
+        MessageId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    fn recover(&self) -> Recovered {
+        self.image.lock().recovered()
+    }
+}

@@ -1,0 +1,372 @@
+//! Durability seam: acknowledgements that promise durability wait for the commit, nothing else
+//! does, and a broker rebuilt from durable state gives persistent sessions back as the protocol
+//! requires (sans-IO, fake clock).
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use raftmq_codec::{
+    ByteStr, Connect, ConnectProperties, Packet, PacketId, ProtocolVersion, PubResponse, Publish,
+    PublishProperties, QoS, ReasonCode, Subscribe, SubscribeFilter, SubscribeProperties,
+    SubscriptionOptions,
+};
+use raftmq_core::config::MqttConfig;
+use raftmq_core::durability::{
+    Commit, CommitHandle, Durability, DurabilityError, MemoryDurability, MessageId, Recovered,
+    StateChange, StateImage,
+};
+use raftmq_core::{Broker, CloseReason, Connection};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Durability whose commits complete only when the test says so; records every change.
+#[derive(Default)]
+struct Held {
+    changes: Mutex<Vec<StateChange>>,
+    handles: Mutex<Vec<CommitHandle>>,
+    next_id: AtomicU64,
+}
+
+impl Held {
+    fn complete_all(&self, result: Result<(), DurabilityError>) {
+        for h in self.handles.lock().drain(..) {
+            h.complete(result);
+        }
+    }
+    fn changes(&self) -> Vec<StateChange> {
+        self.changes.lock().clone()
+    }
+}
+
+impl Durability for Held {
+    fn propose(&self, changes: Vec<StateChange>) -> Commit {
+        self.changes.lock().extend(changes);
+        let (commit, handle) = Commit::pending();
+        self.handles.lock().push(handle);
+        commit
+    }
+    fn next_message_id(&self) -> MessageId {
+        MessageId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+    fn recover(&self) -> Recovered {
+        Recovered::default()
+    }
+}
+
+fn broker(d: Arc<dyn Durability>) -> Arc<Broker> {
+    Arc::new(Broker::new(MqttConfig::default()).with_durability(d))
+}
+
+fn connect(id: &str, clean_start: bool, expiry: u32) -> Packet {
+    Packet::Connect(Box::new(Connect {
+        protocol: ProtocolVersion::V5,
+        clean_start,
+        keep_alive: 0,
+        client_id: ByteStr::from(id),
+        will: None,
+        username: None,
+        password: None,
+        properties: ConnectProperties {
+            session_expiry_interval: Some(expiry),
+            ..Default::default()
+        },
+    }))
+}
+
+fn subscribe(filter: &str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: pid(1),
+        properties: SubscribeProperties::default(),
+        filters: vec![SubscribeFilter {
+            filter: ByteStr::from(filter),
+            options: SubscriptionOptions { qos, ..Default::default() },
+        }],
+    })
+}
+
+fn publish(topic: &str, qos: QoS, id: u16, retain: bool) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: ByteStr::from(topic),
+        packet_id: (qos != QoS::AtMostOnce).then(|| pid(id)),
+        properties: PublishProperties::default(),
+        payload: Bytes::from(format!("m{id}")),
+    })
+}
+
+fn pid(n: u16) -> PacketId {
+    PacketId::new(n).expect("nonzero")
+}
+
+/// Sends a packet and returns what the connection would transmit now (after committing).
+fn exchange(c: &mut Connection, p: Packet, now: Instant) -> Vec<Packet> {
+    c.handle_packet(p, now);
+    c.handle_commits(now);
+    drain(c, now)
+}
+
+fn drain(c: &mut Connection, now: Instant) -> Vec<Packet> {
+    c.pump(now, usize::MAX);
+    std::iter::from_fn(|| c.poll_transmit()).collect()
+}
+
+fn open(b: &Arc<Broker>, now: Instant) -> Connection {
+    Connection::new(b.clone(), None, now)
+}
+
+#[test]
+fn puback_waits_for_the_commit_when_a_persistent_session_matches() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut sub = open(&b, now);
+    sub.handle_packet(connect("sub", true, 300), now);
+    assert!(drain(&mut sub, now).is_empty(), "CONNACK must wait for the session record");
+    held.complete_all(Ok(()));
+    sub.handle_commits(now);
+    assert!(matches!(drain(&mut sub, now)[..], [Packet::ConnAck(_)]));
+    sub.handle_packet(subscribe("t/#", QoS::AtLeastOnce), now);
+    assert!(drain(&mut sub, now).is_empty(), "SUBACK must wait for the subscription record");
+    held.complete_all(Ok(()));
+    sub.handle_commits(now);
+    assert!(matches!(drain(&mut sub, now)[..], [Packet::SubAck(_)]));
+
+    let mut publ = open(&b, now);
+    assert!(matches!(exchange(&mut publ, connect("pub", true, 0), now)[..], [Packet::ConnAck(_)]));
+    publ.handle_packet(publish("t/1", QoS::AtLeastOnce, 7, false), now);
+    assert!(drain(&mut publ, now).is_empty(), "PUBACK before the message is durable");
+    assert!(publ.pending_commit().is_some());
+    // Online delivery does not wait for consensus.
+    assert!(matches!(drain(&mut sub, now)[..], [Packet::Publish(_)]));
+    let stored = held.changes().into_iter().filter(|c| matches!(c, StateChange::MessageStored { .. })).count();
+    assert_eq!(stored, 1);
+    held.complete_all(Ok(()));
+    publ.handle_commits(now);
+    match &drain(&mut publ, now)[..] {
+        [Packet::PubAck(ack)] => assert_eq!(ack.packet_id, pid(7)),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+#[test]
+fn clean_sessions_and_qos0_never_wait_for_durability() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut sub = open(&b, now);
+    assert!(matches!(exchange(&mut sub, connect("sub", true, 0), now)[..], [Packet::ConnAck(_)]));
+    assert!(matches!(exchange(&mut sub, subscribe("t/#", QoS::ExactlyOnce), now)[..], [Packet::SubAck(_)]));
+    let mut publ = open(&b, now);
+    exchange(&mut publ, connect("pub", true, 0), now);
+    exchange(&mut publ, publish("t/1", QoS::AtMostOnce, 0, false), now);
+    assert!(matches!(exchange(&mut publ, publish("t/1", QoS::AtLeastOnce, 2, false), now)[..], [Packet::PubAck(_)]));
+    assert_eq!(drain(&mut sub, now).len(), 2);
+    assert!(held.changes().is_empty(), "nothing durable was involved: {:?}", held.changes());
+}
+
+#[test]
+fn fan_out_to_many_persistent_sessions_stores_the_message_once() {
+    let durability = Arc::new(MemoryDurability::default());
+    let b = broker(durability.clone());
+    let now = Instant::now();
+    let mut subs: Vec<Connection> = (0..20)
+        .map(|i| {
+            let mut c = open(&b, now);
+            exchange(&mut c, connect(&format!("s{i}"), true, 300), now);
+            exchange(&mut c, subscribe("fan/#", QoS::AtLeastOnce), now);
+            c
+        })
+        .collect();
+    let mut publ = open(&b, now);
+    exchange(&mut publ, connect("pub", true, 0), now);
+    exchange(&mut publ, publish("fan/x", QoS::AtLeastOnce, 1, false), now);
+    assert_eq!(durability.image().stored_messages(), 1);
+    // Every subscriber acknowledges: the stored message is released.
+    for c in &mut subs {
+        let p = match &drain(c, now)[..] {
+            [Packet::Publish(p)] => p.packet_id.expect("qos1"),
+            other => panic!("{other:?}"),
+        };
+        exchange(c, Packet::PubAck(PubResponse::success(p)), now);
+    }
+    assert_eq!(durability.image().stored_messages(), 0);
+}
+
+#[test]
+fn failed_commit_refuses_connack_with_server_unavailable() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut c = open(&b, now);
+    c.handle_packet(connect("c", true, 60), now);
+    held.complete_all(Err(DurabilityError::Unavailable));
+    c.handle_commits(now);
+    match &drain(&mut c, now)[..] {
+        [Packet::ConnAck(ack)] => assert_eq!(ack.reason_code, ReasonCode::SERVER_UNAVAILABLE),
+        other => panic!("expected CONNACK 0x88, got {other:?}"),
+    }
+    assert!(c.is_closed());
+}
+
+#[test]
+fn failed_commit_closes_the_publisher_without_acknowledging() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut sub = open(&b, now);
+    sub.handle_packet(connect("sub", true, 60), now);
+    sub.handle_packet(subscribe("t", QoS::AtLeastOnce), now);
+    held.complete_all(Ok(()));
+    sub.handle_commits(now);
+    let mut publ = open(&b, now);
+    exchange(&mut publ, connect("pub", true, 0), now);
+    publ.handle_packet(publish("t", QoS::AtLeastOnce, 3, false), now);
+    held.complete_all(Err(DurabilityError::Unavailable));
+    publ.handle_commits(now);
+    let out = drain(&mut publ, now);
+    assert!(!out.iter().any(|p| matches!(p, Packet::PubAck(_))), "{out:?}");
+    assert!(matches!(out[..], [Packet::Disconnect(ref d)] if d.reason_code == ReasonCode::SERVER_BUSY), "{out:?}");
+    assert_eq!(publ.close_reason(), Some(CloseReason::StorageUnavailable));
+}
+
+/// A subscriber with a persistent session, offline; messages published meanwhile; the broker
+/// is rebuilt from durable state; the subscriber comes back.
+#[test]
+fn persistent_session_queue_and_retained_survive_a_broker_rebuild() {
+    let durability = Arc::new(MemoryDurability::default());
+    let t0 = Instant::now();
+    {
+        let b = broker(durability.clone());
+        let mut sub = open(&b, t0);
+        exchange(&mut sub, connect("sub", true, 3600), t0);
+        exchange(&mut sub, subscribe("t/#", QoS::ExactlyOnce), t0);
+        sub.handle_packet(Packet::Disconnect(Default::default()), t0);
+        let mut publ = open(&b, t0);
+        exchange(&mut publ, connect("pub", true, 0), t0);
+        for i in 1..=3u16 {
+            exchange(&mut publ, publish("t/a", QoS::AtLeastOnce, i, false), t0);
+        }
+        exchange(&mut publ, publish("r/x", QoS::AtLeastOnce, 9, true), t0);
+    }
+    let t1 = t0 + Duration::from_secs(5);
+    let b = broker(durability.clone());
+    assert_eq!(b.recover(t1), 1);
+    assert!(b.retained("r/x").is_some(), "retained message recovered");
+    let mut sub = open(&b, t1);
+    let out = exchange(&mut sub, connect("sub", false, 3600), t1);
+    match &out[0] {
+        Packet::ConnAck(ack) => assert!(ack.session_present),
+        other => panic!("{other:?}"),
+    }
+    let payloads: Vec<Bytes> = out[1..]
+        .iter()
+        .map(|p| match p {
+            Packet::Publish(p) => p.payload.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(payloads, [b"m1", b"m2", b"m3"].map(|b| Bytes::from_static(b)));
+    // The subscription came back too.
+    let mut publ = open(&b, t1);
+    exchange(&mut publ, connect("pub", true, 0), t1);
+    exchange(&mut publ, publish("t/b", QoS::AtMostOnce, 0, false), t1);
+    assert_eq!(drain(&mut sub, t1).len(), 1);
+}
+
+#[test]
+fn unacknowledged_deliveries_are_resent_with_their_original_packet_ids_after_a_rebuild() {
+    let durability = Arc::new(MemoryDurability::default());
+    let t0 = Instant::now();
+    let (first_id, second_id) = {
+        let b = broker(durability.clone());
+        let mut sub = open(&b, t0);
+        exchange(&mut sub, connect("sub", true, 3600), t0);
+        exchange(&mut sub, subscribe("q", QoS::ExactlyOnce), t0);
+        let mut publ = open(&b, t0);
+        exchange(&mut publ, connect("pub", true, 0), t0);
+        exchange(&mut publ, publish("q", QoS::ExactlyOnce, 1, false), t0);
+        exchange(&mut publ, Packet::PubRel(PubResponse::success(pid(1))), t0);
+        exchange(&mut publ, publish("q", QoS::AtLeastOnce, 2, false), t0);
+        let ids: Vec<PacketId> = drain(&mut sub, t0)
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.packet_id.expect("qos>0"),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // The QoS 2 one gets PUBREC (so PUBREL is what must come back); the QoS 1 one nothing.
+        let out = exchange(&mut sub, Packet::PubRec(PubResponse::success(ids[0])), t0);
+        assert!(matches!(out[..], [Packet::PubRel(_)]));
+        (ids[0], ids[1])
+    };
+    let t1 = t0 + Duration::from_secs(1);
+    let b = broker(durability);
+    b.recover(t1);
+    let mut sub = open(&b, t1);
+    let out = exchange(&mut sub, connect("sub", false, 3600), t1);
+    match &out[..] {
+        [Packet::ConnAck(ack), Packet::PubRel(rel), Packet::Publish(p)] => {
+            assert!(ack.session_present);
+            assert_eq!(rel.packet_id, first_id);
+            assert_eq!(p.packet_id, Some(second_id));
+            assert!(p.dup, "a resent PUBLISH carries DUP");
+        }
+        other => panic!("expected CONNACK, PUBREL, PUBLISH; got {other:?}"),
+    }
+}
+
+#[test]
+fn incoming_qos2_state_survives_a_rebuild_so_a_resent_publish_is_not_routed_twice() {
+    let durability = Arc::new(MemoryDurability::default());
+    let t0 = Instant::now();
+    {
+        let b = broker(durability.clone());
+        let mut sub = open(&b, t0);
+        exchange(&mut sub, connect("sub", true, 3600), t0);
+        exchange(&mut sub, subscribe("x", QoS::ExactlyOnce), t0);
+        let mut publ = open(&b, t0);
+        exchange(&mut publ, connect("pub", true, 3600), t0);
+        let out = exchange(&mut publ, publish("x", QoS::ExactlyOnce, 5, false), t0);
+        assert!(matches!(out[..], [Packet::PubRec(_)]));
+        // The publisher's connection dies before it sends PUBREL.
+    }
+    let b = broker(durability.clone());
+    b.recover(t0);
+    let mut publ = open(&b, t0);
+    exchange(&mut publ, connect("pub", false, 3600), t0);
+    let mut dup = publish("x", QoS::ExactlyOnce, 5, false);
+    if let Packet::Publish(p) = &mut dup {
+        p.dup = true;
+    }
+    assert!(matches!(exchange(&mut publ, dup, t0)[..], [Packet::PubRec(_)]));
+    assert!(matches!(exchange(&mut publ, Packet::PubRel(PubResponse::success(pid(5))), t0)[..], [Packet::PubComp(_)]));
+    // The subscriber holds exactly one copy.
+    let mut sub = open(&b, t0);
+    let out = exchange(&mut sub, connect("sub", false, 3600), t0);
+    assert_eq!(out.iter().filter(|p| matches!(p, Packet::Publish(_))).count(), 1, "{out:?}");
+}
+
+#[test]
+fn state_image_is_a_deterministic_function_of_its_changes() {
+    let durability = Arc::new(MemoryDurability::default());
+    let held = Arc::new(Held::default());
+    // Drive two brokers identically: one applying as it goes, one recording.
+    let now = Instant::now();
+    for d in [durability.clone() as Arc<dyn Durability>, held.clone() as Arc<dyn Durability>] {
+        let b = broker(d);
+        let mut sub = open(&b, now);
+        sub.handle_packet(connect("s", true, 100), now);
+        sub.handle_packet(subscribe("a/+", QoS::AtLeastOnce), now);
+        let mut publ = open(&b, now);
+        publ.handle_packet(connect("p", true, 0), now);
+        publ.handle_packet(publish("a/b", QoS::AtLeastOnce, 1, true), now);
+        held.complete_all(Ok(()));
+    }
+    let mut replayed = StateImage::default();
+    for change in held.changes() {
+        replayed.apply(&change);
+    }
+    assert_eq!(replayed.recovered(), durability.image().recovered());
+}
