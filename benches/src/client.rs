@@ -34,8 +34,10 @@ use tokio::sync::watch;
 const MAX_PACKET: u32 = 268_435_460;
 /// Publishing pauses while this many bytes wait to be written.
 const HIGH_WATER: usize = 64 * 1024;
-/// Read buffer growth step.
-const READ_CHUNK: usize = 64 * 1024;
+/// Read buffer growth step: starts small (thousands of idle connections stay cheap) and doubles
+/// up to the maximum while reads fill it.
+const READ_CHUNK_MIN: usize = 4 * 1024;
+const READ_CHUNK_MAX: usize = 64 * 1024;
 /// How long closing a connection (DISCONNECT, flush, shutdown) may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -75,6 +77,8 @@ struct Buffers {
     read: BytesMut,
     write: BytesMut,
     version: ProtocolVersion,
+    /// Current read growth step, between [`READ_CHUNK_MIN`] and [`READ_CHUNK_MAX`].
+    read_chunk: usize,
 }
 
 impl Buffers {
@@ -86,10 +90,18 @@ impl Buffers {
         decode(&mut self.read, self.version, MAX_PACKET).context("malformed packet from the broker")
     }
 
-    /// Makes room for the next read.
-    fn reserve_read(&mut self) {
-        if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
-            self.read.reserve(READ_CHUNK);
+    /// Makes room for the next read; returns the room.
+    fn reserve_read(&mut self) -> usize {
+        if self.read.capacity() - self.read.len() < self.read_chunk / 2 {
+            self.read.reserve(self.read_chunk);
+        }
+        self.read.capacity() - self.read.len()
+    }
+
+    /// Notes a read of `n` bytes into `room` bytes of space: grows the step if it was filled.
+    fn read_done(&mut self, n: usize, room: usize) {
+        if n == room {
+            self.read_chunk = (self.read_chunk * 2).min(READ_CHUNK_MAX);
         }
     }
 }
@@ -116,6 +128,7 @@ impl Conn {
                     read: BytesMut::new(),
                     write: BytesMut::new(),
                     version: endpoint.version,
+                    read_chunk: READ_CHUNK_MIN,
                 },
                 keep_alive: endpoint.keep_alive,
             };
@@ -181,9 +194,10 @@ impl Conn {
             if let Some(packet) = self.bufs.next_packet()? {
                 return Ok(packet);
             }
-            self.bufs.reserve_read();
-            if self.stream.read_buf(&mut self.bufs.read).await? == 0 {
-                bail!("the broker closed the connection");
+            let room = self.bufs.reserve_read();
+            match self.stream.read_buf(&mut self.bufs.read).await? {
+                0 => bail!("the broker closed the connection"),
+                n => self.bufs.read_done(n, room),
             }
         }
     }
@@ -513,21 +527,24 @@ impl Driver {
                 break;
             }
             if let Blocked::Pace(at) = blocked
-                && pace_at != Some(at)
+                && (pace_at != Some(at) || pace.is_elapsed())
             {
                 pace.as_mut().reset(at.into());
                 pace_at = Some(at);
             }
             // The buffer drained at once: publish more after letting other tasks run.
             let more = blocked == Blocked::Full && state.bufs.write.len() < HIGH_WATER;
-            state.bufs.reserve_read();
+            let room = state.bufs.reserve_read();
             tokio::select! {
                 _ = stop.changed() => stopping = true,
                 ready = stream.readable() => {
                     ready?;
                     match stream.try_read_buf(&mut state.bufs.read) {
                         Ok(0) => bail!("the broker closed the connection"),
-                        Ok(_) => state.handle_input(Instant::now())?,
+                        Ok(n) => {
+                            state.bufs.read_done(n, room);
+                            state.handle_input(Instant::now())?;
+                        }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                         Err(e) => return Err(e).context("reading from the broker"),
                     }

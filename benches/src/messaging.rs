@@ -249,6 +249,8 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
         ),
     );
     let window = args.duration.as_secs_f64();
+    summary.qos = Some(args.qos);
+    summary.rate_per_s = rate.map(|_| args.rate);
     summary.duration_s = window;
     let mut connect = sub_connect;
     connect.merge(&pub_connect)?;

@@ -76,12 +76,12 @@ const METRICS: &[Metric] = &[
     },
     Metric {
         name: "latency p50 ms ↓",
-        value: |s| s.latency_us.map(|l| l.p50 / 1000.0),
+        value: |s| latency(s).map(|l| l.p50 / 1000.0),
         ratio: true,
     },
     Metric {
         name: "latency p99 ms ↓",
-        value: |s| s.latency_us.map(|l| l.p99 / 1000.0),
+        value: |s| latency(s).map(|l| l.p99 / 1000.0),
         ratio: true,
     },
     Metric {
@@ -132,6 +132,11 @@ const METRICS: &[Metric] = &[
         ratio: true,
     },
 ];
+
+/// The latency of `s`, unless it only measures socket-buffer queueing (QoS 0 floods).
+fn latency(s: &Summary) -> Option<crate::summary::Percentiles> {
+    s.latency_us.filter(|_| !s.is_qos0_flood())
+}
 
 /// A value with a precision that suits its magnitude.
 fn number(value: f64) -> String {
@@ -268,6 +273,19 @@ mod tests {
             md.contains("mosquitto `01-p2p`: 1 error(s), first: connection reset"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn no_latency_rows_for_qos0_floods() {
+        let mut flood = p2p(1000.0, 5_000_000.0);
+        flood.qos = Some(0);
+        let runs =
+            |s: &Summary| -> Run { ("x".into(), BTreeMap::from([("p2p".into(), s.clone())])) };
+        let md = render(&runs(&flood), &runs(&flood), &[]);
+        assert!(!md.contains("latency"), "{md}");
+        flood.rate_per_s = Some(10_000.0);
+        let md = render(&runs(&flood), &runs(&flood), &[]);
+        assert!(md.contains("latency p99"), "{md}");
     }
 
     #[test]

@@ -92,6 +92,7 @@ pub async fn run(ctx: &Context, args: &RetainedArgs) -> Result<Summary> {
             args.topics, args.qos, args.payload
         ),
     );
+    summary.qos = Some(args.qos);
     summary.duration_s = receive_time.unwrap_or(args.timeout.as_secs_f64());
     summary.connect = connect.stats();
     summary.retained = Some(RetainedStats {

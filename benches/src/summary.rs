@@ -19,6 +19,10 @@ pub struct Summary {
     pub label: Option<String>,
     /// MQTT protocol level (4 or 5).
     pub mqtt_version: u8,
+    /// QoS of publishes and subscriptions (message scenarios).
+    pub qos: Option<u8>,
+    /// Target publish rate in msg/s; `None` for as fast as possible (or not applicable).
+    pub rate_per_s: Option<f64>,
     /// Length of the measured window (after warm-up), in seconds.
     pub duration_s: f64,
     pub connect: ConnectStats,
@@ -157,6 +161,13 @@ impl Errors {
 }
 
 impl Summary {
+    /// True for a QoS 0 message run at unbounded rate: publishers are only held back by TCP, so
+    /// their messages queue in socket buffers (megabytes per connection on loopback) and the
+    /// latency measures that queueing, not the broker.
+    pub fn is_qos0_flood(&self) -> bool {
+        self.qos == Some(0) && self.rate_per_s.is_none() && self.retained.is_none()
+    }
+
     /// Writes the summary as pretty JSON to `path`.
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self)?;

@@ -299,7 +299,9 @@ impl Broker {
                         if was_durable {
                             existing.set_durable(false);
                             if expiry_secs == 0 {
-                                changes.push(StateChange::SessionEnded { client_id: client_id.clone() });
+                                changes.push(StateChange::SessionEnded {
+                                    client_id: client_id.clone(),
+                                });
                             }
                         }
                         None
@@ -351,7 +353,10 @@ impl Broker {
                 commit: Commit::ready(),
             }
         };
-        let attached = Attached { commit: self.propose(changes), ..attached };
+        let attached = Attached {
+            commit: self.propose(changes),
+            ..attached
+        };
         for w in wills_to_publish {
             self.publish_will(w, now);
         }
@@ -387,7 +392,9 @@ impl Broker {
                 if session.is_durable() {
                     session.set_durable(false);
                     drop(registry);
-                    self.propose(vec![StateChange::SessionEnded { client_id: session.client_id().clone() }]);
+                    self.propose(vec![StateChange::SessionEnded {
+                        client_id: session.client_id().clone(),
+                    }]);
                 }
             } else {
                 let client_id = session.client_id().clone();
@@ -551,7 +558,9 @@ impl Broker {
                 let record = match timer.kind {
                     TimerKind::Will => {
                         publish = st.will.take();
-                        publish.is_some().then_some(StateChange::WillPublished { client_id })
+                        publish
+                            .is_some()
+                            .then_some(StateChange::WillPublished { client_id })
                     }
                     TimerKind::Expire => {
                         publish = st.will.take();
@@ -591,21 +600,36 @@ impl Broker {
     /// stored once (one [`StateChange::MessageStored`] for all of them) and a retained change is
     /// recorded; `incoming_qos2` (the publisher's session and packet id, for a new QoS 2
     /// PUBLISH) is recorded when that session is persistent. The returned commit covers all of it.
-    pub fn route(&self, message: Arc<Message>, incoming_qos2: Option<(&Session, u16)>, now: Instant) -> Routed {
+    pub fn route(
+        &self,
+        message: Arc<Message>,
+        incoming_qos2: Option<(&Session, u16)>,
+        now: Instant,
+    ) -> Routed {
         let mut changes = Vec::new();
         if let Some((publisher, packet_id)) = incoming_qos2.filter(|(s, _)| s.is_durable()) {
-            changes.push(StateChange::IncomingQos2Received { client_id: publisher.client_id().clone(), packet_id });
+            changes.push(StateChange::IncomingQos2Received {
+                client_id: publisher.client_id().clone(),
+                packet_id,
+            });
         }
         if message.retain && self.config.retain_available && self.store_retained(&message) {
             changes.push(if message.payload.is_empty() {
-                StateChange::RetainedCleared { topic: message.topic.clone() }
+                StateChange::RetainedCleared {
+                    topic: message.topic.clone(),
+                }
             } else {
-                StateChange::RetainedSet { message: message.clone() }
+                StateChange::RetainedSet {
+                    message: message.clone(),
+                }
             });
         }
         let offered = self.deliver(&message, &mut changes);
         let _ = now;
-        Routed { offered, commit: self.propose(changes) }
+        Routed {
+            offered,
+            commit: self.propose(changes),
+        }
     }
 
     fn deliver(&self, message: &Arc<Message>, changes: &mut Vec<StateChange>) -> usize {
@@ -654,7 +678,9 @@ impl Broker {
             let retain = message.retain && retain_as_published;
             // QoS 1/2 for a persistent session: stored once, referenced by each such session.
             let durable = (qos != QoS::AtMostOnce && session.is_durable()).then(|| {
-                stored.get_or_insert_with(|| (self.durability.next_message_id(), Vec::new())).0
+                stored
+                    .get_or_insert_with(|| (self.durability.next_message_id(), Vec::new()))
+                    .0
             });
             let target = durable.map(|_| StoredTarget {
                 client_id: session.client_id().clone(),
@@ -662,7 +688,13 @@ impl Broker {
                 retain,
                 subscription_ids: ids.clone(),
             });
-            let delivery = Delivery { qos, retain, subscription_ids: ids, message: message.clone(), durable };
+            let delivery = Delivery {
+                qos,
+                retain,
+                subscription_ids: ids,
+                message: message.clone(),
+                durable,
+            };
             if session.enqueue(delivery, &self.queue_limits, &self.stats) == Enqueued::Queued {
                 offered += 1;
                 if let (Some(target), Some((_, targets))) = (target, stored.as_mut()) {
@@ -672,7 +704,11 @@ impl Broker {
             i = j;
         }
         if let Some((id, targets)) = stored.filter(|(_, t)| !t.is_empty()) {
-            changes.push(StateChange::MessageStored { id, message: message.clone(), targets });
+            changes.push(StateChange::MessageStored {
+                id,
+                message: message.clone(),
+                targets,
+            });
         }
         offered
     }
@@ -827,7 +863,10 @@ impl Broker {
             filter: Arc::from(filter),
             entry,
         });
-        Ok(Subscribed { code: ReasonCode(granted.as_u8()), change })
+        Ok(Subscribed {
+            code: ReasonCode(granted.as_u8()),
+            change,
+        })
     }
 
     /// Removes one subscription. Returns whether it existed, and the durable record to
@@ -874,9 +913,20 @@ impl Broker {
             st.epoch = self.next_epoch();
             st.disconnected_at = Some(now);
             for (key, entry) in image.subscriptions {
-                let Ok(parsed) = parse_subscription(&key, &self.topic_limits) else { continue };
-                self.index.subscribe(&parsed.filter, parsed.share_group.as_deref(), session.clone(), entry);
-                let rec = SubscriptionRecord { filter: parsed.filter, share_group: parsed.share_group, entry };
+                let Ok(parsed) = parse_subscription(&key, &self.topic_limits) else {
+                    continue;
+                };
+                self.index.subscribe(
+                    &parsed.filter,
+                    parsed.share_group.as_deref(),
+                    session.clone(),
+                    entry,
+                );
+                let rec = SubscriptionRecord {
+                    filter: parsed.filter,
+                    share_group: parsed.share_group,
+                    entry,
+                };
                 st.subscriptions.insert(key, rec);
             }
             for stored in image.messages {
@@ -887,7 +937,10 @@ impl Broker {
                     message: stored.message,
                     durable: Some(stored.id),
                 };
-                match stored.packet_id.filter(|id| *id != 0 && !st.outgoing.contains_key(id)) {
+                match stored
+                    .packet_id
+                    .filter(|id| *id != 0 && !st.outgoing.contains_key(id))
+                {
                     Some(id) => {
                         let state = if stored.released {
                             Outgoing::Released(Some(stored.id))
@@ -911,15 +964,30 @@ impl Broker {
             let mut timers = Vec::new();
             if let Some(w) = &image.will {
                 let at = now + Duration::from_secs(u64::from(w.delay_secs));
-                timers.push(Timer { at, kind: TimerKind::Will, client_id: image.client_id.clone(), epoch });
+                timers.push(Timer {
+                    at,
+                    kind: TimerKind::Will,
+                    client_id: image.client_id.clone(),
+                    epoch,
+                });
             }
             st.will = image.will;
             if image.expiry_secs != NEVER_EXPIRES {
                 let at = now + Duration::from_secs(u64::from(image.expiry_secs));
-                timers.push(Timer { at, kind: TimerKind::Expire, client_id: image.client_id.clone(), epoch });
+                timers.push(Timer {
+                    at,
+                    kind: TimerKind::Expire,
+                    client_id: image.client_id.clone(),
+                    epoch,
+                });
             }
             drop(st);
-            if self.sessions.lock().insert(image.client_id, session).is_none() {
+            if self
+                .sessions
+                .lock()
+                .insert(image.client_id, session)
+                .is_none()
+            {
                 self.stats.sessions_total.fetch_add(1, Relaxed);
             }
             self.schedule(timers);
@@ -947,7 +1015,9 @@ impl Broker {
         drop(registry);
         if session.is_durable() {
             session.set_durable(false);
-            self.propose(vec![StateChange::SessionEnded { client_id: session.client_id().clone() }]);
+            self.propose(vec![StateChange::SessionEnded {
+                client_id: session.client_id().clone(),
+            }]);
         }
         true
     }

@@ -95,6 +95,9 @@ pub struct Connection {
     /// Packets waiting for a durable commit, in order; once anything waits, everything after it
     /// waits too, so the client sees acknowledgements and deliveries in protocol order.
     pending: VecDeque<(Commit, Packet)>,
+    /// In-flight messages of a resumed session not yet resent because the client's Receive
+    /// Maximum is smaller than their number; resent in order as acknowledgements free the window.
+    resend_backlog: VecDeque<u16>,
     closed: Option<CloseReason>,
     created_at: Instant,
     last_received: Instant,
@@ -122,6 +125,7 @@ impl Connection {
             attachment: None,
             out: VecDeque::new(),
             pending: VecDeque::new(),
+            resend_backlog: VecDeque::new(),
             closed: None,
             created_at: now,
             last_received: now,
@@ -226,7 +230,9 @@ impl Connection {
         let commit = commit.filter(|c| c.result() != Some(Ok(())));
         match commit {
             None if self.pending.is_empty() => self.out.push_back(packet),
-            commit => self.pending.push_back((commit.unwrap_or_else(Commit::ready), packet)),
+            commit => self
+                .pending
+                .push_back((commit.unwrap_or_else(Commit::ready), packet)),
         }
     }
 
@@ -536,21 +542,37 @@ impl Connection {
             st.outgoing.iter().map(|(id, e)| (*id, e.clone())).collect()
         };
         entries.sort_by_key(|(_, e)| e.seq);
-        for (id, entry) in entries {
-            let Some(pid) = PacketId::new(id) else {
-                continue;
-            };
-            match entry.state {
-                Outgoing::Publish(d) => {
-                    if !self.transmit_publish(&d, Some(pid), true, now) {
-                        // The client's new Maximum Packet Size is smaller: drop it (§3.1.2.25).
-                        self.broker.stats().dropped(DropReason::TooLarge, 1);
-                        self.complete_outgoing(id);
-                    }
-                }
-                Outgoing::Released(_) => self.emit(Packet::PubRel(PubResponse::success(pid)), None),
+        // Never more unacknowledged than the client's (possibly smaller) Receive Maximum.
+        let window = self.window();
+        for (i, (id, entry)) in entries.into_iter().enumerate() {
+            if i < window {
+                self.resend(id, entry.state, now);
+            } else {
+                self.resend_backlog.push_back(id);
             }
         }
+    }
+
+    fn resend(&mut self, id: u16, state: Outgoing, now: Instant) {
+        let Some(pid) = PacketId::new(id) else { return };
+        match state {
+            Outgoing::Publish(d) => {
+                if !self.transmit_publish(&d, Some(pid), true, now) {
+                    // The client's new Maximum Packet Size is smaller: drop it (§3.1.2.25).
+                    self.broker.stats().dropped(DropReason::TooLarge, 1);
+                    self.complete_outgoing(id);
+                }
+            }
+            Outgoing::Released(_) => self.emit(Packet::PubRel(PubResponse::success(pid)), None),
+        }
+    }
+
+    /// QoS 1/2 messages that may be unacknowledged towards the client at once.
+    fn window(&self) -> usize {
+        usize::from(
+            self.client_receive_max
+                .min(self.broker.config().max_inflight),
+        )
     }
 
     /// Moves queued deliveries into the transmit queue, as far as the client's receive window
@@ -570,20 +592,29 @@ impl Connection {
         let session = att.session.clone();
         let epoch = att.epoch;
         let mut sent_records = Vec::new();
-        let window = usize::from(
-            self.client_receive_max
-                .min(self.broker.config().max_inflight),
-        );
+        let window = self.window();
         let broker = self.broker.clone();
         let stats = broker.stats();
         let mut moved = 0;
         let mut batch: Vec<(Delivery, Option<PacketId>)> = Vec::new();
+        let mut resends = Vec::new();
         {
             let mut st = session.state.lock();
             if st.epoch != epoch {
                 drop(st);
                 self.taken_over();
                 return false;
+            }
+            // Held-back resends go first, as the window allows.
+            let mut on_wire = st.outgoing.len().saturating_sub(self.resend_backlog.len());
+            while on_wire < window {
+                let Some(id) = self.resend_backlog.pop_front() else {
+                    break;
+                };
+                if let Some(entry) = st.outgoing.get(&id) {
+                    resends.push((id, entry.state.clone()));
+                    on_wire += 1;
+                }
             }
             while moved < budget {
                 let Some(front) = st.queue.front() else { break };
@@ -629,6 +660,9 @@ impl Connection {
                 batch.push((d, pid));
                 moved += 1;
             }
+        }
+        for (id, state) in resends {
+            self.resend(id, state, now);
         }
         let more = moved == budget && budget != usize::MAX;
         // Packet ids of durable deliveries are recorded so a resumed session resends them with
@@ -855,10 +889,11 @@ impl Connection {
             st.incoming_qos2.remove(&r.packet_id.get())
         };
         if existed && att.session.is_durable() {
-            self.broker.propose(vec![StateChange::IncomingQos2Completed {
-                client_id: att.client_id.clone(),
-                packet_id: r.packet_id.get(),
-            }]);
+            self.broker
+                .propose(vec![StateChange::IncomingQos2Completed {
+                    client_id: att.client_id.clone(),
+                    packet_id: r.packet_id.get(),
+                }]);
         }
         let reason = if existed || !self.version.is_v5() {
             ReasonCode::SUCCESS
@@ -882,7 +917,10 @@ impl Connection {
         }
         let id = r.packet_id.get();
         if matches!(st.outgoing.get(&id), Some(OutgoingEntry { state: Outgoing::Publish(d), .. }) if d.qos == QoS::AtLeastOnce)
-            && let Some(OutgoingEntry { state: Outgoing::Publish(d), .. }) = st.outgoing.remove(&id)
+            && let Some(OutgoingEntry {
+                state: Outgoing::Publish(d),
+                ..
+            }) = st.outgoing.remove(&id)
         {
             drop(st);
             self.broker.stats().messages_inflight.fetch_sub(1, Relaxed);
@@ -925,7 +963,10 @@ impl Connection {
         // PUBREL for a stored message waits until "released" is durable: after a restart the
         // session must resend PUBREL, not the PUBLISH (exactly once).
         let commit = released.map(|id| {
-            self.broker.propose(vec![StateChange::MessageReleased { client_id: att.client_id.clone(), id }])
+            self.broker.propose(vec![StateChange::MessageReleased {
+                client_id: att.client_id.clone(),
+                id,
+            }])
         });
         let reason = if known || !self.version.is_v5() {
             ReasonCode::SUCCESS
@@ -948,7 +989,11 @@ impl Connection {
             return Err(Violation::TakenOver);
         }
         let id = r.packet_id.get();
-        if let Some(OutgoingEntry { state: Outgoing::Released(durable), .. }) = st.outgoing.get(&id) {
+        if let Some(OutgoingEntry {
+            state: Outgoing::Released(durable),
+            ..
+        }) = st.outgoing.get(&id)
+        {
             let durable = *durable;
             st.outgoing.remove(&id);
             drop(st);
@@ -961,7 +1006,10 @@ impl Connection {
     /// only means a redelivery after a crash).
     fn record_acked(&self, durable: Option<crate::durability::MessageId>) {
         if let (Some(id), Some(att)) = (durable, &self.attachment) {
-            self.broker.propose(vec![StateChange::MessageAcked { client_id: att.client_id.clone(), id }]);
+            self.broker.propose(vec![StateChange::MessageAcked {
+                client_id: att.client_id.clone(),
+                id,
+            }]);
         }
     }
 

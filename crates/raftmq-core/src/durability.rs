@@ -53,8 +53,9 @@ impl WillRecord {
     pub fn into_message(self, now: std::time::Instant) -> Arc<Message> {
         let mut message = Arc::unwrap_or_clone(self.message);
         message.received_at = now;
-        message.expires_at =
-            self.message_expiry_secs.map(|s| now + std::time::Duration::from_secs(s.into()));
+        message.expires_at = self
+            .message_expiry_secs
+            .map(|s| now + std::time::Duration::from_secs(s.into()));
         Arc::new(message)
     }
 }
@@ -75,29 +76,75 @@ pub enum DetachRecord {
 pub enum StateChange {
     /// A connection attached to the persistent session of `client_id` (creating it, or replacing
     /// it when `clean_start`). `epoch` is the attachment's fencing token.
-    SessionOpened { client_id: ByteStr, epoch: u64, clean_start: bool, expiry_secs: u32, will: Option<WillRecord> },
+    SessionOpened {
+        client_id: ByteStr,
+        epoch: u64,
+        clean_start: bool,
+        expiry_secs: u32,
+        will: Option<WillRecord>,
+    },
     /// The connection of `client_id` ended; expiry counts from here.
-    SessionDetached { client_id: ByteStr, epoch: u64, how: DetachRecord, expiry_secs: u32 },
+    SessionDetached {
+        client_id: ByteStr,
+        epoch: u64,
+        how: DetachRecord,
+        expiry_secs: u32,
+    },
     /// The session ended (expired, replaced by a clean session, or removed).
-    SessionEnded { client_id: ByteStr },
-    Subscribed { client_id: ByteStr, filter: Arc<str>, entry: SubEntry },
-    Unsubscribed { client_id: ByteStr, filter: Arc<str> },
+    SessionEnded {
+        client_id: ByteStr,
+    },
+    Subscribed {
+        client_id: ByteStr,
+        filter: Arc<str>,
+        entry: SubEntry,
+    },
+    Unsubscribed {
+        client_id: ByteStr,
+        filter: Arc<str>,
+    },
     /// A delayed will was published (it must not be published again after recovery).
-    WillPublished { client_id: ByteStr },
+    WillPublished {
+        client_id: ByteStr,
+    },
     /// A message to deliver to persistent sessions, stored once for all of them.
-    MessageStored { id: MessageId, message: Arc<Message>, targets: Vec<StoredTarget> },
+    MessageStored {
+        id: MessageId,
+        message: Arc<Message>,
+        targets: Vec<StoredTarget>,
+    },
     /// A stored message was sent to a session under `packet_id` (redeliveries reuse it).
-    MessageSent { client_id: ByteStr, id: MessageId, packet_id: u16 },
+    MessageSent {
+        client_id: ByteStr,
+        id: MessageId,
+        packet_id: u16,
+    },
     /// A session acknowledged a stored message (PUBACK, or PUBCOMP for QoS 2).
-    MessageAcked { client_id: ByteStr, id: MessageId },
+    MessageAcked {
+        client_id: ByteStr,
+        id: MessageId,
+    },
     /// A session answered PUBREC for a stored QoS 2 message: PUBREL is next on redelivery.
-    MessageReleased { client_id: ByteStr, id: MessageId },
+    MessageReleased {
+        client_id: ByteStr,
+        id: MessageId,
+    },
     /// A persistent session received QoS 2 `packet_id` from its client (PUBREC sent).
-    IncomingQos2Received { client_id: ByteStr, packet_id: u16 },
+    IncomingQos2Received {
+        client_id: ByteStr,
+        packet_id: u16,
+    },
     /// The client's PUBREL completed that exchange.
-    IncomingQos2Completed { client_id: ByteStr, packet_id: u16 },
-    RetainedSet { message: Arc<Message> },
-    RetainedCleared { topic: ByteStr },
+    IncomingQos2Completed {
+        client_id: ByteStr,
+        packet_id: u16,
+    },
+    RetainedSet {
+        message: Arc<Message>,
+    },
+    RetainedCleared {
+        topic: ByteStr,
+    },
 }
 
 /// Why a change could not be made durable.
@@ -144,7 +191,9 @@ impl Commit {
 
     /// Polls for the result, registering the waker.
     pub fn poll_result(&self, cx: &mut Context<'_>) -> Poll<Result<(), DurabilityError>> {
-        let Some(inner) = &self.0 else { return Poll::Ready(Ok(())) };
+        let Some(inner) = &self.0 else {
+            return Poll::Ready(Ok(()));
+        };
         let mut inner = inner.lock();
         match inner.result {
             Some(r) => Poll::Ready(r),
@@ -322,7 +371,13 @@ impl StateImage {
     /// Applies one change.
     pub fn apply(&mut self, change: &StateChange) {
         match change {
-            StateChange::SessionOpened { client_id, clean_start, expiry_secs, will, .. } => {
+            StateChange::SessionOpened {
+                client_id,
+                clean_start,
+                expiry_secs,
+                will,
+                ..
+            } => {
                 if *clean_start {
                     self.end_session(client_id);
                 }
@@ -330,7 +385,12 @@ impl StateImage {
                 s.expiry_secs = *expiry_secs;
                 s.will = will.clone();
             }
-            StateChange::SessionDetached { client_id, how, expiry_secs, .. } => {
+            StateChange::SessionDetached {
+                client_id,
+                how,
+                expiry_secs,
+                ..
+            } => {
                 if let Some(s) = self.sessions.get_mut(client_id) {
                     s.expiry_secs = *expiry_secs;
                     if *how != DetachRecord::Abnormal {
@@ -344,7 +404,11 @@ impl StateImage {
                     s.will = None;
                 }
             }
-            StateChange::Subscribed { client_id, filter, entry } => {
+            StateChange::Subscribed {
+                client_id,
+                filter,
+                entry,
+            } => {
                 if let Some(s) = self.sessions.get_mut(client_id) {
                     s.subscriptions.insert(filter.clone(), *entry);
                 }
@@ -354,7 +418,11 @@ impl StateImage {
                     s.subscriptions.remove(filter);
                 }
             }
-            StateChange::MessageStored { id, message, targets } => {
+            StateChange::MessageStored {
+                id,
+                message,
+                targets,
+            } => {
                 let mut refs = 0;
                 for target in targets {
                     if let Some(s) = self.sessions.get_mut(&target.client_id) {
@@ -371,7 +439,11 @@ impl StateImage {
                     self.messages.insert(*id, (message.clone(), refs));
                 }
             }
-            StateChange::MessageSent { client_id, id, packet_id } => {
+            StateChange::MessageSent {
+                client_id,
+                id,
+                packet_id,
+            } => {
                 if let Some(d) = self.delivery_mut(client_id, *id) {
                     d.packet_id = Some(*packet_id);
                 }
@@ -390,12 +462,18 @@ impl StateImage {
                     self.release_message(*id);
                 }
             }
-            StateChange::IncomingQos2Received { client_id, packet_id } => {
+            StateChange::IncomingQos2Received {
+                client_id,
+                packet_id,
+            } => {
                 if let Some(s) = self.sessions.get_mut(client_id) {
                     s.incoming_qos2.insert(*packet_id);
                 }
             }
-            StateChange::IncomingQos2Completed { client_id, packet_id } => {
+            StateChange::IncomingQos2Completed {
+                client_id,
+                packet_id,
+            } => {
                 if let Some(s) = self.sessions.get_mut(client_id) {
                     s.incoming_qos2.remove(packet_id);
                 }
@@ -410,7 +488,11 @@ impl StateImage {
     }
 
     fn delivery_mut(&mut self, client_id: &ByteStr, id: MessageId) -> Option<&mut ImageDelivery> {
-        self.sessions.get_mut(client_id)?.deliveries.iter_mut().find(|d| d.id == id)
+        self.sessions
+            .get_mut(client_id)?
+            .deliveries
+            .iter_mut()
+            .find(|d| d.id == id)
     }
 
     fn release_message(&mut self, id: MessageId) {
@@ -443,7 +525,11 @@ impl StateImage {
             .map(|(client_id, s)| SessionImage {
                 client_id: client_id.clone(),
                 expiry_secs: s.expiry_secs,
-                subscriptions: s.subscriptions.iter().map(|(f, e)| (f.clone(), *e)).collect(),
+                subscriptions: s
+                    .subscriptions
+                    .iter()
+                    .map(|(f, e)| (f.clone(), *e))
+                    .collect(),
                 messages: s
                     .deliveries
                     .iter()
@@ -462,7 +548,10 @@ impl StateImage {
                 will: s.will.clone(),
             })
             .collect();
-        Recovered { sessions, retained: self.retained.values().cloned().collect() }
+        Recovered {
+            sessions,
+            retained: self.retained.values().cloned().collect(),
+        }
     }
 }
 

@@ -79,7 +79,10 @@ fn subscribe(filter: &str, qos: QoS) -> Packet {
         properties: SubscribeProperties::default(),
         filters: vec![SubscribeFilter {
             filter: ByteStr::from(filter),
-            options: SubscriptionOptions { qos, ..Default::default() },
+            options: SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
         }],
     })
 }
@@ -123,24 +126,40 @@ fn puback_waits_for_the_commit_when_a_persistent_session_matches() {
     let now = Instant::now();
     let mut sub = open(&b, now);
     sub.handle_packet(connect("sub", true, 300), now);
-    assert!(drain(&mut sub, now).is_empty(), "CONNACK must wait for the session record");
+    assert!(
+        drain(&mut sub, now).is_empty(),
+        "CONNACK must wait for the session record"
+    );
     held.complete_all(Ok(()));
     sub.handle_commits(now);
     assert!(matches!(drain(&mut sub, now)[..], [Packet::ConnAck(_)]));
     sub.handle_packet(subscribe("t/#", QoS::AtLeastOnce), now);
-    assert!(drain(&mut sub, now).is_empty(), "SUBACK must wait for the subscription record");
+    assert!(
+        drain(&mut sub, now).is_empty(),
+        "SUBACK must wait for the subscription record"
+    );
     held.complete_all(Ok(()));
     sub.handle_commits(now);
     assert!(matches!(drain(&mut sub, now)[..], [Packet::SubAck(_)]));
 
     let mut publ = open(&b, now);
-    assert!(matches!(exchange(&mut publ, connect("pub", true, 0), now)[..], [Packet::ConnAck(_)]));
+    assert!(matches!(
+        exchange(&mut publ, connect("pub", true, 0), now)[..],
+        [Packet::ConnAck(_)]
+    ));
     publ.handle_packet(publish("t/1", QoS::AtLeastOnce, 7, false), now);
-    assert!(drain(&mut publ, now).is_empty(), "PUBACK before the message is durable");
+    assert!(
+        drain(&mut publ, now).is_empty(),
+        "PUBACK before the message is durable"
+    );
     assert!(publ.pending_commit().is_some());
     // Online delivery does not wait for consensus.
     assert!(matches!(drain(&mut sub, now)[..], [Packet::Publish(_)]));
-    let stored = held.changes().into_iter().filter(|c| matches!(c, StateChange::MessageStored { .. })).count();
+    let stored = held
+        .changes()
+        .into_iter()
+        .filter(|c| matches!(c, StateChange::MessageStored { .. }))
+        .count();
     assert_eq!(stored, 1);
     held.complete_all(Ok(()));
     publ.handle_commits(now);
@@ -156,14 +175,27 @@ fn clean_sessions_and_qos0_never_wait_for_durability() {
     let b = broker(held.clone());
     let now = Instant::now();
     let mut sub = open(&b, now);
-    assert!(matches!(exchange(&mut sub, connect("sub", true, 0), now)[..], [Packet::ConnAck(_)]));
-    assert!(matches!(exchange(&mut sub, subscribe("t/#", QoS::ExactlyOnce), now)[..], [Packet::SubAck(_)]));
+    assert!(matches!(
+        exchange(&mut sub, connect("sub", true, 0), now)[..],
+        [Packet::ConnAck(_)]
+    ));
+    assert!(matches!(
+        exchange(&mut sub, subscribe("t/#", QoS::ExactlyOnce), now)[..],
+        [Packet::SubAck(_)]
+    ));
     let mut publ = open(&b, now);
     exchange(&mut publ, connect("pub", true, 0), now);
     exchange(&mut publ, publish("t/1", QoS::AtMostOnce, 0, false), now);
-    assert!(matches!(exchange(&mut publ, publish("t/1", QoS::AtLeastOnce, 2, false), now)[..], [Packet::PubAck(_)]));
+    assert!(matches!(
+        exchange(&mut publ, publish("t/1", QoS::AtLeastOnce, 2, false), now)[..],
+        [Packet::PubAck(_)]
+    ));
     assert_eq!(drain(&mut sub, now).len(), 2);
-    assert!(held.changes().is_empty(), "nothing durable was involved: {:?}", held.changes());
+    assert!(
+        held.changes().is_empty(),
+        "nothing durable was involved: {:?}",
+        held.changes()
+    );
 }
 
 #[test]
@@ -226,8 +258,14 @@ fn failed_commit_closes_the_publisher_without_acknowledging() {
     held.complete_all(Err(DurabilityError::Unavailable));
     publ.handle_commits(now);
     let out = drain(&mut publ, now);
-    assert!(!out.iter().any(|p| matches!(p, Packet::PubAck(_))), "{out:?}");
-    assert!(matches!(out[..], [Packet::Disconnect(ref d)] if d.reason_code == ReasonCode::SERVER_BUSY), "{out:?}");
+    assert!(
+        !out.iter().any(|p| matches!(p, Packet::PubAck(_))),
+        "{out:?}"
+    );
+    assert!(
+        matches!(out[..], [Packet::Disconnect(ref d)] if d.reason_code == ReasonCode::SERVER_BUSY),
+        "{out:?}"
+    );
     assert_eq!(publ.close_reason(), Some(CloseReason::StorageUnavailable));
 }
 
@@ -267,7 +305,10 @@ fn persistent_session_queue_and_retained_survive_a_broker_rebuild() {
             other => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(payloads, [b"m1", b"m2", b"m3"].map(|b| Bytes::from_static(b)));
+    assert_eq!(
+        payloads,
+        [b"m1", b"m2", b"m3"].map(|b| Bytes::from_static(b))
+    );
     // The subscription came back too.
     let mut publ = open(&b, t1);
     exchange(&mut publ, connect("pub", true, 0), t1);
@@ -307,7 +348,11 @@ fn unacknowledged_deliveries_are_resent_with_their_original_packet_ids_after_a_r
     let mut sub = open(&b, t1);
     let out = exchange(&mut sub, connect("sub", false, 3600), t1);
     match &out[..] {
-        [Packet::ConnAck(ack), Packet::PubRel(rel), Packet::Publish(p)] => {
+        [
+            Packet::ConnAck(ack),
+            Packet::PubRel(rel),
+            Packet::Publish(p),
+        ] => {
             assert!(ack.session_present);
             assert_eq!(rel.packet_id, first_id);
             assert_eq!(p.packet_id, Some(second_id));
@@ -340,12 +385,24 @@ fn incoming_qos2_state_survives_a_rebuild_so_a_resent_publish_is_not_routed_twic
     if let Packet::Publish(p) = &mut dup {
         p.dup = true;
     }
-    assert!(matches!(exchange(&mut publ, dup, t0)[..], [Packet::PubRec(_)]));
-    assert!(matches!(exchange(&mut publ, Packet::PubRel(PubResponse::success(pid(5))), t0)[..], [Packet::PubComp(_)]));
+    assert!(matches!(
+        exchange(&mut publ, dup, t0)[..],
+        [Packet::PubRec(_)]
+    ));
+    assert!(matches!(
+        exchange(&mut publ, Packet::PubRel(PubResponse::success(pid(5))), t0)[..],
+        [Packet::PubComp(_)]
+    ));
     // The subscriber holds exactly one copy.
     let mut sub = open(&b, t0);
     let out = exchange(&mut sub, connect("sub", false, 3600), t0);
-    assert_eq!(out.iter().filter(|p| matches!(p, Packet::Publish(_))).count(), 1, "{out:?}");
+    assert_eq!(
+        out.iter()
+            .filter(|p| matches!(p, Packet::Publish(_)))
+            .count(),
+        1,
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -354,7 +411,10 @@ fn state_image_is_a_deterministic_function_of_its_changes() {
     let held = Arc::new(Held::default());
     // Drive two brokers identically: one applying as it goes, one recording.
     let now = Instant::now();
-    for d in [durability.clone() as Arc<dyn Durability>, held.clone() as Arc<dyn Durability>] {
+    for d in [
+        durability.clone() as Arc<dyn Durability>,
+        held.clone() as Arc<dyn Durability>,
+    ] {
         let b = broker(d);
         let mut sub = open(&b, now);
         sub.handle_packet(connect("s", true, 100), now);
@@ -369,4 +429,68 @@ fn state_image_is_a_deterministic_function_of_its_changes() {
         replayed.apply(&change);
     }
     assert_eq!(replayed.recovered(), durability.image().recovered());
+}
+
+#[test]
+fn resumed_session_resends_no_more_than_the_new_receive_maximum_at_once() {
+    let b = broker(Arc::new(MemoryDurability::default()));
+    let now = Instant::now();
+    let mut sub = open(&b, now);
+    exchange(&mut sub, connect("sub", true, 600), now);
+    exchange(&mut sub, subscribe("w", QoS::AtLeastOnce), now);
+    let mut publ = open(&b, now);
+    exchange(&mut publ, connect("pub", true, 0), now);
+    for i in 1..=3u16 {
+        exchange(&mut publ, publish("w", QoS::AtLeastOnce, i, false), now);
+    }
+    assert_eq!(
+        drain(&mut sub, now).len(),
+        3,
+        "three in flight, none acknowledged"
+    );
+    sub.handle_transport_closed(now);
+
+    let resumed = Connect {
+        protocol: ProtocolVersion::V5,
+        clean_start: false,
+        keep_alive: 0,
+        client_id: ByteStr::from("sub"),
+        will: None,
+        username: None,
+        password: None,
+        properties: ConnectProperties {
+            session_expiry_interval: Some(600),
+            receive_maximum: Some(1),
+            ..Default::default()
+        },
+    };
+    let mut sub = open(&b, now);
+    let out = exchange(&mut sub, Packet::Connect(Box::new(resumed)), now);
+    let resent = |out: &[Packet]| -> Vec<Bytes> {
+        out.iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => Some(p.payload.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(resent(&out), [Bytes::from_static(b"m1")]);
+    let mut expected = 2;
+    let mut last = out;
+    while expected <= 3 {
+        let id = last
+            .iter()
+            .find_map(|p| match p {
+                Packet::Publish(p) => p.packet_id,
+                _ => None,
+            })
+            .expect("a resent PUBLISH");
+        last = exchange(&mut sub, Packet::PubAck(PubResponse::success(id)), now);
+        assert_eq!(
+            resent(&last),
+            [Bytes::from(format!("m{expected}"))],
+            "one at a time, in order"
+        );
+        expected += 1;
+    }
 }

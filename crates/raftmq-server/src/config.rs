@@ -13,7 +13,9 @@ pub struct ListenersConfig {
 
 impl Default for ListenersConfig {
     fn default() -> Self {
-        Self { tcp: Some(SocketAddr::from(([0, 0, 0, 0], 1883))) }
+        Self {
+            tcp: Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
+        }
     }
 }
 
@@ -27,6 +29,8 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { addr: Some(SocketAddr::from(([0, 0, 0, 0], 9100))) }
+        Self {
+            addr: Some(SocketAddr::from(([0, 0, 0, 0], 9100))),
+        }
     }
 }

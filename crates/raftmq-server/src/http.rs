@@ -19,7 +19,11 @@ pub(crate) struct HttpState {
     pub ready: Arc<AtomicBool>,
 }
 
-pub(crate) async fn serve(listener: TcpListener, state: HttpState, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: HttpState,
+    mut stop: watch::Receiver<bool>,
+) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -28,7 +32,10 @@ pub(crate) async fn serve(listener: TcpListener, state: HttpState, mut stop: wat
     let shutdown = async move {
         let _ = stop.changed().await;
     };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
         warn!(error = %e, "HTTP server failed");
     }
 }
@@ -39,7 +46,10 @@ async fn metrics(State(state): State<HttpState>) -> (StatusCode, String) {
             crate::metrics::export_broker_stats(&state.broker);
             (StatusCode::OK, render())
         }
-        None => (StatusCode::NOT_FOUND, "metrics recorder not installed\n".into()),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics recorder not installed\n".into(),
+        ),
     }
 }
 

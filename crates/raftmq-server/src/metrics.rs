@@ -33,11 +33,13 @@ const QOS_LABELS: [&str; 3] = ["0", "1", "2"];
 pub fn export_broker_stats(broker: &Broker) {
     let s = broker.stats();
     for (i, qos) in QOS_LABELS.iter().enumerate() {
-        counter!(MESSAGES_RECEIVED_TOTAL, "qos" => *qos).absolute(s.messages_received[i].load(Relaxed));
+        counter!(MESSAGES_RECEIVED_TOTAL, "qos" => *qos)
+            .absolute(s.messages_received[i].load(Relaxed));
         counter!(MESSAGES_SENT_TOTAL, "qos" => *qos).absolute(s.messages_sent[i].load(Relaxed));
     }
     for reason in DropReason::ALL {
-        counter!(MESSAGES_DROPPED_TOTAL, "reason" => reason.as_str()).absolute(s.dropped_count(reason));
+        counter!(MESSAGES_DROPPED_TOTAL, "reason" => reason.as_str())
+            .absolute(s.dropped_count(reason));
     }
     counter!(BYTES_RECEIVED_TOTAL).absolute(s.bytes_received.load(Relaxed));
     counter!(BYTES_SENT_TOTAL).absolute(s.bytes_sent.load(Relaxed));

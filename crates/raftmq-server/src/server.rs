@@ -38,7 +38,10 @@ pub struct Server {
     metrics: Option<MetricsRender>,
 }
 
-async fn bind(what: &'static str, addr: Option<SocketAddr>) -> Result<Option<TcpListener>, ServerError> {
+async fn bind(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, ServerError> {
     match addr {
         None => Ok(None),
         Some(addr) => TcpListener::bind(addr)
@@ -87,17 +90,30 @@ impl Server {
         let ready = Arc::new(AtomicBool::new(true));
 
         if let Some(listener) = self.mqtt {
-            tasks.spawn(accept_loop(listener, self.broker.clone(), stop_rx.clone(), tasks.clone()));
+            tasks.spawn(accept_loop(
+                listener,
+                self.broker.clone(),
+                stop_rx.clone(),
+                tasks.clone(),
+            ));
         }
         if let Some(listener) = self.http {
-            let state = http::HttpState { broker: self.broker.clone(), metrics: self.metrics, ready: ready.clone() };
+            let state = http::HttpState {
+                broker: self.broker.clone(),
+                metrics: self.metrics,
+                ready: ready.clone(),
+            };
             tasks.spawn(http::serve(listener, state, stop_rx.clone()));
         }
         tasks.spawn(broker_timers(self.broker.clone(), stop_rx.clone()));
         tasks.spawn(stats_exporter(self.broker.clone(), stop_rx.clone()));
         let sys_interval = self.broker.config().sys_interval.0;
         if !sys_interval.is_zero() {
-            tasks.spawn(crate::sys::publish_loop(self.broker.clone(), sys_interval, stop_rx.clone()));
+            tasks.spawn(crate::sys::publish_loop(
+                self.broker.clone(),
+                sys_interval,
+                stop_rx.clone(),
+            ));
         }
 
         shutdown.await;
@@ -105,14 +121,25 @@ impl Server {
         ready.store(false, Ordering::Relaxed);
         let _ = stop_tx.send(true);
         tasks.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
-            warn!(remaining = tasks.len(), "connections still open after the shutdown grace period");
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = tasks.len(),
+                "connections still open after the shutdown grace period"
+            );
         }
         Ok(())
     }
 }
 
-async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, mut stop: watch::Receiver<bool>, tasks: TaskTracker) {
+async fn accept_loop(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    mut stop: watch::Receiver<bool>,
+    tasks: TaskTracker,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -137,7 +164,9 @@ async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, mut stop: watch
 async fn broker_timers(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
     loop {
         broker.handle_timeout(Instant::now());
-        let next = broker.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let next = broker
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = tokio::time::sleep_until(next.into()) => {}
             _ = poll_fn(|cx| broker.poll_timers_changed(cx)) => {}

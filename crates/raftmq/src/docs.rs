@@ -306,7 +306,10 @@ pub fn markdown_reference() -> String {
     for d in top {
         out.push_str(&format!("| `{}` | {} | {} |\n", d.key, cell(d), d.doc));
     }
-    for section in KEYS.iter().filter(|d| matches!(lookup(d.key), Some(Value::Table(_)))) {
+    for section in KEYS
+        .iter()
+        .filter(|d| matches!(lookup(d.key), Some(Value::Table(_))))
+    {
         out.push_str(&format!(
             "\n### `[{}]`\n\n{}\n\n| Key | Default | Meaning |\n|---|---|---|\n",
             section.key, section.doc

@@ -359,6 +359,8 @@ def check_common_facts(docs, p: Problems, replicas: int) -> None:
     ann = sts["spec"]["template"]["metadata"].get("annotations", {})
     p.check(re.fullmatch(r"[0-9a-f]{64}", ann.get("checksum/config", "")) is not None, w, "checksum/config annotation missing")
     p.check(c["args"][:1] == ["serve"], w, f"args must start with serve: {c['args']}")
+    p.check("helm.sh/chart" not in sts["spec"]["template"]["metadata"]["labels"], w,
+            "the pod template must not carry helm.sh/chart (a chart-only release would restart every broker)")
     p.check(sts["spec"].get("podManagementPolicy") == "Parallel", w, "podManagementPolicy must default to Parallel")
     p.check(sts["spec"].get("updateStrategy", {}).get("type") == "RollingUpdate", w, "updateStrategy must be RollingUpdate")
 

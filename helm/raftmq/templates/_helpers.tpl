@@ -48,6 +48,20 @@ app.kubernetes.io/part-of: raftmq
 {{- end }}
 {{- end -}}
 
+{{/*
+Pod template labels: the common labels without helm.sh/chart, so that a chart release that changes
+nothing in the pods does not restart the brokers.
+*/}}
+{{- define "raftmq.podLabels" -}}
+{{ include "raftmq.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: raftmq
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
 {{- define "raftmq.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "raftmq.fullname" .) .Values.serviceAccount.name -}}

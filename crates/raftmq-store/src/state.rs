@@ -1,0 +1,374 @@
+//! The state machine database: named column families, point reads, ordered scans and atomic
+//! batches, without exposing any RocksDB type.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rocksdb::{DB, DBIteratorWithThreadMode, Direction, IteratorMode, ReadOptions, WriteBatch};
+
+use crate::db::{Inner, sync_write_options};
+use crate::error::StoreError;
+use crate::layout::{StateCf, prefix_successor};
+
+/// Handle to the state machine's column families (see [`StateCf`]). Cheap to clone.
+///
+/// Reads see the latest committed writes. [`StateDb::write`] is atomic across column families.
+#[derive(Clone)]
+pub struct StateDb {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for StateDb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateDb")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One operation of a [`StateBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BatchOp {
+    /// Insert or overwrite `key`.
+    Put {
+        /// Column family.
+        cf: StateCf,
+        /// Key.
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Delete `key` (no-op if absent).
+    Delete {
+        /// Column family.
+        cf: StateCf,
+        /// Key.
+        key: Vec<u8>,
+    },
+    /// Delete every key in `[from, to)`.
+    DeleteRange {
+        /// Column family.
+        cf: StateCf,
+        /// First key deleted.
+        from: Vec<u8>,
+        /// First key kept.
+        to: Vec<u8>,
+    },
+    /// Delete every key starting with `prefix` (all keys if `prefix` is empty).
+    DeletePrefix {
+        /// Column family.
+        cf: StateCf,
+        /// Key prefix.
+        prefix: Vec<u8>,
+    },
+}
+
+/// An atomic group of writes for [`StateDb::write`]: all of them land or none does, and they
+/// apply in order (a later operation wins over an earlier one on the same key).
+///
+/// Building a batch needs no database, so apply logic can produce batches as plain values and
+/// be unit tested on them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateBatch {
+    ops: Vec<BatchOp>,
+}
+
+impl StateBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        StateBatch::default()
+    }
+
+    /// Inserts or overwrites `key` in `cf`.
+    pub fn put(
+        &mut self,
+        cf: StateCf,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> &mut Self {
+        self.ops.push(BatchOp::Put {
+            cf,
+            key: key.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    /// Deletes `key` from `cf`.
+    pub fn delete(&mut self, cf: StateCf, key: impl Into<Vec<u8>>) -> &mut Self {
+        self.ops.push(BatchOp::Delete { cf, key: key.into() });
+        self
+    }
+
+    /// Deletes every key `k` of `cf` with `from <= k < to` (a single range tombstone).
+    pub fn delete_range(
+        &mut self,
+        cf: StateCf,
+        from: impl Into<Vec<u8>>,
+        to: impl Into<Vec<u8>>,
+    ) -> &mut Self {
+        self.ops.push(BatchOp::DeleteRange {
+            cf,
+            from: from.into(),
+            to: to.into(),
+        });
+        self
+    }
+
+    /// Deletes every key of `cf` that starts with `prefix`.
+    pub fn delete_prefix(&mut self, cf: StateCf, prefix: impl Into<Vec<u8>>) -> &mut Self {
+        self.ops.push(BatchOp::DeletePrefix {
+            cf,
+            prefix: prefix.into(),
+        });
+        self
+    }
+
+    /// Deletes every key of `cf`.
+    pub fn clear(&mut self, cf: StateCf) -> &mut Self {
+        self.delete_prefix(cf, Vec::new())
+    }
+
+    /// The operations, in order.
+    pub fn ops(&self) -> &[BatchOp] {
+        &self.ops
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// `true` if the batch has no operation.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+impl Extend<BatchOp> for StateBatch {
+    fn extend<T: IntoIterator<Item = BatchOp>>(&mut self, iter: T) {
+        self.ops.extend(iter);
+    }
+}
+
+/// Iterator over `(key, value)` pairs of a scan, in ascending key order.
+///
+/// Borrows the [`StateDb`] (or [`StateSnapshot`](crate::StateSnapshot)) it came from; a scan
+/// of the live database may or may not see writes made while it runs, a scan of a snapshot
+/// never does.
+pub struct StateIter<'a> {
+    iter: Option<DBIteratorWithThreadMode<'a, DB>>,
+    error: Option<StoreError>,
+}
+
+impl<'a> StateIter<'a> {
+    pub(crate) fn new(iter: DBIteratorWithThreadMode<'a, DB>) -> Self {
+        StateIter {
+            iter: Some(iter),
+            error: None,
+        }
+    }
+
+    pub(crate) fn failed(error: StoreError) -> Self {
+        StateIter {
+            iter: None,
+            error: Some(error),
+        }
+    }
+}
+
+impl Iterator for StateIter<'_> {
+    type Item = Result<(Vec<u8>, Vec<u8>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(error) = self.error.take() {
+            return Some(Err(error));
+        }
+        let item = self.iter.as_mut()?.next()?;
+        Some(match item {
+            Ok((key, value)) => Ok((key.into_vec(), value.into_vec())),
+            Err(e) => {
+                self.iter = None;
+                Err(StoreError::Backend {
+                    op: "iterate",
+                    source: e,
+                })
+            }
+        })
+    }
+}
+
+impl fmt::Debug for StateIter<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateIter")
+            .field("done", &self.iter.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Read options bounding a forward scan to `[from, to)`.
+pub(crate) fn range_read_options(to: Option<&[u8]>) -> ReadOptions {
+    let mut opts = ReadOptions::default();
+    if let Some(to) = to {
+        opts.set_iterate_upper_bound(to.to_vec());
+    }
+    opts
+}
+
+impl StateDb {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        StateDb { inner }
+    }
+
+    /// The value of `key` in `cf`.
+    pub fn get(&self, cf: StateCf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let handle = self.inner.cf(cf.name())?;
+        self.inner
+            .db
+            .get_cf(handle, key)
+            .map_err(StoreError::backend("get"))
+    }
+
+    /// Every pair of `cf` whose key starts with `prefix` (everything for an empty prefix).
+    pub fn scan_prefix(&self, cf: StateCf, prefix: &[u8]) -> StateIter<'_> {
+        let end = prefix_successor(prefix);
+        self.scan_range(cf, prefix, end.as_deref())
+    }
+
+    /// Every pair of `cf` with `from <= key < to` (`to = None`: up to the last key).
+    pub fn scan_range(&self, cf: StateCf, from: &[u8], to: Option<&[u8]>) -> StateIter<'_> {
+        match self.inner.cf(cf.name()) {
+            Ok(handle) => StateIter::new(self.inner.db.iterator_cf_opt(
+                handle,
+                range_read_options(to),
+                IteratorMode::From(from, Direction::Forward),
+            )),
+            Err(e) => StateIter::failed(e),
+        }
+    }
+
+    /// The pair with the greatest key starting with `prefix`, e.g. to find the last sequence
+    /// number of a queue.
+    pub fn last_with_prefix(
+        &self,
+        cf: StateCf,
+        prefix: &[u8],
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let handle = self.inner.cf(cf.name())?;
+        let mut opts = range_read_options(prefix_successor(prefix).as_deref());
+        opts.set_iterate_lower_bound(prefix.to_vec());
+        match self
+            .inner
+            .db
+            .iterator_cf_opt(handle, opts, IteratorMode::End)
+            .next()
+        {
+            None => Ok(None),
+            Some(Ok((key, value))) => Ok(Some((key.into_vec(), value.into_vec()))),
+            Some(Err(e)) => Err(StoreError::Backend {
+                op: "iterate",
+                source: e,
+            }),
+        }
+    }
+
+    /// Applies `batch` atomically. It is written to the WAL but not `fsync`ed: a process crash
+    /// loses nothing, a power cut may lose the latest batches.
+    ///
+    /// That is enough for a Raft state machine that stores its last applied log id in the same
+    /// batch: the state is always consistent with that id, and Raft re-applies the entries after
+    /// it from the log. The log store's synced writes flush the shared WAL, including every
+    /// earlier state write, before the log entries that could rebuild the state are purged.
+    /// Use [`StateDb::write_sync`] when the caller needs durability on return.
+    pub fn write(&self, batch: StateBatch) -> Result<(), StoreError> {
+        let wb = self.to_write_batch(batch)?;
+        self.inner.db.write(wb).map_err(StoreError::backend("write"))
+    }
+
+    /// Like [`StateDb::write`], durable (`fsync`ed) when it returns.
+    pub fn write_sync(&self, batch: StateBatch) -> Result<(), StoreError> {
+        let wb = self.to_write_batch(batch)?;
+        self.inner
+            .db
+            .write_opt(wb, &sync_write_options())
+            .map_err(StoreError::backend("write"))
+    }
+
+    /// Makes every write so far durable (`fsync` of the shared WAL).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.inner
+            .db
+            .flush_wal(true)
+            .map_err(StoreError::backend("flush WAL"))
+    }
+
+    fn to_write_batch(&self, batch: StateBatch) -> Result<WriteBatch, StoreError> {
+        let mut wb = WriteBatch::default();
+        // Greatest key put so far in this batch, per column family: a prefix delete that must
+        // look up the last existing key also has to cover keys the batch itself added.
+        let mut max_put: [Option<Vec<u8>>; StateCf::ALL.len()] = Default::default();
+        for op in batch.ops {
+            match op {
+                BatchOp::Put { cf, key, value } => {
+                    wb.put_cf(self.inner.cf(cf.name())?, &key, value);
+                    let slot = &mut max_put[usize::from(cf.id() - 1)];
+                    if slot.as_ref().is_none_or(|max| *max < key) {
+                        *slot = Some(key);
+                    }
+                }
+                BatchOp::Delete { cf, key } => wb.delete_cf(self.inner.cf(cf.name())?, key),
+                BatchOp::DeleteRange { cf, from, to } => {
+                    wb.delete_range_cf(self.inner.cf(cf.name())?, from, to);
+                }
+                BatchOp::DeletePrefix { cf, prefix } => match prefix_successor(&prefix) {
+                    Some(end) => wb.delete_range_cf(self.inner.cf(cf.name())?, prefix, end),
+                    None => {
+                        let batch_max = max_put[usize::from(cf.id() - 1)].as_deref();
+                        self.delete_all_from(&mut wb, cf, &prefix, batch_max)?;
+                    }
+                },
+            }
+        }
+        Ok(wb)
+    }
+
+    /// Adds to `wb` the deletion of every key `>= from` in `cf`: a range tombstone up to the
+    /// greatest such key (in the database or `batch_max`) plus a point tombstone for that key.
+    ///
+    /// The greatest key is read now, so a concurrent writer could add a greater one before `wb`
+    /// is written; state machine writes are serialized by the state machine, so that is not a
+    /// concern for this crate's callers.
+    pub(crate) fn delete_all_from(
+        &self,
+        wb: &mut WriteBatch,
+        cf: StateCf,
+        from: &[u8],
+        batch_max: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let handle = self.inner.cf(cf.name())?;
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(from.to_vec());
+        let db_max = match self
+            .inner
+            .db
+            .iterator_cf_opt(handle, opts, IteratorMode::End)
+            .next()
+        {
+            None => None,
+            Some(Ok((key, _))) => Some(key.into_vec()),
+            Some(Err(e)) => {
+                return Err(StoreError::Backend {
+                    op: "iterate",
+                    source: e,
+                });
+            }
+        };
+        let batch_max = batch_max.filter(|key| *key >= from).map(<[u8]>::to_vec);
+        if let Some(last) = std::cmp::max(db_max, batch_max) {
+            wb.delete_range_cf(handle, from, last.as_slice());
+            wb.delete_cf(handle, last);
+        }
+        Ok(())
+    }
+}
