@@ -332,7 +332,7 @@ if $build_image; then
     if [ -z "$binary" ]; then
         fail "--image needs a binary (--binary PATH)"
     elif out="$("$repo/deploy/docker/build-image.sh" --binary "$binary" --tag raftmq:check-chart 2>&1)"; then
-        pass "build-image.sh: $(grep -E 'built|smoke test passed' <<<"$out" | sed 's/^build-image: //' | paste -sd ';' -)"
+        pass "build-image.sh: $(grep -E '^build-image: (built|smoke test passed)' <<<"$out" | sed 's/^build-image: //' | paste -sd ';' -)"
         docker image rm raftmq:check-chart >/dev/null 2>&1 || true
     else
         fail "build-image.sh"; echo "$out" | tail -30 | indent

@@ -1,10 +1,14 @@
-//! Compiles `proto/*.proto` with a vendored `protoc`, so no system protobuf compiler is needed.
+//! Compiles `proto/**/*.proto` with a vendored `protoc`, so no system protobuf compiler is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    config.bytes(["."]);
     tonic_prost_build::configure().compile_with_config(
         config,
-        &["../../proto/raftmq_raft_v1.proto"],
+        &[
+            "../../proto/raftmq/state/v1/state.proto",
+            "../../proto/raftmq/raft/v1/raft.proto",
+        ],
         &["../../proto"],
     )?;
     println!("cargo:rerun-if-changed=../../proto");

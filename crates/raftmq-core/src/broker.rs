@@ -613,7 +613,13 @@ impl Broker {
                 packet_id,
             });
         }
-        if message.retain && self.config.retain_available && self.store_retained(&message) {
+        // `$SYS/...` statistics are regenerated every interval: never worth a durable write.
+        let durable_retain = !message.topic.starts_with("$SYS/");
+        if message.retain
+            && self.config.retain_available
+            && self.store_retained(&message)
+            && durable_retain
+        {
             changes.push(if message.payload.is_empty() {
                 StateChange::RetainedCleared {
                     topic: message.topic.clone(),

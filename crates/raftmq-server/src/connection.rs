@@ -112,7 +112,12 @@ pub(crate) async fn run<S>(
                     Some(c) => { let _ = c.clone().await; }
                     None => std::future::pending().await,
                 }
-            } => conn.handle_commits(Instant::now()),
+            } => {
+                // Released acknowledgements (CONNACK above all) unblock deliveries.
+                let now = Instant::now();
+                conn.handle_commits(now);
+                more = conn.pump(now, PUMP_BATCH);
+            }
             _ = shutdown.changed() => conn.handle_shutdown(ReasonCode::SERVER_SHUTTING_DOWN, Instant::now()),
         }
     }

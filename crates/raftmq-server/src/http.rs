@@ -17,6 +17,8 @@ pub(crate) struct HttpState {
     pub broker: Arc<Broker>,
     pub metrics: Option<MetricsRender>,
     pub ready: Arc<AtomicBool>,
+    pub cluster_status: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
+    pub cluster_ready: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 pub(crate) async fn serve(
@@ -28,6 +30,7 @@ pub(crate) async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/api/v1/cluster", get(cluster))
         .with_state(state);
     let shutdown = async move {
         let _ = stop.changed().await;
@@ -53,8 +56,20 @@ async fn metrics(State(state): State<HttpState>) -> (StatusCode, String) {
     }
 }
 
+async fn cluster(State(state): State<HttpState>) -> (StatusCode, axum::Json<serde_json::Value>) {
+    match &state.cluster_status {
+        Some(status) => (StatusCode::OK, axum::Json(status())),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({"error": "not clustered"})),
+        ),
+    }
+}
+
+/// Ready when the listeners run and (clustered) a leader is known, so durable writes can commit.
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
-    if state.ready.load(Ordering::Relaxed) {
+    let cluster_ok = state.cluster_ready.as_ref().is_none_or(|ready| ready());
+    if state.ready.load(Ordering::Relaxed) && cluster_ok {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

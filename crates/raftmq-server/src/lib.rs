@@ -14,4 +14,4 @@ mod server;
 mod sys;
 
 pub use config::{HttpConfig, ListenersConfig};
-pub use server::{MetricsRender, Server, ServerError};
+pub use server::{ClusterEndpoint, MetricsRender, Server, ServerError};

@@ -30,12 +30,26 @@ pub enum ServerError {
     },
 }
 
+/// The cluster side of a node, served on the cluster address: gRPC services for peers, and
+/// what the HTTP endpoint reports about the cluster.
+pub struct ClusterEndpoint {
+    /// Where peers connect (Raft, forwarded proposals, join).
+    pub addr: SocketAddr,
+    /// The gRPC services (from `raftmq-cluster`).
+    pub routes: tonic::service::Routes,
+    /// Cluster status as JSON, for `GET /api/v1/cluster`.
+    pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// Whether the node can commit (leader known), for `/readyz`.
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
 /// A bound, not yet running broker front end.
 pub struct Server {
     broker: Arc<Broker>,
     mqtt: Option<TcpListener>,
     http: Option<TcpListener>,
     metrics: Option<MetricsRender>,
+    cluster: Option<(TcpListener, ClusterEndpoint)>,
 }
 
 async fn bind(
@@ -64,7 +78,22 @@ impl Server {
             mqtt: bind("MQTT", listeners.tcp).await?,
             http: bind("HTTP", http.addr).await?,
             metrics,
+            cluster: None,
         })
+    }
+
+    /// Binds the cluster listener and serves `endpoint`'s gRPC services on it once running.
+    pub async fn bind_cluster(&mut self, endpoint: ClusterEndpoint) -> Result<(), ServerError> {
+        let listener = bind("cluster", Some(endpoint.addr)).await?;
+        if let Some(listener) = listener {
+            self.cluster = Some((listener, endpoint));
+        }
+        Ok(())
+    }
+
+    /// The bound cluster address.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The bound MQTT TCP address (with the real port when 0 was configured).
@@ -97,11 +126,20 @@ impl Server {
                 tasks.clone(),
             ));
         }
+        let mut cluster_status = None;
+        let mut cluster_ready = None;
+        if let Some((listener, endpoint)) = self.cluster {
+            cluster_status = Some(endpoint.status);
+            cluster_ready = Some(endpoint.ready);
+            tasks.spawn(serve_cluster(listener, endpoint.routes, stop_rx.clone()));
+        }
         if let Some(listener) = self.http {
             let state = http::HttpState {
                 broker: self.broker.clone(),
                 metrics: self.metrics,
                 ready: ready.clone(),
+                cluster_status,
+                cluster_ready,
             };
             tasks.spawn(http::serve(listener, state, stop_rx.clone()));
         }
@@ -157,6 +195,24 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         }
+    }
+}
+
+async fn serve_cluster(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    mut stop: watch::Receiver<bool>,
+) {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let shutdown = async move {
+        let _ = stop.changed().await;
+    };
+    if let Err(e) = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+    {
+        warn!(error = %e, "cluster gRPC server failed");
     }
 }
 

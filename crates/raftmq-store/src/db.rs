@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::RaftTypeConfig;
-use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteOptions,
-};
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteOptions};
 
 use crate::error::StoreError;
 use crate::layout::{CF_DEFAULT, FORMAT_KEY, FORMAT_VERSION, all_cf_names};

@@ -86,4 +86,4 @@ pub use snapshot::{
     DEFAULT_CHUNK_SIZE, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC, SnapshotStats, SnapshotStream,
     StateSnapshot,
 };
-pub use state::{BatchOp, StateBatch, StateDb, StateIter};
+pub use state::{BatchOp, KeyValue, StateBatch, StateDb, StateIter};

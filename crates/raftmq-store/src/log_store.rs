@@ -155,10 +155,7 @@ impl<C: RaftTypeConfig> LogStore<C> {
             if entry.get_log_id().index != index {
                 return Err(StoreError::CorruptKey {
                     cf: CF_RAFT_LOG,
-                    detail: format!(
-                        "key index {index} holds entry {}",
-                        entry.get_log_id().index
-                    ),
+                    detail: format!("key index {index} holds entry {}", entry.get_log_id().index),
                 });
             }
             entries.push(entry);
@@ -182,7 +179,10 @@ impl<C: RaftTypeConfig> LogStore<C> {
         })
     }
 
-    fn append_entries(&self, entries: impl IntoIterator<Item = C::Entry>) -> Result<(), StoreError> {
+    fn append_entries(
+        &self,
+        entries: impl IntoIterator<Item = C::Entry>,
+    ) -> Result<(), StoreError> {
         let cf = self.inner.cf(CF_RAFT_LOG)?;
         let mut batch = WriteBatch::default();
         for entry in entries {
@@ -279,7 +279,10 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
             .map_err(|e| e.into_storage_error(ErrorSubject::Vote, ErrorVerb::Read))
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> StorageResult<(), C> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<C::NodeId>>,
+    ) -> StorageResult<(), C> {
         // Not synced: `committed` only lets a restart re-apply up to it sooner; losing the last
         // update in a power cut is harmless, and it rides along with the next synced write.
         self.write_meta(

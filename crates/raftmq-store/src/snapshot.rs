@@ -267,7 +267,10 @@ impl Encoder {
                     let mut opts = ReadOptions::default();
                     // A bulk scan: do not evict the hot working set from the block cache.
                     opts.fill_cache(false);
-                    let start = resume_after.as_deref().map(key_successor).unwrap_or_default();
+                    let start = resume_after
+                        .as_deref()
+                        .map(key_successor)
+                        .unwrap_or_default();
                     let iter = snapshot.snap.iterator_cf_opt(
                         handle,
                         opts,
@@ -297,7 +300,12 @@ impl Encoder {
     }
 }
 
-fn write_record(out: &mut Vec<u8>, cf: StateCf, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+fn write_record(
+    out: &mut Vec<u8>,
+    cf: StateCf,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(), StoreError> {
     let key_len =
         u32::try_from(key.len()).map_err(|_| SnapshotFormatError::RecordTooLarge(key.len()))?;
     let value_len =

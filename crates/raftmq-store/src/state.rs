@@ -26,6 +26,9 @@ impl fmt::Debug for StateDb {
     }
 }
 
+/// A `(key, value)` pair read from a state column family.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// One operation of a [`StateBatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -97,7 +100,10 @@ impl StateBatch {
 
     /// Deletes `key` from `cf`.
     pub fn delete(&mut self, cf: StateCf, key: impl Into<Vec<u8>>) -> &mut Self {
-        self.ops.push(BatchOp::Delete { cf, key: key.into() });
+        self.ops.push(BatchOp::Delete {
+            cf,
+            key: key.into(),
+        });
         self
     }
 
@@ -179,7 +185,7 @@ impl<'a> StateIter<'a> {
 }
 
 impl Iterator for StateIter<'_> {
-    type Item = Result<(Vec<u8>, Vec<u8>), StoreError>;
+    type Item = Result<KeyValue, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if let Some(error) = self.error.take() {
@@ -254,7 +260,7 @@ impl StateDb {
         &self,
         cf: StateCf,
         prefix: &[u8],
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Option<KeyValue>, StoreError> {
         let handle = self.inner.cf(cf.name())?;
         let mut opts = range_read_options(prefix_successor(prefix).as_deref());
         opts.set_iterate_lower_bound(prefix.to_vec());
@@ -283,7 +289,10 @@ impl StateDb {
     /// Use [`StateDb::write_sync`] when the caller needs durability on return.
     pub fn write(&self, batch: StateBatch) -> Result<(), StoreError> {
         let wb = self.to_write_batch(batch)?;
-        self.inner.db.write(wb).map_err(StoreError::backend("write"))
+        self.inner
+            .db
+            .write(wb)
+            .map_err(StoreError::backend("write"))
     }
 
     /// Like [`StateDb::write`], durable (`fsync`ed) when it returns.

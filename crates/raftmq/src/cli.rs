@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// This node's id in the cluster [config: node_id].
     #[arg(long, value_name = "N", env = "RAFTMQ_NODE_ID", value_parser = clap::value_parser!(i64).range(1..))]
     pub node_id: Option<i64>,
+    /// Derive the node id from a StatefulSet pod name: `raftmq-2` → ordinal 2 → node id 3
+    /// (the name is read from `POD_NAME`, else `HOSTNAME`). Overrides --node-id.
+    #[arg(long, env = "RAFTMQ_NODE_ID_FROM_ORDINAL", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+    pub node_id_from_ordinal: bool,
     /// Directory for the node's state [config: data_dir].
     #[arg(long, value_name = "DIR", env = "RAFTMQ_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -120,12 +124,26 @@ impl ListenAddr {
     }
 }
 
+/// The node id for a StatefulSet pod: its ordinal (the digits after the last `-`) plus one.
+pub fn node_id_from_pod_name(name: &str) -> Option<u64> {
+    let ordinal: u64 = name.rsplit_once('-')?.1.parse().ok()?;
+    ordinal.checked_add(1)
+}
+
 impl ServeArgs {
     /// The configuration layer these flags make (the top one).
     pub fn layer(&self) -> Layer {
         let mut layer = Layer::default();
         if let Some(n) = self.node_id {
             layer.set("node_id", Value::Integer(n), "--node-id");
+        }
+        if self.node_id_from_ordinal {
+            let name = std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_default();
+            // An unusable name leaves node_id invalid (0), which the config check reports.
+            let id = node_id_from_pod_name(&name).map_or(0, |id| i64::try_from(id).unwrap_or(0));
+            layer.set("node_id", Value::Integer(id), "--node-id-from-ordinal");
         }
         if let Some(dir) = &self.data_dir {
             layer.set(
@@ -199,6 +217,10 @@ mod tests {
         assert!(matches!(parse(&[]), Ok(Command::Serve(s)) if s.layer() == Layer::default()));
         assert_eq!(serve_config(&[]), Config::default());
         assert_eq!(serve_config(&["--node-id", "3"]).node_id, 3);
+        assert_eq!(node_id_from_pod_name("raftmq-0"), Some(1));
+        assert_eq!(node_id_from_pod_name("my-broker-raftmq-12"), Some(13));
+        assert_eq!(node_id_from_pod_name("raftmq"), None);
+        assert_eq!(node_id_from_pod_name("raftmq-x"), None);
         assert_eq!(serve_config(&["serve", "--node-id", "3"]).node_id, 3);
     }
 
@@ -294,7 +316,7 @@ mod tests {
             .filter_map(|a| a.get_env())
             .map(|v| v.to_string_lossy().into_owned())
             .collect();
-        assert_eq!(vars.len(), 9, "{vars:?}");
+        assert_eq!(vars.len(), 10, "{vars:?}");
         for var in &vars {
             let value = if var == "RAFTMQ_NODE_ID" { "2" } else { "x" };
             let layer = env_layer([(OsString::from(var), OsString::from(value))]);

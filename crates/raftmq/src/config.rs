@@ -36,6 +36,7 @@ pub const FLAG_ONLY_ENV_VARS: &[&str] = &[
     "RAFTMQ_SEEDS",
     "RAFTMQ_LOG_FORMAT",
     "RAFTMQ_LOG_LEVEL",
+    "RAFTMQ_NODE_ID_FROM_ORDINAL",
 ];
 
 /// Address keys that may be set to `"none"` (or `""`) to disable what they configure.

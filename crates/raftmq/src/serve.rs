@@ -4,12 +4,15 @@
 use crate::config::Config;
 use crate::telemetry;
 use anyhow::Context as _;
+use raftmq_cluster::grpc;
+use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
 use raftmq_core::auth::AllowAll;
-use raftmq_server::Server;
+use raftmq_server::{ClusterEndpoint, Server};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -32,15 +35,46 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     let upkeep = telemetry::spawn_upkeep(metrics.clone(), telemetry::UPKEEP_INTERVAL);
 
+    // Durable state: a Raft group (of one node unless seeds are given) over RocksDB in data_dir.
+    let node = RaftNode::start(NodeOptions {
+        node_id: config.node_id,
+        advertise_addr: advertise_addr(&config),
+        mqtt_addr: config
+            .listeners
+            .tcp
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        seeds: config.cluster.seeds.clone(),
+        data_dir: config.data_dir.clone(),
+    })
+    .await
+    .with_context(|| format!("starting the raft node in {}", config.data_dir.display()))?;
+    if !node.wait_ready(READY_TIMEOUT).await {
+        warn!(
+            "no raft leader after {READY_TIMEOUT:?}: serving anyway; durable writes are refused \
+             (CONNACK 0x88 / DISCONNECT 0x89) until a quorum forms"
+        );
+    }
+    let node = Arc::new(node);
+
     // Anonymous access until authentication is configurable (see the warning below).
-    let broker = Arc::new(Broker::with_auth(
-        config.mqtt.clone(),
-        Arc::new(AllowAll),
-        Arc::new(AllowAll),
-        config.node_id,
-    ));
+    let broker = Arc::new(
+        Broker::with_auth(
+            config.mqtt.clone(),
+            Arc::new(AllowAll),
+            Arc::new(AllowAll),
+            config.node_id,
+        )
+        .with_durability(node.durability.clone()),
+    );
+    let sessions = broker.recover(Instant::now());
+    info!(
+        sessions,
+        retained = broker.retained_count(),
+        "recovered persistent state"
+    );
     let metrics_render = telemetry::metrics_render(metrics);
-    let server = Server::bind(
+    let mut server = Server::bind(
         broker,
         &config.listeners,
         &config.http,
@@ -48,6 +82,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .await
     .context("starting listeners")?;
+    let (status_node, ready_node) = (node.clone(), node.clone());
+    server
+        .bind_cluster(ClusterEndpoint {
+            addr: config.cluster.addr,
+            routes: grpc::routes(node.raft.clone()),
+            status: Arc::new(move || {
+                serde_json::to_value(status_node.status()).unwrap_or(serde_json::Value::Null)
+            }),
+            ready: Arc::new(move || ready_node.is_ready()),
+        })
+        .await
+        .context("starting the cluster listener")?;
+    if let Some(addr) = server.cluster_addr() {
+        info!("cluster listening on {addr}");
+    }
     match server.mqtt_addr() {
         Some(addr) => {
             info!("mqtt listening on {addr}");
@@ -68,11 +117,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let result = server.run(shutdown).await.context("running the server");
     upkeep.abort();
+    if let Ok(node) = Arc::try_unwrap(node) {
+        node.shutdown().await;
+    }
     match &result {
         Ok(()) => info!("stopped"),
         Err(e) => error!("stopped: {e:#}"),
     }
     result
+}
+
+/// How long startup waits for a Raft leader before serving anyway.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The cluster address peers should use: `cluster.advertise_addr`, else the bound address,
+/// with an unspecified IP (0.0.0.0) replaced by the host name.
+fn advertise_addr(config: &Config) -> String {
+    if let Some(addr) = &config.cluster.advertise_addr {
+        return addr.clone();
+    }
+    let addr = config.cluster.addr;
+    if addr.ip().is_unspecified() {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "127.0.0.1".into());
+        format!("{host}:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
 }
 
 /// Whether a listener on `addr` accepts connections from other hosts.

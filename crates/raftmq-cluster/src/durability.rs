@@ -1,0 +1,195 @@
+//! [`RaftDurability`]: the core's [`Durability`] implemented by proposing batches through Raft.
+//!
+//! Group commit: proposals from all connections go into one queue; a single batcher task takes
+//! everything waiting, encodes it as one `raftmq.state.v1.Batch` and writes it as one log entry,
+//! so the cost is one consensus round per batch, not per message, and the order of proposals
+//! (hence of each connection's changes) is the order in the log. On a follower the batch is
+//! forwarded to the leader's `ClusterService.Propose`. A batch that cannot commit within
+//! [`COMMIT_TIMEOUT`] (no quorum, no leader) fails with `Unavailable`: the broker refuses the
+//! acknowledgement and the client retries later.
+
+use crate::convert::{WallClock, encode_batch};
+use crate::network::cluster_client;
+use crate::state_machine::StateMachine;
+use crate::types::{NodeId, Raft, Request};
+use metrics::{counter, histogram};
+use openraft::error::{ClientWriteError, RaftError};
+use raftmq_core::durability::{
+    Commit, CommitHandle, Durability, DurabilityError, MessageId, Recovered, StateChange,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+/// How long a batch may take to commit before its waiters are told storage is unavailable.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most proposals folded into one log entry.
+const MAX_PROPOSALS_PER_BATCH: usize = 4096;
+
+pub const PROPOSALS_PER_BATCH: &str = "raftmq_raft_proposals_per_batch";
+pub const COMMIT_SECONDS: &str = "raftmq_raft_commit_seconds";
+pub const COMMIT_FAILURES_TOTAL: &str = "raftmq_raft_commit_failures_total";
+
+struct Proposal {
+    changes: Vec<StateChange>,
+    handle: CommitHandle,
+}
+
+/// Durable broker state through Raft.
+pub struct RaftDurability {
+    tx: mpsc::UnboundedSender<Proposal>,
+    next_id: AtomicU64,
+    node_id: NodeId,
+    reader: StateMachine,
+    clock: WallClock,
+}
+
+impl std::fmt::Debug for RaftDurability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftDurability")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Message ids are `node_id << 48 | n`: unique cluster-wide without coordination.
+fn id_base(node_id: NodeId) -> u64 {
+    node_id << 48
+}
+
+impl RaftDurability {
+    /// Starts the batcher on the current tokio runtime. `reader` reads the local state machine
+    /// (for [`Durability::recover`]); `clock` maps `Instant`s to wall-clock time in commands.
+    pub fn start(raft: Raft, node_id: NodeId, reader: StateMachine, clock: WallClock) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batcher(raft, rx, clock.clone()));
+        let durability = Arc::new(RaftDurability {
+            tx,
+            next_id: AtomicU64::new(id_base(node_id) + 1),
+            node_id,
+            reader,
+            clock,
+        });
+        // Never reuse an id this node gave to a message that is still stored.
+        let recovered = durability.read_state();
+        durability.seed_ids(&recovered);
+        durability
+    }
+
+    fn read_state(&self) -> Recovered {
+        self.reader.recovered(&self.clock).unwrap_or_else(|e| {
+            error!(error = %e, "cannot read the replicated state; starting empty");
+            Recovered::default()
+        })
+    }
+
+    fn seed_ids(&self, recovered: &Recovered) {
+        let base = id_base(self.node_id);
+        let max = recovered
+            .sessions
+            .iter()
+            .flat_map(|s| s.messages.iter().map(|m| m.id.0))
+            .filter(|id| id >> 48 == self.node_id)
+            .max()
+            .unwrap_or(base);
+        self.next_id.fetch_max(max + 1, Ordering::Relaxed);
+    }
+}
+
+impl Durability for RaftDurability {
+    fn propose(&self, changes: Vec<StateChange>) -> Commit {
+        let (commit, handle) = Commit::pending();
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(Proposal { changes, handle }) {
+            // The batcher is gone (shutting down): nothing can become durable.
+            p.handle.complete(Err(DurabilityError::Unavailable));
+        }
+        commit
+    }
+
+    fn next_message_id(&self) -> MessageId {
+        MessageId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn recover(&self) -> Recovered {
+        let recovered = self.read_state();
+        self.seed_ids(&recovered);
+        recovered
+    }
+}
+
+async fn batcher(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>, clock: WallClock) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_PROPOSALS_PER_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        histogram!(PROPOSALS_PER_BATCH).record(batch.len() as f64);
+        let changes: Vec<StateChange> = batch
+            .iter_mut()
+            .flat_map(|p| std::mem::take(&mut p.changes))
+            .collect();
+        let bytes = encode_batch(&changes, &clock);
+        let started = Instant::now();
+        let result = commit(&raft, bytes).await;
+        histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            counter!(COMMIT_FAILURES_TOTAL).increment(1);
+        }
+        for p in batch.drain(..) {
+            p.handle.complete(result);
+        }
+    }
+}
+
+async fn commit(raft: &Raft, batch: Vec<u8>) -> Result<(), DurabilityError> {
+    let write = tokio::time::timeout(
+        COMMIT_TIMEOUT,
+        raft.client_write(Request {
+            batch: batch.clone(),
+        }),
+    )
+    .await;
+    match write {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            let Some(leader) = f.leader_node else {
+                warn!("no leader known: durable write refused");
+                return Err(DurabilityError::Unavailable);
+            };
+            forward(&leader.cluster_addr, batch).await
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "durable write failed");
+            Err(DurabilityError::Unavailable)
+        }
+        Err(_) => {
+            warn!(timeout = ?COMMIT_TIMEOUT, "durable write timed out (no quorum?)");
+            Err(DurabilityError::Unavailable)
+        }
+    }
+}
+
+async fn forward(leader_addr: &str, batch: Vec<u8>) -> Result<(), DurabilityError> {
+    let Ok(mut client) = cluster_client(leader_addr) else {
+        return Err(DurabilityError::Unavailable);
+    };
+    let mut req = tonic::Request::new(raftmq_proto::raft::ProposeRequest {
+        shard_id: 0,
+        batch: batch.into(),
+    });
+    req.set_timeout(COMMIT_TIMEOUT);
+    match client.propose(req).await {
+        Ok(resp) if resp.get_ref().committed => Ok(()),
+        Ok(_) => Err(DurabilityError::Unavailable),
+        Err(status) => {
+            warn!(leader = leader_addr, %status, "forwarding a durable write to the leader failed");
+            Err(DurabilityError::Unavailable)
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The Raft network client: openraft's `RaftNetwork` over tonic gRPC to each peer's
+//! `raftmq.raft.v1.RaftService`, plus a client for the leader's `ClusterService` (forwarded
+//! proposals, join). Channels connect lazily and reconnect by themselves; an unreachable peer
+//! is reported as `Unreachable` so openraft backs off.
+
+use crate::raft_proto::{self as conv, WireError};
+use crate::types::{ClusterNode, NodeId, ShardId, TypeConfig};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use raftmq_proto::raft::cluster_service_client::ClusterServiceClient;
+use raftmq_proto::raft::raft_service_client::RaftServiceClient;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long to wait for a TCP connection to a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A lazily connecting channel to `addr` (host:port), or an error naming it.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// A client of a node's `ClusterService`.
+pub fn cluster_client(
+    addr: &str,
+) -> Result<ClusterServiceClient<Channel>, tonic::transport::Error> {
+    Ok(ClusterServiceClient::new(channel(addr)?))
+}
+
+/// Creates [`PeerClient`]s for openraft.
+#[derive(Clone, Debug, Default)]
+pub struct Network {
+    shard_id: ShardId,
+}
+
+impl Network {
+    /// The network of shard `shard_id`.
+    pub fn new(shard_id: ShardId) -> Self {
+        Network { shard_id }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &ClusterNode) -> PeerClient {
+        PeerClient {
+            shard_id: self.shard_id,
+            target,
+            client: channel(&node.cluster_addr)
+                .map(RaftServiceClient::new)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The connection to one peer.
+pub struct PeerClient {
+    shard_id: ShardId,
+    target: NodeId,
+    client: Result<RaftServiceClient<Channel>, String>,
+}
+
+type RpcError<E = openraft::error::Infallible> =
+    RPCError<NodeId, ClusterNode, RaftError<NodeId, E>>;
+
+fn status_error<E: std::error::Error>(
+    status: tonic::Status,
+) -> RPCError<NodeId, ClusterNode, RaftError<NodeId, E>> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+            RPCError::Unreachable(Unreachable::new(&status))
+        }
+        _ => RPCError::Network(NetworkError::new(&status)),
+    }
+}
+
+fn wire_error<E: std::error::Error>(
+    e: WireError,
+) -> RPCError<NodeId, ClusterNode, RaftError<NodeId, E>> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid address of node {0}: {1}")]
+struct BadAddress(NodeId, String);
+
+impl PeerClient {
+    #[allow(
+        clippy::result_large_err,
+        reason = "openraft's RPC error type, required by RaftNetwork"
+    )]
+    fn client<E: std::error::Error>(
+        &self,
+    ) -> Result<RaftServiceClient<Channel>, RPCError<NodeId, ClusterNode, RaftError<NodeId, E>>>
+    {
+        self.client
+            .clone()
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&BadAddress(self.target, e))))
+    }
+}
+
+fn request<T>(msg: T, option: &RPCOption) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(option.hard_ttl());
+    req
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        let msg = conv::append_request_to_pb(self.shard_id, &rpc);
+        let resp = self
+            .client()?
+            .append_entries(request(msg, &option))
+            .await
+            .map_err(status_error)?;
+        conv::append_response_from_pb(resp.get_ref()).map_err(wire_error)
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>> {
+        let msg = conv::snapshot_request_to_pb(self.shard_id, &rpc);
+        let resp = self
+            .client()?
+            .install_snapshot(request(msg, &option))
+            .await
+            .map_err(status_error)?;
+        conv::snapshot_response_from_pb(resp.get_ref()).map_err(wire_error)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcError> {
+        let msg = conv::vote_request_to_pb(self.shard_id, &rpc);
+        let resp = self
+            .client()?
+            .vote(request(msg, &option))
+            .await
+            .map_err(status_error)?;
+        conv::vote_response_from_pb(resp.get_ref()).map_err(wire_error)
+    }
+}

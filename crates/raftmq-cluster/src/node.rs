@@ -1,0 +1,285 @@
+//! A node's Raft group: opening the store, starting openraft, deterministic bootstrap and
+//! joining, readiness and status.
+//!
+//! Bootstrap: a node with no seeds, or node 1 (StatefulSet ordinal 0), initializes the group
+//! with itself as the only voter when its store is empty. Every other node keeps asking its
+//! seeds to add it (`ClusterService.Join`: the leader adds it as a learner, waits until it has
+//! caught up, then promotes it to voter). A node restarted with its data dir needs neither:
+//! membership and vote are on disk, so a whole-cluster cold restart recovers by itself.
+
+use crate::convert::WallClock;
+use crate::durability::RaftDurability;
+use crate::network::{Network, cluster_client};
+use crate::state_machine::StateMachine;
+use crate::types::{ClusterNode, NodeId, Raft, TypeConfig};
+use openraft::{Config, ServerState, SnapshotPolicy};
+use raftmq_store::{Store, StoreError};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How this node takes part in the cluster.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub node_id: NodeId,
+    /// host:port peers use to reach this node's cluster gRPC endpoint.
+    pub advertise_addr: String,
+    /// host:port of this node's MQTT listener (shared with peers for redirects).
+    pub mqtt_addr: String,
+    /// Cluster addresses of other nodes to join through.
+    pub seeds: Vec<String>,
+    /// Where the Raft log and state live.
+    pub data_dir: PathBuf,
+}
+
+/// Errors starting the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("opening the store")]
+    Store(#[from] StoreError),
+    #[error("invalid Raft configuration")]
+    Config(#[from] openraft::ConfigError),
+    #[error("starting Raft")]
+    Raft(#[from] openraft::error::Fatal<NodeId>),
+    #[error("initializing the cluster")]
+    Initialize(
+        #[from]
+        openraft::error::RaftError<NodeId, openraft::error::InitializeError<NodeId, ClusterNode>>,
+    ),
+}
+
+/// A running Raft node.
+pub struct RaftNode {
+    pub raft: Raft,
+    pub durability: Arc<RaftDurability>,
+    pub node_id: NodeId,
+    join_task: Option<tokio::task::JoinHandle<()>>,
+    metrics_task: tokio::task::JoinHandle<()>,
+}
+
+pub const RAFT_TERM: &str = "raftmq_raft_term";
+pub const RAFT_IS_LEADER: &str = "raftmq_raft_is_leader";
+pub const RAFT_LEADER_ID: &str = "raftmq_raft_leader_id";
+pub const RAFT_LAST_LOG_INDEX: &str = "raftmq_raft_last_log_index";
+pub const RAFT_LAST_APPLIED_INDEX: &str = "raftmq_raft_last_applied_index";
+pub const RAFT_SNAPSHOT_INDEX: &str = "raftmq_raft_snapshot_index";
+pub const RAFT_VOTERS: &str = "raftmq_raft_voters";
+pub const RAFT_LEADER_CHANGES_TOTAL: &str = "raftmq_raft_leader_changes_total";
+
+/// Copies openraft's metrics into the registry every second (bounded labels: none).
+async fn export_metrics(raft: Raft) {
+    let mut rx = raft.metrics();
+    let mut last_leader = None;
+    loop {
+        {
+            let m = rx.borrow_and_update();
+            metrics::gauge!(RAFT_TERM).set(m.current_term as f64);
+            metrics::gauge!(RAFT_IS_LEADER)
+                .set(f64::from(u8::from(m.state == ServerState::Leader)));
+            metrics::gauge!(RAFT_LEADER_ID).set(m.current_leader.unwrap_or(0) as f64);
+            metrics::gauge!(RAFT_LAST_LOG_INDEX).set(m.last_log_index.unwrap_or(0) as f64);
+            metrics::gauge!(RAFT_LAST_APPLIED_INDEX)
+                .set(m.last_applied.map_or(0, |l| l.index) as f64);
+            metrics::gauge!(RAFT_SNAPSHOT_INDEX).set(m.snapshot.map_or(0, |l| l.index) as f64);
+            metrics::gauge!(RAFT_VOTERS)
+                .set(m.membership_config.membership().voter_ids().count() as f64);
+            if m.current_leader != last_leader {
+                if m.current_leader.is_some() {
+                    metrics::counter!(RAFT_LEADER_CHANGES_TOTAL).increment(1);
+                }
+                last_leader = m.current_leader;
+            }
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// What `GET /api/v1/cluster` reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterStatus {
+    pub node_id: NodeId,
+    pub state: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub nodes: BTreeMap<NodeId, ClusterNode>,
+    pub healthy: bool,
+}
+
+#[allow(
+    clippy::result_large_err,
+    reason = "openraft's error type, returned once at startup"
+)]
+fn raft_config() -> Result<Config, openraft::ConfigError> {
+    Config {
+        cluster_name: "raftmq".into(),
+        heartbeat_interval: 200,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    }
+    .validate()
+}
+
+impl RaftNode {
+    /// Opens the store under `data_dir/raft`, starts Raft and bootstraps or joins as needed.
+    pub async fn start(opts: NodeOptions) -> Result<RaftNode, NodeError> {
+        let store = Store::open(opts.data_dir.join("raft"))?;
+        let state_machine = StateMachine::open(store.state_db())?;
+        let reader = StateMachine::open(store.state_db())?;
+        let raft = Raft::new(
+            opts.node_id,
+            Arc::new(raft_config()?),
+            Network::new(0),
+            store.log_store::<TypeConfig>(),
+            state_machine,
+        )
+        .await?;
+        let me = ClusterNode {
+            cluster_addr: opts.advertise_addr.clone(),
+            mqtt_addr: opts.mqtt_addr.clone(),
+        };
+        let initialized = raft.is_initialized().await.unwrap_or(false);
+        let mut join_task = None;
+        if !initialized {
+            if opts.seeds.is_empty() || opts.node_id == 1 {
+                info!(node_id = opts.node_id, "initializing a new cluster");
+                raft.initialize(BTreeMap::from([(opts.node_id, me)]))
+                    .await?;
+            } else {
+                // The seed list may name this node too (a StatefulSet lists every pod).
+                let seeds: Vec<String> = opts
+                    .seeds
+                    .iter()
+                    .filter(|s| **s != opts.advertise_addr)
+                    .cloned()
+                    .collect();
+                join_task = Some(tokio::spawn(join_loop(
+                    raft.clone(),
+                    opts.node_id,
+                    me,
+                    seeds,
+                )));
+            }
+        }
+        let durability =
+            RaftDurability::start(raft.clone(), opts.node_id, reader, WallClock::now());
+        let metrics_task = tokio::spawn(export_metrics(raft.clone()));
+        Ok(RaftNode {
+            raft,
+            durability,
+            node_id: opts.node_id,
+            join_task,
+            metrics_task,
+        })
+    }
+
+    /// Waits until a leader is known and this node has applied its log (so the state it
+    /// recovers from is complete). Returns false on timeout.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| {
+                    m.current_leader.is_some()
+                        && m.last_log_index.is_some()
+                        && m.last_applied.map(|l| l.index) >= m.last_log_index
+                },
+                "leader known and log applied",
+            )
+            .await
+            .is_ok()
+    }
+
+    /// Whether the node can commit: a leader is known and it is a voter or learner in the
+    /// current membership.
+    pub fn is_ready(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader.is_some()
+            && matches!(
+                m.state,
+                ServerState::Leader | ServerState::Follower | ServerState::Learner
+            )
+    }
+
+    /// A snapshot of the node's Raft status.
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        ClusterStatus {
+            node_id: m.id,
+            state: format!("{:?}", m.state),
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            last_applied: m.last_applied.map(|l| l.index),
+            voters: membership.voter_ids().collect(),
+            nodes: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+            healthy: m.current_leader.is_some(),
+        }
+    }
+
+    /// Stops Raft (the store is closed when the last handle drops).
+    pub async fn shutdown(mut self) {
+        if let Some(t) = self.join_task.take() {
+            t.abort();
+        }
+        self.metrics_task.abort();
+        if let Err(e) = self.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown failed");
+        }
+    }
+}
+
+/// Asks the seeds (or the leader they point to) to add this node, until it is a member.
+async fn join_loop(raft: Raft, node_id: NodeId, me: ClusterNode, seeds: Vec<String>) {
+    let mut targets = seeds.clone();
+    loop {
+        if raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node_id)
+            .is_some()
+        {
+            info!(node_id, "joined the cluster");
+            return;
+        }
+        for addr in std::mem::take(&mut targets) {
+            let Ok(mut client) = cluster_client(&addr) else {
+                continue;
+            };
+            let req = raftmq_proto::raft::JoinRequest {
+                node_id,
+                node: Some(raftmq_proto::raft::Node {
+                    cluster_addr: me.cluster_addr.clone(),
+                    mqtt_addr: me.mqtt_addr.clone(),
+                }),
+            };
+            match client.join(req).await {
+                Ok(resp) => match resp.into_inner().leader {
+                    Some(leader) => targets.push(leader.cluster_addr),
+                    None => {
+                        info!(node_id, via = %addr, "join accepted");
+                    }
+                },
+                Err(status) => warn!(via = %addr, %status, "join attempt failed"),
+            }
+        }
+        if targets.is_empty() {
+            targets = seeds.clone();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

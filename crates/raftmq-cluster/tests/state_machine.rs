@@ -1,0 +1,931 @@
+//! The replicated state machine against the core's reference model (`StateImage`), plus the
+//! protobuf round trip, determinism, snapshots, restarts, skipped entries and openraft's
+//! storage test suite.
+
+use std::io::Cursor;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use openraft::storage::RaftStateMachine;
+use openraft::testing::{StoreBuilder, Suite, log_id};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
+use proptest::collection::vec;
+use proptest::option;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use prost::Message as _;
+use raftmq_cluster::convert::{
+    self, WallClock, batch_from_proto, change_from_proto, change_to_proto, decode_batch,
+    encode_batch,
+};
+use raftmq_cluster::state_machine::StateMachine;
+use raftmq_cluster::types::{Entry, LogId, Request, StorageError, TypeConfig};
+use raftmq_codec::{ByteStr, PublishProperties, QoS, RetainHandling, SubscriptionOptions};
+use raftmq_core::durability::{
+    DetachRecord, MessageId, StateChange, StateImage, StoredTarget, WillRecord,
+};
+use raftmq_core::message::Message;
+use raftmq_core::session::SubEntry;
+use raftmq_proto::state;
+use raftmq_store::{LogStore, StateBatch, StateCf, StateDb, Store};
+use tempfile::TempDir;
+
+// ---------------------------------------------------------------------------------------------
+// Clock and fixtures
+// ---------------------------------------------------------------------------------------------
+
+const ANCHOR_UNIX_MS: u64 = 1_700_000_000_000;
+
+/// An anchor an hour ahead, so that anchor − 10 s is always representable.
+fn anchor() -> Instant {
+    static ANCHOR: OnceLock<Instant> = OnceLock::new();
+    *ANCHOR.get_or_init(|| Instant::now() + Duration::from_secs(3600))
+}
+
+/// The fixed clock every conversion of these tests uses.
+fn clock() -> WallClock {
+    WallClock::from_parts(anchor(), ANCHOR_UNIX_MS)
+}
+
+/// The anchor ± whole milliseconds (round-trips exactly through the protobuf form).
+fn at(offset_ms: i64) -> Instant {
+    let d = Duration::from_millis(offset_ms.unsigned_abs());
+    if offset_ms >= 0 {
+        anchor() + d
+    } else {
+        anchor() - d
+    }
+}
+
+/// Proptest cases: `default`, or `PROPTEST_CASES` when set (for deeper runs).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn open(dir: &TempDir) -> Store {
+    Store::open(dir.path()).expect("open store")
+}
+
+/// Deletes everything, to reuse one store across proptest cases.
+fn clear(db: &StateDb) {
+    let mut batch = StateBatch::new();
+    for cf in StateCf::ALL {
+        batch.clear(cf);
+    }
+    db.write(batch).expect("clear");
+}
+
+fn count(db: &StateDb, cf: StateCf) -> usize {
+    db.scan_prefix(cf, b"").count()
+}
+
+fn normal(index: u64, batch: Vec<u8>) -> Entry {
+    Entry {
+        log_id: log_id(1, 0, index),
+        payload: EntryPayload::Normal(Request { batch }),
+    }
+}
+
+fn blank(index: u64) -> Entry {
+    Entry {
+        log_id: log_id(1, 0, index),
+        payload: EntryPayload::Blank,
+    }
+}
+
+fn msg(topic: &str, payload: &'static str, qos: QoS) -> Arc<Message> {
+    Arc::new(Message {
+        topic: topic.into(),
+        payload: Bytes::from_static(payload.as_bytes()),
+        qos,
+        retain: false,
+        properties: PublishProperties::default(),
+        expires_at: Some(at(5000)),
+        received_at: at(-20),
+        origin: Some("pub".into()),
+    })
+}
+
+fn target(client: &str, qos: QoS) -> StoredTarget {
+    StoredTarget {
+        client_id: client.into(),
+        qos,
+        retain: false,
+        subscription_ids: [7].into_iter().collect(),
+    }
+}
+
+fn opened(client: &str, clean_start: bool) -> StateChange {
+    StateChange::SessionOpened {
+        client_id: client.into(),
+        epoch: 1,
+        clean_start,
+        expiry_secs: 60,
+        will: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strategies: a small universe, so that changes collide often
+// ---------------------------------------------------------------------------------------------
+
+fn client() -> impl Strategy<Value = ByteStr> {
+    prop_oneof![Just("a"), Just("b"), Just("c")].prop_map(ByteStr::from)
+}
+
+fn filter() -> impl Strategy<Value = Arc<str>> {
+    prop_oneof![Just("t/1"), Just("t/+"), Just("#")].prop_map(Arc::from)
+}
+
+fn topic() -> impl Strategy<Value = ByteStr> {
+    prop_oneof![Just("t/1"), Just("t/2"), Just("t/3")].prop_map(ByteStr::from)
+}
+
+fn message_id() -> impl Strategy<Value = MessageId> {
+    (1u64..10).prop_map(MessageId)
+}
+
+fn packet_id() -> impl Strategy<Value = u16> {
+    1u16..5
+}
+
+fn qos() -> impl Strategy<Value = QoS> {
+    prop_oneof![
+        Just(QoS::AtMostOnce),
+        Just(QoS::AtLeastOnce),
+        Just(QoS::ExactlyOnce)
+    ]
+}
+
+fn instant() -> impl Strategy<Value = Instant> {
+    (-10_000i64..10_000).prop_map(at)
+}
+
+fn short_str() -> impl Strategy<Value = ByteStr> {
+    "[a-z]{0,4}".prop_map(ByteStr::from)
+}
+
+/// Only the properties a stored message carries (see `convert`'s docs).
+fn properties() -> impl Strategy<Value = PublishProperties> {
+    (
+        option::of(any::<bool>()),
+        option::of(short_str()),
+        option::of(topic()),
+        option::of(vec(any::<u8>(), 0..4)),
+        vec((short_str(), short_str()), 0..3),
+    )
+        .prop_map(
+            |(payload_format_indicator, content_type, response_topic, correlation, user)| {
+                PublishProperties {
+                    payload_format_indicator,
+                    content_type,
+                    response_topic,
+                    correlation_data: correlation.map(Bytes::from),
+                    user_properties: user,
+                    ..PublishProperties::default()
+                }
+            },
+        )
+}
+
+fn message() -> impl Strategy<Value = Arc<Message>> {
+    (
+        topic(),
+        vec(any::<u8>(), 0..8),
+        qos(),
+        any::<bool>(),
+        properties(),
+        option::of(instant()),
+        instant(),
+        option::of(client()),
+    )
+        .prop_map(
+            |(topic, payload, qos, retain, properties, expires_at, received_at, origin)| {
+                Arc::new(Message {
+                    topic,
+                    payload: Bytes::from(payload),
+                    qos,
+                    retain,
+                    properties,
+                    expires_at,
+                    received_at,
+                    origin,
+                })
+            },
+        )
+}
+
+fn will() -> impl Strategy<Value = WillRecord> {
+    (message(), 0u32..100, option::of(0u32..100)).prop_map(
+        |(message, delay_secs, message_expiry_secs)| WillRecord {
+            message,
+            delay_secs,
+            message_expiry_secs,
+        },
+    )
+}
+
+fn sub_entry() -> impl Strategy<Value = SubEntry> {
+    (
+        qos(),
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![
+            Just(RetainHandling::SendAtSubscribe),
+            Just(RetainHandling::SendIfNew),
+            Just(RetainHandling::DoNotSend)
+        ],
+        option::of(1u32..1000),
+    )
+        .prop_map(
+            |(qos, no_local, retain_as_published, retain_handling, subscription_id)| SubEntry {
+                options: SubscriptionOptions {
+                    qos,
+                    no_local,
+                    retain_as_published,
+                    retain_handling,
+                },
+                subscription_id,
+            },
+        )
+}
+
+fn stored_target() -> impl Strategy<Value = StoredTarget> {
+    (client(), qos(), any::<bool>(), vec(1u32..100, 0..3)).prop_map(
+        |(client_id, qos, retain, ids)| StoredTarget {
+            client_id,
+            qos,
+            retain,
+            subscription_ids: ids.into_iter().collect(),
+        },
+    )
+}
+
+fn detach() -> impl Strategy<Value = DetachRecord> {
+    prop_oneof![
+        Just(DetachRecord::Normal),
+        Just(DetachRecord::WillPublished),
+        Just(DetachRecord::Abnormal)
+    ]
+}
+
+fn change() -> impl Strategy<Value = StateChange> {
+    prop_oneof![
+        4 => (client(), 0u64..4, any::<bool>(), 0u32..3, option::of(will())).prop_map(
+            |(client_id, epoch, clean_start, expiry_secs, will)| StateChange::SessionOpened {
+                client_id,
+                epoch,
+                clean_start,
+                expiry_secs,
+                will,
+            }
+        ),
+        1 => (client(), 0u64..4, detach(), 0u32..3).prop_map(
+            |(client_id, epoch, how, expiry_secs)| StateChange::SessionDetached {
+                client_id,
+                epoch,
+                how,
+                expiry_secs,
+            }
+        ),
+        1 => client().prop_map(|client_id| StateChange::SessionEnded { client_id }),
+        1 => client().prop_map(|client_id| StateChange::WillPublished { client_id }),
+        2 => (client(), filter(), sub_entry()).prop_map(|(client_id, filter, entry)| {
+            StateChange::Subscribed {
+                client_id,
+                filter,
+                entry,
+            }
+        }),
+        1 => (client(), filter())
+            .prop_map(|(client_id, filter)| StateChange::Unsubscribed { client_id, filter }),
+        4 => (message_id(), message(), vec(stored_target(), 0..4)).prop_map(
+            |(id, message, targets)| StateChange::MessageStored {
+                id,
+                message,
+                targets,
+            }
+        ),
+        2 => (client(), message_id(), packet_id()).prop_map(|(client_id, id, packet_id)| {
+            StateChange::MessageSent {
+                client_id,
+                id,
+                packet_id,
+            }
+        }),
+        3 => (client(), message_id())
+            .prop_map(|(client_id, id)| StateChange::MessageAcked { client_id, id }),
+        1 => (client(), message_id())
+            .prop_map(|(client_id, id)| StateChange::MessageReleased { client_id, id }),
+        1 => (client(), packet_id()).prop_map(|(client_id, packet_id)| {
+            StateChange::IncomingQos2Received {
+                client_id,
+                packet_id,
+            }
+        }),
+        1 => (client(), packet_id()).prop_map(|(client_id, packet_id)| {
+            StateChange::IncomingQos2Completed {
+                client_id,
+                packet_id,
+            }
+        }),
+        1 => message().prop_map(|message| StateChange::RetainedSet { message }),
+        1 => topic().prop_map(|topic| StateChange::RetainedCleared { topic }),
+    ]
+}
+
+/// One log entry to apply.
+#[derive(Clone, Debug)]
+enum Plan {
+    /// A normal entry with these changes.
+    Changes(Vec<StateChange>),
+    Blank,
+    /// Bytes that are not a `Batch`: skipped.
+    Undecodable,
+    /// These changes plus one this version cannot read: the whole entry is skipped.
+    Unreadable(Vec<StateChange>),
+}
+
+fn plan() -> impl Strategy<Value = Plan> {
+    prop_oneof![
+        12 => vec(change(), 0..6).prop_map(Plan::Changes),
+        1 => Just(Plan::Blank),
+        1 => Just(Plan::Undecodable),
+        1 => vec(change(), 1..3).prop_map(Plan::Unreadable),
+    ]
+}
+
+fn plans() -> impl Strategy<Value = Vec<Plan>> {
+    vec(plan(), 1..30)
+}
+
+/// The log entry of `plan` at `index`.
+fn entry(index: u64, plan: &Plan) -> Entry {
+    match plan {
+        Plan::Changes(changes) => normal(index, encode_batch(changes, &clock())),
+        Plan::Blank => blank(index),
+        // A varint that never ends.
+        Plan::Undecodable => normal(index, vec![0x0A, 0xFF]),
+        Plan::Unreadable(changes) => {
+            let mut batch = decode_batch(&encode_batch(changes, &clock())).expect("own batch");
+            batch.changes.push(state::Change { change: None });
+            normal(index, batch.encode_to_vec())
+        }
+    }
+}
+
+fn entries(plans: &[Plan]) -> Vec<Entry> {
+    plans
+        .iter()
+        .enumerate()
+        .map(|(i, plan)| entry(i as u64 + 1, plan))
+        .collect()
+}
+
+/// Applies `plan` to the reference model.
+fn apply_to_image(image: &mut StateImage, plan: &Plan) {
+    if let Plan::Changes(changes) = plan {
+        for change in changes {
+            image.apply(change);
+        }
+    }
+}
+
+fn apply_all(rt: &tokio::runtime::Runtime, sm: &mut StateMachine, entries: Vec<Entry>) {
+    let n = entries.len();
+    let replies = rt.block_on(sm.apply(entries)).expect("apply");
+    assert_eq!(replies.len(), n);
+}
+
+fn applied(rt: &tokio::runtime::Runtime, sm: &mut StateMachine) -> Option<LogId> {
+    rt.block_on(sm.applied_state()).expect("applied state").0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions
+// ---------------------------------------------------------------------------------------------
+
+/// Every `StateChange` survives domain → protobuf → bytes → protobuf → domain unchanged.
+#[test]
+fn changes_round_trip_through_protobuf() {
+    let mut runner = TestRunner::new(Config::with_cases(cases(512)));
+    runner
+        .run(&vec(change(), 0..8), |changes| {
+            let c = clock();
+            for change in &changes {
+                let proto = change_to_proto(change, &c);
+                convert::validate_change(&proto).expect("valid");
+                prop_assert_eq!(&change_from_proto(proto, &c).expect("convert"), change);
+            }
+            let batch = decode_batch(&encode_batch(&changes, &c)).expect("decode");
+            prop_assert_eq!(batch.shard_id, 0);
+            prop_assert_eq!(batch_from_proto(batch, &c).expect("convert"), changes);
+            Ok(())
+        })
+        .expect("round trip");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Equivalence with the reference model
+// ---------------------------------------------------------------------------------------------
+
+/// Random entries applied to `StateImage` and, as Raft entries, to the state machine: after
+/// every entry both recover the same state, hold the same number of stored messages, and the
+/// state machine's last applied log id is the entry's.
+#[test]
+fn apply_is_equivalent_to_the_reference_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let db = store.state_db();
+    let rt = runtime();
+    let mut runner = TestRunner::new(Config::with_cases(cases(256)));
+    runner
+        .run(&plans(), |plans| {
+            clear(&db);
+            let mut sm = StateMachine::new(db.clone());
+            let mut image = StateImage::default();
+            for (i, plan) in plans.iter().enumerate() {
+                let entry = entry(i as u64 + 1, plan);
+                let log_id = entry.log_id;
+                apply_all(&rt, &mut sm, vec![entry]);
+                apply_to_image(&mut image, plan);
+                prop_assert_eq!(
+                    sm.recovered(&clock()).expect("recovered"),
+                    image.recovered(),
+                    "after entry {} ({:?})",
+                    i + 1,
+                    plan
+                );
+                prop_assert_eq!(count(&db, StateCf::Messages), image.stored_messages());
+                prop_assert_eq!(applied(&rt, &mut sm), Some(log_id));
+            }
+            Ok(())
+        })
+        .expect("equivalence");
+}
+
+/// A scenario exercising the reference counting explicitly (fan-out, duplicate targets,
+/// oldest-first acks, clean start releasing references).
+#[test]
+fn messages_are_stored_once_and_reference_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let rt = runtime();
+    let mut sm = StateMachine::new(store.state_db());
+    let m1 = msg("t/1", "one", QoS::ExactlyOnce);
+    let changes = vec![
+        opened("a", false),
+        opened("b", false),
+        StateChange::MessageStored {
+            id: MessageId(1),
+            message: m1.clone(),
+            targets: vec![
+                target("a", QoS::ExactlyOnce),
+                target("a", QoS::AtLeastOnce),
+                target("b", QoS::ExactlyOnce),
+                target("nobody", QoS::AtLeastOnce),
+            ],
+        },
+        StateChange::MessageSent {
+            client_id: "a".into(),
+            id: MessageId(1),
+            packet_id: 4,
+        },
+        StateChange::MessageReleased {
+            client_id: "a".into(),
+            id: MessageId(1),
+        },
+    ];
+    let mut image = StateImage::default();
+    changes.iter().for_each(|c| image.apply(c));
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![normal(1, encode_batch(&changes, &clock()))],
+    );
+    let db = store.state_db();
+    assert_eq!(count(&db, StateCf::Messages), 1, "stored once");
+    let recovered = sm.recovered(&clock()).expect("recovered");
+    assert_eq!(recovered, image.recovered());
+    let a = &recovered.sessions[0];
+    assert_eq!(a.messages.len(), 2);
+    assert_eq!(
+        (a.messages[0].packet_id, a.messages[0].released),
+        (Some(4), true)
+    );
+    assert_eq!(a.messages[1].target.qos, QoS::AtLeastOnce);
+    assert_eq!(sm.max_message_id().expect("max id"), Some(1));
+
+    // The oldest delivery is acked first; a clean start of `b` releases its reference.
+    let more = vec![
+        StateChange::MessageAcked {
+            client_id: "a".into(),
+            id: MessageId(1),
+        },
+        opened("b", true),
+        StateChange::MessageAcked {
+            client_id: "a".into(),
+            id: MessageId(7),
+        },
+    ];
+    more.iter().for_each(|c| image.apply(c));
+    apply_all(&rt, &mut sm, vec![normal(2, encode_batch(&more, &clock()))]);
+    let recovered = sm.recovered(&clock()).expect("recovered");
+    assert_eq!(recovered, image.recovered());
+    assert_eq!(recovered.sessions[0].messages.len(), 1);
+    assert_eq!(recovered.sessions[0].messages[0].packet_id, None);
+    assert!(recovered.sessions[1].messages.is_empty());
+    assert_eq!(count(&db, StateCf::Messages), 1);
+
+    let last = vec![StateChange::SessionEnded {
+        client_id: "a".into(),
+    }];
+    apply_all(&rt, &mut sm, vec![normal(3, encode_batch(&last, &clock()))]);
+    assert_eq!(
+        count(&db, StateCf::Messages),
+        0,
+        "deleted with the last reference"
+    );
+    assert_eq!(count(&db, StateCf::SessionMessages), 0);
+    assert_eq!(sm.max_message_id().expect("max id"), None);
+}
+
+/// Within one entry, reads see the entry's own writes merged with the database: the oldest
+/// delivery is found whether it was stored by an earlier entry or this one, and a clean start
+/// in the middle of an entry hides everything the session had before.
+#[test]
+fn reads_during_an_entry_see_its_own_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let rt = runtime();
+    let mut sm = StateMachine::new(store.state_db());
+    let stored = |qos| StateChange::MessageStored {
+        id: MessageId(1),
+        message: msg("t/1", "m", QoS::ExactlyOnce),
+        targets: vec![target("a", qos)],
+    };
+    let sent = StateChange::MessageSent {
+        client_id: "a".into(),
+        id: MessageId(1),
+        packet_id: 3,
+    };
+    let acked = StateChange::MessageAcked {
+        client_id: "a".into(),
+        id: MessageId(1),
+    };
+    let plans = [
+        vec![opened("a", false), stored(QoS::AtLeastOnce)],
+        // The oldest delivery (stored by the previous entry) is sent and acked, not this one's.
+        vec![stored(QoS::ExactlyOnce), sent.clone(), acked.clone()],
+        vec![stored(QoS::AtMostOnce)],
+        // After the clean start only this entry's delivery exists.
+        vec![
+            opened("a", true),
+            StateChange::Subscribed {
+                client_id: "a".into(),
+                filter: Arc::from("t/1"),
+                entry: SubEntry {
+                    options: SubscriptionOptions::default(),
+                    subscription_id: None,
+                },
+            },
+            StateChange::MessageStored {
+                id: MessageId(1),
+                message: msg("t/1", "n", QoS::ExactlyOnce),
+                targets: vec![target("a", QoS::ExactlyOnce), target("a", QoS::AtLeastOnce)],
+            },
+            sent,
+            acked,
+        ],
+    ];
+    let mut image = StateImage::default();
+    for (i, changes) in plans.iter().enumerate() {
+        changes.iter().for_each(|c| image.apply(c));
+        apply_all(
+            &rt,
+            &mut sm,
+            vec![normal(i as u64 + 1, encode_batch(changes, &clock()))],
+        );
+        assert_eq!(
+            sm.recovered(&clock()).expect("recovered"),
+            image.recovered(),
+            "after entry {}",
+            i + 1
+        );
+    }
+    let recovered = sm.recovered(&clock()).expect("recovered");
+    let a = &recovered.sessions[0];
+    assert_eq!(a.subscriptions.len(), 1);
+    assert_eq!(a.messages.len(), 1);
+    assert_eq!(a.messages[0].target.qos, QoS::AtLeastOnce);
+    assert_eq!(count(&store.state_db(), StateCf::Messages), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Skipped entries
+// ---------------------------------------------------------------------------------------------
+
+/// Entries this version cannot read are skipped whole, advance `last_applied`, and change
+/// nothing else.
+#[test]
+fn unreadable_entries_are_skipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let rt = runtime();
+    let mut sm = StateMachine::new(store.state_db());
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![normal(1, encode_batch(&[opened("a", false)], &clock()))],
+    );
+    let before = sm.recovered(&clock()).expect("recovered");
+
+    let bad_qos = state::Batch {
+        shard_id: 0,
+        changes: vec![
+            state::Change {
+                change: Some(state::change::Change::SessionEnded(state::SessionEnded {
+                    client_id: "a".into(),
+                })),
+            },
+            state::Change {
+                change: Some(state::change::Change::RetainedSet(state::RetainedSet {
+                    message: Some(state::Message {
+                        topic: "t".into(),
+                        qos: 3,
+                        ..Default::default()
+                    }),
+                })),
+            },
+        ],
+    };
+    let other_shard = state::Batch {
+        shard_id: 9,
+        changes: vec![change_to_proto(
+            &StateChange::SessionEnded {
+                client_id: "a".into(),
+            },
+            &clock(),
+        )],
+    };
+    let nul_client = encode_batch(&[opened("x\0y", false)], &clock());
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            normal(2, vec![0xFF]),
+            normal(3, b"definitely not protobuf".to_vec()),
+            normal(4, bad_qos.encode_to_vec()),
+            normal(5, other_shard.encode_to_vec()),
+            normal(6, nul_client),
+            normal(7, Vec::new()),
+        ],
+    );
+    assert_eq!(applied(&rt, &mut sm), Some(log_id(1, 0, 7)));
+    assert_eq!(sm.recovered(&clock()).expect("recovered"), before);
+}
+
+/// A failing entry (here: a corrupt stored record) writes nothing, not even `last_applied`.
+#[test]
+fn a_failed_entry_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let db = store.state_db();
+    let rt = runtime();
+    let mut sm = StateMachine::new(db.clone());
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![normal(1, encode_batch(&[opened("a", false)], &clock()))],
+    );
+    let mut corrupt = StateBatch::new();
+    corrupt.put(StateCf::Sessions, b"b".to_vec(), vec![0xFF]);
+    db.write(corrupt).expect("write");
+    let before = db.export_snapshot_to_vec().expect("export");
+
+    let changes = [
+        StateChange::RetainedSet {
+            message: msg("t/1", "r", QoS::AtMostOnce),
+        },
+        StateChange::WillPublished {
+            client_id: "b".into(),
+        },
+    ];
+    let result = rt.block_on(sm.apply(vec![normal(2, encode_batch(&changes, &clock()))]));
+    assert!(result.is_err(), "a corrupt record is a storage error");
+    assert_eq!(db.export_snapshot_to_vec().expect("export"), before);
+    assert_eq!(applied(&rt, &mut sm), Some(log_id(1, 0, 1)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Determinism, snapshots, restarts
+// ---------------------------------------------------------------------------------------------
+
+/// The same entries applied to two fresh state machines (one entry at a time vs. all at once)
+/// give byte-identical snapshot streams.
+#[test]
+fn apply_is_deterministic() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let (store_a, store_b) = (open(&dir_a), open(&dir_b));
+    let (db_a, db_b) = (store_a.state_db(), store_b.state_db());
+    let rt = runtime();
+    let mut runner = TestRunner::new(Config::with_cases(cases(48)));
+    runner
+        .run(&plans(), |plans| {
+            clear(&db_a);
+            clear(&db_b);
+            let mut a = StateMachine::new(db_a.clone());
+            let mut b = StateMachine::new(db_b.clone());
+            let entries = entries(&plans);
+            for entry in entries.clone() {
+                apply_all(&rt, &mut a, vec![entry]);
+            }
+            apply_all(&rt, &mut b, entries);
+            prop_assert_eq!(
+                db_a.export_snapshot_to_vec().expect("export"),
+                db_b.export_snapshot_to_vec().expect("export")
+            );
+            Ok(())
+        })
+        .expect("determinism");
+}
+
+/// A snapshot built on one state machine and installed on a fresh one carries the whole state:
+/// same recovered state, applied state, current snapshot meta, and applying the same further
+/// entries to both keeps them identical (the delivery counter travels with the snapshot).
+#[test]
+fn snapshot_restores_the_state() {
+    let rt = runtime();
+    let mut runner = TestRunner::new(Config::with_cases(cases(12)));
+    runner
+        .run(&(plans(), plans()), |(before, after)| {
+            let (dir_a, dir_b) = (
+                tempfile::tempdir().expect("tempdir"),
+                tempfile::tempdir().expect("tempdir"),
+            );
+            let (store_a, store_b) = (open(&dir_a), open(&dir_b));
+            let mut a = StateMachine::new(store_a.state_db());
+            let mut b = StateMachine::new(store_b.state_db());
+            // The entries of `before`, a membership entry (so that the snapshot carries one),
+            // then the entries of `after`.
+            let mut first = entries(&before);
+            let n = first.len() as u64 + 1;
+            let members = openraft::Membership::new(vec![[1u64, 2, 3].into()], ());
+            first.push(Entry {
+                log_id: log_id(1, 0, n),
+                payload: EntryPayload::Membership(members),
+            });
+            let rest: Vec<Entry> = after
+                .iter()
+                .enumerate()
+                .map(|(i, plan)| entry(n + 1 + i as u64, plan))
+                .collect();
+
+            apply_all(&rt, &mut a, first);
+            prop_assert!(
+                rt.block_on(b.get_current_snapshot())
+                    .expect("get")
+                    .is_none()
+            );
+            let snapshot = rt.block_on(async {
+                let mut builder = a.get_snapshot_builder().await;
+                builder.build_snapshot().await
+            });
+            let snapshot = snapshot.expect("build");
+            let applied_a = rt.block_on(a.applied_state()).expect("applied");
+            prop_assert_eq!(&snapshot.meta.last_log_id, &applied_a.0);
+            prop_assert_eq!(&snapshot.meta.last_membership, &applied_a.1);
+            prop_assert_eq!(&applied_a.1.log_id().map(|id| id.index), &Some(n));
+
+            let mut received = rt.block_on(b.begin_receiving_snapshot()).expect("begin");
+            *received = Cursor::new(snapshot.snapshot.into_inner());
+            rt.block_on(b.install_snapshot(&snapshot.meta, received))
+                .expect("install");
+
+            prop_assert_eq!(
+                b.recovered(&clock()).expect("recovered"),
+                a.recovered(&clock()).expect("recovered")
+            );
+            prop_assert_eq!(rt.block_on(b.applied_state()).expect("applied"), applied_a);
+            let current = rt.block_on(b.get_current_snapshot()).expect("get");
+            prop_assert_eq!(current.map(|s| s.meta), Some(snapshot.meta.clone()));
+
+            apply_all(&rt, &mut a, rest.clone());
+            apply_all(&rt, &mut b, rest);
+            prop_assert_eq!(
+                store_a.state_db().export_snapshot_to_vec().expect("export"),
+                store_b.state_db().export_snapshot_to_vec().expect("export")
+            );
+            Ok(())
+        })
+        .expect("snapshot");
+}
+
+/// Installing a snapshot replaces everything that was there (nothing is merged).
+#[test]
+fn installing_a_snapshot_replaces_the_state() {
+    let rt = runtime();
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let (store_a, store_b) = (open(&dir_a), open(&dir_b));
+    let mut a = StateMachine::new(store_a.state_db());
+    let mut b = StateMachine::new(store_b.state_db());
+    let to_a = [opened("a", false)];
+    let to_b = [
+        opened("b", false),
+        StateChange::RetainedSet {
+            message: msg("t/2", "x", QoS::AtMostOnce),
+        },
+    ];
+    apply_all(&rt, &mut a, vec![normal(1, encode_batch(&to_a, &clock()))]);
+    apply_all(
+        &rt,
+        &mut b,
+        vec![normal(1, encode_batch(&to_b, &clock())), blank(2), blank(3)],
+    );
+    let snapshot = rt
+        .block_on(async { a.get_snapshot_builder().await.build_snapshot().await })
+        .expect("build");
+    assert_eq!(snapshot.meta.snapshot_id, "1-1-0");
+    rt.block_on(b.install_snapshot(&snapshot.meta, snapshot.snapshot))
+        .expect("install");
+    assert_eq!(
+        b.recovered(&clock()).expect("recovered"),
+        a.recovered(&clock()).expect("recovered")
+    );
+    assert_eq!(applied(&rt, &mut b), Some(log_id(1, 0, 1)));
+}
+
+/// Reopening the store (a restart) gives back the applied state and the recovered state.
+#[test]
+fn state_survives_reopening_the_store() {
+    let rt = runtime();
+    let mut runner = TestRunner::new(Config::with_cases(cases(8)));
+    runner
+        .run(&plans(), |plans| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (applied_before, recovered_before, export_before) = {
+                let store = open(&dir);
+                let mut sm = StateMachine::open(store.state_db()).expect("open");
+                apply_all(&rt, &mut sm, entries(&plans));
+                (
+                    rt.block_on(sm.applied_state()).expect("applied"),
+                    sm.recovered(&clock()).expect("recovered"),
+                    store.state_db().export_snapshot_to_vec().expect("export"),
+                )
+            };
+            let store = open(&dir);
+            let mut sm = StateMachine::open(store.state_db()).expect("open");
+            prop_assert_eq!(
+                rt.block_on(sm.applied_state()).expect("applied"),
+                applied_before
+            );
+            prop_assert_eq!(sm.recovered(&clock()).expect("recovered"), recovered_before);
+            prop_assert_eq!(
+                store.state_db().export_snapshot_to_vec().expect("export"),
+                export_before
+            );
+            Ok(())
+        })
+        .expect("restart");
+}
+
+// ---------------------------------------------------------------------------------------------
+// openraft's storage test suite
+// ---------------------------------------------------------------------------------------------
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, StateMachine, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore<TypeConfig>, StateMachine), StorageError> {
+        let dir = tempfile::tempdir()
+            .map_err(|e| StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        let store = Store::open(dir.path())
+            .map_err(|e| e.into_storage_error(ErrorSubject::Store, ErrorVerb::Read))?;
+        let sm = StateMachine::open(store.state_db())
+            .map_err(|e| e.into_storage_error(ErrorSubject::StateMachine, ErrorVerb::Read))?;
+        Ok((dir, store.log_store::<TypeConfig>(), sm))
+    }
+}
+
+/// Every test of `openraft::testing::Suite` with the real log store and this state machine.
+#[test]
+fn openraft_storage_suite() {
+    Suite::test_all(Builder).expect("openraft storage suite");
+}
