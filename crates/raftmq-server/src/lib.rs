@@ -14,4 +14,4 @@ mod server;
 mod sys;
 
 pub use config::{HttpConfig, ListenersConfig};
-pub use server::{ClusterEndpoint, MetricsRender, Server, ServerError};
+pub use server::{ClusterInfo, ClusterServer, MetricsRender, Server, ServerError};

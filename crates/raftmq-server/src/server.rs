@@ -30,17 +30,55 @@ pub enum ServerError {
     },
 }
 
-/// The cluster side of a node, served on the cluster address: gRPC services for peers, and
-/// what the HTTP endpoint reports about the cluster.
-pub struct ClusterEndpoint {
-    /// Where peers connect (Raft, forwarded proposals, join).
-    pub addr: SocketAddr,
-    /// The gRPC services (from `raftmq-cluster`).
-    pub routes: tonic::service::Routes,
+/// What the HTTP endpoint reports about the cluster.
+#[derive(Clone)]
+pub struct ClusterInfo {
     /// Cluster status as JSON, for `GET /api/v1/cluster`.
     pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// Whether the node can commit (leader known), for `/readyz`.
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// The cluster gRPC endpoint (Raft, forwarded proposals, join). It runs on its own, from
+/// before the broker is ready: a joining node must answer its peers while it catches up.
+pub struct ClusterServer {
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+}
+
+impl ClusterServer {
+    /// Binds `addr` for `routes` (the services from `raftmq-cluster`).
+    pub async fn bind(
+        addr: SocketAddr,
+        routes: tonic::service::Routes,
+    ) -> Result<Self, ServerError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "cluster",
+                addr,
+                source,
+            })?;
+        Ok(ClusterServer { listener, routes })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_routes(self.routes)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+        {
+            warn!(error = %e, "cluster gRPC server failed");
+        }
+    }
 }
 
 /// A bound, not yet running broker front end.
@@ -49,7 +87,7 @@ pub struct Server {
     mqtt: Option<TcpListener>,
     http: Option<TcpListener>,
     metrics: Option<MetricsRender>,
-    cluster: Option<(TcpListener, ClusterEndpoint)>,
+    cluster: Option<ClusterInfo>,
 }
 
 async fn bind(
@@ -82,18 +120,9 @@ impl Server {
         })
     }
 
-    /// Binds the cluster listener and serves `endpoint`'s gRPC services on it once running.
-    pub async fn bind_cluster(&mut self, endpoint: ClusterEndpoint) -> Result<(), ServerError> {
-        let listener = bind("cluster", Some(endpoint.addr)).await?;
-        if let Some(listener) = listener {
-            self.cluster = Some((listener, endpoint));
-        }
-        Ok(())
-    }
-
-    /// The bound cluster address.
-    pub fn cluster_addr(&self) -> Option<SocketAddr> {
-        self.cluster.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    /// Reports `info` on the HTTP endpoint (`/api/v1/cluster`, cluster-aware `/readyz`).
+    pub fn set_cluster_info(&mut self, info: ClusterInfo) {
+        self.cluster = Some(info);
     }
 
     /// The bound MQTT TCP address (with the real port when 0 was configured).
@@ -126,13 +155,8 @@ impl Server {
                 tasks.clone(),
             ));
         }
-        let mut cluster_status = None;
-        let mut cluster_ready = None;
-        if let Some((listener, endpoint)) = self.cluster {
-            cluster_status = Some(endpoint.status);
-            cluster_ready = Some(endpoint.ready);
-            tasks.spawn(serve_cluster(listener, endpoint.routes, stop_rx.clone()));
-        }
+        let cluster_status = self.cluster.as_ref().map(|c| c.status.clone());
+        let cluster_ready = self.cluster.map(|c| c.ready);
         if let Some(listener) = self.http {
             let state = http::HttpState {
                 broker: self.broker.clone(),
@@ -195,24 +219,6 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         }
-    }
-}
-
-async fn serve_cluster(
-    listener: TcpListener,
-    routes: tonic::service::Routes,
-    mut stop: watch::Receiver<bool>,
-) {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let shutdown = async move {
-        let _ = stop.changed().await;
-    };
-    if let Err(e) = tonic::transport::Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-    {
-        warn!(error = %e, "cluster gRPC server failed");
     }
 }
 

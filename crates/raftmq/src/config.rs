@@ -112,7 +112,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             format: LogFormat::Text,
-            level: "info".to_owned(),
+            level: "info,openraft=warn".to_owned(),
         }
     }
 }

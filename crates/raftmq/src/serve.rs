@@ -8,7 +8,7 @@ use raftmq_cluster::grpc;
 use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
 use raftmq_core::auth::AllowAll;
-use raftmq_server::{ClusterEndpoint, Server};
+use raftmq_server::{ClusterInfo, ClusterServer, Server};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +49,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     })
     .await
     .with_context(|| format!("starting the raft node in {}", config.data_dir.display()))?;
+    // Peers must reach this node while it joins and catches up: serve the cluster endpoint first.
+    let cluster_server = ClusterServer::bind(config.cluster.addr, grpc::routes(node.raft.clone()))
+        .await
+        .context("starting the cluster listener")?;
+    if let Some(addr) = cluster_server.local_addr() {
+        info!("cluster listening on {addr}");
+    }
+    let (cluster_stop, cluster_stopped) = tokio::sync::oneshot::channel::<()>();
+    let cluster_task = tokio::spawn(cluster_server.run(async {
+        let _ = cluster_stopped.await;
+    }));
     if !node.wait_ready(READY_TIMEOUT).await {
         warn!(
             "no raft leader after {READY_TIMEOUT:?}: serving anyway; durable writes are refused \
@@ -83,20 +94,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .await
     .context("starting listeners")?;
     let (status_node, ready_node) = (node.clone(), node.clone());
-    server
-        .bind_cluster(ClusterEndpoint {
-            addr: config.cluster.addr,
-            routes: grpc::routes(node.raft.clone()),
-            status: Arc::new(move || {
-                serde_json::to_value(status_node.status()).unwrap_or(serde_json::Value::Null)
-            }),
-            ready: Arc::new(move || ready_node.is_ready()),
-        })
-        .await
-        .context("starting the cluster listener")?;
-    if let Some(addr) = server.cluster_addr() {
-        info!("cluster listening on {addr}");
-    }
+    server.set_cluster_info(ClusterInfo {
+        status: Arc::new(move || {
+            serde_json::to_value(status_node.status()).unwrap_or(serde_json::Value::Null)
+        }),
+        ready: Arc::new(move || ready_node.is_ready()),
+    });
     match server.mqtt_addr() {
         Some(addr) => {
             info!("mqtt listening on {addr}");
@@ -117,6 +120,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let result = server.run(shutdown).await.context("running the server");
     upkeep.abort();
+    let _ = cluster_stop.send(());
+    let _ = cluster_task.await;
     if let Ok(node) = Arc::try_unwrap(node) {
         node.shutdown().await;
     }

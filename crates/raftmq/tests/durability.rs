@@ -1,0 +1,448 @@
+//! Durability across `kill -9`, with the real `raftmq` executable: state acknowledged before a
+//! crash (persistent sessions, subscriptions, queued QoS 1/2 messages, retained messages) is all
+//! back after a restart on the same data dir, on a single node and in a 3-node cluster whose
+//! leader, then whose client-facing node, is killed under a durable QoS 1 load.
+
+use bytes::Bytes;
+use raftmq_codec::{
+    ByteStr, Connect, ConnectProperties, Packet, PacketId, ProtocolVersion, PubResponse, Publish,
+    PublishProperties, QoS, ReasonCode, Subscribe, SubscribeFilter, SubscribeProperties,
+    SubscriptionOptions,
+};
+use raftmq_tests::RawClient;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Upper bound for a node to start (Raft leader election included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Where one node listens and keeps its data.
+#[derive(Clone)]
+struct NodeSpec {
+    id: u64,
+    mqtt: u16,
+    http: u16,
+    cluster: u16,
+    seeds: Vec<String>,
+    data_dir: PathBuf,
+}
+
+impl NodeSpec {
+    fn new(id: u64, data_dir: PathBuf) -> NodeSpec {
+        NodeSpec {
+            id,
+            mqtt: free_port(),
+            http: free_port(),
+            cluster: free_port(),
+            seeds: Vec::new(),
+            data_dir,
+        }
+    }
+
+    fn mqtt_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.mqtt))
+    }
+}
+
+/// A running `raftmq` process (killed when dropped).
+struct Node {
+    child: Child,
+    http: u16,
+}
+
+impl Node {
+    fn spawn(spec: &NodeSpec) -> Node {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_raftmq"));
+        cmd.env_clear()
+            .args([
+                "serve",
+                "--log-level",
+                "error",
+                "--node-id",
+                &spec.id.to_string(),
+            ])
+            .args(["--mqtt-addr", &format!("127.0.0.1:{}", spec.mqtt)])
+            .args(["--http-addr", &format!("127.0.0.1:{}", spec.http)])
+            .args(["--cluster-addr", &format!("127.0.0.1:{}", spec.cluster)])
+            .arg("--data-dir")
+            .arg(&spec.data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if !spec.seeds.is_empty() {
+            cmd.args(["--seeds", &spec.seeds.join(",")]);
+        }
+        Node {
+            child: cmd.spawn().expect("starts raftmq"),
+            http: spec.http,
+        }
+    }
+
+    /// Starts the node and waits until it reports ready.
+    async fn start(spec: &NodeSpec) -> Node {
+        let node = Node::spawn(spec);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !ready(node.http).await {
+            assert!(
+                Instant::now() < deadline,
+                "node {} not ready within {START_TIMEOUT:?}",
+                spec.id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        node
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET `path` on 127.0.0.1:`port`: the status code and the body (code 0 if unreachable).
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+async fn ready(http_port: u16) -> bool {
+    http_get(http_port, "/readyz").await.0 == 200
+}
+
+/// The node's view of the cluster (`GET /api/v1/cluster`), if it answers.
+async fn cluster_status(http_port: u16) -> Option<serde_json::Value> {
+    let (code, body) = http_get(http_port, "/api/v1/cluster").await;
+    if code == 200 {
+        serde_json::from_str(&body).ok()
+    } else {
+        None
+    }
+}
+
+/// Waits until every node in `ports` reports the same leader, `voters` voters and the same
+/// applied index; returns the leader id.
+async fn wait_converged(ports: &[u16], voters: usize) -> u64 {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let mut views = Vec::new();
+        for p in ports {
+            views.push(cluster_status(*p).await);
+        }
+        let agreed = views.iter().all(|v| {
+            v.as_ref().is_some_and(|v| {
+                v["voters"].as_array().is_some_and(|a| a.len() == voters)
+                    && v["leader"]
+                        == views[0]
+                            .as_ref()
+                            .map_or(serde_json::Value::Null, |f| f["leader"].clone())
+                    && v["last_applied"]
+                        == views[0]
+                            .as_ref()
+                            .map_or(serde_json::Value::Null, |f| f["last_applied"].clone())
+            })
+        });
+        if agreed && let Some(leader) = views[0].as_ref().and_then(|v| v["leader"].as_u64()) {
+            return leader;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster did not converge: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn connect_packet(id: &str, clean_start: bool) -> Packet {
+    Packet::Connect(Box::new(Connect {
+        protocol: ProtocolVersion::V5,
+        clean_start,
+        keep_alive: 60,
+        client_id: ByteStr::from(id),
+        will: None,
+        username: None,
+        password: None,
+        properties: ConnectProperties {
+            session_expiry_interval: Some(3600),
+            ..Default::default()
+        },
+    }))
+}
+
+/// Connects and returns (client, session present); `None` if the broker refused (e.g. no quorum).
+async fn try_connect(addr: SocketAddr, id: &str, clean_start: bool) -> Option<(RawClient, bool)> {
+    let mut c = RawClient::connect(addr, ProtocolVersion::V5).await;
+    c.send(&connect_packet(id, clean_start)).await;
+    match c.recv_within(Duration::from_secs(10)).await {
+        Ok(Some(Packet::ConnAck(ack))) if ack.reason_code == ReasonCode::SUCCESS => {
+            Some((c, ack.session_present))
+        }
+        _ => None,
+    }
+}
+
+async fn connected(addr: SocketAddr, id: &str, clean_start: bool) -> (RawClient, bool) {
+    try_connect(addr, id, clean_start)
+        .await
+        .expect("CONNACK success")
+}
+
+fn pid(n: u16) -> PacketId {
+    PacketId::new(n).expect("nonzero")
+}
+
+async fn subscribe(c: &mut RawClient, filter: &str) {
+    c.send(&Packet::Subscribe(Subscribe {
+        packet_id: pid(1),
+        properties: SubscribeProperties::default(),
+        filters: vec![SubscribeFilter {
+            filter: ByteStr::from(filter),
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        }],
+    }))
+    .await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+}
+
+fn publish(topic: &str, packet_id: u16, payload: String, retain: bool) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain,
+        topic: ByteStr::from(topic),
+        packet_id: Some(pid(packet_id)),
+        properties: PublishProperties::default(),
+        payload: Bytes::from(payload),
+    })
+}
+
+/// Receives (and acknowledges) PUBLISHes until every number in `expected` was seen; returns the
+/// numbers received (payload `msg-N`).
+async fn receive_all(sub: &mut RawClient, expected: &BTreeSet<u32>) -> BTreeSet<u32> {
+    let mut received = BTreeSet::new();
+    while !expected.is_subset(&received) {
+        match sub.recv().await {
+            Some(Packet::Publish(p)) => {
+                if let Some(n) = std::str::from_utf8(&p.payload)
+                    .ok()
+                    .and_then(|s| s.strip_prefix("msg-")?.parse().ok())
+                {
+                    received.insert(n);
+                }
+                if let Some(id) = p.packet_id {
+                    sub.send(&Packet::PubAck(PubResponse::success(id))).await;
+                }
+            }
+            Some(_) => {}
+            None => panic!(
+                "connection closed after {} of {} messages",
+                received.len(),
+                expected.len()
+            ),
+        }
+    }
+    received
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_acknowledged_state_survives_kill_9() {
+    const N: u32 = 200;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = NodeSpec::new(1, dir.path().join("data"));
+
+    let node = Node::start(&spec).await;
+    let (mut sub, present) = connected(spec.mqtt_addr(), "durable-sub", true).await;
+    assert!(!present);
+    subscribe(&mut sub, "orders/#").await;
+    sub.send(&Packet::Disconnect(Default::default())).await;
+    drop(sub);
+    let (mut publ, _) = connected(spec.mqtt_addr(), "publisher", true).await;
+    for n in 1..=N {
+        publ.send(&publish("orders/new", n as u16, format!("msg-{n}"), false))
+            .await;
+    }
+    publ.send(&publish(
+        "config/site",
+        (N + 1) as u16,
+        format!("msg-{}", N + 1),
+        true,
+    ))
+    .await;
+    let mut acked = 0;
+    while acked < N + 1 {
+        match publ.recv().await {
+            Some(Packet::PubAck(a)) => {
+                assert!(a.reason_code.is_success(), "{a:?}");
+                acked += 1;
+            }
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    node.kill9();
+
+    let node = Node::start(&spec).await;
+    let (mut sub, present) = connected(spec.mqtt_addr(), "durable-sub", false).await;
+    assert!(present, "the persistent session survives kill -9");
+    let expected: BTreeSet<u32> = (1..=N).collect();
+    assert_eq!(receive_all(&mut sub, &expected).await, expected);
+    // The retained message too, and the subscription still routes new messages.
+    subscribe(&mut sub, "config/#").await;
+    match sub.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert!(p.retain);
+            assert_eq!(&p.payload[..], format!("msg-{}", N + 1).as_bytes());
+        }
+        other => panic!("expected the retained message, got {other:?}"),
+    }
+    let (mut publ, _) = connected(spec.mqtt_addr(), "publisher", true).await;
+    publ.send(&publish("orders/late", 1, "msg-9999".into(), false))
+        .await;
+    receive_all(&mut sub, &[9999].into()).await;
+    node.kill9();
+}
+
+/// Publishes `msg-{from..to}` through `addr` until every one is acknowledged, reconnecting when
+/// the broker refuses (no quorum during an election). Returns the acknowledged numbers.
+async fn publish_acked(addr: SocketAddr, from: u32, to: u32, deadline: Instant) -> BTreeSet<u32> {
+    let mut acked = BTreeSet::new();
+    let mut next = from;
+    while next < to {
+        assert!(
+            Instant::now() < deadline,
+            "publishing {from}..{to} did not finish; acked {}",
+            acked.len()
+        );
+        let Some((mut publ, _)) = try_connect(addr, "loader", true).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        // A window of 16 outstanding messages; packet id = position in the window.
+        'conn: while next < to {
+            let batch: Vec<u32> = (next..to.min(next + 16)).collect();
+            let mut by_pid = BTreeMap::new();
+            for (i, n) in batch.iter().enumerate() {
+                let id = i as u16 + 1;
+                by_pid.insert(id, *n);
+                publ.send(&publish("orders/load", id, format!("msg-{n}"), false))
+                    .await;
+            }
+            while !by_pid.is_empty() {
+                match publ.recv_within(Duration::from_secs(10)).await {
+                    Ok(Some(Packet::PubAck(a))) if a.reason_code.is_success() => {
+                        if let Some(n) = by_pid.remove(&a.packet_id.get()) {
+                            acked.insert(n);
+                        }
+                    }
+                    // Refused (DISCONNECT 0x89 while there is no quorum) or closed: resend the
+                    // unacknowledged ones on a new connection.
+                    _ => {
+                        next = by_pid.values().copied().min().unwrap_or(next);
+                        break 'conn;
+                    }
+                }
+            }
+            next = batch.last().map_or(next, |n| n + 1);
+        }
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_keeps_acknowledged_messages_when_the_leader_and_then_the_client_node_are_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut specs: Vec<NodeSpec> = (1..=3)
+        .map(|id| NodeSpec::new(id, dir.path().join(format!("n{id}"))))
+        .collect();
+    let seeds: Vec<String> = specs
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.cluster))
+        .collect();
+    for s in &mut specs {
+        s.seeds = seeds.clone();
+    }
+    let mut nodes: Vec<Option<Node>> = specs.iter().map(|s| Some(Node::spawn(s))).collect();
+    let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
+    let leader = wait_converged(&ports, 3).await;
+    // Clients use a follower, so killing the leader does not cut them off.
+    let client = specs
+        .iter()
+        .position(|s| s.id != leader)
+        .expect("a follower");
+    let addr = specs[client].mqtt_addr();
+    let deadline = Instant::now() + Duration::from_secs(120);
+
+    let (mut sub, _) = connected(addr, "cluster-sub", true).await;
+    subscribe(&mut sub, "orders/#").await;
+    sub.send(&Packet::Disconnect(Default::default())).await;
+    drop(sub);
+
+    let mut acked = publish_acked(addr, 0, 150, deadline).await;
+    // kill -9 the leader under load, keep publishing through the election, restart it.
+    let leader_idx = specs
+        .iter()
+        .position(|s| s.id == leader)
+        .expect("leader index");
+    if let Some(n) = nodes[leader_idx].take() {
+        n.kill9();
+    }
+    acked.extend(publish_acked(addr, 150, 300, deadline).await);
+    nodes[leader_idx] = Some(Node::spawn(&specs[leader_idx]));
+    wait_converged(&ports, 3).await;
+    acked.extend(publish_acked(addr, 300, 400, deadline).await);
+
+    // kill -9 the node the clients use; restart it from its data dir.
+    if let Some(n) = nodes[client].take() {
+        n.kill9();
+    }
+    nodes[client] = Some(Node::start(&specs[client]).await);
+    wait_converged(&ports, 3).await;
+
+    let (mut sub, present) = connected(addr, "cluster-sub", false).await;
+    assert!(present, "the persistent session survives");
+    let received = receive_all(&mut sub, &acked).await;
+    assert!(acked.is_subset(&received));
+    assert_eq!(
+        acked.len(),
+        400,
+        "every message was eventually acknowledged"
+    );
+    println!(
+        "cluster chaos: {} acknowledged, {} delivered, 0 missing",
+        acked.len(),
+        received.len()
+    );
+}
