@@ -107,6 +107,12 @@ pub struct LoadArgs {
     /// After publishing ends, how long to wait for acknowledgements and messages in transit.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain: Duration,
+    /// Give subscribers persistent sessions with this Session Expiry Interval (seconds; on
+    /// MQTT 3.1.1 any value > 0 means clean session 0). QoS 1/2 publishes to them then take the
+    /// broker's durable path (raftmq: committed through Raft before the PUBACK). 0: clean
+    /// sessions.
+    #[arg(long, default_value_t = 0)]
+    pub sub_session_expiry: u32,
 }
 
 /// Options of `shared`.

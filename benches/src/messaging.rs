@@ -143,7 +143,16 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
     let (subscribers, sub_connect) = ctx
         .open_all(topology.subscribers.len() as u32, |i| {
             let endpoint = sub_endpoint.clone();
-            let session = SessionOptions::clean(ctx.client_id('s', i));
+            let session = match args.sub_session_expiry {
+                0 => SessionOptions::clean(ctx.client_id('s', i)),
+                // A new persistent session: clean start on v5 (with expiry), clean session 0 on
+                // 3.1.1 (client ids are unique per run, so nothing old is resumed).
+                expiry => SessionOptions {
+                    client_id: ctx.client_id('s', i),
+                    clean_start: ctx.common.mqtt_version == 5,
+                    expiry,
+                },
+            };
             let filter = topology.subscribers[i as usize].filter.clone();
             async move {
                 let (mut conn, _) = Conn::connect(&endpoint, &session).await?;

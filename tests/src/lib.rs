@@ -124,6 +124,13 @@ impl RawClient {
         self.stream.write_all(bytes).await.expect("write");
     }
 
+    /// Encodes and sends a packet; an error if the broker closed the connection.
+    pub async fn try_send(&mut self, packet: &Packet) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        encode(packet, self.version, &mut out).expect("encode");
+        self.stream.write_all(&out).await
+    }
+
     /// Encodes and sends a packet for this client's protocol version.
     pub async fn send(&mut self, packet: &Packet) {
         let mut out = BytesMut::new();

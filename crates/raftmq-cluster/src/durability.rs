@@ -136,7 +136,7 @@ async fn batcher(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>, clock: W
             .collect();
         let bytes = encode_batch(&changes, &clock);
         let started = Instant::now();
-        let result = commit(&raft, bytes).await;
+        let result = commit(&raft, bytes).await.map(|_| ());
         histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         if result.is_err() {
             counter!(COMMIT_FAILURES_TOTAL).increment(1);
@@ -147,7 +147,9 @@ async fn batcher(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>, clock: W
     }
 }
 
-async fn commit(raft: &Raft, batch: Vec<u8>) -> Result<(), DurabilityError> {
+/// Commits `batch` through the leader (forwarding when this node is not it). Returns the log
+/// index it was committed at.
+pub(crate) async fn commit(raft: &Raft, batch: Vec<u8>) -> Result<u64, DurabilityError> {
     let write = tokio::time::timeout(
         COMMIT_TIMEOUT,
         raft.client_write(Request {
@@ -156,7 +158,7 @@ async fn commit(raft: &Raft, batch: Vec<u8>) -> Result<(), DurabilityError> {
     )
     .await;
     match write {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(resp)) => Ok(resp.log_id.index),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
             let Some(leader) = f.leader_node else {
                 warn!("no leader known: durable write refused");
@@ -175,7 +177,7 @@ async fn commit(raft: &Raft, batch: Vec<u8>) -> Result<(), DurabilityError> {
     }
 }
 
-async fn forward(leader_addr: &str, batch: Vec<u8>) -> Result<(), DurabilityError> {
+async fn forward(leader_addr: &str, batch: Vec<u8>) -> Result<u64, DurabilityError> {
     let Ok(mut client) = cluster_client(leader_addr) else {
         return Err(DurabilityError::Unavailable);
     };
@@ -185,7 +187,7 @@ async fn forward(leader_addr: &str, batch: Vec<u8>) -> Result<(), DurabilityErro
     });
     req.set_timeout(COMMIT_TIMEOUT);
     match client.propose(req).await {
-        Ok(resp) if resp.get_ref().committed => Ok(()),
+        Ok(resp) if resp.get_ref().committed => Ok(resp.get_ref().log_index),
         Ok(_) => Err(DurabilityError::Unavailable),
         Err(status) => {
             warn!(leader = leader_addr, %status, "forwarding a durable write to the leader failed");

@@ -93,10 +93,11 @@ impl ClusterService for ClusterGrpc {
     ) -> Result<Response<pb::ProposeResponse>, Status> {
         let batch = req.into_inner().batch.to_vec();
         match self.raft.client_write(Request { batch }).await {
-            Ok(_) => Ok(Response::new(pb::ProposeResponse {
+            Ok(resp) => Ok(Response::new(pb::ProposeResponse {
                 committed: true,
                 leader_id: None,
                 leader: None,
+                log_index: resp.log_id.index,
             })),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 let (leader_id, leader) = self.leader();
@@ -104,6 +105,7 @@ impl ClusterService for ClusterGrpc {
                     committed: false,
                     leader_id,
                     leader,
+                    log_index: 0,
                 }))
             }
             Err(e) => Err(Status::unavailable(e.to_string())),
@@ -124,12 +126,22 @@ impl ClusterService for ClusterGrpc {
         if leader_id != Some(self.raft_id()) {
             return Ok(Response::new(pb::JoinResponse { leader_id, leader }));
         }
-        info!(node_id = req.node_id, addr = %node.cluster_addr, "adding node as learner");
-        // Blocks until the learner has caught up, then promotes it to voter.
-        self.raft
-            .add_learner(req.node_id, node, true)
-            .await
-            .map_err(to_status)?;
+        let known = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&req.node_id)
+            .is_some();
+        if !known {
+            info!(node_id = req.node_id, addr = %node.cluster_addr, "adding node as learner");
+            // Blocks until the learner has caught up.
+            self.raft
+                .add_learner(req.node_id, node, true)
+                .await
+                .map_err(to_status)?;
+        }
         let voters: BTreeSet<NodeId> = [req.node_id].into();
         self.raft
             .change_membership(ChangeMembers::AddVoterIds(voters), false)

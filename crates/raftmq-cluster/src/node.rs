@@ -99,6 +99,9 @@ async fn export_metrics(raft: Raft) {
     }
 }
 
+/// A leader without a quorum acknowledgement for this long reports not-ready.
+const QUORUM_STALE_MS: u64 = 3_000;
+
 /// What `GET /api/v1/cluster` reports.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ClusterStatus {
@@ -184,32 +187,53 @@ impl RaftNode {
         })
     }
 
-    /// Waits until a leader is known and this node has applied its log (so the state it
-    /// recovers from is complete). Returns false on timeout.
+    /// Waits until this node can serve from complete state: a leader is known, and a read
+    /// barrier (an empty batch committed through the leader) has been applied locally, so
+    /// everything committed before it (including entries this node missed while down) is in
+    /// the local state machine. Returns false on timeout.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        self.raft
+        let deadline = tokio::time::Instant::now() + timeout;
+        let leader = self
+            .raft
             .wait(Some(timeout))
-            .metrics(
-                |m| {
-                    m.current_leader.is_some()
-                        && m.last_log_index.is_some()
-                        && m.last_applied.map(|l| l.index) >= m.last_log_index
-                },
-                "leader known and log applied",
-            )
-            .await
-            .is_ok()
+            .metrics(|m| m.current_leader.is_some(), "leader known")
+            .await;
+        if leader.is_err() {
+            return false;
+        }
+        let barrier = crate::convert::encode_batch(&[], &WallClock::now());
+        loop {
+            if let Ok(index) = crate::durability::commit(&self.raft, barrier.clone()).await {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                return self
+                    .raft
+                    .wait(Some(left))
+                    .metrics(
+                        |m| m.last_applied.is_some_and(|l| l.index >= index),
+                        "read barrier applied",
+                    )
+                    .await
+                    .is_ok();
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
-    /// Whether the node can commit: a leader is known and it is a voter or learner in the
-    /// current membership.
+    /// Whether durable writes can commit now: as leader, a quorum acknowledged it recently
+    /// (openraft keeps a leader that lost its quorum as leader); as follower or learner, a
+    /// leader is known. Drives `/readyz`.
     pub fn is_ready(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
-        m.current_leader.is_some()
-            && matches!(
-                m.state,
-                ServerState::Leader | ServerState::Follower | ServerState::Learner
-            )
+        match m.state {
+            ServerState::Leader => m
+                .millis_since_quorum_ack
+                .is_some_and(|ms| ms < QUORUM_STALE_MS),
+            ServerState::Follower | ServerState::Learner => m.current_leader.is_some(),
+            _ => false,
+        }
     }
 
     /// A snapshot of the node's Raft status.
@@ -225,7 +249,12 @@ impl RaftNode {
             last_applied: m.last_applied.map(|l| l.index),
             voters: membership.voter_ids().collect(),
             nodes: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
-            healthy: m.current_leader.is_some(),
+            healthy: match m.state {
+                ServerState::Leader => m
+                    .millis_since_quorum_ack
+                    .is_some_and(|ms| ms < QUORUM_STALE_MS),
+                _ => m.current_leader.is_some(),
+            },
         }
     }
 
@@ -245,14 +274,16 @@ impl RaftNode {
 async fn join_loop(raft: Raft, node_id: NodeId, me: ClusterNode, seeds: Vec<String>) {
     let mut targets = seeds.clone();
     loop {
-        if raft
+        // Joined means voter: a learner whose promotion failed (a concurrent membership change)
+        // asks again.
+        let is_voter = raft
             .metrics()
             .borrow()
             .membership_config
             .membership()
-            .get_node(&node_id)
-            .is_some()
-        {
+            .voter_ids()
+            .any(|id| id == node_id);
+        if is_voter {
             info!(node_id, "joined the cluster");
             return;
         }

@@ -58,6 +58,10 @@ pub struct Routed {
     /// Resolves when the message is durable for every persistent session it was offered to
     /// (and its retained change recorded); the publisher's PUBACK/PUBREC waits for it.
     pub commit: Commit,
+    /// Deliveries to offline persistent sessions, queued only once `commit` succeeds (see
+    /// [`Broker::deliver_committed`]): a refused publish leaves nothing behind to be delivered
+    /// or to fill the queue while the publisher retries.
+    pub deferred: Vec<(Arc<Session>, Delivery)>,
 }
 
 /// Result of one topic filter of a SUBSCRIBE.
@@ -593,7 +597,16 @@ impl Broker {
     /// waiting for durability (wills, `$SYS`, administrative publishes). Returns the number of
     /// sessions it was offered to.
     pub fn publish(&self, message: Arc<Message>, now: Instant) -> usize {
-        self.route(message, None, now).offered
+        let routed = self.route(message, None, now);
+        self.deliver_committed(routed.deferred);
+        routed.offered
+    }
+
+    /// Queues deliveries held back by [`Broker::route`] once their commit succeeded.
+    pub fn deliver_committed(&self, deferred: Vec<(Arc<Session>, Delivery)>) {
+        for (session, delivery) in deferred {
+            session.enqueue(delivery, &self.queue_limits, &self.stats);
+        }
     }
 
     /// Routes a message published by a client. QoS 1/2 deliveries to persistent sessions are
@@ -630,15 +643,22 @@ impl Broker {
                 }
             });
         }
-        let offered = self.deliver(&message, &mut changes);
+        let mut deferred = Vec::new();
+        let offered = self.deliver(&message, &mut changes, &mut deferred);
         let _ = now;
         Routed {
             offered,
             commit: self.propose(changes),
+            deferred,
         }
     }
 
-    fn deliver(&self, message: &Arc<Message>, changes: &mut Vec<StateChange>) -> usize {
+    fn deliver(
+        &self,
+        message: &Arc<Message>,
+        changes: &mut Vec<StateChange>,
+        deferred: &mut Vec<(Arc<Session>, Delivery)>,
+    ) -> usize {
         let mut targets: SmallVec<[(Arc<Session>, SubEntry); 8]> = SmallVec::new();
         let origin = message.origin.as_ref();
         self.index.for_each_match(&message.topic, |m| match m {
@@ -701,7 +721,15 @@ impl Broker {
                 message: message.clone(),
                 durable,
             };
-            if session.enqueue(delivery, &self.queue_limits, &self.stats) == Enqueued::Queued {
+            if durable.is_some() && !session.is_online() {
+                // Offline and persistent: nobody can receive it before the commit anyway.
+                offered += 1;
+                if let (Some(target), Some((_, targets))) = (target, stored.as_mut()) {
+                    targets.push(target);
+                }
+                deferred.push((session.clone(), delivery));
+            } else if session.enqueue(delivery, &self.queue_limits, &self.stats) == Enqueued::Queued
+            {
                 offered += 1;
                 if let (Some(target), Some((_, targets))) = (target, stored.as_mut()) {
                     targets.push(target);

@@ -94,7 +94,7 @@ pub struct Connection {
     out: VecDeque<Packet>,
     /// Packets waiting for a durable commit, in order; once anything waits, everything after it
     /// waits too, so the client sees acknowledgements and deliveries in protocol order.
-    pending: VecDeque<(Commit, Packet)>,
+    pending: VecDeque<Pending>,
     /// In-flight messages of a resumed session not yet resent because the client's Receive
     /// Maximum is smaller than their number; resent in order as acknowledgements free the window.
     resend_backlog: VecDeque<u16>,
@@ -192,7 +192,7 @@ impl Connection {
     /// The commit that the oldest held-back packet waits for; the caller awaits it and then
     /// calls [`Self::handle_commits`].
     pub fn pending_commit(&self) -> Option<Commit> {
-        self.pending.front().map(|(c, _)| c.clone())
+        self.pending.front().map(|p| p.commit.clone())
     }
 
     /// Releases held-back packets whose commits completed. A failed commit (storage
@@ -200,16 +200,18 @@ impl Connection {
     /// get CONNACK 0x88 or DISCONNECT 0x89 and retry later, nothing is acknowledged that is not
     /// durable.
     pub fn handle_commits(&mut self, now: Instant) {
-        while let Some((commit, _)) = self.pending.front() {
-            match commit.result() {
+        while let Some(head) = self.pending.front() {
+            match head.commit.result() {
                 None => return,
                 Some(Ok(())) => {
-                    if let Some((_, packet)) = self.pending.pop_front() {
-                        self.out.push_back(packet);
+                    if let Some(p) = self.pending.pop_front() {
+                        self.broker.deliver_committed(p.deferred);
+                        self.out.push_back(p.packet);
                     }
                 }
                 Some(Err(_)) => {
-                    let connack = matches!(self.pending.front(), Some((_, Packet::ConnAck(_))));
+                    // Refused: the held-back deliveries are dropped with the acknowledgement.
+                    let connack = matches!(head.packet, Packet::ConnAck(_));
                     self.pending.clear();
                     if connack {
                         self.detach(DetachKind::Normal, now);
@@ -227,12 +229,27 @@ impl Connection {
 
     /// Sends `packet` once `commit` (if any) and everything queued before it have completed.
     fn emit(&mut self, packet: Packet, commit: Option<Commit>) {
+        self.emit_with(packet, commit, Vec::new());
+    }
+
+    /// Like [`Self::emit`], also queueing `deferred` deliveries when the commit succeeds.
+    fn emit_with(
+        &mut self,
+        packet: Packet,
+        commit: Option<Commit>,
+        deferred: Vec<(Arc<Session>, Delivery)>,
+    ) {
         let commit = commit.filter(|c| c.result() != Some(Ok(())));
         match commit {
-            None if self.pending.is_empty() => self.out.push_back(packet),
-            commit => self
-                .pending
-                .push_back((commit.unwrap_or_else(Commit::ready), packet)),
+            None if self.pending.is_empty() => {
+                self.broker.deliver_committed(deferred);
+                self.out.push_back(packet);
+            }
+            commit => self.pending.push_back(Pending {
+                commit: commit.unwrap_or_else(Commit::ready),
+                packet,
+                deferred,
+            }),
         }
     }
 
@@ -582,7 +599,9 @@ impl Connection {
     /// The caller pumps after every batch of input (packets change the window; a SUBSCRIBE
     /// queues retained messages) and whenever the session is notified.
     pub fn pump(&mut self, now: Instant, budget: usize) -> bool {
-        if self.closed.is_some() || matches!(self.pending.front(), Some((_, Packet::ConnAck(_)))) {
+        if self.closed.is_some()
+            || matches!(self.pending.front(), Some(p) if matches!(p.packet, Packet::ConnAck(_)))
+        {
             // Nothing is delivered before CONNACK.
             return false;
         }
@@ -840,6 +859,7 @@ impl Connection {
         }
         let mut reason = ReasonCode::SUCCESS;
         let mut commit = None;
+        let mut deferred = Vec::new();
         if let Some(code) = refusal {
             reason = code;
         } else {
@@ -864,6 +884,7 @@ impl Connection {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
             }
             commit = Some(routed.commit);
+            deferred = routed.deferred;
         }
         let ack = |pid| PubResponse {
             packet_id: pid,
@@ -872,8 +893,12 @@ impl Connection {
         };
         match (p.qos, pid) {
             (QoS::AtMostOnce, _) => {}
-            (QoS::AtLeastOnce, Some(pid)) => self.emit(Packet::PubAck(ack(pid)), commit),
-            (QoS::ExactlyOnce, Some(pid)) => self.emit(Packet::PubRec(ack(pid)), commit),
+            (QoS::AtLeastOnce, Some(pid)) => {
+                self.emit_with(Packet::PubAck(ack(pid)), commit, deferred)
+            }
+            (QoS::ExactlyOnce, Some(pid)) => {
+                self.emit_with(Packet::PubRec(ack(pid)), commit, deferred)
+            }
             (_, None) => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
         }
         Ok(())
@@ -1163,6 +1188,13 @@ impl Connection {
             self.broker.detach(&att.session, att.epoch, kind, now);
         }
     }
+}
+
+/// A packet held back until its commit, with the deliveries that wait for the same commit.
+struct Pending {
+    commit: Commit,
+    packet: Packet,
+    deferred: Vec<(Arc<Session>, Delivery)>,
 }
 
 enum Violation {

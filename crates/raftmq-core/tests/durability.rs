@@ -494,3 +494,41 @@ fn resumed_session_resends_no_more_than_the_new_receive_maximum_at_once() {
         expected += 1;
     }
 }
+
+#[test]
+fn a_refused_publish_leaves_nothing_queued_for_an_offline_persistent_session() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut sub = open(&b, now);
+    sub.handle_packet(connect("sub", true, 300), now);
+    sub.handle_packet(subscribe("t", QoS::AtLeastOnce), now);
+    held.complete_all(Ok(()));
+    sub.handle_commits(now);
+    sub.handle_transport_closed(now);
+    let session = b.session("sub").expect("persistent session");
+
+    let mut publ = open(&b, now);
+    exchange(&mut publ, connect("pub", true, 0), now);
+    // Refused three times (no quorum): nothing may pile up in the offline session's queue.
+    for attempt in 0..3u16 {
+        publ = open(&b, now);
+        exchange(&mut publ, connect("pub", true, 0), now);
+        publ.handle_packet(publish("t", QoS::AtLeastOnce, 1 + attempt, false), now);
+        assert_eq!(session.queue_depth(), (0, 0), "queued before the commit");
+        held.complete_all(Err(DurabilityError::Unavailable));
+        publ.handle_commits(now);
+        assert!(publ.is_closed());
+    }
+    assert_eq!(session.queue_depth(), (0, 0));
+    // Accepted: queued once the commit succeeds, together with the PUBACK.
+    let mut publ = open(&b, now);
+    exchange(&mut publ, connect("pub", true, 0), now);
+    publ.handle_packet(publish("t", QoS::AtLeastOnce, 9, false), now);
+    held.complete_all(Ok(()));
+    assert!(matches!(
+        exchange(&mut publ, Packet::PingReq, now)[..],
+        [Packet::PubAck(_), Packet::PingResp]
+    ));
+    assert_eq!(session.queue_depth(), (1, 0));
+}

@@ -19,11 +19,25 @@ use std::time::{Duration, Instant};
 /// Upper bound for a node to start (Raft leader election included).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A free port below the kernel's ephemeral range (32768+ on Linux), so an outgoing connection
+/// cannot take it as its source port between this check and a node (re)binding it. Each test
+/// process starts at its own offset.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 400) as u16 * 30,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(port < 32_000, "no free test port left");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Where one node listens and keeps its data.
@@ -67,7 +81,7 @@ impl Node {
             .args([
                 "serve",
                 "--log-level",
-                "error",
+                "error,openraft=off",
                 "--node-id",
                 &spec.id.to_string(),
             ])
@@ -184,7 +198,7 @@ async fn wait_converged(ports: &[u16], voters: usize) -> u64 {
     }
 }
 
-fn connect_packet(id: &str, clean_start: bool) -> Packet {
+fn connect_packet(id: &str, clean_start: bool, expiry: u32) -> Packet {
     Packet::Connect(Box::new(Connect {
         protocol: ProtocolVersion::V5,
         clean_start,
@@ -194,16 +208,22 @@ fn connect_packet(id: &str, clean_start: bool) -> Packet {
         username: None,
         password: None,
         properties: ConnectProperties {
-            session_expiry_interval: Some(3600),
+            session_expiry_interval: Some(expiry),
             ..Default::default()
         },
     }))
 }
 
 /// Connects and returns (client, session present); `None` if the broker refused (e.g. no quorum).
-async fn try_connect(addr: SocketAddr, id: &str, clean_start: bool) -> Option<(RawClient, bool)> {
+/// Connects with session expiry `expiry` (0: a clean session, never durable).
+async fn try_connect(
+    addr: SocketAddr,
+    id: &str,
+    clean_start: bool,
+    expiry: u32,
+) -> Option<(RawClient, bool)> {
     let mut c = RawClient::connect(addr, ProtocolVersion::V5).await;
-    c.send(&connect_packet(id, clean_start)).await;
+    c.send(&connect_packet(id, clean_start, expiry)).await;
     match c.recv_within(Duration::from_secs(10)).await {
         Ok(Some(Packet::ConnAck(ack))) if ack.reason_code == ReasonCode::SUCCESS => {
             Some((c, ack.session_present))
@@ -212,8 +232,10 @@ async fn try_connect(addr: SocketAddr, id: &str, clean_start: bool) -> Option<(R
     }
 }
 
+/// Connects (persistent session for subscribers, clean session for ids containing `pub`).
 async fn connected(addr: SocketAddr, id: &str, clean_start: bool) -> (RawClient, bool) {
-    try_connect(addr, id, clean_start)
+    let expiry = if id.contains("pub") { 0 } else { 3600 };
+    try_connect(addr, id, clean_start, expiry)
         .await
         .expect("CONNACK success")
 }
@@ -255,7 +277,18 @@ fn publish(topic: &str, packet_id: u16, payload: String, retain: bool) -> Packet
 async fn receive_all(sub: &mut RawClient, expected: &BTreeSet<u32>) -> BTreeSet<u32> {
     let mut received = BTreeSet::new();
     while !expected.is_subset(&received) {
-        match sub.recv().await {
+        let next = sub
+            .recv_within(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|()| {
+                let missing: Vec<&u32> = expected.difference(&received).collect();
+                panic!(
+                    "{} of {} received; missing {missing:?}",
+                    received.len(),
+                    expected.len()
+                )
+            });
+        match next {
             Some(Packet::Publish(p)) => {
                 if let Some(n) = std::str::from_utf8(&p.payload)
                     .ok()
@@ -346,7 +379,7 @@ async fn publish_acked(addr: SocketAddr, from: u32, to: u32, deadline: Instant) 
             "publishing {from}..{to} did not finish; acked {}",
             acked.len()
         );
-        let Some((mut publ, _)) = try_connect(addr, "loader", true).await else {
+        let Some((mut publ, _)) = try_connect(addr, "loader", true, 0).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -357,8 +390,13 @@ async fn publish_acked(addr: SocketAddr, from: u32, to: u32, deadline: Instant) 
             for (i, n) in batch.iter().enumerate() {
                 let id = i as u16 + 1;
                 by_pid.insert(id, *n);
-                publ.send(&publish("orders/load", id, format!("msg-{n}"), false))
-                    .await;
+                if publ
+                    .try_send(&publish("orders/load", id, format!("msg-{n}"), false))
+                    .await
+                    .is_err()
+                {
+                    break 'conn;
+                }
             }
             while !by_pid.is_empty() {
                 match publ.recv_within(Duration::from_secs(10)).await {
@@ -423,14 +461,12 @@ async fn cluster_keeps_acknowledged_messages_when_the_leader_and_then_the_client
     nodes[leader_idx] = Some(Node::spawn(&specs[leader_idx]));
     wait_converged(&ports, 3).await;
     acked.extend(publish_acked(addr, 300, 400, deadline).await);
-
     // kill -9 the node the clients use; restart it from its data dir.
     if let Some(n) = nodes[client].take() {
         n.kill9();
     }
     nodes[client] = Some(Node::start(&specs[client]).await);
     wait_converged(&ports, 3).await;
-
     let (mut sub, present) = connected(addr, "cluster-sub", false).await;
     assert!(present, "the persistent session survives");
     let received = receive_all(&mut sub, &acked).await;
@@ -445,4 +481,101 @@ async fn cluster_keeps_acknowledged_messages_when_the_leader_and_then_the_client
         acked.len(),
         received.len()
     );
+}
+
+/// Starts a 3-node cluster in `dir`; returns the specs, the running nodes and the leader id.
+async fn start_cluster(dir: &std::path::Path) -> (Vec<NodeSpec>, Vec<Option<Node>>, u64) {
+    let mut specs: Vec<NodeSpec> = (1..=3)
+        .map(|id| NodeSpec::new(id, dir.join(format!("n{id}"))))
+        .collect();
+    let seeds: Vec<String> = specs
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.cluster))
+        .collect();
+    for s in &mut specs {
+        s.seeds = seeds.clone();
+    }
+    let nodes: Vec<Option<Node>> = specs.iter().map(|s| Some(Node::spawn(s))).collect();
+    let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
+    let leader = wait_converged(&ports, 3).await;
+    (specs, nodes, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_quorum_refuses_durable_writes_and_recovers_by_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (specs, mut nodes, _) = start_cluster(dir.path()).await;
+    let survivor = 0;
+    let addr = specs[survivor].mqtt_addr();
+    let (mut sub, _) = connected(addr, "q-sub", true).await;
+    subscribe(&mut sub, "orders/#").await;
+    // Two of three nodes gone: no quorum.
+    for i in [1, 2] {
+        if let Some(n) = nodes[i].take() {
+            n.kill9();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready(specs[survivor].http).await {
+        assert!(
+            Instant::now() < deadline,
+            "the node still reports ready without a quorum"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A QoS 1 publish matching the persistent session is refused, not acknowledged.
+    let (mut publ, _) = connected(addr, "q-pub", true).await;
+    publ.send(&publish("orders/q1", 1, "msg-1".into(), false))
+        .await;
+    match publ.recv_within(Duration::from_secs(20)).await {
+        Ok(Some(Packet::Disconnect(d))) => assert_eq!(d.reason_code, ReasonCode::SERVER_BUSY),
+        other => panic!("expected DISCONNECT 0x89 (no PUBACK), got {other:?}"),
+    }
+    // QoS 0 and online delivery keep working without consensus.
+    let (mut publ, _) = connected(addr, "q-pub0", true).await;
+    publ.send(&Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: ByteStr::from("orders/zero"),
+        packet_id: None,
+        properties: PublishProperties::default(),
+        payload: Bytes::from_static(b"msg-0"),
+    }))
+    .await;
+    receive_all(&mut sub, &[0].into()).await;
+    // Quorum returns: the node becomes ready and durable writes are acknowledged again.
+    nodes[1] = Some(Node::spawn(&specs[1]));
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !ready(specs[survivor].http).await {
+        assert!(Instant::now() < deadline, "not ready after quorum returned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let acked = publish_acked(addr, 10, 20, Instant::now() + Duration::from_secs(60)).await;
+    assert_eq!(acked.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_cold_restart_recovers_without_an_operator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (specs, mut nodes, _) = start_cluster(dir.path()).await;
+    let addr = specs[2].mqtt_addr();
+    let (mut sub, _) = connected(addr, "cold-sub", true).await;
+    subscribe(&mut sub, "orders/#").await;
+    sub.send(&Packet::Disconnect(Default::default())).await;
+    drop(sub);
+    let acked = publish_acked(addr, 0, 50, Instant::now() + Duration::from_secs(60)).await;
+    // Every node killed at once, then all started again with their data dirs.
+    for n in nodes.iter_mut() {
+        if let Some(n) = n.take() {
+            n.kill9();
+        }
+    }
+    let nodes: Vec<Node> = specs.iter().map(Node::spawn).collect();
+    let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
+    wait_converged(&ports, 3).await;
+    let (mut sub, present) = connected(addr, "cold-sub", false).await;
+    assert!(present);
+    assert_eq!(receive_all(&mut sub, &acked).await, acked);
+    drop(nodes);
 }
