@@ -26,7 +26,7 @@ use tracing::{error, warn};
 /// How long a batch may take to commit before its waiters are told storage is unavailable.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most proposals folded into one log entry.
-const MAX_PROPOSALS_PER_BATCH: usize = 4096;
+const MAX_PROPOSALS_PER_BATCH: usize = 1024;
 
 pub const PROPOSALS_PER_BATCH: &str = "raftmq_raft_proposals_per_batch";
 pub const COMMIT_SECONDS: &str = "raftmq_raft_commit_seconds";

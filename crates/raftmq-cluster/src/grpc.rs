@@ -2,6 +2,7 @@
 //! `ClusterService` (forwarded proposals, join, leave). The server crate serves them on the
 //! cluster address; this module only implements them.
 
+use crate::network::MAX_MESSAGE_BYTES;
 use crate::raft_proto as conv;
 use crate::types::{ClusterNode, NodeId, Raft, Request};
 use openraft::ChangeMembers;
@@ -24,8 +25,13 @@ fn bad_request(e: conv::WireError) -> Status {
 
 /// Both services of a node, ready to be served.
 pub fn routes(raft: Raft) -> tonic::service::Routes {
-    tonic::service::Routes::new(RaftServiceServer::new(RaftGrpc { raft: raft.clone() }))
-        .add_service(ClusterServiceServer::new(ClusterGrpc { raft }))
+    let raft_service = RaftServiceServer::new(RaftGrpc { raft: raft.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let cluster_service = ClusterServiceServer::new(ClusterGrpc { raft })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::service::Routes::new(raft_service).add_service(cluster_service)
 }
 
 struct RaftGrpc {

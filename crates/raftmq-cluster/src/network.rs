@@ -19,6 +19,11 @@ use tonic::transport::{Channel, Endpoint};
 /// How long to wait for a TCP connection to a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Largest gRPC message between nodes. tonic's default (4 MiB) is far below what a leader sends
+/// a lagging follower (up to `max_payload_entries` group-commit batches): at that limit every
+/// catch-up append would be refused and retried forever.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
 /// A lazily connecting channel to `addr` (host:port), or an error naming it.
 pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
@@ -33,7 +38,9 @@ pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 pub fn cluster_client(
     addr: &str,
 ) -> Result<ClusterServiceClient<Channel>, tonic::transport::Error> {
-    Ok(ClusterServiceClient::new(channel(addr)?))
+    Ok(ClusterServiceClient::new(channel(addr)?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// Creates [`PeerClient`]s for openraft.
@@ -57,7 +64,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             shard_id: self.shard_id,
             target,
             client: channel(&node.cluster_addr)
-                .map(RaftServiceClient::new)
+                .map(|ch| {
+                    RaftServiceClient::new(ch)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                })
                 .map_err(|e| e.to_string()),
         }
     }

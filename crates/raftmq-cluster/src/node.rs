@@ -129,6 +129,8 @@ fn raft_config() -> Result<Config, openraft::ConfigError> {
         install_snapshot_timeout: 10_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
         max_in_snapshot_log_to_keep: 1_000,
+        // Bounds one AppendEntries (each entry is a group-commit batch): see MAX_MESSAGE_BYTES.
+        max_payload_entries: 64,
         ..Default::default()
     }
     .validate()

@@ -18,7 +18,7 @@ use crate::session::{
     SubscriptionRecord,
 };
 use crate::stats::BrokerStats;
-use crate::topic::{TopicLimits, TopicName, parse_subscription};
+use crate::topic::{ParsedFilter, TopicLimits, TopicName, parse_subscription};
 use ahash::HashMap;
 use parking_lot::Mutex;
 use raftmq_codec::{ByteStr, QoS, ReasonCode, RetainHandling, SubscriptionOptions};
@@ -867,18 +867,7 @@ impl Broker {
             if max > 0 && st.subscriptions.len() >= max && !st.subscriptions.contains_key(&key) {
                 return refuse(ReasonCode::QUOTA_EXCEEDED);
             }
-            self.index.subscribe(
-                &parsed.filter,
-                parsed.share_group.as_deref(),
-                session.clone(),
-                entry,
-            );
-            let rec = SubscriptionRecord {
-                filter: parsed.filter.clone(),
-                share_group: parsed.share_group.clone(),
-                entry,
-            };
-            st.subscriptions.insert(key, rec).is_some()
+            self.add_subscription(session, &mut st, key, parsed.clone(), entry)
         };
         // Retained messages are not sent for shared subscriptions (MQTT 5 §4.8.2).
         let send_retained = parsed.share_group.is_none()
@@ -901,6 +890,30 @@ impl Broker {
             code: ReasonCode(granted.as_u8()),
             change,
         })
+    }
+
+    /// Adds (or replaces) a subscription in the index and in the session (its lock held).
+    /// Returns whether it replaced an existing one.
+    fn add_subscription(
+        &self,
+        session: &Arc<Session>,
+        st: &mut SessionState,
+        key: Arc<str>,
+        parsed: ParsedFilter,
+        entry: SubEntry,
+    ) -> bool {
+        self.index.subscribe(
+            &parsed.filter,
+            parsed.share_group.as_deref(),
+            session.clone(),
+            entry,
+        );
+        let rec = SubscriptionRecord {
+            filter: parsed.filter,
+            share_group: parsed.share_group,
+            entry,
+        };
+        st.subscriptions.insert(key, rec).is_some()
     }
 
     /// Removes one subscription. Returns whether it existed, and the durable record to
@@ -950,18 +963,7 @@ impl Broker {
                 let Ok(parsed) = parse_subscription(&key, &self.topic_limits) else {
                     continue;
                 };
-                self.index.subscribe(
-                    &parsed.filter,
-                    parsed.share_group.as_deref(),
-                    session.clone(),
-                    entry,
-                );
-                let rec = SubscriptionRecord {
-                    filter: parsed.filter,
-                    share_group: parsed.share_group,
-                    entry,
-                };
-                st.subscriptions.insert(key, rec);
+                self.add_subscription(&session, &mut st, key, parsed, entry);
             }
             for stored in image.messages {
                 let delivery = Delivery {

@@ -422,19 +422,8 @@ async fn publish_acked(addr: SocketAddr, from: u32, to: u32, deadline: Instant) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_keeps_acknowledged_messages_when_the_leader_and_then_the_client_node_are_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut specs: Vec<NodeSpec> = (1..=3)
-        .map(|id| NodeSpec::new(id, dir.path().join(format!("n{id}"))))
-        .collect();
-    let seeds: Vec<String> = specs
-        .iter()
-        .map(|s| format!("127.0.0.1:{}", s.cluster))
-        .collect();
-    for s in &mut specs {
-        s.seeds = seeds.clone();
-    }
-    let mut nodes: Vec<Option<Node>> = specs.iter().map(|s| Some(Node::spawn(s))).collect();
+    let (specs, mut nodes, leader) = start_cluster(dir.path()).await;
     let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
-    let leader = wait_converged(&ports, 3).await;
     // Clients use a follower, so killing the leader does not cut them off.
     let client = specs
         .iter()
