@@ -18,6 +18,11 @@ pub const SECONDS_BUCKETS: &[f64] = &[
 ];
 
 /// Bucket bounds of histograms whose names end in `_bytes`: 16B to 256MiB, by powers of 4.
+/// Buckets for counts per operation (`*_per_batch`, e.g. proposals folded into one Raft entry).
+pub const COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+];
+
 pub const BYTES_BUCKETS: &[f64] = &[
     16.0,
     64.0,
@@ -84,12 +89,15 @@ pub fn init_tracing(log: &LogConfig) -> anyhow::Result<FilterSource> {
 }
 
 /// The Prometheus recorder settings: no HTTP listener of its own (the server's HTTP endpoint
-/// renders it), and explicit buckets so `*_seconds` and `*_bytes` histograms export as
-/// histograms rather than summaries.
+/// renders it), and explicit buckets so `*_seconds`, `*_bytes` and `*_per_batch` histograms
+/// export as histograms rather than summaries.
 pub fn prometheus_builder() -> anyhow::Result<PrometheusBuilder> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_bytes".to_owned()), BYTES_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Suffix("_per_batch".to_owned()), COUNT_BUCKETS)
+        })
         .context("configuring histogram buckets")
 }
 
@@ -171,7 +179,12 @@ mod tests {
             metrics::histogram!("raftmq_test_latency_seconds").record(0.003);
             metrics::histogram!("raftmq_test_payload_bytes").record(1_000.0);
             metrics::histogram!("raftmq_test_other").record(1.0);
+            metrics::histogram!("raftmq_test_items_per_batch").record(300.0);
         });
+        assert!(
+            out.contains("raftmq_test_items_per_batch_bucket{le=\"500\"} 1"),
+            "{out}"
+        );
         assert!(
             out.contains("# TYPE raftmq_test_latency_seconds histogram"),
             "{out}"
