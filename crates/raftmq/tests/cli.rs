@@ -169,3 +169,39 @@ fn serve_runs_until_sigterm_then_exits_0() {
         "{rest:#?}"
     );
 }
+
+/// The Grafana dashboard in `deploy/grafana/` only uses metrics that `docs/metrics.md`
+/// documents (and so that the broker exports), and is valid JSON.
+#[test]
+fn grafana_dashboard_uses_only_documented_metrics() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let dashboard = std::fs::read_to_string(format!("{root}/deploy/grafana/raftmq.json"))
+        .expect("read dashboard");
+    let docs =
+        std::fs::read_to_string(format!("{root}/docs/metrics.md")).expect("read docs/metrics.md");
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    let panels = json["panels"].as_array().expect("panels");
+    assert!(!panels.is_empty());
+    let mut used = std::collections::BTreeSet::new();
+    for expr in panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+    {
+        let expr = expr["expr"].as_str().expect("expr");
+        for (i, _) in expr.match_indices("raftmq_") {
+            let name: String = expr[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = name.trim_end_matches("_bucket").to_owned();
+            used.insert(base);
+        }
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    for name in used {
+        assert!(
+            docs.contains(&format!("`{name}`")),
+            "{name} is used by the dashboard but not documented in docs/metrics.md"
+        );
+    }
+}
