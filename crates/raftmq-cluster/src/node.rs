@@ -102,6 +102,19 @@ async fn export_metrics(raft: Raft) {
 /// A leader without a quorum acknowledgement for this long reports not-ready.
 const QUORUM_STALE_MS: u64 = 3_000;
 
+/// Whether a node in state `m` can commit durable writes: as leader, a quorum acknowledged it
+/// recently (openraft keeps a cut-off leader as leader); as follower or learner, a leader is
+/// known.
+fn can_commit(m: &openraft::RaftMetrics<NodeId, ClusterNode>) -> bool {
+    match m.state {
+        ServerState::Leader => m
+            .millis_since_quorum_ack
+            .is_some_and(|ms| ms < QUORUM_STALE_MS),
+        ServerState::Follower | ServerState::Learner => m.current_leader.is_some(),
+        _ => false,
+    }
+}
+
 /// What `GET /api/v1/cluster` reports.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ClusterStatus {
@@ -228,14 +241,7 @@ impl RaftNode {
     /// (openraft keeps a leader that lost its quorum as leader); as follower or learner, a
     /// leader is known. Drives `/readyz`.
     pub fn is_ready(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        match m.state {
-            ServerState::Leader => m
-                .millis_since_quorum_ack
-                .is_some_and(|ms| ms < QUORUM_STALE_MS),
-            ServerState::Follower | ServerState::Learner => m.current_leader.is_some(),
-            _ => false,
-        }
+        can_commit(&self.raft.metrics().borrow())
     }
 
     /// A snapshot of the node's Raft status.
@@ -251,12 +257,7 @@ impl RaftNode {
             last_applied: m.last_applied.map(|l| l.index),
             voters: membership.voter_ids().collect(),
             nodes: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
-            healthy: match m.state {
-                ServerState::Leader => m
-                    .millis_since_quorum_ack
-                    .is_some_and(|ms| ms < QUORUM_STALE_MS),
-                _ => m.current_leader.is_some(),
-            },
+            healthy: can_commit(&m),
         }
     }
 

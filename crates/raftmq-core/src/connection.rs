@@ -704,13 +704,11 @@ impl Connection {
         more
     }
 
-    fn fits(&self, packet: &Publish) -> bool {
-        if self.client_max_packet == u32::MAX {
-            return true;
-        }
-        // Size check only when the client announced a limit (rare): avoids a clone otherwise.
-        let len = encoded_len(&Packet::Publish(packet.clone()), self.version);
-        u32::try_from(len).is_ok_and(|l| l <= self.client_max_packet)
+    /// Whether `packet` respects the client's Maximum Packet Size (measured in place: no copy).
+    fn fits(&self, packet: &Packet) -> bool {
+        self.client_max_packet == u32::MAX
+            || u32::try_from(encoded_len(packet, self.version))
+                .is_ok_and(|l| l <= self.client_max_packet)
     }
 
     /// Queues the PUBLISH for `d` unless it exceeds the client's Maximum Packet Size (then
@@ -722,16 +720,17 @@ impl Connection {
         dup: bool,
         now: Instant,
     ) -> bool {
-        let packet = self.publish_packet(d, packet_id, dup, now);
+        let packet = Packet::Publish(self.publish_packet(d, packet_id, dup, now));
         if !self.fits(&packet) {
             return false;
         }
-        if let Some(alias) = packet.properties.topic_alias
-            && !packet.topic.is_empty()
+        if let Packet::Publish(p) = &packet
+            && let Some(alias) = p.properties.topic_alias
+            && !p.topic.is_empty()
         {
-            self.outbound_aliases.commit(&packet.topic, alias);
+            self.outbound_aliases.commit(&p.topic, alias);
         }
-        self.emit(Packet::Publish(packet), None);
+        self.emit(packet, None);
         true
     }
 
