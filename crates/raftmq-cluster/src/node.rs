@@ -50,6 +50,24 @@ pub enum NodeError {
     ),
 }
 
+/// How long a membership change may take (adding a node waits for it to catch up).
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a membership change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("node {0} is not a member of the cluster")]
+    UnknownNode(NodeId),
+    #[error("node {0} is the only member: removing it would destroy the cluster")]
+    LastNode(NodeId),
+    #[error("no leader is known (no quorum?); try again later")]
+    NoLeader,
+    #[error("the membership change did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("the leader refused the change: {0}")]
+    Rpc(String),
+}
+
 /// A running Raft node.
 pub struct RaftNode {
     pub raft: Raft,
@@ -259,6 +277,80 @@ impl RaftNode {
             nodes: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
             healthy: can_commit(&m),
         }
+    }
+
+    /// Adds node `node_id` (reachable at `node`) to the cluster: as a learner first, promoted
+    /// to voter once it has caught up. Runs on the leader, found by following redirects from
+    /// this node. Idempotent: adding a member again only (re)promotes it.
+    pub async fn add_node(&self, node_id: NodeId, node: ClusterNode) -> Result<(), AdminError> {
+        let req = raftmq_proto::raft::JoinRequest {
+            node_id,
+            node: Some(raftmq_proto::raft::Node {
+                cluster_addr: node.cluster_addr,
+                mqtt_addr: node.mqtt_addr,
+            }),
+        };
+        self.on_leader(|mut client| {
+            let req = req.clone();
+            async move {
+                client
+                    .join(req)
+                    .await
+                    .map(|r| r.into_inner().leader.map(|l| l.cluster_addr))
+            }
+        })
+        .await
+    }
+
+    /// Removes node `node_id` from the voters and then from the membership (scale-in). The
+    /// remaining voters must still form a quorum.
+    pub async fn remove_node(&self, node_id: NodeId) -> Result<(), AdminError> {
+        let members = self.status().nodes;
+        if !members.contains_key(&node_id) {
+            return Err(AdminError::UnknownNode(node_id));
+        }
+        if members.len() == 1 {
+            return Err(AdminError::LastNode(node_id));
+        }
+        let req = raftmq_proto::raft::LeaveRequest { node_id };
+        self.on_leader(|mut client| async move {
+            client
+                .leave(req)
+                .await
+                .map(|r| r.into_inner().leader.map(|l| l.cluster_addr))
+        })
+        .await
+    }
+
+    /// Runs a membership RPC against the leader: starting with this node, following the
+    /// leader address each non-leader answers with, a few hops at most.
+    async fn on_leader<F, Fut>(&self, call: F) -> Result<(), AdminError>
+    where
+        F: Fn(
+            raftmq_proto::raft::cluster_service_client::ClusterServiceClient<
+                tonic::transport::Channel,
+            >,
+        ) -> Fut,
+        Fut: Future<Output = Result<Option<String>, tonic::Status>>,
+    {
+        let me = self.status();
+        let mut addr = me
+            .nodes
+            .get(&me.node_id)
+            .map(|n| n.cluster_addr.clone())
+            .ok_or(AdminError::NoLeader)?;
+        for _ in 0..4 {
+            let client = cluster_client(&addr).map_err(|e| AdminError::Rpc(e.to_string()))?;
+            let call = tokio::time::timeout(ADMIN_TIMEOUT, call(client))
+                .await
+                .map_err(|_| AdminError::Timeout(ADMIN_TIMEOUT))?;
+            match call {
+                Ok(None) => return Ok(()),
+                Ok(Some(leader)) => addr = leader,
+                Err(status) => return Err(AdminError::Rpc(status.message().to_owned())),
+            }
+        }
+        Err(AdminError::NoLeader)
     }
 
     /// Stops Raft (the store is closed when the last handle drops).
