@@ -180,6 +180,7 @@ pub fn encode_batch_with(
             .iter()
             .map(|c| change_to_proto_with(c, clock, ctx))
             .collect(),
+        origin_node: ctx.node_id,
     }
     .encode_to_vec()
 }

@@ -8,14 +8,15 @@
 //! [`COMMIT_TIMEOUT`] (no quorum, no leader) fails with `Unavailable`: the broker refuses the
 //! acknowledgement and the client retries later.
 
-use crate::convert::{WallClock, encode_batch};
-use crate::network::cluster_client;
+use crate::convert::{ProposalContext, WallClock, encode_batch_with};
+use crate::network::{Faults, cluster_client, pass};
 use crate::state_machine::StateMachine;
 use crate::types::{NodeId, Raft, Request};
 use metrics::{counter, histogram};
 use openraft::error::{ClientWriteError, RaftError};
 use raftmq_core::durability::{
-    Commit, CommitHandle, Durability, DurabilityError, MessageId, Recovered, StateChange,
+    Commit, CommitHandle, Durability, DurabilityError, MessageId, Recovered, SessionImage,
+    StateChange,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,9 +63,16 @@ fn id_base(node_id: NodeId) -> u64 {
 impl RaftDurability {
     /// Starts the batcher on the current tokio runtime. `reader` reads the local state machine
     /// (for [`Durability::recover`]); `clock` maps `Instant`s to wall-clock time in commands.
-    pub fn start(raft: Raft, node_id: NodeId, reader: StateMachine, clock: WallClock) -> Arc<Self> {
+    /// `faults` applies to proposals forwarded to the leader (tests; `None` in production).
+    pub fn start(
+        raft: Raft,
+        node_id: NodeId,
+        reader: StateMachine,
+        clock: WallClock,
+        faults: Faults,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batcher(raft, rx, clock.clone()));
+        tokio::spawn(batcher(raft, node_id, rx, clock.clone(), faults));
         let durability = Arc::new(RaftDurability {
             tx,
             next_id: AtomicU64::new(id_base(node_id) + 1),
@@ -76,6 +84,12 @@ impl RaftDurability {
         let recovered = durability.read_state();
         durability.seed_ids(&recovered);
         durability
+    }
+
+    /// The whole replicated state as this node's state machine has it (every session,
+    /// whoever owns it).
+    pub fn replicated_state(&self) -> Recovered {
+        self.read_state()
     }
 
     fn read_state(&self) -> Recovered {
@@ -112,14 +126,41 @@ impl Durability for RaftDurability {
         MessageId(self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// The state this node restores at start-up: retained messages, and the persistent
+    /// sessions it owns (last claimed through it, or of unknown owner). Sessions claimed
+    /// through other nodes stay theirs; this node loads one only when its client connects here
+    /// ([`Durability::load_session`]).
     fn recover(&self) -> Recovered {
-        let recovered = self.read_state();
+        let mut recovered = self.read_state();
         self.seed_ids(&recovered);
+        match self.reader.session_owners() {
+            Ok(owners) => recovered.sessions.retain(|s| {
+                owners
+                    .get(s.client_id.as_str())
+                    .is_none_or(|&owner| owner == 0 || owner == self.node_id)
+            }),
+            Err(e) => error!(error = %e, "cannot read session owners; restoring every session"),
+        }
         recovered
+    }
+
+    fn load_session(&self, client_id: &str) -> Option<SessionImage> {
+        self.reader
+            .session_image(client_id, &self.clock)
+            .unwrap_or_else(|e| {
+                error!(error = %e, client_id, "cannot read a stored session");
+                None
+            })
     }
 }
 
-async fn batcher(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>, clock: WallClock) {
+async fn batcher(
+    raft: Raft,
+    node_id: NodeId,
+    mut rx: mpsc::UnboundedReceiver<Proposal>,
+    clock: WallClock,
+    faults: Faults,
+) {
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -134,9 +175,19 @@ async fn batcher(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>, clock: W
             .iter_mut()
             .flat_map(|p| std::mem::take(&mut p.changes))
             .collect();
-        let bytes = encode_batch(&changes, &clock);
+        let ctx = ProposalContext {
+            node_id,
+            now: Some(std::time::Instant::now()),
+        };
+        let bytes = encode_batch_with(&changes, &clock, &ctx);
         let started = Instant::now();
-        let result = commit(&raft, bytes).await.map(|_| ());
+        let result = match commit(&raft, bytes, &faults).await {
+            // Read your writes: complete only once this node's state machine has the batch
+            // (a follower applies it a little after the leader), so a session loaded right
+            // after its claim committed reflects everything before the claim.
+            Ok(index) => applied_locally(&raft, index).await,
+            Err(e) => Err(e),
+        };
         histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         if result.is_err() {
             counter!(COMMIT_FAILURES_TOTAL).increment(1);
@@ -147,9 +198,25 @@ async fn batcher(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>, clock: W
     }
 }
 
+/// Waits until this node has applied log index `index`.
+async fn applied_locally(raft: &Raft, index: u64) -> Result<(), DurabilityError> {
+    raft.wait(Some(COMMIT_TIMEOUT))
+        .applied_index_at_least(Some(index), "batch applied locally")
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            warn!(error = %e, index, "a committed batch was not applied locally in time");
+            DurabilityError::Unavailable
+        })
+}
+
 /// Commits `batch` through the leader (forwarding when this node is not it). Returns the log
 /// index it was committed at.
-pub(crate) async fn commit(raft: &Raft, batch: Vec<u8>) -> Result<u64, DurabilityError> {
+pub(crate) async fn commit(
+    raft: &Raft,
+    batch: Vec<u8>,
+    faults: &Faults,
+) -> Result<u64, DurabilityError> {
     let write = tokio::time::timeout(
         COMMIT_TIMEOUT,
         raft.client_write(Request {
@@ -160,11 +227,19 @@ pub(crate) async fn commit(raft: &Raft, batch: Vec<u8>) -> Result<u64, Durabilit
     match write {
         Ok(Ok(resp)) => Ok(resp.log_id.index),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-            let Some(leader) = f.leader_node else {
+            let (Some(leader_id), Some(leader)) = (f.leader_id, f.leader_node) else {
                 warn!("no leader known: durable write refused");
                 return Err(DurabilityError::Unavailable);
             };
-            forward(&leader.cluster_addr, batch).await
+            let me = raft.metrics().borrow().id;
+            if pass(faults, me, leader_id).await.is_err() {
+                return Err(DurabilityError::Unavailable);
+            }
+            let result = forward(&leader.cluster_addr, batch).await;
+            if pass(faults, leader_id, me).await.is_err() {
+                return Err(DurabilityError::Unavailable);
+            }
+            result
         }
         Ok(Err(e)) => {
             warn!(error = %e, "durable write failed");

@@ -43,16 +43,77 @@ pub fn cluster_client(
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// What the network does with one message from one node to another (see [`FaultInjector`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Deliver it normally.
+    Deliver,
+    /// Lose it: the sender sees the peer as unreachable.
+    Drop,
+    /// Deliver it after this long.
+    Delay(Duration),
+}
+
+/// A hook consulted before every Raft RPC leaves a node and before its response is accepted,
+/// so tests can partition, isolate, slow down or lose traffic between nodes while everything
+/// else (gRPC, serialization, storage) stays real. Production nodes run without one.
+pub trait FaultInjector: std::fmt::Debug + Send + Sync + 'static {
+    /// The fate of a message sent by node `from` to node `to`.
+    fn fault(&self, from: NodeId, to: NodeId) -> Fault;
+}
+
+/// Shared handle to an optional fault injector.
+pub type Faults = Option<std::sync::Arc<dyn FaultInjector>>;
+
+/// Applies the injector's verdict for `from → to`: waits out a delay, or reports a drop.
+pub(crate) async fn pass(faults: &Faults, from: NodeId, to: NodeId) -> Result<(), Dropped> {
+    let Some(faults) = faults else {
+        return Ok(());
+    };
+    match faults.fault(from, to) {
+        Fault::Deliver => Ok(()),
+        Fault::Drop => Err(Dropped { from, to }),
+        Fault::Delay(d) => {
+            tokio::time::sleep(d).await;
+            // The link may have been cut while the message was in flight.
+            match faults.fault(from, to) {
+                Fault::Drop => Err(Dropped { from, to }),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+/// A message lost by fault injection.
+#[derive(Debug, thiserror::Error)]
+#[error("message from node {from} to node {to} dropped by fault injection")]
+pub struct Dropped {
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
 /// Creates [`PeerClient`]s for openraft.
 #[derive(Clone, Debug, Default)]
 pub struct Network {
     shard_id: ShardId,
+    node_id: NodeId,
+    faults: Faults,
 }
 
 impl Network {
-    /// The network of shard `shard_id`.
-    pub fn new(shard_id: ShardId) -> Self {
-        Network { shard_id }
+    /// The network of shard `shard_id` as seen from node `node_id`.
+    pub fn new(shard_id: ShardId, node_id: NodeId) -> Self {
+        Network {
+            shard_id,
+            node_id,
+            faults: None,
+        }
+    }
+
+    /// Routes every RPC through `faults` first (tests).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
     }
 }
 
@@ -62,6 +123,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &ClusterNode) -> PeerClient {
         PeerClient {
             shard_id: self.shard_id,
+            me: self.node_id,
+            faults: self.faults.clone(),
             target,
             client: channel(&node.cluster_addr)
                 .map(|ch| {
@@ -77,6 +140,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// The connection to one peer.
 pub struct PeerClient {
     shard_id: ShardId,
+    me: NodeId,
+    faults: Faults,
     target: NodeId,
     client: Result<RaftServiceClient<Channel>, String>,
 }
@@ -120,6 +185,23 @@ impl PeerClient {
     }
 }
 
+impl PeerClient {
+    /// Fault injection on the way out (`me → target`) or back (`target → me`).
+    async fn link<E: std::error::Error>(
+        &self,
+        outbound: bool,
+    ) -> Result<(), RPCError<NodeId, ClusterNode, RaftError<NodeId, E>>> {
+        let (from, to) = if outbound {
+            (self.me, self.target)
+        } else {
+            (self.target, self.me)
+        };
+        pass(&self.faults, from, to)
+            .await
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
+    }
+}
+
 fn request<T>(msg: T, option: &RPCOption) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.set_timeout(option.hard_ttl());
@@ -133,11 +215,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
         let msg = conv::append_request_to_pb(self.shard_id, &rpc);
+        self.link(true).await?;
         let resp = self
             .client()?
             .append_entries(request(msg, &option))
             .await
             .map_err(status_error)?;
+        self.link(false).await?;
         conv::append_response_from_pb(resp.get_ref()).map_err(wire_error)
     }
 
@@ -147,11 +231,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>> {
         let msg = conv::snapshot_request_to_pb(self.shard_id, &rpc);
+        self.link(true).await?;
         let resp = self
             .client()?
             .install_snapshot(request(msg, &option))
             .await
             .map_err(status_error)?;
+        self.link(false).await?;
         conv::snapshot_response_from_pb(resp.get_ref()).map_err(wire_error)
     }
 
@@ -161,11 +247,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcError> {
         let msg = conv::vote_request_to_pb(self.shard_id, &rpc);
+        self.link(true).await?;
         let resp = self
             .client()?
             .vote(request(msg, &option))
             .await
             .map_err(status_error)?;
+        self.link(false).await?;
         conv::vote_response_from_pb(resp.get_ref()).map_err(wire_error)
     }
 }

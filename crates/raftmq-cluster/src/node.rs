@@ -8,11 +8,14 @@
 //! membership and vote are on disk, so a whole-cluster cold restart recovers by itself.
 
 use crate::convert::WallClock;
+use crate::convert::change_from_proto;
 use crate::durability::RaftDurability;
-use crate::network::{Network, cluster_client};
-use crate::state_machine::StateMachine;
+use crate::network::{Faults, Network, cluster_client};
+use crate::state_machine::{Applied, Feed, StateMachine};
 use crate::types::{ClusterNode, NodeId, Raft, TypeConfig};
 use openraft::{Config, ServerState, SnapshotPolicy};
+use raftmq_core::Broker;
+use raftmq_core::durability::Durability as _;
 use raftmq_store::{Store, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -32,6 +35,58 @@ pub struct NodeOptions {
     pub seeds: Vec<String>,
     /// Where the Raft log and state live.
     pub data_dir: PathBuf,
+    /// Raft timing and log compaction.
+    pub tuning: RaftTuning,
+    /// Fault injection on this node's outgoing Raft traffic (tests only).
+    pub faults: Faults,
+}
+
+impl NodeOptions {
+    /// Options for node `node_id` with default tuning and no fault injection.
+    pub fn new(
+        node_id: NodeId,
+        advertise_addr: String,
+        mqtt_addr: String,
+        seeds: Vec<String>,
+        data_dir: PathBuf,
+    ) -> Self {
+        NodeOptions {
+            node_id,
+            advertise_addr,
+            mqtt_addr,
+            seeds,
+            data_dir,
+            tuning: RaftTuning::default(),
+            faults: None,
+        }
+    }
+}
+
+/// Raft timing and log compaction settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RaftTuning {
+    /// Leader heartbeat period, ms.
+    pub heartbeat_ms: u64,
+    /// A follower that hears no leader for a random time in [min, max) ms starts an election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and compact the log) after this many entries since the last one.
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot, so a briefly lagging follower catches up from the
+    /// log instead of a full snapshot.
+    pub keep_after_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 200,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
+        }
+    }
 }
 
 /// Errors starting the node.
@@ -73,6 +128,9 @@ pub struct RaftNode {
     pub raft: Raft,
     pub durability: Arc<RaftDurability>,
     pub node_id: NodeId,
+    faults: Faults,
+    feed: Feed,
+    feed_task: Option<tokio::task::JoinHandle<()>>,
     join_task: Option<tokio::task::JoinHandle<()>>,
     metrics_task: tokio::task::JoinHandle<()>,
 }
@@ -151,15 +209,15 @@ pub struct ClusterStatus {
     clippy::result_large_err,
     reason = "openraft's error type, returned once at startup"
 )]
-fn raft_config() -> Result<Config, openraft::ConfigError> {
+fn raft_config(t: &RaftTuning) -> Result<Config, openraft::ConfigError> {
     Config {
         cluster_name: "raftmq".into(),
-        heartbeat_interval: 200,
-        election_timeout_min: 1000,
-        election_timeout_max: 2000,
+        heartbeat_interval: t.heartbeat_ms,
+        election_timeout_min: t.election_timeout_min_ms,
+        election_timeout_max: t.election_timeout_max_ms,
         install_snapshot_timeout: 10_000,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_every),
+        max_in_snapshot_log_to_keep: t.keep_after_snapshot,
         // Bounds one AppendEntries (each entry is a group-commit batch): see MAX_MESSAGE_BYTES.
         max_payload_entries: 64,
         ..Default::default()
@@ -172,11 +230,12 @@ impl RaftNode {
     pub async fn start(opts: NodeOptions) -> Result<RaftNode, NodeError> {
         let store = Store::open(opts.data_dir.join("raft"))?;
         let state_machine = StateMachine::open(store.state_db())?;
+        let feed = state_machine.feed().clone();
         let reader = StateMachine::open(store.state_db())?;
         let raft = Raft::new(
             opts.node_id,
-            Arc::new(raft_config()?),
-            Network::new(0),
+            Arc::new(raft_config(&opts.tuning)?),
+            Network::new(0, opts.node_id).with_faults(opts.faults.clone()),
             store.log_store::<TypeConfig>(),
             state_machine,
         )
@@ -208,13 +267,21 @@ impl RaftNode {
                 )));
             }
         }
-        let durability =
-            RaftDurability::start(raft.clone(), opts.node_id, reader, WallClock::now());
+        let durability = RaftDurability::start(
+            raft.clone(),
+            opts.node_id,
+            reader,
+            WallClock::now(),
+            opts.faults.clone(),
+        );
         let metrics_task = tokio::spawn(export_metrics(raft.clone()));
         Ok(RaftNode {
             raft,
             durability,
             node_id: opts.node_id,
+            faults: opts.faults.clone(),
+            feed,
+            feed_task: None,
             join_task,
             metrics_task,
         })
@@ -236,7 +303,9 @@ impl RaftNode {
         }
         let barrier = crate::convert::encode_batch(&[], &WallClock::now());
         loop {
-            if let Ok(index) = crate::durability::commit(&self.raft, barrier.clone()).await {
+            if let Ok(index) =
+                crate::durability::commit(&self.raft, barrier.clone(), &self.faults).await
+            {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 return self
                     .raft
@@ -353,8 +422,45 @@ impl RaftNode {
         Err(AdminError::NoLeader)
     }
 
+    /// Mirrors into `broker` what other nodes commit (retained messages, session claims: see
+    /// [`Broker::apply_replicated`]), in log order, from now on. Call it before
+    /// [`Broker::recover`] so nothing applied in between is missed (mirroring is idempotent).
+    pub fn feed_broker(&mut self, broker: Arc<Broker>) {
+        let Some(mut rx) = self.feed.subscribe() else {
+            warn!("the applied-change feed already has a listener");
+            return;
+        };
+        let me = self.node_id;
+        let clock = WallClock::now();
+        let durability = self.durability.clone();
+        self.feed_task = Some(tokio::spawn(async move {
+            while let Some(applied) = rx.recv().await {
+                match applied {
+                    Applied::Batch(batch) => {
+                        if batch.origin_node == me {
+                            continue;
+                        }
+                        let changes: Vec<_> = batch
+                            .changes
+                            .into_iter()
+                            .filter_map(|c| change_from_proto(c, &clock).ok())
+                            .collect();
+                        broker.apply_replicated(&changes);
+                    }
+                    Applied::SnapshotInstalled => {
+                        // The whole state was replaced: take the retained set from it.
+                        broker.replace_retained(durability.recover().retained);
+                    }
+                }
+            }
+        }));
+    }
+
     /// Stops Raft (the store is closed when the last handle drops).
     pub async fn shutdown(mut self) {
+        if let Some(t) = self.feed_task.take() {
+            t.abort();
+        }
         if let Some(t) = self.join_task.take() {
             t.abort();
         }

@@ -132,6 +132,40 @@ pub struct StateMachine {
     db: StateDb,
     current: Arc<Mutex<Option<CurrentSnapshot>>>,
     snapshot_seq: Arc<AtomicU64>,
+    feed: Feed,
+}
+
+/// What the state machine tells its observer after applying.
+#[derive(Clone, Debug)]
+pub enum Applied {
+    /// A normal entry's batch was applied (in log order).
+    Batch(state::Batch),
+    /// A snapshot replaced the whole state.
+    SnapshotInstalled,
+}
+
+/// Where applied changes go, once someone listens (see [`StateMachine::feed`]). Shared by
+/// clones, so the instance openraft drives and the node's handle see the same observer.
+#[derive(Clone, Debug, Default)]
+pub struct Feed(Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Applied>>>);
+
+impl Feed {
+    /// Starts listening. Only the first call gets a receiver; later calls get `None`.
+    pub fn subscribe(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Applied>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.0.set(tx).ok().map(|()| rx)
+    }
+
+    fn send(&self, applied: Applied) {
+        if let Some(tx) = self.0.get() {
+            // A closed receiver (node shutting down) has nothing left to learn.
+            let _ = tx.send(applied);
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        self.0.get().is_some()
+    }
 }
 
 impl StateMachine {
@@ -141,7 +175,13 @@ impl StateMachine {
             db,
             current: Arc::default(),
             snapshot_seq: Arc::default(),
+            feed: Feed::default(),
         }
+    }
+
+    /// The applied-change feed of this state machine (and its clones).
+    pub fn feed(&self) -> &Feed {
+        &self.feed
     }
 
     /// [`StateMachine::new`], after checking that the state machine metadata is readable (a
@@ -165,9 +205,17 @@ impl StateMachine {
     /// Applies one log entry: its effects and the new `last_applied` in one atomic write.
     pub fn apply_entry(&self, entry: &Entry) -> Result<Response, StoreError> {
         let mut tx = Tx::new(&self.db);
+        let mut applied = None;
         match &entry.payload {
             EntryPayload::Blank => {}
-            EntryPayload::Normal(request) => apply_batch(&mut tx, &request.batch, &entry.log_id)?,
+            EntryPayload::Normal(request) => {
+                applied = apply_batch(
+                    &mut tx,
+                    &request.batch,
+                    &entry.log_id,
+                    self.feed.is_active(),
+                )?;
+            }
             EntryPayload::Membership(membership) => {
                 let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
                 tx.put(
@@ -183,7 +231,44 @@ impl StateMachine {
             encode_meta("last applied log id", &Some(entry.log_id))?,
         );
         self.db.write(tx.into_batch())?;
+        if let Some(batch) = applied.filter(|b| !b.changes.is_empty()) {
+            self.feed.send(Applied::Batch(batch));
+        }
         Ok(Response)
+    }
+
+    /// The stored state of the persistent session `client_id`, if there is one.
+    pub fn session_image(
+        &self,
+        client_id: &str,
+        clock: &WallClock,
+    ) -> Result<Option<SessionImage>, StoreError> {
+        if client_id.contains('\0') {
+            return Ok(None);
+        }
+        let snap = self.db.snapshot();
+        let Some(value) = snap.get(StateCf::Sessions, client_id.as_bytes())? else {
+            return Ok(None);
+        };
+        let record: state::SessionRecord =
+            decode_value(StateCf::Sessions, client_id.as_bytes(), &value)?;
+        let mut messages = HashMap::new();
+        recover_session(&snap, clock, &mut messages, client_id.to_owned(), record).map(Some)
+    }
+
+    /// The node that last claimed each persistent session (`SessionOpened`; 0 when unknown,
+    /// e.g. written by a version that did not record it).
+    pub fn session_owners(&self) -> Result<HashMap<String, u64>, StoreError> {
+        let snap = self.db.snapshot();
+        let mut owners = HashMap::new();
+        for item in snap.scan_prefix(StateCf::Sessions, b"") {
+            let (key, value) = item?;
+            let record: state::SessionRecord = decode_value(StateCf::Sessions, &key, &value)?;
+            let client_id = String::from_utf8(key)
+                .map_err(|e| corrupt(StateCf::Sessions, e.as_bytes(), "client id not UTF-8"))?;
+            owners.insert(client_id, record.node_id);
+        }
+        Ok(owners)
     }
 
     /// The whole durable state, as the broker rebuilds itself from it (read from one consistent
@@ -293,6 +378,15 @@ fn join_error(e: tokio::task::JoinError) -> StorageError {
     StorageIOError::read_snapshot(None, &e).into()
 }
 
+/// Time to apply one run of committed entries handed over by openraft (histogram).
+pub const APPLY_SECONDS: &str = "raftmq_raft_apply_seconds";
+/// Log entries applied to the state machine.
+pub const APPLIED_ENTRIES_TOTAL: &str = "raftmq_raft_applied_entries_total";
+/// Time to build (`op="build"`) or install (`op="install"`) a snapshot (histogram).
+pub const SNAPSHOT_SECONDS: &str = "raftmq_raft_snapshot_seconds";
+/// Snapshots built or installed, by `op`.
+pub const SNAPSHOTS_TOTAL: &str = "raftmq_raft_snapshots_total";
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
@@ -305,6 +399,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Timing is observed for the metric only; it never reaches the applied state.
+        let started = std::time::Instant::now();
         let mut replies = Vec::new();
         for entry in entries {
             let reply = self.apply_entry(&entry).map_err(|e| {
@@ -312,6 +408,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             })?;
             replies.push(reply);
         }
+        metrics::histogram!(APPLY_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::counter!(APPLIED_ENTRIES_TOTAL).increment(replies.len() as u64);
         Ok(replies)
     }
 
@@ -331,10 +429,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let sm = self.clone();
         let meta = meta.clone();
         let data = snapshot.into_inner();
+        let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || sm.install_snapshot_blocking(&meta, data))
             .await
             .map_err(join_error)?
-            .map_err(StoreError::write_snapshot)
+            .map_err(StoreError::write_snapshot)?;
+        self.feed.send(Applied::SnapshotInstalled);
+        metrics::histogram!(SNAPSHOT_SECONDS, "op" => "install")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(SNAPSHOTS_TOTAL, "op" => "install").increment(1);
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
@@ -352,10 +456,15 @@ pub struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let sm = self.sm.clone();
-        tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
+        let started = std::time::Instant::now();
+        let snapshot = tokio::task::spawn_blocking(move || sm.build_snapshot_blocking())
             .await
             .map_err(join_error)?
-            .map_err(StoreError::read_snapshot)
+            .map_err(StoreError::read_snapshot)?;
+        metrics::histogram!(SNAPSHOT_SECONDS, "op" => "build")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(SNAPSHOTS_TOTAL, "op" => "build").increment(1);
+        Ok(snapshot)
     }
 }
 
@@ -406,28 +515,42 @@ fn decode_meta<T: DeserializeOwned>(what: &'static str, raw: &[u8]) -> Result<T,
 // ---------------------------------------------------------------------------------------------
 
 /// Applies the batch of a normal entry to `tx`, or skips it (see the module docs).
-fn apply_batch(tx: &mut Tx<'_>, bytes: &[u8], log_id: &LogId) -> Result<(), StoreError> {
+/// Returns the batch when it was applied (not skipped) and `keep` asks for it.
+fn apply_batch(
+    tx: &mut Tx<'_>,
+    bytes: &[u8],
+    log_id: &LogId,
+    keep: bool,
+) -> Result<Option<state::Batch>, StoreError> {
     let batch = match decode_batch(bytes) {
         Ok(batch) => batch,
         Err(error) => {
             tracing::error!(%log_id, %error, "skipping a log entry whose batch cannot be decoded");
-            return Ok(());
+            return Ok(None);
         }
     };
     if batch.shard_id != SHARD_ID {
         tracing::error!(%log_id, shard_id = batch.shard_id, "skipping a batch of another shard");
-        return Ok(());
+        return Ok(None);
     }
     if let Err(error) = batch.changes.iter().try_for_each(validate_change) {
         tracing::error!(%log_id, %error, "skipping a batch with a change this version cannot read");
-        return Ok(());
+        return Ok(None);
     }
-    for change in batch.changes {
-        if let Some(change) = change.change {
-            apply_change(tx, change)?;
+    if !keep {
+        for change in batch.changes {
+            if let Some(change) = change.change {
+                apply_change(tx, change)?;
+            }
+        }
+        return Ok(None);
+    }
+    for change in &batch.changes {
+        if let Some(change) = &change.change {
+            apply_change(tx, change.clone())?;
         }
     }
-    Ok(())
+    Ok(Some(batch))
 }
 
 /// Applies one validated change: [`raftmq_core::durability::StateImage::apply`] on the store.

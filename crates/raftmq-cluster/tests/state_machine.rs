@@ -653,6 +653,7 @@ fn unreadable_entries_are_skipped() {
 
     let bad_qos = state::Batch {
         shard_id: 0,
+        origin_node: 0,
         changes: vec![
             state::Change {
                 change: Some(state::change::Change::SessionEnded(state::SessionEnded {
@@ -672,6 +673,7 @@ fn unreadable_entries_are_skipped() {
     };
     let other_shard = state::Batch {
         shard_id: 9,
+        origin_node: 0,
         changes: vec![change_to_proto(
             &StateChange::SessionEnded {
                 client_id: "a".into(),

@@ -8,7 +8,8 @@
 use crate::auth::{Access, AllowAll, Authenticator, Authorizer, Principal};
 use crate::config::{MqttConfig, SharedStrategy};
 use crate::durability::{
-    Commit, DetachRecord, Durability, InMemory, MessageId, Recovered, StateChange, StoredTarget,
+    Commit, DetachRecord, Durability, InMemory, MessageId, Recovered, SessionImage, StateChange,
+    StoredTarget,
 };
 use crate::index::{Match, SubscriptionIndex};
 use crate::message::{Delivery, Message};
@@ -48,6 +49,10 @@ pub struct Attached {
     pub session_present: bool,
     /// Resolves when the attachment is durable (CONNACK waits for it).
     pub commit: Commit,
+    /// The session was not in memory and the client asked to resume it: once `commit` has
+    /// succeeded, [`Broker::finish_attach`] loads it from the replicated state (it may have been
+    /// created through another node).
+    pub load_after_commit: bool,
 }
 
 /// Result of routing a publish.
@@ -355,6 +360,7 @@ impl Broker {
                 epoch,
                 session_present,
                 commit: Commit::ready(),
+                load_after_commit: !session_present && !clean_start,
             }
         };
         let attached = Attached {
@@ -959,76 +965,169 @@ impl Broker {
             let mut st = session.state.lock();
             st.epoch = self.next_epoch();
             st.disconnected_at = Some(now);
-            for (key, entry) in image.subscriptions {
-                let Ok(parsed) = parse_subscription(&key, &self.topic_limits) else {
-                    continue;
-                };
-                self.add_subscription(&session, &mut st, key, parsed, entry);
-            }
-            for stored in image.messages {
-                let delivery = Delivery {
-                    qos: stored.target.qos,
-                    retain: stored.target.retain,
-                    subscription_ids: stored.target.subscription_ids,
-                    message: stored.message,
-                    durable: Some(stored.id),
-                };
-                match stored
-                    .packet_id
-                    .filter(|id| *id != 0 && !st.outgoing.contains_key(id))
-                {
-                    Some(id) => {
-                        let state = if stored.released {
-                            Outgoing::Released(Some(stored.id))
-                        } else {
-                            self.stats.messages_inflight.fetch_add(1, Relaxed);
-                            Outgoing::Publish(delivery)
-                        };
-                        let seq = st.next_seq;
-                        st.next_seq += 1;
-                        st.outgoing.insert(id, OutgoingEntry { seq, state });
-                        st.next_packet_id = id.checked_add(1).unwrap_or(1);
-                    }
-                    None => {
-                        self.stats.messages_queued.fetch_add(1, Relaxed);
-                        st.queue.push_back(delivery);
-                    }
-                }
-            }
-            st.incoming_qos2.extend(image.incoming_qos2);
             let epoch = st.epoch;
+            let will = image.will.clone();
+            let expiry_secs = image.expiry_secs;
+            let client_id = image.client_id.clone();
+            self.restore_locked(&session, &mut st, image);
             let mut timers = Vec::new();
-            if let Some(w) = &image.will {
+            if let Some(w) = &will {
                 let at = now + Duration::from_secs(u64::from(w.delay_secs));
                 timers.push(Timer {
                     at,
                     kind: TimerKind::Will,
-                    client_id: image.client_id.clone(),
+                    client_id: client_id.clone(),
                     epoch,
                 });
             }
-            st.will = image.will;
-            if image.expiry_secs != NEVER_EXPIRES {
-                let at = now + Duration::from_secs(u64::from(image.expiry_secs));
+            st.will = will;
+            if expiry_secs != NEVER_EXPIRES {
+                let at = now + Duration::from_secs(u64::from(expiry_secs));
                 timers.push(Timer {
                     at,
                     kind: TimerKind::Expire,
-                    client_id: image.client_id.clone(),
+                    client_id: client_id.clone(),
                     epoch,
                 });
             }
             drop(st);
-            if self
-                .sessions
-                .lock()
-                .insert(image.client_id, session)
-                .is_none()
-            {
+            if self.sessions.lock().insert(client_id, session).is_none() {
                 self.stats.sessions_total.fetch_add(1, Relaxed);
             }
             self.schedule(timers);
         }
         count
+    }
+
+    /// Fills `session` (locked as `st`) with the subscriptions, queued and in-flight messages
+    /// and incoming QoS 2 state of `image`. In-flight messages keep their packet ids.
+    fn restore_locked(&self, session: &Arc<Session>, st: &mut SessionState, image: SessionImage) {
+        for (key, entry) in image.subscriptions {
+            let Ok(parsed) = parse_subscription(&key, &self.topic_limits) else {
+                continue;
+            };
+            self.add_subscription(session, st, key, parsed, entry);
+        }
+        for stored in image.messages {
+            let delivery = Delivery {
+                qos: stored.target.qos,
+                retain: stored.target.retain,
+                subscription_ids: stored.target.subscription_ids,
+                message: stored.message,
+                durable: Some(stored.id),
+            };
+            match stored
+                .packet_id
+                .filter(|id| *id != 0 && !st.outgoing.contains_key(id))
+            {
+                Some(id) => {
+                    let state = if stored.released {
+                        Outgoing::Released(Some(stored.id))
+                    } else {
+                        self.stats.messages_inflight.fetch_add(1, Relaxed);
+                        Outgoing::Publish(delivery)
+                    };
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
+                    st.outgoing.insert(id, OutgoingEntry { seq, state });
+                    st.next_packet_id = id.checked_add(1).unwrap_or(1);
+                }
+                None => {
+                    self.stats.messages_queued.fetch_add(1, Relaxed);
+                    st.queue.push_back(delivery);
+                }
+            }
+        }
+        st.incoming_qos2.extend(image.incoming_qos2);
+    }
+
+    /// Completes an attachment whose session was not in memory ([`Attached::load_after_commit`]):
+    /// once the claim committed, loads the session from the replicated state, if it exists
+    /// there. Returns whether a session was resumed (CONNACK's session present). Does nothing
+    /// if the connection was fenced in the meantime.
+    pub fn finish_attach(&self, session: &Arc<Session>, epoch: u64) -> bool {
+        let Some(image) = self.durability.load_session(session.client_id()) else {
+            return false;
+        };
+        let mut st = session.state.lock();
+        if st.epoch != epoch {
+            return false;
+        }
+        // The connection's own will and expiry stay as its CONNECT set them.
+        self.restore_locked(session, &mut st, image);
+        Session::notify(&mut st);
+        true
+    }
+
+    /// Mirrors changes that another node committed (the applied-change feed of a cluster, in
+    /// log order): retained messages set or cleared anywhere are served here; a session claimed
+    /// by another node's connection is fenced here (its connection closes with Session Taken
+    /// Over) and forgotten, as its new owner holds it; a session ended elsewhere is forgotten
+    /// if no connection holds it here. Changes this node proposed itself must not be passed.
+    pub fn apply_replicated(&self, changes: &[StateChange]) {
+        for change in changes {
+            match change {
+                StateChange::RetainedSet { message } => {
+                    self.store_retained(message);
+                }
+                StateChange::RetainedCleared { topic } => {
+                    self.retained.remove(topic);
+                }
+                StateChange::SessionOpened { client_id, .. } => {
+                    self.forget_session(client_id, true);
+                }
+                StateChange::SessionEnded { client_id } => {
+                    self.forget_session(client_id, false);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Replaces every retained message with `retained` (after the durable state was replaced
+    /// wholesale, e.g. a Raft snapshot installed on a lagging node).
+    pub fn replace_retained(&self, retained: Vec<Arc<Message>>) {
+        let keep: std::collections::HashSet<&str> =
+            retained.iter().map(|m| m.topic.as_str()).collect();
+        let mut stale = Vec::new();
+        self.retained.for_each(|topic, _| {
+            if !keep.contains(topic.as_str()) {
+                stale.push(topic.as_str().to_owned());
+            }
+        });
+        for topic in stale {
+            self.retained.remove(&topic);
+        }
+        for message in &retained {
+            self.store_retained(message);
+        }
+    }
+
+    /// Drops the in-memory session of `client_id` without recording anything (its durable
+    /// state now belongs to another node). With `fence`, a connection attached to it is told
+    /// it was taken over; without, an attached session is kept.
+    fn forget_session(&self, client_id: &ByteStr, fence: bool) {
+        let mut registry = self.sessions.lock();
+        let Some(session) = registry.get(client_id).cloned() else {
+            return;
+        };
+        let mut st = session.state.lock();
+        if st.online {
+            if !fence {
+                return;
+            }
+            self.stats.takeovers.fetch_add(1, Relaxed);
+            self.stats.sessions_online.fetch_sub(1, Relaxed);
+            session.set_online(&mut st, false);
+        }
+        // The new owner decides about the will (published there on takeover if due).
+        st.will = None;
+        st.epoch = self.next_epoch();
+        Session::notify(&mut st);
+        self.discard_locked(&session, &mut st);
+        session.set_durable(false);
+        drop(st);
+        self.remove_from_registry(&mut registry, &session);
     }
 
     /// Ends a session by administrative action (kicks its connection if online).

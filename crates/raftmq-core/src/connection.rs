@@ -91,6 +91,9 @@ pub struct Connection {
     peer: Option<SocketAddr>,
     version: ProtocolVersion,
     attachment: Option<Attachment>,
+    /// The CONNACK waiting in `pending` must first load the session from the replicated state
+    /// ([`Broker::finish_attach`]).
+    load_after_connack: bool,
     out: VecDeque<Packet>,
     /// Packets waiting for a durable commit, in order; once anything waits, everything after it
     /// waits too, so the client sees acknowledgements and deliveries in protocol order.
@@ -123,6 +126,7 @@ impl Connection {
             peer,
             version: ProtocolVersion::V3_1_1,
             attachment: None,
+            load_after_connack: false,
             out: VecDeque::new(),
             pending: VecDeque::new(),
             resend_backlog: VecDeque::new(),
@@ -204,9 +208,13 @@ impl Connection {
             match head.commit.result() {
                 None => return,
                 Some(Ok(())) => {
-                    if let Some(p) = self.pending.pop_front() {
+                    if let Some(mut p) = self.pending.pop_front() {
                         self.broker.deliver_committed(p.deferred);
+                        let resumed = self.finish_attach(&mut p.packet);
                         self.out.push_back(p.packet);
+                        if resumed {
+                            self.resend_inflight(now);
+                        }
                     }
                 }
                 Some(Err(_)) => {
@@ -225,6 +233,23 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// For the CONNACK of a session that was not in memory: now that the claim committed,
+    /// loads the session from the replicated state and reports it present if found.
+    fn finish_attach(&mut self, packet: &mut Packet) -> bool {
+        let Packet::ConnAck(connack) = packet else {
+            return false;
+        };
+        if !std::mem::take(&mut self.load_after_connack) {
+            return false;
+        }
+        let Some(att) = &self.attachment else {
+            return false;
+        };
+        let resumed = self.broker.finish_attach(&att.session, att.epoch);
+        connack.session_present = resumed;
+        resumed
     }
 
     /// Sends `packet` once `commit` (if any) and everything queued before it have completed.
@@ -519,6 +544,7 @@ impl Connection {
             }),
             Some(attached.commit),
         );
+        self.load_after_connack = attached.load_after_commit;
         self.attachment = Some(Attachment {
             session: attached.session,
             epoch: attached.epoch,

@@ -284,6 +284,13 @@ pub trait Durability: Send + Sync + 'static {
 
     /// The durable state, to rebuild the broker at start-up.
     fn recover(&self) -> Recovered;
+
+    /// The stored state of one persistent session, when this node can read durable state
+    /// written by others (a cluster node loading a session its client created elsewhere).
+    /// Called after the session's claim committed, so it reflects everything before it.
+    fn load_session(&self, _client_id: &str) -> Option<SessionImage> {
+        None
+    }
 }
 
 /// No durability: every change commits at once and nothing survives the process.

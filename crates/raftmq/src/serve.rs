@@ -36,17 +36,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let upkeep = telemetry::spawn_upkeep(metrics.clone(), telemetry::UPKEEP_INTERVAL);
 
     // Durable state: a Raft group (of one node unless seeds are given) over RocksDB in data_dir.
-    let node = RaftNode::start(NodeOptions {
-        node_id: config.node_id,
-        advertise_addr: advertise_addr(&config),
-        mqtt_addr: config
+    let mut node = RaftNode::start(NodeOptions::new(
+        config.node_id,
+        advertise_addr(&config),
+        config
             .listeners
             .tcp
             .map(|a| a.to_string())
             .unwrap_or_default(),
-        seeds: config.cluster.seeds.clone(),
-        data_dir: config.data_dir.clone(),
-    })
+        config.cluster.seeds.clone(),
+        config.data_dir.clone(),
+    ))
     .await
     .with_context(|| format!("starting the raft node in {}", config.data_dir.display()))?;
     // Peers must reach this node while it joins and catches up: serve the cluster endpoint first.
@@ -66,7 +66,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
              (CONNACK 0x88 / DISCONNECT 0x89) until a quorum forms"
         );
     }
-    let node = Arc::new(node);
 
     // Anonymous access until authentication is configurable (see the warning below).
     let broker = Arc::new(
@@ -78,6 +77,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )
         .with_durability(node.durability.clone()),
     );
+    // Mirror what other nodes commit (retained messages, session claims) from before the
+    // recovery read, so nothing falls in between.
+    node.feed_broker(broker.clone());
+    let node = Arc::new(node);
     let sessions = broker.recover(Instant::now());
     info!(
         sessions,
