@@ -8,7 +8,7 @@ use raftmq_cluster::grpc;
 use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
 use raftmq_core::auth::AllowAll;
-use raftmq_server::{ClusterInfo, ClusterServer, Server};
+use raftmq_server::{ClusterAdmin, ClusterAdminError, ClusterInfo, ClusterServer, Server};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,6 +100,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }),
         ready: Arc::new(move || ready_node.is_ready()),
     });
+    server.set_cluster_admin(cluster_admin(&node));
+    server.set_drain_config(config.drain.clone());
     match server.mqtt_addr() {
         Some(addr) => {
             info!("mqtt listening on {addr}");
@@ -114,7 +116,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => warn!("mqtt listener disabled (listeners.tcp = \"none\"): no client can connect"),
     }
     match server.http_addr() {
-        Some(addr) => info!("http listening on {addr} (/metrics, /healthz, /readyz)"),
+        Some(addr) => {
+            info!("http listening on {addr} (/metrics, /healthz, /readyz, /api/v1)");
+            if is_exposed(addr) && config.http.admin_token.is_none() {
+                warn!(
+                    "HTTP endpoint {addr} is reachable from other hosts and its admin API \
+                     (/api/v1: kick clients, publish, drain, change membership) needs no token: \
+                     set http.admin_token (RAFTMQ_HTTP__ADMIN_TOKEN) or bind http.addr to \
+                     127.0.0.1"
+                );
+            }
+        }
         None => info!("http endpoint disabled"),
     }
 
@@ -130,6 +142,37 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Err(e) => error!("stopped: {e:#}"),
     }
     result
+}
+
+/// Membership changes for the admin API, through the Raft node.
+fn cluster_admin(node: &Arc<RaftNode>) -> ClusterAdmin {
+    use raftmq_cluster::node::AdminError;
+    fn map(e: AdminError) -> ClusterAdminError {
+        let msg = e.to_string();
+        match e {
+            AdminError::UnknownNode(_) => ClusterAdminError::NotFound(msg),
+            AdminError::LastNode(_) => ClusterAdminError::Conflict(msg),
+            AdminError::NoLeader => ClusterAdminError::Unavailable(msg),
+            AdminError::Timeout(_) | AdminError::Rpc(_) => ClusterAdminError::Failed(msg),
+        }
+    }
+    let (add, remove) = (node.clone(), node.clone());
+    ClusterAdmin {
+        add_node: Arc::new(move |id, cluster_addr, mqtt_addr| {
+            let node = add.clone();
+            Box::pin(async move {
+                let member = raftmq_cluster::types::ClusterNode {
+                    cluster_addr,
+                    mqtt_addr,
+                };
+                node.add_node(id, member).await.map_err(map)
+            })
+        }),
+        remove_node: Arc::new(move |id| {
+            let node = remove.clone();
+            Box::pin(async move { node.remove_node(id).await.map_err(map) })
+        }),
+    }
 }
 
 /// How long startup waits for a Raft leader before serving anyway.
