@@ -84,7 +84,7 @@ pub(crate) async fn run<S>(
         .map(tokio::time::Instant::from_std);
         let commit = conn.pending_commit();
         tokio::select! {
-            _ = drain_started.wait_for(|started| *started), if drain_deadline.is_none() => {
+            _ = crate::drain::started(&mut drain_started), if drain_deadline.is_none() => {
                 drain_deadline = Some(drain.deadline().unwrap_or_else(Instant::now));
             }
             read = stream.read_buf(&mut rbuf), if drain_deadline.is_none() => {

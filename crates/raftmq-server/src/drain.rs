@@ -47,6 +47,20 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// Resolves once the drain behind `rx` has started.
+pub(crate) async fn started(rx: &mut watch::Receiver<bool>) {
+    loop {
+        let started = *rx.borrow_and_update();
+        if started {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            // The server is gone; its shutdown signal ends the waiter.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 impl Drain {
     pub fn new(config: &DrainConfig, ready: Arc<AtomicBool>) -> Drain {
         Drain {

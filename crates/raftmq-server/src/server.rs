@@ -263,7 +263,7 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
             // Closing the listener: new connections are refused while draining.
-            _ = draining.wait_for(|started| *started) => return,
+            _ = crate::drain::started(&mut draining) => return,
         }
     }
 }

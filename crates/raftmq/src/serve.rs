@@ -8,7 +8,9 @@ use raftmq_cluster::grpc;
 use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
 use raftmq_core::auth::AllowAll;
-use raftmq_server::{ClusterAdmin, ClusterAdminError, ClusterInfo, ClusterServer, Server};
+use raftmq_server::{
+    AdminFuture, ClusterAdmin, ClusterAdminError, ClusterInfo, ClusterServer, Server,
+};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -158,19 +160,21 @@ fn cluster_admin(node: &Arc<RaftNode>) -> ClusterAdmin {
     }
     let (add, remove) = (node.clone(), node.clone());
     ClusterAdmin {
-        add_node: Arc::new(move |id, cluster_addr, mqtt_addr| {
+        add_node: Arc::new(move |id: u64, cluster_addr: String, mqtt_addr: String| {
             let node = add.clone();
-            Box::pin(async move {
+            let change: AdminFuture = Box::pin(async move {
                 let member = raftmq_cluster::types::ClusterNode {
                     cluster_addr,
                     mqtt_addr,
                 };
                 node.add_node(id, member).await.map_err(map)
-            })
+            });
+            change
         }),
-        remove_node: Arc::new(move |id| {
+        remove_node: Arc::new(move |id: u64| {
             let node = remove.clone();
-            Box::pin(async move { node.remove_node(id).await.map_err(map) })
+            let change: AdminFuture = Box::pin(async move { node.remove_node(id).await.map_err(map) });
+            change
         }),
     }
 }
