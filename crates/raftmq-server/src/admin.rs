@@ -478,7 +478,9 @@ async fn publish(
         ApiError::unavailable(format!("not published: durable storage refused it ({e})"))
     })?;
     broker.deliver_committed(routed.deferred);
-    Ok(Json(json!({ "topic": b.topic, "delivered_to": routed.offered })))
+    Ok(Json(
+        json!({ "topic": b.topic, "delivered_to": routed.offered }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -588,10 +590,7 @@ pub(crate) fn base64_encode(bytes: &[u8]) -> String {
 
 /// Decodes standard base64 (padding optional, whitespace ignored); `None` when invalid.
 pub(crate) fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let digits: Vec<u8> = text
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
+    let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     let digits = digits
         .strip_suffix(b"==")
         .or_else(|| digits.strip_suffix(b"="))

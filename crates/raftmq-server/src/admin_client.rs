@@ -27,7 +27,9 @@ pub enum AdminClientError {
     },
     #[error("{url} sent a response that is not HTTP/JSON: {reason}")]
     BadResponse { url: String, reason: String },
-    #[error("{url}: the admin token is missing; pass --token or set RAFTMQ_ADMIN_TOKEN ({message})")]
+    #[error(
+        "{url}: the admin token is missing; pass --token or set RAFTMQ_ADMIN_TOKEN ({message})"
+    )]
     TokenMissing { url: String, message: String },
     #[error("{url}: the admin token was refused ({message})")]
     TokenWrong { url: String, message: String },
@@ -162,10 +164,11 @@ impl AdminClient {
         stream.write_all(req.as_bytes()).await.map_err(io)?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.map_err(io)?;
-        let (status, text) = parse_response(&raw).map_err(|reason| AdminClientError::BadResponse {
-            url: url.to_owned(),
-            reason,
-        })?;
+        let (status, text) =
+            parse_response(&raw).map_err(|reason| AdminClientError::BadResponse {
+                url: url.to_owned(),
+                reason,
+            })?;
         let json: Option<Value> = serde_json::from_str(&text).ok();
         let message = json
             .as_ref()
@@ -211,7 +214,8 @@ fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
         .ok_or_else(|| format!("bad status line `{status_line}`"))?;
     let chunked = lines.any(|l| {
         l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked")
+            k.trim().eq_ignore_ascii_case("transfer-encoding")
+                && v.to_ascii_lowercase().contains("chunked")
         })
     });
     let mut body = &raw[end + 4..];
@@ -224,7 +228,9 @@ fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
                 .ok_or("truncated chunk")?;
             let size = std::str::from_utf8(&body[..line_end])
                 .ok()
-                .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok())
+                .and_then(|s| {
+                    usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok()
+                })
                 .ok_or("bad chunk size")?;
             body = &body[line_end + 2..];
             if size == 0 {
@@ -263,9 +269,15 @@ mod tests {
     #[test]
     fn urls_are_parsed_or_refused() {
         let c = AdminClient::new("http://127.0.0.1:9100/", None).expect("valid");
-        assert_eq!((c.authority.as_str(), c.base_path.as_str()), ("127.0.0.1:9100", ""));
+        assert_eq!(
+            (c.authority.as_str(), c.base_path.as_str()),
+            ("127.0.0.1:9100", "")
+        );
         let c = AdminClient::new("http://broker/admin/", Some(String::new())).expect("valid");
-        assert_eq!((c.authority.as_str(), c.base_path.as_str()), ("broker:80", "/admin"));
+        assert_eq!(
+            (c.authority.as_str(), c.base_path.as_str()),
+            ("broker:80", "/admin")
+        );
         assert!(c.token.is_none());
         assert!(AdminClient::new("https://x:1", None).is_err());
         assert!(AdminClient::new("http://", None).is_err());

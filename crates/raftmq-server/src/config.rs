@@ -1,7 +1,7 @@
 //! Listener and HTTP settings (`[listeners]` and `[http]` sections).
 
-use serde::{Deserialize, Serialize};
 use raftmq_core::config::DurationStr;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::Duration;
 

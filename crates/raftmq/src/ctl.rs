@@ -21,7 +21,12 @@ pub struct CtlArgs {
     pub url: String,
     /// Admin API bearer token (the node's http.admin_token); falls back to
     /// RAFTMQ_HTTP__ADMIN_TOKEN.
-    #[arg(long, global = true, env = "RAFTMQ_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "RAFTMQ_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
@@ -215,7 +220,10 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         Output::Table => out.table,
     };
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("writing to standard output"),
     }
@@ -258,7 +266,8 @@ async fn execute(client: &AdminClient, cmd: &CtlCommand) -> anyhow::Result<Answe
             cluster_addr,
             mqtt_addr,
         }) => {
-            let body = json!({"node_id": node_id, "cluster_addr": cluster_addr, "mqtt_addr": mqtt_addr});
+            let body =
+                json!({"node_id": node_id, "cluster_addr": cluster_addr, "mqtt_addr": mqtt_addr});
             let v = client.post("/api/v1/cluster/nodes", &body).await?;
             Answer {
                 json: v,
@@ -297,7 +306,10 @@ async fn execute(client: &AdminClient, cmd: &CtlCommand) -> anyhow::Result<Answe
         }
         CtlCommand::Clients(ClientsCmd::Show { client_id }) => {
             let v = client
-                .get(&format!("/api/v1/clients/{}", encode_path(client_id, false)))
+                .get(&format!(
+                    "/api/v1/clients/{}",
+                    encode_path(client_id, false)
+                ))
                 .await?;
             let mut table = String::new();
             if let Some(obj) = v.as_object() {
@@ -347,7 +359,9 @@ async fn execute(client: &AdminClient, cmd: &CtlCommand) -> anyhow::Result<Answe
         CtlCommand::Retained(RetainedCmd::List { filter, paging: p }) => {
             let mut q = vec![("filter", filter.clone())];
             q.extend(paging(p));
-            let v = client.get(&format!("/api/v1/retained{}", query(&q))).await?;
+            let v = client
+                .get(&format!("/api/v1/retained{}", query(&q)))
+                .await?;
             let table = list_table(
                 &v,
                 &[
@@ -476,7 +490,10 @@ fn list_table(v: &Value, columns: &[(&str, &str)]) -> String {
         out.push_str(text.join("  ").trim_end());
         out.push('\n');
     };
-    line(columns.iter().map(|(h, _)| (*h).to_owned()).collect(), &mut out);
+    line(
+        columns.iter().map(|(h, _)| (*h).to_owned()).collect(),
+        &mut out,
+    );
     for row in rows {
         line(row, &mut out);
     }
@@ -492,14 +509,18 @@ fn list_table(v: &Value, columns: &[(&str, &str)]) -> String {
 
 fn cluster_table(v: &Value) -> String {
     let mut out = String::new();
-    for key in ["node_id", "state", "leader", "term", "last_log_index", "last_applied", "healthy"] {
+    for key in [
+        "node_id",
+        "state",
+        "leader",
+        "term",
+        "last_log_index",
+        "last_applied",
+        "healthy",
+    ] {
         out.push_str(&format!("{key:<16} {}\n", cell(&v[key])));
     }
-    out.push_str(&format!(
-        "{:<16} {}\n",
-        "voters",
-        cell(&v["voters"])
-    ));
+    out.push_str(&format!("{:<16} {}\n", "voters", cell(&v["voters"])));
     out.push_str("\nNODE  CLUSTER ADDR            MQTT ADDR\n");
     if let Some(nodes) = v["nodes"].as_object() {
         for (id, n) in nodes {

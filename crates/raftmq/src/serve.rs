@@ -173,7 +173,8 @@ fn cluster_admin(node: &Arc<RaftNode>) -> ClusterAdmin {
         }),
         remove_node: Arc::new(move |id: u64| {
             let node = remove.clone();
-            let change: AdminFuture = Box::pin(async move { node.remove_node(id).await.map_err(map) });
+            let change: AdminFuture =
+                Box::pin(async move { node.remove_node(id).await.map_err(map) });
             change
         }),
     }

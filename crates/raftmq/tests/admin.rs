@@ -181,7 +181,9 @@ async fn api(node: &Node, method: &str, path: &str, body: Option<Value>, expecte
 
 /// The `error` of a JSON error answer.
 fn error_of(v: &Value) -> &str {
-    v["error"].as_str().unwrap_or_else(|| panic!("no error in {v}"))
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {v}"))
 }
 
 /// A v5 client with a persistent session (expiry 1 h), subscribed to `filter` at QoS 1.
@@ -242,9 +244,16 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
     let (code, v) = http_call(node.http, "GET", "/api/v1/cluster", Some("wrong"), None).await;
     assert_eq!((code, error_of(&v)), (401, "wrong admin token"));
     for open in ["/healthz", "/readyz", "/metrics"] {
-        assert_eq!(http_call(node.http, "GET", open, None, None).await.0, 200, "{open}");
+        assert_eq!(
+            http_call(node.http, "GET", open, None, None).await.0,
+            200,
+            "{open}"
+        );
     }
-    assert_eq!(api(&node, "GET", "/api/v1/cluster", None, 200).await["leader"], 1);
+    assert_eq!(
+        api(&node, "GET", "/api/v1/cluster", None, 200).await["leader"],
+        1
+    );
 
     // Clients: list with a prefix filter, paging, inspect.
     let mut sub = persistent_subscriber(node.mqtt_addr(), "sub-1", "t/#").await;
@@ -261,12 +270,27 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
             &c["session_expiry_secs"],
             &c["subscriptions"],
         ),
-        (&json!("sub-1"), &json!(true), &json!(5), &json!(false), &json!(3600), &json!(1)),
+        (
+            &json!("sub-1"),
+            &json!(true),
+            &json!(5),
+            &json!(false),
+            &json!(3600),
+            &json!(1)
+        ),
         "{c}"
     );
-    assert!(c["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{c}");
+    assert!(
+        c["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{c}"
+    );
     let v = api(&node, "GET", "/api/v1/clients?limit=1&offset=1", None, 200).await;
-    assert_eq!((&v["total"], &v["items"][0]["client_id"]), (&json!(2), &json!("sub-1")));
+    assert_eq!(
+        (&v["total"], &v["items"][0]["client_id"]),
+        (&json!(2), &json!("sub-1"))
+    );
     let v = api(&node, "GET", "/api/v1/clients/sub-1", None, 200).await;
     assert_eq!(v["subscription_list"][0]["filter"], "t/#", "{v}");
     assert_eq!(v["subscription_list"][0]["qos"], 1, "{v}");
@@ -275,7 +299,10 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
 
     // Subscriptions by client and by matching topic.
     let v = api(&node, "GET", "/api/v1/subscriptions?topic=t/x/y", None, 200).await;
-    assert_eq!((&v["total"], &v["items"][0]["client_id"]), (&json!(1), &json!("sub-1")));
+    assert_eq!(
+        (&v["total"], &v["items"][0]["client_id"]),
+        (&json!(1), &json!("sub-1"))
+    );
     let v = api(&node, "GET", "/api/v1/subscriptions?topic=u", None, 200).await;
     assert_eq!(v["total"], 0);
 
@@ -288,7 +315,11 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
         ("/api/v1/retained?filter=a/%23/b", "filter"),
         ("/api/v1/cluster/nodes/abc", "node id"),
     ] {
-        let method = if path.contains("nodes") { "DELETE" } else { "GET" };
+        let method = if path.contains("nodes") {
+            "DELETE"
+        } else {
+            "GET"
+        };
         let v = api(&node, method, path, None, 400).await;
         assert!(error_of(&v).contains(field), "{path}: {v}");
     }
@@ -296,11 +327,20 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
         (json!({"topic": "t/#", "payload": "x"}), "topic"),
         (json!({"topic": "t/a", "qos": 3}), "qos"),
         (json!({"payload": "x"}), "topic"),
-        (json!({"topic": "t/a", "payload": "!!", "payload_encoding": "base64"}), "payload"),
+        (
+            json!({"topic": "t/a", "payload": "!!", "payload_encoding": "base64"}),
+            "payload",
+        ),
         (json!({"topic": "t/a", "colour": "red"}), "colour"),
     ] {
-        let (code, v) =
-            http_call(node.http, "POST", "/api/v1/publish", Some(TOKEN), Some(&body)).await;
+        let (code, v) = http_call(
+            node.http,
+            "POST",
+            "/api/v1/publish",
+            Some(TOKEN),
+            Some(&body),
+        )
+        .await;
         assert!((400..500).contains(&code), "{body}: {code} {v}");
         assert!(error_of(&v).contains(field), "{body}: {v}");
     }
@@ -311,9 +351,15 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
     let v = api(&node, "POST", "/api/v1/publish", Some(body), 200).await;
     assert_eq!(v["delivered_to"], 1, "{v}");
     let p = sub.recv_publish().await;
-    assert_eq!((&p.topic[..], &p.payload[..], p.qos), ("t/a", &b"hello"[..], QoS::AtLeastOnce));
+    assert_eq!(
+        (&p.topic[..], &p.payload[..], p.qos),
+        ("t/a", &b"hello"[..], QoS::AtLeastOnce)
+    );
     assert_eq!(p.properties.content_type.as_deref(), Some("text/plain"));
-    sub.send(&Packet::PubAck(PubResponse::success(p.packet_id.expect("id")))).await;
+    sub.send(&Packet::PubAck(PubResponse::success(
+        p.packet_id.expect("id"),
+    )))
+    .await;
     let body = json!({"topic": "t/b", "payload": "/wD+", "payload_encoding": "base64"});
     api(&node, "POST", "/api/v1/publish", Some(body), 200).await;
     assert_eq!(&sub.recv_publish().await.payload[..], &[0xff, 0x00, 0xfe]);
@@ -321,20 +367,31 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
     // Retained: list (with a filter), delete, gone.
     let v = api(&node, "GET", "/api/v1/retained?filter=t/%2B", None, 200).await;
     assert_eq!(v["total"], 1, "{v}");
-    assert_eq!((&v["items"][0]["topic"], &v["items"][0]["payload"]), (&json!("t/a"), &json!("hello")));
+    assert_eq!(
+        (&v["items"][0]["topic"], &v["items"][0]["payload"]),
+        (&json!("t/a"), &json!("hello"))
+    );
     let v = api(&node, "DELETE", "/api/v1/retained/t/a", None, 200).await;
     assert_eq!(v["cleared"], true);
-    assert_eq!(api(&node, "GET", "/api/v1/retained?filter=t/%23", None, 200).await["total"], 0);
+    assert_eq!(
+        api(&node, "GET", "/api/v1/retained?filter=t/%23", None, 200).await["total"],
+        0
+    );
     // Without a filter the list includes `$SYS` topics too.
     let all = api(&node, "GET", "/api/v1/retained?limit=1000", None, 200).await;
-    assert!(all["items"].as_array().is_some_and(|a| !a.is_empty()
-        && a.iter().all(|m| m["topic"].as_str().is_some_and(|t| t.starts_with("$SYS/")))), "{all}");
+    assert!(
+        all["items"].as_array().is_some_and(|a| !a.is_empty()
+            && a.iter()
+                .all(|m| m["topic"].as_str().is_some_and(|t| t.starts_with("$SYS/")))),
+        "{all}"
+    );
     api(&node, "DELETE", "/api/v1/retained/t/a", None, 404).await;
 
     // Kick: DISCONNECT 0x98, the persistent session stays (offline) until discarded.
     let v = api(&node, "DELETE", "/api/v1/clients/sub-1", None, 200).await;
     assert_eq!(v["session_discarded"], false);
-    sub.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION).await;
+    sub.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION)
+        .await;
     let deadline = Instant::now() + WAIT;
     loop {
         let v = api(&node, "GET", "/api/v1/clients/sub-1", None, 200).await;
@@ -346,19 +403,42 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
     }
     let v = api(&node, "DELETE", "/api/v1/clients/sub-1", None, 409).await;
     assert!(error_of(&v).contains("discard_session"), "{v}");
-    let v = api(&node, "DELETE", "/api/v1/clients/sub-1?discard_session=true", None, 200).await;
-    assert_eq!((&v["session_discarded"], &v["disconnected"]), (&json!(true), &json!(false)));
+    let v = api(
+        &node,
+        "DELETE",
+        "/api/v1/clients/sub-1?discard_session=true",
+        None,
+        200,
+    )
+    .await;
+    assert_eq!(
+        (&v["session_discarded"], &v["disconnected"]),
+        (&json!(true), &json!(false))
+    );
     api(&node, "GET", "/api/v1/clients/sub-1", None, 404).await;
 
     // Kicking with discard_session while connected: the client is told 0x98 too, and
     // reconnecting finds no session.
     let mut sub2 = persistent_subscriber(node.mqtt_addr(), "sub-2", "t/#").await;
-    let v = api(&node, "DELETE", "/api/v1/clients/sub-2?discard_session=true", None, 200).await;
-    assert_eq!((&v["session_discarded"], &v["disconnected"]), (&json!(true), &json!(true)));
-    sub2.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION).await;
-    let (_c, ack) =
-        RawClient::handshake(node.mqtt_addr(), connect_packet(ProtocolVersion::V5, "sub-2", false))
-            .await;
+    let v = api(
+        &node,
+        "DELETE",
+        "/api/v1/clients/sub-2?discard_session=true",
+        None,
+        200,
+    )
+    .await;
+    assert_eq!(
+        (&v["session_discarded"], &v["disconnected"]),
+        (&json!(true), &json!(true))
+    );
+    sub2.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION)
+        .await;
+    let (_c, ack) = RawClient::handshake(
+        node.mqtt_addr(),
+        connect_packet(ProtocolVersion::V5, "sub-2", false),
+    )
+    .await;
     assert!(!ack.session_present);
 
     // Not clustered with peers, but membership errors are still answered precisely.
@@ -387,7 +467,12 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
 
     // A burst of QoS 1 publishes, and the drain starts while they are being committed.
     for n in 1..=N {
-        let p = publish_packet("d/x", QoS::AtLeastOnce, n as u16, format!("msg-{n}").as_bytes());
+        let p = publish_packet(
+            "d/x",
+            QoS::AtLeastOnce,
+            n as u16,
+            format!("msg-{n}").as_bytes(),
+        );
         publisher.send(&Packet::Publish(p)).await;
     }
     let (code, status) = http_call(node.http, "POST", "/api/v1/drain", None, None).await;
@@ -416,7 +501,9 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
             Some(Packet::Publish(p)) => {
                 if let Some(id) = p.packet_id {
                     // The broker stops reading while it drains: the write may fail.
-                    let _ = sub.try_send(&Packet::PubAck(PubResponse::success(id))).await;
+                    let _ = sub
+                        .try_send(&Packet::PubAck(PubResponse::success(id)))
+                        .await;
                 }
                 let n: u32 = std::str::from_utf8(&p.payload)
                     .ok()
@@ -434,9 +521,14 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
     assert_eq!(v3.expect_closed().await, []);
 
     // Not ready, new connections refused, the drain reports complete.
-    assert_eq!(http_call(node.http, "GET", "/readyz", None, None).await.0, 503);
+    assert_eq!(
+        http_call(node.http, "GET", "/readyz", None, None).await.0,
+        503
+    );
     assert!(
-        tokio::net::TcpStream::connect(node.mqtt_addr()).await.is_err(),
+        tokio::net::TcpStream::connect(node.mqtt_addr())
+            .await
+            .is_err(),
         "the MQTT listener still accepts"
     );
     let deadline = Instant::now() + WAIT;
@@ -453,7 +545,10 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
     assert_eq!(node.terminate(), Some(0), "clean exit after SIGTERM");
 
     // Every acknowledged message reaches the persistent subscriber after a restart.
-    assert!(!acked.is_empty(), "nothing was acknowledged before the drain");
+    assert!(
+        !acked.is_empty(),
+        "nothing was acknowledged before the drain"
+    );
     let node = Node::start_on(1, &data, &[], &[], ports).await;
     let mut connect = connect_packet(ProtocolVersion::V5, "drain-sub", false);
     connect.properties.session_expiry_interval = Some(3600);
@@ -499,23 +594,51 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
     // Errors say what is wrong and exit non-zero.
     let out = ctl(&["--url", &url, "cluster", "status"], &[]).await;
     assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains("token is missing"), "{}", text(&out.stderr));
-    let out = ctl(&["--url", &url, "--token", "nope", "cluster", "status"], &[]).await;
+    assert!(
+        text(&out.stderr).contains("token is missing"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = ctl(
+        &["--url", &url, "--token", "nope", "cluster", "status"],
+        &[],
+    )
+    .await;
     assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains("token was refused"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("token was refused"),
+        "{}",
+        text(&out.stderr)
+    );
     let closed = format!("http://127.0.0.1:{}", free_port());
     let out = ctl(&["--url", &closed, "cluster", "status"], &[]).await;
     assert_ne!(out.status.code(), Some(0));
     assert!(text(&out.stderr).contains(&closed), "{}", text(&out.stderr));
     let out = ctl(&["--url", &url, "clients", "show", "nobody"], &with_token).await;
     assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains("404") && text(&out.stderr).contains("no client `nobody`"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("404") && text(&out.stderr).contains("no client `nobody`"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Status (table and JSON); the server's own variable is a fallback for the token.
-    let out = ctl(&["--url", &url, "cluster", "status"], &[("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN)]).await;
+    let out = ctl(
+        &["--url", &url, "cluster", "status"],
+        &[("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN)],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("Leader"), "{}", text(&out.stdout));
-    let out = ctl(&["--url", &url, "--output", "json", "cluster", "status"], &with_token).await;
+    assert!(
+        text(&out.stdout).contains("Leader"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = ctl(
+        &["--url", &url, "--output", "json", "cluster", "status"],
+        &with_token,
+    )
+    .await;
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
     assert_eq!(v["voters"], json!([1]));
 
@@ -524,39 +647,78 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
     let out = ctl(&["--url", &url, "clients", "list"], &with_token).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let listing = text(&out.stdout);
-    assert!(listing.contains("CLIENT ID") && listing.contains("ctl-sub"), "{listing}");
-    let out = ctl(&["--url", &url, "subscriptions", "list", "--topic", "c/1"], &with_token).await;
+    assert!(
+        listing.contains("CLIENT ID") && listing.contains("ctl-sub"),
+        "{listing}"
+    );
+    let out = ctl(
+        &["--url", &url, "subscriptions", "list", "--topic", "c/1"],
+        &with_token,
+    )
+    .await;
     assert!(text(&out.stdout).contains("c/#"), "{}", text(&out.stdout));
     let out = ctl(
-        &["--url", &url, "publish", "c/1", "from ctl", "--qos", "1", "--user-property", "a=b"],
+        &[
+            "--url",
+            &url,
+            "publish",
+            "c/1",
+            "from ctl",
+            "--qos",
+            "1",
+            "--user-property",
+            "a=b",
+        ],
         &with_token,
     )
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let p = sub.recv_publish().await;
     assert_eq!(&p.payload[..], b"from ctl");
-    sub.send(&Packet::PubAck(PubResponse::success(p.packet_id.expect("id")))).await;
+    sub.send(&Packet::PubAck(PubResponse::success(
+        p.packet_id.expect("id"),
+    )))
+    .await;
     let out = ctl(&["--url", &url, "clients", "kick", "ctl-sub"], &with_token).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    sub.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION).await;
+    sub.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION)
+        .await;
 
     // Drain: a v5 client is sent to the configured server; ctl waits for completion.
     let mut connect = connect_packet(ProtocolVersion::V5, "ctl-sub", false);
     connect.properties.session_expiry_interval = Some(3600);
     let (mut sub, _) = RawClient::handshake(node.mqtt_addr(), connect).await;
-    let out = ctl(&["--url", &url, "--output", "json", "drain", "--wait"], &with_token).await;
+    let out = ctl(
+        &["--url", &url, "--output", "json", "drain", "--wait"],
+        &with_token,
+    )
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
-    assert_eq!((&v["draining"], &v["complete"]), (&json!(true), &json!(true)), "{v}");
+    assert_eq!(
+        (&v["draining"], &v["complete"]),
+        (&json!(true), &json!(true)),
+        "{v}"
+    );
     match sub.recv().await {
         Some(Packet::Disconnect(d)) => {
             assert_eq!(d.reason_code, ReasonCode::USE_ANOTHER_SERVER);
-            assert_eq!(d.properties.server_reference.as_deref(), Some("other.example:1883"));
+            assert_eq!(
+                d.properties.server_reference.as_deref(),
+                Some("other.example:1883")
+            );
         }
         other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
     }
-    assert_eq!(http_call(node.http, "GET", "/readyz", None, None).await.0, 503);
-    assert!(tokio::net::TcpStream::connect(node.mqtt_addr()).await.is_err());
+    assert_eq!(
+        http_call(node.http, "GET", "/readyz", None, None).await.0,
+        503
+    );
+    assert!(
+        tokio::net::TcpStream::connect(node.mqtt_addr())
+            .await
+            .is_err()
+    );
 }
 
 /// The node's view of the voters, once it answers.
@@ -620,6 +782,10 @@ async fn membership_is_changed_through_the_admin_api_and_ctl() {
     wait_voters(&n1, &[1, 2]).await;
     let out = ctl(&["--url", &n1.url(), "cluster", "remove", "9"], &[]).await;
     assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains("not a member"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not a member"),
+        "{}",
+        text(&out.stderr)
+    );
     drop(n2);
 }
