@@ -120,7 +120,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     match server.http_addr() {
         Some(addr) => {
             info!("http listening on {addr} (/metrics, /healthz, /readyz, /api/v1)");
-            if is_exposed(addr) && config.http.admin_token.is_none() {
+            if admin_api_unprotected(addr, config.http.admin_token.as_deref()) {
                 warn!(
                     "HTTP endpoint {addr} is reachable from other hosts and its admin API \
                      (/api/v1: kick clients, publish, drain, change membership) needs no token: \
@@ -203,6 +203,11 @@ pub fn is_exposed(addr: SocketAddr) -> bool {
     !addr.ip().is_loopback()
 }
 
+/// Whether the admin API on `http` is reachable from other hosts without a token.
+pub fn admin_api_unprotected(http: SocketAddr, token: Option<&str>) -> bool {
+    is_exposed(http) && token.is_none()
+}
+
 /// Resolves at the first SIGINT or SIGTERM; a second one exits the process at once (for a
 /// graceful shutdown that hangs).
 fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
@@ -236,5 +241,13 @@ mod tests {
         assert!(exposed("192.168.1.10:1883"));
         assert!(!exposed("127.0.0.1:1883"));
         assert!(!exposed("[::1]:1883"));
+    }
+
+    #[test]
+    fn an_exposed_http_port_without_token_is_flagged() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("address");
+        assert!(admin_api_unprotected(addr("0.0.0.0:9100"), None));
+        assert!(!admin_api_unprotected(addr("0.0.0.0:9100"), Some("t")));
+        assert!(!admin_api_unprotected(addr("127.0.0.1:9100"), None));
     }
 }
