@@ -114,8 +114,9 @@ impl FromRequestParts<HttpState> for Admin {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         match given {
             Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(Admin),
             Some(_) => Err(ApiError(
