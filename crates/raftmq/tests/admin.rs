@@ -222,6 +222,18 @@ async fn ctl(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("ctl thread")
 }
 
+/// Waits (bounded) until connections to `addr` are refused: the listener is closed.
+async fn wait_refused(addr: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} still accepts connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -525,12 +537,7 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
         http_call(node.http, "GET", "/readyz", None, None).await.0,
         503
     );
-    assert!(
-        tokio::net::TcpStream::connect(node.mqtt_addr())
-            .await
-            .is_err(),
-        "the MQTT listener still accepts"
-    );
+    wait_refused(node.mqtt_addr()).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let (code, v) = http_call(node.http, "GET", "/api/v1/drain", None, None).await;
@@ -714,11 +721,7 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
         http_call(node.http, "GET", "/readyz", None, None).await.0,
         503
     );
-    assert!(
-        tokio::net::TcpStream::connect(node.mqtt_addr())
-            .await
-            .is_err()
-    );
+    wait_refused(node.mqtt_addr()).await;
 }
 
 /// The node's view of the voters, once it answers.
