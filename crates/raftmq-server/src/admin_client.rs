@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 pub enum AdminClientError {
     #[error("invalid URL `{url}`: {reason}")]
     BadUrl { url: String, reason: &'static str },
-    #[error("cannot connect to {url}: {source} (is raftmq running with its HTTP endpoint there?)")]
+    #[error("cannot connect to {url} (is raftmq running with its HTTP endpoint there?)")]
     Connect {
         url: String,
         #[source]
@@ -19,7 +19,7 @@ pub enum AdminClientError {
     },
     #[error("{url} did not answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
-    #[error("talking to {url}: {source}")]
+    #[error("talking to {url}")]
     Io {
         url: String,
         #[source]
