@@ -50,6 +50,7 @@ impl TestBroker {
         };
         let http = HttpConfig {
             addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..HttpConfig::default()
         };
         let server = Server::bind(broker.clone(), &listeners, &http, None)
             .await

@@ -31,6 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+mod admin;
+pub use admin::{ClientSummary, Kicked, SubscriptionSummary};
+
 /// Session Expiry Interval meaning "never expires".
 pub const NEVER_EXPIRES: u32 = u32::MAX;
 
@@ -302,6 +305,7 @@ impl Broker {
                         wills_to_publish.push(w);
                     }
                     st.epoch = self.next_epoch();
+                    st.kick = None;
                     Session::notify(&mut st);
                     if clean_start {
                         self.discard_locked(existing, &mut st);
@@ -336,6 +340,7 @@ impl Broker {
             st.epoch = self.next_epoch();
             st.notified = false;
             st.waker = None;
+            st.kick = None;
             st.expiry_secs = expiry_secs;
             st.disconnected_at = None;
             session.set_online(&mut st, true);
@@ -1132,14 +1137,21 @@ impl Broker {
 
     /// Ends a session by administrative action (kicks its connection if online).
     pub fn remove_session(&self, client_id: &str) -> bool {
+        self.end_session(client_id).is_some()
+    }
+
+    /// Like [`Broker::remove_session`], returning the commit of the session's end (`None` when
+    /// there was no session).
+    pub fn end_session(&self, client_id: &str) -> Option<Commit> {
         let mut registry = self.sessions.lock();
-        let Some(session) = registry.get(client_id).cloned() else {
-            return false;
-        };
+        let session = registry.get(client_id).cloned()?;
         let mut st = session.state.lock();
         if st.online {
             self.stats.sessions_online.fetch_sub(1, Relaxed);
             session.set_online(&mut st, false);
+            if st.kick.is_none() {
+                st.kick = Some(ReasonCode::ADMINISTRATIVE_ACTION);
+            }
         }
         st.epoch = self.next_epoch();
         st.will = None;
@@ -1148,12 +1160,13 @@ impl Broker {
         drop(st);
         self.remove_from_registry(&mut registry, &session);
         drop(registry);
+        let mut changes = Vec::new();
         if session.is_durable() {
             session.set_durable(false);
-            self.propose(vec![StateChange::SessionEnded {
+            changes.push(StateChange::SessionEnded {
                 client_id: session.client_id().clone(),
-            }]);
+            });
         }
-        true
+        Some(self.propose(changes))
     }
 }

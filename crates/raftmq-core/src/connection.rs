@@ -9,7 +9,7 @@ use crate::auth::{Access, ConnectInfo, Principal};
 use crate::broker::{Broker, DetachKind, NEVER_EXPIRES, TakenOver};
 use crate::durability::{Commit, StateChange};
 use crate::message::{Delivery, Message};
-use crate::session::{Outgoing, OutgoingEntry, PendingWill, Session, SubEntry};
+use crate::session::{ConnectionInfo, Outgoing, OutgoingEntry, PendingWill, Session, SubEntry};
 use crate::stats::DropReason;
 use crate::topic::TopicName;
 use ahash::HashMap;
@@ -47,6 +47,8 @@ pub enum CloseReason {
     ServerShutdown,
     /// Durable storage could not commit (no quorum): the client should retry later.
     StorageUnavailable,
+    /// Disconnected by an administrator (the admin API's kick).
+    Kicked,
 }
 
 struct Attachment {
@@ -317,6 +319,28 @@ impl Connection {
         }
     }
 
+    /// The server is draining (handing its clients to other nodes): a v5 client is told
+    /// DISCONNECT 0x9C Use another server with `server_reference` when one is given, else 0x8B
+    /// Server shutting down; a 3.x client is just closed. Acknowledgements still held back for a
+    /// commit are dropped (the caller waits for pending commits first, within its deadline).
+    pub fn handle_drain(&mut self, server_reference: Option<ByteStr>, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        if self.attachment.is_some() && self.version.is_v5() {
+            let code = if server_reference.is_some() {
+                ReasonCode::USE_ANOTHER_SERVER
+            } else {
+                ReasonCode::SERVER_SHUTTING_DOWN
+            };
+            let mut disconnect = Disconnect::with_code(code);
+            disconnect.properties.server_reference = server_reference;
+            self.out.push_back(Packet::Disconnect(disconnect));
+        }
+        self.closed = Some(CloseReason::ServerShutdown);
+        self.detach(DetachKind::Abnormal, now);
+    }
+
     /// The server is shutting down: tell v5 clients why, and close.
     pub fn handle_shutdown(&mut self, code: ReasonCode, now: Instant) {
         self.close(CloseReason::ServerShutdown, Some(code), now);
@@ -545,6 +569,19 @@ impl Connection {
             Some(attached.commit),
         );
         self.load_after_connack = attached.load_after_commit;
+        attached.session.set_connection_info(
+            attached.epoch,
+            ConnectionInfo {
+                username: c.username.as_deref().map(str::to_owned),
+                peer: self.peer,
+                protocol_level: match c.protocol {
+                    ProtocolVersion::V3_1 => 3,
+                    ProtocolVersion::V3_1_1 => 4,
+                    ProtocolVersion::V5 => 5,
+                },
+                clean_start: c.clean_start,
+            },
+        );
         self.attachment = Some(Attachment {
             session: attached.session,
             epoch: attached.epoch,
@@ -648,6 +685,11 @@ impl Connection {
             if st.epoch != epoch {
                 drop(st);
                 self.taken_over();
+                return false;
+            }
+            if let Some(code) = st.kick.take() {
+                drop(st);
+                self.close(CloseReason::Kicked, Some(code), now);
                 return false;
             }
             // Held-back resends go first, as the window allows.
@@ -1199,12 +1241,21 @@ impl Connection {
         }
         self.out.clear();
         self.pending.clear();
+        // A session discarded by an administrator says so rather than "taken over".
+        let kicked = self
+            .attachment
+            .as_ref()
+            .and_then(|a| a.session.state.lock().kick.take());
         if self.version.is_v5() {
             self.out.push_back(Packet::Disconnect(Disconnect::with_code(
-                ReasonCode::SESSION_TAKEN_OVER,
+                kicked.unwrap_or(ReasonCode::SESSION_TAKEN_OVER),
             )));
         }
-        self.closed = Some(CloseReason::TakenOver);
+        self.closed = Some(if kicked.is_some() {
+            CloseReason::Kicked
+        } else {
+            CloseReason::TakenOver
+        });
         self.attachment = None;
     }
 

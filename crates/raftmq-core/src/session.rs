@@ -53,6 +53,18 @@ pub(crate) struct OutgoingEntry {
     pub state: Outgoing,
 }
 
+/// What the connection attached to a session said in CONNECT (for the admin API).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    pub username: Option<String>,
+    /// The client's network address.
+    pub peer: Option<std::net::SocketAddr>,
+    /// Protocol level: 3 (3.1), 4 (3.1.1) or 5.
+    pub protocol_level: u8,
+    /// Clean Start (clean session for 3.x).
+    pub clean_start: bool,
+}
+
 /// A will waiting to be published (the same record that durable storage keeps).
 pub use crate::durability::WillRecord as PendingWill;
 
@@ -82,6 +94,11 @@ pub(crate) struct SessionState {
     pub will: Option<PendingWill>,
     /// When the session was disconnected (to compute the will and expiry deadlines).
     pub disconnected_at: Option<Instant>,
+    /// The attached (or last) connection's CONNECT details.
+    pub connection: Option<ConnectionInfo>,
+    /// Set by an administrative kick: the attached connection closes, telling a v5 client this
+    /// reason code (instead of Session Taken Over when the session was also discarded).
+    pub kick: Option<raftmq_codec::ReasonCode>,
 }
 
 /// A session, shared by reference. Equality and hashing are by identity (two sessions with the
@@ -142,6 +159,8 @@ impl Session {
                 incoming_qos2: Default::default(),
                 will: None,
                 disconnected_at: None,
+                connection: None,
+                kick: None,
             }),
         }
     }
@@ -168,6 +187,14 @@ impl Session {
     pub(crate) fn set_online(&self, state: &mut SessionState, online: bool) {
         state.online = online;
         self.online.store(online, Ordering::Relaxed);
+    }
+
+    /// Records the CONNECT details of the connection attached with `epoch`.
+    pub fn set_connection_info(&self, epoch: u64, info: ConnectionInfo) {
+        let mut st = self.state.lock();
+        if st.epoch == epoch {
+            st.connection = Some(info);
+        }
     }
 
     /// Number of subscriptions.

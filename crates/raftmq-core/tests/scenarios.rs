@@ -1478,3 +1478,158 @@ fn publish_with_subscription_identifier_from_client_is_a_protocol_error() {
     );
     c.expect_disconnect(ReasonCode::PROTOCOL_ERROR, w.at(0));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Administration: kick, drain, introspection
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn kick_tells_a_v5_client_administrative_action_and_keeps_its_session() {
+    let w = World::new();
+    let mut c = w.connect_ok(v5_persistent("k1", 3600), w.at(0));
+    c.subscribe("a/#", qos(1), w.at(0));
+    assert!(matches!(
+        w.broker
+            .kick("k1", ReasonCode::ADMINISTRATIVE_ACTION, false),
+        raftmq_core::broker::Kicked::Disconnected
+    ));
+    assert_eq!(
+        c.drain(w.at(1)),
+        [Packet::Disconnect(Disconnect::with_code(
+            ReasonCode::ADMINISTRATIVE_ACTION
+        ))]
+    );
+    assert_eq!(c.conn.close_reason(), Some(CloseReason::Kicked));
+    let (summary, subs) = w.broker.inspect_client("k1").expect("session kept");
+    assert!(!summary.connected);
+    assert_eq!(subs.len(), 1);
+    assert!(matches!(
+        w.broker
+            .kick("k1", ReasonCode::ADMINISTRATIVE_ACTION, false),
+        raftmq_core::broker::Kicked::NotConnected
+    ));
+    assert!(matches!(
+        w.broker
+            .kick("nobody", ReasonCode::ADMINISTRATIVE_ACTION, false),
+        raftmq_core::broker::Kicked::NotFound
+    ));
+}
+
+#[test]
+fn kick_with_discard_session_ends_the_session_and_says_administrative_action() {
+    let w = World::new();
+    let mut c = w.connect_ok(v5_persistent("k2", 3600), w.at(0));
+    c.subscribe("a/#", qos(1), w.at(0));
+    assert!(matches!(
+        w.broker.kick("k2", ReasonCode::ADMINISTRATIVE_ACTION, true),
+        raftmq_core::broker::Kicked::SessionDiscarded {
+            was_connected: true,
+            ..
+        }
+    ));
+    assert_eq!(
+        c.drain(w.at(1)),
+        [Packet::Disconnect(Disconnect::with_code(
+            ReasonCode::ADMINISTRATIVE_ACTION
+        ))]
+    );
+    assert!(w.broker.inspect_client("k2").is_none());
+    assert_eq!(w.broker.subscription_count(), 0);
+    let (_c, ack) = w.connect(v5_persistent("k2", 3600), w.at(2));
+    assert!(!ack.session_present);
+}
+
+#[test]
+fn a_takeover_after_a_kick_still_says_session_taken_over() {
+    let w = World::new();
+    let mut old = w.connect_ok(v5_persistent("k3", 3600), w.at(0));
+    w.broker
+        .kick("k3", ReasonCode::ADMINISTRATIVE_ACTION, false);
+    let _new = w.connect_ok(v5_persistent("k3", 3600), w.at(1));
+    assert_eq!(
+        old.drain(w.at(1)),
+        [Packet::Disconnect(Disconnect::with_code(
+            ReasonCode::SESSION_TAKEN_OVER
+        ))]
+    );
+}
+
+#[test]
+fn drain_sends_v5_clients_to_another_server_or_says_shutting_down() {
+    let w = World::new();
+    let mut c = w.connect_v5("d1", w.at(0));
+    c.conn.handle_drain(Some("other:1883".into()), w.at(1));
+    let mut expected = Disconnect::with_code(ReasonCode::USE_ANOTHER_SERVER);
+    expected.properties = DisconnectProperties {
+        server_reference: Some("other:1883".into()),
+        ..Default::default()
+    };
+    assert_eq!(c.drain(w.at(1)), [Packet::Disconnect(expected)]);
+    assert_eq!(c.conn.close_reason(), Some(CloseReason::ServerShutdown));
+
+    let mut c = w.connect_v5("d2", w.at(0));
+    c.conn.handle_drain(None, w.at(1));
+    assert_eq!(
+        c.drain(w.at(1)),
+        [Packet::Disconnect(Disconnect::with_code(
+            ReasonCode::SERVER_SHUTTING_DOWN
+        ))]
+    );
+    let mut c = w.connect_ok(v311("d3", true), w.at(0));
+    c.conn.handle_drain(Some("other:1883".into()), w.at(1));
+    assert_eq!(c.drain(w.at(1)), []);
+    assert!(c.conn.is_closed());
+}
+
+#[test]
+fn admin_listings_show_clients_subscriptions_and_retained_messages() {
+    let w = World::new();
+    let mut a = w.connect_ok(v5_persistent("cl-a", 60), w.at(0));
+    a.subscribe("x/+", qos(1), w.at(0));
+    a.subscribe("$share/g/y/#", qos(0), w.at(0));
+    let _b = w.connect_ok(v311("cl-b", true), w.at(0));
+    let _o = w.connect_v5("other", w.at(0));
+    let mut p = w.connect_v5("pub", w.at(0));
+    p.exchange(Packet::Publish(retained("x/1", 0, b"r")), w.at(0));
+
+    let ids: Vec<String> = w
+        .broker
+        .list_clients("cl-")
+        .into_iter()
+        .map(|c| c.client_id)
+        .collect();
+    assert_eq!(ids, ["cl-a", "cl-b"]);
+    let a = &w.broker.list_clients("cl-a")[0];
+    let info = a.connection.as_ref().expect("connection info");
+    assert_eq!(
+        (info.protocol_level, info.clean_start, a.session_expiry_secs),
+        (5, false, 60)
+    );
+    assert_eq!(
+        (a.subscriptions, a.persistent, a.connected),
+        (2, true, true)
+    );
+    let b = &w.broker.list_clients("cl-b")[0];
+    assert_eq!(b.connection.as_ref().map(|i| i.protocol_level), Some(4));
+
+    let filters: Vec<String> = w
+        .broker
+        .list_subscriptions("", Some("y/z"))
+        .into_iter()
+        .map(|s| s.filter)
+        .collect();
+    assert_eq!(filters, ["$share/g/y/#"]);
+    assert_eq!(w.broker.list_subscriptions("cl-a", None).len(), 2);
+    assert_eq!(w.broker.list_subscriptions("other", None).len(), 0);
+
+    let topics: Vec<String> = w
+        .broker
+        .list_retained(Some("x/#"))
+        .iter()
+        .map(|m| m.topic.to_string())
+        .collect();
+    assert_eq!(topics, ["x/1"]);
+    assert!(w.broker.clear_retained("x/1").is_some());
+    assert!(w.broker.clear_retained("x/1").is_none());
+    assert!(w.broker.list_retained(Some("x/#")).is_empty());
+}

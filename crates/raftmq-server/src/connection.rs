@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::debug;
 
+use crate::drain::Drain;
 use crate::metrics::{CONNECTIONS_CLOSED_TOTAL, CONNECTIONS_CURRENT, DECODE_ERRORS_TOTAL};
 
 /// Deliveries moved to the write buffer per wake-up before the socket is serviced again.
@@ -30,10 +31,15 @@ pub(crate) async fn run<S>(
     peer: SocketAddr,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
+    drain: Arc<Drain>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     gauge!(CONNECTIONS_CURRENT).increment(1.0);
+    let _open = drain.track();
+    let mut drain_started = drain.subscribe();
+    // Once draining: stop reading, finish the commits in flight, then close (by the deadline).
+    let mut drain_deadline: Option<Instant> = None;
     let mut conn = Connection::new(broker, Some(peer), Instant::now());
     let mut rbuf = BytesMut::with_capacity(READ_BUFFER);
     let mut wbuf = BytesMut::new();
@@ -61,14 +67,27 @@ pub(crate) async fn run<S>(
         if conn.is_closed() {
             break;
         }
-        if more {
+        if let Some(deadline) = drain_deadline
+            && (conn.pending_commit().is_none() || Instant::now() >= deadline)
+        {
+            conn.handle_drain(drain.server_reference(), Instant::now());
+            continue;
+        }
+        if more && drain_deadline.is_none() {
             more = conn.pump(Instant::now(), PUMP_BATCH);
             continue;
         }
-        let deadline = conn.poll_timeout().map(tokio::time::Instant::from_std);
+        let deadline = match (conn.poll_timeout(), drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(tokio::time::Instant::from_std);
         let commit = conn.pending_commit();
         tokio::select! {
-            read = stream.read_buf(&mut rbuf) => {
+            _ = crate::drain::started(&mut drain_started), if drain_deadline.is_none() => {
+                drain_deadline = Some(drain.deadline().unwrap_or_else(Instant::now));
+            }
+            read = stream.read_buf(&mut rbuf), if drain_deadline.is_none() => {
                 let now = Instant::now();
                 match read {
                     Ok(0) | Err(_) => {
@@ -138,5 +157,6 @@ fn close_label(reason: CloseReason) -> &'static str {
         CloseReason::TakenOver => "taken_over",
         CloseReason::ServerShutdown => "server_shutdown",
         CloseReason::StorageUnavailable => "storage_unavailable",
+        CloseReason::Kicked => "kicked",
     }
 }

@@ -1,4 +1,5 @@
-//! The HTTP endpoint: Prometheus metrics and Kubernetes-style health probes.
+//! The HTTP endpoint: Prometheus metrics, Kubernetes-style health probes and the admin API
+//! (see `admin.rs`).
 
 use crate::MetricsRender;
 use axum::Router;
@@ -19,6 +20,10 @@ pub(crate) struct HttpState {
     pub ready: Arc<AtomicBool>,
     pub cluster_status: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
     pub cluster_ready: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    /// Bearer token of the admin API (`None`: open).
+    pub admin_token: Option<Arc<str>>,
+    pub cluster_admin: Option<crate::ClusterAdmin>,
+    pub drain: Arc<crate::drain::Drain>,
 }
 
 pub(crate) async fn serve(
@@ -31,6 +36,7 @@ pub(crate) async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/cluster", get(cluster))
+        .merge(crate::admin::routes())
         .with_state(state);
     let shutdown = async move {
         let _ = stop.changed().await;
@@ -56,7 +62,10 @@ async fn metrics(State(state): State<HttpState>) -> (StatusCode, String) {
     }
 }
 
-async fn cluster(State(state): State<HttpState>) -> (StatusCode, axum::Json<serde_json::Value>) {
+async fn cluster(
+    _: crate::admin::Admin,
+    State(state): State<HttpState>,
+) -> (StatusCode, axum::Json<serde_json::Value>) {
     match &state.cluster_status {
         Some(status) => (StatusCode::OK, axum::Json(status())),
         None => (

@@ -1,17 +1,22 @@
 //! The network front end: MQTT listeners, one task per connection, and the HTTP endpoint
-//! (`/metrics`, `/healthz`, `/readyz`).
+//! (`/metrics`, `/healthz`, `/readyz`, the admin API), and the admin API's client (used by
+//! `raftmq ctl`).
 //!
 //! This crate is the only one that opens sockets. It owns no broker logic: each connection task
 //! feeds decoded packets to the sans-IO [`raftmq_core::Connection`] state machine and writes out
 //! what it produces. It records metrics through the `metrics` facade but never installs a
 //! recorder or a tracing subscriber (the binary does).
 
+mod admin;
+pub mod admin_client;
 mod config;
 mod connection;
+mod drain;
 mod http;
 pub mod metrics;
 mod server;
 mod sys;
 
-pub use config::{HttpConfig, ListenersConfig};
+pub use admin::{AdminFuture, ClusterAdmin, ClusterAdminError};
+pub use config::{DrainConfig, HttpConfig, ListenersConfig};
 pub use server::{ClusterInfo, ClusterServer, MetricsRender, Server, ServerError};

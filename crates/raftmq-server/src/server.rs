@@ -1,6 +1,7 @@
 //! Binding listeners and running them until shutdown.
 
-use crate::{HttpConfig, ListenersConfig, connection, http, metrics};
+use crate::drain::Drain;
+use crate::{ClusterAdmin, DrainConfig, HttpConfig, ListenersConfig, connection, http, metrics};
 use raftmq_core::Broker;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
@@ -88,6 +89,9 @@ pub struct Server {
     http: Option<TcpListener>,
     metrics: Option<MetricsRender>,
     cluster: Option<ClusterInfo>,
+    admin_token: Option<Arc<str>>,
+    cluster_admin: Option<ClusterAdmin>,
+    drain: DrainConfig,
 }
 
 async fn bind(
@@ -117,12 +121,25 @@ impl Server {
             http: bind("HTTP", http.addr).await?,
             metrics,
             cluster: None,
+            admin_token: http.admin_token.as_deref().map(Arc::from),
+            cluster_admin: None,
+            drain: DrainConfig::default(),
         })
     }
 
     /// Reports `info` on the HTTP endpoint (`/api/v1/cluster`, cluster-aware `/readyz`).
     pub fn set_cluster_info(&mut self, info: ClusterInfo) {
         self.cluster = Some(info);
+    }
+
+    /// Lets the admin API change the cluster membership (`/api/v1/cluster/nodes`).
+    pub fn set_cluster_admin(&mut self, admin: ClusterAdmin) {
+        self.cluster_admin = Some(admin);
+    }
+
+    /// How to drain (at `POST /api/v1/drain` and at shutdown).
+    pub fn set_drain_config(&mut self, drain: DrainConfig) {
+        self.drain = drain;
     }
 
     /// The bound MQTT TCP address (with the real port when 0 was configured).
@@ -140,12 +157,16 @@ impl Server {
         &self.broker
     }
 
-    /// Serves until `shutdown` resolves, then tells every client (MQTT 5: DISCONNECT 0x8B),
-    /// closes the listeners and waits for connection tasks (at most a few seconds).
+    /// Serves until `shutdown` resolves, then drains (unless `POST /api/v1/drain` already did):
+    /// stops accepting, lets connections finish their in-flight commits and writes, tells MQTT 5
+    /// clients DISCONNECT 0x9C with the configured Server Reference (else 0x8B), all within
+    /// `drain.timeout`; then closes the HTTP endpoint and waits for the remaining tasks (at most
+    /// a few seconds).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let tasks = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(true));
+        let drain = Arc::new(Drain::new(&self.drain, ready.clone()));
 
         if let Some(listener) = self.mqtt {
             tasks.spawn(accept_loop(
@@ -153,6 +174,7 @@ impl Server {
                 self.broker.clone(),
                 stop_rx.clone(),
                 tasks.clone(),
+                drain.clone(),
             ));
         }
         let cluster_status = self.cluster.as_ref().map(|c| c.status.clone());
@@ -164,6 +186,9 @@ impl Server {
                 ready: ready.clone(),
                 cluster_status,
                 cluster_ready,
+                admin_token: self.admin_token,
+                cluster_admin: self.cluster_admin,
+                drain: drain.clone(),
             };
             tasks.spawn(http::serve(listener, state, stop_rx.clone()));
         }
@@ -181,6 +206,17 @@ impl Server {
         shutdown.await;
         info!("shutting down");
         ready.store(false, Ordering::Relaxed);
+        if drain.start(Instant::now()) {
+            info!("draining connections");
+        }
+        // Connections close themselves by the drain deadline; the margin covers the last writes.
+        let drain_limit = self.drain.timeout.0 + Duration::from_secs(1);
+        if tokio::time::timeout(drain_limit, drain.wait_complete())
+            .await
+            .is_err()
+        {
+            warn!("drain did not complete within {drain_limit:?}");
+        }
         let _ = stop_tx.send(true);
         tasks.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
@@ -201,7 +237,9 @@ async fn accept_loop(
     broker: Arc<Broker>,
     mut stop: watch::Receiver<bool>,
     tasks: TaskTracker,
+    drain: Arc<Drain>,
 ) {
+    let mut draining = drain.subscribe();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -209,7 +247,13 @@ async fn accept_loop(
                     ::metrics::counter!(metrics::CONNECTIONS_ACCEPTED_TOTAL).increment(1);
                     // Small packets must not wait for Nagle's algorithm.
                     let _ = stream.set_nodelay(true);
-                    tasks.spawn(connection::run(stream, peer, broker.clone(), stop.clone()));
+                    tasks.spawn(connection::run(
+                        stream,
+                        peer,
+                        broker.clone(),
+                        stop.clone(),
+                        drain.clone(),
+                    ));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -218,6 +262,8 @@ async fn accept_loop(
                 }
             },
             _ = stop.changed() => return,
+            // Closing the listener: new connections are refused while draining.
+            _ = crate::drain::started(&mut draining) => return,
         }
     }
 }

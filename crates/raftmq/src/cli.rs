@@ -1,4 +1,5 @@
-//! The command line: `raftmq [serve] [flags]`, `raftmq config default|check FILE`.
+//! The command line: `raftmq [serve] [flags]`, `raftmq config default|check FILE`,
+//! `raftmq ctl ...` (defined in [`crate::ctl`]).
 
 use crate::config::{Layer, LogFormat};
 use clap::{Args, Parser, Subcommand};
@@ -39,6 +40,8 @@ pub enum Command {
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Administer a running node through its admin API (HTTP).
+    Ctl(crate::ctl::CtlArgs),
 }
 
 /// `raftmq config ...`
@@ -297,6 +300,44 @@ mod tests {
     }
 
     #[test]
+    fn ctl_commands_parse_with_global_options() {
+        use crate::ctl::{ClientsCmd, CtlCommand, Output};
+        let Ok(Command::Ctl(ctl)) = parse(&[
+            "ctl",
+            "clients",
+            "kick",
+            "c1",
+            "--discard-session",
+            "--url",
+            "http://10.0.0.1:9100",
+            "--output",
+            "json",
+        ]) else {
+            panic!("not ctl")
+        };
+        assert_eq!(ctl.url, "http://10.0.0.1:9100");
+        assert_eq!(ctl.output, Output::Json);
+        assert!(matches!(
+            ctl.command,
+            CtlCommand::Clients(ClientsCmd::Kick { ref client_id, discard_session: true }) if client_id == "c1"
+        ));
+        let Ok(Command::Ctl(ctl)) = parse(&["ctl", "drain", "--wait"]) else {
+            panic!("not ctl")
+        };
+        assert_eq!(ctl.url, "http://127.0.0.1:9100");
+        assert!(matches!(ctl.command, CtlCommand::Drain { wait: true, .. }));
+        for bad in [
+            &["ctl"][..],
+            &["ctl", "publish"],
+            &["ctl", "publish", "t", "--user-property", "novalue"],
+            &["ctl", "cluster", "remove", "x"],
+            &["ctl", "--output", "xml", "cluster", "status"],
+        ] {
+            assert_eq!(parse(bad).expect_err("rejected").exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn version_and_help_are_offered() {
         let err = parse(&["--version"]).expect_err("prints version");
         assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
@@ -322,9 +363,16 @@ mod tests {
             let layer = env_layer([(OsString::from(var), OsString::from(value))]);
             assert!(layer.problems.is_empty(), "{var}: {:?}", layer.problems);
         }
+        let ctl = cmd.find_subcommand("ctl").expect("ctl command");
+        let ctl_vars: Vec<String> = ctl
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(ctl_vars, ["RAFTMQ_ADMIN_TOKEN"]);
         for var in FLAG_ONLY_ENV_VARS {
             assert!(
-                vars.iter().any(|v| v == var),
+                vars.iter().chain(&ctl_vars).any(|v| v == var),
                 "{var} is not a flag's variable any more"
             );
         }

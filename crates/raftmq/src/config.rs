@@ -12,7 +12,7 @@
 
 use crate::docs;
 use raftmq_core::config::{ConfigProblem, MqttConfig};
-use raftmq_server::{HttpConfig, ListenersConfig};
+use raftmq_server::{DrainConfig, HttpConfig, ListenersConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -37,6 +37,8 @@ pub const FLAG_ONLY_ENV_VARS: &[&str] = &[
     "RAFTMQ_LOG_FORMAT",
     "RAFTMQ_LOG_LEVEL",
     "RAFTMQ_NODE_ID_FROM_ORDINAL",
+    // `raftmq ctl --token` (set in the broker's container for the Helm preStop hook).
+    "RAFTMQ_ADMIN_TOKEN",
 ];
 
 /// Address keys that may be set to `"none"` (or `""`) to disable what they configure.
@@ -54,6 +56,8 @@ pub struct Config {
     pub listeners: ListenersConfig,
     /// The HTTP endpoint (metrics, health, admin API).
     pub http: HttpConfig,
+    /// Draining before shutdown.
+    pub drain: DrainConfig,
     /// Cluster membership.
     pub cluster: ClusterConfig,
     /// MQTT protocol and session settings.
@@ -69,6 +73,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             listeners: ListenersConfig::default(),
             http: HttpConfig::default(),
+            drain: DrainConfig::default(),
             cluster: ClusterConfig::default(),
             mqtt: MqttConfig::default(),
             log: LogConfig::default(),
@@ -467,6 +472,32 @@ impl Config {
                     h.addr
                 };
                 c.problems.extend(address_clashes(tcp, http, cluster.addr));
+            }
+        }
+        if let Some(http) = &http
+            && http.admin_token.as_deref().is_some_and(|t| {
+                t.trim().is_empty() || t.chars().any(|ch| ch.is_control() || ch == ' ')
+            })
+        {
+            c.problems.push(problem(
+                "http.admin_token",
+                "must be non-empty, without spaces or control characters",
+            ));
+        }
+        if let Some(drain) = c.section::<DrainConfig>("drain") {
+            if drain.timeout.0.is_zero() {
+                c.problems.push(problem(
+                    "drain.timeout",
+                    "must be more than 0s (e.g. \"10s\")",
+                ));
+            }
+            if drain
+                .server_reference
+                .as_deref()
+                .is_some_and(|r| r.trim().is_empty())
+            {
+                c.problems
+                    .push(problem("drain.server_reference", "must not be empty"));
             }
         }
         if let Some(mqtt) = c.section::<MqttConfig>("mqtt") {

@@ -59,6 +59,31 @@ pub const KEYS: &[KeyDoc] = &[
         "http.addr",
         "Address of the HTTP endpoint, \"host:port\"; \"none\" disables it.",
     ),
+    optional(
+        "http.admin_token",
+        "Bearer token the admin API (/api/v1/...) requires (`Authorization: Bearer <token>`); \
+         unset leaves the admin API open to anyone who can reach the HTTP port (a warning is \
+         logged when that port is not loopback). /metrics, /healthz and /readyz never need it. \
+         Prefer the environment variable RAFTMQ_HTTP__ADMIN_TOKEN to a file.",
+        "\"change-me\"",
+    ),
+    key(
+        "drain",
+        "Draining: how a node hands its clients off before it stops (POST /api/v1/drain, \
+         `raftmq ctl drain`, and SIGTERM).",
+    ),
+    key(
+        "drain.timeout",
+        "Longest a drain waits for connections to finish in-flight work (acknowledgements \
+         waiting for a commit, queued bytes) before closing them anyway.",
+    ),
+    optional(
+        "drain.server_reference",
+        "Server Reference sent to MQTT 5 clients with DISCONNECT 0x9C (Use another server) when \
+         draining, e.g. the address of a load balancer in front of the other nodes; unset: \
+         DISCONNECT 0x8B (Server shutting down). MQTT 3.1.1 clients are simply disconnected.",
+        "\"mqtt.example.com:1883\"",
+    ),
     key("cluster", "Cluster membership."),
     key(
         "cluster.addr",

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod docs;
 pub mod serve;
 pub mod telemetry;
@@ -24,6 +25,10 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(serve::serve(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ctl(args) => {
+            ctl::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Default) => {

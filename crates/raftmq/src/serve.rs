@@ -8,7 +8,9 @@ use raftmq_cluster::grpc;
 use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
 use raftmq_core::auth::AllowAll;
-use raftmq_server::{ClusterInfo, ClusterServer, Server};
+use raftmq_server::{
+    AdminFuture, ClusterAdmin, ClusterAdminError, ClusterInfo, ClusterServer, Server,
+};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,6 +105,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }),
         ready: Arc::new(move || ready_node.is_ready()),
     });
+    server.set_cluster_admin(cluster_admin(&node));
+    server.set_drain_config(config.drain.clone());
     match server.mqtt_addr() {
         Some(addr) => {
             info!("mqtt listening on {addr}");
@@ -117,7 +121,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => warn!("mqtt listener disabled (listeners.tcp = \"none\"): no client can connect"),
     }
     match server.http_addr() {
-        Some(addr) => info!("http listening on {addr} (/metrics, /healthz, /readyz)"),
+        Some(addr) => {
+            info!("http listening on {addr} (/metrics, /healthz, /readyz, /api/v1)");
+            if admin_api_unprotected(addr, config.http.admin_token.as_deref()) {
+                warn!(
+                    "HTTP endpoint {addr} is reachable from other hosts and its admin API \
+                     (/api/v1: kick clients, publish, drain, change membership) needs no token: \
+                     set http.admin_token (RAFTMQ_HTTP__ADMIN_TOKEN) or bind http.addr to \
+                     127.0.0.1"
+                );
+            }
+        }
         None => info!("http endpoint disabled"),
     }
 
@@ -133,6 +147,40 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Err(e) => error!("stopped: {e:#}"),
     }
     result
+}
+
+/// Membership changes for the admin API, through the Raft node.
+fn cluster_admin(node: &Arc<RaftNode>) -> ClusterAdmin {
+    use raftmq_cluster::node::AdminError;
+    fn map(e: AdminError) -> ClusterAdminError {
+        let msg = e.to_string();
+        match e {
+            AdminError::UnknownNode(_) => ClusterAdminError::NotFound(msg),
+            AdminError::LastNode(_) => ClusterAdminError::Conflict(msg),
+            AdminError::NoLeader => ClusterAdminError::Unavailable(msg),
+            AdminError::Timeout(_) | AdminError::Rpc(_) => ClusterAdminError::Failed(msg),
+        }
+    }
+    let (add, remove) = (node.clone(), node.clone());
+    ClusterAdmin {
+        add_node: Arc::new(move |id: u64, cluster_addr: String, mqtt_addr: String| {
+            let node = add.clone();
+            let change: AdminFuture = Box::pin(async move {
+                let member = raftmq_cluster::types::ClusterNode {
+                    cluster_addr,
+                    mqtt_addr,
+                };
+                node.add_node(id, member).await.map_err(map)
+            });
+            change
+        }),
+        remove_node: Arc::new(move |id: u64| {
+            let node = remove.clone();
+            let change: AdminFuture =
+                Box::pin(async move { node.remove_node(id).await.map_err(map) });
+            change
+        }),
+    }
 }
 
 /// How long startup waits for a Raft leader before serving anyway.
@@ -156,6 +204,11 @@ fn advertise_addr(config: &Config) -> String {
 /// Whether a listener on `addr` accepts connections from other hosts.
 pub fn is_exposed(addr: SocketAddr) -> bool {
     !addr.ip().is_loopback()
+}
+
+/// Whether the admin API on `http` is reachable from other hosts without a token.
+pub fn admin_api_unprotected(http: SocketAddr, token: Option<&str>) -> bool {
+    is_exposed(http) && token.is_none()
 }
 
 /// Resolves at the first SIGINT or SIGTERM; a second one exits the process at once (for a
@@ -191,5 +244,13 @@ mod tests {
         assert!(exposed("192.168.1.10:1883"));
         assert!(!exposed("127.0.0.1:1883"));
         assert!(!exposed("[::1]:1883"));
+    }
+
+    #[test]
+    fn an_exposed_http_port_without_token_is_flagged() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("address");
+        assert!(admin_api_unprotected(addr("0.0.0.0:9100"), None));
+        assert!(!admin_api_unprotected(addr("0.0.0.0:9100"), Some("t")));
+        assert!(!admin_api_unprotected(addr("127.0.0.1:9100"), None));
     }
 }

@@ -154,6 +154,10 @@ fn serve_runs_until_sigterm_then_exits_0() {
         !seen.iter().any(|l| l.contains("ANONYMOUS")),
         "loopback needs no warning: {seen:#?}"
     );
+    assert!(
+        !seen.iter().any(|l| l.contains("admin API")),
+        "a loopback HTTP port needs no admin token warning: {seen:#?}"
+    );
     assert!(data_dir.is_dir(), "data_dir is created");
 
     let killed = Command::new("kill")
@@ -167,6 +171,10 @@ fn serve_runs_until_sigterm_then_exits_0() {
     assert!(
         rest.iter().any(|l| l.contains("received SIGTERM")),
         "{rest:#?}"
+    );
+    assert!(
+        rest.iter().any(|l| l.contains("draining connections")),
+        "SIGTERM drains first: {rest:#?}"
     );
 }
 

@@ -188,6 +188,11 @@ def check_statefulset_wiring(docs: list[dict[str, Any]], p: Problems) -> None:
     pre = c.get("lifecycle", {}).get("preStop", {}).get("httpGet")
     if pre:
         p.check(pre["port"] in ports or pre["port"] in ports.values(), where, f"preStop port {pre['port']!r} is not a container port")
+    pre = c.get("lifecycle", {}).get("preStop", {}).get("exec")
+    if pre and pre.get("command", [None])[0] == "/usr/local/bin/raftmq" and "--url" in pre["command"]:
+        url = pre["command"][pre["command"].index("--url") + 1]
+        port = int(url.rsplit(":", 1)[1]) if ":" in url.split("//", 1)[-1] else 80
+        p.check(port == ports.get("http"), where, f"preStop drain URL {url!r} is not the http container port")
 
     volumes = {v["name"] for v in pod.get("volumes", [])}
     claims = {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])}
@@ -389,10 +394,16 @@ def check_default(docs, p: Problems) -> None:
                 "claim template labels must be the stable selector labels only (volumeClaimTemplates are immutable)")
     p.check(not any(v["name"] == "data" for v in pod["volumes"]), w, "data must come from the claim template, not a pod volume")
     p.check(sts["spec"].get("persistentVolumeClaimRetentionPolicy") == {"whenDeleted": "Retain", "whenScaled": "Retain"}, w, "PVCs must be retained by default")
-    # preStop drain through httpGet (no shell in the image) and a grace period to cover it.
+    # preStop drain: the broker binary itself (no shell in the image) runs `ctl drain --wait`
+    # against its own HTTP port, and a grace period covers it.
     pre = c.get("lifecycle", {}).get("preStop", {})
-    p.check(pre.get("httpGet", {}).get("path") == "/api/v1/drain" and pre["httpGet"].get("port") == "http", w, "preStop must httpGet /api/v1/drain on the http port")
-    p.check("exec" not in pre, w, "preStop must not exec (no shell in the image)")
+    cmd = pre.get("exec", {}).get("command", [])
+    p.check(cmd[:1] == ["/usr/local/bin/raftmq"] and cmd[1:2] == ["ctl"] and "drain" in cmd and "--wait" in cmd, w,
+            "preStop must exec `/usr/local/bin/raftmq ctl ... drain --wait` (no shell in the image)")
+    p.check("httpGet" not in pre, w, "preStop must not httpGet (GET /api/v1/drain only reports status)")
+    if "--wait-timeout" in cmd:
+        p.check(int(cmd[cmd.index("--wait-timeout") + 1]) < pod.get("terminationGracePeriodSeconds", 30), w,
+                "the drain wait must end before terminationGracePeriodSeconds")
     p.check(pod.get("terminationGracePeriodSeconds", 30) >= 30, w, "terminationGracePeriodSeconds too short for drain + shutdown")
     # Soft anti-affinity by default.
     aff = pod.get("affinity", {}).get("podAntiAffinity", {})
@@ -589,7 +600,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         ("default", "seed list missing a pod", lambda ds: cm_set(ds, ', "raftmq-2.', ', "raftmq-9.')),
         ("default", "config that is not TOML", lambda ds: cm_set(ds, "[mqtt]", "[mqtt")),
         ("default", "listener port not matching the container port", lambda ds: cm_set(ds, ":1883", ":1884")),
-        ("default", "preStop exec hook", lambda ds: ctr(ds)["lifecycle"]["preStop"].__setitem__("exec", {"command": ["sh", "-c", "sleep 5"]})),
+        ("default", "preStop exec hook through a shell", lambda ds: ctr(ds)["lifecycle"]["preStop"].__setitem__("exec", {"command": ["sh", "-c", "sleep 5"]})),
         ("default", "service links enabled", lambda ds: sts(ds)["spec"]["template"]["spec"].__setitem__("enableServiceLinks", True)),
         ("all-features", "ServiceMonitor with an unknown endpoint field",
          lambda ds: kind(ds, "ServiceMonitor")["spec"]["endpoints"][0].__setitem__("intervall", "15s")),

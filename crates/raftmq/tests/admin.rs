@@ -1,0 +1,794 @@
+//! Administration end to end, with the real `raftmq` executable: the admin API (token,
+//! clients, kick, subscriptions, retained messages, publish), draining (readiness, refused
+//! connections, the DISCONNECT clients get, no acknowledged message lost), `raftmq ctl` against
+//! a running broker, and membership changes with two processes.
+//!
+//! Ports come from 21000–21999, which no other test uses.
+
+use raftmq_codec::{
+    ConnectProperties, Disconnect, Packet, ProtocolVersion, PubResponse, QoS, ReasonCode,
+};
+use raftmq_tests::{RawClient, connect_packet, publish_packet};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Upper bound for a node to start (Raft leader election included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound for any other wait.
+const WAIT: Duration = Duration::from_secs(15);
+const TOKEN: &str = "s3cret-admin-token";
+
+/// A free port in 21000–21999; each test process starts at its own offset.
+fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        21_000 + (std::process::id() % 40) as u16 * 25,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(port < 22_000, "no free test port left");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A running `raftmq` process (killed when dropped).
+struct Node {
+    child: Child,
+    id: u64,
+    mqtt: u16,
+    http: u16,
+    cluster: u16,
+}
+
+impl Node {
+    /// Starts node `id` with `env` (e.g. the admin token) and waits until it is ready.
+    async fn start(id: u64, data_dir: &Path, seeds: &[String], env: &[(&str, &str)]) -> Node {
+        let (mqtt, http, cluster) = (free_port(), free_port(), free_port());
+        Self::start_on(id, data_dir, seeds, env, (mqtt, http, cluster)).await
+    }
+
+    async fn start_on(
+        id: u64,
+        data_dir: &Path,
+        seeds: &[String],
+        env: &[(&str, &str)],
+        (mqtt, http, cluster): (u16, u16, u16),
+    ) -> Node {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_raftmq"));
+        cmd.env_clear()
+            .args(["serve", "--log-level", "error,openraft=off"])
+            .args(["--node-id", &id.to_string()])
+            .args(["--mqtt-addr", &format!("127.0.0.1:{mqtt}")])
+            .args(["--http-addr", &format!("127.0.0.1:{http}")])
+            .args(["--cluster-addr", &format!("127.0.0.1:{cluster}")])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if !seeds.is_empty() {
+            cmd.args(["--seeds", &seeds.join(",")]);
+        }
+        let node = Node {
+            child: cmd.spawn().expect("starts raftmq"),
+            id,
+            mqtt,
+            http,
+            cluster,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while http_call(http, "GET", "/readyz", None, None).await.0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "node {id} not ready within {START_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        node
+    }
+
+    fn mqtt_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.mqtt))
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+
+    /// SIGTERM, then waits (bounded) for the process to exit; returns its exit code.
+    fn terminate(mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("runs kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "no exit within 30s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP request to 127.0.0.1:`port`: (status, JSON body or the text as a JSON string);
+/// status 0 when unreachable.
+async fn http_call(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, Value::Null);
+    };
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, Value::Null);
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    let json = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (code, json)
+}
+
+/// An authorized admin call that must answer `expected`; returns the body.
+async fn api(node: &Node, method: &str, path: &str, body: Option<Value>, expected: u16) -> Value {
+    let (code, v) = http_call(node.http, method, path, Some(TOKEN), body.as_ref()).await;
+    assert_eq!(code, expected, "{method} {path}: {v}");
+    v
+}
+
+/// The `error` of a JSON error answer.
+fn error_of(v: &Value) -> &str {
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {v}"))
+}
+
+/// A v5 client with a persistent session (expiry 1 h), subscribed to `filter` at QoS 1.
+async fn persistent_subscriber(addr: SocketAddr, id: &str, filter: &str) -> RawClient {
+    let mut connect = connect_packet(ProtocolVersion::V5, id, false);
+    connect.properties = ConnectProperties {
+        session_expiry_interval: Some(3600),
+        ..Default::default()
+    };
+    let (mut c, ack) = RawClient::handshake(addr, connect).await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    c.subscribe(filter, QoS::AtLeastOnce).await;
+    c
+}
+
+/// Runs `raftmq ctl` with `args` (blocking, in a helper thread); the environment has only
+/// `env`.
+async fn ctl(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_raftmq"))
+            .env_clear()
+            .envs(env)
+            .arg("ctl")
+            .args(args)
+            .output()
+            .expect("runs raftmq ctl")
+    });
+    tokio::time::timeout(Duration::from_secs(150), run)
+        .await
+        .expect("ctl finished in time")
+        .expect("ctl thread")
+}
+
+/// Waits (bounded) until connections to `addr` are refused: the listener is closed.
+async fn wait_refused(addr: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} still accepts connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(
+        1,
+        &dir.path().join("data"),
+        &[],
+        &[("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN)],
+    )
+    .await;
+
+    // The token guards /api/v1, not the probes or the metrics.
+    let (code, v) = http_call(node.http, "GET", "/api/v1/clients", None, None).await;
+    assert_eq!(code, 401, "{v}");
+    assert!(error_of(&v).contains("token"), "{v}");
+    let (code, v) = http_call(node.http, "GET", "/api/v1/cluster", Some("wrong"), None).await;
+    assert_eq!((code, error_of(&v)), (401, "wrong admin token"));
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            http_call(node.http, "GET", open, None, None).await.0,
+            200,
+            "{open}"
+        );
+    }
+    assert_eq!(
+        api(&node, "GET", "/api/v1/cluster", None, 200).await["leader"],
+        1
+    );
+
+    // Clients: list with a prefix filter, paging, inspect.
+    let mut sub = persistent_subscriber(node.mqtt_addr(), "sub-1", "t/#").await;
+    let _other = RawClient::connected(node.mqtt_addr(), ProtocolVersion::V3_1_1, "other").await;
+    let v = api(&node, "GET", "/api/v1/clients?client_id=sub", None, 200).await;
+    assert_eq!(v["total"], 1, "{v}");
+    let c = &v["items"][0];
+    assert_eq!(
+        (
+            &c["client_id"],
+            &c["connected"],
+            &c["protocol_version"],
+            &c["clean_start"],
+            &c["session_expiry_secs"],
+            &c["subscriptions"],
+        ),
+        (
+            &json!("sub-1"),
+            &json!(true),
+            &json!(5),
+            &json!(false),
+            &json!(3600),
+            &json!(1)
+        ),
+        "{c}"
+    );
+    assert!(
+        c["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{c}"
+    );
+    let v = api(&node, "GET", "/api/v1/clients?limit=1&offset=1", None, 200).await;
+    assert_eq!(
+        (&v["total"], &v["items"][0]["client_id"]),
+        (&json!(2), &json!("sub-1"))
+    );
+    let v = api(&node, "GET", "/api/v1/clients/sub-1", None, 200).await;
+    assert_eq!(v["subscription_list"][0]["filter"], "t/#", "{v}");
+    assert_eq!(v["subscription_list"][0]["qos"], 1, "{v}");
+    let v = api(&node, "GET", "/api/v1/clients/nobody", None, 404).await;
+    assert!(error_of(&v).contains("nobody"), "{v}");
+
+    // Subscriptions by client and by matching topic.
+    let v = api(&node, "GET", "/api/v1/subscriptions?topic=t/x/y", None, 200).await;
+    assert_eq!(
+        (&v["total"], &v["items"][0]["client_id"]),
+        (&json!(1), &json!("sub-1"))
+    );
+    let v = api(&node, "GET", "/api/v1/subscriptions?topic=u", None, 200).await;
+    assert_eq!(v["total"], 0);
+
+    // Bad requests name what is wrong.
+    for (path, field) in [
+        ("/api/v1/clients?limit=0", "limit"),
+        ("/api/v1/clients?limit=abc", "limit"),
+        ("/api/v1/clients?limt=3", "limt"),
+        ("/api/v1/subscriptions?topic=a/%23", "topic"),
+        ("/api/v1/retained?filter=a/%23/b", "filter"),
+        ("/api/v1/cluster/nodes/abc", "node id"),
+    ] {
+        let method = if path.contains("nodes") {
+            "DELETE"
+        } else {
+            "GET"
+        };
+        let v = api(&node, method, path, None, 400).await;
+        assert!(error_of(&v).contains(field), "{path}: {v}");
+    }
+    for (body, field) in [
+        (json!({"topic": "t/#", "payload": "x"}), "topic"),
+        (json!({"topic": "t/a", "qos": 3}), "qos"),
+        (json!({"payload": "x"}), "topic"),
+        (
+            json!({"topic": "t/a", "payload": "!!", "payload_encoding": "base64"}),
+            "payload",
+        ),
+        (json!({"topic": "t/a", "colour": "red"}), "colour"),
+    ] {
+        let (code, v) = http_call(
+            node.http,
+            "POST",
+            "/api/v1/publish",
+            Some(TOKEN),
+            Some(&body),
+        )
+        .await;
+        assert!((400..500).contains(&code), "{body}: {code} {v}");
+        assert!(error_of(&v).contains(field), "{body}: {v}");
+    }
+
+    // Publish goes through the broker: retained, delivered at QoS 1 to the subscriber.
+    let body = json!({"topic": "t/a", "payload": "hello", "qos": 1, "retain": true,
+        "properties": {"content_type": "text/plain", "user_properties": {"k": "v"}}});
+    let v = api(&node, "POST", "/api/v1/publish", Some(body), 200).await;
+    assert_eq!(v["delivered_to"], 1, "{v}");
+    let p = sub.recv_publish().await;
+    assert_eq!(
+        (&p.topic[..], &p.payload[..], p.qos),
+        ("t/a", &b"hello"[..], QoS::AtLeastOnce)
+    );
+    assert_eq!(p.properties.content_type.as_deref(), Some("text/plain"));
+    sub.send(&Packet::PubAck(PubResponse::success(
+        p.packet_id.expect("id"),
+    )))
+    .await;
+    let body = json!({"topic": "t/b", "payload": "/wD+", "payload_encoding": "base64"});
+    api(&node, "POST", "/api/v1/publish", Some(body), 200).await;
+    assert_eq!(&sub.recv_publish().await.payload[..], &[0xff, 0x00, 0xfe]);
+
+    // Retained: list (with a filter), delete, gone.
+    let v = api(&node, "GET", "/api/v1/retained?filter=t/%2B", None, 200).await;
+    assert_eq!(v["total"], 1, "{v}");
+    assert_eq!(
+        (&v["items"][0]["topic"], &v["items"][0]["payload"]),
+        (&json!("t/a"), &json!("hello"))
+    );
+    let v = api(&node, "DELETE", "/api/v1/retained/t/a", None, 200).await;
+    assert_eq!(v["cleared"], true);
+    assert_eq!(
+        api(&node, "GET", "/api/v1/retained?filter=t/%23", None, 200).await["total"],
+        0
+    );
+    // Without a filter the list includes `$SYS` topics too.
+    let all = api(&node, "GET", "/api/v1/retained?limit=1000", None, 200).await;
+    assert!(
+        all["items"].as_array().is_some_and(|a| !a.is_empty()
+            && a.iter()
+                .all(|m| m["topic"].as_str().is_some_and(|t| t.starts_with("$SYS/")))),
+        "{all}"
+    );
+    api(&node, "DELETE", "/api/v1/retained/t/a", None, 404).await;
+
+    // Kick: DISCONNECT 0x98, the persistent session stays (offline) until discarded.
+    let v = api(&node, "DELETE", "/api/v1/clients/sub-1", None, 200).await;
+    assert_eq!(v["session_discarded"], false);
+    sub.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION)
+        .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = api(&node, "GET", "/api/v1/clients/sub-1", None, 200).await;
+        if v["connected"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still connected: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = api(&node, "DELETE", "/api/v1/clients/sub-1", None, 409).await;
+    assert!(error_of(&v).contains("discard_session"), "{v}");
+    let v = api(
+        &node,
+        "DELETE",
+        "/api/v1/clients/sub-1?discard_session=true",
+        None,
+        200,
+    )
+    .await;
+    assert_eq!(
+        (&v["session_discarded"], &v["disconnected"]),
+        (&json!(true), &json!(false))
+    );
+    api(&node, "GET", "/api/v1/clients/sub-1", None, 404).await;
+
+    // Kicking with discard_session while connected: the client is told 0x98 too, and
+    // reconnecting finds no session.
+    let mut sub2 = persistent_subscriber(node.mqtt_addr(), "sub-2", "t/#").await;
+    let v = api(
+        &node,
+        "DELETE",
+        "/api/v1/clients/sub-2?discard_session=true",
+        None,
+        200,
+    )
+    .await;
+    assert_eq!(
+        (&v["session_discarded"], &v["disconnected"]),
+        (&json!(true), &json!(true))
+    );
+    sub2.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION)
+        .await;
+    let (_c, ack) = RawClient::handshake(
+        node.mqtt_addr(),
+        connect_packet(ProtocolVersion::V5, "sub-2", false),
+    )
+    .await;
+    assert!(!ack.session_present);
+
+    // Not clustered with peers, but membership errors are still answered precisely.
+    let body = json!({"node_id": 0, "cluster_addr": "127.0.0.1:1"});
+    let v = api(&node, "POST", "/api/v1/cluster/nodes", Some(body), 400).await;
+    assert!(error_of(&v).contains("node_id"), "{v}");
+    let body = json!({"node_id": 5, "cluster_addr": "nowhere"});
+    let v = api(&node, "POST", "/api/v1/cluster/nodes", Some(body), 400).await;
+    assert!(error_of(&v).contains("cluster_addr"), "{v}");
+    api(&node, "DELETE", "/api/v1/cluster/nodes/7", None, 404).await;
+    api(&node, "DELETE", "/api/v1/cluster/nodes/1", None, 409).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowledged_message() {
+    const N: u32 = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let node = Node::start(1, &data, &[], &[]).await;
+    let ports = (node.mqtt, node.http, node.cluster);
+
+    let mut sub = persistent_subscriber(node.mqtt_addr(), "drain-sub", "d/#").await;
+    let mut v3 = RawClient::connected(node.mqtt_addr(), ProtocolVersion::V3_1_1, "drain-v3").await;
+    let mut publisher =
+        RawClient::connected(node.mqtt_addr(), ProtocolVersion::V5, "drain-pub").await;
+
+    // A burst of QoS 1 publishes, and the drain starts while they are being committed.
+    for n in 1..=N {
+        let p = publish_packet(
+            "d/x",
+            QoS::AtLeastOnce,
+            n as u16,
+            format!("msg-{n}").as_bytes(),
+        );
+        publisher.send(&Packet::Publish(p)).await;
+    }
+    let (code, status) = http_call(node.http, "POST", "/api/v1/drain", None, None).await;
+    assert_eq!((code, &status["draining"]), (200, &json!(true)), "{status}");
+
+    // The publisher gets an acknowledgement for what was committed, then 0x8B.
+    let mut acked = BTreeSet::new();
+    loop {
+        match publisher.recv().await {
+            Some(Packet::PubAck(ack)) => {
+                assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+                acked.insert(u32::from(ack.packet_id.get()));
+            }
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d, Disconnect::with_code(ReasonCode::SERVER_SHUTTING_DOWN));
+                assert_eq!(publisher.recv().await, None, "closed after DISCONNECT");
+                break;
+            }
+            other => panic!("publisher got {other:?}"),
+        }
+    }
+    // The v5 subscriber gets its deliveries and then 0x8B; the v3 client is just closed.
+    let mut received = BTreeSet::new();
+    loop {
+        match sub.recv().await {
+            Some(Packet::Publish(p)) => {
+                if let Some(id) = p.packet_id {
+                    // The broker stops reading while it drains: the write may fail.
+                    let _ = sub
+                        .try_send(&Packet::PubAck(PubResponse::success(id)))
+                        .await;
+                }
+                let n: u32 = std::str::from_utf8(&p.payload)
+                    .ok()
+                    .and_then(|s| s.strip_prefix("msg-")?.parse().ok())
+                    .expect("msg-N");
+                received.insert(n);
+            }
+            Some(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason_code, ReasonCode::SERVER_SHUTTING_DOWN);
+                break;
+            }
+            other => panic!("subscriber got {other:?}"),
+        }
+    }
+    assert_eq!(v3.expect_closed().await, []);
+
+    // Not ready, new connections refused, the drain reports complete.
+    assert_eq!(
+        http_call(node.http, "GET", "/readyz", None, None).await.0,
+        503
+    );
+    wait_refused(node.mqtt_addr()).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (code, v) = http_call(node.http, "GET", "/api/v1/drain", None, None).await;
+        assert_eq!(code, 200);
+        if v["complete"] == true {
+            assert_eq!(v["connections"], 0, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "drain not complete: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(node.terminate(), Some(0), "clean exit after SIGTERM");
+
+    // Every acknowledged message reaches the persistent subscriber after a restart.
+    assert!(
+        !acked.is_empty(),
+        "nothing was acknowledged before the drain"
+    );
+    let node = Node::start_on(1, &data, &[], &[], ports).await;
+    let mut connect = connect_packet(ProtocolVersion::V5, "drain-sub", false);
+    connect.properties.session_expiry_interval = Some(3600);
+    let (mut sub, ack) = RawClient::handshake(node.mqtt_addr(), connect).await;
+    assert!(ack.session_present);
+    while !acked.is_subset(&received) {
+        match sub.recv_within(WAIT).await {
+            Ok(Some(Packet::Publish(p))) => {
+                if let Some(id) = p.packet_id {
+                    sub.send(&Packet::PubAck(PubResponse::success(id))).await;
+                }
+                if let Some(n) = std::str::from_utf8(&p.payload)
+                    .ok()
+                    .and_then(|s| s.strip_prefix("msg-")?.parse::<u32>().ok())
+                {
+                    received.insert(n);
+                }
+            }
+            other => panic!(
+                "missing acknowledged messages {:?} ({other:?})",
+                acked.difference(&received).collect::<Vec<_>>()
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(
+        1,
+        &dir.path().join("data"),
+        &[],
+        &[
+            ("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN),
+            ("RAFTMQ_DRAIN__SERVER_REFERENCE", "other.example:1883"),
+        ],
+    )
+    .await;
+    let url = node.url();
+    let with_token = [("RAFTMQ_ADMIN_TOKEN", TOKEN)];
+
+    // Errors say what is wrong and exit non-zero.
+    let out = ctl(&["--url", &url, "cluster", "status"], &[]).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("token is missing"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = ctl(
+        &["--url", &url, "--token", "nope", "cluster", "status"],
+        &[],
+    )
+    .await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("token was refused"),
+        "{}",
+        text(&out.stderr)
+    );
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let out = ctl(&["--url", &closed, "cluster", "status"], &[]).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains(&closed), "{}", text(&out.stderr));
+    let out = ctl(&["--url", &url, "clients", "show", "nobody"], &with_token).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("404") && text(&out.stderr).contains("no client `nobody`"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Status (table and JSON); the server's own variable is a fallback for the token.
+    let out = ctl(
+        &["--url", &url, "cluster", "status"],
+        &[("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("Leader"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = ctl(
+        &["--url", &url, "--output", "json", "cluster", "status"],
+        &with_token,
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(v["voters"], json!([1]));
+
+    // Clients, publish, kick.
+    let mut sub = persistent_subscriber(node.mqtt_addr(), "ctl-sub", "c/#").await;
+    let out = ctl(&["--url", &url, "clients", "list"], &with_token).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains("CLIENT ID") && listing.contains("ctl-sub"),
+        "{listing}"
+    );
+    let out = ctl(
+        &["--url", &url, "subscriptions", "list", "--topic", "c/1"],
+        &with_token,
+    )
+    .await;
+    assert!(text(&out.stdout).contains("c/#"), "{}", text(&out.stdout));
+    let out = ctl(
+        &[
+            "--url",
+            &url,
+            "publish",
+            "c/1",
+            "from ctl",
+            "--qos",
+            "1",
+            "--user-property",
+            "a=b",
+        ],
+        &with_token,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let p = sub.recv_publish().await;
+    assert_eq!(&p.payload[..], b"from ctl");
+    sub.send(&Packet::PubAck(PubResponse::success(
+        p.packet_id.expect("id"),
+    )))
+    .await;
+    let out = ctl(&["--url", &url, "clients", "kick", "ctl-sub"], &with_token).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    sub.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION)
+        .await;
+
+    // Drain: a v5 client is sent to the configured server; ctl waits for completion.
+    let mut connect = connect_packet(ProtocolVersion::V5, "ctl-sub", false);
+    connect.properties.session_expiry_interval = Some(3600);
+    let (mut sub, _) = RawClient::handshake(node.mqtt_addr(), connect).await;
+    let out = ctl(
+        &["--url", &url, "--output", "json", "drain", "--wait"],
+        &with_token,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(
+        (&v["draining"], &v["complete"]),
+        (&json!(true), &json!(true)),
+        "{v}"
+    );
+    match sub.recv().await {
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, ReasonCode::USE_ANOTHER_SERVER);
+            assert_eq!(
+                d.properties.server_reference.as_deref(),
+                Some("other.example:1883")
+            );
+        }
+        other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
+    }
+    assert_eq!(
+        http_call(node.http, "GET", "/readyz", None, None).await.0,
+        503
+    );
+    wait_refused(node.mqtt_addr()).await;
+}
+
+/// The node's view of the voters, once it answers.
+async fn voters(node: &Node) -> Option<Vec<u64>> {
+    let (code, v) = http_call(node.http, "GET", "/api/v1/cluster", None, None).await;
+    (code == 200).then(|| {
+        v["voters"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    })
+}
+
+async fn wait_voters(node: &Node, expected: &[u64]) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let seen = voters(node).await;
+        if seen.as_deref() == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} sees voters {seen:?}, expected {expected:?}",
+            node.id
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_is_changed_through_the_admin_api_and_ctl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n1 = Node::start(1, &dir.path().join("n1"), &[], &[]).await;
+    let seed = format!("127.0.0.1:{}", n1.cluster);
+    let n2 = Node::start(2, &dir.path().join("n2"), &[seed], &[]).await;
+    wait_voters(&n1, &[1, 2]).await;
+
+    // Remove node 2 through the API of node 2 itself (forwarded to the leader).
+    let (code, v) = http_call(n2.http, "DELETE", "/api/v1/cluster/nodes/2", None, None).await;
+    assert_eq!(code, 200, "{v}");
+    wait_voters(&n1, &[1]).await;
+
+    // Add it back with ctl, against node 1.
+    let out = ctl(
+        &[
+            "--url",
+            &n1.url(),
+            "cluster",
+            "add",
+            "--node-id",
+            "2",
+            "--cluster-addr",
+            &format!("127.0.0.1:{}", n2.cluster),
+            "--mqtt-addr",
+            &format!("127.0.0.1:{}", n2.mqtt),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    wait_voters(&n1, &[1, 2]).await;
+    let out = ctl(&["--url", &n1.url(), "cluster", "remove", "9"], &[]).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("not a member"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(n2);
+}
