@@ -22,19 +22,35 @@ use crate::metrics::{CONNECTIONS_CLOSED_TOTAL, CONNECTIONS_CURRENT, DECODE_ERROR
 const PUMP_BATCH: usize = 256;
 /// Initial read buffer: small, grows with the packets a client actually sends.
 const READ_BUFFER: usize = 512;
-/// A client that does not accept our bytes for this long is disconnected.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the listener knows about a connection before its first byte of MQTT.
+pub(crate) struct ConnOptions {
+    /// Identity from the verified client certificate (TLS listeners).
+    pub cert_identity: Option<String>,
+    /// Refuse the CONNECT with this code (over a connection limit).
+    pub refusal: Option<ReasonCode>,
+    /// A client that accepts none of our bytes for this long is disconnected
+    /// (`limits.write_stall_timeout`).
+    pub write_stall: Duration,
+}
 
+/// Serves one client on `stream` (any transport) until it closes. `peer` is the client's
+/// address (from the PROXY header when the listener uses one).
 pub(crate) async fn run<S>(
     mut stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
+    opts: ConnOptions,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     gauge!(CONNECTIONS_CURRENT).increment(1.0);
     let mut conn = Connection::new(broker, Some(peer), Instant::now());
+    conn.set_cert_identity(opts.cert_identity);
+    if let Some(code) = opts.refusal {
+        conn.refuse(code);
+    }
+    let mut stalled = false;
     let mut rbuf = BytesMut::with_capacity(READ_BUFFER);
     let mut wbuf = BytesMut::new();
     let mut more = false;
@@ -46,9 +62,20 @@ pub(crate) async fn run<S>(
             }
         }
         if !wbuf.is_empty() {
-            match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&wbuf)).await {
+            // While the client does not read, neither do we: memory stays at one write batch.
+            let write = async {
+                stream.write_all(&wbuf).await?;
+                stream.flush().await
+            };
+            match tokio::time::timeout(opts.write_stall, write).await {
                 Ok(Ok(())) => wbuf.clear(),
-                _ => {
+                Ok(Err(_)) => {
+                    conn.handle_transport_closed(Instant::now());
+                    break;
+                }
+                Err(_) => {
+                    debug!(%peer, "client stopped reading: disconnecting");
+                    stalled = true;
                     conn.handle_transport_closed(Instant::now());
                     break;
                 }
@@ -121,8 +148,15 @@ pub(crate) async fn run<S>(
             _ = shutdown.changed() => conn.handle_shutdown(ReasonCode::SERVER_SHUTTING_DOWN, Instant::now()),
         }
     }
-    let _ = stream.shutdown().await;
-    let reason = conn.close_reason().map_or("transport_closed", close_label);
+    if !stalled {
+        // Bounded: a peer that does not read must not hold the task.
+        let _ = tokio::time::timeout(opts.write_stall, stream.shutdown()).await;
+    }
+    let reason = if stalled {
+        "write_stall"
+    } else {
+        conn.close_reason().map_or("transport_closed", close_label)
+    };
     counter!(CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
     gauge!(CONNECTIONS_CURRENT).decrement(1.0);
     debug!(%peer, client_id = ?conn.client_id(), reason, "connection closed");
