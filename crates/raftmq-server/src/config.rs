@@ -198,31 +198,10 @@ impl Default for TlsConfig {
 }
 
 impl TlsConfig {
-    /// Every problem with the values, given the listeners that use them; keys prefixed with
-    /// `prefix`.
-    pub fn validate(&self, prefix: &str, listeners: &ListenersConfig) -> Vec<ConfigProblem> {
+    /// Every problem with the values, keys prefixed with `prefix`. (That a TLS listener has
+    /// certificates is checked when they are loaded, at startup.)
+    pub fn validate(&self, prefix: &str) -> Vec<ConfigProblem> {
         let mut out = Vec::new();
-        let users: Vec<&str> = [ListenerKind::Tls, ListenerKind::Wss]
-            .into_iter()
-            .filter(|k| listeners.addr(*k).is_some())
-            .map(|k| k.as_str())
-            .collect();
-        if !users.is_empty() {
-            let needed_by = format!(
-                "required by {}",
-                users
-                    .iter()
-                    .map(|u| format!("listeners.{u}"))
-                    .collect::<Vec<_>>()
-                    .join(" and ")
-            );
-            if self.cert_file.is_none() {
-                out.push(problem(format!("{prefix}cert_file"), needed_by.clone()));
-            }
-            if self.key_file.is_none() {
-                out.push(problem(format!("{prefix}key_file"), needed_by));
-            }
-        }
         if self.client_auth != ClientAuth::None && self.ca_file.is_none() {
             out.push(problem(
                 format!("{prefix}ca_file"),

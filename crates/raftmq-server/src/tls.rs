@@ -84,11 +84,11 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 fn build(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
     let cert_file = settings.cert_file.as_deref().ok_or(TlsError::Invalid {
         key: "tls.cert_file",
-        problem: "required by the TLS listeners".into(),
+        problem: "required when listeners.tls or listeners.wss is set".into(),
     })?;
     let key_file = settings.key_file.as_deref().ok_or(TlsError::Invalid {
         key: "tls.key_file",
-        problem: "required by the TLS listeners".into(),
+        problem: "required when listeners.tls or listeners.wss is set".into(),
     })?;
     let chain = certs("tls.cert_file", cert_file)?;
     let key = private_key(key_file)?;
