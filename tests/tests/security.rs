@@ -205,10 +205,13 @@ async fn tls_mqtt_accepted(addr: SocketAddr, config: Arc<ClientConfig>, client_i
 // ---------------------------------------------------------------------------------------------
 // Brokers
 
+/// What the transport told authentication about a client: peer address, certificate identity.
+type Transport = (Option<SocketAddr>, Option<String>);
+
 /// An authenticator that accepts everyone and remembers what the transport told about them.
 #[derive(Default)]
 struct Recorder {
-    seen: Mutex<HashMap<String, (Option<SocketAddr>, Option<String>)>>,
+    seen: Mutex<HashMap<String, Transport>>,
 }
 
 impl Authenticator for Recorder {
@@ -222,7 +225,7 @@ impl Authenticator for Recorder {
 }
 
 impl Recorder {
-    fn get(&self, client_id: &str) -> (Option<SocketAddr>, Option<String>) {
+    fn get(&self, client_id: &str) -> Transport {
         self.seen
             .lock()
             .expect("recorder lock")

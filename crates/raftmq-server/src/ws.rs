@@ -47,6 +47,8 @@ pub async fn accept<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // The error type is tungstenite's, not ours to shrink.
+    #[allow(clippy::result_large_err)]
     let callback = |request: &Request, mut response: Response| {
         if request.uri().path() != path {
             return Err(refuse(

@@ -82,7 +82,7 @@ fn decode_string(tag: u8, contents: &[u8]) -> Option<String> {
         0x14 => Some(contents.iter().map(|b| char::from(*b)).collect()),
         // BMPString: UTF-16BE.
         0x1E => {
-            if contents.len() % 2 != 0 {
+            if !contents.len().is_multiple_of(2) {
                 return None;
             }
             let units: Vec<u16> = contents
