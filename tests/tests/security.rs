@@ -471,6 +471,114 @@ async fn changed_certificate_files_are_used_without_a_restart() {
     tb.stop().await;
 }
 
+/// Runs a mosquitto client against the TLS listener at `port` (host name `localhost`, which the
+/// server certificate names), with `args`.
+fn mosquitto_tls(program: &str, port: u16, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(["-h", "localhost", "-p", &port.to_string(), "-V", "mqttv5"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn finished(child: tokio::process::Child) -> std::process::Output {
+    tokio::time::timeout(TIMEOUT, child.wait_with_output())
+        .await
+        .expect("mosquitto client did not finish in time")
+        .expect("wait for mosquitto client")
+}
+
+#[tokio::test]
+async fn mosquitto_clients_over_mutual_tls() {
+    let ca = ca("device CA");
+    let server = leaf(&ca, "broker", None, Role::Server);
+    let device = leaf(&ca, "mosquitto-device", None, Role::Client);
+    let files = tls_files(&server, &ca);
+    let dir = files.cert.parent().expect("dir").to_owned();
+    let (cert, key) = (dir.join("device.crt"), dir.join("device.key"));
+    replace(&cert, &device.cert_pem);
+    replace(&key, &device.key_pem);
+    let tls = tls_settings(&files, ClientAuth::Required, CertIdentitySource::Cn);
+    let (tb, seen) = broker_with(
+        tls_listeners(),
+        Some(tls),
+        LimitsConfig::default(),
+        MqttConfig::default(),
+    )
+    .await;
+    let port = tb.tls.expect("tls listener").port();
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+    let (ca_file, cert, key) = (path(&files.ca), path(&cert), path(&key));
+    let with_cert = ["--cafile", &ca_file, "--cert", &cert, "--key", &key];
+
+    let mut sub_args = with_cert.to_vec();
+    sub_args.extend(["-i", "mosq-sub", "-t", "mtls/t", "-q", "1", "-C", "1"]);
+    let sub = mosquitto_tls("mosquitto_sub", port, &sub_args)
+        .spawn()
+        .expect("run mosquitto_sub (apt-get install mosquitto-clients)");
+    let broker = tb.broker.clone();
+    wait_until("mosquitto_sub has subscribed", || {
+        broker.subscription_count() == 1
+    })
+    .await;
+
+    let mut pub_args = with_cert.to_vec();
+    pub_args.extend([
+        "-i",
+        "mosq-pub",
+        "-t",
+        "mtls/t",
+        "-q",
+        "1",
+        "-m",
+        "over mutual TLS",
+    ]);
+    let out = finished(
+        mosquitto_tls("mosquitto_pub", port, &pub_args)
+            .spawn()
+            .expect("run mosquitto_pub"),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "mosquitto_pub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = finished(sub).await;
+    assert!(
+        out.status.success(),
+        "mosquitto_sub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "over mutual TLS"
+    );
+    assert_eq!(seen.get("mosq-pub").1.as_deref(), Some("mosquitto-device"));
+
+    // Without a client certificate the broker turns mosquitto_pub away.
+    let out = finished(
+        mosquitto_tls(
+            "mosquitto_pub",
+            port,
+            &[
+                "--cafile", &ca_file, "-i", "no-cert", "-t", "mtls/t", "-m", "x",
+            ],
+        )
+        .spawn()
+        .expect("run mosquitto_pub"),
+    )
+    .await;
+    assert!(
+        !out.status.success(),
+        "mosquitto_pub without a certificate succeeded"
+    );
+    tb.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // WebSocket
 
