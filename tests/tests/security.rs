@@ -838,6 +838,8 @@ async fn connection_caps_refuse_with_quota_exceeded() {
 
 #[tokio::test]
 async fn connect_rate_refuses_with_connection_rate_exceeded() {
+    // One connection a second, two at once: the third in a row is refused (the test takes far
+    // less than the second a token takes to come back).
     let limits = LimitsConfig {
         connect_rate: 1,
         connect_burst: 2,
