@@ -20,7 +20,7 @@ use tracing::{info, warn};
 /// A problem loading the TLS configuration; names the configuration key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{key}: cannot read {}: {source}", path.display())]
+    #[error("{key}: cannot read {}", path.display())]
     Read {
         key: &'static str,
         path: PathBuf,
@@ -200,7 +200,13 @@ impl TlsState {
             }
             Err(e) => {
                 ::metrics::counter!(TLS_RELOADS_TOTAL, "result" => "error").increment(1);
-                warn!(error = %e, "TLS certificates not reloaded; keeping the previous ones");
+                let mut error = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    error = format!("{error}: {c}");
+                    cause = c.source();
+                }
+                warn!(%error, "TLS certificates not reloaded; keeping the previous ones");
             }
         }
     }
