@@ -3,6 +3,7 @@
 //! with their reason codes, a client that stops reading, and a flood of malformed packets while
 //! well-behaved clients publish.
 
+use futures_util::{SinkExt, StreamExt};
 use raftmq_codec::{Packet, ProtocolVersion, PubResponse, QoS, ReasonCode};
 use raftmq_core::Broker;
 use raftmq_core::auth::{AllowAll, Authenticator, ConnectInfo, Principal};
@@ -33,6 +34,7 @@ use tokio_rustls::rustls::pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
 };
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, SupportedProtocolVersion};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
@@ -691,6 +693,33 @@ async fn websocket_and_secure_websocket_clients_publish_and_subscribe() {
         .expect("wss handshake");
     websocket_round_trip(wss, tb.mqtt, "wss").await;
 
+    // MQTT over WebSocket is binary: a text message closes the connection.
+    let tcp = TcpStream::connect(ws_addr).await.expect("connect");
+    let request = format!("ws://{ws_addr}/mqtt")
+        .into_client_request()
+        .expect("request");
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .expect("ws handshake");
+    ws.send(Message::Text(
+        String::from_utf8_lossy(&connect_bytes(V5, "texter"))
+            .into_owned()
+            .into(),
+    ))
+    .await
+    .expect("send text message");
+    let end = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => panic!("answered a text message with {b:?}"),
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return,
+            }
+        }
+    });
+    end.await
+        .expect("the connection stayed open after a text message");
+
     // Only the configured path serves MQTT.
     let tcp = TcpStream::connect(ws_addr).await.expect("connect");
     let refused = ws_client(tcp, &format!("ws://{ws_addr}/elsewhere")).await;
@@ -762,6 +791,54 @@ async fn proxy_protocol_header_gives_the_client_address() {
     c.send_bytes(&connect_bytes(V5, "direct")).await;
     assert_eq!(c.expect_closed().await, []);
     assert!(seen.seen.lock().expect("lock").get("direct").is_none());
+    tb.stop().await;
+}
+
+#[tokio::test]
+async fn proxy_protocol_header_comes_before_the_tls_handshake() {
+    let ca = ca("test CA");
+    let files = tls_files(&leaf(&ca, "broker", None, Role::Server), &ca);
+    let listeners = ListenersConfig {
+        tls: Some(ANY),
+        proxy_protocol: vec![ListenerKind::Tls],
+        ..ListenersConfig::default()
+    };
+    let tls = tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn);
+    let (tb, seen) = broker_with(
+        listeners,
+        Some(tls),
+        LimitsConfig::default(),
+        MqttConfig::default(),
+    )
+    .await;
+    let mut tcp = TcpStream::connect(tb.tls.expect("tls listener"))
+        .await
+        .expect("connect");
+    tcp.write_all(b"PROXY TCP4 198.51.100.23 192.0.2.1 1234 8883\r\n")
+        .await
+        .expect("write header");
+    let name = ServerName::try_from("localhost").expect("server name");
+    let stream = tokio::time::timeout(
+        TIMEOUT,
+        TlsConnector::from(client_config(&ca, None, BOTH)).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake timed out")
+    .expect("TLS handshake");
+    let mut c = RawClient::over(stream, V5);
+    c.send(&Packet::Connect(Box::new(connect_packet(
+        V5,
+        "behind-lb",
+        true,
+    ))))
+    .await;
+    assert!(
+        matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::SUCCESS)
+    );
+    assert_eq!(
+        seen.get("behind-lb").0,
+        Some("198.51.100.23:1234".parse().expect("addr"))
+    );
     tb.stop().await;
 }
 
