@@ -63,17 +63,13 @@ pub(crate) async fn run<S>(
         }
         if !wbuf.is_empty() {
             // While the client does not read, neither do we: memory stays at one write batch.
-            let write = async {
-                stream.write_all(&wbuf).await?;
-                stream.flush().await
-            };
-            match tokio::time::timeout(opts.write_stall, write).await {
-                Ok(Ok(())) => wbuf.clear(),
-                Ok(Err(_)) => {
+            match write_out(&mut stream, &wbuf, opts.write_stall).await {
+                Ok(true) => wbuf.clear(),
+                Err(_) => {
                     conn.handle_transport_closed(Instant::now());
                     break;
                 }
-                Err(_) => {
+                Ok(false) => {
                     debug!(%peer, "client stopped reading: disconnecting");
                     stalled = true;
                     conn.handle_transport_closed(Instant::now());
@@ -160,6 +156,28 @@ pub(crate) async fn run<S>(
     counter!(CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
     gauge!(CONNECTIONS_CURRENT).decrement(1.0);
     debug!(%peer, client_id = ?conn.client_id(), reason, "connection closed");
+}
+
+/// Writes `buf` and flushes it; `Ok(false)` when the peer accepted no bytes for `stall` (a
+/// slow reader that keeps taking bytes is not cut off).
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &[u8],
+    stall: Duration,
+) -> std::io::Result<bool> {
+    let mut written = 0;
+    while written < buf.len() {
+        match tokio::time::timeout(stall, stream.write(&buf[written..])).await {
+            Err(_) => return Ok(false),
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    match tokio::time::timeout(stall, stream.flush()).await {
+        Err(_) => Ok(false),
+        Ok(result) => result.map(|()| true),
+    }
 }
 
 fn close_label(reason: CloseReason) -> &'static str {
