@@ -11,11 +11,11 @@ use raftmq_codec::{
 };
 use raftmq_core::Broker;
 use raftmq_core::config::MqttConfig;
-use raftmq_server::{HttpConfig, ListenersConfig, Server};
+use raftmq_server::{HttpConfig, LimitsConfig, ListenerKind, ListenersConfig, Server, TlsConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -27,6 +27,10 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 pub struct TestBroker {
     pub mqtt: SocketAddr,
     pub http: SocketAddr,
+    /// The TLS, WebSocket and secure WebSocket listeners, when started with them.
+    pub tls: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
     pub broker: Arc<Broker>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -45,18 +49,50 @@ impl TestBroker {
 
     /// Starts the front end for an existing broker.
     pub async fn with_broker(broker: Arc<Broker>) -> TestBroker {
+        Self::with_server(
+            broker,
+            ListenersConfig::default(),
+            None,
+            LimitsConfig::default(),
+        )
+        .await
+    }
+
+    /// Starts the front end for `broker` with the listeners of `listeners` that are set (their
+    /// addresses replaced by 127.0.0.1 with an ephemeral port; the TCP one is always started),
+    /// TLS certificates and connection limits.
+    pub async fn with_server(
+        broker: Arc<Broker>,
+        listeners: ListenersConfig,
+        tls: Option<TlsConfig>,
+        limits: LimitsConfig,
+    ) -> TestBroker {
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
         let listeners = ListenersConfig {
-            tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            tcp: Some(local),
+            tls: listeners.tls.map(|_| local),
+            ws: listeners.ws.map(|_| local),
+            wss: listeners.wss.map(|_| local),
+            ..listeners
         };
         let http = HttpConfig {
-            addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            addr: Some(local),
             ..HttpConfig::default()
         };
-        let server = Server::bind(broker.clone(), &listeners, &http, None)
+        let mut server = Server::bind(broker.clone(), &listeners, &http, None)
             .await
             .expect("bind test broker");
+        if let Some(tls) = &tls {
+            server.set_tls(tls).expect("load TLS certificates");
+        }
+        server.set_limits(limits);
         let mqtt = server.mqtt_addr().expect("mqtt addr");
         let http = server.http_addr().expect("http addr");
+        let (tls, ws, wss) = (
+            server.listener_addr(ListenerKind::Tls),
+            server.listener_addr(ListenerKind::Ws),
+            server.listener_addr(ListenerKind::Wss),
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ = server
@@ -68,6 +104,9 @@ impl TestBroker {
         TestBroker {
             mqtt,
             http,
+            tls,
+            ws,
+            wss,
             broker,
             stop: Some(stop),
             task: Some(task),
@@ -98,9 +137,13 @@ impl Drop for TestBroker {
     }
 }
 
+/// A byte stream a [`RawClient`] can run over (TCP, TLS, WebSocket).
+pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
+
 /// A raw MQTT client: sends exactly the bytes or packets it is given.
 pub struct RawClient {
-    stream: TcpStream,
+    stream: Box<dyn ByteStream>,
     buf: BytesMut,
     pub version: ProtocolVersion,
 }
@@ -113,8 +156,13 @@ impl RawClient {
             .expect("connect timed out")
             .expect("connect");
         stream.set_nodelay(true).expect("nodelay");
+        Self::over(stream, version)
+    }
+
+    /// A client over an established byte stream (a TLS session, a WebSocket).
+    pub fn over(stream: impl ByteStream + 'static, version: ProtocolVersion) -> RawClient {
         RawClient {
-            stream,
+            stream: Box::new(stream),
             buf: BytesMut::new(),
             version,
         }
@@ -123,13 +171,15 @@ impl RawClient {
     /// Sends raw bytes.
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
+        self.stream.flush().await.expect("flush");
     }
 
     /// Encodes and sends a packet; an error if the broker closed the connection.
     pub async fn try_send(&mut self, packet: &Packet) -> std::io::Result<()> {
         let mut out = BytesMut::new();
         encode(packet, self.version, &mut out).expect("encode");
-        self.stream.write_all(&out).await
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await
     }
 
     /// Encodes and sends a packet for this client's protocol version.

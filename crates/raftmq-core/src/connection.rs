@@ -118,6 +118,9 @@ pub struct Connection {
     outbound_aliases: OutboundAliases,
     /// Set when the server's own shutdown closes the connection.
     cert_identity: Option<String>,
+    /// Set when the server refuses this connection (a connection limit): CONNECT is answered
+    /// with this reason code.
+    refusal: Option<ReasonCode>,
 }
 
 impl Connection {
@@ -143,7 +146,14 @@ impl Connection {
             inbound_aliases: HashMap::default(),
             outbound_aliases: OutboundAliases::default(),
             cert_identity: None,
+            refusal: None,
         }
+    }
+
+    /// Makes the coming CONNECT be refused with `code` (the server is over a connection limit
+    /// or overloaded): CONNACK `code` to MQTT 5 clients, its 3.x return code to others.
+    pub fn refuse(&mut self, code: ReasonCode) {
+        self.refusal = Some(code);
     }
 
     /// Sets the identity taken from a verified client certificate (before CONNECT).
@@ -381,7 +391,13 @@ impl Connection {
         self.last_received = now;
         if self.attachment.is_none() {
             match packet {
-                Packet::Connect(c) => self.handle_connect(*c, now),
+                Packet::Connect(c) => match self.refusal {
+                    Some(code) => {
+                        self.version = c.protocol;
+                        self.refuse_connect(code, now);
+                    }
+                    None => self.handle_connect(*c, now),
+                },
                 // The first packet must be CONNECT (§3.1): close without a reply.
                 _ => self.closed = Some(CloseReason::ProtocolViolation(ReasonCode::PROTOCOL_ERROR)),
             }

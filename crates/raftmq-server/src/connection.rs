@@ -23,24 +23,42 @@ use crate::metrics::{CONNECTIONS_CLOSED_TOTAL, CONNECTIONS_CURRENT, DECODE_ERROR
 const PUMP_BATCH: usize = 256;
 /// Initial read buffer: small, grows with the packets a client actually sends.
 const READ_BUFFER: usize = 512;
-/// A client that does not accept our bytes for this long is disconnected.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the listener knows about a connection before its first byte of MQTT.
+pub(crate) struct ConnOptions {
+    /// Identity from the verified client certificate (TLS listeners).
+    pub cert_identity: Option<String>,
+    /// Refuse the CONNECT with this code (over a connection limit).
+    pub refusal: Option<ReasonCode>,
+    /// A client that accepts none of our bytes for this long is disconnected
+    /// (`limits.write_stall_timeout`).
+    pub write_stall: Duration,
+    /// The node's drain: once started, the connection finishes its work and says goodbye.
+    pub drain: Arc<Drain>,
+}
 
+/// Serves one client on `stream` (any transport) until it closes. `peer` is the client's
+/// address (from the PROXY header when the listener uses one).
 pub(crate) async fn run<S>(
     mut stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
-    drain: Arc<Drain>,
+    opts: ConnOptions,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     gauge!(CONNECTIONS_CURRENT).increment(1.0);
+    let drain = opts.drain.clone();
     let _open = drain.track();
     let mut drain_started = drain.subscribe();
     // Once draining: stop reading, finish the commits in flight, then close (by the deadline).
     let mut drain_deadline: Option<Instant> = None;
     let mut conn = Connection::new(broker, Some(peer), Instant::now());
+    conn.set_cert_identity(opts.cert_identity);
+    if let Some(code) = opts.refusal {
+        conn.refuse(code);
+    }
+    let mut stalled = false;
     let mut rbuf = BytesMut::with_capacity(READ_BUFFER);
     let mut wbuf = BytesMut::new();
     let mut more = false;
@@ -52,9 +70,16 @@ pub(crate) async fn run<S>(
             }
         }
         if !wbuf.is_empty() {
-            match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&wbuf)).await {
-                Ok(Ok(())) => wbuf.clear(),
-                _ => {
+            // While the client does not read, neither do we: memory stays at one write batch.
+            match write_out(&mut stream, &wbuf, opts.write_stall).await {
+                Ok(true) => wbuf.clear(),
+                Err(_) => {
+                    conn.handle_transport_closed(Instant::now());
+                    break;
+                }
+                Ok(false) => {
+                    debug!(%peer, "client stopped reading: disconnecting");
+                    stalled = true;
                     conn.handle_transport_closed(Instant::now());
                     break;
                 }
@@ -140,11 +165,40 @@ pub(crate) async fn run<S>(
             _ = shutdown.changed() => conn.handle_shutdown(ReasonCode::SERVER_SHUTTING_DOWN, Instant::now()),
         }
     }
-    let _ = stream.shutdown().await;
-    let reason = conn.close_reason().map_or("transport_closed", close_label);
+    if !stalled {
+        // Bounded: a peer that does not read must not hold the task.
+        let _ = tokio::time::timeout(opts.write_stall, stream.shutdown()).await;
+    }
+    let reason = if stalled {
+        "write_stall"
+    } else {
+        conn.close_reason().map_or("transport_closed", close_label)
+    };
     counter!(CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
     gauge!(CONNECTIONS_CURRENT).decrement(1.0);
     debug!(%peer, client_id = ?conn.client_id(), reason, "connection closed");
+}
+
+/// Writes `buf` and flushes it; `Ok(false)` when the peer accepted no bytes for `stall` (a
+/// slow reader that keeps taking bytes is not cut off).
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &[u8],
+    stall: Duration,
+) -> std::io::Result<bool> {
+    let mut written = 0;
+    while written < buf.len() {
+        match tokio::time::timeout(stall, stream.write(&buf[written..])).await {
+            Err(_) => return Ok(false),
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    match tokio::time::timeout(stall, stream.flush()).await {
+        Err(_) => Ok(false),
+        Ok(result) => result.map(|()| true),
+    }
 }
 
 fn close_label(reason: CloseReason) -> &'static str {

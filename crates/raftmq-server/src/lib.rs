@@ -1,4 +1,5 @@
-//! The network front end: MQTT listeners, one task per connection, and the HTTP endpoint
+//! The network front end: MQTT listeners (TCP, TLS, WebSocket, secure WebSocket, each optionally
+//! behind the PROXY protocol), connection limits, one task per connection, the HTTP endpoint
 //! (`/metrics`, `/healthz`, `/readyz`, the admin API), and the admin API's client (used by
 //! `raftmq ctl`).
 //!
@@ -13,10 +14,21 @@ mod config;
 mod connection;
 mod drain;
 mod http;
+pub mod limits;
 pub mod metrics;
+mod proxy;
 mod server;
+mod stream;
 mod sys;
+mod tls;
+mod ws;
+mod x509;
 
 pub use admin::{AdminFuture, ClusterAdmin, ClusterAdminError};
-pub use config::{DrainConfig, HttpConfig, ListenersConfig};
+pub use config::{
+    CertIdentitySource, ClientAuth, DrainConfig, HttpConfig, LimitsConfig, ListenerKind,
+    ListenersConfig, TlsConfig, TlsVersion,
+};
 pub use server::{ClusterInfo, ClusterServer, MetricsRender, Server, ServerError};
+pub use stream::WsStream;
+pub use tls::TlsError;

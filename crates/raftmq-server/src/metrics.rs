@@ -26,6 +26,10 @@ pub const AUTH_FAILURES_TOTAL: &str = "raftmq_auth_failures_total";
 pub const WILLS_PUBLISHED_TOTAL: &str = "raftmq_wills_published_total";
 pub const SESSION_TAKEOVERS_TOTAL: &str = "raftmq_session_takeovers_total";
 pub const DECODE_ERRORS_TOTAL: &str = "raftmq_decode_errors_total";
+pub const CONNECTIONS_REJECTED_TOTAL: &str = "raftmq_connections_rejected_total";
+pub const TLS_RELOADS_TOTAL: &str = "raftmq_tls_reloads_total";
+pub const OVERLOADED: &str = "raftmq_overloaded";
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "raftmq_process_resident_memory_bytes";
 
 const QOS_LABELS: [&str; 3] = ["0", "1", "2"];
 

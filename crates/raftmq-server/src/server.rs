@@ -1,7 +1,14 @@
 //! Binding listeners and running them until shutdown.
 
+use crate::connection::ConnOptions;
 use crate::drain::Drain;
-use crate::{ClusterAdmin, DrainConfig, HttpConfig, ListenersConfig, connection, http, metrics};
+use crate::limits::{Admission, Decision, Rejection};
+use crate::stream::Rewind;
+use crate::tls::{TlsError, TlsState};
+use crate::{
+    ClusterAdmin, DrainConfig, HttpConfig, LimitsConfig, ListenerKind, ListenersConfig, TlsConfig,
+    connection, http, metrics, proxy, ws,
+};
 use raftmq_core::Broker;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
@@ -9,9 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Renders the Prometheus exposition text (provided by the binary, which owns the recorder).
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
@@ -29,6 +37,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// What the HTTP endpoint reports about the cluster.
@@ -86,6 +96,11 @@ impl ClusterServer {
 pub struct Server {
     broker: Arc<Broker>,
     mqtt: Option<TcpListener>,
+    /// The TLS, WebSocket and secure WebSocket listeners.
+    more: Vec<(ListenerKind, TcpListener)>,
+    settings: ListenersConfig,
+    tls: Option<Arc<TlsState>>,
+    limits: LimitsConfig,
     http: Option<TcpListener>,
     metrics: Option<MetricsRender>,
     cluster: Option<ClusterInfo>,
@@ -115,9 +130,24 @@ impl Server {
         http: &HttpConfig,
         metrics: Option<MetricsRender>,
     ) -> Result<Server, ServerError> {
+        let mut more = Vec::new();
+        for kind in [ListenerKind::Tls, ListenerKind::Ws, ListenerKind::Wss] {
+            let what = match kind {
+                ListenerKind::Tls => "MQTT over TLS",
+                ListenerKind::Ws => "MQTT over WebSocket",
+                _ => "MQTT over secure WebSocket",
+            };
+            if let Some(l) = bind(what, listeners.addr(kind)).await? {
+                more.push((kind, l));
+            }
+        }
         Ok(Server {
             broker,
             mqtt: bind("MQTT", listeners.tcp).await?,
+            more,
+            settings: listeners.clone(),
+            tls: None,
+            limits: LimitsConfig::default(),
             http: bind("HTTP", http.addr).await?,
             metrics,
             cluster: None,
@@ -147,6 +177,29 @@ impl Server {
         self.mqtt.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// Loads the certificates of the TLS and secure WebSocket listeners (reloaded when the files
+    /// change, see `tls.reload_interval`, and on SIGHUP).
+    pub fn set_tls(&mut self, tls: &TlsConfig) -> Result<(), ServerError> {
+        self.tls = Some(Arc::new(TlsState::load(tls)?));
+        Ok(())
+    }
+
+    /// Sets the connection limits and overload thresholds.
+    pub fn set_limits(&mut self, limits: LimitsConfig) {
+        self.limits = limits;
+    }
+
+    /// The bound address of the `kind` listener (with the real port when 0 was configured).
+    pub fn listener_addr(&self, kind: ListenerKind) -> Option<SocketAddr> {
+        if kind == ListenerKind::Tcp {
+            return self.mqtt_addr();
+        }
+        self.more
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, l)| l.local_addr().ok())
+    }
+
     /// The bound HTTP address.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
@@ -163,19 +216,46 @@ impl Server {
     /// `drain.timeout`; then closes the HTTP endpoint and waits for the remaining tasks (at most
     /// a few seconds).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        if let Some((kind, _)) = self.more.iter().find(|(k, _)| k.is_tls())
+            && self.tls.is_none()
+        {
+            return Err(TlsError::NotConfigured(kind.as_str()).into());
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let tasks = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(true));
         let drain = Arc::new(Drain::new(&self.drain, ready.clone()));
 
+        let admission = Arc::new(Admission::new(self.limits.clone()));
+        admission.sample(&self.broker);
+        tasks.spawn(
+            admission
+                .clone()
+                .sample_loop(self.broker.clone(), stop_rx.clone()),
+        );
+        if let Some(tls) = &self.tls {
+            tasks.spawn(tls.clone().reload_loop(stop_rx.clone()));
+        }
+        let mut listeners = self.more;
         if let Some(listener) = self.mqtt {
-            tasks.spawn(accept_loop(
-                listener,
-                self.broker.clone(),
-                stop_rx.clone(),
-                tasks.clone(),
-                drain.clone(),
-            ));
+            listeners.insert(0, (ListenerKind::Tcp, listener));
+        }
+        let max_packet =
+            usize::try_from(self.broker.config().max_packet_size.0).unwrap_or(usize::MAX);
+        for (kind, listener) in listeners {
+            let ctx = Arc::new(ListenerCtx {
+                kind,
+                proxy: self.settings.proxy_protocol.contains(&kind),
+                handshake_timeout: self.settings.handshake_timeout.0,
+                ws_path: self.settings.ws_path.clone(),
+                // A message may hold a whole packet plus the start of the next ones.
+                ws_max_message: max_packet.saturating_add(64 * 1024),
+                tls: self.tls.clone(),
+                admission: admission.clone(),
+                broker: self.broker.clone(),
+                drain: drain.clone(),
+            });
+            tasks.spawn(accept_loop(listener, ctx, stop_rx.clone(), tasks.clone()));
         }
         let cluster_status = self.cluster.as_ref().map(|c| c.status.clone());
         let cluster_ready = self.cluster.map(|c| c.ready);
@@ -232,28 +312,44 @@ impl Server {
     }
 }
 
+/// What every connection of one listener shares.
+struct ListenerCtx {
+    kind: ListenerKind,
+    proxy: bool,
+    handshake_timeout: Duration,
+    ws_path: String,
+    ws_max_message: usize,
+    tls: Option<Arc<TlsState>>,
+    admission: Arc<Admission>,
+    broker: Arc<Broker>,
+    drain: Arc<Drain>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    broker: Arc<Broker>,
+    ctx: Arc<ListenerCtx>,
     mut stop: watch::Receiver<bool>,
     tasks: TaskTracker,
-    drain: Arc<Drain>,
 ) {
-    let mut draining = drain.subscribe();
+    let mut draining = ctx.drain.subscribe();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     ::metrics::counter!(metrics::CONNECTIONS_ACCEPTED_TOTAL).increment(1);
+                    let (permit, refusal) = match ctx.admission.admit(ctx.kind, Instant::now()) {
+                        Decision::Admit(p) => (p, None),
+                        Decision::Refuse(code, p) => (p, Some(code)),
+                        Decision::Drop => continue,
+                    };
                     // Small packets must not wait for Nagle's algorithm.
                     let _ = stream.set_nodelay(true);
-                    tasks.spawn(connection::run(
-                        stream,
-                        peer,
-                        broker.clone(),
-                        stop.clone(),
-                        drain.clone(),
-                    ));
+                    let ctx = ctx.clone();
+                    let stop = stop.clone();
+                    tasks.spawn(async move {
+                        serve(stream, peer, refusal, ctx, stop).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -265,6 +361,89 @@ async fn accept_loop(
             // Closing the listener: new connections are refused while draining.
             _ = crate::drain::started(&mut draining) => return,
         }
+    }
+}
+
+/// Reads the PROXY header (if the listener expects one), runs the TLS and WebSocket handshakes
+/// (within `listeners.handshake_timeout`), then serves MQTT on the resulting byte stream.
+async fn serve(
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+    refusal: Option<raftmq_codec::ReasonCode>,
+    ctx: Arc<ListenerCtx>,
+    stop: watch::Receiver<bool>,
+) {
+    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+    let mut prefix = bytes::Bytes::new();
+    if ctx.proxy {
+        match tokio::time::timeout_at(deadline, proxy::read_header(&mut stream)).await {
+            Ok(Ok((addr, rest))) => {
+                if let Some(addr) = addr {
+                    peer = addr;
+                }
+                prefix = rest;
+            }
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "PROXY protocol header refused");
+                return Rejection::ProxyProtocol.count();
+            }
+            Err(_) => {
+                debug!(%peer, "no PROXY protocol header in time");
+                return Rejection::ProxyProtocol.count();
+            }
+        }
+    }
+    let stream = Rewind::new(stream, prefix);
+    let write_stall = ctx.admission.limits().write_stall_timeout.0;
+    let mut opts = ConnOptions {
+        cert_identity: None,
+        refusal,
+        write_stall,
+        drain: ctx.drain.clone(),
+    };
+    let broker = ctx.broker.clone();
+    if !ctx.kind.is_tls() {
+        if !ctx.kind.is_websocket() {
+            return connection::run(stream, peer, broker, stop, opts).await;
+        }
+        let ws = tokio::time::timeout_at(
+            deadline,
+            ws::accept(stream, &ctx.ws_path, ctx.ws_max_message),
+        );
+        return match ws.await {
+            Ok(Ok(ws)) => connection::run(ws, peer, broker, stop, opts).await,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "WebSocket handshake failed");
+                Rejection::WebsocketHandshake.count();
+            }
+            Err(_) => Rejection::WebsocketHandshake.count(),
+        };
+    }
+    let Some(tls) = &ctx.tls else { return };
+    let tls_stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "TLS handshake failed");
+            return Rejection::TlsHandshake.count();
+        }
+        Err(_) => return Rejection::TlsHandshake.count(),
+    };
+    opts.cert_identity = tls.identity(tls_stream.get_ref().1);
+    if !ctx.kind.is_websocket() {
+        return connection::run(tls_stream, peer, broker, stop, opts).await;
+    }
+    match tokio::time::timeout_at(
+        deadline,
+        ws::accept(tls_stream, &ctx.ws_path, ctx.ws_max_message),
+    )
+    .await
+    {
+        Ok(Ok(ws)) => connection::run(ws, peer, broker, stop, opts).await,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "WebSocket handshake failed");
+            Rejection::WebsocketHandshake.count();
+        }
+        Err(_) => Rejection::WebsocketHandshake.count(),
     }
 }
 

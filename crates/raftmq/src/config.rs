@@ -12,7 +12,7 @@
 
 use crate::docs;
 use raftmq_core::config::{ConfigProblem, MqttConfig};
-use raftmq_server::{DrainConfig, HttpConfig, ListenersConfig};
+use raftmq_server::{DrainConfig, HttpConfig, LimitsConfig, ListenersConfig, TlsConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -54,6 +54,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// MQTT listeners.
     pub listeners: ListenersConfig,
+    /// Certificates of the TLS listeners.
+    pub tls: TlsConfig,
+    /// Connection limits and overload protection.
+    pub limits: LimitsConfig,
     /// The HTTP endpoint (metrics, health, admin API).
     pub http: HttpConfig,
     /// Draining before shutdown.
@@ -72,6 +76,8 @@ impl Default for Config {
             node_id: 1,
             data_dir: PathBuf::from("./data"),
             listeners: ListenersConfig::default(),
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
             http: HttpConfig::default(),
             drain: DrainConfig::default(),
             cluster: ClusterConfig::default(),
@@ -505,6 +511,15 @@ impl Config {
         }
         if let Some(log) = c.section::<LogConfig>("log") {
             c.problems.extend(log.validate("log."));
+        }
+        if let Some(l) = &listeners {
+            c.problems.extend(l.validate("listeners."));
+        }
+        if let Some(tls) = c.section::<TlsConfig>("tls") {
+            c.problems.extend(tls.validate("tls."));
+        }
+        if let Some(limits) = c.section::<LimitsConfig>("limits") {
+            c.problems.extend(limits.validate("limits."));
         }
         if !problems.is_empty() {
             return Err(problems);
@@ -1142,5 +1157,35 @@ mod tests {
             "short names need a closer match"
         );
         assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn transport_and_limit_problems_name_their_keys() {
+        let p = problems(
+            "[listeners]\nws_path = \"mqtt\"\nhandshake_timeout = \"0s\"\n\
+             tls = \"127.0.0.1:8883\"\nwss = \"127.0.0.1:8883\"\n\
+             [tls]\nclient_auth = \"required\"\n\
+             [limits]\nwrite_stall_timeout = \"0s\"",
+        );
+        assert_eq!(p.len(), 5, "{p:?}");
+        for key in [
+            "listeners.ws_path",
+            "listeners.handshake_timeout",
+            "listeners.wss",
+            "tls.ca_file",
+            "limits.write_stall_timeout",
+        ] {
+            assert!(p.iter().any(|m| m.starts_with(key)), "{key} not in {p:?}");
+        }
+        let p = problems("[tls]\nclient_auth = \"sometimes\"\nmin_version = \"1.1\"");
+        assert!(p.iter().any(|m| m.starts_with("tls.client_auth")), "{p:?}");
+        assert!(p.iter().any(|m| m.starts_with("tls.min_version")), "{p:?}");
+        let config = check_file(
+            "[listeners]\nws = \"127.0.0.1:8083\"\nproxy_protocol = [\"tcp\", \"ws\"]\n\
+             [limits]\nmax_memory = \"2GiB\"\nconnect_rate = 100",
+        )
+        .expect("valid");
+        assert_eq!(config.limits.max_memory.0, 2 << 30);
+        assert_eq!(config.listeners.proxy_protocol.len(), 2);
     }
 }

@@ -51,6 +51,117 @@ pub const KEYS: &[KeyDoc] = &[
          Clients connect anonymously for now: bind to a loopback address or firewall the port \
          unless the network is trusted.",
     ),
+    optional(
+        "listeners.tls",
+        "Address of the MQTT over TLS listener (usually port 8883); needs tls.cert_file and \
+         tls.key_file. Absent: disabled.",
+        "\"0.0.0.0:8883\"",
+    ),
+    optional(
+        "listeners.ws",
+        "Address of the MQTT over WebSocket listener (usually port 8083), for browser clients. \
+         Absent: disabled.",
+        "\"0.0.0.0:8083\"",
+    ),
+    optional(
+        "listeners.wss",
+        "Address of the MQTT over secure WebSocket listener (usually port 8084); uses the [tls] \
+         certificates. Absent: disabled.",
+        "\"0.0.0.0:8084\"",
+    ),
+    key(
+        "listeners.ws_path",
+        "HTTP path of the WebSocket endpoints; other paths get 404. The \"mqtt\" subprotocol is \
+         negotiated.",
+    ),
+    key(
+        "listeners.proxy_protocol",
+        "Listeners (\"tcp\", \"tls\", \"ws\", \"wss\") behind a load balancer that sends a PROXY \
+         protocol v1 or v2 header: the address in it is the client's address for logs, \
+         authentication and limits; connections without a valid header are closed.",
+    ),
+    key(
+        "listeners.handshake_timeout",
+        "Time a new connection gets for its PROXY header and its TLS and WebSocket handshakes.",
+    ),
+    key(
+        "tls",
+        "Certificates of the TLS and secure WebSocket listeners. The files are reloaded without a \
+         restart when they change, and on SIGHUP.",
+    ),
+    optional(
+        "tls.cert_file",
+        "PEM file with the server certificate chain, leaf first.",
+        "\"/etc/raftmq/tls/server.crt\"",
+    ),
+    optional(
+        "tls.key_file",
+        "PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1).",
+        "\"/etc/raftmq/tls/server.key\"",
+    ),
+    optional(
+        "tls.ca_file",
+        "PEM file with the CA certificates client certificates must chain to (needed when \
+         client_auth is not \"none\").",
+        "\"/etc/raftmq/tls/ca.crt\"",
+    ),
+    key(
+        "tls.client_auth",
+        "Client certificates: \"none\" (not asked for), \"optional\" (verified when sent) or \
+         \"required\" (mutual TLS: handshakes without a valid certificate fail).",
+    ),
+    key(
+        "tls.min_version",
+        "Lowest TLS version accepted: \"1.2\" or \"1.3\".",
+    ),
+    key(
+        "tls.identity",
+        "What of a verified client certificate is passed to authentication as the certificate \
+         identity: \"cn\" (subject Common Name), \"subject\" (the whole subject, RFC 4514, e.g. \
+         \"CN=device-1,O=Example\") or \"none\".",
+    ),
+    key(
+        "tls.reload_interval",
+        "How often the certificate files are checked for changes; \"0s\" disables polling \
+         (SIGHUP still reloads).",
+    ),
+    key("limits", "Connection limits and overload protection."),
+    key(
+        "limits.max_connections",
+        "Most open client connections on this node; 0 = unlimited. Beyond it, CONNECT is refused \
+         with CONNACK 0x97 quota exceeded (MQTT 3.x: 3 server unavailable).",
+    ),
+    key(
+        "limits.max_connections_per_listener",
+        "Most open client connections on each listener; 0 = unlimited. Refused like \
+         max_connections.",
+    ),
+    key(
+        "limits.connect_rate",
+        "New connections accepted per second on each listener (token bucket); 0 = unlimited. \
+         Beyond it, CONNECT is refused with CONNACK 0x9F connection rate exceeded.",
+    ),
+    key(
+        "limits.connect_burst",
+        "Connections a listener accepts at once before connect_rate applies (the token bucket's \
+         size); 0 = connect_rate.",
+    ),
+    key(
+        "limits.write_stall_timeout",
+        "A client that accepts none of the broker's bytes for this long is disconnected; its \
+         connection never buffers more than one write batch meanwhile.",
+    ),
+    key(
+        "limits.max_memory",
+        "Resident memory of the process above which new connections are refused with CONNACK \
+         0x89 server busy (checked every second); \"0B\" = off. Set it below the container's \
+         memory limit.",
+    ),
+    key(
+        "limits.max_queued_messages",
+        "Messages queued in all sessions of this node above which new connections are refused \
+         with CONNACK 0x89 server busy; 0 = off.",
+    ),
     key(
         "http",
         "The HTTP endpoint: Prometheus metrics (/metrics), health (/healthz, /readyz), admin API.",

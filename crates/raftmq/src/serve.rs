@@ -9,7 +9,7 @@ use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
 use raftmq_core::auth::AllowAll;
 use raftmq_server::{
-    AdminFuture, ClusterAdmin, ClusterAdminError, ClusterInfo, ClusterServer, Server,
+    AdminFuture, ClusterAdmin, ClusterAdminError, ClusterInfo, ClusterServer, ListenerKind, Server,
 };
 use std::future::Future;
 use std::net::SocketAddr;
@@ -98,6 +98,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .await
     .context("starting listeners")?;
+    server.set_limits(config.limits.clone());
+    if config.listeners.tls.is_some() || config.listeners.wss.is_some() {
+        server
+            .set_tls(&config.tls)
+            .context("loading TLS certificates")?;
+    }
     let (status_node, ready_node) = (node.clone(), node.clone());
     server.set_cluster_info(ClusterInfo {
         status: Arc::new(move || {
@@ -119,6 +125,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
         None => warn!("mqtt listener disabled (listeners.tcp = \"none\"): no client can connect"),
+    }
+    for kind in [ListenerKind::Tls, ListenerKind::Ws, ListenerKind::Wss] {
+        if let Some(addr) = server.listener_addr(kind) {
+            info!("mqtt over {} listening on {addr}", kind.as_str());
+        }
     }
     match server.http_addr() {
         Some(addr) => {

@@ -477,7 +477,7 @@ def check_all_features(docs, p: Problems) -> None:
     cm = one(docs, "ConfigMap", p)
     if cm:
         cfg = tomllib.loads(cm["data"]["raftmq.toml"])
-        p.check(cfg.get("tls") == {"cert_file": "/etc/raftmq/tls/tls.crt", "key_file": "/etc/raftmq/tls/tls.key", "ca_file": "/etc/raftmq/tls/ca.crt"}, kn(cm), f"tls section {cfg.get('tls')}")
+        p.check(cfg.get("tls") == {"cert_file": "/etc/raftmq/tls/tls.crt", "key_file": "/etc/raftmq/tls/tls.key", "ca_file": "/etc/raftmq/tls/ca.crt", "client_auth": "required"}, kn(cm), f"tls section {cfg.get('tls')}")
         p.check(cfg.get("auth", {}).get("password_file") == "/etc/raftmq/auth/passwords", kn(cm), "auth.password_file")
         p.check(cfg.get("auth", {}).get("allow_anonymous") is False, kn(cm), "user auth keys must merge with the managed ones")
         p.check(cfg["mqtt"].get("max_inflight") == 64 and isinstance(cfg["mqtt"]["max_inflight"], int), kn(cm), "integers must stay integers in TOML")

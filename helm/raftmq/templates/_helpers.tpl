@@ -179,6 +179,7 @@ annotation hashes the configuration without it, so scaling does not restart the 
       "key_file" (printf "%s/%s" $v.tls.mountPath $v.tls.keyKey) -}}
 {{- if $v.tls.caKey -}}
 {{- $_ := set $tls "ca_file" (printf "%s/%s" $v.tls.mountPath $v.tls.caKey) -}}
+{{- $_ := set $tls "client_auth" "required" -}}
 {{- end -}}
 {{- $_ := set $managed "tls" $tls -}}
 {{- end -}}
