@@ -1478,3 +1478,123 @@ fn publish_with_subscription_identifier_from_client_is_a_protocol_error() {
     );
     c.expect_disconnect(ReasonCode::PROTOCOL_ERROR, w.at(0));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous authentication and per-client limits
+// ---------------------------------------------------------------------------------------------
+
+/// Defers every decision: the test plays the role of the server task resolving it.
+struct Deferring;
+
+impl raftmq_core::auth::Authenticator for Deferring {
+    fn authenticate(
+        &self,
+        info: &raftmq_core::auth::ConnectInfo<'_>,
+    ) -> raftmq_core::auth::AuthDecision {
+        let user = info.username.map(str::to_owned);
+        let client_id = info.client_id.to_owned();
+        raftmq_core::auth::AuthDecision::Pending(Box::pin(async move {
+            Ok(raftmq_core::auth::Principal {
+                username: user,
+                client_id,
+            })
+        }))
+    }
+}
+
+fn deferring_world() -> World {
+    World {
+        broker: Arc::new(Broker::with_auth(
+            MqttConfig::default(),
+            Arc::new(Deferring),
+            Arc::new(raftmq_core::auth::AllowAll),
+            1,
+        )),
+        t0: Instant::now(),
+    }
+}
+
+#[test]
+fn deferred_auth_holds_connack_and_later_packets_until_the_decision() {
+    let w = deferring_world();
+    let t = w.at(0);
+    let mut c = w.open(t);
+    c.send(Packet::Connect(Box::new(v5("a"))), t);
+    // Pipelined before the decision: held, not answered.
+    c.send(Packet::PingReq, t);
+    assert!(c.conn.is_awaiting_auth());
+    assert_eq!(c.drain(t), []);
+    let pending = c.conn.take_pending_auth().expect("a pending decision");
+    assert!(c.conn.take_pending_auth().is_none(), "handed out once");
+    drop(pending);
+    let principal = raftmq_core::auth::Principal {
+        username: None,
+        client_id: "a".into(),
+    };
+    c.conn.handle_auth_result(Ok(principal), t);
+    let out = c.drain(t);
+    assert!(
+        matches!(&out[..], [Packet::ConnAck(ack), Packet::PingResp] if ack.reason_code == ReasonCode::SUCCESS),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn deferred_auth_refusal_sends_connack_code_and_drops_held_packets() {
+    let w = deferring_world();
+    let t = w.at(0);
+    let mut c = w.open(t);
+    c.send(Packet::Connect(Box::new(v311("a", true))), t);
+    c.send(Packet::PingReq, t);
+    drop(c.conn.take_pending_auth());
+    c.conn
+        .handle_auth_result(Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD), t);
+    let out = c.drain(t);
+    assert!(
+        matches!(&out[..], [Packet::ConnAck(ack)] if ack.reason_code == ReasonCode::BAD_USER_NAME_OR_PASSWORD),
+        "{out:?}"
+    );
+    assert!(c.conn.is_closed());
+    assert_eq!(w.broker.stats().auth_failures.load(Ordering::Relaxed), 1);
+    assert!(w.broker.session("a").is_none());
+}
+
+#[test]
+fn too_many_packets_before_the_auth_decision_close_the_connection() {
+    let w = deferring_world();
+    let t = w.at(0);
+    let mut c = w.open(t);
+    c.send(Packet::Connect(Box::new(v5("a"))), t);
+    for _ in 0..raftmq_core::connection::MAX_PACKETS_BEFORE_AUTH {
+        c.send(Packet::PingReq, t);
+    }
+    assert!(!c.conn.is_closed());
+    c.send(Packet::PingReq, t);
+    assert!(c.conn.is_closed());
+    assert_eq!(c.drain(t), []);
+}
+
+#[test]
+fn publish_rate_over_the_limit_disconnects_and_refills_with_time() {
+    let w = World::with_config(MqttConfig {
+        max_publish_rate: 2,
+        ..MqttConfig::default()
+    });
+    let mut c = w.connect_v5("p", w.at(0));
+    let t = w.at(0);
+    c.publish(msg("t", 0, 0, b"1"), t);
+    c.publish(msg("t", 0, 0, b"2"), t);
+    // A second later the bucket is full again.
+    let t1 = w.at(1);
+    c.publish(msg("t", 0, 0, b"3"), t1);
+    c.publish(msg("t", 0, 0, b"4"), t1);
+    assert!(!c.conn.is_closed());
+    c.send(Packet::Publish(msg("t", 0, 0, b"5")), t1);
+    c.expect_disconnect(ReasonCode::MESSAGE_RATE_TOO_HIGH, t1);
+    assert_eq!(
+        w.broker
+            .stats()
+            .limit_exceeded_count(raftmq_core::limits::Limit::PublishRate),
+        1
+    );
+}

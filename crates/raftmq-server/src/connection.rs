@@ -24,6 +24,9 @@ const PUMP_BATCH: usize = 256;
 const READ_BUFFER: usize = 512;
 /// A client that does not accept our bytes for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound on an asynchronous authentication decision (each backend has its own, shorter
+/// timeout; this one only guards against a backend without one).
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn run<S>(
     mut stream: S,
@@ -60,6 +63,20 @@ pub(crate) async fn run<S>(
         }
         if conn.is_closed() {
             break;
+        }
+        // CONNECT waits for a slow authentication (password hash, HTTP callout): the socket is
+        // not read meanwhile (packets already decoded are held by the state machine).
+        if let Some(pending) = conn.take_pending_auth() {
+            let result = tokio::select! {
+                r = tokio::time::timeout(AUTH_TIMEOUT, pending) => {
+                    r.unwrap_or(Err(ReasonCode::SERVER_UNAVAILABLE))
+                }
+                _ = shutdown.changed() => Err(ReasonCode::SERVER_UNAVAILABLE),
+            };
+            let now = Instant::now();
+            conn.handle_auth_result(result, now);
+            more = conn.pump(now, PUMP_BATCH);
+            continue;
         }
         if more {
             more = conn.pump(Instant::now(), PUMP_BATCH);

@@ -6,6 +6,7 @@
 //! what it produces. It records metrics through the `metrics` facade but never installs a
 //! recorder or a tracing subscriber (the binary does).
 
+pub mod auth;
 mod config;
 mod connection;
 mod http;

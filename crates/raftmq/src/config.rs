@@ -12,6 +12,7 @@
 
 use crate::docs;
 use raftmq_core::config::{ConfigProblem, MqttConfig};
+use raftmq_server::auth::AuthConfig;
 use raftmq_server::{HttpConfig, ListenersConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// MQTT protocol and session settings.
     pub mqtt: MqttConfig,
+    /// Authentication and authorization.
+    pub auth: AuthConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -71,6 +74,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             cluster: ClusterConfig::default(),
             mqtt: MqttConfig::default(),
+            auth: AuthConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -471,6 +475,9 @@ impl Config {
         }
         if let Some(mqtt) = c.section::<MqttConfig>("mqtt") {
             c.problems.extend(mqtt.validate("mqtt."));
+        }
+        if let Some(auth) = c.section::<AuthConfig>("auth") {
+            c.problems.extend(auth.validate("auth."));
         }
         if let Some(log) = c.section::<LogConfig>("log") {
             c.problems.extend(log.validate("log."));

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod docs;
+pub mod passwd;
 pub mod serve;
 pub mod telemetry;
 
@@ -24,6 +25,11 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(serve::serve(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Passwd(args) => {
+            let message = passwd::run(&args)?;
+            eprintln!("{message}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Default) => {

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use raftmq_cluster::grpc;
 use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
-use raftmq_core::auth::AllowAll;
+use raftmq_server::auth::Auth;
 use raftmq_server::{ClusterInfo, ClusterServer, Server};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -68,12 +68,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let node = Arc::new(node);
 
-    // Anonymous access until authentication is configurable (see the warning below).
+    // Authentication and authorization: password file, ACL, callout; files reloaded when they
+    // change and on SIGHUP.
+    let auth = Arc::new(Auth::load(&config.auth).context("loading authentication files")?);
+    let auth_watch = tokio::spawn(auth.clone().watch());
+    let sighup = reload_on_sighup(auth.clone())?;
     let broker = Arc::new(
         Broker::with_auth(
             config.mqtt.clone(),
-            Arc::new(AllowAll),
-            Arc::new(AllowAll),
+            auth.clone(),
+            auth.clone(),
             config.node_id,
         )
         .with_durability(node.durability.clone()),
@@ -103,11 +107,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     match server.mqtt_addr() {
         Some(addr) => {
             info!("mqtt listening on {addr}");
-            if is_exposed(addr) {
+            if is_exposed(addr) && auth.allows_anonymous() {
                 warn!(
-                    "MQTT listener {addr} is reachable from other hosts and accepts ANONYMOUS clients \
-                     (authentication is not implemented yet): bind listeners.tcp to 127.0.0.1 or \
-                     firewall the port unless the network is trusted"
+                    "MQTT listener {addr} is reachable from other hosts and accepts ANONYMOUS \
+                     clients: set auth.password_file (see `raftmq passwd`) and/or \
+                     auth.allow_anonymous = false, or bind listeners.tcp to 127.0.0.1, unless \
+                     the network is trusted"
                 );
             }
         }
@@ -120,6 +125,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let result = server.run(shutdown).await.context("running the server");
     upkeep.abort();
+    auth_watch.abort();
+    sighup.abort();
     let _ = cluster_stop.send(());
     let _ = cluster_task.await;
     if let Ok(node) = Arc::try_unwrap(node) {
@@ -153,6 +160,17 @@ fn advertise_addr(config: &Config) -> String {
 /// Whether a listener on `addr` accepts connections from other hosts.
 pub fn is_exposed(addr: SocketAddr) -> bool {
     !addr.ip().is_loopback()
+}
+
+/// Reloads the password and ACL files on every SIGHUP.
+fn reload_on_sighup(auth: Arc<Auth>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!("received SIGHUP, reloading authentication files");
+            auth.request_reload();
+        }
+    }))
 }
 
 /// Resolves at the first SIGINT or SIGTERM; a second one exits the process at once (for a
