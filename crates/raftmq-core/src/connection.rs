@@ -37,7 +37,8 @@ struct AwaitingAuth {
     connect: Connect,
     client_id: ByteStr,
     assigned: Option<ByteStr>,
-    future: Option<PendingAuth>,
+    /// Behind a mutex only so that `Connection` stays `Sync` (the future need not be).
+    future: parking_lot::Mutex<Option<PendingAuth>>,
     /// Packets that arrived meanwhile, handled once the decision is in.
     held: VecDeque<Packet>,
 }
@@ -164,7 +165,9 @@ impl Connection {
     /// The authentication decision the caller must await (once; see
     /// [`crate::auth::AuthDecision::Pending`]), then report with [`Self::handle_auth_result`].
     pub fn take_pending_auth(&mut self) -> Option<PendingAuth> {
-        self.awaiting_auth.as_mut().and_then(|a| a.future.take())
+        self.awaiting_auth
+            .as_mut()
+            .and_then(|a| a.future.get_mut().take())
     }
 
     /// Whether CONNECT waits for an authentication decision.
@@ -490,7 +493,7 @@ impl Connection {
                     connect: c,
                     client_id,
                     assigned,
-                    future: Some(future),
+                    future: parking_lot::Mutex::new(Some(future)),
                     held: VecDeque::new(),
                 })
             }
