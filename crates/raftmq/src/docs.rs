@@ -200,7 +200,7 @@ pub const KEYS: &[KeyDoc] = &[
         "auth.allow_anonymous",
         "Accept clients that send no user name (refused otherwise with CONNACK 0x87 / 3.1.1: \
          5). Unset: true when neither password_file nor callout_url is set, false otherwise.",
-        "false",
+        "true",
     ),
     optional(
         "auth.password_file",
