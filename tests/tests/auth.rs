@@ -78,8 +78,13 @@ async fn subscribe_codes(c: &mut RawClient, filters: &[(&str, QoS)]) -> Vec<Reas
 }
 
 async fn puback_code(c: &mut RawClient, topic: &str, id: u16) -> ReasonCode {
-    c.send(&Packet::Publish(publish_packet(topic, QoS::AtLeastOnce, id, b"x")))
-        .await;
+    c.send(&Packet::Publish(publish_packet(
+        topic,
+        QoS::AtLeastOnce,
+        id,
+        b"x",
+    )))
+    .await;
     match c.recv().await {
         Some(Packet::PubAck(PubResponse { reason_code, .. })) => reason_code,
         other => panic!("expected PUBACK, got {other:?}"),
@@ -122,7 +127,11 @@ async fn password_file_accepts_good_and_refuses_bad_credentials() {
         ] {
             // v5: 0x86; 3.1.1: 4 (decoded as the same reason code).
             let (mut c, code) = connect_as(b.mqtt, version, "bad", user, password).await;
-            assert_eq!(code, ReasonCode::BAD_USER_NAME_OR_PASSWORD, "{version:?} {user:?}");
+            assert_eq!(
+                code,
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                "{version:?} {user:?}"
+            );
             assert_eq!(c.expect_closed().await, []);
         }
         // With a password file, anonymous access is off by default: v5 0x87, 3.1.1: 5.
@@ -255,7 +264,11 @@ async fn acl_denied_subscribe_gets_0x87_in_v5_and_0x80_in_v3() {
         ]
     );
     let (mut c3, _) = connect_as(b.mqtt, V3, "c3", Some("ann"), None).await;
-    let codes = subscribe_codes(&mut c3, &[("secret/#", QoS::AtMostOnce), ("public/a", QoS::AtMostOnce)]).await;
+    let codes = subscribe_codes(
+        &mut c3,
+        &[("secret/#", QoS::AtMostOnce), ("public/a", QoS::AtMostOnce)],
+    )
+    .await;
     assert_eq!(codes, [ReasonCode(0x80), ReasonCode::GRANTED_QOS_0]);
     // The admin section allows everything.
     let (mut admin, _) = connect_as(b.mqtt, V5, "adm", Some("admin"), None).await;
@@ -271,18 +284,33 @@ async fn acl_denied_publish_is_dropped_with_0x87_in_v5_and_acked_in_v3() {
     watcher.subscribe("#", QoS::AtMostOnce).await;
 
     let (mut c5, _) = connect_as(b.mqtt, V5, "dev-5", Some("ann"), None).await;
-    assert_eq!(puback_code(&mut c5, "secret/x", 1).await, ReasonCode::NOT_AUTHORIZED);
+    assert_eq!(
+        puback_code(&mut c5, "secret/x", 1).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
     let (mut c3, _) = connect_as(b.mqtt, V3, "dev-3", Some("ann"), None).await;
     // MQTT 3 cannot refuse: acknowledged normally, and dropped.
-    assert_eq!(puback_code(&mut c3, "secret/x", 1).await, ReasonCode::SUCCESS);
+    assert_eq!(
+        puback_code(&mut c3, "secret/x", 1).await,
+        ReasonCode::SUCCESS
+    );
     expect_silence(&mut watcher).await;
     assert_eq!(b.broker.stats().publish_denied.load(Ordering::Relaxed), 2);
 
     // %u and %c patterns.
-    assert_eq!(puback_code(&mut c5, "users/ann/t", 2).await, ReasonCode::SUCCESS);
+    assert_eq!(
+        puback_code(&mut c5, "users/ann/t", 2).await,
+        ReasonCode::SUCCESS
+    );
     assert_eq!(watcher.recv_publish().await.topic, "users/ann/t");
-    assert_eq!(puback_code(&mut c5, "users/bob/t", 3).await, ReasonCode::NOT_AUTHORIZED);
-    assert_eq!(puback_code(&mut c5, "devices/dev-5/status", 4).await, ReasonCode::SUCCESS);
+    assert_eq!(
+        puback_code(&mut c5, "users/bob/t", 3).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    assert_eq!(
+        puback_code(&mut c5, "devices/dev-5/status", 4).await,
+        ReasonCode::SUCCESS
+    );
     assert_eq!(watcher.recv_publish().await.topic, "devices/dev-5/status");
     assert_eq!(
         puback_code(&mut c5, "devices/dev-3/status", 5).await,
@@ -295,10 +323,18 @@ async fn acl_denied_publish_is_dropped_with_0x87_in_v5_and_acked_in_v3() {
 async fn acl_qos_and_retain_limits() {
     let (b, _dir) = acl_broker().await;
     let (mut c, _) = connect_as(b.mqtt, V5, "lim", Some("ann"), None).await;
-    assert_eq!(puback_code(&mut c, "limited/a", 1).await, ReasonCode::NO_MATCHING_SUBSCRIBERS);
+    assert_eq!(
+        puback_code(&mut c, "limited/a", 1).await,
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
     // QoS 2 above the rule's qos=1: PUBREC 0x87.
-    c.send(&Packet::Publish(publish_packet("limited/a", QoS::ExactlyOnce, 2, b"x")))
-        .await;
+    c.send(&Packet::Publish(publish_packet(
+        "limited/a",
+        QoS::ExactlyOnce,
+        2,
+        b"x",
+    )))
+    .await;
     match c.recv().await {
         Some(Packet::PubRec(r)) => assert_eq!(r.reason_code, ReasonCode::NOT_AUTHORIZED),
         other => panic!("expected PUBREC, got {other:?}"),
@@ -384,7 +420,11 @@ async fn callout_allows_denies_times_out_and_caches() {
         .expect("slow client answered")
         .expect("task");
     assert_eq!(code, ReasonCode::NOT_AUTHORIZED);
-    assert!(started.elapsed() < Duration::from_millis(1900), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -397,12 +437,22 @@ async fn publish_rate_limit_disconnects_with_0x96() {
         let b = TestBroker::with_config(mqtt.clone()).await;
         let mut c = RawClient::connected(b.mqtt, version, "fast").await;
         for _ in 0..5 {
-            c.send(&Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, b"x")))
-                .await;
+            c.send(&Packet::Publish(publish_packet(
+                "t",
+                QoS::AtMostOnce,
+                0,
+                b"x",
+            )))
+            .await;
         }
         ping(&mut c).await;
-        c.send(&Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, b"x")))
-            .await;
+        c.send(&Packet::Publish(publish_packet(
+            "t",
+            QoS::AtMostOnce,
+            0,
+            b"x",
+        )))
+        .await;
         c.expect_disconnect(ReasonCode::MESSAGE_RATE_TOO_HIGH).await;
         assert_eq!(b.broker.stats().limit_exceeded_count(Limit::PublishRate), 1);
     }
@@ -416,13 +466,28 @@ async fn publish_bandwidth_limit_disconnects_with_0x97() {
     };
     let b = TestBroker::with_config(mqtt).await;
     let mut c = RawClient::connected(b.mqtt, V5, "big").await;
-    c.send(&Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, &[0; 600])))
-        .await;
+    c.send(&Packet::Publish(publish_packet(
+        "t",
+        QoS::AtMostOnce,
+        0,
+        &[0; 600],
+    )))
+    .await;
     ping(&mut c).await;
-    c.send(&Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, &[0; 600])))
-        .await;
+    c.send(&Packet::Publish(publish_packet(
+        "t",
+        QoS::AtMostOnce,
+        0,
+        &[0; 600],
+    )))
+    .await;
     c.expect_disconnect(ReasonCode::QUOTA_EXCEEDED).await;
-    assert_eq!(b.broker.stats().limit_exceeded_count(Limit::PublishBandwidth), 1);
+    assert_eq!(
+        b.broker
+            .stats()
+            .limit_exceeded_count(Limit::PublishBandwidth),
+        1
+    );
 }
 
 #[tokio::test]
@@ -435,7 +500,10 @@ async fn topic_and_subscription_limits_have_their_reason_codes() {
     };
     let b = TestBroker::with_config(mqtt).await;
     let mut c = RawClient::connected(b.mqtt, V5, "t").await;
-    assert_eq!(puback_code(&mut c, "a/b/c/d", 1).await, ReasonCode::TOPIC_NAME_INVALID);
+    assert_eq!(
+        puback_code(&mut c, "a/b/c/d", 1).await,
+        ReasonCode::TOPIC_NAME_INVALID
+    );
     assert_eq!(
         puback_code(&mut c, "a-very-long-topic-name-indeed", 2).await,
         ReasonCode::TOPIC_NAME_INVALID
@@ -459,7 +527,10 @@ async fn topic_and_subscription_limits_have_their_reason_codes() {
             ReasonCode::QUOTA_EXCEEDED,
         ]
     );
-    assert_eq!(b.broker.stats().limit_exceeded_count(Limit::Subscriptions), 1);
+    assert_eq!(
+        b.broker.stats().limit_exceeded_count(Limit::Subscriptions),
+        1
+    );
     // 3.1.1: every failure is 0x80.
     let mut c3 = RawClient::connected(b.mqtt, V3, "t3").await;
     let codes = subscribe_codes(&mut c3, &[("a/b/c/#", QoS::AtMostOnce)]).await;
@@ -491,7 +562,10 @@ async fn retained_bytes_limit_skips_storing_but_still_delivers() {
     assert!(b.broker.retained("r/1").is_some());
     assert!(b.broker.retained("r/2").is_none());
     assert_eq!(b.broker.retained_bytes(), 8);
-    assert_eq!(b.broker.stats().limit_exceeded_count(Limit::RetainedBytes), 1);
+    assert_eq!(
+        b.broker.stats().limit_exceeded_count(Limit::RetainedBytes),
+        1
+    );
     // Clearing frees room.
     c.send(&retained("r/1", b"", 3)).await;
     assert!(matches!(c.recv().await, Some(Packet::PubAck(_))));

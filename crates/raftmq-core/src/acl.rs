@@ -127,12 +127,10 @@ impl Acl {
                         }
                         match option.split_once('=') {
                             Some(("qos", n)) => {
-                                rule.max_qos = Some(
-                                    n.parse::<u8>()
-                                        .ok()
-                                        .and_then(QoS::from_u8)
-                                        .ok_or_else(|| err(format!("qos=`{n}`: expected 0, 1 or 2")))?,
-                                );
+                                rule.max_qos =
+                                    Some(n.parse::<u8>().ok().and_then(QoS::from_u8).ok_or_else(
+                                        || err(format!("qos=`{n}`: expected 0, 1 or 2")),
+                                    )?);
                             }
                             Some(("retain", v)) => {
                                 rule.retain = Some(match v {
@@ -202,7 +200,10 @@ impl Acl {
                     let retain_ok = !retain || rule.retain != Some(false);
                     return qos_ok && retain_ok;
                 }
-                Access::Subscribe { filter: wanted, qos } => {
+                Access::Subscribe {
+                    filter: wanted,
+                    qos,
+                } => {
                     if !rule.subscribe {
                         continue;
                     }
@@ -243,9 +244,7 @@ fn check_filter(filter: &str) -> Result<(), &'static str> {
         if level.contains('+') && *level != "+" {
             return Err("`+` must be a whole level");
         }
-        if level.contains('%')
-            && level.replace("%u", "").replace("%c", "").contains('%')
-        {
+        if level.contains('%') && level.replace("%u", "").replace("%c", "").contains('%') {
             return Err("only %u and %c may follow `%`");
         }
     }

@@ -11,8 +11,8 @@ use crate::durability::{
     Commit, DetachRecord, Durability, InMemory, MessageId, Recovered, StateChange, StoredTarget,
 };
 use crate::index::{Match, SubscriptionIndex};
-use crate::message::{Delivery, Message};
 use crate::limits::Limit;
+use crate::message::{Delivery, Message};
 use crate::retained::RetainedIndex;
 use crate::session::{
     Enqueued, Outgoing, OutgoingEntry, PendingWill, QueueLimits, Session, SessionState, SubEntry,

@@ -177,7 +177,10 @@ mod tests {
         assert_eq!(l.check(10, t0), Ok(()));
         assert_eq!(l.check(10, t0), Ok(()));
         assert_eq!(l.check(10, t0), Err(Exceeded::Rate));
-        assert_eq!(Exceeded::Rate.reason_code(), ReasonCode::MESSAGE_RATE_TOO_HIGH);
+        assert_eq!(
+            Exceeded::Rate.reason_code(),
+            ReasonCode::MESSAGE_RATE_TOO_HIGH
+        );
 
         let config = MqttConfig {
             max_publish_bandwidth: ByteSize(100),

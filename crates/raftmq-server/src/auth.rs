@@ -13,9 +13,7 @@ pub mod cache;
 pub mod callout;
 pub mod passwd;
 
-use crate::metrics::{
-    AUTH_CACHE_LOOKUPS_TOTAL, AUTH_CALLOUTS_TOTAL, AUTH_RELOADS_TOTAL,
-};
+use crate::metrics::{AUTH_CACHE_LOOKUPS_TOTAL, AUTH_CALLOUTS_TOTAL, AUTH_RELOADS_TOTAL};
 use cache::DecisionCache;
 use callout::{AuthCallout, HttpCallout};
 use metrics::counter;
@@ -348,10 +346,9 @@ impl Auth {
             let Ok(_permit) = hashing.acquire_owned().await else {
                 return Err(ReasonCode::SERVER_UNAVAILABLE);
             };
-            let ok =
-                tokio::task::spawn_blocking(move || passwd::verify_password(&hash, &password))
-                    .await
-                    .map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
+            let ok = tokio::task::spawn_blocking(move || passwd::verify_password(&hash, &password))
+                .await
+                .map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
             cache.insert(key, ok, Instant::now());
             if ok { Ok(principal) } else { Err(refusal) }
         }))
@@ -452,7 +449,9 @@ impl Authenticator for Auth {
                 None => AuthDecision::Deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD),
             },
             // 3. Anyone else: the callout, if one is configured.
-            (None, Some(callout)) => self.callout_check(callout.clone(), info, principal(Some(user))),
+            (None, Some(callout)) => {
+                self.callout_check(callout.clone(), info, principal(Some(user)))
+            }
             // 4. An unknown user when a password file is configured.
             (None, None) if self.config.password_file.is_some() => {
                 AuthDecision::Deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD)

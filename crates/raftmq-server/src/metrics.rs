@@ -57,8 +57,7 @@ pub fn export_broker_stats(broker: &Broker) {
             .absolute(s.auth_failure_count(reason));
     }
     counter!(AUTH_DENIED_TOTAL, "action" => "publish").absolute(s.publish_denied.load(Relaxed));
-    counter!(AUTH_DENIED_TOTAL, "action" => "subscribe")
-        .absolute(s.subscribe_denied.load(Relaxed));
+    counter!(AUTH_DENIED_TOTAL, "action" => "subscribe").absolute(s.subscribe_denied.load(Relaxed));
     for limit in Limit::ALL {
         counter!(LIMITS_EXCEEDED_TOTAL, "limit" => limit.as_str())
             .absolute(s.limit_exceeded_count(limit));

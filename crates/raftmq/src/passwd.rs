@@ -17,11 +17,7 @@ pub fn run(args: &PasswdArgs) -> anyhow::Result<String> {
     let mut file = read(&args.file)?;
     if args.delete {
         if !file.remove(&args.username) {
-            bail!(
-                "user `{}` is not in {}",
-                args.username,
-                args.file.display()
-            );
+            bail!("user `{}` is not in {}", args.username, args.file.display());
         }
         write(&args.file, &file)?;
         return Ok(format!(
@@ -66,7 +62,9 @@ pub fn run(args: &PasswdArgs) -> anyhow::Result<String> {
 /// The password file at `path` (empty if it does not exist).
 fn read(path: &Path) -> anyhow::Result<PasswordFile> {
     match std::fs::read_to_string(path) {
-        Ok(text) => PasswordFile::parse(&text).with_context(|| format!("reading {}", path.display())),
+        Ok(text) => {
+            PasswordFile::parse(&text).with_context(|| format!("reading {}", path.display()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PasswordFile::default()),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -79,10 +77,9 @@ fn write(path: &Path, file: &PasswordFile) -> anyhow::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path.file_name().map_or_else(
-        || "passwd".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = path
+        .file_name()
+        .map_or_else(|| "passwd".into(), |n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut out = std::fs::OpenOptions::new()

@@ -242,7 +242,11 @@ fn passwd_adds_updates_and_deletes_users_from_stdin() {
     // Not a terminal and no --password-stdin: a clear error, nothing written.
     let out = passwd(&[file, "bob"], "");
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("--password-stdin"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--password-stdin"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = passwd(&[file, "alice", "--delete"], "");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -254,7 +258,11 @@ fn passwd_adds_updates_and_deletes_users_from_stdin() {
     std::fs::write(&path, "# users\nalice\n").expect("write");
     let out = passwd(&[file, "carol", "--password-stdin"], "pw\n");
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("line 2"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("line 2"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(
         std::fs::read_to_string(&path).expect("read"),
         "# users\nalice\n"

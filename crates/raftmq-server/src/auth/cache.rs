@@ -6,9 +6,9 @@
 //! are useless outside this process.
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
-use blake2::digest::{KeyInit, Mac};
 use blake2::Blake2bMac;
 use blake2::digest::consts::U32;
+use blake2::digest::{KeyInit, Mac};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -76,7 +76,10 @@ impl DecisionCache {
             entries.retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
             // Still full: forget the oldest decision.
             if entries.len() >= self.capacity
-                && let Some(oldest) = entries.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k)
+                && let Some(oldest) = entries
+                    .iter()
+                    .min_by_key(|(_, (_, at))| *at)
+                    .map(|(k, _)| *k)
             {
                 entries.remove(&oldest);
             }
@@ -121,7 +124,11 @@ mod tests {
         let t0 = Instant::now();
         let c = DecisionCache::new(3, Duration::from_secs(10));
         for i in 0u8..10 {
-            c.insert(c.key("k", &[&[i]]), true, t0 + Duration::from_millis(u64::from(i)));
+            c.insert(
+                c.key("k", &[&[i]]),
+                true,
+                t0 + Duration::from_millis(u64::from(i)),
+            );
         }
         assert_eq!(c.len(), 3);
         // The newest survive.

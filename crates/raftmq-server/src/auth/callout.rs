@@ -71,7 +71,9 @@ impl HttpCallout {
         if authority.is_empty() || authority.contains('@') {
             return Err(bad("expected http://host:port/path"));
         }
-        let authority = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        let authority = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
         {
             authority.to_owned()
         } else if authority.contains(':') && !authority.ends_with(']') {
@@ -175,7 +177,13 @@ mod tests {
         let c = HttpCallout::new("http://127.0.0.1").expect("url");
         assert_eq!(c.authority, "127.0.0.1:80");
         assert_eq!(c.path, "/");
-        for bad in ["https://x/", "ftp://x", "http:///p", "http://u@x/", "http://x:port/"] {
+        for bad in [
+            "https://x/",
+            "ftp://x",
+            "http:///p",
+            "http://u@x/",
+            "http://x:port/",
+        ] {
             assert!(HttpCallout::new(bad).is_err(), "{bad}");
         }
     }

@@ -20,7 +20,10 @@ pub struct PasswdError {
 enum Line {
     /// A comment or blank line, kept verbatim so `raftmq passwd` preserves it.
     Other(String),
-    Entry { user: String, hash: String },
+    Entry {
+        user: String,
+        hash: String,
+    },
 }
 
 /// A parsed password file.
@@ -205,7 +208,10 @@ mod tests {
         assert!(!file.remove("alice"));
         file.set("carol", hash.clone());
         file.set("bob", hash.clone());
-        assert_eq!(file.to_text(), format!("# users\n\nbob:{hash}\ncarol:{hash}\n"));
+        assert_eq!(
+            file.to_text(),
+            format!("# users\n\nbob:{hash}\ncarol:{hash}\n")
+        );
         assert_eq!(file.get("carol"), Some(hash.as_str()));
     }
 
