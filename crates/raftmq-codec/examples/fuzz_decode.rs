@@ -144,14 +144,14 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let seconds = arg(&args, "--seconds").unwrap_or(10);
     let iterations = arg(&args, "--iterations").unwrap_or(u64::MAX);
-    let seed = arg(&args, "--seed").unwrap_or(0x5EED_0F_BAD_C0DE);
+    let seed = arg(&args, "--seed").unwrap_or(0x0005_EED0_FBAD_C0DE);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut rng = Rng(seed | 1);
     let mut n = 0u64;
     let mut accepted = 0u64;
     // Quiet the default hook: the failing input is reported below.
     std::panic::set_hook(Box::new(|_| {}));
-    while n < iterations && (n % 256 != 0 || Instant::now() < deadline) {
+    while n < iterations && (!n.is_multiple_of(256) || Instant::now() < deadline) {
         let input = if rng.below(4) == 0 {
             let len = rng.below(64);
             (0..len).map(|_| rng.next() as u8).collect()

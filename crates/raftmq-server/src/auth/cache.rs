@@ -96,6 +96,11 @@ impl DecisionCache {
     pub fn len(&self) -> usize {
         self.entries.lock().len()
     }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.lock().is_empty()
+    }
 }
 
 #[cfg(test)]

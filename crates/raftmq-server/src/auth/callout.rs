@@ -137,23 +137,19 @@ impl HttpCallout {
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(json)))
             .map_err(|e| CalloutError::Body(e.to_string()))?;
-        let result = async {
-            let resp = sender.send_request(req).await.map_err(CalloutError::Http)?;
-            let status = resp.status().as_u16();
-            let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| CalloutError::Body(e.to_string()))?
-                .to_bytes();
-            if status != 200 {
-                return Err(CalloutError::Status(status));
-            }
-            serde_json::from_slice::<Answer>(&bytes)
-                .map(|a| a.allow)
-                .map_err(|e| CalloutError::Body(e.to_string()))
+        let resp = sender.send_request(req).await.map_err(CalloutError::Http)?;
+        let status = resp.status().as_u16();
+        let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| CalloutError::Body(e.to_string()))?
+            .to_bytes();
+        if status != 200 {
+            return Err(CalloutError::Status(status));
         }
-        .await;
-        result
+        serde_json::from_slice::<Answer>(&bytes)
+            .map(|a| a.allow)
+            .map_err(|e| CalloutError::Body(e.to_string()))
     }
 }
 
