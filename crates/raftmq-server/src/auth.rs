@@ -32,6 +32,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{info, warn};
 
+/// Longest `auth.callout_timeout` (a connection waits at most this long for any decision).
+pub const MAX_CALLOUT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Authentication and authorization settings (the `[auth]` section).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -111,8 +114,11 @@ impl AuthConfig {
         {
             bad("callout_url", e.to_string());
         }
-        if self.callout_timeout.0.is_zero() {
-            bad("callout_timeout", "must be more than 0s".into());
+        if self.callout_timeout.0.is_zero() || self.callout_timeout.0 > MAX_CALLOUT_TIMEOUT {
+            bad(
+                "callout_timeout",
+                format!("must be between 1ms and {}s", MAX_CALLOUT_TIMEOUT.as_secs()),
+            );
         }
         if self.max_concurrent_hashes == 0 {
             bad("max_concurrent_hashes", "must be at least 1".into());
@@ -131,17 +137,22 @@ impl AuthConfig {
     }
 }
 
-/// A file that could not be loaded, naming it.
+/// A file that could not be loaded, naming its key and path.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("{key}: cannot read {}: {source}", path.display())]
     Read {
+        key: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: {message}", path.display())]
-    Invalid { path: PathBuf, message: String },
+    #[error("{key}: {}: {message}", path.display())]
+    Invalid {
+        key: &'static str,
+        path: PathBuf,
+        message: String,
+    },
     #[error(transparent)]
     Callout(#[from] callout::CalloutError),
 }
@@ -154,22 +165,30 @@ fn stamp(path: &Path) -> Stamp {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-fn read(path: &Path) -> Result<String, AuthError> {
+const PASSWORD_FILE_KEY: &str = "auth.password_file";
+const ACL_FILE_KEY: &str = "auth.acl_file";
+
+fn read(key: &'static str, path: &Path) -> Result<String, AuthError> {
     std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+        key,
         path: path.to_owned(),
         source,
     })
 }
 
 fn load_passwords(path: &Path) -> Result<PasswordFile, AuthError> {
-    PasswordFile::parse(&read(path)?).map_err(|e| AuthError::Invalid {
+    let key = PASSWORD_FILE_KEY;
+    PasswordFile::parse(&read(key, path)?).map_err(|e| AuthError::Invalid {
+        key,
         path: path.to_owned(),
         message: e.to_string(),
     })
 }
 
 fn load_acl(path: &Path) -> Result<Acl, AuthError> {
-    Acl::parse(&read(path)?).map_err(|e| AuthError::Invalid {
+    let key = ACL_FILE_KEY;
+    Acl::parse(&read(key, path)?).map_err(|e| AuthError::Invalid {
+        key,
         path: path.to_owned(),
         message: e.to_string(),
     })
@@ -531,6 +550,13 @@ mod tests {
         let problems = nobody.validate("auth.");
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].key, "auth.allow_anonymous");
+        let slow = AuthConfig {
+            callout_timeout: DurationStr(Duration::from_secs(30)),
+            callout_url: Some("https://auth".into()),
+            ..AuthConfig::default()
+        };
+        let keys: Vec<String> = slow.validate("auth.").into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["auth.callout_url", "auth.callout_timeout"]);
     }
 
     #[tokio::test]
@@ -628,7 +654,11 @@ mod tests {
             ..AuthConfig::default()
         })
         .expect_err("missing file");
-        assert!(err.to_string().contains("/nonexistent/raftmq.acl"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("auth.acl_file: cannot read /nonexistent/raftmq.acl"),
+            "{err}"
+        );
         let mut acl = tempfile::NamedTempFile::new().expect("temp");
         writeln!(acl, "allow publish a\nallow bogus b").expect("write");
         let err = Auth::load(&AuthConfig {
@@ -636,6 +666,7 @@ mod tests {
             ..AuthConfig::default()
         })
         .expect_err("bad acl");
+        assert!(err.to_string().starts_with("auth.acl_file: "), "{err}");
         assert!(err.to_string().contains("line 2"), "{err}");
     }
 }

@@ -24,9 +24,10 @@ const PUMP_BATCH: usize = 256;
 const READ_BUFFER: usize = 512;
 /// A client that does not accept our bytes for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Upper bound on an asynchronous authentication decision (each backend has its own, shorter
-/// timeout; this one only guards against a backend without one).
-const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound on an asynchronous authentication decision: a little more than the longest
+/// `auth.callout_timeout` ([`crate::auth::MAX_CALLOUT_TIMEOUT`]), so it only cuts a backend
+/// without a timeout of its own, or a password check queued behind a storm (0x88, retry later).
+const AUTH_TIMEOUT: Duration = Duration::from_secs(11);
 
 pub(crate) async fn run<S>(
     mut stream: S,

@@ -247,8 +247,8 @@ pub const KEYS: &[KeyDoc] = &[
     ),
     key(
         "auth.callout_timeout",
-        "How long the authentication callout may take; a slower answer refuses the client \
-         (CONNACK 0x87 / 3.1.1: 5).",
+        "How long the authentication callout may take (at most 10s); a slower answer refuses \
+         the client (CONNACK 0x87 / 3.1.1: 5).",
     ),
     key("log", "Logging (to standard error)."),
     key(
