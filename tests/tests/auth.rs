@@ -350,8 +350,9 @@ async fn acl_qos_and_retain_limits() {
     assert!(b.broker.retained("limited/r").is_none());
 }
 
-/// An authentication service for the callout tests: user `good`/password `pw` allowed, `slow`
-/// answers after 2 s, everyone else denied. Counts requests.
+/// An authentication service for the callout tests: user `good`/password `pw` allowed, `scoped`
+/// allowed with rules of its own, `slow` answers after 2 s, everyone else denied. Counts
+/// requests.
 async fn auth_service(calls: Arc<AtomicUsize>) -> SocketAddr {
     use axum::routing::post;
     use axum::{Json, Router};
@@ -364,6 +365,12 @@ async fn auth_service(calls: Arc<AtomicUsize>) -> SocketAddr {
                 let user = body["username"].as_str().unwrap_or("");
                 if user == "slow" {
                     tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                if user == "scoped" {
+                    return Json(serde_json::json!({
+                        "allow": true,
+                        "acl": ["allow publish own/%c", "allow subscribe own/#"],
+                    }));
                 }
                 let allow = user == "good"
                     && body["password"] == "pw"
@@ -570,4 +577,49 @@ async fn retained_bytes_limit_skips_storing_but_still_delivers() {
     c.send(&retained("r/1", b"", 3)).await;
     assert!(matches!(c.recv().await, Some(Packet::PubAck(_))));
     assert_eq!(b.broker.retained_bytes(), 0);
+}
+
+#[tokio::test]
+async fn callout_rules_replace_the_acl_for_that_connection() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = auth_service(calls.clone()).await;
+    let (b, _) = start(
+        AuthConfig {
+            callout_url: Some(format!("http://{service}/auth")),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    for round in 0..2 {
+        // The second round is answered from the cache, rules included.
+        let (mut c, code) = connect_as(b.mqtt, V5, "s-1", Some("scoped"), Some("x")).await;
+        assert_eq!(code, ReasonCode::SUCCESS);
+        assert_eq!(
+            puback_code(&mut c, "own/s-1", 1).await,
+            ReasonCode::NO_MATCHING_SUBSCRIBERS,
+            "round {round}"
+        );
+        assert_eq!(
+            puback_code(&mut c, "other", 2).await,
+            ReasonCode::NOT_AUTHORIZED
+        );
+        let codes = subscribe_codes(
+            &mut c,
+            &[("own/#", QoS::AtMostOnce), ("other/#", QoS::AtMostOnce)],
+        )
+        .await;
+        assert_eq!(
+            codes,
+            [ReasonCode::GRANTED_QOS_0, ReasonCode::NOT_AUTHORIZED]
+        );
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Other users (no rules from the service, no ACL file) may do everything.
+    let (mut c, code) = connect_as(b.mqtt, V5, "g", Some("good"), Some("pw")).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    assert_eq!(
+        puback_code(&mut c, "other", 1).await,
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
 }

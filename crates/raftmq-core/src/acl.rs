@@ -336,6 +336,7 @@ mod tests {
         Principal {
             username: user.map(str::to_owned),
             client_id: client.to_owned(),
+            acl: None,
         }
     }
 

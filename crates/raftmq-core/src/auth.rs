@@ -29,6 +29,9 @@ pub struct ConnectInfo<'a> {
 pub struct Principal {
     pub username: Option<String>,
     pub client_id: String,
+    /// Rules given by the authentication backend for this connection (e.g. by an HTTP
+    /// callout); when set, they replace the broker-wide ACL for it.
+    pub acl: Option<std::sync::Arc<crate::acl::Acl>>,
 }
 
 /// An owned copy of [`ConnectInfo`], for decisions taken asynchronously.
@@ -121,6 +124,7 @@ impl Authenticator for AllowAll {
         AuthDecision::Allow(Principal {
             username: info.username.map(str::to_owned),
             client_id: info.client_id.to_owned(),
+            acl: None,
         })
     }
 }

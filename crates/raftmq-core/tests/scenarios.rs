@@ -1497,6 +1497,7 @@ impl raftmq_core::auth::Authenticator for Deferring {
             Ok(raftmq_core::auth::Principal {
                 username: user,
                 client_id,
+                acl: None,
             })
         }))
     }
@@ -1530,6 +1531,7 @@ fn deferred_auth_holds_connack_and_later_packets_until_the_decision() {
     let principal = raftmq_core::auth::Principal {
         username: None,
         client_id: "a".into(),
+        acl: None,
     };
     c.conn.handle_auth_result(Ok(principal), t);
     let out = c.drain(t);

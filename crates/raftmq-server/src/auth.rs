@@ -354,7 +354,7 @@ impl Auth {
     ) -> AuthDecision {
         let refusal = ReasonCode::BAD_USER_NAME_OR_PASSWORD;
         let key = self.cache.key("password", &[user.as_bytes(), password]);
-        if let Some(ok) = self.cached(&key) {
+        if let Some((ok, _)) = self.cached(&key) {
             return verdict(ok, principal, refusal);
         }
         let cache = self.cache.clone();
@@ -368,7 +368,7 @@ impl Auth {
             let ok = tokio::task::spawn_blocking(move || passwd::verify_password(&hash, &password))
                 .await
                 .map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
-            cache.insert(key, ok, Instant::now());
+            cache.insert(key, (ok, None), Instant::now());
             if ok { Ok(principal) } else { Err(refusal) }
         }))
     }
@@ -393,19 +393,25 @@ impl Auth {
         } else {
             ReasonCode::NOT_AUTHORIZED
         };
-        if let Some(ok) = self.cached(&key) {
-            return verdict(ok, principal, refusal);
+        if let Some((ok, acl)) = self.cached(&key) {
+            return verdict(ok, Principal { acl, ..principal }, refusal);
         }
         let cache = self.cache.clone();
         let timeout = self.config.callout_timeout.0;
         let request = AuthRequest::from(info);
         AuthDecision::Pending(Box::pin(async move {
             match tokio::time::timeout(timeout, callout.check(request)).await {
-                Ok(Ok(ok)) => {
+                Ok(Ok(answer)) => {
+                    let ok = answer.allow;
                     let result = if ok { "allow" } else { "deny" };
                     counter!(AUTH_CALLOUTS_TOTAL, "result" => result).increment(1);
-                    cache.insert(key, ok, Instant::now());
-                    if ok { Ok(principal) } else { Err(refusal) }
+                    let acl = answer.acl.map(Arc::new);
+                    cache.insert(key, (ok, acl.clone()), Instant::now());
+                    if ok {
+                        Ok(Principal { acl, ..principal })
+                    } else {
+                        Err(refusal)
+                    }
                 }
                 Ok(Err(e)) => {
                     counter!(AUTH_CALLOUTS_TOTAL, "result" => "error").increment(1);
@@ -421,7 +427,7 @@ impl Auth {
         }))
     }
 
-    fn cached(&self, key: &[u8; 32]) -> Option<bool> {
+    fn cached(&self, key: &[u8; 32]) -> Option<cache::Decision> {
         let hit = self.cache.get(key, Instant::now());
         let result = if hit.is_some() { "hit" } else { "miss" };
         counter!(AUTH_CACHE_LOOKUPS_TOTAL, "result" => result).increment(1);
@@ -442,6 +448,7 @@ impl Authenticator for Auth {
         let principal = |username: Option<&str>| Principal {
             username: username.map(str::to_owned),
             client_id: info.client_id.to_owned(),
+            acl: None,
         };
         // 1. A verified client certificate names the user.
         if self.config.use_cert_identity
@@ -484,6 +491,10 @@ impl Authenticator for Auth {
 
 impl Authorizer for Auth {
     fn authorize(&self, principal: &Principal, access: Access<'_>) -> bool {
+        // Rules given with this connection's authentication (callout) come first and alone.
+        if let Some(acl) = &principal.acl {
+            return acl.check(principal, access);
+        }
         match &*self.acl.read() {
             Some(acl) => acl.check(principal, access),
             None => true,

@@ -10,17 +10,22 @@ use blake2::Blake2bMac;
 use blake2::digest::consts::U32;
 use blake2::digest::{KeyInit, Mac};
 use parking_lot::Mutex;
+use raftmq_core::acl::Acl;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 type Key = [u8; 32];
+
+/// A remembered decision: accepted or not, and the rules that came with an acceptance.
+pub type Decision = (bool, Option<Arc<Acl>>);
 
 /// Decision cache with a size bound and a time to live.
 pub struct DecisionCache {
     secret: [u8; 32],
     capacity: usize,
     ttl: Duration,
-    entries: Mutex<HashMap<Key, (bool, Instant)>>,
+    entries: Mutex<HashMap<Key, (Decision, Instant)>>,
 }
 
 impl DecisionCache {
@@ -53,10 +58,12 @@ impl DecisionCache {
     }
 
     /// The cached decision for `key`, if still fresh at `now`.
-    pub fn get(&self, key: &Key, now: Instant) -> Option<bool> {
+    pub fn get(&self, key: &Key, now: Instant) -> Option<Decision> {
         let mut entries = self.entries.lock();
         match entries.get(key) {
-            Some((allowed, at)) if now.saturating_duration_since(*at) < self.ttl => Some(*allowed),
+            Some((decision, at)) if now.saturating_duration_since(*at) < self.ttl => {
+                Some(decision.clone())
+            }
             Some(_) => {
                 entries.remove(key);
                 None
@@ -66,7 +73,7 @@ impl DecisionCache {
     }
 
     /// Remembers a decision taken at `now`.
-    pub fn insert(&self, key: Key, allowed: bool, now: Instant) {
+    pub fn insert(&self, key: Key, decision: Decision, now: Instant) {
         if self.capacity == 0 || self.ttl.is_zero() {
             return;
         }
@@ -84,7 +91,7 @@ impl DecisionCache {
                 entries.remove(&oldest);
             }
         }
-        entries.insert(key, (allowed, now));
+        entries.insert(key, (decision, now));
     }
 
     /// Forgets everything (after the password file changed).
@@ -131,14 +138,17 @@ mod tests {
         for i in 0u8..10 {
             c.insert(
                 c.key("k", &[&[i]]),
-                true,
+                (true, None),
                 t0 + Duration::from_millis(u64::from(i)),
             );
         }
         assert_eq!(c.len(), 3);
         // The newest survive.
         let last = c.key("k", &[&[9]]);
-        assert_eq!(c.get(&last, t0 + Duration::from_secs(1)), Some(true));
+        assert_eq!(
+            c.get(&last, t0 + Duration::from_secs(1)),
+            Some((true, None))
+        );
         assert_eq!(c.get(&c.key("k", &[&[0]]), t0), None);
         assert_eq!(c.get(&last, t0 + Duration::from_secs(11)), None);
         c.clear();

@@ -8,8 +8,10 @@
 //! ```
 //!
 //! (`password` is the UTF-8 text of the CONNECT password, invalid bytes replaced; absent
-//! fields are `null`) and expects `200` with `{"allow": true}` or `{"allow": false}`. Any other
-//! status, an unreadable body, a connection error or no answer within the timeout is an error:
+//! fields are `null`) and expects `200` with `{"allow": true}` or `{"allow": false}`. An
+//! acceptance may carry rules for that connection in the ACL file syntax, which then replace the
+//! ACL file for it: `{"allow": true, "acl": ["allow pubsub devices/%c/#"]}`. Any other status,
+//! an unreadable body or ACL, a connection error or no answer within the timeout is an error:
 //! the client is refused (CONNACK 0x87 Not authorized / 3.1.1: 5) and the error is not cached.
 
 use bytes::Bytes;
@@ -17,6 +19,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::Request;
 use hyper::header::{CONTENT_TYPE, HOST};
 use hyper_util::rt::TokioIo;
+use raftmq_core::acl::Acl;
 use raftmq_core::auth::AuthRequest;
 use std::future::Future;
 use std::pin::Pin;
@@ -40,8 +43,16 @@ pub enum CalloutError {
     Body(String),
 }
 
+/// What the service decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CalloutAnswer {
+    pub allow: bool,
+    /// Rules for this connection (replacing the ACL file for it), if the service gave any.
+    pub acl: Option<Acl>,
+}
+
 /// The decision future of a callout.
-pub type CalloutFuture = Pin<Box<dyn Future<Output = Result<bool, CalloutError>> + Send>>;
+pub type CalloutFuture = Pin<Box<dyn Future<Output = Result<CalloutAnswer, CalloutError>> + Send>>;
 
 /// Something that decides, asynchronously, whether a client may connect. The broker bounds
 /// every call with `auth.callout_timeout` and caches definite answers.
@@ -100,6 +111,26 @@ struct Body<'a> {
 #[derive(serde::Deserialize)]
 struct Answer {
     allow: bool,
+    #[serde(default)]
+    acl: Option<Vec<String>>,
+}
+
+impl Answer {
+    fn parse(bytes: &[u8]) -> Result<CalloutAnswer, CalloutError> {
+        let answer: Answer =
+            serde_json::from_slice(bytes).map_err(|e| CalloutError::Body(e.to_string()))?;
+        let acl = match answer.acl {
+            Some(lines) if answer.allow => Some(
+                Acl::parse(&lines.join("\n"))
+                    .map_err(|e| CalloutError::Body(format!("acl rule {e}")))?,
+            ),
+            _ => None,
+        };
+        Ok(CalloutAnswer {
+            allow: answer.allow,
+            acl,
+        })
+    }
 }
 
 impl AuthCallout for HttpCallout {
@@ -110,7 +141,7 @@ impl AuthCallout for HttpCallout {
 }
 
 impl HttpCallout {
-    async fn post(&self, request: &AuthRequest) -> Result<bool, CalloutError> {
+    async fn post(&self, request: &AuthRequest) -> Result<CalloutAnswer, CalloutError> {
         let body = Body {
             client_id: &request.client_id,
             username: request.username.as_deref(),
@@ -147,9 +178,7 @@ impl HttpCallout {
         if status != 200 {
             return Err(CalloutError::Status(status));
         }
-        serde_json::from_slice::<Answer>(&bytes)
-            .map(|a| a.allow)
-            .map_err(|e| CalloutError::Body(e.to_string()))
+        Answer::parse(&bytes)
     }
 }
 
@@ -164,6 +193,21 @@ impl<T> Drop for AbortOnDrop<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_parsed_with_their_rules() {
+        let a = Answer::parse(br#"{"allow": false}"#).expect("answer");
+        assert_eq!((a.allow, a.acl), (false, None));
+        let a =
+            Answer::parse(br#"{"allow": true, "acl": ["allow publish a/%c"]}"#).expect("answer");
+        assert!(a.allow);
+        assert_eq!(a.acl.map(|acl| acl.len()), Some(1));
+        let e = Answer::parse(br#"{"allow": true, "acl": ["allow publish a", "nonsense"]}"#)
+            .expect_err("bad rule");
+        assert!(e.to_string().contains("line 2"), "{e}");
+        assert!(Answer::parse(b"yes").is_err());
+        assert!(Answer::parse(br#"{"allowed": true}"#).is_err());
+    }
 
     #[test]
     fn urls_are_checked() {
