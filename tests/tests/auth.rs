@@ -623,3 +623,42 @@ async fn callout_rules_replace_the_acl_for_that_connection() {
         ReasonCode::NO_MATCHING_SUBSCRIBERS
     );
 }
+
+#[tokio::test]
+async fn acl_file_change_applies_to_connected_clients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("acl");
+    write_file(&path, "allow publish a/#\n");
+    let (b, auth) = start(
+        AuthConfig {
+            acl_file: Some(path.clone()),
+            reload_interval: DurationStr(Duration::ZERO),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    let (mut c, _) = connect_as(b.mqtt, V5, "c", None, None).await;
+    assert_eq!(
+        puback_code(&mut c, "b/1", 1).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    // A broken file is refused; the old rules stay.
+    write_file(&path, "allow publish a/#\nallow publish b/# qos=7\n");
+    let (reloaded, errors) = auth.reload(false);
+    assert_eq!((reloaded, errors.len()), (0, 1));
+    assert_eq!(
+        puback_code(&mut c, "a/1", 2).await,
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
+    assert_eq!(
+        puback_code(&mut c, "b/1", 3).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    write_file(&path, "allow publish a/#\nallow publish b/#\n");
+    assert_eq!(auth.reload(false).0, 1);
+    assert_eq!(
+        puback_code(&mut c, "b/1", 4).await,
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
+}
