@@ -35,6 +35,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     let upkeep = telemetry::spawn_upkeep(metrics.clone(), telemetry::UPKEEP_INTERVAL);
 
+    // Authentication and authorization: password file, ACL, callout; files reloaded when they
+    // change and on SIGHUP.
+    let auth = Arc::new(Auth::load(&config.auth).context("loading authentication files")?);
+    info!(
+        anonymous = auth.allows_anonymous(),
+        users = auth.user_count(),
+        acl = config.auth.acl_file.is_some(),
+        callout = config.auth.callout_url.is_some(),
+        cert_identity = config.auth.use_cert_identity,
+        "authentication configured"
+    );
+    let auth_watch = tokio::spawn(auth.clone().watch());
+    let sighup = reload_on_sighup(auth.clone())?;
+
     // Durable state: a Raft group (of one node unless seeds are given) over RocksDB in data_dir.
     let node = RaftNode::start(NodeOptions {
         node_id: config.node_id,
@@ -68,11 +82,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let node = Arc::new(node);
 
-    // Authentication and authorization: password file, ACL, callout; files reloaded when they
-    // change and on SIGHUP.
-    let auth = Arc::new(Auth::load(&config.auth).context("loading authentication files")?);
-    let auth_watch = tokio::spawn(auth.clone().watch());
-    let sighup = reload_on_sighup(auth.clone())?;
     let broker = Arc::new(
         Broker::with_auth(
             config.mqtt.clone(),

@@ -268,3 +268,26 @@ fn passwd_adds_updates_and_deletes_users_from_stdin() {
         "# users\nalice\n"
     );
 }
+
+#[test]
+fn serve_with_an_unreadable_password_file_exits_1_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let missing = dir.path().join("no-such-passwd");
+    let out = raftmq()
+        .args(["serve", "--mqtt-addr", "none", "--http-addr", "none"])
+        .args(["--cluster-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(&data_dir)
+        .env("RAFTMQ_AUTH__PASSWORD_FILE", &missing)
+        .output()
+        .expect("runs raftmq");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "error: loading authentication files: auth.password_file: cannot read {}",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+}
