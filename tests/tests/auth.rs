@@ -443,23 +443,14 @@ async fn publish_rate_limit_disconnects_with_0x96() {
     for version in [V5, V3] {
         let b = TestBroker::with_config(mqtt.clone()).await;
         let mut c = RawClient::connected(b.mqtt, version, "fast").await;
-        for _ in 0..5 {
-            c.send(&Packet::Publish(publish_packet(
-                "t",
-                QoS::AtMostOnce,
-                0,
-                b"x",
-            )))
-            .await;
+        // Ten PUBLISH in one write: the broker sees them within microseconds, so the bucket
+        // (5 a second, full at connect) cannot refill in between.
+        let mut burst = bytes::BytesMut::new();
+        for _ in 0..10 {
+            let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, b"x"));
+            raftmq_codec::encode(&p, version, &mut burst).expect("encode");
         }
-        ping(&mut c).await;
-        c.send(&Packet::Publish(publish_packet(
-            "t",
-            QoS::AtMostOnce,
-            0,
-            b"x",
-        )))
-        .await;
+        c.send_bytes(&burst).await;
         c.expect_disconnect(ReasonCode::MESSAGE_RATE_TOO_HIGH).await;
         assert_eq!(b.broker.stats().limit_exceeded_count(Limit::PublishRate), 1);
     }
@@ -473,21 +464,13 @@ async fn publish_bandwidth_limit_disconnects_with_0x97() {
     };
     let b = TestBroker::with_config(mqtt).await;
     let mut c = RawClient::connected(b.mqtt, V5, "big").await;
-    c.send(&Packet::Publish(publish_packet(
-        "t",
-        QoS::AtMostOnce,
-        0,
-        &[0; 600],
-    )))
-    .await;
-    ping(&mut c).await;
-    c.send(&Packet::Publish(publish_packet(
-        "t",
-        QoS::AtMostOnce,
-        0,
-        &[0; 600],
-    )))
-    .await;
+    // Two 600-byte PUBLISH in one write: 1000 bytes a second cannot refill 200 in between.
+    let mut burst = bytes::BytesMut::new();
+    for _ in 0..2 {
+        let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, &[0; 600]));
+        raftmq_codec::encode(&p, V5, &mut burst).expect("encode");
+    }
+    c.send_bytes(&burst).await;
     c.expect_disconnect(ReasonCode::QUOTA_EXCEEDED).await;
     assert_eq!(
         b.broker

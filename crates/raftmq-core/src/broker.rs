@@ -777,12 +777,18 @@ impl Broker {
     }
 
     /// Applies a RETAIN publish to the retained store. Returns whether anything changed.
+    ///
+    /// The broker's own `$SYS/...` statistics are never refused by the retained limits and not
+    /// counted in [`Broker::retained_bytes`]: clients' retained messages cannot crowd them out.
     fn store_retained(&self, message: &Arc<Message>) -> bool {
+        let limited = !message.topic.starts_with("$SYS/");
         if message.payload.is_empty() {
             return match self.retained.remove(&message.topic) {
                 Some(old) => {
-                    self.retained_bytes
-                        .fetch_sub(old.payload.len() as u64, Relaxed);
+                    if limited {
+                        self.retained_bytes
+                            .fetch_sub(old.payload.len() as u64, Relaxed);
+                    }
                     true
                 }
                 None => false,
@@ -793,14 +799,15 @@ impl Broker {
         };
         let existing = self.retained.get(&message.topic);
         let max = self.config.max_retained_messages;
-        if max > 0 && self.retained.len() >= max && existing.is_none() {
+        if limited && max > 0 && self.retained.len() >= max && existing.is_none() {
             self.stats.limit_exceeded(Limit::RetainedMessages);
             return false;
         }
         let max_bytes = self.config.max_retained_bytes.0;
         let old_len = existing.map_or(0, |m| m.payload.len() as u64);
         let new_len = message.payload.len() as u64;
-        if max_bytes > 0
+        if limited
+            && max_bytes > 0
             && self
                 .retained_bytes
                 .load(Relaxed)
@@ -811,11 +818,14 @@ impl Broker {
             self.stats.limit_exceeded(Limit::RetainedBytes);
             return false;
         }
-        if let Some(old) = self.retained.set(&topic, message.clone()) {
-            self.retained_bytes
-                .fetch_sub(old.payload.len() as u64, Relaxed);
+        let old = self.retained.set(&topic, message.clone());
+        if limited {
+            if let Some(old) = old {
+                self.retained_bytes
+                    .fetch_sub(old.payload.len() as u64, Relaxed);
+            }
+            self.retained_bytes.fetch_add(new_len, Relaxed);
         }
-        self.retained_bytes.fetch_add(new_len, Relaxed);
         true
     }
 

@@ -1600,3 +1600,31 @@ fn publish_rate_over_the_limit_disconnects_and_refills_with_time() {
         1
     );
 }
+
+#[test]
+fn sys_statistics_are_exempt_from_the_retained_bytes_limit() {
+    let w = World::with_config(MqttConfig {
+        max_retained_bytes: raftmq_core::config::ByteSize(4),
+        ..MqttConfig::default()
+    });
+    let t = w.at(0);
+    let sys = raftmq_core::Message {
+        topic: "$SYS/broker/uptime".into(),
+        payload: Bytes::from_static(b"1234567890"),
+        qos: QoS::AtMostOnce,
+        retain: true,
+        properties: PublishProperties::default(),
+        expires_at: None,
+        received_at: t,
+        origin: None,
+    };
+    w.broker.publish(Arc::new(sys), t);
+    assert!(w.broker.retained("$SYS/broker/uptime").is_some());
+    assert_eq!(w.broker.retained_bytes(), 0);
+    let mut c = w.connect_v5("p", t);
+    c.publish(retained("a", 0, b"1234"), t);
+    c.publish(retained("b", 0, b"5"), t);
+    assert!(w.broker.retained("a").is_some());
+    assert!(w.broker.retained("b").is_none());
+    assert_eq!(w.broker.retained_bytes(), 4);
+}
