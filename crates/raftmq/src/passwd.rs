@@ -70,7 +70,8 @@ fn read(path: &Path) -> anyhow::Result<PasswordFile> {
     }
 }
 
-/// Writes `file` to `path` atomically, readable by its owner only.
+/// Writes `file` to `path` atomically: a new file is readable by its owner only, an existing
+/// one keeps its permissions.
 fn write(path: &Path, file: &PasswordFile) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let dir = match path.parent() {
@@ -88,6 +89,10 @@ fn write(path: &Path, file: &PasswordFile) -> anyhow::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
+        // An existing file keeps its permissions (e.g. group-readable for the broker's user).
+        if let Ok(meta) = std::fs::metadata(path) {
+            std::fs::set_permissions(&tmp, meta.permissions())?;
+        }
         out.write_all(file.to_text().as_bytes())?;
         out.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -161,9 +166,12 @@ mod tests {
         let back = read(&path).expect("read");
         assert_eq!(back.get("alice"), None);
         assert!(verify_password(back.get("bob").expect("bob"), b"b"));
-        let mode = std::fs::metadata(&path).expect("meta");
         use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        write(&path, &back).expect("write");
+        assert_eq!(mode(&path), 0o640, "an existing file keeps its permissions");
         let bad = PasswdArgs {
             username: "a:b".into(),
             ..args
