@@ -6,7 +6,7 @@
 use futures_util::{SinkExt, StreamExt};
 use raftmq_codec::{Packet, ProtocolVersion, PubResponse, QoS, ReasonCode};
 use raftmq_core::Broker;
-use raftmq_core::auth::{AllowAll, Authenticator, ConnectInfo, Principal};
+use raftmq_core::auth::{AllowAll, AuthDecision, Authenticator, ConnectInfo};
 use raftmq_core::config::{ByteSize, DurationStr, MqttConfig};
 use raftmq_server::{
     CertIdentitySource, ClientAuth, LimitsConfig, ListenerKind, ListenersConfig, TlsConfig,
@@ -217,7 +217,7 @@ struct Recorder {
 }
 
 impl Authenticator for Recorder {
-    fn authenticate(&self, info: &ConnectInfo<'_>) -> Result<Principal, ReasonCode> {
+    fn authenticate(&self, info: &ConnectInfo<'_>) -> AuthDecision {
         self.seen.lock().expect("recorder lock").insert(
             info.client_id.to_owned(),
             (info.peer_addr, info.cert_identity.map(str::to_owned)),

@@ -1,10 +1,17 @@
 //! Authentication and authorization traits. The broker asks; implementations decide.
-//! They are synchronous and must be cheap: anything slow (an HTTP callout) sits behind a cache
-//! in its implementation.
+//!
+//! Both are called synchronously by the sans-IO [`crate::Connection`] and must be cheap. An
+//! authenticator that needs to wait (a key-derivation function, an HTTP callout) answers
+//! [`AuthDecision::Pending`] with a future; the connection never polls it, it hands it to the
+//! caller (the server's connection task, see [`crate::Connection::take_pending_auth`]), which
+//! awaits it and reports the result with [`crate::Connection::handle_auth_result`]. The core
+//! stays free of I/O and of any async runtime.
 
 use bytes::Bytes;
 use raftmq_codec::{QoS, ReasonCode};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 
 /// Who is connecting, as far as the transport and CONNECT tell.
 #[derive(Clone, Debug)]
@@ -22,13 +29,71 @@ pub struct ConnectInfo<'a> {
 pub struct Principal {
     pub username: Option<String>,
     pub client_id: String,
+    /// Rules given by the authentication backend for this connection (e.g. by an HTTP
+    /// callout); when set, they replace the broker-wide ACL for it.
+    pub acl: Option<std::sync::Arc<crate::acl::Acl>>,
+}
+
+/// An owned copy of [`ConnectInfo`], for decisions taken asynchronously.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthRequest {
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Bytes>,
+    pub peer_addr: Option<SocketAddr>,
+    pub cert_identity: Option<String>,
+}
+
+impl From<&ConnectInfo<'_>> for AuthRequest {
+    fn from(info: &ConnectInfo<'_>) -> Self {
+        AuthRequest {
+            client_id: info.client_id.to_owned(),
+            username: info.username.map(str::to_owned),
+            password: info.password.cloned(),
+            peer_addr: info.peer_addr,
+            cert_identity: info.cert_identity.map(str::to_owned),
+        }
+    }
+}
+
+/// An authentication decision still being made (the caller awaits it; the core never polls).
+pub type PendingAuth = Pin<Box<dyn Future<Output = Result<Principal, ReasonCode>> + Send>>;
+
+/// What an [`Authenticator`] answers.
+pub enum AuthDecision {
+    /// Accept, running as this principal.
+    Allow(Principal),
+    /// Refuse with this CONNACK code (0x86 bad user name or password, 0x87 not authorized,
+    /// 0x8A banned, 0x88 server unavailable...).
+    Deny(ReasonCode),
+    /// The decision needs waiting: the connection's owner awaits the future (which must bound
+    /// its own duration) and hands the result back.
+    Pending(PendingAuth),
+}
+
+impl std::fmt::Debug for AuthDecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthDecision::Allow(p) => f.debug_tuple("Allow").field(p).finish(),
+            AuthDecision::Deny(c) => f.debug_tuple("Deny").field(c).finish(),
+            AuthDecision::Pending(_) => f.write_str("Pending"),
+        }
+    }
+}
+
+impl From<Result<Principal, ReasonCode>> for AuthDecision {
+    fn from(r: Result<Principal, ReasonCode>) -> Self {
+        match r {
+            Ok(p) => AuthDecision::Allow(p),
+            Err(c) => AuthDecision::Deny(c),
+        }
+    }
 }
 
 /// Decides whether a client may connect.
 pub trait Authenticator: Send + Sync + 'static {
-    /// `Ok(principal)` to accept; `Err(reason)` (e.g. 0x86 bad user name or password, 0x87 not
-    /// authorized, 0x8A banned) to refuse.
-    fn authenticate(&self, info: &ConnectInfo<'_>) -> Result<Principal, ReasonCode>;
+    /// Accept, refuse, or (for a slow check) answer later; see [`AuthDecision`].
+    fn authenticate(&self, info: &ConnectInfo<'_>) -> AuthDecision;
 }
 
 /// What a client asks to do with a topic.
@@ -55,10 +120,11 @@ pub trait Authorizer: Send + Sync + 'static {
 pub struct AllowAll;
 
 impl Authenticator for AllowAll {
-    fn authenticate(&self, info: &ConnectInfo<'_>) -> Result<Principal, ReasonCode> {
-        Ok(Principal {
+    fn authenticate(&self, info: &ConnectInfo<'_>) -> AuthDecision {
+        AuthDecision::Allow(Principal {
             username: info.username.map(str::to_owned),
             client_id: info.client_id.to_owned(),
+            acl: None,
         })
     }
 }

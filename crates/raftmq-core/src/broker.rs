@@ -12,6 +12,7 @@ use crate::durability::{
     StoredTarget,
 };
 use crate::index::{Match, SubscriptionIndex};
+use crate::limits::Limit;
 use crate::message::{Delivery, Message};
 use crate::retained::RetainedIndex;
 use crate::session::{
@@ -123,6 +124,8 @@ pub struct Broker {
     queue_limits: QueueLimits,
     index: SubscriptionIndex<Arc<Session>, SubEntry>,
     retained: RetainedIndex<Arc<Message>>,
+    /// Payload bytes of the retained messages stored.
+    retained_bytes: AtomicU64,
     sessions: Mutex<HashMap<ByteStr, Arc<Session>>>,
     timers: Mutex<Timers>,
     authenticator: Arc<dyn Authenticator>,
@@ -171,6 +174,7 @@ impl Broker {
         Broker {
             index: SubscriptionIndex::new(config.index_shards),
             retained: RetainedIndex::new(),
+            retained_bytes: AtomicU64::new(0),
             sessions: Mutex::new(HashMap::default()),
             timers: Mutex::new(Timers::default()),
             authenticator,
@@ -271,6 +275,11 @@ impl Broker {
     /// Number of retained messages.
     pub fn retained_count(&self) -> usize {
         self.retained.len()
+    }
+
+    /// Payload bytes of the retained messages stored.
+    pub fn retained_bytes(&self) -> u64 {
+        self.retained_bytes.load(Relaxed)
     }
 
     /// Attaches a connection to the session of `client_id`: resumes it (clean start false and
@@ -779,18 +788,55 @@ impl Broker {
     }
 
     /// Applies a RETAIN publish to the retained store. Returns whether anything changed.
+    ///
+    /// The broker's own `$SYS/...` statistics are never refused by the retained limits and not
+    /// counted in [`Broker::retained_bytes`]: clients' retained messages cannot crowd them out.
     fn store_retained(&self, message: &Arc<Message>) -> bool {
+        let limited = !message.topic.starts_with("$SYS/");
         if message.payload.is_empty() {
-            return self.retained.remove(&message.topic).is_some();
+            return match self.retained.remove(&message.topic) {
+                Some(old) => {
+                    if limited {
+                        self.retained_bytes
+                            .fetch_sub(old.payload.len() as u64, Relaxed);
+                    }
+                    true
+                }
+                None => false,
+            };
         }
         let Ok(topic) = TopicName::new(&message.topic, &self.topic_limits) else {
             return false;
         };
+        let existing = self.retained.get(&message.topic);
         let max = self.config.max_retained_messages;
-        if max > 0 && self.retained.len() >= max && self.retained.get(&message.topic).is_none() {
+        if limited && max > 0 && self.retained.len() >= max && existing.is_none() {
+            self.stats.limit_exceeded(Limit::RetainedMessages);
             return false;
         }
-        self.retained.set(&topic, message.clone());
+        let max_bytes = self.config.max_retained_bytes.0;
+        let old_len = existing.map_or(0, |m| m.payload.len() as u64);
+        let new_len = message.payload.len() as u64;
+        if limited
+            && max_bytes > 0
+            && self
+                .retained_bytes
+                .load(Relaxed)
+                .saturating_sub(old_len)
+                .saturating_add(new_len)
+                > max_bytes
+        {
+            self.stats.limit_exceeded(Limit::RetainedBytes);
+            return false;
+        }
+        let old = self.retained.set(&topic, message.clone());
+        if limited {
+            if let Some(old) = old {
+                self.retained_bytes
+                    .fetch_sub(old.payload.len() as u64, Relaxed);
+            }
+            self.retained_bytes.fetch_add(new_len, Relaxed);
+        }
         true
     }
 
@@ -858,6 +904,7 @@ impl Broker {
                 qos: granted,
             },
         ) {
+            self.stats.subscribe_denied.fetch_add(1, Relaxed);
             return refuse(ReasonCode::NOT_AUTHORIZED);
         }
         let options = SubscriptionOptions {
@@ -876,6 +923,7 @@ impl Broker {
             }
             let max = self.config.max_subscriptions_per_client;
             if max > 0 && st.subscriptions.len() >= max && !st.subscriptions.contains_key(&key) {
+                self.stats.limit_exceeded(Limit::Subscriptions);
                 return refuse(ReasonCode::QUOTA_EXCEEDED);
             }
             self.add_subscription(session, &mut st, key, parsed.clone(), entry)

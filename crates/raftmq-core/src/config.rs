@@ -75,6 +75,15 @@ pub struct MqttConfig {
     pub max_subscriptions_per_client: usize,
     /// Most retained messages the broker stores (0 = unlimited); new topics beyond it are refused.
     pub max_retained_messages: usize,
+    /// Most payload bytes of retained messages the broker stores (0 = unlimited); a retained
+    /// message that would go beyond it is not stored (it is still delivered).
+    pub max_retained_bytes: ByteSize,
+    /// Most PUBLISH packets per second one client may send (0 = unlimited); a client over it
+    /// is disconnected (v5: DISCONNECT 0x96 Message rate too high).
+    pub max_publish_rate: u32,
+    /// Most topic and payload bytes per second one client may publish (0 = unlimited); a client
+    /// over it is disconnected (v5: DISCONNECT 0x97 Quota exceeded).
+    pub max_publish_bandwidth: ByteSize,
     /// Number of shards of the subscription index.
     pub index_shards: usize,
     /// How often broker statistics are published as retained `$SYS/broker/...` messages
@@ -105,6 +114,9 @@ impl Default for MqttConfig {
             max_topic_levels: 128,
             max_subscriptions_per_client: 0,
             max_retained_messages: 0,
+            max_retained_bytes: ByteSize(0),
+            max_publish_rate: 0,
+            max_publish_bandwidth: ByteSize(0),
             index_shards: 16,
             sys_interval: DurationStr(Duration::from_secs(10)),
         }

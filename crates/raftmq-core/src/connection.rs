@@ -5,7 +5,7 @@
 //! send with [`Connection::poll_transmit`] and closes the socket once [`Connection::is_closed`]
 //! and everything was written. No I/O and no clock here: `now` is always an argument.
 
-use crate::auth::{Access, ConnectInfo, Principal};
+use crate::auth::{Access, AuthDecision, ConnectInfo, PendingAuth, Principal};
 use crate::broker::{Broker, DetachKind, NEVER_EXPIRES, TakenOver};
 use crate::durability::{Commit, StateChange};
 use crate::message::{Delivery, Message};
@@ -27,6 +27,21 @@ use std::time::{Duration, Instant};
 
 /// How long a new connection may take to send CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Packets a client may send after CONNECT while its authentication is still being decided;
+/// one more closes the connection.
+pub const MAX_PACKETS_BEFORE_AUTH: usize = 256;
+
+/// A CONNECT whose authentication is being decided outside the state machine.
+struct AwaitingAuth {
+    connect: Connect,
+    client_id: ByteStr,
+    assigned: Option<ByteStr>,
+    /// Behind a mutex only so that `Connection` stays `Sync` (the future need not be).
+    future: parking_lot::Mutex<Option<PendingAuth>>,
+    /// Packets that arrived meanwhile, handled once the decision is in.
+    held: VecDeque<Packet>,
+}
 
 /// Why the connection closed (for logs and metrics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,16 +131,21 @@ pub struct Connection {
     connect_expiry: u32,
     inbound_aliases: HashMap<u16, ByteStr>,
     outbound_aliases: OutboundAliases,
-    /// Set when the server's own shutdown closes the connection.
+    /// Identity from a verified client certificate.
     cert_identity: Option<String>,
     /// Set when the server refuses this connection (a connection limit): CONNECT is answered
     /// with this reason code.
     refusal: Option<ReasonCode>,
+    /// A CONNECT waiting for an asynchronous authentication decision.
+    awaiting_auth: Option<AwaitingAuth>,
+    /// Per-client publish rate and bandwidth limits.
+    limits: crate::limits::PublishLimits,
 }
 
 impl Connection {
     /// A new connection from `peer`, accepted at `now`.
     pub fn new(broker: Arc<Broker>, peer: Option<SocketAddr>, now: Instant) -> Self {
+        let limits = crate::limits::PublishLimits::new(broker.config(), now);
         Connection {
             broker,
             peer,
@@ -147,6 +167,8 @@ impl Connection {
             outbound_aliases: OutboundAliases::default(),
             cert_identity: None,
             refusal: None,
+            awaiting_auth: None,
+            limits,
         }
     }
 
@@ -154,6 +176,57 @@ impl Connection {
     /// or overloaded): CONNACK `code` to MQTT 5 clients, its 3.x return code to others.
     pub fn refuse(&mut self, code: ReasonCode) {
         self.refusal = Some(code);
+    }
+
+    /// The authentication decision the caller must await (once; see
+    /// [`crate::auth::AuthDecision::Pending`]), then report with [`Self::handle_auth_result`].
+    pub fn take_pending_auth(&mut self) -> Option<PendingAuth> {
+        self.awaiting_auth
+            .as_mut()
+            .and_then(|a| a.future.get_mut().take())
+    }
+
+    /// Whether CONNECT waits for an authentication decision.
+    pub fn is_awaiting_auth(&self) -> bool {
+        self.awaiting_auth.is_some()
+    }
+
+    /// The asynchronous authentication decision for the pending CONNECT: continues it (and
+    /// handles the packets that arrived meanwhile) or refuses it.
+    pub fn handle_auth_result(
+        &mut self,
+        result: Result<Principal, raftmq_codec::ReasonCode>,
+        now: Instant,
+    ) {
+        let Some(awaiting) = self.awaiting_auth.take() else {
+            return;
+        };
+        if self.closed.is_some() {
+            return;
+        }
+        match result {
+            Err(code) => self.refuse_auth(code, now),
+            Ok(principal) => {
+                self.finish_connect(
+                    awaiting.connect,
+                    awaiting.client_id,
+                    awaiting.assigned,
+                    principal,
+                    now,
+                );
+                for packet in awaiting.held {
+                    if self.closed.is_some() {
+                        break;
+                    }
+                    self.handle_packet(packet, now);
+                }
+            }
+        }
+    }
+
+    fn refuse_auth(&mut self, code: ReasonCode, now: Instant) {
+        self.broker.stats().auth_failed(code);
+        self.refuse_connect(code, now);
     }
 
     /// Sets the identity taken from a verified client certificate (before CONNECT).
@@ -389,6 +462,16 @@ impl Connection {
             return;
         }
         self.last_received = now;
+        if let Some(awaiting) = &mut self.awaiting_auth {
+            if awaiting.held.len() >= MAX_PACKETS_BEFORE_AUTH {
+                // No CONNACK yet, so nothing to tell the client: just close.
+                self.awaiting_auth = None;
+                self.closed = Some(CloseReason::ProtocolViolation(ReasonCode::QUOTA_EXCEEDED));
+            } else {
+                awaiting.held.push_back(packet);
+            }
+            return;
+        }
         if self.attachment.is_none() {
             match packet {
                 Packet::Connect(c) => match self.refusal {
@@ -465,13 +548,34 @@ impl Connection {
             peer_addr: self.peer,
             cert_identity: self.cert_identity.as_deref(),
         };
-        let principal = match self.broker.authenticator().authenticate(&info) {
-            Ok(p) => p,
-            Err(code) => {
-                self.broker.stats().auth_failures.fetch_add(1, Relaxed);
-                return self.refuse_connect(code, now);
+        match self.broker.authenticator().authenticate(&info) {
+            AuthDecision::Allow(principal) => {
+                self.finish_connect(c, client_id, assigned, principal, now)
             }
-        };
+            AuthDecision::Deny(code) => self.refuse_auth(code, now),
+            AuthDecision::Pending(future) => {
+                self.awaiting_auth = Some(AwaitingAuth {
+                    connect: c,
+                    client_id,
+                    assigned,
+                    future: parking_lot::Mutex::new(Some(future)),
+                    held: VecDeque::new(),
+                })
+            }
+        }
+    }
+
+    /// The part of CONNECT handling after authentication accepted the client.
+    fn finish_connect(
+        &mut self,
+        c: Connect,
+        client_id: ByteStr,
+        assigned: Option<ByteStr>,
+        principal: Principal,
+        now: Instant,
+    ) {
+        let v5 = c.protocol.is_v5();
+        let cfg = self.broker.config().clone();
         // Will (§3.1.2.5).
         let will = match &c.will {
             None => None,
@@ -861,6 +965,11 @@ impl Connection {
     fn handle_publish(&mut self, p: Publish, now: Instant) -> Result<(), Violation> {
         let cfg = self.broker.config();
         let v5 = self.version.is_v5();
+        // Per-client rate and bandwidth (token buckets): over the limit closes the connection.
+        if let Err(exceeded) = self.limits.check(p.topic.len() + p.payload.len(), now) {
+            self.broker.stats().limit_exceeded(exceeded.limit());
+            return Err(Violation::Code(exceeded.reason_code()));
+        }
         if p.qos.as_u8() > cfg.max_qos {
             return Err(Violation::Code(ReasonCode::QOS_NOT_SUPPORTED));
         }

@@ -8,12 +8,14 @@
 //! by the caller), spawn a thread or task, or depend on tokio, tonic or rocksdb. Locks are allowed
 //! (the index and the session registry are shared by connection tasks), blocking I/O is not.
 
+pub mod acl;
 pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod durability;
 pub mod index;
+pub mod limits;
 pub mod message;
 pub mod retained;
 pub mod session;

@@ -1,7 +1,53 @@
 //! Broker counters kept as atomics on the hot path; the server exports them as metrics and
 //! `$SYS` topics periodically, so a publish never touches a metrics registry.
 
+use crate::limits::Limit;
+use raftmq_codec::ReasonCode;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Why authentication refused a connection (the `reason` label of
+/// `raftmq_auth_failures_total`), from the CONNACK code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// 0x86 Bad user name or password.
+    BadCredentials,
+    /// 0x87 Not authorized (anonymous refused, authentication service said no or timed out).
+    NotAuthorized,
+    /// 0x88 Server unavailable / 0x89 Server busy.
+    Unavailable,
+    /// Anything else (0x8A Banned...).
+    Other,
+}
+
+impl AuthFailure {
+    /// Every reason, for exporting.
+    pub const ALL: [AuthFailure; 4] = [
+        Self::BadCredentials,
+        Self::NotAuthorized,
+        Self::Unavailable,
+        Self::Other,
+    ];
+
+    /// The reason a refusal with `code` counts as.
+    pub fn from_code(code: ReasonCode) -> Self {
+        match code {
+            ReasonCode::BAD_USER_NAME_OR_PASSWORD => Self::BadCredentials,
+            ReasonCode::NOT_AUTHORIZED => Self::NotAuthorized,
+            ReasonCode::SERVER_UNAVAILABLE | ReasonCode::SERVER_BUSY => Self::Unavailable,
+            _ => Self::Other,
+        }
+    }
+
+    /// The stable label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadCredentials => "bad_credentials",
+            Self::NotAuthorized => "not_authorized",
+            Self::Unavailable => "unavailable",
+            Self::Other => "other",
+        }
+    }
+}
 
 /// Why a message was not delivered to a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +101,12 @@ pub struct BrokerStats {
     pub publish_denied: AtomicU64,
     /// Connections refused by authentication.
     pub auth_failures: AtomicU64,
+    /// Connections refused by authentication, by [`AuthFailure`] (as in `AuthFailure::ALL`).
+    pub auth_failures_by_reason: [AtomicU64; 4],
+    /// SUBSCRIBE filters refused by authorization.
+    pub subscribe_denied: AtomicU64,
+    /// Times a configured limit was hit, by [`Limit`] (as in `Limit::ALL`).
+    pub limits_exceeded: [AtomicU64; 5],
     /// Sessions currently connected.
     pub sessions_online: AtomicI64,
     /// Sessions that exist (online or offline).
@@ -70,6 +122,38 @@ pub struct BrokerStats {
 }
 
 impl BrokerStats {
+    /// Counts a connection refused by authentication with `code`.
+    pub fn auth_failed(&self, code: ReasonCode) {
+        self.auth_failures.fetch_add(1, Relaxed);
+        let reason = AuthFailure::from_code(code);
+        let i = AuthFailure::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.auth_failures_by_reason[i].fetch_add(1, Relaxed);
+    }
+
+    /// Connections refused for `reason` so far.
+    pub fn auth_failure_count(&self, reason: AuthFailure) -> u64 {
+        let i = AuthFailure::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.auth_failures_by_reason[i].load(Relaxed)
+    }
+
+    /// Counts one hit of `limit`.
+    pub fn limit_exceeded(&self, limit: Limit) {
+        let i = Limit::ALL.iter().position(|l| *l == limit).unwrap_or(0);
+        self.limits_exceeded[i].fetch_add(1, Relaxed);
+    }
+
+    /// Hits of `limit` so far.
+    pub fn limit_exceeded_count(&self, limit: Limit) -> u64 {
+        let i = Limit::ALL.iter().position(|l| *l == limit).unwrap_or(0);
+        self.limits_exceeded[i].load(Relaxed)
+    }
+
     pub(crate) fn dropped(&self, reason: DropReason, n: u64) {
         let i = DropReason::ALL
             .iter()

@@ -1633,3 +1633,153 @@ fn admin_listings_show_clients_subscriptions_and_retained_messages() {
     assert!(w.broker.clear_retained("x/1").is_none());
     assert!(w.broker.list_retained(Some("x/#")).is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous authentication and per-client limits
+// ---------------------------------------------------------------------------------------------
+
+/// Defers every decision: the test plays the role of the server task resolving it.
+struct Deferring;
+
+impl raftmq_core::auth::Authenticator for Deferring {
+    fn authenticate(
+        &self,
+        info: &raftmq_core::auth::ConnectInfo<'_>,
+    ) -> raftmq_core::auth::AuthDecision {
+        let user = info.username.map(str::to_owned);
+        let client_id = info.client_id.to_owned();
+        raftmq_core::auth::AuthDecision::Pending(Box::pin(async move {
+            Ok(raftmq_core::auth::Principal {
+                username: user,
+                client_id,
+                acl: None,
+            })
+        }))
+    }
+}
+
+fn deferring_world() -> World {
+    World {
+        broker: Arc::new(Broker::with_auth(
+            MqttConfig::default(),
+            Arc::new(Deferring),
+            Arc::new(raftmq_core::auth::AllowAll),
+            1,
+        )),
+        t0: Instant::now(),
+    }
+}
+
+#[test]
+fn deferred_auth_holds_connack_and_later_packets_until_the_decision() {
+    let w = deferring_world();
+    let t = w.at(0);
+    let mut c = w.open(t);
+    c.send(Packet::Connect(Box::new(v5("a"))), t);
+    // Pipelined before the decision: held, not answered.
+    c.send(Packet::PingReq, t);
+    assert!(c.conn.is_awaiting_auth());
+    assert_eq!(c.drain(t), []);
+    let pending = c.conn.take_pending_auth().expect("a pending decision");
+    assert!(c.conn.take_pending_auth().is_none(), "handed out once");
+    drop(pending);
+    let principal = raftmq_core::auth::Principal {
+        username: None,
+        client_id: "a".into(),
+        acl: None,
+    };
+    c.conn.handle_auth_result(Ok(principal), t);
+    let out = c.drain(t);
+    assert!(
+        matches!(&out[..], [Packet::ConnAck(ack), Packet::PingResp] if ack.reason_code == ReasonCode::SUCCESS),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn deferred_auth_refusal_sends_connack_code_and_drops_held_packets() {
+    let w = deferring_world();
+    let t = w.at(0);
+    let mut c = w.open(t);
+    c.send(Packet::Connect(Box::new(v311("a", true))), t);
+    c.send(Packet::PingReq, t);
+    drop(c.conn.take_pending_auth());
+    c.conn
+        .handle_auth_result(Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD), t);
+    let out = c.drain(t);
+    assert!(
+        matches!(&out[..], [Packet::ConnAck(ack)] if ack.reason_code == ReasonCode::BAD_USER_NAME_OR_PASSWORD),
+        "{out:?}"
+    );
+    assert!(c.conn.is_closed());
+    assert_eq!(w.broker.stats().auth_failures.load(Ordering::Relaxed), 1);
+    assert!(w.broker.session("a").is_none());
+}
+
+#[test]
+fn too_many_packets_before_the_auth_decision_close_the_connection() {
+    let w = deferring_world();
+    let t = w.at(0);
+    let mut c = w.open(t);
+    c.send(Packet::Connect(Box::new(v5("a"))), t);
+    for _ in 0..raftmq_core::connection::MAX_PACKETS_BEFORE_AUTH {
+        c.send(Packet::PingReq, t);
+    }
+    assert!(!c.conn.is_closed());
+    c.send(Packet::PingReq, t);
+    assert!(c.conn.is_closed());
+    assert_eq!(c.drain(t), []);
+}
+
+#[test]
+fn publish_rate_over_the_limit_disconnects_and_refills_with_time() {
+    let w = World::with_config(MqttConfig {
+        max_publish_rate: 2,
+        ..MqttConfig::default()
+    });
+    let mut c = w.connect_v5("p", w.at(0));
+    let t = w.at(0);
+    c.publish(msg("t", 0, 0, b"1"), t);
+    c.publish(msg("t", 0, 0, b"2"), t);
+    // A second later the bucket is full again.
+    let t1 = w.at(1);
+    c.publish(msg("t", 0, 0, b"3"), t1);
+    c.publish(msg("t", 0, 0, b"4"), t1);
+    assert!(!c.conn.is_closed());
+    c.send(Packet::Publish(msg("t", 0, 0, b"5")), t1);
+    c.expect_disconnect(ReasonCode::MESSAGE_RATE_TOO_HIGH, t1);
+    assert_eq!(
+        w.broker
+            .stats()
+            .limit_exceeded_count(raftmq_core::limits::Limit::PublishRate),
+        1
+    );
+}
+
+#[test]
+fn sys_statistics_are_exempt_from_the_retained_bytes_limit() {
+    let w = World::with_config(MqttConfig {
+        max_retained_bytes: raftmq_core::config::ByteSize(4),
+        ..MqttConfig::default()
+    });
+    let t = w.at(0);
+    let sys = raftmq_core::Message {
+        topic: "$SYS/broker/uptime".into(),
+        payload: Bytes::from_static(b"1234567890"),
+        qos: QoS::AtMostOnce,
+        retain: true,
+        properties: PublishProperties::default(),
+        expires_at: None,
+        received_at: t,
+        origin: None,
+    };
+    w.broker.publish(Arc::new(sys), t);
+    assert!(w.broker.retained("$SYS/broker/uptime").is_some());
+    assert_eq!(w.broker.retained_bytes(), 0);
+    let mut c = w.connect_v5("p", t);
+    c.publish(retained("a", 0, b"1234"), t);
+    c.publish(retained("b", 0, b"5"), t);
+    assert!(w.broker.retained("a").is_some());
+    assert!(w.broker.retained("b").is_none());
+    assert_eq!(w.broker.retained_bytes(), 4);
+}

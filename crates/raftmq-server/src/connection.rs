@@ -35,6 +35,10 @@ pub(crate) struct ConnOptions {
     /// The node's drain: once started, the connection finishes its work and says goodbye.
     pub drain: Arc<Drain>,
 }
+/// Upper bound on an asynchronous authentication decision: a little more than the longest
+/// `auth.callout_timeout` ([`crate::auth::MAX_CALLOUT_TIMEOUT`]), so it only cuts a backend
+/// without a timeout of its own, or a password check queued behind a storm (0x88, retry later).
+const AUTH_TIMEOUT: Duration = Duration::from_secs(11);
 
 /// Serves one client on `stream` (any transport) until it closes. `peer` is the client's
 /// address (from the PROXY header when the listener uses one).
@@ -96,6 +100,20 @@ pub(crate) async fn run<S>(
             && (conn.pending_commit().is_none() || Instant::now() >= deadline)
         {
             conn.handle_drain(drain.server_reference(), Instant::now());
+            continue;
+        }
+        // CONNECT waits for a slow authentication (password hash, HTTP callout): the socket is
+        // not read meanwhile (packets already decoded are held by the state machine).
+        if let Some(pending) = conn.take_pending_auth() {
+            let result = tokio::select! {
+                r = tokio::time::timeout(AUTH_TIMEOUT, pending) => {
+                    r.unwrap_or(Err(ReasonCode::SERVER_UNAVAILABLE))
+                }
+                _ = shutdown.changed() => Err(ReasonCode::SERVER_UNAVAILABLE),
+            };
+            let now = Instant::now();
+            conn.handle_auth_result(result, now);
+            more = conn.pump(now, PUMP_BATCH);
             continue;
         }
         if more && drain_deadline.is_none() {

@@ -10,6 +10,7 @@
 
 mod admin;
 pub mod admin_client;
+pub mod auth;
 mod config;
 mod connection;
 mod drain;

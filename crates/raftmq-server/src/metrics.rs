@@ -3,7 +3,8 @@
 
 use metrics::{counter, gauge};
 use raftmq_core::Broker;
-use raftmq_core::stats::DropReason;
+use raftmq_core::limits::Limit;
+use raftmq_core::stats::{AuthFailure, DropReason};
 use std::sync::atomic::Ordering::Relaxed;
 
 pub const CONNECTIONS_CURRENT: &str = "raftmq_connections_current";
@@ -30,6 +31,12 @@ pub const CONNECTIONS_REJECTED_TOTAL: &str = "raftmq_connections_rejected_total"
 pub const TLS_RELOADS_TOTAL: &str = "raftmq_tls_reloads_total";
 pub const OVERLOADED: &str = "raftmq_overloaded";
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "raftmq_process_resident_memory_bytes";
+pub const AUTH_DENIED_TOTAL: &str = "raftmq_auth_denied_total";
+pub const AUTH_CACHE_LOOKUPS_TOTAL: &str = "raftmq_auth_cache_lookups_total";
+pub const AUTH_CALLOUTS_TOTAL: &str = "raftmq_auth_callouts_total";
+pub const AUTH_RELOADS_TOTAL: &str = "raftmq_auth_reloads_total";
+pub const LIMITS_EXCEEDED_TOTAL: &str = "raftmq_limits_exceeded_total";
+pub const RETAINED_BYTES: &str = "raftmq_retained_bytes";
 
 const QOS_LABELS: [&str; 3] = ["0", "1", "2"];
 
@@ -49,7 +56,17 @@ pub fn export_broker_stats(broker: &Broker) {
     counter!(BYTES_SENT_TOTAL).absolute(s.bytes_sent.load(Relaxed));
     counter!(MESSAGES_UNROUTED_TOTAL).absolute(s.messages_unrouted.load(Relaxed));
     counter!(PUBLISH_DENIED_TOTAL).absolute(s.publish_denied.load(Relaxed));
-    counter!(AUTH_FAILURES_TOTAL).absolute(s.auth_failures.load(Relaxed));
+    for reason in AuthFailure::ALL {
+        counter!(AUTH_FAILURES_TOTAL, "reason" => reason.as_str())
+            .absolute(s.auth_failure_count(reason));
+    }
+    counter!(AUTH_DENIED_TOTAL, "action" => "publish").absolute(s.publish_denied.load(Relaxed));
+    counter!(AUTH_DENIED_TOTAL, "action" => "subscribe").absolute(s.subscribe_denied.load(Relaxed));
+    for limit in Limit::ALL {
+        counter!(LIMITS_EXCEEDED_TOTAL, "limit" => limit.as_str())
+            .absolute(s.limit_exceeded_count(limit));
+    }
+    gauge!(RETAINED_BYTES).set(broker.retained_bytes() as f64);
     counter!(WILLS_PUBLISHED_TOTAL).absolute(s.wills_published.load(Relaxed));
     counter!(SESSION_TAKEOVERS_TOTAL).absolute(s.takeovers.load(Relaxed));
     gauge!(SESSIONS_ONLINE).set(s.sessions_online.load(Relaxed) as f64);

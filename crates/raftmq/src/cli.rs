@@ -42,6 +42,24 @@ pub enum Command {
     Config(ConfigCommand),
     /// Administer a running node through its admin API (HTTP).
     Ctl(crate::ctl::CtlArgs),
+    /// Add, update or delete a user in a password file (auth.password_file).
+    Passwd(PasswdArgs),
+}
+
+/// `raftmq passwd FILE USER`: the password is read from standard input with
+/// `--password-stdin` (for scripts), else prompted for (twice, not echoed) on a terminal.
+#[derive(Debug, Args)]
+pub struct PasswdArgs {
+    /// The password file (created, mode 0600, if missing).
+    pub file: PathBuf,
+    /// The user name.
+    pub username: String,
+    /// Read the password from the first line of standard input.
+    #[arg(long, conflicts_with = "delete")]
+    pub password_stdin: bool,
+    /// Remove the user instead.
+    #[arg(long)]
+    pub delete: bool,
 }
 
 /// `raftmq config ...`

@@ -12,6 +12,7 @@
 
 use crate::docs;
 use raftmq_core::config::{ConfigProblem, MqttConfig};
+use raftmq_server::auth::AuthConfig;
 use raftmq_server::{DrainConfig, HttpConfig, LimitsConfig, ListenersConfig, TlsConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// MQTT protocol and session settings.
     pub mqtt: MqttConfig,
+    /// Authentication and authorization.
+    pub auth: AuthConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -82,6 +85,7 @@ impl Default for Config {
             drain: DrainConfig::default(),
             cluster: ClusterConfig::default(),
             mqtt: MqttConfig::default(),
+            auth: AuthConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -508,6 +512,9 @@ impl Config {
         }
         if let Some(mqtt) = c.section::<MqttConfig>("mqtt") {
             c.problems.extend(mqtt.validate("mqtt."));
+        }
+        if let Some(auth) = c.section::<AuthConfig>("auth") {
+            c.problems.extend(auth.validate("auth."));
         }
         if let Some(log) = c.section::<LogConfig>("log") {
             c.problems.extend(log.validate("log."));

@@ -48,8 +48,9 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "listeners.tcp",
         "Address of the plain TCP MQTT listener, \"host:port\"; \"none\" disables it. \
-         Clients connect anonymously for now: bind to a loopback address or firewall the port \
-         unless the network is trusted.",
+         Who may connect is set in [auth]; by default (no password file) clients connect \
+         anonymously: bind to a loopback address or firewall the port unless the network is \
+         trusted.",
     ),
     optional(
         "listeners.tls",
@@ -306,6 +307,84 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "mqtt.index_shards",
         "Number of shards of the subscription index (1 to 1024).",
+    ),
+    key(
+        "mqtt.max_retained_bytes",
+        "Most payload bytes of retained messages the broker stores; \"0B\" = unlimited. A \
+         retained message that would go beyond it is not stored (it is still delivered, and \
+         counted in raftmq_limits_exceeded_total{limit=\"retained_bytes\"}).",
+    ),
+    key(
+        "mqtt.max_publish_rate",
+        "Most PUBLISH packets per second one client may send (bursts up to one second's worth); \
+         0 = unlimited. A client over it is disconnected: MQTT 5 clients get DISCONNECT 0x96 \
+         Message rate too high, 3.1.1 clients a closed connection.",
+    ),
+    key(
+        "mqtt.max_publish_bandwidth",
+        "Most topic and payload bytes per second one client may publish (bursts up to one \
+         second's worth); \"0B\" = unlimited. A client over it is disconnected: MQTT 5 clients \
+         get DISCONNECT 0x97 Quota exceeded, 3.1.1 clients a closed connection.",
+    ),
+    key(
+        "auth",
+        "Authentication and authorization (see docs/security-auth.md). A fresh install has no \
+         password file and accepts anonymous clients; configuring a password file or a callout \
+         turns anonymous access off unless allow_anonymous = true.",
+    ),
+    optional(
+        "auth.allow_anonymous",
+        "Accept clients that send no user name (refused otherwise with CONNACK 0x87 / 3.1.1: \
+         5). Unset: true when neither password_file nor callout_url is set, false otherwise.",
+        "true",
+    ),
+    optional(
+        "auth.password_file",
+        "File of \"username:argon2id-hash\" lines (manage it with `raftmq passwd FILE USER`). \
+         Reloaded when it changes or on SIGHUP; a bad file keeps the previous one.",
+        "\"/etc/raftmq/passwd\"",
+    ),
+    optional(
+        "auth.acl_file",
+        "ACL file (allow/deny publish/subscribe rules per user, client id or for all, first \
+         match wins, no match denies). Unset: every authenticated client may do everything. \
+         Reloaded like the password file.",
+        "\"/etc/raftmq/acl\"",
+    ),
+    key(
+        "auth.use_cert_identity",
+        "Use the identity of a verified TLS client certificate as the user name; such clients \
+         need no password.",
+    ),
+    key(
+        "auth.reload_interval",
+        "How often the password and ACL files are checked for changes; \"0s\" reloads only on \
+         SIGHUP.",
+    ),
+    key(
+        "auth.cache_size",
+        "Most recent authentication decisions remembered (keyed by a keyed hash, never the \
+         password), so reconnect storms do not rehash; 0 disables the cache.",
+    ),
+    key(
+        "auth.cache_ttl",
+        "How long a remembered authentication decision is reused.",
+    ),
+    key(
+        "auth.max_concurrent_hashes",
+        "Most password hashes verified at once (each Argon2id check takes about 19 MiB and tens \
+         of milliseconds on a blocking thread); more connections wait their turn.",
+    ),
+    optional(
+        "auth.callout_url",
+        "http://host:port/path of an external authentication service, asked (POST JSON) about \
+         user names not in the password file.",
+        "\"http://127.0.0.1:8080/mqtt/auth\"",
+    ),
+    key(
+        "auth.callout_timeout",
+        "How long the authentication callout may take (at most 10s); a slower answer refuses \
+         the client (CONNACK 0x87 / 3.1.1: 5).",
     ),
     key("log", "Logging (to standard error)."),
     key(

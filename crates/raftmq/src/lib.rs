@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod docs;
+pub mod passwd;
 pub mod serve;
 pub mod telemetry;
 
@@ -29,6 +30,11 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ctl(args) => {
             ctl::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Passwd(args) => {
+            let message = passwd::run(&args)?;
+            eprintln!("{message}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Default) => {

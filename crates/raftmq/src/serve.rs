@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use raftmq_cluster::grpc;
 use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
-use raftmq_core::auth::AllowAll;
+use raftmq_server::auth::Auth;
 use raftmq_server::{
     AdminFuture, ClusterAdmin, ClusterAdminError, ClusterInfo, ClusterServer, ListenerKind, Server,
 };
@@ -36,6 +36,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Installed before binding so that a signal arriving during startup is not lost.
     let shutdown = shutdown_signal()?;
     let upkeep = telemetry::spawn_upkeep(metrics.clone(), telemetry::UPKEEP_INTERVAL);
+
+    // Authentication and authorization: password file, ACL, callout; files reloaded when they
+    // change and on SIGHUP.
+    let auth = Arc::new(Auth::load(&config.auth).context("loading authentication files")?);
+    info!(
+        anonymous = auth.allows_anonymous(),
+        users = auth.user_count(),
+        acl = config.auth.acl_file.is_some(),
+        callout = config.auth.callout_url.is_some(),
+        cert_identity = config.auth.use_cert_identity,
+        "authentication configured"
+    );
+    let auth_watch = tokio::spawn(auth.clone().watch());
+    let sighup = reload_on_sighup(auth.clone())?;
 
     // Durable state: a Raft group (of one node unless seeds are given) over RocksDB in data_dir.
     let mut node = RaftNode::start(NodeOptions::new(
@@ -69,12 +83,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
 
-    // Anonymous access until authentication is configurable (see the warning below).
     let broker = Arc::new(
         Broker::with_auth(
             config.mqtt.clone(),
-            Arc::new(AllowAll),
-            Arc::new(AllowAll),
+            auth.clone(),
+            auth.clone(),
             config.node_id,
         )
         .with_durability(node.durability.clone()),
@@ -116,11 +129,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     match server.mqtt_addr() {
         Some(addr) => {
             info!("mqtt listening on {addr}");
-            if is_exposed(addr) {
+            if is_exposed(addr) && auth.allows_anonymous() {
                 warn!(
-                    "MQTT listener {addr} is reachable from other hosts and accepts ANONYMOUS clients \
-                     (authentication is not implemented yet): bind listeners.tcp to 127.0.0.1 or \
-                     firewall the port unless the network is trusted"
+                    "MQTT listener {addr} is reachable from other hosts and accepts ANONYMOUS \
+                     clients: set auth.password_file (see `raftmq passwd`) and/or \
+                     auth.allow_anonymous = false, or bind listeners.tcp to 127.0.0.1, unless \
+                     the network is trusted"
                 );
             }
         }
@@ -148,6 +162,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let result = server.run(shutdown).await.context("running the server");
     upkeep.abort();
+    auth_watch.abort();
+    sighup.abort();
     let _ = cluster_stop.send(());
     let _ = cluster_task.await;
     if let Ok(node) = Arc::try_unwrap(node) {
@@ -220,6 +236,17 @@ pub fn is_exposed(addr: SocketAddr) -> bool {
 /// Whether the admin API on `http` is reachable from other hosts without a token.
 pub fn admin_api_unprotected(http: SocketAddr, token: Option<&str>) -> bool {
     is_exposed(http) && token.is_none()
+}
+
+/// Reloads the password and ACL files on every SIGHUP.
+fn reload_on_sighup(auth: Arc<Auth>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!("received SIGHUP, reloading authentication files");
+            auth.request_reload();
+        }
+    }))
 }
 
 /// Resolves at the first SIGINT or SIGTERM; a second one exits the process at once (for a

@@ -213,3 +213,89 @@ fn grafana_dashboard_uses_only_documented_metrics() {
         );
     }
 }
+
+/// Runs `raftmq passwd ARGS` with `stdin` as standard input.
+fn passwd(args: &[&str], stdin: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = raftmq()
+        .arg("passwd")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs raftmq passwd");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("raftmq passwd finishes")
+}
+
+#[test]
+fn passwd_adds_updates_and_deletes_users_from_stdin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("passwd");
+    let file = path.to_str().expect("utf-8 path");
+    let out = passwd(&[file, "alice", "--password-stdin"], "s3cret\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("added `alice`"));
+    let first = std::fs::read_to_string(&path).expect("read");
+    assert!(first.starts_with("alice:$argon2id$"), "{first}");
+
+    let out = passwd(&[file, "alice", "--password-stdin"], "other\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("updated `alice`"));
+    assert_ne!(std::fs::read_to_string(&path).expect("read"), first);
+
+    // Not a terminal and no --password-stdin: a clear error, nothing written.
+    let out = passwd(&[file, "bob"], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--password-stdin"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = passwd(&[file, "alice", "--delete"], "");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), "");
+    let out = passwd(&[file, "alice", "--delete"], "");
+    assert_eq!(out.status.code(), Some(1));
+
+    // A broken file is reported with its line, not overwritten.
+    std::fs::write(&path, "# users\nalice\n").expect("write");
+    let out = passwd(&[file, "carol", "--password-stdin"], "pw\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("line 2"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("read"),
+        "# users\nalice\n"
+    );
+}
+
+#[test]
+fn serve_with_an_unreadable_password_file_exits_1_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let missing = dir.path().join("no-such-passwd");
+    let out = raftmq()
+        .args(["serve", "--mqtt-addr", "none", "--http-addr", "none"])
+        .args(["--cluster-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(&data_dir)
+        .env("RAFTMQ_AUTH__PASSWORD_FILE", &missing)
+        .output()
+        .expect("runs raftmq");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "error: loading authentication files: auth.password_file: cannot read {}",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+}

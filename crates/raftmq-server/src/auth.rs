@@ -1,0 +1,683 @@
+//! Authentication and authorization for the broker (the `[auth]` section): a password file of
+//! Argon2id hashes, client-certificate identities, anonymous access, an ACL file and an HTTP
+//! callout, with a cache of recent decisions. Files are reloaded when they change (or on
+//! demand, e.g. SIGHUP) without touching connected clients; a bad file keeps the old one.
+//!
+//! [`Auth`] implements the core's synchronous [`Authenticator`] trait: what it can decide at
+//! once (anonymous, certificate identity, a cached decision) it answers directly; a password
+//! hash to check or a callout to make is answered with [`AuthDecision::Pending`], a future that
+//! the connection task awaits. Hashing runs on the blocking pool, at most
+//! `auth.max_concurrent_hashes` at a time, so a reconnect storm cannot starve the async workers.
+
+pub mod cache;
+pub mod callout;
+pub mod passwd;
+
+use crate::metrics::{AUTH_CACHE_LOOKUPS_TOTAL, AUTH_CALLOUTS_TOTAL, AUTH_RELOADS_TOTAL};
+use cache::DecisionCache;
+use callout::{AuthCallout, HttpCallout};
+use metrics::counter;
+use parking_lot::{Mutex, RwLock};
+use passwd::PasswordFile;
+use raftmq_codec::ReasonCode;
+use raftmq_core::acl::Acl;
+use raftmq_core::auth::{
+    Access, AuthDecision, AuthRequest, Authenticator, Authorizer, ConnectInfo, Principal,
+};
+use raftmq_core::config::{ConfigProblem, DurationStr};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{Notify, Semaphore};
+use tracing::{info, warn};
+
+/// Longest `auth.callout_timeout` (a connection waits at most this long for any decision).
+pub const MAX_CALLOUT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Authentication and authorization settings (the `[auth]` section).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accept clients without a user name. Unset: allowed only when no password file and no
+    /// callout are configured (a fresh install is a local development broker).
+    pub allow_anonymous: Option<bool>,
+    /// Password file (`username:argon2id-hash` lines, see `raftmq passwd`).
+    pub password_file: Option<PathBuf>,
+    /// ACL file; unset allows everything to every authenticated client.
+    pub acl_file: Option<PathBuf>,
+    /// Use the identity of a verified client certificate as the user name (the TLS listener
+    /// provides it); such clients need no password.
+    pub use_cert_identity: bool,
+    /// How often the password and ACL files are checked for changes ("0s": only on SIGHUP).
+    pub reload_interval: DurationStr,
+    /// Most authentication decisions remembered (0 disables the cache).
+    pub cache_size: usize,
+    /// How long a remembered decision is reused.
+    pub cache_ttl: DurationStr,
+    /// Most password hashes verified at once (each takes ~20 MiB and tens of milliseconds).
+    pub max_concurrent_hashes: usize,
+    /// `http://host:port/path` of an external authentication service, asked about user names
+    /// that are not in the password file.
+    pub callout_url: Option<String>,
+    /// How long the callout may take before the client is refused.
+    pub callout_timeout: DurationStr,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: None,
+            password_file: None,
+            acl_file: None,
+            use_cert_identity: false,
+            reload_interval: DurationStr(Duration::from_secs(5)),
+            cache_size: 10_000,
+            cache_ttl: DurationStr(Duration::from_secs(300)),
+            max_concurrent_hashes: 2,
+            callout_url: None,
+            callout_timeout: DurationStr(Duration::from_secs(2)),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether clients without a user name are accepted (see [`Self::allow_anonymous`]).
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous
+            .unwrap_or(self.password_file.is_none() && self.callout_url.is_none())
+    }
+
+    /// Every problem with the values, keys prefixed with `prefix`.
+    pub fn validate(&self, prefix: &str) -> Vec<ConfigProblem> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, problem: String| {
+            out.push(ConfigProblem {
+                key: format!("{prefix}{key}"),
+                problem,
+            })
+        };
+        if self.allow_anonymous == Some(false)
+            && self.password_file.is_none()
+            && self.callout_url.is_none()
+            && !self.use_cert_identity
+        {
+            bad(
+                "allow_anonymous",
+                "false with no password_file, callout_url or use_cert_identity would refuse \
+                 every client"
+                    .into(),
+            );
+        }
+        if let Some(url) = &self.callout_url
+            && let Err(e) = HttpCallout::new(url)
+        {
+            bad("callout_url", e.to_string());
+        }
+        if self.callout_timeout.0.is_zero() || self.callout_timeout.0 > MAX_CALLOUT_TIMEOUT {
+            bad(
+                "callout_timeout",
+                format!("must be between 1ms and {}s", MAX_CALLOUT_TIMEOUT.as_secs()),
+            );
+        }
+        if self.max_concurrent_hashes == 0 {
+            bad("max_concurrent_hashes", "must be at least 1".into());
+        }
+        for (key, path) in [
+            ("password_file", &self.password_file),
+            ("acl_file", &self.acl_file),
+        ] {
+            if let Some(p) = path
+                && p.as_os_str().is_empty()
+            {
+                bad(key, "must not be empty (leave it out to disable)".into());
+            }
+        }
+        out
+    }
+}
+
+/// A file that could not be loaded, naming its key and path.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{key}: cannot read {}: {source}", path.display())]
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{key}: {}: {message}", path.display())]
+    Invalid {
+        key: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error(transparent)]
+    Callout(#[from] callout::CalloutError),
+}
+
+/// Modification time and length of a file as last loaded.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+const PASSWORD_FILE_KEY: &str = "auth.password_file";
+const ACL_FILE_KEY: &str = "auth.acl_file";
+
+fn read(key: &'static str, path: &Path) -> Result<String, AuthError> {
+    std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+        key,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn load_passwords(path: &Path) -> Result<PasswordFile, AuthError> {
+    let key = PASSWORD_FILE_KEY;
+    PasswordFile::parse(&read(key, path)?).map_err(|e| AuthError::Invalid {
+        key,
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn load_acl(path: &Path) -> Result<Acl, AuthError> {
+    let key = ACL_FILE_KEY;
+    Acl::parse(&read(key, path)?).map_err(|e| AuthError::Invalid {
+        key,
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// The broker's authenticator and authorizer; see the module documentation.
+pub struct Auth {
+    config: AuthConfig,
+    anonymous: bool,
+    passwords: RwLock<Option<Arc<PasswordFile>>>,
+    acl: RwLock<Option<Arc<Acl>>>,
+    stamps: Mutex<(Stamp, Stamp)>,
+    cache: Arc<DecisionCache>,
+    hashing: Arc<Semaphore>,
+    callout: Option<Arc<dyn AuthCallout>>,
+    reload_now: Notify,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auth {
+    /// Loads the configured files (an error names the file and line) and sets up the callout.
+    pub fn load(config: &AuthConfig) -> Result<Auth, AuthError> {
+        let callout = match &config.callout_url {
+            Some(url) => Some(Arc::new(HttpCallout::new(url)?) as Arc<dyn AuthCallout>),
+            None => None,
+        };
+        Self::with_callout(config, callout)
+    }
+
+    /// Like [`Self::load`] with another callout implementation (or none).
+    pub fn with_callout(
+        config: &AuthConfig,
+        callout: Option<Arc<dyn AuthCallout>>,
+    ) -> Result<Auth, AuthError> {
+        let passwords = match &config.password_file {
+            Some(p) => Some(Arc::new(load_passwords(p)?)),
+            None => None,
+        };
+        let acl = match &config.acl_file {
+            Some(p) => Some(Arc::new(load_acl(p)?)),
+            None => None,
+        };
+        let stamps = (
+            config.password_file.as_deref().and_then(stamp),
+            config.acl_file.as_deref().and_then(stamp),
+        );
+        Ok(Auth {
+            anonymous: config.anonymous_allowed(),
+            passwords: RwLock::new(passwords),
+            acl: RwLock::new(acl),
+            stamps: Mutex::new(stamps),
+            cache: Arc::new(DecisionCache::new(config.cache_size, config.cache_ttl.0)),
+            hashing: Arc::new(Semaphore::new(config.max_concurrent_hashes.max(1))),
+            callout,
+            reload_now: Notify::new(),
+            config: config.clone(),
+        })
+    }
+
+    /// Whether clients without credentials are accepted.
+    pub fn allows_anonymous(&self) -> bool {
+        self.anonymous
+    }
+
+    /// Number of users in the password file.
+    pub fn user_count(&self) -> usize {
+        self.passwords.read().as_ref().map_or(0, |p| p.len())
+    }
+
+    /// Rereads the files that changed since they were loaded (every configured file when
+    /// `force`). A file that fails to load is reported and the previous version kept.
+    /// Returns what was reloaded and the errors.
+    pub fn reload(&self, force: bool) -> (usize, Vec<AuthError>) {
+        let mut reloaded = 0;
+        let mut errors = Vec::new();
+        let mut stamps = self.stamps.lock();
+        if let Some(path) = &self.config.password_file {
+            let now = stamp(path);
+            if force || now != stamps.0 {
+                match load_passwords(path) {
+                    Ok(p) => {
+                        info!(file = %path.display(), users = p.len(), "password file reloaded");
+                        *self.passwords.write() = Some(Arc::new(p));
+                        self.cache.clear();
+                        counter!(AUTH_RELOADS_TOTAL, "file" => "password", "result" => "ok")
+                            .increment(1);
+                        reloaded += 1;
+                    }
+                    Err(e) => {
+                        counter!(AUTH_RELOADS_TOTAL, "file" => "password", "result" => "error")
+                            .increment(1);
+                        errors.push(e);
+                    }
+                }
+                stamps.0 = now;
+            }
+        }
+        if let Some(path) = &self.config.acl_file {
+            let now = stamp(path);
+            if force || now != stamps.1 {
+                match load_acl(path) {
+                    Ok(a) => {
+                        info!(file = %path.display(), rules = a.len(), "ACL file reloaded");
+                        *self.acl.write() = Some(Arc::new(a));
+                        counter!(AUTH_RELOADS_TOTAL, "file" => "acl", "result" => "ok")
+                            .increment(1);
+                        reloaded += 1;
+                    }
+                    Err(e) => {
+                        counter!(AUTH_RELOADS_TOTAL, "file" => "acl", "result" => "error")
+                            .increment(1);
+                        errors.push(e);
+                    }
+                }
+                stamps.1 = now;
+            }
+        }
+        for e in &errors {
+            warn!("{e}; keeping the previous version");
+        }
+        (reloaded, errors)
+    }
+
+    /// Asks the watcher ([`Self::watch`]) to reload every file now (e.g. on SIGHUP).
+    pub fn request_reload(&self) {
+        self.reload_now.notify_one();
+    }
+
+    /// Reloads files when they change (polling every `auth.reload_interval`) or when
+    /// [`Self::request_reload`] is called. Runs until the task is aborted.
+    pub async fn watch(self: Arc<Self>) {
+        let interval = self.config.reload_interval.0;
+        loop {
+            let force = tokio::select! {
+                _ = self.reload_now.notified() => true,
+                _ = async {
+                    if interval.is_zero() {
+                        std::future::pending::<()>().await
+                    } else {
+                        tokio::time::sleep(interval).await
+                    }
+                } => false,
+            };
+            let this = self.clone();
+            // File reads are blocking I/O: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || this.reload(force)).await;
+        }
+    }
+
+    fn password_check(
+        &self,
+        hash: String,
+        user: &str,
+        password: &[u8],
+        principal: Principal,
+    ) -> AuthDecision {
+        let refusal = ReasonCode::BAD_USER_NAME_OR_PASSWORD;
+        let key = self.cache.key("password", &[user.as_bytes(), password]);
+        if let Some((ok, _)) = self.cached(&key) {
+            return verdict(ok, principal, refusal);
+        }
+        let cache = self.cache.clone();
+        let hashing = self.hashing.clone();
+        let password = password.to_vec();
+        AuthDecision::Pending(Box::pin(async move {
+            // Bounded concurrency: a storm queues here instead of occupying every core.
+            let Ok(_permit) = hashing.acquire_owned().await else {
+                return Err(ReasonCode::SERVER_UNAVAILABLE);
+            };
+            let ok = tokio::task::spawn_blocking(move || passwd::verify_password(&hash, &password))
+                .await
+                .map_err(|_| ReasonCode::SERVER_UNAVAILABLE)?;
+            cache.insert(key, (ok, None), Instant::now());
+            if ok { Ok(principal) } else { Err(refusal) }
+        }))
+    }
+
+    fn callout_check(
+        &self,
+        callout: Arc<dyn AuthCallout>,
+        info: &ConnectInfo<'_>,
+        principal: Principal,
+    ) -> AuthDecision {
+        let password: &[u8] = info.password.map_or(&[], |p| &p[..]);
+        let key = self.cache.key(
+            "callout",
+            &[
+                info.username.unwrap_or("").as_bytes(),
+                password,
+                info.client_id.as_bytes(),
+            ],
+        );
+        let refusal = if info.password.is_some() {
+            ReasonCode::BAD_USER_NAME_OR_PASSWORD
+        } else {
+            ReasonCode::NOT_AUTHORIZED
+        };
+        if let Some((ok, acl)) = self.cached(&key) {
+            return verdict(ok, Principal { acl, ..principal }, refusal);
+        }
+        let cache = self.cache.clone();
+        let timeout = self.config.callout_timeout.0;
+        let request = AuthRequest::from(info);
+        AuthDecision::Pending(Box::pin(async move {
+            match tokio::time::timeout(timeout, callout.check(request)).await {
+                Ok(Ok(answer)) => {
+                    let ok = answer.allow;
+                    let result = if ok { "allow" } else { "deny" };
+                    counter!(AUTH_CALLOUTS_TOTAL, "result" => result).increment(1);
+                    let acl = answer.acl.map(Arc::new);
+                    cache.insert(key, (ok, acl.clone()), Instant::now());
+                    if ok {
+                        Ok(Principal { acl, ..principal })
+                    } else {
+                        Err(refusal)
+                    }
+                }
+                Ok(Err(e)) => {
+                    counter!(AUTH_CALLOUTS_TOTAL, "result" => "error").increment(1);
+                    warn!("authentication callout failed: {e}");
+                    Err(ReasonCode::NOT_AUTHORIZED)
+                }
+                Err(_) => {
+                    counter!(AUTH_CALLOUTS_TOTAL, "result" => "timeout").increment(1);
+                    warn!("authentication callout timed out after {timeout:?}");
+                    Err(ReasonCode::NOT_AUTHORIZED)
+                }
+            }
+        }))
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> Option<cache::Decision> {
+        let hit = self.cache.get(key, Instant::now());
+        let result = if hit.is_some() { "hit" } else { "miss" };
+        counter!(AUTH_CACHE_LOOKUPS_TOTAL, "result" => result).increment(1);
+        hit
+    }
+}
+
+fn verdict(ok: bool, principal: Principal, refusal: ReasonCode) -> AuthDecision {
+    if ok {
+        AuthDecision::Allow(principal)
+    } else {
+        AuthDecision::Deny(refusal)
+    }
+}
+
+impl Authenticator for Auth {
+    fn authenticate(&self, info: &ConnectInfo<'_>) -> AuthDecision {
+        let principal = |username: Option<&str>| Principal {
+            username: username.map(str::to_owned),
+            client_id: info.client_id.to_owned(),
+            acl: None,
+        };
+        // 1. A verified client certificate names the user.
+        if self.config.use_cert_identity
+            && let Some(identity) = info.cert_identity
+        {
+            return AuthDecision::Allow(principal(Some(identity)));
+        }
+        let Some(user) = info.username else {
+            return if self.anonymous {
+                AuthDecision::Allow(principal(None))
+            } else {
+                AuthDecision::Deny(ReasonCode::NOT_AUTHORIZED)
+            };
+        };
+        let hash = self
+            .passwords
+            .read()
+            .as_ref()
+            .and_then(|p| p.get(user).map(str::to_owned));
+        match (hash, &self.callout) {
+            // 2. A user of the password file.
+            (Some(hash), _) => match info.password {
+                Some(pw) => self.password_check(hash, user, pw, principal(Some(user))),
+                None => AuthDecision::Deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD),
+            },
+            // 3. Anyone else: the callout, if one is configured.
+            (None, Some(callout)) => {
+                self.callout_check(callout.clone(), info, principal(Some(user)))
+            }
+            // 4. An unknown user when a password file is configured.
+            (None, None) if self.config.password_file.is_some() => {
+                AuthDecision::Deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+            }
+            // 5. No credential store at all: the name is only a label, like anonymous.
+            (None, None) if self.anonymous => AuthDecision::Allow(principal(Some(user))),
+            (None, None) => AuthDecision::Deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD),
+        }
+    }
+}
+
+impl Authorizer for Auth {
+    fn authorize(&self, principal: &Principal, access: Access<'_>) -> bool {
+        // Rules given with this connection's authentication (callout) come first and alone.
+        if let Some(acl) = &principal.acl {
+            return acl.check(principal, access);
+        }
+        match &*self.acl.read() {
+            Some(acl) => acl.check(principal, access),
+            None => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::io::Write as _;
+
+    fn info<'a>(
+        user: Option<&'a str>,
+        password: Option<&'a Bytes>,
+        cert: Option<&'a str>,
+    ) -> ConnectInfo<'a> {
+        ConnectInfo {
+            client_id: "c1",
+            username: user,
+            password,
+            peer_addr: None,
+            cert_identity: cert,
+        }
+    }
+
+    async fn decide(auth: &Auth, info: &ConnectInfo<'_>) -> Result<Principal, ReasonCode> {
+        match auth.authenticate(info) {
+            AuthDecision::Allow(p) => Ok(p),
+            AuthDecision::Deny(c) => Err(c),
+            AuthDecision::Pending(f) => tokio::time::timeout(Duration::from_secs(10), f)
+                .await
+                .expect("decision in time"),
+        }
+    }
+
+    fn password_file(users: &[(&str, &str)]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        for (u, p) in users {
+            let hash = passwd::hash_password(p.as_bytes()).expect("hash");
+            writeln!(f, "{u}:{hash}").expect("write");
+        }
+        f
+    }
+
+    #[test]
+    fn a_fresh_install_allows_anonymous_a_password_file_does_not() {
+        assert!(AuthConfig::default().anonymous_allowed());
+        let with_file = AuthConfig {
+            password_file: Some("/etc/raftmq/passwd".into()),
+            ..AuthConfig::default()
+        };
+        assert!(!with_file.anonymous_allowed());
+        let explicit = AuthConfig {
+            allow_anonymous: Some(true),
+            ..with_file
+        };
+        assert!(explicit.anonymous_allowed());
+        let nobody = AuthConfig {
+            allow_anonymous: Some(false),
+            ..AuthConfig::default()
+        };
+        let problems = nobody.validate("auth.");
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "auth.allow_anonymous");
+        let slow = AuthConfig {
+            callout_timeout: DurationStr(Duration::from_secs(30)),
+            callout_url: Some("https://auth".into()),
+            ..AuthConfig::default()
+        };
+        let keys: Vec<String> = slow.validate("auth.").into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["auth.callout_url", "auth.callout_timeout"]);
+    }
+
+    #[tokio::test]
+    async fn cert_identity_becomes_the_user_name_when_enabled() {
+        let file = password_file(&[("alice", "pw")]);
+        let config = AuthConfig {
+            password_file: Some(file.path().to_owned()),
+            use_cert_identity: true,
+            ..AuthConfig::default()
+        };
+        let auth = Auth::load(&config).expect("load");
+        // The certificate wins over whatever user name the client sends.
+        let p = decide(&auth, &info(Some("mallory"), None, Some("device-7")))
+            .await
+            .expect("accepted");
+        assert_eq!(p.username.as_deref(), Some("device-7"));
+        assert_eq!(p.client_id, "c1");
+        // No certificate: the password file applies.
+        assert_eq!(
+            decide(&auth, &info(None, None, None)).await,
+            Err(ReasonCode::NOT_AUTHORIZED)
+        );
+
+        let off = Auth::load(&AuthConfig {
+            use_cert_identity: false,
+            ..config
+        })
+        .expect("load");
+        assert_eq!(
+            decide(&off, &info(None, None, Some("device-7"))).await,
+            Err(ReasonCode::NOT_AUTHORIZED)
+        );
+    }
+
+    #[tokio::test]
+    async fn password_file_decides_and_the_cache_answers_repeats() {
+        let file = password_file(&[("alice", "pw")]);
+        let auth = Auth::load(&AuthConfig {
+            password_file: Some(file.path().to_owned()),
+            ..AuthConfig::default()
+        })
+        .expect("load");
+        let good = Bytes::from_static(b"pw");
+        let bad = Bytes::from_static(b"nope");
+        assert!(matches!(
+            auth.authenticate(&info(Some("alice"), Some(&good), None)),
+            AuthDecision::Pending(_)
+        ));
+        let p = decide(&auth, &info(Some("alice"), Some(&good), None))
+            .await
+            .expect("good password");
+        assert_eq!(p.username.as_deref(), Some("alice"));
+        // Now cached: answered at once.
+        assert!(matches!(
+            auth.authenticate(&info(Some("alice"), Some(&good), None)),
+            AuthDecision::Allow(_)
+        ));
+        assert_eq!(
+            decide(&auth, &info(Some("alice"), Some(&bad), None)).await,
+            Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+        );
+        assert_eq!(
+            decide(&auth, &info(Some("alice"), None, None)).await,
+            Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+        );
+        assert_eq!(
+            decide(&auth, &info(Some("bob"), Some(&good), None)).await,
+            Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+        );
+    }
+
+    #[test]
+    fn a_bad_file_on_reload_keeps_the_old_one_and_names_the_line() {
+        let file = password_file(&[("alice", "pw")]);
+        let auth = Auth::load(&AuthConfig {
+            password_file: Some(file.path().to_owned()),
+            ..AuthConfig::default()
+        })
+        .expect("load");
+        assert_eq!(auth.user_count(), 1);
+        std::fs::write(file.path(), "# ok\nalice-without-hash\n").expect("write");
+        let (reloaded, errors) = auth.reload(true);
+        assert_eq!(reloaded, 0);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("line 2"), "{}", errors[0]);
+        assert_eq!(auth.user_count(), 1);
+        // Unchanged since the failed attempt: not retried until it changes again.
+        assert_eq!(auth.reload(false).0, 0);
+    }
+
+    #[test]
+    fn missing_or_bad_files_fail_loading_with_their_name() {
+        let err = Auth::load(&AuthConfig {
+            acl_file: Some("/nonexistent/raftmq.acl".into()),
+            ..AuthConfig::default()
+        })
+        .expect_err("missing file");
+        assert!(
+            err.to_string()
+                .starts_with("auth.acl_file: cannot read /nonexistent/raftmq.acl"),
+            "{err}"
+        );
+        let mut acl = tempfile::NamedTempFile::new().expect("temp");
+        writeln!(acl, "allow publish a\nallow bogus b").expect("write");
+        let err = Auth::load(&AuthConfig {
+            acl_file: Some(acl.path().to_owned()),
+            ..AuthConfig::default()
+        })
+        .expect_err("bad acl");
+        assert!(err.to_string().starts_with("auth.acl_file: "), "{err}");
+        assert!(err.to_string().contains("line 2"), "{err}");
+    }
+}

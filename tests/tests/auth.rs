@@ -1,0 +1,647 @@
+//! Authentication, authorization and per-client limits, end to end over real sockets: password
+//! file, anonymous access, ACL enforcement with the reason codes of each protocol version, the
+//! HTTP callout (allow, deny, timeout, cache) and the per-client limits.
+
+use bytes::Bytes;
+use raftmq_codec::{
+    Packet, ProtocolVersion, PubResponse, QoS, ReasonCode, Subscribe, SubscribeFilter,
+    SubscriptionOptions,
+};
+use raftmq_core::Broker;
+use raftmq_core::config::{ByteSize, DurationStr, MqttConfig};
+use raftmq_core::limits::Limit;
+use raftmq_server::auth::passwd::hash_password;
+use raftmq_server::auth::{Auth, AuthConfig};
+use raftmq_tests::{RawClient, TIMEOUT, TestBroker, connect_packet, pid, publish_packet};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+const V5: ProtocolVersion = ProtocolVersion::V5;
+const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
+
+fn write_file(path: &std::path::Path, text: &str) {
+    let mut f = std::fs::File::create(path).expect("create");
+    f.write_all(text.as_bytes()).expect("write");
+}
+
+fn passwd_text(users: &[(&str, &str)]) -> String {
+    users
+        .iter()
+        .map(|(u, p)| format!("{u}:{}\n", hash_password(p.as_bytes()).expect("hash")))
+        .collect()
+}
+
+/// A broker with `auth` and `mqtt` settings.
+async fn start(auth: AuthConfig, mqtt: MqttConfig) -> (TestBroker, Arc<Auth>) {
+    let auth = Arc::new(Auth::load(&auth).expect("auth config"));
+    let broker = Broker::with_auth(mqtt, auth.clone(), auth.clone(), 1);
+    (TestBroker::with_broker(Arc::new(broker)).await, auth)
+}
+
+async fn connect_as(
+    addr: SocketAddr,
+    version: ProtocolVersion,
+    client_id: &str,
+    user: Option<&str>,
+    password: Option<&str>,
+) -> (RawClient, ReasonCode) {
+    let mut c = connect_packet(version, client_id, true);
+    c.username = user.map(Into::into);
+    c.password = password.map(|p| Bytes::copy_from_slice(p.as_bytes()));
+    let (client, ack) = RawClient::handshake(addr, c).await;
+    (client, ack.reason_code)
+}
+
+async fn subscribe_codes(c: &mut RawClient, filters: &[(&str, QoS)]) -> Vec<ReasonCode> {
+    c.send(&Packet::Subscribe(Subscribe {
+        packet_id: pid(7),
+        properties: Default::default(),
+        filters: filters
+            .iter()
+            .map(|(f, qos)| SubscribeFilter {
+                filter: (*f).into(),
+                options: SubscriptionOptions {
+                    qos: *qos,
+                    ..Default::default()
+                },
+            })
+            .collect(),
+    }))
+    .await;
+    match c.recv().await {
+        Some(Packet::SubAck(ack)) => ack.reason_codes,
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+async fn puback_code(c: &mut RawClient, topic: &str, id: u16) -> ReasonCode {
+    c.send(&Packet::Publish(publish_packet(
+        topic,
+        QoS::AtLeastOnce,
+        id,
+        b"x",
+    )))
+    .await;
+    match c.recv().await {
+        Some(Packet::PubAck(PubResponse { reason_code, .. })) => reason_code,
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+async fn ping(c: &mut RawClient) {
+    c.send(&Packet::PingReq).await;
+    assert_eq!(c.recv().await, Some(Packet::PingResp));
+}
+
+/// Nothing (no PUBLISH) arrives within a short while.
+async fn expect_silence(c: &mut RawClient) {
+    match c.recv_within(Duration::from_millis(300)).await {
+        Err(()) => {}
+        Ok(p) => panic!("expected nothing, got {p:?}"),
+    }
+}
+
+#[tokio::test]
+async fn password_file_accepts_good_and_refuses_bad_credentials() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("passwd");
+    write_file(&path, &passwd_text(&[("alice", "wonderland")]));
+    let (b, _) = start(
+        AuthConfig {
+            password_file: Some(path),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    for version in [V5, V3] {
+        let (_c, code) = connect_as(b.mqtt, version, "ok", Some("alice"), Some("wonderland")).await;
+        assert_eq!(code, ReasonCode::SUCCESS, "{version:?}");
+        for (user, password) in [
+            (Some("alice"), Some("wrong")),
+            (Some("alice"), None),
+            (Some("nobody"), Some("wonderland")),
+        ] {
+            // v5: 0x86; 3.1.1: 4 (decoded as the same reason code).
+            let (mut c, code) = connect_as(b.mqtt, version, "bad", user, password).await;
+            assert_eq!(
+                code,
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                "{version:?} {user:?}"
+            );
+            assert_eq!(c.expect_closed().await, []);
+        }
+        // With a password file, anonymous access is off by default: v5 0x87, 3.1.1: 5.
+        let (_c, code) = connect_as(b.mqtt, version, "anon", None, None).await;
+        assert_eq!(code, ReasonCode::NOT_AUTHORIZED, "{version:?}");
+    }
+    let stats = b.broker.stats();
+    assert!(stats.auth_failures.load(Ordering::Relaxed) >= 8);
+}
+
+#[tokio::test]
+async fn anonymous_is_refused_when_disabled_and_accepted_by_default() {
+    let (open, _) = start(AuthConfig::default(), MqttConfig::default()).await;
+    let (_c, code) = connect_as(open.mqtt, V5, "anon", None, None).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("passwd");
+    write_file(&path, &passwd_text(&[("u", "p")]));
+    let (closed, _) = start(
+        AuthConfig {
+            allow_anonymous: Some(false),
+            password_file: Some(path.clone()),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    for version in [V5, V3] {
+        let (_c, code) = connect_as(closed.mqtt, version, "anon", None, None).await;
+        assert_eq!(code, ReasonCode::NOT_AUTHORIZED, "{version:?}");
+    }
+    // Explicitly allowed next to a password file.
+    let (both, _) = start(
+        AuthConfig {
+            allow_anonymous: Some(true),
+            password_file: Some(path),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    let (_c, code) = connect_as(both.mqtt, V3, "anon", None, None).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+}
+
+#[tokio::test]
+async fn password_file_change_is_picked_up_without_dropping_clients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("passwd");
+    write_file(&path, &passwd_text(&[("alice", "a")]));
+    let (b, auth) = start(
+        AuthConfig {
+            password_file: Some(path.clone()),
+            reload_interval: DurationStr(Duration::from_millis(50)),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    let watcher = tokio::spawn(auth.clone().watch());
+    let (mut alice, code) = connect_as(b.mqtt, V5, "alice-1", Some("alice"), Some("a")).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    let (_c, code) = connect_as(b.mqtt, V5, "bob-1", Some("bob"), Some("b")).await;
+    assert_eq!(code, ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+
+    // A broken file is rejected and the old one kept: alice can still log in.
+    write_file(&path, "alice:not-a-hash\n");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_c, code) = connect_as(b.mqtt, V5, "alice-2", Some("alice"), Some("a")).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+
+    write_file(&path, &passwd_text(&[("alice", "a"), ("bob", "b")]));
+    raftmq_tests::wait_until("the new password file is loaded", || auth.user_count() == 2).await;
+    let (_c, code) = connect_as(b.mqtt, V5, "bob-2", Some("bob"), Some("b")).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    // The client connected before the reload is still there.
+    ping(&mut alice).await;
+    watcher.abort();
+}
+
+const ACL: &str = "\
+# everyone
+allow subscribe public/#
+allow pubsub users/%u/#
+allow publish devices/%c/status
+allow publish limited/# qos=1 retain=false
+user admin
+allow pubsub #
+";
+
+async fn acl_broker() -> (TestBroker, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("acl");
+    write_file(&path, ACL);
+    let (b, _) = start(
+        AuthConfig {
+            acl_file: Some(path),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    (b, dir)
+}
+
+#[tokio::test]
+async fn acl_denied_subscribe_gets_0x87_in_v5_and_0x80_in_v3() {
+    let (b, _dir) = acl_broker().await;
+    let (mut c, _) = connect_as(b.mqtt, V5, "c5", Some("ann"), None).await;
+    let codes = subscribe_codes(
+        &mut c,
+        &[
+            ("public/+", QoS::AtLeastOnce),
+            ("secret/#", QoS::AtMostOnce),
+            ("users/ann/#", QoS::AtMostOnce),
+            ("users/bob/#", QoS::AtMostOnce),
+            ("#", QoS::AtMostOnce),
+        ],
+    )
+    .await;
+    assert_eq!(
+        codes,
+        [
+            ReasonCode::GRANTED_QOS_1,
+            ReasonCode::NOT_AUTHORIZED,
+            ReasonCode::GRANTED_QOS_0,
+            ReasonCode::NOT_AUTHORIZED,
+            ReasonCode::NOT_AUTHORIZED,
+        ]
+    );
+    let (mut c3, _) = connect_as(b.mqtt, V3, "c3", Some("ann"), None).await;
+    let codes = subscribe_codes(
+        &mut c3,
+        &[("secret/#", QoS::AtMostOnce), ("public/a", QoS::AtMostOnce)],
+    )
+    .await;
+    assert_eq!(codes, [ReasonCode(0x80), ReasonCode::GRANTED_QOS_0]);
+    // The admin section allows everything.
+    let (mut admin, _) = connect_as(b.mqtt, V5, "adm", Some("admin"), None).await;
+    let codes = subscribe_codes(&mut admin, &[("#", QoS::AtMostOnce)]).await;
+    assert_eq!(codes, [ReasonCode::GRANTED_QOS_0]);
+    assert_eq!(b.broker.stats().subscribe_denied.load(Ordering::Relaxed), 4);
+}
+
+#[tokio::test]
+async fn acl_denied_publish_is_dropped_with_0x87_in_v5_and_acked_in_v3() {
+    let (b, _dir) = acl_broker().await;
+    let (mut watcher, _) = connect_as(b.mqtt, V5, "watch", Some("admin"), None).await;
+    watcher.subscribe("#", QoS::AtMostOnce).await;
+
+    let (mut c5, _) = connect_as(b.mqtt, V5, "dev-5", Some("ann"), None).await;
+    assert_eq!(
+        puback_code(&mut c5, "secret/x", 1).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    let (mut c3, _) = connect_as(b.mqtt, V3, "dev-3", Some("ann"), None).await;
+    // MQTT 3 cannot refuse: acknowledged normally, and dropped.
+    assert_eq!(
+        puback_code(&mut c3, "secret/x", 1).await,
+        ReasonCode::SUCCESS
+    );
+    expect_silence(&mut watcher).await;
+    assert_eq!(b.broker.stats().publish_denied.load(Ordering::Relaxed), 2);
+
+    // %u and %c patterns.
+    assert_eq!(
+        puback_code(&mut c5, "users/ann/t", 2).await,
+        ReasonCode::SUCCESS
+    );
+    assert_eq!(watcher.recv_publish().await.topic, "users/ann/t");
+    assert_eq!(
+        puback_code(&mut c5, "users/bob/t", 3).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    assert_eq!(
+        puback_code(&mut c5, "devices/dev-5/status", 4).await,
+        ReasonCode::SUCCESS
+    );
+    assert_eq!(watcher.recv_publish().await.topic, "devices/dev-5/status");
+    assert_eq!(
+        puback_code(&mut c5, "devices/dev-3/status", 5).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    expect_silence(&mut watcher).await;
+}
+
+#[tokio::test]
+async fn acl_qos_and_retain_limits() {
+    let (b, _dir) = acl_broker().await;
+    let (mut c, _) = connect_as(b.mqtt, V5, "lim", Some("ann"), None).await;
+    assert_eq!(
+        puback_code(&mut c, "limited/a", 1).await,
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
+    // QoS 2 above the rule's qos=1: PUBREC 0x87.
+    c.send(&Packet::Publish(publish_packet(
+        "limited/a",
+        QoS::ExactlyOnce,
+        2,
+        b"x",
+    )))
+    .await;
+    match c.recv().await {
+        Some(Packet::PubRec(r)) => assert_eq!(r.reason_code, ReasonCode::NOT_AUTHORIZED),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+    // Retained publish under retain=false: refused and not stored.
+    let mut p = publish_packet("limited/r", QoS::AtLeastOnce, 3, b"keep");
+    p.retain = true;
+    c.send(&Packet::Publish(p)).await;
+    match c.recv().await {
+        Some(Packet::PubAck(r)) => assert_eq!(r.reason_code, ReasonCode::NOT_AUTHORIZED),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    assert!(b.broker.retained("limited/r").is_none());
+}
+
+/// An authentication service for the callout tests: user `good`/password `pw` allowed, `scoped`
+/// allowed with rules of its own, `slow` answers after 2 s, everyone else denied. Counts
+/// requests.
+async fn auth_service(calls: Arc<AtomicUsize>) -> SocketAddr {
+    use axum::routing::post;
+    use axum::{Json, Router};
+    let app = Router::new().route(
+        "/auth",
+        post(move |Json(body): Json<serde_json::Value>| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let user = body["username"].as_str().unwrap_or("");
+                if user == "slow" {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                if user == "scoped" {
+                    return Json(serde_json::json!({
+                        "allow": true,
+                        "acl": ["allow publish own/%c", "allow subscribe own/#"],
+                    }));
+                }
+                let allow = user == "good"
+                    && body["password"] == "pw"
+                    && body["client_id"].is_string()
+                    && body["peer"].is_string();
+                Json(serde_json::json!({ "allow": allow }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+#[tokio::test]
+async fn callout_allows_denies_times_out_and_caches() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = auth_service(calls.clone()).await;
+    let (b, _) = start(
+        AuthConfig {
+            callout_url: Some(format!("http://{service}/auth")),
+            callout_timeout: DurationStr(Duration::from_millis(300)),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    let (_c, code) = connect_as(b.mqtt, V5, "g1", Some("good"), Some("pw")).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Same credentials and client id again: answered from the cache.
+    let (_c2, code) = connect_as(b.mqtt, V5, "g1", Some("good"), Some("pw")).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let (_c, code) = connect_as(b.mqtt, V5, "g2", Some("good"), Some("bad")).await;
+    assert_eq!(code, ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+    let (_c, code) = connect_as(b.mqtt, V3, "g3", Some("evil"), Some("pw")).await;
+    assert_eq!(code, ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+
+    // A slow service: refused after the timeout, well before the service answers; other
+    // clients are not held up meanwhile.
+    let started = tokio::time::Instant::now();
+    let slow = tokio::spawn(connect_as(b.mqtt, V5, "s1", Some("slow"), Some("pw")));
+    let (_c, code) = connect_as(b.mqtt, V5, "g1", Some("good"), Some("pw")).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    let (_c, code) = tokio::time::timeout(TIMEOUT, slow)
+        .await
+        .expect("slow client answered")
+        .expect("task");
+    assert_eq!(code, ReasonCode::NOT_AUTHORIZED);
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn publish_rate_limit_disconnects_with_0x96() {
+    let mqtt = MqttConfig {
+        max_publish_rate: 5,
+        ..MqttConfig::default()
+    };
+    for version in [V5, V3] {
+        let b = TestBroker::with_config(mqtt.clone()).await;
+        let mut c = RawClient::connected(b.mqtt, version, "fast").await;
+        // Ten PUBLISH in one write: the broker sees them within microseconds, so the bucket
+        // (5 a second, full at connect) cannot refill in between.
+        let mut burst = bytes::BytesMut::new();
+        for _ in 0..10 {
+            let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, b"x"));
+            raftmq_codec::encode(&p, version, &mut burst).expect("encode");
+        }
+        c.send_bytes(&burst).await;
+        c.expect_disconnect(ReasonCode::MESSAGE_RATE_TOO_HIGH).await;
+        assert_eq!(b.broker.stats().limit_exceeded_count(Limit::PublishRate), 1);
+    }
+}
+
+#[tokio::test]
+async fn publish_bandwidth_limit_disconnects_with_0x97() {
+    let mqtt = MqttConfig {
+        max_publish_bandwidth: ByteSize(1000),
+        ..MqttConfig::default()
+    };
+    let b = TestBroker::with_config(mqtt).await;
+    let mut c = RawClient::connected(b.mqtt, V5, "big").await;
+    // Two 600-byte PUBLISH in one write: 1000 bytes a second cannot refill 200 in between.
+    let mut burst = bytes::BytesMut::new();
+    for _ in 0..2 {
+        let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, &[0; 600]));
+        raftmq_codec::encode(&p, V5, &mut burst).expect("encode");
+    }
+    c.send_bytes(&burst).await;
+    c.expect_disconnect(ReasonCode::QUOTA_EXCEEDED).await;
+    assert_eq!(
+        b.broker
+            .stats()
+            .limit_exceeded_count(Limit::PublishBandwidth),
+        1
+    );
+}
+
+#[tokio::test]
+async fn topic_and_subscription_limits_have_their_reason_codes() {
+    let mqtt = MqttConfig {
+        max_topic_levels: 3,
+        max_topic_length: 20,
+        max_subscriptions_per_client: 2,
+        ..MqttConfig::default()
+    };
+    let b = TestBroker::with_config(mqtt).await;
+    let mut c = RawClient::connected(b.mqtt, V5, "t").await;
+    assert_eq!(
+        puback_code(&mut c, "a/b/c/d", 1).await,
+        ReasonCode::TOPIC_NAME_INVALID
+    );
+    assert_eq!(
+        puback_code(&mut c, "a-very-long-topic-name-indeed", 2).await,
+        ReasonCode::TOPIC_NAME_INVALID
+    );
+    let codes = subscribe_codes(
+        &mut c,
+        &[
+            ("a/b/c/#", QoS::AtMostOnce),
+            ("x", QoS::AtMostOnce),
+            ("y", QoS::AtMostOnce),
+            ("z", QoS::AtMostOnce),
+        ],
+    )
+    .await;
+    assert_eq!(
+        codes,
+        [
+            ReasonCode::TOPIC_FILTER_INVALID,
+            ReasonCode::GRANTED_QOS_0,
+            ReasonCode::GRANTED_QOS_0,
+            ReasonCode::QUOTA_EXCEEDED,
+        ]
+    );
+    assert_eq!(
+        b.broker.stats().limit_exceeded_count(Limit::Subscriptions),
+        1
+    );
+    // 3.1.1: every failure is 0x80.
+    let mut c3 = RawClient::connected(b.mqtt, V3, "t3").await;
+    let codes = subscribe_codes(&mut c3, &[("a/b/c/#", QoS::AtMostOnce)]).await;
+    assert_eq!(codes, [ReasonCode(0x80)]);
+}
+
+#[tokio::test]
+async fn retained_bytes_limit_skips_storing_but_still_delivers() {
+    let mqtt = MqttConfig {
+        max_retained_bytes: ByteSize(10),
+        ..MqttConfig::default()
+    };
+    let b = TestBroker::with_config(mqtt).await;
+    let mut sub = RawClient::connected(b.mqtt, V5, "sub").await;
+    sub.subscribe("r/#", QoS::AtMostOnce).await;
+    let mut c = RawClient::connected(b.mqtt, V5, "pub").await;
+    let retained = |topic: &str, payload: &[u8], id| {
+        let mut p = publish_packet(topic, QoS::AtLeastOnce, id, payload);
+        p.retain = true;
+        Packet::Publish(p)
+    };
+    c.send(&retained("r/1", b"12345678", 1)).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubAck(_))));
+    assert_eq!(sub.recv_publish().await.topic, "r/1");
+    c.send(&retained("r/2", b"12345678", 2)).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubAck(_))));
+    // Delivered, but not stored.
+    assert_eq!(sub.recv_publish().await.topic, "r/2");
+    assert!(b.broker.retained("r/1").is_some());
+    assert!(b.broker.retained("r/2").is_none());
+    assert_eq!(b.broker.retained_bytes(), 8);
+    assert_eq!(
+        b.broker.stats().limit_exceeded_count(Limit::RetainedBytes),
+        1
+    );
+    // Clearing frees room.
+    c.send(&retained("r/1", b"", 3)).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubAck(_))));
+    assert_eq!(b.broker.retained_bytes(), 0);
+}
+
+#[tokio::test]
+async fn callout_rules_replace_the_acl_for_that_connection() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = auth_service(calls.clone()).await;
+    let (b, _) = start(
+        AuthConfig {
+            callout_url: Some(format!("http://{service}/auth")),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    for round in 0..2 {
+        // The second round is answered from the cache, rules included.
+        let (mut c, code) = connect_as(b.mqtt, V5, "s-1", Some("scoped"), Some("x")).await;
+        assert_eq!(code, ReasonCode::SUCCESS);
+        assert_eq!(
+            puback_code(&mut c, "own/s-1", 1).await,
+            ReasonCode::NO_MATCHING_SUBSCRIBERS,
+            "round {round}"
+        );
+        assert_eq!(
+            puback_code(&mut c, "other", 2).await,
+            ReasonCode::NOT_AUTHORIZED
+        );
+        let codes = subscribe_codes(
+            &mut c,
+            &[("own/#", QoS::AtMostOnce), ("other/#", QoS::AtMostOnce)],
+        )
+        .await;
+        assert_eq!(
+            codes,
+            [ReasonCode::GRANTED_QOS_0, ReasonCode::NOT_AUTHORIZED]
+        );
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Other users (no rules from the service, no ACL file) may do everything.
+    let (mut c, code) = connect_as(b.mqtt, V5, "g", Some("good"), Some("pw")).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    assert_eq!(
+        puback_code(&mut c, "other", 1).await,
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
+}
+
+#[tokio::test]
+async fn acl_file_change_applies_to_connected_clients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("acl");
+    write_file(&path, "allow publish a/#\n");
+    let (b, auth) = start(
+        AuthConfig {
+            acl_file: Some(path.clone()),
+            reload_interval: DurationStr(Duration::ZERO),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    let (mut c, _) = connect_as(b.mqtt, V5, "c", None, None).await;
+    assert_eq!(
+        puback_code(&mut c, "b/1", 1).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    // A broken file is refused; the old rules stay.
+    write_file(&path, "allow publish a/#\nallow publish b/# qos=7\n");
+    let (reloaded, errors) = auth.reload(false);
+    assert_eq!((reloaded, errors.len()), (0, 1));
+    assert_eq!(
+        puback_code(&mut c, "a/1", 2).await,
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
+    assert_eq!(
+        puback_code(&mut c, "b/1", 3).await,
+        ReasonCode::NOT_AUTHORIZED
+    );
+    write_file(&path, "allow publish a/#\nallow publish b/#\n");
+    assert_eq!(auth.reload(false).0, 1);
+    assert_eq!(
+        puback_code(&mut c, "b/1", 4).await,
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
+}
