@@ -134,17 +134,31 @@ impl Durability for RaftDurability {
         let mut recovered = self.read_state();
         self.seed_ids(&recovered);
         match self.reader.session_owners() {
-            Ok(owners) => recovered.sessions.retain(|s| {
-                owners
-                    .get(s.client_id.as_str())
-                    .is_none_or(|&owner| owner == 0 || owner == self.node_id)
-            }),
+            Ok(owners) => {
+                let (mine, theirs): (Vec<_>, Vec<_>) = std::mem::take(&mut recovered.sessions)
+                    .into_iter()
+                    .partition(|s| {
+                        owners
+                            .get(s.client_id.as_str())
+                            .is_none_or(|&owner| owner == 0 || owner == self.node_id)
+                    });
+                recovered.sessions = mine;
+                recovered.remote_subscriptions = theirs
+                    .into_iter()
+                    .flat_map(|s| {
+                        let client_id = s.client_id;
+                        s.subscriptions
+                            .into_iter()
+                            .map(move |(filter, entry)| (client_id.clone(), filter, entry))
+                    })
+                    .collect();
+            }
             Err(e) => error!(error = %e, "cannot read session owners; restoring every session"),
         }
         recovered
     }
 
-    fn load_session(&self, client_id: &str) -> Option<SessionImage> {
+    fn load_session(&self, client_id: &str) -> Option<(SessionImage, u64)> {
         self.reader
             .session_image(client_id, &self.clock)
             .unwrap_or_else(|e| {

@@ -436,7 +436,7 @@ impl RaftNode {
         self.feed_task = Some(tokio::spawn(async move {
             while let Some(applied) = rx.recv().await {
                 match applied {
-                    Applied::Batch(batch) => {
+                    Applied::Batch { index, batch } => {
                         if batch.origin_node == me {
                             continue;
                         }
@@ -445,7 +445,7 @@ impl RaftNode {
                             .into_iter()
                             .filter_map(|c| change_from_proto(c, &clock).ok())
                             .collect();
-                        broker.apply_replicated(&changes);
+                        broker.apply_replicated(index, &changes, std::time::Instant::now());
                     }
                     Applied::SnapshotInstalled => {
                         // The whole state was replaced: take the retained set from it.

@@ -138,8 +138,8 @@ pub struct StateMachine {
 /// What the state machine tells its observer after applying.
 #[derive(Clone, Debug)]
 pub enum Applied {
-    /// A normal entry's batch was applied (in log order).
-    Batch(state::Batch),
+    /// A normal entry's batch was applied (in log order) at log index `index`.
+    Batch { index: u64, batch: state::Batch },
     /// A snapshot replaced the whole state.
     SnapshotInstalled,
 }
@@ -232,7 +232,10 @@ impl StateMachine {
         );
         self.db.write(tx.into_batch())?;
         if let Some(batch) = applied.filter(|b| !b.changes.is_empty()) {
-            self.feed.send(Applied::Batch(batch));
+            self.feed.send(Applied::Batch {
+                index: entry.log_id.index,
+                batch,
+            });
         }
         Ok(Response)
     }
@@ -242,7 +245,7 @@ impl StateMachine {
         &self,
         client_id: &str,
         clock: &WallClock,
-    ) -> Result<Option<SessionImage>, StoreError> {
+    ) -> Result<Option<(SessionImage, u64)>, StoreError> {
         if client_id.contains('\0') {
             return Ok(None);
         }
@@ -252,8 +255,10 @@ impl StateMachine {
         };
         let record: state::SessionRecord =
             decode_value(StateCf::Sessions, client_id.as_bytes(), &value)?;
+        let (applied, _) = read_applied(|key| snap.get(StateCf::SmMeta, key))?;
         let mut messages = HashMap::new();
-        recover_session(&snap, clock, &mut messages, client_id.to_owned(), record).map(Some)
+        let image = recover_session(&snap, clock, &mut messages, client_id.to_owned(), record)?;
+        Ok(Some((image, applied.map_or(0, |l| l.index))))
     }
 
     /// The node that last claimed each persistent session (`SessionOpened`; 0 when unknown,
@@ -299,7 +304,11 @@ impl StateMachine {
                 .map_err(|e| corrupt(StateCf::Retained, &key, e))?;
             retained.push(Arc::new(message));
         }
-        Ok(Recovered { sessions, retained })
+        Ok(Recovered {
+            sessions,
+            retained,
+            remote_subscriptions: Vec::new(),
+        })
     }
 
     /// The highest id of a message currently stored (referenced by at least one session).

@@ -1,7 +1,7 @@
 //! Access control lists: which principal may publish to or subscribe to which topics.
 //!
 //! The text format (one rule per line, `#` starts a comment line) is documented in
-//! `docs/security-auth.md`:
+//! `docs/security.md`:
 //!
 //! ```text
 //! # before any header: rules for every client (%c: the client id, %u: the user name)

@@ -117,12 +117,78 @@ struct Timers {
     changed: bool,
 }
 
+/// Plain (non-shared) subscriptions of persistent sessions owned by other nodes, by client id.
+struct RemoteSubscriptions {
+    index: SubscriptionIndex<ByteStr, SubEntry>,
+    by_client: Mutex<HashMap<ByteStr, Vec<crate::topic::TopicFilter>>>,
+}
+
+impl RemoteSubscriptions {
+    fn new(shards: usize) -> Self {
+        RemoteSubscriptions {
+            index: SubscriptionIndex::new(shards),
+            by_client: Mutex::new(HashMap::default()),
+        }
+    }
+
+    /// Records `client_id`'s subscription to `filter` (as subscribed). Shared subscriptions
+    /// are not mirrored (see docs/cluster.md).
+    fn add(&self, client_id: &ByteStr, filter: &str, entry: SubEntry, limits: &TopicLimits) {
+        let Ok(parsed) = parse_subscription(filter, limits) else {
+            return;
+        };
+        if parsed.share_group.is_some() {
+            return;
+        }
+        let previous = self
+            .index
+            .subscribe(&parsed.filter, None, client_id.clone(), entry);
+        if previous.is_none() {
+            self.by_client
+                .lock()
+                .entry(client_id.clone())
+                .or_default()
+                .push(parsed.filter);
+        }
+    }
+
+    fn remove(&self, client_id: &ByteStr, filter: &str, limits: &TopicLimits) {
+        let Ok(parsed) = parse_subscription(filter, limits) else {
+            return;
+        };
+        if parsed.share_group.is_some() {
+            return;
+        }
+        self.index.unsubscribe(&parsed.filter, None, client_id);
+        let mut by_client = self.by_client.lock();
+        if let Some(filters) = by_client.get_mut(client_id) {
+            filters.retain(|f| f.as_str() != parsed.filter.as_str());
+            if filters.is_empty() {
+                by_client.remove(client_id);
+            }
+        }
+    }
+
+    /// Forgets every subscription of `client_id`.
+    fn clear(&self, client_id: &ByteStr) {
+        let Some(filters) = self.by_client.lock().remove(client_id) else {
+            return;
+        };
+        for filter in filters {
+            self.index.unsubscribe(&filter, None, client_id);
+        }
+    }
+}
+
 /// The broker: everything shared by all connections of one node.
 pub struct Broker {
     config: MqttConfig,
     topic_limits: TopicLimits,
     queue_limits: QueueLimits,
     index: SubscriptionIndex<Arc<Session>, SubEntry>,
+    /// Subscriptions of persistent sessions owned by other nodes (mirrored from the replicated
+    /// log): QoS 1/2 messages published here are stored for them before the PUBACK.
+    remote: RemoteSubscriptions,
     retained: RetainedIndex<Arc<Message>>,
     /// Payload bytes of the retained messages stored.
     retained_bytes: AtomicU64,
@@ -173,6 +239,7 @@ impl Broker {
         };
         Broker {
             index: SubscriptionIndex::new(config.index_shards),
+            remote: RemoteSubscriptions::new(config.index_shards),
             retained: RetainedIndex::new(),
             retained_bytes: AtomicU64::new(0),
             sessions: Mutex::new(HashMap::default()),
@@ -358,6 +425,8 @@ impl Broker {
             // A persistent session (or one that was, resumed with expiry 0 for this connection)
             // is recorded, with its will, before CONNACK.
             if expiry_secs > 0 || session.is_durable() {
+                // Claimed here: this node owns the session (its subscriptions are local).
+                self.remote.clear(client_id);
                 session.set_durable(true);
                 changes.push(StateChange::SessionOpened {
                     client_id: client_id.clone(),
@@ -695,15 +764,23 @@ impl Broker {
                 }
             }
         });
-        if targets.is_empty() {
-            self.stats.messages_unrouted.fetch_add(1, Relaxed);
-            return 0;
-        }
         let mut stored: Option<(MessageId, Vec<StoredTarget>)> = None;
+        let mut offered = self.store_for_remote(message, &mut stored);
+        if targets.is_empty() {
+            if offered == 0 {
+                self.stats.messages_unrouted.fetch_add(1, Relaxed);
+            } else if let Some((id, targets)) = stored {
+                changes.push(StateChange::MessageStored {
+                    id,
+                    message: message.clone(),
+                    targets,
+                });
+            }
+            return offered;
+        }
         if targets.len() > 1 {
             targets.sort_unstable_by_key(|(s, _)| Arc::as_ptr(s) as usize);
         }
-        let mut offered = 0;
         let mut i = 0;
         while i < targets.len() {
             // Overlapping subscriptions of one session: one delivery, highest QoS, every
@@ -791,6 +868,16 @@ impl Broker {
     ///
     /// The broker's own `$SYS/...` statistics are never refused by the retained limits and not
     /// counted in [`Broker::retained_bytes`]: clients' retained messages cannot crowd them out.
+    /// Removes the retained message of `topic`, keeping the byte count right.
+    fn remove_retained(&self, topic: &str) {
+        if let Some(old) = self.retained.remove(topic)
+            && !topic.starts_with("$SYS/")
+        {
+            self.retained_bytes
+                .fetch_sub(old.payload.len() as u64, Relaxed);
+        }
+    }
+
     fn store_retained(&self, message: &Arc<Message>) -> bool {
         let limited = !message.topic.starts_with("$SYS/");
         if message.payload.is_empty() {
@@ -838,6 +925,63 @@ impl Broker {
             self.retained_bytes.fetch_add(new_len, Relaxed);
         }
         true
+    }
+
+    /// Adds to `stored` a target for every persistent session owned by another node that
+    /// subscribes to the topic of QoS 1/2 `message` (overlapping subscriptions: one target,
+    /// highest QoS, every subscription identifier). Returns how many.
+    fn store_for_remote(
+        &self,
+        message: &Arc<Message>,
+        stored: &mut Option<(MessageId, Vec<StoredTarget>)>,
+    ) -> usize {
+        if message.qos == QoS::AtMostOnce || self.remote.index.is_empty() {
+            return 0;
+        }
+        let origin = message.origin.as_ref();
+        let mut matches: SmallVec<[(ByteStr, SubEntry); 4]> = SmallVec::new();
+        self.remote.index.for_each_match(&message.topic, |m| {
+            if let Match::Plain { key, value, .. } = m
+                && !(value.options.no_local && origin == Some(key))
+            {
+                matches.push((key.clone(), *value));
+            }
+        });
+        if matches.is_empty() {
+            return 0;
+        }
+        matches.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let mut count = 0;
+        let mut i = 0;
+        while i < matches.len() {
+            let (client_id, first) = &matches[i];
+            let mut qos = first.options.qos;
+            let mut retain_as_published = first.options.retain_as_published;
+            let mut ids: SmallVec<[u32; 2]> = first.subscription_id.into_iter().collect();
+            let mut j = i + 1;
+            while j < matches.len() && matches[j].0 == *client_id {
+                let e = &matches[j].1;
+                qos = qos.max(e.options.qos);
+                retain_as_published |= e.options.retain_as_published;
+                ids.extend(e.subscription_id);
+                j += 1;
+            }
+            let qos = qos.min(message.qos);
+            // A session that (also) lives here is served by the local index.
+            if qos != QoS::AtMostOnce && !self.owns(client_id) {
+                let (_, targets) =
+                    stored.get_or_insert_with(|| (self.durability.next_message_id(), Vec::new()));
+                targets.push(StoredTarget {
+                    client_id: client_id.clone(),
+                    qos,
+                    retain: message.retain && retain_as_published,
+                    subscription_ids: ids,
+                });
+                count += 1;
+            }
+            i = j;
+        }
+        count
     }
 
     /// Retained messages matching `filter`, as deliveries for a subscription with `options`.
@@ -1007,9 +1151,17 @@ impl Broker {
     /// retained messages come back too. Will and expiry timers restart from `now`. Returns the
     /// number of sessions recovered.
     pub fn recover(&self, now: Instant) -> usize {
-        let Recovered { sessions, retained } = self.durability.recover();
+        let Recovered {
+            sessions,
+            retained,
+            remote_subscriptions,
+        } = self.durability.recover();
         for message in retained {
             self.store_retained(&message);
+        }
+        for (client_id, filter, entry) in remote_subscriptions {
+            self.remote
+                .add(&client_id, &filter, entry, &self.topic_limits);
         }
         let count = sessions.len();
         for image in sessions {
@@ -1061,7 +1213,21 @@ impl Broker {
             };
             self.add_subscription(session, st, key, parsed, entry);
         }
+        // Stored messages the applied-change feed already queued for this session (committed
+        // between its attach here and the load) are not queued twice.
+        let present: std::collections::HashSet<MessageId> = st
+            .queue
+            .iter()
+            .filter_map(|d| d.durable)
+            .chain(st.outgoing.values().filter_map(|o| match &o.state {
+                Outgoing::Publish(d) => d.durable,
+                Outgoing::Released(id) => *id,
+            }))
+            .collect();
         for stored in image.messages {
+            if present.contains(&stored.id) {
+                continue;
+            }
             let delivery = Delivery {
                 qos: stored.target.qos,
                 retain: stored.target.retain,
@@ -1099,13 +1265,14 @@ impl Broker {
     /// there. Returns whether a session was resumed (CONNACK's session present). Does nothing
     /// if the connection was fenced in the meantime.
     pub fn finish_attach(&self, session: &Arc<Session>, epoch: u64) -> bool {
-        let Some(image) = self.durability.load_session(session.client_id()) else {
+        let Some((image, upto)) = self.durability.load_session(session.client_id()) else {
             return false;
         };
         let mut st = session.state.lock();
         if st.epoch != epoch {
             return false;
         }
+        st.replicated_upto = upto;
         // The connection's own will and expiry stay as its CONNECT set them.
         self.restore_locked(session, &mut st, image);
         Session::notify(&mut st);
@@ -1117,23 +1284,86 @@ impl Broker {
     /// by another node's connection is fenced here (its connection closes with Session Taken
     /// Over) and forgotten, as its new owner holds it; a session ended elsewhere is forgotten
     /// if no connection holds it here. Changes this node proposed itself must not be passed.
-    pub fn apply_replicated(&self, changes: &[StateChange]) {
+    ///
+    /// Persistent subscriptions of sessions owned elsewhere are mirrored too, so QoS 1/2
+    /// messages published here are stored for them; and a stored message committed through
+    /// another node for a session owned here is queued for it. `index` is the log index of the
+    /// batch.
+    pub fn apply_replicated(&self, index: u64, changes: &[StateChange], now: Instant) {
         for change in changes {
             match change {
                 StateChange::RetainedSet { message } => {
                     self.store_retained(message);
                 }
-                StateChange::RetainedCleared { topic } => {
-                    self.retained.remove(topic);
-                }
-                StateChange::SessionOpened { client_id, .. } => {
-                    self.forget_session(client_id, true);
+                StateChange::RetainedCleared { topic } => self.remove_retained(topic),
+                StateChange::SessionOpened {
+                    client_id,
+                    clean_start,
+                    ..
+                } => {
+                    if *clean_start {
+                        self.remote.clear(client_id);
+                    }
+                    if let Some(will) = self.forget_session(client_id, true, !*clean_start) {
+                        self.publish_will(will, now);
+                    }
                 }
                 StateChange::SessionEnded { client_id } => {
-                    self.forget_session(client_id, false);
+                    self.remote.clear(client_id);
+                    self.forget_session(client_id, false, false);
                 }
+                StateChange::Subscribed {
+                    client_id,
+                    filter,
+                    entry,
+                } => {
+                    if !self.owns(client_id) {
+                        self.remote
+                            .add(client_id, filter, *entry, &self.topic_limits);
+                    }
+                }
+                StateChange::Unsubscribed { client_id, filter } => {
+                    self.remote.remove(client_id, filter, &self.topic_limits);
+                }
+                StateChange::MessageStored {
+                    id,
+                    message,
+                    targets,
+                } => self.queue_replicated(index, *id, message, targets),
                 _ => {}
             }
+        }
+    }
+
+    /// Whether the session of `client_id` lives on this node.
+    fn owns(&self, client_id: &ByteStr) -> bool {
+        self.sessions.lock().contains_key(client_id)
+    }
+
+    /// Queues a message stored through another node for the targets that are sessions of this
+    /// node (unless it came with the session's load).
+    fn queue_replicated(
+        &self,
+        index: u64,
+        id: MessageId,
+        message: &Arc<Message>,
+        targets: &[StoredTarget],
+    ) {
+        for target in targets {
+            let Some(session) = self.sessions.lock().get(&target.client_id).cloned() else {
+                continue;
+            };
+            if !session.is_durable() || session.state.lock().replicated_upto >= index {
+                continue;
+            }
+            let delivery = Delivery {
+                qos: target.qos,
+                retain: target.retain,
+                subscription_ids: target.subscription_ids.iter().copied().collect(),
+                message: message.clone(),
+                durable: Some(id),
+            };
+            session.enqueue(delivery, &self.queue_limits, &self.stats);
         }
     }
 
@@ -1144,12 +1374,13 @@ impl Broker {
             retained.iter().map(|m| m.topic.as_str()).collect();
         let mut stale = Vec::new();
         self.retained.for_each(|topic, _| {
-            if !keep.contains(topic.as_str()) {
+            // `$SYS` topics are this node's own statistics, never replicated.
+            if !keep.contains(topic.as_str()) && !topic.as_str().starts_with("$SYS/") {
                 stale.push(topic.as_str().to_owned());
             }
         });
         for topic in stale {
-            self.retained.remove(&topic);
+            self.remove_retained(&topic);
         }
         for message in &retained {
             self.store_retained(message);
@@ -1159,28 +1390,50 @@ impl Broker {
     /// Drops the in-memory session of `client_id` without recording anything (its durable
     /// state now belongs to another node). With `fence`, a connection attached to it is told
     /// it was taken over; without, an attached session is kept.
-    fn forget_session(&self, client_id: &ByteStr, fence: bool) {
+    /// With `keep_subscriptions`, its persistent subscriptions are mirrored as remote ones.
+    ///
+    /// Returns the will of a fenced connection that is due now, as on a local takeover: when
+    /// it has no delay, or the new connection started clean (MQTT 5 §3.1.2.5, §3.1.3.2.2).
+    fn forget_session(
+        &self,
+        client_id: &ByteStr,
+        fence: bool,
+        keep_subscriptions: bool,
+    ) -> Option<PendingWill> {
         let mut registry = self.sessions.lock();
-        let Some(session) = registry.get(client_id).cloned() else {
-            return;
-        };
+        let session = registry.get(client_id).cloned()?;
         let mut st = session.state.lock();
         if st.online {
             if !fence {
-                return;
+                return None;
             }
             self.stats.takeovers.fetch_add(1, Relaxed);
             self.stats.sessions_online.fetch_sub(1, Relaxed);
             session.set_online(&mut st, false);
         }
-        // The new owner decides about the will (published there on takeover if due).
-        st.will = None;
+        // The session lives on elsewhere: its persistent subscriptions now belong to a remote
+        // owner (a clean start there ends them, and its SessionOpened clears them again).
+        if keep_subscriptions && session.is_durable() {
+            for (key, rec) in &st.subscriptions {
+                if rec.share_group.is_none() {
+                    self.remote
+                        .add(client_id, key, rec.entry, &self.topic_limits);
+                }
+            }
+        }
+        // A will still pending here (connected, or waiting for its delay) is this node's to
+        // publish if due now; otherwise the new connection cancels it.
+        let will = st
+            .will
+            .take()
+            .filter(|w| fence && (w.delay_secs == 0 || !keep_subscriptions));
         st.epoch = self.next_epoch();
         Session::notify(&mut st);
         self.discard_locked(&session, &mut st);
         session.set_durable(false);
         drop(st);
         self.remove_from_registry(&mut registry, &session);
+        will
     }
 
     /// Ends a session by administrative action (kicks its connection if online).

@@ -271,6 +271,10 @@ pub struct StoredDelivery {
 pub struct Recovered {
     pub sessions: Vec<SessionImage>,
     pub retained: Vec<Arc<Message>>,
+    /// Subscriptions of persistent sessions that another node owns (claimed through it): not
+    /// restored here, but messages published here must be stored for them. `(client id,
+    /// filter as subscribed, options)`.
+    pub remote_subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>,
 }
 
 /// Durable storage for broker state.
@@ -288,7 +292,9 @@ pub trait Durability: Send + Sync + 'static {
     /// The stored state of one persistent session, when this node can read durable state
     /// written by others (a cluster node loading a session its client created elsewhere).
     /// Called after the session's claim committed, so it reflects everything before it.
-    fn load_session(&self, _client_id: &str) -> Option<SessionImage> {
+    /// Returns the image with the log index it reflects (the state machine's last applied
+    /// index in the same consistent read).
+    fn load_session(&self, _client_id: &str) -> Option<(SessionImage, u64)> {
         None
     }
 }
@@ -556,6 +562,7 @@ impl StateImage {
             })
             .collect();
         Recovered {
+            remote_subscriptions: Vec::new(),
             sessions,
             retained: self.retained.values().cloned().collect(),
         }

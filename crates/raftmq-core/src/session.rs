@@ -99,6 +99,10 @@ pub(crate) struct SessionState {
     /// Set by an administrative kick: the attached connection closes, telling a v5 client this
     /// reason code (instead of Session Taken Over when the session was also discarded).
     pub kick: Option<raftmq_codec::ReasonCode>,
+    /// The replicated log index the session was loaded at (a session created through another
+    /// node, [`crate::Broker::finish_attach`]): stored messages committed up to it came with
+    /// the load, so the applied-change feed must not queue them again. 0 otherwise.
+    pub replicated_upto: u64,
 }
 
 /// A session, shared by reference. Equality and hashing are by identity (two sessions with the
@@ -161,6 +165,7 @@ impl Session {
                 disconnected_at: None,
                 connection: None,
                 kick: None,
+                replicated_upto: 0,
             }),
         }
     }

@@ -532,3 +532,191 @@ fn a_refused_publish_leaves_nothing_queued_for_an_offline_persistent_session() {
     ));
     assert_eq!(session.queue_depth(), (1, 0));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Mirroring what other nodes commit (Broker::apply_replicated)
+// ---------------------------------------------------------------------------------------------
+
+fn sub_entry(qos: QoS) -> raftmq_core::session::SubEntry {
+    raftmq_core::session::SubEntry {
+        options: SubscriptionOptions {
+            qos,
+            ..Default::default()
+        },
+        subscription_id: None,
+    }
+}
+
+#[test]
+fn a_qos1_publish_is_stored_for_persistent_sessions_owned_by_other_nodes() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    // Another node's client subscribed (QoS 1 and QoS 0 subscriptions, one shared).
+    b.apply_replicated(
+        5,
+        &[
+            StateChange::Subscribed {
+                client_id: ByteStr::from("far"),
+                filter: Arc::from("t/#"),
+                entry: sub_entry(QoS::AtLeastOnce),
+            },
+            StateChange::Subscribed {
+                client_id: ByteStr::from("far0"),
+                filter: Arc::from("t/+"),
+                entry: sub_entry(QoS::AtMostOnce),
+            },
+            StateChange::Subscribed {
+                client_id: ByteStr::from("farshared"),
+                filter: Arc::from("$share/g/t/#"),
+                entry: sub_entry(QoS::AtLeastOnce),
+            },
+        ],
+        now,
+    );
+    let mut publ = open(&b, now);
+    assert!(matches!(
+        exchange(&mut publ, connect("pub", true, 0), now)[..],
+        [Packet::ConnAck(_)]
+    ));
+    publ.handle_packet(publish("t/1", QoS::AtLeastOnce, 3, false), now);
+    assert!(
+        drain(&mut publ, now).is_empty(),
+        "PUBACK must wait until the message is stored for the remote session"
+    );
+    let targets: Vec<String> = held
+        .changes()
+        .into_iter()
+        .filter_map(|c| match c {
+            StateChange::MessageStored { targets, .. } => Some(targets),
+            _ => None,
+        })
+        .flatten()
+        .map(|t| format!("{}:{:?}", t.client_id.as_str(), t.qos))
+        .collect();
+    assert_eq!(targets, ["far:AtLeastOnce"]);
+    held.complete_all(Ok(()));
+    publ.handle_commits(now);
+    assert!(matches!(drain(&mut publ, now)[..], [Packet::PubAck(_)]));
+
+    // QoS 0 is never stored; after the remote session ends nothing is stored for it.
+    let before = held.changes().len();
+    publ.handle_packet(publish("t/2", QoS::AtMostOnce, 0, false), now);
+    b.apply_replicated(
+        6,
+        &[StateChange::SessionEnded {
+            client_id: ByteStr::from("far"),
+        }],
+        now,
+    );
+    publ.handle_packet(publish("t/3", QoS::AtLeastOnce, 4, false), now);
+    assert!(
+        held.changes()[before..]
+            .iter()
+            .all(|c| !matches!(c, StateChange::MessageStored { .. }))
+    );
+    assert!(matches!(drain(&mut publ, now)[..], [Packet::PubAck(_)]));
+}
+
+#[test]
+fn a_claim_through_another_node_fences_the_local_connection_and_keeps_its_subscriptions_remote() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut sub = open(&b, now);
+    sub.handle_packet(connect("mover", true, 300), now);
+    sub.handle_packet(subscribe("jobs/#", QoS::AtLeastOnce), now);
+    held.complete_all(Ok(()));
+    sub.handle_commits(now);
+    assert!(matches!(
+        drain(&mut sub, now)[..],
+        [Packet::ConnAck(_), Packet::SubAck(_)]
+    ));
+
+    // The same client id claims its session through another node.
+    b.apply_replicated(
+        9,
+        &[StateChange::SessionOpened {
+            client_id: ByteStr::from("mover"),
+            epoch: 77,
+            clean_start: false,
+            expiry_secs: 300,
+            will: None,
+        }],
+        now,
+    );
+    match &drain(&mut sub, now)[..] {
+        [Packet::Disconnect(d)] => assert_eq!(d.reason_code, ReasonCode::SESSION_TAKEN_OVER),
+        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
+    }
+    assert_eq!(sub.close_reason(), Some(CloseReason::TakenOver));
+    assert!(
+        b.session("mover").is_none(),
+        "the session now lives elsewhere"
+    );
+
+    // Its subscription is now a remote one: a QoS 1 publish here is stored for it.
+    let mut publ = open(&b, now);
+    exchange(&mut publ, connect("pub", true, 0), now);
+    publ.handle_packet(publish("jobs/1", QoS::AtLeastOnce, 1, false), now);
+    let stored_for_mover = held.changes().into_iter().any(|c| {
+        matches!(c, StateChange::MessageStored { targets, .. }
+            if targets.iter().any(|t| t.client_id.as_str() == "mover"))
+    });
+    assert!(stored_for_mover);
+}
+
+#[test]
+fn a_message_stored_through_another_node_is_queued_for_the_local_session_once() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut sub = open(&b, now);
+    sub.handle_packet(connect("here", true, 300), now);
+    held.complete_all(Ok(()));
+    sub.handle_commits(now);
+    assert!(matches!(drain(&mut sub, now)[..], [Packet::ConnAck(_)]));
+
+    let stored = |id: u64| StateChange::MessageStored {
+        id: MessageId(id),
+        message: Arc::new(raftmq_core::Message {
+            topic: ByteStr::from("t/x"),
+            payload: Bytes::from_static(b"remote"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: PublishProperties::default(),
+            expires_at: None,
+            received_at: now,
+            origin: Some(ByteStr::from("elsewhere")),
+        }),
+        targets: vec![raftmq_core::durability::StoredTarget {
+            client_id: ByteStr::from("here"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: Default::default(),
+        }],
+    };
+    b.apply_replicated(10, &[stored(500)], now);
+    match &drain(&mut sub, now)[..] {
+        [Packet::Publish(p)] => assert_eq!(&p.payload[..], b"remote"),
+        other => panic!("expected the stored message, got {other:?}"),
+    }
+    // A stored message whose targets are all sessions of other nodes queues nothing here.
+    let elsewhere = match stored(501) {
+        StateChange::MessageStored {
+            id,
+            message,
+            mut targets,
+        } => {
+            targets[0].client_id = ByteStr::from("not-here");
+            StateChange::MessageStored {
+                id,
+                message,
+                targets,
+            }
+        }
+        other => other,
+    };
+    b.apply_replicated(12, &[elsewhere], now);
+    assert!(drain(&mut sub, now).is_empty());
+}

@@ -328,7 +328,7 @@ pub const KEYS: &[KeyDoc] = &[
     ),
     key(
         "auth",
-        "Authentication and authorization (see docs/security-auth.md). A fresh install has no \
+        "Authentication and authorization (see docs/security.md). A fresh install has no \
          password file and accepts anonymous clients; configuring a password file or a callout \
          turns anonymous access off unless allow_anonymous = true.",
     ),

@@ -654,3 +654,44 @@ async fn sessions_move_between_nodes_and_retained_messages_are_served_everywhere
         "session moved A → B → C; 10 live and 10 queued messages delivered, retained seen on 3 nodes"
     );
 }
+
+/// QoS 1 messages published on node A for a persistent session owned by node B are stored for
+/// it before A's PUBACK: delivered live while its client is connected to B, and still there
+/// after B is killed with -9 and the client reconnects to node C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_for_a_session_on_another_node_survive_that_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (specs, mut nodes, _leader) = start_cluster(dir.path()).await;
+    let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
+    let (a, b, c) = (
+        specs[0].mqtt_addr(),
+        specs[1].mqtt_addr(),
+        specs[2].mqtt_addr(),
+    );
+
+    let (mut on_b, _) = connected(b, "remote-sub", true).await;
+    subscribe(&mut on_b, "alerts/#").await;
+    // Every node has applied the subscription (A matches it from the replicated state).
+    wait_converged(&ports, 3).await;
+
+    // Live: published on A, delivered to the client on B.
+    publish_each(a, "alerts/live", 100..110, false).await;
+    let expected: BTreeSet<u32> = (100..110).collect();
+    assert_eq!(receive_all(&mut on_b, &expected).await, expected);
+
+    // Offline on B; published on A (acknowledged); B dies; the client comes back on C.
+    on_b.send(&Packet::Disconnect(Default::default())).await;
+    drop(on_b);
+    wait_converged(&ports, 3).await;
+    publish_each(a, "alerts/queued", 110..130, false).await;
+    if let Some(node) = nodes[1].take() {
+        node.kill9();
+    }
+    let (mut on_c, present) = connected(c, "remote-sub", false).await;
+    assert!(present, "the session survives its node");
+    let expected: BTreeSet<u32> = (110..130).collect();
+    assert_eq!(receive_all(&mut on_c, &expected).await, expected);
+    println!(
+        "published on A, subscriber's node B killed: 20 of 20 acknowledged messages delivered on C"
+    );
+}
