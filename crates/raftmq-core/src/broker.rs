@@ -1316,11 +1316,9 @@ impl Broker {
                     client_id,
                     filter,
                     entry,
-                } => {
-                    if !self.owns(client_id) {
-                        self.remote
-                            .add(client_id, filter, *entry, &self.topic_limits);
-                    }
+                } if !self.owns(client_id) => {
+                    self.remote
+                        .add(client_id, filter, *entry, &self.topic_limits);
                 }
                 StateChange::Unsubscribed { client_id, filter } => {
                     self.remote.remove(client_id, filter, &self.topic_limits);
