@@ -131,6 +131,8 @@ pub struct RaftNode {
     faults: Faults,
     feed: Feed,
     feed_task: Option<tokio::task::JoinHandle<()>>,
+    forward: crate::forward::ForwardGrpc,
+    forward_task: Option<tokio::task::JoinHandle<()>>,
     join_task: Option<tokio::task::JoinHandle<()>>,
     metrics_task: tokio::task::JoinHandle<()>,
 }
@@ -282,6 +284,8 @@ impl RaftNode {
             faults: opts.faults.clone(),
             feed,
             feed_task: None,
+            forward: crate::forward::ForwardGrpc::default(),
+            forward_task: None,
             join_task,
             metrics_task,
         })
@@ -456,8 +460,28 @@ impl RaftNode {
         }));
     }
 
+    /// The gRPC services this node serves on its cluster address: Raft, cluster
+    /// administration and live forwarding.
+    pub fn grpc_routes(&self) -> tonic::service::Routes {
+        crate::grpc::routes(self.raft.clone()).add_service(self.forward.service())
+    }
+
+    /// Starts live forwarding between `broker` and the other members' brokers (see
+    /// [`crate::forward`]).
+    pub fn start_forwarding(&mut self, broker: Arc<Broker>) {
+        self.forward.set_broker(broker.clone());
+        self.forward_task = Some(crate::forward::ForwardHub::start(
+            self.raft.clone(),
+            self.node_id,
+            broker,
+        ));
+    }
+
     /// Stops Raft (the store is closed when the last handle drops).
     pub async fn shutdown(mut self) {
+        if let Some(t) = self.forward_task.take() {
+            t.abort();
+        }
         if let Some(t) = self.feed_task.take() {
             t.abort();
         }

@@ -180,6 +180,86 @@ impl RemoteSubscriptions {
     }
 }
 
+/// Live forwarding to other nodes (implemented by the cluster layer, which owns the streams).
+/// Must not block: implementations queue and count what they cannot take.
+pub trait Forwarder: Send + Sync + 'static {
+    /// Sends `message` to node `node`, for its ordinary subscribers if `plain`, and for one
+    /// member of each shared subscription in `shared` (`$share/<group>/<filter>`).
+    fn forward(&self, node: u64, message: &Arc<Message>, plain: bool, shared: Vec<Arc<str>>);
+}
+
+/// Where this node's subscribers are (announced to peers), and where the peers' are.
+struct Routes {
+    /// Filters (as subscribed, `$share/...` included) with local subscribers: reference counts.
+    local: Mutex<HashMap<Arc<str>, usize>>,
+    /// Bumped on every change of `local`'s key set.
+    generation: AtomicU64,
+    /// Filters each peer announced, and the same as an index (keys: node ids).
+    peers: Mutex<HashMap<u64, std::collections::HashSet<Arc<str>>>>,
+    peer_index: SubscriptionIndex<u64, ()>,
+    forwarder: std::sync::OnceLock<Arc<dyn Forwarder>>,
+}
+
+impl Routes {
+    fn new(shards: usize) -> Self {
+        Routes {
+            local: Mutex::new(HashMap::default()),
+            generation: AtomicU64::new(0),
+            peers: Mutex::new(HashMap::default()),
+            peer_index: SubscriptionIndex::new(shards),
+            forwarder: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A local subscription to `key` was added (`+1`) or removed (`-1`). `$SYS` filters are
+    /// per node and never announced.
+    fn local_ref(&self, key: &Arc<str>, add: bool) {
+        if key.starts_with("$SYS") {
+            return;
+        }
+        let mut local = self.local.lock();
+        if add {
+            let count = local.entry(key.clone()).or_insert(0);
+            *count += 1;
+            if *count == 1 {
+                self.generation.fetch_add(1, Relaxed);
+            }
+        } else if let Some(count) = local.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                local.remove(key);
+                self.generation.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn peer_add(&self, node: u64, key: &Arc<str>, limits: &TopicLimits) {
+        if let Ok(parsed) = parse_subscription(key, limits) {
+            self.peer_index
+                .subscribe(&parsed.filter, parsed.share_group.as_deref(), node, ());
+        }
+    }
+
+    fn peer_remove(&self, node: u64, key: &Arc<str>, limits: &TopicLimits) {
+        if let Ok(parsed) = parse_subscription(key, limits) {
+            self.peer_index
+                .unsubscribe(&parsed.filter, parsed.share_group.as_deref(), &node);
+        }
+    }
+}
+
+/// Which subscribers a routing pass serves.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    /// A publish received here: every local subscriber, peers with matching routes, and
+    /// persistent sessions owned by other nodes (stored for them).
+    Origin,
+    /// A message another node forwarded: local ordinary subscribers if `plain`, one local
+    /// member of each listed shared subscription; persistent sessions that the origin stored
+    /// it for (QoS 1/2) get it through the replicated log instead.
+    Forwarded { plain: bool, shared: &'a [Arc<str>] },
+}
+
 /// The broker: everything shared by all connections of one node.
 pub struct Broker {
     config: MqttConfig,
@@ -189,6 +269,7 @@ pub struct Broker {
     /// Subscriptions of persistent sessions owned by other nodes (mirrored from the replicated
     /// log): QoS 1/2 messages published here are stored for them before the PUBACK.
     remote: RemoteSubscriptions,
+    routes: Routes,
     retained: RetainedIndex<Arc<Message>>,
     /// Payload bytes of the retained messages stored.
     retained_bytes: AtomicU64,
@@ -240,6 +321,7 @@ impl Broker {
         Broker {
             index: SubscriptionIndex::new(config.index_shards),
             remote: RemoteSubscriptions::new(config.index_shards),
+            routes: Routes::new(config.index_shards),
             retained: RetainedIndex::new(),
             retained_bytes: AtomicU64::new(0),
             sessions: Mutex::new(HashMap::default()),
@@ -570,9 +652,14 @@ impl Broker {
 
     /// Removes a session's subscriptions and messages (its state lock held).
     fn discard_locked(&self, session: &Arc<Session>, st: &mut SessionState) {
-        for (_, rec) in st.subscriptions.drain() {
-            self.index
-                .unsubscribe(&rec.filter, rec.share_group.as_deref(), session);
+        for (key, rec) in st.subscriptions.drain() {
+            if self
+                .index
+                .unsubscribe(&rec.filter, rec.share_group.as_deref(), session)
+                .is_some()
+            {
+                self.routes.local_ref(&key, false);
+            }
         }
         self.stats
             .messages_queued
@@ -733,7 +820,7 @@ impl Broker {
             });
         }
         let mut deferred = Vec::new();
-        let offered = self.deliver(&message, &mut changes, &mut deferred);
+        let offered = self.deliver(&message, &mut changes, &mut deferred, Scope::Origin);
         let _ = now;
         Routed {
             offered,
@@ -747,25 +834,57 @@ impl Broker {
         message: &Arc<Message>,
         changes: &mut Vec<StateChange>,
         deferred: &mut Vec<(Arc<Session>, Delivery)>,
+        scope: Scope<'_>,
     ) -> usize {
-        let mut targets: SmallVec<[(Arc<Session>, SubEntry); 8]> = SmallVec::new();
+        // (session, subscription, through a shared subscription)
+        let mut targets: SmallVec<[(Arc<Session>, SubEntry, bool); 8]> = SmallVec::new();
         let origin = message.origin.as_ref();
+        let forwarding = matches!(scope, Scope::Origin)
+            && !self.routes.peer_index.is_empty()
+            && !message.topic.starts_with("$SYS/");
+        // Shared subscriptions with members here: served here (local first), not forwarded.
+        let mut local_groups: SmallVec<[(String, String); 2]> = SmallVec::new();
         self.index.for_each_match(&message.topic, |m| match m {
             Match::Plain { key, value, .. } => {
-                if !(value.options.no_local && origin == Some(key.client_id())) {
-                    targets.push((key.clone(), *value));
+                let wanted = match scope {
+                    Scope::Origin => true,
+                    Scope::Forwarded { plain, .. } => plain,
+                };
+                if wanted && !(value.options.no_local && origin == Some(key.client_id())) {
+                    targets.push((key.clone(), *value, false));
                 }
             }
             Match::Shared {
-                members, cursor, ..
+                group,
+                filter,
+                members,
+                cursor,
             } => {
+                let wanted = match scope {
+                    Scope::Origin => true,
+                    Scope::Forwarded { shared, .. } => {
+                        shared.iter().any(|k| is_share_key(k, group, filter))
+                    }
+                };
+                if !wanted {
+                    return;
+                }
+                if forwarding {
+                    local_groups.push((group.to_owned(), filter.to_owned()));
+                }
                 if let Some((key, value)) = self.pick_shared(members, cursor) {
-                    targets.push((key.clone(), *value));
+                    targets.push((key.clone(), *value, true));
                 }
             }
         });
+        if forwarding {
+            self.forward_to_peers(message, &local_groups);
+        }
         let mut stored: Option<(MessageId, Vec<StoredTarget>)> = None;
-        let mut offered = self.store_for_remote(message, &mut stored);
+        let mut offered = match scope {
+            Scope::Origin => self.store_for_remote(message, &mut stored),
+            Scope::Forwarded { .. } => 0,
+        };
         if targets.is_empty() {
             if offered == 0 {
                 self.stats.messages_unrouted.fetch_add(1, Relaxed);
@@ -779,25 +898,38 @@ impl Broker {
             return offered;
         }
         if targets.len() > 1 {
-            targets.sort_unstable_by_key(|(s, _)| Arc::as_ptr(s) as usize);
+            targets.sort_unstable_by_key(|(s, _, _)| Arc::as_ptr(s) as usize);
         }
         let mut i = 0;
         while i < targets.len() {
             // Overlapping subscriptions of one session: one delivery, highest QoS, every
             // subscription identifier (MQTT 5 §3.3.4).
-            let (session, first) = &targets[i];
+            let (session, first, first_shared) = &targets[i];
             let mut qos = first.options.qos;
             let mut retain_as_published = first.options.retain_as_published;
             let mut ids: SmallVec<[u32; 2]> = first.subscription_id.into_iter().collect();
+            let mut via_shared = *first_shared;
             let mut j = i + 1;
             while j < targets.len() && Arc::ptr_eq(&targets[j].0, session) {
                 let e = &targets[j].1;
                 qos = qos.max(e.options.qos);
                 retain_as_published |= e.options.retain_as_published;
                 ids.extend(e.subscription_id);
+                via_shared |= targets[j].2;
                 j += 1;
             }
             let qos = qos.min(message.qos);
+            // Forwarded QoS 1/2 for a persistent session here: the origin stored it for that
+            // session (its ordinary subscriptions are mirrored there), and the replicated log
+            // queues it here; delivering it now as well would duplicate it.
+            if matches!(scope, Scope::Forwarded { .. })
+                && qos != QoS::AtMostOnce
+                && session.is_durable()
+                && !via_shared
+            {
+                i = j;
+                continue;
+            }
             let retain = message.retain && retain_as_published;
             // QoS 1/2 for a persistent session: stored once, referenced by each such session.
             let durable = (qos != QoS::AtMostOnce && session.is_durable()).then(|| {
@@ -925,6 +1057,138 @@ impl Broker {
             self.retained_bytes.fetch_add(new_len, Relaxed);
         }
         true
+    }
+
+    /// Forwards `message` to the peers whose routes match its topic: every peer with ordinary
+    /// subscribers, and for each shared subscription with no member here, one peer holding
+    /// members (round robin).
+    fn forward_to_peers(&self, message: &Arc<Message>, local_groups: &[(String, String)]) {
+        let Some(forwarder) = self.routes.forwarder.get() else {
+            return;
+        };
+        /// Per peer: (node, deliver to its ordinary subscribers, shared subscriptions).
+        type PerNode = SmallVec<[(u64, bool, Vec<Arc<str>>); 4]>;
+        let mut per_node: PerNode = SmallVec::new();
+        fn slot(per_node: &mut PerNode, node: u64) -> usize {
+            match per_node.iter().position(|(n, _, _)| *n == node) {
+                Some(i) => i,
+                None => {
+                    per_node.push((node, false, Vec::new()));
+                    per_node.len() - 1
+                }
+            }
+        }
+        self.routes
+            .peer_index
+            .for_each_match(&message.topic, |m| match m {
+                Match::Plain { key, .. } => {
+                    let i = slot(&mut per_node, *key);
+                    per_node[i].1 = true;
+                }
+                Match::Shared {
+                    group,
+                    filter,
+                    members,
+                    cursor,
+                } => {
+                    if local_groups.iter().any(|(g, f)| g == group && f == filter)
+                        || members.is_empty()
+                    {
+                        return;
+                    }
+                    let pick = &members[cursor.fetch_add(1, Relaxed) % members.len()];
+                    let i = slot(&mut per_node, pick.0);
+                    per_node[i]
+                        .2
+                        .push(Arc::from(format!("$share/{group}/{filter}")));
+                }
+            });
+        for (node, plain, shared) in per_node {
+            forwarder.forward(node, message, plain, shared);
+        }
+    }
+
+    /// Installs the live forwarding to other nodes (once; later calls are ignored).
+    pub fn set_forwarder(&self, forwarder: Arc<dyn Forwarder>) {
+        let _ = self.routes.forwarder.set(forwarder);
+    }
+
+    /// The filters this node has local subscribers for, with the generation they are at
+    /// ([`Broker::route_generation`]), to announce to peers.
+    pub fn local_routes(&self) -> (u64, Vec<Arc<str>>) {
+        let local = self.routes.local.lock();
+        (
+            self.routes.generation.load(Relaxed),
+            local.keys().cloned().collect(),
+        )
+    }
+
+    /// Changes whenever the set of [`Broker::local_routes`] changes.
+    pub fn route_generation(&self) -> u64 {
+        self.routes.generation.load(Relaxed)
+    }
+
+    /// Applies a route announcement from peer `node`: its full set of filters (`full`), or
+    /// filters added and removed since its last announcement.
+    pub fn apply_peer_routes(
+        &self,
+        node: u64,
+        full: bool,
+        added: Vec<Arc<str>>,
+        removed: Vec<Arc<str>>,
+    ) {
+        let mut peers = self.routes.peers.lock();
+        let known = peers.entry(node).or_default();
+        if full {
+            let new: std::collections::HashSet<Arc<str>> = added.iter().cloned().collect();
+            for old in known.iter().filter(|k| !new.contains(*k)) {
+                self.routes.peer_remove(node, old, &self.topic_limits);
+            }
+            for key in new.iter().filter(|k| !known.contains(*k)) {
+                self.routes.peer_add(node, key, &self.topic_limits);
+            }
+            *known = new;
+            return;
+        }
+        for key in removed {
+            if known.remove(&key) {
+                self.routes.peer_remove(node, &key, &self.topic_limits);
+            }
+        }
+        for key in added {
+            if known.insert(key.clone()) {
+                self.routes.peer_add(node, &key, &self.topic_limits);
+            }
+        }
+    }
+
+    /// Drops every route of peer `node` (it left the cluster).
+    pub fn forget_peer(&self, node: u64) {
+        self.apply_peer_routes(node, true, Vec::new(), Vec::new());
+        self.routes.peers.lock().remove(&node);
+    }
+
+    /// Delivers a message another node forwarded (see [`Scope::Forwarded`]); never forwards
+    /// it again nor stores it for sessions of other nodes. Returns how many sessions it was
+    /// offered to.
+    pub fn deliver_forwarded(
+        &self,
+        message: Arc<Message>,
+        plain: bool,
+        shared: &[Arc<str>],
+    ) -> usize {
+        let mut changes = Vec::new();
+        let mut deferred = Vec::new();
+        let offered = self.deliver(
+            &message,
+            &mut changes,
+            &mut deferred,
+            Scope::Forwarded { plain, shared },
+        );
+        // Stores for local persistent members of shared subscriptions: nobody waits on them.
+        drop(self.propose(changes));
+        self.deliver_committed(deferred);
+        offered
     }
 
     /// Adds to `stored` a target for every persistent session owned by another node that
@@ -1105,12 +1369,18 @@ impl Broker {
         parsed: ParsedFilter,
         entry: SubEntry,
     ) -> bool {
-        self.index.subscribe(
-            &parsed.filter,
-            parsed.share_group.as_deref(),
-            session.clone(),
-            entry,
-        );
+        let replaced = self
+            .index
+            .subscribe(
+                &parsed.filter,
+                parsed.share_group.as_deref(),
+                session.clone(),
+                entry,
+            )
+            .is_some();
+        if !replaced {
+            self.routes.local_ref(&key, true);
+        }
         let rec = SubscriptionRecord {
             filter: parsed.filter,
             share_group: parsed.share_group,
@@ -1133,8 +1403,13 @@ impl Broker {
         }
         match st.subscriptions.remove_entry(filter) {
             Some((key, rec)) => {
-                self.index
-                    .unsubscribe(&rec.filter, rec.share_group.as_deref(), session);
+                if self
+                    .index
+                    .unsubscribe(&rec.filter, rec.share_group.as_deref(), session)
+                    .is_some()
+                {
+                    self.routes.local_ref(&key, false);
+                }
                 let change = session.is_durable().then(|| StateChange::Unsubscribed {
                     client_id: session.client_id().clone(),
                     filter: key,
@@ -1468,4 +1743,12 @@ impl Broker {
         }
         Some(self.propose(changes))
     }
+}
+
+/// Whether `key` is `$share/{group}/{filter}`.
+fn is_share_key(key: &str, group: &str, filter: &str) -> bool {
+    key.strip_prefix("$share/")
+        .and_then(|rest| rest.strip_prefix(group))
+        .and_then(|rest| rest.strip_prefix('/'))
+        == Some(filter)
 }

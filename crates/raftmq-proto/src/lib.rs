@@ -1,6 +1,7 @@
 //! Generated protobuf and gRPC code for everything raftmq nodes exchange or persist, from the
 //! versioned packages under `proto/`: `raftmq.state.v1` (replicated commands and state machine
-//! records) and `raftmq.raft.v1` (Raft transport and cluster administration).
+//! records), `raftmq.raft.v1` (Raft transport and cluster administration) and
+//! `raftmq.forward.v1` (live forwarding between nodes).
 //!
 //! This crate holds generated code only; conversions between these messages and domain types
 //! live with the domain types (`raftmq-cluster`).
@@ -13,4 +14,9 @@ pub mod state {
 /// `raftmq.raft.v1`: Raft transport and cluster administration.
 pub mod raft {
     tonic::include_proto!("raftmq.raft.v1");
+}
+
+/// `raftmq.forward.v1`: live forwarding of published messages and route announcements.
+pub mod forward {
+    tonic::include_proto!("raftmq.forward.v1");
 }

@@ -4,7 +4,6 @@
 use crate::config::Config;
 use crate::telemetry;
 use anyhow::Context as _;
-use raftmq_cluster::grpc;
 use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
 use raftmq_server::auth::Auth;
@@ -66,7 +65,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("starting the raft node in {}", config.data_dir.display()))?;
     // Peers must reach this node while it joins and catches up: serve the cluster endpoint first.
-    let cluster_server = ClusterServer::bind(config.cluster.addr, grpc::routes(node.raft.clone()))
+    let cluster_server = ClusterServer::bind(config.cluster.addr, node.grpc_routes())
         .await
         .context("starting the cluster listener")?;
     if let Some(addr) = cluster_server.local_addr() {
@@ -95,6 +94,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Mirror what other nodes commit (retained messages, session claims) from before the
     // recovery read, so nothing falls in between.
     node.feed_broker(broker.clone());
+    node.start_forwarding(broker.clone());
     let node = Arc::new(node);
     let sessions = broker.recover(Instant::now());
     info!(

@@ -695,3 +695,129 @@ async fn messages_for_a_session_on_another_node_survive_that_node() {
         "published on A, subscriber's node B killed: 20 of 20 acknowledged messages delivered on C"
     );
 }
+
+/// Receives PUBLISHes (acknowledging QoS 1) until `n` arrived or nothing came for 3 s; returns
+/// the numbers in arrival order (duplicates included).
+async fn collect(sub: &mut RawClient, n: usize) -> Vec<u32> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match sub.recv_within(Duration::from_secs(3)).await {
+            Ok(Some(Packet::Publish(p))) => {
+                if let Some(id) = p.packet_id {
+                    sub.send(&Packet::PubAck(PubResponse::success(id))).await;
+                }
+                if let Some(k) = std::str::from_utf8(&p.payload)
+                    .ok()
+                    .and_then(|s| s.strip_prefix("msg-")?.parse().ok())
+                {
+                    got.push(k);
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    got
+}
+
+async fn subscribe_qos(c: &mut RawClient, filter: &str, qos: QoS) {
+    c.send(&Packet::Subscribe(Subscribe {
+        packet_id: pid(1),
+        properties: SubscribeProperties::default(),
+        filters: vec![SubscribeFilter {
+            filter: ByteStr::from(filter),
+            options: SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+        }],
+    }))
+    .await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+}
+
+/// Publishes QoS 0 `msg-N` for N in `range` to `topic` through a clean session on `addr`.
+async fn publish_qos0(addr: SocketAddr, topic: &str, range: std::ops::Range<u32>) {
+    let (mut publ, _) = connected(addr, "pub-qos0", true).await;
+    for n in range {
+        publ.send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: ByteStr::from(topic),
+            packet_id: None,
+            properties: PublishProperties::default(),
+            payload: Bytes::from(format!("msg-{n}")),
+        }))
+        .await;
+    }
+    publ.send(&Packet::Disconnect(Default::default())).await;
+}
+
+/// Live routing between nodes: subscribers on B (clean and persistent, wildcard filters) get
+/// QoS 0 and QoS 1 messages published on A exactly once, and a shared subscription with members
+/// on B and C gets each message exactly once cluster-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_published_on_one_node_reach_subscribers_on_the_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (specs, _nodes, _leader) = start_cluster(dir.path()).await;
+    let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
+    let (a, b, c) = (
+        specs[0].mqtt_addr(),
+        specs[1].mqtt_addr(),
+        specs[2].mqtt_addr(),
+    );
+    let (mut clean, _) = connected(b, "pub-like-clean-sub", true).await;
+    subscribe_qos(&mut clean, "live/+/x", QoS::AtLeastOnce).await;
+    let (mut durable, _) = connected(b, "durable-live", true).await;
+    subscribe_qos(&mut durable, "live/#", QoS::AtLeastOnce).await;
+    let (mut worker_b, _) = connected(b, "pub-like-worker-b", true).await;
+    subscribe_qos(&mut worker_b, "$share/g/work/#", QoS::AtLeastOnce).await;
+    let (mut worker_c, _) = connected(c, "pub-like-worker-c", true).await;
+    subscribe_qos(&mut worker_c, "$share/g/work/#", QoS::AtLeastOnce).await;
+    wait_converged(&ports, 3).await;
+
+    // Routes reach A asynchronously: probe until the clean subscriber on B gets one.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        publish_each(a, "live/probe/x", 0..1, false).await;
+        let got = collect(&mut clean, 1).await;
+        if got == [0] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "routes never reached node A");
+    }
+    // The persistent subscriber got the probe too (through the replicated log).
+    assert_eq!(collect(&mut durable, 1).await, [0]);
+
+    publish_qos0(a, "live/q0/x", 1..51).await;
+    publish_each(a, "live/q1/x", 51..101, false).await;
+    let expected: Vec<u32> = (1..101).collect();
+    let mut got = collect(&mut clean, 100).await;
+    got.sort_unstable();
+    assert_eq!(got, expected, "clean subscriber on B");
+    let mut got = collect(&mut durable, 100).await;
+    got.sort_unstable();
+    assert_eq!(
+        got, expected,
+        "persistent subscriber on B: each message exactly once"
+    );
+
+    publish_each(a, "work/1", 200..240, false).await;
+    let from_b = collect(&mut worker_b, 40).await;
+    let from_c = collect(&mut worker_c, 40 - from_b.len()).await;
+    let mut all: Vec<u32> = from_b.iter().chain(&from_c).copied().collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (200..240).collect::<Vec<_>>(),
+        "each shared message to exactly one member (B got {}, C got {})",
+        from_b.len(),
+        from_c.len()
+    );
+    println!(
+        "cross-node: 100 of 100 to B (clean and persistent); shared 40 = {} on B + {} on C",
+        from_b.len(),
+        from_c.len()
+    );
+}

@@ -1,0 +1,391 @@
+//! Live forwarding between nodes (`raftmq.forward.v1`): each node keeps one long-lived gRPC
+//! stream to every other member. On it the node announces the filters it has local subscribers
+//! for (a full set when the stream opens, then deltas), and sends, in batches, the messages
+//! published on it that match the peer's announced filters. The peer acknowledges cumulatively;
+//! unacknowledged messages are resent after a reconnect and the receiver drops sequence numbers
+//! it has already handled, so a retry never delivers twice.
+//!
+//! This is the fast path: QoS 0 and deliveries to non-persistent sessions, which never wait for
+//! consensus. QoS 1/2 messages for persistent sessions of other nodes are stored through Raft
+//! before the publisher's acknowledgement (see `Broker::apply_replicated`), and a forwarded copy
+//! is not delivered to them again. Memory is bounded: a peer that cannot keep up or cannot be
+//! reached has its queue capped and the excess dropped and counted.
+
+use crate::convert::{WallClock, message_from_proto, message_to_proto};
+use crate::network::{MAX_MESSAGE_BYTES, channel};
+use crate::types::{NodeId, Raft};
+use metrics::counter;
+use parking_lot::Mutex;
+use raftmq_core::message::Message;
+use raftmq_core::{Broker, Forwarder};
+use raftmq_proto::forward as pb;
+use raftmq_proto::forward::forward_service_client::ForwardServiceClient;
+use raftmq_proto::forward::forward_service_server::{ForwardService, ForwardServiceServer};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+/// Messages waiting for one peer's stream; beyond this they are dropped and counted.
+const PEER_QUEUE: usize = 16_384;
+/// Messages sent to one peer and not yet acknowledged, kept for a resend after a reconnect.
+const MAX_UNACKED: usize = 65_536;
+/// Most messages per `Deliveries` frame.
+const MAX_BATCH: usize = 512;
+/// How often a link checks whether this node's routes changed.
+const ROUTE_CHECK: Duration = Duration::from_millis(20);
+/// How often the membership is checked for peers to link to.
+const MEMBERSHIP_CHECK: Duration = Duration::from_millis(500);
+
+pub const FORWARDED_TOTAL: &str = "raftmq_forward_messages_total";
+pub const FORWARD_DROPPED_TOTAL: &str = "raftmq_forward_dropped_total";
+pub const FORWARD_RECONNECTS_TOTAL: &str = "raftmq_forward_reconnects_total";
+pub const FORWARD_RECEIVED_TOTAL: &str = "raftmq_forward_received_total";
+pub const FORWARD_DUPLICATES_TOTAL: &str = "raftmq_forward_duplicates_total";
+
+/// One message for a peer.
+struct Outgoing {
+    message: Arc<Message>,
+    plain: bool,
+    shared: Vec<Arc<str>>,
+}
+
+/// The sending side: one queue and one stream task per peer.
+pub struct ForwardHub {
+    node_id: NodeId,
+    incarnation: u64,
+    clock: WallClock,
+    links: Mutex<HashMap<NodeId, mpsc::Sender<Outgoing>>>,
+}
+
+impl std::fmt::Debug for ForwardHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardHub")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forwarder for ForwardHub {
+    fn forward(&self, node: u64, message: &Arc<Message>, plain: bool, shared: Vec<Arc<str>>) {
+        let sent = self.links.lock().get(&node).map(|tx| {
+            tx.try_send(Outgoing {
+                message: message.clone(),
+                plain,
+                shared,
+            })
+        });
+        match sent {
+            Some(Ok(())) => {}
+            Some(Err(_)) => {
+                counter!(FORWARD_DROPPED_TOTAL, "reason" => "queue_full").increment(1);
+            }
+            None => counter!(FORWARD_DROPPED_TOTAL, "reason" => "no_link").increment(1),
+        }
+    }
+}
+
+impl ForwardHub {
+    /// Starts forwarding for `broker` on node `node_id`: links to every other member of the
+    /// Raft membership (checked periodically), and installs itself as the broker's forwarder.
+    pub fn start(raft: Raft, node_id: NodeId, broker: Arc<Broker>) -> tokio::task::JoinHandle<()> {
+        let hub = Arc::new(ForwardHub {
+            node_id,
+            incarnation: incarnation(),
+            clock: WallClock::now(),
+            links: Mutex::new(HashMap::new()),
+        });
+        broker.set_forwarder(hub.clone());
+        tokio::spawn(async move {
+            let mut tasks: HashMap<NodeId, tokio::task::JoinHandle<()>> = HashMap::new();
+            loop {
+                let members: HashMap<NodeId, String> = raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .filter(|(id, _)| **id != node_id)
+                    .map(|(id, n)| (*id, n.cluster_addr.clone()))
+                    .collect();
+                for (peer, addr) in &members {
+                    if tasks.contains_key(peer) {
+                        continue;
+                    }
+                    let (tx, rx) = mpsc::channel(PEER_QUEUE);
+                    hub.links.lock().insert(*peer, tx);
+                    info!(peer, addr, "forwarding link to peer");
+                    tasks.insert(
+                        *peer,
+                        tokio::spawn(link(hub.clone(), *peer, addr.clone(), rx, broker.clone())),
+                    );
+                }
+                let gone: Vec<NodeId> = tasks
+                    .keys()
+                    .filter(|id| !members.contains_key(id))
+                    .copied()
+                    .collect();
+                for peer in gone {
+                    hub.links.lock().remove(&peer);
+                    if let Some(task) = tasks.remove(&peer) {
+                        task.abort();
+                    }
+                    broker.forget_peer(peer);
+                }
+                tokio::time::sleep(MEMBERSHIP_CHECK).await;
+            }
+        })
+    }
+
+    fn frame(&self, body: pb::frame::Body) -> pb::Frame {
+        pb::Frame {
+            from_node: self.node_id,
+            incarnation: self.incarnation,
+            body: Some(body),
+        }
+    }
+}
+
+/// A number that differs between runs of this process (sequence numbers restart with it).
+fn incarnation() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+/// The stream to one peer, reconnected until the peer leaves the membership.
+async fn link(
+    hub: Arc<ForwardHub>,
+    peer: NodeId,
+    addr: String,
+    mut rx: mpsc::Receiver<Outgoing>,
+    broker: Arc<Broker>,
+) {
+    let mut unacked: VecDeque<pb::Forwarded> = VecDeque::new();
+    let mut seq = 0u64;
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        if !first {
+            counter!(FORWARD_RECONNECTS_TOTAL).increment(1);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        first = false;
+        let Ok(ch) = channel(&addr) else {
+            continue;
+        };
+        let mut client = ForwardServiceClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (out, frames) = mpsc::channel::<pb::Frame>(64);
+        // Routes first, then whatever the peer has not acknowledged yet.
+        let (mut generation, routes) = broker.local_routes();
+        let mut announced: HashSet<Arc<str>> = routes.iter().cloned().collect();
+        let full = pb::frame::Body::Routes(pb::Routes {
+            full: true,
+            added: routes.iter().map(|r| r.to_string()).collect(),
+            removed: Vec::new(),
+        });
+        if out.send(hub.frame(full)).await.is_err() {
+            continue;
+        }
+        for chunk in unacked
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .chunks(MAX_BATCH)
+        {
+            let body = pb::frame::Body::Deliveries(pb::Deliveries {
+                messages: chunk.to_vec(),
+            });
+            if out.send(hub.frame(body)).await.is_err() {
+                break;
+            }
+        }
+        let frames = futures_util::stream::unfold(frames, |mut rx| async move {
+            rx.recv().await.map(|f| (f, rx))
+        });
+        let mut acks = match client.stream(frames).await {
+            Ok(resp) => resp.into_inner(),
+            Err(status) => {
+                debug!(peer, %status, "forwarding stream refused");
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        let mut tick = tokio::time::interval(ROUTE_CHECK);
+        loop {
+            tokio::select! {
+                next = rx.recv() => {
+                    let Some(first) = next else { return };
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(o) => batch.push(o),
+                            Err(_) => break,
+                        }
+                    }
+                    let messages: Vec<pb::Forwarded> = batch
+                        .into_iter()
+                        .map(|o| {
+                            seq += 1;
+                            pb::Forwarded {
+                                seq,
+                                message: Some(message_to_proto(&o.message, &hub.clock)),
+                                plain: o.plain,
+                                shared: o.shared.iter().map(|s| s.to_string()).collect(),
+                            }
+                        })
+                        .collect();
+                    counter!(FORWARDED_TOTAL).increment(messages.len() as u64);
+                    unacked.extend(messages.iter().cloned());
+                    while unacked.len() > MAX_UNACKED {
+                        unacked.pop_front();
+                        counter!(FORWARD_DROPPED_TOTAL, "reason" => "unacked_overflow").increment(1);
+                    }
+                    let body = pb::frame::Body::Deliveries(pb::Deliveries { messages });
+                    if out.send(hub.frame(body)).await.is_err() {
+                        break;
+                    }
+                }
+                ack = acks.message() => match ack {
+                    Ok(Some(ack)) => {
+                        while unacked.front().is_some_and(|f| f.seq <= ack.up_to_seq) {
+                            unacked.pop_front();
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                },
+                _ = tick.tick() => {
+                    if broker.route_generation() == generation {
+                        continue;
+                    }
+                    let (g, routes) = broker.local_routes();
+                    generation = g;
+                    let now: HashSet<Arc<str>> = routes.into_iter().collect();
+                    let added = now.difference(&announced).map(|r| r.to_string()).collect();
+                    let removed = announced.difference(&now).map(|r| r.to_string()).collect();
+                    announced = now;
+                    let body = pb::frame::Body::Routes(pb::Routes { full: false, added, removed });
+                    if out.send(hub.frame(body)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        debug!(peer, "forwarding stream closed; reconnecting");
+    }
+}
+
+/// The receiving side, served on the cluster port. Refuses streams until the broker exists.
+#[derive(Clone, Default)]
+pub struct ForwardGrpc {
+    inner: Arc<Receiver>,
+}
+
+#[derive(Default)]
+struct Receiver {
+    broker: OnceLock<Arc<Broker>>,
+    clock: OnceLock<WallClock>,
+    /// Per sending node: its incarnation and the last sequence number handled.
+    seen: Mutex<HashMap<NodeId, (u64, u64)>>,
+}
+
+impl std::fmt::Debug for ForwardGrpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardGrpc").finish_non_exhaustive()
+    }
+}
+
+impl ForwardGrpc {
+    /// Starts accepting forwarded messages for `broker`.
+    pub fn set_broker(&self, broker: Arc<Broker>) {
+        let _ = self.inner.clock.set(WallClock::now());
+        let _ = self.inner.broker.set(broker);
+    }
+
+    /// The gRPC service.
+    pub fn service(&self) -> ForwardServiceServer<ForwardGrpc> {
+        ForwardServiceServer::new(self.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+type AckStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<pb::Ack, tonic::Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl ForwardService for ForwardGrpc {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::Frame>>,
+    ) -> Result<tonic::Response<AckStream>, tonic::Status> {
+        let (Some(broker), Some(clock)) = (self.inner.broker.get(), self.inner.clock.get()) else {
+            return Err(tonic::Status::unavailable("broker not started yet"));
+        };
+        let (broker, clock) = (broker.clone(), clock.clone());
+        let inner = self.inner.clone();
+        let mut frames = req.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<pb::Ack, tonic::Status>>(64);
+        tokio::spawn(async move {
+            while let Ok(Some(frame)) = frames.message().await {
+                let from = frame.from_node;
+                match frame.body {
+                    Some(pb::frame::Body::Routes(r)) => broker.apply_peer_routes(
+                        from,
+                        r.full,
+                        r.added.into_iter().map(Arc::from).collect(),
+                        r.removed.into_iter().map(Arc::from).collect(),
+                    ),
+                    Some(pb::frame::Body::Deliveries(d)) => {
+                        let mut last = {
+                            let mut seen = inner.seen.lock();
+                            let entry = seen.entry(from).or_insert((frame.incarnation, 0));
+                            if entry.0 != frame.incarnation {
+                                *entry = (frame.incarnation, 0);
+                            }
+                            entry.1
+                        };
+                        for f in d.messages {
+                            if f.seq <= last {
+                                counter!(FORWARD_DUPLICATES_TOTAL).increment(1);
+                                continue;
+                            }
+                            last = f.seq;
+                            let Some(message) = f.message else { continue };
+                            let Ok(message) = message_from_proto(message, &clock) else {
+                                continue;
+                            };
+                            counter!(FORWARD_RECEIVED_TOTAL).increment(1);
+                            let shared: Vec<Arc<str>> =
+                                f.shared.into_iter().map(Arc::from).collect();
+                            broker.deliver_forwarded(Arc::new(message), f.plain, &shared);
+                        }
+                        if let Some(entry) = inner.seen.lock().get_mut(&from)
+                            && entry.0 == frame.incarnation
+                        {
+                            entry.1 = entry.1.max(last);
+                        }
+                        if tx.send(Ok(pb::Ack { up_to_seq: last })).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => {}
+                }
+            }
+        });
+        let acks =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|a| (a, rx)) },
+            );
+        Ok(tonic::Response::new(Box::pin(acks)))
+    }
+}
