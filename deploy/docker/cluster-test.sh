@@ -69,7 +69,8 @@ elapsed() { echo "$(( $(date +%s) - start ))s"; }
 log() { echo "[$(elapsed)] $*"; }
 checks=0
 ok() { checks=$((checks + 1)); echo "[$(elapsed)] ok   $*"; }
-fail() { echo "[$(elapsed)] FAIL $*" >&2; exit 1; }
+failure=""
+fail() { failure="$*"; echo "[$(elapsed)] FAIL $*" >&2; exit 1; }
 
 for tool in docker curl python3 mosquitto_pub mosquitto_sub; do
     command -v "$tool" >/dev/null || die "$tool is required (mosquitto clients: scripts/install-prereqs --test)"
@@ -110,8 +111,9 @@ cleanup() {
     for pid in ${bg_pids[@]+"${bg_pids[@]}"}; do kill "$pid" 2>/dev/null; done
     $started || { rm -rf "$work"; [ -z "$built_image" ] || $keep_image || docker rmi "$built_image" >/dev/null 2>&1; return; }
     if [ "$status" -ne 0 ]; then
-        echo "cluster-test: FAILED after $(elapsed); logs of the nodes (last 150 lines each):" >&2
-        timeout 60 "${compose_cmd[@]}" -p "$project" -f "$here/compose.yaml" logs --no-color --tail 150 >&2
+        echo "cluster-test: FAILED after $(elapsed); logs of the nodes (last 100 lines each):" >&2
+        timeout 60 "${compose_cmd[@]}" -p "$project" -f "$here/compose.yaml" logs --no-color --tail 100 >&2
+        [ -z "$failure" ] || echo "cluster-test: FAILED: $failure" >&2
     fi
     log "tearing down project $project (down -v: its containers, network and volumes)"
     timeout 120 "${compose_cmd[@]}" -p "$project" -f "$here/compose.yaml" down -v --remove-orphans -t 10 >/dev/null 2>&1 \
@@ -140,7 +142,7 @@ if [ -z "$image" ]; then
     "$here/build-image.sh" --binary "$binary" --tag "$image" >"$work/build.log" 2>&1 \
         || { cat "$work/build.log" >&2; die "build-image.sh failed"; }
     built_image="$image"
-    ok "image $image built offline and smoke-tested ($(tail -n 3 "$work/build.log" | grep -o '([0-9]* MiB)' || true))"
+    ok "image $image built offline and smoke-tested ($(grep -o '[0-9]* MiB' "$work/build.log" | tail -n 1 || true))"
 else
     docker image inspect "$image" >/dev/null 2>&1 || die "image $image does not exist"
 fi
@@ -175,15 +177,20 @@ except ValueError:
 print(eval(sys.argv[1]))' "$1" 2>/dev/null || true; }
 container_of() { compose ps -q "raftmq-$1"; }
 
-# Waits until `cond ARGS...` succeeds, at most $wait_secs; fails with the message otherwise.
-wait_for() {
-    local what="$1"; shift
+# Waits until `cond ARGS...` succeeds, at most $wait_secs; returns 1 when it did not.
+wait_until() {
     local deadline=$(( $(date +%s) + wait_secs ))
     until "$@"; do
-        [ "$(date +%s)" -lt "$deadline" ] || fail "$what: not reached within ${wait_secs}s"
+        [ "$(date +%s)" -lt "$deadline" ] || return 1
         sleep 0.5
     done
 }
+# The same, failing the test with the message.
+wait_for() {
+    local what="$1"; shift
+    wait_until "$@" || fail "$what: not reached within ${wait_secs}s"
+}
+lines() { tr '\n' ' ' <"$1"; }
 all_ready() { local n; for n in "$@"; do [ "$(http_code "$n" /readyz)" = 200 ] || return 1; done; }
 # Every listed node reports `voters` voters and the same leader, exactly one of them says it is the
 # leader when the leader is among them, and the leader is not a node listed as down.
@@ -284,7 +291,7 @@ ok "nodes 1 and 3 stay ready with node 2 down (leader node $(leader_of), 3 voter
 timeout $((wait_secs + 10)) mosquitto_sub -h 127.0.0.1 -p "${mqtt[3]}" -V mqttv5 -c -i "$mover" \
     -x 3600 -q 1 -t ct/unrelated -C "$queued" -W "$wait_secs" >"$work/mover.out" 2>"$work/mover.err" || true
 received_all "$work/mover.out" job 1 "$queued" \
-    || fail "resumed on node 3, $mover received [$(tr '\n' ' ' <"$work/mover.out")] (stderr: $(cat "$work/mover.err")), expected job-1..job-$queued"
+    || fail "resumed on node 3, $mover received [$(lines "$work/mover.out")] (stderr: $(cat "$work/mover.err")), expected job-1..job-$queued"
 ok "$mover resumed on node 3 (clean start off) and received all $queued messages queued on node 2"
 
 # Durable writes still commit with 2 of 3 nodes.
@@ -311,15 +318,15 @@ if [ "$cross_node" = 1 ]; then
     subscribed() { [ "$(curl -fsS --max-time 3 "http://127.0.0.1:${http[2]}/api/v1/clients/$live" | jq_py 'd["subscriptions"]')" = 1 ]; }
     wait_for "live subscriber $live connected to node 2" subscribed
     publish_range 1 ct/live/a live 1 20
-    wait_for "live messages 1..20 published through node 1 reaching the subscriber on node 2" \
-        received_all "$work/live.out" live 1 20
+    wait_until received_all "$work/live.out" live 1 20 \
+        || fail "live messages 1..20 published through node 1 did not all reach the subscriber on node 2 within ${wait_secs}s (it got: $(lines "$work/live.out"))"
     ok "subscriber on node 2 received live QoS 1 messages 1..20 published through node 1"
 
     stop_node 1
     check_cluster 3 2 3
     publish_range 3 ct/live/a live 21 40
-    wait_for "live messages 21..40 published through node 3 reaching the subscriber on node 2" \
-        received_all "$work/live.out" live 1 40
+    wait_until received_all "$work/live.out" live 1 40 \
+        || fail "live messages 21..40 published through node 3 did not all reach the subscriber on node 2 within ${wait_secs}s (it got: $(lines "$work/live.out"))"
     kill -0 "$live_pid" 2>/dev/null || fail "the subscriber on node 2 lost its connection: $(cat "$work/live.err")"
     ok "node 1 stopped: the publisher moved to node 3; the same subscriber connection on node 2 received 21..40"
 
