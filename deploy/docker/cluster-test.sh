@@ -175,7 +175,9 @@ try:
 except ValueError:
     sys.exit(1)
 print(eval(sys.argv[1]))' "$1" 2>/dev/null || true; }
-container_of() { compose ps -q "raftmq-$1"; }
+# Container id of node N; `ps -a` so a stopped one is listed too (Compose v2 lists running ones
+# only without it; v1 accepts -a as well).
+container_of() { compose ps -a -q "raftmq-$1"; }
 
 # Waits until `cond ARGS...` succeeds, at most $wait_secs; returns 1 when it did not.
 wait_until() {
@@ -242,7 +244,9 @@ stop_node() {
     [ -n "$cid" ] || fail "no container for raftmq-$1"
     timeout 60 docker stop --time 30 "$cid" >/dev/null || fail "docker stop raftmq-$1"
     [ "$(docker inspect --format '{{.State.Running}}' "$cid")" = false ] || fail "raftmq-$1 still running"
-    ok "docker stop raftmq-$1 (exit code $(docker inspect --format '{{.State.ExitCode}}' "$cid"))"
+    local code; code="$(docker inspect --format '{{.State.ExitCode}}' "$cid")"
+    [ "$code" = 0 ] || fail "raftmq-$1 exited with $code after SIGTERM (expected a graceful stop, 0)"
+    ok "docker stop raftmq-$1: graceful (SIGTERM, exit code 0)"
 }
 start_node() {
     timeout 60 docker start "$(container_of "$1")" >/dev/null || fail "docker start raftmq-$1"
