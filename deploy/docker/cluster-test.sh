@@ -124,8 +124,8 @@ cleanup() {
     rm -rf "$work"
 }
 trap 'status=$?; cleanup; exit $status' EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'failure="interrupted (SIGINT)"; exit 130' INT
+trap 'failure="interrupted (SIGTERM, e.g. by timeout)"; exit 143' TERM
 
 # --- the image ------------------------------------------------------------------------------------
 if [ -z "$image" ]; then
