@@ -118,6 +118,8 @@ cleanup() {
     log "tearing down project $project (down -v: its containers, network and volumes)"
     timeout 120 "${compose_cmd[@]}" -p "$project" -f "$here/compose.yaml" down -v --remove-orphans -t 10 >/dev/null 2>&1 \
         || echo "cluster-test: WARNING: '${compose_cmd[*]} -p $project down -v' failed; remove it by hand" >&2
+    left="$(docker ps -aq --filter "label=com.docker.compose.project=$project"; docker volume ls -q --filter "name=${project}_")"
+    [ -z "$left" ] || echo "cluster-test: WARNING: left behind by project $project: $(echo "$left" | tr '\n' ' ')" >&2
     if [ -n "$built_image" ] && ! $keep_image; then
         docker rmi "$built_image" >/dev/null 2>&1
     fi
