@@ -304,7 +304,7 @@ elif RAFTMQ_IMAGE='' "${compose_cmd[@]}" -f "$repo/deploy/docker/compose.yaml" c
 else
     fail "${compose_cmd[*]} config"; indent "$work/compose.err"
 fi
-for f in deploy/docker/build-image.sh deploy/check-chart.sh; do
+for f in deploy/docker/build-image.sh deploy/docker/cluster-test.sh deploy/check-chart.sh; do
     if out="$("$venv/bin/shellcheck" "$repo/$f" 2>&1)"; then
         pass "shellcheck $f"
     else

@@ -83,7 +83,7 @@ else
 fi
 container=""
 cleanup() {
-    [ -z "$container" ] || docker rm -f "$container" >/dev/null 2>&1 || true
+    [ -z "$container" ] || docker rm -f -v "$container" >/dev/null 2>&1 || true
     ! $remove_context || rm -rf "$context"
 }
 trap cleanup EXIT
@@ -188,7 +188,7 @@ if $smoke_test; then
         docker logs "$cid" >&2 || true
         die "smoke test: the broker exited with $code after SIGTERM (expected 0)"
     fi
-    docker rm "$cid" >/dev/null
+    docker rm -v "$cid" >/dev/null   # -v: also its anonymous /data volume
     container=""
     echo "build-image: smoke test passed (--version; serve: /healthz and /readyz answered; SIGTERM exit 0)" >&2
 fi
