@@ -165,7 +165,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     auth_watch.abort();
     sighup.abort();
     let _ = cluster_stop.send(());
-    let _ = cluster_task.await;
+    // Peers keep their forwarding streams open until they notice: don't wait for them long.
+    let mut cluster_task = cluster_task;
+    if tokio::time::timeout(CLUSTER_STOP_GRACE, &mut cluster_task)
+        .await
+        .is_err()
+    {
+        cluster_task.abort();
+    }
     if let Ok(node) = Arc::try_unwrap(node) {
         node.shutdown().await;
     }
@@ -209,6 +216,9 @@ fn cluster_admin(node: &Arc<RaftNode>) -> ClusterAdmin {
         }),
     }
 }
+
+/// How long the cluster endpoint may take to close its streams at shutdown.
+const CLUSTER_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// How long startup waits for a Raft leader before serving anyway.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
