@@ -80,9 +80,13 @@ impl Forwarder for ForwardHub {
         match sent {
             Some(Ok(())) => {}
             Some(Err(_)) => {
-                counter!(FORWARD_DROPPED_TOTAL, "reason" => "queue_full").increment(1);
+                counter!(FORWARD_DROPPED_TOTAL, "peer" => node.to_string(), "reason" => "queue_full")
+                    .increment(1);
             }
-            None => counter!(FORWARD_DROPPED_TOTAL, "reason" => "no_link").increment(1),
+            None => {
+                counter!(FORWARD_DROPPED_TOTAL, "peer" => node.to_string(), "reason" => "no_link")
+                    .increment(1)
+            }
         }
     }
 }
@@ -170,7 +174,7 @@ async fn link(
     let mut first = true;
     loop {
         if !first {
-            counter!(FORWARD_RECONNECTS_TOTAL).increment(1);
+            counter!(FORWARD_RECONNECTS_TOTAL, "peer" => peer.to_string()).increment(1);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
@@ -241,11 +245,17 @@ async fn link(
                             }
                         })
                         .collect();
-                    counter!(FORWARDED_TOTAL).increment(messages.len() as u64);
+                    counter!(FORWARDED_TOTAL, "peer" => peer.to_string())
+                        .increment(messages.len() as u64);
                     unacked.extend(messages.iter().cloned());
                     while unacked.len() > MAX_UNACKED {
                         unacked.pop_front();
-                        counter!(FORWARD_DROPPED_TOTAL, "reason" => "unacked_overflow").increment(1);
+                        counter!(
+                            FORWARD_DROPPED_TOTAL,
+                            "peer" => peer.to_string(),
+                            "reason" => "unacked_overflow"
+                        )
+                        .increment(1);
                     }
                     let body = pb::frame::Body::Deliveries(pb::Deliveries { messages });
                     if out.send(hub.frame(body)).await.is_err() {

@@ -147,8 +147,10 @@ pub const RAFT_VOTERS: &str = "raftmq_raft_voters";
 pub const RAFT_LEADER_CHANGES_TOTAL: &str = "raftmq_raft_leader_changes_total";
 
 /// Copies openraft's metrics into the registry every second (bounded labels: none).
-async fn export_metrics(raft: Raft) {
+async fn export_metrics(raft: Raft, store: Store) {
     let mut rx = raft.metrics();
+    let mut size_exported = tokio::time::Instant::now();
+    store.export_metrics();
     let mut last_leader = None;
     loop {
         {
@@ -169,6 +171,10 @@ async fn export_metrics(raft: Raft) {
                 }
                 last_leader = m.current_leader;
             }
+        }
+        if size_exported.elapsed() >= Duration::from_secs(10) {
+            store.export_metrics();
+            size_exported = tokio::time::Instant::now();
         }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
@@ -276,7 +282,7 @@ impl RaftNode {
             WallClock::now(),
             opts.faults.clone(),
         );
-        let metrics_task = tokio::spawn(export_metrics(raft.clone()));
+        let metrics_task = tokio::spawn(export_metrics(raft.clone(), store.clone()));
         Ok(RaftNode {
             raft,
             durability,

@@ -130,6 +130,32 @@ impl Store {
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
+
+    /// Bytes the database occupies on disk: SST files plus the memtables and WAL-backed data
+    /// not yet flushed (RocksDB's `total-sst-files-size` and `cur-size-all-mem-tables`, summed
+    /// over column families).
+    pub fn disk_usage(&self) -> u64 {
+        let mut total = 0u64;
+        for name in all_cf_names() {
+            let Ok(cf) = self.inner.cf(name) else {
+                continue;
+            };
+            for prop in [
+                "rocksdb.total-sst-files-size",
+                "rocksdb.cur-size-all-mem-tables",
+            ] {
+                if let Ok(Some(v)) = self.inner.db.property_int_value_cf(cf, prop) {
+                    total = total.saturating_add(v);
+                }
+            }
+        }
+        total
+    }
+
+    /// Exports [`STORE_SIZE_BYTES`](crate::STORE_SIZE_BYTES) (call periodically).
+    pub fn export_metrics(&self) {
+        metrics::gauge!(crate::STORE_SIZE_BYTES).set(self.disk_usage() as f64);
+    }
 }
 
 fn db_options(config: &StoreConfig) -> Options {

@@ -193,10 +193,15 @@ impl<C: RaftTypeConfig> LogStore<C> {
             return Ok(());
         }
         // One synced write for the whole append: durable once it returns.
-        self.inner
+        let started = std::time::Instant::now();
+        let result = self
+            .inner
             .db
             .write_opt(batch, &sync_write_options())
-            .map_err(StoreError::backend("write"))
+            .map_err(StoreError::backend("write"));
+        metrics::histogram!(crate::STORE_WRITE_SECONDS, "kind" => "log_append")
+            .record(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Deletes every entry with index >= `since`.

@@ -289,10 +289,15 @@ impl StateDb {
     /// Use [`StateDb::write_sync`] when the caller needs durability on return.
     pub fn write(&self, batch: StateBatch) -> Result<(), StoreError> {
         let wb = self.to_write_batch(batch)?;
-        self.inner
+        let started = std::time::Instant::now();
+        let result = self
+            .inner
             .db
             .write(wb)
-            .map_err(StoreError::backend("write"))
+            .map_err(StoreError::backend("write"));
+        metrics::histogram!(crate::STORE_WRITE_SECONDS, "kind" => "state")
+            .record(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Like [`StateDb::write`], durable (`fsync`ed) when it returns.
