@@ -319,6 +319,10 @@ pub fn change_to_proto_with(
                 topic: topic.to_string(),
             })
         }
+        StateChange::NodeDown { node } => ProtoChange::NodeDown(state::NodeDown {
+            node: *node,
+            at_ms: ctx.now.map_or(0, |now| clock.to_unix_ms(now)),
+        }),
     };
     state::Change {
         change: Some(change),
@@ -401,6 +405,7 @@ pub fn change_from_proto(
         ProtoChange::RetainedCleared(c) => StateChange::RetainedCleared {
             topic: c.topic.into(),
         },
+        ProtoChange::NodeDown(c) => StateChange::NodeDown { node: c.node },
     })
 }
 
@@ -442,7 +447,8 @@ pub fn validate_change(change: &state::Change) -> Result<(), ConvertError> {
         | ProtoChange::Unsubscribed(_)
         | ProtoChange::MessageAcked(_)
         | ProtoChange::MessageReleased(_)
-        | ProtoChange::RetainedCleared(_) => {}
+        | ProtoChange::RetainedCleared(_)
+        | ProtoChange::NodeDown(_) => {}
     }
     Ok(())
 }

@@ -86,6 +86,29 @@ impl RaftDurability {
         durability
     }
 
+    /// The stored persistent sessions that node `node` owns (last claimed through it, or
+    /// adopted by it).
+    pub fn sessions_owned_by(&self, node: NodeId) -> Vec<SessionImage> {
+        let owners = match self.reader.session_owners() {
+            Ok(owners) => owners,
+            Err(e) => {
+                error!(error = %e, "cannot read session owners");
+                return Vec::new();
+            }
+        };
+        owners
+            .into_iter()
+            .filter(|(_, owner)| *owner == node)
+            .filter_map(|(client_id, _)| match self.reader.session_image(&client_id, &self.clock) {
+                Ok(found) => found.map(|(image, _, _)| image),
+                Err(e) => {
+                    error!(error = %e, client_id, "cannot read a stored session");
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// The whole replicated state as this node's state machine has it (every session,
     /// whoever owns it).
     pub fn replicated_state(&self) -> Recovered {
@@ -158,13 +181,17 @@ impl Durability for RaftDurability {
         recovered
     }
 
+    /// `None` also when the session was created by the claim this load follows (one claim
+    /// applied): then there was nothing to resume.
     fn load_session(&self, client_id: &str) -> Option<(SessionImage, u64)> {
-        self.reader
-            .session_image(client_id, &self.clock)
-            .unwrap_or_else(|e| {
+        match self.reader.session_image(client_id, &self.clock) {
+            Ok(Some((_, _, 1))) | Ok(None) => None,
+            Ok(Some((image, upto, _))) => Some((image, upto)),
+            Err(e) => {
                 error!(error = %e, client_id, "cannot read a stored session");
                 None
-            })
+            }
+        }
     }
 }
 

@@ -58,6 +58,8 @@ pub struct ForwardHub {
     incarnation: u64,
     clock: WallClock,
     links: Mutex<HashMap<NodeId, mpsc::Sender<Outgoing>>>,
+    /// Since when each peer's stream has been down (absent: up, or never tried).
+    down_since: Mutex<HashMap<NodeId, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for ForwardHub {
@@ -94,15 +96,21 @@ impl Forwarder for ForwardHub {
 impl ForwardHub {
     /// Starts forwarding for `broker` on node `node_id`: links to every other member of the
     /// Raft membership (checked periodically), and installs itself as the broker's forwarder.
-    pub fn start(raft: Raft, node_id: NodeId, broker: Arc<Broker>) -> tokio::task::JoinHandle<()> {
+    pub fn start(
+        raft: Raft,
+        node_id: NodeId,
+        broker: Arc<Broker>,
+    ) -> (Arc<ForwardHub>, tokio::task::JoinHandle<()>) {
         let hub = Arc::new(ForwardHub {
             node_id,
             incarnation: incarnation(),
             clock: WallClock::now(),
             links: Mutex::new(HashMap::new()),
+            down_since: Mutex::new(HashMap::new()),
         });
         broker.set_forwarder(hub.clone());
-        tokio::spawn(async move {
+        let handle = hub.clone();
+        let task = tokio::spawn(async move {
             let mut tasks: HashMap<NodeId, tokio::task::JoinHandle<()>> = HashMap::new();
             loop {
                 let members: HashMap<NodeId, String> = raft
@@ -118,6 +126,9 @@ impl ForwardHub {
                     if tasks.contains_key(peer) {
                         continue;
                     }
+                    hub.down_since
+                        .lock()
+                        .insert(*peer, std::time::Instant::now());
                     let (tx, rx) = mpsc::channel(PEER_QUEUE);
                     hub.links.lock().insert(*peer, tx);
                     info!(peer, addr, "forwarding link to peer");
@@ -133,6 +144,7 @@ impl ForwardHub {
                     .collect();
                 for peer in gone {
                     hub.links.lock().remove(&peer);
+                    hub.down_since.lock().remove(&peer);
                     if let Some(task) = tasks.remove(&peer) {
                         task.abort();
                     }
@@ -140,7 +152,23 @@ impl ForwardHub {
                 }
                 tokio::time::sleep(MEMBERSHIP_CHECK).await;
             }
-        })
+        });
+        (handle, task)
+    }
+
+    /// How long the stream to `peer` has been down, if it is (the liveness signal used to
+    /// declare a node down).
+    pub fn down_for(&self, peer: NodeId) -> Option<Duration> {
+        self.down_since.lock().get(&peer).map(|t| t.elapsed())
+    }
+
+    fn mark(&self, peer: NodeId, up: bool) {
+        let mut down = self.down_since.lock();
+        if up {
+            down.remove(&peer);
+        } else {
+            down.entry(peer).or_insert_with(std::time::Instant::now);
+        }
     }
 
     fn frame(&self, body: pb::frame::Body) -> pb::Frame {
@@ -221,6 +249,7 @@ async fn link(
             }
         };
         backoff = Duration::from_millis(100);
+        hub.mark(peer, true);
         let mut tick = tokio::time::interval(ROUTE_CHECK);
         loop {
             tokio::select! {
@@ -287,6 +316,7 @@ async fn link(
                 }
             }
         }
+        hub.mark(peer, false);
         debug!(peer, "forwarding stream closed; reconnecting");
     }
 }

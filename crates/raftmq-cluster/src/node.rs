@@ -133,6 +133,7 @@ pub struct RaftNode {
     feed_task: Option<tokio::task::JoinHandle<()>>,
     forward: crate::forward::ForwardGrpc,
     forward_task: Option<tokio::task::JoinHandle<()>>,
+    liveness_task: Option<tokio::task::JoinHandle<()>>,
     join_task: Option<tokio::task::JoinHandle<()>>,
     metrics_task: tokio::task::JoinHandle<()>,
 }
@@ -292,6 +293,7 @@ impl RaftNode {
             feed_task: None,
             forward: crate::forward::ForwardGrpc::default(),
             forward_task: None,
+            liveness_task: None,
             join_task,
             metrics_task,
         })
@@ -476,16 +478,24 @@ impl RaftNode {
     /// [`crate::forward`]).
     pub fn start_forwarding(&mut self, broker: Arc<Broker>) {
         self.forward.set_broker(broker.clone());
-        self.forward_task = Some(crate::forward::ForwardHub::start(
+        let (hub, task) =
+            crate::forward::ForwardHub::start(self.raft.clone(), self.node_id, broker.clone());
+        self.forward_task = Some(task);
+        self.liveness_task = Some(tokio::spawn(declare_down_nodes(
             self.raft.clone(),
             self.node_id,
+            self.durability.clone(),
+            hub,
             broker,
-        ));
+        )));
     }
 
     /// Stops Raft (the store is closed when the last handle drops).
     pub async fn shutdown(mut self) {
-        if let Some(t) = self.forward_task.take() {
+        for t in [self.forward_task.take(), self.liveness_task.take()]
+            .into_iter()
+            .flatten()
+        {
             t.abort();
         }
         if let Some(t) = self.feed_task.take() {
@@ -497,6 +507,64 @@ impl RaftNode {
         self.metrics_task.abort();
         if let Err(e) = self.raft.shutdown().await {
             warn!(error = %e, "raft shutdown failed");
+        }
+    }
+}
+
+/// A member whose forwarding stream has been down this long is declared down by the leader.
+pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
+
+pub const NODES_DECLARED_DOWN_TOTAL: &str = "raftmq_cluster_nodes_declared_down_total";
+pub const SESSIONS_ADOPTED_TOTAL: &str = "raftmq_cluster_sessions_adopted_total";
+
+/// On the leader: declares down, by a committed `NodeDown`, every member whose stream has been
+/// down for [`NODE_DOWN_AFTER`], then adopts its persistent sessions into `broker` (offline,
+/// their wills and expiry timers running here). Once a declared node's stream is back, a later
+/// failure is declared again.
+async fn declare_down_nodes(
+    raft: Raft,
+    me: NodeId,
+    durability: Arc<RaftDurability>,
+    hub: Arc<crate::forward::ForwardHub>,
+    broker: Arc<Broker>,
+) {
+    use raftmq_core::durability::{Durability, StateChange};
+    let mut declared: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (leader, members): (bool, Vec<NodeId>) = {
+            let m = raft.metrics().borrow().clone();
+            (
+                m.state == ServerState::Leader && can_commit(&m),
+                m.membership_config
+                    .membership()
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .filter(|id| *id != me)
+                    .collect(),
+            )
+        };
+        declared.retain(|n| members.contains(n) && hub.down_for(*n).is_some());
+        if !leader {
+            continue;
+        }
+        for node in members {
+            if declared.contains(&node) || hub.down_for(node).is_none_or(|d| d < NODE_DOWN_AFTER) {
+                continue;
+            }
+            let commit = durability.propose(vec![StateChange::NodeDown { node }]);
+            if commit.await.is_err() {
+                continue;
+            }
+            declared.insert(node);
+            metrics::counter!(NODES_DECLARED_DOWN_TOTAL).increment(1);
+            let orphans = durability.sessions_owned_by(me);
+            let adopted = broker.adopt_sessions(orphans, std::time::Instant::now());
+            metrics::counter!(SESSIONS_ADOPTED_TOTAL).increment(adopted as u64);
+            warn!(
+                node,
+                adopted, "node declared down; its persistent sessions adopted here"
+            );
         }
     }
 }

@@ -240,12 +240,14 @@ impl StateMachine {
         Ok(Response)
     }
 
-    /// The stored state of the persistent session `client_id`, if there is one.
+    /// The stored state of the persistent session `client_id`, if there is one, with the log
+    /// index it reflects and the number of claims (`SessionOpened`) applied to it (1: created
+    /// by the last one).
     pub fn session_image(
         &self,
         client_id: &str,
         clock: &WallClock,
-    ) -> Result<Option<(SessionImage, u64)>, StoreError> {
+    ) -> Result<Option<(SessionImage, u64, u64)>, StoreError> {
         if client_id.contains('\0') {
             return Ok(None);
         }
@@ -257,8 +259,9 @@ impl StateMachine {
             decode_value(StateCf::Sessions, client_id.as_bytes(), &value)?;
         let (applied, _) = read_applied(|key| snap.get(StateCf::SmMeta, key))?;
         let mut messages = HashMap::new();
+        let claims = record.claims;
         let image = recover_session(&snap, clock, &mut messages, client_id.to_owned(), record)?;
-        Ok(Some((image, applied.map_or(0, |l| l.index))))
+        Ok(Some((image, applied.map_or(0, |l| l.index), claims)))
     }
 
     /// The node that last claimed each persistent session (`SessionOpened`; 0 when unknown,
@@ -546,24 +549,26 @@ fn apply_batch(
         tracing::error!(%log_id, %error, "skipping a batch with a change this version cannot read");
         return Ok(None);
     }
+    let origin = batch.origin_node;
     if !keep {
         for change in batch.changes {
             if let Some(change) = change.change {
-                apply_change(tx, change)?;
+                apply_change(tx, change, origin)?;
             }
         }
         return Ok(None);
     }
     for change in &batch.changes {
         if let Some(change) = &change.change {
-            apply_change(tx, change.clone())?;
+            apply_change(tx, change.clone(), origin)?;
         }
     }
     Ok(Some(batch))
 }
 
 /// Applies one validated change: [`raftmq_core::durability::StateImage::apply`] on the store.
-fn apply_change(tx: &mut Tx<'_>, change: ProtoChange) -> Result<(), StoreError> {
+/// `origin` is the node that proposed the batch (the adopting node of a `NodeDown`).
+fn apply_change(tx: &mut Tx<'_>, change: ProtoChange, origin: u64) -> Result<(), StoreError> {
     if let Some(client_id) = client_of(&change)
         && client_id.contains('\0')
     {
@@ -582,6 +587,7 @@ fn apply_change(tx: &mut Tx<'_>, change: ProtoChange) -> Result<(), StoreError> 
             record.node_id = c.node_id;
             record.online = true;
             record.detached_at_ms = None;
+            record.claims = record.claims.saturating_add(1);
             put_session(tx, &c.client_id, &record);
         }
         ProtoChange::SessionDetached(c) => {
@@ -703,6 +709,25 @@ fn apply_change(tx: &mut Tx<'_>, change: ProtoChange) -> Result<(), StoreError> 
         ProtoChange::RetainedCleared(c) => {
             tx.delete(StateCf::Retained, c.topic.into_bytes());
         }
+        ProtoChange::NodeDown(c) => {
+            // The proposer adopts every session the node owned; attached ones are detached
+            // as of the declaration (their wills and expiry run on the adopting node).
+            if c.node != origin && origin != 0 {
+                for (key, value) in tx.scan_prefix(StateCf::Sessions, b"")? {
+                    let mut record: state::SessionRecord =
+                        decode_value(StateCf::Sessions, &key, &value)?;
+                    if record.node_id != c.node {
+                        continue;
+                    }
+                    record.node_id = origin;
+                    if record.online {
+                        record.online = false;
+                        record.detached_at_ms = (c.at_ms != 0).then_some(c.at_ms);
+                    }
+                    tx.put(StateCf::Sessions, key, record.encode_to_vec());
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -723,7 +748,8 @@ fn client_of(change: &ProtoChange) -> Option<&str> {
         ProtoChange::IncomingQos2Completed(c) => &c.client_id,
         ProtoChange::MessageStored(_)
         | ProtoChange::RetainedSet(_)
-        | ProtoChange::RetainedCleared(_) => return None,
+        | ProtoChange::RetainedCleared(_)
+        | ProtoChange::NodeDown(_) => return None,
     })
 }
 

@@ -285,6 +285,7 @@ pub struct Broker {
     epochs: AtomicU64,
     id_prefix: String,
     rng: AtomicU64,
+    node_id: u64,
 }
 
 impl std::fmt::Debug for Broker {
@@ -334,6 +335,7 @@ impl Broker {
             epochs: AtomicU64::new(0),
             id_prefix: format!("raftmq-{node_id}-"),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ node_id),
+            node_id,
             topic_limits,
             queue_limits,
             config,
@@ -1448,43 +1450,67 @@ impl Broker {
         }
         let count = sessions.len();
         for image in sessions {
-            let session = Arc::new(Session::new(image.client_id.clone(), image.expiry_secs));
-            session.set_durable(true);
-            let mut st = session.state.lock();
-            st.epoch = self.next_epoch();
-            st.disconnected_at = Some(now);
-            let epoch = st.epoch;
-            let will = image.will.clone();
-            let expiry_secs = image.expiry_secs;
-            let client_id = image.client_id.clone();
-            self.restore_locked(&session, &mut st, image);
-            let mut timers = Vec::new();
-            if let Some(w) = &will {
-                let at = now + Duration::from_secs(u64::from(w.delay_secs));
-                timers.push(Timer {
-                    at,
-                    kind: TimerKind::Will,
-                    client_id: client_id.clone(),
-                    epoch,
-                });
-            }
-            st.will = will;
-            if expiry_secs != NEVER_EXPIRES {
-                let at = now + Duration::from_secs(u64::from(expiry_secs));
-                timers.push(Timer {
-                    at,
-                    kind: TimerKind::Expire,
-                    client_id: client_id.clone(),
-                    epoch,
-                });
-            }
-            drop(st);
-            if self.sessions.lock().insert(client_id, session).is_none() {
-                self.stats.sessions_total.fetch_add(1, Relaxed);
-            }
-            self.schedule(timers);
+            self.restore_offline(image, now);
         }
         count
+    }
+
+    /// Adopts persistent sessions whose node was declared down (`StateChange::NodeDown`
+    /// committed through this node): they come back here offline, as after a restart, and
+    /// their wills and expiry run here. Sessions already in memory are left alone. Returns how
+    /// many were adopted.
+    pub fn adopt_sessions(&self, sessions: Vec<SessionImage>, now: Instant) -> usize {
+        let mut adopted = 0;
+        for image in sessions {
+            if self.sessions.lock().contains_key(&image.client_id) {
+                continue;
+            }
+            let client_id = image.client_id.clone();
+            self.restore_offline(image, now);
+            self.remote.clear(&client_id);
+            adopted += 1;
+        }
+        adopted
+    }
+
+    /// Puts a stored session back in memory, offline, with its will and expiry timers
+    /// starting at `now`.
+    fn restore_offline(&self, image: SessionImage, now: Instant) {
+        let session = Arc::new(Session::new(image.client_id.clone(), image.expiry_secs));
+        session.set_durable(true);
+        let mut st = session.state.lock();
+        st.epoch = self.next_epoch();
+        st.disconnected_at = Some(now);
+        let epoch = st.epoch;
+        let will = image.will.clone();
+        let expiry_secs = image.expiry_secs;
+        let client_id = image.client_id.clone();
+        self.restore_locked(&session, &mut st, image);
+        let mut timers = Vec::new();
+        if let Some(w) = &will {
+            let at = now + Duration::from_secs(u64::from(w.delay_secs));
+            timers.push(Timer {
+                at,
+                kind: TimerKind::Will,
+                client_id: client_id.clone(),
+                epoch,
+            });
+        }
+        st.will = will;
+        if expiry_secs != NEVER_EXPIRES {
+            let at = now + Duration::from_secs(u64::from(expiry_secs));
+            timers.push(Timer {
+                at,
+                kind: TimerKind::Expire,
+                client_id: client_id.clone(),
+                epoch,
+            });
+        }
+        drop(st);
+        if self.sessions.lock().insert(client_id, session).is_none() {
+            self.stats.sessions_total.fetch_add(1, Relaxed);
+        }
+        self.schedule(timers);
     }
 
     /// Fills `session` (locked as `st`) with the subscriptions, queued and in-flight messages
@@ -1635,6 +1661,20 @@ impl Broker {
                     message,
                     targets,
                 } => self.queue_replicated(index, *id, message, targets),
+                StateChange::NodeDown { node } if *node == self.node_id => {
+                    // This node was declared down (it was cut off, its sessions were adopted
+                    // elsewhere): it can no longer prove it owns any persistent session.
+                    let durable: Vec<ByteStr> = self
+                        .sessions
+                        .lock()
+                        .iter()
+                        .filter(|(_, s)| s.is_durable())
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for client_id in durable {
+                        drop(self.forget_session(&client_id, true, true));
+                    }
+                }
                 _ => {}
             }
         }

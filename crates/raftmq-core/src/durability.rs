@@ -145,6 +145,11 @@ pub enum StateChange {
     RetainedCleared {
         topic: ByteStr,
     },
+    /// Node `node` was declared down: the proposing node adopts the persistent sessions it
+    /// owned (ownership is not part of [`Recovered`]: no effect on this model).
+    NodeDown {
+        node: u64,
+    },
 }
 
 /// Why a change could not be made durable.
@@ -497,6 +502,7 @@ impl StateImage {
             StateChange::RetainedCleared { topic } => {
                 self.retained.remove(topic);
             }
+            StateChange::NodeDown { .. } => {}
         }
     }
 

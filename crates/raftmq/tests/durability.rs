@@ -1094,3 +1094,81 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         round, st.publish_reconnects, st.subscriber_reconnects
     );
 }
+
+/// A node that dies is declared down by the leader (a committed command, after
+/// `NODE_DOWN_AFTER` without its stream): the leader adopts its persistent sessions, so the will
+/// of a client that was connected to it is published once, and the session expires on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_node_dies_its_clients_wills_fire_once_and_their_sessions_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (specs, mut nodes, leader) = start_cluster(dir.path()).await;
+    let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
+    // The doomed client on a follower; the will's subscriber on the other follower.
+    let followers: Vec<usize> = (0..3).filter(|&i| specs[i].id != leader).collect();
+    let (doomed_node, watcher_node) = (followers[0], followers[1]);
+
+    let (mut watcher, _) = connected(specs[watcher_node].mqtt_addr(), "will-watcher", true).await;
+    subscribe(&mut watcher, "wills/#").await;
+    let mut doomed = RawClient::connect(specs[doomed_node].mqtt_addr(), ProtocolVersion::V5).await;
+    doomed
+        .send(&Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: ByteStr::from("doomed"),
+            will: Some(raftmq_codec::Will {
+                topic: ByteStr::from("wills/doomed"),
+                payload: Bytes::from_static(b"msg-1"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Default::default(),
+            }),
+            username: None,
+            password: None,
+            properties: ConnectProperties {
+                session_expiry_interval: Some(5),
+                ..Default::default()
+            },
+        })))
+        .await;
+    assert!(matches!(
+        doomed.recv().await,
+        Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::SUCCESS
+    ));
+    wait_converged(&ports, 3).await;
+
+    // kill -9 the doomed client's node: nobody there to publish the will.
+    let killed_at = Instant::now();
+    if let Some(n) = nodes[doomed_node].take() {
+        n.kill9();
+    }
+    drop(doomed);
+    let will = collect(&mut watcher, 1).await;
+    let will = if will.is_empty() {
+        // collect gives up after 3 s of silence; the declaration takes ~10 s.
+        let mut got = Vec::new();
+        while got.is_empty() && killed_at.elapsed() < Duration::from_secs(40) {
+            got = collect(&mut watcher, 1).await;
+        }
+        got
+    } else {
+        will
+    };
+    assert_eq!(
+        will,
+        [1],
+        "the will of a client of a dead node is published"
+    );
+    let took = killed_at.elapsed();
+    assert!(
+        collect(&mut watcher, 1).await.is_empty(),
+        "the will is published once"
+    );
+
+    // The session (expiry 5 s, counted from the declaration) is gone once it expired.
+    let expired_by = took + Duration::from_secs(9);
+    tokio::time::sleep(expired_by.saturating_sub(killed_at.elapsed())).await;
+    let (_c, present) = connected(specs[watcher_node].mqtt_addr(), "doomed", false).await;
+    assert!(!present, "the session of the dead node's client expired");
+    println!("node killed: will published after {took:?}, once; session expired");
+}
