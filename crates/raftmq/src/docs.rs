@@ -211,6 +211,27 @@ pub const KEYS: &[KeyDoc] = &[
         "cluster.seeds",
         "\"host:port\" of nodes to contact when joining a cluster; empty for a single node.",
     ),
+    optional(
+        "cluster.tls_cert_file",
+        "PEM file with this node's certificate chain, leaf first, for mutual TLS between nodes. \
+         Setting it, tls_key_file and tls_ca_file (all three or none) makes the cluster port \
+         serve only TLS to peers with a certificate from tls_ca_file, and every connection to a \
+         peer present this certificate and verify the peer's. The certificate must name, as a \
+         DNS or IP subject alternative name, the host of this node's advertise_addr (peers check \
+         it) and is used as both server and client certificate. Unset: plain gRPC, no \
+         authentication. Not reloaded: restart to rotate.",
+        "\"/etc/raftmq/cluster-tls/tls.crt\"",
+    ),
+    optional(
+        "cluster.tls_key_file",
+        "PEM file with the private key of cluster.tls_cert_file (PKCS#8, PKCS#1 or SEC1).",
+        "\"/etc/raftmq/cluster-tls/tls.key\"",
+    ),
+    optional(
+        "cluster.tls_ca_file",
+        "PEM file with the CA certificates every node's cluster certificate must chain to.",
+        "\"/etc/raftmq/cluster-tls/ca.crt\"",
+    ),
     key("mqtt", "MQTT protocol and session settings."),
     key(
         "mqtt.max_packet_size",
@@ -661,7 +682,12 @@ mod tests {
     fn optional_keys_are_listed_under_their_section() {
         assert_eq!(
             optional_keys_under("cluster.").collect::<Vec<_>>(),
-            ["advertise_addr"]
+            [
+                "advertise_addr",
+                "tls_cert_file",
+                "tls_key_file",
+                "tls_ca_file"
+            ]
         );
         assert_eq!(optional_keys_under("").count(), 0);
         assert!(is_optional_key("cluster.advertise_addr"));
