@@ -925,6 +925,43 @@ mod tests {
     }
 
     #[test]
+    fn partial_cluster_tls_names_the_missing_keys() {
+        let p = problems("[cluster]\ntls_cert_file = \"node.crt\"");
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(
+            p[0].starts_with("cluster.tls_key_file: required when cluster.tls_cert_file is set"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[1].starts_with("cluster.tls_ca_file: required"),
+            "{}",
+            p[1]
+        );
+        let p = problems("[cluster]\ntls_key_file = \"k\"\ntls_ca_file = \"\"");
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(
+            p[0].starts_with("cluster.tls_cert_file: required"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[1].starts_with("cluster.tls_ca_file: must not be empty"),
+            "{}",
+            p[1]
+        );
+        let c = check_file(
+            "[cluster]\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\ntls_ca_file = \"ca\"",
+        )
+        .expect("complete cluster TLS");
+        assert_eq!(
+            c.cluster.tls_files(),
+            Some((Path::new("c"), Path::new("k"), Path::new("ca")))
+        );
+        assert_eq!(Config::default().cluster.tls_files(), None);
+    }
+
+    #[test]
     fn bad_duration_reports_its_key() {
         let p = problems("[mqtt]\nmax_keep_alive = \"10x\"");
         assert_eq!(
