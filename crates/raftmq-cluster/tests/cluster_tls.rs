@@ -371,3 +371,33 @@ async fn clients_without_a_certificate_cannot_call_the_cluster_port() {
         assert!(!s.contains("plain") && !s.contains("no-cert"), "{s:?}");
     }
 }
+
+#[test]
+fn bad_cluster_tls_files_are_refused_naming_the_key() {
+    let ca = new_ca("cluster CA");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, _) = node_cert(&ca, 1, "127.0.0.1");
+    let (_, other_key) = node_cert(&ca, 2, "127.0.0.1");
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("tls.crt"), &cert).expect("write");
+    std::fs::write(path("tls.key"), &other_key).expect("write");
+    std::fs::write(path("ca.crt"), ca.cert.pem()).expect("write");
+    std::fs::write(path("empty"), "").expect("write");
+
+    let err = |cert: &str, key: &str, ca: &str| {
+        ClusterTlsPem::load(&path(cert), &path(key), &path(ca))
+            .expect_err("refused")
+            .to_string()
+    };
+    let e = err("tls.crt", "tls.key", "ca.crt");
+    assert!(
+        e.starts_with("cluster.tls_key_file: does not match cluster.tls_cert_file"),
+        "{e}"
+    );
+    let e = err("tls.crt", "tls.key", "missing.crt");
+    assert!(e.starts_with("cluster.tls_ca_file: cannot read"), "{e}");
+    let e = err("empty", "tls.key", "ca.crt");
+    assert!(e.starts_with("cluster.tls_cert_file: "), "{e}");
+    let e = err("tls.crt", "empty", "ca.crt");
+    assert!(e.starts_with("cluster.tls_key_file: "), "{e}");
+}
