@@ -613,6 +613,13 @@ mod tests {
         );
     }
 
+    /// Optional keys that are only valid all together (each group within one section).
+    const SET_TOGETHER: &[&[&str]] = &[&[
+        "cluster.tls_cert_file",
+        "cluster.tls_key_file",
+        "cluster.tls_ca_file",
+    ]];
+
     #[test]
     fn every_documented_key_exists() {
         let mut all = Vec::new();
@@ -631,11 +638,19 @@ mod tests {
                 .example
                 .unwrap_or_else(|| panic!("{}: documented but not a key", d.key));
             let (section, name) = d.key.split_once('.').unwrap_or(("", d.key));
-            let text = if section.is_empty() {
+            let mut text = if section.is_empty() {
                 format!("{name} = {example}")
             } else {
                 format!("[{section}]\n{name} = {example}")
             };
+            // Keys valid only together get their companions (same section) too.
+            for group in SET_TOGETHER.iter().filter(|g| g.contains(&d.key)) {
+                for other in group.iter().filter(|k| **k != d.key) {
+                    let (_, other_name) = other.split_once('.').expect("a section key");
+                    let other_example = doc(other).and_then(|o| o.example).expect("example");
+                    text.push_str(&format!("\n{other_name} = {other_example}"));
+                }
+            }
             let table: Table = text.parse().expect("example is TOML");
             let config = Config::check(&table).unwrap_or_else(|p| panic!("{}: {p:?}", d.key));
             assert_ne!(config, Config::default(), "{}", d.key);
