@@ -507,8 +507,12 @@ impl Broker {
             // A persistent session (or one that was, resumed with expiry 0 for this connection)
             // is recorded, with its will, before CONNACK.
             if expiry_secs > 0 || session.is_durable() {
-                // Claimed here: this node owns the session (its subscriptions are local).
-                self.remote.clear(client_id);
+                // A clean start ends the stored session, and with it its subscriptions. Otherwise
+                // they stay remote until the session is loaded here (`finish_attach`): until
+                // then publishes here must still be stored for it.
+                if clean_start {
+                    self.remote.clear(client_id);
+                }
                 session.set_durable(true);
                 changes.push(StateChange::SessionOpened {
                     client_id: client_id.clone(),
@@ -882,7 +886,7 @@ impl Broker {
         }
         let mut stored: Option<(MessageId, Vec<StoredTarget>)> = None;
         let mut offered = match scope {
-            Scope::Origin => self.store_for_remote(message, &mut stored),
+            Scope::Origin => self.store_for_remote(message, &targets, &mut stored),
             Scope::Forwarded { .. } => 0,
         };
         if targets.is_empty() {
@@ -1197,6 +1201,7 @@ impl Broker {
     fn store_for_remote(
         &self,
         message: &Arc<Message>,
+        local: &[(Arc<Session>, SubEntry, bool)],
         stored: &mut Option<(MessageId, Vec<StoredTarget>)>,
     ) -> usize {
         if message.qos == QoS::AtMostOnce || self.remote.index.is_empty() {
@@ -1231,8 +1236,11 @@ impl Broker {
                 j += 1;
             }
             let qos = qos.min(message.qos);
-            // A session that (also) lives here is served by the local index.
-            if qos != QoS::AtMostOnce && !self.owns(client_id) {
+            // A session this pass already serves through the local index is not stored twice
+            // (a session being loaded here is in neither index for a moment: its remote
+            // entries stay until the load, see `finish_attach`).
+            let served_here = local.iter().any(|(s, _, _)| s.client_id() == client_id);
+            if qos != QoS::AtMostOnce && !served_here {
                 let (_, targets) =
                     stored.get_or_insert_with(|| (self.durability.next_message_id(), Vec::new()));
                 targets.push(StoredTarget {
@@ -1550,8 +1558,32 @@ impl Broker {
         st.replicated_upto = upto;
         // The connection's own will and expiry stay as its CONNECT set them.
         self.restore_locked(session, &mut st, image);
+        // Its subscriptions are local from now on (removed from the remote index only once
+        // they are in the local one, so no publish in between finds neither).
+        self.remote.clear(session.client_id());
         Session::notify(&mut st);
         true
+    }
+
+    /// Undoes an attachment whose claim could not commit, for a session that was not in memory
+    /// before it ([`Attached::load_after_commit`]): the empty session created for it is
+    /// dropped, so a later connection here loads the stored session instead of resuming an
+    /// empty one. Instead of detaching the connection: nothing is recorded.
+    pub fn abandon_attach(&self, session: &Arc<Session>, epoch: u64) {
+        let mut registry = self.sessions.lock();
+        let mut st = session.state.lock();
+        if st.epoch != epoch {
+            return;
+        }
+        if st.online {
+            self.stats.sessions_online.fetch_sub(1, Relaxed);
+            session.set_online(&mut st, false);
+        }
+        st.will = None;
+        self.discard_locked(session, &mut st);
+        session.set_durable(false);
+        drop(st);
+        self.remove_from_registry(&mut registry, session);
     }
 
     /// Mirrors changes that another node committed (the applied-change feed of a cluster, in

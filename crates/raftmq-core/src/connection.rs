@@ -307,6 +307,12 @@ impl Connection {
                     let connack = matches!(head.packet, Packet::ConnAck(_));
                     self.pending.clear();
                     if connack {
+                        if std::mem::take(&mut self.load_after_connack)
+                            && let Some(att) = self.attachment.take()
+                        {
+                            // A session made up for this attachment: nothing to record.
+                            self.broker.abandon_attach(&att.session, att.epoch);
+                        }
                         self.detach(DetachKind::Normal, now);
                         return self.refuse_connect(ReasonCode::SERVER_UNAVAILABLE, now);
                     }

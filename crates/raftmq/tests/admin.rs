@@ -487,6 +487,22 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
         );
         publisher.send(&Packet::Publish(p)).await;
     }
+    // Start draining once the broker has routed at least one of them (so some are in flight);
+    // the subscriber's first delivery shows it.
+    let mut received = BTreeSet::new();
+    match sub.recv().await {
+        Some(Packet::Publish(p)) => {
+            if let Some(id) = p.packet_id {
+                sub.send(&Packet::PubAck(PubResponse::success(id))).await;
+            }
+            let n: u32 = std::str::from_utf8(&p.payload)
+                .ok()
+                .and_then(|s| s.strip_prefix("msg-")?.parse().ok())
+                .expect("msg-N");
+            received.insert(n);
+        }
+        other => panic!("subscriber got {other:?}"),
+    }
     let (code, status) = http_call(node.http, "POST", "/api/v1/drain", None, None).await;
     assert_eq!((code, &status["draining"]), (200, &json!(true)), "{status}");
 
@@ -507,7 +523,6 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
         }
     }
     // The v5 subscriber gets its deliveries and then 0x8B; the v3 client is just closed.
-    let mut received = BTreeSet::new();
     loop {
         match sub.recv().await {
             Some(Packet::Publish(p)) => {

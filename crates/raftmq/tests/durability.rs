@@ -703,6 +703,11 @@ async fn messages_for_a_session_on_another_node_survive_that_node() {
 /// Receives PUBLISHes (acknowledging QoS 1) until `n` arrived or nothing came for 3 s; returns
 /// the numbers in arrival order (duplicates included).
 async fn collect(sub: &mut RawClient, n: usize) -> Vec<u32> {
+    collect_in(sub, n, 0..u32::MAX).await
+}
+
+/// [`collect`], counting only numbers in `range` (others, e.g. leftover probes, are skipped).
+async fn collect_in(sub: &mut RawClient, n: usize, range: std::ops::Range<u32>) -> Vec<u32> {
     let mut got = Vec::new();
     while got.len() < n {
         match sub.recv_within(Duration::from_secs(3)).await {
@@ -712,7 +717,8 @@ async fn collect(sub: &mut RawClient, n: usize) -> Vec<u32> {
                 }
                 if let Some(k) = std::str::from_utf8(&p.payload)
                     .ok()
-                    .and_then(|s| s.strip_prefix("msg-")?.parse().ok())
+                    .and_then(|s| s.strip_prefix("msg-")?.parse::<u32>().ok())
+                    .filter(|k| range.contains(k))
                 {
                     got.push(k);
                 }
@@ -791,16 +797,16 @@ async fn messages_published_on_one_node_reach_subscribers_on_the_others() {
         }
         assert!(Instant::now() < deadline, "routes never reached node A");
     }
-    // The persistent subscriber got the probe too (through the replicated log).
+    // The persistent subscriber got the probes too (through the replicated log).
     assert_eq!(collect(&mut durable, 1).await, [0]);
 
     publish_qos0(a, "live/q0/x", 1..51).await;
     publish_each(a, "live/q1/x", 51..101, false).await;
     let expected: Vec<u32> = (1..101).collect();
-    let mut got = collect(&mut clean, 100).await;
+    let mut got = collect_in(&mut clean, 100, 1..101).await;
     got.sort_unstable();
     assert_eq!(got, expected, "clean subscriber on B");
-    let mut got = collect(&mut durable, 100).await;
+    let mut got = collect_in(&mut durable, 100, 1..101).await;
     got.sort_unstable();
     assert_eq!(
         got, expected,
@@ -823,6 +829,273 @@ async fn messages_published_on_one_node_reach_subscribers_on_the_others() {
         "cross-node: 100 of 100 to B (clean and persistent); shared 40 = {} on B + {} on C",
         from_b.len(),
         from_c.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chaos: kill -9 and restart nodes (the leader, the subscribers' nodes) under a steady durable
+// QoS 1 load, clients reconnecting to surviving nodes. Bounded: RAFTMQ_CHAOS_SECONDS (default
+// 40) of chaos, then every acknowledged message must reach every persistent subscriber.
+// ---------------------------------------------------------------------------------------------
+
+/// Connects with a v5 CONNECT; `None` if the node is down or refuses (no quorum yet).
+async fn chaos_connect(
+    addr: SocketAddr,
+    id: &str,
+    clean_start: bool,
+    expiry: u32,
+) -> Option<RawClient> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let _ = stream.set_nodelay(true);
+    let mut c = RawClient::over(stream, ProtocolVersion::V5);
+    c.try_send(&connect_packet(id, clean_start, expiry))
+        .await
+        .ok()?;
+    match c.recv_within(Duration::from_secs(8)).await {
+        Ok(Some(Packet::ConnAck(ack))) if ack.reason_code == ReasonCode::SUCCESS => Some(c),
+        _ => None,
+    }
+}
+
+#[derive(Default)]
+struct ChaosState {
+    acked: BTreeSet<u32>,
+    received: BTreeMap<String, Vec<u32>>,
+    /// Index of the node each subscriber is connected to (usize::MAX: none).
+    sub_node: BTreeMap<String, usize>,
+    publish_reconnects: u32,
+    subscriber_reconnects: u32,
+}
+
+type Shared = std::sync::Arc<std::sync::Mutex<ChaosState>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, ChaosState> {
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Publishes msg-0, msg-1, ... (QoS 1, one at a time) until `stop`, moving to the next node
+/// whenever a publish is not acknowledged; an unacknowledged number is retried.
+async fn chaos_publisher(
+    addrs: Vec<SocketAddr>,
+    state: Shared,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut n = 0u32;
+    let mut node = 0usize;
+    'outer: while !stop.load(Ordering::Relaxed) {
+        let Some(mut c) = chaos_connect(addrs[node], "pub-chaos", true, 0).await else {
+            node = (node + 1) % addrs.len();
+            lock(&state).publish_reconnects += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let sent = c
+                .try_send(&publish("chaos/load", 1, format!("msg-{n}"), false))
+                .await;
+            let acked = sent.is_ok()
+                && matches!(
+                    c.recv_within(Duration::from_secs(6)).await,
+                    Ok(Some(Packet::PubAck(a))) if a.reason_code.is_success()
+                );
+            if !acked {
+                node = (node + 1) % addrs.len();
+                lock(&state).publish_reconnects += 1;
+                continue 'outer;
+            }
+            lock(&state).acked.insert(n);
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// A persistent subscriber: reconnects (clean start off) to the next node whenever its
+/// connection ends, records what it receives, acknowledges everything.
+async fn chaos_subscriber(
+    id: String,
+    addrs: Vec<SocketAddr>,
+    first: usize,
+    state: Shared,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut node = first;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(mut c) = chaos_connect(addrs[node], &id, false, 3600).await else {
+            node = (node + 1) % addrs.len();
+            lock(&state).subscriber_reconnects += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        lock(&state).sub_node.insert(id.clone(), node);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match c.recv_within(Duration::from_millis(500)).await {
+                Ok(Some(Packet::Publish(p))) => {
+                    if let Some(pid) = p.packet_id
+                        && c.try_send(&Packet::PubAck(PubResponse::success(pid)))
+                            .await
+                            .is_err()
+                    {
+                        break;
+                    }
+                    if let Some(k) = std::str::from_utf8(&p.payload)
+                        .ok()
+                        .and_then(|s| s.strip_prefix("msg-")?.parse().ok())
+                    {
+                        lock(&state).received.entry(id.clone()).or_default().push(k);
+                    }
+                }
+                Ok(Some(_)) | Err(()) => {}
+                Ok(None) => break,
+            }
+        }
+        lock(&state).sub_node.insert(id.clone(), usize::MAX);
+        lock(&state).subscriber_reconnects += 1;
+        node = (node + 1) % addrs.len();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothing_acknowledged() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let chaos_secs: u64 = std::env::var("RAFTMQ_CHAOS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (specs, mut nodes, _leader) = start_cluster(dir.path()).await;
+    let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
+    let addrs: Vec<SocketAddr> = specs.iter().map(NodeSpec::mqtt_addr).collect();
+    let subs = ["chaos-sub-1", "chaos-sub-2"];
+
+    // Persistent sessions with their subscriptions, on nodes 2 and 3.
+    for (i, id) in subs.iter().enumerate() {
+        let (mut c, _) = connected(addrs[i + 1], id, true).await;
+        subscribe(&mut c, "chaos/#").await;
+        c.send(&Packet::Disconnect(Default::default())).await;
+    }
+    wait_converged(&ports, 3).await;
+
+    let state: Shared = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for (i, id) in subs.iter().enumerate() {
+        tasks.push(tokio::spawn(chaos_subscriber(
+            id.to_string(),
+            addrs.clone(),
+            i + 1,
+            state.clone(),
+            stop.clone(),
+        )));
+    }
+    let stop_pub = Arc::new(AtomicBool::new(false));
+    let publisher = tokio::spawn(chaos_publisher(
+        addrs.clone(),
+        state.clone(),
+        stop_pub.clone(),
+    ));
+
+    // The schedule: every round kill -9 a node (alternately the leader and a subscriber's
+    // node), keep it down a few seconds, restart it, let the cluster settle.
+    let end = Instant::now() + Duration::from_secs(chaos_secs);
+    let mut round = 0usize;
+    let mut kills = Vec::new();
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let leader = cluster_status(ports[0])
+            .await
+            .or(cluster_status(ports[1]).await)
+            .or(cluster_status(ports[2]).await)
+            .and_then(|v| v["leader"].as_u64());
+        let victim = if round.is_multiple_of(2) {
+            leader.and_then(|l| specs.iter().position(|s| s.id == l))
+        } else {
+            let sub = subs[(round / 2) % subs.len()];
+            lock(&state)
+                .sub_node
+                .get(sub)
+                .copied()
+                .filter(|n| *n < specs.len())
+        }
+        .unwrap_or(round % specs.len());
+        let what = if round.is_multiple_of(2) {
+            "leader"
+        } else {
+            "subscriber's node"
+        };
+        if let Some(n) = nodes[victim].take() {
+            n.kill9();
+            kills.push(format!("{what} {}", specs[victim].id));
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        nodes[victim] = Some(Node::spawn(&specs[victim]));
+        wait_converged(&ports, 3).await;
+        round += 1;
+    }
+
+    // Let the publisher finish its current message, then give subscribers time to drain.
+    stop_pub.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(15), publisher).await;
+    let acked = lock(&state).acked.clone();
+    assert!(
+        acked.len() > 50,
+        "the load barely ran: {} acknowledged",
+        acked.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing: Vec<(String, usize)> = {
+            let st = lock(&state);
+            subs.iter()
+                .map(|id| {
+                    let got: BTreeSet<u32> = st
+                        .received
+                        .get(*id)
+                        .map(|v| v.iter().copied().collect())
+                        .unwrap_or_default();
+                    (id.to_string(), acked.difference(&got).count())
+                })
+                .filter(|(_, m)| *m > 0)
+                .collect()
+        };
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acknowledged messages never delivered: {missing:?} (of {} acknowledged; kills: {kills:?})",
+            acked.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    let st = lock(&state);
+    for id in subs {
+        let got = &st.received[id];
+        let distinct: BTreeSet<u32> = got.iter().copied().collect();
+        println!(
+            "chaos {id}: {} acknowledged, {} received ({} distinct, {} duplicates), 0 missing",
+            acked.len(),
+            got.len(),
+            distinct.len(),
+            got.len() - distinct.len()
+        );
+    }
+    println!(
+        "chaos: {} rounds in {chaos_secs}s ({kills:?}); publisher reconnects {}, subscriber reconnects {}",
+        round, st.publish_reconnects, st.subscriber_reconnects
     );
 }
 
