@@ -212,6 +212,7 @@ refused=(
     "listeners.mqtts.enabled=true|listeners.mqtts.enabled needs tls.enabled"
     "listeners.wss.enabled=true|listeners.wss.enabled needs tls.enabled"
     "tls.enabled=true|tls.enabled needs tls.secretName"
+    "cluster.tls.enabled=true|cluster.tls.enabled needs cluster.tls.secretName"
     "auth.passwordFile.enabled=true|auth.passwordFile.enabled needs auth.passwordFile.secretName"
     "nodeId.fromOrdinal=false|only valid with replicaCount=1"
     "listeners.mqtt.enabled=false|enable at least one of"

@@ -9,7 +9,7 @@
 //! acknowledgement and the client retries later.
 
 use crate::convert::{ProposalContext, WallClock, encode_batch_with};
-use crate::network::{Faults, cluster_client, pass};
+use crate::network::{ClusterTls, Faults, cluster_client, pass};
 use crate::state_machine::StateMachine;
 use crate::types::{NodeId, Raft, Request};
 use metrics::{counter, histogram};
@@ -63,16 +63,18 @@ fn id_base(node_id: NodeId) -> u64 {
 impl RaftDurability {
     /// Starts the batcher on the current tokio runtime. `reader` reads the local state machine
     /// (for [`Durability::recover`]); `clock` maps `Instant`s to wall-clock time in commands.
-    /// `faults` applies to proposals forwarded to the leader (tests; `None` in production).
+    /// `faults` applies to proposals forwarded to the leader (tests; `None` in production);
+    /// `tls` secures the connection to the leader.
     pub fn start(
         raft: Raft,
         node_id: NodeId,
         reader: StateMachine,
         clock: WallClock,
         faults: Faults,
+        tls: Option<ClusterTls>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batcher(raft, node_id, rx, clock.clone(), faults));
+        tokio::spawn(batcher(raft, node_id, rx, clock.clone(), faults, tls));
         let durability = Arc::new(RaftDurability {
             tx,
             next_id: AtomicU64::new(id_base(node_id) + 1),
@@ -99,13 +101,15 @@ impl RaftDurability {
         owners
             .into_iter()
             .filter(|(_, owner)| *owner == node)
-            .filter_map(|(client_id, _)| match self.reader.session_image(&client_id, &self.clock) {
-                Ok(found) => found.map(|(image, _, _)| image),
-                Err(e) => {
-                    error!(error = %e, client_id, "cannot read a stored session");
-                    None
-                }
-            })
+            .filter_map(
+                |(client_id, _)| match self.reader.session_image(&client_id, &self.clock) {
+                    Ok(found) => found.map(|(image, _, _)| image),
+                    Err(e) => {
+                        error!(error = %e, client_id, "cannot read a stored session");
+                        None
+                    }
+                },
+            )
             .collect()
     }
 
@@ -201,6 +205,7 @@ async fn batcher(
     mut rx: mpsc::UnboundedReceiver<Proposal>,
     clock: WallClock,
     faults: Faults,
+    tls: Option<ClusterTls>,
 ) {
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -222,7 +227,7 @@ async fn batcher(
         };
         let bytes = encode_batch_with(&changes, &clock, &ctx);
         let started = Instant::now();
-        let result = match commit(&raft, bytes, &faults).await {
+        let result = match commit(&raft, bytes, &faults, tls.as_ref()).await {
             // Read your writes: complete only once this node's state machine has the batch
             // (a follower applies it a little after the leader), so a session loaded right
             // after its claim committed reflects everything before the claim.
@@ -257,6 +262,7 @@ pub(crate) async fn commit(
     raft: &Raft,
     batch: Vec<u8>,
     faults: &Faults,
+    tls: Option<&ClusterTls>,
 ) -> Result<u64, DurabilityError> {
     let write = tokio::time::timeout(
         COMMIT_TIMEOUT,
@@ -276,7 +282,7 @@ pub(crate) async fn commit(
             if pass(faults, me, leader_id).await.is_err() {
                 return Err(DurabilityError::Unavailable);
             }
-            let result = forward(&leader.cluster_addr, batch).await;
+            let result = forward(&leader.cluster_addr, batch, tls).await;
             if pass(faults, leader_id, me).await.is_err() {
                 return Err(DurabilityError::Unavailable);
             }
@@ -293,8 +299,12 @@ pub(crate) async fn commit(
     }
 }
 
-async fn forward(leader_addr: &str, batch: Vec<u8>) -> Result<u64, DurabilityError> {
-    let Ok(mut client) = cluster_client(leader_addr) else {
+async fn forward(
+    leader_addr: &str,
+    batch: Vec<u8>,
+    tls: Option<&ClusterTls>,
+) -> Result<u64, DurabilityError> {
+    let Ok(mut client) = cluster_client(leader_addr, tls) else {
         return Err(DurabilityError::Unavailable);
     };
     let mut req = tonic::Request::new(raftmq_proto::raft::ProposeRequest {

@@ -12,7 +12,7 @@
 //! reached has its queue capped and the excess dropped and counted.
 
 use crate::convert::{WallClock, message_from_proto, message_to_proto};
-use crate::network::{MAX_MESSAGE_BYTES, channel};
+use crate::network::{ClusterTls, MAX_MESSAGE_BYTES, channel};
 use crate::types::{NodeId, Raft};
 use metrics::counter;
 use parking_lot::Mutex;
@@ -55,6 +55,7 @@ struct Outgoing {
 /// The sending side: one queue and one stream task per peer.
 pub struct ForwardHub {
     node_id: NodeId,
+    tls: Option<ClusterTls>,
     incarnation: u64,
     clock: WallClock,
     links: Mutex<HashMap<NodeId, mpsc::Sender<Outgoing>>>,
@@ -96,13 +97,16 @@ impl Forwarder for ForwardHub {
 impl ForwardHub {
     /// Starts forwarding for `broker` on node `node_id`: links to every other member of the
     /// Raft membership (checked periodically), and installs itself as the broker's forwarder.
+    /// `tls` secures the streams to peers.
     pub fn start(
         raft: Raft,
         node_id: NodeId,
         broker: Arc<Broker>,
+        tls: Option<ClusterTls>,
     ) -> (Arc<ForwardHub>, tokio::task::JoinHandle<()>) {
         let hub = Arc::new(ForwardHub {
             node_id,
+            tls,
             incarnation: incarnation(),
             clock: WallClock::now(),
             links: Mutex::new(HashMap::new()),
@@ -207,7 +211,7 @@ async fn link(
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
         first = false;
-        let Ok(ch) = channel(&addr) else {
+        let Ok(ch) = channel(&addr, hub.tls.as_ref()) else {
             continue;
         };
         let mut client = ForwardServiceClient::new(ch)

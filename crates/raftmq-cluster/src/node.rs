@@ -10,7 +10,7 @@
 use crate::convert::WallClock;
 use crate::convert::change_from_proto;
 use crate::durability::RaftDurability;
-use crate::network::{Faults, Network, cluster_client};
+use crate::network::{ClusterTls, Faults, Network, cluster_client};
 use crate::state_machine::{Applied, Feed, StateMachine};
 use crate::types::{ClusterNode, NodeId, Raft, TypeConfig};
 use openraft::{Config, ServerState, SnapshotPolicy};
@@ -39,6 +39,10 @@ pub struct NodeOptions {
     pub tuning: RaftTuning,
     /// Fault injection on this node's outgoing Raft traffic (tests only).
     pub faults: Faults,
+    /// Mutual TLS for every outgoing cluster connection (Raft, join, forwarded proposals,
+    /// membership changes, live forwarding); `None`: plain gRPC. The cluster endpoint this
+    /// node serves must be configured to match (`raftmq_server::ClusterServer::bind`).
+    pub tls: Option<ClusterTls>,
 }
 
 impl NodeOptions {
@@ -58,6 +62,7 @@ impl NodeOptions {
             data_dir,
             tuning: RaftTuning::default(),
             faults: None,
+            tls: None,
         }
     }
 }
@@ -129,6 +134,7 @@ pub struct RaftNode {
     pub durability: Arc<RaftDurability>,
     pub node_id: NodeId,
     faults: Faults,
+    tls: Option<ClusterTls>,
     feed: Feed,
     feed_task: Option<tokio::task::JoinHandle<()>>,
     forward: crate::forward::ForwardGrpc,
@@ -244,7 +250,9 @@ impl RaftNode {
         let raft = Raft::new(
             opts.node_id,
             Arc::new(raft_config(&opts.tuning)?),
-            Network::new(0, opts.node_id).with_faults(opts.faults.clone()),
+            Network::new(0, opts.node_id)
+                .with_faults(opts.faults.clone())
+                .with_tls(opts.tls.clone()),
             store.log_store::<TypeConfig>(),
             state_machine,
         )
@@ -273,6 +281,7 @@ impl RaftNode {
                     opts.node_id,
                     me,
                     seeds,
+                    opts.tls.clone(),
                 )));
             }
         }
@@ -282,6 +291,7 @@ impl RaftNode {
             reader,
             WallClock::now(),
             opts.faults.clone(),
+            opts.tls.clone(),
         );
         let metrics_task = tokio::spawn(export_metrics(raft.clone(), store.clone()));
         Ok(RaftNode {
@@ -289,6 +299,7 @@ impl RaftNode {
             durability,
             node_id: opts.node_id,
             faults: opts.faults.clone(),
+            tls: opts.tls,
             feed,
             feed_task: None,
             forward: crate::forward::ForwardGrpc::default(),
@@ -315,8 +326,13 @@ impl RaftNode {
         }
         let barrier = crate::convert::encode_batch(&[], &WallClock::now());
         loop {
-            if let Ok(index) =
-                crate::durability::commit(&self.raft, barrier.clone(), &self.faults).await
+            if let Ok(index) = crate::durability::commit(
+                &self.raft,
+                barrier.clone(),
+                &self.faults,
+                self.tls.as_ref(),
+            )
+            .await
             {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 return self
@@ -421,7 +437,8 @@ impl RaftNode {
             .map(|n| n.cluster_addr.clone())
             .ok_or(AdminError::NoLeader)?;
         for _ in 0..4 {
-            let client = cluster_client(&addr).map_err(|e| AdminError::Rpc(e.to_string()))?;
+            let client = cluster_client(&addr, self.tls.as_ref())
+                .map_err(|e| AdminError::Rpc(e.to_string()))?;
             let call = tokio::time::timeout(ADMIN_TIMEOUT, call(client))
                 .await
                 .map_err(|_| AdminError::Timeout(ADMIN_TIMEOUT))?;
@@ -478,8 +495,12 @@ impl RaftNode {
     /// [`crate::forward`]).
     pub fn start_forwarding(&mut self, broker: Arc<Broker>) {
         self.forward.set_broker(broker.clone());
-        let (hub, task) =
-            crate::forward::ForwardHub::start(self.raft.clone(), self.node_id, broker.clone());
+        let (hub, task) = crate::forward::ForwardHub::start(
+            self.raft.clone(),
+            self.node_id,
+            broker.clone(),
+            self.tls.clone(),
+        );
         self.forward_task = Some(task);
         self.liveness_task = Some(tokio::spawn(declare_down_nodes(
             self.raft.clone(),
@@ -570,7 +591,13 @@ async fn declare_down_nodes(
 }
 
 /// Asks the seeds (or the leader they point to) to add this node, until it is a member.
-async fn join_loop(raft: Raft, node_id: NodeId, me: ClusterNode, seeds: Vec<String>) {
+async fn join_loop(
+    raft: Raft,
+    node_id: NodeId,
+    me: ClusterNode,
+    seeds: Vec<String>,
+    tls: Option<ClusterTls>,
+) {
     let mut targets = seeds.clone();
     loop {
         // Joined means voter: a learner whose promotion failed (a concurrent membership change)
@@ -587,7 +614,7 @@ async fn join_loop(raft: Raft, node_id: NodeId, me: ClusterNode, seeds: Vec<Stri
             return;
         }
         for addr in std::mem::take(&mut targets) {
-            let Ok(mut client) = cluster_client(&addr) else {
+            let Ok(mut client) = cluster_client(&addr, tls.as_ref()) else {
                 continue;
             };
             let req = raftmq_proto::raft::JoinRequest {

@@ -234,9 +234,13 @@ impl Cluster {
         opts.tuning = tuning;
         opts.faults = Some(self.net.clone());
         let raft = RaftNode::start(opts).await.expect("node starts");
-        let server = ClusterServer::bind(addr.parse().expect("address"), routes(raft.raft.clone()))
-            .await
-            .expect("cluster port binds");
+        let server = ClusterServer::bind(
+            addr.parse().expect("address"),
+            routes(raft.raft.clone()),
+            None,
+        )
+        .await
+        .expect("cluster port binds");
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(server.run(async {
             let _ = stopped.await;

@@ -32,4 +32,4 @@ pub use config::{
 };
 pub use server::{ClusterInfo, ClusterServer, MetricsRender, Server, ServerError};
 pub use stream::WsStream;
-pub use tls::TlsError;
+pub use tls::{ClusterTlsPem, TlsError};

@@ -4,7 +4,7 @@ use crate::connection::ConnOptions;
 use crate::drain::Drain;
 use crate::limits::{Admission, Decision, Rejection};
 use crate::stream::Rewind;
-use crate::tls::{TlsError, TlsState};
+use crate::tls::{ClusterTlsPem, TlsError, TlsState};
 use crate::{
     ClusterAdmin, DrainConfig, HttpConfig, LimitsConfig, ListenerKind, ListenersConfig, TlsConfig,
     connection, http, metrics, proxy, ws,
@@ -52,17 +52,31 @@ pub struct ClusterInfo {
 
 /// The cluster gRPC endpoint (Raft, forwarded proposals, join). It runs on its own, from
 /// before the broker is ready: a joining node must answer its peers while it catches up.
+/// With TLS it serves only TLS, and only to peers whose certificate chains to the cluster CA.
 pub struct ClusterServer {
     listener: TcpListener,
     routes: tonic::service::Routes,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl ClusterServer {
-    /// Binds `addr` for `routes` (the services from `raftmq-cluster`).
+    /// Binds `addr` for `routes` (the services from `raftmq-cluster`), serving mutual TLS with
+    /// `tls` when given.
     pub async fn bind(
         addr: SocketAddr,
         routes: tonic::service::Routes,
+        tls: Option<&ClusterTlsPem>,
     ) -> Result<Self, ServerError> {
+        let tls = tls.map(ClusterTlsPem::server_config);
+        if let Some(tls) = &tls {
+            // Fails here rather than when serving.
+            tonic::transport::Server::builder()
+                .tls_config(tls.clone())
+                .map_err(|e| TlsError::Invalid {
+                    key: "cluster.tls_cert_file",
+                    problem: e.to_string(),
+                })?;
+        }
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind {
@@ -70,7 +84,11 @@ impl ClusterServer {
                 addr,
                 source,
             })?;
-        Ok(ClusterServer { listener, routes })
+        Ok(ClusterServer {
+            listener,
+            routes,
+            tls,
+        })
     }
 
     /// The bound address.
@@ -82,7 +100,17 @@ impl ClusterServer {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let incoming =
             tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        if let Err(e) = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "cluster gRPC server: TLS configuration refused");
+                    return;
+                }
+            };
+        }
+        if let Err(e) = builder
             .add_routes(self.routes)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await

@@ -1,6 +1,7 @@
 //! TLS for the `tls` and `wss` listeners: server certificates from PEM files, optional or
 //! required client certificates verified against a CA bundle, reload without restart, and the
-//! identity of a verified client certificate for authentication.
+//! identity of a verified client certificate for authentication. Also loads the certificates
+//! of mutual TLS on the cluster port ([`ClusterTlsPem`]).
 
 use crate::config::{CertIdentitySource, ClientAuth, TlsConfig, TlsVersion};
 use crate::metrics::TLS_RELOADS_TOTAL;
@@ -65,8 +66,7 @@ fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let key = "tls.key_file";
+fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(key, path)?;
     rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|e| TlsError::Invalid {
@@ -91,7 +91,7 @@ fn build(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
         problem: "required when listeners.tls or listeners.wss is set".into(),
     })?;
     let chain = certs("tls.cert_file", cert_file)?;
-    let key = private_key(key_file)?;
+    let key = private_key("tls.key_file", key_file)?;
     let provider: Arc<CryptoProvider> = Arc::new(ring::default_provider());
     let versions: &[&'static rustls::SupportedProtocolVersion] = match settings.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -136,6 +136,80 @@ fn build(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
             key: "tls.key_file",
             problem: format!("does not match tls.cert_file: {e}"),
         })
+}
+
+/// The PEM files of mutual TLS on the cluster port, read and checked: this node's certificate
+/// chain and key, and the CA certificates every peer's certificate must chain to.
+#[derive(Clone)]
+pub struct ClusterTlsPem {
+    /// Certificate chain, leaf first.
+    pub cert: Vec<u8>,
+    /// Private key of the leaf certificate.
+    pub key: Vec<u8>,
+    /// CA certificates.
+    pub ca: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClusterTlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterTlsPem").finish_non_exhaustive()
+    }
+}
+
+/// How long a peer gets to finish the TLS handshake on the cluster port.
+const CLUSTER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ClusterTlsPem {
+    /// Reads `cluster.tls_cert_file`, `cluster.tls_key_file` and `cluster.tls_ca_file` and
+    /// checks them as the MQTT listener's files are checked (PEM of the right kind, key
+    /// matching the certificate, usable CA certificates); errors name the key at fault.
+    pub fn load(cert_file: &Path, key_file: &Path, ca_file: &Path) -> Result<Self, TlsError> {
+        let chain = certs("cluster.tls_cert_file", cert_file)?;
+        let key = private_key("cluster.tls_key_file", key_file)?;
+        let mut roots = RootCertStore::empty();
+        for ca in certs("cluster.tls_ca_file", ca_file)? {
+            roots.add(ca).map_err(|e| TlsError::Invalid {
+                key: "cluster.tls_ca_file",
+                problem: format!("{}: {e}", ca_file.display()),
+            })?;
+        }
+        let provider: Arc<CryptoProvider> = Arc::new(ring::default_provider());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Invalid {
+                    key: "cluster.tls_ca_file",
+                    problem: e.to_string(),
+                })?;
+        ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Invalid {
+                key: "cluster.tls_cert_file",
+                problem: e.to_string(),
+            })?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError::Invalid {
+                key: "cluster.tls_key_file",
+                problem: format!("does not match cluster.tls_cert_file: {e}"),
+            })?;
+        Ok(ClusterTlsPem {
+            cert: read("cluster.tls_cert_file", cert_file)?,
+            key: read("cluster.tls_key_file", key_file)?,
+            ca: read("cluster.tls_ca_file", ca_file)?,
+        })
+    }
+
+    /// The cluster endpoint's TLS: this node's certificate, and a client certificate that
+    /// chains to the CA required of every peer.
+    pub(crate) fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(Certificate::from_pem(&self.ca))
+            .client_auth_optional(false)
+            .timeout(CLUSTER_HANDSHAKE_TIMEOUT)
+    }
 }
 
 /// What identifies a version of a file: modification time and size.

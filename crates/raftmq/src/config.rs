@@ -101,6 +101,25 @@ pub struct ClusterConfig {
     pub advertise_addr: Option<String>,
     /// `host:port` of nodes to contact when joining; empty for a single node.
     pub seeds: Vec<String>,
+    /// This node's certificate chain (PEM) for mutual TLS between nodes; with `tls_key_file`
+    /// and `tls_ca_file` it turns mTLS on for all cluster traffic.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of `tls_cert_file` (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) every node's certificate must chain to.
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    /// The certificate, key and CA files when cluster mTLS is configured (all three are set;
+    /// [`ClusterConfig::validate`] reports a partial configuration).
+    pub fn tls_files(&self) -> Option<(&Path, &Path, &Path)> {
+        Some((
+            self.tls_cert_file.as_deref()?,
+            self.tls_key_file.as_deref()?,
+            self.tls_ca_file.as_deref()?,
+        ))
+    }
 }
 
 impl Default for ClusterConfig {
@@ -109,6 +128,9 @@ impl Default for ClusterConfig {
             addr: SocketAddr::from(([0, 0, 0, 0], 7946)),
             advertise_addr: None,
             seeds: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -558,6 +580,32 @@ impl ClusterConfig {
                 out.push(problem(format!("{prefix}seeds"), e));
             }
         }
+        let files = [
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+            ("tls_ca_file", &self.tls_ca_file),
+        ];
+        let given: Vec<&str> = files
+            .iter()
+            .filter(|(_, f)| f.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for (key, file) in files {
+            match file {
+                Some(f) if f.as_os_str().is_empty() => {
+                    out.push(problem(format!("{prefix}{key}"), "must not be empty"));
+                }
+                None if !given.is_empty() => out.push(problem(
+                    format!("{prefix}{key}"),
+                    format!(
+                        "required when {prefix}{} is set: cluster mTLS needs tls_cert_file, \
+                         tls_key_file and tls_ca_file",
+                        given[0]
+                    ),
+                )),
+                _ => {}
+            }
+        }
         out
     }
 }
@@ -874,6 +922,43 @@ mod tests {
             "{}",
             p[2]
         );
+    }
+
+    #[test]
+    fn partial_cluster_tls_names_the_missing_keys() {
+        let p = problems("[cluster]\ntls_cert_file = \"node.crt\"");
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(
+            p[0].starts_with("cluster.tls_key_file: required when cluster.tls_cert_file is set"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[1].starts_with("cluster.tls_ca_file: required"),
+            "{}",
+            p[1]
+        );
+        let p = problems("[cluster]\ntls_key_file = \"k\"\ntls_ca_file = \"\"");
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(
+            p[0].starts_with("cluster.tls_cert_file: required"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[1].starts_with("cluster.tls_ca_file: must not be empty"),
+            "{}",
+            p[1]
+        );
+        let c = check_file(
+            "[cluster]\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\ntls_ca_file = \"ca\"",
+        )
+        .expect("complete cluster TLS");
+        assert_eq!(
+            c.cluster.tls_files(),
+            Some((Path::new("c"), Path::new("k"), Path::new("ca")))
+        );
+        assert_eq!(Config::default().cluster.tls_files(), None);
     }
 
     #[test]

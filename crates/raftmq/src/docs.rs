@@ -211,6 +211,27 @@ pub const KEYS: &[KeyDoc] = &[
         "cluster.seeds",
         "\"host:port\" of nodes to contact when joining a cluster; empty for a single node.",
     ),
+    optional(
+        "cluster.tls_cert_file",
+        "PEM file with this node's certificate chain, leaf first, for mutual TLS between nodes. \
+         Setting it, tls_key_file and tls_ca_file (all three or none) makes the cluster port \
+         serve only TLS to peers with a certificate from tls_ca_file, and every connection to a \
+         peer present this certificate and verify the peer's. The certificate must name, as a \
+         DNS or IP subject alternative name, the host of this node's advertise_addr (peers check \
+         it) and is used as both server and client certificate. Unset: plain gRPC, no \
+         authentication. Not reloaded: restart to rotate.",
+        "\"/etc/raftmq/cluster-tls/tls.crt\"",
+    ),
+    optional(
+        "cluster.tls_key_file",
+        "PEM file with the private key of cluster.tls_cert_file (PKCS#8, PKCS#1 or SEC1).",
+        "\"/etc/raftmq/cluster-tls/tls.key\"",
+    ),
+    optional(
+        "cluster.tls_ca_file",
+        "PEM file with the CA certificates every node's cluster certificate must chain to.",
+        "\"/etc/raftmq/cluster-tls/ca.crt\"",
+    ),
     key("mqtt", "MQTT protocol and session settings."),
     key(
         "mqtt.max_packet_size",
@@ -592,6 +613,13 @@ mod tests {
         );
     }
 
+    /// Optional keys that are only valid all together (each group within one section).
+    const SET_TOGETHER: &[&[&str]] = &[&[
+        "cluster.tls_cert_file",
+        "cluster.tls_key_file",
+        "cluster.tls_ca_file",
+    ]];
+
     #[test]
     fn every_documented_key_exists() {
         let mut all = Vec::new();
@@ -610,11 +638,19 @@ mod tests {
                 .example
                 .unwrap_or_else(|| panic!("{}: documented but not a key", d.key));
             let (section, name) = d.key.split_once('.').unwrap_or(("", d.key));
-            let text = if section.is_empty() {
+            let mut text = if section.is_empty() {
                 format!("{name} = {example}")
             } else {
                 format!("[{section}]\n{name} = {example}")
             };
+            // Keys valid only together get their companions (same section) too.
+            for group in SET_TOGETHER.iter().filter(|g| g.contains(&d.key)) {
+                for other in group.iter().filter(|k| **k != d.key) {
+                    let (_, other_name) = other.split_once('.').expect("a section key");
+                    let other_example = doc(other).and_then(|o| o.example).expect("example");
+                    text.push_str(&format!("\n{other_name} = {other_example}"));
+                }
+            }
             let table: Table = text.parse().expect("example is TOML");
             let config = Config::check(&table).unwrap_or_else(|p| panic!("{}: {p:?}", d.key));
             assert_ne!(config, Config::default(), "{}", d.key);
@@ -661,7 +697,12 @@ mod tests {
     fn optional_keys_are_listed_under_their_section() {
         assert_eq!(
             optional_keys_under("cluster.").collect::<Vec<_>>(),
-            ["advertise_addr"]
+            [
+                "advertise_addr",
+                "tls_cert_file",
+                "tls_key_file",
+                "tls_ca_file"
+            ]
         );
         assert_eq!(optional_keys_under("").count(), 0);
         assert!(is_optional_key("cluster.advertise_addr"));

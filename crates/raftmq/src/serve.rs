@@ -4,11 +4,13 @@
 use crate::config::Config;
 use crate::telemetry;
 use anyhow::Context as _;
+use raftmq_cluster::network::ClusterTls;
 use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
 use raftmq_server::auth::Auth;
 use raftmq_server::{
-    AdminFuture, ClusterAdmin, ClusterAdminError, ClusterInfo, ClusterServer, ListenerKind, Server,
+    AdminFuture, ClusterAdmin, ClusterAdminError, ClusterInfo, ClusterServer, ClusterTlsPem,
+    ListenerKind, Server,
 };
 use std::future::Future;
 use std::net::SocketAddr;
@@ -50,8 +52,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let auth_watch = tokio::spawn(auth.clone().watch());
     let sighup = reload_on_sighup(auth.clone())?;
 
+    // Mutual TLS between nodes, when configured: checked before anything listens.
+    let cluster_tls = match config.cluster.tls_files() {
+        Some((cert, key, ca)) => Some(
+            ClusterTlsPem::load(cert, key, ca).context("loading the cluster TLS certificates")?,
+        ),
+        None => None,
+    };
+    info!(mtls = cluster_tls.is_some(), "cluster transport configured");
+
     // Durable state: a Raft group (of one node unless seeds are given) over RocksDB in data_dir.
-    let mut node = RaftNode::start(NodeOptions::new(
+    let mut node_options = NodeOptions::new(
         config.node_id,
         advertise_addr(&config),
         config
@@ -61,13 +72,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .unwrap_or_default(),
         config.cluster.seeds.clone(),
         config.data_dir.clone(),
-    ))
-    .await
-    .with_context(|| format!("starting the raft node in {}", config.data_dir.display()))?;
-    // Peers must reach this node while it joins and catches up: serve the cluster endpoint first.
-    let cluster_server = ClusterServer::bind(config.cluster.addr, node.grpc_routes())
+    );
+    node_options.tls = cluster_tls
+        .as_ref()
+        .map(|p| ClusterTls::from_pem(&p.cert, &p.key, &p.ca));
+    let mut node = RaftNode::start(node_options)
         .await
-        .context("starting the cluster listener")?;
+        .with_context(|| format!("starting the raft node in {}", config.data_dir.display()))?;
+    // Peers must reach this node while it joins and catches up: serve the cluster endpoint first.
+    let cluster_server = ClusterServer::bind(
+        config.cluster.addr,
+        node.grpc_routes(),
+        cluster_tls.as_ref(),
+    )
+    .await
+    .context("starting the cluster listener")?;
     if let Some(addr) = cluster_server.local_addr() {
         info!("cluster listening on {addr}");
     }

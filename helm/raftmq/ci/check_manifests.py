@@ -432,6 +432,11 @@ def check_default(docs, p: Problems) -> None:
     p.check(kinds == ["ConfigMap", "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"], "render", f"unexpected kinds {kinds}")
 
 
+def mounts_ro(c, name: str, path: str) -> bool:
+    """Whether container `c` mounts volume `name` read-only at `path`."""
+    return any(m["name"] == name and m["mountPath"] == path and m.get("readOnly") is True for m in c["volumeMounts"])
+
+
 def check_all_features(docs, p: Problems) -> None:
     check_common_facts(docs, p, replicas=5)
     sts = one(docs, "StatefulSet", p)
@@ -446,6 +451,8 @@ def check_all_features(docs, p: Problems) -> None:
     secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
     p.check(secrets.get("tls", {}).get("secretName") == "raftmq-tls", w, "TLS Secret not mounted")
     p.check(secrets.get("auth", {}).get("secretName") == "raftmq-passwords", w, "password Secret not mounted")
+    p.check(secrets.get("cluster-tls", {}).get("secretName") == "raftmq-cluster-tls", w, "cluster TLS Secret not mounted")
+    p.check(mounts_ro(c, "cluster-tls", "/etc/raftmq/cluster-tls"), w, "cluster TLS Secret mount must be read-only at /etc/raftmq/cluster-tls")
     for s in secrets.values():
         p.check(s.get("defaultMode") == 0o440, w, "Secrets must be mounted 0440")
     mounts = {m["name"]: m for m in c["volumeMounts"]}
@@ -483,6 +490,9 @@ def check_all_features(docs, p: Problems) -> None:
         p.check(cfg["mqtt"].get("max_inflight") == 64 and isinstance(cfg["mqtt"]["max_inflight"], int), kn(cm), "integers must stay integers in TOML")
         p.check(cfg["listeners"].get("ws_path") == "/mqtt", kn(cm), "ws_path")
         p.check(cfg["cluster"]["addr"] == "[::]:7946", kn(cm), "bindAddress not applied")
+        want_cluster_tls = {k: f"/etc/raftmq/cluster-tls/{f}" for k, f in (("tls_cert_file", "tls.crt"), ("tls_key_file", "tls.key"), ("tls_ca_file", "ca.crt"))}
+        got_cluster_tls = {k: v for k, v in cfg["cluster"].items() if k.startswith("tls_")}
+        p.check(got_cluster_tls == want_cluster_tls, kn(cm), f"cluster TLS keys {got_cluster_tls}")
 
 
 def check_single_ephemeral(docs, p: Problems) -> None:

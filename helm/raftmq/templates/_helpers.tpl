@@ -99,6 +99,9 @@ Checks of the values, run by every template that includes "raftmq.validate"
 {{- if and $v.tls.enabled (not $v.tls.secretName) -}}
 {{- fail "tls.enabled needs tls.secretName (an existing Secret with the certificate and key)" -}}
 {{- end -}}
+{{- if and $v.cluster.tls.enabled (not $v.cluster.tls.secretName) -}}
+{{- fail "cluster.tls.enabled needs cluster.tls.secretName (an existing Secret with the node certificate, key and CA)" -}}
+{{- end -}}
 {{- if and $v.auth.passwordFile.enabled (not $v.auth.passwordFile.secretName) -}}
 {{- fail "auth.passwordFile.enabled needs auth.passwordFile.secretName (an existing Secret)" -}}
 {{- end -}}
@@ -167,6 +170,11 @@ annotation hashes the configuration without it, so scaling does not restart the 
 {{- $cluster := dict "addr" (printf "%s:%d" $bind (int $v.cluster.port)) -}}
 {{- if .withSeeds -}}
 {{- $_ := set $cluster "seeds" (include "raftmq.seeds" $ | fromJsonArray) -}}
+{{- end -}}
+{{- if $v.cluster.tls.enabled -}}
+{{- $_ := set $cluster "tls_cert_file" (printf "%s/%s" $v.cluster.tls.mountPath $v.cluster.tls.certKey) -}}
+{{- $_ := set $cluster "tls_key_file" (printf "%s/%s" $v.cluster.tls.mountPath $v.cluster.tls.keyKey) -}}
+{{- $_ := set $cluster "tls_ca_file" (printf "%s/%s" $v.cluster.tls.mountPath $v.cluster.tls.caKey) -}}
 {{- end -}}
 {{- $managed := dict
       "data_dir" $v.persistence.mountPath
