@@ -317,7 +317,7 @@ wait_for "node 2 catches up with node $(leader_of)" caught_up 2 "$(leader_of)"
 wait_for "retained message written while node 2 was down, on node 2" retained_is 2 ct/retained "$retained2"
 ok "node 2 restarted from its volume: /readyz 200, 3 voters, leader node $(leader_of), caught up, serves what was written while it was down"
 
-# --- part 2: live cross-node routing (needs routing; off by default) ------------------------------
+# --- part 2: live cross-node routing (on unless RAFTMQ_COMPOSE_CROSS_NODE=0) -------------------------
 if [ "$cross_node" = 1 ]; then
     log "part 2: live cross-node delivery"
     live="ct-live-$$"

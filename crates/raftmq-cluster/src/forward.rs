@@ -16,6 +16,8 @@ use crate::network::{ClusterTls, MAX_MESSAGE_BYTES, channel};
 use crate::types::{NodeId, Raft};
 use metrics::counter;
 use parking_lot::Mutex;
+use raftmq_codec::QoS;
+use raftmq_core::durability::{Commit, CommitHandle};
 use raftmq_core::message::Message;
 use raftmq_core::{Broker, Forwarder};
 use raftmq_proto::forward as pb;
@@ -44,12 +46,21 @@ pub const FORWARD_DROPPED_TOTAL: &str = "raftmq_forward_dropped_total";
 pub const FORWARD_RECONNECTS_TOTAL: &str = "raftmq_forward_reconnects_total";
 pub const FORWARD_RECEIVED_TOTAL: &str = "raftmq_forward_received_total";
 pub const FORWARD_DUPLICATES_TOTAL: &str = "raftmq_forward_duplicates_total";
+pub const FORWARD_RESEND_OVERFLOW_TOTAL: &str = "raftmq_forward_resend_overflow_total";
 
 /// One message for a peer.
 struct Outgoing {
     message: Arc<Message>,
     plain: bool,
     shared: Vec<Arc<str>>,
+    /// Resolved when the peer acknowledges it (QoS 1/2 while the link is up).
+    ack: Option<CommitHandle>,
+}
+
+/// A message sent and not yet acknowledged (kept for a resend after a reconnect).
+struct Unacked {
+    frame: pb::Forwarded,
+    ack: Option<CommitHandle>,
 }
 
 /// The sending side: one queue and one stream task per peer.
@@ -72,14 +83,32 @@ impl std::fmt::Debug for ForwardHub {
 }
 
 impl Forwarder for ForwardHub {
-    fn forward(&self, node: u64, message: &Arc<Message>, plain: bool, shared: Vec<Arc<str>>) {
+    fn forward(
+        &self,
+        node: u64,
+        message: &Arc<Message>,
+        plain: bool,
+        shared: Vec<Arc<str>>,
+    ) -> Commit {
+        // QoS 1/2 over a working link: the publisher's acknowledgement waits for the peer's.
+        // Over a link that is down there is nobody to wait for (its subscribers' connections
+        // are gone with it, or it comes back and gets the message then): no waiting.
+        let (commit, ack) = if message.qos != QoS::AtMostOnce && self.down_for(node).is_none() {
+            let (commit, handle) = Commit::pending();
+            (commit, Some(handle))
+        } else {
+            (Commit::ready(), None)
+        };
         let sent = self.links.lock().get(&node).map(|tx| {
             tx.try_send(Outgoing {
                 message: message.clone(),
                 plain,
                 shared,
+                ack,
             })
         });
+        // A message that could not be queued drops its handle: its commit fails and the
+        // publisher is not acknowledged (it retries), so no QoS 1/2 message is lost here.
         match sent {
             Some(Ok(())) => {}
             Some(Err(_)) => {
@@ -91,6 +120,7 @@ impl Forwarder for ForwardHub {
                     .increment(1)
             }
         }
+        commit
     }
 }
 
@@ -200,7 +230,7 @@ async fn link(
     mut rx: mpsc::Receiver<Outgoing>,
     broker: Arc<Broker>,
 ) {
-    let mut unacked: VecDeque<pb::Forwarded> = VecDeque::new();
+    let mut unacked: VecDeque<Unacked> = VecDeque::new();
     let mut seq = 0u64;
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
@@ -231,7 +261,7 @@ async fn link(
         }
         for chunk in unacked
             .iter()
-            .cloned()
+            .map(|u| u.frame.clone())
             .collect::<Vec<_>>()
             .chunks(MAX_BATCH)
         {
@@ -266,29 +296,29 @@ async fn link(
                             Err(_) => break,
                         }
                     }
-                    let messages: Vec<pb::Forwarded> = batch
-                        .into_iter()
-                        .map(|o| {
-                            seq += 1;
-                            pb::Forwarded {
-                                seq,
-                                message: Some(message_to_proto(&o.message, &hub.clock)),
-                                plain: o.plain,
-                                shared: o.shared.iter().map(|s| s.to_string()).collect(),
-                            }
-                        })
-                        .collect();
+                    let mut messages = Vec::with_capacity(batch.len());
+                    for o in batch {
+                        seq += 1;
+                        let frame = pb::Forwarded {
+                            seq,
+                            message: Some(message_to_proto(&o.message, &hub.clock)),
+                            plain: o.plain,
+                            shared: o.shared.iter().map(|s| s.to_string()).collect(),
+                        };
+                        messages.push(frame.clone());
+                        unacked.push_back(Unacked { frame, ack: o.ack });
+                    }
                     counter!(FORWARDED_TOTAL, "peer" => peer.to_string())
                         .increment(messages.len() as u64);
-                    unacked.extend(messages.iter().cloned());
                     while unacked.len() > MAX_UNACKED {
-                        unacked.pop_front();
-                        counter!(
-                            FORWARD_DROPPED_TOTAL,
-                            "peer" => peer.to_string(),
-                            "reason" => "unacked_overflow"
-                        )
-                        .increment(1);
+                        // Sent, but no longer resendable after a reconnect.
+                        if let Some(u) = unacked.pop_front()
+                            && let Some(ack) = u.ack
+                        {
+                            ack.complete(Ok(()));
+                        }
+                        counter!(FORWARD_RESEND_OVERFLOW_TOTAL, "peer" => peer.to_string())
+                            .increment(1);
                     }
                     let body = pb::frame::Body::Deliveries(pb::Deliveries { messages });
                     if out.send(hub.frame(body)).await.is_err() {
@@ -297,8 +327,12 @@ async fn link(
                 }
                 ack = acks.message() => match ack {
                     Ok(Some(ack)) => {
-                        while unacked.front().is_some_and(|f| f.seq <= ack.up_to_seq) {
-                            unacked.pop_front();
+                        while unacked.front().is_some_and(|u| u.frame.seq <= ack.up_to_seq) {
+                            if let Some(u) = unacked.pop_front()
+                                && let Some(handle) = u.ack
+                            {
+                                handle.complete(Ok(()));
+                            }
                         }
                     }
                     Ok(None) | Err(_) => break,
@@ -321,6 +355,20 @@ async fn link(
             }
         }
         hub.mark(peer, false);
+        // Publishers do not wait on a broken link: what was sent is resent after a reconnect,
+        // what was still queued is dropped (counted).
+        for u in &mut unacked {
+            if let Some(ack) = u.ack.take() {
+                ack.complete(Ok(()));
+            }
+        }
+        while let Ok(o) = rx.try_recv() {
+            if let Some(ack) = o.ack {
+                ack.complete(Ok(()));
+            }
+            counter!(FORWARD_DROPPED_TOTAL, "peer" => peer.to_string(), "reason" => "link_down")
+                .increment(1);
+        }
         debug!(peer, "forwarding stream closed; reconnecting");
     }
 }

@@ -477,8 +477,11 @@ impl RaftNode {
                         broker.apply_replicated(index, &changes, std::time::Instant::now());
                     }
                     Applied::SnapshotInstalled => {
-                        // The whole state was replaced: take the retained set from it.
-                        broker.replace_retained(durability.recover().retained);
+                        // The whole state was replaced: take the retained messages and the
+                        // other nodes' persistent subscriptions from it.
+                        let recovered = durability.recover();
+                        broker.replace_retained(recovered.retained);
+                        broker.replace_remote_subscriptions(recovered.remote_subscriptions);
                     }
                 }
             }

@@ -184,8 +184,16 @@ impl RemoteSubscriptions {
 /// Must not block: implementations queue and count what they cannot take.
 pub trait Forwarder: Send + Sync + 'static {
     /// Sends `message` to node `node`, for its ordinary subscribers if `plain`, and for one
-    /// member of each shared subscription in `shared` (`$share/<group>/<filter>`).
-    fn forward(&self, node: u64, message: &Arc<Message>, plain: bool, shared: Vec<Arc<str>>);
+    /// member of each shared subscription in `shared` (`$share/<group>/<filter>`). For QoS 1/2
+    /// the returned commit resolves when the peer acknowledged it (the publisher's PUBACK waits
+    /// for it: backpressure instead of loss); it fails when the message could not be queued.
+    fn forward(
+        &self,
+        node: u64,
+        message: &Arc<Message>,
+        plain: bool,
+        shared: Vec<Arc<str>>,
+    ) -> Commit;
 }
 
 /// Where this node's subscribers are (announced to peers), and where the peers' are.
@@ -826,11 +834,19 @@ impl Broker {
             });
         }
         let mut deferred = Vec::new();
-        let offered = self.deliver(&message, &mut changes, &mut deferred, Scope::Origin);
+        let mut acks = Vec::new();
+        let offered = self.deliver(
+            &message,
+            &mut changes,
+            &mut deferred,
+            &mut acks,
+            Scope::Origin,
+        );
         let _ = now;
+        acks.push(self.propose(changes));
         Routed {
             offered,
-            commit: self.propose(changes),
+            commit: Commit::all(acks),
             deferred,
         }
     }
@@ -840,6 +856,7 @@ impl Broker {
         message: &Arc<Message>,
         changes: &mut Vec<StateChange>,
         deferred: &mut Vec<(Arc<Session>, Delivery)>,
+        acks: &mut Vec<Commit>,
         scope: Scope<'_>,
     ) -> usize {
         // (session, subscription, through a shared subscription)
@@ -884,11 +901,11 @@ impl Broker {
             }
         });
         if forwarding {
-            self.forward_to_peers(message, &local_groups);
+            self.forward_to_peers(message, &local_groups, acks);
         }
         let mut stored: Option<(MessageId, Vec<StoredTarget>)> = None;
         let mut offered = match scope {
-            Scope::Origin => self.store_for_remote(message, &targets, &mut stored),
+            Scope::Origin => self.store_for_remote(message, &targets, &mut stored, deferred),
             Scope::Forwarded { .. } => 0,
         };
         if targets.is_empty() {
@@ -1068,7 +1085,12 @@ impl Broker {
     /// Forwards `message` to the peers whose routes match its topic: every peer with ordinary
     /// subscribers, and for each shared subscription with no member here, one peer holding
     /// members (round robin).
-    fn forward_to_peers(&self, message: &Arc<Message>, local_groups: &[(String, String)]) {
+    fn forward_to_peers(
+        &self,
+        message: &Arc<Message>,
+        local_groups: &[(String, String)],
+        acks: &mut Vec<Commit>,
+    ) {
         let Some(forwarder) = self.routes.forwarder.get() else {
             return;
         };
@@ -1110,7 +1132,7 @@ impl Broker {
                 }
             });
         for (node, plain, shared) in per_node {
-            forwarder.forward(node, message, plain, shared);
+            acks.push(forwarder.forward(node, message, plain, shared));
         }
     }
 
@@ -1189,6 +1211,7 @@ impl Broker {
             &message,
             &mut changes,
             &mut deferred,
+            &mut Vec::new(),
             Scope::Forwarded { plain, shared },
         );
         // Stores for local persistent members of shared subscriptions: nobody waits on them.
@@ -1205,6 +1228,7 @@ impl Broker {
         message: &Arc<Message>,
         local: &[(Arc<Session>, SubEntry, bool)],
         stored: &mut Option<(MessageId, Vec<StoredTarget>)>,
+        deferred: &mut Vec<(Arc<Session>, Delivery)>,
     ) -> usize {
         if message.qos == QoS::AtMostOnce || self.remote.index.is_empty() {
             return 0;
@@ -1243,12 +1267,30 @@ impl Broker {
             // entries stay until the load, see `finish_attach`).
             let served_here = local.iter().any(|(s, _, _)| s.client_id() == client_id);
             if qos != QoS::AtMostOnce && !served_here {
-                let (_, targets) =
+                let (id, targets) =
                     stored.get_or_insert_with(|| (self.durability.next_message_id(), Vec::new()));
+                let retain = message.retain && retain_as_published;
+                // A session being loaded here right now: the replicated log will not queue
+                // this node's own batch for it, and its load may have been read before the
+                // commit; queue it once committed (the load skips ids already queued).
+                if let Some(session) = self.sessions.lock().get(client_id).cloned()
+                    && session.is_durable()
+                {
+                    deferred.push((
+                        session,
+                        Delivery {
+                            qos,
+                            retain,
+                            subscription_ids: ids.clone(),
+                            message: message.clone(),
+                            durable: Some(*id),
+                        },
+                    ));
+                }
                 targets.push(StoredTarget {
                     client_id: client_id.clone(),
                     qos,
-                    retain: message.retain && retain_as_published,
+                    retain,
                     subscription_ids: ids,
                 });
                 count += 1;
@@ -1661,7 +1703,11 @@ impl Broker {
                     message,
                     targets,
                 } => self.queue_replicated(index, *id, message, targets),
-                StateChange::NodeDown { node } if *node == self.node_id => {
+                StateChange::NodeDown { node } if *node != self.node_id => {
+                    // Its routes are stale until it comes back and announces them again.
+                    self.forget_peer(*node);
+                }
+                StateChange::NodeDown { .. } => {
                     // This node was declared down (it was cut off, its sessions were adopted
                     // elsewhere): it can no longer prove it owns any persistent session.
                     let durable: Vec<ByteStr> = self
@@ -1709,6 +1755,21 @@ impl Broker {
                 durable: Some(id),
             };
             session.enqueue(delivery, &self.queue_limits, &self.stats);
+        }
+    }
+
+    /// Replaces the mirrored subscriptions of sessions owned by other nodes (after the durable
+    /// state was replaced wholesale, e.g. a Raft snapshot installed on a lagging node).
+    pub fn replace_remote_subscriptions(&self, subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>) {
+        let clients: Vec<ByteStr> = self.remote.by_client.lock().keys().cloned().collect();
+        for client_id in clients {
+            self.remote.clear(&client_id);
+        }
+        for (client_id, filter, entry) in subscriptions {
+            if !self.owns(&client_id) {
+                self.remote
+                    .add(&client_id, &filter, entry, &self.topic_limits);
+            }
         }
     }
 

@@ -212,6 +212,72 @@ impl Commit {
     }
 }
 
+impl Commit {
+    /// A commit that already failed with `error`.
+    pub fn failed(error: DurabilityError) -> Commit {
+        let (commit, handle) = Commit::pending();
+        handle.complete(Err(error));
+        commit
+    }
+
+    /// Resolves when all of `parts` have: `Ok` if they all succeeded, else the first error
+    /// seen. Needs no executor: the parts' completions drive it.
+    pub fn all(parts: Vec<Commit>) -> Commit {
+        let mut parts: Vec<Commit> = parts
+            .into_iter()
+            .filter(|c| c.result() != Some(Ok(())))
+            .collect();
+        match parts.len() {
+            0 => Commit::ready(),
+            1 => parts.pop().unwrap_or_else(Commit::ready),
+            _ => {
+                let (commit, handle) = Commit::pending();
+                let joiner = Arc::new(Joiner {
+                    parts,
+                    handle: Mutex::new(Some(handle)),
+                });
+                joiner.check();
+                commit
+            }
+        }
+    }
+}
+
+/// Drives [`Commit::all`]: woken by each part's completion.
+struct Joiner {
+    parts: Vec<Commit>,
+    handle: Mutex<Option<CommitHandle>>,
+}
+
+impl Joiner {
+    fn check(self: &Arc<Self>) {
+        let waker = Waker::from(self.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut pending = false;
+        for part in &self.parts {
+            match part.poll_result(&mut cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    if let Some(h) = self.handle.lock().take() {
+                        h.complete(Err(e));
+                    }
+                    return;
+                }
+                Poll::Pending => pending = true,
+            }
+        }
+        if !pending && let Some(h) = self.handle.lock().take() {
+            h.complete(Ok(()));
+        }
+    }
+}
+
+impl std::task::Wake for Joiner {
+    fn wake(self: Arc<Self>) {
+        self.check();
+    }
+}
+
 impl Future for Commit {
     type Output = Result<(), DurabilityError>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
