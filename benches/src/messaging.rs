@@ -136,6 +136,7 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
     let pub_endpoint = ctx.endpoint_at(args.pub_addr.as_deref())?;
     let sub_endpoint = ctx.endpoint_at(args.sub_addr.as_deref())?;
     let qos = qos(args.qos);
+    const ROUTE_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
     let publishers = topology.publishers.len() as u32;
     let before = ctx.sample()?;
 
@@ -161,6 +162,12 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
             }
         })
         .await?;
+    // Across cluster nodes a subscription reaches the publishers' node asynchronously (route
+    // announcements between nodes): give it a moment so the run measures steady-state routing,
+    // not subscription propagation.
+    if args.pub_addr != args.sub_addr {
+        tokio::time::sleep(ROUTE_SETTLE).await;
+    }
     let (publisher_conns, pub_connect) = ctx
         .open_all(publishers, |i| {
             let endpoint = pub_endpoint.clone();
