@@ -93,20 +93,26 @@ impl Forwarder for ForwardHub {
         // QoS 1/2 over a working link: the publisher's acknowledgement waits for the peer's.
         // Over a link that is down there is nobody to wait for (its subscribers' connections
         // are gone with it, or it comes back and gets the message then): no waiting.
+        let links = self.links.lock();
+        let Some(tx) = links.get(&node) else {
+            // Not (yet) a member this node links to: nothing to wait for.
+            counter!(FORWARD_DROPPED_TOTAL, "peer" => node.to_string(), "reason" => "no_link")
+                .increment(1);
+            return Commit::ready();
+        };
         let (commit, ack) = if message.qos != QoS::AtMostOnce && self.down_for(node).is_none() {
             let (commit, handle) = Commit::pending();
             (commit, Some(handle))
         } else {
             (Commit::ready(), None)
         };
-        let sent = self.links.lock().get(&node).map(|tx| {
-            tx.try_send(Outgoing {
-                message: message.clone(),
-                plain,
-                shared,
-                ack,
-            })
-        });
+        let sent = Some(tx.try_send(Outgoing {
+            message: message.clone(),
+            plain,
+            shared,
+            ack,
+        }));
+        drop(links);
         // A message that could not be queued drops its handle: its commit fails and the
         // publisher is not acknowledged (it retries), so no QoS 1/2 message is lost here.
         match sent {
