@@ -11,6 +11,9 @@
 #   --keep-image   keep the image the test built (default: removed at the end)
 #
 #   RAFTMQ_COMPOSE_CROSS_NODE=0  skip part 2 (live cross-node routing; on by default).
+#   RAFTMQ_COMPOSE_PARTITION=0   skip part 3 (the leader cut off by `docker network disconnect`;
+#                  the majority elects a new leader and commits; after the heal the node catches
+#                  up and a persistent session resumed there gets what was published meanwhile).
 #   RAFTMQ_COMPOSE_TIMEOUT=SECS  bound of every wait (default 90)
 #   RAFTMQ_NOFILE=N  open-files limit of the containers (default: 65536 as in compose.yaml, or the
 #                  largest of 32768, 16384, ... the Docker daemon accepts)
@@ -47,6 +50,7 @@ binary="${RAFTMQ_BIN:-}"
 image=""
 keep_image=false
 cross_node="${RAFTMQ_COMPOSE_CROSS_NODE:-1}"
+partition="${RAFTMQ_COMPOSE_PARTITION:-1}"
 wait_secs="${RAFTMQ_COMPOSE_TIMEOUT:-90}"
 
 die() { echo "cluster-test: $*" >&2; exit 1; }
@@ -345,6 +349,43 @@ if [ "$cross_node" = 1 ]; then
     ok "node 1 restarted and rejoined (3 voters, leader node $(leader_of))"
 else
     echo "[$(elapsed)] SKIPPED part 2 (live cross-node routing): RAFTMQ_COMPOSE_CROSS_NODE=0"
+fi
+
+# --- part 3: network partition of the leader (on unless RAFTMQ_COMPOSE_PARTITION=0) -----------
+if [ "$partition" = 1 ]; then
+    log "part 3: the leader cut off from the others (docker network disconnect)"
+    victim="$(leader_of)"
+    others=()
+    for n in 1 2 3; do [ "$n" = "$victim" ] || others+=("$n"); done
+    net="${project}_raftmq"
+    # A persistent subscriber on the majority side, offline while its messages are published.
+    parted="ct-part-$$"
+    timeout 20 mosquitto_sub -h 127.0.0.1 -p "${mqtt[${others[0]}]}" -V mqttv5 -c -i "$parted" \
+        -x 3600 -q 1 -t 'ct/part/#' -E || fail "persistent subscribe of $parted on node ${others[0]}"
+    wait_for "node $victim applied the subscription" caught_up "$victim" "${others[0]}"
+    docker network disconnect "$net" "$(container_of "$victim")" \
+        || fail "docker network disconnect $net raftmq-$victim"
+    # Followers keep the old leader until their election timeout: wait for the new term.
+    new_leader() { converged 3 "${others[@]}" && [ "$(leader_of)" != "$victim" ]; }
+    wait_for "nodes ${others[*]} elect a leader other than node $victim" new_leader
+    check_cluster 3 "${others[@]}"
+    ok "leader node $victim cut off: nodes ${others[*]} elected node $(leader_of) and stay ready"
+    publish_range "${others[1]}" ct/part/x part 1 20
+    ok "20 QoS 1 messages acknowledged through node ${others[1]} during the partition"
+    docker network connect --alias "raftmq-$victim" "$net" "$(container_of "$victim")" \
+        || fail "docker network connect $net raftmq-$victim"
+    check_cluster 3 1 2 3
+    wait_for "node $victim catches up with node $(leader_of)" caught_up "$victim" "$(leader_of)"
+    ok "partition healed: node $victim rejoined (3 voters, leader node $(leader_of)) and caught up"
+    # The subscriber comes back through the node that was cut off and gets everything.
+    timeout $((wait_secs + 10)) mosquitto_sub -h 127.0.0.1 -p "${mqtt[$victim]}" -V mqttv5 -c \
+        -i "$parted" -x 3600 -q 1 -t ct/unrelated -C 20 -W "$wait_secs" \
+        >"$work/parted.out" 2>"$work/parted.err" || true
+    received_all "$work/parted.out" part 1 20 \
+        || fail "resumed on node $victim, $parted received [$(lines "$work/parted.out")] (stderr: $(cat "$work/parted.err")), expected part-1..part-20"
+    ok "$parted resumed on the formerly cut-off node $victim and received all 20 messages"
+else
+    echo "[$(elapsed)] SKIPPED part 3 (partition): RAFTMQ_COMPOSE_PARTITION=0"
 fi
 
 status=0
