@@ -136,8 +136,9 @@ pub struct Connection {
     /// Set when the server refuses this connection (a connection limit): CONNECT is answered
     /// with this reason code.
     refusal: Option<ReasonCode>,
-    /// A CONNECT waiting for an asynchronous authentication decision.
-    awaiting_auth: Option<AwaitingAuth>,
+    /// A CONNECT waiting for an asynchronous authentication decision (boxed: rare, and large
+    /// next to the rest of an idle connection's state).
+    awaiting_auth: Option<Box<AwaitingAuth>>,
     /// Per-client publish rate and bandwidth limits.
     limits: crate::limits::PublishLimits,
 }
@@ -198,7 +199,7 @@ impl Connection {
         result: Result<Principal, raftmq_codec::ReasonCode>,
         now: Instant,
     ) {
-        let Some(awaiting) = self.awaiting_auth.take() else {
+        let Some(awaiting) = self.awaiting_auth.take().map(|a| *a) else {
             return;
         };
         if self.closed.is_some() {
@@ -539,7 +540,9 @@ impl Connection {
             assigned = Some(id.clone());
             id
         } else {
-            c.client_id.clone()
+            // Copied out of the read buffer: the id lives as long as the session and must not
+            // keep the connection's whole read buffer allocated.
+            ByteStr::from(c.client_id.as_str())
         };
         let info = ConnectInfo {
             client_id: &client_id,
@@ -554,13 +557,13 @@ impl Connection {
             }
             AuthDecision::Deny(code) => self.refuse_auth(code, now),
             AuthDecision::Pending(future) => {
-                self.awaiting_auth = Some(AwaitingAuth {
+                self.awaiting_auth = Some(Box::new(AwaitingAuth {
                     connect: c,
                     client_id,
                     assigned,
                     future: parking_lot::Mutex::new(Some(future)),
                     held: VecDeque::new(),
-                })
+                }))
             }
         }
     }

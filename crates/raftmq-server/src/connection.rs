@@ -18,10 +18,13 @@ use tracing::debug;
 
 use crate::drain::Drain;
 use crate::metrics::{CONNECTIONS_CLOSED_TOTAL, CONNECTIONS_CURRENT, DECODE_ERRORS_TOTAL};
+use crate::stream::ReadReady;
 
 /// Deliveries moved to the write buffer per wake-up before the socket is serviced again.
 const PUMP_BATCH: usize = 256;
-/// Initial read buffer: small, grows with the packets a client actually sends.
+/// Read buffer allocated when input arrives: small, grows with the packets a client actually
+/// sends. Once every byte read is decoded the buffer is released, so an idle connection holds
+/// none (on transports that signal readability, see [`ReadReady`]).
 const READ_BUFFER: usize = 512;
 /// What the listener knows about a connection before its first byte of MQTT.
 pub(crate) struct ConnOptions {
@@ -49,7 +52,7 @@ pub(crate) async fn run<S>(
     mut shutdown: watch::Receiver<bool>,
     opts: ConnOptions,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     gauge!(CONNECTIONS_CURRENT).increment(1.0);
     let drain = opts.drain.clone();
@@ -63,7 +66,7 @@ pub(crate) async fn run<S>(
         conn.refuse(code);
     }
     let mut stalled = false;
-    let mut rbuf = BytesMut::with_capacity(READ_BUFFER);
+    let mut rbuf = BytesMut::new();
     let mut wbuf = BytesMut::new();
     let mut more = false;
     loop {
@@ -130,7 +133,13 @@ pub(crate) async fn run<S>(
             _ = crate::drain::started(&mut drain_started), if drain_deadline.is_none() => {
                 drain_deadline = Some(drain.deadline().unwrap_or_else(Instant::now));
             }
-            read = stream.read_buf(&mut rbuf), if drain_deadline.is_none() => {
+            read = async {
+                if rbuf.capacity() == rbuf.len() {
+                    poll_fn(|cx| stream.poll_read_ready(cx)).await?;
+                    rbuf.reserve(READ_BUFFER);
+                }
+                stream.read_buf(&mut rbuf).await
+            }, if drain_deadline.is_none() => {
                 let now = Instant::now();
                 match read {
                     Ok(0) | Err(_) => {
@@ -146,7 +155,13 @@ pub(crate) async fn run<S>(
                                         break;
                                     }
                                 }
-                                Ok(None) => break,
+                                Ok(None) => {
+                                    if rbuf.is_empty() {
+                                        // Packets decoded so far own their bytes: drop ours.
+                                        rbuf = BytesMut::new();
+                                    }
+                                    break;
+                                }
                                 Err(e) => {
                                     debug!(%peer, error = %e, "malformed packet");
                                     counter!(DECODE_ERRORS_TOTAL).increment(1);

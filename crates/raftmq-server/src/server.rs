@@ -395,17 +395,32 @@ async fn serve(
     }
     let stream = Rewind::new(stream, prefix);
     let write_stall = ctx.admission.limits().write_stall_timeout.0;
-    let mut opts = ConnOptions {
+    let opts = ConnOptions {
         cert_identity: None,
         refusal,
         write_stall,
         drain: ctx.drain.clone(),
     };
+    if !ctx.kind.is_tls() && !ctx.kind.is_websocket() {
+        let broker = ctx.broker.clone();
+        return connection::run(stream, peer, broker, stop, opts).await;
+    }
+    // The TLS and WebSocket handshakes and streams are several times larger than a plain TCP
+    // connection's whole state: boxed, so they do not size every connection's task.
+    Box::pin(serve_upgraded(stream, peer, deadline, ctx, stop, opts)).await
+}
+
+/// The TLS and WebSocket part of [`serve`].
+async fn serve_upgraded(
+    stream: Rewind<TcpStream>,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    ctx: Arc<ListenerCtx>,
+    stop: watch::Receiver<bool>,
+    mut opts: ConnOptions,
+) {
     let broker = ctx.broker.clone();
     if !ctx.kind.is_tls() {
-        if !ctx.kind.is_websocket() {
-            return connection::run(stream, peer, broker, stop, opts).await;
-        }
         let ws = tokio::time::timeout_at(
             deadline,
             ws::accept(stream, &ctx.ws_path, ctx.ws_max_message),
@@ -469,5 +484,43 @@ async fn stats_exporter(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => metrics::export_broker_stats(&broker),
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftmq_core::config::MqttConfig;
+
+    /// Every connection's task is one allocation the size of its future: the TLS and WebSocket
+    /// handshakes and streams (over 10 KiB together) must not size plain TCP connections.
+    #[tokio::test]
+    async fn plain_tcp_connection_task_is_not_sized_by_tls_or_websocket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let ctx = Arc::new(ListenerCtx {
+            kind: ListenerKind::Tcp,
+            proxy: false,
+            handshake_timeout: Duration::from_secs(1),
+            ws_path: "/mqtt".to_owned(),
+            ws_max_message: 1024,
+            tls: None,
+            admission: Arc::new(Admission::new(LimitsConfig::default())),
+            broker: Arc::new(Broker::new(MqttConfig::default())),
+            drain: Arc::new(Drain::new(
+                &DrainConfig::default(),
+                Arc::new(AtomicBool::new(true)),
+            )),
+        });
+        let (_stop_tx, stop) = watch::channel(false);
+        let task = serve(stream, peer, None, ctx, stop);
+        // Unoptimised builds lay futures out generously; release builds are smaller still.
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 3 * 1024, "connection task future is {size} bytes");
+        drop(task);
+        drop(client);
     }
 }
