@@ -43,6 +43,18 @@ struct AwaitingAuth {
     held: VecDeque<Packet>,
 }
 
+/// Queues of packets up to this many slots are freed once empty: an idle connection keeps no
+/// allocation for the CONNACK or PINGRESP it sent (a slot is a whole `Packet`, a few hundred
+/// bytes), while a queue that grew under load is kept for the next burst.
+const QUEUE_SLOTS_KEPT: usize = 8;
+
+/// Frees `queue`'s allocation if it is empty and small (see [`QUEUE_SLOTS_KEPT`]).
+fn release_if_small<T>(queue: &mut VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() > 0 && queue.capacity() <= QUEUE_SLOTS_KEPT {
+        *queue = VecDeque::new();
+    }
+}
+
 /// Why the connection closed (for logs and metrics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
@@ -276,7 +288,11 @@ impl Connection {
 
     /// The next packet to send.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
-        self.out.pop_front()
+        let packet = self.out.pop_front();
+        if packet.is_none() {
+            release_if_small(&mut self.out);
+        }
+        packet
     }
 
     /// The commit that the oldest held-back packet waits for; the caller awaits it and then
@@ -302,6 +318,7 @@ impl Connection {
                             self.resend_inflight(now);
                         }
                     }
+                    release_if_small(&mut self.pending);
                 }
                 Some(Err(_)) => {
                     // Refused: the held-back deliveries are dropped with the acknowledgement.
@@ -1404,4 +1421,69 @@ struct Pending {
 enum Violation {
     Code(ReasonCode),
     TakenOver,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MqttConfig;
+    use raftmq_codec::{ConnectProperties, decode, encode};
+
+    /// A 3.1.1 clean-session CONNECT of `client_id`, decoded from the wire the way the server
+    /// does it: its strings are slices of the read buffer.
+    fn decoded_connect(client_id: &str) -> (Packet, bytes::Bytes) {
+        let connect = Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V3_1_1,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: client_id.into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: ConnectProperties::default(),
+        }));
+        let mut wire = bytes::BytesMut::with_capacity(512);
+        encode(&connect, ProtocolVersion::V3_1_1, &mut wire).unwrap();
+        let packet = decode(&mut wire, ProtocolVersion::V3_1_1, u32::MAX)
+            .unwrap()
+            .unwrap();
+        let buffer = match &packet {
+            Packet::Connect(c) => c.client_id.as_bytes().clone(),
+            _ => unreachable!(),
+        };
+        (packet, buffer)
+    }
+
+    #[test]
+    fn idle_connection_keeps_neither_its_packet_queue_nor_the_connect_buffer() {
+        let broker = Arc::new(Broker::new(MqttConfig::default()));
+        let now = Instant::now();
+        let mut conn = Connection::new(broker, None, now);
+        let (connect, wire) = decoded_connect("sensor-17");
+        conn.handle_packet(connect, now);
+        assert!(matches!(conn.poll_transmit(), Some(Packet::ConnAck(_))));
+        assert!(conn.poll_transmit().is_none());
+        assert_eq!(conn.out.capacity(), 0, "the CONNACK's queue slot is freed");
+        // The session's client id owns its bytes instead of pinning the read buffer.
+        let id = conn.client_id().expect("connected");
+        assert_eq!(id.as_str(), "sensor-17");
+        assert_ne!(id.as_str().as_ptr(), wire.as_ptr());
+    }
+
+    #[test]
+    fn only_small_empty_queues_are_released() {
+        let mut small: VecDeque<u8> = VecDeque::with_capacity(4);
+        release_if_small(&mut small);
+        assert_eq!(small.capacity(), 0);
+        let mut busy: VecDeque<u8> = VecDeque::with_capacity(4);
+        busy.push_back(1);
+        release_if_small(&mut busy);
+        assert!(
+            busy.capacity() >= 4,
+            "a queue holding packets is left alone"
+        );
+        let mut large: VecDeque<u8> = VecDeque::with_capacity(1024);
+        release_if_small(&mut large);
+        assert!(large.capacity() >= 1024, "a queue grown under load is kept");
+    }
 }

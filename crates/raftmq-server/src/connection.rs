@@ -26,6 +26,8 @@ const PUMP_BATCH: usize = 256;
 /// sends. Once every byte read is decoded the buffer is released, so an idle connection holds
 /// none (on transports that signal readability, see [`ReadReady`]).
 const READ_BUFFER: usize = 512;
+/// Write buffers up to this capacity are released after each write.
+const WRITE_BUFFER_KEPT: usize = 1024;
 /// What the listener knows about a connection before its first byte of MQTT.
 pub(crate) struct ConnOptions {
     /// Identity from the verified client certificate (TLS listeners).
@@ -91,8 +93,9 @@ pub(crate) async fn run<S>(
                     break;
                 }
             }
-            // Keep the write buffer small once a burst is over.
-            if wbuf.capacity() > 64 * 1024 {
+            // A small buffer is released (an idle connection keeps none; allocating the next
+            // one is cheap); a larger one is kept while a burst lasts, up to 64 KiB.
+            if wbuf.capacity() <= WRITE_BUFFER_KEPT || wbuf.capacity() > 64 * 1024 {
                 wbuf = BytesMut::new();
             }
         }
