@@ -152,10 +152,12 @@ mod tests {
 
     #[test]
     fn several_processes_are_summed() {
-        assert_eq!(sample_all(&[]).unwrap(), None);
+        assert_eq!(sample_all(&[]).expect("nothing to read"), None);
         let own = std::process::id();
-        let one = sample(own).unwrap();
-        let two = sample_all(&[own, own]).unwrap().expect("two samples");
+        let one = sample(own).expect("own /proc entry");
+        let two = sample_all(&[own, own])
+            .expect("own /proc entry")
+            .expect("two samples");
         // RSS may move between the readings, but two readings are about twice one.
         assert!(two.rss_kib >= one.rss_kib && two.rss_kib <= 3 * one.rss_kib);
         assert!(sample_all(&[own, u32::MAX]).is_err());

@@ -1443,10 +1443,10 @@ mod tests {
             properties: ConnectProperties::default(),
         }));
         let mut wire = bytes::BytesMut::with_capacity(512);
-        encode(&connect, ProtocolVersion::V3_1_1, &mut wire).unwrap();
+        encode(&connect, ProtocolVersion::V3_1_1, &mut wire).expect("encodable");
         let packet = decode(&mut wire, ProtocolVersion::V3_1_1, u32::MAX)
-            .unwrap()
-            .unwrap();
+            .expect("well formed")
+            .expect("complete");
         let buffer = match &packet {
             Packet::Connect(c) => c.client_id.as_bytes().clone(),
             _ => unreachable!(),

@@ -496,11 +496,10 @@ mod tests {
     /// handshakes and streams (over 10 KiB together) must not size plain TCP connections.
     #[tokio::test]
     async fn plain_tcp_connection_task_is_not_sized_by_tls_or_websocket() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (stream, peer) = listener.accept().await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("bound address");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, peer) = listener.accept().await.expect("accept");
         let ctx = Arc::new(ListenerCtx {
             kind: ListenerKind::Tcp,
             proxy: false,
