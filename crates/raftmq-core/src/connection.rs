@@ -89,7 +89,8 @@ struct Attachment {
 #[derive(Default)]
 struct OutboundAliases {
     max: u16,
-    by_topic: HashMap<ByteStr, u16>,
+    /// Allocated at the first alias.
+    by_topic: Option<Box<HashMap<ByteStr, u16>>>,
 }
 
 impl OutboundAliases {
@@ -99,10 +100,11 @@ impl OutboundAliases {
         if self.max == 0 {
             return None;
         }
-        if let Some(a) = self.by_topic.get(topic) {
+        let known = self.by_topic.as_deref();
+        if let Some(a) = known.and_then(|m| m.get(topic)) {
             return Some((*a, true));
         }
-        let next = u16::try_from(self.by_topic.len() + 1)
+        let next = u16::try_from(known.map_or(0, |m| m.len()) + 1)
             .ok()
             .filter(|n| *n <= self.max)?;
         Some((next, false))
@@ -110,7 +112,10 @@ impl OutboundAliases {
 
     /// Records that the client learnt `alias` for `topic` (a PUBLISH carrying both was sent).
     fn commit(&mut self, topic: &ByteStr, alias: u16) {
-        self.by_topic.entry(topic.clone()).or_insert(alias);
+        self.by_topic
+            .get_or_insert_default()
+            .entry(topic.clone())
+            .or_insert(alias);
     }
 }
 
@@ -141,7 +146,8 @@ pub struct Connection {
     request_problem_info: bool,
     /// Session Expiry Interval from CONNECT (DISCONNECT may not raise it from 0).
     connect_expiry: u32,
-    inbound_aliases: HashMap<u16, ByteStr>,
+    /// Client→server topic aliases, allocated at the first one.
+    inbound_aliases: Option<Box<HashMap<u16, ByteStr>>>,
     outbound_aliases: OutboundAliases,
     /// Identity from a verified client certificate.
     cert_identity: Option<String>,
@@ -151,14 +157,17 @@ pub struct Connection {
     /// A CONNECT waiting for an asynchronous authentication decision (boxed: rare, and large
     /// next to the rest of an idle connection's state).
     awaiting_auth: Option<Box<AwaitingAuth>>,
-    /// Per-client publish rate and bandwidth limits.
-    limits: crate::limits::PublishLimits,
+    /// Per-client publish rate and bandwidth limits, if configured (boxed, like the alias maps:
+    /// most connections never need them, and every idle connection carries this struct).
+    limits: Option<Box<crate::limits::PublishLimits>>,
 }
 
 impl Connection {
     /// A new connection from `peer`, accepted at `now`.
     pub fn new(broker: Arc<Broker>, peer: Option<SocketAddr>, now: Instant) -> Self {
-        let limits = crate::limits::PublishLimits::new(broker.config(), now);
+        let cfg = broker.config();
+        let limits = (cfg.max_publish_rate > 0 || cfg.max_publish_bandwidth.0 > 0)
+            .then(|| Box::new(crate::limits::PublishLimits::new(cfg, now)));
         Connection {
             broker,
             peer,
@@ -176,7 +185,7 @@ impl Connection {
             client_max_packet: u32::MAX,
             request_problem_info: true,
             connect_expiry: 0,
-            inbound_aliases: HashMap::default(),
+            inbound_aliases: None,
             outbound_aliases: OutboundAliases::default(),
             cert_identity: None,
             refusal: None,
@@ -986,7 +995,9 @@ impl Connection {
         let cfg = self.broker.config();
         let v5 = self.version.is_v5();
         // Per-client rate and bandwidth (token buckets): over the limit closes the connection.
-        if let Err(exceeded) = self.limits.check(p.topic.len() + p.payload.len(), now) {
+        if let Some(limits) = &mut self.limits
+            && let Err(exceeded) = limits.check(p.topic.len() + p.payload.len(), now)
+        {
             self.broker.stats().limit_exceeded(exceeded.limit());
             return Err(Violation::Code(exceeded.reason_code()));
         }
@@ -1006,12 +1017,14 @@ impl Connection {
                     return Err(Violation::Code(ReasonCode::TOPIC_ALIAS_INVALID));
                 }
                 if p.topic.is_empty() {
-                    match self.inbound_aliases.get(&alias) {
+                    match self.inbound_aliases.as_ref().and_then(|a| a.get(&alias)) {
                         Some(t) => t.clone(),
                         None => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
                     }
                 } else {
-                    self.inbound_aliases.insert(alias, p.topic.clone());
+                    self.inbound_aliases
+                        .get_or_insert_default()
+                        .insert(alias, p.topic.clone());
                     p.topic.clone()
                 }
             }
