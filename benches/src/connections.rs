@@ -77,7 +77,8 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
     }
     drop(results);
     let mut connect = ConnectLog::default();
-    for _ in 0..args.clients {
+    // Every attempt reports once (progress ticks are not attempts).
+    while connect.attempted < u64::from(args.clients) {
         tokio::select! {
             result = handshakes.recv() => match result {
                 Some(Some(took)) => connect.established(took),
