@@ -17,7 +17,7 @@
 # by PID when it exits, including on error or Ctrl-C.
 set -euo pipefail
 
-brokers=6 per_broker=17000 rate=1000 hold=20s only=both out="" build=1
+brokers=6 per_broker=17000 rate=500 hold=20s only=both out="" build=1
 usage() {
     echo "usage: $0 [--brokers K] [--per-broker N] [--rate CONN/S per process] [--hold DURATION]" >&2
     echo "          [--only raftmq|mosquitto] [--out DIR] [--no-build]" >&2
@@ -167,12 +167,13 @@ run() {
         pids+=("$!")
         loads+=("$!")
     done
-    # All processes connect at the same rate: sample once every one of them should be done.
+    # Sample once every connection is established, or at the latest shortly before the first
+    # load generator can stop holding (it holds --hold after its last handshake).
     local connecting=$(((per_broker + rate - 1) / rate))
     local held=${hold%s}
     [[ $held =~ ^[0-9]+$ ]] || held=10
     local waited=0 open=0 total_open=0 total_rss=0 grown=0
-    while ((waited < connecting + held / 2)); do
+    while ((waited < connecting + held - 2)); do
         sleep 1
         waited=$((waited + 1))
         open=$(ss -Htn state established | awk -v ports=" ${bports[*]} " \
