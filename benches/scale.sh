@@ -185,9 +185,13 @@ run() {
     {
         echo "$kind: $brokers processes, $per_broker connections each, sampled after ${waited}s"
         printf '%-8s %-6s %12s %12s %12s %14s\n' process port established "RSS before" "RSS loaded" "bytes/conn"
+        # One listing for all processes, counted per local port.
+        local listing
+        listing=$(ss -Htn state established | awk '{ n = split($3, a, ":"); c[a[n]]++ }
+            END { for (p in c) print p, c[p] }')
         for ((k = 0; k < brokers; k++)); do
             local est rss delta per
-            est=$(ss -Htn state established "( sport = :${bports[k]} )" | wc -l)
+            est=$(awk -v p="${bports[k]}" '$1 == p { print $2; found = 1 } END { if (!found) print 0 }' <<<"$listing")
             rss=$(rss_kib "${bpids[k]}")
             delta=$((rss - before[k]))
             per=$(awk -v d="$delta" -v n="$est" 'BEGIN { if (n > 0) printf "%.0f", d * 1024 / n; else print "-" }')
