@@ -50,6 +50,7 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(11);
 ///
 /// An `async` block rather than an `async fn`: the future is most of an idle connection's
 /// memory, and an `async fn` stores its arguments twice in it (as arguments and as locals).
+#[allow(clippy::manual_async_fn)] // on purpose, see above
 pub(crate) fn run<S>(
     mut stream: S,
     peer: SocketAddr,

@@ -365,6 +365,7 @@ async fn accept_loop(
 ///
 /// This future is the connection's task: an `async` block, not an `async fn`, so that its
 /// arguments are stored once (see [`connection::run`]).
+#[allow(clippy::manual_async_fn)] // on purpose, see above
 fn serve(
     mut stream: TcpStream,
     mut peer: SocketAddr,
