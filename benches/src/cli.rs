@@ -60,9 +60,11 @@ pub struct CommonArgs {
     /// Bound on each handshake (TCP connect → CONNACK) and SUBSCRIBE → SUBACK.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
-    /// PID of the broker process: report its CPU time and RSS (from /proc).
-    #[arg(long, value_name = "PID")]
-    pub broker_pid: Option<u32>,
+    /// PID of the broker process: report its CPU time and RSS (from /proc). Repeat it, or
+    /// give a comma-separated list, for a broker made of several processes: their CPU times
+    /// and RSS are summed.
+    #[arg(long, value_name = "PID", value_delimiter = ',')]
+    pub broker_pid: Vec<u32>,
     /// Also write the summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -167,6 +169,15 @@ pub struct ConnArgs {
     /// How long to hold the connections open once all are established.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub duration: Duration,
+    /// Spread the connections round-robin over these brokers (HOST:PORT; repeat it or give a
+    /// comma-separated list) instead of --host/--port: the nodes of a cluster, or several
+    /// broker processes.
+    #[arg(long = "addr", value_name = "HOST:PORT", value_delimiter = ',')]
+    pub addrs: Vec<String>,
+    /// Local (source) addresses to connect from, round-robin (e.g. 127.0.0.2,127.0.0.3 on
+    /// loopback): each one has its own range of ephemeral ports.
+    #[arg(long = "bind", value_name = "IP", value_delimiter = ',')]
+    pub binds: Vec<std::net::IpAddr>,
 }
 
 /// Options of `churn`.

@@ -45,6 +45,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// Local address to connect from (port chosen by the system); `None`: the system's choice.
+    pub local: Option<std::net::IpAddr>,
     pub version: ProtocolVersion,
     /// Keep alive in seconds (0: none).
     pub keep_alive: u16,
@@ -118,7 +120,7 @@ impl Conn {
     /// Present flag.
     pub async fn connect(endpoint: &Endpoint, session: &SessionOptions) -> Result<(Self, bool)> {
         let handshake = async {
-            let stream = TcpStream::connect(endpoint.addr)
+            let stream = connect_tcp(endpoint)
                 .await
                 .with_context(|| format!("connecting to {}", endpoint.addr))?;
             stream.set_nodelay(true)?;
@@ -201,6 +203,20 @@ impl Conn {
             }
         }
     }
+}
+
+/// Opens a TCP connection to `endpoint.addr`, from `endpoint.local` if set.
+async fn connect_tcp(endpoint: &Endpoint) -> std::io::Result<TcpStream> {
+    let Some(local) = endpoint.local else {
+        return TcpStream::connect(endpoint.addr).await;
+    };
+    let socket = if endpoint.addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    socket.connect(endpoint.addr).await
 }
 
 /// Flushes `pending` and shuts the connection down, within [`CLOSE_TIMEOUT`].

@@ -21,6 +21,7 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
         args.rate >= 0.0 && args.rate.is_finite(),
         "--rate must be a number ≥ 0"
     );
+    let endpoints = endpoints(ctx, args)?;
     let before = ctx.sample()?;
     let permits = Arc::new(Semaphore::new(ctx.common.connect_concurrency as usize));
     let (stop, stopped) = watch::channel(false);
@@ -49,7 +50,7 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
             }
         }
         let permits = permits.clone();
-        let endpoint = ctx.endpoint.clone();
+        let endpoint = endpoints[i as usize % endpoints.len()].clone();
         let session = SessionOptions::clean(ctx.client_id('c', i));
         let (stopped, results, open) = (stopped.clone(), results.clone(), open.clone());
         let inbox = Inbox::new(ctx.run, 0, started, started);
@@ -76,7 +77,8 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
     }
     drop(results);
     let mut connect = ConnectLog::default();
-    for _ in 0..args.clients {
+    // Every attempt reports once (progress ticks are not attempts).
+    while connect.attempted < u64::from(args.clients) {
         tokio::select! {
             result = handshakes.recv() => match result {
                 Some(Some(took)) => connect.established(took),
@@ -105,10 +107,14 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
         }
     }
 
+    let brokers = match args.addrs.len() {
+        0 | 1 => String::new(),
+        n => format!(" over {n} brokers"),
+    };
     let mut summary = ctx.summary(
         "conn",
         format!(
-            "{} idle connections at {}, held {:?}",
+            "{} idle connections{brokers} at {}, held {:?}",
             args.clients,
             if args.rate > 0.0 {
                 format!("{} conn/s", args.rate)
@@ -134,6 +140,29 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
     }
     errors.store(&mut summary);
     Ok(summary)
+}
+
+/// The endpoints `conn` connects to: every `--addr` (or --host/--port) from every `--bind`
+/// address, in round-robin order.
+fn endpoints(ctx: &Context, args: &ConnArgs) -> Result<Vec<Endpoint>> {
+    let mut brokers = Vec::new();
+    for addr in &args.addrs {
+        brokers.push(ctx.endpoint_at(Some(addr))?);
+    }
+    if brokers.is_empty() {
+        brokers.push(ctx.endpoint.clone());
+    }
+    if args.binds.is_empty() {
+        return Ok(brokers);
+    }
+    // Every broker gets connections from every source address, whatever the two counts.
+    let n = brokers.len() * args.binds.len();
+    Ok((0..n)
+        .map(|i| Endpoint {
+            local: Some(args.binds[(i / brokers.len()) % args.binds.len()]),
+            ..brokers[i % brokers.len()].clone()
+        })
+        .collect())
 }
 
 /// What one churning client did.

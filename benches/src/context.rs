@@ -41,6 +41,7 @@ impl Context {
             common: common.clone(),
             endpoint: Endpoint {
                 addr,
+                local: None,
                 version,
                 keep_alive: common.keep_alive,
                 timeout: common.connect_timeout,
@@ -84,17 +85,17 @@ impl Context {
         }
     }
 
-    /// The broker's usage now, if --broker-pid was given.
+    /// The broker's usage now (summed over its processes), if --broker-pid was given.
     pub fn sample(&self) -> Result<Option<Sample>> {
-        self.common.broker_pid.map(procfs::sample).transpose()
+        procfs::sample_all(&self.common.broker_pid)
     }
 
     /// The broker's usage at `at` (sampled by a task sleeping until then).
     pub fn sample_at(&self, at: Instant) -> tokio::task::JoinHandle<Result<Option<Sample>>> {
-        let pid = self.common.broker_pid;
+        let pids = self.common.broker_pid.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(at.into()).await;
-            pid.map(procfs::sample).transpose()
+            procfs::sample_all(&pids)
         })
     }
 

@@ -29,6 +29,22 @@ pub fn sample(pid: u32) -> Result<Sample> {
     })
 }
 
+/// The usage of processes `pids` summed (one broker made of several processes); `None` when
+/// there are none.
+pub fn sample_all(pids: &[u32]) -> Result<Option<Sample>> {
+    let mut total: Option<Sample> = None;
+    for pid in pids {
+        let s = sample(*pid)?;
+        let t = total.get_or_insert(Sample {
+            cpu_ticks: 0,
+            rss_kib: 0,
+        });
+        t.cpu_ticks += s.cpu_ticks;
+        t.rss_kib += s.rss_kib;
+    }
+    Ok(total)
+}
+
 /// `utime + stime` from the content of `/proc/PID/stat`.
 ///
 /// The second field is the command name in parentheses and may itself contain spaces and
@@ -132,6 +148,19 @@ mod tests {
     fn own_process_is_readable() {
         let s = sample(std::process::id()).expect("own /proc entry");
         assert!(s.rss_kib > 0);
+    }
+
+    #[test]
+    fn several_processes_are_summed() {
+        assert_eq!(sample_all(&[]).expect("nothing to read"), None);
+        let own = std::process::id();
+        let one = sample(own).expect("own /proc entry");
+        let two = sample_all(&[own, own])
+            .expect("own /proc entry")
+            .expect("two samples");
+        // RSS may move between the readings, but two readings are about twice one.
+        assert!(two.rss_kib >= one.rss_kib && two.rss_kib <= 3 * one.rss_kib);
+        assert!(sample_all(&[own, u32::MAX]).is_err());
     }
 
     #[test]

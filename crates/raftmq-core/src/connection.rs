@@ -43,6 +43,18 @@ struct AwaitingAuth {
     held: VecDeque<Packet>,
 }
 
+/// Queues of packets up to this many slots are freed once empty: an idle connection keeps no
+/// allocation for the CONNACK or PINGRESP it sent (a slot is a whole `Packet`, a few hundred
+/// bytes), while a queue that grew under load is kept for the next burst.
+const QUEUE_SLOTS_KEPT: usize = 8;
+
+/// Frees `queue`'s allocation if it is empty and small (see [`QUEUE_SLOTS_KEPT`]).
+fn release_if_small<T>(queue: &mut VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() > 0 && queue.capacity() <= QUEUE_SLOTS_KEPT {
+        *queue = VecDeque::new();
+    }
+}
+
 /// Why the connection closed (for logs and metrics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
@@ -77,7 +89,8 @@ struct Attachment {
 #[derive(Default)]
 struct OutboundAliases {
     max: u16,
-    by_topic: HashMap<ByteStr, u16>,
+    /// Allocated at the first alias.
+    by_topic: Option<Box<HashMap<ByteStr, u16>>>,
 }
 
 impl OutboundAliases {
@@ -87,10 +100,11 @@ impl OutboundAliases {
         if self.max == 0 {
             return None;
         }
-        if let Some(a) = self.by_topic.get(topic) {
+        let known = self.by_topic.as_deref();
+        if let Some(a) = known.and_then(|m| m.get(topic)) {
             return Some((*a, true));
         }
-        let next = u16::try_from(self.by_topic.len() + 1)
+        let next = u16::try_from(known.map_or(0, |m| m.len()) + 1)
             .ok()
             .filter(|n| *n <= self.max)?;
         Some((next, false))
@@ -98,7 +112,10 @@ impl OutboundAliases {
 
     /// Records that the client learnt `alias` for `topic` (a PUBLISH carrying both was sent).
     fn commit(&mut self, topic: &ByteStr, alias: u16) {
-        self.by_topic.entry(topic.clone()).or_insert(alias);
+        self.by_topic
+            .get_or_insert_default()
+            .entry(topic.clone())
+            .or_insert(alias);
     }
 }
 
@@ -129,23 +146,28 @@ pub struct Connection {
     request_problem_info: bool,
     /// Session Expiry Interval from CONNECT (DISCONNECT may not raise it from 0).
     connect_expiry: u32,
-    inbound_aliases: HashMap<u16, ByteStr>,
+    /// Client→server topic aliases, allocated at the first one.
+    inbound_aliases: Option<Box<HashMap<u16, ByteStr>>>,
     outbound_aliases: OutboundAliases,
     /// Identity from a verified client certificate.
     cert_identity: Option<String>,
     /// Set when the server refuses this connection (a connection limit): CONNECT is answered
     /// with this reason code.
     refusal: Option<ReasonCode>,
-    /// A CONNECT waiting for an asynchronous authentication decision.
-    awaiting_auth: Option<AwaitingAuth>,
-    /// Per-client publish rate and bandwidth limits.
-    limits: crate::limits::PublishLimits,
+    /// A CONNECT waiting for an asynchronous authentication decision (boxed: rare, and large
+    /// next to the rest of an idle connection's state).
+    awaiting_auth: Option<Box<AwaitingAuth>>,
+    /// Per-client publish rate and bandwidth limits, if configured (boxed, like the alias maps:
+    /// most connections never need them, and every idle connection carries this struct).
+    limits: Option<Box<crate::limits::PublishLimits>>,
 }
 
 impl Connection {
     /// A new connection from `peer`, accepted at `now`.
     pub fn new(broker: Arc<Broker>, peer: Option<SocketAddr>, now: Instant) -> Self {
-        let limits = crate::limits::PublishLimits::new(broker.config(), now);
+        let cfg = broker.config();
+        let limits = (cfg.max_publish_rate > 0 || cfg.max_publish_bandwidth.0 > 0)
+            .then(|| Box::new(crate::limits::PublishLimits::new(cfg, now)));
         Connection {
             broker,
             peer,
@@ -163,7 +185,7 @@ impl Connection {
             client_max_packet: u32::MAX,
             request_problem_info: true,
             connect_expiry: 0,
-            inbound_aliases: HashMap::default(),
+            inbound_aliases: None,
             outbound_aliases: OutboundAliases::default(),
             cert_identity: None,
             refusal: None,
@@ -198,7 +220,7 @@ impl Connection {
         result: Result<Principal, raftmq_codec::ReasonCode>,
         now: Instant,
     ) {
-        let Some(awaiting) = self.awaiting_auth.take() else {
+        let Some(awaiting) = self.awaiting_auth.take().map(|a| *a) else {
             return;
         };
         if self.closed.is_some() {
@@ -275,7 +297,11 @@ impl Connection {
 
     /// The next packet to send.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
-        self.out.pop_front()
+        let packet = self.out.pop_front();
+        if packet.is_none() {
+            release_if_small(&mut self.out);
+        }
+        packet
     }
 
     /// The commit that the oldest held-back packet waits for; the caller awaits it and then
@@ -301,6 +327,7 @@ impl Connection {
                             self.resend_inflight(now);
                         }
                     }
+                    release_if_small(&mut self.pending);
                 }
                 Some(Err(_)) => {
                     // Refused: the held-back deliveries are dropped with the acknowledgement.
@@ -545,7 +572,9 @@ impl Connection {
             assigned = Some(id.clone());
             id
         } else {
-            c.client_id.clone()
+            // Copied out of the read buffer: the id lives as long as the session and must not
+            // keep the connection's whole read buffer allocated.
+            ByteStr::from(c.client_id.as_str())
         };
         let info = ConnectInfo {
             client_id: &client_id,
@@ -560,13 +589,13 @@ impl Connection {
             }
             AuthDecision::Deny(code) => self.refuse_auth(code, now),
             AuthDecision::Pending(future) => {
-                self.awaiting_auth = Some(AwaitingAuth {
+                self.awaiting_auth = Some(Box::new(AwaitingAuth {
                     connect: c,
                     client_id,
                     assigned,
                     future: parking_lot::Mutex::new(Some(future)),
                     held: VecDeque::new(),
-                })
+                }))
             }
         }
     }
@@ -972,7 +1001,9 @@ impl Connection {
         let cfg = self.broker.config();
         let v5 = self.version.is_v5();
         // Per-client rate and bandwidth (token buckets): over the limit closes the connection.
-        if let Err(exceeded) = self.limits.check(p.topic.len() + p.payload.len(), now) {
+        if let Some(limits) = &mut self.limits
+            && let Err(exceeded) = limits.check(p.topic.len() + p.payload.len(), now)
+        {
             self.broker.stats().limit_exceeded(exceeded.limit());
             return Err(Violation::Code(exceeded.reason_code()));
         }
@@ -992,12 +1023,14 @@ impl Connection {
                     return Err(Violation::Code(ReasonCode::TOPIC_ALIAS_INVALID));
                 }
                 if p.topic.is_empty() {
-                    match self.inbound_aliases.get(&alias) {
+                    match self.inbound_aliases.as_ref().and_then(|a| a.get(&alias)) {
                         Some(t) => t.clone(),
                         None => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
                     }
                 } else {
-                    self.inbound_aliases.insert(alias, p.topic.clone());
+                    self.inbound_aliases
+                        .get_or_insert_default()
+                        .insert(alias, p.topic.clone());
                     p.topic.clone()
                 }
             }
@@ -1407,4 +1440,69 @@ struct Pending {
 enum Violation {
     Code(ReasonCode),
     TakenOver,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MqttConfig;
+    use raftmq_codec::{ConnectProperties, decode, encode};
+
+    /// A 3.1.1 clean-session CONNECT of `client_id`, decoded from the wire the way the server
+    /// does it: its strings are slices of the read buffer.
+    fn decoded_connect(client_id: &str) -> (Packet, bytes::Bytes) {
+        let connect = Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V3_1_1,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: client_id.into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: ConnectProperties::default(),
+        }));
+        let mut wire = bytes::BytesMut::with_capacity(512);
+        encode(&connect, ProtocolVersion::V3_1_1, &mut wire).expect("encodable");
+        let packet = decode(&mut wire, ProtocolVersion::V3_1_1, u32::MAX)
+            .expect("well formed")
+            .expect("complete");
+        let buffer = match &packet {
+            Packet::Connect(c) => c.client_id.as_bytes().clone(),
+            _ => unreachable!(),
+        };
+        (packet, buffer)
+    }
+
+    #[test]
+    fn idle_connection_keeps_neither_its_packet_queue_nor_the_connect_buffer() {
+        let broker = Arc::new(Broker::new(MqttConfig::default()));
+        let now = Instant::now();
+        let mut conn = Connection::new(broker, None, now);
+        let (connect, wire) = decoded_connect("sensor-17");
+        conn.handle_packet(connect, now);
+        assert!(matches!(conn.poll_transmit(), Some(Packet::ConnAck(_))));
+        assert!(conn.poll_transmit().is_none());
+        assert_eq!(conn.out.capacity(), 0, "the CONNACK's queue slot is freed");
+        // The session's client id owns its bytes instead of pinning the read buffer.
+        let id = conn.client_id().expect("connected");
+        assert_eq!(id.as_str(), "sensor-17");
+        assert_ne!(id.as_str().as_ptr(), wire.as_ptr());
+    }
+
+    #[test]
+    fn only_small_empty_queues_are_released() {
+        let mut small: VecDeque<u8> = VecDeque::with_capacity(4);
+        release_if_small(&mut small);
+        assert_eq!(small.capacity(), 0);
+        let mut busy: VecDeque<u8> = VecDeque::with_capacity(4);
+        busy.push_back(1);
+        release_if_small(&mut busy);
+        assert!(
+            busy.capacity() >= 4,
+            "a queue holding packets is left alone"
+        );
+        let mut large: VecDeque<u8> = VecDeque::with_capacity(1024);
+        release_if_small(&mut large);
+        assert!(large.capacity() >= 1024, "a queue grown under load is kept");
+    }
 }

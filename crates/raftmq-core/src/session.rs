@@ -12,15 +12,31 @@
 use crate::config::OverflowPolicy;
 use crate::message::Delivery;
 use crate::stats::{BrokerStats, DropReason};
-use ahash::{HashMap, HashMapExt};
 use parking_lot::Mutex;
 use raftmq_codec::{ByteStr, PacketId, QoS, SubscriptionOptions};
 use std::collections::VecDeque;
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
+
+/// Hashes a session's maps with one random seed per process. ahash's `RandomState` would keep
+/// 32 bytes of seeds in each of a session's three maps, on every session, even when the maps
+/// are empty, as they are for most (idle) clients.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ProcessSeed;
+
+impl BuildHasher for ProcessSeed {
+    type Hasher = ahash::AHasher;
+
+    fn build_hasher(&self) -> ahash::AHasher {
+        static SEED: std::sync::LazyLock<ahash::RandomState> =
+            std::sync::LazyLock::new(ahash::RandomState::new);
+        SEED.build_hasher()
+    }
+}
 
 /// The value stored in the subscription index for one subscription.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,15 +97,15 @@ pub(crate) struct SessionState {
     /// Session Expiry Interval in seconds (`u32::MAX` = never).
     pub expiry_secs: u32,
     /// Keyed by the full filter as subscribed (including `$share/group/`).
-    pub subscriptions: HashMap<Arc<str>, SubscriptionRecord>,
+    pub subscriptions: HashMap<Arc<str>, SubscriptionRecord, ProcessSeed>,
     /// Deliveries waiting for the client (and for in-flight window room).
     pub queue: VecDeque<Delivery>,
     /// Messages towards the client awaiting acknowledgement, by packet id.
-    pub outgoing: HashMap<u16, OutgoingEntry>,
+    pub outgoing: HashMap<u16, OutgoingEntry, ProcessSeed>,
     pub next_packet_id: u16,
     pub next_seq: u64,
     /// QoS 2 packet ids received from the client, PUBREC sent, PUBREL not yet received.
-    pub incoming_qos2: ahash::HashSet<u16>,
+    pub incoming_qos2: HashSet<u16, ProcessSeed>,
     /// The will of the attached connection, or a will waiting for its delay after disconnect.
     pub will: Option<PendingWill>,
     /// When the session was disconnected (to compute the will and expiry deadlines).
@@ -155,9 +171,9 @@ impl Session {
                 notified: false,
                 waker: None,
                 expiry_secs,
-                subscriptions: HashMap::new(),
+                subscriptions: HashMap::default(),
                 queue: VecDeque::new(),
-                outgoing: HashMap::new(),
+                outgoing: HashMap::default(),
                 next_packet_id: 1,
                 next_seq: 0,
                 incoming_qos2: Default::default(),

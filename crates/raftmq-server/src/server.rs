@@ -2,7 +2,7 @@
 
 use crate::connection::ConnOptions;
 use crate::drain::Drain;
-use crate::limits::{Admission, Decision, Rejection};
+use crate::limits::{Admission, Decision, Permit, Rejection};
 use crate::stream::Rewind;
 use crate::tls::{ClusterTlsPem, TlsError, TlsState};
 use crate::{
@@ -372,12 +372,7 @@ async fn accept_loop(
                     };
                     // Small packets must not wait for Nagle's algorithm.
                     let _ = stream.set_nodelay(true);
-                    let ctx = ctx.clone();
-                    let stop = stop.clone();
-                    tasks.spawn(async move {
-                        serve(stream, peer, refusal, ctx, stop).await;
-                        drop(permit);
-                    });
+                    tasks.spawn(serve(stream, peer, refusal, ctx.clone(), stop.clone(), permit));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -393,47 +388,71 @@ async fn accept_loop(
 }
 
 /// Reads the PROXY header (if the listener expects one), runs the TLS and WebSocket handshakes
-/// (within `listeners.handshake_timeout`), then serves MQTT on the resulting byte stream.
-async fn serve(
+/// (within `listeners.handshake_timeout`), then serves MQTT on the resulting byte stream. The
+/// connection holds its place in the admission counts (`permit`) until it closes.
+///
+/// This future is the connection's task: an `async` block, not an `async fn`, so that its
+/// arguments are stored once (see [`connection::run`]).
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+fn serve(
     mut stream: TcpStream,
     mut peer: SocketAddr,
     refusal: Option<raftmq_codec::ReasonCode>,
     ctx: Arc<ListenerCtx>,
     stop: watch::Receiver<bool>,
-) {
-    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
-    let mut prefix = bytes::Bytes::new();
-    if ctx.proxy {
-        match tokio::time::timeout_at(deadline, proxy::read_header(&mut stream)).await {
-            Ok(Ok((addr, rest))) => {
-                if let Some(addr) = addr {
-                    peer = addr;
+    permit: Permit,
+) -> impl Future<Output = ()> {
+    async move {
+        let _permit = permit;
+        let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+        let mut prefix = bytes::Bytes::new();
+        if ctx.proxy {
+            match tokio::time::timeout_at(deadline, proxy::read_header(&mut stream)).await {
+                Ok(Ok((addr, rest))) => {
+                    if let Some(addr) = addr {
+                        peer = addr;
+                    }
+                    prefix = rest;
                 }
-                prefix = rest;
-            }
-            Ok(Err(e)) => {
-                debug!(%peer, error = %e, "PROXY protocol header refused");
-                return Rejection::ProxyProtocol.count();
-            }
-            Err(_) => {
-                debug!(%peer, "no PROXY protocol header in time");
-                return Rejection::ProxyProtocol.count();
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "PROXY protocol header refused");
+                    return Rejection::ProxyProtocol.count();
+                }
+                Err(_) => {
+                    debug!(%peer, "no PROXY protocol header in time");
+                    return Rejection::ProxyProtocol.count();
+                }
             }
         }
-    }
-    let stream = Rewind::new(stream, prefix);
-    let write_stall = ctx.admission.limits().write_stall_timeout.0;
-    let mut opts = ConnOptions {
-        cert_identity: None,
-        refusal,
-        write_stall,
-        drain: ctx.drain.clone(),
-    };
-    let broker = ctx.broker.clone();
-    if !ctx.kind.is_tls() {
-        if !ctx.kind.is_websocket() {
+        let stream = Rewind::new(stream, prefix);
+        let write_stall = ctx.admission.limits().write_stall_timeout.0;
+        let opts = ConnOptions {
+            cert_identity: None,
+            refusal,
+            write_stall,
+            drain: ctx.drain.clone(),
+        };
+        if !ctx.kind.is_tls() && !ctx.kind.is_websocket() {
+            let broker = ctx.broker.clone();
             return connection::run(stream, peer, broker, stop, opts).await;
         }
+        // The TLS and WebSocket handshakes and streams are several times larger than a plain
+        // TCP connection's whole state: boxed, so they do not size every connection's task.
+        Box::pin(serve_upgraded(stream, peer, deadline, ctx, stop, opts)).await
+    }
+}
+
+/// The TLS and WebSocket part of [`serve`].
+async fn serve_upgraded(
+    stream: Rewind<TcpStream>,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    ctx: Arc<ListenerCtx>,
+    stop: watch::Receiver<bool>,
+    mut opts: ConnOptions,
+) {
+    let broker = ctx.broker.clone();
+    if !ctx.kind.is_tls() {
         let ws = tokio::time::timeout_at(
             deadline,
             ws::accept(stream, &ctx.ws_path, ctx.ws_max_message),
@@ -497,5 +516,45 @@ async fn stats_exporter(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => metrics::export_broker_stats(&broker),
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftmq_core::config::MqttConfig;
+
+    /// Every connection's task is one allocation the size of its future: the TLS and WebSocket
+    /// handshakes and streams (over 10 KiB together) must not size plain TCP connections.
+    #[tokio::test]
+    async fn plain_tcp_connection_task_is_not_sized_by_tls_or_websocket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("bound address");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let ctx = Arc::new(ListenerCtx {
+            kind: ListenerKind::Tcp,
+            proxy: false,
+            handshake_timeout: Duration::from_secs(1),
+            ws_path: "/mqtt".to_owned(),
+            ws_max_message: 1024,
+            tls: None,
+            admission: Arc::new(Admission::new(LimitsConfig::default())),
+            broker: Arc::new(Broker::new(MqttConfig::default())),
+            drain: Arc::new(Drain::new(
+                &DrainConfig::default(),
+                Arc::new(AtomicBool::new(true)),
+            )),
+        });
+        let (_stop_tx, stop) = watch::channel(false);
+        let Decision::Admit(permit) = ctx.admission.admit(ListenerKind::Tcp, Instant::now()) else {
+            panic!("no limits configured, yet the connection was not admitted");
+        };
+        let task = serve(stream, peer, None, ctx, stop, permit);
+        // Unoptimised builds lay futures out generously; release builds are smaller still.
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 2 * 1024, "connection task future is {size} bytes");
+        drop(task);
+        drop(client);
     }
 }

@@ -56,6 +56,29 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
+/// Streams that can say when they have bytes to read without being handed a buffer, so an idle
+/// connection waits for input holding no read buffer at all.
+pub trait ReadReady {
+    /// Ready when a read would make progress. The default is always ready: streams that cannot
+    /// tell (TLS, WebSocket) are read with a buffer as soon as they are polled.
+    fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ReadReady for Rewind<tokio::net::TcpStream> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+impl<S> ReadReady for tokio_rustls::server::TlsStream<S> {}
+
+impl<S> ReadReady for WsStream<S> {}
+
 /// MQTT over WebSocket as a byte stream: binary messages carry the MQTT bytes (a packet may span
 /// messages, a message may hold several packets); each write becomes one binary message.
 /// A text message is a protocol error; a close message or the end of the stream is EOF.
