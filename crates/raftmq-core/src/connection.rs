@@ -910,8 +910,16 @@ impl Connection {
         // Packet ids of durable deliveries are recorded so a resumed session resends them with
         // the same ids (§4.4); not awaited (a lost record only costs a QoS 1 duplicate).
         broker.propose(sent_records);
+        let latency = (!batch.is_empty())
+            .then(|| metrics::histogram!(crate::stats::DELIVERY_LATENCY_SECONDS));
         for (d, pid) in batch {
             if self.transmit_publish(&d, pid, false, now) {
+                if let Some(h) = &latency {
+                    h.record(
+                        now.saturating_duration_since(d.message.received_at)
+                            .as_secs_f64(),
+                    );
+                }
                 stats.messages_sent[usize::from(d.qos.as_u8())].fetch_add(1, Relaxed);
                 stats
                     .bytes_sent

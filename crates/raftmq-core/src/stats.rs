@@ -171,3 +171,8 @@ impl BrokerStats {
         self.messages_dropped[i].load(Relaxed)
     }
 }
+
+/// Time from a message's arrival at the broker (at the node it was published on) to its
+/// PUBLISH being handed to a subscriber's connection (histogram, seconds). Recorded through the
+/// `metrics` facade: a no-op until the binary installs a recorder.
+pub const DELIVERY_LATENCY_SECONDS: &str = "raftmq_messages_delivery_latency_seconds";

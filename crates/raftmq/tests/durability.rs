@@ -825,6 +825,23 @@ async fn messages_published_on_one_node_reach_subscribers_on_the_others() {
         from_b.len(),
         from_c.len()
     );
+    // What operators see: forwarding counted per peer on A, delivery latency observed on B.
+    let (_, metrics_a) = http_get(specs[0].http, "/metrics").await;
+    let forwarded_to_b = format!("raftmq_forward_messages_total{{peer=\"{}\"}}", specs[1].id);
+    assert!(
+        metrics_a.lines().any(|l| l.starts_with(&forwarded_to_b)),
+        "no {forwarded_to_b} on node A"
+    );
+    let (_, metrics_b) = http_get(specs[1].http, "/metrics").await;
+    let latency_count = metrics_b
+        .lines()
+        .find_map(|l| l.strip_prefix("raftmq_messages_delivery_latency_seconds_count "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        latency_count >= 100.0,
+        "delivery latency samples on B: {latency_count}"
+    );
     println!(
         "cross-node: 100 of 100 to B (clean and persistent); shared 40 = {} on B + {} on C",
         from_b.len(),
