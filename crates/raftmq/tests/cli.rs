@@ -226,7 +226,11 @@ fn passwd(args: &[&str], stdin: &str) -> Output {
         .spawn()
         .expect("runs raftmq passwd");
     if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes()).expect("write stdin");
+        // A command that reads no input (e.g. --delete, or a refused one) may have exited
+        // already: a broken pipe here is not a failure; its exit status and output are checked.
+        if let Err(e) = input.write_all(stdin.as_bytes()) {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
+        }
     }
     child.wait_with_output().expect("raftmq passwd finishes")
 }
