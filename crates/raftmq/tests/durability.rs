@@ -249,19 +249,7 @@ fn pid(n: u16) -> PacketId {
 }
 
 async fn subscribe(c: &mut RawClient, filter: &str) {
-    c.send(&Packet::Subscribe(Subscribe {
-        packet_id: pid(1),
-        properties: SubscribeProperties::default(),
-        filters: vec![SubscribeFilter {
-            filter: ByteStr::from(filter),
-            options: SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                ..Default::default()
-            },
-        }],
-    }))
-    .await;
-    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    subscribe_qos(c, filter, QoS::AtLeastOnce).await;
 }
 
 fn publish(topic: &str, packet_id: u16, payload: String, retain: bool) -> Packet {
