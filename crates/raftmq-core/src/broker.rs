@@ -206,7 +206,12 @@ struct Routes {
     peers: Mutex<HashMap<u64, std::collections::HashSet<Arc<str>>>>,
     peer_index: SubscriptionIndex<u64, ()>,
     forwarder: std::sync::OnceLock<Arc<dyn Forwarder>>,
+    /// Where MQTT 5 clients are sent when this node cannot commit (`Server Reference`).
+    redirect: std::sync::OnceLock<Redirect>,
 }
+
+/// Names another server for a client this node cannot serve durably (e.g. no quorum).
+pub type Redirect = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Routes {
     fn new(shards: usize) -> Self {
@@ -216,6 +221,7 @@ impl Routes {
             peers: Mutex::new(HashMap::default()),
             peer_index: SubscriptionIndex::new(shards),
             forwarder: std::sync::OnceLock::new(),
+            redirect: std::sync::OnceLock::new(),
         }
     }
 
@@ -1134,6 +1140,21 @@ impl Broker {
         for (node, plain, shared) in per_node {
             acks.push(forwarder.forward(node, message, plain, shared));
         }
+    }
+
+    /// Installs how to name another server (MQTT 5 Server Reference) for clients whose
+    /// durable work this node cannot commit (once; later calls are ignored).
+    pub fn set_redirect(&self, redirect: Redirect) {
+        let _ = self.routes.redirect.set(redirect);
+    }
+
+    /// Another server for a client this node cannot serve durably right now, if one is known.
+    pub fn redirect(&self) -> Option<ByteStr> {
+        self.routes
+            .redirect
+            .get()
+            .and_then(|r| r())
+            .map(ByteStr::from)
     }
 
     /// Installs the live forwarding to other nodes (once; later calls are ignored).

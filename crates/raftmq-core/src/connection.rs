@@ -341,7 +341,39 @@ impl Connection {
                             self.broker.abandon_attach(&att.session, att.epoch);
                         }
                         self.detach(DetachKind::Normal, now);
-                        return self.refuse_connect(ReasonCode::SERVER_UNAVAILABLE, now);
+                        // MQTT 5: send the client to a node that may commit (0x9C Use another
+                        // server, with a Server Reference), else 0x88 Server unavailable.
+                        let reference = self
+                            .version
+                            .is_v5()
+                            .then(|| self.broker.redirect())
+                            .flatten();
+                        return match reference {
+                            Some(reference) => {
+                                self.out.push_back(Packet::ConnAck(ConnAck {
+                                    session_present: false,
+                                    reason_code: ReasonCode::USE_ANOTHER_SERVER,
+                                    properties: ConnAckProperties {
+                                        server_reference: Some(reference),
+                                        ..ConnAckProperties::default()
+                                    },
+                                }));
+                                self.closed = Some(CloseReason::ConnectRefused(
+                                    ReasonCode::USE_ANOTHER_SERVER,
+                                ));
+                            }
+                            None => self.refuse_connect(ReasonCode::SERVER_UNAVAILABLE, now),
+                        };
+                    }
+                    if self.attachment.is_some()
+                        && self.version.is_v5()
+                        && let Some(reference) = self.broker.redirect()
+                    {
+                        let mut disconnect = Disconnect::with_code(ReasonCode::USE_ANOTHER_SERVER);
+                        disconnect.properties.server_reference = Some(reference);
+                        self.out.push_back(Packet::Disconnect(disconnect));
+                        self.closed = Some(CloseReason::StorageUnavailable);
+                        return self.detach(DetachKind::Abnormal, now);
                     }
                     return self.close(
                         CloseReason::StorageUnavailable,

@@ -22,7 +22,7 @@ pub mod session;
 pub mod stats;
 pub mod topic;
 
-pub use broker::{Attached, Broker, DetachKind, Forwarder, NEVER_EXPIRES};
+pub use broker::{Attached, Broker, DetachKind, Forwarder, NEVER_EXPIRES, Redirect};
 pub use connection::{CloseReason, Connection};
 pub use message::{Delivery, Message};
 pub use session::Session;

@@ -65,11 +65,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut node_options = NodeOptions::new(
         config.node_id,
         advertise_addr(&config),
-        config
-            .listeners
-            .tcp
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
+        advertised_mqtt_addr(&config),
         config.cluster.seeds.clone(),
         config.data_dir.clone(),
     );
@@ -115,6 +111,26 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     node.feed_broker(broker.clone());
     node.start_forwarding(broker.clone());
     let node = Arc::new(node);
+    // MQTT 5 clients this node cannot serve durably (no quorum) are sent to another member:
+    // the leader if this node knows one, else any other node.
+    let redirect_node = node.clone();
+    broker.set_redirect(Arc::new(move || {
+        let status = redirect_node.status();
+        let me = status.node_id;
+        status
+            .leader
+            .filter(|l| *l != me)
+            .and_then(|l| status.nodes.get(&l))
+            .or_else(|| {
+                status
+                    .nodes
+                    .iter()
+                    .find(|(id, _)| **id != me)
+                    .map(|(_, n)| n)
+            })
+            .map(|n| n.mqtt_addr.clone())
+            .filter(|a| !a.is_empty())
+    }));
     let sessions = broker.recover(Instant::now());
     info!(
         sessions,
@@ -255,6 +271,22 @@ fn advertise_addr(config: &Config) -> String {
     } else {
         addr.to_string()
     }
+}
+
+/// The MQTT address other nodes give clients (Server Reference): the TCP listener's, with an
+/// unspecified IP (0.0.0.0) replaced by the host of the cluster advertise address.
+fn advertised_mqtt_addr(config: &Config) -> String {
+    let Some(addr) = config.listeners.tcp else {
+        return String::new();
+    };
+    if !addr.ip().is_unspecified() {
+        return addr.to_string();
+    }
+    let cluster = advertise_addr(config);
+    let host = cluster
+        .rsplit_once(':')
+        .map_or(cluster.as_str(), |(host, _)| host);
+    format!("{host}:{}", addr.port())
 }
 
 /// Whether a listener on `addr` accepts connections from other hosts.

@@ -508,9 +508,34 @@ async fn losing_quorum_refuses_durable_writes_and_recovers_by_itself() {
     let (mut publ, _) = connected(addr, "q-pub", true).await;
     publ.send(&publish("orders/q1", 1, "msg-1".into(), false))
         .await;
+    // MQTT 5: no PUBACK, and the client is sent to another member (0x9C + Server Reference).
+    let others: Vec<String> = specs
+        .iter()
+        .filter(|s| s.id != specs[survivor].id)
+        .map(|s| s.mqtt_addr().to_string())
+        .collect();
     match publ.recv_within(Duration::from_secs(20)).await {
-        Ok(Some(Packet::Disconnect(d))) => assert_eq!(d.reason_code, ReasonCode::SERVER_BUSY),
-        other => panic!("expected DISCONNECT 0x89 (no PUBACK), got {other:?}"),
+        Ok(Some(Packet::Disconnect(d))) => {
+            assert_eq!(d.reason_code, ReasonCode::USE_ANOTHER_SERVER);
+            let reference = d.properties.server_reference.expect("a Server Reference");
+            assert!(
+                others.iter().any(|o| o == reference.as_str()),
+                "{reference} is not another member's MQTT address ({others:?})"
+            );
+        }
+        other => {
+            panic!("expected DISCONNECT 0x9C with a Server Reference (no PUBACK), got {other:?}")
+        }
+    }
+    // A persistent session cannot be opened either: CONNACK 0x9C with the reference.
+    let mut refused = RawClient::connect(addr, ProtocolVersion::V5).await;
+    refused.send(&connect_packet("q-late", true, 3600)).await;
+    match refused.recv_within(Duration::from_secs(20)).await {
+        Ok(Some(Packet::ConnAck(ack))) => {
+            assert_eq!(ack.reason_code, ReasonCode::USE_ANOTHER_SERVER);
+            assert!(ack.properties.server_reference.is_some());
+        }
+        other => panic!("expected CONNACK 0x9C, got {other:?}"),
     }
     // QoS 0 and online delivery keep working without consensus.
     let (mut publ, _) = connected(addr, "q-pub0", true).await;
