@@ -2,7 +2,9 @@
 //!
 //! * `codec/*`: decoding and encoding PUBLISH (small and large), SUBSCRIBE and CONNECT;
 //! * `index/*`: matching a topic against a subscription index holding 100,000 filters;
-//! * `broker/*`: routing one publish to 1,000 subscribed sessions through `Broker::publish`.
+//! * `broker/*`: routing one publish to 1,000 subscribed sessions through `Broker::publish`;
+//! * `state_machine/*`: applying one Raft log entry (a group-commit batch of 100 stored QoS 1
+//!   messages for a persistent session) to the RocksDB state machine.
 //!
 //! Run with `cargo bench -p raftmq-bench --bench hot_paths` (add `-- --quick` for a short run,
 //! or a name filter such as `-- codec/`).
@@ -233,5 +235,75 @@ fn broker(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec, index, broker);
+/// One log entry holding 100 `MessageStored` changes (64 B payloads, one target each), applied
+/// to the RocksDB-backed state machine: the per-entry cost behind durable QoS 1 throughput.
+fn state_machine(c: &mut Criterion) {
+    use raftmq_cluster::convert::{WallClock, encode_batch};
+    use raftmq_cluster::state_machine::StateMachine;
+    use raftmq_cluster::types::{Entry, Request};
+    use raftmq_core::durability::{MessageId, StateChange, StoredTarget};
+    use raftmq_store::Store;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path().join("raft")).expect("store");
+    let sm = StateMachine::open(store.state_db()).expect("state machine");
+    let clock = WallClock::now();
+    let entry = |index: u64, batch: Vec<u8>| Entry {
+        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
+        payload: openraft::EntryPayload::Normal(Request { batch }),
+    };
+    let open = encode_batch(
+        &[StateChange::SessionOpened {
+            client_id: "sub".into(),
+            epoch: 1,
+            clean_start: true,
+            expiry_secs: 3600,
+            will: None,
+        }],
+        &clock,
+    );
+    sm.apply_entry(&entry(1, open)).expect("apply");
+    let now = Instant::now();
+    let mut next_index = 2u64;
+    let mut next_id = 1u64;
+    let mut group = c.benchmark_group("state_machine");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("apply/entry_of_100_stored_messages", |b| {
+        b.iter_batched(
+            || {
+                let changes: Vec<StateChange> = (0..100)
+                    .map(|_| {
+                        next_id += 1;
+                        StateChange::MessageStored {
+                            id: MessageId(next_id),
+                            message: Arc::new(Message {
+                                topic: "orders/new".into(),
+                                payload: Bytes::from(vec![7u8; 64]),
+                                qos: QoS::AtLeastOnce,
+                                retain: false,
+                                properties: PublishProperties::default(),
+                                expires_at: None,
+                                received_at: now,
+                                origin: Some("pub".into()),
+                            }),
+                            targets: vec![StoredTarget {
+                                client_id: "sub".into(),
+                                qos: QoS::AtLeastOnce,
+                                retain: false,
+                                subscription_ids: Default::default(),
+                            }],
+                        }
+                    })
+                    .collect();
+                next_index += 1;
+                entry(next_index, encode_batch(&changes, &clock))
+            },
+            |e| sm.apply_entry(&e).expect("apply"),
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec, index, broker, state_machine);
 criterion_main!(benches);
