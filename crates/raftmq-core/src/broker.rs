@@ -671,6 +671,25 @@ impl Broker {
     }
 
     /// Removes a session's subscriptions and messages (its state lock held).
+    /// Takes `session` (locked as `st`) out of this node: offline, fenced (its connection, if
+    /// any, closes on its next poll), emptied and out of the registry. Records nothing.
+    fn unload_locked(
+        &self,
+        registry: &mut HashMap<ByteStr, Arc<Session>>,
+        session: &Arc<Session>,
+        mut st: parking_lot::MutexGuard<'_, SessionState>,
+    ) {
+        if st.online {
+            self.stats.sessions_online.fetch_sub(1, Relaxed);
+            session.set_online(&mut st, false);
+        }
+        st.epoch = self.next_epoch();
+        Session::notify(&mut st);
+        self.discard_locked(session, &mut st);
+        drop(st);
+        self.remove_from_registry(registry, session);
+    }
+
     fn discard_locked(&self, session: &Arc<Session>, st: &mut SessionState) {
         for (key, rec) in st.subscriptions.drain() {
             if self
@@ -1029,29 +1048,20 @@ impl Broker {
     ///
     /// The broker's own `$SYS/...` statistics are never refused by the retained limits and not
     /// counted in [`Broker::retained_bytes`]: clients' retained messages cannot crowd them out.
-    /// Removes the retained message of `topic`, keeping the byte count right.
-    fn remove_retained(&self, topic: &str) {
-        if let Some(old) = self.retained.remove(topic)
-            && !topic.starts_with("$SYS/")
-        {
+    /// Removes the retained message of `topic`, keeping the byte count right; returns it.
+    fn remove_retained(&self, topic: &str) -> Option<Arc<Message>> {
+        let old = self.retained.remove(topic)?;
+        if !topic.starts_with("$SYS/") {
             self.retained_bytes
                 .fetch_sub(old.payload.len() as u64, Relaxed);
         }
+        Some(old)
     }
 
     fn store_retained(&self, message: &Arc<Message>) -> bool {
         let limited = !message.topic.starts_with("$SYS/");
         if message.payload.is_empty() {
-            return match self.retained.remove(&message.topic) {
-                Some(old) => {
-                    if limited {
-                        self.retained_bytes
-                            .fetch_sub(old.payload.len() as u64, Relaxed);
-                    }
-                    true
-                }
-                None => false,
-            };
+            return self.remove_retained(&message.topic).is_some();
         }
         let Ok(topic) = TopicName::new(&message.topic, &self.topic_limits) else {
             return false;
@@ -1664,15 +1674,9 @@ impl Broker {
         if st.epoch != epoch {
             return;
         }
-        if st.online {
-            self.stats.sessions_online.fetch_sub(1, Relaxed);
-            session.set_online(&mut st, false);
-        }
         st.will = None;
-        self.discard_locked(session, &mut st);
         session.set_durable(false);
-        drop(st);
-        self.remove_from_registry(&mut registry, session);
+        self.unload_locked(&mut registry, session, st);
     }
 
     /// Mirrors changes that another node committed (the applied-change feed of a cluster, in
@@ -1691,7 +1695,9 @@ impl Broker {
                 StateChange::RetainedSet { message } => {
                     self.store_retained(message);
                 }
-                StateChange::RetainedCleared { topic } => self.remove_retained(topic),
+                StateChange::RetainedCleared { topic } => {
+                    self.remove_retained(topic);
+                }
                 StateChange::SessionOpened {
                     client_id,
                     clean_start,
@@ -1835,17 +1841,13 @@ impl Broker {
                 return None;
             }
             self.stats.takeovers.fetch_add(1, Relaxed);
-            self.stats.sessions_online.fetch_sub(1, Relaxed);
-            session.set_online(&mut st, false);
         }
         // The session lives on elsewhere: its persistent subscriptions now belong to a remote
         // owner (a clean start there ends them, and its SessionOpened clears them again).
         if keep_subscriptions && session.is_durable() {
             for (key, rec) in &st.subscriptions {
-                if rec.share_group.is_none() {
-                    self.remote
-                        .add(client_id, key, rec.entry, &self.topic_limits);
-                }
+                self.remote
+                    .add(client_id, key, rec.entry, &self.topic_limits);
             }
         }
         // A will still pending here (connected, or waiting for its delay) is this node's to
@@ -1854,12 +1856,8 @@ impl Broker {
             .will
             .take()
             .filter(|w| fence && (w.delay_secs == 0 || !keep_subscriptions));
-        st.epoch = self.next_epoch();
-        Session::notify(&mut st);
-        self.discard_locked(&session, &mut st);
         session.set_durable(false);
-        drop(st);
-        self.remove_from_registry(&mut registry, &session);
+        self.unload_locked(&mut registry, &session, st);
         will
     }
 
@@ -1874,19 +1872,11 @@ impl Broker {
         let mut registry = self.sessions.lock();
         let session = registry.get(client_id).cloned()?;
         let mut st = session.state.lock();
-        if st.online {
-            self.stats.sessions_online.fetch_sub(1, Relaxed);
-            session.set_online(&mut st, false);
-            if st.kick.is_none() {
-                st.kick = Some(ReasonCode::ADMINISTRATIVE_ACTION);
-            }
+        if st.online && st.kick.is_none() {
+            st.kick = Some(ReasonCode::ADMINISTRATIVE_ACTION);
         }
-        st.epoch = self.next_epoch();
         st.will = None;
-        Session::notify(&mut st);
-        self.discard_locked(&session, &mut st);
-        drop(st);
-        self.remove_from_registry(&mut registry, &session);
+        self.unload_locked(&mut registry, &session, st);
         drop(registry);
         let mut changes = Vec::new();
         if session.is_durable() {

@@ -1629,7 +1629,12 @@ fn admin_listings_show_clients_subscriptions_and_retained_messages() {
         .map(|m| m.topic.to_string())
         .collect();
     assert_eq!(topics, ["x/1"]);
+    let before = w.broker.retained_bytes();
     assert!(w.broker.clear_retained("x/1").is_some());
+    assert!(
+        w.broker.retained_bytes() < before,
+        "cleared bytes are uncounted"
+    );
     assert!(w.broker.clear_retained("x/1").is_none());
     assert!(w.broker.list_retained(Some("x/#")).is_empty());
 }

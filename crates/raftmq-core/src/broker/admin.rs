@@ -181,7 +181,7 @@ impl Broker {
     /// Clears the retained message of `topic` (durably): `None` when there was none, else the
     /// commit of the change.
     pub fn clear_retained(&self, topic: &str) -> Option<Commit> {
-        let removed = self.retained.remove(topic)?;
+        let removed = self.remove_retained(topic)?;
         let changes = if removed.topic.starts_with("$SYS/") {
             Vec::new()
         } else {
