@@ -106,25 +106,18 @@ impl Forwarder for ForwardHub {
         } else {
             (Commit::ready(), None)
         };
-        let sent = Some(tx.try_send(Outgoing {
+        let sent = tx.try_send(Outgoing {
             message: message.clone(),
             plain,
             shared,
             ack,
-        }));
+        });
         drop(links);
         // A message that could not be queued drops its handle: its commit fails and the
         // publisher is not acknowledged (it retries), so no QoS 1/2 message is lost here.
-        match sent {
-            Some(Ok(())) => {}
-            Some(Err(_)) => {
-                counter!(FORWARD_DROPPED_TOTAL, "peer" => node.to_string(), "reason" => "queue_full")
-                    .increment(1);
-            }
-            None => {
-                counter!(FORWARD_DROPPED_TOTAL, "peer" => node.to_string(), "reason" => "no_link")
-                    .increment(1)
-            }
+        if sent.is_err() {
+            counter!(FORWARD_DROPPED_TOTAL, "peer" => node.to_string(), "reason" => "queue_full")
+                .increment(1);
         }
         commit
     }

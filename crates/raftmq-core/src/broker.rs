@@ -204,7 +204,8 @@ struct Routes {
     generation: AtomicU64,
     /// Filters each peer announced, and the same as an index (keys: node ids).
     peers: Mutex<HashMap<u64, std::collections::HashSet<Arc<str>>>>,
-    peer_index: SubscriptionIndex<u64, ()>,
+    /// Values: the filter as announced (`$share/...` included), handed back to the peer.
+    peer_index: SubscriptionIndex<u64, Arc<str>>,
     forwarder: std::sync::OnceLock<Arc<dyn Forwarder>>,
     /// Where MQTT 5 clients are sent when this node cannot commit (`Server Reference`).
     redirect: std::sync::OnceLock<Redirect>,
@@ -249,8 +250,12 @@ impl Routes {
 
     fn peer_add(&self, node: u64, key: &Arc<str>, limits: &TopicLimits) {
         if let Ok(parsed) = parse_subscription(key, limits) {
-            self.peer_index
-                .subscribe(&parsed.filter, parsed.share_group.as_deref(), node, ());
+            self.peer_index.subscribe(
+                &parsed.filter,
+                parsed.share_group.as_deref(),
+                node,
+                key.clone(),
+            );
         }
     }
 
@@ -1142,9 +1147,7 @@ impl Broker {
                     }
                     let pick = &members[cursor.fetch_add(1, Relaxed) % members.len()];
                     let i = slot(&mut per_node, pick.0);
-                    per_node[i]
-                        .2
-                        .push(Arc::from(format!("$share/{group}/{filter}")));
+                    per_node[i].2.push(pick.1.clone());
                 }
             });
         for (node, plain, shared) in per_node {

@@ -218,16 +218,23 @@ fn connect_packet(id: &str, clean_start: bool, expiry: u32) -> Packet {
     }))
 }
 
-/// Connects and returns (client, session present); `None` if the broker refused (e.g. no quorum).
-/// Connects with session expiry `expiry` (0: a clean session, never durable).
+/// Connects and returns (client, session present); `None` if the node is down or refused (e.g.
+/// no quorum). Connects with session expiry `expiry` (0: a clean session, never durable).
 async fn try_connect(
     addr: SocketAddr,
     id: &str,
     clean_start: bool,
     expiry: u32,
 ) -> Option<(RawClient, bool)> {
-    let mut c = RawClient::connect(addr, ProtocolVersion::V5).await;
-    c.send(&connect_packet(id, clean_start, expiry)).await;
+    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let _ = stream.set_nodelay(true);
+    let mut c = RawClient::over(stream, ProtocolVersion::V5);
+    c.try_send(&connect_packet(id, clean_start, expiry))
+        .await
+        .ok()?;
     match c.recv_within(Duration::from_secs(10)).await {
         Ok(Some(Packet::ConnAck(ack))) if ack.reason_code == ReasonCode::SUCCESS => {
             Some((c, ack.session_present))
@@ -868,28 +875,6 @@ async fn messages_published_on_one_node_reach_subscribers_on_the_others() {
 // 40) of chaos, then every acknowledged message must reach every persistent subscriber.
 // ---------------------------------------------------------------------------------------------
 
-/// Connects with a v5 CONNECT; `None` if the node is down or refuses (no quorum yet).
-async fn chaos_connect(
-    addr: SocketAddr,
-    id: &str,
-    clean_start: bool,
-    expiry: u32,
-) -> Option<RawClient> {
-    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    let _ = stream.set_nodelay(true);
-    let mut c = RawClient::over(stream, ProtocolVersion::V5);
-    c.try_send(&connect_packet(id, clean_start, expiry))
-        .await
-        .ok()?;
-    match c.recv_within(Duration::from_secs(8)).await {
-        Ok(Some(Packet::ConnAck(ack))) if ack.reason_code == ReasonCode::SUCCESS => Some(c),
-        _ => None,
-    }
-}
-
 #[derive(Default)]
 struct ChaosState {
     acked: BTreeSet<u32>,
@@ -917,7 +902,7 @@ async fn chaos_publisher(
     let mut n = 0u32;
     let mut node = 0usize;
     'outer: while !stop.load(Ordering::Relaxed) {
-        let Some(mut c) = chaos_connect(addrs[node], "pub-chaos", true, 0).await else {
+        let Some((mut c, _)) = try_connect(addrs[node], "pub-chaos", true, 0).await else {
             node = (node + 1) % addrs.len();
             lock(&state).publish_reconnects += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -956,7 +941,7 @@ async fn chaos_subscriber(
     use std::sync::atomic::Ordering;
     let mut node = first;
     while !stop.load(Ordering::Relaxed) {
-        let Some(mut c) = chaos_connect(addrs[node], &id, false, 3600).await else {
+        let Some((mut c, _)) = try_connect(addrs[node], &id, false, 3600).await else {
             node = (node + 1) % addrs.len();
             lock(&state).subscriber_reconnects += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
