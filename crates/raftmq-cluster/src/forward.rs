@@ -5,19 +5,21 @@
 //! unacknowledged messages are resent after a reconnect and the receiver drops sequence numbers
 //! it has already handled, so a retry never delivers twice.
 //!
-//! This is the fast path: QoS 0 and deliveries to non-persistent sessions, which never wait for
-//! consensus. QoS 1/2 messages for persistent sessions of other nodes are stored through Raft
-//! before the publisher's acknowledgement (see `Broker::apply_replicated`), and a forwarded copy
-//! is not delivered to them again. Memory is bounded: a peer that cannot keep up or cannot be
+//! This is the fast path, which never waits for consensus: QoS 0, deliveries to non-persistent
+//! sessions, and QoS 1 to connected persistent sessions. QoS 1/2 messages for persistent
+//! sessions of other nodes are also stored through Raft before the publisher's acknowledgement
+//! (see `Broker::apply_replicated`); the forwarded copy carries the stored id, so a QoS 1
+//! message reaches a connected persistent session once, by whichever copy arrives first, and
+//! QoS 2 only through the log. Memory is bounded: a peer that cannot keep up or cannot be
 //! reached has its queue capped and the excess dropped and counted.
 
 use crate::convert::{WallClock, message_from_proto, message_to_proto};
-use crate::network::{ClusterTls, MAX_MESSAGE_BYTES, channel};
+use crate::network::{ClusterTls, Fault, Faults, MAX_MESSAGE_BYTES, channel};
 use crate::types::{NodeId, Raft};
 use metrics::counter;
 use parking_lot::Mutex;
-use raftmq_codec::QoS;
-use raftmq_core::durability::{Commit, CommitHandle};
+use raftmq_codec::{ByteStr, QoS};
+use raftmq_core::durability::{Commit, CommitHandle, MessageId};
 use raftmq_core::message::Message;
 use raftmq_core::{Broker, Forwarder};
 use raftmq_proto::forward as pb;
@@ -53,8 +55,16 @@ struct Outgoing {
     message: Arc<Message>,
     plain: bool,
     shared: Vec<Arc<str>>,
+    stored: Option<MessageId>,
     /// Resolved when the peer acknowledges it (QoS 1/2 while the link is up).
     ack: Option<CommitHandle>,
+}
+
+/// What goes to one peer's stream, in order.
+enum Item {
+    Message(Outgoing),
+    /// A client connected here with a session that is not stored (see `Forwarder::claim`).
+    Claim(pb::Claim),
 }
 
 /// A message sent and not yet acknowledged (kept for a resend after a reconnect).
@@ -67,9 +77,11 @@ struct Unacked {
 pub struct ForwardHub {
     node_id: NodeId,
     tls: Option<ClusterTls>,
+    /// Fault injection (tests): a link whose traffic is dropped is not opened, or is closed.
+    faults: Faults,
     incarnation: u64,
     clock: WallClock,
-    links: Mutex<HashMap<NodeId, mpsc::Sender<Outgoing>>>,
+    links: Mutex<HashMap<NodeId, mpsc::Sender<Item>>>,
     /// Since when each peer's stream has been down (absent: up, or never tried).
     down_since: Mutex<HashMap<NodeId, std::time::Instant>>,
 }
@@ -89,6 +101,7 @@ impl Forwarder for ForwardHub {
         message: &Arc<Message>,
         plain: bool,
         shared: Vec<Arc<str>>,
+        stored: Option<MessageId>,
     ) -> Commit {
         // QoS 1/2 over a working link: the publisher's acknowledgement waits for the peer's.
         // Over a link that is down there is nobody to wait for (its subscribers' connections
@@ -106,12 +119,13 @@ impl Forwarder for ForwardHub {
         } else {
             (Commit::ready(), None)
         };
-        let sent = tx.try_send(Outgoing {
+        let sent = tx.try_send(Item::Message(Outgoing {
             message: message.clone(),
             plain,
             shared,
+            stored,
             ack,
-        });
+        }));
         drop(links);
         // A message that could not be queued drops its handle: its commit fails and the
         // publisher is not acknowledged (it retries), so no QoS 1/2 message is lost here.
@@ -120,6 +134,19 @@ impl Forwarder for ForwardHub {
                 .increment(1);
         }
         commit
+    }
+
+    fn claim(&self, client_id: &ByteStr, at: std::time::Instant) {
+        let claim = pb::Claim {
+            client_id: client_id.to_string(),
+            at_unix_ms: self.clock.to_unix_ms(at),
+        };
+        for (peer, tx) in self.links.lock().iter() {
+            if self.down_for(*peer).is_none() && tx.try_send(Item::Claim(claim.clone())).is_err() {
+                counter!(FORWARD_DROPPED_TOTAL, "peer" => peer.to_string(), "reason" => "queue_full")
+                    .increment(1);
+            }
+        }
     }
 }
 
@@ -132,10 +159,12 @@ impl ForwardHub {
         node_id: NodeId,
         broker: Arc<Broker>,
         tls: Option<ClusterTls>,
+        faults: Faults,
     ) -> (Arc<ForwardHub>, tokio::task::JoinHandle<()>) {
         let hub = Arc::new(ForwardHub {
             node_id,
             tls,
+            faults,
             incarnation: incarnation(),
             clock: WallClock::now(),
             links: Mutex::new(HashMap::new()),
@@ -204,6 +233,13 @@ impl ForwardHub {
         }
     }
 
+    /// Whether fault injection cuts this node off from `peer` now.
+    fn cut_off(&self, peer: NodeId) -> bool {
+        self.faults
+            .as_ref()
+            .is_some_and(|f| f.fault(self.node_id, peer) == Fault::Drop)
+    }
+
     fn frame(&self, body: pb::frame::Body) -> pb::Frame {
         pb::Frame {
             from_node: self.node_id,
@@ -226,7 +262,7 @@ async fn link(
     hub: Arc<ForwardHub>,
     peer: NodeId,
     addr: String,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: mpsc::Receiver<Item>,
     broker: Arc<Broker>,
 ) {
     let mut unacked: VecDeque<Unacked> = VecDeque::new();
@@ -240,6 +276,9 @@ async fn link(
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
         first = false;
+        if hub.cut_off(peer) {
+            continue;
+        }
         let Ok(ch) = channel(&addr, hub.tls.as_ref()) else {
             continue;
         };
@@ -296,13 +335,22 @@ async fn link(
                         }
                     }
                     let mut messages = Vec::with_capacity(batch.len());
-                    for o in batch {
+                    let mut claims = Vec::new();
+                    for item in batch {
+                        let o = match item {
+                            Item::Message(o) => o,
+                            Item::Claim(c) => {
+                                claims.push(c);
+                                continue;
+                            }
+                        };
                         seq += 1;
                         let frame = pb::Forwarded {
                             seq,
                             message: Some(message_to_proto(&o.message, &hub.clock)),
                             plain: o.plain,
                             shared: o.shared.iter().map(|s| s.to_string()).collect(),
+                            stored_id: o.stored.map_or(0, |id| id.0),
                         };
                         messages.push(frame.clone());
                         unacked.push_back(Unacked { frame, ack: o.ack });
@@ -319,9 +367,17 @@ async fn link(
                         counter!(FORWARD_RESEND_OVERFLOW_TOTAL, "peer" => peer.to_string())
                             .increment(1);
                     }
-                    let body = pb::frame::Body::Deliveries(pb::Deliveries { messages });
-                    if out.send(hub.frame(body)).await.is_err() {
-                        break;
+                    if !messages.is_empty() {
+                        let body = pb::frame::Body::Deliveries(pb::Deliveries { messages });
+                        if out.send(hub.frame(body)).await.is_err() {
+                            break;
+                        }
+                    }
+                    if !claims.is_empty() {
+                        let body = pb::frame::Body::Claims(pb::Claims { claims });
+                        if out.send(hub.frame(body)).await.is_err() {
+                            break;
+                        }
                     }
                 }
                 ack = acks.message() => match ack {
@@ -337,6 +393,9 @@ async fn link(
                     Ok(None) | Err(_) => break,
                 },
                 _ = tick.tick() => {
+                    if hub.cut_off(peer) {
+                        break;
+                    }
                     if broker.route_generation() == generation {
                         continue;
                     }
@@ -361,7 +420,8 @@ async fn link(
                 ack.complete(Ok(()));
             }
         }
-        while let Ok(o) = rx.try_recv() {
+        while let Ok(item) = rx.try_recv() {
+            let Item::Message(o) = item else { continue };
             if let Some(ack) = o.ack {
                 ack.complete(Ok(()));
             }
@@ -457,7 +517,8 @@ impl ForwardService for ForwardGrpc {
                             counter!(FORWARD_RECEIVED_TOTAL).increment(1);
                             let shared: Vec<Arc<str>> =
                                 f.shared.into_iter().map(Arc::from).collect();
-                            broker.deliver_forwarded(Arc::new(message), f.plain, &shared);
+                            let stored = (f.stored_id != 0).then_some(MessageId(f.stored_id));
+                            broker.deliver_forwarded(Arc::new(message), f.plain, &shared, stored);
                         }
                         if let Some(entry) = inner.seen.lock().get_mut(&from)
                             && entry.0 == frame.incarnation
@@ -466,6 +527,13 @@ impl ForwardService for ForwardGrpc {
                         }
                         if tx.send(Ok(pb::Ack { up_to_seq: last })).await.is_err() {
                             return;
+                        }
+                    }
+                    Some(pb::frame::Body::Claims(c)) => {
+                        let now = std::time::Instant::now();
+                        for claim in c.claims {
+                            let at = clock.to_instant(claim.at_unix_ms);
+                            broker.claimed_elsewhere(&ByteStr::from(claim.client_id), at, now);
                         }
                     }
                     None => {}

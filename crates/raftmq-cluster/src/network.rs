@@ -95,6 +95,61 @@ pub trait FaultInjector: std::fmt::Debug + Send + Sync + 'static {
 /// Shared handle to an optional fault injector.
 pub type Faults = Option<std::sync::Arc<dyn FaultInjector>>;
 
+/// A partition described by a file (`cluster.faults_file`; for tests of real processes, which
+/// all read the same file): one side per line, node ids separated by spaces or commas. Nodes on
+/// different lines cannot reach each other; nodes on no line reach everyone. An empty or
+/// missing file is a healthy network. Lines starting with `#` are comments. Re-read at most
+/// every 100 ms.
+#[derive(Debug)]
+pub struct FileFaults {
+    path: std::path::PathBuf,
+    state: parking_lot::Mutex<(Option<std::time::Instant>, Vec<Vec<NodeId>>)>,
+}
+
+impl FileFaults {
+    const REREAD: Duration = Duration::from_millis(100);
+
+    pub fn new(path: std::path::PathBuf) -> Self {
+        FileFaults {
+            path,
+            state: parking_lot::Mutex::new((None, Vec::new())),
+        }
+    }
+
+    /// The sides described by `text` (see [`FileFaults`]); unreadable ids are ignored.
+    pub fn parse(text: &str) -> Vec<Vec<NodeId>> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                l.split(|c: char| c == ',' || c.is_whitespace())
+                    .filter_map(|id| id.parse().ok())
+                    .collect::<Vec<NodeId>>()
+            })
+            .filter(|side| !side.is_empty())
+            .collect()
+    }
+}
+
+impl FaultInjector for FileFaults {
+    fn fault(&self, from: NodeId, to: NodeId) -> Fault {
+        let mut state = self.state.lock();
+        let now = std::time::Instant::now();
+        if state
+            .0
+            .is_none_or(|t| now.duration_since(t) >= Self::REREAD)
+        {
+            let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+            *state = (Some(now), Self::parse(&text));
+        }
+        let side = |n: NodeId| state.1.iter().position(|s| s.contains(&n));
+        match (side(from), side(to)) {
+            (Some(a), Some(b)) if a != b => Fault::Drop,
+            _ => Fault::Deliver,
+        }
+    }
+}
+
 /// Applies the injector's verdict for `from → to`: waits out a delay, or reports a drop.
 pub(crate) async fn pass(faults: &Faults, from: NodeId, to: NodeId) -> Result<(), Dropped> {
     let Some(faults) = faults else {
@@ -293,5 +348,33 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .map_err(status_error)?;
         self.link(false).await?;
         conv::vote_response_from_pb(resp.get_ref()).map_err(wire_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_faults_file_cuts_links_between_sides_only() {
+        assert_eq!(
+            FileFaults::parse("# comment\n1 3\n\n2,4\nx\n"),
+            vec![vec![1, 3], vec![2, 4]]
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("faults");
+        let faults = FileFaults::new(path.clone());
+        // Missing file: healthy.
+        assert_eq!(faults.fault(1, 2), Fault::Deliver);
+        std::fs::write(&path, "1\n2 3\n").expect("write");
+        std::thread::sleep(FileFaults::REREAD + Duration::from_millis(20));
+        assert_eq!(faults.fault(1, 2), Fault::Drop);
+        assert_eq!(faults.fault(3, 1), Fault::Drop);
+        assert_eq!(faults.fault(2, 3), Fault::Deliver);
+        // A node on no line reaches everyone.
+        assert_eq!(faults.fault(4, 1), Fault::Deliver);
+        std::fs::write(&path, "").expect("write");
+        std::thread::sleep(FileFaults::REREAD + Duration::from_millis(20));
+        assert_eq!(faults.fault(1, 2), Fault::Deliver);
     }
 }

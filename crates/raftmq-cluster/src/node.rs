@@ -503,6 +503,7 @@ impl RaftNode {
             self.node_id,
             broker.clone(),
             self.tls.clone(),
+            self.faults.clone(),
         );
         self.forward_task = Some(task);
         self.liveness_task = Some(tokio::spawn(declare_down_nodes(
@@ -538,6 +539,22 @@ impl RaftNode {
 /// A member whose forwarding stream has been down this long is declared down by the leader.
 pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
 
+/// A node that could not commit for this long lets go of its persistent sessions (its clients
+/// are sent elsewhere with 0x9C Use another server) before the rest of the cluster may declare
+/// it down ([`NODE_DOWN_AFTER`]) and adopt them: a partitioned node never serves a session the
+/// majority has handed to someone else.
+pub const SELF_FENCE_AFTER: Duration = Duration::from_secs(5);
+
+// A node notices it cannot commit after at most an election timeout (follower, ≤ 2 s by
+// default) or QUORUM_STALE_MS (leader); with the liveness tick's lateness on top, it fences
+// itself before the earliest moment the cluster may declare it down.
+const _: () = assert!(
+    SELF_FENCE_AFTER.as_millis() + 2 * LIVENESS_TICK.as_millis() + (QUORUM_STALE_MS as u128)
+        < NODE_DOWN_AFTER.as_millis()
+);
+
+pub const SELF_FENCES_TOTAL: &str = "raftmq_cluster_self_fences_total";
+
 pub const NODES_DECLARED_DOWN_TOTAL: &str = "raftmq_cluster_nodes_declared_down_total";
 pub const SESSIONS_ADOPTED_TOTAL: &str = "raftmq_cluster_sessions_adopted_total";
 
@@ -554,10 +571,35 @@ async fn declare_down_nodes(
 ) {
     use raftmq_core::durability::{Durability, StateChange};
     let mut declared: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
+    let mut lease = Lease::default();
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(LIVENESS_TICK).await;
         let (leader, members): (bool, Vec<NodeId>) = {
             let m = raft.metrics().borrow().clone();
+            match lease.observe(can_commit(&m), std::time::Instant::now()) {
+                LeaseEvent::Lost => {
+                    let fenced = broker
+                        .fence_durable_sessions(Some(raftmq_codec::ReasonCode::USE_ANOTHER_SERVER));
+                    metrics::counter!(SELF_FENCES_TOTAL).increment(1);
+                    warn!(
+                        fenced,
+                        "no quorum for {SELF_FENCE_AFTER:?}: persistent sessions released, \
+                         their clients sent to other nodes"
+                    );
+                }
+                LeaseEvent::Regained => {
+                    // Take back the sessions this node still owns once everything committed
+                    // meanwhile is applied here (the barrier): those the cluster adopted while
+                    // this node was away are no longer listed as its own.
+                    if durability.propose(Vec::new()).await.is_ok() {
+                        let owned = durability.sessions_owned_by(me);
+                        let restored = broker.adopt_sessions(owned, std::time::Instant::now());
+                        lease.restored();
+                        info!(restored, "quorum regained; persistent sessions restored");
+                    }
+                }
+                LeaseEvent::None => {}
+            }
             (
                 m.state == ServerState::Leader && can_commit(&m),
                 m.membership_config
@@ -590,6 +632,51 @@ async fn declare_down_nodes(
                 adopted, "node declared down; its persistent sessions adopted here"
             );
         }
+    }
+}
+
+/// How often liveness (dead members, this node's own lease) is checked.
+const LIVENESS_TICK: Duration = Duration::from_millis(500);
+
+/// Tracks whether this node has been able to commit recently (see [`SELF_FENCE_AFTER`]).
+#[derive(Debug, Default)]
+struct Lease {
+    /// Since when it could not commit (`None`: it can).
+    lost_since: Option<std::time::Instant>,
+    /// Sessions were released and are not restored yet.
+    fenced: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum LeaseEvent {
+    None,
+    /// Could not commit for [`SELF_FENCE_AFTER`]: release the persistent sessions.
+    Lost,
+    /// Can commit again after [`LeaseEvent::Lost`]: restore them (then call `restored`;
+    /// until then every observation that can commit reports this again).
+    Regained,
+}
+
+impl Lease {
+    fn observe(&mut self, can_commit: bool, now: std::time::Instant) -> LeaseEvent {
+        if can_commit {
+            self.lost_since = None;
+            return if self.fenced {
+                LeaseEvent::Regained
+            } else {
+                LeaseEvent::None
+            };
+        }
+        let since = *self.lost_since.get_or_insert(now);
+        if !self.fenced && now.duration_since(since) >= SELF_FENCE_AFTER {
+            self.fenced = true;
+            return LeaseEvent::Lost;
+        }
+        LeaseEvent::None
+    }
+
+    fn restored(&mut self) {
+        self.fenced = false;
     }
 }
 
@@ -641,5 +728,41 @@ async fn join_loop(
             targets = seeds.clone();
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn the_lease_fences_once_after_the_grace_and_restores_once_quorum_is_back() {
+        let mut lease = Lease::default();
+        let t0 = Instant::now();
+        assert_eq!(lease.observe(true, t0), LeaseEvent::None);
+        assert_eq!(lease.observe(false, t0), LeaseEvent::None);
+        // A short loss (an election) does nothing.
+        assert_eq!(
+            lease.observe(false, t0 + SELF_FENCE_AFTER / 2),
+            LeaseEvent::None
+        );
+        assert_eq!(lease.observe(true, t0 + SELF_FENCE_AFTER), LeaseEvent::None);
+        let t1 = t0 + SELF_FENCE_AFTER * 2;
+        assert_eq!(lease.observe(false, t1), LeaseEvent::None);
+        assert_eq!(
+            lease.observe(false, t1 + SELF_FENCE_AFTER),
+            LeaseEvent::Lost
+        );
+        assert_eq!(
+            lease.observe(false, t1 + SELF_FENCE_AFTER * 3),
+            LeaseEvent::None
+        );
+        // Regained until the sessions are restored (a failed barrier retries).
+        let t2 = t1 + SELF_FENCE_AFTER * 4;
+        assert_eq!(lease.observe(true, t2), LeaseEvent::Regained);
+        assert_eq!(lease.observe(true, t2), LeaseEvent::Regained);
+        lease.restored();
+        assert_eq!(lease.observe(true, t2), LeaseEvent::None);
     }
 }

@@ -33,6 +33,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 mod admin;
+mod live;
 pub use admin::{ClientSummary, Kicked, SubscriptionSummary};
 
 /// Session Expiry Interval meaning "never expires".
@@ -187,13 +188,24 @@ pub trait Forwarder: Send + Sync + 'static {
     /// member of each shared subscription in `shared` (`$share/<group>/<filter>`). For QoS 1/2
     /// the returned commit resolves when the peer acknowledged it (the publisher's PUBACK waits
     /// for it: backpressure instead of loss); it fails when the message could not be queued.
+    /// `stored`: the id under which this node stores the message (QoS 1/2) for persistent
+    /// sessions held by other nodes, so the peer can deliver it to them at once and skip the
+    /// replicated copy (see [`Broker::deliver_forwarded`]).
     fn forward(
         &self,
         node: u64,
         message: &Arc<Message>,
         plain: bool,
         shared: Vec<Arc<str>>,
+        stored: Option<MessageId>,
     ) -> Commit;
+
+    /// Tells every peer that `client_id` connected here at `at` with a session that is not
+    /// stored (so no claim goes through the replicated log): a peer still holding an older
+    /// connection or session for it ends them ([`Broker::claimed_elsewhere`]). Best effort.
+    fn claim(&self, client_id: &ByteStr, at: Instant) {
+        let _ = (client_id, at);
+    }
 }
 
 /// Where this node's subscribers are (announced to peers), and where the peers' are.
@@ -274,9 +286,14 @@ enum Scope<'a> {
     /// persistent sessions owned by other nodes (stored for them).
     Origin,
     /// A message another node forwarded: local ordinary subscribers if `plain`, one local
-    /// member of each listed shared subscription; persistent sessions that the origin stored
-    /// it for (QoS 1/2) get it through the replicated log instead.
-    Forwarded { plain: bool, shared: &'a [Arc<str>] },
+    /// member of each listed shared subscription. Persistent sessions that the origin stored
+    /// it for (under `stored`) get it live if connected and QoS 1 (once: the replicated copy
+    /// is skipped), else through the replicated log.
+    Forwarded {
+        plain: bool,
+        shared: &'a [Arc<str>],
+        stored: Option<MessageId>,
+    },
 }
 
 /// The broker: everything shared by all connections of one node.
@@ -305,6 +322,8 @@ pub struct Broker {
     id_prefix: String,
     rng: AtomicU64,
     node_id: u64,
+    /// Stored QoS 1 messages delivered live to sessions here before their commit.
+    live: live::LiveStored,
 }
 
 impl std::fmt::Debug for Broker {
@@ -355,6 +374,7 @@ impl Broker {
             id_prefix: format!("raftmq-{node_id}-"),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ node_id),
             node_id,
+            live: live::LiveStored::default(),
             topic_limits,
             queue_limits,
             config,
@@ -369,7 +389,9 @@ impl Broker {
     }
 
     /// Proposes `changes` (nothing to do when empty).
-    pub fn propose(&self, changes: Vec<StateChange>) -> Commit {
+    pub fn propose(&self, mut changes: Vec<StateChange>) -> Commit {
+        // Records of messages delivered live ahead of their `MessageStored` follow it later.
+        self.live.hold_back(&mut changes);
         if changes.is_empty() {
             Commit::ready()
         } else {
@@ -522,6 +544,7 @@ impl Broker {
             st.kick = None;
             st.expiry_secs = expiry_secs;
             st.disconnected_at = None;
+            st.attached_at = Some(now);
             session.set_online(&mut st, true);
             self.stats.sessions_online.fetch_add(1, Relaxed);
             let epoch = st.epoch;
@@ -544,7 +567,11 @@ impl Broker {
                 });
             }
             st.will = will;
+            let stored = session.is_durable();
             drop(st);
+            if !stored && let Some(forwarder) = self.routes.forwarder.get() {
+                forwarder.claim(client_id, now);
+            }
             Attached {
                 session,
                 epoch,
@@ -930,14 +957,15 @@ impl Broker {
                 }
             }
         });
-        if forwarding {
-            self.forward_to_peers(message, &local_groups, acks);
-        }
         let mut stored: Option<(MessageId, Vec<StoredTarget>)> = None;
         let mut offered = match scope {
             Scope::Origin => self.store_for_remote(message, &targets, &mut stored, deferred),
             Scope::Forwarded { .. } => 0,
         };
+        if forwarding {
+            let stored_id = stored.as_ref().map(|(id, _)| *id);
+            self.forward_to_peers(message, &local_groups, stored_id, acks);
+        }
         if targets.is_empty() {
             if offered == 0 {
                 self.stats.messages_unrouted.fetch_add(1, Relaxed);
@@ -972,18 +1000,44 @@ impl Broker {
                 j += 1;
             }
             let qos = qos.min(message.qos);
+            let retain = message.retain && retain_as_published;
             // Forwarded QoS 1/2 for a persistent session here: the origin stored it for that
             // session (its ordinary subscriptions are mirrored there), and the replicated log
-            // queues it here; delivering it now as well would duplicate it.
-            if matches!(scope, Scope::Forwarded { .. })
+            // queues it here. A connected session gets QoS 1 now, without waiting for the
+            // commit, and the replicated copy is then skipped (or this one, if the log was
+            // faster); QoS 2 waits for the log (see `live`).
+            if let Scope::Forwarded { stored, .. } = scope
                 && qos != QoS::AtMostOnce
                 && session.is_durable()
                 && !via_shared
             {
+                if let Some(id) = stored
+                    && qos == QoS::AtLeastOnce
+                    && session.is_online()
+                {
+                    let (copy, released) = self.live.forwarded(id, session.client_id());
+                    drop(self.propose(released));
+                    if copy == live::Copy::Queue {
+                        let delivery = Delivery {
+                            qos,
+                            retain,
+                            subscription_ids: ids,
+                            message: message.clone(),
+                            durable: Some(id),
+                        };
+                        if session.enqueue(delivery, &self.queue_limits, &self.stats)
+                            == Enqueued::Queued
+                        {
+                            offered += 1;
+                        } else {
+                            let held = self.live.not_queued(id, session.client_id());
+                            drop(self.propose(held));
+                        }
+                    }
+                }
                 i = j;
                 continue;
             }
-            let retain = message.retain && retain_as_published;
             // QoS 1/2 for a persistent session: stored once, referenced by each such session.
             let durable = (qos != QoS::AtMostOnce && session.is_durable()).then(|| {
                 stored
@@ -1110,6 +1164,7 @@ impl Broker {
         &self,
         message: &Arc<Message>,
         local_groups: &[(String, String)],
+        stored: Option<MessageId>,
         acks: &mut Vec<Commit>,
     ) {
         let Some(forwarder) = self.routes.forwarder.get() else {
@@ -1151,7 +1206,7 @@ impl Broker {
                 }
             });
         for (node, plain, shared) in per_node {
-            acks.push(forwarder.forward(node, message, plain, shared));
+            acks.push(forwarder.forward(node, message, plain, shared, stored));
         }
     }
 
@@ -1238,6 +1293,7 @@ impl Broker {
         message: Arc<Message>,
         plain: bool,
         shared: &[Arc<str>],
+        stored: Option<MessageId>,
     ) -> usize {
         let mut changes = Vec::new();
         let mut deferred = Vec::new();
@@ -1246,7 +1302,11 @@ impl Broker {
             &mut changes,
             &mut deferred,
             &mut Vec::new(),
-            Scope::Forwarded { plain, shared },
+            Scope::Forwarded {
+                plain,
+                shared,
+                stored,
+            },
         );
         // Stores for local persistent members of shared subscriptions: nobody waits on them.
         drop(self.propose(changes));
@@ -1740,20 +1800,79 @@ impl Broker {
                 StateChange::NodeDown { .. } => {
                     // This node was declared down (it was cut off, its sessions were adopted
                     // elsewhere): it can no longer prove it owns any persistent session.
-                    let durable: Vec<ByteStr> = self
-                        .sessions
-                        .lock()
-                        .iter()
-                        .filter(|(_, s)| s.is_durable())
-                        .map(|(id, _)| id.clone())
-                        .collect();
-                    for client_id in durable {
-                        drop(self.forget_session(&client_id, true, true));
-                    }
+                    self.fence_durable_sessions(None);
                 }
                 _ => {}
             }
         }
+    }
+
+    /// Lets go of every persistent session held here, because this node can no longer prove
+    /// it owns them (it was declared down, or it has been out of touch with a quorum long
+    /// enough that the cluster may declare it down and adopt them). Connected clients are
+    /// disconnected with `code` (MQTT 5; with a Server Reference for 0x9C Use another server;
+    /// `None`: 0x8E Session taken over); no will is published here (the adopting node publishes it), and the sessions'
+    /// subscriptions are kept as those of sessions held elsewhere. Returns how many.
+    pub fn fence_durable_sessions(&self, code: Option<ReasonCode>) -> usize {
+        let durable: Vec<Arc<Session>> = self
+            .sessions
+            .lock()
+            .values()
+            .filter(|s| s.is_durable())
+            .cloned()
+            .collect();
+        let mut fenced = 0;
+        for session in durable {
+            {
+                let mut st = session.state.lock();
+                if st.online && st.kick.is_none() {
+                    st.kick = code;
+                }
+                // Its will belongs to whichever node adopts the session.
+                st.will = None;
+            }
+            drop(self.forget_session(session.client_id(), true, true));
+            fenced += 1;
+        }
+        fenced
+    }
+
+    /// A client with id `client_id` connected to another node at `at` (that node's claim, see
+    /// [`Forwarder::claim`]): a session here that is older ends (its connection is closed with
+    /// Session Taken Over; the old connection's will is published as on any takeover by a
+    /// session that is not resumed). A newer one is kept. Returns whether one ended.
+    pub fn claimed_elsewhere(&self, client_id: &ByteStr, at: Instant, now: Instant) -> bool {
+        let mut registry = self.sessions.lock();
+        let Some(session) = registry.get(client_id).cloned() else {
+            return false;
+        };
+        let mut st = session.state.lock();
+        let since = if st.online {
+            st.attached_at
+        } else {
+            st.disconnected_at
+        };
+        if since.is_some_and(|t| t >= at) {
+            return false;
+        }
+        if st.online {
+            self.stats.takeovers.fetch_add(1, Relaxed);
+        }
+        let will = st.will.take();
+        let durable = session.is_durable();
+        session.set_durable(false);
+        self.unload_locked(&mut registry, &session, st);
+        drop(registry);
+        if durable {
+            self.remote.clear(client_id);
+            drop(self.propose(vec![StateChange::SessionEnded {
+                client_id: client_id.clone(),
+            }]));
+        }
+        if let Some(will) = will {
+            self.publish_will(will, now);
+        }
+        true
     }
 
     /// Whether the session of `client_id` lives on this node.
@@ -1770,11 +1889,19 @@ impl Broker {
         message: &Arc<Message>,
         targets: &[StoredTarget],
     ) {
+        let mut release = Vec::new();
         for target in targets {
-            let Some(session) = self.sessions.lock().get(&target.client_id).cloned() else {
-                continue;
-            };
-            if !session.is_durable() || session.state.lock().replicated_upto >= index {
+            let session = self.sessions.lock().get(&target.client_id).cloned();
+            let here = session.filter(|s| s.is_durable());
+            // A QoS 1 copy forwarded live by the publishing node may have been delivered
+            // already (or may still come, for a connected session). Batches replicated here
+            // were all proposed by other nodes.
+            let expect_forward =
+                target.qos == QoS::AtLeastOnce && here.as_ref().is_some_and(|s| s.is_online());
+            let (copy, held) = self.live.replicated(id, &target.client_id, expect_forward);
+            release.extend(held);
+            let Some(session) = here else { continue };
+            if copy == live::Copy::Skip || session.state.lock().replicated_upto >= index {
                 continue;
             }
             let delivery = Delivery {
@@ -1786,6 +1913,7 @@ impl Broker {
             };
             session.enqueue(delivery, &self.queue_limits, &self.stats);
         }
+        drop(self.propose(release));
     }
 
     /// Replaces the mirrored subscriptions of sessions owned by other nodes (after the durable

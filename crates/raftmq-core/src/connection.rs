@@ -940,12 +940,16 @@ impl Connection {
         }
         let more = moved == budget && budget != usize::MAX;
         // Packet ids of durable deliveries are recorded so a resumed session resends them with
-        // the same ids (§4.4); not awaited (a lost record only costs a QoS 1 duplicate).
-        broker.propose(sent_records);
+        // the same ids (§4.4). QoS 1 does not wait (a lost record only costs a duplicate, which
+        // QoS 1 allows). A stored QoS 2 PUBLISH waits for its record: sent before it and the
+        // node lost, the session elsewhere would send the message again under a new packet id,
+        // which a receiver cannot recognise as a duplicate (exactly once).
+        let sent = broker.propose(sent_records);
         let latency = (!batch.is_empty())
             .then(|| metrics::histogram!(crate::stats::DELIVERY_LATENCY_SECONDS));
         for (d, pid) in batch {
-            if self.transmit_publish(&d, pid, false, now) {
+            let hold = (d.qos == QoS::ExactlyOnce && d.durable.is_some()).then(|| sent.clone());
+            if self.transmit_publish_after(&d, pid, false, now, hold) {
                 if let Some(h) = &latency {
                     h.record(
                         now.saturating_duration_since(d.message.received_at)
@@ -983,6 +987,18 @@ impl Connection {
         dup: bool,
         now: Instant,
     ) -> bool {
+        self.transmit_publish_after(d, packet_id, dup, now, None)
+    }
+
+    /// [`Self::transmit_publish`], held back (with everything after it) until `commit`.
+    fn transmit_publish_after(
+        &mut self,
+        d: &Delivery,
+        packet_id: Option<PacketId>,
+        dup: bool,
+        now: Instant,
+        commit: Option<Commit>,
+    ) -> bool {
         let packet = Packet::Publish(self.publish_packet(d, packet_id, dup, now));
         if !self.fits(&packet) {
             return false;
@@ -993,7 +1009,7 @@ impl Connection {
         {
             self.outbound_aliases.commit(&p.topic, alias);
         }
-        self.emit(packet, None);
+        self.emit(packet, commit);
         true
     }
 
@@ -1451,9 +1467,13 @@ impl Connection {
             .as_ref()
             .and_then(|a| a.session.state.lock().kick.take());
         if self.version.is_v5() {
-            self.out.push_back(Packet::Disconnect(Disconnect::with_code(
-                kicked.unwrap_or(ReasonCode::SESSION_TAKEN_OVER),
-            )));
+            let mut disconnect =
+                Disconnect::with_code(kicked.unwrap_or(ReasonCode::SESSION_TAKEN_OVER));
+            if kicked == Some(ReasonCode::USE_ANOTHER_SERVER) {
+                // Fenced because this node lost touch with the cluster: name another member.
+                disconnect.properties.server_reference = self.broker.redirect();
+            }
+            self.out.push_back(Packet::Disconnect(disconnect));
         }
         self.closed = Some(if kicked.is_some() {
             CloseReason::Kicked

@@ -110,6 +110,8 @@ pub(crate) struct SessionState {
     pub will: Option<PendingWill>,
     /// When the session was disconnected (to compute the will and expiry deadlines).
     pub disconnected_at: Option<Instant>,
+    /// When the attached (or last) connection attached.
+    pub attached_at: Option<Instant>,
     /// The attached (or last) connection's CONNECT details.
     pub connection: Option<ConnectionInfo>,
     /// Set by an administrative kick: the attached connection closes, telling a v5 client this
@@ -179,6 +181,7 @@ impl Session {
                 incoming_qos2: Default::default(),
                 will: None,
                 disconnected_at: None,
+                attached_at: None,
                 connection: None,
                 kick: None,
                 replicated_upto: 0,

@@ -720,3 +720,251 @@ fn a_message_stored_through_another_node_is_queued_for_the_local_session_once() 
     b.apply_replicated(12, &[elsewhere], now);
     assert!(drain(&mut sub, now).is_empty());
 }
+
+fn remote_message(
+    topic: &str,
+    qos: QoS,
+    payload: &'static [u8],
+    now: Instant,
+) -> Arc<raftmq_core::Message> {
+    Arc::new(raftmq_core::Message {
+        topic: ByteStr::from(topic),
+        payload: Bytes::from_static(payload),
+        qos,
+        retain: false,
+        properties: PublishProperties::default(),
+        expires_at: None,
+        received_at: now,
+        origin: Some(ByteStr::from("elsewhere")),
+    })
+}
+
+fn stored_for(id: u64, message: &Arc<raftmq_core::Message>, client: &str) -> StateChange {
+    StateChange::MessageStored {
+        id: MessageId(id),
+        message: message.clone(),
+        targets: vec![raftmq_core::durability::StoredTarget {
+            client_id: ByteStr::from(client),
+            qos: message.qos,
+            retain: false,
+            subscription_ids: Default::default(),
+        }],
+    }
+}
+
+/// A connected persistent session subscribed to `filter` at `qos` (commits completed).
+fn persistent_subscriber(
+    b: &Arc<Broker>,
+    held: &Held,
+    id: &str,
+    filter: &str,
+    qos: QoS,
+    now: Instant,
+) -> Connection {
+    let mut sub = open(b, now);
+    sub.handle_packet(connect(id, true, 300), now);
+    sub.handle_packet(subscribe(filter, qos), now);
+    held.complete_all(Ok(()));
+    sub.handle_commits(now);
+    assert!(matches!(
+        drain(&mut sub, now)[..],
+        [Packet::ConnAck(_), Packet::SubAck(_)]
+    ));
+    sub
+}
+
+fn records_of(held: &Held, id: u64) -> Vec<&'static str> {
+    held.changes()
+        .into_iter()
+        .filter_map(|c| match c {
+            StateChange::MessageSent { id: m, .. } if m == MessageId(id) => Some("sent"),
+            StateChange::MessageAcked { id: m, .. } if m == MessageId(id) => Some("acked"),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_forwarded_qos1_message_reaches_a_connected_persistent_session_before_its_commit_once() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut sub = persistent_subscriber(&b, &held, "here", "t/#", QoS::AtLeastOnce, now);
+
+    // Forwarded first: delivered at once, without waiting for the replicated copy.
+    let m = remote_message("t/1", QoS::AtLeastOnce, b"live", now);
+    assert_eq!(
+        b.deliver_forwarded(m.clone(), true, &[], Some(MessageId(900))),
+        1
+    );
+    let packet_id = match &drain(&mut sub, now)[..] {
+        [Packet::Publish(p)] => {
+            assert_eq!(&p.payload[..], b"live");
+            p.packet_id.expect("QoS 1")
+        }
+        other => panic!("expected the forwarded message at once, got {other:?}"),
+    };
+    exchange(
+        &mut sub,
+        Packet::PubAck(PubResponse::success(packet_id)),
+        now,
+    );
+    assert!(
+        records_of(&held, 900).is_empty(),
+        "records of a message not yet stored here wait for its MessageStored"
+    );
+    // The replicated copy: not delivered again; the held-back records follow it.
+    b.apply_replicated(20, &[stored_for(900, &m, "here")], now);
+    assert!(drain(&mut sub, now).is_empty(), "delivered once");
+    assert_eq!(records_of(&held, 900), ["sent", "acked"]);
+
+    // Replicated first: delivered from the log; the late forwarded copy is dropped.
+    let m2 = remote_message("t/2", QoS::AtLeastOnce, b"logged", now);
+    b.apply_replicated(21, &[stored_for(901, &m2, "here")], now);
+    assert!(
+        matches!(&drain(&mut sub, now)[..], [Packet::Publish(p)] if &p.payload[..] == b"logged")
+    );
+    assert_eq!(b.deliver_forwarded(m2, true, &[], Some(MessageId(901))), 0);
+    assert!(drain(&mut sub, now).is_empty(), "delivered once");
+    assert_eq!(
+        records_of(&held, 901),
+        ["sent"],
+        "recorded at once: already stored"
+    );
+}
+
+#[test]
+fn forwarded_qos2_for_a_persistent_session_waits_for_the_log_and_its_sent_record() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut sub = persistent_subscriber(&b, &held, "q2", "t/#", QoS::ExactlyOnce, now);
+    let m = remote_message("t/1", QoS::ExactlyOnce, b"once", now);
+    assert_eq!(
+        b.deliver_forwarded(m.clone(), true, &[], Some(MessageId(77))),
+        0
+    );
+    assert!(
+        drain(&mut sub, now).is_empty(),
+        "QoS 2 comes through the log only"
+    );
+    b.apply_replicated(30, &[stored_for(77, &m, "q2")], now);
+    // The PUBLISH waits until its packet id is recorded: a resumed session elsewhere must
+    // resend it under the same id.
+    assert!(drain(&mut sub, now).is_empty());
+    assert_eq!(records_of(&held, 77), ["sent"]);
+    held.complete_all(Ok(()));
+    sub.handle_commits(now);
+    assert!(matches!(&drain(&mut sub, now)[..], [Packet::Publish(p)] if p.qos == QoS::ExactlyOnce));
+}
+
+#[derive(Default)]
+struct RecordingForwarder {
+    claims: Mutex<Vec<String>>,
+}
+
+impl raftmq_core::Forwarder for RecordingForwarder {
+    fn forward(
+        &self,
+        _node: u64,
+        _message: &Arc<raftmq_core::Message>,
+        _plain: bool,
+        _shared: Vec<Arc<str>>,
+        _stored: Option<MessageId>,
+    ) -> Commit {
+        Commit::ready()
+    }
+    fn claim(&self, client_id: &ByteStr, _at: Instant) {
+        self.claims.lock().push(client_id.to_string());
+    }
+}
+
+#[test]
+fn a_client_without_a_stored_session_is_claimed_cluster_wide_and_older_ones_end() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let forwarder = Arc::new(RecordingForwarder::default());
+    b.set_forwarder(forwarder.clone());
+    let t0 = Instant::now();
+    let mut clean = open(&b, t0);
+    assert!(matches!(
+        exchange(&mut clean, connect("dev", true, 0), t0)[..],
+        [Packet::ConnAck(_)]
+    ));
+    let _persistent = persistent_subscriber(&b, &held, "keeper", "k/#", QoS::AtLeastOnce, t0);
+    assert_eq!(
+        *forwarder.claims.lock(),
+        ["dev"],
+        "only sessions that are not stored are claimed"
+    );
+
+    // An older claim from another node does not end the newer connection here.
+    let t1 = t0 + Duration::from_secs(1);
+    assert!(!b.claimed_elsewhere(&ByteStr::from("dev"), t0 - Duration::from_millis(5), t1));
+    assert!(drain(&mut clean, t1).is_empty());
+    // A newer one does: Session Taken Over, and the session is gone.
+    assert!(b.claimed_elsewhere(&ByteStr::from("dev"), t1, t1));
+    match &drain(&mut clean, t1)[..] {
+        [Packet::Disconnect(d)] => assert_eq!(d.reason_code, ReasonCode::SESSION_TAKEN_OVER),
+        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
+    }
+    assert!(b.session("dev").is_none());
+
+    // A stored session here, claimed by a newer connection elsewhere, is ended for good.
+    assert!(b.claimed_elsewhere(&ByteStr::from("keeper"), t1, t1));
+    assert!(held.changes().iter().any(
+        |c| matches!(c, StateChange::SessionEnded { client_id } if client_id.as_str() == "keeper")
+    ));
+    assert!(!b.claimed_elsewhere(&ByteStr::from("nobody"), t1, t1));
+}
+
+#[test]
+fn fencing_releases_persistent_sessions_without_their_wills_and_redirects_their_clients() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    b.set_redirect(Arc::new(|| Some("10.0.0.2:1883".to_owned())));
+    let now = Instant::now();
+    let mut sub = persistent_subscriber(&b, &held, "fenced", "f/#", QoS::AtLeastOnce, now);
+    let mut clean = open(&b, now);
+    exchange(&mut clean, connect("transient", true, 0), now);
+
+    let before_fence = held.changes().len();
+    assert_eq!(
+        b.fence_durable_sessions(Some(ReasonCode::USE_ANOTHER_SERVER)),
+        1
+    );
+    match &drain(&mut sub, now)[..] {
+        [Packet::Disconnect(d)] => {
+            assert_eq!(d.reason_code, ReasonCode::USE_ANOTHER_SERVER);
+            assert_eq!(
+                d.properties.server_reference.as_ref().map(|r| r.as_str()),
+                Some("10.0.0.2:1883")
+            );
+        }
+        other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
+    }
+    assert!(b.session("fenced").is_none());
+    assert!(
+        b.session("transient").is_some(),
+        "sessions that are not stored stay"
+    );
+    // Its subscription is now that of a session held elsewhere: QoS 1 here is stored for it.
+    let before = held.changes().len();
+    let mut publ = open(&b, now);
+    exchange(&mut publ, connect("pub", true, 0), now);
+    publ.handle_packet(publish("f/1", QoS::AtLeastOnce, 1, false), now);
+    let after = held.changes();
+    assert!(
+        after[before_fence..].iter().all(|c| !matches!(
+            c,
+            StateChange::SessionDetached { .. } | StateChange::SessionEnded { .. }
+        )),
+        "no record: the session's owner is decided by the log"
+    );
+    assert!(
+        after[before..]
+            .iter()
+            .any(|c| matches!(c, StateChange::MessageStored { targets, .. }
+        if targets.iter().any(|t| t.client_id.as_str() == "fenced")))
+    );
+}

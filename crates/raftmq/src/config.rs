@@ -108,6 +108,8 @@ pub struct ClusterConfig {
     pub tls_key_file: Option<PathBuf>,
     /// CA certificates (PEM) every node's certificate must chain to.
     pub tls_ca_file: Option<PathBuf>,
+    /// Tests only: a file describing a network partition between nodes (see the docs).
+    pub faults_file: Option<PathBuf>,
 }
 
 impl ClusterConfig {
@@ -131,6 +133,7 @@ impl Default for ClusterConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
+            faults_file: None,
         }
     }
 }

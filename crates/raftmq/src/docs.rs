@@ -232,6 +232,16 @@ pub const KEYS: &[KeyDoc] = &[
         "PEM file with the CA certificates every node's cluster certificate must chain to.",
         "\"/etc/raftmq/cluster-tls/ca.crt\"",
     ),
+    optional(
+        "cluster.faults_file",
+        "For tests only, never in production: a file describing a network partition between \
+         cluster nodes, re-read every 100 ms. One side per line, node ids separated by spaces or \
+         commas; nodes on different lines cannot reach each other (Raft and forwarding traffic \
+         both ways), nodes on no line reach everyone, an empty or missing file is a healthy \
+         network. Client connections are not affected. Every node of a test cluster reads the \
+         same file.",
+        "\"/tmp/raftmq-test/faults\"",
+    ),
     key("mqtt", "MQTT protocol and session settings."),
     key(
         "mqtt.max_packet_size",
@@ -701,7 +711,8 @@ mod tests {
                 "advertise_addr",
                 "tls_cert_file",
                 "tls_key_file",
-                "tls_ca_file"
+                "tls_ca_file",
+                "faults_file"
             ]
         );
         assert_eq!(optional_keys_under("").count(), 0);

@@ -69,6 +69,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.cluster.seeds.clone(),
         config.data_dir.clone(),
     );
+    if let Some(path) = &config.cluster.faults_file {
+        warn!(path = %path.display(), "cluster.faults_file is set: network faults are injected (tests only)");
+        node_options.faults = Some(Arc::new(raftmq_cluster::network::FileFaults::new(
+            path.clone(),
+        )));
+    }
     node_options.tls = cluster_tls
         .as_ref()
         .map(|p| ClusterTls::from_pem(&p.cert, &p.key, &p.ca));

@@ -471,6 +471,23 @@ async fn cluster_keeps_acknowledged_messages_when_the_leader_and_then_the_client
     );
 }
 
+fn faults_file(dir: &std::path::Path) -> PathBuf {
+    dir.join("faults")
+}
+
+/// Cuts the cluster network of [`start_cluster`] in `dir` into `sides` (node ids); no sides
+/// heals it. Clients still reach every node.
+fn partition(dir: &std::path::Path, sides: &[&[u64]]) {
+    let text: String = sides
+        .iter()
+        .map(|side| {
+            let ids: Vec<String> = side.iter().map(u64::to_string).collect();
+            ids.join(" ") + "\n"
+        })
+        .collect();
+    std::fs::write(faults_file(dir), text).expect("write the faults file");
+}
+
 /// Starts a 3-node cluster in `dir`; returns the specs, the running nodes and the leader id.
 async fn start_cluster(dir: &std::path::Path) -> (Vec<NodeSpec>, Vec<Option<Node>>, u64) {
     let mut specs: Vec<NodeSpec> = (1..=3)
@@ -482,6 +499,11 @@ async fn start_cluster(dir: &std::path::Path) -> (Vec<NodeSpec>, Vec<Option<Node
         .collect();
     for s in &mut specs {
         s.seeds = seeds.clone();
+        // Partitions are written to this file (see `partition`); absent: a healthy network.
+        s.env.push((
+            "RAFTMQ_CLUSTER__FAULTS_FILE".into(),
+            faults_file(dir).display().to_string(),
+        ));
     }
     let nodes: Vec<Option<Node>> = specs.iter().map(|s| Some(Node::spawn(s))).collect();
     let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
@@ -497,6 +519,10 @@ async fn losing_quorum_refuses_durable_writes_and_recovers_by_itself() {
     let addr = specs[survivor].mqtt_addr();
     let (mut sub, _) = connected(addr, "q-sub", true).await;
     subscribe(&mut sub, "orders/#").await;
+    let (mut clean_sub, _) = try_connect(addr, "q-clean-sub", true, 0)
+        .await
+        .expect("CONNACK");
+    subscribe(&mut clean_sub, "orders/#").await;
     // Two of three nodes gone: no quorum.
     for i in [1, 2] {
         if let Some(n) = nodes[i].take() {
@@ -510,6 +536,16 @@ async fn losing_quorum_refuses_durable_writes_and_recovers_by_itself() {
             "the node still reports ready without a quorum"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Without a quorum for a while, the node lets go of its persistent sessions (it could be
+    // the minority side of a partition, whose sessions the majority adopts): their clients are
+    // sent to another member.
+    match sub.recv_within(Duration::from_secs(20)).await {
+        Ok(Some(Packet::Disconnect(d))) => {
+            assert_eq!(d.reason_code, ReasonCode::USE_ANOTHER_SERVER);
+            assert!(d.properties.server_reference.is_some());
+        }
+        other => panic!("expected the persistent session fenced with 0x9C, got {other:?}"),
     }
     // A QoS 1 publish matching the persistent session is refused, not acknowledged.
     let (mut publ, _) = connected(addr, "q-pub", true).await;
@@ -556,7 +592,7 @@ async fn losing_quorum_refuses_durable_writes_and_recovers_by_itself() {
         payload: Bytes::from_static(b"msg-0"),
     }))
     .await;
-    receive_all(&mut sub, &[0].into()).await;
+    receive_all(&mut clean_sub, &[0].into()).await;
     // Quorum returns: the node becomes ready and durable writes are acknowledged again.
     nodes[1] = Some(Node::spawn(&specs[1]));
     let deadline = Instant::now() + START_TIMEOUT;
@@ -566,6 +602,13 @@ async fn losing_quorum_refuses_durable_writes_and_recovers_by_itself() {
     }
     let acked = publish_acked(addr, 10, 20, Instant::now() + Duration::from_secs(60)).await;
     assert_eq!(acked.len(), 10);
+    // The node took its persistent session back: it resumes here with what was stored for it.
+    let (mut sub, present) = connected(addr, "q-sub", false).await;
+    assert!(
+        present,
+        "the fenced session was restored when the quorum returned"
+    );
+    receive_all(&mut sub, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -870,15 +913,22 @@ async fn messages_published_on_one_node_reach_subscribers_on_the_others() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Chaos: kill -9 and restart nodes (the leader, the subscribers' nodes) under a steady durable
-// QoS 1 load, clients reconnecting to surviving nodes. Bounded: RAFTMQ_CHAOS_SECONDS (default
-// 40) of chaos, then every acknowledged message must reach every persistent subscriber.
+// Chaos: kill -9 and restart nodes, and partition them off (the leader, the subscribers'
+// nodes), under a steady durable QoS 1 and QoS 2 load, clients reconnecting to other nodes.
+// Bounded: RAFTMQ_CHAOS_SECONDS (default 60) of chaos, then every acknowledged message must
+// reach every persistent subscriber, QoS 2 exactly once.
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Default)]
 struct ChaosState {
     acked: BTreeSet<u32>,
     received: BTreeMap<String, Vec<u32>>,
+    /// QoS 2: acknowledged (PUBREC) by the broker, and received by each subscriber (counting
+    /// a PUBLISH once per exchange, as an MQTT receiver does).
+    acked_q2: BTreeSet<u32>,
+    received_q2: BTreeMap<String, Vec<u32>>,
+    /// The QoS 2 publisher's persistent session was missing on a reconnect (must not happen).
+    q2_session_lost: u32,
     /// Index of the node each subscriber is connected to (usize::MAX: none).
     sub_node: BTreeMap<String, usize>,
     publish_reconnects: u32,
@@ -929,6 +979,96 @@ async fn chaos_publisher(
     }
 }
 
+/// Publishes q2-0, q2-1, ... at QoS 2, one exchange at a time, from a persistent session, until
+/// `stop`. On a reconnect (to the next node) it resumes the exchange in flight as MQTT requires:
+/// PUBLISH again with DUP and the same packet id before PUBREC, PUBREL after it. A message
+/// counts as acknowledged at PUBREC.
+async fn chaos_publisher_qos2(
+    addrs: Vec<SocketAddr>,
+    state: Shared,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut n = 0u32;
+    let mut node = 1usize;
+    let mut connected_before = false;
+    // (packet id, number, PUBREC received)
+    let mut in_flight: Option<(PacketId, u32, bool)> = None;
+    let packet = |pid: PacketId, k: u32, dup: bool| {
+        Packet::Publish(Publish {
+            dup,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: ByteStr::from("chaos2/load"),
+            packet_id: Some(pid),
+            properties: PublishProperties::default(),
+            payload: Bytes::from(format!("q2-{k}")),
+        })
+    };
+    'outer: while !stop.load(Ordering::Relaxed) || in_flight.is_some_and(|f| f.2) {
+        let Some((mut c, present)) = try_connect(addrs[node], "chaos-q2-pub", false, 3600).await
+        else {
+            node = (node + 1) % addrs.len();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if connected_before && !present {
+            lock(&state).q2_session_lost += 1;
+        }
+        connected_before = true;
+        if let Some((pid, k, released)) = in_flight {
+            let resend = if released {
+                Packet::PubRel(PubResponse::success(pid))
+            } else {
+                packet(pid, k, true)
+            };
+            if c.try_send(&resend).await.is_err() {
+                node = (node + 1) % addrs.len();
+                continue;
+            }
+        }
+        loop {
+            if in_flight.is_none() {
+                if stop.load(Ordering::Relaxed) {
+                    break 'outer;
+                }
+                let pid =
+                    PacketId::new(u16::try_from(n % 60_000 + 1).unwrap_or(1)).expect("nonzero");
+                in_flight = Some((pid, n, false));
+                if c.try_send(&packet(pid, n, false)).await.is_err() {
+                    break;
+                }
+            }
+            let Some((pid, k, _)) = in_flight else { break };
+            match c.recv_within(Duration::from_secs(6)).await {
+                Ok(Some(Packet::PubRec(r))) if r.packet_id == pid => {
+                    if !r.reason_code.is_success() {
+                        // Refused (not routed): the same number again as a new message.
+                        in_flight = None;
+                        continue;
+                    }
+                    lock(&state).acked_q2.insert(k);
+                    in_flight = Some((pid, k, true));
+                    if c.try_send(&Packet::PubRel(PubResponse::success(pid)))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Ok(Some(Packet::PubComp(r))) if r.packet_id == pid => {
+                    in_flight = None;
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(()) => break,
+            }
+        }
+        node = (node + 1) % addrs.len();
+    }
+}
+
 /// A persistent subscriber: reconnects (clean start off) to the next node whenever its
 /// connection ends, records what it receives, acknowledges everything.
 async fn chaos_subscriber(
@@ -940,6 +1080,9 @@ async fn chaos_subscriber(
 ) {
     use std::sync::atomic::Ordering;
     let mut node = first;
+    // QoS 2 packet ids received and not yet released: a PUBLISH with one of them is the same
+    // message again (client-side session state, kept across reconnections).
+    let mut unreleased: BTreeSet<u16> = BTreeSet::new();
     while !stop.load(Ordering::Relaxed) {
         let Some((mut c, _)) = try_connect(addrs[node], &id, false, 3600).await else {
             node = (node + 1) % addrs.len();
@@ -953,6 +1096,35 @@ async fn chaos_subscriber(
                 return;
             }
             match c.recv_within(Duration::from_millis(500)).await {
+                Ok(Some(Packet::Publish(p))) if p.qos == QoS::ExactlyOnce => {
+                    let Some(pid) = p.packet_id else { break };
+                    if unreleased.insert(pid.get())
+                        && let Some(k) = std::str::from_utf8(&p.payload)
+                            .ok()
+                            .and_then(|s| s.strip_prefix("q2-")?.parse().ok())
+                    {
+                        lock(&state)
+                            .received_q2
+                            .entry(id.clone())
+                            .or_default()
+                            .push(k);
+                    }
+                    if c.try_send(&Packet::PubRec(PubResponse::success(pid)))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Ok(Some(Packet::PubRel(r))) => {
+                    unreleased.remove(&r.packet_id.get());
+                    if c.try_send(&Packet::PubComp(PubResponse::success(r.packet_id)))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
                 Ok(Some(Packet::Publish(p))) => {
                     if let Some(pid) = p.packet_id
                         && c.try_send(&Packet::PubAck(PubResponse::success(pid)))
@@ -985,7 +1157,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     let chaos_secs: u64 = std::env::var("RAFTMQ_CHAOS_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(60);
     let dir = tempfile::tempdir().expect("tempdir");
     let (specs, mut nodes, _leader) = start_cluster(dir.path()).await;
     let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
@@ -996,6 +1168,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     for (i, id) in subs.iter().enumerate() {
         let (mut c, _) = connected(addrs[i + 1], id, true).await;
         subscribe(&mut c, "chaos/#").await;
+        subscribe_qos(&mut c, "chaos2/#", QoS::ExactlyOnce).await;
         c.send(&Packet::Disconnect(Default::default())).await;
     }
     wait_converged(&ports, 3).await;
@@ -1018,9 +1191,16 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         state.clone(),
         stop_pub.clone(),
     ));
+    let publisher_q2 = tokio::spawn(chaos_publisher_qos2(
+        addrs.clone(),
+        state.clone(),
+        stop_pub.clone(),
+    ));
 
-    // The schedule: every round kill -9 a node (alternately the leader and a subscriber's
-    // node), keep it down a few seconds, restart it, let the cluster settle.
+    // The schedule, in rounds: kill -9 the leader; kill -9 a subscriber's node; cut a node off
+    // (alternately a subscriber's node and the leader) from the other two for longer than the
+    // cluster takes to declare it down, then heal. A killed node stays down a few seconds and
+    // is restarted; the cluster settles after every round.
     let end = Instant::now() + Duration::from_secs(chaos_secs);
     let mut round = 0usize;
     let mut kills = Vec::new();
@@ -1031,10 +1211,13 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
             .or(cluster_status(ports[1]).await)
             .or(cluster_status(ports[2]).await)
             .and_then(|v| v["leader"].as_u64());
-        let victim = if round.is_multiple_of(2) {
+        let partitioned = round % 3 == 2;
+        let target_leader =
+            round.is_multiple_of(3) || (partitioned && (round / 3).is_multiple_of(2));
+        let victim = if target_leader {
             leader.and_then(|l| specs.iter().position(|s| s.id == l))
         } else {
-            let sub = subs[(round / 2) % subs.len()];
+            let sub = subs[(round / 3) % subs.len()];
             lock(&state)
                 .sub_node
                 .get(sub)
@@ -1042,17 +1225,26 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                 .filter(|n| *n < specs.len())
         }
         .unwrap_or(round % specs.len());
-        let what = if round.is_multiple_of(2) {
+        let what = if target_leader {
             "leader"
         } else {
             "subscriber's node"
         };
-        if let Some(n) = nodes[victim].take() {
-            n.kill9();
-            kills.push(format!("{what} {}", specs[victim].id));
+        if partitioned {
+            let cut = specs[victim].id;
+            let rest: Vec<u64> = specs.iter().map(|s| s.id).filter(|id| *id != cut).collect();
+            partition(dir.path(), &[&[cut], &rest]);
+            kills.push(format!("partition {what} {cut}"));
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            partition(dir.path(), &[]);
+        } else {
+            if let Some(n) = nodes[victim].take() {
+                n.kill9();
+                kills.push(format!("kill {what} {}", specs[victim].id));
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            nodes[victim] = Some(Node::spawn(&specs[victim]));
         }
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        nodes[victim] = Some(Node::spawn(&specs[victim]));
         wait_converged(&ports, 3).await;
         round += 1;
     }
@@ -1060,11 +1252,16 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     // Let the publisher finish its current message, then give subscribers time to drain.
     stop_pub.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(15), publisher).await;
-    let acked = lock(&state).acked.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(15), publisher_q2).await;
+    let (acked, acked_q2) = {
+        let st = lock(&state);
+        (st.acked.clone(), st.acked_q2.clone())
+    };
     assert!(
-        acked.len() > 50,
-        "the load barely ran: {} acknowledged",
-        acked.len()
+        acked.len() > 50 && acked_q2.len() > 20,
+        "the load barely ran: {} QoS 1 and {} QoS 2 acknowledged",
+        acked.len(),
+        acked_q2.len()
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -1077,7 +1274,15 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                         .get(*id)
                         .map(|v| v.iter().copied().collect())
                         .unwrap_or_default();
-                    (id.to_string(), acked.difference(&got).count())
+                    let got_q2: BTreeSet<u32> = st
+                        .received_q2
+                        .get(*id)
+                        .map(|v| v.iter().copied().collect())
+                        .unwrap_or_default();
+                    (
+                        id.to_string(),
+                        acked.difference(&got).count() + acked_q2.difference(&got_q2).count(),
+                    )
                 })
                 .filter(|(_, m)| *m > 0)
                 .collect()
@@ -1101,13 +1306,31 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         let got = &st.received[id];
         let distinct: BTreeSet<u32> = got.iter().copied().collect();
         println!(
-            "chaos {id}: {} acknowledged, {} received ({} distinct, {} duplicates), 0 missing",
+            "chaos {id} QoS 1: {} acknowledged, {} received ({} distinct, {} duplicates), 0 missing",
             acked.len(),
             got.len(),
             distinct.len(),
             got.len() - distinct.len()
         );
+        let got = &st.received_q2[id];
+        let distinct: BTreeSet<u32> = got.iter().copied().collect();
+        println!(
+            "chaos {id} QoS 2: {} acknowledged, {} received ({} distinct, {} duplicates), 0 missing",
+            acked_q2.len(),
+            got.len(),
+            distinct.len(),
+            got.len() - distinct.len()
+        );
+        assert_eq!(
+            got.len(),
+            distinct.len(),
+            "QoS 2 delivered more than once to {id} (kills: {kills:?})"
+        );
     }
+    assert_eq!(
+        st.q2_session_lost, 0,
+        "the QoS 2 publisher's session was lost"
+    );
     println!(
         "chaos: {} rounds in {chaos_secs}s ({kills:?}); publisher reconnects {}, subscriber reconnects {}",
         round, st.publish_reconnects, st.subscriber_reconnects
@@ -1360,4 +1583,105 @@ async fn qos2_across_nodes_is_delivered_exactly_once() {
         );
     }
     println!("QoS 2 A → B: {N} of {N} exactly once to a clean and a persistent subscriber");
+}
+
+/// A node cut off from the other two stops serving the persistent sessions it can no longer
+/// prove it owns: after `SELF_FENCE_AFTER` without a quorum its clients get DISCONNECT 0x9C
+/// with a Server Reference, and resume their sessions (and what was stored for them meanwhile)
+/// on the majority side. After the partition heals, the node serves again and routes to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_lets_go_of_its_sessions_and_they_resume_on_the_majority() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (specs, _nodes, leader) = start_cluster(dir.path()).await;
+    let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
+    // A follower (the subscriber's node) is cut off; the publisher uses a node of the majority.
+    let cut = specs
+        .iter()
+        .position(|s| s.id != leader)
+        .expect("a follower");
+    let other = (cut + 1) % 3;
+    let (cut_addr, other_addr) = (specs[cut].mqtt_addr(), specs[other].mqtt_addr());
+
+    let (mut sub, _) = connected(cut_addr, "cut-off-sub", true).await;
+    subscribe(&mut sub, "orders/#").await;
+    wait_converged(&ports, 3).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let before = publish_acked(other_addr, 0, 20, deadline).await;
+    assert_eq!(before.len(), 20);
+    receive_all(&mut sub, &before).await;
+
+    let cut_id = specs[cut].id;
+    let rest: Vec<u64> = specs
+        .iter()
+        .map(|s| s.id)
+        .filter(|id| *id != cut_id)
+        .collect();
+    let started = Instant::now();
+    partition(dir.path(), &[&[cut_id], &rest]);
+    // Fenced: 0x9C, naming another member, once the node has been without quorum for a while.
+    let disconnect = loop {
+        match sub.recv_within(Duration::from_secs(15)).await {
+            Ok(Some(Packet::Disconnect(d))) => break d,
+            Ok(Some(Packet::Publish(_))) => continue,
+            other => panic!("expected DISCONNECT 0x9C from the cut-off node, got {other:?}"),
+        }
+    };
+    let fenced_after = started.elapsed();
+    assert_eq!(disconnect.reason_code, ReasonCode::USE_ANOTHER_SERVER);
+    let reference = disconnect
+        .properties
+        .server_reference
+        .expect("a Server Reference");
+    assert!(
+        specs
+            .iter()
+            .any(|s| s.id != cut_id && reference.as_str() == format!("127.0.0.1:{}", s.mqtt)),
+        "{reference} is not another member"
+    );
+    // Meanwhile the majority commits; the session resumes there with what was stored for it.
+    let during = publish_acked(other_addr, 20, 40, Instant::now() + Duration::from_secs(20)).await;
+    assert_eq!(during.len(), 20);
+    let (mut sub, present) = connected(other_addr, "cut-off-sub", false).await;
+    assert!(present, "the session resumes on the majority side");
+    receive_all(&mut sub, &during).await;
+    // A persistent session cannot start on the cut-off node (no quorum): sent elsewhere.
+    let refused = try_connect(cut_addr, "cut-off-newcomer", true, 600).await;
+    assert!(
+        refused.is_none(),
+        "the cut-off node accepted a persistent session"
+    );
+
+    partition(dir.path(), &[]);
+    wait_converged(&ports, 3).await;
+    // Healed: the node serves again and routes to the session now held elsewhere.
+    let after = publish_acked(cut_addr, 40, 60, Instant::now() + Duration::from_secs(30)).await;
+    assert_eq!(after.len(), 20);
+    receive_all(&mut sub, &after).await;
+    println!("partitioned node fenced its sessions {fenced_after:?} after the cut");
+}
+
+/// A client id has one connection cluster-wide even without a stored session: connecting
+/// (clean, session expiry 0) through another node ends the older connection with 0x8E.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_stored_session_is_taken_over_across_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (specs, _nodes, _) = start_cluster(dir.path()).await;
+    let (mut first, _) = try_connect(specs[0].mqtt_addr(), "roaming-device", true, 0)
+        .await
+        .expect("CONNACK");
+    let (mut second, _) = try_connect(specs[1].mqtt_addr(), "roaming-device", true, 0)
+        .await
+        .expect("CONNACK");
+    match first.recv_within(Duration::from_secs(5)).await {
+        Ok(Some(Packet::Disconnect(d))) => {
+            assert_eq!(d.reason_code, ReasonCode::SESSION_TAKEN_OVER);
+        }
+        other => panic!("expected DISCONNECT 0x8E on the first node, got {other:?}"),
+    }
+    // The newer connection stays.
+    second.send(&Packet::PingReq).await;
+    assert!(matches!(
+        second.recv_within(Duration::from_secs(5)).await,
+        Ok(Some(Packet::PingResp))
+    ));
 }
