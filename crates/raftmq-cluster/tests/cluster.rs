@@ -18,8 +18,12 @@ use raftmq_cluster::grpc::routes;
 use raftmq_cluster::network::{Fault, FaultInjector};
 use raftmq_cluster::node::{NodeOptions, RaftNode, RaftTuning};
 use raftmq_codec::ByteStr;
+use raftmq_core::Broker;
+use raftmq_core::auth::AllowAll;
+use raftmq_core::config::MqttConfig;
 use raftmq_core::durability::{Durability, DurabilityError, StateChange};
 use raftmq_server::ClusterServer;
+use raftmq_tests::TestBroker;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -111,6 +115,8 @@ struct Node {
     raft: RaftNode,
     stop: oneshot::Sender<()>,
     server: JoinHandle<()>,
+    /// The node's broker and its MQTT listener (clusters started with brokers).
+    mqtt: Option<TestBroker>,
 }
 
 struct Cluster {
@@ -119,6 +125,9 @@ struct Cluster {
     addrs: HashMap<NodeId, String>,
     _dirs: HashMap<NodeId, TempDir>,
     ids: Vec<NodeId>,
+    /// Run a broker (applied-change feed, live forwarding, liveness) and an MQTT listener on
+    /// every node.
+    brokers: bool,
 }
 
 /// Production election timeouts (shorter ones cause spurious elections when several clusters
@@ -170,6 +179,15 @@ impl Cluster {
     /// Starts `n` nodes: node 1 bootstraps, the others join through it; returns once all are
     /// voters.
     async fn start(n: u64, tuning: RaftTuning) -> Cluster {
+        Self::start_with(n, tuning, false).await
+    }
+
+    /// [`Self::start`], with a broker and an MQTT listener on every node.
+    async fn start_with_brokers(n: u64) -> Cluster {
+        Self::start_with(n, tuning(10_000, 1_000), true).await
+    }
+
+    async fn start_with(n: u64, tuning: RaftTuning, brokers: bool) -> Cluster {
         // Warnings (refused writes, failed forwards) help explain a failure; RUST_LOG overrides.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -191,6 +209,7 @@ impl Cluster {
                 .map(|&id| (id, tempfile::tempdir().expect("temp dir")))
                 .collect(),
             ids: ids.clone(),
+            brokers,
         };
         for &id in &ids {
             cluster.boot(id, tuning).await;
@@ -233,19 +252,56 @@ impl Cluster {
         );
         opts.tuning = tuning;
         opts.faults = Some(self.net.clone());
-        let raft = RaftNode::start(opts).await.expect("node starts");
-        let server = ClusterServer::bind(
-            addr.parse().expect("address"),
-            routes(raft.raft.clone()),
-            None,
-        )
-        .await
-        .expect("cluster port binds");
+        let mut raft = RaftNode::start(opts).await.expect("node starts");
+        let grpc = if self.brokers {
+            raft.grpc_routes()
+        } else {
+            routes(raft.raft.clone())
+        };
+        let server = ClusterServer::bind(addr.parse().expect("address"), grpc, None)
+            .await
+            .expect("cluster port binds");
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
-        self.nodes.insert(id, Node { raft, stop, server });
+        // As `raftmq serve` wires them: feed, forwarding (with the node's fault injection),
+        // recovery, then the MQTT front end.
+        let mqtt = if self.brokers {
+            let broker = Arc::new(
+                Broker::with_auth(
+                    MqttConfig::default(),
+                    Arc::new(AllowAll),
+                    Arc::new(AllowAll),
+                    id,
+                )
+                .with_durability(raft.durability.clone()),
+            );
+            raft.feed_broker(broker.clone());
+            raft.start_forwarding(broker.clone());
+            broker.recover(std::time::Instant::now());
+            Some(TestBroker::with_broker(broker).await)
+        } else {
+            None
+        };
+        self.nodes.insert(
+            id,
+            Node {
+                raft,
+                stop,
+                server,
+                mqtt,
+            },
+        );
+    }
+
+    /// The MQTT address of node `id`'s broker.
+    fn mqtt(&self, id: NodeId) -> std::net::SocketAddr {
+        self.nodes[&id].mqtt.as_ref().expect("a broker").mqtt
+    }
+
+    fn broker(&self, id: NodeId) -> &Arc<Broker> {
+        &self.nodes[&id].mqtt.as_ref().expect("a broker").broker
     }
 
     fn node(&self, id: NodeId) -> &RaftNode {
@@ -358,6 +414,9 @@ impl Cluster {
     /// Stops node `id` like a crash: its server and Raft go away, its data dir stays.
     async fn stop(&mut self, id: NodeId) {
         let node = self.nodes.remove(&id).expect("running node");
+        if let Some(mqtt) = node.mqtt {
+            mqtt.stop().await;
+        }
         let _ = node.stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(10), node.server).await;
         node.raft.shutdown().await;
@@ -600,4 +659,278 @@ async fn a_stopped_node_restarts_from_its_data_dir_and_catches_up() {
     cluster.boot(leader, tuning).await;
     cluster.converged(&all, &set(&[&before, &during])).await;
     cluster.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Brokers on the harness: routing between nodes, fencing and node failure under injected faults
+// ---------------------------------------------------------------------------------------------
+
+mod with_brokers {
+    use super::*;
+    use raftmq_codec::{
+        Connect, ConnectProperties, Packet, ProtocolVersion, PubResponse, QoS, ReasonCode, Will,
+        WillProperties,
+    };
+    use raftmq_tests::{RawClient, publish_packet};
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+
+    /// Connects an MQTT 5 client (`expiry` 0: a session that is not stored) with an optional
+    /// will; asserts CONNACK success.
+    async fn client(addr: SocketAddr, id: &str, expiry: u32, will: Option<Will>) -> RawClient {
+        let connect = Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: id.into(),
+            will,
+            username: None,
+            password: None,
+            properties: ConnectProperties {
+                session_expiry_interval: Some(expiry),
+                ..Default::default()
+            },
+        };
+        let (c, ack) = RawClient::handshake(addr, connect).await;
+        assert_eq!(ack.reason_code, ReasonCode::SUCCESS, "CONNACK {ack:?}");
+        c
+    }
+
+    /// Publishes `payloads` to `topic` at `qos` one exchange at a time (QoS 2: PUBREC, PUBREL,
+    /// PUBCOMP), waiting for each acknowledgement.
+    async fn publish_all(c: &mut RawClient, topic: &str, qos: QoS, payloads: &[String]) {
+        for (i, payload) in payloads.iter().enumerate() {
+            let id = u16::try_from(i % 60_000 + 1).expect("packet id");
+            c.send(&Packet::Publish(publish_packet(
+                topic,
+                qos,
+                id,
+                payload.as_bytes(),
+            )))
+            .await;
+            match qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => assert!(
+                    matches!(c.recv().await, Some(Packet::PubAck(a)) if a.reason_code.is_success())
+                ),
+                QoS::ExactlyOnce => {
+                    assert!(
+                        matches!(c.recv().await, Some(Packet::PubRec(r)) if r.reason_code.is_success())
+                    );
+                    c.send(&Packet::PubRel(PubResponse::success(raftmq_tests::pid(id))))
+                        .await;
+                    assert!(matches!(c.recv().await, Some(Packet::PubComp(_))));
+                }
+            }
+        }
+    }
+
+    /// Receives until `quiet` passes without a PUBLISH, acknowledging everything (QoS 2 as a
+    /// receiver must: a PUBLISH with a packet id not yet released is the same message); returns
+    /// the payloads in arrival order, one per message.
+    async fn drain(c: &mut RawClient, quiet: Duration) -> Vec<String> {
+        let mut got = Vec::new();
+        let mut unreleased = BTreeSet::new();
+        while let Ok(Some(p)) = c.recv_within(quiet).await {
+            match p {
+                Packet::Publish(p) => {
+                    let text = String::from_utf8_lossy(&p.payload).into_owned();
+                    match (p.qos, p.packet_id) {
+                        (QoS::ExactlyOnce, Some(id)) => {
+                            if unreleased.insert(id.get()) {
+                                got.push(text);
+                            }
+                            c.send(&Packet::PubRec(PubResponse::success(id))).await;
+                        }
+                        (_, Some(id)) => {
+                            got.push(text);
+                            c.send(&Packet::PubAck(PubResponse::success(id))).await;
+                        }
+                        (_, None) => got.push(text),
+                    }
+                }
+                Packet::PubRel(r) => {
+                    unreleased.remove(&r.packet_id.get());
+                    c.send(&Packet::PubComp(PubResponse::success(r.packet_id)))
+                        .await;
+                }
+                _ => {}
+            }
+        }
+        got
+    }
+
+    fn counts(got: &[String]) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for g in got {
+            *m.entry(g.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Brokers on three nodes over slow links (20 ms each way on every link, Raft and
+    /// forwarding): QoS 0/1/2 published on node 1 reach a clean and a persistent subscriber on
+    /// node 2 (wildcard filters) exactly once each, a shared group with a member on node 2 and one
+    /// on node 3 gets each message once, and a retained message set on node 3 is served by node 1.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn brokers_route_qos_0_1_2_between_nodes_exactly_once_over_slow_links() {
+        let cluster = Cluster::start_with_brokers(3).await;
+        cluster
+            .net
+            .delay_all(&cluster.ids, Duration::from_millis(20));
+        let mut clean = client(cluster.mqtt(2), "clean-2", 0, None).await;
+        clean.subscribe("r/#", QoS::AtLeastOnce).await;
+        let mut persistent = client(cluster.mqtt(2), "persistent-2", 3600, None).await;
+        persistent.subscribe("r/+/x", QoS::ExactlyOnce).await;
+        let mut s2 = client(cluster.mqtt(2), "member-2", 0, None).await;
+        s2.subscribe("$share/g/r/#", QoS::AtLeastOnce).await;
+        let mut s3 = client(cluster.mqtt(3), "member-3", 0, None).await;
+        s3.subscribe("$share/g/r/#", QoS::AtLeastOnce).await;
+        // Routes are announced asynchronously; the persistent subscription is mirrored once
+        // node 1 has applied it.
+        eventually(
+            Duration::from_secs(10),
+            "node 1 knows the remote routes",
+            || {
+                let (_, routes) = cluster.broker(2).local_routes();
+                let ok = routes.len() >= 3;
+                async move { ok }
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let mut publisher = client(cluster.mqtt(1), "publisher-1", 0, None).await;
+        let mut expected = Vec::new();
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let payloads: Vec<String> = (0..30).map(|i| format!("q{}-{i}", qos.as_u8())).collect();
+            publish_all(&mut publisher, "r/a/x", qos, &payloads).await;
+            expected.extend(payloads);
+        }
+        let quiet = Duration::from_secs(2);
+        let (got_clean, got_persistent, got_s2, got_s3) = tokio::join!(
+            drain(&mut clean, quiet),
+            drain(&mut persistent, quiet),
+            drain(&mut s2, quiet),
+            drain(&mut s3, quiet)
+        );
+        let all: BTreeMap<String, usize> = expected.iter().map(|e| (e.clone(), 1)).collect();
+        assert_eq!(counts(&got_clean), all, "clean subscriber on node 2");
+        assert_eq!(
+            counts(&got_persistent),
+            all,
+            "persistent subscriber on node 2"
+        );
+        let mut shared = got_s2.clone();
+        shared.extend(got_s3.iter().cloned());
+        assert_eq!(
+            counts(&shared),
+            all,
+            "shared group: each message to one member"
+        );
+        assert!(!got_s2.is_empty() || !got_s3.is_empty());
+
+        // Retained through node 3, served by node 1 once applied there.
+        let mut setter = client(cluster.mqtt(3), "setter-3", 0, None).await;
+        let mut retained = publish_packet("status/n3", QoS::AtLeastOnce, 1, b"up");
+        retained.retain = true;
+        setter.send(&Packet::Publish(retained)).await;
+        assert!(matches!(setter.recv().await, Some(Packet::PubAck(_))));
+        eventually(
+            Duration::from_secs(10),
+            "node 1 has the retained message",
+            || {
+                let ok = cluster.broker(1).retained("status/n3").is_some();
+                async move { ok }
+            },
+        )
+        .await;
+        let mut late = client(cluster.mqtt(1), "late-1", 0, None).await;
+        late.subscribe("status/#", QoS::AtLeastOnce).await;
+        let p = late.recv_publish().await;
+        assert!(p.retain && &p.payload[..] == b"up");
+        cluster.shutdown().await;
+    }
+
+    /// A follower cut off from the others lets go of its persistent session (its client gets
+    /// 0x9C with a Server Reference, no will is published there); the majority declares it down
+    /// and adopts the session: the will is published once, on the majority side, and the session
+    /// expires there. After healing, nothing is published twice and the node does not take the
+    /// session back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_cut_off_node_fences_its_sessions_and_the_majority_publishes_their_wills_once() {
+        let cluster = Cluster::start_with_brokers(3).await;
+        let leader = cluster.agreed_leader(&cluster.ids, None).await;
+        let cut = *cluster
+            .ids
+            .iter()
+            .find(|id| **id != leader)
+            .expect("a follower");
+        let watcher_node = *cluster
+            .ids
+            .iter()
+            .find(|id| **id != cut && **id != leader)
+            .expect("the other follower");
+        let mut watcher = client(cluster.mqtt(watcher_node), "watcher", 0, None).await;
+        watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
+        let will = Will {
+            topic: "wills/device".into(),
+            payload: bytes::Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: WillProperties::default(),
+        };
+        let mut device = client(cluster.mqtt(cut), "device", 3, Some(will)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let started = tokio::time::Instant::now();
+        cluster.net.isolate(cut, &cluster.ids);
+        // Fenced by its own node: 0x9C, and no will from there. (These brokers have no
+        // redirect installed, so no Server Reference; the real-process tests check it.)
+        match device.recv_within(Duration::from_secs(15)).await {
+            Ok(Some(Packet::Disconnect(d))) => {
+                assert_eq!(d.reason_code, ReasonCode::USE_ANOTHER_SERVER);
+            }
+            other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
+        }
+        let fenced = started.elapsed();
+        assert!(cluster.broker(cut).session("device").is_none());
+        // Declared down by the majority, which adopts the session and publishes the will once.
+        let p = watcher.recv_publish().await;
+        let will_after = started.elapsed();
+        assert_eq!(&p.payload[..], b"gone");
+        watcher
+            .send(&Packet::PubAck(PubResponse::success(
+                p.packet_id.expect("QoS 1"),
+            )))
+            .await;
+        assert!(
+            will_after > fenced,
+            "the will came from the cut-off node ({will_after:?} <= {fenced:?})"
+        );
+        // The session expires (3 s) on the adopting node, in memory and in the replicated state.
+        eventually(
+            Duration::from_secs(15),
+            "the adopted session expired",
+            || {
+                let gone = cluster.broker(leader).session("device").is_none()
+                    && !cluster.sessions(leader).contains("device");
+                async move { gone }
+            },
+        )
+        .await;
+        cluster.net.heal();
+        eventually(CONVERGE_TIMEOUT, "the healed node caught up", || {
+            let ok = !cluster.sessions(cut).contains("device") && cluster.leader_of(cut).is_some();
+            async move { ok }
+        })
+        .await;
+        assert!(
+            drain(&mut watcher, Duration::from_secs(3)).await.is_empty(),
+            "the will was published twice"
+        );
+        assert!(cluster.broker(cut).session("device").is_none());
+        println!("fenced {fenced:?} after the cut; will published {will_after:?} after it");
+        cluster.shutdown().await;
+    }
 }
