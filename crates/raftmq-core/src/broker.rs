@@ -68,10 +68,14 @@ pub struct Routed {
     /// Resolves when the message is durable for every persistent session it was offered to
     /// (and its retained change recorded); the publisher's PUBACK/PUBREC waits for it.
     pub commit: Commit,
-    /// Deliveries to offline persistent sessions, queued only once `commit` succeeds (see
-    /// [`Broker::deliver_committed`]): a refused publish leaves nothing behind to be delivered
-    /// or to fill the queue while the publisher retries.
-    pub deferred: Vec<(Arc<Session>, Delivery)>,
+    /// The part of `commit` that records state (the message stored for persistent sessions,
+    /// the retained change, the publisher's QoS 2 packet id), without the forwarding
+    /// acknowledgements: once it succeeded the message is handled, even if a peer missed it.
+    /// Deliveries held back for it (to offline persistent sessions; for a client's QoS 2
+    /// PUBLISH, to every local session) are queued when it succeeds, whatever becomes of the
+    /// publisher's connection, and dropped if it fails: a refused publish leaves nothing behind
+    /// to be delivered or to fill the queue while the publisher retries.
+    pub store: Commit,
 }
 
 /// Result of one topic filter of a SUBSCRIBE.
@@ -283,8 +287,9 @@ impl Routes {
 #[derive(Clone, Copy)]
 enum Scope<'a> {
     /// A publish received here: every local subscriber, peers with matching routes, and
-    /// persistent sessions owned by other nodes (stored for them).
-    Origin,
+    /// persistent sessions owned by other nodes (stored for them). `hold`: every local
+    /// delivery waits for the commit (a client's QoS 2 PUBLISH).
+    Origin { hold: bool },
     /// A message another node forwarded: local ordinary subscribers if `plain`, one local
     /// member of each listed shared subscription. Persistent sessions that the origin stored
     /// it for (under `stored`) get it live if connected and QoS 1 (once: the replicated copy
@@ -314,7 +319,7 @@ pub struct Broker {
     authenticator: Arc<dyn Authenticator>,
     authorizer: Arc<dyn Authorizer>,
     durability: Arc<dyn Durability>,
-    stats: BrokerStats,
+    stats: Arc<BrokerStats>,
     assigned_ids: AtomicU64,
     /// Source of session epochs. Broker-wide, so an epoch is never reused even by a new
     /// session object with the same client id (a stale timer must not match it).
@@ -368,7 +373,7 @@ impl Broker {
             authenticator,
             authorizer,
             durability: Arc::new(InMemory::default()),
-            stats: BrokerStats::default(),
+            stats: Arc::new(BrokerStats::default()),
             assigned_ids: AtomicU64::new(0),
             epochs: AtomicU64::new(0),
             id_prefix: format!("raftmq-{node_id}-"),
@@ -844,15 +849,35 @@ impl Broker {
     /// waiting for durability (wills, `$SYS`, administrative publishes). Returns the number of
     /// sessions it was offered to.
     pub fn publish(&self, message: Arc<Message>, now: Instant) -> usize {
-        let routed = self.route(message, None, now);
-        self.deliver_committed(routed.deferred);
-        routed.offered
+        self.route(message, None, now).offered
     }
 
-    /// Queues deliveries held back by [`Broker::route`] once their commit succeeded.
-    pub fn deliver_committed(&self, deferred: Vec<(Arc<Session>, Delivery)>) {
+    /// Queues `deferred` deliveries now.
+    fn deliver_committed(&self, deferred: Vec<(Arc<Session>, Delivery)>) {
         for (session, delivery) in deferred {
             session.enqueue(delivery, &self.queue_limits, &self.stats);
+        }
+    }
+
+    /// Queues `deferred` deliveries once `commit` succeeds (in commit order: the durability
+    /// layer resolves commits in the order they were proposed), drops them if it fails.
+    fn deliver_after(&self, commit: &Commit, deferred: Vec<(Arc<Session>, Delivery)>) {
+        if deferred.is_empty() {
+            return;
+        }
+        match commit.result() {
+            Some(Ok(())) => self.deliver_committed(deferred),
+            Some(Err(_)) => {}
+            None => {
+                let (limits, stats) = (self.queue_limits, self.stats.clone());
+                commit.on_complete(move |result| {
+                    if result.is_ok() {
+                        for (session, delivery) in deferred {
+                            session.enqueue(delivery, &limits, &stats);
+                        }
+                    }
+                });
+            }
         }
     }
 
@@ -892,19 +917,25 @@ impl Broker {
         }
         let mut deferred = Vec::new();
         let mut acks = Vec::new();
+        // A client's QoS 2 PUBLISH reaches local sessions only once it is recorded: if the
+        // commit fails, the client sends it again and it is routed again, which must not
+        // deliver it twice.
+        let hold = incoming_qos2.is_some();
         let offered = self.deliver(
             &message,
             &mut changes,
             &mut deferred,
             &mut acks,
-            Scope::Origin,
+            Scope::Origin { hold },
         );
         let _ = now;
-        acks.push(self.propose(changes));
+        let store = self.propose(changes);
+        self.deliver_after(&store, deferred);
+        acks.push(store.clone());
         Routed {
             offered,
             commit: Commit::all(acks),
-            deferred,
+            store,
         }
     }
 
@@ -919,7 +950,7 @@ impl Broker {
         // (session, subscription, through a shared subscription)
         let mut targets: SmallVec<[(Arc<Session>, SubEntry, bool); 8]> = SmallVec::new();
         let origin = message.origin.as_ref();
-        let forwarding = matches!(scope, Scope::Origin)
+        let forwarding = matches!(scope, Scope::Origin { .. })
             && !self.routes.peer_index.is_empty()
             && !message.topic.starts_with("$SYS/");
         // Shared subscriptions with members here: served here (local first), not forwarded.
@@ -927,7 +958,7 @@ impl Broker {
         self.index.for_each_match(&message.topic, |m| match m {
             Match::Plain { key, value, .. } => {
                 let wanted = match scope {
-                    Scope::Origin => true,
+                    Scope::Origin { .. } => true,
                     Scope::Forwarded { plain, .. } => plain,
                 };
                 if wanted && !(value.options.no_local && origin == Some(key.client_id())) {
@@ -941,7 +972,7 @@ impl Broker {
                 cursor,
             } => {
                 let wanted = match scope {
-                    Scope::Origin => true,
+                    Scope::Origin { .. } => true,
                     Scope::Forwarded { shared, .. } => {
                         shared.iter().any(|k| is_share_key(k, group, filter))
                     }
@@ -959,7 +990,7 @@ impl Broker {
         });
         let mut stored: Option<(MessageId, Vec<StoredTarget>)> = None;
         let mut offered = match scope {
-            Scope::Origin => self.store_for_remote(message, &targets, &mut stored, deferred),
+            Scope::Origin { .. } => self.store_for_remote(message, &targets, &mut stored, deferred),
             Scope::Forwarded { .. } => 0,
         };
         if forwarding {
@@ -1057,8 +1088,10 @@ impl Broker {
                 message: message.clone(),
                 durable,
             };
-            if durable.is_some() && !session.is_online() {
-                // Offline and persistent: nobody can receive it before the commit anyway.
+            let hold = matches!(scope, Scope::Origin { hold: true });
+            if hold || (durable.is_some() && !session.is_online()) {
+                // Offline and persistent: nobody can receive it before the commit anyway; or a
+                // client's QoS 2 PUBLISH: delivered once recorded.
                 offered += 1;
                 if let (Some(target), Some((_, targets))) = (target, stored.as_mut()) {
                     targets.push(target);
@@ -1702,7 +1735,12 @@ impl Broker {
                 }
             }
         }
-        st.incoming_qos2.extend(image.incoming_qos2);
+        st.incoming_qos2.extend(
+            image
+                .incoming_qos2
+                .into_iter()
+                .map(|id| (id, Commit::ready())),
+        );
     }
 
     /// Completes an attachment whose session was not in memory ([`Attached::load_after_commit`]):

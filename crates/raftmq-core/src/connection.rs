@@ -320,7 +320,6 @@ impl Connection {
                 None => return,
                 Some(Ok(())) => {
                     if let Some(mut p) = self.pending.pop_front() {
-                        self.broker.deliver_committed(p.deferred);
                         let resumed = self.finish_attach(&mut p.packet);
                         self.out.push_back(p.packet);
                         if resumed {
@@ -404,26 +403,12 @@ impl Connection {
 
     /// Sends `packet` once `commit` (if any) and everything queued before it have completed.
     fn emit(&mut self, packet: Packet, commit: Option<Commit>) {
-        self.emit_with(packet, commit, Vec::new());
-    }
-
-    /// Like [`Self::emit`], also queueing `deferred` deliveries when the commit succeeds.
-    fn emit_with(
-        &mut self,
-        packet: Packet,
-        commit: Option<Commit>,
-        deferred: Vec<(Arc<Session>, Delivery)>,
-    ) {
         let commit = commit.filter(|c| c.result() != Some(Ok(())));
         match commit {
-            None if self.pending.is_empty() => {
-                self.broker.deliver_committed(deferred);
-                self.out.push_back(packet);
-            }
+            None if self.pending.is_empty() => self.out.push_back(packet),
             commit => self.pending.push_back(Pending {
                 commit: commit.unwrap_or_else(Commit::ready),
                 packet,
-                deferred,
             }),
         }
     }
@@ -1124,7 +1109,9 @@ impl Connection {
             .fetch_add(p.payload.len() as u64, Relaxed);
 
         // QoS 2: a PUBLISH whose packet id is still awaiting PUBREL is a duplicate: not routed
-        // again, just acknowledged again (method B, §4.3.3).
+        // again, just acknowledged again (method B, §4.3.3) once what the first one recorded is
+        // durable. If that failed, nothing was acknowledged: it is routed as new.
+        let mut record_qos2 = None;
         if p.qos == QoS::ExactlyOnce {
             let pid = pid.ok_or(Violation::Code(ReasonCode::PROTOCOL_ERROR))?;
             let (session, epoch) = (att.session.clone(), att.epoch);
@@ -1132,21 +1119,29 @@ impl Connection {
             if st.epoch != epoch {
                 return Err(Violation::TakenOver);
             }
-            if st.incoming_qos2.contains(&pid.get()) {
-                drop(st);
-                self.emit(Packet::PubRec(PubResponse::success(pid)), None);
-                return Ok(());
+            match st.incoming_qos2.get(&pid.get()) {
+                Some(first) if !matches!(first.result(), Some(Err(_))) => {
+                    let first = first.clone();
+                    drop(st);
+                    self.emit(Packet::PubRec(PubResponse::success(pid)), Some(first));
+                    return Ok(());
+                }
+                Some(_) => {
+                    st.incoming_qos2.remove(&pid.get());
+                }
+                None => {}
             }
             if refusal.is_none() || !v5 {
                 if st.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
                     return Err(Violation::Code(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED));
                 }
-                st.incoming_qos2.insert(pid.get());
+                // Taken now (a refused message records nothing: ready), given its commit below.
+                st.incoming_qos2.insert(pid.get(), Commit::ready());
+                record_qos2 = Some((session.clone(), epoch, pid.get()));
             }
         }
         let mut reason = ReasonCode::SUCCESS;
         let mut commit = None;
-        let mut deferred = Vec::new();
         if let Some(code) = refusal {
             reason = code;
         } else {
@@ -1170,8 +1165,15 @@ impl Connection {
             if routed.offered == 0 {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
             }
+            if let Some((session, epoch, id)) = record_qos2 {
+                let mut st = session.state.lock();
+                if st.epoch == epoch
+                    && let Some(slot) = st.incoming_qos2.get_mut(&id)
+                {
+                    *slot = routed.store.clone();
+                }
+            }
             commit = Some(routed.commit);
-            deferred = routed.deferred;
         }
         let ack = |pid| PubResponse {
             packet_id: pid,
@@ -1180,12 +1182,8 @@ impl Connection {
         };
         match (p.qos, pid) {
             (QoS::AtMostOnce, _) => {}
-            (QoS::AtLeastOnce, Some(pid)) => {
-                self.emit_with(Packet::PubAck(ack(pid)), commit, deferred)
-            }
-            (QoS::ExactlyOnce, Some(pid)) => {
-                self.emit_with(Packet::PubRec(ack(pid)), commit, deferred)
-            }
+            (QoS::AtLeastOnce, Some(pid)) => self.emit(Packet::PubAck(ack(pid)), commit),
+            (QoS::ExactlyOnce, Some(pid)) => self.emit(Packet::PubRec(ack(pid)), commit),
             (_, None) => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
         }
         Ok(())
@@ -1198,7 +1196,7 @@ impl Connection {
             if st.epoch != att.epoch {
                 return Err(Violation::TakenOver);
             }
-            st.incoming_qos2.remove(&r.packet_id.get())
+            st.incoming_qos2.remove(&r.packet_id.get()).is_some()
         };
         if existed && att.session.is_durable() {
             self.broker
@@ -1490,11 +1488,10 @@ impl Connection {
     }
 }
 
-/// A packet held back until its commit, with the deliveries that wait for the same commit.
+/// A packet held back until its commit.
 struct Pending {
     commit: Commit,
     packet: Packet,
-    deferred: Vec<(Arc<Session>, Delivery)>,
 }
 
 enum Violation {

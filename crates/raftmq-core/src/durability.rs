@@ -243,6 +243,46 @@ impl Commit {
     }
 }
 
+impl Commit {
+    /// Runs `f` with the result once the commit resolves (at once if it has), on the thread
+    /// that resolves it. Needs no executor.
+    pub fn on_complete(&self, f: impl FnOnce(Result<(), DurabilityError>) + Send + 'static) {
+        if let Some(result) = self.result() {
+            f(result);
+            return;
+        }
+        let waiter = Arc::new(OnComplete {
+            commit: self.clone(),
+            f: Mutex::new(Some(f)),
+        });
+        waiter.check();
+    }
+}
+
+/// Drives [`Commit::on_complete`].
+struct OnComplete<F> {
+    commit: Commit,
+    f: Mutex<Option<F>>,
+}
+
+impl<F: FnOnce(Result<(), DurabilityError>) + Send + 'static> OnComplete<F> {
+    fn check(self: &Arc<Self>) {
+        let waker = Waker::from(self.clone());
+        let mut cx = Context::from_waker(&waker);
+        if let Poll::Ready(result) = self.commit.poll_result(&mut cx)
+            && let Some(f) = self.f.lock().take()
+        {
+            f(result);
+        }
+    }
+}
+
+impl<F: FnOnce(Result<(), DurabilityError>) + Send + 'static> std::task::Wake for OnComplete<F> {
+    fn wake(self: Arc<Self>) {
+        self.check();
+    }
+}
+
 /// Drives [`Commit::all`]: woken by each part's completion.
 struct Joiner {
     parts: Vec<Commit>,

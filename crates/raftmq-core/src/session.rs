@@ -14,8 +14,8 @@ use crate::message::Delivery;
 use crate::stats::{BrokerStats, DropReason};
 use parking_lot::Mutex;
 use raftmq_codec::{ByteStr, PacketId, QoS, SubscriptionOptions};
+use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,8 +104,11 @@ pub(crate) struct SessionState {
     pub outgoing: HashMap<u16, OutgoingEntry, ProcessSeed>,
     pub next_packet_id: u16,
     pub next_seq: u64,
-    /// QoS 2 packet ids received from the client, PUBREC sent, PUBREL not yet received.
-    pub incoming_qos2: HashSet<u16, ProcessSeed>,
+    /// QoS 2 packet ids received from the client, PUBREL not yet received, each with the
+    /// commit of what its PUBLISH recorded (the message stored, the id recorded): a resent
+    /// PUBLISH is acknowledged only once that commit succeeded, and routed again if it failed
+    /// (nothing was recorded, so nothing was acknowledged).
+    pub incoming_qos2: HashMap<u16, crate::durability::Commit, ProcessSeed>,
     /// The will of the attached connection, or a will waiting for its delay after disconnect.
     pub will: Option<PendingWill>,
     /// When the session was disconnected (to compute the will and expiry deadlines).

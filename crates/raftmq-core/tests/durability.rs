@@ -968,3 +968,128 @@ fn fencing_releases_persistent_sessions_without_their_wills_and_redirects_their_
         if targets.iter().any(|t| t.client_id.as_str() == "fenced")))
     );
 }
+
+fn stored_payloads(held: &Held) -> Vec<String> {
+    held.changes()
+        .into_iter()
+        .filter_map(|c| match c {
+            StateChange::MessageStored { message, .. } => {
+                Some(String::from_utf8_lossy(&message.payload).into_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// What a subscriber is sent once the packet ids of its stored QoS 2 deliveries are recorded.
+fn drain_recorded(c: &mut Connection, held: &Held, now: Instant) -> Vec<Packet> {
+    let mut out = drain(c, now);
+    held.complete_all(Ok(()));
+    c.handle_commits(now);
+    out.extend(drain(c, now));
+    out
+}
+
+fn publishes(packets: &[Packet]) -> Vec<String> {
+    packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(String::from_utf8_lossy(&p.payload).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Exactly once for a client's QoS 2 PUBLISH when its commit fails or its connection drops:
+/// local subscribers get it only once it is recorded; a resend after a refused commit is routed
+/// again (nothing was acknowledged), a resend after a successful one is not, and a resend while
+/// the first is still committing is acknowledged when the first is.
+#[test]
+fn a_qos2_publish_reaches_subscribers_once_whatever_happens_to_its_commit() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut sub = persistent_subscriber(&b, &held, "s", "t/#", QoS::ExactlyOnce, now);
+    let mut publ = open(&b, now);
+    publ.handle_packet(connect("p", true, 300), now);
+    held.complete_all(Ok(()));
+    publ.handle_commits(now);
+    assert!(matches!(drain(&mut publ, now)[..], [Packet::ConnAck(_)]));
+
+    // Refused: nothing delivered, nothing acknowledged.
+    publ.handle_packet(publish("t/1", QoS::ExactlyOnce, 7, false), now);
+    assert!(
+        drain(&mut sub, now).is_empty(),
+        "delivered before it was recorded"
+    );
+    held.complete_all(Err(DurabilityError::Unavailable));
+    publ.handle_commits(now);
+    assert!(
+        !drain(&mut publ, now)
+            .iter()
+            .any(|p| matches!(p, Packet::PubRec(_)))
+    );
+    assert!(drain(&mut sub, now).is_empty());
+    // The client comes back and resends it (DUP): routed again, delivered once.
+    let mut publ = open(&b, now);
+    publ.handle_packet(connect("p", false, 300), now);
+    held.complete_all(Ok(()));
+    publ.handle_commits(now);
+    drain(&mut publ, now);
+    let mut again = publish("t/1", QoS::ExactlyOnce, 7, false);
+    if let Packet::Publish(p) = &mut again {
+        p.dup = true;
+    }
+    publ.handle_packet(again.clone(), now);
+    held.complete_all(Ok(()));
+    publ.handle_commits(now);
+    assert!(matches!(drain(&mut publ, now)[..], [Packet::PubRec(_)]));
+    assert_eq!(publishes(&drain_recorded(&mut sub, &held, now)), ["m7"]);
+    assert_eq!(
+        stored_payloads(&held),
+        ["m7", "m7"],
+        "stored by the refused try and the resend"
+    );
+
+    // A resend while the first is still committing: routed once, acknowledged twice, once the
+    // first commit succeeded.
+    publ.handle_packet(publish("t/2", QoS::ExactlyOnce, 8, false), now);
+    let mut dup8 = publish("t/2", QoS::ExactlyOnce, 8, false);
+    if let Packet::Publish(p) = &mut dup8 {
+        p.dup = true;
+    }
+    publ.handle_packet(dup8, now);
+    assert!(drain(&mut publ, now).is_empty());
+    held.complete_all(Ok(()));
+    publ.handle_commits(now);
+    assert!(matches!(
+        drain(&mut publ, now)[..],
+        [Packet::PubRec(_), Packet::PubRec(_)]
+    ));
+    assert_eq!(publishes(&drain_recorded(&mut sub, &held, now)), ["m8"]);
+
+    // The publisher's connection drops before the commit: the message is still delivered
+    // once it is recorded, and the resend on a new connection is acknowledged, not routed.
+    publ.handle_packet(publish("t/3", QoS::ExactlyOnce, 9, false), now);
+    drop(publ);
+    held.complete_all(Ok(()));
+    assert_eq!(publishes(&drain_recorded(&mut sub, &held, now)), ["m9"]);
+    let before = stored_payloads(&held).len();
+    let mut publ = open(&b, now);
+    publ.handle_packet(connect("p", false, 300), now);
+    held.complete_all(Ok(()));
+    publ.handle_commits(now);
+    drain(&mut publ, now);
+    let mut dup9 = publish("t/3", QoS::ExactlyOnce, 9, false);
+    if let Packet::Publish(p) = &mut dup9 {
+        p.dup = true;
+    }
+    publ.handle_packet(dup9, now);
+    publ.handle_commits(now);
+    assert!(matches!(drain(&mut publ, now)[..], [Packet::PubRec(_)]));
+    assert_eq!(stored_payloads(&held).len(), before, "not routed again");
+    assert!(
+        drain_recorded(&mut sub, &held, now).is_empty(),
+        "delivered once"
+    );
+}

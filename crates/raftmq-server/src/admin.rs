@@ -478,7 +478,6 @@ async fn publish(
     routed.commit.await.map_err(|e| {
         ApiError::unavailable(format!("not published: durable storage refused it ({e})"))
     })?;
-    broker.deliver_committed(routed.deferred);
     Ok(Json(
         json!({ "topic": b.topic, "delivered_to": routed.offered }),
     ))
