@@ -36,7 +36,7 @@ const PUBLISHER: u32 = 0;
 const MISSING_LISTED: usize = 10;
 
 /// Which client an event is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     Subscriber,
     Publisher,

@@ -109,6 +109,9 @@ pub struct FailoverStats {
     pub pub_node: usize,
     pub killed_node: usize,
     pub kill_pid: u32,
+    /// The times below are measured from the moment the kill was ordered; the signal went
+    /// out within this many ms of it.
+    pub kill_command_ms: f64,
     /// Steady load before the kill, s.
     pub before_s: f64,
     /// The longest wait allowed for recovery, s.
@@ -415,9 +418,9 @@ fn write_failover(f: &mut fmt::Formatter<'_>, fo: &FailoverStats) -> fmt::Result
         };
     writeln!(
         f,
-        "  failover     SIGKILL pid {} (node {}) after {} s; subscriber on node {}, publisher on \
-         node {}",
-        fo.kill_pid, fo.killed_node, fo.before_s, fo.sub_node, fo.pub_node
+        "  failover     SIGKILL pid {} (node {}) after {} s (sent within {:.2} ms); subscriber \
+         on node {}, publisher on node {}",
+        fo.kill_pid, fo.killed_node, fo.before_s, fo.kill_command_ms, fo.sub_node, fo.pub_node
     )?;
     writeln!(
         f,
