@@ -35,7 +35,7 @@ use raftmq_codec::{
     ByteStr, Disconnect, DisconnectProperties, Packet, PacketId, ProtocolVersion, PubResponse,
     Publish, PublishProperties, QoS, ReasonCode,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -110,6 +110,14 @@ enum Event {
     /// The subscriber subscribed again (its session was gone).
     Resubscribed {
         at: Instant,
+    },
+    /// A QoS 2 PUBLISH reused packet id `id`, still awaiting PUBREL for message `pending`, for
+    /// another message `seq`: taken for a resend (as MQTT requires of the receiver), so lost.
+    IdReused {
+        at: Instant,
+        id: u16,
+        pending: Option<u64>,
+        seq: Option<u64>,
     },
 }
 
@@ -371,9 +379,10 @@ struct Subscriber {
     run: u32,
     filter: String,
     qos: QoS,
-    /// Packet ids of QoS 2 messages received and not yet released (PUBREL): a resend of one
-    /// of them is the same delivery. Kept across reconnections with Session Present.
-    incoming_qos2: HashSet<u16>,
+    /// Packet ids of QoS 2 messages received and not yet released (PUBREL), with the message's
+    /// sequence number: a PUBLISH with one of these ids is a resend of the same delivery (§4.3.3
+    /// method B), not delivered again. Kept across reconnections with Session Present.
+    incoming_qos2: HashMap<u16, Option<u64>>,
     timeout: Duration,
 }
 
@@ -438,6 +447,7 @@ impl Subscriber {
         match packet {
             Packet::Publish(publish) => {
                 let at = Instant::now();
+                let stamp = Stamp::parse(&publish.payload, self.run);
                 if let Some(id) = publish.packet_id {
                     match publish.qos {
                         QoS::AtLeastOnce => {
@@ -445,14 +455,27 @@ impl Subscriber {
                         }
                         QoS::ExactlyOnce => {
                             conn.queue(&Packet::PubRec(PubResponse::success(id)))?;
-                            if !self.incoming_qos2.insert(id.get()) {
+                            let seq = stamp.map(|s| s.seq);
+                            if let Some(&pending) = self.incoming_qos2.get(&id.get()) {
+                                // A resend: the same delivery. A different message under an id
+                                // still awaiting PUBREL is a broker error; a client following
+                                // the spec takes it for a resend too, so it is lost: reported.
+                                if pending != seq {
+                                    self.link.report(Event::IdReused {
+                                        at,
+                                        id: id.get(),
+                                        pending,
+                                        seq,
+                                    });
+                                }
                                 return Ok(());
                             }
+                            self.incoming_qos2.insert(id.get(), seq);
                         }
                         QoS::AtMostOnce => {}
                     }
                 }
-                match Stamp::parse(&publish.payload, self.run) {
+                match stamp {
                     Some(stamp) => self.link.report(Event::Received {
                         at,
                         seq: stamp.seq,
@@ -837,6 +860,9 @@ struct Collected {
     attempts: u64,
     redirects: u64,
     foreign: u64,
+    /// QoS 2 packet ids reused by the broker while awaiting PUBREL, and the first few.
+    id_reuses: u64,
+    id_reuse_examples: Vec<String>,
     timeline: Timeline,
 }
 
@@ -901,6 +927,29 @@ impl Collected {
                 self.log.received(at, seq, sent_ns);
             }
             Event::Foreign => self.foreign += 1,
+            Event::IdReused {
+                at,
+                id,
+                pending,
+                seq,
+            } => {
+                self.id_reuses += 1;
+                let show = |s: Option<u64>| s.map_or_else(|| "?".to_owned(), |s| s.to_string());
+                self.timeline.failure(
+                    Role::Subscriber,
+                    at,
+                    "subscriber: a QoS 2 PUBLISH reused a packet id awaiting PUBREL: dropped as \
+                     a resend"
+                        .to_owned(),
+                );
+                if self.id_reuse_examples.len() < 10 {
+                    self.id_reuse_examples.push(format!(
+                        "id {id}: message {} pending, message {} dropped",
+                        show(pending),
+                        show(seq)
+                    ));
+                }
+            }
             Event::Resubscribed { at } => self.timeline.event(
                 Role::Subscriber,
                 at,
@@ -1026,6 +1075,8 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
         attempts: 0,
         redirects: 0,
         foreign: 0,
+        id_reuses: 0,
+        id_reuse_examples: Vec::new(),
         timeline: Timeline::default(),
     };
 
@@ -1062,7 +1113,7 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
             run: ctx.run,
             filter: topic.clone(),
             qos,
-            incoming_qos2: HashSet::new(),
+            incoming_qos2: HashMap::new(),
             timeout: args.connect_timeout,
         }
         .run(sub),
@@ -1249,6 +1300,9 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
         duplicates: rec.duplicates,
         missing_acked: rec.missing_acked,
         missing_examples: rec.missing_examples,
+        missing_acked_after_kill: rec.missing_acked_after_kill,
+        qos2_id_reuses: collected.id_reuses,
+        qos2_id_reuse_examples: collected.id_reuse_examples,
         lost_unacked: rec.lost_unacked,
         reconnect_attempts: collected.attempts,
         redirects: collected.redirects,

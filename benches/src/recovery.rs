@@ -27,6 +27,7 @@ use crate::client::latency_histogram;
 use crate::payload::timestamp;
 use hdrhistogram::Histogram;
 use raftmq_codec::ReasonCode;
+use std::collections::HashSet;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -93,6 +94,9 @@ pub struct RecoveryLog {
     first_receipt: Option<Instant>,
     first_fresh_receipt: Option<Instant>,
     first_fresh_ack: Option<Instant>,
+    /// Messages published before the kill and acknowledged after it (typically after a resend
+    /// on a new connection).
+    acked_late: HashSet<u64>,
     /// The last first receipt: the start of the current gap.
     last_new: Option<Instant>,
     /// The longest time between two consecutive first receipts, and when it ended.
@@ -123,6 +127,7 @@ impl Default for RecoveryLog {
             first_receipt: None,
             first_fresh_receipt: None,
             first_fresh_ack: None,
+            acked_late: HashSet::new(),
             last_new: None,
             max_gap: Duration::ZERO,
             max_gap_end: None,
@@ -181,6 +186,8 @@ pub struct Recovery {
     pub missing_acked: u64,
     /// The first few of them.
     pub missing_examples: Vec<u64>,
+    /// Missing acknowledged messages published before the kill and acknowledged after it.
+    pub missing_acked_after_kill: u64,
     /// Published, not acknowledged, never received.
     pub lost_unacked: u64,
     pub sessions_lost: u64,
@@ -275,8 +282,12 @@ impl RecoveryLog {
         if self.received.contains(PUBLISHER, seq) {
             self.acked_received += 1;
         }
-        if self.after_kill(at) && self.fresh(sent_ns) {
-            keep_earliest(&mut self.first_fresh_ack, at);
+        if self.after_kill(at) {
+            if self.fresh(sent_ns) {
+                keep_earliest(&mut self.first_fresh_ack, at);
+            } else {
+                self.acked_late.insert(seq);
+            }
         }
     }
 
@@ -355,6 +366,7 @@ impl RecoveryLog {
         let tally = tally_each(&self.received, &Sent(vec![published]), &[PUBLISHER]);
         let mut missing_acked = 0;
         let mut missing_examples = Vec::new();
+        let mut missing_acked_after_kill = 0;
         for (w, &word) in self.acked.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
@@ -362,6 +374,7 @@ impl RecoveryLog {
                 bits &= bits - 1;
                 if !self.received.contains(PUBLISHER, seq) {
                     missing_acked += 1;
+                    missing_acked_after_kill += u64::from(self.acked_late.contains(&seq));
                     if missing_examples.len() < MISSING_LISTED {
                         missing_examples.push(seq);
                     }
@@ -380,6 +393,7 @@ impl RecoveryLog {
                 duplicates: tally.duplicates,
                 missing_acked,
                 missing_examples,
+                missing_acked_after_kill,
                 lost_unacked: tally.lost - missing_acked.min(tally.lost),
                 sessions_lost: self.subscriber.sessions_lost + self.publisher.sessions_lost,
                 tally,
@@ -411,6 +425,7 @@ impl RecoveryLog {
             duplicates: tally.duplicates,
             missing_acked,
             missing_examples,
+            missing_acked_after_kill,
             lost_unacked: tally.lost - missing_acked.min(tally.lost),
             sessions_lost: self.subscriber.sessions_lost + self.publisher.sessions_lost,
             tally,
@@ -545,6 +560,21 @@ mod tests {
         assert!(close(rec.first_fresh_message_ms, 1150.0), "{rec:?}");
         assert!(close(rec.first_fresh_ack_ms, 1200.0), "{rec:?}");
         assert!(close(rec.recovered_ms, 1200.0), "{rec:?}");
+        assert_eq!((rec.missing_acked, rec.missing_acked_after_kill), (0, 0));
+    }
+
+    #[test]
+    fn missing_messages_acknowledged_after_the_kill_are_told_apart() {
+        let mut r = Run::new();
+        r.ack(0, 0, 1); // before the kill, never received
+        r.log.kill(r.at(10));
+        r.ack(1, 5, 500); // sent before, acknowledged after the kill (a resend), never received
+        r.ack(2, 6, 501); // the same, received
+        r.receive(2, 6, 600);
+        r.ack(3, 20, 502); // fresh, never received
+        let rec = r.log.recovery(4);
+        assert_eq!(rec.missing_examples, vec![0, 1, 3]);
+        assert_eq!((rec.missing_acked, rec.missing_acked_after_kill), (3, 1));
     }
 
     #[test]

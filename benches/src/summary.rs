@@ -152,6 +152,13 @@ pub struct FailoverStats {
     pub missing_acked: u64,
     /// The first few missing sequence numbers.
     pub missing_examples: Vec<u64>,
+    /// Missing acknowledged messages that were published before the kill and acknowledged
+    /// after it (on a new connection, after a resend).
+    pub missing_acked_after_kill: u64,
+    /// QoS 2 PUBLISHes that reused a packet id still awaiting PUBREL for another message: the
+    /// subscriber takes them for resends, as MQTT requires, so they are lost. A broker error.
+    pub qos2_id_reuses: u64,
+    pub qos2_id_reuse_examples: Vec<String>,
     /// Messages published, never acknowledged and never received.
     pub lost_unacked: u64,
     /// Connection attempts after the first connections, and how many followed a Server
@@ -471,10 +478,22 @@ fn write_failover(f: &mut fmt::Formatter<'_>, fo: &FailoverStats) -> fmt::Result
         if fo.missing_examples.is_empty() {
             String::new()
         } else {
-            format!(" (first: {:?})", fo.missing_examples)
+            format!(
+                " (first: {:?}; {} published before the kill and acknowledged after it)",
+                fo.missing_examples, fo.missing_acked_after_kill
+            )
         },
         n(fo.lost_unacked)
     )?;
+    if fo.qos2_id_reuses > 0 {
+        writeln!(
+            f,
+            "  QoS 2 ids    {} PUBLISHes reused a packet id awaiting PUBREL (dropped as resends): \
+             {}",
+            n(fo.qos2_id_reuses),
+            fo.qos2_id_reuse_examples.join("; ")
+        )?;
+    }
     writeln!(
         f,
         "  reconnects   {} attempts ({} to a Server Reference), {} sessions lost",
@@ -561,7 +580,7 @@ mod tests {
         .to_string();
         assert!(text.contains("NOT within 20 s"), "{text}");
         assert!(
-            text.contains("missing acknowledged 2 (first: [7, 9])"),
+            text.contains("missing acknowledged 2 (first: [7, 9]; 0 published before"),
             "{text}"
         );
     }
