@@ -2,7 +2,7 @@
 # Failover time of a 3-node raftmq cluster on loopback: node kill → clients reconnected and
 # receiving again (`raftmq-bench failover`).
 #
-#   benches/failover.sh                     # both trials at QoS 1 and QoS 2, once each (~2 min)
+#   benches/failover.sh                     # both trials at QoS 1 and QoS 2, once each (~1 min)
 #   benches/failover.sh --qos 1 --repeat 3  # QoS 1 only, each trial three times
 #
 # Trials, each on a freshly created cluster (three `raftmq serve` processes with their own data
