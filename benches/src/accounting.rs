@@ -103,6 +103,19 @@ impl StreamLog {
     fn stream(&self, publisher: u32) -> Option<&Stream> {
         self.streams.get(&publisher)
     }
+
+    /// Distinct sequence numbers received from `publisher`.
+    pub fn distinct(&self, publisher: u32) -> u64 {
+        self.stream(publisher).map_or(0, Stream::distinct)
+    }
+
+    /// True once message `seq` of `publisher` was received.
+    pub fn contains(&self, publisher: u32, seq: u64) -> bool {
+        let (word, bit) = split(seq);
+        self.stream(publisher)
+            .and_then(|s| s.seen.get(word))
+            .is_some_and(|w| w & bit != 0)
+    }
 }
 
 /// How many messages each publisher sent: publisher `p` sent sequence numbers `0..sent[p]`.
@@ -379,6 +392,17 @@ mod tests {
         let a = log(&[(0, 0), (0, 9), (3, 0)]);
         let t = tally_group(&[&a], &Sent(vec![1]), &[0]);
         assert_eq!((t.delivered, t.unexpected), (1, 2));
+    }
+
+    #[test]
+    fn contains_what_was_recorded() {
+        let l = log(&[(0, 0), (0, 63), (0, 64), (2, 5)]);
+        for (p, s) in [(0, 0), (0, 63), (0, 64), (2, 5)] {
+            assert!(l.contains(p, s), "({p}, {s})");
+        }
+        for (p, s) in [(0, 1), (0, 65), (0, 1_000_000), (1, 0), (2, 4)] {
+            assert!(!l.contains(p, s), "({p}, {s})");
+        }
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub enum Command {
     /// Connect/disconnect storm: N clients with persistent sessions (clean start false, session
     /// expiry) reconnect in a loop; their sessions are removed at the end.
     Churn(ChurnArgs),
+    /// Failover time of a cluster: steady QoS 1/2 traffic between a persistent subscriber and
+    /// a publisher, SIGKILL one node, and time how long until both are reconnected and messages
+    /// flow again; checks that no acknowledged message is missing.
+    Failover(FailoverArgs),
     /// Render the JSON summaries of two runs as a Markdown table with ratios.
     Report(ReportArgs),
 }
@@ -199,6 +203,82 @@ pub struct ChurnArgs {
     pub qos: u8,
 }
 
+/// Options of `failover`.
+#[derive(Clone, Debug, Args)]
+pub struct FailoverArgs {
+    /// MQTT addresses of the cluster's nodes (HOST:PORT, comma-separated or repeated). The
+    /// --*-node options are 0-based indexes into this list.
+    #[arg(
+        long = "addrs",
+        value_name = "HOST:PORT",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub addrs: Vec<String>,
+    /// The node the subscriber connects to first.
+    #[arg(long, default_value_t = 0)]
+    pub sub_node: usize,
+    /// The node the publisher connects to first.
+    #[arg(long, default_value_t = 1)]
+    pub pub_node: usize,
+    /// PID of the process to SIGKILL after --before (`kill -9 PID`).
+    #[arg(long, value_name = "PID")]
+    pub kill_pid: u32,
+    /// The node that --kill-pid serves: reconnecting clients try it last.
+    #[arg(long)]
+    pub killed_node: usize,
+    /// Publish rate in msg/s.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// QoS of the publishes and of the subscription: 1 or 2.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub qos: u8,
+    /// Steady load before the kill.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub before: Duration,
+    /// The longest wait for recovery after the kill; then the run stops as "not recovered".
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub after: Duration,
+    /// Once recovered, how long to keep publishing (to see the delivery settle).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// After publishing stops, the longest wait for outstanding acknowledgements and for every
+    /// acknowledged message to arrive.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// MQTT protocol level: 4 (3.1.1, clean session 0) or 5 (5.0, clean start 0 and
+    /// --session-expiry; follows Server References).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(4..=5))]
+    pub mqtt_version: u8,
+    /// Session Expiry Interval of both clients, seconds (MQTT 5). Their sessions are removed
+    /// at the end of the run.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
+    pub session_expiry: u32,
+    /// Keep alive in seconds (0: none).
+    #[arg(long, default_value_t = 10)]
+    pub keep_alive: u16,
+    /// Bound on each connection attempt (TCP connect → CONNACK) and SUBSCRIBE → SUBACK.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Pause after a failed connection attempt before the next one.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub retry_delay: Duration,
+    /// QoS 1/2 messages the publisher may have unacknowledged (at most the broker's Receive
+    /// Maximum). When the window is full, publishing pauses; it resumes at --rate, without a
+    /// burst.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
+    pub inflight: u16,
+    /// Payload size in bytes (at least 24).
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Also write the summary as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Name of the run, recorded in the summary.
+    #[arg(long)]
+    pub label: Option<String>,
+}
+
 /// Options of `report`.
 #[derive(Clone, Debug, Args)]
 pub struct ReportArgs {
@@ -284,5 +364,48 @@ mod tests {
         assert_eq!(args.common.mqtt_version, 5);
         assert!(Cli::try_parse_from(["raftmq-bench", "p2p", "--qos", "3"]).is_err());
         assert!(Cli::try_parse_from(["raftmq-bench", "p2p", "--mqtt-version", "3"]).is_err());
+    }
+
+    #[test]
+    fn failover_flags_parse() {
+        let base = [
+            "raftmq-bench",
+            "failover",
+            "--addrs",
+            "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
+            "--kill-pid",
+            "42",
+            "--killed-node",
+            "2",
+        ];
+        let cli = Cli::try_parse_from(base).expect("parses");
+        let Command::Failover(args) = cli.command else {
+            panic!("failover expected");
+        };
+        assert_eq!(args.addrs.len(), 3);
+        assert_eq!((args.kill_pid, args.killed_node), (42, 2));
+        assert_eq!((args.sub_node, args.pub_node, args.qos), (0, 1, 1));
+        assert_eq!((args.rate, args.mqtt_version), (1000.0, 5));
+        assert_eq!(args.before, Duration::from_secs(3));
+        assert_eq!(args.after, Duration::from_secs(20));
+        assert_eq!(args.retry_delay, Duration::from_millis(50));
+        let with = |extra: &[&'static str]| {
+            Cli::try_parse_from(base.iter().chain(extra).copied().collect::<Vec<_>>())
+        };
+        assert!(with(&["--qos", "2"]).is_ok());
+        assert!(
+            with(&["--qos", "0"]).is_err(),
+            "QoS 0 has no acknowledgement"
+        );
+        assert!(with(&["--mqtt-version", "4"]).is_ok());
+        let missing_pid = [
+            "raftmq-bench",
+            "failover",
+            "--addrs",
+            "a:1",
+            "--killed-node",
+            "0",
+        ];
+        assert!(Cli::try_parse_from(missing_pid).is_err());
     }
 }

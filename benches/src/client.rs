@@ -1,7 +1,10 @@
 //! A small MQTT client made for load generation.
 //!
-//! [`Conn::connect`] opens a TCP connection (`TCP_NODELAY`) and completes the MQTT handshake;
-//! [`Conn::subscribe`] and [`Conn::close`] serve the setup and churn phases. A [`Driver`] then
+//! [`Conn::connect`] opens a TCP connection (`TCP_NODELAY`) and completes the MQTT handshake
+//! ([`Conn::handshake`] also reports a refusal's Server Reference);
+//! [`Conn::subscribe`] and [`Conn::close`] serve the setup and churn phases, and
+//! [`Conn::queue`], [`Conn::flush`] and [`Conn::recv`] let a scenario run the protocol itself
+//! (the failover scenario reconnects and resends). A [`Driver`] then
 //! runs the connection as one task: it publishes according to a [`Plan`] (rate, in-flight
 //! window, QoS 0/1/2 with PUBACK, PUBREC/PUBREL/PUBCOMP), acknowledges what it receives and
 //! records it in an [`Inbox`], and pings when idle.
@@ -17,7 +20,7 @@ use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
 use raftmq_codec::{
     ByteStr, Connect, ConnectProperties, Disconnect, Packet, PacketId, ProtocolVersion,
-    PubResponse, Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeFilter,
+    PubResponse, Publish, PublishProperties, QoS, ReasonCode, SubAck, Subscribe, SubscribeFilter,
     SubscribeProperties, SubscriptionOptions, decode, encode,
 };
 use std::collections::HashSet;
@@ -119,6 +122,18 @@ impl Conn {
     /// Connects and completes the handshake. Returns the connection and CONNACK's Session
     /// Present flag.
     pub async fn connect(endpoint: &Endpoint, session: &SessionOptions) -> Result<(Self, bool)> {
+        match Self::handshake(endpoint, session).await? {
+            Handshake::Accepted {
+                conn,
+                session_present,
+                ..
+            } => Ok((conn, session_present)),
+            Handshake::Refused { code, .. } => bail!("connection refused: {code}"),
+        }
+    }
+
+    /// Connects and sends CONNECT; returns the broker's answer (within `endpoint.timeout`).
+    pub async fn handshake(endpoint: &Endpoint, session: &SessionOptions) -> Result<Handshake> {
         let handshake = async {
             let stream = connect_tcp(endpoint)
                 .await
@@ -150,10 +165,15 @@ impl Conn {
             })))?;
             conn.flush().await?;
             match conn.recv().await? {
-                Packet::ConnAck(ack) if ack.reason_code.is_success() => {
-                    Ok((conn, ack.session_present))
-                }
-                Packet::ConnAck(ack) => bail!("connection refused: {}", ack.reason_code),
+                Packet::ConnAck(ack) if ack.reason_code.is_success() => Ok(Handshake::Accepted {
+                    conn,
+                    session_present: ack.session_present,
+                    receive_maximum: ack.properties.receive_maximum,
+                }),
+                Packet::ConnAck(ack) => Ok(Handshake::Refused {
+                    code: ack.reason_code,
+                    server_reference: ack.properties.server_reference.map(|r| r.to_string()),
+                }),
                 other => bail!("expected CONNACK, got {:?}", other.packet_type()),
             }
         };
@@ -178,20 +198,32 @@ impl Conn {
     }
 
     /// Sends DISCONNECT (normal) and closes the connection, within a second.
-    pub async fn close(mut self) -> Result<()> {
-        self.bufs
-            .queue(&Packet::Disconnect(Disconnect::default()))?;
+    pub async fn close(self) -> Result<()> {
+        self.close_with(Disconnect::default()).await
+    }
+
+    /// Sends `disconnect` and closes the connection, within a second.
+    pub async fn close_with(mut self, disconnect: Disconnect) -> Result<()> {
+        self.bufs.queue(&Packet::Disconnect(disconnect))?;
         close(&mut self.stream, &mut self.bufs.write).await
     }
 
-    async fn flush(&mut self) -> Result<()> {
+    /// Encodes `packet` into the write buffer, for the next [`Conn::flush`].
+    pub fn queue(&mut self, packet: &Packet) -> Result<()> {
+        self.bufs.queue(packet)
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<()> {
         self.stream
             .write_all_buf(&mut self.bufs.write)
             .await
             .context("writing to the broker")
     }
 
-    async fn recv(&mut self) -> Result<Packet> {
+    /// The next packet from the broker. Cancel safe: bytes read before the future is dropped
+    /// stay in the read buffer for the next call.
+    pub async fn recv(&mut self) -> Result<Packet> {
         loop {
             if let Some(packet) = self.bufs.next_packet()? {
                 return Ok(packet);
@@ -203,6 +235,24 @@ impl Conn {
             }
         }
     }
+}
+
+/// The broker's answer to CONNECT.
+pub enum Handshake {
+    /// CONNACK with a success code.
+    Accepted {
+        conn: Conn,
+        session_present: bool,
+        /// The Receive Maximum the broker announced (MQTT 5): how many QoS 1/2 publishes it
+        /// accepts unacknowledged.
+        receive_maximum: Option<u16>,
+    },
+    /// CONNACK with a failure code; MQTT 5 may name another server to use (0x9C Use another
+    /// server, 0x9D Server moved).
+    Refused {
+        code: ReasonCode,
+        server_reference: Option<String>,
+    },
 }
 
 /// Opens a TCP connection to `endpoint.addr`, from `endpoint.local` if set.

@@ -6,9 +6,11 @@ mod cli;
 mod client;
 mod connections;
 mod context;
+mod failover;
 mod messaging;
 mod payload;
 mod procfs;
+mod recovery;
 mod report;
 mod retained;
 mod summary;
@@ -41,45 +43,62 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
-    let (common, summary) = match &command {
+    let (json, summary) = match &command {
         Command::P2p(args) => {
             let ctx = Context::new(&args.common)?;
             let topology = Topology::p2p(&ctx, args.clients);
-            (&args.common, messaging::run(&ctx, args, topology).await?)
+            (
+                &args.common.json,
+                messaging::run(&ctx, args, topology).await?,
+            )
         }
         Command::Fanout(args) => {
             let ctx = Context::new(&args.common)?;
             let topology = Topology::fanout(&ctx, args.clients);
-            (&args.common, messaging::run(&ctx, args, topology).await?)
+            (
+                &args.common.json,
+                messaging::run(&ctx, args, topology).await?,
+            )
         }
         Command::Fanin(args) => {
             let ctx = Context::new(&args.common)?;
             let topology = Topology::fanin(&ctx, args.clients);
-            (&args.common, messaging::run(&ctx, args, topology).await?)
+            (
+                &args.common.json,
+                messaging::run(&ctx, args, topology).await?,
+            )
         }
         Command::Shared(args) => {
             let load = &args.load;
             let ctx = Context::new(&load.common)?;
             let topology = Topology::shared(&ctx, load.clients, args.publishers);
-            (&load.common, messaging::run(&ctx, load, topology).await?)
+            (
+                &load.common.json,
+                messaging::run(&ctx, load, topology).await?,
+            )
         }
         Command::Retained(args) => {
             let ctx = Context::new(&args.common)?;
-            (&args.common, retained::run(&ctx, args).await?)
+            (&args.common.json, retained::run(&ctx, args).await?)
         }
         Command::Conn(args) => {
             let ctx = Context::new(&args.common)?;
-            (&args.common, connections::conn(&ctx, args).await?)
+            (&args.common.json, connections::conn(&ctx, args).await?)
         }
         Command::Churn(args) => {
             let ctx = Context::new(&args.common)?;
-            (&args.common, connections::churn(&ctx, args).await?)
+            (&args.common.json, connections::churn(&ctx, args).await?)
         }
+        Command::Failover(args) => (&args.json, failover::run(args).await?),
         Command::Report(args) => return report::run(args),
     };
     print!("{summary}");
-    if let Some(path) = &common.json {
+    if let Some(path) = json {
         summary.write_json(path)?;
+    }
+    if let Some(failover) = &summary.failover {
+        let problems = failover.problems();
+        anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
     }
     Ok(())
 }

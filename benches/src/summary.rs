@@ -11,7 +11,7 @@ use std::path::Path;
 /// The summary of one run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
-    /// The subcommand: p2p, fanout, fanin, shared, retained, conn or churn.
+    /// The subcommand: p2p, fanout, fanin, shared, retained, conn, churn or failover.
     pub scenario: String,
     /// The scenario with its parameters, in words.
     pub description: String,
@@ -31,6 +31,7 @@ pub struct Summary {
     pub latency_us: Option<Percentiles>,
     pub retained: Option<RetainedStats>,
     pub churn: Option<ChurnStats>,
+    pub failover: Option<FailoverStats>,
     pub broker: Option<BrokerUsage>,
     /// Connections that failed or ended early, with the first few reasons.
     pub error_count: u64,
@@ -97,6 +98,97 @@ pub struct ChurnStats {
     pub lost: u64,
     /// Broker CPU per cycle, µs.
     pub broker_cpu_us_per_cycle: Option<f64>,
+}
+
+/// The failover scenario: times from the kill (ms) and what was lost on the way.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FailoverStats {
+    /// MQTT addresses of the nodes; the node fields below index this list.
+    pub nodes: Vec<String>,
+    pub sub_node: usize,
+    pub pub_node: usize,
+    pub killed_node: usize,
+    pub kill_pid: u32,
+    /// The times below are measured from the moment the kill was ordered; the signal went
+    /// out within this many ms of it.
+    pub kill_command_ms: f64,
+    /// Steady load before the kill, s.
+    pub before_s: f64,
+    /// The longest wait allowed for recovery, s.
+    pub after_s: f64,
+    /// Whether the subscriber lost its connection after the kill.
+    pub sub_lost: bool,
+    /// Kill → the subscriber connected again (CONNACK success).
+    pub sub_reconnect_ms: Option<f64>,
+    /// The node it reconnected to (`None`: a server outside the list, or not reconnected).
+    pub sub_reconnect_node: Option<usize>,
+    pub sub_session_present: Option<bool>,
+    pub pub_lost: bool,
+    pub pub_reconnect_ms: Option<f64>,
+    pub pub_reconnect_node: Option<usize>,
+    pub pub_session_present: Option<bool>,
+    /// Kill → the first message the subscriber received (any).
+    pub first_message_ms: Option<f64>,
+    /// Kill → the first message published after the kill received by the subscriber.
+    pub first_fresh_message_ms: Option<f64>,
+    /// Kill → the first acknowledgement (PUBACK; PUBREC for QoS 2) of a message published
+    /// after the kill.
+    pub first_fresh_ack_ms: Option<f64>,
+    /// The latest of the above (reconnections only for clients that lost their connection);
+    /// `None`: not recovered within `after_s`.
+    pub recovered_ms: Option<f64>,
+    /// The longest time without a new message at the subscriber, over the whole run.
+    pub max_receive_gap_ms: f64,
+    /// The most sequence numbers one new message skipped (later ones arriving first).
+    pub max_sequence_jump: u64,
+    /// Messages acknowledged with a success code.
+    pub acked: u64,
+    /// Acknowledgements with 0x10 No matching subscribers (counted in `acked`).
+    pub no_subscribers: u64,
+    /// Distinct messages received.
+    pub received: u64,
+    pub duplicates: u64,
+    /// Acknowledged messages the subscriber never received: must be 0.
+    pub missing_acked: u64,
+    /// The first few missing sequence numbers.
+    pub missing_examples: Vec<u64>,
+    /// Missing acknowledged messages that were published before the kill and acknowledged
+    /// after it (on a new connection, after a resend).
+    pub missing_acked_after_kill: u64,
+    /// QoS 2 PUBLISHes that reused a packet id still awaiting PUBREL for another message: the
+    /// subscriber takes them for resends, as MQTT requires, so they are lost. A broker error.
+    pub qos2_id_reuses: u64,
+    pub qos2_id_reuse_examples: Vec<String>,
+    /// Messages published, never acknowledged and never received.
+    pub lost_unacked: u64,
+    /// Connection attempts after the first connections, and how many followed a Server
+    /// Reference.
+    pub reconnect_attempts: u64,
+    pub redirects: u64,
+    /// Reconnections that found no session.
+    pub sessions_lost: u64,
+    /// Connection events, with the time from the kill.
+    pub timeline: Vec<String>,
+}
+
+impl FailoverStats {
+    /// What makes the run fail: no recovery, or acknowledged messages missing.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.recovered_ms.is_none() {
+            problems.push(format!(
+                "not recovered within {} s of the kill",
+                self.after_s
+            ));
+        }
+        if self.missing_acked > 0 {
+            problems.push(format!(
+                "{} acknowledged messages missing (first: {:?})",
+                self.missing_acked, self.missing_examples
+            ));
+        }
+        problems
+    }
 }
 
 /// Percentiles of a distribution, in the unit named by the field holding them.
@@ -280,6 +372,9 @@ impl fmt::Display for Summary {
                 n(ch.lost)
             )?;
         }
+        if let Some(fo) = &self.failover {
+            write_failover(f, fo)?;
+        }
         if let Some(b) = &self.broker {
             write!(
                 f,
@@ -304,6 +399,112 @@ impl fmt::Display for Summary {
         }
         Ok(())
     }
+}
+
+/// `Some(1234.5)` → `1,235 ms`; `None` → `none`.
+fn millis(value: Option<f64>) -> String {
+    value.map_or_else(|| "none".to_owned(), |ms| format!("{} ms", thousands(ms)))
+}
+
+fn write_failover(f: &mut fmt::Formatter<'_>, fo: &FailoverStats) -> fmt::Result {
+    let n = |v: u64| thousands(v as f64);
+    let node = |i: Option<usize>| match i {
+        Some(i) => format!("node {i}"),
+        None => "another server".to_owned(),
+    };
+    let reconnect =
+        |lost: bool, ms: Option<f64>, at: Option<usize>, present: Option<bool>| match (lost, ms) {
+            (false, _) => "kept its connection".to_owned(),
+            (true, None) => "NOT reconnected".to_owned(),
+            (true, Some(_)) => format!(
+                "reconnected after {} to {} (session present: {})",
+                millis(ms),
+                node(at),
+                present.unwrap_or(false)
+            ),
+        };
+    writeln!(
+        f,
+        "  failover     SIGKILL pid {} (node {}) after {} s (sent within {:.2} ms); subscriber \
+         on node {}, publisher on node {}",
+        fo.kill_pid, fo.killed_node, fo.before_s, fo.kill_command_ms, fo.sub_node, fo.pub_node
+    )?;
+    writeln!(
+        f,
+        "  subscriber   {}",
+        reconnect(
+            fo.sub_lost,
+            fo.sub_reconnect_ms,
+            fo.sub_reconnect_node,
+            fo.sub_session_present
+        )
+    )?;
+    writeln!(
+        f,
+        "  publisher    {}",
+        reconnect(
+            fo.pub_lost,
+            fo.pub_reconnect_ms,
+            fo.pub_reconnect_node,
+            fo.pub_session_present
+        )
+    )?;
+    writeln!(
+        f,
+        "  after kill   first message {}, first fresh message {}, first fresh ack {}",
+        millis(fo.first_message_ms),
+        millis(fo.first_fresh_message_ms),
+        millis(fo.first_fresh_ack_ms)
+    )?;
+    match fo.recovered_ms {
+        Some(ms) => writeln!(f, "  recovered    {} after the kill", millis(Some(ms)))?,
+        None => writeln!(f, "  recovered    NOT within {} s of the kill", fo.after_s)?,
+    }
+    writeln!(
+        f,
+        "  gaps         longest {} without a new message; largest sequence jump {}",
+        millis(Some(fo.max_receive_gap_ms)),
+        n(fo.max_sequence_jump)
+    )?;
+    writeln!(
+        f,
+        "  acknowledged {} ({} with no matching subscribers); received {} distinct, {} \
+         duplicates; missing acknowledged {}{}; lost unacknowledged {}",
+        n(fo.acked),
+        n(fo.no_subscribers),
+        n(fo.received),
+        n(fo.duplicates),
+        n(fo.missing_acked),
+        if fo.missing_examples.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (first: {:?}; {} published before the kill and acknowledged after it)",
+                fo.missing_examples, fo.missing_acked_after_kill
+            )
+        },
+        n(fo.lost_unacked)
+    )?;
+    if fo.qos2_id_reuses > 0 {
+        writeln!(
+            f,
+            "  QoS 2 ids    {} PUBLISHes reused a packet id awaiting PUBREL (dropped as resends): \
+             {}",
+            n(fo.qos2_id_reuses),
+            fo.qos2_id_reuse_examples.join("; ")
+        )?;
+    }
+    writeln!(
+        f,
+        "  reconnects   {} attempts ({} to a Server Reference), {} sessions lost",
+        n(fo.reconnect_attempts),
+        n(fo.redirects),
+        n(fo.sessions_lost)
+    )?;
+    for line in &fo.timeline {
+        writeln!(f, "    {line}")?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -349,6 +550,39 @@ mod tests {
         errors.store(&mut summary);
         assert_eq!(summary.error_count, 8);
         assert_eq!(summary.errors, ["e0", "e1", "e2", "e3", "e4"]);
+    }
+
+    #[test]
+    fn failover_problems() {
+        let ok = FailoverStats {
+            recovered_ms: Some(1500.0),
+            after_s: 20.0,
+            ..FailoverStats::default()
+        };
+        assert!(ok.problems().is_empty());
+        let bad = FailoverStats {
+            recovered_ms: None,
+            missing_acked: 2,
+            missing_examples: vec![7, 9],
+            ..ok.clone()
+        };
+        let problems = bad.problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("not recovered"), "{problems:?}");
+        assert!(
+            problems[1].contains("2 acknowledged messages missing"),
+            "{problems:?}"
+        );
+        let text = Summary {
+            failover: Some(bad),
+            ..Summary::default()
+        }
+        .to_string();
+        assert!(text.contains("NOT within 20 s"), "{text}");
+        assert!(
+            text.contains("missing acknowledged 2 (first: [7, 9]; 0 published before"),
+            "{text}"
+        );
     }
 
     #[test]
