@@ -140,6 +140,8 @@ pub struct RaftNode {
     forward: crate::forward::ForwardGrpc,
     forward_task: Option<tokio::task::JoinHandle<()>>,
     liveness_task: Option<tokio::task::JoinHandle<()>>,
+    /// The forwarding links (once forwarding started): which peers are reachable.
+    hub: Option<Arc<crate::forward::ForwardHub>>,
     join_task: Option<tokio::task::JoinHandle<()>>,
     metrics_task: tokio::task::JoinHandle<()>,
 }
@@ -304,6 +306,7 @@ impl RaftNode {
             feed_task: None,
             forward: crate::forward::ForwardGrpc::default(),
             forward_task: None,
+            hub: None,
             liveness_task: None,
             join_task,
             metrics_task,
@@ -360,6 +363,33 @@ impl RaftNode {
     }
 
     /// A snapshot of the node's Raft status.
+    /// The MQTT address of another member to send clients to when this node cannot serve
+    /// them durably (MQTT 5 Server Reference): the leader this node knows, else another
+    /// member, preferring members whose forwarding stream is up (a leader that just died is
+    /// still "the leader" here until the election).
+    pub fn redirect_target(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let me = m.id;
+        let reachable = |id: NodeId| self.hub.as_ref().is_none_or(|h| h.down_for(id).is_none());
+        let mut candidates: Vec<(bool, bool, NodeId, String)> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, n)| **id != me && !n.mqtt_addr.is_empty())
+            .map(|(id, n)| {
+                (
+                    reachable(*id),
+                    m.current_leader == Some(*id),
+                    *id,
+                    n.mqtt_addr.clone(),
+                )
+            })
+            .collect();
+        // Reachable first, then the leader, then by id (stable).
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+        candidates.into_iter().next().map(|(_, _, _, addr)| addr)
+    }
+
     pub fn status(&self) -> ClusterStatus {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
@@ -506,6 +536,7 @@ impl RaftNode {
             self.faults.clone(),
         );
         self.forward_task = Some(task);
+        self.hub = Some(hub.clone());
         self.liveness_task = Some(tokio::spawn(declare_down_nodes(
             self.raft.clone(),
             self.node_id,

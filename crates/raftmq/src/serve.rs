@@ -118,25 +118,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     node.start_forwarding(broker.clone());
     let node = Arc::new(node);
     // MQTT 5 clients this node cannot serve durably (no quorum) are sent to another member:
-    // the leader if this node knows one, else any other node.
+    // a reachable one, the leader first.
     let redirect_node = node.clone();
-    broker.set_redirect(Arc::new(move || {
-        let status = redirect_node.status();
-        let me = status.node_id;
-        status
-            .leader
-            .filter(|l| *l != me)
-            .and_then(|l| status.nodes.get(&l))
-            .or_else(|| {
-                status
-                    .nodes
-                    .iter()
-                    .find(|(id, _)| **id != me)
-                    .map(|(_, n)| n)
-            })
-            .map(|n| n.mqtt_addr.clone())
-            .filter(|a| !a.is_empty())
-    }));
+    broker.set_redirect(Arc::new(move || redirect_node.redirect_target()));
     let sessions = broker.recover(Instant::now());
     info!(
         sessions,

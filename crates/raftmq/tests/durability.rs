@@ -71,6 +71,59 @@ impl NodeSpec {
     }
 }
 
+/// The node's log (appended to across restarts), next to its data dir.
+fn log_file(spec: &NodeSpec) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.data_dir.with_extension("log"))
+        .map_or_else(|_| Stdio::inherit(), Stdio::from)
+}
+
+/// The last `n` lines of every node's log (for a failure message).
+fn log_tails(specs: &[NodeSpec], n: usize) -> String {
+    let mut out = String::new();
+    for spec in specs {
+        let text = std::fs::read_to_string(spec.data_dir.with_extension("log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out += &format!("--- node {} log (last {n} lines) ---\n", spec.id);
+        for l in &lines[lines.len().saturating_sub(n)..] {
+            out += l;
+            out += "\n";
+        }
+    }
+    out
+}
+
+/// [`wait_converged`], printing the nodes' logs if they do not converge.
+async fn converged_or_logs(ports: &[u16], specs: &[NodeSpec], nodes: &mut [Option<Node>]) -> u64 {
+    match tokio::time::timeout(
+        START_TIMEOUT - Duration::from_secs(5),
+        wait_converged(ports, 3),
+    )
+    .await
+    {
+        Ok(leader) => leader,
+        Err(_) => {
+            let mut views = Vec::new();
+            for p in ports {
+                views.push(cluster_status(*p).await);
+            }
+            let processes: Vec<String> = nodes
+                .iter_mut()
+                .map(|n| match n {
+                    Some(n) => format!("{:?}", n.child.try_wait()),
+                    None => "not running".to_owned(),
+                })
+                .collect();
+            panic!(
+                "cluster did not converge: {views:?}\nprocesses (exit status): {processes:?}\n{}",
+                log_tails(specs, 40)
+            )
+        }
+    }
+}
+
 /// A running `raftmq` process (killed when dropped).
 struct Node {
     child: Child,
@@ -84,7 +137,7 @@ impl Node {
             .args([
                 "serve",
                 "--log-level",
-                "error,openraft=off",
+                "warn,openraft=off,raftmq=info",
                 "--node-id",
                 &spec.id.to_string(),
             ])
@@ -95,7 +148,7 @@ impl Node {
             .arg(&spec.data_dir)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(log_file(spec));
         if !spec.seeds.is_empty() {
             cmd.args(["--seeds", &spec.seeds.join(",")]);
         }
@@ -1245,7 +1298,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
             tokio::time::sleep(Duration::from_secs(3)).await;
             nodes[victim] = Some(Node::spawn(&specs[victim]));
         }
-        wait_converged(&ports, 3).await;
+        converged_or_logs(&ports, &specs, &mut nodes).await;
         round += 1;
     }
 
