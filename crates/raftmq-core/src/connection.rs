@@ -279,6 +279,12 @@ impl Connection {
     /// Ready when the attached session has news for this connection: deliveries queued, or the
     /// session taken over (then [`Self::pump`] closes the connection). Pending before CONNECT.
     pub fn poll_session(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Before CONNACK, [`Self::pump`] does nothing, and a fenced-off session is always
+        // ready: waiting on it would spin. The CONNACK's commit comes first either way (then a
+        // takeover meanwhile is noticed).
+        if matches!(self.pending.front(), Some(p) if matches!(p.packet, Packet::ConnAck(_))) {
+            return Poll::Pending;
+        }
         match &self.attachment {
             Some(att) => att.session.poll_notified(att.epoch, cx),
             None => Poll::Pending,

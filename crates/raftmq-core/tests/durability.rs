@@ -1093,3 +1093,33 @@ fn a_qos2_publish_reaches_subscribers_once_whatever_happens_to_its_commit() {
         "delivered once"
     );
 }
+
+/// A connection whose CONNACK waits for its claim while its session is fenced (this node lost
+/// its quorum) does not spin: it waits for the commit, then answers and leaves.
+#[test]
+fn a_session_fenced_before_its_connack_waits_for_the_commit_instead_of_spinning() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    b.set_redirect(Arc::new(|| Some("10.0.0.2:1883".to_owned())));
+    let now = Instant::now();
+    let mut c = open(&b, now);
+    c.handle_packet(connect("attaching", true, 300), now);
+    assert!(drain(&mut c, now).is_empty(), "CONNACK waits for the claim");
+    assert_eq!(
+        b.fence_durable_sessions(Some(ReasonCode::USE_ANOTHER_SERVER)),
+        1
+    );
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    assert!(
+        c.poll_session(&mut cx).is_pending(),
+        "nothing to do before CONNACK: a ready session here would make the caller spin"
+    );
+    held.complete_all(Err(DurabilityError::Unavailable));
+    c.handle_commits(now);
+    match &drain(&mut c, now)[..] {
+        [Packet::ConnAck(ack)] => assert_eq!(ack.reason_code, ReasonCode::USE_ANOTHER_SERVER),
+        other => panic!("expected CONNACK 0x9C, got {other:?}"),
+    }
+    assert!(c.is_closed());
+}

@@ -78,6 +78,9 @@ where
         let mut wbuf = BytesMut::new();
         let mut more = false;
         loop {
+            // Every pass spends coop budget, so a connection with work ready on every pass
+            // still lets the worker run other tasks now and then.
+            tokio::task::consume_budget().await;
             // Write everything produced so far in one go.
             while let Some(packet) = conn.poll_transmit() {
                 if let Err(e) = encode(&packet, conn.version(), &mut wbuf) {

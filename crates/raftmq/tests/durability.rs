@@ -116,8 +116,21 @@ async fn converged_or_logs(ports: &[u16], specs: &[NodeSpec], nodes: &mut [Optio
                     None => "not running".to_owned(),
                 })
                 .collect();
+            // A node that is running but does not answer: its threads' stacks, if gdb is here.
+            let mut stacks = String::new();
+            for (view, node) in views.iter().zip(nodes.iter_mut()) {
+                if let (None, Some(node)) = (view, node)
+                    && matches!(node.child.try_wait(), Ok(None))
+                    && let Ok(out) = Command::new("timeout")
+                        .args(["60", "gdb", "-p", &node.child.id().to_string(), "-batch"])
+                        .args(["-ex", "thread apply all bt 25"])
+                        .output()
+                {
+                    stacks += &String::from_utf8_lossy(&out.stdout);
+                }
+            }
             panic!(
-                "cluster did not converge: {views:?}\nprocesses (exit status): {processes:?}\n{}",
+                "cluster did not converge: {views:?}\nprocesses (exit status): {processes:?}\n{}\n{stacks}",
                 log_tails(specs, 40)
             )
         }
