@@ -930,7 +930,19 @@ impl Broker {
         );
         let _ = now;
         let store = self.propose(changes);
-        self.deliver_after(&store, deferred);
+        match incoming_qos2 {
+            // A client's QoS 2 messages reach local sessions in the order it sent them: each
+            // waits for its own commit and for the previous one's to settle (not to succeed:
+            // a refused one must not hold this one's back for good).
+            Some((publisher, _)) => {
+                let mut st = publisher.state.lock();
+                let after = Commit::all(vec![store.clone(), st.last_qos2.settled()]);
+                st.last_qos2 = after.clone();
+                drop(st);
+                self.deliver_after(&after, deferred);
+            }
+            None => self.deliver_after(&store, deferred),
+        }
         acks.push(store.clone());
         Routed {
             offered,

@@ -259,6 +259,19 @@ impl Commit {
     }
 }
 
+impl Commit {
+    /// Resolves `Ok` once this one resolves, whatever its result (to order work after it
+    /// without inheriting its failure).
+    pub fn settled(&self) -> Commit {
+        if self.result().is_some() {
+            return Commit::ready();
+        }
+        let (commit, handle) = Commit::pending();
+        self.on_complete(move |_| handle.complete(Ok(())));
+        commit
+    }
+}
+
 /// Drives [`Commit::on_complete`].
 struct OnComplete<F> {
     commit: Commit,

@@ -109,6 +109,9 @@ pub(crate) struct SessionState {
     /// PUBLISH is acknowledged only once that commit succeeded, and routed again if it failed
     /// (nothing was recorded, so nothing was acknowledged).
     pub incoming_qos2: HashMap<u16, crate::durability::Commit, ProcessSeed>,
+    /// What the deliveries of the client's latest QoS 2 PUBLISH wait for (the next one's wait
+    /// for it too, so they arrive in order).
+    pub last_qos2: crate::durability::Commit,
     /// The will of the attached connection, or a will waiting for its delay after disconnect.
     pub will: Option<PendingWill>,
     /// When the session was disconnected (to compute the will and expiry deadlines).
@@ -182,6 +185,7 @@ impl Session {
                 next_packet_id: 1,
                 next_seq: 0,
                 incoming_qos2: Default::default(),
+                last_qos2: crate::durability::Commit::ready(),
                 will: None,
                 disconnected_at: None,
                 attached_at: None,

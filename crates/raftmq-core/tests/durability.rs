@@ -1123,3 +1123,31 @@ fn a_session_fenced_before_its_connack_waits_for_the_commit_instead_of_spinning(
     }
     assert!(c.is_closed());
 }
+
+/// A client's QoS 2 messages reach a subscriber in the order it sent them, even when one waits
+/// for a commit (retained) and the next needs none; a refused one does not hold the next back.
+#[test]
+fn qos2_messages_of_one_client_are_delivered_in_order_around_commits() {
+    let held = Arc::new(Held::default());
+    let b = broker(held.clone());
+    let now = Instant::now();
+    let mut sub = open(&b, now);
+    exchange(&mut sub, connect("order-sub", true, 0), now);
+    exchange(&mut sub, subscribe("o/#", QoS::ExactlyOnce), now);
+    let mut publ = open(&b, now);
+    exchange(&mut publ, connect("order-pub", true, 0), now);
+    // Retained: its record must commit first. Then one that records nothing.
+    publ.handle_packet(publish("o/t", QoS::ExactlyOnce, 1, true), now);
+    publ.handle_packet(publish("o/t", QoS::ExactlyOnce, 2, false), now);
+    assert!(
+        drain(&mut sub, now).is_empty(),
+        "the second waits for the first"
+    );
+    held.complete_all(Ok(()));
+    assert_eq!(publishes(&drain(&mut sub, now)), ["m1", "m2"]);
+    // A refused one is not delivered, and does not stop the next.
+    publ.handle_packet(publish("o/t", QoS::ExactlyOnce, 3, true), now);
+    publ.handle_packet(publish("o/t", QoS::ExactlyOnce, 4, false), now);
+    held.complete_all(Err(DurabilityError::Unavailable));
+    assert_eq!(publishes(&drain(&mut sub, now)), ["m4"]);
+}
