@@ -141,8 +141,10 @@ impl Forwarder for ForwardHub {
             client_id: client_id.to_string(),
             at_unix_ms: self.clock.to_unix_ms(at),
         };
+        // Queued even while a link is (re)connecting: it goes out once the stream is up (a
+        // late claim is harmless, the receiver compares times).
         for (peer, tx) in self.links.lock().iter() {
-            if self.down_for(*peer).is_none() && tx.try_send(Item::Claim(claim.clone())).is_err() {
+            if tx.try_send(Item::Claim(claim.clone())).is_err() {
                 counter!(FORWARD_DROPPED_TOTAL, "peer" => peer.to_string(), "reason" => "queue_full")
                     .increment(1);
             }

@@ -1902,7 +1902,9 @@ impl Broker {
         } else {
             st.disconnected_at
         };
-        if since.is_some_and(|t| t >= at) {
+        // Clocks of two processes, even on one host, agree only to a few milliseconds: a
+        // session here counts as newer only when clearly so.
+        if since.is_some_and(|t| t > at + CLAIM_CLOCK_TOLERANCE) {
             return false;
         }
         if st.online {
@@ -2069,6 +2071,10 @@ impl Broker {
         Some(self.propose(changes))
     }
 }
+
+/// How much later than a claim from another node a local session must have started to be
+/// kept ([`Broker::claimed_elsewhere`]).
+pub const CLAIM_CLOCK_TOLERANCE: Duration = Duration::from_millis(100);
 
 /// Whether `key` is `$share/{group}/{filter}`.
 fn is_share_key(key: &str, group: &str, filter: &str) -> bool {
