@@ -42,6 +42,10 @@ const MAX_BATCH: usize = 512;
 const ROUTE_CHECK: Duration = Duration::from_millis(20);
 /// How often the membership is checked for peers to link to.
 const MEMBERSHIP_CHECK: Duration = Duration::from_millis(500);
+/// A peer that has not acknowledged a message for this long is treated as unreachable: the
+/// stream is closed (its publishers stop waiting, what was sent is resent after a reconnect),
+/// so a hung peer whose connection stays open cannot hold publishers up.
+pub const FORWARD_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const FORWARDED_TOTAL: &str = "raftmq_forward_messages_total";
 pub const FORWARD_DROPPED_TOTAL: &str = "raftmq_forward_dropped_total";
@@ -49,6 +53,7 @@ pub const FORWARD_RECONNECTS_TOTAL: &str = "raftmq_forward_reconnects_total";
 pub const FORWARD_RECEIVED_TOTAL: &str = "raftmq_forward_received_total";
 pub const FORWARD_DUPLICATES_TOTAL: &str = "raftmq_forward_duplicates_total";
 pub const FORWARD_RESEND_OVERFLOW_TOTAL: &str = "raftmq_forward_resend_overflow_total";
+pub const FORWARD_ACK_TIMEOUTS_TOTAL: &str = "raftmq_forward_ack_timeouts_total";
 
 /// One message for a peer.
 struct Outgoing {
@@ -71,6 +76,8 @@ enum Item {
 struct Unacked {
     frame: pb::Forwarded,
     ack: Option<CommitHandle>,
+    /// When it was (re)sent.
+    sent_at: tokio::time::Instant,
 }
 
 /// The sending side: one queue and one stream task per peer.
@@ -299,6 +306,10 @@ async fn link(
         if out.send(hub.frame(full)).await.is_err() {
             continue;
         }
+        let resent_at = tokio::time::Instant::now();
+        for u in unacked.iter_mut() {
+            u.sent_at = resent_at;
+        }
         for chunk in unacked
             .iter()
             .map(|u| u.frame.clone())
@@ -355,7 +366,11 @@ async fn link(
                             stored_id: o.stored.map_or(0, |id| id.0),
                         };
                         messages.push(frame.clone());
-                        unacked.push_back(Unacked { frame, ack: o.ack });
+                        unacked.push_back(Unacked {
+                            frame,
+                            ack: o.ack,
+                            sent_at: tokio::time::Instant::now(),
+                        });
                     }
                     counter!(FORWARDED_TOTAL, "peer" => peer.to_string())
                         .increment(messages.len() as u64);
@@ -396,6 +411,11 @@ async fn link(
                 },
                 _ = tick.tick() => {
                     if hub.cut_off(peer) {
+                        break;
+                    }
+                    if unacked.front().is_some_and(|u| u.sent_at.elapsed() > FORWARD_ACK_TIMEOUT) {
+                        info!(peer, "no acknowledgement from peer for {FORWARD_ACK_TIMEOUT:?}; closing the stream");
+                        counter!(FORWARD_ACK_TIMEOUTS_TOTAL, "peer" => peer.to_string()).increment(1);
                         break;
                     }
                     if broker.route_generation() == generation {

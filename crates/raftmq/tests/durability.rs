@@ -1751,3 +1751,63 @@ async fn a_client_without_a_stored_session_is_taken_over_across_nodes() {
         Ok(Some(Packet::PingResp))
     ));
 }
+
+/// A node that hangs (SIGSTOP: its connections stay open, nothing answers) does not hold up
+/// QoS 1 publishers on other nodes whose messages match its subscribers: the forwarding stream
+/// to it is closed once an acknowledgement is `FORWARD_ACK_TIMEOUT` (10 s) late, instead of
+/// waiting for HTTP/2 keep-alive (up to 30 s); the node serves again once resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_node_does_not_hold_up_publishers_on_other_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (specs, nodes, leader) = start_cluster(dir.path()).await;
+    let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
+    let hung = specs
+        .iter()
+        .position(|s| s.id != leader)
+        .expect("a follower");
+    let publisher_node = specs
+        .iter()
+        .position(|s| s.id == leader)
+        .expect("the leader");
+    let (mut sub, _) = try_connect(specs[hung].mqtt_addr(), "hung-sub", true, 0)
+        .await
+        .expect("CONNACK");
+    subscribe(&mut sub, "hung/#").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut publ, _) = connected(specs[publisher_node].mqtt_addr(), "pub-hung", true).await;
+    publ.send(&publish("hung/x", 1, "msg-1".into(), false))
+        .await;
+    assert!(matches!(publ.recv().await, Some(Packet::PubAck(_))));
+    receive_all(&mut sub, &[1].into()).await;
+
+    let pid = nodes[hung]
+        .as_ref()
+        .expect("running")
+        .child
+        .id()
+        .to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    publ.send(&publish("hung/x", 2, "msg-2".into(), false))
+        .await;
+    let ack = publ.recv_within(Duration::from_secs(25)).await;
+    let waited = started.elapsed();
+    signal("-CONT");
+    assert!(
+        matches!(ack, Ok(Some(Packet::PubAck(_)))),
+        "no PUBACK while a subscriber's node hung: {ack:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(15),
+        "the publisher waited {waited:?} for a hung node"
+    );
+    wait_converged(&ports, 3).await;
+    println!("publisher held {waited:?} by a hung node");
+}
