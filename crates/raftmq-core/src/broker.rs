@@ -572,11 +572,7 @@ impl Broker {
                 });
             }
             st.will = will;
-            let stored = session.is_durable();
             drop(st);
-            if !stored && let Some(forwarder) = self.routes.forwarder.get() {
-                forwarder.claim(client_id, now);
-            }
             Attached {
                 session,
                 epoch,
@@ -589,6 +585,13 @@ impl Broker {
             commit: self.propose(changes),
             ..attached
         };
+        // Nothing goes through the log for a session that is not stored: tell the other nodes
+        // (outside the registry lock).
+        if !attached.session.is_durable()
+            && let Some(forwarder) = self.routes.forwarder.get()
+        {
+            forwarder.claim(client_id, now);
+        }
         for w in wills_to_publish {
             self.publish_will(w, now);
         }
@@ -1058,25 +1061,14 @@ impl Broker {
                     && qos == QoS::AtLeastOnce
                     && session.is_online()
                 {
-                    let (copy, released) = self.live.forwarded(id, session.client_id());
-                    drop(self.propose(released));
-                    if copy == live::Copy::Queue {
-                        let delivery = Delivery {
-                            qos,
-                            retain,
-                            subscription_ids: ids,
-                            message: message.clone(),
-                            durable: Some(id),
-                        };
-                        if session.enqueue(delivery, &self.queue_limits, &self.stats)
-                            == Enqueued::Queued
-                        {
-                            offered += 1;
-                        } else {
-                            let held = self.live.not_queued(id, session.client_id());
-                            drop(self.propose(held));
-                        }
-                    }
+                    let delivery = Delivery {
+                        qos,
+                        retain,
+                        subscription_ids: ids,
+                        message: message.clone(),
+                        durable: Some(id),
+                    };
+                    offered += usize::from(self.deliver_stored_live(session, delivery, id));
                 }
                 i = j;
                 continue;
@@ -1200,6 +1192,27 @@ impl Broker {
             self.retained_bytes.fetch_add(new_len, Relaxed);
         }
         true
+    }
+
+    /// Queues the forwarded copy of stored QoS 1 message `id` for a connected persistent
+    /// session here, unless its replicated copy was queued first (see `live`). Returns whether
+    /// it was queued.
+    fn deliver_stored_live(
+        &self,
+        session: &Arc<Session>,
+        delivery: Delivery,
+        id: MessageId,
+    ) -> bool {
+        let (copy, released) = self.live.forwarded(id, session.client_id());
+        drop(self.propose(released));
+        if copy == live::Copy::Skip {
+            return false;
+        }
+        if session.enqueue(delivery, &self.queue_limits, &self.stats) == Enqueued::Queued {
+            return true;
+        }
+        drop(self.propose(self.live.not_queued(id, session.client_id())));
+        false
     }
 
     /// Forwards `message` to the peers whose routes match its topic: every peer with ordinary
@@ -1892,7 +1905,7 @@ impl Broker {
     /// Session Taken Over; the old connection's will is published as on any takeover by a
     /// session that is not resumed). A newer one is kept. Returns whether one ended.
     pub fn claimed_elsewhere(&self, client_id: &ByteStr, at: Instant, now: Instant) -> bool {
-        let mut registry = self.sessions.lock();
+        let registry = self.sessions.lock();
         let Some(session) = registry.get(client_id).cloned() else {
             return false;
         };
@@ -1911,16 +1924,7 @@ impl Broker {
             self.stats.takeovers.fetch_add(1, Relaxed);
         }
         let will = st.will.take();
-        let durable = session.is_durable();
-        session.set_durable(false);
-        self.unload_locked(&mut registry, &session, st);
-        drop(registry);
-        if durable {
-            self.remote.clear(client_id);
-            drop(self.propose(vec![StateChange::SessionEnded {
-                client_id: client_id.clone(),
-            }]));
-        }
+        drop(self.end_locked(registry, &session, st));
         if let Some(will) = will {
             self.publish_will(will, now);
         }
@@ -2052,23 +2056,36 @@ impl Broker {
     /// Like [`Broker::remove_session`], returning the commit of the session's end (`None` when
     /// there was no session).
     pub fn end_session(&self, client_id: &str) -> Option<Commit> {
-        let mut registry = self.sessions.lock();
+        let registry = self.sessions.lock();
         let session = registry.get(client_id).cloned()?;
         let mut st = session.state.lock();
         if st.online && st.kick.is_none() {
             st.kick = Some(ReasonCode::ADMINISTRATIVE_ACTION);
         }
         st.will = None;
-        self.unload_locked(&mut registry, &session, st);
+        Some(self.end_locked(registry, &session, st))
+    }
+
+    /// Takes `session` (locked as `st`) out of this node ([`Broker::unload_locked`]) and, if
+    /// it was stored, ends it in the durable state too (dropping any of its subscriptions still
+    /// mirrored as those of a session held elsewhere, as during a load).
+    fn end_locked(
+        &self,
+        mut registry: parking_lot::MutexGuard<'_, HashMap<ByteStr, Arc<Session>>>,
+        session: &Arc<Session>,
+        st: parking_lot::MutexGuard<'_, SessionState>,
+    ) -> Commit {
+        let durable = session.is_durable();
+        session.set_durable(false);
+        self.unload_locked(&mut registry, session, st);
         drop(registry);
-        let mut changes = Vec::new();
-        if session.is_durable() {
-            session.set_durable(false);
-            changes.push(StateChange::SessionEnded {
-                client_id: session.client_id().clone(),
-            });
+        if !durable {
+            return Commit::ready();
         }
-        Some(self.propose(changes))
+        self.remote.clear(session.client_id());
+        self.propose(vec![StateChange::SessionEnded {
+            client_id: session.client_id().clone(),
+        }])
     }
 }
 

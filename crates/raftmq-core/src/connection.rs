@@ -1141,13 +1141,14 @@ impl Connection {
                 if st.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
                     return Err(Violation::Code(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED));
                 }
-                // Taken now (a refused message records nothing: ready), given its commit below.
-                st.incoming_qos2.insert(pid.get(), Commit::ready());
+                // Recorded below with the commit of what routing it records (a refused message
+                // records nothing: ready).
                 record_qos2 = Some((session.clone(), epoch, pid.get()));
             }
         }
         let mut reason = ReasonCode::SUCCESS;
         let mut commit = None;
+        let mut recorded = Commit::ready();
         if let Some(code) = refusal {
             reason = code;
         } else {
@@ -1171,15 +1172,14 @@ impl Connection {
             if routed.offered == 0 {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
             }
-            if let Some((session, epoch, id)) = record_qos2 {
-                let mut st = session.state.lock();
-                if st.epoch == epoch
-                    && let Some(slot) = st.incoming_qos2.get_mut(&id)
-                {
-                    *slot = routed.store.clone();
-                }
-            }
+            recorded = routed.store;
             commit = Some(routed.commit);
+        }
+        if let Some((session, epoch, id)) = record_qos2 {
+            let mut st = session.state.lock();
+            if st.epoch == epoch {
+                st.incoming_qos2.insert(id, recorded);
+            }
         }
         let ack = |pid| PubResponse {
             packet_id: pid,

@@ -100,6 +100,10 @@ impl LiveStored {
         client_id: &ByteStr,
         expect_forward: bool,
     ) -> (Copy, Vec<StateChange>) {
+        if !expect_forward && self.len.load(Relaxed) == 0 {
+            // Nothing marked, nothing to mark: the common case of an offline target.
+            return (Copy::Queue, Vec::new());
+        }
         let mut inner = self.inner.lock();
         let key = (id, client_id.clone());
         let result = match inner.marks.remove(&key) {
