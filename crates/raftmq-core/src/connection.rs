@@ -130,15 +130,17 @@ pub struct Connection {
     load_after_connack: bool,
     out: VecDeque<Packet>,
     /// Packets waiting for a durable commit, in order; once anything waits, everything after it
-    /// waits too, so the client sees acknowledgements and deliveries in protocol order.
-    pending: VecDeque<Pending>,
+    /// waits too, so the client sees acknowledgements and deliveries in protocol order. Boxed,
+    /// like the other rarely used parts: every idle connection carries this struct.
+    pending: Option<Box<VecDeque<Pending>>>,
     /// In-flight messages of a resumed session not yet resent because the client's Receive
     /// Maximum is smaller than their number; resent in order as acknowledgements free the window.
-    resend_backlog: VecDeque<u16>,
+    resend_backlog: Option<Box<VecDeque<u16>>>,
     closed: Option<CloseReason>,
     created_at: Instant,
     last_received: Instant,
-    keep_alive: Option<Duration>,
+    /// Keep alive in seconds (0: none), as granted in CONNACK.
+    keep_alive: u16,
     /// Client's Receive Maximum: QoS 1/2 PUBLISH we may have unacknowledged.
     client_receive_max: u16,
     /// Client's Maximum Packet Size.
@@ -150,7 +152,7 @@ pub struct Connection {
     inbound_aliases: Option<Box<HashMap<u16, ByteStr>>>,
     outbound_aliases: OutboundAliases,
     /// Identity from a verified client certificate.
-    cert_identity: Option<String>,
+    cert_identity: Option<Box<str>>,
     /// Set when the server refuses this connection (a connection limit): CONNECT is answered
     /// with this reason code.
     refusal: Option<ReasonCode>,
@@ -175,12 +177,12 @@ impl Connection {
             attachment: None,
             load_after_connack: false,
             out: VecDeque::new(),
-            pending: VecDeque::new(),
-            resend_backlog: VecDeque::new(),
+            pending: None,
+            resend_backlog: None,
             closed: None,
             created_at: now,
             last_received: now,
-            keep_alive: None,
+            keep_alive: 0,
             client_receive_max: u16::MAX,
             client_max_packet: u32::MAX,
             request_problem_info: true,
@@ -253,7 +255,7 @@ impl Connection {
 
     /// Sets the identity taken from a verified client certificate (before CONNECT).
     pub fn set_cert_identity(&mut self, identity: Option<String>) {
-        self.cert_identity = identity;
+        self.cert_identity = identity.map(String::into_boxed_str);
     }
 
     /// The negotiated protocol version (3.1.1 until CONNECT arrives).
@@ -266,7 +268,12 @@ impl Connection {
         u32::try_from(self.broker.config().max_packet_size.0).unwrap_or(u32::MAX)
     }
 
-    /// The client id once connected.
+    /// The client's address, when the transport knows it.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// The client identifier, once CONNECT is accepted.
     pub fn client_id(&self) -> Option<&ByteStr> {
         self.attachment.as_ref().map(|a| &a.client_id)
     }
@@ -282,7 +289,7 @@ impl Connection {
         // Before CONNACK, [`Self::pump`] does nothing, and a fenced-off session is always
         // ready: waiting on it would spin. The CONNACK's commit comes first either way (then a
         // takeover meanwhile is noticed).
-        if matches!(self.pending.front(), Some(p) if matches!(p.packet, Packet::ConnAck(_))) {
+        if matches!(self.pending_front(), Some(p) if matches!(p.packet, Packet::ConnAck(_))) {
             return Poll::Pending;
         }
         match &self.attachment {
@@ -313,7 +320,12 @@ impl Connection {
     /// The commit that the oldest held-back packet waits for; the caller awaits it and then
     /// calls [`Self::handle_commits`].
     pub fn pending_commit(&self) -> Option<Commit> {
-        self.pending.front().map(|p| p.commit.clone())
+        self.pending_front().map(|p| p.commit.clone())
+    }
+
+    /// The first packet waiting for a commit.
+    fn pending_front(&self) -> Option<&Pending> {
+        self.pending.as_deref().and_then(VecDeque::front)
     }
 
     /// Releases held-back packets whose commits completed. A failed commit (storage
@@ -321,23 +333,29 @@ impl Connection {
     /// get CONNACK 0x88 or DISCONNECT 0x89 and retry later, nothing is acknowledged that is not
     /// durable.
     pub fn handle_commits(&mut self, now: Instant) {
-        while let Some(head) = self.pending.front() {
+        while let Some(head) = self.pending_front() {
             match head.commit.result() {
                 None => return,
                 Some(Ok(())) => {
-                    if let Some(mut p) = self.pending.pop_front() {
+                    if let Some(mut p) = self.pending.as_mut().and_then(|q| q.pop_front()) {
                         let resumed = self.finish_attach(&mut p.packet);
                         self.out.push_back(p.packet);
                         if resumed {
                             self.resend_inflight(now);
                         }
                     }
-                    release_if_small(&mut self.pending);
+                    if self
+                        .pending
+                        .as_ref()
+                        .is_some_and(|q| q.is_empty() && q.capacity() <= QUEUE_SLOTS_KEPT)
+                    {
+                        self.pending = None;
+                    }
                 }
                 Some(Err(_)) => {
                     // Refused: the held-back deliveries are dropped with the acknowledgement.
                     let connack = matches!(head.packet, Packet::ConnAck(_));
-                    self.pending.clear();
+                    self.pending = None;
                     if connack {
                         if std::mem::take(&mut self.load_after_connack)
                             && let Some(att) = self.attachment.take()
@@ -411,8 +429,8 @@ impl Connection {
     fn emit(&mut self, packet: Packet, commit: Option<Commit>) {
         let commit = commit.filter(|c| c.result() != Some(Ok(())));
         match commit {
-            None if self.pending.is_empty() => self.out.push_back(packet),
-            commit => self.pending.push_back(Pending {
+            None if self.pending_front().is_none() => self.out.push_back(packet),
+            commit => self.pending.get_or_insert_default().push_back(Pending {
                 commit: commit.unwrap_or_else(Commit::ready),
                 packet,
             }),
@@ -431,8 +449,11 @@ impl Connection {
         }
         match (&self.attachment, self.keep_alive) {
             (None, _) => Some(self.created_at + CONNECT_TIMEOUT),
-            (Some(_), Some(ka)) => Some(self.last_received + ka + ka / 2),
-            (Some(_), None) => None,
+            (Some(_), 0) => None,
+            (Some(_), secs) => {
+                let ka = Duration::from_secs(secs.into());
+                Some(self.last_received + ka + ka / 2)
+            }
         }
     }
 
@@ -698,7 +719,7 @@ impl Connection {
         } else {
             c.keep_alive
         };
-        self.keep_alive = (keep_alive > 0).then(|| Duration::from_secs(keep_alive.into()));
+        self.keep_alive = keep_alive;
         self.client_receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
         self.client_max_packet = c.properties.maximum_packet_size.unwrap_or(u32::MAX);
         self.request_problem_info = c.properties.request_problem_information.unwrap_or(true);
@@ -806,7 +827,7 @@ impl Connection {
             if i < window {
                 self.resend(id, entry.state, now);
             } else {
-                self.resend_backlog.push_back(id);
+                self.resend_backlog.get_or_insert_default().push_back(id);
             }
         }
     }
@@ -841,7 +862,7 @@ impl Connection {
     /// queues retained messages) and whenever the session is notified.
     pub fn pump(&mut self, now: Instant, budget: usize) -> bool {
         if self.closed.is_some()
-            || matches!(self.pending.front(), Some(p) if matches!(p.packet, Packet::ConnAck(_)))
+            || matches!(self.pending_front(), Some(p) if matches!(p.packet, Packet::ConnAck(_)))
         {
             // Nothing is delivered before CONNACK.
             return false;
@@ -871,9 +892,12 @@ impl Connection {
                 return false;
             }
             // Held-back resends go first, as the window allows.
-            let mut on_wire = st.outgoing.len().saturating_sub(self.resend_backlog.len());
+            let backlog = self.resend_backlog.as_ref().map_or(0, |b| b.len());
+            let mut on_wire = st.outgoing.len().saturating_sub(backlog);
             while on_wire < window {
-                let Some(id) = self.resend_backlog.pop_front() else {
+                let Some(id) = self.resend_backlog.as_mut().and_then(|b| b.pop_front()) else {
+                    // Empty (or never needed): the rare backlog's memory goes.
+                    self.resend_backlog = None;
                     break;
                 };
                 if let Some(entry) = st.outgoing.get(&id) {
@@ -1464,7 +1488,7 @@ impl Connection {
             return;
         }
         self.out.clear();
-        self.pending.clear();
+        self.pending = None;
         // A session discarded by an administrator says so rather than "taken over".
         let kicked = self
             .attachment

@@ -10,13 +10,16 @@ use raftmq_codec::{ReasonCode, decode, encode};
 use raftmq_core::{Broker, CloseReason, Connection};
 use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Poll, ready};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Sleep;
 use tracing::debug;
 
-use crate::drain::Drain;
+use crate::drain::{Drain, Phase};
+use crate::limits::Permit;
 use crate::metrics::{CONNECTIONS_CLOSED_TOTAL, CONNECTIONS_CURRENT, DECODE_ERRORS_TOTAL};
 use crate::stream::ReadReady;
 
@@ -34,11 +37,10 @@ pub(crate) struct ConnOptions {
     pub cert_identity: Option<String>,
     /// Refuse the CONNECT with this code (over a connection limit).
     pub refusal: Option<ReasonCode>,
-    /// A client that accepts none of our bytes for this long is disconnected
-    /// (`limits.write_stall_timeout`).
-    pub write_stall: Duration,
     /// The node's drain: once started, the connection finishes its work and says goodbye.
     pub drain: Arc<Drain>,
+    /// The connection's place in the admission counts, held until it closes.
+    pub permit: Permit,
 }
 /// Upper bound on an asynchronous authentication decision: a little more than the longest
 /// `auth.callout_timeout` ([`crate::auth::MAX_CALLOUT_TIMEOUT`]), so it only cuts a backend
@@ -48,55 +50,71 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(11);
 /// Serves one client on `stream` (any transport) until it closes. `peer` is the client's
 /// address (from the PROXY header when the listener uses one).
 ///
-/// An `async` block rather than an `async fn`: the future is most of an idle connection's
-/// memory, and an `async fn` stores its arguments twice in it (as arguments and as locals).
-#[allow(clippy::manual_async_fn)] // on purpose, see above
+/// The future returned is most of an idle connection's memory (it is the connection's task),
+/// so it is kept small on purpose: the state machine is built before the `async` block (its
+/// inputs are not kept as well), the block rather than an `async fn` (which stores its
+/// arguments twice), one watch on the server's [`Phase`] rather than one per event, and one
+/// timer re-armed only when a deadline comes closer (a later one is picked up when it fires).
 pub(crate) fn run<S>(
     mut stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
-    mut shutdown: watch::Receiver<bool>,
     opts: ConnOptions,
 ) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
+    let mut conn = Connection::new(broker, Some(peer), Instant::now());
+    conn.set_cert_identity(opts.cert_identity);
+    if let Some(code) = opts.refusal {
+        conn.refuse(code);
+    }
+    let open = opts.drain.track();
+    let permit = opts.permit;
     async move {
         gauge!(CONNECTIONS_CURRENT).increment(1.0);
-        let drain = opts.drain.clone();
-        let _open = drain.track();
-        let mut drain_started = drain.subscribe();
-        // Once draining: stop reading, finish the commits in flight, then close (by the deadline).
-        let mut drain_deadline: Option<Instant> = None;
-        let mut conn = Connection::new(broker, Some(peer), Instant::now());
-        conn.set_cert_identity(opts.cert_identity);
-        if let Some(code) = opts.refusal {
-            conn.refuse(code);
-        }
+        let mut stopping = false;
+        // The connection's one timer; `armed` while it runs (its deadline is the timer's).
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
+        let mut armed = false;
         let mut stalled = false;
         let mut rbuf = BytesMut::new();
         let mut wbuf = BytesMut::new();
         let mut more = false;
+        // The next change of the server's phase; one waiter for the connection's life (a new
+        // one per loop pass would lock the drain's waiter list, shared by every connection,
+        // twice per pass). A connection accepted as the drain began is told at once.
+        let mut seen = Phase::Serving;
+        let mut next = std::pin::pin!(open.drain().next_phase(seen));
         loop {
             // Every pass spends coop budget, so a connection with work ready on every pass
             // still lets the worker run other tasks now and then.
             tokio::task::consume_budget().await;
+            // Once draining: stop reading, finish the commits in flight, then close (by the
+            // drain's deadline).
+            let draining = seen != Phase::Serving;
+            if seen == Phase::Stopping && !stopping {
+                stopping = true;
+                conn.handle_shutdown(ReasonCode::SERVER_SHUTTING_DOWN, Instant::now());
+            }
             // Write everything produced so far in one go.
             while let Some(packet) = conn.poll_transmit() {
                 if let Err(e) = encode(&packet, conn.version(), &mut wbuf) {
-                    debug!(%peer, error = %e, "dropping unencodable packet");
+                    debug!(peer = ?conn.peer(), error = %e, "dropping unencodable packet");
                 }
             }
             if !wbuf.is_empty() {
                 // While the client does not read, neither do we: memory stays at one write batch.
-                match write_out(&mut stream, &wbuf, opts.write_stall).await {
+                // A client that accepts none of our bytes for this long is disconnected.
+                let stall = permit.limits().write_stall_timeout.0;
+                match write_out(&mut stream, &wbuf, timer.as_mut(), stall, &mut armed).await {
                     Ok(true) => wbuf.clear(),
                     Err(_) => {
                         conn.handle_transport_closed(Instant::now());
                         break;
                     }
                     Ok(false) => {
-                        debug!(%peer, "client stopped reading: disconnecting");
+                        debug!(peer = ?conn.peer(), "client stopped reading: disconnecting");
                         stalled = true;
                         conn.handle_transport_closed(Instant::now());
                         break;
@@ -111,47 +129,74 @@ where
             if conn.is_closed() {
                 break;
             }
-            if let Some(deadline) = drain_deadline
-                && (conn.pending_commit().is_none() || Instant::now() >= deadline)
-            {
-                conn.handle_drain(drain.server_reference(), Instant::now());
-                continue;
-            }
+            let drain_deadline = if draining {
+                let deadline = open.drain().deadline().unwrap_or_else(Instant::now);
+                if conn.pending_commit().is_none() || Instant::now() >= deadline {
+                    conn.handle_drain(open.drain().server_reference(), Instant::now());
+                    continue;
+                }
+                Some(deadline)
+            } else {
+                None
+            };
             // CONNECT waits for a slow authentication (password hash, HTTP callout): the socket is
             // not read meanwhile (packets already decoded are held by the state machine).
-            if let Some(pending) = conn.take_pending_auth() {
-                let result = tokio::select! {
-                    r = tokio::time::timeout(AUTH_TIMEOUT, pending) => {
-                        r.unwrap_or(Err(ReasonCode::SERVER_UNAVAILABLE))
+            if let Some(mut pending) = conn.take_pending_auth() {
+                // The connection's timer bounds the wait (re-armed for its own deadline after).
+                let limit = Instant::now() + AUTH_TIMEOUT;
+                timer.as_mut().reset(tokio::time::Instant::from_std(limit));
+                armed = true;
+                let result = loop {
+                    tokio::select! {
+                        r = &mut pending => break r,
+                        () = &mut timer => {
+                            armed = false;
+                            break Err(ReasonCode::SERVER_UNAVAILABLE);
+                        }
+                        // A drain lets the decision finish; a stop does not.
+                        p = &mut next, if seen != Phase::Stopping => {
+                            seen = p;
+                            next.set(open.drain().next_phase(seen));
+                            if p == Phase::Stopping {
+                                break Err(ReasonCode::SERVER_UNAVAILABLE);
+                            }
+                        }
                     }
-                    _ = shutdown.changed() => Err(ReasonCode::SERVER_UNAVAILABLE),
                 };
                 let now = Instant::now();
                 conn.handle_auth_result(result, now);
                 more = conn.pump(now, PUMP_BATCH);
                 continue;
             }
-            if more && drain_deadline.is_none() {
+            if more && !draining {
                 more = conn.pump(Instant::now(), PUMP_BATCH);
                 continue;
             }
             let deadline = match (conn.poll_timeout(), drain_deadline) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
+            };
+            // Re-armed only for an earlier deadline: the timer firing early costs one pass,
+            // re-arming on every packet (keep alive moves with each) costs a timer-wheel update.
+            if let Some(d) = deadline
+                && (!armed || d < timer.deadline().into_std())
+            {
+                timer.as_mut().reset(tokio::time::Instant::from_std(d));
+                armed = true;
             }
-            .map(tokio::time::Instant::from_std);
-            let commit = conn.pending_commit();
+            let pending_commit = conn.pending_commit();
             tokio::select! {
-                _ = crate::drain::started(&mut drain_started), if drain_deadline.is_none() => {
-                    drain_deadline = Some(drain.deadline().unwrap_or_else(Instant::now));
+                p = &mut next, if seen != Phase::Stopping => {
+                    seen = p;
+                    next.set(open.drain().next_phase(seen));
                 }
-                read = async {
+                read = poll_fn(|cx| {
                     if rbuf.capacity() == rbuf.len() {
-                        poll_fn(|cx| stream.poll_read_ready(cx)).await?;
+                        ready!(stream.poll_read_ready(cx))?;
                         rbuf.reserve(READ_BUFFER);
                     }
-                    stream.read_buf(&mut rbuf).await
-                }, if drain_deadline.is_none() => {
+                    tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, &mut rbuf)
+                }), if !draining => {
                     let now = Instant::now();
                     match read {
                         Ok(0) | Err(_) => {
@@ -175,7 +220,7 @@ where
                                         break;
                                     }
                                     Err(e) => {
-                                        debug!(%peer, error = %e, "malformed packet");
+                                        debug!(peer = ?conn.peer(), error = %e, "malformed packet");
                                         counter!(DECODE_ERRORS_TOTAL).increment(1);
                                         conn.handle_decode_error(&e, now);
                                         break;
@@ -189,16 +234,14 @@ where
                 _ = poll_fn(|cx| conn.poll_session(cx)) => {
                     more = conn.pump(Instant::now(), PUMP_BATCH);
                 }
-                _ = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                } => conn.handle_timeout(Instant::now()),
+                () = &mut timer, if armed => {
+                    armed = false;
+                    conn.handle_timeout(Instant::now());
+                }
                 // An acknowledgement held back until its change is durable.
-                _ = async {
-                    match &commit {
-                        Some(c) => { let _ = c.clone().await; }
+                _ = async move {
+                    match pending_commit {
+                        Some(c) => { let _ = c.await; }
                         None => std::future::pending().await,
                     }
                 } => {
@@ -207,12 +250,16 @@ where
                     conn.handle_commits(now);
                     more = conn.pump(now, PUMP_BATCH);
                 }
-                _ = shutdown.changed() => conn.handle_shutdown(ReasonCode::SERVER_SHUTTING_DOWN, Instant::now()),
             }
         }
         if !stalled {
             // Bounded: a peer that does not read must not hold the task.
-            let _ = tokio::time::timeout(opts.write_stall, stream.shutdown()).await;
+            let stall = permit.limits().write_stall_timeout.0;
+            timer.as_mut().reset((Instant::now() + stall).into());
+            tokio::select! {
+                _ = stream.shutdown() => {}
+                () = &mut timer => {}
+            }
         }
         let reason = if stalled {
             "write_stall"
@@ -221,30 +268,61 @@ where
         };
         counter!(CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
         gauge!(CONNECTIONS_CURRENT).decrement(1.0);
-        debug!(%peer, client_id = ?conn.client_id(), reason, "connection closed");
+        drop(permit);
+        debug!(peer = ?conn.peer(), client_id = ?conn.client_id(), reason, "connection closed");
     }
 }
 
 /// Writes `buf` and flushes it; `Ok(false)` when the peer accepted no bytes for `stall` (a
-/// slow reader that keeps taking bytes is not cut off).
-async fn write_out<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    buf: &[u8],
+/// slow reader that keeps taking bytes is not cut off). The stall clock is the connection's
+/// `timer` (`armed` tells whether it runs), armed only once the socket is full: a write that
+/// goes straight through costs no timer operation.
+fn write_out<'a, S: AsyncWrite + Unpin>(
+    stream: &'a mut S,
+    buf: &'a [u8],
+    mut timer: Pin<&'a mut Sleep>,
     stall: Duration,
-) -> std::io::Result<bool> {
+    armed: &'a mut bool,
+) -> impl Future<Output = std::io::Result<bool>> + 'a {
     let mut written = 0;
-    while written < buf.len() {
-        match tokio::time::timeout(stall, stream.write(&buf[written..])).await {
-            Err(_) => return Ok(false),
-            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(Ok(n)) => written += n,
-            Ok(Err(e)) => return Err(e),
+    let mut stall_armed = false;
+    poll_fn(move |cx| {
+        loop {
+            let progress = if written < buf.len() {
+                match Pin::new(&mut *stream).poll_write(cx, &buf[written..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        written += n;
+                        true
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => false,
+                }
+            } else {
+                match Pin::new(&mut *stream).poll_flush(cx) {
+                    Poll::Ready(result) => return Poll::Ready(result.map(|()| true)),
+                    Poll::Pending => false,
+                }
+            };
+            if progress {
+                stall_armed = false;
+                continue;
+            }
+            if !stall_armed {
+                let deadline = Instant::now() + stall;
+                timer.as_mut().reset(deadline.into());
+                *armed = true;
+                stall_armed = true;
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                *armed = false;
+                return Poll::Ready(Ok(false));
+            }
+            return Poll::Pending;
         }
-    }
-    match tokio::time::timeout(stall, stream.flush()).await {
-        Err(_) => Ok(false),
-        Ok(result) => result.map(|()| true),
-    }
+    })
 }
 
 fn close_label(reason: CloseReason) -> &'static str {

@@ -8,15 +8,18 @@ use crate::DrainConfig;
 use parking_lot::Mutex;
 use raftmq_codec::ByteStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 /// The drain state of one server, shared by the accept loop, the connection tasks and the
 /// HTTP endpoint.
 #[derive(Debug)]
 pub(crate) struct Drain {
-    started: watch::Sender<bool>,
+    /// A [`Phase`]; only ever moves forward.
+    phase: AtomicU8,
+    /// Wakes every [`Drain::next_phase`] waiter when `phase` moves.
+    phase_changed: Notify,
     started_at: Mutex<Option<Instant>>,
     timeout: Duration,
     server_reference: Option<ByteStr>,
@@ -38,8 +41,37 @@ pub(crate) struct DrainStatus {
     pub timeout_ms: u64,
 }
 
+/// Where the server is in its life, as its connections see it: one signal per connection
+/// (one waiter, re-armed only when the phase changes) rather than one per event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(crate) enum Phase {
+    Serving = 0,
+    /// Finish what is in flight and say goodbye by [`Drain::deadline`].
+    Draining = 1,
+    /// Close now (the drain is over, or its deadline passed).
+    Stopping = 2,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Serving,
+            1 => Phase::Draining,
+            _ => Phase::Stopping,
+        }
+    }
+}
+
 /// Counts one open connection while alive.
 pub(crate) struct ConnectionGuard(Arc<Drain>);
+
+impl ConnectionGuard {
+    /// The drain this connection is counted in.
+    pub fn drain(&self) -> &Drain {
+        &self.0
+    }
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
@@ -47,24 +79,11 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Resolves once the drain behind `rx` has started.
-pub(crate) async fn started(rx: &mut watch::Receiver<bool>) {
-    loop {
-        let started = *rx.borrow_and_update();
-        if started {
-            return;
-        }
-        if rx.changed().await.is_err() {
-            // The server is gone; its shutdown signal ends the waiter.
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 impl Drain {
     pub fn new(config: &DrainConfig, ready: Arc<AtomicBool>) -> Drain {
         Drain {
-            started: watch::channel(false).0,
+            phase: AtomicU8::new(Phase::Serving as u8),
+            phase_changed: Notify::new(),
             started_at: Mutex::new(None),
             timeout: config.timeout.0,
             server_reference: config.server_reference.as_deref().map(ByteStr::from),
@@ -81,13 +100,37 @@ impl Drain {
         }
         *at = Some(now);
         self.ready.store(false, Ordering::Relaxed);
-        self.started.send_replace(true);
+        self.advance(Phase::Draining);
         true
     }
 
-    /// Resolves once the drain has started.
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
-        self.started.subscribe()
+    /// Tells every connection still open to close now (after the drain, at shutdown).
+    pub fn stop(&self) {
+        self.advance(Phase::Stopping);
+    }
+
+    fn advance(&self, to: Phase) {
+        if self.phase.fetch_max(to as u8, Ordering::AcqRel) < to as u8 {
+            self.phase_changed.notify_waiters();
+        }
+    }
+
+    /// The server's phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    /// Resolves with the phase once it is past `seen`.
+    pub async fn next_phase(&self, seen: Phase) -> Phase {
+        loop {
+            // Created before the check: `notify_waiters` reaches it from here on.
+            let changed = self.phase_changed.notified();
+            let phase = self.phase();
+            if phase > seen {
+                return phase;
+            }
+            changed.await;
+        }
     }
 
     /// When connections must close even with work outstanding (once started).
@@ -151,5 +194,39 @@ mod tests {
         drop(guard);
         assert!(drain.status(t0).complete);
         assert_eq!(drain.deadline(), Some(t0 + drain.timeout));
+    }
+
+    #[tokio::test]
+    async fn phase_waiters_wake_on_each_step_and_never_go_back() {
+        let drain = Arc::new(Drain::new(
+            &DrainConfig::default(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        let wait = |seen| {
+            let drain = drain.clone();
+            tokio::spawn(async move { drain.next_phase(seen).await })
+        };
+        let within = |task| tokio::time::timeout(Duration::from_secs(5), task);
+        let waiter = wait(Phase::Serving);
+        tokio::task::yield_now().await;
+        assert_eq!(drain.phase(), Phase::Serving);
+        assert!(drain.start(Instant::now()));
+        let first = within(waiter).await.expect("woken").expect("task");
+        assert_eq!(first, Phase::Draining);
+        let waiter = wait(Phase::Draining);
+        tokio::task::yield_now().await;
+        drain.stop();
+        let second = within(waiter).await.expect("woken").expect("task");
+        assert_eq!(second, Phase::Stopping);
+        assert_eq!(drain.phase(), Phase::Stopping);
+        drain.start(Instant::now());
+        assert_eq!(
+            drain.phase(),
+            Phase::Stopping,
+            "a late start does not go back"
+        );
+        // A waiter created after the last step resolves at once.
+        let late = tokio::time::timeout(Duration::from_secs(5), drain.next_phase(Phase::Draining));
+        assert_eq!(late.await.expect("resolves at once"), Phase::Stopping);
     }
 }

@@ -13,6 +13,7 @@ pub mod admin_client;
 pub mod auth;
 mod config;
 mod connection;
+mod descriptors;
 mod drain;
 mod http;
 pub mod limits;

@@ -106,8 +106,16 @@ pub enum Decision {
 /// Holds a connection's place in the counts until dropped.
 pub struct Permit {
     admission: Arc<Admission>,
-    listener: usize,
+    /// Index of the listener (one of four); small, as every idle connection holds a permit.
+    listener: u8,
     refusing: bool,
+}
+
+impl Permit {
+    /// The limits the connection was admitted under.
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.admission.limits
+    }
 }
 
 impl Drop for Permit {
@@ -116,7 +124,7 @@ impl Drop for Permit {
             self.admission.refusing.fetch_sub(1, Relaxed);
         } else {
             self.admission.total.fetch_sub(1, Relaxed);
-            self.admission.per_listener[self.listener].fetch_sub(1, Relaxed);
+            self.admission.per_listener[usize::from(self.listener)].fetch_sub(1, Relaxed);
         }
     }
 }
@@ -196,7 +204,7 @@ impl Admission {
         match rejection {
             None => Decision::Admit(Permit {
                 admission: self.clone(),
-                listener: i,
+                listener: i as u8,
                 refusing: false,
             }),
             Some(why) => {
@@ -210,7 +218,7 @@ impl Admission {
                     why.reason_code(),
                     Permit {
                         admission: self.clone(),
-                        listener: i,
+                        listener: i as u8,
                         refusing: true,
                     },
                 )

@@ -66,6 +66,12 @@ pub trait ReadReady {
     }
 }
 
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
 impl ReadReady for Rewind<tokio::net::TcpStream> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.prefix.is_empty() {
