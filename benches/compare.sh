@@ -87,20 +87,39 @@ bench="$target/raftmq-bench"
 # Both brokers and the load generator need a descriptor per connection.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-echo "== starting raftmq"
-raftmq_port=$(free_port)
-raftmq_http=$(free_port)
-"$target/raftmq" serve --mqtt-addr "127.0.0.1:$raftmq_port" --http-addr "127.0.0.1:$raftmq_http" \
-    --data-dir "$work/raftmq-data" --log-level warn >"$work/raftmq.log" 2>&1 &
-raftmq_pid=$!
-pids+=("$raftmq_pid")
-wait_listening "$raftmq_pid" "$raftmq_port" "$work/raftmq.log"
+# Stops one broker process started here (by PID) and forgets it.
+stop_broker() {
+    local pid=$1 kept=() p
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for p in "${pids[@]}"; do [[ $p == "$pid" ]] || kept+=("$p"); done
+    pids=("${kept[@]}")
+}
 
-echo "== starting Mosquitto"
-mosquitto_port=$(free_port)
-# Equivalent to raftmq's defaults: max_inflight 128, max_queued_messages 10000,
-# max_packet_size 1 MiB, no QoS 0 queueing for offline sessions.
-cat >"$work/mosquitto.conf" <<EOF
+start_raftmq() {
+    echo "== starting raftmq"
+    raftmq_port=$(free_port)
+    raftmq_http=$(free_port)
+    rm -rf "$work/raftmq-data"
+    "$target/raftmq" serve --mqtt-addr "127.0.0.1:$raftmq_port" \
+        --http-addr "127.0.0.1:$raftmq_http" --data-dir "$work/raftmq-data" --log-level warn \
+        >"$work/raftmq.log" 2>&1 &
+    raftmq_pid=$!
+    pids+=("$raftmq_pid")
+    wait_listening "$raftmq_pid" "$raftmq_port" "$work/raftmq.log"
+}
+
+start_mosquitto() {
+    echo "== starting Mosquitto"
+    mosquitto_port=$(free_port)
+    # Equivalent to raftmq's defaults: max_inflight 128, max_queued_messages 10000,
+    # max_packet_size 1 MiB, no QoS 0 queueing for offline sessions.
+    cat >"$work/mosquitto.conf" <<EOF
 listener $mosquitto_port 127.0.0.1
 allow_anonymous true
 persistence false
@@ -115,10 +134,14 @@ log_dest stderr
 log_type error
 log_type warning
 EOF
-"$mosquitto" -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
-mosquitto_pid=$!
-pids+=("$mosquitto_pid")
-wait_listening "$mosquitto_pid" "$mosquitto_port" "$work/mosquitto.log"
+    "$mosquitto" -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
+    mosquitto_pid=$!
+    pids+=("$mosquitto_pid")
+    wait_listening "$mosquitto_pid" "$mosquitto_port" "$work/mosquitto.log"
+}
+
+start_raftmq
+start_mosquitto
 
 load="--duration $duration --warmup $warmup"
 # NAME|ARGUMENTS; NAME orders the report.
@@ -138,6 +161,14 @@ failures=()
 for entry in "${scenarios[@]}"; do
     name=${entry%%|*}
     read -r -a args <<<"${entry#*|}"
+    if [[ $name == *-conn ]]; then
+        # RSS per connection needs fresh processes: memory freed by the message scenarios
+        # stays in the allocator and would be reused by the new connections unseen.
+        stop_broker "$raftmq_pid"
+        stop_broker "$mosquitto_pid"
+        start_raftmq
+        start_mosquitto
+    fi
     for broker in raftmq mosquitto; do
         if [[ $broker == raftmq ]]; then
             port=$raftmq_port pid=$raftmq_pid

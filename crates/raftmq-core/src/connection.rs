@@ -132,9 +132,11 @@ pub struct Connection {
     /// Packets waiting for a durable commit, in order; once anything waits, everything after it
     /// waits too, so the client sees acknowledgements and deliveries in protocol order. Boxed,
     /// like the other rarely used parts: every idle connection carries this struct.
+    #[allow(clippy::box_collection)] // 8 bytes instead of 32 in every idle connection
     pending: Option<Box<VecDeque<Pending>>>,
     /// In-flight messages of a resumed session not yet resent because the client's Receive
     /// Maximum is smaller than their number; resent in order as acknowledgements free the window.
+    #[allow(clippy::box_collection)] // 8 bytes instead of 32 in every idle connection
     resend_backlog: Option<Box<VecDeque<u16>>>,
     closed: Option<CloseReason>,
     created_at: Instant,

@@ -564,10 +564,13 @@ mod tests {
         // What `accept_loop` spawns for a plain TCP connection.
         let opts = ctx.options(None, permit);
         let task = connection::run(stream, peer, ctx.broker.clone(), opts);
-        // Unoptimised builds lay futures out generously (release: 880 bytes).
+        // tokio adds 112 bytes (header, scheduler, id, trailer, the tracker's token) and rounds
+        // the task up to 128 bytes: up to 784 bytes of future, the task is 896 bytes, one more
+        // and it is 1,024 (14 % more memory per idle connection). 760 bytes in a debug build
+        // with Rust 1.95, about the same in release.
         let size = std::mem::size_of_val(&task);
         println!("plain TCP connection task future: {size} bytes");
-        assert!(size <= 1536, "connection task future is {size} bytes");
+        assert!(size <= 784, "connection task future is {size} bytes");
         drop(task);
         drop(client);
     }
