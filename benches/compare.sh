@@ -33,52 +33,14 @@ else
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/raftmq-compare.XXXXXX")
-pids=()
+# shellcheck source=benches/common.sh
+source "$root/benches/common.sh"
 cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || continue
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_all 5
     rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# A TCP port on 127.0.0.1 that nothing listens on.
-free_port() {
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-}
-
-# Waits until process $1 accepts connections on port $2 (at most 30 s).
-wait_listening() {
-    local pid=$1 port=$2 log=$3
-    for _ in $(seq 300); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "broker (pid $pid) exited; last lines of $log:" >&2
-            tail -n 20 "$log" >&2
-            exit 1
-        fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return
-        fi
-        sleep 0.1
-    done
-    echo "nothing listens on port $port after 30 s" >&2
-    exit 1
-}
 
 echo "== building (release)"
 cargo build --release -p raftmq -p raftmq-bench
@@ -87,24 +49,12 @@ bench="$target/raftmq-bench"
 # Both brokers and the load generator need a descriptor per connection.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-# Stops one broker process started here (by PID) and forgets it.
-stop_broker() {
-    local pid=$1 kept=() p
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    for p in "${pids[@]}"; do [[ $p == "$pid" ]] || kept+=("$p"); done
-    pids=("${kept[@]}")
-}
-
 start_raftmq() {
     echo "== starting raftmq"
-    raftmq_port=$(free_port)
-    raftmq_http=$(free_port)
+    free_port
+    raftmq_port=$port
+    free_port
+    raftmq_http=$port
     rm -rf "$work/raftmq-data"
     "$target/raftmq" serve --mqtt-addr "127.0.0.1:$raftmq_port" \
         --http-addr "127.0.0.1:$raftmq_http" --data-dir "$work/raftmq-data" --log-level warn \
@@ -116,24 +66,9 @@ start_raftmq() {
 
 start_mosquitto() {
     echo "== starting Mosquitto"
-    mosquitto_port=$(free_port)
-    # Equivalent to raftmq's defaults: max_inflight 128, max_queued_messages 10000,
-    # max_packet_size 1 MiB, no QoS 0 queueing for offline sessions.
-    cat >"$work/mosquitto.conf" <<EOF
-listener $mosquitto_port 127.0.0.1
-allow_anonymous true
-persistence false
-max_inflight_messages 128
-max_queued_messages 10000
-max_packet_size 1048576
-queue_qos0_messages false
-max_keepalive 65535
-set_tcp_nodelay true
-sys_interval 0
-log_dest stderr
-log_type error
-log_type warning
-EOF
+    free_port
+    mosquitto_port=$port
+    write_mosquitto_conf "$work/mosquitto.conf" "$mosquitto_port"
     "$mosquitto" -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
     mosquitto_pid=$!
     pids+=("$mosquitto_pid")
@@ -164,8 +99,8 @@ for entry in "${scenarios[@]}"; do
     if [[ $name == *-conn ]]; then
         # RSS per connection needs fresh processes: memory freed by the message scenarios
         # stays in the allocator and would be reused by the new connections unseen.
-        stop_broker "$raftmq_pid"
-        stop_broker "$mosquitto_pid"
+        stop_pid "$raftmq_pid" 5
+        stop_pid "$mosquitto_pid" 5
         start_raftmq
         start_mosquitto
     fi

@@ -62,33 +62,8 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/raftmq-failover.XXXXXX")
 [[ -n $out ]] || out=$work
 mkdir -p "$out"
 
-pids=()
-# True while process $1 runs (a zombie does not count).
-alive() {
-    local state
-    state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-    [[ $state != Z* ]]
-}
-# Stops process $1: SIGTERM, up to 3 s, then SIGKILL; reaps it.
-stop_pid() {
-    local pid=$1
-    if alive "$pid"; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 30); do
-            alive "$pid" || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-stop_all() {
-    local pid
-    for pid in "${pids[@]}"; do
-        stop_pid "$pid"
-    done
-    pids=()
-}
+# shellcheck source=benches/common.sh
+source "$root/benches/common.sh"
 cleanup() {
     stop_all
     rm -f "$work/raftmq"
@@ -136,19 +111,6 @@ fi
 echo "== raftmq-bench: $bench"
 
 # --- cluster ----------------------------------------------------------------------------------
-# Sets $port to a free port of 127.0.0.1 below the ephemeral range, not handed out before.
-taken=" "
-free_port() {
-    while :; do
-        port=$((20000 + RANDOM % 12000))
-        [[ $taken == *" $port "* ]] && continue
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            taken+="$port "
-            return
-        fi
-    done
-}
-
 # GET http://127.0.0.1:$1$2 (2 s bound); prints the body, fails unless 200.
 http_get() { curl -fsS --max-time 2 "http://127.0.0.1:$1$2"; }
 

@@ -40,67 +40,32 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/raftmq-profile.XXXXXX")
 keep=0
 [[ -n $out ]] && keep=1 || out=$work
 mkdir -p "$out"
-pids=()
+# shellcheck source=benches/common.sh
+source "$root/benches/common.sh"
 cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || continue
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_all 5
     ((keep)) || rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-}
-
 [[ -x $target/raftmq-bench && ($broker == mosquitto || -x $target/raftmq) ]] ||
     (cd "$root" && cargo build --release --locked -p raftmq -p raftmq-bench)
 
-port=$(free_port)
+free_port
+cluster_port=$port
+free_port
 if [[ $broker == raftmq ]]; then
     "$target/raftmq" serve --mqtt-addr "127.0.0.1:$port" --http-addr none \
-        --cluster-addr "127.0.0.1:$(free_port)" --data-dir "$work/data" --log-level warn \
+        --cluster-addr "127.0.0.1:$cluster_port" --data-dir "$work/data" --log-level warn \
         >"$work/broker.log" 2>&1 &
 else
-    cat >"$work/mosquitto.conf" <<EOF
-listener $port 127.0.0.1
-allow_anonymous true
-persistence false
-max_inflight_messages 128
-max_queued_messages 10000
-max_packet_size 1048576
-queue_qos0_messages false
-max_keepalive 65535
-set_tcp_nodelay true
-sys_interval 0
-log_dest stderr
-log_type error
-log_type warning
-EOF
+    write_mosquitto_conf "$work/mosquitto.conf" "$port"
     "$mosquitto" -c "$work/mosquitto.conf" >"$work/broker.log" 2>&1 &
 fi
 pid=$!
 pids+=("$pid")
-for _ in $(seq 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    kill -0 "$pid" 2>/dev/null || { tail -n 20 "$work/broker.log" >&2; exit 1; }
-    sleep 0.1
-done
+wait_listening "$pid" "$port" "$work/broker.log"
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 scenario=("$@")

@@ -46,57 +46,14 @@ mosquitto=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
 work=$(mktemp -d "${TMPDIR:-/tmp}/raftmq-scale.XXXXXX")
 [[ -n $out ]] || out=$work
 mkdir -p "$out"
-pids=()
-stop_all() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || continue
-        for _ in $(seq 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    pids=()
-}
+# shellcheck source=benches/common.sh
+source "$root/benches/common.sh"
 cleanup() {
-    stop_all
+    stop_all 10
     [[ $out == "$work" ]] || rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# Sets $port to a free port of 127.0.0.1 not handed out before in this run (a broker that is not
-# listening yet does not show as busy).
-taken=" "
-free_port() {
-    while :; do
-        port=$((20000 + RANDOM % 12000))
-        [[ $taken == *" $port "* ]] && continue
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            taken+="$port "
-            return
-        fi
-    done
-}
-
-wait_listening() {
-    local pid=$1 port=$2 log=$3
-    for _ in $(seq 300); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "broker (pid $pid) exited; last lines of $log:" >&2
-            tail -n 20 "$log" >&2
-            exit 1
-        fi
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return
-        fi
-        sleep 0.1
-    done
-    echo "nothing listens on port $port after 30 s" >&2
-    exit 1
-}
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
@@ -124,17 +81,7 @@ start_broker() {
             --cluster-addr "127.0.0.1:$cluster" --data-dir "$work/raftmq-data-$k" \
             --log-level warn >"$log" 2>&1 &
     else
-        cat >"$work/mosquitto-$k.conf" <<EOF
-listener $port 127.0.0.1
-allow_anonymous true
-persistence false
-max_keepalive 65535
-set_tcp_nodelay true
-sys_interval 0
-log_dest stderr
-log_type error
-log_type warning
-EOF
+        write_mosquitto_conf "$work/mosquitto-$k.conf" "$port"
         "$mosquitto" -c "$work/mosquitto-$k.conf" >"$log" 2>&1 &
     fi
     pid=$!
@@ -222,7 +169,7 @@ run() {
         echo "a load generator failed; its stderr:" >&2
         tail -n 5 "$work/$kind"-bench-*.err >&2
     fi
-    stop_all
+    stop_all 10
     return "$failed"
 }
 
