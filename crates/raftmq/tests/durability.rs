@@ -490,10 +490,7 @@ async fn cluster_keeps_acknowledged_messages_when_the_leader_and_then_the_client
     let (specs, mut nodes, leader) = start_cluster(dir.path()).await;
     let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
     // Clients use a follower, so killing the leader does not cut them off.
-    let client = specs
-        .iter()
-        .position(|s| s.id != leader)
-        .expect("a follower");
+    let client = first_follower(&specs, leader);
     let addr = specs[client].mqtt_addr();
     let deadline = Instant::now() + Duration::from_secs(120);
 
@@ -555,6 +552,14 @@ fn partition(dir: &std::path::Path, sides: &[&[u64]]) {
 }
 
 /// Starts a 3-node cluster in `dir`; returns the specs, the running nodes and the leader id.
+/// Index of the first node that is not `leader`.
+fn first_follower(specs: &[NodeSpec], leader: u64) -> usize {
+    specs
+        .iter()
+        .position(|s| s.id != leader)
+        .expect("a follower")
+}
+
 async fn start_cluster(dir: &std::path::Path) -> (Vec<NodeSpec>, Vec<Option<Node>>, u64) {
     let mut specs: Vec<NodeSpec> = (1..=3)
         .map(|id| NodeSpec::new(id, dir.join(format!("n{id}"))))
@@ -1661,10 +1666,7 @@ async fn a_partitioned_node_lets_go_of_its_sessions_and_they_resume_on_the_major
     let (specs, _nodes, leader) = start_cluster(dir.path()).await;
     let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
     // A follower (the subscriber's node) is cut off; the publisher uses a node of the majority.
-    let cut = specs
-        .iter()
-        .position(|s| s.id != leader)
-        .expect("a follower");
+    let cut = first_follower(&specs, leader);
     let other = (cut + 1) % 3;
     let (cut_addr, other_addr) = (specs[cut].mqtt_addr(), specs[other].mqtt_addr());
 
@@ -1761,10 +1763,7 @@ async fn a_hung_node_does_not_hold_up_publishers_on_other_nodes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (specs, nodes, leader) = start_cluster(dir.path()).await;
     let ports: Vec<u16> = specs.iter().map(|s| s.http).collect();
-    let hung = specs
-        .iter()
-        .position(|s| s.id != leader)
-        .expect("a follower");
+    let hung = first_follower(&specs, leader);
     let publisher_node = specs
         .iter()
         .position(|s| s.id == leader)
