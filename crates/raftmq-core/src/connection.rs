@@ -55,6 +55,17 @@ fn release_if_small<T>(queue: &mut VecDeque<T>) {
     }
 }
 
+/// Frees a boxed queue that is empty and small, box and all (see [`release_if_small`]).
+#[allow(clippy::box_collection)] // the boxed queues of `Connection`
+fn release_boxed_if_small<T>(queue: &mut Option<Box<VecDeque<T>>>) {
+    if queue
+        .as_ref()
+        .is_some_and(|q| q.is_empty() && q.capacity() <= QUEUE_SLOTS_KEPT)
+    {
+        *queue = None;
+    }
+}
+
 /// Why the connection closed (for logs and metrics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
@@ -346,13 +357,7 @@ impl Connection {
                             self.resend_inflight(now);
                         }
                     }
-                    if self
-                        .pending
-                        .as_ref()
-                        .is_some_and(|q| q.is_empty() && q.capacity() <= QUEUE_SLOTS_KEPT)
-                    {
-                        self.pending = None;
-                    }
+                    release_boxed_if_small(&mut self.pending);
                 }
                 Some(Err(_)) => {
                     // Refused: the held-back deliveries are dropped with the acknowledgement.

@@ -73,7 +73,6 @@ where
     let permit = opts.permit;
     async move {
         gauge!(CONNECTIONS_CURRENT).increment(1.0);
-        let mut stopping = false;
         // The connection's one timer; `armed` while it runs (its deadline is the timer's).
         let mut timer = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
         let mut armed = false;
@@ -93,8 +92,8 @@ where
             // Once draining: stop reading, finish the commits in flight, then close (by the
             // drain's deadline).
             let draining = seen != Phase::Serving;
-            if seen == Phase::Stopping && !stopping {
-                stopping = true;
+            if seen == Phase::Stopping {
+                // Closes the connection: this is the last pass.
                 conn.handle_shutdown(ReasonCode::SERVER_SHUTTING_DOWN, Instant::now());
             }
             // Write everything produced so far in one go.

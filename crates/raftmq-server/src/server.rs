@@ -429,7 +429,7 @@ async fn serve(
     }
     let stream = Rewind::new(stream, prefix);
     let opts = ctx.options(refusal, permit);
-    if !ctx.kind.is_tls() && !ctx.kind.is_websocket() {
+    if !ctx.upgrades() {
         let broker = ctx.broker.clone();
         return connection::run(stream, peer, broker, opts).await;
     }
@@ -439,9 +439,14 @@ async fn serve(
 }
 
 impl ListenerCtx {
-    /// Plain TCP without a PROXY header: no handshake before MQTT.
+    /// A TLS or WebSocket handshake comes before MQTT.
+    fn upgrades(&self) -> bool {
+        self.kind.is_tls() || self.kind.is_websocket()
+    }
+
+    /// Plain TCP without a PROXY header: nothing comes before MQTT.
     fn is_plain(&self) -> bool {
-        !self.proxy && !self.kind.is_tls() && !self.kind.is_websocket()
+        !self.proxy && !self.upgrades()
     }
 
     fn options(&self, refusal: Option<raftmq_codec::ReasonCode>, permit: Permit) -> ConnOptions {
