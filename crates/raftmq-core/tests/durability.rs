@@ -226,6 +226,23 @@ fn fan_out_to_many_persistent_sessions_stores_the_message_once() {
     assert_eq!(durability.image().stored_messages(), 0);
 }
 
+/// Fails every held commit: the CONNACK waiting for its session's record must go out alone,
+/// refused with `code`, and the connection close.
+fn assert_connack_after_failed_commit(
+    c: &mut Connection,
+    held: &Held,
+    now: Instant,
+    code: ReasonCode,
+) {
+    held.complete_all(Err(DurabilityError::Unavailable));
+    c.handle_commits(now);
+    match &drain(c, now)[..] {
+        [Packet::ConnAck(ack)] => assert_eq!(ack.reason_code, code),
+        other => panic!("expected CONNACK {code:?}, got {other:?}"),
+    }
+    assert!(c.is_closed());
+}
+
 #[test]
 fn failed_commit_refuses_connack_with_server_unavailable() {
     let held = Arc::new(Held::default());
@@ -233,13 +250,7 @@ fn failed_commit_refuses_connack_with_server_unavailable() {
     let now = Instant::now();
     let mut c = open(&b, now);
     c.handle_packet(connect("c", true, 60), now);
-    held.complete_all(Err(DurabilityError::Unavailable));
-    c.handle_commits(now);
-    match &drain(&mut c, now)[..] {
-        [Packet::ConnAck(ack)] => assert_eq!(ack.reason_code, ReasonCode::SERVER_UNAVAILABLE),
-        other => panic!("expected CONNACK 0x88, got {other:?}"),
-    }
-    assert!(c.is_closed());
+    assert_connack_after_failed_commit(&mut c, &held, now, ReasonCode::SERVER_UNAVAILABLE);
 }
 
 #[test]
@@ -1116,13 +1127,7 @@ fn a_session_fenced_before_its_connack_waits_for_the_commit_instead_of_spinning(
         c.poll_session(&mut cx).is_pending(),
         "nothing to do before CONNACK: a ready session here would make the caller spin"
     );
-    held.complete_all(Err(DurabilityError::Unavailable));
-    c.handle_commits(now);
-    match &drain(&mut c, now)[..] {
-        [Packet::ConnAck(ack)] => assert_eq!(ack.reason_code, ReasonCode::USE_ANOTHER_SERVER),
-        other => panic!("expected CONNACK 0x9C, got {other:?}"),
-    }
-    assert!(c.is_closed());
+    assert_connack_after_failed_commit(&mut c, &held, now, ReasonCode::USE_ANOTHER_SERVER);
 }
 
 /// A client's QoS 2 messages reach a subscriber in the order it sent them, even when one waits
