@@ -89,7 +89,8 @@ scenarios=(
     "06-latency-qos1-10k|p2p --clients 10 --qos 1 --rate 10000 $load"
     "07-retained|retained --topics $retained_topics"
     "08-conn|conn --clients $connections --rate 2000 --duration $hold"
-    "09-churn|churn --clients 50 --duration $duration"
+    "09-accept|conn --clients $connections --rate 0 --duration $hold"
+    "10-churn|churn --clients 50 --duration $duration"
 )
 
 failures=()

@@ -263,11 +263,14 @@ pub async fn churn(ctx: &Context, args: &ChurnArgs) -> Result<Summary> {
         resumed: total.resumed,
         lost: total.lost,
         broker_cpu_us_per_cycle: None,
+        broker_sys_us_per_cycle: None,
     };
     if let (Some(before), Some(loaded)) = (before, loaded.await??) {
         let usage = BrokerUsage::between(before, before, loaded, loaded);
         churn.broker_cpu_us_per_cycle =
             (total.cycles > 0).then(|| usage.cpu_seconds * 1e6 / total.cycles as f64);
+        churn.broker_sys_us_per_cycle =
+            (total.cycles > 0).then(|| usage.sys_seconds * 1e6 / total.cycles as f64);
         summary.broker = Some(usage);
     }
     summary.churn = Some(churn);

@@ -13,6 +13,8 @@ const USER_HZ: u64 = 100;
 pub struct Sample {
     /// User plus system CPU time of all its threads, in clock ticks.
     pub cpu_ticks: u64,
+    /// The system (kernel) part of `cpu_ticks`.
+    pub sys_ticks: u64,
     /// Resident set size, in KiB.
     pub rss_kib: u64,
 }
@@ -23,8 +25,10 @@ pub fn sample(pid: u32) -> Result<Sample> {
         let path = format!("/proc/{pid}/{file}");
         std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))
     };
+    let (user, sys) = parse_user_sys_ticks(&read("stat")?).context("parsing /proc/PID/stat")?;
     Ok(Sample {
-        cpu_ticks: parse_cpu_ticks(&read("stat")?).context("parsing /proc/PID/stat")?,
+        cpu_ticks: user + sys,
+        sys_ticks: sys,
         rss_kib: parse_rss_kib(&read("status")?).context("no VmRSS in /proc/PID/status")?,
     })
 }
@@ -37,9 +41,11 @@ pub fn sample_all(pids: &[u32]) -> Result<Option<Sample>> {
         let s = sample(*pid)?;
         let t = total.get_or_insert(Sample {
             cpu_ticks: 0,
+            sys_ticks: 0,
             rss_kib: 0,
         });
         t.cpu_ticks += s.cpu_ticks;
+        t.sys_ticks += s.sys_ticks;
         t.rss_kib += s.rss_kib;
     }
     Ok(total)
@@ -51,11 +57,16 @@ pub fn sample_all(pids: &[u32]) -> Result<Option<Sample>> {
 /// parentheses, so fields are counted from the last `)`: utime and stime are fields 14 and 15,
 /// i.e. the 12th and 13th after the name.
 pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    parse_user_sys_ticks(stat).map(|(user, sys)| user + sys)
+}
+
+/// `(utime, stime)` from the content of `/proc/PID/stat` (see [`parse_cpu_ticks`]).
+pub fn parse_user_sys_ticks(stat: &str) -> Option<(u64, u64)> {
     let after_name = &stat[stat.rfind(')')? + 1..];
     let mut fields = after_name.split_ascii_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// `VmRSS` in KiB from the content of `/proc/PID/status`.
@@ -72,6 +83,12 @@ pub struct BrokerUsage {
     pub cpu_seconds: f64,
     /// Broker CPU time per delivered message, in µs (message scenarios).
     pub cpu_us_per_msg: Option<f64>,
+    /// The system (kernel) part of `cpu_seconds`: TCP, wake-ups, system calls.
+    #[serde(default)]
+    pub sys_seconds: f64,
+    /// The system part of `cpu_us_per_msg`.
+    #[serde(default)]
+    pub sys_us_per_msg: Option<f64>,
     /// RSS before the load started.
     pub rss_before_kib: u64,
     /// RSS under load (all connections open).
@@ -86,6 +103,8 @@ impl BrokerUsage {
         BrokerUsage {
             cpu_seconds: end.cpu_ticks.saturating_sub(start.cpu_ticks) as f64 / USER_HZ as f64,
             cpu_us_per_msg: None,
+            sys_seconds: end.sys_ticks.saturating_sub(start.sys_ticks) as f64 / USER_HZ as f64,
+            sys_us_per_msg: None,
             rss_before_kib: before.rss_kib,
             rss_loaded_kib: loaded.rss_kib,
             rss_per_conn_bytes: None,
@@ -95,6 +114,7 @@ impl BrokerUsage {
     /// Sets the CPU cost per message for `messages` delivered messages.
     pub fn per_message(mut self, messages: u64) -> Self {
         self.cpu_us_per_msg = (messages > 0).then(|| self.cpu_seconds * 1e6 / messages as f64);
+        self.sys_us_per_msg = (messages > 0).then(|| self.sys_seconds * 1e6 / messages as f64);
         self
     }
 
@@ -122,6 +142,7 @@ mod tests {
     #[test]
     fn cpu_ticks_from_stat() {
         assert_eq!(parse_cpu_ticks(STAT), Some(1234 + 567));
+        assert_eq!(parse_user_sys_ticks(STAT), Some((1234, 567)));
     }
 
     #[test]
@@ -165,12 +186,18 @@ mod tests {
 
     #[test]
     fn usage_arithmetic() {
-        let at = |cpu_ticks, rss_kib| Sample { cpu_ticks, rss_kib };
+        let at = |cpu_ticks, rss_kib| Sample {
+            cpu_ticks,
+            sys_ticks: cpu_ticks / 5,
+            rss_kib,
+        };
         let usage = BrokerUsage::between(at(0, 1000), at(100, 1100), at(350, 1500), at(340, 3000))
             .per_message(500_000)
             .per_connection(1000);
         assert_eq!(usage.cpu_seconds, 2.5);
         assert_eq!(usage.cpu_us_per_msg, Some(5.0));
+        assert_eq!(usage.sys_seconds, 0.5);
+        assert_eq!(usage.sys_us_per_msg, Some(1.0));
         assert_eq!(usage.rss_per_conn_bytes, Some(2048.0));
         assert_eq!(BrokerUsage::default().per_message(0).cpu_us_per_msg, None);
     }

@@ -95,6 +95,11 @@ const METRICS: &[Metric] = &[
         ratio: true,
     },
     Metric {
+        name: "… of it in the kernel µs/msg",
+        value: |s| s.broker.and_then(|b| b.sys_us_per_msg),
+        ratio: true,
+    },
+    Metric {
         name: "all retained received ms ↓",
         value: |s| s.retained.as_ref().and_then(|r| r.receive_all_ms),
         ratio: true,
@@ -110,6 +115,16 @@ const METRICS: &[Metric] = &[
             let relevant = s.scenario == "conn" || s.scenario == "churn";
             s.connect.latency_ms.filter(|_| relevant).map(|l| l.p99)
         },
+        ratio: true,
+    },
+    Metric {
+        name: "broker CPU µs/conn ↓",
+        value: |s| per_connection(s, |b| b.cpu_seconds),
+        ratio: true,
+    },
+    Metric {
+        name: "… of it in the kernel µs/conn",
+        value: |s| per_connection(s, |b| b.sys_seconds),
         ratio: true,
     },
     Metric {
@@ -131,7 +146,22 @@ const METRICS: &[Metric] = &[
         value: |s| s.churn.as_ref().and_then(|c| c.broker_cpu_us_per_cycle),
         ratio: true,
     },
+    Metric {
+        name: "… of it in the kernel µs/cycle",
+        value: |s| s.churn.as_ref().and_then(|c| c.broker_sys_us_per_cycle),
+        ratio: true,
+    },
 ];
+
+/// Broker CPU (`seconds` of its usage) per connection established, µs (connection scenario:
+/// the connect and the idle hold).
+fn per_connection(s: &Summary, seconds: fn(&crate::procfs::BrokerUsage) -> f64) -> Option<f64> {
+    let established = s.connect.established;
+    s.broker
+        .as_ref()
+        .filter(|_| s.scenario == "conn" && established > 0)
+        .map(|b| seconds(b) * 1e6 / established as f64)
+}
 
 /// The latency of `s`, unless it only measures socket-buffer queueing (QoS 0 floods).
 fn latency(s: &Summary) -> Option<crate::summary::Percentiles> {
@@ -271,6 +301,63 @@ mod tests {
         assert!(md.contains("raftmq has no result for `02-fanout`"), "{md}");
         assert!(
             md.contains("mosquitto `01-p2p`: 1 error(s), first: connection reset"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn kernel_share_and_cpu_per_connection_rows() {
+        let usage = |cpu_seconds, sys_seconds| {
+            crate::procfs::BrokerUsage {
+                cpu_seconds,
+                sys_seconds,
+                ..Default::default()
+            }
+            .per_message(1_000_000)
+        };
+        let mut a = p2p(100_000.0, 1000.0);
+        a.broker = Some(usage(3.0, 2.0));
+        let mut b = p2p(100_000.0, 1000.0);
+        b.broker = Some(usage(12.0, 9.0));
+        let conn = |cpu_seconds, sys_seconds| Summary {
+            scenario: "conn".into(),
+            description: "conn: 1000 idle".into(),
+            connect: crate::summary::ConnectStats {
+                established: 1000,
+                ..Default::default()
+            },
+            broker: Some(crate::procfs::BrokerUsage {
+                cpu_seconds,
+                sys_seconds,
+                ..Default::default()
+            }),
+            ..Summary::default()
+        };
+        let runs = |p: Summary, c: Summary, name: &str| -> Run {
+            (
+                name.into(),
+                BTreeMap::from([("01-p2p".into(), p), ("02-conn".into(), c)]),
+            )
+        };
+        let md = render(
+            &runs(a, conn(0.04, 0.03), "raftmq"),
+            &runs(b, conn(0.02, 0.01), "mosquitto"),
+            &[],
+        );
+        assert!(
+            md.contains("|  | broker CPU µs/msg ↓ | 3.00 | 12.0 | 0.25 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("|  | … of it in the kernel µs/msg | 2.00 | 9.00 | 0.22 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("|  | broker CPU µs/conn ↓ | 40.0 | 20.0 | 2.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("|  | … of it in the kernel µs/conn | 30.0 | 10.0 | 3.00 |"),
             "{md}"
         );
     }

@@ -98,6 +98,9 @@ pub struct ChurnStats {
     pub lost: u64,
     /// Broker CPU per cycle, µs.
     pub broker_cpu_us_per_cycle: Option<f64>,
+    /// The system (kernel) part of it, µs.
+    #[serde(default)]
+    pub broker_sys_us_per_cycle: Option<f64>,
 }
 
 /// The failover scenario: times from the kill (ms) and what was lost on the way.
@@ -385,6 +388,13 @@ impl fmt::Display for Summary {
             )?;
             if let Some(us) = b.cpu_us_per_msg {
                 write!(f, "; {us:.2} µs CPU per delivered message")?;
+            }
+            if b.cpu_seconds > 0.0 {
+                write!(
+                    f,
+                    "; {:.0} % in the kernel",
+                    b.sys_seconds * 100.0 / b.cpu_seconds
+                )?;
             }
             if let Some(bytes) = b.rss_per_conn_bytes {
                 write!(f, "; {:.1} KiB per connection", bytes / 1024.0)?;

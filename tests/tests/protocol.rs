@@ -452,3 +452,156 @@ async fn delayed_will_is_published_by_the_broker_timer() {
         ("wills/dev", &b"offline"[..])
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backpressure from slow subscribers (`mqtt.backpressure_max_pause`)
+// ---------------------------------------------------------------------------------------------
+
+/// Messages of 1 KiB sent in one burst by a publisher that never waits: 8 MiB, about twice
+/// what the kernel buffers between the broker and a subscriber (the broker's send buffer grows
+/// to 4 MiB on Linux; the subscriber's receive buffer is pinned at 64 KiB).
+const BURST: usize = 8_000;
+
+/// Sends `BURST` QoS 0 messages to `topic` as fast as the socket takes them, each payload
+/// starting with its index.
+async fn flood(addr: SocketAddr, topic: &'static str) -> RawClient {
+    let mut publisher = RawClient::connected(addr, V3, "flood-pub").await;
+    let mut bytes = bytes::BytesMut::new();
+    for i in 0..BURST {
+        let mut payload = format!("{i:08}").into_bytes();
+        payload.resize(1024, b'.');
+        let packet = Packet::Publish(publish_packet(topic, QoS::AtMostOnce, 0, &payload));
+        raftmq_codec::encode(&packet, V3, &mut bytes).expect("encode");
+    }
+    publisher.send_bytes(&bytes).await;
+    publisher
+}
+
+/// A subscriber with a small receive buffer that reads about 8 MB/s (16 KiB every 2 ms).
+async fn slow_subscriber(addr: SocketAddr, topic: &str) -> RawClient {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    let stream = tokio::time::timeout(raftmq_tests::TIMEOUT, socket.connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect");
+    let mut sub = RawClient::over(stream, V3);
+    sub.send(&Packet::Connect(Box::new(connect_packet(
+        V3, "slow-sub", true,
+    ))))
+    .await;
+    assert!(matches!(sub.recv().await, Some(Packet::ConnAck(a)) if a.reason_code.is_success()));
+    sub.subscribe(topic, QoS::AtMostOnce).await;
+    sub
+}
+
+/// Reads QoS 0 messages slowly until 1 s passes without one; returns their indexes in order.
+async fn read_slowly(sub: &mut RawClient) -> Vec<usize> {
+    let mut got = Vec::new();
+    loop {
+        match sub.recv_within(std::time::Duration::from_secs(1)).await {
+            Ok(Some(Packet::Publish(p))) => {
+                let index = std::str::from_utf8(&p.payload[..8]).expect("index");
+                got.push(index.parse().expect("index"));
+                if got.len() % 16 == 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            }
+            Ok(other) => panic!("expected PUBLISH, got {other:?}"),
+            Err(()) => return got,
+        }
+    }
+}
+
+fn backpressure_config(max_pause_ms: u64) -> MqttConfig {
+    MqttConfig {
+        max_queued_messages: 100,
+        backpressure_max_pause: raftmq_core::config::DurationStr(std::time::Duration::from_millis(
+            max_pause_ms,
+        )),
+        ..MqttConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_slow_subscriber_slows_its_publisher_down_instead_of_losing_qos0_messages() {
+    // The longest pause allowed: a machine busy with other tests must not make the steady
+    // reader look stalled.
+    let broker = TestBroker::with_config(backpressure_config(1000)).await;
+    let mut sub = slow_subscriber(broker.mqtt, "bp/slow").await;
+    let publisher = tokio::spawn(flood(broker.mqtt, "bp/slow"));
+    let got = read_slowly(&mut sub).await;
+    let stats = broker.broker.stats();
+    let dropped = stats.dropped_count(raftmq_core::stats::DropReason::QueueFull);
+    assert_eq!(dropped, 0, "dropped at the subscriber's queue");
+    assert_eq!(
+        got,
+        (0..BURST).collect::<Vec<_>>(),
+        "every message, in order"
+    );
+    let paused = stats
+        .publishers_paused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(paused > 0, "the publisher was never paused");
+    drop(publisher.await);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn without_backpressure_the_same_burst_overflows_the_queue_and_every_drop_is_counted() {
+    let broker = TestBroker::with_config(backpressure_config(0)).await;
+    let mut sub = slow_subscriber(broker.mqtt, "bp/off").await;
+    let publisher = tokio::spawn(flood(broker.mqtt, "bp/off"));
+    let got = read_slowly(&mut sub).await;
+    let stats = broker.broker.stats();
+    let dropped = stats.dropped_count(raftmq_core::stats::DropReason::QueueFull);
+    assert!(
+        got.len() < BURST,
+        "nothing was lost: the test proves nothing"
+    );
+    assert_eq!(
+        dropped as usize,
+        BURST - got.len(),
+        "a loss was not counted"
+    );
+    assert_eq!(
+        stats
+            .publishers_paused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    drop(publisher.await);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_holds_its_publisher_for_one_pause_only() {
+    let broker = TestBroker::with_config(backpressure_config(250)).await;
+    // Subscribed, never read from.
+    let _sub = slow_subscriber(broker.mqtt, "bp/stuck").await;
+    let started = std::time::Instant::now();
+    let publisher = tokio::time::timeout(raftmq_tests::TIMEOUT, flood(broker.mqtt, "bp/stuck"))
+        .await
+        .expect("the publisher stayed paused");
+    let stats = broker.broker.stats();
+    raftmq_tests::wait_until("the whole burst is read", || {
+        stats.messages_received[0].load(std::sync::atomic::Ordering::Relaxed) == BURST as u64
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let timeouts = stats
+        .backpressure_timeouts
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        timeouts, 1,
+        "one pause ran out, then the subscriber counted as stalled"
+    );
+    assert!(
+        elapsed >= std::time::Duration::from_millis(250),
+        "{elapsed:?}"
+    );
+    // The rest went to the full queue: dropped and counted.
+    assert!(stats.dropped_count(raftmq_core::stats::DropReason::QueueFull) > 0);
+    drop(publisher);
+    broker.stop().await;
+}

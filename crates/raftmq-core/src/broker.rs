@@ -76,6 +76,9 @@ pub struct Routed {
     /// publisher's connection, and dropped if it fails: a refused publish leaves nothing behind
     /// to be delivered or to fill the queue while the publisher retries.
     pub store: Commit,
+    /// A connected session (not the publisher's own) whose queue is past the pause mark: the
+    /// publisher should not be read from until it has room ([`Session::poll_room`]).
+    pub congested: Option<Arc<Session>>,
 }
 
 /// Result of one topic filter of a SUBSCRIBE.
@@ -357,11 +360,12 @@ impl Broker {
             max_levels: config.max_topic_levels,
             max_len: config.max_topic_length,
         };
-        let queue_limits = QueueLimits {
-            max_queued: config.max_queued_messages,
-            overflow: config.queue_overflow,
-            queue_qos0_offline: config.queue_qos0_offline,
-        };
+        let queue_limits = QueueLimits::new(
+            config.max_queued_messages,
+            config.queue_overflow,
+            config.queue_qos0_offline,
+            !config.backpressure_max_pause.0.is_zero(),
+        );
         Broker {
             index: SubscriptionIndex::new(config.index_shards),
             remote: RemoteSubscriptions::new(config.index_shards),
@@ -412,6 +416,11 @@ impl Broker {
     /// Topic length/level limits derived from the config.
     pub fn topic_limits(&self) -> &TopicLimits {
         &self.topic_limits
+    }
+
+    /// Queue length limits and backpressure marks derived from the config.
+    pub fn queue_limits(&self) -> &QueueLimits {
+        &self.queue_limits
     }
 
     /// Counters and gauges.
@@ -924,12 +933,14 @@ impl Broker {
         // commit fails, the client sends it again and it is routed again, which must not
         // deliver it twice.
         let hold = incoming_qos2.is_some();
+        let mut congested = None;
         let offered = self.deliver(
             &message,
             &mut changes,
             &mut deferred,
             &mut acks,
             Scope::Origin { hold },
+            &mut congested,
         );
         let _ = now;
         let store = self.propose(changes);
@@ -951,6 +962,7 @@ impl Broker {
             offered,
             commit: Commit::all(acks),
             store,
+            congested,
         }
     }
 
@@ -961,6 +973,7 @@ impl Broker {
         deferred: &mut Vec<(Arc<Session>, Delivery)>,
         acks: &mut Vec<Commit>,
         scope: Scope<'_>,
+        congested: &mut Option<Arc<Session>>,
     ) -> usize {
         // (session, subscription, through a shared subscription)
         let mut targets: SmallVec<[(Arc<Session>, SubEntry, bool); 8]> = SmallVec::new();
@@ -1101,11 +1114,21 @@ impl Broker {
                     targets.push(target);
                 }
                 deferred.push((session.clone(), delivery));
-            } else if session.enqueue(delivery, &self.queue_limits, &self.stats) == Enqueued::Queued
-            {
-                offered += 1;
-                if let (Some(target), Some((_, targets))) = (target, stored.as_mut()) {
-                    targets.push(target);
+            } else {
+                let result = session.enqueue(delivery, &self.queue_limits, &self.stats);
+                if result.is_queued() {
+                    offered += 1;
+                    if let (Some(target), Some((_, targets))) = (target, stored.as_mut()) {
+                        targets.push(target);
+                    }
+                }
+                // A client waiting for its own queue would never read the acknowledgements
+                // that drain it.
+                if matches!(result, Enqueued::Congested { .. })
+                    && congested.is_none()
+                    && origin != Some(session.client_id())
+                {
+                    *congested = Some(session.clone());
                 }
             }
             i = j;
@@ -1208,7 +1231,10 @@ impl Broker {
         if copy == live::Copy::Skip {
             return false;
         }
-        if session.enqueue(delivery, &self.queue_limits, &self.stats) == Enqueued::Queued {
+        if session
+            .enqueue(delivery, &self.queue_limits, &self.stats)
+            .is_queued()
+        {
             return true;
         }
         drop(self.propose(self.live.not_queued(id, session.client_id())));
@@ -1365,6 +1391,7 @@ impl Broker {
                 shared,
                 stored,
             },
+            &mut None,
         );
         // Stores for local persistent members of shared subscriptions: nobody waits on them.
         drop(self.propose(changes));

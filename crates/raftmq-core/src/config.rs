@@ -46,6 +46,12 @@ pub struct MqttConfig {
     pub queue_overflow: OverflowPolicy,
     /// Queue QoS 0 messages for offline persistent sessions (Mosquitto: `queue_qos0_messages`).
     pub queue_qos0_offline: bool,
+    /// Backpressure from slow subscribers: once a connected subscriber's queue holds half of
+    /// `max_queued_messages`, a client publishing to it is not read from until that queue is
+    /// down to a quarter, for at most this long; then the subscriber counts as stalled (no
+    /// publisher waits for it again until its queue drains) and its full queue drops, counted.
+    /// At most 1s (below the shortest keep alive timeout); 0 turns backpressure off.
+    pub backpressure_max_pause: DurationStr,
     /// Topic Alias Maximum announced to v5 clients (0 disables client-to-server aliases).
     pub topic_alias_maximum: u16,
     /// Cap on the session expiry a client may ask for (0 = no cap).
@@ -100,6 +106,7 @@ impl Default for MqttConfig {
             max_queued_messages: 10_000,
             queue_overflow: OverflowPolicy::DropNew,
             queue_qos0_offline: false,
+            backpressure_max_pause: DurationStr(Duration::from_millis(250)),
             topic_alias_maximum: 64,
             max_session_expiry: DurationStr(Duration::ZERO),
             max_keep_alive: DurationStr(Duration::from_secs(65_535)),
@@ -151,6 +158,12 @@ impl MqttConfig {
         }
         if self.max_inflight == 0 {
             bad("max_inflight", "must be at least 1");
+        }
+        if self.backpressure_max_pause.0 > Duration::from_secs(1) {
+            bad(
+                "backpressure_max_pause",
+                "must be at most 1s (a paused client's keep alive must not run out)",
+            );
         }
         if self.max_qos > 2 {
             bad("max_qos", "must be 0, 1 or 2");

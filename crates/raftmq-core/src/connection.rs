@@ -175,6 +175,16 @@ pub struct Connection {
     /// Per-client publish rate and bandwidth limits, if configured (boxed, like the alias maps:
     /// most connections never need them, and every idle connection carries this struct).
     limits: Option<Box<crate::limits::PublishLimits>>,
+    /// Set while this client is not read from because a subscriber it publishes to has its
+    /// queue past the pause mark (backpressure; boxed: rare).
+    paused: Option<Box<Pause>>,
+}
+
+/// Backpressure on a publishing client: the congested session it waits for, and until when.
+#[derive(Debug)]
+struct Pause {
+    session: Arc<Session>,
+    until: Instant,
 }
 
 impl Connection {
@@ -206,6 +216,7 @@ impl Connection {
             refusal: None,
             awaiting_auth: None,
             limits,
+            paused: None,
         }
     }
 
@@ -309,6 +320,28 @@ impl Connection {
             Some(att) => att.session.poll_notified(att.epoch, cx),
             None => Poll::Pending,
         }
+    }
+
+    /// True while the client must not be read from: a subscriber it published to has its
+    /// queue past the pause mark (`mqtt.backpressure_max_pause`). Everything else (deliveries
+    /// to this client, timers, commits) goes on; reading resumes once [`Self::poll_room`] is
+    /// ready (then call [`Self::handle_room`]) or the pause runs out ([`Self::handle_timeout`]).
+    pub fn reading_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Ready when the session this connection's reading waits for has room again (or went
+    /// offline, or counts as stalled). Ready at once when reading is not paused.
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.paused {
+            Some(p) => p.session.poll_room(self.broker.queue_limits(), cx),
+            None => Poll::Ready(()),
+        }
+    }
+
+    /// [`Self::poll_room`] was ready: reading resumes.
+    pub fn handle_room(&mut self) {
+        self.paused = None;
     }
 
     /// Why the connection closed, once it has.
@@ -454,18 +487,31 @@ impl Connection {
         if self.closed.is_some() {
             return None;
         }
-        match (&self.attachment, self.keep_alive) {
+        let keep_alive = match (&self.attachment, self.keep_alive) {
             (None, _) => Some(self.created_at + CONNECT_TIMEOUT),
             (Some(_), 0) => None,
             (Some(_), secs) => {
                 let ka = Duration::from_secs(secs.into());
                 Some(self.last_received + ka + ka / 2)
             }
+        };
+        match (&self.paused, keep_alive) {
+            (Some(p), Some(k)) => Some(p.until.min(k)),
+            (Some(p), None) => Some(p.until),
+            (None, k) => k,
         }
     }
 
-    /// Closes the connection if the client missed its keep alive (or never sent CONNECT).
+    /// Ends a pause that ran out (the subscriber it waited for counts as stalled from now on);
+    /// closes the connection if the client missed its keep alive (or never sent CONNECT).
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(p) = self.paused.take_if(|p| now >= p.until) {
+            self.broker
+                .stats()
+                .backpressure_timeouts
+                .fetch_add(1, Relaxed);
+            p.session.give_up();
+        }
         if let Some(deadline) = self.poll_timeout()
             && now >= deadline
         {
@@ -886,7 +932,7 @@ impl Connection {
         let mut moved = 0;
         let mut batch: Vec<(Delivery, Option<PacketId>)> = Vec::new();
         let mut resends = Vec::new();
-        {
+        let relieved = {
             let mut st = session.state.lock();
             if st.epoch != epoch {
                 drop(st);
@@ -956,6 +1002,11 @@ impl Connection {
                 batch.push((d, pid));
                 moved += 1;
             }
+            st.relieve(broker.queue_limits().resume_at)
+        };
+        // Publishers paused for this queue read again.
+        for w in relieved.into_iter().flatten() {
+            w.wake();
         }
         for (id, state) in resends {
             self.resend(id, state, now);
@@ -1202,6 +1253,17 @@ impl Connection {
             let routed = self.broker.route(Arc::new(message), incoming_qos2, now);
             if routed.offered == 0 {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+            }
+            let max_pause = cfg.backpressure_max_pause.0;
+            if let Some(session) = routed.congested
+                && self.paused.is_none()
+                && !max_pause.is_zero()
+            {
+                self.broker.stats().publishers_paused.fetch_add(1, Relaxed);
+                self.paused = Some(Box::new(Pause {
+                    session,
+                    until: now + max_pause,
+                }));
             }
             recorded = routed.store;
             commit = Some(routed.commit);

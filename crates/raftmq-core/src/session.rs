@@ -127,6 +127,19 @@ pub(crate) struct SessionState {
     /// node, [`crate::Broker::finish_attach`]): stored messages committed up to it came with
     /// the load, so the applied-change feed must not queue them again. 0 otherwise.
     pub replicated_upto: u64,
+    /// Set while the queue is past the pause mark (backpressure): the publishers waiting for
+    /// room. Boxed: rare, and every idle session carries this struct.
+    pub congestion: Option<Box<Congestion>>,
+}
+
+/// A connected session whose queue passed the pause mark ([`QueueLimits::pause_at`]): the
+/// publishing connections waiting until it is down to the resume mark, and whether one of them
+/// waited the longest pause (the subscriber then counts as stalled: nobody waits for it again
+/// until its queue has drained to the resume mark).
+#[derive(Debug, Default)]
+pub(crate) struct Congestion {
+    waiters: Vec<Waker>,
+    stalled: bool,
 }
 
 /// A session, shared by reference. Equality and hashing are by identity (two sessions with the
@@ -156,7 +169,20 @@ impl Hash for Session {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Enqueued {
     Queued,
+    /// The session is connected and its queue is past the pause mark: the publisher should
+    /// wait for room ([`Session::poll_room`]). `queued` is false when the queue was full and
+    /// the delivery dropped (counted).
+    Congested {
+        queued: bool,
+    },
     Dropped(DropReason),
+}
+
+impl Enqueued {
+    /// Whether the delivery is in the queue.
+    pub fn is_queued(self) -> bool {
+        matches!(self, Self::Queued | Self::Congested { queued: true })
+    }
 }
 
 /// Limits applied when enqueueing.
@@ -165,6 +191,35 @@ pub struct QueueLimits {
     pub max_queued: usize,
     pub overflow: OverflowPolicy,
     pub queue_qos0_offline: bool,
+    /// Queue length from which a connected session asks its publishers to wait (0: never).
+    pub pause_at: usize,
+    /// Queue length down to which they wait.
+    pub resume_at: usize,
+}
+
+impl QueueLimits {
+    /// The limits for a queue of `max_queued`, with backpressure (`pause`) or without.
+    pub fn new(
+        max_queued: usize,
+        overflow: OverflowPolicy,
+        queue_qos0_offline: bool,
+        pause: bool,
+    ) -> Self {
+        // Half full: room left for what paused publishers had already sent; a quarter: a
+        // burst's worth still queued when they resume, so the subscriber never runs dry.
+        let pause_at = if pause && max_queued >= 2 {
+            max_queued / 2
+        } else {
+            0
+        };
+        QueueLimits {
+            max_queued,
+            overflow,
+            queue_qos0_offline,
+            pause_at,
+            resume_at: max_queued / 4,
+        }
+    }
 }
 
 impl Session {
@@ -192,6 +247,7 @@ impl Session {
                 connection: None,
                 kick: None,
                 replicated_upto: 0,
+                congestion: None,
             }),
         }
     }
@@ -218,6 +274,17 @@ impl Session {
     pub(crate) fn set_online(&self, state: &mut SessionState, online: bool) {
         state.online = online;
         self.online.store(online, Ordering::Relaxed);
+        if !online {
+            // Nobody drains the queue now: publishers waiting for it go on.
+            for w in state
+                .congestion
+                .take()
+                .map(|c| c.waiters)
+                .unwrap_or_default()
+            {
+                w.wake();
+            }
+        }
     }
 
     /// Records the CONNECT details of the connection attached with `epoch`.
@@ -258,11 +325,22 @@ impl Session {
             stats.dropped(DropReason::Offline, 1);
             return Enqueued::Dropped(DropReason::Offline);
         }
+        let congested = limits.pause_at > 0
+            && s.online
+            && s.queue.len() + 1 >= limits.pause_at
+            && !matches!(&s.congestion, Some(c) if c.stalled);
+        if congested {
+            s.congestion.get_or_insert_default();
+        }
         if s.queue.len() >= limits.max_queued {
             match limits.overflow {
                 OverflowPolicy::DropNew => {
                     stats.dropped(DropReason::QueueFull, 1);
-                    return Enqueued::Dropped(DropReason::QueueFull);
+                    return if congested {
+                        Enqueued::Congested { queued: false }
+                    } else {
+                        Enqueued::Dropped(DropReason::QueueFull)
+                    };
                 }
                 OverflowPolicy::DropOldest => {
                     if s.queue.pop_front().is_some() {
@@ -275,7 +353,47 @@ impl Session {
         s.queue.push_back(delivery);
         stats.messages_queued.fetch_add(1, Ordering::Relaxed);
         Self::notify(&mut s);
-        Enqueued::Queued
+        if congested {
+            Enqueued::Congested { queued: true }
+        } else {
+            Enqueued::Queued
+        }
+    }
+
+    /// Ready when a publisher paused for this session may read again: the queue is down to
+    /// the resume mark, the session went offline, or it counts as stalled. Registers the
+    /// waker otherwise.
+    pub fn poll_room(&self, limits: &QueueLimits, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.state.lock();
+        let s = &mut *s;
+        let blocked = s.online && s.queue.len() > limits.resume_at;
+        match s.congestion.as_deref_mut() {
+            Some(c) if blocked && !c.stalled => {
+                if !c.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    c.waiters.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            _ => Poll::Ready(()),
+        }
+    }
+
+    /// A publisher waited the longest pause for this session: it counts as stalled (no
+    /// publisher waits for it) until its queue drains to the resume mark. Wakes the others.
+    pub fn give_up(&self) {
+        let waiters = {
+            let mut s = self.state.lock();
+            match s.congestion.as_deref_mut() {
+                Some(c) => {
+                    c.stalled = true;
+                    std::mem::take(&mut c.waiters)
+                }
+                None => return,
+            }
+        };
+        for w in waiters {
+            w.wake();
+        }
     }
 
     pub(crate) fn notify(s: &mut SessionState) {
@@ -312,6 +430,15 @@ impl Session {
 }
 
 impl SessionState {
+    /// Ends the congestion once the queue is down to `resume_at`: the publishers to wake.
+    pub(crate) fn relieve(&mut self, resume_at: usize) -> Option<Vec<Waker>> {
+        if self.congestion.is_some() && self.queue.len() <= resume_at {
+            self.congestion.take().map(|c| c.waiters)
+        } else {
+            None
+        }
+    }
+
     /// Allocates a packet id not in use by an outgoing message.
     pub(crate) fn allocate_packet_id(&mut self) -> Option<PacketId> {
         if self.outgoing.len() >= usize::from(u16::MAX) {

@@ -119,6 +119,11 @@ pub struct BrokerStats {
     pub wills_published: AtomicU64,
     /// Sessions taken over by a new connection with the same client id.
     pub takeovers: AtomicU64,
+    /// Times a publishing client was not read from because a subscriber's queue was filling
+    /// (`mqtt.backpressure_max_pause`).
+    pub publishers_paused: AtomicU64,
+    /// Times a paused publisher waited the longest pause and the subscriber was marked stalled.
+    pub backpressure_timeouts: AtomicU64,
 }
 
 impl BrokerStats {

@@ -1788,3 +1788,134 @@ fn sys_statistics_are_exempt_from_the_retained_bytes_limit() {
     assert!(w.broker.retained("b").is_none());
     assert_eq!(w.broker.retained_bytes(), 4);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backpressure from slow subscribers (`mqtt.backpressure_max_pause`)
+// ---------------------------------------------------------------------------------------------
+
+/// A broker whose sessions queue 8 messages (pause at 4, resume at 2), a connected QoS 0
+/// subscriber to `t` that is never pumped unless the test says so, and a publisher.
+fn congested_world(max_pause: Duration) -> (World, Client, Client) {
+    let w = World::with_config(MqttConfig {
+        max_queued_messages: 8,
+        backpressure_max_pause: raftmq_core::config::DurationStr(max_pause),
+        ..Default::default()
+    });
+    let mut sub = w.connect_v5("slow", w.at(0));
+    sub.subscribe("t", qos(0), w.at(0));
+    let p = w.connect_v5("fast", w.at(0));
+    (w, sub, p)
+}
+
+fn poll_room(c: &Client, waker: &Arc<CountingWaker>) -> Poll<()> {
+    let waker = Waker::from(waker.clone());
+    c.conn.poll_room(&mut Context::from_waker(&waker))
+}
+
+#[test]
+fn a_publisher_is_not_read_from_while_a_subscriber_queue_is_half_full_and_resumes_at_a_quarter() {
+    let (w, mut sub, mut p) = congested_world(Duration::from_millis(250));
+    let t = w.at(1);
+    for (i, payload) in [b"0", b"1", b"2"].into_iter().enumerate() {
+        p.send(Packet::Publish(msg("t", 0, 0, payload)), t);
+        assert!(!p.conn.reading_paused(), "paused after {} messages", i + 1);
+    }
+    p.send(Packet::Publish(msg("t", 0, 0, b"3")), t);
+    assert!(
+        p.conn.reading_paused(),
+        "the 4th message fills half the queue"
+    );
+    assert_eq!(w.broker.stats().publishers_paused.load(Ordering::SeqCst), 1);
+    // The pause bounds the publisher's next deadline.
+    assert_eq!(p.conn.poll_timeout(), Some(t + Duration::from_millis(250)));
+
+    let waker = Arc::new(CountingWaker::default());
+    assert_eq!(poll_room(&p, &waker), Poll::Pending);
+    // The subscriber's connection takes the queue: the publisher is woken and reads again.
+    assert_eq!(sub.publishes(t).len(), 4);
+    assert_eq!(waker.0.load(Ordering::SeqCst), 1);
+    assert_eq!(poll_room(&p, &waker), Poll::Ready(()));
+    p.conn.handle_room();
+    assert!(!p.conn.reading_paused());
+    // Only the keep alive (65535 s) is left to wait for.
+    assert!(p.conn.poll_timeout() > Some(t + Duration::from_secs(1)));
+    // Nothing was dropped.
+    assert_eq!(w.broker.stats().dropped_count(DropReason::QueueFull), 0);
+}
+
+#[test]
+fn a_pause_that_runs_out_marks_the_subscriber_stalled_until_its_queue_drains() {
+    let (w, mut sub, mut p) = congested_world(Duration::from_millis(250));
+    let t = w.at(1);
+    for _ in 0..4 {
+        p.send(Packet::Publish(msg("t", 0, 0, b"x")), t);
+    }
+    assert!(p.conn.reading_paused());
+    let waker = Arc::new(CountingWaker::default());
+    assert_eq!(poll_room(&p, &waker), Poll::Pending);
+    // Not yet...
+    p.conn.handle_timeout(t + Duration::from_millis(249));
+    assert!(p.conn.reading_paused());
+    // ...then the pause runs out: reading resumes, the connection stays open.
+    p.conn.handle_timeout(t + Duration::from_millis(250));
+    assert!(!p.conn.reading_paused());
+    assert!(!p.conn.is_closed());
+    assert_eq!(
+        w.broker
+            .stats()
+            .backpressure_timeouts
+            .load(Ordering::SeqCst),
+        1
+    );
+    // The stalled subscriber pauses nobody: its full queue drops, and counts, the rest.
+    for _ in 0..10 {
+        p.send(Packet::Publish(msg("t", 0, 0, b"y")), t);
+        assert!(!p.conn.reading_paused());
+    }
+    assert_eq!(w.broker.stats().dropped_count(DropReason::QueueFull), 6);
+    // Once it has drained, it asks publishers to wait again.
+    assert_eq!(sub.publishes(t).len(), 8);
+    for _ in 0..4 {
+        p.send(Packet::Publish(msg("t", 0, 0, b"z")), t);
+    }
+    assert!(p.conn.reading_paused());
+    assert_eq!(w.broker.stats().publishers_paused.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_paused_publisher_goes_on_when_the_subscriber_disconnects() {
+    let (w, mut sub, mut p) = congested_world(Duration::from_millis(250));
+    let t = w.at(1);
+    for _ in 0..4 {
+        p.send(Packet::Publish(msg("t", 0, 0, b"x")), t);
+    }
+    let waker = Arc::new(CountingWaker::default());
+    assert_eq!(poll_room(&p, &waker), Poll::Pending);
+    sub.disconnect(ReasonCode::NORMAL_DISCONNECTION, t);
+    assert_eq!(waker.0.load(Ordering::SeqCst), 1);
+    assert_eq!(poll_room(&p, &waker), Poll::Ready(()));
+}
+
+#[test]
+fn a_client_subscribed_to_its_own_topic_is_never_paused_by_its_own_queue() {
+    let (w, _sub, _p) = congested_world(Duration::from_millis(250));
+    let t = w.at(1);
+    let mut me = w.connect_v5("loop", t);
+    me.subscribe("mine", qos(1), t);
+    for i in 0..8u16 {
+        me.send(Packet::Publish(msg("mine", 1, i + 1, b"x")), t);
+    }
+    assert!(!me.conn.reading_paused());
+}
+
+#[test]
+fn with_backpressure_off_a_full_queue_drops_and_nobody_is_paused() {
+    let (w, _sub, mut p) = congested_world(Duration::ZERO);
+    let t = w.at(1);
+    for _ in 0..12 {
+        p.send(Packet::Publish(msg("t", 0, 0, b"x")), t);
+        assert!(!p.conn.reading_paused());
+    }
+    assert_eq!(w.broker.stats().dropped_count(DropReason::QueueFull), 4);
+    assert_eq!(w.broker.stats().publishers_paused.load(Ordering::SeqCst), 0);
+}

@@ -184,6 +184,9 @@ where
                 armed = true;
             }
             let pending_commit = conn.pending_commit();
+            // Backpressure: while a subscriber this client publishes to is congested, its
+            // socket is not read (its TCP window fills, so it slows down), for a bounded time.
+            let paused = conn.reading_paused();
             tokio::select! {
                 p = &mut next, if seen != Phase::Stopping => {
                     seen = p;
@@ -195,7 +198,7 @@ where
                         rbuf.reserve(READ_BUFFER);
                     }
                     tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, &mut rbuf)
-                }), if !draining => {
+                }), if !draining && !paused => {
                     let now = Instant::now();
                     match read {
                         Ok(0) | Err(_) => {
@@ -233,6 +236,7 @@ where
                 _ = poll_fn(|cx| conn.poll_session(cx)) => {
                     more = conn.pump(Instant::now(), PUMP_BATCH);
                 }
+                _ = poll_fn(|cx| conn.poll_room(cx)), if paused => conn.handle_room(),
                 () = &mut timer, if armed => {
                     armed = false;
                     conn.handle_timeout(Instant::now());

@@ -37,6 +37,8 @@ pub const AUTH_CALLOUTS_TOTAL: &str = "raftmq_auth_callouts_total";
 pub const AUTH_RELOADS_TOTAL: &str = "raftmq_auth_reloads_total";
 pub const LIMITS_EXCEEDED_TOTAL: &str = "raftmq_limits_exceeded_total";
 pub const RETAINED_BYTES: &str = "raftmq_retained_bytes";
+pub const BACKPRESSURE_PAUSES_TOTAL: &str = "raftmq_backpressure_pauses_total";
+pub const BACKPRESSURE_TIMEOUTS_TOTAL: &str = "raftmq_backpressure_timeouts_total";
 
 const QOS_LABELS: [&str; 3] = ["0", "1", "2"];
 
@@ -69,6 +71,8 @@ pub fn export_broker_stats(broker: &Broker) {
     gauge!(RETAINED_BYTES).set(broker.retained_bytes() as f64);
     counter!(WILLS_PUBLISHED_TOTAL).absolute(s.wills_published.load(Relaxed));
     counter!(SESSION_TAKEOVERS_TOTAL).absolute(s.takeovers.load(Relaxed));
+    counter!(BACKPRESSURE_PAUSES_TOTAL).absolute(s.publishers_paused.load(Relaxed));
+    counter!(BACKPRESSURE_TIMEOUTS_TOTAL).absolute(s.backpressure_timeouts.load(Relaxed));
     gauge!(SESSIONS_ONLINE).set(s.sessions_online.load(Relaxed) as f64);
     gauge!(SESSIONS_TOTAL).set(s.sessions_total.load(Relaxed) as f64);
     gauge!(MESSAGES_QUEUED).set(s.messages_queued.load(Relaxed) as f64);

@@ -272,6 +272,14 @@ pub const KEYS: &[KeyDoc] = &[
         "Queue QoS 0 messages for offline persistent sessions.",
     ),
     key(
+        "mqtt.backpressure_max_pause",
+        "Backpressure from slow subscribers: once a connected subscriber's queue holds half of \
+         mqtt.max_queued_messages, a client publishing to it is not read from until that queue \
+         is down to a quarter, for at most this long; then the subscriber counts as stalled (no \
+         publisher waits for it again until its queue drains) and its full queue drops, counted. \
+         At most 1s; \"0s\" turns backpressure off.",
+    ),
+    key(
         "mqtt.topic_alias_maximum",
         "Topic Alias Maximum announced to MQTT 5 clients; 0 disables client-to-server aliases.",
     ),
