@@ -51,16 +51,11 @@ pub fn sample_all(pids: &[u32]) -> Result<Option<Sample>> {
     Ok(total)
 }
 
-/// `utime + stime` from the content of `/proc/PID/stat`.
+/// `(utime, stime)` from the content of `/proc/PID/stat`.
 ///
 /// The second field is the command name in parentheses and may itself contain spaces and
 /// parentheses, so fields are counted from the last `)`: utime and stime are fields 14 and 15,
 /// i.e. the 12th and 13th after the name.
-pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    parse_user_sys_ticks(stat).map(|(user, sys)| user + sys)
-}
-
-/// `(utime, stime)` from the content of `/proc/PID/stat` (see [`parse_cpu_ticks`]).
 pub fn parse_user_sys_ticks(stat: &str) -> Option<(u64, u64)> {
     let after_name = &stat[stat.rfind(')')? + 1..];
     let mut fields = after_name.split_ascii_whitespace().skip(11);
@@ -141,21 +136,20 @@ mod tests {
 
     #[test]
     fn cpu_ticks_from_stat() {
-        assert_eq!(parse_cpu_ticks(STAT), Some(1234 + 567));
         assert_eq!(parse_user_sys_ticks(STAT), Some((1234, 567)));
     }
 
     #[test]
     fn command_names_with_spaces_and_parentheses() {
         let stat = STAT.replace("(mosquitto)", "(tokio (worker) 1)");
-        assert_eq!(parse_cpu_ticks(&stat), Some(1801));
+        assert_eq!(parse_user_sys_ticks(&stat), Some((1234, 567)));
     }
 
     #[test]
     fn truncated_or_garbled_stat() {
-        assert_eq!(parse_cpu_ticks("4242 (x) S 1 2 3"), None);
-        assert_eq!(parse_cpu_ticks("no parenthesis"), None);
-        assert_eq!(parse_cpu_ticks(&STAT.replace("1234", "12x4")), None);
+        assert_eq!(parse_user_sys_ticks("4242 (x) S 1 2 3"), None);
+        assert_eq!(parse_user_sys_ticks("no parenthesis"), None);
+        assert_eq!(parse_user_sys_ticks(&STAT.replace("1234", "12x4")), None);
     }
 
     #[test]

@@ -1737,6 +1737,12 @@ async fn a_client_without_a_stored_session_is_taken_over_across_nodes() {
     let (mut first, _) = try_connect(specs[0].mqtt_addr(), "roaming-device", true, 0)
         .await
         .expect("CONNACK");
+    // Connections whose claims are less than 100 ms apart are ordered by the claims' clocks,
+    // which two processes agree on only to a few ms, so the broker ends one of them, not
+    // always the older one: a device that roams reconnects later than that. (With no pause,
+    // the first claim could reach the second node late on a busy machine and end the newer
+    // connection.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut second, _) = try_connect(specs[1].mqtt_addr(), "roaming-device", true, 0)
         .await
         .expect("CONNACK");
