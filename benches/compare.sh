@@ -85,6 +85,7 @@ scenarios=(
     "02-p2p-qos1|p2p --clients 10 --qos 1 --inflight 64 $load"
     "03-fanout-qos0|fanout --clients 100 --qos 0 $load"
     "04-fanin-qos0|fanin --clients 50 --qos 0 $load"
+    "04b-fanin-qos1|fanin --clients 50 --qos 1 --inflight 500 $load"
     "05-shared-qos1|shared --clients 10 --publishers 2 --qos 1 $load"
     "06-latency-qos1-10k|p2p --clients 10 --qos 1 --rate 10000 $load"
     "07-retained|retained --topics $retained_topics"
