@@ -76,9 +76,10 @@ pub struct Routed {
     /// publisher's connection, and dropped if it fails: a refused publish leaves nothing behind
     /// to be delivered or to fill the queue while the publisher retries.
     pub store: Commit,
-    /// A connected session (not the publisher's own) whose queue is past the pause mark: the
-    /// publisher should not be read from until it has room ([`Session::poll_room`]).
-    pub congested: Option<Arc<Session>>,
+    /// A connected session (not the publisher's own) whose queue is past the pause mark, with
+    /// its congestion episode: the publisher should not be read from until it has room
+    /// ([`Session::poll_room`]).
+    pub congested: Option<(Arc<Session>, u64)>,
 }
 
 /// Result of one topic filter of a SUBSCRIBE.
@@ -973,7 +974,7 @@ impl Broker {
         deferred: &mut Vec<(Arc<Session>, Delivery)>,
         acks: &mut Vec<Commit>,
         scope: Scope<'_>,
-        congested: &mut Option<Arc<Session>>,
+        congested: &mut Option<(Arc<Session>, u64)>,
     ) -> usize {
         // (session, subscription, through a shared subscription)
         let mut targets: SmallVec<[(Arc<Session>, SubEntry, bool); 8]> = SmallVec::new();
@@ -1106,9 +1107,22 @@ impl Broker {
                 durable,
             };
             let hold = matches!(scope, Scope::Origin { hold: true });
+            // A client waiting for its own queue would never read the acknowledgements that
+            // drain it. A shared subscription's member only pauses the publisher if it was
+            // crowded before (`pick_shared` prefers members that are not: all were).
+            let may_pause = congested.is_none()
+                && origin != Some(session.client_id())
+                && (!via_shared || session.is_crowded());
             if hold || (durable.is_some() && !session.is_online()) {
                 // Offline and persistent: nobody can receive it before the commit anyway; or a
-                // client's QoS 2 PUBLISH: delivered once recorded.
+                // client's QoS 2 PUBLISH: delivered once recorded (and its publisher waits for
+                // a congested queue as for the others).
+                if hold
+                    && may_pause
+                    && let Some(episode) = session.congestion(&self.queue_limits)
+                {
+                    *congested = Some((session.clone(), episode));
+                }
                 offered += 1;
                 if let (Some(target), Some((_, targets))) = (target, stored.as_mut()) {
                     targets.push(target);
@@ -1122,13 +1136,10 @@ impl Broker {
                         targets.push(target);
                     }
                 }
-                // A client waiting for its own queue would never read the acknowledgements
-                // that drain it.
-                if matches!(result, Enqueued::Congested { .. })
-                    && congested.is_none()
-                    && origin != Some(session.client_id())
+                if let Enqueued::Congested { episode, .. } = result
+                    && may_pause
                 {
-                    *congested = Some(session.clone());
+                    *congested = Some((session.clone(), episode));
                 }
             }
             i = j;
@@ -1156,10 +1167,14 @@ impl Broker {
             SharedStrategy::RoundRobin => cursor.fetch_add(1, Relaxed) % n,
             SharedStrategy::Random => (self.next_random() % n as u64) as usize,
         };
-        // Prefer a member that is connected; fall back to queueing for an offline one.
+        // Prefer a member that is connected and keeps up (a slow member's queue must not hold
+        // up the publisher while others have room), then any connected one; fall back to
+        // queueing for an offline one.
+        let turn = |k| &members[(start + k) % n];
         (0..n)
-            .map(|k| &members[(start + k) % n])
-            .find(|(s, _)| s.is_online())
+            .map(turn)
+            .find(|(s, _)| s.is_online() && !s.is_crowded())
+            .or_else(|| (0..n).map(turn).find(|(s, _)| s.is_online()))
             .or(members.get(start))
     }
 

@@ -180,10 +180,12 @@ pub struct Connection {
     paused: Option<Box<Pause>>,
 }
 
-/// Backpressure on a publishing client: the congested session it waits for, and until when.
+/// Backpressure on a publishing client: the congested session it waits for, the congestion
+/// episode that paused it, and until when.
 #[derive(Debug)]
 struct Pause {
     session: Arc<Session>,
+    episode: u64,
     until: Instant,
 }
 
@@ -331,12 +333,24 @@ impl Connection {
     }
 
     /// Ready when the session this connection's reading waits for has room again (or went
-    /// offline, or counts as stalled). Ready at once when reading is not paused.
+    /// offline, or counts as stalled), and as soon as this client has messages in flight
+    /// itself (their acknowledgements must be read: a client waiting for a queue that its own
+    /// unread acknowledgements keep full, directly or through other clients, would wait for
+    /// nothing). Ready at once when reading is not paused. A new delivery to this client wakes
+    /// the connection through [`Self::poll_session`], and this is asked again.
     pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
-        match &self.paused {
-            Some(p) => p.session.poll_room(self.broker.queue_limits(), cx),
-            None => Poll::Ready(()),
+        let Some(p) = &self.paused else {
+            return Poll::Ready(());
+        };
+        if self
+            .attachment
+            .as_ref()
+            .is_some_and(|a| a.session.awaits_acknowledgements())
+        {
+            return Poll::Ready(());
         }
+        p.session
+            .poll_room(self.broker.queue_limits(), p.episode, cx)
     }
 
     /// [`Self::poll_room`] was ready: reading resumes.
@@ -505,12 +519,13 @@ impl Connection {
     /// Ends a pause that ran out (the subscriber it waited for counts as stalled from now on);
     /// closes the connection if the client missed its keep alive (or never sent CONNECT).
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Some(p) = self.paused.take_if(|p| now >= p.until) {
+        if let Some(p) = self.paused.take_if(|p| now >= p.until)
+            && p.session.give_up(p.episode)
+        {
             self.broker
                 .stats()
                 .backpressure_timeouts
                 .fetch_add(1, Relaxed);
-            p.session.give_up();
         }
         if let Some(deadline) = self.poll_timeout()
             && now >= deadline
@@ -1002,7 +1017,7 @@ impl Connection {
                 batch.push((d, pid));
                 moved += 1;
             }
-            st.relieve(broker.queue_limits().resume_at)
+            session.relieve(&mut st, broker.queue_limits().resume_at)
         };
         // Publishers paused for this queue read again.
         for w in relieved.into_iter().flatten() {
@@ -1255,13 +1270,16 @@ impl Connection {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
             }
             let max_pause = cfg.backpressure_max_pause.0;
-            if let Some(session) = routed.congested
+            // A client with messages in flight is not paused (see `poll_room`).
+            if let Some((session, episode)) = routed.congested
                 && self.paused.is_none()
                 && !max_pause.is_zero()
+                && !att.session.awaits_acknowledgements()
             {
                 self.broker.stats().publishers_paused.fetch_add(1, Relaxed);
                 self.paused = Some(Box::new(Pause {
                     session,
+                    episode,
                     until: now + max_pause,
                 }));
             }

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -136,10 +136,26 @@ pub(crate) struct SessionState {
 /// publishing connections waiting until it is down to the resume mark, and whether one of them
 /// waited the longest pause (the subscriber then counts as stalled: nobody waits for it again
 /// until its queue has drained to the resume mark).
-#[derive(Debug, Default)]
+///
+/// Each congestion is an *episode* with a process-unique number: a publisher waits for the
+/// episode that paused it, so one woken when it ended, but slow to run, does not wait for (or
+/// give up on) the next one, which the publishers woken before it may already have started.
+#[derive(Debug)]
 pub(crate) struct Congestion {
+    episode: u64,
     waiters: Vec<Waker>,
     stalled: bool,
+}
+
+impl Congestion {
+    fn new() -> Box<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Box::new(Congestion {
+            episode: NEXT.fetch_add(1, Ordering::Relaxed),
+            waiters: Vec::new(),
+            stalled: false,
+        })
+    }
 }
 
 /// A session, shared by reference. Equality and hashing are by identity (two sessions with the
@@ -150,6 +166,9 @@ pub struct Session {
     online: AtomicBool,
     /// Recorded in durable storage (a persistent session): its changes are proposed.
     durable: AtomicBool,
+    /// Mirrors `SessionState::congestion.is_some()` (lock-free, for picking a shared
+    /// subscription's member; may be momentarily stale).
+    crowded: AtomicBool,
     pub(crate) state: Mutex<SessionState>,
 }
 
@@ -170,10 +189,11 @@ impl Hash for Session {
 pub enum Enqueued {
     Queued,
     /// The session is connected and its queue is past the pause mark: the publisher should
-    /// wait for room ([`Session::poll_room`]). `queued` is false when the queue was full and
-    /// the delivery dropped (counted).
+    /// wait for room in this congestion `episode` ([`Session::poll_room`]). `queued` is false
+    /// when the queue was full and the delivery dropped (counted).
     Congested {
         queued: bool,
+        episode: u64,
     },
     Dropped(DropReason),
 }
@@ -181,7 +201,7 @@ pub enum Enqueued {
 impl Enqueued {
     /// Whether the delivery is in the queue.
     pub fn is_queued(self) -> bool {
-        matches!(self, Self::Queued | Self::Congested { queued: true })
+        matches!(self, Self::Queued | Self::Congested { queued: true, .. })
     }
 }
 
@@ -228,6 +248,7 @@ impl Session {
             client_id,
             online: AtomicBool::new(false),
             durable: AtomicBool::new(false),
+            crowded: AtomicBool::new(false),
             state: Mutex::new(SessionState {
                 epoch: 0,
                 online: false,
@@ -276,12 +297,7 @@ impl Session {
         self.online.store(online, Ordering::Relaxed);
         if !online {
             // Nobody drains the queue now: publishers waiting for it go on.
-            for w in state
-                .congestion
-                .take()
-                .map(|c| c.waiters)
-                .unwrap_or_default()
-            {
+            for w in self.relieve(state, usize::MAX).unwrap_or_default() {
                 w.wake();
             }
         }
@@ -325,21 +341,17 @@ impl Session {
             stats.dropped(DropReason::Offline, 1);
             return Enqueued::Dropped(DropReason::Offline);
         }
-        let congested = limits.pause_at > 0
-            && s.online
-            && s.queue.len() + 1 >= limits.pause_at
-            && !matches!(&s.congestion, Some(c) if c.stalled);
-        if congested {
-            s.congestion.get_or_insert_default();
-        }
+        let congested = self.congest(&mut s, limits, 1);
         if s.queue.len() >= limits.max_queued {
             match limits.overflow {
                 OverflowPolicy::DropNew => {
                     stats.dropped(DropReason::QueueFull, 1);
-                    return if congested {
-                        Enqueued::Congested { queued: false }
-                    } else {
-                        Enqueued::Dropped(DropReason::QueueFull)
+                    return match congested {
+                        Some(episode) => Enqueued::Congested {
+                            queued: false,
+                            episode,
+                        },
+                        None => Enqueued::Dropped(DropReason::QueueFull),
                     };
                 }
                 OverflowPolicy::DropOldest => {
@@ -353,22 +365,24 @@ impl Session {
         s.queue.push_back(delivery);
         stats.messages_queued.fetch_add(1, Ordering::Relaxed);
         Self::notify(&mut s);
-        if congested {
-            Enqueued::Congested { queued: true }
-        } else {
-            Enqueued::Queued
+        match congested {
+            Some(episode) => Enqueued::Congested {
+                queued: true,
+                episode,
+            },
+            None => Enqueued::Queued,
         }
     }
 
-    /// Ready when a publisher paused for this session may read again: the queue is down to
-    /// the resume mark, the session went offline, or it counts as stalled. Registers the
-    /// waker otherwise.
-    pub fn poll_room(&self, limits: &QueueLimits, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready when a publisher paused for congestion `episode` of this session may read
+    /// again: the episode ended (the queue is down to the resume mark, or the session went
+    /// offline) or counts as stalled. Registers the waker otherwise.
+    pub fn poll_room(&self, limits: &QueueLimits, episode: u64, cx: &mut Context<'_>) -> Poll<()> {
         let mut s = self.state.lock();
         let s = &mut *s;
         let blocked = s.online && s.queue.len() > limits.resume_at;
         match s.congestion.as_deref_mut() {
-            Some(c) if blocked && !c.stalled => {
+            Some(c) if blocked && !c.stalled && c.episode == episode => {
                 if !c.waiters.iter().any(|w| w.will_wake(cx.waker())) {
                     c.waiters.push(cx.waker().clone());
                 }
@@ -378,22 +392,69 @@ impl Session {
         }
     }
 
-    /// A publisher waited the longest pause for this session: it counts as stalled (no
-    /// publisher waits for it) until its queue drains to the resume mark. Wakes the others.
-    pub fn give_up(&self) {
+    /// A publisher waited the longest pause for congestion `episode` of this session: if it
+    /// is still going on, the session counts as stalled (no publisher waits for it) until its
+    /// queue drains to the resume mark, and the other waiters are woken. Returns whether it
+    /// was (false: the episode had ended meanwhile).
+    pub fn give_up(&self, episode: u64) -> bool {
         let waiters = {
             let mut s = self.state.lock();
             match s.congestion.as_deref_mut() {
-                Some(c) => {
+                Some(c) if c.episode == episode && !c.stalled => {
                     c.stalled = true;
                     std::mem::take(&mut c.waiters)
                 }
-                None => return,
+                _ => return false,
             }
         };
         for w in waiters {
             w.wake();
         }
+        true
+    }
+
+    /// Whether the queue is past the pause mark (lock-free; may be momentarily stale).
+    pub fn is_crowded(&self) -> bool {
+        self.crowded.load(Ordering::Relaxed)
+    }
+
+    /// The current congestion episode, started now if the session is connected, its queue
+    /// holds `pause_at` messages or more (`extra` counts a delivery about to be queued) and
+    /// it does not count as stalled. `None`: publishers need not wait.
+    fn congest(&self, s: &mut SessionState, limits: &QueueLimits, extra: usize) -> Option<u64> {
+        if limits.pause_at == 0 || !s.online || s.queue.len() + extra < limits.pause_at {
+            return None;
+        }
+        let c = s.congestion.get_or_insert_with(|| {
+            self.crowded.store(true, Ordering::Relaxed);
+            Congestion::new()
+        });
+        (!c.stalled).then_some(c.episode)
+    }
+
+    /// Ends the congestion once the queue is down to `resume_at` (`usize::MAX`: whatever its
+    /// length): the publishers to wake.
+    pub(crate) fn relieve(&self, s: &mut SessionState, resume_at: usize) -> Option<Vec<Waker>> {
+        if s.congestion.is_some() && (resume_at == usize::MAX || s.queue.len() <= resume_at) {
+            self.crowded.store(false, Ordering::Relaxed);
+            s.congestion.take().map(|c| c.waiters)
+        } else {
+            None
+        }
+    }
+
+    /// For a delivery that will be queued later (held back for a commit): the congestion
+    /// episode its publisher should wait for, as [`Self::enqueue`] would report it.
+    pub fn congestion(&self, limits: &QueueLimits) -> Option<u64> {
+        let mut s = self.state.lock();
+        self.congest(&mut s, limits, 0)
+    }
+
+    /// Whether messages sent to the client await its acknowledgement. Such a client is never
+    /// paused by backpressure: reading its acknowledgements is what drains its own queue, and
+    /// another client may be waiting for that.
+    pub fn awaits_acknowledgements(&self) -> bool {
+        !self.state.lock().outgoing.is_empty()
     }
 
     pub(crate) fn notify(s: &mut SessionState) {
@@ -430,15 +491,6 @@ impl Session {
 }
 
 impl SessionState {
-    /// Ends the congestion once the queue is down to `resume_at`: the publishers to wake.
-    pub(crate) fn relieve(&mut self, resume_at: usize) -> Option<Vec<Waker>> {
-        if self.congestion.is_some() && self.queue.len() <= resume_at {
-            self.congestion.take().map(|c| c.waiters)
-        } else {
-            None
-        }
-    }
-
     /// Allocates a packet id not in use by an outgoing message.
     pub(crate) fn allocate_packet_id(&mut self) -> Option<PacketId> {
         if self.outgoing.len() >= usize::from(u16::MAX) {

@@ -1919,3 +1919,99 @@ fn with_backpressure_off_a_full_queue_drops_and_nobody_is_paused() {
     assert_eq!(w.broker.stats().dropped_count(DropReason::QueueFull), 4);
     assert_eq!(w.broker.stats().publishers_paused.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn a_publisher_woken_late_waits_for_its_own_congestion_only_not_the_next() {
+    let (w, mut sub, mut p1) = congested_world(Duration::from_millis(250));
+    let t = w.at(1);
+    let mut p2 = w.connect_v5("fast-2", t);
+    for _ in 0..4 {
+        p1.send(Packet::Publish(msg("t", 0, 0, b"1")), t);
+    }
+    assert!(p1.conn.reading_paused());
+    let (w1, w2) = (
+        Arc::new(CountingWaker::default()),
+        Arc::new(CountingWaker::default()),
+    );
+    assert_eq!(poll_room(&p1, &w1), Poll::Pending);
+    // The subscriber drains: p1 is woken, but p2 runs first and fills the queue again.
+    assert_eq!(sub.publishes(t).len(), 4);
+    assert_eq!(w1.0.load(Ordering::SeqCst), 1);
+    for _ in 0..4 {
+        p2.send(Packet::Publish(msg("t", 0, 0, b"2")), t);
+    }
+    assert!(p2.conn.reading_paused(), "a new congestion pauses p2");
+    assert_eq!(poll_room(&p2, &w2), Poll::Pending);
+    // p1 waited for the congestion that ended: it reads again...
+    assert_eq!(poll_room(&p1, &w1), Poll::Ready(()));
+    // ...and had its deadline come first, the new congestion would not count as stalled.
+    p1.conn.handle_timeout(t + Duration::from_millis(250));
+    assert!(!p1.conn.reading_paused());
+    assert_eq!(
+        w.broker
+            .stats()
+            .backpressure_timeouts
+            .load(Ordering::SeqCst),
+        0
+    );
+    assert_eq!(poll_room(&p2, &w2), Poll::Pending, "p2 still waits");
+}
+
+#[test]
+fn a_client_with_messages_in_flight_is_not_paused_and_a_paused_one_resumes_when_it_has_some() {
+    let (w, _sub, _p) = congested_world(Duration::from_millis(250));
+    let t = w.at(1);
+    let mut both = w.connect_v5("both", t);
+    both.subscribe("back", qos(1), t);
+    for _ in 0..4 {
+        both.send(Packet::Publish(msg("t", 0, 0, b"x")), t);
+    }
+    assert!(both.conn.reading_paused());
+    let waker = Arc::new(CountingWaker::default());
+    assert_eq!(poll_room(&both, &waker), Poll::Pending);
+    // A QoS 1 message for this client: once sent, its PUBACK must be read.
+    let mut other = w.connect_v5("other", t);
+    other.publish(msg("back", 1, 1, b"reply"), t);
+    assert_eq!(both.publishes(t).len(), 1);
+    assert_eq!(poll_room(&both, &waker), Poll::Ready(()));
+    both.conn.handle_room();
+    // While it is unacknowledged, the client is not paused again.
+    both.send(Packet::Publish(msg("t", 0, 0, b"y")), t);
+    assert!(!both.conn.reading_paused());
+}
+
+#[test]
+fn a_qos2_publisher_is_paused_like_the_others() {
+    let (w, _sub, mut p) = congested_world(Duration::from_millis(250));
+    let t = w.at(1);
+    let mut sub2 = w.connect_v5("slow-2", t);
+    sub2.subscribe("q2", qos(2), t);
+    // Its deliveries wait for the publish's commit, so congestion is read before queueing:
+    // the 5th message finds 4 queued.
+    for i in 1..=4u16 {
+        p.send(Packet::Publish(msg("q2", 2, i, b"x")), t);
+        assert!(!p.conn.reading_paused(), "paused after {i}");
+    }
+    p.send(Packet::Publish(msg("q2", 2, 5, b"x")), t);
+    assert!(p.conn.reading_paused());
+}
+
+#[test]
+fn a_shared_group_routes_around_a_crowded_member_without_pausing_the_publisher() {
+    let (w, _sub, mut p) = congested_world(Duration::from_millis(250));
+    let t = w.at(1);
+    let mut lazy = w.connect_v5("lazy", t);
+    lazy.subscribe("$share/g/jobs", qos(0), t);
+    let mut busy = w.connect_v5("busy", t);
+    busy.subscribe("$share/g/jobs", qos(0), t);
+    let mut done = 0;
+    for _ in 0..20 {
+        p.send(Packet::Publish(msg("jobs", 0, 0, b"j")), t);
+        assert!(!p.conn.reading_paused());
+        done += busy.publishes(t).len();
+    }
+    // Turns alternate until the member that never reads holds 4 (half its queue): the rest
+    // goes to the other.
+    assert_eq!(lazy.publishes(t).len(), 4);
+    assert_eq!(done, 16);
+}
