@@ -531,6 +531,24 @@ fn backpressure_config(max_pause_ms: u64) -> MqttConfig {
     }
 }
 
+/// A broker pausing publishers for at most `max_pause_ms` (0: never), a slow subscriber to
+/// `topic` and a burst of `burst()` messages on its way to it.
+async fn burst_towards_slow_subscriber(
+    max_pause_ms: u64,
+    topic: &'static str,
+) -> (
+    TestBroker,
+    usize,
+    RawClient,
+    tokio::task::JoinHandle<RawClient>,
+) {
+    let broker = TestBroker::with_config(backpressure_config(max_pause_ms)).await;
+    let count = burst();
+    let sub = slow_subscriber(broker.mqtt, topic).await;
+    let publisher = tokio::spawn(flood(broker.mqtt, topic, count));
+    (broker, count, sub, publisher)
+}
+
 fn received_qos0(broker: &TestBroker) -> u64 {
     broker.broker.stats().messages_received[0].load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -539,10 +557,7 @@ fn received_qos0(broker: &TestBroker) -> u64 {
 async fn a_slow_subscriber_slows_its_publisher_down_instead_of_losing_qos0_messages() {
     // The longest pause allowed: a machine busy with other tests must not make the steady
     // reader look stalled.
-    let broker = TestBroker::with_config(backpressure_config(1000)).await;
-    let count = burst();
-    let mut sub = slow_subscriber(broker.mqtt, "bp/slow").await;
-    let publisher = tokio::spawn(flood(broker.mqtt, "bp/slow", count));
+    let (broker, count, mut sub, publisher) = burst_towards_slow_subscriber(1000, "bp/slow").await;
     let got = read_slowly(&mut sub, count, raftmq_tests::TIMEOUT).await;
     let stats = broker.broker.stats();
     let dropped = stats.dropped_count(raftmq_core::stats::DropReason::QueueFull);
@@ -562,10 +577,7 @@ async fn a_slow_subscriber_slows_its_publisher_down_instead_of_losing_qos0_messa
 
 #[tokio::test]
 async fn without_backpressure_the_same_burst_overflows_the_queue_and_every_drop_is_counted() {
-    let broker = TestBroker::with_config(backpressure_config(0)).await;
-    let count = burst();
-    let mut sub = slow_subscriber(broker.mqtt, "bp/off").await;
-    let publisher = tokio::spawn(flood(broker.mqtt, "bp/off", count));
+    let (broker, count, mut sub, publisher) = burst_towards_slow_subscriber(0, "bp/off").await;
     // The broker takes the whole burst before the subscriber reads anything: what the
     // kernel's buffers and the queue cannot hold is dropped.
     raftmq_tests::wait_until("the broker read the whole burst", || {
@@ -596,12 +608,9 @@ async fn without_backpressure_the_same_burst_overflows_the_queue_and_every_drop_
 
 #[tokio::test]
 async fn a_subscriber_that_stops_reading_holds_its_publisher_for_one_pause_only() {
-    let broker = TestBroker::with_config(backpressure_config(250)).await;
-    let count = burst();
-    // Subscribed, never read from.
-    let _sub = slow_subscriber(broker.mqtt, "bp/stuck").await;
     let started = std::time::Instant::now();
-    let publisher = tokio::spawn(flood(broker.mqtt, "bp/stuck", count));
+    // Subscribed, never read from.
+    let (broker, count, _sub, publisher) = burst_towards_slow_subscriber(250, "bp/stuck").await;
     raftmq_tests::wait_until("the broker read the whole burst", || {
         received_qos0(&broker) == count as u64
     })

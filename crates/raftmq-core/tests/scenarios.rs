@@ -1807,6 +1807,22 @@ fn congested_world(max_pause: Duration) -> (World, Client, Client) {
     (w, sub, p)
 }
 
+/// `n` QoS 0 messages from `c` to `topic`, without pumping anything.
+fn flood(c: &mut Client, topic: &str, n: usize, now: Instant) {
+    for _ in 0..n {
+        c.send(Packet::Publish(msg(topic, 0, 0, b"x")), now);
+    }
+}
+
+/// (publishers paused, pauses that ran out) so far.
+fn backpressure(w: &World) -> (u64, u64) {
+    let stats = w.broker.stats();
+    (
+        stats.publishers_paused.load(Ordering::SeqCst),
+        stats.backpressure_timeouts.load(Ordering::SeqCst),
+    )
+}
+
 fn poll_room(c: &Client, waker: &Arc<CountingWaker>) -> Poll<()> {
     let waker = Waker::from(waker.clone());
     c.conn.poll_room(&mut Context::from_waker(&waker))
@@ -1825,7 +1841,7 @@ fn a_publisher_is_not_read_from_while_a_subscriber_queue_is_half_full_and_resume
         p.conn.reading_paused(),
         "the 4th message fills half the queue"
     );
-    assert_eq!(w.broker.stats().publishers_paused.load(Ordering::SeqCst), 1);
+    assert_eq!(backpressure(&w).0, 1);
     // The pause bounds the publisher's next deadline.
     assert_eq!(p.conn.poll_timeout(), Some(t + Duration::from_millis(250)));
 
@@ -1847,9 +1863,7 @@ fn a_publisher_is_not_read_from_while_a_subscriber_queue_is_half_full_and_resume
 fn a_pause_that_runs_out_marks_the_subscriber_stalled_until_its_queue_drains() {
     let (w, mut sub, mut p) = congested_world(Duration::from_millis(250));
     let t = w.at(1);
-    for _ in 0..4 {
-        p.send(Packet::Publish(msg("t", 0, 0, b"x")), t);
-    }
+    flood(&mut p, "t", 4, t);
     assert!(p.conn.reading_paused());
     let waker = Arc::new(CountingWaker::default());
     assert_eq!(poll_room(&p, &waker), Poll::Pending);
@@ -1860,13 +1874,7 @@ fn a_pause_that_runs_out_marks_the_subscriber_stalled_until_its_queue_drains() {
     p.conn.handle_timeout(t + Duration::from_millis(250));
     assert!(!p.conn.reading_paused());
     assert!(!p.conn.is_closed());
-    assert_eq!(
-        w.broker
-            .stats()
-            .backpressure_timeouts
-            .load(Ordering::SeqCst),
-        1
-    );
+    assert_eq!(backpressure(&w).1, 1);
     // The stalled subscriber pauses nobody: its full queue drops, and counts, the rest.
     for _ in 0..10 {
         p.send(Packet::Publish(msg("t", 0, 0, b"y")), t);
@@ -1875,20 +1883,16 @@ fn a_pause_that_runs_out_marks_the_subscriber_stalled_until_its_queue_drains() {
     assert_eq!(w.broker.stats().dropped_count(DropReason::QueueFull), 6);
     // Once it has drained, it asks publishers to wait again.
     assert_eq!(sub.publishes(t).len(), 8);
-    for _ in 0..4 {
-        p.send(Packet::Publish(msg("t", 0, 0, b"z")), t);
-    }
+    flood(&mut p, "t", 4, t);
     assert!(p.conn.reading_paused());
-    assert_eq!(w.broker.stats().publishers_paused.load(Ordering::SeqCst), 2);
+    assert_eq!(backpressure(&w).0, 2);
 }
 
 #[test]
 fn a_paused_publisher_goes_on_when_the_subscriber_disconnects() {
     let (w, mut sub, mut p) = congested_world(Duration::from_millis(250));
     let t = w.at(1);
-    for _ in 0..4 {
-        p.send(Packet::Publish(msg("t", 0, 0, b"x")), t);
-    }
+    flood(&mut p, "t", 4, t);
     let waker = Arc::new(CountingWaker::default());
     assert_eq!(poll_room(&p, &waker), Poll::Pending);
     sub.disconnect(ReasonCode::NORMAL_DISCONNECTION, t);
@@ -1917,7 +1921,7 @@ fn with_backpressure_off_a_full_queue_drops_and_nobody_is_paused() {
         assert!(!p.conn.reading_paused());
     }
     assert_eq!(w.broker.stats().dropped_count(DropReason::QueueFull), 4);
-    assert_eq!(w.broker.stats().publishers_paused.load(Ordering::SeqCst), 0);
+    assert_eq!(backpressure(&w).0, 0);
 }
 
 #[test]
@@ -1925,9 +1929,7 @@ fn a_publisher_woken_late_waits_for_its_own_congestion_only_not_the_next() {
     let (w, mut sub, mut p1) = congested_world(Duration::from_millis(250));
     let t = w.at(1);
     let mut p2 = w.connect_v5("fast-2", t);
-    for _ in 0..4 {
-        p1.send(Packet::Publish(msg("t", 0, 0, b"1")), t);
-    }
+    flood(&mut p1, "t", 4, t);
     assert!(p1.conn.reading_paused());
     let (w1, w2) = (
         Arc::new(CountingWaker::default()),
@@ -1937,9 +1939,7 @@ fn a_publisher_woken_late_waits_for_its_own_congestion_only_not_the_next() {
     // The subscriber drains: p1 is woken, but p2 runs first and fills the queue again.
     assert_eq!(sub.publishes(t).len(), 4);
     assert_eq!(w1.0.load(Ordering::SeqCst), 1);
-    for _ in 0..4 {
-        p2.send(Packet::Publish(msg("t", 0, 0, b"2")), t);
-    }
+    flood(&mut p2, "t", 4, t);
     assert!(p2.conn.reading_paused(), "a new congestion pauses p2");
     assert_eq!(poll_room(&p2, &w2), Poll::Pending);
     // p1 waited for the congestion that ended: it reads again...
@@ -1947,13 +1947,7 @@ fn a_publisher_woken_late_waits_for_its_own_congestion_only_not_the_next() {
     // ...and had its deadline come first, the new congestion would not count as stalled.
     p1.conn.handle_timeout(t + Duration::from_millis(250));
     assert!(!p1.conn.reading_paused());
-    assert_eq!(
-        w.broker
-            .stats()
-            .backpressure_timeouts
-            .load(Ordering::SeqCst),
-        0
-    );
+    assert_eq!(backpressure(&w).1, 0);
     assert_eq!(poll_room(&p2, &w2), Poll::Pending, "p2 still waits");
 }
 
@@ -1963,9 +1957,7 @@ fn a_client_with_messages_in_flight_is_not_paused_and_a_paused_one_resumes_when_
     let t = w.at(1);
     let mut both = w.connect_v5("both", t);
     both.subscribe("back", qos(1), t);
-    for _ in 0..4 {
-        both.send(Packet::Publish(msg("t", 0, 0, b"x")), t);
-    }
+    flood(&mut both, "t", 4, t);
     assert!(both.conn.reading_paused());
     let waker = Arc::new(CountingWaker::default());
     assert_eq!(poll_room(&both, &waker), Poll::Pending);
