@@ -965,6 +965,19 @@ mod tests {
     }
 
     #[test]
+    fn a_backpressure_pause_longer_than_a_second_is_refused_by_key() {
+        let p = problems("[mqtt]\nbackpressure_max_pause = \"2s\"");
+        assert_eq!(
+            p,
+            [
+                "mqtt.backpressure_max_pause: must be at most 1s (a paused client's keep alive must not run out)"
+            ]
+        );
+        let c = check_file("[mqtt]\nbackpressure_max_pause = \"0s\"").expect("0s turns it off");
+        assert!(c.mqtt.backpressure_max_pause.0.is_zero());
+    }
+
+    #[test]
     fn bad_duration_reports_its_key() {
         let p = problems("[mqtt]\nmax_keep_alive = \"10x\"");
         assert_eq!(
