@@ -610,7 +610,7 @@ async fn without_backpressure_the_same_burst_overflows_the_queue_and_every_drop_
 async fn a_subscriber_that_stops_reading_holds_its_publisher_for_one_pause_only() {
     let started = std::time::Instant::now();
     // Subscribed, never read from.
-    let (broker, count, _sub, publisher) = burst_towards_slow_subscriber(250, "bp/stuck").await;
+    let (broker, count, sub, publisher) = burst_towards_slow_subscriber(250, "bp/stuck").await;
     raftmq_tests::wait_until("the broker read the whole burst", || {
         received_qos0(&broker) == count as u64
     })
@@ -630,5 +630,7 @@ async fn a_subscriber_that_stops_reading_holds_its_publisher_for_one_pause_only(
     // The rest went to the full queue: dropped and counted.
     assert!(stats.dropped_count(raftmq_core::stats::DropReason::QueueFull) > 0);
     drop(publisher.await);
+    // Gone, so the broker need not wait for it to read what it was sent.
+    drop(sub);
     broker.stop().await;
 }
