@@ -24,21 +24,25 @@ const TOKEN: &str = "s3cret-admin-token";
 
 /// A free port in 21000–21999; each test process starts at its own offset.
 fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 21_000;
+    const SPAN: u32 = 1_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Each test process starts at its own offset and wraps around within the range (an
+    // offset near its end must not leave the process without ports).
     let _ = NEXT.compare_exchange(
-        0,
-        21_000 + (std::process::id() % 40) as u16 * 25,
+        u32::MAX,
+        std::process::id() % 40 * 25,
         Ordering::Relaxed,
         Ordering::Relaxed,
     );
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(port < 22_000, "no free test port left");
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!("no free test port in 21000-21999");
 }
 
 /// A running `raftmq` process (killed when dropped).

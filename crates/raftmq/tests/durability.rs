@@ -23,21 +23,25 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// cannot take it as its source port between this check and a node (re)binding it. Each test
 /// process starts at its own offset.
 fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Each test process starts at its own offset and wraps around within the range (an
+    // offset near its end must not leave the process without ports).
     let _ = NEXT.compare_exchange(
-        0,
-        20_000 + (std::process::id() % 400) as u16 * 30,
+        u32::MAX,
+        std::process::id() % 400 * 30,
         Ordering::Relaxed,
         Ordering::Relaxed,
     );
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(port < 32_000, "no free test port left");
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!("no free test port in 20000-31999");
 }
 
 /// Where one node listens and keeps its data.
