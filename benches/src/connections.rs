@@ -23,6 +23,7 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
     );
     let endpoints = endpoints(ctx, args)?;
     let before = ctx.sample()?;
+    let me_before = crate::procfs::sample(std::process::id())?;
     let permits = Arc::new(Semaphore::new(ctx.common.connect_concurrency as usize));
     let (stop, stopped) = watch::channel(false);
     let (results, mut handshakes) = mpsc::unbounded_channel();
@@ -99,6 +100,7 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
     }
     let still_open = open.load(Relaxed);
     let end = ctx.sample()?;
+    let me_end = crate::procfs::sample(std::process::id())?;
     stop.send_replace(true);
     let mut errors = Errors::default();
     for result in connections.join_all().await {
@@ -126,6 +128,7 @@ pub async fn conn(ctx: &Context, args: &ConnArgs) -> Result<Summary> {
     );
     summary.duration_s = args.duration.as_secs_f64();
     summary.connect = connect.stats();
+    summary.load_tool = Some(BrokerUsage::between(me_before, me_before, me_end, me_end));
     if let (Some(before), Some(loaded), Some(end)) = (before, loaded, end) {
         summary.broker = Some(
             BrokerUsage::between(before, before, end, loaded)

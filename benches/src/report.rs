@@ -128,6 +128,17 @@ const METRICS: &[Metric] = &[
         ratio: true,
     },
     Metric {
+        name: "load tool CPU µs/conn (same tool for both)",
+        value: |s| {
+            let established = s.connect.established;
+            s.load_tool
+                .as_ref()
+                .filter(|_| s.scenario == "conn" && established > 0)
+                .map(|t| t.cpu_seconds * 1e6 / established as f64)
+        },
+        ratio: false,
+    },
+    Metric {
         name: "broker RSS KiB/conn ↓",
         value: |s| {
             s.broker
@@ -331,6 +342,11 @@ mod tests {
                 sys_seconds,
                 ..Default::default()
             }),
+            load_tool: Some(crate::procfs::BrokerUsage {
+                cpu_seconds: 0.07,
+                sys_seconds: 0.06,
+                ..Default::default()
+            }),
             ..Summary::default()
         };
         let runs = |p: Summary, c: Summary, name: &str| -> Run {
@@ -358,6 +374,10 @@ mod tests {
         );
         assert!(
             md.contains("|  | … of it in the kernel µs/conn | 30.0 | 10.0 | 3.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("|  | load tool CPU µs/conn (same tool for both) | 70.0 | 70.0 | – |"),
             "{md}"
         );
     }

@@ -33,6 +33,10 @@ pub struct Summary {
     pub churn: Option<ChurnStats>,
     pub failover: Option<FailoverStats>,
     pub broker: Option<BrokerUsage>,
+    /// The load tool's own CPU over the same window (connection scenario): on a machine it
+    /// shares with the broker, it bounds the connect rate either broker can show.
+    #[serde(default)]
+    pub load_tool: Option<BrokerUsage>,
     /// Connections that failed or ended early, with the first few reasons.
     pub error_count: u64,
     pub errors: Vec<String>,
@@ -377,6 +381,21 @@ impl fmt::Display for Summary {
         }
         if let Some(fo) = &self.failover {
             write_failover(f, fo)?;
+        }
+        if let Some(t) = &self.load_tool {
+            write!(f, "  load tool    CPU {:.2} s", t.cpu_seconds)?;
+            if self.connect.established > 0 {
+                let per_conn = t.cpu_seconds * 1e6 / self.connect.established as f64;
+                write!(f, "; {per_conn:.0} µs per connection")?;
+            }
+            if t.cpu_seconds > 0.0 {
+                write!(
+                    f,
+                    "; {:.0} % in the kernel",
+                    t.sys_seconds * 100.0 / t.cpu_seconds
+                )?;
+            }
+            writeln!(f)?;
         }
         if let Some(b) = &self.broker {
             write!(
