@@ -290,6 +290,18 @@ pub fn thousands(value: f64) -> String {
     out
 }
 
+/// "; N % in the kernel" for a process's usage (nothing when it used no CPU).
+fn write_kernel_share(f: &mut fmt::Formatter<'_>, usage: &BrokerUsage) -> fmt::Result {
+    if usage.cpu_seconds > 0.0 {
+        write!(
+            f,
+            "; {:.0} % in the kernel",
+            usage.sys_seconds * 100.0 / usage.cpu_seconds
+        )?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = |v: u64| thousands(v as f64);
@@ -388,13 +400,7 @@ impl fmt::Display for Summary {
                 let per_conn = t.cpu_seconds * 1e6 / self.connect.established as f64;
                 write!(f, "; {per_conn:.0} µs per connection")?;
             }
-            if t.cpu_seconds > 0.0 {
-                write!(
-                    f,
-                    "; {:.0} % in the kernel",
-                    t.sys_seconds * 100.0 / t.cpu_seconds
-                )?;
-            }
+            write_kernel_share(f, t)?;
             writeln!(f)?;
         }
         if let Some(b) = &self.broker {
@@ -408,13 +414,7 @@ impl fmt::Display for Summary {
             if let Some(us) = b.cpu_us_per_msg {
                 write!(f, "; {us:.2} µs CPU per delivered message")?;
             }
-            if b.cpu_seconds > 0.0 {
-                write!(
-                    f,
-                    "; {:.0} % in the kernel",
-                    b.sys_seconds * 100.0 / b.cpu_seconds
-                )?;
-            }
+            write_kernel_share(f, b)?;
             if let Some(bytes) = b.rss_per_conn_bytes {
                 write!(f, "; {:.1} KiB per connection", bytes / 1024.0)?;
             }
