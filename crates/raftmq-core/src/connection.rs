@@ -509,11 +509,8 @@ impl Connection {
                 Some(self.last_received + ka + ka / 2)
             }
         };
-        match (&self.paused, keep_alive) {
-            (Some(p), Some(k)) => Some(p.until.min(k)),
-            (Some(p), None) => Some(p.until),
-            (None, k) => k,
-        }
+        let pause = self.paused.as_ref().map(|p| p.until);
+        pause.into_iter().chain(keep_alive).min()
     }
 
     /// Ends a pause that ran out (the subscriber it waited for counts as stalled from now on);
@@ -1020,7 +1017,7 @@ impl Connection {
             session.relieve(&mut st, broker.queue_limits().resume_at)
         };
         // Publishers paused for this queue read again.
-        for w in relieved.into_iter().flatten() {
+        for w in relieved {
             w.wake();
         }
         for (id, state) in resends {

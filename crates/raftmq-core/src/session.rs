@@ -297,7 +297,7 @@ impl Session {
         self.online.store(online, Ordering::Relaxed);
         if !online {
             // Nobody drains the queue now: publishers waiting for it go on.
-            for w in self.relieve(state, usize::MAX).unwrap_or_default() {
+            for w in self.end_congestion(state) {
                 w.wake();
             }
         }
@@ -432,15 +432,19 @@ impl Session {
         (!c.stalled).then_some(c.episode)
     }
 
-    /// Ends the congestion once the queue is down to `resume_at` (`usize::MAX`: whatever its
-    /// length): the publishers to wake.
-    pub(crate) fn relieve(&self, s: &mut SessionState, resume_at: usize) -> Option<Vec<Waker>> {
-        if s.congestion.is_some() && (resume_at == usize::MAX || s.queue.len() <= resume_at) {
-            self.crowded.store(false, Ordering::Relaxed);
-            s.congestion.take().map(|c| c.waiters)
+    /// Ends the congestion once the queue is down to `resume_at`: the publishers to wake.
+    pub(crate) fn relieve(&self, s: &mut SessionState, resume_at: usize) -> Vec<Waker> {
+        if s.congestion.is_some() && s.queue.len() <= resume_at {
+            self.end_congestion(s)
         } else {
-            None
+            Vec::new()
         }
+    }
+
+    /// Ends the congestion, if any: the publishers to wake.
+    fn end_congestion(&self, s: &mut SessionState) -> Vec<Waker> {
+        self.crowded.store(false, Ordering::Relaxed);
+        s.congestion.take().map(|c| c.waiters).unwrap_or_default()
     }
 
     /// For a delivery that will be queued later (held back for a commit): the congestion
