@@ -119,23 +119,17 @@ const METRICS: &[Metric] = &[
     },
     Metric {
         name: "broker CPU µs/conn ↓",
-        value: |s| per_connection(s, |b| b.cpu_seconds),
+        value: |s| per_connection(s, s.broker.as_ref(), |b| b.cpu_seconds),
         ratio: true,
     },
     Metric {
         name: "… of it in the kernel µs/conn",
-        value: |s| per_connection(s, |b| b.sys_seconds),
+        value: |s| per_connection(s, s.broker.as_ref(), |b| b.sys_seconds),
         ratio: true,
     },
     Metric {
         name: "load tool CPU µs/conn (same tool for both)",
-        value: |s| {
-            let established = s.connect.established;
-            s.load_tool
-                .as_ref()
-                .filter(|_| s.scenario == "conn" && established > 0)
-                .map(|t| t.cpu_seconds * 1e6 / established as f64)
-        },
+        value: |s| per_connection(s, s.load_tool.as_ref(), |t| t.cpu_seconds),
         ratio: false,
     },
     Metric {
@@ -164,14 +158,17 @@ const METRICS: &[Metric] = &[
     },
 ];
 
-/// Broker CPU (`seconds` of its usage) per connection established, µs (connection scenario:
-/// the connect and the idle hold).
-fn per_connection(s: &Summary, seconds: fn(&crate::procfs::BrokerUsage) -> f64) -> Option<f64> {
+/// A process's CPU (`seconds` of its `usage`: the broker's or the load tool's) per connection
+/// established, µs (connection scenario: the connect and the idle hold).
+fn per_connection(
+    s: &Summary,
+    usage: Option<&crate::procfs::BrokerUsage>,
+    seconds: fn(&crate::procfs::BrokerUsage) -> f64,
+) -> Option<f64> {
     let established = s.connect.established;
-    s.broker
-        .as_ref()
+    usage
         .filter(|_| s.scenario == "conn" && established > 0)
-        .map(|b| seconds(b) * 1e6 / established as f64)
+        .map(|u| seconds(u) * 1e6 / established as f64)
 }
 
 /// The latency of `s`, unless it only measures socket-buffer queueing (QoS 0 floods).

@@ -1266,18 +1266,17 @@ impl Connection {
             if routed.offered == 0 {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
             }
-            let max_pause = cfg.backpressure_max_pause.0;
-            // A client with messages in flight is not paused (see `poll_room`).
+            // Only reported with backpressure on (a non-zero pause). A client with messages
+            // in flight is not paused (see `poll_room`).
             if let Some((session, episode)) = routed.congested
                 && self.paused.is_none()
-                && !max_pause.is_zero()
                 && !att.session.awaits_acknowledgements()
             {
                 self.broker.stats().publishers_paused.fetch_add(1, Relaxed);
                 self.paused = Some(Box::new(Pause {
                     session,
                     episode,
-                    until: now + max_pause,
+                    until: now + cfg.backpressure_max_pause.0,
                 }));
             }
             recorded = routed.store;
