@@ -882,7 +882,9 @@ impl Connection {
         let Some(att) = &self.attachment else { return };
         let session = att.session.clone();
         let mut entries: Vec<(u16, OutgoingEntry)> = {
-            let st = session.state.lock();
+            let Ok(st) = session.lock_attached(att.epoch) else {
+                return;
+            };
             st.outgoing.iter().map(|(id, e)| (*id, e.clone())).collect()
         };
         entries.sort_by_key(|(_, e)| e.seq);
@@ -945,12 +947,10 @@ impl Connection {
         let mut batch: Vec<(Delivery, Option<PacketId>)> = Vec::new();
         let mut resends = Vec::new();
         let relieved = {
-            let mut st = session.state.lock();
-            if st.epoch != epoch {
-                drop(st);
+            let Ok(mut st) = session.lock_attached(epoch) else {
                 self.taken_over();
                 return false;
-            }
+            };
             if let Some(code) = st.kick.take() {
                 drop(st);
                 self.close(CloseReason::Kicked, Some(code), now);
@@ -1215,10 +1215,7 @@ impl Connection {
         if p.qos == QoS::ExactlyOnce {
             let pid = pid.ok_or(Violation::Code(ReasonCode::PROTOCOL_ERROR))?;
             let (session, epoch) = (att.session.clone(), att.epoch);
-            let mut st = session.state.lock();
-            if st.epoch != epoch {
-                return Err(Violation::TakenOver);
-            }
+            let mut st = session.lock_attached(epoch)?;
             match st.incoming_qos2.get(&pid.get()) {
                 Some(first) if !matches!(first.result(), Some(Err(_))) => {
                     let first = first.clone();
@@ -1282,11 +1279,10 @@ impl Connection {
             recorded = routed.store;
             commit = Some(routed.commit);
         }
-        if let Some((session, epoch, id)) = record_qos2 {
-            let mut st = session.state.lock();
-            if st.epoch == epoch {
-                st.incoming_qos2.insert(id, recorded);
-            }
+        if let Some((session, epoch, id)) = record_qos2
+            && let Ok(mut st) = session.lock_attached(epoch)
+        {
+            st.incoming_qos2.insert(id, recorded);
         }
         let ack = |pid| PubResponse {
             packet_id: pid,
@@ -1305,10 +1301,7 @@ impl Connection {
     fn handle_pubrel(&mut self, r: PubResponse) -> Result<(), Violation> {
         let att = self.attachment()?;
         let existed = {
-            let mut st = att.session.state.lock();
-            if st.epoch != att.epoch {
-                return Err(Violation::TakenOver);
-            }
+            let mut st = att.session.lock_attached(att.epoch)?;
             st.incoming_qos2.remove(&r.packet_id.get()).is_some()
         };
         if existed && att.session.is_durable() {
@@ -1334,10 +1327,7 @@ impl Connection {
 
     fn handle_puback(&mut self, r: PubResponse) -> Result<(), Violation> {
         let att = self.attachment()?;
-        let mut st = att.session.state.lock();
-        if st.epoch != att.epoch {
-            return Err(Violation::TakenOver);
-        }
+        let mut st = att.session.lock_attached(att.epoch)?;
         let id = r.packet_id.get();
         if matches!(st.outgoing.get(&id), Some(OutgoingEntry { state: Outgoing::Publish(d), .. }) if d.qos == QoS::AtLeastOnce)
             && let Some(OutgoingEntry {
@@ -1357,10 +1347,7 @@ impl Connection {
         let id = r.packet_id.get();
         let mut released = None;
         let known = {
-            let mut st = att.session.state.lock();
-            if st.epoch != att.epoch {
-                return Err(Violation::TakenOver);
-            }
+            let mut st = att.session.lock_attached(att.epoch)?;
             match st.outgoing.get_mut(&id) {
                 Some(e) if matches!(&e.state, Outgoing::Publish(d) if d.qos == QoS::ExactlyOnce) => {
                     self.broker.stats().messages_inflight.fetch_sub(1, Relaxed);
@@ -1407,10 +1394,7 @@ impl Connection {
 
     fn handle_pubcomp(&mut self, r: PubResponse) -> Result<(), Violation> {
         let att = self.attachment()?;
-        let mut st = att.session.state.lock();
-        if st.epoch != att.epoch {
-            return Err(Violation::TakenOver);
-        }
+        let mut st = att.session.lock_attached(att.epoch)?;
         let id = r.packet_id.get();
         if let Some(OutgoingEntry {
             state: Outgoing::Released(durable),
@@ -1438,7 +1422,11 @@ impl Connection {
 
     fn complete_outgoing(&mut self, id: u16) {
         let Some(att) = &self.attachment else { return };
-        let removed = att.session.state.lock().outgoing.remove(&id);
+        let removed = att
+            .session
+            .lock_attached(att.epoch)
+            .ok()
+            .and_then(|mut st| st.outgoing.remove(&id));
         if let Some(entry) = removed {
             let durable = match entry.state {
                 Outgoing::Publish(d) => {
@@ -1573,10 +1561,7 @@ impl Connection {
         self.out.clear();
         self.pending = None;
         // A session discarded by an administrator says so rather than "taken over".
-        let kicked = self
-            .attachment
-            .as_ref()
-            .and_then(|a| a.session.state.lock().kick.take());
+        let kicked = self.attachment.as_ref().and_then(|a| a.session.take_kick());
         if self.version.is_v5() {
             let mut disconnect =
                 Disconnect::with_code(kicked.unwrap_or(ReasonCode::SESSION_TAKEN_OVER));
@@ -1610,6 +1595,12 @@ struct Pending {
 enum Violation {
     Code(ReasonCode),
     TakenOver,
+}
+
+impl From<TakenOver> for Violation {
+    fn from(TakenOver: TakenOver) -> Self {
+        Violation::TakenOver
+    }
 }
 
 #[cfg(test)]

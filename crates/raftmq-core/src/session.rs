@@ -6,13 +6,16 @@
 //! drain the queue and to record acknowledgements.
 //!
 //! **Fencing.** Each attach increments the session's `epoch`. A connection holds the epoch it
-//! attached with and every operation it makes is checked against the current one, so a
-//! connection whose session was taken over can no longer deliver or acknowledge anything.
+//! attached with and reaches the session's state only through [`Session::lock_attached`],
+//! which refuses once the epoch moved on: a connection whose session was taken over can no
+//! longer deliver or acknowledge anything, and no code outside the broker can forget the check
+//! (the unchecked [`Session::lock_unfenced`] needs a token only the broker can make).
 
+use crate::broker::{TakenOver, Unfenced};
 use crate::config::OverflowPolicy;
 use crate::message::Delivery;
 use crate::stats::{BrokerStats, DropReason};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use raftmq_codec::{ByteStr, PacketId, QoS, SubscriptionOptions};
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -169,8 +172,13 @@ pub struct Session {
     /// Mirrors `SessionState::congestion.is_some()` (lock-free, for picking a shared
     /// subscription's member; may be momentarily stale).
     crowded: AtomicBool,
-    pub(crate) state: Mutex<SessionState>,
+    /// Reached through [`Session::lock_attached`] (a connection) or
+    /// [`Session::lock_unfenced`] (the broker).
+    state: Mutex<SessionState>,
 }
+
+/// A session's state, locked.
+pub(crate) type SessionGuard<'a> = MutexGuard<'a, SessionState>;
 
 impl PartialEq for Session {
     fn eq(&self, other: &Self) -> bool {
@@ -273,6 +281,31 @@ impl Session {
         }
     }
 
+    /// Locks the state on behalf of the connection attached with `epoch`: refused with
+    /// [`TakenOver`] once another attach, a takeover, a fence or an unload has moved the epoch
+    /// on. Every operation a connection makes on its session goes through here.
+    pub(crate) fn lock_attached(&self, epoch: u64) -> Result<SessionGuard<'_>, TakenOver> {
+        let st = self.state.lock();
+        if st.epoch == epoch {
+            Ok(st)
+        } else {
+            Err(TakenOver)
+        }
+    }
+
+    /// Locks the state whatever its epoch, for the broker's own work on the registry
+    /// (attaching, takeover, fencing, adoption, listings), which decides epochs itself.
+    pub(crate) fn lock_unfenced(&self, _broker: Unfenced) -> SessionGuard<'_> {
+        self.state.lock()
+    }
+
+    /// The reason code an administrator or a fence left for the connection that was attached
+    /// (it closes with it instead of Session Taken Over), taken once. Read after the epoch
+    /// moved on, by the connection that lost the session.
+    pub(crate) fn take_kick(&self) -> Option<raftmq_codec::ReasonCode> {
+        self.state.lock().kick.take()
+    }
+
     /// The session's client identifier.
     pub fn client_id(&self) -> &ByteStr {
         &self.client_id
@@ -305,8 +338,7 @@ impl Session {
 
     /// Records the CONNECT details of the connection attached with `epoch`.
     pub fn set_connection_info(&self, epoch: u64, info: ConnectionInfo) {
-        let mut st = self.state.lock();
-        if st.epoch == epoch {
+        if let Ok(mut st) = self.lock_attached(epoch) {
             st.connection = Some(info);
         }
     }

@@ -2,7 +2,7 @@
 //! as plain data: listings of clients, subscriptions and retained messages, kicking a client,
 //! clearing a retained message. Nothing here is on the hot path; listings copy what they show.
 
-use super::Broker;
+use super::{Broker, UNFENCED};
 use crate::durability::{Commit, StateChange};
 use crate::message::Message;
 use crate::session::{ConnectionInfo, Session};
@@ -60,7 +60,7 @@ pub enum Kicked {
 }
 
 fn summary(session: &Session) -> ClientSummary {
-    let st = session.state.lock();
+    let st = session.lock_unfenced(UNFENCED);
     ClientSummary {
         client_id: session.client_id().to_string(),
         connected: st.online,
@@ -201,7 +201,7 @@ impl Broker {
             return Kicked::NotFound;
         };
         let online = {
-            let mut st = session.state.lock();
+            let mut st = session.lock_unfenced(UNFENCED);
             if st.online {
                 st.kick = Some(code);
                 Session::notify(&mut st);

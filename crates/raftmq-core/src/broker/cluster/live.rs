@@ -43,7 +43,7 @@ pub(super) enum Copy {
 }
 
 #[derive(Default)]
-pub(super) struct LiveStored {
+pub(in crate::broker) struct LiveStored {
     inner: parking_lot::Mutex<Inner>,
     /// Marks held (read without the lock on the proposal path).
     len: AtomicUsize,
@@ -120,7 +120,7 @@ impl LiveStored {
 
     /// Takes out of `changes` those naming a message delivered live whose replicated copy has
     /// not been applied yet; they are proposed after it.
-    pub(super) fn hold_back(&self, changes: &mut Vec<StateChange>) {
+    pub(in crate::broker) fn hold_back(&self, changes: &mut Vec<StateChange>) {
         if self.len.load(Relaxed) == 0 {
             return;
         }

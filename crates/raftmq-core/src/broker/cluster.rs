@@ -1,0 +1,40 @@
+//! What a node of a cluster adds to the broker. A newcomer can skip this module to learn the
+//! single-node broker: on a single node every table here stays empty and no forwarder is set.
+//!
+//! - `forwarding` — live forwarding: the filters this node announces to its peers and those
+//!   they announce (`Routes`), sending a publish to peers with matching subscribers
+//!   ([`Forwarder`]), delivering what peers forward, and claims of client ids whose sessions
+//!   are not stored;
+//! - `mirror` — the replicated state as this node sees it: the persistent subscriptions of
+//!   sessions held by other nodes (QoS 1/2 messages published here are stored for them),
+//!   changes other nodes committed (the applied-change feed), and sessions adopted from a dead
+//!   node or fenced when this node lost touch;
+//! - `live` — a stored QoS 1 message that arrives both forwarded and through the log is
+//!   queued once.
+
+pub(super) mod forwarding;
+mod live;
+mod mirror;
+
+pub use forwarding::{CLAIM_CLOCK_TOLERANCE, Forwarder, Redirect};
+
+/// The cluster's part of the broker's state.
+pub(super) struct ClusterState {
+    /// Subscriptions of persistent sessions owned by other nodes (mirrored from the replicated
+    /// log): QoS 1/2 messages published here are stored for them before the PUBACK.
+    pub(super) remote: mirror::RemoteSubscriptions,
+    /// This node's announced filters and the peers' (live forwarding).
+    pub(super) routes: forwarding::Routes,
+    /// Stored QoS 1 messages delivered live to sessions here before their commit.
+    pub(super) live: live::LiveStored,
+}
+
+impl ClusterState {
+    pub(super) fn new(index_shards: usize) -> Self {
+        ClusterState {
+            remote: mirror::RemoteSubscriptions::new(index_shards),
+            routes: forwarding::Routes::new(index_shards),
+            live: live::LiveStored::default(),
+        }
+    }
+}

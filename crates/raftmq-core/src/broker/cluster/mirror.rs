@@ -1,0 +1,396 @@
+//! Mirroring of the replicated state: the persistent subscriptions of sessions held by other
+//! nodes (messages published here are stored for them), changes other nodes committed
+//! (the applied-change feed), and sessions taken from or given to other nodes.
+
+use super::live;
+use crate::broker::routing::{Pass, merge_overlapping};
+use crate::broker::*;
+use crate::durability::{MessageId, SessionImage, StateChange, StoredTarget};
+use crate::index::Match;
+use crate::index::SubscriptionIndex;
+use crate::message::{Delivery, Message};
+use crate::session::{PendingWill, Session, SubEntry};
+use crate::topic::{TopicLimits, parse_subscription};
+use ahash::HashMap;
+use parking_lot::Mutex;
+use raftmq_codec::{ByteStr, QoS, ReasonCode};
+use smallvec::SmallVec;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+/// Plain (non-shared) subscriptions of persistent sessions owned by other nodes, by client id.
+pub(in crate::broker) struct RemoteSubscriptions {
+    index: SubscriptionIndex<ByteStr, SubEntry>,
+    by_client: Mutex<HashMap<ByteStr, Vec<crate::topic::TopicFilter>>>,
+}
+
+impl RemoteSubscriptions {
+    pub(in crate::broker) fn new(shards: usize) -> Self {
+        RemoteSubscriptions {
+            index: SubscriptionIndex::new(shards),
+            by_client: Mutex::new(HashMap::default()),
+        }
+    }
+
+    /// Records `client_id`'s subscription to `filter` (as subscribed). Shared subscriptions
+    /// are not mirrored (see docs/cluster.md).
+    pub(in crate::broker) fn add(
+        &self,
+        client_id: &ByteStr,
+        filter: &str,
+        entry: SubEntry,
+        limits: &TopicLimits,
+    ) {
+        let Ok(parsed) = parse_subscription(filter, limits) else {
+            return;
+        };
+        if parsed.share_group.is_some() {
+            return;
+        }
+        let previous = self
+            .index
+            .subscribe(&parsed.filter, None, client_id.clone(), entry);
+        if previous.is_none() {
+            self.by_client
+                .lock()
+                .entry(client_id.clone())
+                .or_default()
+                .push(parsed.filter);
+        }
+    }
+
+    pub(in crate::broker) fn remove(
+        &self,
+        client_id: &ByteStr,
+        filter: &str,
+        limits: &TopicLimits,
+    ) {
+        let Ok(parsed) = parse_subscription(filter, limits) else {
+            return;
+        };
+        if parsed.share_group.is_some() {
+            return;
+        }
+        self.index.unsubscribe(&parsed.filter, None, client_id);
+        let mut by_client = self.by_client.lock();
+        if let Some(filters) = by_client.get_mut(client_id) {
+            filters.retain(|f| f.as_str() != parsed.filter.as_str());
+            if filters.is_empty() {
+                by_client.remove(client_id);
+            }
+        }
+    }
+
+    /// Forgets every subscription of `client_id`.
+    pub(in crate::broker) fn clear(&self, client_id: &ByteStr) {
+        let Some(filters) = self.by_client.lock().remove(client_id) else {
+            return;
+        };
+        for filter in filters {
+            self.index.unsubscribe(&filter, None, client_id);
+        }
+    }
+}
+
+impl Broker {
+    /// Adds to `stored` a target for every persistent session owned by another node that
+    /// subscribes to the topic of QoS 1/2 `message` (overlapping subscriptions merged: one
+    /// target). Sessions in `local` (served by this pass from the local index) are skipped.
+    /// Returns how many targets it added.
+    pub(in crate::broker) fn store_for_remote(
+        &self,
+        message: &Arc<Message>,
+        local: &[(Arc<Session>, SubEntry, bool)],
+        stored: &mut Option<(MessageId, Vec<StoredTarget>)>,
+        pass: &mut Pass,
+    ) -> usize {
+        if message.qos == QoS::AtMostOnce || self.cluster.remote.index.is_empty() {
+            return 0;
+        }
+        let origin = message.origin.as_ref();
+        let mut matches: SmallVec<[(ByteStr, SubEntry, bool); 4]> = SmallVec::new();
+        self.cluster
+            .remote
+            .index
+            .for_each_match(&message.topic, |m| {
+                if let Match::Plain { key, value, .. } = m
+                    && !(value.options.no_local && origin == Some(key))
+                {
+                    matches.push((key.clone(), *value, false));
+                }
+            });
+        matches.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let mut count = 0;
+        merge_overlapping(
+            message,
+            &matches,
+            |a, b| a == b,
+            |client_id, merged| {
+                // A session this pass already serves through the local index is not stored twice
+                // (a session being loaded here is in neither index for a moment: its remote
+                // entries stay until the load, see `finish_attach`).
+                let served_here = local.iter().any(|(s, _, _)| s.client_id() == client_id);
+                if merged.qos == QoS::AtMostOnce || served_here {
+                    return;
+                }
+                let (id, targets) =
+                    stored.get_or_insert_with(|| (self.durability.next_message_id(), Vec::new()));
+                // A session being loaded here right now: the replicated log will not queue this
+                // node's own batch for it, and its load may have been read before the commit;
+                // queue it once committed (the load skips ids already queued).
+                if let Some(session) = self.sessions.lock().get(client_id).cloned()
+                    && session.is_durable()
+                {
+                    pass.deferred.push((
+                        session,
+                        Delivery {
+                            qos: merged.qos,
+                            retain: merged.retain,
+                            subscription_ids: merged.subscription_ids.clone(),
+                            message: message.clone(),
+                            durable: Some(*id),
+                        },
+                    ));
+                }
+                targets.push(StoredTarget {
+                    client_id: client_id.clone(),
+                    qos: merged.qos,
+                    retain: merged.retain,
+                    subscription_ids: merged.subscription_ids,
+                });
+                count += 1;
+            },
+        );
+        count
+    }
+
+    /// Adopts persistent sessions whose node was declared down (`StateChange::NodeDown`
+    /// committed through this node): they come back here offline, as after a restart, and
+    /// their wills and expiry run here. Sessions already in memory are left alone. Returns how
+    /// many were adopted.
+    pub fn adopt_sessions(&self, sessions: Vec<SessionImage>, now: Instant) -> usize {
+        let mut adopted = 0;
+        // One registry lock for the check and the insert: a client connecting meanwhile keeps
+        // its live session (it waits, then resumes the adopted one).
+        let mut registry = self.sessions.lock();
+        for image in sessions {
+            if registry.contains_key(&image.client_id) {
+                continue;
+            }
+            let client_id = image.client_id.clone();
+            self.restore_offline(&mut registry, image, now);
+            self.cluster.remote.clear(&client_id);
+            adopted += 1;
+        }
+        adopted
+    }
+
+    /// Mirrors changes that another node committed (the applied-change feed of a cluster, in
+    /// log order): retained messages set or cleared anywhere are served here; a session claimed
+    /// by another node's connection is fenced here (its connection closes with Session Taken
+    /// Over) and forgotten, as its new owner holds it; a session ended elsewhere is forgotten
+    /// if no connection holds it here. Changes this node proposed itself must not be passed.
+    ///
+    /// Persistent subscriptions of sessions owned elsewhere are mirrored too, so QoS 1/2
+    /// messages published here are stored for them; and a stored message committed through
+    /// another node for a session owned here is queued for it. `index` is the log index of the
+    /// batch.
+    pub fn apply_replicated(&self, index: u64, changes: &[StateChange], now: Instant) {
+        for change in changes {
+            match change {
+                StateChange::RetainedSet { message } => {
+                    self.store_retained(message);
+                }
+                StateChange::RetainedCleared { topic } => {
+                    self.remove_retained(topic);
+                }
+                StateChange::SessionOpened {
+                    client_id,
+                    clean_start,
+                    ..
+                } => {
+                    if *clean_start {
+                        self.cluster.remote.clear(client_id);
+                    }
+                    if let Some(will) = self.forget_session(client_id, true, !*clean_start) {
+                        self.publish_will(will, now);
+                    }
+                }
+                StateChange::SessionEnded { client_id } => {
+                    self.cluster.remote.clear(client_id);
+                    self.forget_session(client_id, false, false);
+                }
+                StateChange::Subscribed {
+                    client_id,
+                    filter,
+                    entry,
+                } if !self.owns(client_id) => {
+                    self.cluster
+                        .remote
+                        .add(client_id, filter, *entry, &self.topic_limits);
+                }
+                StateChange::Unsubscribed { client_id, filter } => {
+                    self.cluster
+                        .remote
+                        .remove(client_id, filter, &self.topic_limits);
+                }
+                StateChange::MessageStored {
+                    id,
+                    message,
+                    targets,
+                } => self.queue_replicated(index, *id, message, targets),
+                StateChange::NodeDown { node } if *node != self.node_id => {
+                    // Its routes are stale until it comes back and announces them again.
+                    self.forget_peer(*node);
+                }
+                StateChange::NodeDown { .. } => {
+                    // This node was declared down (it was cut off, its sessions were adopted
+                    // elsewhere): it can no longer prove it owns any persistent session.
+                    self.fence_durable_sessions(None);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Lets go of every persistent session held here, because this node can no longer prove
+    /// it owns them (it was declared down, or it has been out of touch with a quorum long
+    /// enough that the cluster may declare it down and adopt them). Connected clients are
+    /// disconnected with `code` (MQTT 5; with a Server Reference for 0x9C Use another server;
+    /// `None`: 0x8E Session taken over); no will is published here (the adopting node publishes it), and the sessions'
+    /// subscriptions are kept as those of sessions held elsewhere. Returns how many.
+    pub fn fence_durable_sessions(&self, code: Option<ReasonCode>) -> usize {
+        let durable: Vec<Arc<Session>> = self
+            .sessions
+            .lock()
+            .values()
+            .filter(|s| s.is_durable())
+            .cloned()
+            .collect();
+        let mut fenced = 0;
+        for session in durable {
+            {
+                let mut st = session.lock_unfenced(UNFENCED);
+                if st.online && st.kick.is_none() {
+                    st.kick = code;
+                }
+                // Its will belongs to whichever node adopts the session.
+                st.will = None;
+            }
+            drop(self.forget_session(session.client_id(), true, true));
+            fenced += 1;
+        }
+        fenced
+    }
+
+    /// Whether the session of `client_id` lives on this node.
+    pub(in crate::broker) fn owns(&self, client_id: &ByteStr) -> bool {
+        self.sessions.lock().contains_key(client_id)
+    }
+
+    /// Queues a message stored through another node for the targets that are sessions of this
+    /// node (unless it came with the session's load).
+    pub(in crate::broker) fn queue_replicated(
+        &self,
+        index: u64,
+        id: MessageId,
+        message: &Arc<Message>,
+        targets: &[StoredTarget],
+    ) {
+        let mut release = Vec::new();
+        for target in targets {
+            let session = self.sessions.lock().get(&target.client_id).cloned();
+            let here = session.filter(|s| s.is_durable());
+            // A QoS 1 copy forwarded live by the publishing node may have been delivered
+            // already (or may still come, for a connected session). Batches replicated here
+            // were all proposed by other nodes.
+            let expect_forward =
+                target.qos == QoS::AtLeastOnce && here.as_ref().is_some_and(|s| s.is_online());
+            let (copy, held) = self
+                .cluster
+                .live
+                .replicated(id, &target.client_id, expect_forward);
+            release.extend(held);
+            let Some(session) = here else { continue };
+            if copy == live::Copy::Skip || session.lock_unfenced(UNFENCED).replicated_upto >= index
+            {
+                continue;
+            }
+            let delivery = Delivery {
+                qos: target.qos,
+                retain: target.retain,
+                subscription_ids: target.subscription_ids.iter().copied().collect(),
+                message: message.clone(),
+                durable: Some(id),
+            };
+            session.enqueue(delivery, &self.queue_limits, &self.stats);
+        }
+        drop(self.propose(release));
+    }
+
+    /// Replaces the mirrored subscriptions of sessions owned by other nodes (after the durable
+    /// state was replaced wholesale, e.g. a Raft snapshot installed on a lagging node).
+    pub fn replace_remote_subscriptions(&self, subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>) {
+        let clients: Vec<ByteStr> = self
+            .cluster
+            .remote
+            .by_client
+            .lock()
+            .keys()
+            .cloned()
+            .collect();
+        for client_id in clients {
+            self.cluster.remote.clear(&client_id);
+        }
+        for (client_id, filter, entry) in subscriptions {
+            if !self.owns(&client_id) {
+                self.cluster
+                    .remote
+                    .add(&client_id, &filter, entry, &self.topic_limits);
+            }
+        }
+    }
+
+    /// Drops the in-memory session of `client_id` without recording anything (its durable
+    /// state now belongs to another node). With `fence`, a connection attached to it is told
+    /// it was taken over; without, an attached session is kept.
+    /// With `keep_subscriptions`, its persistent subscriptions are mirrored as remote ones.
+    ///
+    /// Returns the will of a fenced connection that is due now, as on a local takeover: when
+    /// it has no delay, or the new connection started clean (MQTT 5 §3.1.2.5, §3.1.3.2.2).
+    pub(in crate::broker) fn forget_session(
+        &self,
+        client_id: &ByteStr,
+        fence: bool,
+        keep_subscriptions: bool,
+    ) -> Option<PendingWill> {
+        let mut registry = self.sessions.lock();
+        let session = registry.get(client_id).cloned()?;
+        let mut st = session.lock_unfenced(UNFENCED);
+        if st.online {
+            if !fence {
+                return None;
+            }
+            self.stats.takeovers.fetch_add(1, Relaxed);
+        }
+        // The session lives on elsewhere: its persistent subscriptions now belong to a remote
+        // owner (a clean start there ends them, and its SessionOpened clears them again).
+        if keep_subscriptions && session.is_durable() {
+            for (key, rec) in &st.subscriptions {
+                self.cluster
+                    .remote
+                    .add(client_id, key, rec.entry, &self.topic_limits);
+            }
+        }
+        // A will still pending here (connected, or waiting for its delay) is this node's to
+        // publish if due now; otherwise the new connection cancels it.
+        let will = st
+            .will
+            .take()
+            .filter(|w| fence && (w.delay_secs == 0 || !keep_subscriptions));
+        session.set_durable(false);
+        self.unload_locked(&mut registry, &session, st);
+        will
+    }
+}

@@ -1,0 +1,171 @@
+//! Sessions brought back from durable storage: at start-up, and when a client resumes a
+//! session that is stored but not in memory here.
+
+use crate::broker::*;
+use crate::durability::{Commit, MessageId, Recovered, SessionImage};
+use crate::message::Delivery;
+use crate::session::{Outgoing, OutgoingEntry, Session, SessionState};
+use crate::topic::parse_subscription;
+use ahash::HashMap;
+use raftmq_codec::ByteStr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+impl Broker {
+    /// Rebuilds the broker from its durable storage at start-up: persistent sessions come back
+    /// offline with their subscriptions, queued and in-flight messages (in-flight ones keep
+    /// their packet ids, so they are resent as the protocol requires) and incoming QoS 2 state;
+    /// retained messages come back too. Will and expiry timers restart from `now`. Returns the
+    /// number of sessions recovered.
+    pub fn recover(&self, now: Instant) -> usize {
+        let Recovered {
+            sessions,
+            retained,
+            remote_subscriptions,
+        } = self.durability.recover();
+        for message in retained {
+            self.store_retained(&message);
+        }
+        for (client_id, filter, entry) in remote_subscriptions {
+            self.cluster
+                .remote
+                .add(&client_id, &filter, entry, &self.topic_limits);
+        }
+        let count = sessions.len();
+        let mut registry = self.sessions.lock();
+        for image in sessions {
+            self.restore_offline(&mut registry, image, now);
+        }
+        count
+    }
+
+    /// Puts a stored session back in memory, offline, into `registry` (locked by the caller
+    /// from its check that the client id has no session here, so no connection can attach in
+    /// between), with its will and expiry timers starting at `now`.
+    pub(in crate::broker) fn restore_offline(
+        &self,
+        registry: &mut HashMap<ByteStr, Arc<Session>>,
+        image: SessionImage,
+        now: Instant,
+    ) {
+        let session = Arc::new(Session::new(image.client_id.clone(), image.expiry_secs));
+        session.set_durable(true);
+        let mut st = session.lock_unfenced(UNFENCED);
+        let epoch = self.next_epoch();
+        st.epoch = epoch;
+        st.disconnected_at = Some(now);
+        let will = image.will.clone();
+        let expiry_secs = image.expiry_secs;
+        self.restore_locked(&session, &mut st, image);
+        let will_delay = will.as_ref().map(|w| w.delay_secs);
+        st.will = will;
+        drop(st);
+        let client_id = session.client_id().clone();
+        if registry.insert(client_id.clone(), session).is_none() {
+            self.stats.sessions_total.fetch_add(1, Relaxed);
+        }
+        self.start_disconnected_timers(&client_id, epoch, will_delay, expiry_secs, now);
+    }
+
+    /// Fills `session` (locked as `st`) with the subscriptions, queued and in-flight messages
+    /// and incoming QoS 2 state of `image`. In-flight messages keep their packet ids.
+    pub(in crate::broker) fn restore_locked(
+        &self,
+        session: &Arc<Session>,
+        st: &mut SessionState,
+        image: SessionImage,
+    ) {
+        for (key, entry) in image.subscriptions {
+            let Ok(parsed) = parse_subscription(&key, &self.topic_limits) else {
+                continue;
+            };
+            self.add_subscription(session, st, key, parsed, entry);
+        }
+        // Stored messages the applied-change feed already queued for this session (committed
+        // between its attach here and the load) are not queued twice.
+        let present: std::collections::HashSet<MessageId> = st
+            .queue
+            .iter()
+            .filter_map(|d| d.durable)
+            .chain(st.outgoing.values().filter_map(|o| match &o.state {
+                Outgoing::Publish(d) => d.durable,
+                Outgoing::Released(id) => *id,
+            }))
+            .collect();
+        for stored in image.messages {
+            if present.contains(&stored.id) {
+                continue;
+            }
+            let delivery = Delivery {
+                qos: stored.target.qos,
+                retain: stored.target.retain,
+                subscription_ids: stored.target.subscription_ids,
+                message: stored.message,
+                durable: Some(stored.id),
+            };
+            match stored
+                .packet_id
+                .filter(|id| *id != 0 && !st.outgoing.contains_key(id))
+            {
+                Some(id) => {
+                    let state = if stored.released {
+                        Outgoing::Released(Some(stored.id))
+                    } else {
+                        self.stats.messages_inflight.fetch_add(1, Relaxed);
+                        Outgoing::Publish(delivery)
+                    };
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
+                    st.outgoing.insert(id, OutgoingEntry { seq, state });
+                    st.next_packet_id = id.checked_add(1).unwrap_or(1);
+                }
+                None => {
+                    self.stats.messages_queued.fetch_add(1, Relaxed);
+                    st.queue.push_back(delivery);
+                }
+            }
+        }
+        st.incoming_qos2.extend(
+            image
+                .incoming_qos2
+                .into_iter()
+                .map(|id| (id, Commit::ready())),
+        );
+    }
+
+    /// Completes an attachment whose session was not in memory ([`Attached::load_after_commit`]):
+    /// once the claim committed, loads the session from the replicated state, if it exists
+    /// there. Returns whether a session was resumed (CONNACK's session present). Does nothing
+    /// if the connection was fenced in the meantime.
+    pub fn finish_attach(&self, session: &Arc<Session>, epoch: u64) -> bool {
+        let Some((image, upto)) = self.durability.load_session(session.client_id()) else {
+            return false;
+        };
+        let Ok(mut st) = session.lock_attached(epoch) else {
+            return false;
+        };
+        st.replicated_upto = upto;
+        // The connection's own will and expiry stay as its CONNECT set them.
+        self.restore_locked(session, &mut st, image);
+        // Its subscriptions are local from now on (removed from the remote index only once
+        // they are in the local one, so no publish in between finds neither).
+        self.cluster.remote.clear(session.client_id());
+        Session::notify(&mut st);
+        true
+    }
+
+    /// Undoes an attachment whose claim could not commit, for a session that was not in memory
+    /// before it ([`Attached::load_after_commit`]): the empty session created for it is
+    /// dropped, so a later connection here loads the stored session instead of resuming an
+    /// empty one. Instead of detaching the connection: nothing is recorded.
+    pub fn abandon_attach(&self, session: &Arc<Session>, epoch: u64) {
+        let mut registry = self.sessions.lock();
+        let Ok(mut st) = session.lock_attached(epoch) else {
+            return;
+        };
+        st.will = None;
+        session.set_durable(false);
+        self.unload_locked(&mut registry, session, st);
+    }
+}
