@@ -1,7 +1,7 @@
 //! Sessions brought back from durable storage: at start-up, and when a client resumes a
 //! session that is stored but not in memory here.
 
-use crate::broker::*;
+use crate::broker::{Broker, UNFENCED};
 use crate::durability::{Commit, MessageId, Recovered, SessionImage};
 use crate::message::Delivery;
 use crate::session::{Outgoing, OutgoingEntry, Session, SessionState};

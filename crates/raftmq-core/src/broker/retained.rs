@@ -1,7 +1,7 @@
 //! The broker's retained messages: storing and clearing them within the limits, and the
 //! deliveries a new subscription gets.
 
-use crate::broker::*;
+use crate::broker::Broker;
 use crate::limits::Limit;
 use crate::message::{Delivery, Message};
 use crate::topic::TopicName;

@@ -2,7 +2,7 @@
 //! index, overlapping subscriptions, shared subscriptions, and queueing after a commit.
 
 use crate::broker::cluster::forwarding::is_share_key;
-use crate::broker::*;
+use crate::broker::{Broker, Routed, UNFENCED};
 use crate::config::SharedStrategy;
 use crate::durability::{Commit, MessageId, StateChange, StoredTarget};
 use crate::index::Match;

@@ -1,7 +1,7 @@
 //! Session lifecycle: attaching a connection (resume, takeover, clean start), detaching it
 //! (wills and expiry), and taking sessions out of this node.
 
-use crate::broker::*;
+use crate::broker::{Attached, Broker, DetachKind, TakenOver, UNFENCED};
 use crate::durability::{Commit, DetachRecord, StateChange};
 use crate::session::{Outgoing, PendingWill, Session, SessionState};
 use ahash::HashMap;

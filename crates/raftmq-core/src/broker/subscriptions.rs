@@ -1,7 +1,7 @@
 //! SUBSCRIBE and UNSUBSCRIBE of one topic filter.
 
 use crate::auth::{Access, Principal};
-use crate::broker::*;
+use crate::broker::{Broker, Subscribed, TakenOver};
 use crate::durability::StateChange;
 use crate::limits::Limit;
 use crate::session::{Session, SessionState, SubEntry, SubscriptionRecord};

@@ -4,7 +4,7 @@
 
 use super::live;
 use crate::broker::routing::Scope;
-use crate::broker::*;
+use crate::broker::{Broker, UNFENCED};
 use crate::durability::{Commit, MessageId};
 use crate::index::Match;
 use crate::index::SubscriptionIndex;

@@ -4,7 +4,7 @@
 
 use super::live;
 use crate::broker::routing::{Pass, merge_overlapping};
-use crate::broker::*;
+use crate::broker::{Broker, UNFENCED};
 use crate::durability::{MessageId, SessionImage, StateChange, StoredTarget};
 use crate::index::Match;
 use crate::index::SubscriptionIndex;

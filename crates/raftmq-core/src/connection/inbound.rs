@@ -1,0 +1,313 @@
+//! Packets from the client after CONNECT: PUBLISH (and the QoS 2 PUBREL), SUBSCRIBE,
+//! UNSUBSCRIBE and DISCONNECT.
+
+use super::{Attachment, CloseReason, Connection, Pause, Violation};
+use crate::auth::Access;
+use crate::broker::{DetachKind, TakenOver};
+use crate::durability::{Commit, StateChange};
+use crate::message::Message;
+use crate::session::SubEntry;
+use crate::topic::TopicName;
+use raftmq_codec::{
+    Disconnect, Packet, PubResponse, Publish, QoS, ReasonCode, ReasonProperties, SubAck, Subscribe,
+    UnsubAck, Unsubscribe,
+};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+impl Connection {
+    pub(super) fn attachment(&self) -> Result<&Attachment, Violation> {
+        self.attachment
+            .as_ref()
+            .ok_or(Violation::Code(ReasonCode::PROTOCOL_ERROR))
+    }
+
+    pub(super) fn handle_publish(&mut self, p: Publish, now: Instant) -> Result<(), Violation> {
+        let cfg = self.broker.config();
+        let v5 = self.version.is_v5();
+        // Per-client rate and bandwidth (token buckets): over the limit closes the connection.
+        if let Some(limits) = &mut self.limits
+            && let Err(exceeded) = limits.check(p.topic.len() + p.payload.len(), now)
+        {
+            self.broker.stats().limit_exceeded(exceeded.limit());
+            return Err(Violation::Code(exceeded.reason_code()));
+        }
+        if p.qos.as_u8() > cfg.max_qos {
+            return Err(Violation::Code(ReasonCode::QOS_NOT_SUPPORTED));
+        }
+        if p.retain && !cfg.retain_available {
+            return Err(Violation::Code(ReasonCode::RETAIN_NOT_SUPPORTED));
+        }
+        if !p.properties.subscription_identifiers.is_empty() {
+            return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR));
+        }
+        // Topic alias (§3.3.2.3.4).
+        let topic = match p.properties.topic_alias {
+            Some(alias) if v5 => {
+                if alias == 0 || alias > cfg.topic_alias_maximum {
+                    return Err(Violation::Code(ReasonCode::TOPIC_ALIAS_INVALID));
+                }
+                if p.topic.is_empty() {
+                    match self.inbound_aliases.as_ref().and_then(|a| a.get(&alias)) {
+                        Some(t) => t.clone(),
+                        None => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
+                    }
+                } else {
+                    self.inbound_aliases
+                        .get_or_insert_default()
+                        .insert(alias, p.topic.clone());
+                    p.topic.clone()
+                }
+            }
+            _ if p.topic.is_empty() => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
+            _ => p.topic.clone(),
+        };
+        let pid = p.packet_id;
+        let topic_ok = TopicName::new(&topic, self.broker.topic_limits()).is_ok();
+        let format_ok = p.properties.payload_format_indicator != Some(true)
+            || std::str::from_utf8(&p.payload).is_ok();
+        let att = self.attachment()?;
+        let allowed = !topic.starts_with("$SYS")
+            && self.broker.authorize(
+                &att.principal,
+                Access::Publish {
+                    topic: &topic,
+                    qos: p.qos,
+                    retain: p.retain,
+                },
+            );
+        let refusal = if !topic_ok {
+            Some(ReasonCode::TOPIC_NAME_INVALID)
+        } else if !format_ok {
+            Some(ReasonCode::PAYLOAD_FORMAT_INVALID)
+        } else if !allowed {
+            self.broker.stats().publish_denied.fetch_add(1, Relaxed);
+            Some(ReasonCode::NOT_AUTHORIZED)
+        } else {
+            None
+        };
+        let stats = self.broker.stats();
+        stats.messages_received[usize::from(p.qos.as_u8())].fetch_add(1, Relaxed);
+        stats
+            .bytes_received
+            .fetch_add(p.payload.len() as u64, Relaxed);
+
+        // QoS 2: a PUBLISH whose packet id is still awaiting PUBREL is a duplicate: not routed
+        // again, just acknowledged again (method B, §4.3.3) once what the first one recorded is
+        // durable. If that failed, nothing was acknowledged: it is routed as new.
+        let mut record_qos2 = None;
+        if p.qos == QoS::ExactlyOnce {
+            let pid = pid.ok_or(Violation::Code(ReasonCode::PROTOCOL_ERROR))?;
+            let (session, epoch) = (att.session.clone(), att.epoch);
+            let mut st = session.lock_attached(epoch)?;
+            match st.incoming_qos2.get(&pid.get()) {
+                Some(first) if !matches!(first.result(), Some(Err(_))) => {
+                    let first = first.clone();
+                    drop(st);
+                    self.emit(Packet::PubRec(PubResponse::success(pid)), Some(first));
+                    return Ok(());
+                }
+                Some(_) => {
+                    st.incoming_qos2.remove(&pid.get());
+                }
+                None => {}
+            }
+            if refusal.is_none() || !v5 {
+                if st.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
+                    return Err(Violation::Code(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED));
+                }
+                // Recorded below with the commit of what routing it records (a refused message
+                // records nothing: ready).
+                record_qos2 = Some((session.clone(), epoch, pid.get()));
+            }
+        }
+        let mut reason = ReasonCode::SUCCESS;
+        let mut commit = None;
+        let mut recorded = Commit::ready();
+        if let Some(code) = refusal {
+            reason = code;
+        } else {
+            let mut properties = p.properties;
+            let expiry = properties.message_expiry_interval.take();
+            properties.topic_alias = None;
+            let message = Message {
+                topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                properties,
+                expires_at: expiry.map(|s| now + Duration::from_secs(s.into())),
+                received_at: now,
+                origin: Some(att.client_id.clone()),
+            };
+            let incoming_qos2 = pid
+                .filter(|_| p.qos == QoS::ExactlyOnce)
+                .map(|pid| (&*att.session, pid.get()));
+            let routed = self.broker.route(Arc::new(message), incoming_qos2, now);
+            if routed.offered == 0 {
+                reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+            }
+            // Only reported with backpressure on (a non-zero pause). A client with messages
+            // in flight is not paused (see `poll_room`).
+            if let Some((session, episode)) = routed.congested
+                && self.paused.is_none()
+                && !att.session.awaits_acknowledgements()
+            {
+                self.broker.stats().publishers_paused.fetch_add(1, Relaxed);
+                self.paused = Some(Box::new(Pause {
+                    session,
+                    episode,
+                    until: now + cfg.backpressure_max_pause.0,
+                }));
+            }
+            recorded = routed.store;
+            commit = Some(routed.commit);
+        }
+        if let Some((session, epoch, id)) = record_qos2
+            && let Ok(mut st) = session.lock_attached(epoch)
+        {
+            st.incoming_qos2.insert(id, recorded);
+        }
+        let ack = |pid| PubResponse {
+            packet_id: pid,
+            reason_code: if v5 { reason } else { ReasonCode::SUCCESS },
+            properties: ReasonProperties::default(),
+        };
+        match (p.qos, pid) {
+            (QoS::AtMostOnce, _) => {}
+            (QoS::AtLeastOnce, Some(pid)) => self.emit(Packet::PubAck(ack(pid)), commit),
+            (QoS::ExactlyOnce, Some(pid)) => self.emit(Packet::PubRec(ack(pid)), commit),
+            (_, None) => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
+        }
+        Ok(())
+    }
+
+    pub(super) fn handle_pubrel(&mut self, r: PubResponse) -> Result<(), Violation> {
+        let att = self.attachment()?;
+        let existed = {
+            let mut st = att.session.lock_attached(att.epoch)?;
+            st.incoming_qos2.remove(&r.packet_id.get()).is_some()
+        };
+        if existed && att.session.is_durable() {
+            self.broker
+                .propose(vec![StateChange::IncomingQos2Completed {
+                    client_id: att.client_id.clone(),
+                    packet_id: r.packet_id.get(),
+                }]);
+        }
+        let reason = if existed || !self.version.is_v5() {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        let comp = Packet::PubComp(PubResponse {
+            packet_id: r.packet_id,
+            reason_code: reason,
+            properties: ReasonProperties::default(),
+        });
+        self.emit(comp, None);
+        Ok(())
+    }
+
+    pub(super) fn handle_subscribe(&mut self, s: Subscribe, now: Instant) -> Result<(), Violation> {
+        let cfg = self.broker.config();
+        let v5 = self.version.is_v5();
+        let sub_id = s.properties.subscription_identifier;
+        if sub_id.is_some() && !cfg.subscription_identifiers {
+            return Err(Violation::Code(
+                ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
+            ));
+        }
+        let att = self.attachment()?;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut changes = Vec::new();
+        for f in &s.filters {
+            // No Local on a shared subscription is a Protocol Error (§3.8.3.1).
+            if v5 && f.options.no_local && f.filter.starts_with("$share/") {
+                return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR));
+            }
+            let subscribed = self
+                .broker
+                .subscribe(
+                    &att.session,
+                    att.epoch,
+                    &att.principal,
+                    &f.filter,
+                    SubEntry {
+                        options: f.options,
+                        subscription_id: sub_id,
+                    },
+                    now,
+                )
+                .map_err(|TakenOver| Violation::TakenOver)?;
+            codes.push(subscribed.code);
+            changes.extend(subscribed.change);
+        }
+        let commit = self.broker.propose(changes);
+        let ack = Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            properties: ReasonProperties::default(),
+            reason_codes: codes,
+        });
+        self.emit(ack, Some(commit));
+        Ok(())
+    }
+
+    pub(super) fn handle_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Violation> {
+        let att = self.attachment()?;
+        let mut codes = Vec::with_capacity(u.filters.len());
+        let mut changes = Vec::new();
+        for f in &u.filters {
+            let (existed, change) = self
+                .broker
+                .unsubscribe(&att.session, att.epoch, f)
+                .map_err(|TakenOver| Violation::TakenOver)?;
+            changes.extend(change);
+            codes.push(if existed {
+                ReasonCode::SUCCESS
+            } else {
+                ReasonCode::NO_SUBSCRIPTION_EXISTED
+            });
+        }
+        let commit = self.broker.propose(changes);
+        let ack = Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            properties: ReasonProperties::default(),
+            reason_codes: codes,
+        });
+        self.emit(ack, Some(commit));
+        Ok(())
+    }
+
+    pub(super) fn handle_disconnect(&mut self, d: Disconnect, now: Instant) {
+        if let Some(secs) = d.properties.session_expiry_interval {
+            // Raising the expiry from 0 at DISCONNECT is a Protocol Error (§3.14.2.2.2).
+            if self.connect_expiry == 0 && secs != 0 {
+                return self.close(
+                    CloseReason::ProtocolViolation(ReasonCode::PROTOCOL_ERROR),
+                    Some(ReasonCode::PROTOCOL_ERROR),
+                    now,
+                );
+            }
+            let secs = self.cap_session_expiry(secs);
+            if let Some(att) = &self.attachment
+                && self
+                    .broker
+                    .set_session_expiry(&att.session, att.epoch, secs)
+                    .is_err()
+            {
+                return self.taken_over();
+            }
+        }
+        let kind = if d.reason_code == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE {
+            DetachKind::WithWill
+        } else if d.reason_code == ReasonCode::NORMAL_DISCONNECTION {
+            DetachKind::Normal
+        } else {
+            DetachKind::Abnormal
+        };
+        self.closed = Some(CloseReason::ClientDisconnect);
+        self.detach(kind, now);
+    }
+}
