@@ -34,6 +34,49 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// one more closes the connection.
 pub const MAX_PACKETS_BEFORE_AUTH: usize = 256;
 
+/// Removes the properties a server may leave out of a packet that is too large for the client
+/// (MQTT 5 §3.1.2.11.4): Reason String and User Properties.
+fn strip_diagnostics(packet: &mut Packet) {
+    fn strip(reason: &mut Option<ByteStr>, user: &mut raftmq_codec::UserProperties) {
+        *reason = None;
+        user.clear();
+    }
+    match packet {
+        Packet::ConnAck(p) => strip(
+            &mut p.properties.reason_string,
+            &mut p.properties.user_properties,
+        ),
+        Packet::PubAck(p) | Packet::PubRec(p) | Packet::PubRel(p) | Packet::PubComp(p) => strip(
+            &mut p.properties.reason_string,
+            &mut p.properties.user_properties,
+        ),
+        Packet::SubAck(p) => strip(
+            &mut p.properties.reason_string,
+            &mut p.properties.user_properties,
+        ),
+        Packet::UnsubAck(p) => strip(
+            &mut p.properties.reason_string,
+            &mut p.properties.user_properties,
+        ),
+        Packet::Disconnect(p) => strip(
+            &mut p.properties.reason_string,
+            &mut p.properties.user_properties,
+        ),
+        Packet::Auth(p) => strip(
+            &mut p.properties.reason_string,
+            &mut p.properties.user_properties,
+        ),
+        // A PUBLISH that does not fit was never queued (its user properties are the
+        // publisher's, forwarded unaltered).
+        Packet::Publish(_)
+        | Packet::Connect(_)
+        | Packet::Subscribe(_)
+        | Packet::Unsubscribe(_)
+        | Packet::PingReq
+        | Packet::PingResp => {}
+    }
+}
+
 /// Queues of packets up to this many slots are freed once empty: an idle connection keeps no
 /// allocation for the CONNACK or PINGRESP it sent (a slot is a whole `Packet`, a few hundred
 /// bytes), while a queue that grew under load is kept for the next burst.
@@ -269,12 +312,32 @@ impl Connection {
     }
 
     /// The next packet to send.
+    ///
+    /// Nothing larger than the client's Maximum Packet Size leaves ([MQTT-3.1.2-24]): a packet
+    /// that is too large loses its Reason String and User Properties (MQTT 5 §3.1.2.11.4), and
+    /// if it still does not fit, the connection closes without it or anything after it.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
-        let packet = self.out.pop_front();
-        if packet.is_none() {
+        let Some(mut packet) = self.out.pop_front() else {
             release_if_small(&mut self.out);
+            return None;
+        };
+        if self.fits(&packet) {
+            return Some(packet);
         }
-        packet
+        strip_diagnostics(&mut packet);
+        if self.fits(&packet) {
+            return Some(packet);
+        }
+        self.out.clear();
+        self.pending = None;
+        // The time of the last input: this is called between inputs, without a clock.
+        let now = self.last_received;
+        self.close(
+            CloseReason::ProtocolViolation(ReasonCode::PACKET_TOO_LARGE),
+            None,
+            now,
+        );
+        None
     }
 
     /// The commit that the oldest held-back packet waits for; the caller awaits it and then

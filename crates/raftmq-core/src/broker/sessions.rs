@@ -24,6 +24,8 @@ impl Broker {
     ) -> Attached {
         let mut wills_to_publish = Vec::new();
         let mut changes = Vec::new();
+        // The session starts empty: clean start, or the one found ends with its connection.
+        let mut fresh = clean_start;
         let attached = {
             let mut registry = self.sessions.lock();
             let resumed = match registry.get(client_id) {
@@ -36,16 +38,20 @@ impl Broker {
                         existing.set_online(&mut st, false);
                     }
                     // The previous connection's will (still attached, or waiting for its delay):
-                    // due now if it has no delay or if clean start ends its session; otherwise
-                    // cancelled, as the session got a new connection within the delay
-                    // (MQTT 5 §3.1.2.5, §3.1.3.2.2).
-                    if let Some(w) = st.will.take().filter(|w| w.delay_secs == 0 || clean_start) {
+                    // due now if it has no delay; otherwise cancelled, as a new network
+                    // connection for the client id came within the delay ([MQTT-3.1.2-8],
+                    // [MQTT-3.1.3-9]), whether or not it starts clean (docs/conformance.md).
+                    if let Some(w) = st.will.take().filter(|w| w.delay_secs == 0) {
                         wills_to_publish.push(w);
                     }
+                    // A session with expiry 0 ends with its connection, which this attach
+                    // closes: the new connection starts a new session, as with clean start
+                    // ([MQTT-3.1.2-6], [MQTT-3.2.2-2]).
+                    fresh = clean_start || st.expiry_secs == 0;
                     st.epoch = self.next_epoch();
                     st.kick = None;
                     Session::notify(&mut st);
-                    if clean_start {
+                    if fresh {
                         self.discard_locked(existing, &mut st);
                         if was_durable {
                             existing.set_durable(false);
@@ -91,14 +97,14 @@ impl Broker {
                 // A clean start ends the stored session, and with it its subscriptions. Otherwise
                 // they stay remote until the session is loaded here (`finish_attach`): until
                 // then publishes here must still be stored for it.
-                if clean_start {
+                if fresh {
                     self.cluster.remote.clear(client_id);
                 }
                 session.set_durable(true);
                 changes.push(StateChange::SessionOpened {
                     client_id: client_id.clone(),
                     epoch,
-                    clean_start,
+                    clean_start: fresh,
                     expiry_secs,
                     will: will.clone(),
                 });
@@ -110,7 +116,7 @@ impl Broker {
                 epoch,
                 session_present,
                 commit: Commit::ready(),
-                load_after_commit: !session_present && !clean_start,
+                load_after_commit: !session_present && !fresh,
             }
         };
         let attached = Attached {

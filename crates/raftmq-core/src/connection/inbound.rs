@@ -7,7 +7,7 @@ use crate::broker::{DetachKind, TakenOver};
 use crate::durability::{Commit, StateChange};
 use crate::message::Message;
 use crate::session::SubEntry;
-use crate::topic::TopicName;
+use crate::topic::{TopicLimits, TopicName, parse_subscription};
 use raftmq_codec::{
     Disconnect, Packet, PubResponse, Publish, QoS, ReasonCode, ReasonProperties, SubAck, Subscribe,
     UnsubAck, Unsubscribe,
@@ -219,6 +219,12 @@ impl Connection {
                 ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
             ));
         }
+        // A filter that is not well formed (empty, a misplaced wildcard, a shared subscription
+        // without group or filter) makes the whole packet malformed: the connection closes
+        // ([MQTT-4.7.3-1], [MQTT-4.8.2-2], [MQTT-4.13.1-1]; 3.1.1 [MQTT-4.8.0-1]).
+        if s.filters.iter().any(|f| !well_formed(&f.filter)) {
+            return Err(Violation::Code(ReasonCode::MALFORMED_PACKET));
+        }
         let att = self.attachment()?;
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut changes = Vec::new();
@@ -255,6 +261,9 @@ impl Connection {
     }
 
     pub(super) fn handle_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Violation> {
+        if u.filters.iter().any(|f| !well_formed(f)) {
+            return Err(Violation::Code(ReasonCode::MALFORMED_PACKET));
+        }
         let att = self.attachment()?;
         let mut codes = Vec::with_capacity(u.filters.len());
         let mut changes = Vec::new();
@@ -310,4 +319,15 @@ impl Connection {
         self.closed = Some(CloseReason::ClientDisconnect);
         self.detach(kind, now);
     }
+}
+
+/// Whether `filter` is a well-formed topic filter (shared or not), whatever this broker's
+/// length and level limits: a filter over the limits is refused per filter in SUBACK, not a
+/// malformed packet.
+fn well_formed(filter: &str) -> bool {
+    let unlimited = TopicLimits {
+        max_levels: usize::MAX,
+        max_len: usize::MAX,
+    };
+    parse_subscription(filter, &unlimited).is_ok()
 }

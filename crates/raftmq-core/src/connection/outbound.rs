@@ -309,11 +309,18 @@ impl Connection {
         let att = self.attachment()?;
         let mut st = att.session.lock_attached(att.epoch)?;
         let id = r.packet_id.get();
-        if matches!(st.outgoing.get(&id), Some(OutgoingEntry { state: Outgoing::Publish(d), .. }) if d.qos == QoS::AtLeastOnce)
-            && let Some(OutgoingEntry {
-                state: Outgoing::Publish(d),
-                ..
-            }) = st.outgoing.remove(&id)
+        match st.outgoing.get(&id).map(|e| &e.state) {
+            Some(Outgoing::Publish(d)) if d.qos == QoS::AtLeastOnce => {}
+            // A QoS 2 delivery is answered with PUBREC, and after PUBREL with PUBCOMP: PUBACK
+            // is the wrong acknowledgement ([MQTT-4.3.3-2]).
+            Some(_) => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
+            // An id not in flight (acknowledged twice, or after a resume): nothing to do.
+            None => return Ok(()),
+        }
+        if let Some(OutgoingEntry {
+            state: Outgoing::Publish(d),
+            ..
+        }) = st.outgoing.remove(&id)
         {
             drop(st);
             self.broker.stats().messages_inflight.fetch_sub(1, Relaxed);
@@ -346,7 +353,13 @@ impl Connection {
                     released = durable;
                     true
                 }
-                Some(e) => matches!(e.state, Outgoing::Released(_)),
+                // PUBREC again after PUBREL: PUBREL again.
+                Some(OutgoingEntry {
+                    state: Outgoing::Released(_),
+                    ..
+                }) => true,
+                // PUBREC for a QoS 1 delivery ([MQTT-4.3.2-2]).
+                Some(_) => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
                 None => false,
             }
         };
@@ -376,16 +389,15 @@ impl Connection {
         let att = self.attachment()?;
         let mut st = att.session.lock_attached(att.epoch)?;
         let id = r.packet_id.get();
-        if let Some(OutgoingEntry {
-            state: Outgoing::Released(durable),
-            ..
-        }) = st.outgoing.get(&id)
-        {
-            let durable = *durable;
-            st.outgoing.remove(&id);
-            drop(st);
-            self.record_acked(durable);
-        }
+        let durable = match st.outgoing.get(&id).map(|e| &e.state) {
+            Some(Outgoing::Released(durable)) => *durable,
+            // PUBCOMP before PUBREC, or for a QoS 1 delivery ([MQTT-4.3.2-2], [MQTT-4.3.3-2]).
+            Some(Outgoing::Publish(_)) => return Err(Violation::Code(ReasonCode::PROTOCOL_ERROR)),
+            None => return Ok(()),
+        };
+        st.outgoing.remove(&id);
+        drop(st);
+        self.record_acked(durable);
         Ok(())
     }
 

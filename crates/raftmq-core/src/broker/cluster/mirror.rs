@@ -358,7 +358,7 @@ impl Broker {
     /// With `keep_subscriptions`, its persistent subscriptions are mirrored as remote ones.
     ///
     /// Returns the will of a fenced connection that is due now, as on a local takeover: when
-    /// it has no delay, or the new connection started clean (MQTT 5 §3.1.2.5, §3.1.3.2.2).
+    /// it has no delay (a new connection within the delay cancels it, [MQTT-3.1.2-8]).
     pub(in crate::broker) fn forget_session(
         &self,
         client_id: &ByteStr,
@@ -385,10 +385,7 @@ impl Broker {
         }
         // A will still pending here (connected, or waiting for its delay) is this node's to
         // publish if due now; otherwise the new connection cancels it.
-        let will = st
-            .will
-            .take()
-            .filter(|w| fence && (w.delay_secs == 0 || !keep_subscriptions));
+        let will = st.will.take().filter(|w| fence && w.delay_secs == 0);
         session.set_durable(false);
         self.unload_locked(&mut registry, &session, st);
         will
