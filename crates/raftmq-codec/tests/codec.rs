@@ -662,11 +662,76 @@ fn fixed_header_violations_are_malformed() {
         ("CONNECT with flags 0001",     V311, vec![0x11, 0x00], flags(PacketType::Connect, 1)),
         ("PINGREQ with flags 1000",     V311, vec![0xC8, 0x00], flags(PacketType::PingReq, 8)),
         ("DISCONNECT with flags 0010",  V5,   vec![0xE2, 0x00], flags(PacketType::Disconnect, 2)),
+        ("3.1.1 DISCONNECT with flags 0001", V311, vec![0xE1, 0x00], flags(PacketType::Disconnect, 1)),
         ("AUTH with flags 0001",        V5,   vec![0xF1, 0x00], flags(PacketType::Auth, 1)),
         ("PUBLISH with QoS 3",          V311, vec![0x36, 0x00], InvalidQoS(3)),
         ("PUBLISH with DUP at QoS 0",   V5,   vec![0x38, 0x00], flags(PacketType::Publish, 8)),
         ("remaining length with a fifth byte",    V311, vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], MalformedRemainingLength),
         ("remaining length not in shortest form", V5,   vec![0xC0, 0x80, 0x00], MalformedRemainingLength),
+    ]);
+}
+
+/// MQTT 3.1 sends PUBREL, SUBSCRIBE and UNSUBSCRIBE at QoS 1 and sets DUP when it resends them
+/// (3.1 §3.6, §3.8, §3.10); the reserved-flags rule of 3.1.1 and 5.0 does not apply to level 3.
+#[test]
+fn mqtt_3_1_pubrel_subscribe_and_unsubscribe_may_carry_dup() {
+    let subscribe = Packet::Subscribe(Subscribe {
+        packet_id: pid(1),
+        properties: SubscribeProperties::default(),
+        filters: vec![SubscribeFilter {
+            filter: s("a"),
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..SubscriptionOptions::default()
+            },
+        }],
+    });
+    let unsubscribe = Packet::Unsubscribe(Unsubscribe {
+        packet_id: pid(1),
+        properties: UserProperties::default(),
+        filters: vec![s("a")],
+    });
+    let pubrel = Packet::PubRel(PubResponse::success(pid(1)));
+    for first in [0x02, 0x0A] {
+        let cases = [
+            (&[0x60 | first, 0x02, 0x00, 0x01][..], &pubrel),
+            (
+                &[0x80 | first, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01][..],
+                &subscribe,
+            ),
+            (
+                &[0xA0 | first, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'][..],
+                &unsubscribe,
+            ),
+        ];
+        for (bytes, packet) in cases {
+            assert_eq!(
+                decode_exactly(bytes, V31).as_ref(),
+                Ok(packet),
+                "3.1 {bytes:02x?}"
+            );
+        }
+    }
+}
+
+/// The DUP bit (and any flags other than 0010) on PUBREL, SUBSCRIBE and UNSUBSCRIBE
+/// stay malformed at levels 4 and 5, and level 3 accepts only 0010 and 1010.
+#[test]
+#[rustfmt::skip]
+fn pubrel_subscribe_and_unsubscribe_flags_are_strict_except_dup_in_3_1() {
+    use DecodeError::*;
+    let flags = |packet_type, flags| InvalidFlags { packet_type, flags };
+    assert_rejected(MALFORMED, vec![
+        ("3.1.1 PUBREL with DUP",      V311, vec![0x6A, 0x02, 0x00, 0x01], flags(PacketType::PubRel, 0x0A)),
+        ("5.0 PUBREL with DUP",        V5,   vec![0x6A, 0x02, 0x00, 0x01], flags(PacketType::PubRel, 0x0A)),
+        ("3.1.1 SUBSCRIBE with DUP",   V311, vec![0x8A, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01], flags(PacketType::Subscribe, 0x0A)),
+        ("5.0 SUBSCRIBE with DUP",     V5,   vec![0x8A, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x01], flags(PacketType::Subscribe, 0x0A)),
+        ("3.1.1 UNSUBSCRIBE with DUP", V311, vec![0xAA, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'], flags(PacketType::Unsubscribe, 0x0A)),
+        ("5.0 UNSUBSCRIBE with DUP",   V5,   vec![0xAA, 0x06, 0x00, 0x01, 0x00, 0x00, 0x01, b'a'], flags(PacketType::Unsubscribe, 0x0A)),
+        ("3.1 PUBREL with flags 0000", V31,  vec![0x60, 0x02, 0x00, 0x01], flags(PacketType::PubRel, 0x00)),
+        ("3.1 PUBREL with DUP at QoS 0", V31, vec![0x68, 0x02, 0x00, 0x01], flags(PacketType::PubRel, 0x08)),
+        ("3.1 SUBSCRIBE with QoS 2",   V31,  vec![0x84, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01], flags(PacketType::Subscribe, 0x04)),
+        ("3.1 UNSUBSCRIBE with RETAIN", V31, vec![0xA3, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'], flags(PacketType::Unsubscribe, 0x03)),
     ]);
 }
 
@@ -724,6 +789,9 @@ fn invalid_strings_and_topic_names_are_rejected() {
         ("U+0000 in a client id",     V311, connect_bytes(b"MQTT", 4, 0x02, b"\x00\x02a\x00"), NullCharacter),
         ("invalid UTF-8 in a user name", V311, connect_bytes(b"MQTT", 4, 0x82, b"\x00\x01a\x00\x01\xFF"), InvalidUtf8),
         ("invalid UTF-8 in a topic filter", V311, vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, 0xFF, 0x00], InvalidUtf8),
+        ("invalid UTF-8 in an unsubscribe filter", V311, vec![0xA2, 0x05, 0x00, 0x01, 0x00, 0x01, 0xFF], InvalidUtf8),
+        ("invalid UTF-8 in a client id", V311, connect_bytes(b"MQTT", 4, 0x02, b"\x00\x01\xFF"), InvalidUtf8),
+        ("invalid UTF-8 in a will topic", V311, connect_bytes(b"MQTT", 4, 0x06, b"\x00\x01a\x00\x01\xFF\x00\x00"), InvalidUtf8),
         ("invalid UTF-8 in a user property", V5, v5_publish_with_properties(b"\x26\x00\x01\xFF\x00\x00"), InvalidUtf8),
     ]);
     assert_rejected(ReasonCode::TOPIC_NAME_INVALID, vec![
@@ -863,6 +931,89 @@ fn reason_codes_not_allowed_in_a_packet_are_malformed() {
         ("CONNACK with reserved acknowledge flags", V311, vec![0x20, 0x02, 0x02, 0x00], InvalidConnAckFlags(2)),
         ("AUTH with a reason code but no property length", V5, vec![0xF0, 0x01, 0x18], Truncated { needed: 1 }),
     ]);
+}
+
+/// Conformance (3.1.1): [MQTT-3.1.2-9] [MQTT-3.1.2-18] [MQTT-3.1.2-19] [MQTT-3.1.2-20]
+/// Conformance (3.1.1): [MQTT-3.1.2-21]
+/// Conformance (5.0): [MQTT-3.1.2-9] [MQTT-3.1.2-16] [MQTT-3.1.2-17] [MQTT-3.1.2-18]
+/// Conformance (5.0): [MQTT-3.1.2-19]
+#[test]
+fn connect_payload_fields_must_be_present_exactly_when_their_flags_say_so() {
+    // (name, level, flags, payload after the variable header)
+    let cases: [(&str, u8, u8, &[u8]); 10] = [
+        ("will flag without will topic", 4, 0x06, b"\x00\x01a"),
+        ("user name flag without user name", 4, 0x82, b"\x00\x01a"),
+        (
+            "password flag without password",
+            4,
+            0xC2,
+            b"\x00\x01a\x00\x01u",
+        ),
+        ("user name without its flag", 4, 0x02, b"\x00\x01a\x00\x01u"),
+        (
+            "password without its flag",
+            4,
+            0x82,
+            b"\x00\x01a\x00\x01u\x00\x01p",
+        ),
+        (
+            "will flag without will properties",
+            5,
+            0x06,
+            b"\x00\x00\x01a",
+        ),
+        (
+            "user name flag without user name",
+            5,
+            0x82,
+            b"\x00\x00\x01a",
+        ),
+        ("password flag without password", 5, 0x42, b"\x00\x00\x01a"),
+        (
+            "user name without its flag",
+            5,
+            0x02,
+            b"\x00\x00\x01a\x00\x01u",
+        ),
+        (
+            "password without its flag",
+            5,
+            0x82,
+            b"\x00\x00\x01a\x00\x01u\x00\x01p",
+        ),
+    ];
+    for (name, level, flags, payload) in cases {
+        let version = if level == 5 { V5 } else { V311 };
+        let error = decode_exactly(&connect_bytes(b"MQTT", level, flags, payload), version)
+            .expect_err(name);
+        assert!(
+            matches!(
+                error,
+                DecodeError::Truncated { .. } | DecodeError::TrailingBytes(_)
+            ),
+            "level {level}, {name}: {error:?}"
+        );
+        assert_eq!(error.reason_code(), MALFORMED, "level {level}, {name}");
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-1.5.3-3]
+/// Conformance (5.0): [MQTT-1.5.4-3]
+#[test]
+fn a_byte_order_mark_in_a_string_is_kept() {
+    for version in [V311, V5] {
+        let properties: &[u8] = if version.is_v5() { &[0x00] } else { &[] };
+        let bytes = cat(&[
+            &[0x30, 0x06 + properties.len() as u8, 0x00, 0x04],
+            b"\xEF\xBB\xBFa",
+            properties,
+        ]);
+        let Ok(Packet::Publish(publish)) = decode_exactly(&bytes, version) else {
+            panic!("{version:?}: rejected")
+        };
+        assert_eq!(publish.topic, "\u{FEFF}a", "{version:?}");
+        assert_eq!(encode_to_vec(&Packet::Publish(publish), version), bytes);
+    }
 }
 
 #[test]
