@@ -2,7 +2,7 @@
 
 use raftmq_codec::{
     Connect, ConnectProperties, Disconnect, Packet, ProtocolVersion, PubResponse, Publish, QoS,
-    ReasonCode, Will, WillProperties,
+    ReasonCode, Subscribe, SubscribeFilter, SubscriptionOptions, Unsubscribe, Will, WillProperties,
 };
 use raftmq_core::config::{ByteSize, MqttConfig};
 use raftmq_tests::{RawClient, TestBroker, connect_packet, pid, publish_packet};
@@ -195,12 +195,14 @@ async fn empty_client_id_with_clean_session_0_is_refused_on_v311() {
 #[tokio::test]
 async fn second_connect_closes_the_connection() {
     let broker = TestBroker::start().await;
-    let mut c = RawClient::connected(broker.mqtt, V5, "twice").await;
-    c.send(&Packet::Connect(Box::new(connect_packet(
-        V5, "twice", true,
-    ))))
-    .await;
-    c.expect_disconnect(ReasonCode::PROTOCOL_ERROR).await;
+    for version in [V3, V5] {
+        let mut c = RawClient::connected(broker.mqtt, version, "twice").await;
+        c.send(&Packet::Connect(Box::new(connect_packet(
+            version, "twice", true,
+        ))))
+        .await;
+        c.expect_disconnect(ReasonCode::PROTOCOL_ERROR).await;
+    }
 }
 
 #[tokio::test]
@@ -372,6 +374,86 @@ async fn qos2_is_delivered_exactly_once_in_both_directions() {
             "{version:?}"
         );
     }
+}
+
+/// Raw MQTT 3.1 CONNECT ("MQIsdp", level 3) for `client_id`, keep alive off.
+fn mqtt_3_1_connect(client_id: &[u8], clean_session: bool) -> Vec<u8> {
+    let mut body = b"\x00\x06MQIsdp\x03".to_vec();
+    body.push(if clean_session { 0x02 } else { 0x00 });
+    body.extend_from_slice(&[0x00, 0x00]);
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id);
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Connects an MQTT 3.1 client with raw bytes and asserts the broker accepted it.
+async fn mqtt_3_1_connected(addr: SocketAddr, client_id: &[u8], clean_session: bool) -> RawClient {
+    let mut c = RawClient::connect(addr, ProtocolVersion::V3_1).await;
+    c.send_bytes(&mqtt_3_1_connect(client_id, clean_session))
+        .await;
+    match c.recv().await {
+        Some(Packet::ConnAck(ack)) => assert_eq!(ack.reason_code, ReasonCode::SUCCESS),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    c
+}
+
+/// MQTT 3.1 sends PUBREL, SUBSCRIBE and UNSUBSCRIBE at QoS 1 and sets DUP on a resend: a PUBREL
+/// resent after reconnecting completes its QoS 2 exchange, and SUBSCRIBE and UNSUBSCRIBE with DUP
+/// are answered, over a connection that stays open.
+#[tokio::test]
+async fn mqtt_3_1_resends_with_dup_are_answered_not_disconnected() {
+    let broker = TestBroker::start().await;
+    let mut sub = RawClient::connected(broker.mqtt, V3, "dup31-sub").await;
+    sub.subscribe("dup31", QoS::ExactlyOnce).await;
+
+    // PUBLISH QoS 2 "dup31" id 1, answered by PUBREC; the connection drops before PUBREL.
+    let mut c = mqtt_3_1_connected(broker.mqtt, b"dup31", false).await;
+    c.send_bytes(b"\x34\x0B\x00\x05dup31\x00\x01hi").await;
+    assert_eq!(
+        c.recv().await,
+        Some(Packet::PubRec(PubResponse::success(pid(1))))
+    );
+    drop(c);
+
+    // Reconnected to the same session, the client resends PUBREL with DUP.
+    let mut c = mqtt_3_1_connected(broker.mqtt, b"dup31", false).await;
+    c.send_bytes(&[0x6A, 0x02, 0x00, 0x01]).await;
+    assert_eq!(
+        c.recv().await,
+        Some(Packet::PubComp(PubResponse::success(pid(1))))
+    );
+    let got = sub.recv_publish().await;
+    assert_eq!((&got.topic[..], &got.payload[..]), ("dup31", &b"hi"[..]));
+
+    // SUBSCRIBE "a" at QoS 1 with DUP, id 2: SUBACK granting QoS 1.
+    c.send_bytes(&[0x8A, 0x06, 0x00, 0x02, 0x00, 0x01, b'a', 0x01])
+        .await;
+    match c.recv().await {
+        Some(Packet::SubAck(ack)) => {
+            assert_eq!(
+                (ack.packet_id, &ack.reason_codes[..]),
+                (pid(2), &[ReasonCode::GRANTED_QOS_1][..])
+            )
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // UNSUBSCRIBE "a" with DUP, id 3: UNSUBACK.
+    c.send_bytes(&[0xAA, 0x05, 0x00, 0x03, 0x00, 0x01, b'a'])
+        .await;
+    match c.recv().await {
+        Some(Packet::UnsubAck(ack)) => assert_eq!(ack.packet_id, pid(3)),
+        other => panic!("expected UNSUBACK, got {other:?}"),
+    }
+    c.send_bytes(&[0xC0, 0x00]).await;
+    assert_eq!(c.recv().await, Some(Packet::PingResp));
+
+    // The same bytes from a 3.1.1 client stay malformed.
+    let mut strict = RawClient::connected(broker.mqtt, V3, "dup311").await;
+    strict.send_bytes(&[0x6A, 0x02, 0x00, 0x01]).await;
+    strict.expect_disconnect(ReasonCode::MALFORMED_PACKET).await;
 }
 
 #[tokio::test]
@@ -633,4 +715,606 @@ async fn a_subscriber_that_stops_reading_holds_its_publisher_for_one_pause_only(
     // Gone, so the broker need not wait for it to read what it was sent.
     drop(sub);
     broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conformance statements (docs/conformance.md), for MQTT 3.1.1 and 5.0 clients alike
+// ---------------------------------------------------------------------------------------------
+
+/// A CONNECT resuming (or creating) a session that outlives the connection: Clean Session 0 on
+/// MQTT 3.1.1, Clean Start 0 and a Session Expiry Interval on MQTT 5.
+fn persistent_connect(version: ProtocolVersion, client_id: &str) -> Connect {
+    let mut connect = connect_packet(version, client_id, false);
+    if version.is_v5() {
+        connect.properties.session_expiry_interval = Some(300);
+    }
+    connect
+}
+
+/// A SUBSCRIBE with packet id `id` for `filters` (filter, requested QoS).
+fn subscribe_packet(id: u16, filters: &[(&str, QoS)]) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: pid(id),
+        properties: Default::default(),
+        filters: filters
+            .iter()
+            .map(|&(filter, qos)| SubscribeFilter {
+                filter: filter.into(),
+                options: SubscriptionOptions {
+                    qos,
+                    ..Default::default()
+                },
+            })
+            .collect(),
+    })
+}
+
+/// The SUBACK code a client of `version` sees for a refused filter whose MQTT 5 code is `v5`.
+fn refused(version: ProtocolVersion, v5: ReasonCode) -> ReasonCode {
+    if version.is_v5() {
+        v5
+    } else {
+        ReasonCode::UNSPECIFIED_ERROR // 0x80, the only MQTT 3 failure code
+    }
+}
+
+/// Sends a QoS 1 PUBLISH and waits for its PUBACK (whatever its reason code).
+async fn publish_acked(c: &mut RawClient, publish: Publish) {
+    let id = publish.packet_id.expect("QoS 1");
+    c.send(&Packet::Publish(publish)).await;
+    match c.recv().await {
+        Some(Packet::PubAck(ack)) => assert_eq!(ack.packet_id, id),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+/// Sends a QoS 2 PUBLISH and completes its exchange (PUBREC, PUBREL, PUBCOMP).
+async fn publish_exactly_once(c: &mut RawClient, publish: Publish) {
+    let id = publish.packet_id.expect("QoS 2");
+    c.send(&Packet::Publish(publish)).await;
+    assert_eq!(
+        c.recv().await,
+        Some(Packet::PubRec(PubResponse::success(id)))
+    );
+    c.send(&Packet::PubRel(PubResponse::success(id))).await;
+    assert_eq!(
+        c.recv().await,
+        Some(Packet::PubComp(PubResponse::success(id)))
+    );
+}
+
+/// Waits until the broker has handled everything `c` sent so far (PINGREQ is answered in order).
+async fn barrier(c: &mut RawClient) {
+    c.send(&Packet::PingReq).await;
+    assert_eq!(c.recv().await, Some(Packet::PingResp));
+}
+
+/// Publishes "sentinel" to `topic` at QoS 1 and asserts it is the next thing `sub` receives:
+/// nothing published before it reached `sub`.
+async fn assert_next_is_sentinel(p: &mut RawClient, sub: &mut RawClient, topic: &str, id: u16) {
+    publish_acked(p, publish_packet(topic, QoS::AtLeastOnce, id, b"sentinel")).await;
+    let got = sub.recv_publish().await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        (topic, &b"sentinel"[..]),
+        "something was delivered before the sentinel"
+    );
+}
+
+/// Conformance (3.1.1): [MQTT-2.3.1-7] [MQTT-3.8.4-1] [MQTT-3.8.4-2] [MQTT-3.8.4-4] [MQTT-3.8.4-5]
+/// Conformance (3.1.1): [MQTT-3.9.3-1] [MQTT-3.9.3-2] [MQTT-4.7.1-2] [MQTT-4.7.1-3] [MQTT-4.7.3-1]
+/// Conformance (3.1.1): [MQTT-3.10.4-1] [MQTT-3.10.4-2] [MQTT-3.10.4-4] [MQTT-3.10.4-5]
+/// Conformance (3.1.1): [MQTT-3.10.4-6] [MQTT-3.12.4-1] [MQTT-4.7.3-4]
+/// Conformance (5.0): [MQTT-2.2.1-6] [MQTT-3.8.4-1] [MQTT-3.8.4-2] [MQTT-3.8.4-5] [MQTT-3.8.4-6]
+/// Conformance (5.0): [MQTT-3.8.4-7] [MQTT-3.9.3-1] [MQTT-3.9.3-2] [MQTT-4.7.1-1] [MQTT-4.7.1-2]
+/// Conformance (5.0): [MQTT-4.7.3-1] [MQTT-3.10.4-1] [MQTT-3.10.4-2] [MQTT-3.10.4-4]
+/// Conformance (5.0): [MQTT-3.10.4-5] [MQTT-3.10.4-6] [MQTT-3.11.3-1] [MQTT-3.11.3-2]
+/// Conformance (5.0): [MQTT-3.12.4-1] [MQTT-4.7.3-4]
+#[tokio::test]
+async fn subscribe_and_unsubscribe_are_answered_per_filter_in_order() {
+    let broker = TestBroker::start().await;
+    for version in [V3, V5] {
+        let mut s = RawClient::connected(broker.mqtt, version, "per-filter").await;
+        let filters = [
+            ("a/+", QoS::AtLeastOnce),
+            ("a/#/b", QoS::AtMostOnce),
+            ("x", QoS::ExactlyOnce),
+            ("a+", QoS::AtLeastOnce),
+            ("", QoS::AtMostOnce),
+        ];
+        s.send(&subscribe_packet(7, &filters)).await;
+        let invalid = refused(version, ReasonCode::TOPIC_FILTER_INVALID);
+        match s.recv().await {
+            Some(Packet::SubAck(ack)) => assert_eq!(
+                (ack.packet_id, &ack.reason_codes[..]),
+                (
+                    pid(7),
+                    &[
+                        ReasonCode::GRANTED_QOS_1,
+                        invalid,
+                        ReasonCode::GRANTED_QOS_2,
+                        invalid,
+                        invalid
+                    ][..]
+                ),
+                "{version:?}"
+            ),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+        s.send(&Packet::PingReq).await;
+        assert_eq!(s.recv().await, Some(Packet::PingResp));
+
+        // "a/#" is not "a/+": filters are compared as text, so only "x" is removed.
+        s.send(&Packet::Unsubscribe(Unsubscribe {
+            packet_id: pid(8),
+            properties: Vec::new(),
+            filters: vec!["a/#".into(), "x".into(), "never".into()],
+        }))
+        .await;
+        match s.recv().await {
+            Some(Packet::UnsubAck(ack)) => {
+                assert_eq!(ack.packet_id, pid(8));
+                if version.is_v5() {
+                    assert_eq!(
+                        ack.reason_codes,
+                        [
+                            ReasonCode::NO_SUBSCRIPTION_EXISTED,
+                            ReasonCode::SUCCESS,
+                            ReasonCode::NO_SUBSCRIPTION_EXISTED
+                        ]
+                    );
+                }
+            }
+            other => panic!("expected UNSUBACK, got {other:?}"),
+        }
+
+        // "x" no longer delivers, nor does "A/b" (matching never folds case); "a/+" still does.
+        let mut p = RawClient::connected(broker.mqtt, version, "per-filter-pub").await;
+        for topic in ["x", "A/b"] {
+            p.send(&Packet::Publish(publish_packet(
+                topic,
+                QoS::AtMostOnce,
+                0,
+                b"no",
+            )))
+            .await;
+        }
+        assert_next_is_sentinel(&mut p, &mut s, "a/b", 1).await;
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-4.7.2-1]
+/// Conformance (5.0): [MQTT-4.7.2-1]
+#[tokio::test]
+async fn leading_wildcards_do_not_match_dollar_topics() {
+    let broker = TestBroker::start().await;
+    for version in [V3, V5] {
+        let mut s = RawClient::connected(broker.mqtt, version, "dollar-sub").await;
+        s.subscribe("#", QoS::AtLeastOnce).await;
+        s.subscribe("+/x", QoS::AtLeastOnce).await;
+        let mut p = RawClient::connected(broker.mqtt, version, "dollar-pub").await;
+        p.send(&Packet::Publish(publish_packet(
+            "$foo/x",
+            QoS::AtMostOnce,
+            0,
+            b"dollar",
+        )))
+        .await;
+        assert_next_is_sentinel(&mut p, &mut s, "plain/x", 1).await;
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-3.3.5-1] [MQTT-3.8.4-3] [MQTT-3.8.4-6]
+/// Conformance (5.0): [MQTT-3.3.4-2] [MQTT-3.8.4-3] [MQTT-3.8.4-8]
+#[tokio::test]
+async fn overlapping_subscriptions_deliver_once_at_the_highest_granted_qos() {
+    let broker = TestBroker::start().await;
+    for version in [V3, V5] {
+        let mut s = RawClient::connected(broker.mqtt, version, "overlap").await;
+        s.subscribe("a/+", QoS::AtMostOnce).await;
+        s.subscribe("a/#", QoS::ExactlyOnce).await;
+        let mut low = RawClient::connected(broker.mqtt, version, "low").await;
+        low.subscribe("a/b", QoS::AtMostOnce).await;
+        let mut p = RawClient::connected(broker.mqtt, version, "overlap-pub").await;
+        publish_exactly_once(&mut p, publish_packet("a/b", QoS::ExactlyOnce, 1, b"one")).await;
+        let got = s.recv_publish().await;
+        assert_eq!((&got.payload[..], got.qos), (&b"one"[..], QoS::ExactlyOnce));
+        let id = got.packet_id.expect("QoS 2");
+        s.send(&Packet::PubRec(PubResponse::success(id))).await;
+        assert_eq!(
+            s.recv().await,
+            Some(Packet::PubRel(PubResponse::success(id)))
+        );
+        s.send(&Packet::PubComp(PubResponse::success(id))).await;
+        // The QoS 0 subscriber gets the QoS 2 message at QoS 0.
+        let got = low.recv_publish().await;
+        assert_eq!((&got.payload[..], got.qos), (&b"one"[..], QoS::AtMostOnce));
+
+        // Subscribing to "a/#" again replaces that subscription: QoS 1 is now the highest.
+        s.subscribe("a/#", QoS::AtLeastOnce).await;
+        publish_exactly_once(&mut p, publish_packet("a/b", QoS::ExactlyOnce, 2, b"two")).await;
+        let got = s.recv_publish().await;
+        assert_eq!((&got.payload[..], got.qos), (&b"two"[..], QoS::AtLeastOnce));
+        s.send(&Packet::PubAck(PubResponse::success(
+            got.packet_id.expect("QoS 1"),
+        )))
+        .await;
+        // One copy only: the next delivery is the sentinel.
+        assert_next_is_sentinel(&mut p, &mut s, "a/c", 3).await;
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-3.3.1-3] [MQTT-4.3.2-2]
+/// Conformance (5.0): [MQTT-3.3.1-3] [MQTT-4.3.2-4] [MQTT-4.3.2-5]
+#[tokio::test]
+async fn incoming_dup_flag_is_not_forwarded_and_an_acknowledged_packet_id_is_a_new_message() {
+    let broker = TestBroker::start().await;
+    for version in [V3, V5] {
+        let mut s = RawClient::connected(broker.mqtt, version, "dup-sub").await;
+        s.subscribe("d", QoS::AtLeastOnce).await;
+        let mut p = RawClient::connected(broker.mqtt, version, "dup-pub").await;
+        for payload in [&b"first"[..], b"second"] {
+            // Both carry DUP and packet id 5: after the PUBACK the id is free again.
+            let publish = Publish {
+                dup: true,
+                ..publish_packet("d", QoS::AtLeastOnce, 5, payload)
+            };
+            publish_acked(&mut p, publish).await;
+            let got = s.recv_publish().await;
+            assert_eq!((&got.payload[..], got.dup), (payload, false), "{version:?}");
+            s.send(&Packet::PubAck(PubResponse::success(
+                got.packet_id.expect("QoS 1"),
+            )))
+            .await;
+        }
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-3.1.2-6] [MQTT-3.1.2-7] [MQTT-3.2.2-1] [MQTT-4.1.0-2]
+#[tokio::test]
+async fn v311_clean_session_discards_the_stored_session_but_not_retained_messages() {
+    let broker = TestBroker::start().await;
+    let (mut c, _) = RawClient::handshake(broker.mqtt, connect_packet(V3, "clean", false)).await;
+    c.subscribe("old", QoS::AtLeastOnce).await;
+    // A retained message from this client outlives every session of it.
+    publish_acked(
+        &mut c,
+        Publish {
+            retain: true,
+            ..publish_packet("kept", QoS::AtLeastOnce, 1, b"retained")
+        },
+    )
+    .await;
+    c.send(&Packet::Disconnect(Disconnect::default())).await;
+    assert_eq!(c.expect_closed().await, []);
+
+    let (mut c, ack) = RawClient::handshake(broker.mqtt, connect_packet(V3, "clean", true)).await;
+    assert_eq!(
+        (ack.reason_code, ack.session_present),
+        (ReasonCode::SUCCESS, false)
+    );
+    // The new session lasts as long as the connection: it has no "old" subscription, and its
+    // own subscription works while connected.
+    c.subscribe("new", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(broker.mqtt, V3, "clean-pub").await;
+    p.send(&Packet::Publish(publish_packet(
+        "old",
+        QoS::AtMostOnce,
+        0,
+        b"old",
+    )))
+    .await;
+    assert_next_is_sentinel(&mut p, &mut c, "new", 1).await;
+    c.send(&Packet::Disconnect(Disconnect::default())).await;
+    assert_eq!(c.expect_closed().await, []);
+
+    // Nothing of the clean session is reused.
+    let (mut c, ack) = RawClient::handshake(broker.mqtt, connect_packet(V3, "clean", false)).await;
+    assert!(!ack.session_present);
+    c.subscribe("kept", QoS::AtLeastOnce).await;
+    let got = c.recv_publish().await;
+    assert_eq!((&got.payload[..], got.retain), (&b"retained"[..], true));
+}
+
+/// Conformance (3.1.1): [MQTT-3.1.2-8] [MQTT-3.1.2-10] [MQTT-3.1.2-12] [MQTT-3.1.2-16]
+/// Conformance (3.1.1): [MQTT-3.1.2-17] [MQTT-3.14.4-3]
+/// Conformance (5.0): [MQTT-3.1.2-7] [MQTT-3.1.2-8] [MQTT-3.1.2-10] [MQTT-3.1.2-14]
+/// Conformance (5.0): [MQTT-3.1.2-15] [MQTT-3.14.4-3]
+#[tokio::test]
+async fn wills_are_published_only_when_set_and_never_after_disconnect() {
+    for version in [V3, V5] {
+        let broker = TestBroker::start().await;
+        let mut watcher = RawClient::connected(broker.mqtt, version, "watcher").await;
+        watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
+        let with_will = |id: &str, retain: bool| Connect {
+            will: Some(Will {
+                topic: format!("wills/{id}").as_str().into(),
+                payload: format!("{id} gone").into(),
+                qos: QoS::AtLeastOnce,
+                retain,
+                properties: WillProperties::default(),
+            }),
+            ..connect_packet(version, id, true)
+        };
+        let gone = |id: &str| {
+            let broker = broker.broker.clone();
+            let id = id.to_owned();
+            move || broker.session(&id).is_none()
+        };
+        // No will: nothing is published when the connection drops.
+        let c = RawClient::connected(broker.mqtt, version, "plain").await;
+        drop(c);
+        raftmq_tests::wait_until("plain's session ended", gone("plain")).await;
+        // A will and a DISCONNECT (normal disconnection): the will is discarded.
+        let (mut c, _) = RawClient::handshake(broker.mqtt, with_will("polite", false)).await;
+        c.send(&Packet::Disconnect(Disconnect::default())).await;
+        assert_eq!(c.expect_closed().await, []);
+        raftmq_tests::wait_until("polite's session ended", gone("polite")).await;
+        let mut p = RawClient::connected(broker.mqtt, version, "will-pub").await;
+        assert_next_is_sentinel(&mut p, &mut watcher, "wills/sentinel", 1).await;
+
+        // Dropped connections publish their wills, retained only when Will Retain is 1.
+        for (id, retain) in [("lost", false), ("lost-retained", true)] {
+            let (c, _) = RawClient::handshake(broker.mqtt, with_will(id, retain)).await;
+            drop(c);
+            let will = watcher.recv_publish().await;
+            assert_eq!(will.topic.as_str(), format!("wills/{id}"), "{version:?}");
+            assert_eq!(&will.payload[..], format!("{id} gone").as_bytes());
+        }
+        // Published once: a later subscriber finds only the retained one.
+        let mut later = RawClient::connected(broker.mqtt, version, "later").await;
+        later.subscribe("wills/#", QoS::AtLeastOnce).await;
+        let got = later.recv_publish().await;
+        assert_eq!(
+            (got.topic.as_str(), got.retain),
+            ("wills/lost-retained", true)
+        );
+        assert_next_is_sentinel(&mut p, &mut later, "wills/sentinel", 2).await;
+        assert_next_is_sentinel(&mut p, &mut watcher, "wills/sentinel", 3).await;
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-2.3.1-4] [MQTT-3.3.1-1] [MQTT-4.3.2-1] [MQTT-4.3.3-1] [MQTT-4.4.0-1]
+/// Conformance (5.0): [MQTT-3.3.1-1] [MQTT-4.3.2-1] [MQTT-4.3.2-2] [MQTT-4.3.2-3] [MQTT-4.3.3-3]
+/// Conformance (5.0): [MQTT-4.3.3-5] [MQTT-4.3.3-6] [MQTT-4.4.0-1]
+#[tokio::test]
+async fn unacknowledged_deliveries_are_resent_with_dup_and_their_ids_after_reconnecting() {
+    for version in [V3, V5] {
+        let broker = TestBroker::start().await;
+        let (mut s, _) =
+            RawClient::handshake(broker.mqtt, persistent_connect(version, "resend")).await;
+        s.subscribe("r", QoS::ExactlyOnce).await;
+        let mut p = RawClient::connected(broker.mqtt, version, "resend-pub").await;
+        publish_acked(&mut p, publish_packet("r", QoS::AtLeastOnce, 1, b"q1")).await;
+        publish_exactly_once(&mut p, publish_packet("r", QoS::ExactlyOnce, 2, b"q2")).await;
+        publish_exactly_once(
+            &mut p,
+            publish_packet("r", QoS::ExactlyOnce, 3, b"released"),
+        )
+        .await;
+
+        // First deliveries: DUP 0, distinct ids. None is acknowledged except that "released"
+        // gets PUBREC, so the broker owes PUBREL for it and must not send it again.
+        let first: Vec<Publish> = [
+            s.recv_publish().await,
+            s.recv_publish().await,
+            s.recv_publish().await,
+        ]
+        .into();
+        let ids: Vec<_> = first
+            .iter()
+            .map(|m| m.packet_id.expect("QoS > 0"))
+            .collect();
+        assert!(first.iter().all(|m| !m.dup), "{first:?}");
+        assert!(
+            ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+            "{ids:?}"
+        );
+        s.send(&Packet::PubRec(PubResponse::success(ids[2]))).await;
+        assert_eq!(
+            s.recv().await,
+            Some(Packet::PubRel(PubResponse::success(ids[2])))
+        );
+        drop(s);
+
+        let (mut s, ack) =
+            RawClient::handshake(broker.mqtt, persistent_connect(version, "resend")).await;
+        assert!(ack.session_present);
+        let r1 = s.recv_publish().await;
+        let r2 = s.recv_publish().await;
+        assert_eq!(
+            [
+                (&r1.payload[..], r1.dup, r1.packet_id),
+                (&r2.payload[..], r2.dup, r2.packet_id)
+            ],
+            [
+                (&b"q1"[..], true, Some(ids[0])),
+                (&b"q2"[..], true, Some(ids[1]))
+            ],
+            "{version:?}"
+        );
+        assert_eq!(
+            s.recv().await,
+            Some(Packet::PubRel(PubResponse::success(ids[2])))
+        );
+        // Completing the flows leaves nothing to resend.
+        s.send(&Packet::PubAck(PubResponse::success(ids[0]))).await;
+        s.send(&Packet::PubRec(PubResponse::success(ids[1]))).await;
+        assert_eq!(
+            s.recv().await,
+            Some(Packet::PubRel(PubResponse::success(ids[1])))
+        );
+        s.send(&Packet::PubComp(PubResponse::success(ids[1]))).await;
+        s.send(&Packet::PubComp(PubResponse::success(ids[2]))).await;
+        barrier(&mut s).await;
+        drop(s);
+        let (mut s, ack) =
+            RawClient::handshake(broker.mqtt, persistent_connect(version, "resend")).await;
+        assert!(ack.session_present);
+        assert_next_is_sentinel(&mut p, &mut s, "r", 4).await;
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-3.1.3-5] [MQTT-3.1.4-4]
+/// Conformance (5.0): [MQTT-3.1.3-5] [MQTT-3.1.4-5]
+#[tokio::test]
+async fn client_ids_of_1_to_23_letters_and_digits_are_accepted() {
+    let broker = TestBroker::start().await;
+    for version in [V3, V5] {
+        for id in ["0", "abcdefghijklmnopqrstuvw", "XYZ0123456789ABCDEFGHIJ"] {
+            let (_c, ack) =
+                RawClient::handshake(broker.mqtt, connect_packet(version, id, true)).await;
+            assert_eq!(ack.reason_code, ReasonCode::SUCCESS, "{version:?} {id}");
+        }
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-3.1.3-6]
+#[tokio::test]
+async fn empty_client_ids_get_distinct_sessions_on_v311() {
+    let broker = TestBroker::start().await;
+    let (mut a, ack) = RawClient::handshake(broker.mqtt, connect_packet(V3, "", true)).await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    a.subscribe("a", QoS::AtLeastOnce).await;
+    let (mut b, ack) = RawClient::handshake(broker.mqtt, connect_packet(V3, "", true)).await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    b.subscribe("b", QoS::AtLeastOnce).await;
+    // Had both been given the same identifier, `b` would have taken over `a`'s session.
+    let mut p = RawClient::connected(broker.mqtt, V3, "anon-pub").await;
+    assert_next_is_sentinel(&mut p, &mut a, "a", 1).await;
+    assert_next_is_sentinel(&mut p, &mut b, "b", 2).await;
+}
+
+/// Conformance (3.1.1): [MQTT-3.1.4-1] [MQTT-3.2.2-6]
+/// Conformance (5.0): [MQTT-3.1.4-1]
+#[tokio::test]
+async fn malformed_connect_is_closed_without_connack() {
+    let broker = TestBroker::start().await;
+    // Reserved connect flag set (0x03), then a client id.
+    for (level, props) in [(4u8, &[][..]), (5, &[0x00][..])] {
+        let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x03, 0x00, 0x00];
+        body.extend_from_slice(props);
+        body.extend_from_slice(&[0x00, 0x01, b'c']);
+        let mut bytes = vec![0x10, body.len() as u8];
+        bytes.extend_from_slice(&body);
+        let version = if level == 5 { V5 } else { V3 };
+        let mut c = RawClient::connect(broker.mqtt, version).await;
+        c.send_bytes(&bytes).await;
+        assert_eq!(c.expect_closed().await, [], "level {level}");
+    }
+    assert_broker_serves(broker.mqtt).await;
+}
+
+/// Conformance (3.1.1): [MQTT-3.3.1-5] [MQTT-3.3.1-7] [MQTT-3.3.1-8] [MQTT-3.3.1-12]
+/// Conformance (5.0): [MQTT-3.3.1-5] [MQTT-3.3.1-8]
+#[tokio::test]
+async fn retained_messages_survive_plain_publishes_and_qos0_retain_replaces_them() {
+    for version in [V3, V5] {
+        let broker = TestBroker::start().await;
+        let mut p = RawClient::connected(broker.mqtt, version, "ret-pub").await;
+        publish_acked(
+            &mut p,
+            Publish {
+                retain: true,
+                ..publish_packet("ret/a", QoS::AtLeastOnce, 1, b"kept")
+            },
+        )
+        .await;
+        // A message without RETAIN neither replaces nor removes it.
+        publish_acked(
+            &mut p,
+            publish_packet("ret/a", QoS::AtLeastOnce, 2, b"plain"),
+        )
+        .await;
+        let mut s = RawClient::connected(broker.mqtt, version, "ret-sub").await;
+        s.subscribe("ret/+", QoS::ExactlyOnce).await;
+        let got = s.recv_publish().await;
+        assert_eq!(
+            (&got.payload[..], got.qos, got.retain),
+            (&b"kept"[..], QoS::AtLeastOnce, true)
+        );
+        s.send(&Packet::PubAck(PubResponse::success(
+            got.packet_id.expect("QoS 1"),
+        )))
+        .await;
+        // A retained QoS 0 message replaces it.
+        p.send(&Packet::Publish(Publish {
+            retain: true,
+            ..publish_packet("ret/a", QoS::AtMostOnce, 0, b"zero")
+        }))
+        .await;
+        let live = s.recv_publish().await;
+        assert_eq!(&live.payload[..], b"zero");
+        let mut s2 = RawClient::connected(broker.mqtt, version, "ret-sub2").await;
+        s2.subscribe("ret/+", QoS::ExactlyOnce).await;
+        let got = s2.recv_publish().await;
+        assert_eq!(
+            (&got.payload[..], got.qos, got.retain),
+            (&b"zero"[..], QoS::AtMostOnce, true)
+        );
+        assert_next_is_sentinel(&mut p, &mut s2, "ret/b", 3).await;
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-3.8.3-2]
+/// Conformance (5.0): [MQTT-3.2.2-9] [MQTT-3.2.2-10] [MQTT-3.2.2-12] [MQTT-3.2.2-13]
+#[tokio::test]
+async fn features_turned_off_are_announced_and_refused() {
+    let config = MqttConfig {
+        max_qos: 1,
+        retain_available: false,
+        wildcard_subscriptions: false,
+        ..Default::default()
+    };
+    let broker = TestBroker::with_config(config).await;
+    let (_c, ack) = RawClient::handshake(broker.mqtt, connect_packet(V5, "announced", true)).await;
+    assert_eq!(
+        (
+            ack.properties.maximum_qos,
+            ack.properties.retain_available,
+            ack.properties.wildcard_subscription_available
+        ),
+        (Some(QoS::AtLeastOnce), Some(false), Some(false))
+    );
+    for version in [V3, V5] {
+        // SUBSCRIBE at QoS 2 is still accepted (granted 1); wildcard filters are refused.
+        let mut s = RawClient::connected(broker.mqtt, version, "features").await;
+        s.send(&subscribe_packet(
+            1,
+            &[("t", QoS::ExactlyOnce), ("t/#", QoS::AtMostOnce)],
+        ))
+        .await;
+        match s.recv().await {
+            Some(Packet::SubAck(ack)) => assert_eq!(
+                ack.reason_codes,
+                [
+                    ReasonCode::GRANTED_QOS_1,
+                    refused(version, ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
+                ]
+            ),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+    // A will the server cannot publish is refused at CONNECT.
+    let will = |qos, retain| Connect {
+        will: Some(Will {
+            topic: "w".into(),
+            payload: "x".into(),
+            qos,
+            retain,
+            properties: WillProperties::default(),
+        }),
+        ..connect_packet(V5, "will", true)
+    };
+    for (connect, code) in [
+        (will(QoS::ExactlyOnce, false), ReasonCode::QOS_NOT_SUPPORTED),
+        (
+            will(QoS::AtMostOnce, true),
+            ReasonCode::RETAIN_NOT_SUPPORTED,
+        ),
+    ] {
+        let (mut c, ack) = RawClient::handshake(broker.mqtt, connect).await;
+        assert_eq!((ack.reason_code, ack.session_present), (code, false));
+        assert_eq!(c.expect_closed().await, []);
+    }
 }
