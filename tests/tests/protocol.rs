@@ -1318,3 +1318,280 @@ async fn features_turned_off_are_announced_and_refused() {
         assert_eq!(c.expect_closed().await, []);
     }
 }
+
+/// Refuses user "intruder" (0x87 Not authorized) and denies publishing under "secret/".
+struct Guard;
+
+impl raftmq_core::auth::Authenticator for Guard {
+    fn authenticate(
+        &self,
+        info: &raftmq_core::auth::ConnectInfo<'_>,
+    ) -> raftmq_core::auth::AuthDecision {
+        if info.username == Some("intruder") {
+            return raftmq_core::auth::AuthDecision::Deny(ReasonCode::NOT_AUTHORIZED);
+        }
+        raftmq_core::auth::AuthDecision::Allow(raftmq_core::auth::Principal {
+            username: info.username.map(str::to_owned),
+            client_id: info.client_id.to_owned(),
+            acl: None,
+        })
+    }
+}
+
+impl raftmq_core::auth::Authorizer for Guard {
+    fn authorize(
+        &self,
+        _: &raftmq_core::auth::Principal,
+        access: raftmq_core::auth::Access<'_>,
+    ) -> bool {
+        !matches!(access, raftmq_core::auth::Access::Publish { topic, .. } if topic.starts_with("secret/"))
+    }
+}
+
+async fn guarded_broker() -> TestBroker {
+    let guard = std::sync::Arc::new(Guard);
+    let broker = raftmq_core::Broker::with_auth(MqttConfig::default(), guard.clone(), guard, 1);
+    TestBroker::with_broker(std::sync::Arc::new(broker)).await
+}
+
+/// Conformance (3.1.1): [MQTT-3.1.4-5] [MQTT-3.2.2-4] [MQTT-3.2.2-5]
+/// Conformance (5.0): [MQTT-3.1.4-2] [MQTT-3.1.4-6] [MQTT-3.2.2-6] [MQTT-3.2.2-7]
+#[tokio::test]
+async fn refused_connect_is_answered_then_closed_and_nothing_after_it_is_processed() {
+    let broker = guarded_broker().await;
+    for version in [V3, V5] {
+        let connect = Connect {
+            username: Some("intruder".into()),
+            ..connect_packet(version, "intruder", true)
+        };
+        let mut bytes = bytes::BytesMut::new();
+        raftmq_codec::encode(&Packet::Connect(Box::new(connect)), version, &mut bytes)
+            .expect("encode");
+        // Pipelined after the CONNECT: must not be answered.
+        raftmq_codec::encode(&Packet::PingReq, version, &mut bytes).expect("encode");
+        let mut c = RawClient::connect(broker.mqtt, version).await;
+        c.send_bytes(&bytes).await;
+        let seen = c.expect_closed().await;
+        let [Packet::ConnAck(ack)] = &seen[..] else {
+            panic!("{version:?}: expected only CONNACK, got {seen:?}")
+        };
+        assert!(!ack.session_present);
+        assert_eq!(ack.reason_code.to_v3_connack(), 5, "{version:?}");
+        if version.is_v5() {
+            assert_eq!(ack.reason_code, ReasonCode::NOT_AUTHORIZED);
+        }
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-3.3.5-2]
+/// Conformance (5.0): [MQTT-3.4.2-1] [MQTT-3.5.2-1] [MQTT-4.3.3-9]
+#[tokio::test]
+async fn unauthorized_publishes_are_acknowledged_and_not_delivered() {
+    let broker = guarded_broker().await;
+    for version in [V3, V5] {
+        let mut s = RawClient::connected(broker.mqtt, version, "guard-sub").await;
+        s.subscribe("#", QoS::AtLeastOnce).await;
+        let mut p = RawClient::connected(broker.mqtt, version, "guard-pub").await;
+        let denied = if version.is_v5() {
+            ReasonCode::NOT_AUTHORIZED
+        } else {
+            ReasonCode::SUCCESS // MQTT 3 cannot say no: a positive acknowledgement
+        };
+        p.send(&Packet::Publish(publish_packet(
+            "secret/a",
+            QoS::AtLeastOnce,
+            1,
+            b"no",
+        )))
+        .await;
+        let expected = PubResponse {
+            reason_code: denied,
+            ..PubResponse::success(pid(1))
+        };
+        assert_eq!(p.recv().await, Some(Packet::PubAck(expected)));
+        if version.is_v5() {
+            // After a PUBREC of 0x80 or more, the same packet id starts a new message.
+            p.send(&Packet::Publish(publish_packet(
+                "secret/b",
+                QoS::ExactlyOnce,
+                2,
+                b"no",
+            )))
+            .await;
+            let refused = PubResponse {
+                reason_code: ReasonCode::NOT_AUTHORIZED,
+                ..PubResponse::success(pid(2))
+            };
+            assert_eq!(p.recv().await, Some(Packet::PubRec(refused)));
+            publish_exactly_once(
+                &mut p,
+                publish_packet("open/b", QoS::ExactlyOnce, 2, b"yes"),
+            )
+            .await;
+            let got = s.recv_publish().await;
+            assert_eq!(
+                (got.topic.as_str(), &got.payload[..]),
+                ("open/b", &b"yes"[..])
+            );
+            s.send(&Packet::PubAck(PubResponse::success(
+                got.packet_id.expect("QoS 1"),
+            )))
+            .await;
+        }
+        assert_next_is_sentinel(&mut p, &mut s, "open/a", 3).await;
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-3.1.3-9]
+/// Conformance (5.0): [MQTT-3.1.3-8] [MQTT-4.12.0-1]
+#[tokio::test]
+async fn refused_client_ids_and_authentication_methods_get_connack_and_close() {
+    let broker = TestBroker::with_config(MqttConfig {
+        allow_empty_client_id: false,
+        ..Default::default()
+    })
+    .await;
+    for version in [V3, V5] {
+        let (mut c, ack) =
+            RawClient::handshake(broker.mqtt, connect_packet(version, "", true)).await;
+        assert_eq!(ack.reason_code.to_v3_connack(), 2, "{version:?}");
+        if version.is_v5() {
+            assert_eq!(ack.reason_code, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+        }
+        assert_eq!(c.expect_closed().await, []);
+    }
+    // No enhanced authentication method is supported.
+    let connect = Connect {
+        properties: ConnectProperties {
+            authentication_method: Some("SCRAM-SHA-1".into()),
+            ..Default::default()
+        },
+        ..connect_packet(V5, "scram", true)
+    };
+    let (mut c, ack) = RawClient::handshake(broker.mqtt, connect).await;
+    assert_eq!(ack.reason_code, ReasonCode::BAD_AUTHENTICATION_METHOD);
+    assert_eq!(c.expect_closed().await, []);
+}
+
+/// Conformance (5.0): [MQTT-3.1.2-28] [MQTT-3.1.3-10] [MQTT-3.3.2-3] [MQTT-3.3.2-4]
+/// Conformance (5.0): [MQTT-3.3.2-12] [MQTT-3.3.2-15] [MQTT-3.3.2-16] [MQTT-3.3.2-17]
+/// Conformance (5.0): [MQTT-3.3.2-18] [MQTT-3.3.2-20] [MQTT-4.12.0-6]
+#[tokio::test]
+async fn v5_message_properties_are_forwarded_unaltered_and_in_order() {
+    let broker = TestBroker::start().await;
+    let mut s = RawClient::connected(broker.mqtt, V5, "props-sub").await;
+    s.subscribe("props/#", QoS::AtLeastOnce).await;
+    let user_properties: Vec<(raftmq_codec::ByteStr, raftmq_codec::ByteStr)> =
+        [("z", "1"), ("a", "2"), ("z", "0")]
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+    let properties = raftmq_codec::PublishProperties {
+        payload_format_indicator: Some(true),
+        response_topic: Some("reply/here".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00corr\xFF")),
+        user_properties: user_properties.clone(),
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    let expected = |p: &raftmq_codec::PublishProperties| {
+        (
+            p.payload_format_indicator,
+            p.response_topic.clone(),
+            p.correlation_data.clone(),
+            p.user_properties.clone(),
+            p.content_type.clone(),
+        )
+    };
+
+    // A PUBLISH using the largest topic alias the server allows.
+    let (mut p, ack) =
+        RawClient::handshake(broker.mqtt, connect_packet(V5, "props-pub", true)).await;
+    assert_eq!(
+        (
+            &ack.properties.response_information,
+            &ack.properties.authentication_method
+        ),
+        (&None, &None),
+        "nothing was requested"
+    );
+    let alias = ack.properties.topic_alias_maximum.expect("aliases allowed");
+    assert!(alias > 0);
+    let mut publish = publish_packet("props/a", QoS::AtLeastOnce, 1, b"body");
+    publish.properties = raftmq_codec::PublishProperties {
+        topic_alias: Some(alias),
+        ..properties.clone()
+    };
+    publish_acked(&mut p, publish).await;
+    let got = s.recv_publish().await;
+    assert_eq!(got.topic.as_str(), "props/a");
+    assert_eq!(expected(&got.properties), expected(&properties));
+    s.send(&Packet::PubAck(PubResponse::success(
+        got.packet_id.expect("QoS 1"),
+    )))
+    .await;
+
+    // A will carries the same properties.
+    let connect = Connect {
+        will: Some(Will {
+            topic: "props/will".into(),
+            payload: "gone".into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: WillProperties {
+                payload_format_indicator: Some(true),
+                response_topic: Some("reply/here".into()),
+                correlation_data: Some(bytes::Bytes::from_static(b"\x00corr\xFF")),
+                user_properties,
+                content_type: Some("text/plain".into()),
+                ..Default::default()
+            },
+        }),
+        ..connect_packet(V5, "props-will", true)
+    };
+    let (c, _) = RawClient::handshake(broker.mqtt, connect).await;
+    drop(c);
+    let got = s.recv_publish().await;
+    assert_eq!(got.topic.as_str(), "props/will");
+    assert_eq!(expected(&got.properties), expected(&properties));
+}
+
+/// Conformance (5.0): [MQTT-4.8.2-1] [MQTT-4.8.2-2] [MQTT-4.8.2-3]
+#[tokio::test]
+async fn shared_subscription_filters_need_a_share_name_and_a_filter_and_keep_the_granted_qos() {
+    let broker = TestBroker::start().await;
+    let mut m = RawClient::connected(broker.mqtt, V5, "member").await;
+    let filters = [
+        ("$share/g/jobs/+", QoS::AtMostOnce),
+        ("$share//jobs", QoS::AtMostOnce),
+        ("$share/g+/jobs", QoS::AtMostOnce),
+        ("$share/g#/jobs", QoS::AtMostOnce),
+        ("$share/g/", QoS::AtMostOnce),
+        ("$share/g", QoS::AtMostOnce),
+    ];
+    m.send(&subscribe_packet(1, &filters)).await;
+    let invalid = ReasonCode::TOPIC_FILTER_INVALID;
+    match m.recv().await {
+        Some(Packet::SubAck(ack)) => assert_eq!(
+            ack.reason_codes,
+            [
+                ReasonCode::GRANTED_QOS_0,
+                invalid,
+                invalid,
+                invalid,
+                invalid,
+                invalid
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // The member granted QoS 0 gets a QoS 2 message at QoS 0.
+    let mut p = RawClient::connected(broker.mqtt, V5, "jobs-pub").await;
+    publish_exactly_once(
+        &mut p,
+        publish_packet("jobs/1", QoS::ExactlyOnce, 1, b"job"),
+    )
+    .await;
+    let got = m.recv_publish().await;
+    assert_eq!((&got.payload[..], got.qos), (&b"job"[..], QoS::AtMostOnce));
+}
