@@ -62,6 +62,8 @@ async fn rejects_with(config: MqttConfig, bytes: &[u8], code: ReasonCode) {
     assert_broker_serves(broker.mqtt).await;
 }
 
+/// Conformance (3.1.1): [MQTT-4.8.0-1]
+/// Conformance (5.0): [MQTT-4.13.1-1]
 #[tokio::test]
 async fn malformed_remaining_length_closes_the_connection() {
     rejects(
@@ -71,6 +73,8 @@ async fn malformed_remaining_length_closes_the_connection() {
     .await;
 }
 
+/// Conformance (3.1.1): [MQTT-2.2.2-2] [MQTT-3.8.1-1] [MQTT-4.8.0-1]
+/// Conformance (5.0): [MQTT-2.1.3-1] [MQTT-3.8.1-1] [MQTT-4.13.1-1]
 #[tokio::test]
 async fn reserved_fixed_header_flags_close_the_connection() {
     // PINGREQ with flags 0001.
@@ -83,6 +87,8 @@ async fn reserved_fixed_header_flags_close_the_connection() {
     .await;
 }
 
+/// Conformance (3.1.1): [MQTT-1.5.3-2] [MQTT-4.7.3-2]
+/// Conformance (5.0): [MQTT-1.5.4-2] [MQTT-4.7.3-2]
 #[tokio::test]
 async fn null_character_in_topic_closes_the_connection() {
     for version in [V3, V5] {
@@ -94,6 +100,8 @@ async fn null_character_in_topic_closes_the_connection() {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-1.5.3-1] [MQTT-3.3.2-1]
+/// Conformance (5.0): [MQTT-1.5.4-1] [MQTT-3.3.2-1]
 #[tokio::test]
 async fn invalid_utf8_in_topic_closes_the_connection() {
     for version in [V3, V5] {
@@ -106,6 +114,8 @@ async fn invalid_utf8_in_topic_closes_the_connection() {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-3.3.2-2] [MQTT-4.7.1-1] [MQTT-4.8.0-1]
+/// Conformance (5.0): [MQTT-3.3.2-2] [MQTT-4.7.0-1]
 #[tokio::test]
 async fn wildcard_in_publish_topic_closes_the_connection() {
     for version in [V3, V5] {
@@ -117,6 +127,7 @@ async fn wildcard_in_publish_topic_closes_the_connection() {
     }
 }
 
+/// Conformance (5.0): [MQTT-3.14.2-1] [MQTT-3.14.4-1] [MQTT-3.14.4-2] [MQTT-4.13.2-1]
 #[tokio::test]
 async fn packet_larger_than_maximum_packet_size_closes_with_0x95() {
     let config = MqttConfig {
@@ -136,6 +147,8 @@ async fn packet_larger_than_maximum_packet_size_closes_with_0x95() {
     assert_broker_serves(broker.mqtt).await;
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.0-1]
+/// Conformance (5.0): [MQTT-3.1.0-1]
 #[tokio::test]
 async fn first_packet_other_than_connect_closes_the_connection() {
     let broker = TestBroker::start().await;
@@ -145,6 +158,8 @@ async fn first_packet_other_than_connect_closes_the_connection() {
     assert_broker_serves(broker.mqtt).await;
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-2]
+/// Conformance (5.0): [MQTT-3.1.2-1] [MQTT-3.1.2-2] [MQTT-3.2.2-7] [MQTT-3.2.2-8]
 #[tokio::test]
 async fn unsupported_protocol_level_gets_connack_in_the_clients_format() {
     let broker = TestBroker::start().await;
@@ -177,6 +192,8 @@ async fn unsupported_protocol_level_gets_connack_in_the_clients_format() {
     );
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.3-8] [MQTT-3.2.2-5]
+/// Conformance (5.0): [MQTT-3.1.3-7] [MQTT-3.2.2-16]
 #[tokio::test]
 async fn empty_client_id_with_clean_session_0_is_refused_on_v311() {
     let broker = TestBroker::start().await;
@@ -192,6 +209,8 @@ async fn empty_client_id_with_clean_session_0_is_refused_on_v311() {
     );
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.0-2]
+/// Conformance (5.0): [MQTT-3.1.0-2] [MQTT-3.2.0-2] [MQTT-3.14.4-1] [MQTT-3.14.4-2]
 #[tokio::test]
 async fn second_connect_closes_the_connection() {
     let broker = TestBroker::start().await;
@@ -205,6 +224,8 @@ async fn second_connect_closes_the_connection() {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-3.3.1-5] [MQTT-3.3.1-6] [MQTT-3.3.1-8] [MQTT-3.3.1-9] [MQTT-3.3.1-10]
+/// Conformance (3.1.1): [MQTT-3.3.1-11]
 #[tokio::test]
 async fn retained_message_is_set_replaced_and_deleted_for_later_subscribers() {
     let broker = TestBroker::start().await;
@@ -303,11 +324,15 @@ async fn persistent_session_round_trip(connect: Connect) {
     assert_eq!(&c.recv_publish().await.payload[..], b"live");
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-4] [MQTT-3.1.2-5] [MQTT-3.1.3-2] [MQTT-3.1.4-3] [MQTT-3.2.0-1]
+/// Conformance (3.1.1): [MQTT-3.2.2-2] [MQTT-3.2.2-3] [MQTT-4.1.0-1] [MQTT-4.5.0-1]
 #[tokio::test]
 async fn v311_persistent_session_keeps_subscriptions_and_queues_messages_while_offline() {
     persistent_session_round_trip(connect_packet(V3, "persist-3", false)).await;
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-5] [MQTT-3.1.2-6] [MQTT-3.1.2-23] [MQTT-3.1.3-2] [MQTT-3.1.4-4]
+/// Conformance (5.0): [MQTT-3.2.0-1] [MQTT-3.2.2-3] [MQTT-4.5.0-1]
 #[tokio::test]
 async fn v5_session_expiry_keeps_subscriptions_and_queues_messages_while_offline() {
     let connect = Connect {
@@ -320,6 +345,9 @@ async fn v5_session_expiry_keeps_subscriptions_and_queues_messages_while_offline
     persistent_session_round_trip(connect).await;
 }
 
+/// Conformance (3.1.1): [MQTT-2.3.1-6] [MQTT-3.3.4-1] [MQTT-4.3.3-1] [MQTT-4.3.3-2]
+/// Conformance (5.0): [MQTT-2.2.1-5] [MQTT-3.3.4-1] [MQTT-3.5.2-1] [MQTT-3.6.2-1] [MQTT-3.7.2-1]
+/// Conformance (5.0): [MQTT-4.3.3-4] [MQTT-4.3.3-8] [MQTT-4.3.3-10] [MQTT-4.3.3-11]
 #[tokio::test]
 async fn qos2_is_delivered_exactly_once_in_both_directions() {
     for version in [V3, V5] {
@@ -456,6 +484,8 @@ async fn mqtt_3_1_resends_with_dup_are_answered_not_disconnected() {
     strict.expect_disconnect(ReasonCode::MALFORMED_PACKET).await;
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.4-2]
+/// Conformance (5.0): [MQTT-3.1.4-3]
 #[tokio::test]
 async fn takeover_disconnects_the_old_connection_and_the_new_one_receives() {
     let broker = TestBroker::start().await;
@@ -488,6 +518,7 @@ async fn takeover_disconnects_the_old_connection_and_the_new_one_receives() {
     assert_eq!(old3.expect_closed().await, []);
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-22]
 #[tokio::test]
 async fn keep_alive_timeout_disconnects_with_0x8d() {
     let broker = TestBroker::start().await;
@@ -504,6 +535,7 @@ async fn keep_alive_timeout_disconnects_with_0x8d() {
     c.expect_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT).await;
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-8]
 #[tokio::test]
 async fn delayed_will_is_published_by_the_broker_timer() {
     let broker = TestBroker::start().await;
@@ -635,6 +667,7 @@ fn received_qos0(broker: &TestBroker) -> u64 {
     broker.broker.stats().messages_received[0].load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Conformance (3.1.1): [MQTT-4.6.0-5] [MQTT-4.6.0-6] [MQTT-7.1.1-1]
 #[tokio::test]
 async fn a_slow_subscriber_slows_its_publisher_down_instead_of_losing_qos0_messages() {
     // The longest pause allowed: a machine busy with other tests must not make the steady
@@ -802,14 +835,14 @@ async fn assert_next_is_sentinel(p: &mut RawClient, sub: &mut RawClient, topic: 
 }
 
 /// Conformance (3.1.1): [MQTT-2.3.1-7] [MQTT-3.8.4-1] [MQTT-3.8.4-2] [MQTT-3.8.4-4] [MQTT-3.8.4-5]
-/// Conformance (3.1.1): [MQTT-3.9.3-1] [MQTT-3.9.3-2] [MQTT-4.7.1-2] [MQTT-4.7.1-3] [MQTT-4.7.3-1]
-/// Conformance (3.1.1): [MQTT-3.10.4-1] [MQTT-3.10.4-2] [MQTT-3.10.4-4] [MQTT-3.10.4-5]
-/// Conformance (3.1.1): [MQTT-3.10.4-6] [MQTT-3.12.4-1] [MQTT-4.7.3-4]
+/// Conformance (3.1.1): [MQTT-3.9.3-1] [MQTT-3.9.3-2] [MQTT-3.10.4-1] [MQTT-3.10.4-2]
+/// Conformance (3.1.1): [MQTT-3.10.4-4] [MQTT-3.10.4-5] [MQTT-3.10.4-6] [MQTT-3.12.4-1]
+/// Conformance (3.1.1): [MQTT-4.7.1-2] [MQTT-4.7.1-3] [MQTT-4.7.3-1] [MQTT-4.7.3-4]
 /// Conformance (5.0): [MQTT-2.2.1-6] [MQTT-3.8.4-1] [MQTT-3.8.4-2] [MQTT-3.8.4-5] [MQTT-3.8.4-6]
-/// Conformance (5.0): [MQTT-3.8.4-7] [MQTT-3.9.3-1] [MQTT-3.9.3-2] [MQTT-4.7.1-1] [MQTT-4.7.1-2]
-/// Conformance (5.0): [MQTT-4.7.3-1] [MQTT-3.10.4-1] [MQTT-3.10.4-2] [MQTT-3.10.4-4]
-/// Conformance (5.0): [MQTT-3.10.4-5] [MQTT-3.10.4-6] [MQTT-3.11.3-1] [MQTT-3.11.3-2]
-/// Conformance (5.0): [MQTT-3.12.4-1] [MQTT-4.7.3-4]
+/// Conformance (5.0): [MQTT-3.8.4-7] [MQTT-3.9.3-1] [MQTT-3.9.3-2] [MQTT-3.10.4-1] [MQTT-3.10.4-2]
+/// Conformance (5.0): [MQTT-3.10.4-4] [MQTT-3.10.4-5] [MQTT-3.10.4-6] [MQTT-3.11.3-1]
+/// Conformance (5.0): [MQTT-3.11.3-2] [MQTT-3.12.4-1] [MQTT-4.7.1-1] [MQTT-4.7.1-2] [MQTT-4.7.3-1]
+/// Conformance (5.0): [MQTT-4.7.3-4]
 #[tokio::test]
 async fn subscribe_and_unsubscribe_are_answered_per_filter_in_order() {
     let broker = TestBroker::start().await;
@@ -970,7 +1003,7 @@ async fn incoming_dup_flag_is_not_forwarded_and_an_acknowledged_packet_id_is_a_n
     }
 }
 
-/// Conformance (3.1.1): [MQTT-3.1.2-6] [MQTT-3.1.2-7] [MQTT-3.2.2-1] [MQTT-4.1.0-2]
+/// Conformance (3.1.1): [MQTT-3.1.2-6] [MQTT-3.1.2-7] [MQTT-3.1.4-3] [MQTT-3.2.2-1] [MQTT-4.1.0-2]
 #[tokio::test]
 async fn v311_clean_session_discards_the_stored_session_but_not_retained_messages() {
     let broker = TestBroker::start().await;
@@ -1018,8 +1051,8 @@ async fn v311_clean_session_discards_the_stored_session_but_not_retained_message
 
 /// Conformance (3.1.1): [MQTT-3.1.2-8] [MQTT-3.1.2-10] [MQTT-3.1.2-12] [MQTT-3.1.2-16]
 /// Conformance (3.1.1): [MQTT-3.1.2-17] [MQTT-3.14.4-3]
-/// Conformance (5.0): [MQTT-3.1.2-7] [MQTT-3.1.2-8] [MQTT-3.1.2-10] [MQTT-3.1.2-14]
-/// Conformance (5.0): [MQTT-3.1.2-15] [MQTT-3.14.4-3]
+/// Conformance (5.0): [MQTT-3.1.2-7] [MQTT-3.1.2-8] [MQTT-3.1.2-10] [MQTT-3.1.2-14] [MQTT-3.1.2-15]
+/// Conformance (5.0): [MQTT-3.14.4-3]
 #[tokio::test]
 async fn wills_are_published_only_when_set_and_never_after_disconnect() {
     for version in [V3, V5] {
@@ -1075,8 +1108,9 @@ async fn wills_are_published_only_when_set_and_never_after_disconnect() {
 }
 
 /// Conformance (3.1.1): [MQTT-2.3.1-4] [MQTT-3.3.1-1] [MQTT-4.3.2-1] [MQTT-4.3.3-1] [MQTT-4.4.0-1]
-/// Conformance (5.0): [MQTT-3.3.1-1] [MQTT-4.3.2-1] [MQTT-4.3.2-2] [MQTT-4.3.2-3] [MQTT-4.3.3-3]
-/// Conformance (5.0): [MQTT-4.3.3-5] [MQTT-4.3.3-6] [MQTT-4.4.0-1]
+/// Conformance (5.0): [MQTT-2.2.1-4] [MQTT-3.3.1-1] [MQTT-4.3.2-1] [MQTT-4.3.2-2] [MQTT-4.3.2-3]
+/// Conformance (5.0): [MQTT-4.3.3-1] [MQTT-4.3.3-2] [MQTT-4.3.3-3] [MQTT-4.3.3-4] [MQTT-4.3.3-5]
+/// Conformance (5.0): [MQTT-4.3.3-6] [MQTT-4.4.0-1]
 #[tokio::test]
 async fn unacknowledged_deliveries_are_resent_with_dup_and_their_ids_after_reconnecting() {
     for version in [V3, V5] {
@@ -1185,8 +1219,8 @@ async fn empty_client_ids_get_distinct_sessions_on_v311() {
     assert_next_is_sentinel(&mut p, &mut b, "b", 2).await;
 }
 
-/// Conformance (3.1.1): [MQTT-3.1.4-1] [MQTT-3.2.2-6]
-/// Conformance (5.0): [MQTT-3.1.4-1]
+/// Conformance (3.1.1): [MQTT-3.1.2-3] [MQTT-3.1.4-1] [MQTT-3.2.2-6]
+/// Conformance (5.0): [MQTT-3.1.2-3] [MQTT-3.1.4-1] [MQTT-3.14.0-1]
 #[tokio::test]
 async fn malformed_connect_is_closed_without_connack() {
     let broker = TestBroker::start().await;
@@ -1257,7 +1291,8 @@ async fn retained_messages_survive_plain_publishes_and_qos0_retain_replaces_them
 }
 
 /// Conformance (3.1.1): [MQTT-3.8.3-2]
-/// Conformance (5.0): [MQTT-3.2.2-9] [MQTT-3.2.2-10] [MQTT-3.2.2-12] [MQTT-3.2.2-13]
+/// Conformance (5.0): [MQTT-3.2.2-6] [MQTT-3.2.2-7] [MQTT-3.2.2-8] [MQTT-3.2.2-9] [MQTT-3.2.2-10]
+/// Conformance (5.0): [MQTT-3.2.2-12] [MQTT-3.2.2-13] [MQTT-3.8.4-7] [MQTT-4.13.2-1]
 #[tokio::test]
 async fn features_turned_off_are_announced_and_refused() {
     let config = MqttConfig {
@@ -1443,7 +1478,7 @@ async fn unauthorized_publishes_are_acknowledged_and_not_delivered() {
 }
 
 /// Conformance (3.1.1): [MQTT-3.1.3-9]
-/// Conformance (5.0): [MQTT-3.1.3-8] [MQTT-4.12.0-1]
+/// Conformance (5.0): [MQTT-3.1.3-8] [MQTT-3.2.2-8] [MQTT-4.12.0-1]
 #[tokio::test]
 async fn refused_client_ids_and_authentication_methods_get_connack_and_close() {
     let broker = TestBroker::with_config(MqttConfig {
@@ -1473,9 +1508,9 @@ async fn refused_client_ids_and_authentication_methods_get_connack_and_close() {
     assert_eq!(c.expect_closed().await, []);
 }
 
-/// Conformance (5.0): [MQTT-3.1.2-28] [MQTT-3.1.3-10] [MQTT-3.3.2-3] [MQTT-3.3.2-4]
-/// Conformance (5.0): [MQTT-3.3.2-12] [MQTT-3.3.2-15] [MQTT-3.3.2-16] [MQTT-3.3.2-17]
-/// Conformance (5.0): [MQTT-3.3.2-18] [MQTT-3.3.2-20] [MQTT-4.12.0-6]
+/// Conformance (5.0): [MQTT-3.1.2-28] [MQTT-3.1.3-10] [MQTT-3.3.2-3] [MQTT-3.3.2-4] [MQTT-3.3.2-12]
+/// Conformance (5.0): [MQTT-3.3.2-15] [MQTT-3.3.2-16] [MQTT-3.3.2-17] [MQTT-3.3.2-18]
+/// Conformance (5.0): [MQTT-3.3.2-20] [MQTT-4.12.0-6]
 #[tokio::test]
 async fn v5_message_properties_are_forwarded_unaltered_and_in_order() {
     let broker = TestBroker::start().await;
@@ -1594,4 +1629,64 @@ async fn shared_subscription_filters_need_a_share_name_and_a_filter_and_keep_the
     .await;
     let got = m.recv_publish().await;
     assert_eq!((&got.payload[..], got.qos), (&b"job"[..], QoS::AtMostOnce));
+}
+
+/// Conformance (5.0): [MQTT-3.3.4-10] [MQTT-4.9.0-3]
+#[tokio::test]
+async fn a_full_receive_window_holds_back_publishes_only() {
+    let broker = TestBroker::start().await;
+    let connect = Connect {
+        properties: ConnectProperties {
+            receive_maximum: Some(1),
+            ..Default::default()
+        },
+        ..connect_packet(V5, "window", true)
+    };
+    let (mut s, _) = RawClient::handshake(broker.mqtt, connect).await;
+    s.subscribe("w", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(broker.mqtt, V5, "window-pub").await;
+    for (id, payload) in [(1, &b"first"[..]), (2, b"second")] {
+        publish_acked(&mut p, publish_packet("w", QoS::AtLeastOnce, id, payload)).await;
+    }
+    let first = s.recv_publish().await;
+    assert_eq!(&first.payload[..], b"first");
+    // The window is full ("second" waits), yet other packets are answered at once.
+    s.send(&Packet::PingReq).await;
+    assert_eq!(s.recv().await, Some(Packet::PingResp));
+    s.send(&subscribe_packet(9, &[("other", QoS::AtMostOnce)]))
+        .await;
+    assert!(
+        matches!(s.recv().await, Some(Packet::SubAck(ack)) if ack.packet_id == pid(9)),
+        "SUBACK held back by the full window"
+    );
+    s.send(&Packet::PubAck(PubResponse::success(
+        first.packet_id.expect("QoS 1"),
+    )))
+    .await;
+    assert_eq!(&s.recv_publish().await.payload[..], b"second");
+}
+
+/// Conformance (5.0): [MQTT-4.4.0-2]
+#[tokio::test]
+async fn a_delivery_refused_with_an_error_puback_is_not_resent() {
+    let broker = TestBroker::start().await;
+    let (mut s, _) = RawClient::handshake(broker.mqtt, persistent_connect(V5, "refuser")).await;
+    s.subscribe("e", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(broker.mqtt, V5, "refuser-pub").await;
+    publish_acked(
+        &mut p,
+        publish_packet("e", QoS::AtLeastOnce, 1, b"unwanted"),
+    )
+    .await;
+    let got = s.recv_publish().await;
+    s.send(&Packet::PubAck(PubResponse {
+        reason_code: ReasonCode::UNSPECIFIED_ERROR,
+        ..PubResponse::success(got.packet_id.expect("QoS 1"))
+    }))
+    .await;
+    barrier(&mut s).await;
+    drop(s);
+    let (mut s, ack) = RawClient::handshake(broker.mqtt, persistent_connect(V5, "refuser")).await;
+    assert!(ack.session_present);
+    assert_next_is_sentinel(&mut p, &mut s, "e", 2).await;
 }

@@ -580,6 +580,8 @@ fn vectors() -> Vec<Vector> {
     vectors
 }
 
+/// Conformance (3.1.1): [MQTT-2.2.2-1] [MQTT-3.1.3-1]
+/// Conformance (5.0): [MQTT-2.2.2-1] [MQTT-3.1.3-1] [MQTT-3.2.2-1]
 #[test]
 fn spec_vectors_decode_to_their_packet_and_encode_back_to_the_same_bytes() {
     for vector in vectors() {
@@ -647,6 +649,10 @@ fn v5_connack_with_properties(properties: &[u8]) -> Vec<u8> {
 const MALFORMED: ReasonCode = ReasonCode::MALFORMED_PACKET;
 const PROTOCOL_ERROR: ReasonCode = ReasonCode::PROTOCOL_ERROR;
 
+/// Conformance (3.1.1): [MQTT-2.2.2-1] [MQTT-3.3.1-2] [MQTT-3.3.1-4] [MQTT-3.6.1-1] [MQTT-3.8.1-1]
+/// Conformance (3.1.1): [MQTT-3.10.1-1] [MQTT-3.14.1-1]
+/// Conformance (5.0): [MQTT-1.5.5-1] [MQTT-2.1.3-1] [MQTT-3.3.1-2] [MQTT-3.3.1-4] [MQTT-3.6.1-1]
+/// Conformance (5.0): [MQTT-3.8.1-1] [MQTT-3.10.1-1] [MQTT-3.14.1-1] [MQTT-3.15.1-1]
 #[test]
 #[rustfmt::skip]
 fn fixed_header_violations_are_malformed() {
@@ -716,6 +722,8 @@ fn mqtt_3_1_pubrel_subscribe_and_unsubscribe_may_carry_dup() {
 
 /// The DUP bit (and any flags other than 0010) on PUBREL, SUBSCRIBE and UNSUBSCRIBE
 /// stay malformed at levels 4 and 5, and level 3 accepts only 0010 and 1010.
+/// Conformance (3.1.1): [MQTT-2.2.2-1] [MQTT-3.6.1-1] [MQTT-3.8.1-1]
+/// Conformance (5.0): [MQTT-2.1.3-1] [MQTT-3.6.1-1] [MQTT-3.8.1-1]
 #[test]
 #[rustfmt::skip]
 fn pubrel_subscribe_and_unsubscribe_flags_are_strict_except_dup_in_3_1() {
@@ -752,6 +760,8 @@ fn fixed_header_errors_are_reported_from_the_first_byte_alone() {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-2.3.1-1] [MQTT-3.1.3-3]
+/// Conformance (5.0): [MQTT-3.1.3-3]
 #[test]
 #[rustfmt::skip]
 fn packet_bodies_must_be_consumed_exactly() {
@@ -778,6 +788,13 @@ fn packet_bodies_must_be_consumed_exactly() {
     ]);
 }
 
+/// Conformance (3.1.1): [MQTT-1.5.3-1] [MQTT-1.5.3-2] [MQTT-3.1.3-4] [MQTT-3.1.3-10]
+/// Conformance (3.1.1): [MQTT-3.1.3-11] [MQTT-3.3.2-1] [MQTT-3.3.2-2] [MQTT-3.8.3-1]
+/// Conformance (3.1.1): [MQTT-3.10.3-1] [MQTT-4.7.1-1] [MQTT-4.7.3-1] [MQTT-4.7.3-2]
+/// Conformance (5.0): [MQTT-1.5.4-1] [MQTT-1.5.4-2] [MQTT-1.5.7-1] [MQTT-3.1.3-4] [MQTT-3.1.3-11]
+/// Conformance (5.0): [MQTT-3.1.3-12] [MQTT-3.3.2-1] [MQTT-3.3.2-2] [MQTT-3.3.2-13] [MQTT-3.3.2-14]
+/// Conformance (5.0): [MQTT-3.3.2-19] [MQTT-3.8.3-1] [MQTT-3.10.3-1] [MQTT-4.7.0-1] [MQTT-4.7.3-1]
+/// Conformance (5.0): [MQTT-4.7.3-2]
 #[test]
 #[rustfmt::skip]
 fn invalid_strings_and_topic_names_are_rejected() {
@@ -814,6 +831,10 @@ fn invalid_strings_and_topic_names_are_rejected() {
     ]);
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-1] [MQTT-3.1.2-3] [MQTT-3.1.2-11] [MQTT-3.1.2-13]
+/// Conformance (3.1.1): [MQTT-3.1.2-14] [MQTT-3.1.2-15] [MQTT-3.1.2-22]
+/// Conformance (5.0): [MQTT-3.1.2-1] [MQTT-3.1.2-3] [MQTT-3.1.2-11] [MQTT-3.1.2-12] [MQTT-3.1.2-13]
+/// Conformance (5.0): [MQTT-3.1.4-1]
 #[test]
 #[rustfmt::skip]
 fn connect_violations_are_rejected() {
@@ -853,6 +874,7 @@ fn connect_violations_are_rejected() {
     ]);
 }
 
+/// Conformance (5.0): [MQTT-1.5.5-1]
 #[test]
 #[rustfmt::skip]
 fn property_violations_are_rejected() {
@@ -901,6 +923,8 @@ fn property_violations_are_rejected() {
     ]);
 }
 
+/// Conformance (3.1.1): [MQTT-3.8.3-3] [MQTT-3.8.3-4] [MQTT-3.10.3-2]
+/// Conformance (5.0): [MQTT-3.8.3-2] [MQTT-3.8.3-5] [MQTT-3.10.3-2]
 #[test]
 #[rustfmt::skip]
 fn subscribe_and_unsubscribe_violations_are_rejected() {
@@ -1028,6 +1052,7 @@ fn a_byte_order_mark_in_a_string_is_kept() {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-22]
 #[test]
 fn password_without_username_is_malformed_in_v311_but_allowed_in_v5() {
     let v311 = connect_bytes(b"MQTT", 4, 0x42, b"\x00\x01a\x00\x01p");
@@ -1043,6 +1068,7 @@ fn password_without_username_is_malformed_in_v311_but_allowed_in_v5() {
     assert_eq!((connect.username, connect.password), (None, Some(b(b"p"))));
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-2]
 #[test]
 fn unsupported_protocol_level_is_reported_before_the_rest_of_connect_is_parsed() {
     // Whatever follows the level (here a reserved flag and no payload), the broker must be able
@@ -1213,6 +1239,7 @@ fn empty_input_is_incomplete() {
 // Encoding
 // ---------------------------------------------------------------------------------------------
 
+/// Conformance (3.1.1): [MQTT-3.9.3-2]
 #[test]
 fn encoding_for_v3_leaves_out_what_only_v5_has() {
     let reason = reason_string("no");
@@ -1290,6 +1317,8 @@ fn encoding_for_v3_leaves_out_what_only_v5_has() {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-2.3.1-5] [MQTT-3.3.1-2] [MQTT-4.3.1-1]
+/// Conformance (5.0): [MQTT-2.2.1-2] [MQTT-3.3.1-2] [MQTT-4.3.1-1]
 #[test]
 fn qos_0_publish_is_encoded_without_dup_flag_or_packet_id() {
     let packet = Packet::Publish(Publish {
@@ -1299,6 +1328,8 @@ fn qos_0_publish_is_encoded_without_dup_flag_or_packet_id() {
     assert_eq!(encode_to_vec(&packet, V311), b"\x30\x03\x00\x01t");
 }
 
+/// Conformance (3.1.1): [MQTT-4.7.3-3]
+/// Conformance (5.0): [MQTT-4.7.3-3]
 #[test]
 fn unencodable_packets_fail_and_leave_the_buffer_untouched() {
     let long = ByteStr::from("x".repeat(65_536));
