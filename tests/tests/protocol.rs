@@ -963,8 +963,33 @@ async fn overlapping_subscriptions_deliver_once_at_the_highest_granted_qos() {
         let got = low.recv_publish().await;
         assert_eq!((&got.payload[..], got.qos), (&b"one"[..], QoS::AtMostOnce));
 
-        // Subscribing to "a/#" again replaces that subscription: QoS 1 is now the highest.
-        s.subscribe("a/#", QoS::AtLeastOnce).await;
+        // A retained message, delivered live once...
+        p.send(&Packet::Publish(Publish {
+            retain: true,
+            ..publish_packet("a/r", QoS::AtMostOnce, 0, b"kept")
+        }))
+        .await;
+        let got = s.recv_publish().await;
+        assert_eq!((&got.payload[..], got.retain), (&b"kept"[..], false));
+        // ...and again when subscribing to "a/#" replaces that subscription, whose QoS 1 is now
+        // the highest.
+        // (The server may send matching messages before the SUBACK.)
+        s.send(&subscribe_packet(4, &[("a/#", QoS::AtLeastOnce)]))
+            .await;
+        let (mut suback, mut retained) = (None, None);
+        while suback.is_none() || retained.is_none() {
+            match s.recv().await {
+                Some(Packet::SubAck(ack)) if suback.is_none() => suback = Some(ack),
+                Some(Packet::Publish(p)) if retained.is_none() => retained = Some(p),
+                other => panic!("expected SUBACK and the retained message, got {other:?}"),
+            }
+        }
+        let (suback, retained) = (suback.expect("SUBACK"), retained.expect("retained"));
+        assert_eq!(suback.reason_codes, [ReasonCode::GRANTED_QOS_1]);
+        assert_eq!(
+            (&retained.payload[..], retained.retain),
+            (&b"kept"[..], true)
+        );
         publish_exactly_once(&mut p, publish_packet("a/b", QoS::ExactlyOnce, 2, b"two")).await;
         let got = s.recv_publish().await;
         assert_eq!((&got.payload[..], got.qos), (&b"two"[..], QoS::AtLeastOnce));
@@ -974,6 +999,15 @@ async fn overlapping_subscriptions_deliver_once_at_the_highest_granted_qos() {
         .await;
         // One copy only: the next delivery is the sentinel.
         assert_next_is_sentinel(&mut p, &mut s, "a/c", 3).await;
+        // No retained message for the next round.
+        publish_acked(
+            &mut p,
+            Publish {
+                retain: true,
+                ..publish_packet("a/r", QoS::AtLeastOnce, 4, b"")
+            },
+        )
+        .await;
     }
 }
 
