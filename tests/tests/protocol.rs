@@ -1724,3 +1724,188 @@ async fn a_delivery_refused_with_an_error_puback_is_not_resent() {
     assert!(ack.session_present);
     assert_next_is_sentinel(&mut p, &mut s, "e", 2).await;
 }
+
+/// Conformance (3.1.1): [MQTT-3.10.4-3]
+/// Conformance (5.0): [MQTT-3.10.4-3]
+#[tokio::test]
+async fn unsubscribing_completes_the_deliveries_already_started() {
+    let broker = TestBroker::start().await;
+    for version in [V3, V5] {
+        let mut s = RawClient::connected(broker.mqtt, version, "unsub-sub").await;
+        s.subscribe("u", QoS::ExactlyOnce).await;
+        s.subscribe("v", QoS::AtLeastOnce).await;
+        let mut p = RawClient::connected(broker.mqtt, version, "unsub-pub").await;
+        publish_exactly_once(&mut p, publish_packet("u", QoS::ExactlyOnce, 1, b"started")).await;
+        let got = s.recv_publish().await;
+        let id = got.packet_id.expect("QoS 2");
+        s.send(&Packet::Unsubscribe(Unsubscribe {
+            packet_id: pid(2),
+            properties: Vec::new(),
+            filters: vec!["u".into()],
+        }))
+        .await;
+        assert!(matches!(s.recv().await, Some(Packet::UnsubAck(ack)) if ack.packet_id == pid(2)));
+        // The exchange started before UNSUBSCRIBE goes on to its end.
+        s.send(&Packet::PubRec(PubResponse::success(id))).await;
+        assert_eq!(
+            s.recv().await,
+            Some(Packet::PubRel(PubResponse::success(id)))
+        );
+        s.send(&Packet::PubComp(PubResponse::success(id))).await;
+        // Nothing new is delivered for "u".
+        p.send(&Packet::Publish(publish_packet(
+            "u",
+            QoS::AtMostOnce,
+            0,
+            b"late",
+        )))
+        .await;
+        assert_next_is_sentinel(&mut p, &mut s, "v", 3).await;
+    }
+}
+
+/// Conformance (5.0): [MQTT-4.8.2-4]
+#[tokio::test]
+async fn a_shared_delivery_in_flight_is_completed_when_the_member_reconnects() {
+    let broker = TestBroker::start().await;
+    let (mut m, _) = RawClient::handshake(broker.mqtt, persistent_connect(V5, "sticky")).await;
+    m.subscribe("$share/g/jobs", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connected(broker.mqtt, V5, "sticky-pub").await;
+    publish_acked(&mut p, publish_packet("jobs", QoS::AtLeastOnce, 1, b"job")).await;
+    let first = m.recv_publish().await;
+    assert_eq!((&first.payload[..], first.dup), (&b"job"[..], false));
+    drop(m);
+    let (mut m, ack) = RawClient::handshake(broker.mqtt, persistent_connect(V5, "sticky")).await;
+    assert!(ack.session_present);
+    let again = m.recv_publish().await;
+    assert_eq!(
+        (&again.payload[..], again.dup, again.packet_id),
+        (&b"job"[..], true, first.packet_id)
+    );
+}
+
+/// Waits for the next PUBLISH on either client; returns which one (0 or 1) got it, and it.
+async fn first_of(a: &mut RawClient, b: &mut RawClient) -> (usize, Publish) {
+    tokio::select! {
+        p = a.recv_publish() => (0, p),
+        p = b.recv_publish() => (1, p),
+    }
+}
+
+/// Conformance (5.0): [MQTT-4.8.2-5] [MQTT-4.8.2-6]
+#[tokio::test]
+async fn a_shared_message_refused_or_orphaned_by_its_member_goes_to_no_other_member() {
+    let broker = TestBroker::start().await;
+    let mut members = [
+        RawClient::connected(broker.mqtt, V5, "member-a").await,
+        RawClient::connected(broker.mqtt, V5, "member-b").await,
+    ];
+    for m in &mut members {
+        m.subscribe("$share/g/work", QoS::AtLeastOnce).await;
+    }
+    let mut p = RawClient::connected(broker.mqtt, V5, "work-pub").await;
+
+    // The member that gets "refused" answers PUBACK 0x80: the message is dropped.
+    publish_acked(
+        &mut p,
+        publish_packet("work", QoS::AtLeastOnce, 1, b"refused"),
+    )
+    .await;
+    let [a, b] = &mut members;
+    let (who, got) = first_of(a, b).await;
+    assert_eq!(&got.payload[..], b"refused");
+    let refuser = &mut members[who];
+    refuser
+        .send(&Packet::PubAck(PubResponse {
+            reason_code: ReasonCode::UNSPECIFIED_ERROR,
+            ..PubResponse::success(got.packet_id.expect("QoS 1"))
+        }))
+        .await;
+    barrier(refuser).await;
+    // Round robin: one new message for each member, and nothing else.
+    for id in [2, 3] {
+        publish_acked(
+            &mut p,
+            publish_packet("work", QoS::AtLeastOnce, id, b"next"),
+        )
+        .await;
+    }
+    for m in &mut members {
+        let got = m.recv_publish().await;
+        assert_eq!(
+            &got.payload[..],
+            b"next",
+            "the refused message was sent again"
+        );
+        m.send(&Packet::PubAck(PubResponse::success(
+            got.packet_id.expect("QoS 1"),
+        )))
+        .await;
+    }
+
+    // The member that gets "orphaned" goes away with it unacknowledged: its session ends, and
+    // the message is not handed to the other member.
+    publish_acked(
+        &mut p,
+        publish_packet("work", QoS::AtLeastOnce, 4, b"orphaned"),
+    )
+    .await;
+    let [a, b] = &mut members;
+    let (who, got) = first_of(a, b).await;
+    assert_eq!(&got.payload[..], b"orphaned");
+    let [a, b] = members;
+    let (gone, mut other) = if who == 0 { (a, b) } else { (b, a) };
+    drop(gone);
+    let id = if who == 0 { "member-a" } else { "member-b" };
+    let core = broker.broker.clone();
+    raftmq_tests::wait_until("the member's session ended", || core.session(id).is_none()).await;
+    publish_acked(&mut p, publish_packet("work", QoS::AtLeastOnce, 5, b"last")).await;
+    let got = other.recv_publish().await;
+    assert_eq!(
+        &got.payload[..],
+        b"last",
+        "the orphaned message went to another member"
+    );
+}
+
+/// Conformance (5.0): [MQTT-4.3.3-7] [MQTT-4.3.3-13]
+#[tokio::test]
+async fn message_expiry_does_not_cut_short_a_qos2_exchange_under_way() {
+    let broker = TestBroker::start().await;
+    let expiring = |id, payload: &[u8]| Publish {
+        properties: raftmq_codec::PublishProperties {
+            message_expiry_interval: Some(1),
+            ..Default::default()
+        },
+        ..publish_packet("x", QoS::ExactlyOnce, id, payload)
+    };
+    let (mut s, _) = RawClient::handshake(broker.mqtt, persistent_connect(V5, "slow-ack")).await;
+    s.subscribe("x", QoS::ExactlyOnce).await;
+    let mut p = RawClient::connected(broker.mqtt, V5, "expiring-pub").await;
+
+    // Receiving side: PUBREC, then the message expires, then PUBREL still gets PUBCOMP.
+    p.send(&Packet::Publish(expiring(1, b"a"))).await;
+    assert_eq!(
+        p.recv().await,
+        Some(Packet::PubRec(PubResponse::success(pid(1))))
+    );
+    let sent = s.recv_publish().await;
+    assert_eq!((&sent.payload[..], sent.dup), (&b"a"[..], false));
+    // The expiry interval is what this test is about: let it pass for real.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    p.send(&Packet::PubRel(PubResponse::success(pid(1)))).await;
+    assert_eq!(
+        p.recv().await,
+        Some(Packet::PubComp(PubResponse::success(pid(1))))
+    );
+
+    // Sending side: the PUBLISH sent before it expired is still resent on reconnection.
+    drop(s);
+    let (mut s, ack) = RawClient::handshake(broker.mqtt, persistent_connect(V5, "slow-ack")).await;
+    assert!(ack.session_present);
+    let again = s.recv_publish().await;
+    assert_eq!(
+        (&again.payload[..], again.dup, again.packet_id),
+        (&b"a"[..], true, sent.packet_id)
+    );
+}
