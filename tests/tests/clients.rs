@@ -106,6 +106,7 @@ mod v4 {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-3.3.2-3] [MQTT-3.3.4-1] [MQTT-7.0.0-2] [MQTT-7.1.1-1]
 #[tokio::test]
 async fn rumqttc_v311_pub_sub_at_every_qos_with_wildcards() {
     use rumqttc::QoS;
@@ -148,6 +149,7 @@ async fn rumqttc_v311_pub_sub_at_every_qos_with_wildcards() {
     assert_eq!(got, expected);
 }
 
+/// Conformance (3.1.1): [MQTT-3.3.1-5] [MQTT-3.3.1-6] [MQTT-3.3.1-8]
 #[tokio::test]
 async fn rumqttc_v311_receives_retained_message_on_subscribe() {
     use rumqttc::QoS;
@@ -165,6 +167,7 @@ async fn rumqttc_v311_receives_retained_message_on_subscribe() {
     );
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-4] [MQTT-3.1.2-5]
 #[tokio::test]
 async fn rumqttc_v311_persistent_session_resumes_with_queued_messages() {
     use rumqttc::QoS;
@@ -277,6 +280,7 @@ mod v5 {
     }
 }
 
+/// Conformance (5.0): [MQTT-4.2.0-1]
 #[tokio::test]
 async fn rumqttc_v5_pub_sub_at_qos_1_and_2_with_wildcards() {
     use rumqttc::v5::mqttbytes::QoS;
@@ -302,6 +306,7 @@ async fn rumqttc_v5_pub_sub_at_qos_1_and_2_with_wildcards() {
     );
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-5] [MQTT-3.1.2-23]
 #[tokio::test]
 async fn rumqttc_v5_session_expiry_resumes_with_queued_messages() {
     use rumqttc::v5::mqttbytes::QoS;
@@ -420,11 +425,13 @@ async fn mosquitto_round_trip(version: &str) {
     );
 }
 
+/// Conformance (3.1.1): [MQTT-7.0.0-2]
 #[tokio::test]
 async fn mosquitto_clients_v311_pub_sub_at_qos_1_and_2() {
     mosquitto_round_trip("mqttv311").await;
 }
 
+/// Conformance (5.0): [MQTT-4.2.0-1]
 #[tokio::test]
 async fn mosquitto_clients_v5_pub_sub_at_qos_1_and_2() {
     mosquitto_round_trip("mqttv5").await;
@@ -443,6 +450,7 @@ async fn mosquitto_pub_reaches_mosquitto_sub() {
     assert_eq!(sub_lines(sub).await, ["hello"]);
 }
 
+/// Conformance (3.1.1): [MQTT-3.3.1-5] [MQTT-3.3.1-6]
 #[tokio::test]
 async fn mosquitto_retained_message_reaches_later_subscribers() {
     for version in ["mqttv311", "mqttv5"] {
@@ -472,6 +480,7 @@ async fn mosquitto_retained_message_reaches_later_subscribers() {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-8]
 #[tokio::test]
 async fn mosquitto_sub_will_is_published_when_it_is_killed() {
     for version in ["mqttv311", "mqttv5"] {

@@ -105,8 +105,11 @@ impl FixedHeader {
                     ..header
                 })
             }
+            // Flags 0010 are mandatory [MQTT-2.2.2-1]. MQTT 3.1 sends these packets at QoS 1
+            // and sets DUP when it resends them (3.1 §3.6, §3.8, §3.10), so level 3 also
+            // accepts 1010; levels 4 and 5 do not.
             PacketType::PubRel | PacketType::Subscribe | PacketType::Unsubscribe
-                if flags == 0b0010 =>
+                if flags == 0b0010 || (flags == 0b1010 && version == ProtocolVersion::V3_1) =>
             {
                 Ok(header)
             }

@@ -580,6 +580,8 @@ fn vectors() -> Vec<Vector> {
     vectors
 }
 
+/// Conformance (3.1.1): [MQTT-2.2.2-1] [MQTT-3.1.3-1]
+/// Conformance (5.0): [MQTT-2.2.2-1] [MQTT-3.1.3-1] [MQTT-3.2.2-1]
 #[test]
 fn spec_vectors_decode_to_their_packet_and_encode_back_to_the_same_bytes() {
     for vector in vectors() {
@@ -647,6 +649,10 @@ fn v5_connack_with_properties(properties: &[u8]) -> Vec<u8> {
 const MALFORMED: ReasonCode = ReasonCode::MALFORMED_PACKET;
 const PROTOCOL_ERROR: ReasonCode = ReasonCode::PROTOCOL_ERROR;
 
+/// Conformance (3.1.1): [MQTT-2.2.2-1] [MQTT-3.3.1-2] [MQTT-3.3.1-4] [MQTT-3.6.1-1] [MQTT-3.8.1-1]
+/// Conformance (3.1.1): [MQTT-3.10.1-1] [MQTT-3.14.1-1]
+/// Conformance (5.0): [MQTT-1.5.5-1] [MQTT-2.1.3-1] [MQTT-3.3.1-2] [MQTT-3.3.1-4] [MQTT-3.6.1-1]
+/// Conformance (5.0): [MQTT-3.8.1-1] [MQTT-3.10.1-1] [MQTT-3.14.1-1] [MQTT-3.15.1-1]
 #[test]
 #[rustfmt::skip]
 fn fixed_header_violations_are_malformed() {
@@ -662,11 +668,78 @@ fn fixed_header_violations_are_malformed() {
         ("CONNECT with flags 0001",     V311, vec![0x11, 0x00], flags(PacketType::Connect, 1)),
         ("PINGREQ with flags 1000",     V311, vec![0xC8, 0x00], flags(PacketType::PingReq, 8)),
         ("DISCONNECT with flags 0010",  V5,   vec![0xE2, 0x00], flags(PacketType::Disconnect, 2)),
+        ("3.1.1 DISCONNECT with flags 0001", V311, vec![0xE1, 0x00], flags(PacketType::Disconnect, 1)),
         ("AUTH with flags 0001",        V5,   vec![0xF1, 0x00], flags(PacketType::Auth, 1)),
         ("PUBLISH with QoS 3",          V311, vec![0x36, 0x00], InvalidQoS(3)),
         ("PUBLISH with DUP at QoS 0",   V5,   vec![0x38, 0x00], flags(PacketType::Publish, 8)),
         ("remaining length with a fifth byte",    V311, vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], MalformedRemainingLength),
         ("remaining length not in shortest form", V5,   vec![0xC0, 0x80, 0x00], MalformedRemainingLength),
+    ]);
+}
+
+/// MQTT 3.1 sends PUBREL, SUBSCRIBE and UNSUBSCRIBE at QoS 1 and sets DUP when it resends them
+/// (3.1 §3.6, §3.8, §3.10); the reserved-flags rule of 3.1.1 and 5.0 does not apply to level 3.
+#[test]
+fn mqtt_3_1_pubrel_subscribe_and_unsubscribe_may_carry_dup() {
+    let subscribe = Packet::Subscribe(Subscribe {
+        packet_id: pid(1),
+        properties: SubscribeProperties::default(),
+        filters: vec![SubscribeFilter {
+            filter: s("a"),
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..SubscriptionOptions::default()
+            },
+        }],
+    });
+    let unsubscribe = Packet::Unsubscribe(Unsubscribe {
+        packet_id: pid(1),
+        properties: UserProperties::default(),
+        filters: vec![s("a")],
+    });
+    let pubrel = Packet::PubRel(PubResponse::success(pid(1)));
+    for first in [0x02, 0x0A] {
+        let cases = [
+            (&[0x60 | first, 0x02, 0x00, 0x01][..], &pubrel),
+            (
+                &[0x80 | first, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01][..],
+                &subscribe,
+            ),
+            (
+                &[0xA0 | first, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'][..],
+                &unsubscribe,
+            ),
+        ];
+        for (bytes, packet) in cases {
+            assert_eq!(
+                decode_exactly(bytes, V31).as_ref(),
+                Ok(packet),
+                "3.1 {bytes:02x?}"
+            );
+        }
+    }
+}
+
+/// The DUP bit (and any flags other than 0010) on PUBREL, SUBSCRIBE and UNSUBSCRIBE
+/// stay malformed at levels 4 and 5, and level 3 accepts only 0010 and 1010.
+/// Conformance (3.1.1): [MQTT-2.2.2-1] [MQTT-3.6.1-1] [MQTT-3.8.1-1]
+/// Conformance (5.0): [MQTT-2.1.3-1] [MQTT-3.6.1-1] [MQTT-3.8.1-1]
+#[test]
+#[rustfmt::skip]
+fn pubrel_subscribe_and_unsubscribe_flags_are_strict_except_dup_in_3_1() {
+    use DecodeError::*;
+    let flags = |packet_type, flags| InvalidFlags { packet_type, flags };
+    assert_rejected(MALFORMED, vec![
+        ("3.1.1 PUBREL with DUP",      V311, vec![0x6A, 0x02, 0x00, 0x01], flags(PacketType::PubRel, 0x0A)),
+        ("5.0 PUBREL with DUP",        V5,   vec![0x6A, 0x02, 0x00, 0x01], flags(PacketType::PubRel, 0x0A)),
+        ("3.1.1 SUBSCRIBE with DUP",   V311, vec![0x8A, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01], flags(PacketType::Subscribe, 0x0A)),
+        ("5.0 SUBSCRIBE with DUP",     V5,   vec![0x8A, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x01], flags(PacketType::Subscribe, 0x0A)),
+        ("3.1.1 UNSUBSCRIBE with DUP", V311, vec![0xAA, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'], flags(PacketType::Unsubscribe, 0x0A)),
+        ("5.0 UNSUBSCRIBE with DUP",   V5,   vec![0xAA, 0x06, 0x00, 0x01, 0x00, 0x00, 0x01, b'a'], flags(PacketType::Unsubscribe, 0x0A)),
+        ("3.1 PUBREL with flags 0000", V31,  vec![0x60, 0x02, 0x00, 0x01], flags(PacketType::PubRel, 0x00)),
+        ("3.1 PUBREL with DUP at QoS 0", V31, vec![0x68, 0x02, 0x00, 0x01], flags(PacketType::PubRel, 0x08)),
+        ("3.1 SUBSCRIBE with QoS 2",   V31,  vec![0x84, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01], flags(PacketType::Subscribe, 0x04)),
+        ("3.1 UNSUBSCRIBE with RETAIN", V31, vec![0xA3, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'], flags(PacketType::Unsubscribe, 0x03)),
     ]);
 }
 
@@ -687,6 +760,8 @@ fn fixed_header_errors_are_reported_from_the_first_byte_alone() {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-2.3.1-1] [MQTT-3.1.3-3]
+/// Conformance (5.0): [MQTT-3.1.3-3]
 #[test]
 #[rustfmt::skip]
 fn packet_bodies_must_be_consumed_exactly() {
@@ -703,6 +778,7 @@ fn packet_bodies_must_be_consumed_exactly() {
         ("PUBACK shorter than a packet id", V311, vec![0x40, 0x01, 0x00], Truncated { needed: 1 }),
         ("topic longer than the packet",    V311, vec![0x30, 0x03, 0x00, 0x05, b'a'], Truncated { needed: 4 }),
         ("CONNECT without a client id",     V311, connect_bytes(b"MQTT", 4, 0x02, b""), Truncated { needed: 2 }),
+        ("5.0 CONNECT without a client id", V5,   connect_bytes(b"MQTT", 5, 0x02, b"\x00"), Truncated { needed: 2 }),
         ("property section longer than the packet", V5, vec![0x40, 0x05, 0x00, 0x01, 0x80, 0x05, 0x1F], Truncated { needed: 4 }),
         ("property value crossing the end of the property section",
             V5, vec![0x30, 0x07, 0x00, 0x01, b'a', 0x02, 0x02, 0x00, 0x00], Truncated { needed: 3 }),
@@ -712,6 +788,13 @@ fn packet_bodies_must_be_consumed_exactly() {
     ]);
 }
 
+/// Conformance (3.1.1): [MQTT-1.5.3-1] [MQTT-1.5.3-2] [MQTT-3.1.3-4] [MQTT-3.1.3-10]
+/// Conformance (3.1.1): [MQTT-3.1.3-11] [MQTT-3.3.2-1] [MQTT-3.3.2-2] [MQTT-3.8.3-1]
+/// Conformance (3.1.1): [MQTT-3.10.3-1] [MQTT-4.7.1-1] [MQTT-4.7.3-1] [MQTT-4.7.3-2]
+/// Conformance (5.0): [MQTT-1.5.4-1] [MQTT-1.5.4-2] [MQTT-1.5.7-1] [MQTT-3.1.3-4] [MQTT-3.1.3-11]
+/// Conformance (5.0): [MQTT-3.1.3-12] [MQTT-3.3.2-1] [MQTT-3.3.2-2] [MQTT-3.3.2-13] [MQTT-3.3.2-14]
+/// Conformance (5.0): [MQTT-3.3.2-19] [MQTT-3.8.3-1] [MQTT-3.10.3-1] [MQTT-4.7.0-1] [MQTT-4.7.3-1]
+/// Conformance (5.0): [MQTT-4.7.3-2]
 #[test]
 #[rustfmt::skip]
 fn invalid_strings_and_topic_names_are_rejected() {
@@ -724,6 +807,16 @@ fn invalid_strings_and_topic_names_are_rejected() {
         ("U+0000 in a client id",     V311, connect_bytes(b"MQTT", 4, 0x02, b"\x00\x02a\x00"), NullCharacter),
         ("invalid UTF-8 in a user name", V311, connect_bytes(b"MQTT", 4, 0x82, b"\x00\x01a\x00\x01\xFF"), InvalidUtf8),
         ("invalid UTF-8 in a topic filter", V311, vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, 0xFF, 0x00], InvalidUtf8),
+        ("invalid UTF-8 in an unsubscribe filter", V311, vec![0xA2, 0x05, 0x00, 0x01, 0x00, 0x01, 0xFF], InvalidUtf8),
+        ("invalid UTF-8 in a 5.0 topic filter", V5, vec![0x82, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, 0xFF, 0x00], InvalidUtf8),
+        ("invalid UTF-8 in a 5.0 unsubscribe filter", V5, vec![0xA2, 0x06, 0x00, 0x01, 0x00, 0x00, 0x01, 0xFF], InvalidUtf8),
+        ("invalid UTF-8 in a 5.0 client id", V5, connect_bytes(b"MQTT", 5, 0x02, b"\x00\x00\x01\xFF"), InvalidUtf8),
+        ("invalid UTF-8 in a 5.0 will topic", V5, connect_bytes(b"MQTT", 5, 0x06, b"\x00\x00\x01a\x00\x00\x01\xFF\x00\x00"), InvalidUtf8),
+        ("invalid UTF-8 in a 5.0 user name", V5, connect_bytes(b"MQTT", 5, 0x82, b"\x00\x00\x01a\x00\x01\xFF"), InvalidUtf8),
+        ("invalid UTF-8 in a response topic", V5, v5_publish_with_properties(b"\x08\x00\x01\xFF"), InvalidUtf8),
+        ("invalid UTF-8 in a content type", V5, v5_publish_with_properties(b"\x03\x00\x01\xFF"), InvalidUtf8),
+        ("invalid UTF-8 in a client id", V311, connect_bytes(b"MQTT", 4, 0x02, b"\x00\x01\xFF"), InvalidUtf8),
+        ("invalid UTF-8 in a will topic", V311, connect_bytes(b"MQTT", 4, 0x06, b"\x00\x01a\x00\x01\xFF\x00\x00"), InvalidUtf8),
         ("invalid UTF-8 in a user property", V5, v5_publish_with_properties(b"\x26\x00\x01\xFF\x00\x00"), InvalidUtf8),
     ]);
     assert_rejected(ReasonCode::TOPIC_NAME_INVALID, vec![
@@ -738,6 +831,10 @@ fn invalid_strings_and_topic_names_are_rejected() {
     ]);
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-1] [MQTT-3.1.2-3] [MQTT-3.1.2-11] [MQTT-3.1.2-13]
+/// Conformance (3.1.1): [MQTT-3.1.2-14] [MQTT-3.1.2-15] [MQTT-3.1.2-22]
+/// Conformance (5.0): [MQTT-3.1.2-1] [MQTT-3.1.2-3] [MQTT-3.1.2-11] [MQTT-3.1.2-12] [MQTT-3.1.2-13]
+/// Conformance (5.0): [MQTT-3.1.4-1]
 #[test]
 #[rustfmt::skip]
 fn connect_violations_are_rejected() {
@@ -754,6 +851,9 @@ fn connect_violations_are_rejected() {
         ("reserved flag set",             V311, connect_bytes(b"MQTT", 4, 0x03, client), InvalidConnectFlags(0x03)),
         ("reserved flag set in 5.0",      V5,   connect_bytes(b"MQTT", 5, 0x03, b"\x00\x00\x01a"), InvalidConnectFlags(0x03)),
         ("will QoS 3",                    V311, connect_bytes(b"MQTT", 4, 0x1E, client), InvalidQoS(3)),
+        ("will QoS 3 in 5.0",             V5,   connect_bytes(b"MQTT", 5, 0x1E, b"\x00\x00\x01a"), InvalidQoS(3)),
+        ("will QoS without will flag in 5.0",    V5, connect_bytes(b"MQTT", 5, 0x0A, b"\x00\x00\x01a"), InvalidConnectFlags(0x0A)),
+        ("will retain without will flag in 5.0", V5, connect_bytes(b"MQTT", 5, 0x22, b"\x00\x00\x01a"), InvalidConnectFlags(0x22)),
         ("will QoS without will flag",    V311, connect_bytes(b"MQTT", 4, 0x0A, client), InvalidConnectFlags(0x0A)),
         ("will retain without will flag", V311, connect_bytes(b"MQTT", 4, 0x22, client), InvalidConnectFlags(0x22)),
         ("password without user name in 3.1.1",
@@ -774,6 +874,7 @@ fn connect_violations_are_rejected() {
     ]);
 }
 
+/// Conformance (5.0): [MQTT-1.5.5-1]
 #[test]
 #[rustfmt::skip]
 fn property_violations_are_rejected() {
@@ -822,6 +923,8 @@ fn property_violations_are_rejected() {
     ]);
 }
 
+/// Conformance (3.1.1): [MQTT-3.8.3-3] [MQTT-3.8.3-4] [MQTT-3.10.3-2]
+/// Conformance (5.0): [MQTT-3.8.3-2] [MQTT-3.8.3-5] [MQTT-3.10.3-2]
 #[test]
 #[rustfmt::skip]
 fn subscribe_and_unsubscribe_violations_are_rejected() {
@@ -830,6 +933,7 @@ fn subscribe_and_unsubscribe_violations_are_rejected() {
         ("SUBSCRIBE without filters",     V311, vec![0x82, 0x02, 0x00, 0x01], NoTopicFilters(PacketType::Subscribe)),
         ("5.0 SUBSCRIBE without filters", V5,   vec![0x82, 0x03, 0x00, 0x01, 0x00], NoTopicFilters(PacketType::Subscribe)),
         ("UNSUBSCRIBE without filters",   V311, vec![0xA2, 0x02, 0x00, 0x01], NoTopicFilters(PacketType::Unsubscribe)),
+        ("5.0 UNSUBSCRIBE without filters", V5, vec![0xA2, 0x03, 0x00, 0x01, 0x00], NoTopicFilters(PacketType::Unsubscribe)),
     ]);
     assert_rejected(MALFORMED, vec![
         ("3.1.1 options with a no-local bit", V311, vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x04], InvalidSubscriptionOptions(0x04)),
@@ -865,6 +969,90 @@ fn reason_codes_not_allowed_in_a_packet_are_malformed() {
     ]);
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-9] [MQTT-3.1.2-18] [MQTT-3.1.2-19] [MQTT-3.1.2-20]
+/// Conformance (3.1.1): [MQTT-3.1.2-21]
+/// Conformance (5.0): [MQTT-3.1.2-9] [MQTT-3.1.2-16] [MQTT-3.1.2-17] [MQTT-3.1.2-18]
+/// Conformance (5.0): [MQTT-3.1.2-19]
+#[test]
+fn connect_payload_fields_must_be_present_exactly_when_their_flags_say_so() {
+    // (name, level, flags, payload after the variable header)
+    let cases: [(&str, u8, u8, &[u8]); 10] = [
+        ("will flag without will topic", 4, 0x06, b"\x00\x01a"),
+        ("user name flag without user name", 4, 0x82, b"\x00\x01a"),
+        (
+            "password flag without password",
+            4,
+            0xC2,
+            b"\x00\x01a\x00\x01u",
+        ),
+        ("user name without its flag", 4, 0x02, b"\x00\x01a\x00\x01u"),
+        (
+            "password without its flag",
+            4,
+            0x82,
+            b"\x00\x01a\x00\x01u\x00\x01p",
+        ),
+        (
+            "will flag without will properties",
+            5,
+            0x06,
+            b"\x00\x00\x01a",
+        ),
+        (
+            "user name flag without user name",
+            5,
+            0x82,
+            b"\x00\x00\x01a",
+        ),
+        ("password flag without password", 5, 0x42, b"\x00\x00\x01a"),
+        (
+            "user name without its flag",
+            5,
+            0x02,
+            b"\x00\x00\x01a\x00\x01u",
+        ),
+        (
+            "password without its flag",
+            5,
+            0x82,
+            b"\x00\x00\x01a\x00\x01u\x00\x01p",
+        ),
+    ];
+    for (name, level, flags, payload) in cases {
+        let version = if level == 5 { V5 } else { V311 };
+        let error = decode_exactly(&connect_bytes(b"MQTT", level, flags, payload), version)
+            .expect_err(name);
+        assert!(
+            matches!(
+                error,
+                DecodeError::Truncated { .. } | DecodeError::TrailingBytes(_)
+            ),
+            "level {level}, {name}: {error:?}"
+        );
+        assert_eq!(error.reason_code(), MALFORMED, "level {level}, {name}");
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-1.5.3-3]
+/// Conformance (5.0): [MQTT-1.5.4-3]
+#[test]
+fn a_byte_order_mark_in_a_string_is_kept() {
+    for version in [V311, V5] {
+        let properties: &[u8] = if version.is_v5() { &[0x00] } else { &[] };
+        let bytes = cat(&[
+            &[0x30, 0x06 + properties.len() as u8, 0x00, 0x04],
+            b"\xEF\xBB\xBFa",
+            properties,
+        ]);
+        let Ok(Packet::Publish(publish)) = decode_exactly(&bytes, version) else {
+            panic!("{version:?}: rejected")
+        };
+        assert_eq!(publish.topic, "\u{FEFF}a", "{version:?}");
+        assert_eq!(encode_to_vec(&Packet::Publish(publish), version), bytes);
+    }
+}
+
+/// Conformance (3.1.1): [MQTT-3.1.2-22]
 #[test]
 fn password_without_username_is_malformed_in_v311_but_allowed_in_v5() {
     let v311 = connect_bytes(b"MQTT", 4, 0x42, b"\x00\x01a\x00\x01p");
@@ -880,6 +1068,7 @@ fn password_without_username_is_malformed_in_v311_but_allowed_in_v5() {
     assert_eq!((connect.username, connect.password), (None, Some(b(b"p"))));
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-2]
 #[test]
 fn unsupported_protocol_level_is_reported_before_the_rest_of_connect_is_parsed() {
     // Whatever follows the level (here a reserved flag and no payload), the broker must be able
@@ -1050,6 +1239,7 @@ fn empty_input_is_incomplete() {
 // Encoding
 // ---------------------------------------------------------------------------------------------
 
+/// Conformance (3.1.1): [MQTT-3.9.3-2]
 #[test]
 fn encoding_for_v3_leaves_out_what_only_v5_has() {
     let reason = reason_string("no");
@@ -1127,6 +1317,8 @@ fn encoding_for_v3_leaves_out_what_only_v5_has() {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-2.3.1-5] [MQTT-3.3.1-2] [MQTT-4.3.1-1]
+/// Conformance (5.0): [MQTT-2.2.1-2] [MQTT-3.3.1-2] [MQTT-4.3.1-1]
 #[test]
 fn qos_0_publish_is_encoded_without_dup_flag_or_packet_id() {
     let packet = Packet::Publish(Publish {
@@ -1136,6 +1328,8 @@ fn qos_0_publish_is_encoded_without_dup_flag_or_packet_id() {
     assert_eq!(encode_to_vec(&packet, V311), b"\x30\x03\x00\x01t");
 }
 
+/// Conformance (3.1.1): [MQTT-4.7.3-3]
+/// Conformance (5.0): [MQTT-4.7.3-3]
 #[test]
 fn unencodable_packets_fail_and_leave_the_buffer_untouched() {
     let long = ByteStr::from("x".repeat(65_536));

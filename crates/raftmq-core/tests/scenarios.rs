@@ -271,6 +271,8 @@ impl Wake for CountingWaker {
 // Keep alive and CONNECT timeout
 // ---------------------------------------------------------------------------------------------
 
+/// Conformance (5.0): [MQTT-3.1.2-22] [MQTT-3.2.2-22] [MQTT-3.12.4-1] [MQTT-3.14.2-1]
+/// Conformance (5.0): [MQTT-4.13.2-1]
 #[test]
 fn keep_alive_expires_after_one_and_a_half_intervals_with_disconnect_0x8d() {
     let w = World::new();
@@ -292,6 +294,7 @@ fn keep_alive_expires_after_one_and_a_half_intervals_with_disconnect_0x8d() {
     assert!(!w.broker.session("ka").is_some_and(|s| s.is_online()));
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-24]
 #[test]
 fn keep_alive_timeout_on_v311_closes_without_disconnect() {
     let w = World::new();
@@ -307,6 +310,7 @@ fn keep_alive_timeout_on_v311_closes_without_disconnect() {
     assert_eq!(c.drain(w.at(6)), []);
 }
 
+/// Conformance (5.0): [MQTT-3.14.0-1]
 #[test]
 fn connection_without_connect_is_closed_after_connect_timeout() {
     let w = World::new();
@@ -338,6 +342,7 @@ fn with_will(connect: Connect, delay: Option<u32>) -> Connect {
     }
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-7] [MQTT-3.1.2-8]
 #[test]
 fn delayed_will_is_published_when_the_delay_elapses() {
     let w = World::new();
@@ -355,6 +360,7 @@ fn delayed_will_is_published_when_the_delay_elapses() {
     assert!(w.broker.session("w1").is_some());
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-8] [MQTT-3.1.3-9]
 #[test]
 fn delayed_will_is_not_published_when_the_client_reconnects_within_the_delay() {
     let w = World::new();
@@ -367,6 +373,7 @@ fn delayed_will_is_not_published_when_the_client_reconnects_within_the_delay() {
     assert_eq!(watcher.publishes(w.at(100)), []);
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-8]
 #[test]
 fn delayed_will_is_published_at_once_when_session_expiry_zero_ends_the_session() {
     let w = World::new();
@@ -377,6 +384,7 @@ fn delayed_will_is_published_at_once_when_session_expiry_zero_ends_the_session()
     assert!(w.broker.session("w3").is_none());
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-8]
 #[test]
 fn delayed_will_is_published_when_session_expiry_is_shorter_than_the_delay() {
     let w = World::new();
@@ -390,6 +398,7 @@ fn delayed_will_is_published_when_session_expiry_is_shorter_than_the_delay() {
     assert!(w.broker.session("w4").is_none());
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-8] [MQTT-3.1.2-10] [MQTT-3.14.4-3]
 #[test]
 fn will_is_discarded_after_normal_disconnect() {
     let w = World::new();
@@ -410,6 +419,7 @@ fn will_is_published_at_once_after_disconnect_with_will_message() {
     assert_eq!(payloads(&watcher.publishes(w.at(1))), [b"gone"]);
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-8]
 #[test]
 fn will_is_published_when_a_v311_client_drops_the_connection() {
     let w = World::new();
@@ -430,8 +440,9 @@ fn will_is_published_when_the_server_closes_for_a_protocol_error() {
 }
 
 /// A new connection for the client id within the will delay cancels the will, also when it
-/// starts clean and so ends the offline session ([MQTT-3.1.2-8], [MQTT-3.1.3-9]; the reading
-/// is explained in docs/conformance.md).
+/// starts clean and so ends the offline session (the reading is explained in
+/// docs/conformance.md); the session itself is not resumed.
+/// Conformance (5.0): [MQTT-3.1.2-4] [MQTT-3.1.2-8] [MQTT-3.1.3-9]
 #[test]
 fn delayed_will_is_cancelled_by_a_clean_start_reconnect_within_the_delay() {
     let w = World::new();
@@ -463,6 +474,7 @@ fn scheduling_an_earlier_timer_wakes_the_broker_timer_task() {
     assert_eq!(w.broker.poll_timers_changed(&mut cx), Poll::Pending);
 }
 
+/// Conformance (5.0): [MQTT-3.3.2-6]
 #[test]
 fn will_message_expiry_counts_from_publication_not_from_connect() {
     let w = World::new();
@@ -498,6 +510,7 @@ fn will_message_expiry_counts_from_publication_not_from_connect() {
 // Session expiry and persistence
 // ---------------------------------------------------------------------------------------------
 
+/// Conformance (5.0): [MQTT-3.1.2-6] [MQTT-3.2.2-3] [MQTT-4.1.0-2]
 #[test]
 fn session_ends_when_its_expiry_interval_elapses() {
     let w = World::new();
@@ -513,6 +526,8 @@ fn session_ends_when_its_expiry_interval_elapses() {
     assert!(!ack.session_present);
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-5] [MQTT-3.1.2-23] [MQTT-3.1.3-2] [MQTT-3.2.2-3] [MQTT-4.1.0-1]
+/// Conformance (5.0): [MQTT-4.5.0-1]
 #[test]
 fn session_resumed_before_expiry_keeps_subscriptions_and_queued_messages() {
     let w = World::new();
@@ -554,6 +569,7 @@ fn stale_expiry_timer_does_not_end_a_newer_session_with_the_same_client_id() {
     );
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-4] [MQTT-3.1.4-4] [MQTT-3.2.2-2]
 #[test]
 fn clean_start_discards_the_existing_session() {
     let w = World::new();
@@ -568,6 +584,7 @@ fn clean_start_discards_the_existing_session() {
     assert_eq!(c.publishes(w.at(1)), []);
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-4] [MQTT-3.1.2-5] [MQTT-3.2.2-2] [MQTT-4.5.0-1]
 #[test]
 fn v311_persistent_session_queues_qos1_and_qos2_but_not_qos0_while_offline() {
     let w = World::new();
@@ -629,6 +646,8 @@ fn disconnect_can_change_a_nonzero_session_expiry() {
 // Takeover
 // ---------------------------------------------------------------------------------------------
 
+/// Conformance (5.0): [MQTT-3.1.4-3] [MQTT-3.3.1-1] [MQTT-4.3.2-3] [MQTT-4.3.3-5] [MQTT-4.3.3-6]
+/// Conformance (5.0): [MQTT-4.4.0-1] [MQTT-4.6.0-5] [MQTT-4.6.0-6]
 #[test]
 fn takeover_fences_the_old_connection_and_resends_unacknowledged_messages_in_order() {
     let w = World::new();
@@ -694,6 +713,7 @@ fn takeover_fences_the_old_connection_and_resends_unacknowledged_messages_in_ord
     assert_eq!(session.queue_depth(), (0, 0));
 }
 
+/// Conformance (5.0): [MQTT-3.1.4-3] [MQTT-3.14.2-2]
 #[test]
 fn taken_over_connection_notices_without_sending_anything() {
     let w = World::new();
@@ -703,6 +723,7 @@ fn taken_over_connection_notices_without_sending_anything() {
     old.expect_disconnect(ReasonCode::SESSION_TAKEN_OVER, w.at(1));
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.4-2]
 #[test]
 fn v311_takeover_closes_the_old_connection_without_disconnect() {
     let w = World::new();
@@ -747,6 +768,9 @@ fn old_connection_cannot_steal_wakeups_from_the_one_that_took_over() {
 // QoS flows
 // ---------------------------------------------------------------------------------------------
 
+/// Conformance (3.1.1): [MQTT-2.3.1-6]
+/// Conformance (5.0): [MQTT-2.2.1-5] [MQTT-3.3.4-1] [MQTT-4.3.3-8] [MQTT-4.3.3-10] [MQTT-4.3.3-11]
+/// Conformance (5.0): [MQTT-4.3.3-12]
 #[test]
 fn qos2_duplicate_publish_is_not_redelivered() {
     let w = World::new();
@@ -770,6 +794,7 @@ fn qos2_duplicate_publish_is_not_redelivered() {
     assert_eq!(payloads(&s.publishes(w.at(3))), [b"again"]);
 }
 
+/// Conformance (5.0): [MQTT-3.7.2-1]
 #[test]
 fn pubrel_for_unknown_packet_id_gets_pubcomp_0x92() {
     let w = World::new();
@@ -784,6 +809,7 @@ fn pubrel_for_unknown_packet_id_gets_pubcomp_0x92() {
     );
 }
 
+/// Conformance (5.0): [MQTT-3.4.2-1]
 #[test]
 fn publish_without_subscribers_is_acked_with_no_matching_subscribers_on_v5() {
     let w = World::new();
@@ -798,6 +824,8 @@ fn publish_without_subscribers_is_acked_with_no_matching_subscribers_on_v5() {
     );
 }
 
+/// Conformance (3.1.1): [MQTT-4.3.1-1]
+/// Conformance (5.0): [MQTT-3.8.4-8] [MQTT-4.3.1-1]
 #[test]
 fn delivery_qos_is_the_minimum_of_publish_and_subscription_qos() {
     let w = World::new();
@@ -829,6 +857,7 @@ fn client_exceeding_server_receive_maximum_is_disconnected_with_0x93() {
     p.expect_disconnect(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, w.at(0));
 }
 
+/// Conformance (5.0): [MQTT-3.3.4-9] [MQTT-4.6.0-5] [MQTT-4.6.0-6] [MQTT-4.9.0-1] [MQTT-4.9.0-2]
 #[test]
 fn deliveries_respect_the_client_receive_maximum() {
     let w = World::new();
@@ -910,6 +939,7 @@ fn full_queue_with_drop_oldest_keeps_the_newest_and_counts_drops() {
     assert_eq!(dropped, 2);
 }
 
+/// Conformance (5.0): [MQTT-3.3.2-5] [MQTT-3.3.2-6]
 #[test]
 fn expired_messages_are_dropped_and_the_rest_carry_the_remaining_interval() {
     let w = World::new();
@@ -933,6 +963,7 @@ fn expired_messages_are_dropped_and_the_rest_carry_the_remaining_interval() {
     assert_eq!(w.broker.stats().dropped_count(DropReason::Expired), 1);
 }
 
+/// Conformance (5.0): [MQTT-3.3.2-5]
 #[test]
 fn expired_retained_message_is_not_sent_to_new_subscribers() {
     let w = World::new();
@@ -955,6 +986,7 @@ fn expired_retained_message_is_not_sent_to_new_subscribers() {
     assert!(matches!(&got[0], Packet::Publish(p) if p.topic == "r/long"));
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-24] [MQTT-3.1.2-25]
 #[test]
 fn deliveries_larger_than_the_client_maximum_packet_size_are_dropped_and_counted() {
     let w = World::new();
@@ -1001,6 +1033,7 @@ fn aliased(topic: &str, alias: u16, payload: &'static [u8]) -> Publish {
     }
 }
 
+/// Conformance (5.0): [MQTT-3.3.2-3] [MQTT-3.3.2-12]
 #[test]
 fn inbound_topic_alias_is_set_then_used() {
     let w = World::new();
@@ -1018,6 +1051,7 @@ fn inbound_topic_alias_is_set_then_used() {
     assert!(got.iter().all(|p| p.properties.topic_alias.is_none()));
 }
 
+/// Conformance (5.0): [MQTT-3.3.2-8]
 #[test]
 fn inbound_topic_alias_zero_is_invalid() {
     let w = World::new();
@@ -1045,6 +1079,7 @@ fn inbound_unknown_topic_alias_is_a_protocol_error() {
     p.expect_disconnect(ReasonCode::PROTOCOL_ERROR, w.at(0));
 }
 
+/// Conformance (5.0): [MQTT-3.3.2-7]
 #[test]
 fn inbound_topic_aliases_do_not_survive_a_reconnect() {
     let w = World::new();
@@ -1056,6 +1091,7 @@ fn inbound_topic_aliases_do_not_survive_a_reconnect() {
     p.expect_disconnect(ReasonCode::PROTOCOL_ERROR, w.at(1));
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-26] [MQTT-3.3.2-8] [MQTT-3.3.2-11]
 #[test]
 fn server_assigns_outbound_topic_aliases_when_the_client_allows_them() {
     let w = World::new();
@@ -1083,6 +1119,7 @@ fn server_assigns_outbound_topic_aliases_when_the_client_allows_them() {
     assert_eq!(view, [("a/b", Some(1)), ("", Some(1)), ("c", None)]);
 }
 
+/// Conformance (5.0): [MQTT-3.1.2-27]
 #[test]
 fn no_outbound_topic_aliases_without_client_topic_alias_maximum() {
     let w = World::new();
@@ -1102,6 +1139,7 @@ fn no_outbound_topic_aliases_without_client_topic_alias_maximum() {
 // Subscriptions
 // ---------------------------------------------------------------------------------------------
 
+/// Conformance (5.0): [MQTT-3.3.4-3]
 #[test]
 fn subscription_identifier_is_delivered_with_matching_messages() {
     let w = World::new();
@@ -1113,6 +1151,7 @@ fn subscription_identifier_is_delivered_with_matching_messages() {
     assert_eq!(got[0].properties.subscription_identifiers, [42]);
 }
 
+/// Conformance (5.0): [MQTT-3.3.4-2] [MQTT-3.3.4-3] [MQTT-3.3.4-4]
 #[test]
 fn overlapping_subscriptions_give_one_delivery_with_the_highest_qos_and_all_identifiers() {
     let w = World::new();
@@ -1130,6 +1169,7 @@ fn overlapping_subscriptions_give_one_delivery_with_the_highest_qos_and_all_iden
     assert_eq!(ids, [1, 2]);
 }
 
+/// Conformance (5.0): [MQTT-3.8.3-3]
 #[test]
 fn no_local_subscription_does_not_receive_own_messages() {
     let w = World::new();
@@ -1146,6 +1186,8 @@ fn no_local_subscription_does_not_receive_own_messages() {
     assert_eq!(payloads(&b.publishes(w.at(0))), [b"from a"]);
 }
 
+/// Conformance (3.1.1): [MQTT-3.3.1-9]
+/// Conformance (5.0): [MQTT-3.3.1-12] [MQTT-3.3.1-13]
 #[test]
 fn retain_as_published_keeps_the_retain_flag_on_live_messages() {
     let w = World::new();
@@ -1169,6 +1211,7 @@ fn retain_as_published_keeps_the_retain_flag_on_live_messages() {
     assert!(!v3.publishes(w.at(0))[0].retain, "MQTT-3.3.1-9");
 }
 
+/// Conformance (5.0): [MQTT-3.3.1-9] [MQTT-3.3.1-10] [MQTT-3.3.1-11] [MQTT-3.8.4-4]
 #[test]
 fn retain_handling_controls_retained_messages_at_subscribe() {
     let w = World::new();
@@ -1200,6 +1243,7 @@ fn retain_handling_controls_retained_messages_at_subscribe() {
     assert_eq!(count(s.subscribe_with_id("#", never, None, w.at(0))), 0);
 }
 
+/// Conformance (5.0): [MQTT-3.3.1-5] [MQTT-3.3.1-6] [MQTT-3.3.1-7]
 #[test]
 fn retained_message_is_replaced_and_deleted_by_empty_payload() {
     let w = World::new();
@@ -1215,6 +1259,9 @@ fn retained_message_is_replaced_and_deleted_by_empty_payload() {
     assert_eq!(s2.subscribe_with_id("r", qos(0), None, w.at(0)), []);
 }
 
+/// Conformance (3.1.1): [MQTT-2.3.1-7]
+/// Conformance (5.0): [MQTT-2.2.1-6] [MQTT-3.10.4-1] [MQTT-3.10.4-2] [MQTT-3.10.4-4]
+/// Conformance (5.0): [MQTT-3.10.4-5] [MQTT-3.10.4-6] [MQTT-3.11.3-1] [MQTT-3.11.3-2]
 #[test]
 fn unsubscribe_stops_deliveries_and_reports_missing_subscriptions() {
     let w = World::new();
@@ -1242,7 +1289,8 @@ fn unsubscribe_stops_deliveries_and_reports_missing_subscriptions() {
 }
 
 /// A SUBSCRIBE with a malformed filter is a malformed packet, whatever the other filters:
-/// DISCONNECT 0x81 and no SUBACK ([MQTT-4.7.1-1], [MQTT-4.7.1-2], [MQTT-4.8.2-2]).
+/// DISCONNECT 0x81 and no SUBACK.
+/// Conformance (5.0): [MQTT-4.7.1-1] [MQTT-4.7.1-2] [MQTT-4.8.2-1] [MQTT-4.8.2-2]
 #[test]
 fn malformed_topic_filters_close_the_connection() {
     for bad in ["a/#/b", "a+", "$share//x", "a#"] {
@@ -1267,6 +1315,7 @@ fn malformed_topic_filters_close_the_connection() {
     }
 }
 
+/// Conformance (5.0): [MQTT-4.7.2-1]
 #[test]
 fn dollar_topics_are_not_matched_by_leading_wildcards() {
     let w = World::new();
@@ -1326,6 +1375,7 @@ fn shared_subscription_does_not_send_retained_messages() {
     );
 }
 
+/// Conformance (5.0): [MQTT-3.8.3-4]
 #[test]
 fn shared_subscription_with_no_local_is_a_protocol_error() {
     let w = World::new();
@@ -1342,6 +1392,7 @@ fn shared_subscription_with_no_local_is_a_protocol_error() {
 // CONNECT handling
 // ---------------------------------------------------------------------------------------------
 
+/// Conformance (5.0): [MQTT-3.1.3-6] [MQTT-3.1.3-7] [MQTT-3.2.2-16]
 #[test]
 fn empty_client_id_is_assigned_on_v5() {
     let w = World::new();
@@ -1357,6 +1408,7 @@ fn empty_client_id_is_assigned_on_v5() {
     assert_ne!(ack2.properties.assigned_client_identifier, Some(id));
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.3-8] [MQTT-3.2.2-4]
 #[test]
 fn empty_client_id_on_v311_needs_clean_session() {
     let w = World::new();
@@ -1386,6 +1438,8 @@ fn mqtt_3_1_client_can_connect_and_receive() {
     assert_eq!(payloads(&c.publishes(w.at(0))), [b"hi"]);
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.2-2]
+/// Conformance (5.0): [MQTT-3.1.2-2] [MQTT-3.2.2-6]
 #[test]
 fn unsupported_protocol_level_is_refused_with_the_matching_connack() {
     let w = World::new();
@@ -1403,6 +1457,7 @@ fn unsupported_protocol_level_is_refused_with_the_matching_connack() {
     }
 }
 
+/// Conformance (5.0): [MQTT-4.13.1-1]
 #[test]
 fn malformed_packet_after_connect_is_answered_with_its_reason_code() {
     let w = World::new();
@@ -1412,6 +1467,7 @@ fn malformed_packet_after_connect_is_answered_with_its_reason_code() {
     c.expect_disconnect(ReasonCode::PACKET_TOO_LARGE, w.at(0));
 }
 
+/// Conformance (5.0): [MQTT-3.1.0-2] [MQTT-3.2.0-2]
 #[test]
 fn second_connect_is_a_protocol_error() {
     let w = World::new();
@@ -1420,6 +1476,7 @@ fn second_connect_is_a_protocol_error() {
     c.expect_disconnect(ReasonCode::PROTOCOL_ERROR, w.at(1));
 }
 
+/// Conformance (5.0): [MQTT-4.13.1-1]
 #[test]
 fn server_only_packets_from_a_client_are_protocol_errors() {
     let w = World::new();
@@ -1449,6 +1506,8 @@ fn server_only_packets_from_a_client_are_protocol_errors() {
     }
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.0-1]
+/// Conformance (5.0): [MQTT-3.1.0-1] [MQTT-3.14.0-1]
 #[test]
 fn first_packet_other_than_connect_closes_the_connection() {
     let w = World::new();
@@ -1459,6 +1518,7 @@ fn first_packet_other_than_connect_closes_the_connection() {
     assert_eq!(w.broker.session_count(), 0);
 }
 
+/// Conformance (5.0): [MQTT-3.3.4-6]
 #[test]
 fn publish_with_subscription_identifier_from_client_is_a_protocol_error() {
     let w = World::new();
@@ -1551,6 +1611,7 @@ fn a_takeover_after_a_kick_still_says_session_taken_over() {
     );
 }
 
+/// Conformance (5.0): [MQTT-3.14.2-1] [MQTT-3.14.2-2]
 #[test]
 fn drain_sends_v5_clients_to_another_server_or_says_shutting_down() {
     let w = World::new();
@@ -1672,6 +1733,7 @@ fn deferring_world() -> World {
     }
 }
 
+/// Conformance (5.0): [MQTT-3.2.0-1]
 #[test]
 fn deferred_auth_holds_connack_and_later_packets_until_the_decision() {
     let w = deferring_world();
@@ -1698,6 +1760,7 @@ fn deferred_auth_holds_connack_and_later_packets_until_the_decision() {
     );
 }
 
+/// Conformance (3.1.1): [MQTT-3.1.4-5]
 #[test]
 fn deferred_auth_refusal_sends_connack_code_and_drops_held_packets() {
     let w = deferring_world();
