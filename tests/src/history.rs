@@ -64,7 +64,7 @@
 //!   delivered to a subscriber session, the first delivery of A must come before the first
 //!   delivery of B. Only first deliveries count: redeliveries after a reconnect and QoS 1
 //!   duplicates may arrive later (the spec's "1,2,3,2,3,4"), and retained copies are exempt.
-//!   Messages never acknowledged are exempt (the broker may still commit them late).
+//!   A message never acknowledged orders nothing after it (the broker may commit it late).
 //! - **Session present** (§3.2.2.2): a connect with clean start must see session present 0. One
 //!   without must see 1 if the session should still exist (an earlier connection in the history
 //!   created it and nothing ended it) and 0 if it should not (it had session expiry 0 and its
@@ -77,8 +77,8 @@
 //!   reach every subscriber that matched it when the connection ended (as for messages, counting
 //!   a QoS 1 redelivery with DUP as the same publication); it must never appear after a normal
 //!   DISCONNECT, while the connection is open, before the delay, or when the client came back in
-//!   time. On a take-over, or a return within the timing tolerance of the delay, it may be
-//!   published at most once.
+//!   time. On a take-over, a return (or connect attempt) within the timing tolerance of the
+//!   delay, or a history ending before then, it may be published at most once.
 //!
 //! Anything the checker cannot interpret (an acknowledgement of a message never attempted, a
 //! payload id reused for another message, events out of order) is reported as
