@@ -3,6 +3,8 @@
 //!
 //! Every wait has a timeout ([`TIMEOUT`]): a broken broker fails a test, never hangs it.
 
+pub mod history;
+
 use bytes::{Bytes, BytesMut};
 use raftmq_codec::{
     ConnAck, Connect, ConnectProperties, Disconnect, Packet, PacketId, ProtocolVersion, Publish,
