@@ -3,8 +3,8 @@
 //! Each client speaks bytes: what it sends is decoded exactly as the server's connection task
 //! decodes a socket's input (`raftmq_codec::decode` with the connection's protocol version and
 //! packet size limit), and what the broker answers is encoded to bytes again. The fake clock
-//! is a base `Instant` plus offsets. The statement ids in the doc comments are those of the
-//! OASIS MQTT 3.1.1 and 5.0 texts (see docs/conformance.md).
+//! is a base `Instant` plus offsets. The `Conformance` lines name the statements of the OASIS
+//! MQTT 3.1.1 and 5.0 texts each test checks (see docs/conformance.md).
 
 use bytes::BytesMut;
 use raftmq_codec::{
@@ -219,8 +219,9 @@ const DISCONNECT_PROTOCOL_ERROR: [u8; 3] = [0xE0, 0x01, 0x82];
 // 1. Empty and malformed topic filters close the connection
 // ---------------------------------------------------------------------------------------------
 
-/// [MQTT-4.7.3-1] [MQTT-4.13.1-1] A v5 SUBSCRIBE with a zero-length topic filter is a
+/// A v5 SUBSCRIBE with a zero-length topic filter is a
 /// malformed packet: DISCONNECT 0x81 and the connection closes (no SUBACK).
+/// Conformance (5.0): [MQTT-4.7.3-1] [MQTT-4.13.1-1]
 #[test]
 fn v5_subscribe_with_an_empty_filter_is_disconnected_as_malformed() {
     let w = World::new();
@@ -230,8 +231,9 @@ fn v5_subscribe_with_an_empty_filter_is_disconnected_as_malformed() {
     assert!(c.closed());
 }
 
-/// [MQTT-4.8.2-2] A shared subscription must name a group and a filter: `$share/p/` and
+/// A shared subscription must name a group and a filter: `$share/p/` and
 /// `$share/p` are malformed (DISCONNECT 0x81, closed).
+/// Conformance (5.0): [MQTT-4.8.2-2] [MQTT-4.13.1-1]
 #[test]
 fn v5_shared_subscription_without_a_filter_is_disconnected_as_malformed() {
     for filter in ["$share/p/", "$share/p"] {
@@ -243,8 +245,9 @@ fn v5_shared_subscription_without_a_filter_is_disconnected_as_malformed() {
     }
 }
 
-/// [MQTT-4.7.3-1] [MQTT-4.8.0-1] A 3.1.1 SUBSCRIBE with an empty filter closes the connection
+/// A 3.1.1 SUBSCRIBE with an empty filter closes the connection
 /// without a SUBACK (3.1.1 has no DISCONNECT from the server).
+/// Conformance (3.1.1): [MQTT-4.7.3-1] [MQTT-4.8.0-1]
 #[test]
 fn v311_subscribe_with_an_empty_filter_closes_the_connection() {
     let w = World::new();
@@ -257,7 +260,8 @@ fn v311_subscribe_with_an_empty_filter_closes_the_connection() {
     assert!(c.closed());
 }
 
-/// [MQTT-4.7.3-1] UNSUBSCRIBE filters are validated too: an empty one is malformed.
+/// UNSUBSCRIBE filters are validated too: an empty one is malformed.
+/// Conformance (5.0): [MQTT-4.7.3-1] [MQTT-4.13.1-1]
 #[test]
 fn v5_unsubscribe_with_an_empty_filter_is_disconnected_as_malformed() {
     let w = World::new();
@@ -269,6 +273,7 @@ fn v5_unsubscribe_with_an_empty_filter_is_disconnected_as_malformed() {
 
 /// A filter that is well formed but outside this broker's limits is refused per filter
 /// (SUBACK 0x8F Topic Filter invalid), not a protocol violation: the connection stays.
+/// Conformance (5.0): [MQTT-3.8.4-6]
 #[test]
 fn v5_filter_over_the_level_limit_is_refused_per_filter_and_the_connection_stays() {
     let w = World {
@@ -292,9 +297,10 @@ fn v5_filter_over_the_level_limit_is_refused_per_filter_and_the_connection_stays
 // 2. Taking over a session that ends with its connection
 // ---------------------------------------------------------------------------------------------
 
-/// [MQTT-3.1.2-6] [MQTT-3.2.2-2] A session with expiry 0 ends when its connection closes: a
+/// A session with expiry 0 ends when its connection closes: a
 /// connection that takes it over (clean start 0, expiry 60) gets a new session, Session
 /// Present 0, and none of the old subscriptions.
+/// Conformance (5.0): [MQTT-3.1.2-6] [MQTT-3.2.2-3]
 #[test]
 fn v5_taking_over_a_session_that_ends_with_its_connection_starts_a_new_one() {
     let w = World::new();
@@ -319,8 +325,9 @@ fn v5_taking_over_a_session_that_ends_with_its_connection_starts_a_new_one() {
     assert_eq!(old, [0xE0, 0x01, 0x8E], "the old connection is taken over");
 }
 
-/// [MQTT-3.1.2-6] [MQTT-3.2.2-2] The same for 3.1.1: a clean-session connection taken over by a
+/// The same for 3.1.1: a clean-session connection taken over by a
 /// persistent one leaves no session behind (session present 0, no subscriptions).
+/// Conformance (3.1.1): [MQTT-3.1.2-6] [MQTT-3.2.2-3]
 #[test]
 fn v311_taking_over_a_clean_session_starts_a_new_one() {
     let w = World::new();
@@ -340,9 +347,10 @@ fn v311_taking_over_a_clean_session_starts_a_new_one() {
 // 3. A delayed will and a reconnect with clean start
 // ---------------------------------------------------------------------------------------------
 
-/// [MQTT-3.1.2-8] [MQTT-3.1.3-9] A new network connection for the client id before the will
+/// A new network connection for the client id before the will
 /// delay has passed cancels the will, with clean start 1 as with 0 (the reading Mosquitto
 /// takes too; docs/conformance.md says why).
+/// Conformance (5.0): [MQTT-3.1.2-8] [MQTT-3.1.3-9]
 #[test]
 fn v5_reconnect_with_clean_start_within_the_will_delay_cancels_the_will() {
     let w = World::new();
@@ -375,8 +383,9 @@ fn v5_reconnect_with_clean_start_within_the_will_delay_cancels_the_will() {
 // 5. Nothing larger than the client's Maximum Packet Size
 // ---------------------------------------------------------------------------------------------
 
-/// [MQTT-3.1.2-24] A CONNACK that does not fit the client's Maximum Packet Size is not sent:
+/// A CONNACK that does not fit the client's Maximum Packet Size is not sent:
 /// the connection closes without it.
+/// Conformance (5.0): [MQTT-3.1.2-24]
 #[test]
 fn v5_connack_larger_than_the_clients_maximum_packet_size_is_not_sent() {
     let w = World::new();
@@ -387,8 +396,9 @@ fn v5_connack_larger_than_the_clients_maximum_packet_size_is_not_sent() {
     assert!(c.closed());
 }
 
-/// [MQTT-3.1.2-24] The limit holds for every packet: a CONNACK that fits is sent, a SUBACK
+/// The limit holds for every packet: a CONNACK that fits is sent, a SUBACK
 /// that does not fit closes the connection without being sent.
+/// Conformance (5.0): [MQTT-3.1.2-24]
 #[test]
 fn v5_suback_larger_than_the_clients_maximum_packet_size_is_not_sent() {
     let w = World::new();
@@ -430,8 +440,9 @@ fn receiving(w: &World, version: ProtocolVersion, qos: u8) -> Wire {
     sub
 }
 
-/// [MQTT-4.3.2-2] [MQTT-4.13.1-1] PUBREC for a QoS 1 delivery is a protocol error, not
+/// PUBREC for a QoS 1 delivery is a protocol error, not
 /// answered with PUBREL.
+/// Conformance (5.0): [MQTT-4.13.1-1]
 #[test]
 fn v5_pubrec_for_a_qos1_delivery_is_a_protocol_error() {
     let w = World::new();
@@ -441,7 +452,8 @@ fn v5_pubrec_for_a_qos1_delivery_is_a_protocol_error() {
     assert!(sub.closed());
 }
 
-/// [MQTT-4.3.2-2] PUBCOMP for a QoS 1 delivery is a protocol error.
+/// PUBCOMP for a QoS 1 delivery is a protocol error.
+/// Conformance (5.0): [MQTT-4.13.1-1]
 #[test]
 fn v5_pubcomp_for_a_qos1_delivery_is_a_protocol_error() {
     let w = World::new();
@@ -451,8 +463,9 @@ fn v5_pubcomp_for_a_qos1_delivery_is_a_protocol_error() {
     assert!(sub.closed());
 }
 
-/// [MQTT-4.3.3-2] PUBACK or PUBCOMP for a QoS 2 delivery that was not PUBREC'ed is a protocol
+/// PUBACK or PUBCOMP for a QoS 2 delivery that was not PUBREC'ed is a protocol
 /// error.
+/// Conformance (5.0): [MQTT-4.13.1-1]
 #[test]
 fn v5_puback_or_pubcomp_before_pubrec_of_a_qos2_delivery_is_a_protocol_error() {
     for ack in [[0x40, 0x02, 0x00, 0x01], [0x70, 0x02, 0x00, 0x01]] {
@@ -467,8 +480,9 @@ fn v5_puback_or_pubcomp_before_pubrec_of_a_qos2_delivery_is_a_protocol_error() {
     }
 }
 
-/// [MQTT-4.3.3-2] After the broker's PUBREL only PUBCOMP completes the exchange: a PUBACK is a
+/// After the broker's PUBREL only PUBCOMP completes the exchange: a PUBACK is a
 /// protocol error.
+/// Conformance (5.0): [MQTT-4.13.1-1]
 #[test]
 fn v5_puback_after_the_brokers_pubrel_is_a_protocol_error() {
     let w = World::new();
@@ -480,8 +494,9 @@ fn v5_puback_after_the_brokers_pubrel_is_a_protocol_error() {
     assert!(sub.closed());
 }
 
-/// [MQTT-4.8.0-1] On 3.1.1 a wrong-type acknowledgement closes the connection (no DISCONNECT
+/// On 3.1.1 a wrong-type acknowledgement closes the connection (no DISCONNECT
 /// from a 3.1.1 server).
+/// Conformance (3.1.1): [MQTT-4.8.0-1]
 #[test]
 fn v311_pubrec_for_a_qos1_delivery_closes_the_connection() {
     let w = World::new();
