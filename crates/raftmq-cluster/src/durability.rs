@@ -14,9 +14,10 @@ use crate::state_machine::StateMachine;
 use crate::types::{NodeId, Raft, Request};
 use metrics::{counter, histogram};
 use openraft::error::{ClientWriteError, RaftError};
+use raftmq_codec::ByteStr;
 use raftmq_core::durability::{
     Commit, CommitHandle, Durability, DurabilityError, MessageId, Recovered, SessionImage,
-    StateChange,
+    SessionLoad, StateChange,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,57 +73,63 @@ impl RaftDurability {
         clock: WallClock,
         faults: Faults,
         tls: Option<ClusterTls>,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, DurabilityError> {
+        // Reads made for the broker (recovery, session loads) go through their own handle, so
+        // a test can make them fail while the Raft state machine keeps applying.
+        let reader = reader.with_own_faults();
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batcher(raft, node_id, rx, clock.clone(), faults, tls));
         let durability = Arc::new(RaftDurability {
             tx,
             next_id: AtomicU64::new(id_base(node_id) + 1),
             node_id,
             reader,
-            clock,
+            clock: clock.clone(),
         });
         // Never reuse an id this node gave to a message that is still stored.
-        let recovered = durability.read_state();
+        let recovered = durability.read_state()?;
         durability.seed_ids(&recovered);
-        durability
+        tokio::spawn(batcher(raft, node_id, rx, clock, faults, tls));
+        Ok(durability)
+    }
+
+    /// While `on`, every read this durability layer makes of the local state fails, as a
+    /// failing disk would make it (tests of the paths that must fail closed); the Raft state
+    /// machine's own reads are not affected.
+    pub fn inject_read_faults(&self, on: bool) {
+        self.reader.inject_read_faults(on);
     }
 
     /// The stored persistent sessions that node `node` owns (last claimed through it, or
-    /// adopted by it).
-    pub fn sessions_owned_by(&self, node: NodeId) -> Vec<SessionImage> {
-        let owners = match self.reader.session_owners() {
-            Ok(owners) => owners,
-            Err(e) => {
-                error!(error = %e, "cannot read session owners");
-                return Vec::new();
+    /// adopted by it). An error when any of them cannot be read: the caller retries rather
+    /// than adopt part of them.
+    pub fn sessions_owned_by(&self, node: NodeId) -> Result<Vec<SessionImage>, DurabilityError> {
+        let owners = self.reader.session_owners().map_err(|e| {
+            error!(error = %e, "cannot read the owners of the stored sessions");
+            DurabilityError::Storage
+        })?;
+        let mut sessions = Vec::new();
+        for (client_id, _) in owners.into_iter().filter(|(_, owner)| *owner == node) {
+            match self.reader.session_image(&client_id, &self.clock) {
+                Ok(found) => sessions.extend(found.map(|(image, _, _)| image)),
+                Err(e) => {
+                    error!(error = %e, client_id, "cannot read a stored session");
+                    return Err(DurabilityError::Storage);
+                }
             }
-        };
-        owners
-            .into_iter()
-            .filter(|(_, owner)| *owner == node)
-            .filter_map(
-                |(client_id, _)| match self.reader.session_image(&client_id, &self.clock) {
-                    Ok(found) => found.map(|(image, _, _)| image),
-                    Err(e) => {
-                        error!(error = %e, client_id, "cannot read a stored session");
-                        None
-                    }
-                },
-            )
-            .collect()
+        }
+        Ok(sessions)
     }
 
     /// The whole replicated state as this node's state machine has it (every session,
     /// whoever owns it).
-    pub fn replicated_state(&self) -> Recovered {
+    pub fn replicated_state(&self) -> Result<Recovered, DurabilityError> {
         self.read_state()
     }
 
-    fn read_state(&self) -> Recovered {
-        self.reader.recovered(&self.clock).unwrap_or_else(|e| {
-            error!(error = %e, "cannot read the replicated state; starting empty");
-            Recovered::default()
+    fn read_state(&self) -> Result<Recovered, DurabilityError> {
+        self.reader.recovered(&self.clock).map_err(|e| {
+            error!(error = %e, "cannot read the replicated state");
+            DurabilityError::Storage
         })
     }
 
@@ -157,45 +164,62 @@ impl Durability for RaftDurability {
     /// sessions it owns (last claimed through it, or of unknown owner). Sessions claimed
     /// through other nodes stay theirs; this node loads one only when its client connects here
     /// ([`Durability::load_session`]).
-    fn recover(&self) -> Recovered {
-        let mut recovered = self.read_state();
+    fn recover(&self) -> Result<Recovered, DurabilityError> {
+        let mut recovered = self.read_state()?;
         self.seed_ids(&recovered);
-        match self.reader.session_owners() {
-            Ok(owners) => {
-                let (mine, theirs): (Vec<_>, Vec<_>) = std::mem::take(&mut recovered.sessions)
+        let owners = self.reader.session_owners().map_err(|e| {
+            error!(error = %e, "cannot read the owners of the stored sessions");
+            DurabilityError::Storage
+        })?;
+        let (mine, theirs): (Vec<_>, Vec<_>) = std::mem::take(&mut recovered.sessions)
+            .into_iter()
+            .partition(|s| {
+                owners
+                    .get(s.client_id.as_str())
+                    .is_none_or(|&owner| owner == 0 || owner == self.node_id)
+            });
+        recovered.sessions = mine;
+        recovered.remote_subscriptions = theirs
+            .into_iter()
+            .flat_map(|s| {
+                let client_id = s.client_id;
+                s.subscriptions
                     .into_iter()
-                    .partition(|s| {
-                        owners
-                            .get(s.client_id.as_str())
-                            .is_none_or(|&owner| owner == 0 || owner == self.node_id)
-                    });
-                recovered.sessions = mine;
-                recovered.remote_subscriptions = theirs
-                    .into_iter()
-                    .flat_map(|s| {
-                        let client_id = s.client_id;
-                        s.subscriptions
-                            .into_iter()
-                            .map(move |(filter, entry)| (client_id.clone(), filter, entry))
-                    })
-                    .collect();
-            }
-            Err(e) => error!(error = %e, "cannot read session owners; restoring every session"),
-        }
-        recovered
+                    .map(move |(filter, entry)| (client_id.clone(), filter, entry))
+            })
+            .collect();
+        Ok(recovered)
     }
 
-    /// `None` also when the session was created by the claim this load follows (one claim
-    /// applied): then there was nothing to resume.
-    fn load_session(&self, client_id: &str) -> Option<(SessionImage, u64)> {
-        match self.reader.session_image(client_id, &self.clock) {
-            Ok(Some((_, _, 1))) | Ok(None) => None,
-            Ok(Some((image, upto, _))) => Some((image, upto)),
-            Err(e) => {
-                error!(error = %e, client_id, "cannot read a stored session");
-                None
+    /// Reads the session once `claim` committed, on tokio's blocking pool (a RocksDB read
+    /// must not stall the connection task or a runtime worker). Nothing to resume also when
+    /// the session was created by the claim this load follows (one claim applied). A failed
+    /// read fails the load with [`DurabilityError::Storage`]: the client is refused and the
+    /// stored session kept.
+    fn load_session(&self, client_id: &ByteStr, claim: Commit) -> SessionLoad {
+        let (load, handle) = SessionLoad::pending();
+        let reader = self.reader.clone();
+        let clock = self.clock.clone();
+        let client_id = client_id.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = claim.await {
+                return handle.complete(Err(e));
             }
-        }
+            let read = tokio::task::spawn_blocking(move || {
+                match reader.session_image(&client_id, &clock) {
+                    Ok(Some((_, _, 1))) | Ok(None) => Ok(None),
+                    Ok(Some((image, upto, _))) => Ok(Some((image, upto))),
+                    Err(e) => {
+                        error!(error = %e, client_id, "cannot read a stored session; its client is refused");
+                        Err(DurabilityError::Storage)
+                    }
+                }
+            })
+            .await
+            .unwrap_or(Err(DurabilityError::Storage));
+            handle.complete(read);
+        });
+        load
     }
 }
 

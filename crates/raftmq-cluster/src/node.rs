@@ -108,6 +108,10 @@ pub enum NodeError {
         #[from]
         openraft::error::RaftError<NodeId, openraft::error::InitializeError<NodeId, ClusterNode>>,
     ),
+    /// The stored state could not be read: the node refuses to start rather than serve clients
+    /// without the sessions it holds (the data is left as it is).
+    #[error("cannot read the stored state in {}", data_dir.display())]
+    Unreadable { data_dir: PathBuf },
 }
 
 /// How long a membership change may take (adding a node waits for it to catch up).
@@ -294,7 +298,10 @@ impl RaftNode {
             WallClock::now(),
             opts.faults.clone(),
             opts.tls.clone(),
-        );
+        )
+        .map_err(|_| NodeError::Unreadable {
+            data_dir: opts.data_dir.clone(),
+        })?;
         let metrics_task = tokio::spawn(export_metrics(raft.clone(), store.clone()));
         Ok(RaftNode {
             raft,
@@ -509,7 +516,14 @@ impl RaftNode {
                     Applied::SnapshotInstalled => {
                         // The whole state was replaced: take the retained messages and the
                         // other nodes' persistent subscriptions from it.
-                        let recovered = durability.recover();
+                        // Retried until the store can be read: the mirror stays as it was
+                        // meanwhile (logged as an error each time).
+                        let recovered = loop {
+                            match durability.recover() {
+                                Ok(recovered) => break recovered,
+                                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                            }
+                        };
                         broker.replace_retained(recovered.retained);
                         broker.replace_remote_subscriptions(recovered.remote_subscriptions);
                     }
@@ -603,8 +617,25 @@ async fn declare_down_nodes(
     use raftmq_core::durability::{Durability, StateChange};
     let mut declared: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
     let mut lease = Lease::default();
+    // Sessions given to this node by a committed NodeDown that it could not read yet: adopted
+    // on a later tick, never dropped.
+    let mut adoption_pending = false;
     loop {
         tokio::time::sleep(LIVENESS_TICK).await;
+        if adoption_pending {
+            match durability.sessions_owned_by(me) {
+                Ok(orphans) => {
+                    adoption_pending = false;
+                    let adopted = broker.adopt_sessions(orphans, std::time::Instant::now());
+                    metrics::counter!(SESSIONS_ADOPTED_TOTAL).increment(adopted as u64);
+                    warn!(
+                        adopted,
+                        "persistent sessions of a node declared down adopted here"
+                    );
+                }
+                Err(_) => warn!("the adopted sessions cannot be read yet; trying again"),
+            }
+        }
         let (leader, members): (bool, Vec<NodeId>) = {
             let m = raft.metrics().borrow().clone();
             match lease.observe(can_commit(&m), std::time::Instant::now()) {
@@ -622,8 +653,10 @@ async fn declare_down_nodes(
                     // Take back the sessions this node still owns once everything committed
                     // meanwhile is applied here (the barrier): those the cluster adopted while
                     // this node was away are no longer listed as its own.
-                    if durability.propose(Vec::new()).await.is_ok() {
-                        let owned = durability.sessions_owned_by(me);
+                    // A store that cannot be read leaves the lease fenced: tried again next tick.
+                    if durability.propose(Vec::new()).await.is_ok()
+                        && let Ok(owned) = durability.sessions_owned_by(me)
+                    {
                         let restored = broker.adopt_sessions(owned, std::time::Instant::now());
                         lease.restored();
                         info!(restored, "quorum regained; persistent sessions restored");
@@ -655,13 +688,20 @@ async fn declare_down_nodes(
             }
             declared.insert(node);
             metrics::counter!(NODES_DECLARED_DOWN_TOTAL).increment(1);
-            let orphans = durability.sessions_owned_by(me);
-            let adopted = broker.adopt_sessions(orphans, std::time::Instant::now());
-            metrics::counter!(SESSIONS_ADOPTED_TOTAL).increment(adopted as u64);
-            warn!(
-                node,
-                adopted, "node declared down; its persistent sessions adopted here"
-            );
+            match durability.sessions_owned_by(me) {
+                Ok(orphans) => {
+                    let adopted = broker.adopt_sessions(orphans, std::time::Instant::now());
+                    metrics::counter!(SESSIONS_ADOPTED_TOTAL).increment(adopted as u64);
+                    warn!(
+                        node,
+                        adopted, "node declared down; its persistent sessions adopted here"
+                    );
+                }
+                Err(_) => {
+                    adoption_pending = true;
+                    warn!(node, "node declared down; its sessions cannot be read yet");
+                }
+            }
         }
     }
 }

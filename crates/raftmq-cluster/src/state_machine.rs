@@ -240,6 +240,20 @@ impl StateMachine {
         Ok(Response)
     }
 
+    /// A reader of the same state whose injected read faults are its own (see
+    /// [`raftmq_store::StateDb::with_own_faults`]).
+    pub fn with_own_faults(&self) -> StateMachine {
+        StateMachine {
+            db: self.db.with_own_faults(),
+            ..self.clone()
+        }
+    }
+
+    /// Makes this reader's reads fail while `on` (tests of the paths that must fail closed).
+    pub fn inject_read_faults(&self, on: bool) {
+        self.db.inject_read_faults(on);
+    }
+
     /// The stored state of the persistent session `client_id`, if there is one, with the log
     /// index it reflects and the number of claims (`SessionOpened`) applied to it (1: created
     /// by the last one).

@@ -279,7 +279,9 @@ impl Cluster {
             );
             raft.feed_broker(broker.clone());
             raft.start_forwarding(broker.clone());
-            broker.recover(std::time::Instant::now());
+            broker
+                .recover(std::time::Instant::now())
+                .expect("the state is readable");
             Some(TestBroker::with_broker(broker).await)
         } else {
             None
@@ -379,6 +381,7 @@ impl Cluster {
         self.node(id)
             .durability
             .replicated_state()
+            .expect("the state is readable")
             .sessions
             .iter()
             .map(|s| s.client_id.as_str().to_owned())

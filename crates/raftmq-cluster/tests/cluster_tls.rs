@@ -182,6 +182,7 @@ fn session(name: &str) -> StateChange {
 fn sessions(node: &RaftNode) -> BTreeSet<String> {
     node.durability
         .replicated_state()
+        .expect("the state is readable")
         .sessions
         .iter()
         .map(|s| s.client_id.as_str().to_owned())

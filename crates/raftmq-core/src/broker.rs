@@ -30,7 +30,7 @@
 
 use crate::auth::{Access, AllowAll, Authenticator, Authorizer, Principal};
 use crate::config::MqttConfig;
-use crate::durability::{Commit, Durability, InMemory, StateChange};
+use crate::durability::{Commit, Durability, InMemory, SessionLoad, StateChange};
 use crate::index::SubscriptionIndex;
 use crate::message::Message;
 use crate::retained::RetainedIndex;
@@ -82,9 +82,10 @@ pub struct Attached {
     pub session_present: bool,
     /// Resolves when the attachment is durable (CONNACK waits for it).
     pub commit: Commit,
-    /// The session was not in memory and the client asked to resume it: once `commit` has
-    /// succeeded, [`Broker::finish_attach`] loads it from the replicated state (it may have been
-    /// created through another node).
+    /// The session was not in memory and the client asked to resume it: `commit` then covers
+    /// the claim and the read of the stored session (it may have been created through another
+    /// node; the durability layer reads it off the caller's thread), and once it succeeded
+    /// [`Broker::finish_attach`] restores what was read.
     pub load_after_commit: bool,
 }
 
@@ -143,6 +144,9 @@ pub struct Broker {
     /// Payload bytes of the retained messages stored.
     retained_bytes: AtomicU64,
     sessions: Mutex<HashMap<ByteStr, Arc<Session>>>,
+    /// Stored sessions being read for a connection that resumes them here (by client id,
+    /// with the attachment's epoch): a leaf lock.
+    loading: Mutex<HashMap<ByteStr, (u64, SessionLoad)>>,
     timers: Mutex<Timers>,
     authenticator: Arc<dyn Authenticator>,
     authorizer: Arc<dyn Authorizer>,
@@ -195,6 +199,7 @@ impl Broker {
             retained: RetainedIndex::new(),
             retained_bytes: AtomicU64::new(0),
             sessions: Mutex::new(HashMap::default()),
+            loading: Mutex::new(HashMap::default()),
             timers: Mutex::new(Timers::default()),
             authenticator,
             authorizer,

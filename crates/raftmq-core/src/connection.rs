@@ -7,7 +7,7 @@
 
 use crate::auth::Principal;
 use crate::broker::{Broker, DetachKind, TakenOver};
-use crate::durability::Commit;
+use crate::durability::{Commit, DurabilityError};
 use crate::session::Session;
 use ahash::HashMap;
 use raftmq_codec::{
@@ -369,7 +369,7 @@ impl Connection {
                     }
                     release_boxed_if_small(&mut self.pending);
                 }
-                Some(Err(_)) => {
+                Some(Err(error)) => {
                     // Refused: the held-back deliveries are dropped with the acknowledgement.
                     let connack = matches!(head.packet, Packet::ConnAck(_));
                     self.pending = None;
@@ -381,6 +381,10 @@ impl Connection {
                             self.broker.abandon_attach(&att.session, att.epoch);
                         }
                         self.detach(DetachKind::Normal, now);
+                        if error == DurabilityError::Storage {
+                            // The stored session could not be read: refused, its data kept.
+                            return self.refuse_connect(ReasonCode::UNSPECIFIED_ERROR, now);
+                        }
                         // MQTT 5: send the client to a node that may commit (0x9C Use another
                         // server, with a Server Reference), else 0x88 Server unavailable.
                         let reference = self

@@ -155,9 +155,14 @@ pub enum StateChange {
 /// Why a change could not be made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DurabilityError {
-    /// No quorum (or the store is failing): refuse with Server Unavailable, retry later.
+    /// No quorum, no leader, or the outcome is unknown: refuse with Server Unavailable (or send
+    /// the client to another node), retry later.
     #[error("durable storage unavailable")]
     Unavailable,
+    /// This node's store failed to read or write: the stored data is kept as it is and the
+    /// client is refused (CONNACK 0x80 Unspecified error; 3.1.1 return code 3).
+    #[error("the local store failed")]
+    Storage,
 }
 
 #[derive(Debug, Default)]
@@ -410,16 +415,79 @@ pub trait Durability: Send + Sync + 'static {
     /// A fresh, never reused message id.
     fn next_message_id(&self) -> MessageId;
 
-    /// The durable state, to rebuild the broker at start-up.
-    fn recover(&self) -> Recovered;
+    /// The durable state, to rebuild the broker at start-up. An error means the store could
+    /// not be read: the broker must not start (never "start empty" over stored sessions).
+    fn recover(&self) -> Result<Recovered, DurabilityError>;
 
-    /// The stored state of one persistent session, when this node can read durable state
-    /// written by others (a cluster node loading a session its client created elsewhere).
-    /// Called after the session's claim committed, so it reflects everything before it.
-    /// Returns the image with the log index it reflects (the state machine's last applied
-    /// index in the same consistent read).
-    fn load_session(&self, _client_id: &str) -> Option<(SessionImage, u64)> {
-        None
+    /// Reads the stored state of one persistent session once `claim` (the connection's
+    /// `SessionOpened`) has committed, when this node can read durable state written by
+    /// others (a cluster node loading a session its client created elsewhere). The read
+    /// reflects everything committed before the claim; it must not block the caller (a
+    /// connection task): implementations read off the async runtime and complete the
+    /// returned load, which fails with the claim's error or [`DurabilityError::Storage`].
+    /// The default: nothing stored elsewhere to load.
+    fn load_session(&self, _client_id: &ByteStr, claim: Commit) -> SessionLoad {
+        SessionLoad::after(claim, None)
+    }
+}
+
+/// The stored session found by [`Durability::load_session`], with the log index it reflects
+/// (`None`: nothing to resume).
+pub type LoadedSession = Option<(SessionImage, u64)>;
+
+/// A session being read from durable storage after its claim: [`Self::commit`] resolves when
+/// the claim committed and the read is done (or failed); then [`Self::take`] gives the image.
+#[derive(Clone, Debug)]
+pub struct SessionLoad {
+    commit: Commit,
+    slot: Arc<Mutex<LoadedSession>>,
+}
+
+/// Completes a pending [`SessionLoad`].
+#[derive(Debug)]
+pub struct SessionLoadHandle {
+    handle: CommitHandle,
+    slot: Arc<Mutex<LoadedSession>>,
+}
+
+impl SessionLoad {
+    /// A load completed by the returned handle.
+    pub fn pending() -> (SessionLoad, SessionLoadHandle) {
+        let (commit, handle) = Commit::pending();
+        let slot = Arc::new(Mutex::new(None));
+        (
+            SessionLoad {
+                commit,
+                slot: slot.clone(),
+            },
+            SessionLoadHandle { handle, slot },
+        )
+    }
+
+    /// A load that completes with `found` once `claim` has (and fails as it fails).
+    pub fn after(claim: Commit, found: LoadedSession) -> SessionLoad {
+        SessionLoad {
+            commit: claim,
+            slot: Arc::new(Mutex::new(found)),
+        }
+    }
+
+    /// Resolves when the claim committed and the session was read.
+    pub fn commit(&self) -> Commit {
+        self.commit.clone()
+    }
+
+    /// The session read (once [`Self::commit`] succeeded), taken once.
+    pub fn take(&self) -> LoadedSession {
+        self.slot.lock().take()
+    }
+}
+
+impl SessionLoadHandle {
+    /// Completes the load with what was read, or the error that prevented it.
+    pub fn complete(self, result: Result<LoadedSession, DurabilityError>) {
+        let result = result.map(|found| *self.slot.lock() = found);
+        self.handle.complete(result);
     }
 }
 
@@ -438,8 +506,8 @@ impl Durability for InMemory {
         MessageId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    fn recover(&self) -> Recovered {
-        Recovered::default()
+    fn recover(&self) -> Result<Recovered, DurabilityError> {
+        Ok(Recovered::default())
     }
 }
 
@@ -722,7 +790,7 @@ impl Durability for MemoryDurability {
         MessageId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    fn recover(&self) -> Recovered {
-        self.image.lock().recovered()
+    fn recover(&self) -> Result<Recovered, DurabilityError> {
+        Ok(self.image.lock().recovered())
     }
 }

@@ -48,8 +48,8 @@ impl Durability for Held {
     fn next_message_id(&self) -> MessageId {
         MessageId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
     }
-    fn recover(&self) -> Recovered {
-        Recovered::default()
+    fn recover(&self) -> Result<Recovered, DurabilityError> {
+        Ok(Recovered::default())
     }
 }
 
@@ -301,7 +301,7 @@ fn persistent_session_queue_and_retained_survive_a_broker_rebuild() {
     }
     let t1 = t0 + Duration::from_secs(5);
     let b = broker(durability.clone());
-    assert_eq!(b.recover(t1), 1);
+    assert_eq!(b.recover(t1), Ok(1));
     assert!(b.retained("r/x").is_some(), "retained message recovered");
     let mut sub = open(&b, t1);
     let out = exchange(&mut sub, connect("sub", false, 3600), t1);
@@ -355,7 +355,7 @@ fn unacknowledged_deliveries_are_resent_with_their_original_packet_ids_after_a_r
     };
     let t1 = t0 + Duration::from_secs(1);
     let b = broker(durability);
-    b.recover(t1);
+    b.recover(t1).expect("the store is readable");
     let mut sub = open(&b, t1);
     let out = exchange(&mut sub, connect("sub", false, 3600), t1);
     match &out[..] {
@@ -389,7 +389,7 @@ fn incoming_qos2_state_survives_a_rebuild_so_a_resent_publish_is_not_routed_twic
         // The publisher's connection dies before it sends PUBREL.
     }
     let b = broker(durability.clone());
-    b.recover(t0);
+    b.recover(t0).expect("the store is readable");
     let mut publ = open(&b, t0);
     exchange(&mut publ, connect("pub", false, 3600), t0);
     let mut dup = publish("x", QoS::ExactlyOnce, 5, false);

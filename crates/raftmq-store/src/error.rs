@@ -31,6 +31,13 @@ pub enum StoreError {
         source: rocksdb::Error,
     },
 
+    /// A fault injected by a test ([`crate::StateDb::inject_read_faults`]).
+    #[error("injected {op} fault")]
+    InjectedFault {
+        /// The operation that was made to fail.
+        op: &'static str,
+    },
+
     /// A column family that `Store::open` always creates is missing (a bug, never expected).
     #[error("column family `{0}` is missing")]
     MissingColumnFamily(&'static str),

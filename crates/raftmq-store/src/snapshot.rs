@@ -37,6 +37,8 @@ pub struct SnapshotStats {
 pub struct StateSnapshot<'a> {
     inner: &'a Inner,
     snap: SnapshotWithThreadMode<'a, DB>,
+    /// The handle it was taken from (for its injected read faults).
+    db: &'a StateDb,
 }
 
 impl fmt::Debug for StateSnapshot<'_> {
@@ -53,6 +55,7 @@ impl StateDb {
         StateSnapshot {
             inner: &self.inner,
             snap: self.inner.db.snapshot(),
+            db: self,
         }
     }
 
@@ -95,7 +98,7 @@ impl StateDb {
 impl<'a> StateSnapshot<'a> {
     /// The value of `key` in `cf` as of the snapshot.
     pub fn get(&self, cf: StateCf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let handle = self.inner.cf(cf.name())?;
+        let handle = self.db.cf_for_read(cf)?;
         self.snap
             .get_cf(handle, key)
             .map_err(StoreError::backend("get"))
@@ -103,7 +106,7 @@ impl<'a> StateSnapshot<'a> {
 
     /// Every pair of `cf` whose key starts with `prefix`, as of the snapshot.
     pub fn scan_prefix(&self, cf: StateCf, prefix: &[u8]) -> StateIter<'_> {
-        match self.inner.cf(cf.name()) {
+        match self.db.cf_for_read(cf) {
             Ok(handle) => {
                 let end = prefix_successor(prefix);
                 StateIter::new(self.snap.iterator_cf_opt(

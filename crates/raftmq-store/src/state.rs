@@ -16,6 +16,8 @@ use crate::layout::{StateCf, prefix_successor};
 #[derive(Clone)]
 pub struct StateDb {
     pub(crate) inner: Arc<Inner>,
+    /// Read faults injected into this handle and its clones ([`StateDb::with_own_faults`]).
+    faults: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl fmt::Debug for StateDb {
@@ -224,12 +226,38 @@ pub(crate) fn range_read_options(to: Option<&[u8]>) -> ReadOptions {
 
 impl StateDb {
     pub(crate) fn new(inner: Arc<Inner>) -> Self {
-        StateDb { inner }
+        StateDb {
+            inner,
+            faults: Arc::default(),
+        }
+    }
+
+    /// A handle to the same database whose read faults ([`StateDb::inject_read_faults`]) are
+    /// its own (shared with its clones only), so a test can fail one reader's reads while the
+    /// rest of the node (the Raft state machine's apply) reads normally.
+    pub fn with_own_faults(&self) -> StateDb {
+        StateDb::new(self.inner.clone())
+    }
+
+    /// While `on`, every read of the state through this handle (live or through a snapshot)
+    /// fails with [`StoreError::InjectedFault`], as a failing disk would make it: for tests of
+    /// the paths that must fail closed. Off unless a test turns it on; writes are not
+    /// affected.
+    pub fn inject_read_faults(&self, on: bool) {
+        self.faults.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The column family `cf`, for a read: fails while read faults are injected.
+    pub(crate) fn cf_for_read(&self, cf: StateCf) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        if self.faults.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::InjectedFault { op: "read" });
+        }
+        self.inner.cf(cf.name())
     }
 
     /// The value of `key` in `cf`.
     pub fn get(&self, cf: StateCf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let handle = self.inner.cf(cf.name())?;
+        let handle = self.cf_for_read(cf)?;
         self.inner
             .db
             .get_cf(handle, key)
@@ -244,7 +272,7 @@ impl StateDb {
 
     /// Every pair of `cf` with `from <= key < to` (`to = None`: up to the last key).
     pub fn scan_range(&self, cf: StateCf, from: &[u8], to: Option<&[u8]>) -> StateIter<'_> {
-        match self.inner.cf(cf.name()) {
+        match self.cf_for_read(cf) {
             Ok(handle) => StateIter::new(self.inner.db.iterator_cf_opt(
                 handle,
                 range_read_options(to),
@@ -261,7 +289,7 @@ impl StateDb {
         cf: StateCf,
         prefix: &[u8],
     ) -> Result<Option<KeyValue>, StoreError> {
-        let handle = self.inner.cf(cf.name())?;
+        let handle = self.cf_for_read(cf)?;
         let mut opts = range_read_options(prefix_successor(prefix).as_deref());
         opts.set_iterate_lower_bound(prefix.to_vec());
         match self

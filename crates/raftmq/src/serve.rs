@@ -121,7 +121,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // a reachable one, the leader first.
     let redirect_node = node.clone();
     broker.set_redirect(Arc::new(move || redirect_node.redirect_target()));
-    let sessions = broker.recover(Instant::now());
+    let sessions = broker.recover(Instant::now()).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the stored sessions in {}: {e}; refusing to start (the data is left as it is)",
+            config.data_dir.display()
+        )
+    })?;
     info!(
         sessions,
         retained = broker.retained_count(),

@@ -2,7 +2,7 @@
 //! session that is stored but not in memory here.
 
 use crate::broker::{Broker, UNFENCED};
-use crate::durability::{Commit, MessageId, Recovered, SessionImage};
+use crate::durability::{Commit, DurabilityError, MessageId, Recovered, SessionImage, SessionLoad};
 use crate::message::Delivery;
 use crate::session::{Outgoing, OutgoingEntry, Session, SessionState};
 use crate::topic::parse_subscription;
@@ -17,13 +17,15 @@ impl Broker {
     /// offline with their subscriptions, queued and in-flight messages (in-flight ones keep
     /// their packet ids, so they are resent as the protocol requires) and incoming QoS 2 state;
     /// retained messages come back too. Will and expiry timers restart from `now`. Returns the
-    /// number of sessions recovered.
-    pub fn recover(&self, now: Instant) -> usize {
+    /// number of sessions recovered, or the error that kept the store from being read (then
+    /// nothing was restored: the caller must not serve clients over stored sessions it could
+    /// not see).
+    pub fn recover(&self, now: Instant) -> Result<usize, DurabilityError> {
         let Recovered {
             sessions,
             retained,
             remote_subscriptions,
-        } = self.durability.recover();
+        } = self.durability.recover()?;
         for message in retained {
             self.store_retained(&message);
         }
@@ -37,7 +39,7 @@ impl Broker {
         for image in sessions {
             self.restore_offline(&mut registry, image, now);
         }
-        count
+        Ok(count)
     }
 
     /// Puts a stored session back in memory, offline, into `registry` (locked by the caller
@@ -139,7 +141,10 @@ impl Broker {
     /// there. Returns whether a session was resumed (CONNACK's session present). Does nothing
     /// if the connection was fenced in the meantime.
     pub fn finish_attach(&self, session: &Arc<Session>, epoch: u64) -> bool {
-        let Some((image, upto)) = self.durability.load_session(session.client_id()) else {
+        let Some(load) = self.take_load(session.client_id(), epoch) else {
+            return false;
+        };
+        let Some((image, upto)) = load.take() else {
             return false;
         };
         let Ok(mut st) = session.lock_attached(epoch) else {
@@ -160,6 +165,7 @@ impl Broker {
     /// dropped, so a later connection here loads the stored session instead of resuming an
     /// empty one. Instead of detaching the connection: nothing is recorded.
     pub fn abandon_attach(&self, session: &Arc<Session>, epoch: u64) {
+        drop(self.take_load(session.client_id(), epoch));
         let mut registry = self.sessions.lock();
         let Ok(mut st) = session.lock_attached(epoch) else {
             return;
@@ -167,5 +173,32 @@ impl Broker {
         st.will = None;
         session.set_durable(false);
         self.unload_locked(&mut registry, session, st);
+    }
+
+    /// Starts reading the stored session of `client_id` for the attachment `epoch` once its
+    /// `claim` commits; the returned commit covers both (CONNACK waits for it).
+    pub(in crate::broker) fn start_load(
+        &self,
+        client_id: &ByteStr,
+        epoch: u64,
+        claim: Commit,
+    ) -> Commit {
+        let load = self.durability.load_session(client_id, claim);
+        let commit = load.commit();
+        self.loading.lock().insert(client_id.clone(), (epoch, load));
+        commit
+    }
+
+    /// The load started for the attachment `epoch` of `client_id`, if it is still the latest.
+    pub(in crate::broker) fn take_load(
+        &self,
+        client_id: &ByteStr,
+        epoch: u64,
+    ) -> Option<SessionLoad> {
+        let mut loading = self.loading.lock();
+        match loading.get(client_id) {
+            Some((e, _)) if *e == epoch => loading.remove(client_id).map(|(_, load)| load),
+            _ => None,
+        }
     }
 }

@@ -119,10 +119,13 @@ impl Broker {
                 load_after_commit: !session_present && !fresh,
             }
         };
-        let attached = Attached {
-            commit: self.propose(changes),
-            ..attached
+        let claim = self.propose(changes);
+        let commit = if attached.load_after_commit {
+            self.start_load(client_id, attached.epoch, claim)
+        } else {
+            claim
         };
+        let attached = Attached { commit, ..attached };
         // Nothing goes through the log for a session that is not stored: tell the other nodes
         // (outside the registry lock).
         if !attached.session.is_durable()
@@ -138,6 +141,7 @@ impl Broker {
 
     /// Detaches the connection holding `epoch`. No-op if the session was taken over since.
     pub fn detach(&self, session: &Arc<Session>, epoch: u64, kind: DetachKind, now: Instant) {
+        drop(self.take_load(session.client_id(), epoch));
         let mut publish_now = None;
         {
             let mut registry = self.sessions.lock();

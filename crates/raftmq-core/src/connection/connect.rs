@@ -264,15 +264,15 @@ impl Connection {
                 props.shared_subscription_available = Some(false);
             }
         }
-        self.emit(
-            Packet::ConnAck(ConnAck {
-                session_present: attached.session_present,
-                reason_code: ReasonCode::SUCCESS,
-                properties: props,
-            }),
-            Some(attached.commit),
-        );
+        let connack = Packet::ConnAck(ConnAck {
+            session_present: attached.session_present,
+            reason_code: ReasonCode::SUCCESS,
+            properties: props,
+        });
         self.load_after_connack = attached.load_after_commit;
+        let loaded_at_once = attached.load_after_commit
+            && attached.commit.result() == Some(Ok(()))
+            && self.pending.is_none();
         attached.session.set_connection_info(
             attached.epoch,
             ConnectionInfo {
@@ -292,6 +292,18 @@ impl Connection {
             client_id,
             principal,
         });
+        if loaded_at_once {
+            // The claim and the read already completed: restore the session now, as
+            // `handle_commits` would, before the CONNACK goes out.
+            let mut connack = connack;
+            let resumed = self.finish_attach(&mut connack);
+            self.out.push_back(connack);
+            if resumed {
+                self.resend_inflight(now);
+            }
+        } else {
+            self.emit(connack, Some(attached.commit));
+        }
         if attached.session_present {
             self.resend_inflight(now);
         }
