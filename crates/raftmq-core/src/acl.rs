@@ -23,9 +23,20 @@
 //! **First match wins**: the rules that apply to a principal are tried in file order and the
 //! first whose filter matches decides. Nothing matching means **deny**. An `allow` rule with
 //! `qos=N` or `retain=false` that matches the topic but not the condition denies.
-//! For SUBSCRIBE, an `allow` rule matches when its filter covers every topic the requested
-//! filter can match; a `deny` rule matches when the two filters overlap at all (so
-//! `deny subscribe secret/#` also refuses a subscription to `#`).
+//!
+//! How subscriptions are checked depends on the file's `mode` line (at most one, before the
+//! first rule):
+//!
+//! - `mode filter` (the default): a SUBSCRIBE is decided once, for its whole filter. An `allow`
+//!   rule matches when its filter covers every topic the requested filter can match; a `deny`
+//!   rule matches when the two filters overlap at all (so `deny subscribe secret/#` also
+//!   refuses a subscription to `#`). Nothing is checked per message.
+//! - `mode message` (as Mosquitto does it): a SUBSCRIBE is granted when an `allow` rule
+//!   overlaps the requested filter before any `deny` rule covers all of it, and every message is
+//!   then checked as it is delivered: the first `subscribe`/`pubsub` rule whose filter matches
+//!   the message's topic decides, and a denied message is withheld (counted as dropped,
+//!   `reason="not_authorized"`). So `deny subscribe secret/#` followed by `allow subscribe #`
+//!   grants `#` and delivers everything except `secret/...`.
 //!
 //! Parsing takes text (the caller reads the file): no I/O here.
 
@@ -60,10 +71,21 @@ struct Rule {
     retain: Option<bool>,
 }
 
+/// When subscriptions are checked (see the module documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AclMode {
+    /// The whole filter, at SUBSCRIBE.
+    #[default]
+    Filter,
+    /// Broad subscriptions granted, each message checked as it is delivered.
+    Message,
+}
+
 /// A parsed access control list; see the module documentation for the format and semantics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Acl {
     rules: Vec<Rule>,
+    mode: AclMode,
 }
 
 impl Acl {
@@ -71,6 +93,7 @@ impl Acl {
     pub fn parse(text: &str) -> Result<Acl, AclError> {
         let mut scope = Scope::All;
         let mut rules = Vec::new();
+        let mut mode = None;
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let err = |message: String| AclError { line, message };
@@ -80,6 +103,22 @@ impl Acl {
             }
             let words: Vec<&str> = content.split_whitespace().collect();
             match words[..] {
+                ["mode", m] => {
+                    if mode.is_some() || !rules.is_empty() {
+                        return Err(err(
+                            "`mode` may appear once, before the first rule".to_owned()
+                        ));
+                    }
+                    mode = Some(match m {
+                        "filter" => AclMode::Filter,
+                        "message" => AclMode::Message,
+                        other => {
+                            return Err(err(format!(
+                                "mode `{other}`: expected `filter` or `message`"
+                            )));
+                        }
+                    });
+                }
                 ["all"] => scope = Scope::All,
                 ["user", name] => scope = Scope::User(name.to_owned()),
                 ["client", id] => scope = Scope::Client(id.to_owned()),
@@ -161,7 +200,15 @@ impl Acl {
                 }
             }
         }
-        Ok(Acl { rules })
+        Ok(Acl {
+            rules,
+            mode: mode.unwrap_or_default(),
+        })
+    }
+
+    /// When subscriptions are checked.
+    pub fn mode(&self) -> AclMode {
+        self.mode
     }
 
     /// Number of rules.
@@ -176,6 +223,10 @@ impl Acl {
 
     /// Whether `principal` may perform `access` (first matching rule; deny when none matches).
     pub fn check(&self, principal: &Principal, access: Access<'_>) -> bool {
+        if matches!(access, Access::Receive { .. }) && self.mode == AclMode::Filter {
+            // Decided for the whole filter at SUBSCRIBE.
+            return true;
+        }
         for rule in &self.rules {
             let applies = match &rule.scope {
                 Scope::All => true,
@@ -203,6 +254,27 @@ impl Acl {
                 Access::Subscribe {
                     filter: wanted,
                     qos,
+                } if self.mode == AclMode::Message => {
+                    if !rule.subscribe {
+                        continue;
+                    }
+                    let wanted = strip_share(wanted);
+                    if rule.allow {
+                        if overlaps(&filter, wanted) {
+                            return rule.max_qos.is_none_or(|max| qos <= max);
+                        }
+                    } else if covers(&filter, wanted) {
+                        return false;
+                    }
+                }
+                Access::Receive { topic } => {
+                    if rule.subscribe && matches(&filter, topic) {
+                        return rule.allow;
+                    }
+                }
+                Access::Subscribe {
+                    filter: wanted,
+                    qos,
                 } => {
                     if !rule.subscribe {
                         continue;
@@ -225,6 +297,10 @@ impl Acl {
 impl Authorizer for Acl {
     fn authorize(&self, principal: &Principal, access: Access<'_>) -> bool {
         self.check(principal, access)
+    }
+
+    fn checks_delivery(&self, _principal: &Principal) -> bool {
+        self.mode == AclMode::Message
     }
 }
 
@@ -353,6 +429,72 @@ mod tests {
             filter,
             qos: QoS::AtMostOnce,
         }
+    }
+
+    fn receive(topic: &str) -> Access<'_> {
+        Access::Receive { topic }
+    }
+
+    #[test]
+    fn message_mode_grants_broad_subscriptions_and_withholds_denied_topics_per_message() {
+        let acl = Acl::parse(
+            "mode message\n\
+             deny subscribe secret/#\n\
+             allow subscribe #\n",
+        )
+        .expect("valid");
+        let p = who(None, "c");
+        assert_eq!(acl.mode(), AclMode::Message);
+        assert!(acl.checks_delivery(&p));
+        // Filter mode would refuse `#` (it overlaps the denied `secret/#`).
+        assert!(acl.check(&p, subscribe("#")));
+        assert!(acl.check(&p, subscribe("+/x")));
+        assert!(acl.check(&p, receive("public/x")));
+        assert!(!acl.check(&p, receive("secret/x")));
+        assert!(!acl.check(&p, receive("secret")));
+        // A subscription that can only ever see denied topics is refused.
+        assert!(!acl.check(&p, subscribe("secret/#")));
+        assert!(!acl.check(&p, subscribe("$share/g/secret/+")));
+    }
+
+    #[test]
+    fn message_mode_without_a_matching_allow_refuses_and_withholds() {
+        let acl = Acl::parse(
+            "mode message\n\
+             user alice\n\
+             allow subscribe alice/#\n",
+        )
+        .expect("valid");
+        let alice = who(Some("alice"), "a");
+        let bob = who(Some("bob"), "b");
+        assert!(acl.check(&alice, subscribe("#")));
+        assert!(acl.check(&alice, receive("alice/1")));
+        assert!(!acl.check(&alice, receive("bob/1")));
+        assert!(!acl.check(&bob, subscribe("#")));
+        assert!(!acl.check(&bob, receive("alice/1")));
+    }
+
+    #[test]
+    fn filter_mode_is_the_default_and_never_checks_deliveries() {
+        let acl = Acl::parse("deny subscribe secret/#\nallow subscribe #\n").expect("valid");
+        let p = who(None, "c");
+        assert_eq!(acl.mode(), AclMode::Filter);
+        assert!(!acl.checks_delivery(&p));
+        assert!(!acl.check(&p, subscribe("#")));
+        assert!(acl.check(&p, receive("secret/x")));
+    }
+
+    #[test]
+    fn mode_is_given_once_before_the_rules() {
+        for text in [
+            "allow subscribe #\nmode message\n",
+            "mode message\nmode filter\n",
+            "mode everything\n",
+        ] {
+            assert!(Acl::parse(text).is_err(), "{text:?}");
+        }
+        let err = Acl::parse("allow subscribe #\nmode message\n").expect_err("refused");
+        assert_eq!(err.line, 2);
     }
 
     #[test]

@@ -108,11 +108,24 @@ pub enum Access<'a> {
         filter: &'a str,
         qos: QoS,
     },
+    /// A message to `topic` is about to be delivered to the principal's session (asked only
+    /// when [`Authorizer::checks_delivery`] says so).
+    Receive {
+        topic: &'a str,
+    },
 }
 
 /// Decides whether a principal may publish to or subscribe to a topic.
 pub trait Authorizer: Send + Sync + 'static {
     fn authorize(&self, principal: &Principal, access: Access<'_>) -> bool;
+
+    /// Whether each message delivered to `principal` must be authorized
+    /// ([`Access::Receive`]): an ACL that grants broad subscriptions and withholds the denied
+    /// topics message by message. Asked once per batch of deliveries; `false` (the default)
+    /// costs nothing per message.
+    fn checks_delivery(&self, _principal: &Principal) -> bool {
+        false
+    }
 }
 
 /// Accepts everyone and allows everything (the default for a local development broker).

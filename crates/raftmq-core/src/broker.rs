@@ -264,6 +264,12 @@ impl Broker {
         self.authorizer.authorize(principal, access)
     }
 
+    /// Whether each message delivered to `principal` must be authorized
+    /// ([`Authorizer::checks_delivery`]).
+    pub fn checks_delivery(&self, principal: &Principal) -> bool {
+        self.authorizer.checks_delivery(principal)
+    }
+
     /// A fresh client identifier for a client that connected with an empty one.
     pub fn assign_client_id(&self) -> ByteStr {
         let n = self.assigned_ids.fetch_add(1, Relaxed);

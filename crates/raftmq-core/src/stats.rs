@@ -60,15 +60,18 @@ pub enum DropReason {
     TooLarge,
     /// QoS 0 for an offline session (not queued by configuration).
     Offline,
+    /// The subscriber may not receive messages on this topic (an ACL in `message` mode).
+    NotAuthorized,
 }
 
 impl DropReason {
     /// Every reason, for exporting.
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         Self::QueueFull,
         Self::Expired,
         Self::TooLarge,
         Self::Offline,
+        Self::NotAuthorized,
     ];
 
     /// The stable label value.
@@ -78,6 +81,7 @@ impl DropReason {
             Self::Expired => "expired",
             Self::TooLarge => "too_large",
             Self::Offline => "offline_qos0",
+            Self::NotAuthorized => "not_authorized",
         }
     }
 }
@@ -96,7 +100,7 @@ pub struct BrokerStats {
     /// Published messages that matched no subscription.
     pub messages_unrouted: AtomicU64,
     /// Deliveries dropped, by [`DropReason`] (indexed as in `DropReason::ALL`).
-    pub messages_dropped: [AtomicU64; 4],
+    pub messages_dropped: [AtomicU64; 5],
     /// PUBLISH refused by authorization.
     pub publish_denied: AtomicU64,
     /// Connections refused by authentication.

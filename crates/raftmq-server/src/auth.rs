@@ -500,6 +500,14 @@ impl Authorizer for Auth {
             None => true,
         }
     }
+
+    fn checks_delivery(&self, principal: &Principal) -> bool {
+        let message = |acl: &Acl| acl.mode() == raftmq_core::acl::AclMode::Message;
+        match &principal.acl {
+            Some(acl) => message(acl),
+            None => self.acl.read().as_deref().is_some_and(message),
+        }
+    }
 }
 
 #[cfg(test)]

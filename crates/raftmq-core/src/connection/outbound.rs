@@ -2,6 +2,7 @@
 //! resending after a resume, topic aliases, sizes, and the client's PUBACK/PUBREC/PUBCOMP.
 
 use super::{CloseReason, Connection, Violation};
+use crate::auth::Access;
 use crate::durability::{Commit, StateChange};
 use crate::message::Delivery;
 use crate::session::{Outgoing, OutgoingEntry};
@@ -112,6 +113,11 @@ impl Connection {
         };
         let session = att.session.clone();
         let epoch = att.epoch;
+        // An ACL that withholds topics message by message (asked once per pass).
+        let receiver = self
+            .broker
+            .checks_delivery(&att.principal)
+            .then(|| att.principal.clone());
         let mut sent_records = Vec::new();
         let window = self.window();
         let broker = self.broker.clone();
@@ -149,6 +155,28 @@ impl Connection {
                     st.queue.pop_front();
                     stats.messages_queued.fetch_sub(1, Relaxed);
                     stats.dropped(DropReason::Expired, 1);
+                    continue;
+                }
+                if let Some(principal) = &receiver
+                    && !broker.authorize(
+                        principal,
+                        Access::Receive {
+                            topic: &front.message.topic,
+                        },
+                    )
+                {
+                    // Withheld: done for this session (a stored copy is acknowledged, so it is
+                    // not delivered after a restart either).
+                    if let Some(d) = st.queue.pop_front() {
+                        stats.messages_queued.fetch_sub(1, Relaxed);
+                        stats.dropped(DropReason::NotAuthorized, 1);
+                        if let Some(id) = d.durable {
+                            sent_records.push(StateChange::MessageAcked {
+                                client_id: session.client_id().clone(),
+                                id,
+                            });
+                        }
+                    }
                     continue;
                 }
                 let pid = if front.qos == QoS::AtMostOnce {
