@@ -13,7 +13,9 @@
 //! QoS 2 only through the log. Memory is bounded: a peer that cannot keep up or cannot be
 //! reached has its queue capped and the excess dropped and counted.
 
-use crate::convert::{WallClock, message_from_proto, message_to_proto};
+use crate::convert::{
+    WallClock, message_from_proto, message_to_proto, will_from_proto, will_to_proto,
+};
 use crate::network::{ClusterTls, Fault, Faults, MAX_MESSAGE_BYTES, channel};
 use crate::types::{NodeId, Raft};
 use metrics::counter;
@@ -21,6 +23,7 @@ use parking_lot::Mutex;
 use raftmq_codec::{ByteStr, QoS};
 use raftmq_core::durability::{Commit, CommitHandle, MessageId};
 use raftmq_core::message::Message;
+use raftmq_core::session::PendingWill;
 use raftmq_core::{Broker, Forwarder};
 use raftmq_proto::forward as pb;
 use raftmq_proto::forward::forward_service_client::ForwardServiceClient;
@@ -306,6 +309,21 @@ async fn link(
         if out.send(hub.frame(full)).await.is_err() {
             continue;
         }
+        // Then the wills of this node's sessionless connections, in full.
+        let (mut wills_generation, wills) = broker.local_wills();
+        let mut wills_announced: HashSet<ByteStr> =
+            wills.iter().map(|(id, _)| id.clone()).collect();
+        let full = pb::frame::Body::Wills(pb::Wills {
+            full: true,
+            registered: wills
+                .iter()
+                .map(|(id, will)| registered_will(id, will, &hub.clock))
+                .collect(),
+            released: Vec::new(),
+        });
+        if out.send(hub.frame(full)).await.is_err() {
+            continue;
+        }
         let resent_at = tokio::time::Instant::now();
         for u in unacked.iter_mut() {
             u.sent_at = resent_at;
@@ -417,6 +435,25 @@ async fn link(
                         info!(peer, "no acknowledgement from peer for {FORWARD_ACK_TIMEOUT:?}; closing the stream");
                         counter!(FORWARD_ACK_TIMEOUTS_TOTAL, "peer" => peer.to_string()).increment(1);
                         break;
+                    }
+                    if broker.wills_generation() != wills_generation {
+                        let (g, wills) = broker.local_wills();
+                        wills_generation = g;
+                        let now: HashSet<ByteStr> = wills.iter().map(|(id, _)| id.clone()).collect();
+                        let registered = wills
+                            .iter()
+                            .filter(|(id, _)| !wills_announced.contains(id))
+                            .map(|(id, will)| registered_will(id, will, &hub.clock))
+                            .collect();
+                        let released = wills_announced
+                            .difference(&now)
+                            .map(|id| id.to_string())
+                            .collect();
+                        wills_announced = now;
+                        let body = pb::frame::Body::Wills(pb::Wills { full: false, registered, released });
+                        if out.send(hub.frame(body)).await.is_err() {
+                            break;
+                        }
                     }
                     if broker.route_generation() == generation {
                         continue;
@@ -551,6 +588,18 @@ impl ForwardService for ForwardGrpc {
                             return;
                         }
                     }
+                    Some(pb::frame::Body::Wills(w)) => {
+                        let registered = w
+                            .registered
+                            .into_iter()
+                            .filter_map(|r| {
+                                let will = will_from_proto(r.will?, &clock).ok()?;
+                                Some((ByteStr::from(r.client_id), will))
+                            })
+                            .collect();
+                        let released = w.released.into_iter().map(ByteStr::from).collect();
+                        broker.apply_peer_wills(from, w.full, registered, released);
+                    }
                     Some(pb::frame::Body::Claims(c)) => {
                         let now = std::time::Instant::now();
                         for claim in c.claims {
@@ -568,5 +617,17 @@ impl ForwardService for ForwardGrpc {
                 |mut rx| async move { rx.recv().await.map(|a| (a, rx)) },
             );
         Ok(tonic::Response::new(Box::pin(acks)))
+    }
+}
+
+/// A will of a sessionless connection, as announced to peers.
+fn registered_will(
+    client_id: &ByteStr,
+    will: &PendingWill,
+    clock: &WallClock,
+) -> pb::RegisteredWill {
+    pb::RegisteredWill {
+        client_id: client_id.to_string(),
+        will: Some(will_to_proto(will, clock)),
     }
 }

@@ -602,6 +602,8 @@ pub const SELF_FENCES_TOTAL: &str = "raftmq_cluster_self_fences_total";
 
 pub const NODES_DECLARED_DOWN_TOTAL: &str = "raftmq_cluster_nodes_declared_down_total";
 pub const SESSIONS_ADOPTED_TOTAL: &str = "raftmq_cluster_sessions_adopted_total";
+/// Wills of a dead node's sessionless connections published by the node that declared it down.
+pub const DEAD_NODE_WILLS_TOTAL: &str = "raftmq_cluster_dead_node_wills_total";
 
 /// On the leader: declares down, by a committed `NodeDown`, every member whose stream has been
 /// down for [`NODE_DOWN_AFTER`], then adopts its persistent sessions into `broker` (offline,
@@ -688,6 +690,10 @@ async fn declare_down_nodes(
             }
             declared.insert(node);
             metrics::counter!(NODES_DECLARED_DOWN_TOTAL).increment(1);
+            // The wills of its sessionless connections: this node declared it, so this node
+            // publishes them (the others drop them when they apply the NodeDown).
+            let wills = broker.publish_wills_of(node, std::time::Instant::now());
+            metrics::counter!(DEAD_NODE_WILLS_TOTAL).increment(wills as u64);
             match durability.sessions_owned_by(me) {
                 Ok(orphans) => {
                     let adopted = broker.adopt_sessions(orphans, std::time::Instant::now());

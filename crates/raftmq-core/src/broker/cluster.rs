@@ -10,11 +10,14 @@
 //!   changes other nodes committed (the applied-change feed), and sessions adopted from a dead
 //!   node or fenced when this node lost touch;
 //! - `live` — a stored QoS 1 message that arrives both forwarded and through the log is
-//!   queued once.
+//!   queued once;
+//! - `wills` — the wills of connections without a stored session, shared with the peers so
+//!   that the node declaring their node down publishes them.
 
 pub(super) mod forwarding;
 mod live;
 mod mirror;
+mod wills;
 
 pub use forwarding::{CLAIM_CLOCK_TOLERANCE, Forwarder, Redirect};
 
@@ -27,6 +30,8 @@ pub(super) struct ClusterState {
     pub(super) routes: forwarding::Routes,
     /// Stored QoS 1 messages delivered live to sessions here before their commit.
     pub(super) live: live::LiveStored,
+    /// Wills of sessionless connections, this node's and the peers'.
+    pub(super) wills: wills::Wills,
 }
 
 impl ClusterState {
@@ -35,6 +40,7 @@ impl ClusterState {
             remote: mirror::RemoteSubscriptions::new(index_shards),
             routes: forwarding::Routes::new(index_shards),
             live: live::LiveStored::default(),
+            wills: wills::Wills::default(),
         }
     }
 }

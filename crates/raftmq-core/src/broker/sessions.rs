@@ -109,6 +109,10 @@ impl Broker {
                     will: will.clone(),
                 });
             }
+            // A will that no log entry records is announced to the peers instead.
+            if let Some(w) = will.as_ref().filter(|_| !session.is_durable()) {
+                self.cluster.wills.register(client_id, w.clone());
+            }
             st.will = will;
             drop(st);
             Attached {
@@ -259,6 +263,7 @@ impl Broker {
     }
 
     pub(in crate::broker) fn discard_locked(&self, session: &Arc<Session>, st: &mut SessionState) {
+        self.cluster.wills.release(session.client_id());
         for (key, rec) in st.subscriptions.drain() {
             if self
                 .index

@@ -274,6 +274,7 @@ impl Broker {
     pub fn forget_peer(&self, node: u64) {
         self.apply_peer_routes(node, true, Vec::new(), Vec::new());
         self.cluster.routes.peers.lock().remove(&node);
+        self.forget_peer_wills(node);
     }
 
     /// Delivers a message another node forwarded (see [`Scope::Forwarded`]); never forwards

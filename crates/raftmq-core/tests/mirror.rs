@@ -1,0 +1,217 @@
+//! What a cluster node's broker does for the others (sans-IO, no network).
+//!
+//! - Adopting the sessions of a node declared down (`Broker::adopt_sessions`) while their
+//!   clients reconnect here: adoption restores a stored session offline unless the client id
+//!   already has a session in memory. A client that connects while the adoption runs keeps its
+//!   live session: the adopted copy neither replaces it in the registry nor publishes its will
+//!   while the client is connected.
+//! - The wills of sessionless connections (nothing in the log for them): announced to the
+//!   peers, withdrawn when they stop being pending, and published once by the node that
+//!   declares their node down.
+
+use bytes::Bytes;
+use raftmq_codec::{ByteStr, QoS, SubscriptionOptions};
+use raftmq_core::DetachKind;
+use raftmq_core::config::MqttConfig;
+use raftmq_core::durability::{SessionImage, WillRecord};
+use raftmq_core::session::SubEntry;
+use raftmq_core::{Broker, Message};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+/// A stored session of `client_id` with `subscriptions` filters (a long restore: the window in
+/// which a connect could slip in) and a will with a 60 s delay.
+fn stored_session(client_id: &str, subscriptions: usize, now: Instant) -> SessionImage {
+    let entry = SubEntry {
+        options: SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..SubscriptionOptions::default()
+        },
+        subscription_id: None,
+    };
+    SessionImage {
+        client_id: ByteStr::from(client_id.to_owned()),
+        expiry_secs: 3600,
+        subscriptions: (0..subscriptions)
+            .map(|i| (Arc::from(format!("adopted/{i}/#")), entry))
+            .collect(),
+        messages: Vec::new(),
+        incoming_qos2: Vec::new(),
+        will: Some(WillRecord {
+            message: Arc::new(Message {
+                topic: ByteStr::from("wills/adopted".to_owned()),
+                payload: Bytes::from_static(b"gone"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Default::default(),
+                expires_at: None,
+                received_at: now,
+                origin: Some(ByteStr::from(client_id.to_owned())),
+            }),
+            delay_secs: 60,
+            message_expiry_secs: None,
+        }),
+    }
+}
+
+/// Races one adoption against one reconnect of the same client id, many times: whichever
+/// comes first, the connected client's session is the one in the registry, it is online, and
+/// no will is published while it stays connected (not even after the adopted will's delay and
+/// the session's expiry have passed).
+#[test]
+fn a_client_connecting_during_adoption_keeps_its_live_session_and_no_will_fires() {
+    let t0 = Instant::now();
+    for round in 0..1000 {
+        let broker = Arc::new(Broker::new(MqttConfig::default()));
+        let client_id = ByteStr::from(format!("roamer-{round}"));
+        let image = stored_session(&client_id, 400, t0);
+        let start = Arc::new(Barrier::new(2));
+        let connector = {
+            let (broker, start, client_id) = (broker.clone(), start.clone(), client_id.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                broker.attach(&client_id, false, 3600, None, t0)
+            })
+        };
+        start.wait();
+        broker.adopt_sessions(vec![image], t0);
+        let attached = connector.join().expect("the connecting thread panicked");
+
+        let held = broker
+            .session(&client_id)
+            .expect("the client id has a session");
+        assert!(
+            Arc::ptr_eq(&held, &attached.session),
+            "round {round}: the adopted session replaced the live one of a connected client"
+        );
+        assert!(
+            held.is_online(),
+            "round {round}: the live session is offline"
+        );
+        broker.handle_timeout(t0 + Duration::from_secs(7200));
+        assert_eq!(
+            broker.stats().wills_published.load(Relaxed),
+            0,
+            "round {round}: a will was published while its client was connected"
+        );
+        assert!(
+            broker.session(&client_id).is_some_and(|s| s.is_online()),
+            "round {round}: the connected client's session ended"
+        );
+    }
+}
+
+fn will_of(client_id: &str) -> WillRecord {
+    WillRecord {
+        message: Arc::new(Message {
+            topic: ByteStr::from(format!("wills/{client_id}")),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            received_at: Instant::now(),
+            origin: Some(ByteStr::from(client_id.to_owned())),
+        }),
+        delay_secs: 0,
+        message_expiry_secs: None,
+    }
+}
+
+fn announced(broker: &Broker) -> Vec<String> {
+    let mut ids: Vec<String> = broker
+        .local_wills()
+        .1
+        .into_iter()
+        .map(|(id, _)| id.to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A sessionless connection's will is announced while it is pending and withdrawn when it is
+/// not any more: a normal disconnect, a disconnect that publishes it, a takeover. Persistent
+/// sessions' wills are never announced (the log records them).
+#[test]
+fn sessionless_wills_are_announced_while_pending_and_withdrawn_after() {
+    let t0 = Instant::now();
+    let broker = Broker::new(MqttConfig::default());
+    let g0 = broker.wills_generation();
+    let a = broker.attach(&ByteStr::from("a"), true, 0, Some(will_of("a")), t0);
+    let _b = broker.attach(&ByteStr::from("b"), true, 0, Some(will_of("b")), t0);
+    let _p = broker.attach(&ByteStr::from("p"), true, 3600, Some(will_of("p")), t0);
+    let _n = broker.attach(&ByteStr::from("n"), true, 0, None, t0);
+    assert_eq!(announced(&broker), ["a", "b"]);
+    assert_ne!(broker.wills_generation(), g0);
+
+    broker.detach(&a.session, a.epoch, DetachKind::Normal, t0);
+    assert_eq!(announced(&broker), ["b"]);
+    // A takeover: the old connection's will is published here (no delay) and the new
+    // connection has none.
+    let g1 = broker.wills_generation();
+    let _b2 = broker.attach(&ByteStr::from("b"), true, 0, None, t0);
+    assert_eq!(announced(&broker), [] as [&str; 0]);
+    assert_ne!(broker.wills_generation(), g1);
+    assert_eq!(broker.stats().wills_published.load(Relaxed), 1);
+    // A new will for the same client id is announced again.
+    let c = broker.attach(&ByteStr::from("b"), true, 0, Some(will_of("b")), t0);
+    assert_eq!(announced(&broker), ["b"]);
+    broker.detach(&c.session, c.epoch, DetachKind::Abnormal, t0);
+    assert_eq!(announced(&broker), [] as [&str; 0]);
+    assert_eq!(broker.stats().wills_published.load(Relaxed), 2);
+}
+
+/// The node that declares a peer down publishes the wills that peer announced, once; a later
+/// call publishes nothing, and a node that only learns of the NodeDown forgets them.
+#[test]
+fn a_dead_peers_wills_are_published_once_by_the_node_that_declared_it() {
+    let t0 = Instant::now();
+    let broker = Broker::new(MqttConfig::default());
+    let watcher = broker.attach(&ByteStr::from("watcher"), true, 0, None, t0);
+    broker
+        .subscribe(
+            &watcher.session,
+            watcher.epoch,
+            &raftmq_core::auth::Principal {
+                username: None,
+                client_id: "watcher".to_owned(),
+                acl: None,
+            },
+            "wills/#",
+            SubEntry {
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+                subscription_id: None,
+            },
+            t0,
+        )
+        .expect("subscribed");
+    broker.apply_peer_wills(
+        2,
+        true,
+        vec![
+            (ByteStr::from("x"), will_of("x")),
+            (ByteStr::from("y"), will_of("y")),
+        ],
+        Vec::new(),
+    );
+    broker.apply_peer_wills(2, false, Vec::new(), vec![ByteStr::from("y")]);
+    broker.apply_peer_wills(
+        3,
+        true,
+        vec![(ByteStr::from("z"), will_of("z"))],
+        Vec::new(),
+    );
+    assert_eq!(broker.peer_will_count(2), 1);
+    assert_eq!(broker.publish_wills_of(2, t0), 1);
+    assert_eq!(broker.publish_wills_of(2, t0), 0);
+    let (queued, _) = watcher.session.queue_depth();
+    assert_eq!(queued, 1, "the watcher got x's will only");
+    // Another node declared 3 down: this one drops 3's wills without publishing them.
+    broker.forget_peer(3);
+    assert_eq!(broker.peer_will_count(3), 0);
+    assert_eq!(broker.stats().wills_published.load(Relaxed), 1);
+}
