@@ -12,7 +12,7 @@ use crate::session::Session;
 use ahash::HashMap;
 use raftmq_codec::{
     ByteStr, ConnAck, ConnAckProperties, DecodeError, Disconnect, Packet, ProtocolVersion,
-    ReasonCode,
+    ReasonCode, ReasonProperties,
 };
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -37,44 +37,42 @@ pub const MAX_PACKETS_BEFORE_AUTH: usize = 256;
 /// Removes the properties a server may leave out of a packet that is too large for the client
 /// (MQTT 5 §3.1.2.11.4): Reason String and User Properties.
 fn strip_diagnostics(packet: &mut Packet) {
-    fn strip(reason: &mut Option<ByteStr>, user: &mut raftmq_codec::UserProperties) {
-        *reason = None;
-        user.clear();
-    }
-    match packet {
-        Packet::ConnAck(p) => strip(
+    let (reason, user) = match packet {
+        Packet::ConnAck(p) => (
             &mut p.properties.reason_string,
             &mut p.properties.user_properties,
         ),
-        Packet::PubAck(p) | Packet::PubRec(p) | Packet::PubRel(p) | Packet::PubComp(p) => strip(
+        Packet::Disconnect(p) => (
             &mut p.properties.reason_string,
             &mut p.properties.user_properties,
         ),
-        Packet::SubAck(p) => strip(
+        Packet::Auth(p) => (
             &mut p.properties.reason_string,
             &mut p.properties.user_properties,
         ),
-        Packet::UnsubAck(p) => strip(
-            &mut p.properties.reason_string,
-            &mut p.properties.user_properties,
-        ),
-        Packet::Disconnect(p) => strip(
-            &mut p.properties.reason_string,
-            &mut p.properties.user_properties,
-        ),
-        Packet::Auth(p) => strip(
-            &mut p.properties.reason_string,
-            &mut p.properties.user_properties,
-        ),
+        Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
+            diagnostics(&mut r.properties)
+        }
+        Packet::SubAck(a) => diagnostics(&mut a.properties),
+        Packet::UnsubAck(a) => diagnostics(&mut a.properties),
         // A PUBLISH that does not fit was never queued (its user properties are the
-        // publisher's, forwarded unaltered).
+        // publisher's, forwarded unaltered); the others carry no diagnostics.
         Packet::Publish(_)
         | Packet::Connect(_)
         | Packet::Subscribe(_)
         | Packet::Unsubscribe(_)
         | Packet::PingReq
-        | Packet::PingResp => {}
-    }
+        | Packet::PingResp => return,
+    };
+    *reason = None;
+    user.clear();
+}
+
+/// The diagnostic properties of an acknowledgement.
+fn diagnostics(
+    p: &mut ReasonProperties,
+) -> (&mut Option<ByteStr>, &mut raftmq_codec::UserProperties) {
+    (&mut p.reason_string, &mut p.user_properties)
 }
 
 /// Queues of packets up to this many slots are freed once empty: an idle connection keeps no

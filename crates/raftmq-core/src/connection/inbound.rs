@@ -196,16 +196,7 @@ impl Connection {
                     packet_id: r.packet_id.get(),
                 }]);
         }
-        let reason = if existed || !self.version.is_v5() {
-            ReasonCode::SUCCESS
-        } else {
-            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
-        };
-        let comp = Packet::PubComp(PubResponse {
-            packet_id: r.packet_id,
-            reason_code: reason,
-            properties: ReasonProperties::default(),
-        });
+        let comp = Packet::PubComp(self.next_step(r.packet_id, existed));
         self.emit(comp, None);
         Ok(())
     }

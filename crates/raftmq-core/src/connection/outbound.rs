@@ -399,16 +399,7 @@ impl Connection {
                 id,
             }])
         });
-        let reason = if known || !self.version.is_v5() {
-            ReasonCode::SUCCESS
-        } else {
-            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
-        };
-        let rel = Packet::PubRel(PubResponse {
-            packet_id: r.packet_id,
-            reason_code: reason,
-            properties: ReasonProperties::default(),
-        });
+        let rel = Packet::PubRel(self.next_step(r.packet_id, known));
         self.emit(rel, commit);
         Ok(())
     }
@@ -456,6 +447,20 @@ impl Connection {
                 Outgoing::Released(durable) => durable,
             };
             self.record_acked(durable);
+        }
+    }
+
+    /// The next step of a QoS 2 exchange (PUBREL after PUBREC, PUBCOMP after PUBREL) for
+    /// `packet_id`: success, or (MQTT 5) Packet Identifier not found when it was not `known`.
+    pub(super) fn next_step(&self, packet_id: PacketId, known: bool) -> PubResponse {
+        PubResponse {
+            packet_id,
+            reason_code: if known || !self.version.is_v5() {
+                ReasonCode::SUCCESS
+            } else {
+                ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+            },
+            properties: ReasonProperties::default(),
         }
     }
 }
