@@ -18,11 +18,10 @@ pub(crate) struct HttpState {
     pub broker: Arc<Broker>,
     pub metrics: Option<MetricsRender>,
     pub ready: Arc<AtomicBool>,
-    pub cluster_status: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
-    pub cluster_ready: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    /// The cluster this node belongs to (`None`: it runs alone).
+    pub cluster: Option<Arc<dyn crate::ClusterControl>>,
     /// Bearer token of the admin API (`None`: open).
     pub admin_token: Option<Arc<str>>,
-    pub cluster_admin: Option<crate::ClusterAdmin>,
     pub drain: Arc<crate::drain::Drain>,
 }
 
@@ -66,8 +65,8 @@ async fn cluster(
     _: crate::admin::Admin,
     State(state): State<HttpState>,
 ) -> (StatusCode, axum::Json<serde_json::Value>) {
-    match &state.cluster_status {
-        Some(status) => (StatusCode::OK, axum::Json(status())),
+    match &state.cluster {
+        Some(cluster) => (StatusCode::OK, axum::Json(cluster.status())),
         None => (
             StatusCode::NOT_FOUND,
             axum::Json(serde_json::json!({"error": "not clustered"})),
@@ -77,7 +76,7 @@ async fn cluster(
 
 /// Ready when the listeners run and (clustered) a leader is known, so durable writes can commit.
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
-    let cluster_ok = state.cluster_ready.as_ref().is_none_or(|ready| ready());
+    let cluster_ok = state.cluster.as_ref().is_none_or(|c| c.is_ready());
     if state.ready.load(Ordering::Relaxed) && cluster_ok {
         (StatusCode::OK, "ready\n")
     } else {
