@@ -199,22 +199,25 @@ fn read(key: &'static str, path: &Path) -> Result<String, AuthError> {
     })
 }
 
-fn load_passwords(path: &Path) -> Result<PasswordFile, AuthError> {
-    let key = PASSWORD_FILE_KEY;
-    PasswordFile::parse(&read(key, path)?).map_err(|e| AuthError::Invalid {
+/// Reads the file at `path` (the setting `key`) and parses it with `parse`.
+fn load<T, E: std::fmt::Display>(
+    key: &'static str,
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<T, AuthError> {
+    parse(&read(key, path)?).map_err(|e| AuthError::Invalid {
         key,
         path: path.to_owned(),
         message: e.to_string(),
     })
 }
 
+fn load_passwords(path: &Path) -> Result<PasswordFile, AuthError> {
+    load(PASSWORD_FILE_KEY, path, PasswordFile::parse)
+}
+
 fn load_acl(path: &Path) -> Result<Acl, AuthError> {
-    let key = ACL_FILE_KEY;
-    Acl::parse(&read(key, path)?).map_err(|e| AuthError::Invalid {
-        key,
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
+    load(ACL_FILE_KEY, path, Acl::parse)
 }
 
 /// The broker's authenticator and authorizer; see the module documentation.
