@@ -69,12 +69,31 @@ pub struct CommonArgs {
     /// and RSS are summed.
     #[arg(long, value_name = "PID", value_delimiter = ',')]
     pub broker_pid: Vec<u32>,
+    #[command(flatten)]
+    pub output: RunOutput,
+}
+
+/// What a run leaves behind besides the printed summary.
+#[derive(Clone, Debug, Default, Args)]
+pub struct RunOutput {
     /// Also write the summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Name of the broker under test, recorded in the summary.
+    /// Name of the broker under test (or of the run), recorded in the summary.
     #[arg(long)]
     pub label: Option<String>,
+}
+
+/// Where the publishing and the subscribing side connect, when not at --host/--port (e.g. two
+/// nodes of a cluster).
+#[derive(Clone, Debug, Args)]
+pub struct SideAddrs {
+    /// Publish through this HOST:PORT instead of --host/--port (e.g. one cluster node).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub pub_addr: Option<String>,
+    /// Subscribe through this HOST:PORT instead of --host/--port (e.g. another node).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub sub_addr: Option<String>,
 }
 
 /// Options of the message scenarios (p2p, fanout, fanin, shared).
@@ -82,12 +101,8 @@ pub struct CommonArgs {
 pub struct LoadArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Publish through this HOST:PORT instead of --host/--port (e.g. one cluster node).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub pub_addr: Option<String>,
-    /// Subscribe through this HOST:PORT instead of --host/--port (e.g. another node).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub sub_addr: Option<String>,
+    #[command(flatten)]
+    pub sides: SideAddrs,
     /// Pairs (p2p), subscribers (fanout, shared) or publishers (fanin).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub clients: u32,
@@ -136,12 +151,8 @@ pub struct SharedArgs {
 pub struct RetainedArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Publish through this HOST:PORT instead of --host/--port.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub pub_addr: Option<String>,
-    /// Subscribe through this HOST:PORT instead of --host/--port.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub sub_addr: Option<String>,
+    #[command(flatten)]
+    pub sides: SideAddrs,
     /// Retained topics to publish (one message each).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub topics: u32,
@@ -271,12 +282,8 @@ pub struct FailoverArgs {
     /// Payload size in bytes (at least 24).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
-    /// Also write the summary as JSON to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
-    /// Name of the run, recorded in the summary.
-    #[arg(long)]
-    pub label: Option<String>,
+    #[command(flatten)]
+    pub output: RunOutput,
 }
 
 /// Options of `report`.

@@ -79,7 +79,7 @@ impl Context {
         Summary {
             scenario: scenario.to_owned(),
             description: format!("{scenario}: {description}, {version}"),
-            label: self.common.label.clone(),
+            label: self.common.output.label.clone(),
             mqtt_version: self.endpoint.version.level(),
             ..Summary::default()
         }

@@ -1031,8 +1031,7 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
         connect_concurrency: 1,
         connect_timeout: args.connect_timeout,
         broker_pid: Vec::new(),
-        json: args.json.clone(),
-        label: args.label.clone(),
+        output: args.output.clone(),
     })?;
     let addrs: Vec<SocketAddr> = args
         .addrs

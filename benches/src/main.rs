@@ -44,52 +44,35 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     let (json, summary) = match &command {
-        Command::P2p(args) => {
-            let ctx = Context::new(&args.common)?;
-            let topology = Topology::p2p(&ctx, args.clients);
-            (
-                &args.common.json,
-                messaging::run(&ctx, args, topology).await?,
-            )
-        }
-        Command::Fanout(args) => {
-            let ctx = Context::new(&args.common)?;
-            let topology = Topology::fanout(&ctx, args.clients);
-            (
-                &args.common.json,
-                messaging::run(&ctx, args, topology).await?,
-            )
-        }
-        Command::Fanin(args) => {
-            let ctx = Context::new(&args.common)?;
-            let topology = Topology::fanin(&ctx, args.clients);
-            (
-                &args.common.json,
-                messaging::run(&ctx, args, topology).await?,
-            )
-        }
+        Command::P2p(args) => messages(args, |ctx| Topology::p2p(ctx, args.clients)).await?,
+        Command::Fanout(args) => messages(args, |ctx| Topology::fanout(ctx, args.clients)).await?,
+        Command::Fanin(args) => messages(args, |ctx| Topology::fanin(ctx, args.clients)).await?,
         Command::Shared(args) => {
             let load = &args.load;
-            let ctx = Context::new(&load.common)?;
-            let topology = Topology::shared(&ctx, load.clients, args.publishers);
-            (
-                &load.common.json,
-                messaging::run(&ctx, load, topology).await?,
-            )
+            messages(load, |ctx| {
+                Topology::shared(ctx, load.clients, args.publishers)
+            })
+            .await?
         }
         Command::Retained(args) => {
             let ctx = Context::new(&args.common)?;
-            (&args.common.json, retained::run(&ctx, args).await?)
+            (&args.common.output.json, retained::run(&ctx, args).await?)
         }
         Command::Conn(args) => {
             let ctx = Context::new(&args.common)?;
-            (&args.common.json, connections::conn(&ctx, args).await?)
+            (
+                &args.common.output.json,
+                connections::conn(&ctx, args).await?,
+            )
         }
         Command::Churn(args) => {
             let ctx = Context::new(&args.common)?;
-            (&args.common.json, connections::churn(&ctx, args).await?)
+            (
+                &args.common.output.json,
+                connections::churn(&ctx, args).await?,
+            )
         }
-        Command::Failover(args) => (&args.json, failover::run(args).await?),
+        Command::Failover(args) => (&args.output.json, failover::run(args).await?),
         Command::Report(args) => return report::run(args),
     };
     print!("{summary}");
@@ -101,4 +84,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
         anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
     }
     Ok(())
+}
+
+/// Runs a message scenario with the topology `topology` makes for the run's context; returns
+/// where to write its JSON summary, and the summary.
+async fn messages(
+    args: &cli::LoadArgs,
+    topology: impl FnOnce(&Context) -> Topology,
+) -> anyhow::Result<(&Option<std::path::PathBuf>, summary::Summary)> {
+    let ctx = Context::new(&args.common)?;
+    let topology = topology(&ctx);
+    Ok((
+        &args.common.output.json,
+        messaging::run(&ctx, args, topology).await?,
+    ))
 }

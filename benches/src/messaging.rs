@@ -133,8 +133,8 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
         args.rate >= 0.0 && args.rate.is_finite(),
         "--rate must be a number ≥ 0"
     );
-    let pub_endpoint = ctx.endpoint_at(args.pub_addr.as_deref())?;
-    let sub_endpoint = ctx.endpoint_at(args.sub_addr.as_deref())?;
+    let pub_endpoint = ctx.endpoint_at(args.sides.pub_addr.as_deref())?;
+    let sub_endpoint = ctx.endpoint_at(args.sides.sub_addr.as_deref())?;
     let qos = qos(args.qos);
     const ROUTE_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
     let publishers = topology.publishers.len() as u32;
@@ -165,7 +165,7 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
     // Across cluster nodes a subscription reaches the publishers' node asynchronously (route
     // announcements between nodes): give it a moment so the run measures steady-state routing,
     // not subscription propagation.
-    if args.pub_addr != args.sub_addr {
+    if args.sides.pub_addr != args.sides.sub_addr {
         tokio::time::sleep(ROUTE_SETTLE).await;
     }
     let (publisher_conns, pub_connect) = ctx

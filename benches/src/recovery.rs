@@ -381,24 +381,26 @@ impl RecoveryLog {
                 }
             }
         }
+        // What does not depend on the kill; without one, that is all there is.
+        let whole_run = Recovery {
+            max_receive_gap_ms: self.max_gap.as_secs_f64() * 1000.0,
+            max_sequence_jump: self.max_jump,
+            acked: self.acked_count,
+            rejected: self.rejected,
+            no_subscribers: self.no_subscribers,
+            received: self.received_count(),
+            receipts: self.receipts,
+            duplicates: tally.duplicates,
+            missing_acked,
+            missing_examples,
+            missing_acked_after_kill,
+            lost_unacked: tally.lost - missing_acked.min(tally.lost),
+            sessions_lost: self.subscriber.sessions_lost + self.publisher.sessions_lost,
+            tally,
+            ..Recovery::default()
+        };
         let Some((kill, _)) = self.kill else {
-            return Recovery {
-                max_receive_gap_ms: self.max_gap.as_secs_f64() * 1000.0,
-                max_sequence_jump: self.max_jump,
-                acked: self.acked_count,
-                rejected: self.rejected,
-                no_subscribers: self.no_subscribers,
-                received: self.received_count(),
-                receipts: self.receipts,
-                duplicates: tally.duplicates,
-                missing_acked,
-                missing_examples,
-                missing_acked_after_kill,
-                lost_unacked: tally.lost - missing_acked.min(tally.lost),
-                sessions_lost: self.subscriber.sessions_lost + self.publisher.sessions_lost,
-                tally,
-                ..Recovery::default()
-            };
+            return whole_run;
         };
         let ms = |at: Option<Instant>| at.map(|at| ms_from(kill, at));
         Recovery {
@@ -414,21 +416,8 @@ impl RecoveryLog {
             first_fresh_message_ms: ms(self.first_fresh_receipt),
             first_fresh_ack_ms: ms(self.first_fresh_ack),
             recovered_ms: ms(self.recovered_at()),
-            max_receive_gap_ms: self.max_gap.as_secs_f64() * 1000.0,
             max_receive_gap_end_ms: ms(self.max_gap_end),
-            max_sequence_jump: self.max_jump,
-            acked: self.acked_count,
-            rejected: self.rejected,
-            no_subscribers: self.no_subscribers,
-            received: self.received_count(),
-            receipts: self.receipts,
-            duplicates: tally.duplicates,
-            missing_acked,
-            missing_examples,
-            missing_acked_after_kill,
-            lost_unacked: tally.lost - missing_acked.min(tally.lost),
-            sessions_lost: self.subscriber.sessions_lost + self.publisher.sessions_lost,
-            tally,
+            ..whole_run
         }
     }
 }

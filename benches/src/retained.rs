@@ -22,8 +22,8 @@ pub async fn run(ctx: &Context, args: &RetainedArgs) -> Result<Summary> {
         args.payload >= STAMP_LEN,
         "--payload must be at least {STAMP_LEN} bytes"
     );
-    let pub_endpoint = ctx.endpoint_at(args.pub_addr.as_deref())?;
-    let sub_endpoint = ctx.endpoint_at(args.sub_addr.as_deref())?;
+    let pub_endpoint = ctx.endpoint_at(args.sides.pub_addr.as_deref())?;
+    let sub_endpoint = ctx.endpoint_at(args.sides.sub_addr.as_deref())?;
     let topics: Vec<ByteStr> = (0..args.topics)
         .map(|i| ctx.topic(&format!("retained/{i}")).into())
         .collect();

@@ -160,155 +160,111 @@ trait Kind {
     fn wire(value: &Self::Value) -> Value<'_>;
 }
 
-/// Checks a decoded value, failing with [`DecodeError::InvalidPropertyValue`].
-fn check<T>(value: T, property: u8, valid: impl FnOnce(&T) -> bool) -> Result<T, DecodeError> {
-    if valid(&value) {
-        Ok(value)
-    } else {
-        Err(DecodeError::InvalidPropertyValue(property))
-    }
-}
-
-/// A byte that must be 0 or 1.
-struct Flag;
-impl Kind for Flag {
-    type Value = bool;
-    fn read(r: &mut Reader, property: u8) -> Result<bool, DecodeError> {
-        match r.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(DecodeError::InvalidPropertyValue(property)),
-        }
-    }
-    fn wire(value: &bool) -> Value<'_> {
-        Value::Byte(u8::from(*value))
-    }
-}
-
-/// Maximum QoS: a byte that must be 0 or 1.
-struct MaximumQoS;
-impl Kind for MaximumQoS {
-    type Value = QoS;
-    fn read(r: &mut Reader, property: u8) -> Result<QoS, DecodeError> {
-        Flag::read(r, property).map(|one| {
-            if one {
-                QoS::AtLeastOnce
-            } else {
-                QoS::AtMostOnce
+/// Declares a [`Kind`]: the type of its values, how one is read (`r` the reader, `p` the
+/// property's identifier, for errors) and how it is written.
+macro_rules! kind {
+    ($(#[$doc:meta])* $name:ident: $value:ty,
+     read($r:ident, $p:pat_param) => $read:expr,
+     wire($v:pat_param) => $wire:expr $(,)?) => {
+        $(#[$doc])*
+        struct $name;
+        impl Kind for $name {
+            type Value = $value;
+            fn read($r: &mut Reader, $p: u8) -> Result<$value, DecodeError> {
+                $read
             }
-        })
-    }
-    fn wire(value: &QoS) -> Value<'_> {
-        Value::Byte(value.as_u8())
-    }
+            fn wire($v: &$value) -> Value<'_> {
+                $wire
+            }
+        }
+    };
 }
 
-/// Any two byte integer.
-struct TwoByte;
-impl Kind for TwoByte {
-    type Value = u16;
-    fn read(r: &mut Reader, _: u8) -> Result<u16, DecodeError> {
-        r.u16()
+kind! {
+    /// A byte that must be 0 or 1.
+    Flag: bool,
+    read(r, property) => match r.u8()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(DecodeError::InvalidPropertyValue(property)),
+    },
+    wire(value) => Value::Byte(u8::from(*value)),
+}
+
+kind! {
+    /// Maximum QoS: a byte that must be 0 or 1.
+    MaximumQoS: QoS,
+    read(r, property) => Flag::read(r, property).map(|one| {
+        if one {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        }
+    }),
+    wire(value) => Value::Byte(value.as_u8()),
+}
+
+kind! {
+    /// Any two byte integer.
+    TwoByte: u16, read(r, _) => r.u16(), wire(value) => Value::TwoByte(*value),
+}
+
+kind! {
+    /// Any four byte integer.
+    FourByte: u32, read(r, _) => r.u32(), wire(value) => Value::FourByte(*value),
+}
+
+kind! {
+    /// Any variable byte integer (at most 268,435,455).
+    VarInt: u32, read(r, _) => r.var_int(), wire(value) => Value::VarInt(*value),
+}
+
+/// The values of kind `K` except 0, which is a Protocol Error
+/// ([`DecodeError::InvalidPropertyValue`]).
+struct NonZero<K>(std::marker::PhantomData<K>);
+impl<K: Kind<Value: Default + PartialEq>> Kind for NonZero<K> {
+    type Value = K::Value;
+    fn read(r: &mut Reader, property: u8) -> Result<K::Value, DecodeError> {
+        let value = K::read(r, property)?;
+        if value == K::Value::default() {
+            return Err(DecodeError::InvalidPropertyValue(property));
+        }
+        Ok(value)
     }
-    fn wire(value: &u16) -> Value<'_> {
-        Value::TwoByte(*value)
+    fn wire(value: &K::Value) -> Value<'_> {
+        K::wire(value)
     }
 }
 
 /// A two byte integer that must not be 0.
-struct NonZeroTwoByte;
-impl Kind for NonZeroTwoByte {
-    type Value = u16;
-    fn read(r: &mut Reader, property: u8) -> Result<u16, DecodeError> {
-        check(r.u16()?, property, |&v| v != 0)
-    }
-    fn wire(value: &u16) -> Value<'_> {
-        Value::TwoByte(*value)
-    }
-}
-
-/// Any four byte integer.
-struct FourByte;
-impl Kind for FourByte {
-    type Value = u32;
-    fn read(r: &mut Reader, _: u8) -> Result<u32, DecodeError> {
-        r.u32()
-    }
-    fn wire(value: &u32) -> Value<'_> {
-        Value::FourByte(*value)
-    }
-}
-
+type NonZeroTwoByte = NonZero<TwoByte>;
 /// A four byte integer that must not be 0.
-struct NonZeroFourByte;
-impl Kind for NonZeroFourByte {
-    type Value = u32;
-    fn read(r: &mut Reader, property: u8) -> Result<u32, DecodeError> {
-        check(r.u32()?, property, |&v| v != 0)
-    }
-    fn wire(value: &u32) -> Value<'_> {
-        Value::FourByte(*value)
-    }
-}
-
+type NonZeroFourByte = NonZero<FourByte>;
 /// Subscription Identifier: a variable byte integer, 1..=268,435,455.
-struct SubscriptionId;
-impl Kind for SubscriptionId {
-    type Value = u32;
-    fn read(r: &mut Reader, property: u8) -> Result<u32, DecodeError> {
-        check(r.var_int()?, property, |&v| v != 0)
-    }
-    fn wire(value: &u32) -> Value<'_> {
-        Value::VarInt(*value)
-    }
+type SubscriptionId = NonZero<VarInt>;
+
+kind! {
+    /// A UTF-8 encoded string.
+    Utf8: ByteStr, read(r, _) => r.string(), wire(value) => Value::Prefixed(value.as_bytes()),
 }
 
-/// A UTF-8 encoded string.
-struct Utf8;
-impl Kind for Utf8 {
-    type Value = ByteStr;
-    fn read(r: &mut Reader, _: u8) -> Result<ByteStr, DecodeError> {
-        r.string()
-    }
-    fn wire(value: &ByteStr) -> Value<'_> {
-        Value::Prefixed(value.as_bytes())
-    }
+kind! {
+    /// A UTF-8 encoded string used as a Topic Name (Response Topic): no wildcards.
+    TopicName: ByteStr,
+    read(r, _) => r.topic_name(),
+    wire(value) => Value::Prefixed(value.as_bytes()),
 }
 
-/// A UTF-8 encoded string used as a Topic Name (Response Topic): no wildcards.
-struct TopicName;
-impl Kind for TopicName {
-    type Value = ByteStr;
-    fn read(r: &mut Reader, _: u8) -> Result<ByteStr, DecodeError> {
-        r.topic_name()
-    }
-    fn wire(value: &ByteStr) -> Value<'_> {
-        Value::Prefixed(value.as_bytes())
-    }
+kind! {
+    /// Binary data.
+    Binary: Bytes, read(r, _) => r.binary(), wire(value) => Value::Prefixed(value),
 }
 
-/// Binary data.
-struct Binary;
-impl Kind for Binary {
-    type Value = Bytes;
-    fn read(r: &mut Reader, _: u8) -> Result<Bytes, DecodeError> {
-        r.binary()
-    }
-    fn wire(value: &Bytes) -> Value<'_> {
-        Value::Prefixed(value)
-    }
-}
-
-/// A UTF-8 string pair (User Property).
-struct StringPair;
-impl Kind for StringPair {
-    type Value = (ByteStr, ByteStr);
-    fn read(r: &mut Reader, _: u8) -> Result<(ByteStr, ByteStr), DecodeError> {
-        Ok((r.string()?, r.string()?))
-    }
-    fn wire((name, value): &(ByteStr, ByteStr)) -> Value<'_> {
-        Value::StringPair(name.as_bytes(), value.as_bytes())
-    }
+kind! {
+    /// A UTF-8 string pair (User Property).
+    StringPair: (ByteStr, ByteStr),
+    read(r, _) => Ok((r.string()?, r.string()?)),
+    wire((name, value)) => Value::StringPair(name.as_bytes(), value.as_bytes()),
 }
 
 /// Where a property's values are stored: an `Option` holds at most one (a second one is a

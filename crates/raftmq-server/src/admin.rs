@@ -3,6 +3,7 @@
 //! `http.admin_token` is set. Every bad request gets a 4xx answer with `{"error": "..."}` naming
 //! what is wrong.
 
+use crate::ClusterAdminError;
 use crate::http::HttpState;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -19,39 +20,8 @@ use raftmq_core::topic::{TopicFilter, TopicName};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The outcome of a membership change requested through the admin API.
-pub type AdminFuture = Pin<Box<dyn Future<Output = Result<(), ClusterAdminError>> + Send>>;
-
-/// Membership changes, provided by the binary (this crate does not know Raft).
-#[derive(Clone)]
-pub struct ClusterAdmin {
-    /// Adds node `id` reachable at (cluster address, MQTT address).
-    pub add_node: Arc<dyn Fn(u64, String, String) -> AdminFuture + Send + Sync>,
-    /// Removes node `id`.
-    pub remove_node: Arc<dyn Fn(u64) -> AdminFuture + Send + Sync>,
-}
-
-/// Why a membership change failed, as the HTTP status it maps to.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterAdminError {
-    /// 404: no such node.
-    #[error("{0}")]
-    NotFound(String),
-    /// 409: the change is not allowed in the current membership.
-    #[error("{0}")]
-    Conflict(String),
-    /// 503: no leader/quorum; retry later.
-    #[error("{0}")]
-    Unavailable(String),
-    /// 502: the leader failed or the change timed out.
-    #[error("{0}")]
-    Failed(String),
-}
 
 /// A JSON error answer: `{"error": message}` with a status code.
 #[derive(Debug)]
@@ -492,6 +462,14 @@ struct AddNodeBody {
     mqtt_addr: String,
 }
 
+/// The cluster this node belongs to; 404 when it runs alone.
+fn clustered(state: &HttpState) -> Result<&dyn crate::ClusterControl, ApiError> {
+    state
+        .cluster
+        .as_deref()
+        .ok_or_else(|| ApiError::not_found("not clustered"))
+}
+
 fn cluster_error(e: ClusterAdminError) -> ApiError {
     let status = match &e {
         ClusterAdminError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -508,10 +486,7 @@ async fn add_node(
     body: Result<Json<AddNodeBody>, JsonRejection>,
 ) -> ApiResult {
     let Json(b) = body?;
-    let admin = state
-        .cluster_admin
-        .clone()
-        .ok_or_else(|| ApiError::not_found("not clustered"))?;
+    let cluster = clustered(&state)?;
     if b.node_id == 0 {
         return Err(ApiError::bad_request("node_id: must be at least 1"));
     }
@@ -527,7 +502,8 @@ async fn add_node(
             b.mqtt_addr
         )));
     }
-    (admin.add_node)(b.node_id, b.cluster_addr, b.mqtt_addr)
+    cluster
+        .add_node(b.node_id, b.cluster_addr, b.mqtt_addr)
         .await
         .map_err(cluster_error)?;
     Ok(Json(json!({ "node_id": b.node_id, "added": true })))
@@ -546,11 +522,8 @@ async fn remove_node(
     let Path(id) = id.map_err(|e| {
         ApiError::bad_request(format!("node id: expected a number ({})", e.body_text()))
     })?;
-    let admin = state
-        .cluster_admin
-        .clone()
-        .ok_or_else(|| ApiError::not_found("not clustered"))?;
-    (admin.remove_node)(id).await.map_err(cluster_error)?;
+    let cluster = clustered(&state)?;
+    cluster.remove_node(id).await.map_err(cluster_error)?;
     Ok(Json(json!({ "node_id": id, "removed": true })))
 }
 

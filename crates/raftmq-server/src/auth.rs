@@ -165,6 +165,29 @@ fn stamp(path: &Path) -> Stamp {
     Some((meta.modified().ok()?, meta.len()))
 }
 
+/// Reloads the file at `path` (if configured) when `force` or when it changed since `last`:
+/// `load` reads and parses it, `install` puts the result in place. `None` when nothing was
+/// due; a failed load keeps the previous version. Counts the attempt under `file`.
+fn reload_file<T>(
+    file: &'static str,
+    path: Option<&Path>,
+    last: &mut Stamp,
+    force: bool,
+    load: impl FnOnce(&Path) -> Result<T, AuthError>,
+    install: impl FnOnce(&Path, T),
+) -> Option<Result<(), AuthError>> {
+    let path = path?;
+    let now = stamp(path);
+    if !force && now == *last {
+        return None;
+    }
+    *last = now;
+    let outcome = load(path).map(|loaded| install(path, loaded));
+    let result = if outcome.is_ok() { "ok" } else { "error" };
+    counter!(AUTH_RELOADS_TOTAL, "file" => file, "result" => result).increment(1);
+    Some(outcome)
+}
+
 const PASSWORD_FILE_KEY: &str = "auth.password_file";
 const ACL_FILE_KEY: &str = "auth.acl_file";
 
@@ -176,22 +199,25 @@ fn read(key: &'static str, path: &Path) -> Result<String, AuthError> {
     })
 }
 
-fn load_passwords(path: &Path) -> Result<PasswordFile, AuthError> {
-    let key = PASSWORD_FILE_KEY;
-    PasswordFile::parse(&read(key, path)?).map_err(|e| AuthError::Invalid {
+/// Reads the file at `path` (the setting `key`) and parses it with `parse`.
+fn load<T, E: std::fmt::Display>(
+    key: &'static str,
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<T, AuthError> {
+    parse(&read(key, path)?).map_err(|e| AuthError::Invalid {
         key,
         path: path.to_owned(),
         message: e.to_string(),
     })
 }
 
+fn load_passwords(path: &Path) -> Result<PasswordFile, AuthError> {
+    load(PASSWORD_FILE_KEY, path, PasswordFile::parse)
+}
+
 fn load_acl(path: &Path) -> Result<Acl, AuthError> {
-    let key = ACL_FILE_KEY;
-    Acl::parse(&read(key, path)?).map_err(|e| AuthError::Invalid {
-        key,
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
+    load(ACL_FILE_KEY, path, Acl::parse)
 }
 
 /// The broker's authenticator and authorizer; see the module documentation.
@@ -272,45 +298,35 @@ impl Auth {
         let mut reloaded = 0;
         let mut errors = Vec::new();
         let mut stamps = self.stamps.lock();
-        if let Some(path) = &self.config.password_file {
-            let now = stamp(path);
-            if force || now != stamps.0 {
-                match load_passwords(path) {
-                    Ok(p) => {
-                        info!(file = %path.display(), users = p.len(), "password file reloaded");
-                        *self.passwords.write() = Some(Arc::new(p));
-                        self.cache.clear();
-                        counter!(AUTH_RELOADS_TOTAL, "file" => "password", "result" => "ok")
-                            .increment(1);
-                        reloaded += 1;
-                    }
-                    Err(e) => {
-                        counter!(AUTH_RELOADS_TOTAL, "file" => "password", "result" => "error")
-                            .increment(1);
-                        errors.push(e);
-                    }
-                }
-                stamps.0 = now;
-            }
-        }
-        if let Some(path) = &self.config.acl_file {
-            let now = stamp(path);
-            if force || now != stamps.1 {
-                match load_acl(path) {
-                    Ok(a) => {
-                        info!(file = %path.display(), rules = a.len(), "ACL file reloaded");
-                        *self.acl.write() = Some(Arc::new(a));
-                        counter!(AUTH_RELOADS_TOTAL, "file" => "acl", "result" => "ok")
-                            .increment(1);
-                        reloaded += 1;
-                    }
-                    Err(e) => {
-                        counter!(AUTH_RELOADS_TOTAL, "file" => "acl", "result" => "error")
-                            .increment(1);
-                        errors.push(e);
-                    }
-                }
-                stamps.1 = now;
+        let outcomes = [
+            reload_file(
+                "password",
+                self.config.password_file.as_deref(),
+                &mut stamps.0,
+                force,
+                load_passwords,
+                |path, p| {
+                    info!(file = %path.display(), users = p.len(), "password file reloaded");
+                    *self.passwords.write() = Some(Arc::new(p));
+                    self.cache.clear();
+                },
+            ),
+            reload_file(
+                "acl",
+                self.config.acl_file.as_deref(),
+                &mut stamps.1,
+                force,
+                load_acl,
+                |path, a| {
+                    info!(file = %path.display(), rules = a.len(), "ACL file reloaded");
+                    *self.acl.write() = Some(Arc::new(a));
+                },
+            ),
+        ];
+        for outcome in outcomes.into_iter().flatten() {
+            match outcome {
+                Ok(()) => reloaded += 1,
+                Err(e) => errors.push(e),
             }
         }
         for e in &errors {

@@ -13,6 +13,7 @@ pub mod admin_client;
 pub mod auth;
 mod config;
 mod connection;
+mod control;
 mod descriptors;
 mod drain;
 mod http;
@@ -26,11 +27,11 @@ mod tls;
 mod ws;
 mod x509;
 
-pub use admin::{AdminFuture, ClusterAdmin, ClusterAdminError};
 pub use config::{
     CertIdentitySource, ClientAuth, DrainConfig, HttpConfig, LimitsConfig, ListenerKind,
     ListenersConfig, TlsConfig, TlsVersion,
 };
-pub use server::{ClusterInfo, ClusterServer, MetricsRender, Server, ServerError};
+pub use control::{ClusterAdminError, ClusterControl, MembershipChange};
+pub use server::{ClusterServer, MetricsRender, Server, ServerError};
 pub use stream::WsStream;
 pub use tls::{ClusterTlsPem, TlsError};

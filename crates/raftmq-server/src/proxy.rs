@@ -36,21 +36,18 @@ pub type Parsed = (Option<SocketAddr>, usize);
 
 /// Parses a PROXY header at the start of `buf`: `Ok(None)` if more bytes are needed.
 pub fn parse(buf: &[u8]) -> Result<Option<Parsed>, ProxyError> {
-    let n = buf.len().min(V2_SIGNATURE.len());
-    if buf[..n] == V2_SIGNATURE[..n] {
-        return if n < V2_SIGNATURE.len() {
-            Ok(None)
-        } else {
-            parse_v2(buf)
-        };
-    }
-    let n = buf.len().min(V1_PREFIX.len());
-    if buf[..n] == V1_PREFIX[..n] {
-        return if n < V1_PREFIX.len() {
-            Ok(None)
-        } else {
-            parse_v1(buf)
-        };
+    type Parser = fn(&[u8]) -> Result<Option<Parsed>, ProxyError>;
+    let versions: [(&[u8], Parser); 2] = [(V2_SIGNATURE, parse_v2), (V1_PREFIX, parse_v1)];
+    for (start, parse_rest) in versions {
+        let n = buf.len().min(start.len());
+        if buf[..n] == start[..n] {
+            // A header of this version, or the beginning of one.
+            return if n < start.len() {
+                Ok(None)
+            } else {
+                parse_rest(buf)
+            };
+        }
     }
     Err(ProxyError::NotProxy)
 }

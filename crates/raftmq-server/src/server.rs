@@ -6,8 +6,8 @@ use crate::limits::{Admission, Decision, Permit, Rejection};
 use crate::stream::Rewind;
 use crate::tls::{ClusterTlsPem, TlsError, TlsState};
 use crate::{
-    ClusterAdmin, DrainConfig, HttpConfig, LimitsConfig, ListenerKind, ListenersConfig, TlsConfig,
-    connection, http, metrics, proxy, ws,
+    ClusterControl, DrainConfig, HttpConfig, LimitsConfig, ListenerKind, ListenersConfig,
+    TlsConfig, connection, http, metrics, proxy, ws,
 };
 use raftmq_core::Broker;
 use std::future::{Future, poll_fn};
@@ -39,15 +39,6 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
-}
-
-/// What the HTTP endpoint reports about the cluster.
-#[derive(Clone)]
-pub struct ClusterInfo {
-    /// Cluster status as JSON, for `GET /api/v1/cluster`.
-    pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
-    /// Whether the node can commit (leader known), for `/readyz`.
-    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// The cluster gRPC endpoint (Raft, forwarded proposals, join). It runs on its own, from
@@ -131,9 +122,8 @@ pub struct Server {
     limits: LimitsConfig,
     http: Option<TcpListener>,
     metrics: Option<MetricsRender>,
-    cluster: Option<ClusterInfo>,
+    cluster: Option<Arc<dyn ClusterControl>>,
     admin_token: Option<Arc<str>>,
-    cluster_admin: Option<ClusterAdmin>,
     drain: DrainConfig,
 }
 
@@ -180,19 +170,15 @@ impl Server {
             metrics,
             cluster: None,
             admin_token: http.admin_token.as_deref().map(Arc::from),
-            cluster_admin: None,
             drain: DrainConfig::default(),
         })
     }
 
-    /// Reports `info` on the HTTP endpoint (`/api/v1/cluster`, cluster-aware `/readyz`).
-    pub fn set_cluster_info(&mut self, info: ClusterInfo) {
-        self.cluster = Some(info);
-    }
-
-    /// Lets the admin API change the cluster membership (`/api/v1/cluster/nodes`).
-    pub fn set_cluster_admin(&mut self, admin: ClusterAdmin) {
-        self.cluster_admin = Some(admin);
+    /// Makes the HTTP endpoint cluster-aware: `/api/v1/cluster` reports `cluster`'s status,
+    /// `/readyz` also needs it ready, and the admin API changes its membership
+    /// (`/api/v1/cluster/nodes`).
+    pub fn set_cluster(&mut self, cluster: Arc<dyn ClusterControl>) {
+        self.cluster = Some(cluster);
     }
 
     /// How to drain (at `POST /api/v1/drain` and at shutdown).
@@ -287,17 +273,13 @@ impl Server {
             });
             tasks.spawn(accept_loop(listener, ctx, stop_rx.clone(), tasks.clone()));
         }
-        let cluster_status = self.cluster.as_ref().map(|c| c.status.clone());
-        let cluster_ready = self.cluster.map(|c| c.ready);
         if let Some(listener) = self.http {
             let state = http::HttpState {
                 broker: self.broker.clone(),
                 metrics: self.metrics,
                 ready: ready.clone(),
-                cluster_status,
-                cluster_ready,
+                cluster: self.cluster,
                 admin_token: self.admin_token,
-                cluster_admin: self.cluster_admin,
                 drain: drain.clone(),
             };
             tasks.spawn(http::serve(listener, state, stop_rx.clone()));

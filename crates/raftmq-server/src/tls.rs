@@ -66,6 +66,18 @@ fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
+/// The CA certificates in the PEM file at `path` (the setting `key`), as trust anchors.
+fn root_store(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in certs(key, path)? {
+        roots.add(ca).map_err(|e| TlsError::Invalid {
+            key,
+            problem: format!("{}: {e}", path.display()),
+        })?;
+    }
+    Ok(roots)
+}
+
 fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(key, path)?;
     rustls_pemfile::private_key(&mut pem.as_slice())
@@ -110,13 +122,7 @@ fn build(settings: &TlsConfig) -> Result<ServerConfig, TlsError> {
                 key: "tls.ca_file",
                 problem: "required when client_auth is \"optional\" or \"required\"".into(),
             })?;
-            let mut roots = RootCertStore::empty();
-            for ca in certs("tls.ca_file", ca_file)? {
-                roots.add(ca).map_err(|e| TlsError::Invalid {
-                    key: "tls.ca_file",
-                    problem: format!("{}: {e}", ca_file.display()),
-                })?;
-            }
+            let roots = root_store("tls.ca_file", ca_file)?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = if mode == ClientAuth::Optional {
                 verifier.allow_unauthenticated()
@@ -166,13 +172,7 @@ impl ClusterTlsPem {
     pub fn load(cert_file: &Path, key_file: &Path, ca_file: &Path) -> Result<Self, TlsError> {
         let chain = certs("cluster.tls_cert_file", cert_file)?;
         let key = private_key("cluster.tls_key_file", key_file)?;
-        let mut roots = RootCertStore::empty();
-        for ca in certs("cluster.tls_ca_file", ca_file)? {
-            roots.add(ca).map_err(|e| TlsError::Invalid {
-                key: "cluster.tls_ca_file",
-                problem: format!("{}: {e}", ca_file.display()),
-            })?;
-        }
+        let roots = root_store("cluster.tls_ca_file", ca_file)?;
         let provider: Arc<CryptoProvider> = Arc::new(ring::default_provider());
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())

@@ -369,24 +369,23 @@ mod tests {
     #[test]
     fn flag_env_vars_are_never_rejected_by_the_env_layer() {
         let cmd = Cli::command();
-        let serve = cmd.find_subcommand("serve").expect("serve command");
-        let vars: Vec<String> = serve
-            .get_arguments()
-            .filter_map(|a| a.get_env())
-            .map(|v| v.to_string_lossy().into_owned())
-            .collect();
+        // The environment variables the flags of `subcommand` read.
+        let env_vars = |subcommand: &str| -> Vec<String> {
+            cmd.find_subcommand(subcommand)
+                .unwrap_or_else(|| panic!("no {subcommand} command"))
+                .get_arguments()
+                .filter_map(|a| a.get_env())
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect()
+        };
+        let vars = env_vars("serve");
         assert_eq!(vars.len(), 10, "{vars:?}");
         for var in &vars {
             let value = if var == "RAFTMQ_NODE_ID" { "2" } else { "x" };
             let layer = env_layer([(OsString::from(var), OsString::from(value))]);
             assert!(layer.problems.is_empty(), "{var}: {:?}", layer.problems);
         }
-        let ctl = cmd.find_subcommand("ctl").expect("ctl command");
-        let ctl_vars: Vec<String> = ctl
-            .get_arguments()
-            .filter_map(|a| a.get_env())
-            .map(|v| v.to_string_lossy().into_owned())
-            .collect();
+        let ctl_vars = env_vars("ctl");
         assert_eq!(ctl_vars, ["RAFTMQ_ADMIN_TOKEN"]);
         for var in FLAG_ONLY_ENV_VARS {
             assert!(

@@ -247,11 +247,20 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
     }
 }
 
-fn paging(p: &Paging) -> [(&'static str, Option<String>); 2] {
-    [
-        ("offset", Some(p.offset.to_string())),
-        ("limit", Some(p.limit.to_string())),
-    ]
+/// One page of the list at `path` (narrowed by the `filters` that are set), with a table of
+/// `columns` (header, field).
+async fn list(
+    client: &AdminClient,
+    path: &str,
+    mut filters: Vec<(&str, Option<String>)>,
+    p: &Paging,
+    columns: &[(&str, &str)],
+) -> anyhow::Result<Answer> {
+    filters.push(("offset", Some(p.offset.to_string())));
+    filters.push(("limit", Some(p.limit.to_string())));
+    let json = client.get(&format!("{path}{}", query(&filters))).await?;
+    let table = list_table(&json, columns);
+    Ok(Answer { json, table })
 }
 
 async fn execute(client: &AdminClient, cmd: &CtlCommand) -> anyhow::Result<Answer> {
@@ -284,11 +293,11 @@ async fn execute(client: &AdminClient, cmd: &CtlCommand) -> anyhow::Result<Answe
             }
         }
         CtlCommand::Clients(ClientsCmd::List { prefix, paging: p }) => {
-            let mut q = vec![("client_id", prefix.clone())];
-            q.extend(paging(p));
-            let v = client.get(&format!("/api/v1/clients{}", query(&q))).await?;
-            let table = list_table(
-                &v,
+            list(
+                client,
+                "/api/v1/clients",
+                vec![("client_id", prefix.clone())],
+                p,
                 &[
                     ("CLIENT ID", "client_id"),
                     ("CONNECTED", "connected"),
@@ -301,8 +310,8 @@ async fn execute(client: &AdminClient, cmd: &CtlCommand) -> anyhow::Result<Answe
                     ("INFLIGHT", "inflight"),
                     ("QUEUED", "queued"),
                 ],
-            );
-            Answer { json: v, table }
+            )
+            .await?
         }
         CtlCommand::Clients(ClientsCmd::Show { client_id }) => {
             let v = client
@@ -348,30 +357,18 @@ async fn execute(client: &AdminClient, cmd: &CtlCommand) -> anyhow::Result<Answe
             topic,
             paging: p,
         }) => {
-            let mut q = vec![("client_id", client_id.clone()), ("topic", topic.clone())];
-            q.extend(paging(p));
-            let v = client
-                .get(&format!("/api/v1/subscriptions{}", query(&q)))
-                .await?;
-            let table = list_table(&v, SUB_COLUMNS);
-            Answer { json: v, table }
+            let filters = vec![("client_id", client_id.clone()), ("topic", topic.clone())];
+            list(client, "/api/v1/subscriptions", filters, p, SUB_COLUMNS).await?
         }
         CtlCommand::Retained(RetainedCmd::List { filter, paging: p }) => {
-            let mut q = vec![("filter", filter.clone())];
-            q.extend(paging(p));
-            let v = client
-                .get(&format!("/api/v1/retained{}", query(&q)))
-                .await?;
-            let table = list_table(
-                &v,
-                &[
-                    ("TOPIC", "topic"),
-                    ("QOS", "qos"),
-                    ("BYTES", "payload_bytes"),
-                    ("PAYLOAD", "payload"),
-                ],
-            );
-            Answer { json: v, table }
+            let columns = [
+                ("TOPIC", "topic"),
+                ("QOS", "qos"),
+                ("BYTES", "payload_bytes"),
+                ("PAYLOAD", "payload"),
+            ];
+            let filters = vec![("filter", filter.clone())];
+            list(client, "/api/v1/retained", filters, p, &columns).await?
         }
         CtlCommand::Retained(RetainedCmd::Delete { topic }) => {
             let v = client

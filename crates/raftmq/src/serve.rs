@@ -9,8 +9,8 @@ use raftmq_cluster::node::{NodeOptions, RaftNode};
 use raftmq_core::Broker;
 use raftmq_server::auth::Auth;
 use raftmq_server::{
-    AdminFuture, ClusterAdmin, ClusterAdminError, ClusterInfo, ClusterServer, ClusterTlsPem,
-    ListenerKind, Server,
+    ClusterAdminError, ClusterControl, ClusterServer, ClusterTlsPem, ListenerKind,
+    MembershipChange, Server,
 };
 use std::future::Future;
 use std::net::SocketAddr;
@@ -147,14 +147,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .set_tls(&config.tls)
             .context("loading TLS certificates")?;
     }
-    let (status_node, ready_node) = (node.clone(), node.clone());
-    server.set_cluster_info(ClusterInfo {
-        status: Arc::new(move || {
-            serde_json::to_value(status_node.status()).unwrap_or(serde_json::Value::Null)
-        }),
-        ready: Arc::new(move || ready_node.is_ready()),
-    });
-    server.set_cluster_admin(cluster_admin(&node));
+    server.set_cluster(Arc::new(NodeControl(node.clone())));
     server.set_drain_config(config.drain.clone());
     match server.mqtt_addr() {
         Some(addr) => {
@@ -213,37 +206,41 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     result
 }
 
-/// Membership changes for the admin API, through the Raft node.
-fn cluster_admin(node: &Arc<RaftNode>) -> ClusterAdmin {
-    use raftmq_cluster::node::AdminError;
-    fn map(e: AdminError) -> ClusterAdminError {
-        let msg = e.to_string();
-        match e {
-            AdminError::UnknownNode(_) => ClusterAdminError::NotFound(msg),
-            AdminError::LastNode(_) => ClusterAdminError::Conflict(msg),
-            AdminError::NoLeader => ClusterAdminError::Unavailable(msg),
-            AdminError::Timeout(_) | AdminError::Rpc(_) => ClusterAdminError::Failed(msg),
-        }
+/// The HTTP endpoint's view of the cluster (status, readiness, membership changes), served by
+/// the Raft node.
+struct NodeControl(Arc<RaftNode>);
+
+impl ClusterControl for NodeControl {
+    fn status(&self) -> serde_json::Value {
+        serde_json::to_value(self.0.status()).unwrap_or(serde_json::Value::Null)
     }
-    let (add, remove) = (node.clone(), node.clone());
-    ClusterAdmin {
-        add_node: Arc::new(move |id: u64, cluster_addr: String, mqtt_addr: String| {
-            let node = add.clone();
-            let change: AdminFuture = Box::pin(async move {
-                let member = raftmq_cluster::types::ClusterNode {
-                    cluster_addr,
-                    mqtt_addr,
-                };
-                node.add_node(id, member).await.map_err(map)
-            });
-            change
-        }),
-        remove_node: Arc::new(move |id: u64| {
-            let node = remove.clone();
-            let change: AdminFuture =
-                Box::pin(async move { node.remove_node(id).await.map_err(map) });
-            change
-        }),
+
+    fn is_ready(&self) -> bool {
+        self.0.is_ready()
+    }
+
+    fn add_node(&self, id: u64, cluster_addr: String, mqtt_addr: String) -> MembershipChange<'_> {
+        let member = raftmq_cluster::types::ClusterNode {
+            cluster_addr,
+            mqtt_addr,
+        };
+        Box::pin(async move { self.0.add_node(id, member).await.map_err(membership_error) })
+    }
+
+    fn remove_node(&self, id: u64) -> MembershipChange<'_> {
+        Box::pin(async move { self.0.remove_node(id).await.map_err(membership_error) })
+    }
+}
+
+/// A failed membership change as the admin API reports it.
+fn membership_error(e: raftmq_cluster::node::AdminError) -> ClusterAdminError {
+    use raftmq_cluster::node::AdminError;
+    let msg = e.to_string();
+    match e {
+        AdminError::UnknownNode(_) => ClusterAdminError::NotFound(msg),
+        AdminError::LastNode(_) => ClusterAdminError::Conflict(msg),
+        AdminError::NoLeader => ClusterAdminError::Unavailable(msg),
+        AdminError::Timeout(_) | AdminError::Rpc(_) => ClusterAdminError::Failed(msg),
     }
 }
 
