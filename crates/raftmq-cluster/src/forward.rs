@@ -55,6 +55,9 @@ pub const FORWARD_DROPPED_TOTAL: &str = "raftmq_forward_dropped_total";
 pub const FORWARD_RECONNECTS_TOTAL: &str = "raftmq_forward_reconnects_total";
 pub const FORWARD_RECEIVED_TOTAL: &str = "raftmq_forward_received_total";
 pub const FORWARD_DUPLICATES_TOTAL: &str = "raftmq_forward_duplicates_total";
+/// Wills of a peer's sessionless connections this node holds (published if that peer is
+/// declared down by this node).
+pub const FORWARD_PEER_WILLS: &str = "raftmq_forward_peer_wills";
 pub const FORWARD_RESEND_OVERFLOW_TOTAL: &str = "raftmq_forward_resend_overflow_total";
 pub const FORWARD_ACK_TIMEOUTS_TOTAL: &str = "raftmq_forward_ack_timeouts_total";
 
@@ -599,6 +602,8 @@ impl ForwardService for ForwardGrpc {
                             .collect();
                         let released = w.released.into_iter().map(ByteStr::from).collect();
                         broker.apply_peer_wills(from, w.full, registered, released);
+                        metrics::gauge!(FORWARD_PEER_WILLS, "peer" => from.to_string())
+                            .set(broker.peer_will_count(from) as f64);
                     }
                     Some(pb::frame::Body::Claims(c)) => {
                         let now = std::time::Instant::now();
