@@ -694,6 +694,8 @@ async fn declare_down_nodes(
             // publishes them (the others drop them when they apply the NodeDown).
             let wills = broker.publish_wills_of(node, std::time::Instant::now());
             metrics::counter!(DEAD_NODE_WILLS_TOTAL).increment(wills as u64);
+            metrics::gauge!(crate::forward::FORWARD_PEER_WILLS, "peer" => node.to_string())
+                .set(0.0);
             match durability.sessions_owned_by(me) {
                 Ok(orphans) => {
                     let adopted = broker.adopt_sessions(orphans, std::time::Instant::now());
