@@ -12,6 +12,8 @@ use raftmq_core::config::{ByteSize, DurationStr, MqttConfig};
 use raftmq_core::limits::Limit;
 use raftmq_server::auth::passwd::hash_password;
 use raftmq_server::auth::{Auth, AuthConfig};
+use raftmq_server::metrics::AUTH_RELOADS_TOTAL;
+use raftmq_tests::metrics::metric;
 use raftmq_tests::{RawClient, TIMEOUT, TestBroker, connect_packet, pid, publish_packet};
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -78,13 +80,7 @@ async fn subscribe_codes(c: &mut RawClient, filters: &[(&str, QoS)]) -> Vec<Reas
 }
 
 async fn puback_code(c: &mut RawClient, topic: &str, id: u16) -> ReasonCode {
-    c.send(&Packet::Publish(publish_packet(
-        topic,
-        QoS::AtLeastOnce,
-        id,
-        b"x",
-    )))
-    .await;
+    c.publish(topic, QoS::AtLeastOnce, id, b"x").await;
     match c.recv().await {
         Some(Packet::PubAck(PubResponse { reason_code, .. })) => reason_code,
         other => panic!("expected PUBACK, got {other:?}"),
@@ -183,6 +179,12 @@ async fn password_file_change_is_picked_up_without_dropping_clients() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("passwd");
     write_file(&path, &passwd_text(&[("alice", "a")]));
+    // Refused reloads are only visible as a metric (and a log line).
+    let refused_reloads = || {
+        let name = format!("{AUTH_RELOADS_TOTAL}{{file=\"password\",result=\"error\"}}");
+        metric(&raftmq_tests::metrics::render(), &name).unwrap_or(0.0)
+    };
+    let refused_before = refused_reloads();
     let (b, auth) = start(
         AuthConfig {
             password_file: Some(path.clone()),
@@ -198,9 +200,13 @@ async fn password_file_change_is_picked_up_without_dropping_clients() {
     let (_c, code) = connect_as(b.mqtt, V5, "bob-1", Some("bob"), Some("b")).await;
     assert_eq!(code, ReasonCode::BAD_USER_NAME_OR_PASSWORD);
 
-    // A broken file is rejected and the old one kept: alice can still log in.
+    // A broken file is read, refused and the old one kept: alice can still log in.
     write_file(&path, "alice:not-a-hash\n");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    raftmq_tests::wait_until("the broken password file is read and refused", || {
+        refused_reloads() > refused_before
+    })
+    .await;
+    assert_eq!(auth.user_count(), 1, "the previous password file is kept");
     let (_c, code) = connect_as(b.mqtt, V5, "alice-2", Some("alice"), Some("a")).await;
     assert_eq!(code, ReasonCode::SUCCESS);
 
@@ -328,13 +334,7 @@ async fn acl_qos_and_retain_limits() {
         ReasonCode::NO_MATCHING_SUBSCRIBERS
     );
     // QoS 2 above the rule's qos=1: PUBREC 0x87.
-    c.send(&Packet::Publish(publish_packet(
-        "limited/a",
-        QoS::ExactlyOnce,
-        2,
-        b"x",
-    )))
-    .await;
+    c.publish("limited/a", QoS::ExactlyOnce, 2, b"x").await;
     match c.recv().await {
         Some(Packet::PubRec(r)) => assert_eq!(r.reason_code, ReasonCode::NOT_AUTHORIZED),
         other => panic!("expected PUBREC, got {other:?}"),

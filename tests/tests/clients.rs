@@ -9,6 +9,73 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 use tokio::process::{Child, Command};
 
+/// What the rumqttc wrappers of both protocol versions share: the client with its event loop,
+/// connecting, driving the loop until an incoming packet is picked, and waiting for a QoS 1 or
+/// 2 exchange to complete. Expands in a module that imports one version's `AsyncClient`,
+/// `Event`, `EventLoop`, `MqttOptions`, `Packet`, `Publish` and `QoS`.
+macro_rules! rumqttc_client {
+    () => {
+        pub struct Client {
+            pub client: AsyncClient,
+            pub events: EventLoop,
+        }
+
+        impl Client {
+            /// Starts a client with `opts`; returns it with CONNACK's session present flag.
+            async fn start(opts: MqttOptions) -> (Client, bool) {
+                let (client, events) = AsyncClient::new(opts, 16);
+                let mut c = Client { client, events };
+                let present = c
+                    .until(|p| match p {
+                        Packet::ConnAck(ack) => Some(ack.session_present),
+                        _ => None,
+                    })
+                    .await;
+                (c, present)
+            }
+
+            /// Drives the event loop until `f` picks an incoming packet.
+            pub async fn until<T>(&mut self, mut f: impl FnMut(Packet) -> Option<T>) -> T {
+                loop {
+                    let event = tokio::time::timeout(TIMEOUT, self.events.poll())
+                        .await
+                        .expect("timed out waiting for rumqttc")
+                        .expect("rumqttc connection failed");
+                    if let Event::Incoming(p) = event
+                        && let Some(t) = f(p)
+                    {
+                        return t;
+                    }
+                }
+            }
+
+            pub async fn next_publish(&mut self) -> Publish {
+                self.until(|p| match p {
+                    Packet::Publish(p) => Some(p),
+                    _ => None,
+                })
+                .await
+            }
+
+            /// Drives the event loop until the broker completed the exchange of a publish at
+            /// `qos` (PUBACK for QoS 1, PUBCOMP for QoS 2).
+            async fn completed(&mut self, qos: QoS) {
+                match qos {
+                    QoS::AtLeastOnce => {
+                        self.until(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+                            .await
+                    }
+                    QoS::ExactlyOnce => {
+                        self.until(|p| matches!(p, Packet::PubComp(_)).then_some(()))
+                            .await
+                    }
+                    QoS::AtMostOnce => {}
+                }
+            }
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // rumqttc, MQTT 3.1.1
 // ---------------------------------------------------------------------------------------------
@@ -17,10 +84,7 @@ mod v4 {
     use super::*;
     use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 
-    pub struct Client {
-        pub client: AsyncClient,
-        pub events: EventLoop,
-    }
+    rumqttc_client!();
 
     impl Client {
         /// Connects and returns the client with CONNACK's session present flag.
@@ -29,30 +93,7 @@ mod v4 {
             let mut opts = MqttOptions::new(id, host, port);
             opts.set_keep_alive(Duration::from_secs(30));
             opts.set_clean_session(clean);
-            let (client, events) = AsyncClient::new(opts, 16);
-            let mut c = Client { client, events };
-            let present = c
-                .until(|p| match p {
-                    Packet::ConnAck(ack) => Some(ack.session_present),
-                    _ => None,
-                })
-                .await;
-            (c, present)
-        }
-
-        /// Drives the event loop until `f` picks an incoming packet.
-        pub async fn until<T>(&mut self, mut f: impl FnMut(Packet) -> Option<T>) -> T {
-            loop {
-                let event = tokio::time::timeout(TIMEOUT, self.events.poll())
-                    .await
-                    .expect("timed out waiting for rumqttc")
-                    .expect("rumqttc connection failed");
-                if let Event::Incoming(p) = event
-                    && let Some(t) = f(p)
-                {
-                    return t;
-                }
-            }
+            Client::start(opts).await
         }
 
         pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
@@ -64,14 +105,6 @@ mod v4 {
                 })
                 .await;
             assert_eq!(codes.len(), 1);
-        }
-
-        pub async fn next_publish(&mut self) -> Publish {
-            self.until(|p| match p {
-                Packet::Publish(p) => Some(p),
-                _ => None,
-            })
-            .await
         }
 
         /// Publishes and drives the event loop until the exchange is complete.
@@ -93,14 +126,7 @@ mod v4 {
                         }
                     }
                 }
-                QoS::AtLeastOnce => {
-                    self.until(|p| matches!(p, Packet::PubAck(_)).then_some(()))
-                        .await
-                }
-                QoS::ExactlyOnce => {
-                    self.until(|p| matches!(p, Packet::PubComp(_)).then_some(()))
-                        .await
-                }
+                _ => self.completed(qos).await,
             }
         }
     }
@@ -198,10 +224,7 @@ mod v5 {
     use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
     use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 
-    pub struct Client {
-        pub client: AsyncClient,
-        pub events: EventLoop,
-    }
+    rumqttc_client!();
 
     impl Client {
         /// Connects (session expiry `expiry` seconds, clean start unless resuming) and returns
@@ -217,29 +240,7 @@ mod v5 {
             opts.set_keep_alive(Duration::from_secs(30));
             opts.set_clean_start(clean);
             opts.set_session_expiry_interval(Some(expiry));
-            let (client, events) = AsyncClient::new(opts, 16);
-            let mut c = Client { client, events };
-            let present = c
-                .until(|p| match p {
-                    Packet::ConnAck(ack) => Some(ack.session_present),
-                    _ => None,
-                })
-                .await;
-            (c, present)
-        }
-
-        pub async fn until<T>(&mut self, mut f: impl FnMut(Packet) -> Option<T>) -> T {
-            loop {
-                let event = tokio::time::timeout(TIMEOUT, self.events.poll())
-                    .await
-                    .expect("timed out waiting for rumqttc")
-                    .expect("rumqttc connection failed");
-                if let Event::Incoming(p) = event
-                    && let Some(t) = f(p)
-                {
-                    return t;
-                }
-            }
+            Client::start(opts).await
         }
 
         pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
@@ -248,31 +249,18 @@ mod v5 {
                 .await;
         }
 
-        pub async fn next_publish(&mut self) -> Publish {
-            self.until(|p| match p {
-                Packet::Publish(p) => Some(p),
-                _ => None,
-            })
-            .await
-        }
-
         /// Publishes at QoS 1 or 2 and drives the event loop until the exchange is complete.
         pub async fn publish(&mut self, topic: &str, qos: QoS, payload: &str) {
             self.client
                 .publish(topic, qos, false, payload.as_bytes().to_vec())
                 .await
                 .expect("publish");
-            match qos {
-                QoS::AtLeastOnce => {
-                    self.until(|p| matches!(p, Packet::PubAck(_)).then_some(()))
-                        .await
-                }
-                QoS::ExactlyOnce => {
-                    self.until(|p| matches!(p, Packet::PubComp(_)).then_some(()))
-                        .await
-                }
-                QoS::AtMostOnce => panic!("use QoS 1 or 2 so completion is observable"),
-            }
+            assert_ne!(
+                qos,
+                QoS::AtMostOnce,
+                "use QoS 1 or 2 so completion is observable"
+            );
+            self.completed(qos).await;
         }
     }
 }

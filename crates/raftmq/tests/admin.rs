@@ -2,183 +2,37 @@
 //! clients, kick, subscriptions, retained messages, publish), draining (readiness, refused
 //! connections, the DISCONNECT clients get, no acknowledged message lost), `raftmq ctl` against
 //! a running broker, and membership changes with two processes.
-//!
-//! Ports come from 21000–21999, which no other test uses.
 
-use raftmq_codec::{
-    ConnectProperties, Disconnect, Packet, ProtocolVersion, PubResponse, QoS, ReasonCode,
-};
-use raftmq_tests::{RawClient, connect_packet, publish_packet};
+use raftmq_codec::{Disconnect, Packet, ProtocolVersion, PubResponse, QoS, ReasonCode};
+use raftmq_tests::process::{Node, NodeSpec, START_TIMEOUT, http_json, voters};
+use raftmq_tests::{RawClient, connect_packet, connect_v5, free_port, poll, publish_packet};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
-/// Upper bound for a node to start (Raft leader election included).
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// Upper bound for any other wait.
+/// Upper bound for any wait but a node's start.
 const WAIT: Duration = Duration::from_secs(15);
 const TOKEN: &str = "s3cret-admin-token";
+/// The executable under test.
+const RAFTMQ: &str = env!("CARGO_BIN_EXE_raftmq");
 
-/// A free port in 21000–21999; each test process starts at its own offset.
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 21_000;
-    const SPAN: u32 = 1_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    // Each test process starts at its own offset and wraps around within the range (an
-    // offset near its end must not leave the process without ports).
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id() % 40 * 25,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..SPAN {
-        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
+/// Starts node `id` (data in `data_dir`, joining through `seeds`) with `env` (e.g. the admin
+/// token) and waits until it is ready.
+async fn start(id: u64, data_dir: &Path, seeds: &[String], env: &[(&str, &str)]) -> Node {
+    let mut spec = NodeSpec::new(RAFTMQ, id, data_dir.to_owned());
+    spec.seeds = seeds.to_vec();
+    for (k, v) in env {
+        spec = spec.with_env(k, *v);
     }
-    panic!("no free test port in 21000-21999");
-}
-
-/// A running `raftmq` process (killed when dropped).
-struct Node {
-    child: Child,
-    id: u64,
-    mqtt: u16,
-    http: u16,
-    cluster: u16,
-}
-
-impl Node {
-    /// Starts node `id` with `env` (e.g. the admin token) and waits until it is ready.
-    async fn start(id: u64, data_dir: &Path, seeds: &[String], env: &[(&str, &str)]) -> Node {
-        let (mqtt, http, cluster) = (free_port(), free_port(), free_port());
-        Self::start_on(id, data_dir, seeds, env, (mqtt, http, cluster)).await
-    }
-
-    async fn start_on(
-        id: u64,
-        data_dir: &Path,
-        seeds: &[String],
-        env: &[(&str, &str)],
-        (mqtt, http, cluster): (u16, u16, u16),
-    ) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_raftmq"));
-        cmd.env_clear()
-            .args(["serve", "--log-level", "error,openraft=off"])
-            .args(["--node-id", &id.to_string()])
-            .args(["--mqtt-addr", &format!("127.0.0.1:{mqtt}")])
-            .args(["--http-addr", &format!("127.0.0.1:{http}")])
-            .args(["--cluster-addr", &format!("127.0.0.1:{cluster}")])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if !seeds.is_empty() {
-            cmd.args(["--seeds", &seeds.join(",")]);
-        }
-        let node = Node {
-            child: cmd.spawn().expect("starts raftmq"),
-            id,
-            mqtt,
-            http,
-            cluster,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while http_call(http, "GET", "/readyz", None, None).await.0 != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "node {id} not ready within {START_TIMEOUT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        node
-    }
-
-    fn mqtt_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.mqtt))
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http)
-    }
-
-    /// SIGTERM, then waits (bounded) for the process to exit; returns its exit code.
-    fn terminate(mut self) -> Option<i32> {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("runs kill");
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "no exit within 30s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP request to 127.0.0.1:`port`: (status, JSON body or the text as a JSON string);
-/// status 0 when unreachable.
-async fn http_call(
-    port: u16,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return (0, Value::Null);
-    };
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    if !body.is_empty() {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(&body);
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return (0, Value::Null);
-    }
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    let json = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    (code, json)
+    Node::start(&spec).await
 }
 
 /// An authorized admin call that must answer `expected`; returns the body.
 async fn api(node: &Node, method: &str, path: &str, body: Option<Value>, expected: u16) -> Value {
-    let (code, v) = http_call(node.http, method, path, Some(TOKEN), body.as_ref()).await;
+    let (code, v) = http_json(node.spec.http, method, path, Some(TOKEN), body.as_ref()).await;
     assert_eq!(code, expected, "{method} {path}: {v}");
     v
 }
@@ -192,12 +46,7 @@ fn error_of(v: &Value) -> &str {
 
 /// A v5 client with a persistent session (expiry 1 h), subscribed to `filter` at QoS 1.
 async fn persistent_subscriber(addr: SocketAddr, id: &str, filter: &str) -> RawClient {
-    let mut connect = connect_packet(ProtocolVersion::V5, id, false);
-    connect.properties = ConnectProperties {
-        session_expiry_interval: Some(3600),
-        ..Default::default()
-    };
-    let (mut c, ack) = RawClient::handshake(addr, connect).await;
+    let (mut c, ack) = RawClient::handshake(addr, connect_v5(id, false, 3600)).await;
     assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
     c.subscribe(filter, QoS::AtLeastOnce).await;
     c
@@ -228,14 +77,14 @@ async fn ctl(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// Waits (bounded) until connections to `addr` are refused: the listener is closed.
 async fn wait_refused(addr: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "{addr} still accepts connections"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{addr} refuses connections");
+    poll(&what, WAIT, Duration::from_millis(20), || async {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(_) => Err("accepted"),
+            Err(_) => Ok(()),
+        }
+    })
+    .await;
 }
 
 fn text(b: &[u8]) -> String {
@@ -245,7 +94,7 @@ fn text(b: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = Node::start(
+    let node = start(
         1,
         &dir.path().join("data"),
         &[],
@@ -254,14 +103,21 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
     .await;
 
     // The token guards /api/v1, not the probes or the metrics.
-    let (code, v) = http_call(node.http, "GET", "/api/v1/clients", None, None).await;
+    let (code, v) = http_json(node.spec.http, "GET", "/api/v1/clients", None, None).await;
     assert_eq!(code, 401, "{v}");
     assert!(error_of(&v).contains("token"), "{v}");
-    let (code, v) = http_call(node.http, "GET", "/api/v1/cluster", Some("wrong"), None).await;
+    let (code, v) = http_json(
+        node.spec.http,
+        "GET",
+        "/api/v1/cluster",
+        Some("wrong"),
+        None,
+    )
+    .await;
     assert_eq!((code, error_of(&v)), (401, "wrong admin token"));
     for open in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(
-            http_call(node.http, "GET", open, None, None).await.0,
+            http_json(node.spec.http, "GET", open, None, None).await.0,
             200,
             "{open}"
         );
@@ -349,8 +205,8 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
         ),
         (json!({"topic": "t/a", "colour": "red"}), "colour"),
     ] {
-        let (code, v) = http_call(
-            node.http,
+        let (code, v) = http_json(
+            node.spec.http,
             "POST",
             "/api/v1/publish",
             Some(TOKEN),
@@ -408,15 +264,20 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
     assert_eq!(v["session_discarded"], false);
     sub.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION)
         .await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = api(&node, "GET", "/api/v1/clients/sub-1", None, 200).await;
-        if v["connected"] == false {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still connected: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll(
+        "sub-1 is offline",
+        WAIT,
+        Duration::from_millis(50),
+        || async {
+            let v = api(&node, "GET", "/api/v1/clients/sub-1", None, 200).await;
+            if v["connected"] == false {
+                Ok(())
+            } else {
+                Err(v)
+            }
+        },
+    )
+    .await;
     let v = api(&node, "DELETE", "/api/v1/clients/sub-1", None, 409).await;
     assert!(error_of(&v).contains("discard_session"), "{v}");
     let v = api(
@@ -473,8 +334,8 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
     const N: u32 = 300;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let node = Node::start(1, &data, &[], &[]).await;
-    let ports = (node.mqtt, node.http, node.cluster);
+    let node = start(1, &data, &[], &[]).await;
+    let spec = node.spec.clone();
 
     let mut sub = persistent_subscriber(node.mqtt_addr(), "drain-sub", "d/#").await;
     let mut v3 = RawClient::connected(node.mqtt_addr(), ProtocolVersion::V3_1_1, "drain-v3").await;
@@ -507,7 +368,7 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
         }
         other => panic!("subscriber got {other:?}"),
     }
-    let (code, status) = http_call(node.http, "POST", "/api/v1/drain", None, None).await;
+    let (code, status) = http_json(node.spec.http, "POST", "/api/v1/drain", None, None).await;
     assert_eq!((code, &status["draining"]), (200, &json!(true)), "{status}");
 
     // The publisher gets an acknowledgement for what was committed, then 0x8B.
@@ -553,21 +414,24 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
 
     // Not ready, new connections refused, the drain reports complete.
     assert_eq!(
-        http_call(node.http, "GET", "/readyz", None, None).await.0,
+        http_json(node.spec.http, "GET", "/readyz", None, None)
+            .await
+            .0,
         503
     );
     wait_refused(node.mqtt_addr()).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (code, v) = http_call(node.http, "GET", "/api/v1/drain", None, None).await;
-        assert_eq!(code, 200);
-        if v["complete"] == true {
-            assert_eq!(v["connections"], 0, "{v}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "drain not complete: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let v = poll(
+        "the drain is complete",
+        WAIT,
+        Duration::from_millis(50),
+        || async {
+            let (code, v) = http_json(node.spec.http, "GET", "/api/v1/drain", None, None).await;
+            assert_eq!(code, 200);
+            if v["complete"] == true { Ok(v) } else { Err(v) }
+        },
+    )
+    .await;
+    assert_eq!(v["connections"], 0, "{v}");
     assert_eq!(node.terminate(), Some(0), "clean exit after SIGTERM");
 
     // Every acknowledged message reaches the persistent subscriber after a restart.
@@ -575,10 +439,10 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
         !acked.is_empty(),
         "nothing was acknowledged before the drain"
     );
-    let node = Node::start_on(1, &data, &[], &[], ports).await;
-    let mut connect = connect_packet(ProtocolVersion::V5, "drain-sub", false);
-    connect.properties.session_expiry_interval = Some(3600);
-    let (mut sub, ack) = RawClient::handshake(node.mqtt_addr(), connect).await;
+    // The same node again: the same data dir and ports.
+    let node = Node::start(&spec).await;
+    let (mut sub, ack) =
+        RawClient::handshake(node.mqtt_addr(), connect_v5("drain-sub", false, 3600)).await;
     assert!(ack.session_present);
     while !acked.is_subset(&received) {
         match sub.recv_within(WAIT).await {
@@ -604,7 +468,7 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = Node::start(
+    let node = start(
         1,
         &dir.path().join("data"),
         &[],
@@ -614,7 +478,7 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
         ],
     )
     .await;
-    let url = node.url();
+    let url = node.spec.url();
     let with_token = [("RAFTMQ_ADMIN_TOKEN", TOKEN)];
 
     // Errors say what is wrong and exit non-zero.
@@ -711,9 +575,8 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
         .await;
 
     // Drain: a v5 client is sent to the configured server; ctl waits for completion.
-    let mut connect = connect_packet(ProtocolVersion::V5, "ctl-sub", false);
-    connect.properties.session_expiry_interval = Some(3600);
-    let (mut sub, _) = RawClient::handshake(node.mqtt_addr(), connect).await;
+    let (mut sub, _) =
+        RawClient::handshake(node.mqtt_addr(), connect_v5("ctl-sub", false, 3600)).await;
     let out = ctl(
         &["--url", &url, "--output", "json", "drain", "--wait"],
         &with_token,
@@ -737,49 +600,45 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
         other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
     }
     assert_eq!(
-        http_call(node.http, "GET", "/readyz", None, None).await.0,
+        http_json(node.spec.http, "GET", "/readyz", None, None)
+            .await
+            .0,
         503
     );
     wait_refused(node.mqtt_addr()).await;
 }
 
-/// The node's view of the voters, once it answers.
-async fn voters(node: &Node) -> Option<Vec<u64>> {
-    let (code, v) = http_call(node.http, "GET", "/api/v1/cluster", None, None).await;
-    (code == 200).then(|| {
-        v["voters"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default()
-    })
-}
-
+/// Waits until `node` sees exactly the voters `expected`.
 async fn wait_voters(node: &Node, expected: &[u64]) {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        let seen = voters(node).await;
+    let what = format!("node {} sees voters {expected:?}", node.spec.id);
+    poll(&what, START_TIMEOUT, Duration::from_millis(200), || async {
+        let seen = voters(node.spec.http).await;
         if seen.as_deref() == Some(expected) {
-            return;
+            Ok(())
+        } else {
+            Err(seen)
         }
-        assert!(
-            Instant::now() < deadline,
-            "node {} sees voters {seen:?}, expected {expected:?}",
-            node.id
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_is_changed_through_the_admin_api_and_ctl() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let n1 = Node::start(1, &dir.path().join("n1"), &[], &[]).await;
-    let seed = format!("127.0.0.1:{}", n1.cluster);
-    let n2 = Node::start(2, &dir.path().join("n2"), &[seed], &[]).await;
+    let n1 = start(1, &dir.path().join("n1"), &[], &[]).await;
+    let seed = format!("127.0.0.1:{}", n1.spec.cluster);
+    let n2 = start(2, &dir.path().join("n2"), &[seed], &[]).await;
     wait_voters(&n1, &[1, 2]).await;
 
     // Remove node 2 through the API of node 2 itself (forwarded to the leader).
-    let (code, v) = http_call(n2.http, "DELETE", "/api/v1/cluster/nodes/2", None, None).await;
+    let (code, v) = http_json(
+        n2.spec.http,
+        "DELETE",
+        "/api/v1/cluster/nodes/2",
+        None,
+        None,
+    )
+    .await;
     assert_eq!(code, 200, "{v}");
     wait_voters(&n1, &[1]).await;
 
@@ -787,22 +646,22 @@ async fn membership_is_changed_through_the_admin_api_and_ctl() {
     let out = ctl(
         &[
             "--url",
-            &n1.url(),
+            &n1.spec.url(),
             "cluster",
             "add",
             "--node-id",
             "2",
             "--cluster-addr",
-            &format!("127.0.0.1:{}", n2.cluster),
+            &format!("127.0.0.1:{}", n2.spec.cluster),
             "--mqtt-addr",
-            &format!("127.0.0.1:{}", n2.mqtt),
+            &format!("127.0.0.1:{}", n2.spec.mqtt),
         ],
         &[],
     )
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     wait_voters(&n1, &[1, 2]).await;
-    let out = ctl(&["--url", &n1.url(), "cluster", "remove", "9"], &[]).await;
+    let out = ctl(&["--url", &n1.spec.url(), "cluster", "remove", "9"], &[]).await;
     assert_ne!(out.status.code(), Some(0));
     assert!(
         text(&out.stderr).contains("not a member"),
