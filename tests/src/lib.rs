@@ -39,12 +39,15 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A broker running in this process on 127.0.0.1 with ephemeral ports.
 pub struct TestBroker {
+    /// The plain TCP MQTT listener.
     pub mqtt: SocketAddr,
+    /// The HTTP listener (probes, metrics, admin API).
     pub http: SocketAddr,
     /// The TLS, WebSocket and secure WebSocket listeners, when started with them.
     pub tls: Option<SocketAddr>,
     pub ws: Option<SocketAddr>,
     pub wss: Option<SocketAddr>,
+    /// The broker behind the listeners.
     pub broker: Arc<Broker>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -263,6 +266,15 @@ pub fn connect_packet(version: ProtocolVersion, client_id: &str, clean_start: bo
         password: None,
         properties: ConnectProperties::default(),
     }
+}
+
+/// `packets` encoded for `version`, back to back (to send in one write).
+pub fn encode_all(packets: &[Packet], version: ProtocolVersion) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    for p in packets {
+        encode(p, version, &mut out).expect("encode");
+    }
+    out.to_vec()
 }
 
 /// An MQTT 5 CONNECT with keep alive off, no will and a session expiry of `expiry` seconds

@@ -194,32 +194,28 @@ impl Drop for Node {
     }
 }
 
-/// One HTTP/1.1 request to 127.0.0.1:`port` (with a bearer `token` and a JSON `body` when
-/// given): the status code and the body; code 0 when the node is unreachable.
+/// One HTTP/1.1 exchange with 127.0.0.1:`port`: `method` `path` with `headers` and `body`.
+/// Returns the status code and the body; code 0 when the node is unreachable.
 pub async fn http_call(
     port: u16,
     method: &str,
     path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
+    headers: &[(&str, String)],
+    body: &str,
 ) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
         return (0, String::new());
     };
-    let body = body.map(Value::to_string).unwrap_or_default();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
     }
     if !body.is_empty() {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
-    req.push_str(&body);
+    req.push_str(body);
     if s.write_all(req.as_bytes()).await.is_err() {
         return (0, String::new());
     }
@@ -236,10 +232,11 @@ pub async fn http_call(
 
 /// GET `path`: the status code and the body (code 0 if unreachable).
 pub async fn http_get(port: u16, path: &str) -> (u16, String) {
-    http_call(port, "GET", path, None, None).await
+    http_call(port, "GET", path, &[], "").await
 }
 
-/// [`http_call`] with the body as JSON (a body that is not JSON as a JSON string).
+/// An API call with a bearer `token` and a JSON `body` when given; the answer's body as JSON
+/// (one that is not JSON as a JSON string).
 pub async fn http_json(
     port: u16,
     method: &str,
@@ -247,7 +244,15 @@ pub async fn http_json(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> (u16, Value) {
-    let (code, text) = http_call(port, method, path, token, body).await;
+    let mut headers = Vec::new();
+    if let Some(t) = token {
+        headers.push(("Authorization", format!("Bearer {t}")));
+    }
+    let body = body.map(Value::to_string).unwrap_or_default();
+    if !body.is_empty() {
+        headers.push(("Content-Type", "application/json".to_owned()));
+    }
+    let (code, text) = http_call(port, method, path, &headers, &body).await;
     let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (code, json)
 }

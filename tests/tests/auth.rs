@@ -14,7 +14,9 @@ use raftmq_server::auth::passwd::hash_password;
 use raftmq_server::auth::{Auth, AuthConfig};
 use raftmq_server::metrics::AUTH_RELOADS_TOTAL;
 use raftmq_tests::metrics::metric;
-use raftmq_tests::{RawClient, TIMEOUT, TestBroker, connect_packet, pid, publish_packet};
+use raftmq_tests::{
+    RawClient, TIMEOUT, TestBroker, connect_packet, encode_all, pid, publish_packet,
+};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -445,12 +447,8 @@ async fn publish_rate_limit_disconnects_with_0x96() {
         let mut c = RawClient::connected(b.mqtt, version, "fast").await;
         // Ten PUBLISH in one write: the broker sees them within microseconds, so the bucket
         // (5 a second, full at connect) cannot refill in between.
-        let mut burst = bytes::BytesMut::new();
-        for _ in 0..10 {
-            let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, b"x"));
-            raftmq_codec::encode(&p, version, &mut burst).expect("encode");
-        }
-        c.send_bytes(&burst).await;
+        let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, b"x"));
+        c.send_bytes(&encode_all(&vec![p; 10], version)).await;
         c.expect_disconnect(ReasonCode::MESSAGE_RATE_TOO_HIGH).await;
         assert_eq!(b.broker.stats().limit_exceeded_count(Limit::PublishRate), 1);
     }
@@ -465,12 +463,8 @@ async fn publish_bandwidth_limit_disconnects_with_0x97() {
     let b = TestBroker::with_config(mqtt).await;
     let mut c = RawClient::connected(b.mqtt, V5, "big").await;
     // Two 600-byte PUBLISH in one write: 1000 bytes a second cannot refill 200 in between.
-    let mut burst = bytes::BytesMut::new();
-    for _ in 0..2 {
-        let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, &[0; 600]));
-        raftmq_codec::encode(&p, V5, &mut burst).expect("encode");
-    }
-    c.send_bytes(&burst).await;
+    let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, &[0; 600]));
+    c.send_bytes(&encode_all(&[p.clone(), p], V5)).await;
     c.expect_disconnect(ReasonCode::QUOTA_EXCEEDED).await;
     assert_eq!(
         b.broker

@@ -76,6 +76,15 @@ macro_rules! rumqttc_client {
     };
 }
 
+/// Waits until the broker has `client_id`'s session offline (its client went away).
+async fn wait_offline(broker: &TestBroker, client_id: &str) {
+    let core = broker.broker.clone();
+    wait_until("the subscriber is offline", || {
+        core.session(client_id).is_some_and(|s| !s.is_online())
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // rumqttc, MQTT 3.1.1
 // ---------------------------------------------------------------------------------------------
@@ -140,21 +149,15 @@ async fn rumqttc_v311_pub_sub_at_every_qos_with_wildcards() {
     sub.subscribe("sensors/+/temp", QoS::ExactlyOnce).await;
     sub.subscribe("alerts/#", QoS::AtLeastOnce).await;
     let (mut publisher, _) = v4::Client::connect(&broker, "r4-pub", true).await;
-    publisher
-        .publish("sensors/a/temp", QoS::AtMostOnce, false, "q0")
-        .await;
-    publisher
-        .publish("sensors/b/temp", QoS::AtLeastOnce, false, "q1")
-        .await;
-    publisher
-        .publish("sensors/c/temp", QoS::ExactlyOnce, false, "q2")
-        .await;
-    publisher
-        .publish("alerts/fire/kitchen", QoS::ExactlyOnce, false, "alert")
-        .await;
-    publisher
-        .publish("sensors/a/humidity", QoS::AtMostOnce, false, "no match")
-        .await;
+    for (topic, qos, payload) in [
+        ("sensors/a/temp", QoS::AtMostOnce, "q0"),
+        ("sensors/b/temp", QoS::AtLeastOnce, "q1"),
+        ("sensors/c/temp", QoS::ExactlyOnce, "q2"),
+        ("alerts/fire/kitchen", QoS::ExactlyOnce, "alert"),
+        ("sensors/a/humidity", QoS::AtMostOnce, "no match"),
+    ] {
+        publisher.publish(topic, qos, false, payload).await;
+    }
     let mut got = Vec::new();
     for _ in 0..4 {
         let p = sub.next_publish().await;
@@ -199,11 +202,7 @@ async fn rumqttc_v311_persistent_session_resumes_with_queued_messages() {
     assert!(!present);
     sub.subscribe("jobs", QoS::AtLeastOnce).await;
     drop(sub);
-    let core = broker.broker.clone();
-    wait_until("the subscriber is offline", || {
-        core.session("r4-persist").is_some_and(|s| !s.is_online())
-    })
-    .await;
+    wait_offline(&broker, "r4-persist").await;
     let (mut publisher, _) = v4::Client::connect(&broker, "r4-persist-pub", true).await;
     publisher
         .publish("jobs", QoS::AtLeastOnce, false, "queued")
@@ -298,11 +297,7 @@ async fn rumqttc_v5_session_expiry_resumes_with_queued_messages() {
     assert!(!present);
     sub.subscribe("jobs", QoS::ExactlyOnce).await;
     drop(sub);
-    let core = broker.broker.clone();
-    wait_until("the subscriber is offline", || {
-        core.session("r5-persist").is_some_and(|s| !s.is_online())
-    })
-    .await;
+    wait_offline(&broker, "r5-persist").await;
     let (mut publisher, _) = v5::Client::connect(&broker, "r5-persist-pub", true, 0).await;
     publisher.publish("jobs", QoS::ExactlyOnce, "queued").await;
     let (mut sub, present) = v5::Client::connect(&broker, "r5-persist", false, 300).await;

@@ -14,7 +14,9 @@ use raftmq_server::{
 };
 use raftmq_tests::Rng;
 use raftmq_tests::certs::Ca;
-use raftmq_tests::{RawClient, TIMEOUT, TestBroker, connect_packet, eventually, pid, wait_until};
+use raftmq_tests::{
+    RawClient, TIMEOUT, TestBroker, connect_packet, encode_all, eventually, pid, wait_until,
+};
 use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -556,13 +558,7 @@ where
 /// CONNECT split over two WebSocket messages, then two PINGREQ in one message, a subscription
 /// and QoS 1 both ways with a plain TCP client.
 async fn websocket_round_trip(mut ws: RawClient, tcp: SocketAddr, id: &str) {
-    let mut bytes = bytes::BytesMut::new();
-    raftmq_codec::encode(
-        &Packet::Connect(Box::new(connect_packet(V5, id, true))),
-        V5,
-        &mut bytes,
-    )
-    .expect("encode");
+    let bytes = connect_bytes(V5, id);
     let (a, b) = bytes.split_at(5);
     ws.send_bytes(a).await;
     ws.send_bytes(b).await;
@@ -659,15 +655,10 @@ async fn websocket_and_secure_websocket_clients_publish_and_subscribe() {
 // ---------------------------------------------------------------------------------------------
 // PROXY protocol
 
+/// A clean-start CONNECT for `version`, encoded.
 fn connect_bytes(version: ProtocolVersion, id: &str) -> Vec<u8> {
-    let mut out = bytes::BytesMut::new();
-    raftmq_codec::encode(
-        &Packet::Connect(Box::new(connect_packet(version, id, true))),
-        version,
-        &mut out,
-    )
-    .expect("encode");
-    out.to_vec()
+    let connect = Packet::Connect(Box::new(connect_packet(version, id, true)));
+    encode_all(&[connect], version)
 }
 
 #[tokio::test]
@@ -772,6 +763,20 @@ async fn connack_code(
     (c, ack.reason_code)
 }
 
+/// The CONNACK code an MQTT 5 client over WebSocket (to the listener at `addr`) gets.
+async fn ws_connack_code(addr: SocketAddr, id: &str) -> (RawClient, ReasonCode) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut ws = ws_client(tcp, &format!("ws://{addr}/mqtt"))
+        .await
+        .expect("ws");
+    ws.send(&Packet::Connect(Box::new(connect_packet(V5, id, true))))
+        .await;
+    match ws.recv().await {
+        Some(Packet::ConnAck(a)) => (ws, a.reason_code),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
 /// A broker with connection `limits` and default settings otherwise.
 async fn limited(limits: LimitsConfig) -> TestBroker {
     let listeners = ListenersConfig::default();
@@ -815,25 +820,11 @@ async fn connection_caps_refuse_with_quota_exceeded() {
         ReasonCode::SERVER_UNAVAILABLE
     );
     let ws_addr = tb.ws.expect("ws listener");
-    let tcp = TcpStream::connect(ws_addr).await.expect("connect");
-    let mut ws = ws_client(tcp, &format!("ws://{ws_addr}/mqtt"))
-        .await
-        .expect("ws");
-    ws.send(&Packet::Connect(Box::new(connect_packet(V5, "web", true))))
-        .await;
-    assert!(
-        matches!(ws.recv().await, Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::SUCCESS)
-    );
+    let (_ws, code) = ws_connack_code(ws_addr, "web").await;
+    assert_eq!(code, ReasonCode::SUCCESS);
     // The node is full: the last place on the WebSocket listener is refused too.
-    let tcp = TcpStream::connect(ws_addr).await.expect("connect");
-    let mut ws2 = ws_client(tcp, &format!("ws://{ws_addr}/mqtt"))
-        .await
-        .expect("ws");
-    ws2.send(&Packet::Connect(Box::new(connect_packet(V5, "web2", true))))
-        .await;
-    assert!(
-        matches!(ws2.recv().await, Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::QUOTA_EXCEEDED)
-    );
+    let (_ws2, code) = ws_connack_code(ws_addr, "web2").await;
+    assert_eq!(code, ReasonCode::QUOTA_EXCEEDED);
 
     // A closed connection frees its place.
     drop(first);

@@ -30,11 +30,26 @@ async fn start(id: u64, data_dir: &Path, seeds: &[String], env: &[(&str, &str)])
     Node::start(&spec).await
 }
 
+/// Starts node 1 alone in a new temporary directory with `env`.
+async fn single_node(env: &[(&str, &str)]) -> (tempfile::TempDir, Node) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start(1, &dir.path().join("data"), &[], env).await;
+    (dir, node)
+}
+
 /// An authorized admin call that must answer `expected`; returns the body.
 async fn api(node: &Node, method: &str, path: &str, body: Option<Value>, expected: u16) -> Value {
     let (code, v) = http_json(node.spec.http, method, path, Some(TOKEN), body.as_ref()).await;
     assert_eq!(code, expected, "{method} {path}: {v}");
     v
+}
+
+/// Kicks `client_id` and discards its session through the API; returns what the answer says:
+/// (session discarded, client disconnected).
+async fn kick_discarding(node: &Node, client_id: &str) -> (Value, Value) {
+    let path = format!("/api/v1/clients/{client_id}?discard_session=true");
+    let v = api(node, "DELETE", &path, None, 200).await;
+    (v["session_discarded"].clone(), v["disconnected"].clone())
 }
 
 /// The `error` of a JSON error answer.
@@ -93,14 +108,7 @@ fn text(b: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node = start(
-        1,
-        &dir.path().join("data"),
-        &[],
-        &[("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN)],
-    )
-    .await;
+    let (_dir, node) = single_node(&[("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN)]).await;
 
     // The token guards /api/v1, not the probes or the metrics.
     let (code, v) = http_json(node.spec.http, "GET", "/api/v1/clients", None, None).await;
@@ -280,34 +288,20 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
     .await;
     let v = api(&node, "DELETE", "/api/v1/clients/sub-1", None, 409).await;
     assert!(error_of(&v).contains("discard_session"), "{v}");
-    let v = api(
-        &node,
-        "DELETE",
-        "/api/v1/clients/sub-1?discard_session=true",
-        None,
-        200,
-    )
-    .await;
     assert_eq!(
-        (&v["session_discarded"], &v["disconnected"]),
-        (&json!(true), &json!(false))
+        kick_discarding(&node, "sub-1").await,
+        (json!(true), json!(false)),
+        "(session discarded, disconnected)"
     );
     api(&node, "GET", "/api/v1/clients/sub-1", None, 404).await;
 
     // Kicking with discard_session while connected: the client is told 0x98 too, and
     // reconnecting finds no session.
     let mut sub2 = persistent_subscriber(node.mqtt_addr(), "sub-2", "t/#").await;
-    let v = api(
-        &node,
-        "DELETE",
-        "/api/v1/clients/sub-2?discard_session=true",
-        None,
-        200,
-    )
-    .await;
     assert_eq!(
-        (&v["session_discarded"], &v["disconnected"]),
-        (&json!(true), &json!(true))
+        kick_discarding(&node, "sub-2").await,
+        (json!(true), json!(true)),
+        "(session discarded, disconnected)"
     );
     sub2.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION)
         .await;
@@ -467,16 +461,10 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node = start(
-        1,
-        &dir.path().join("data"),
-        &[],
-        &[
-            ("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN),
-            ("RAFTMQ_DRAIN__SERVER_REFERENCE", "other.example:1883"),
-        ],
-    )
+    let (_dir, node) = single_node(&[
+        ("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN),
+        ("RAFTMQ_DRAIN__SERVER_REFERENCE", "other.example:1883"),
+    ])
     .await;
     let url = node.spec.url();
     let with_token = [("RAFTMQ_ADMIN_TOKEN", TOKEN)];

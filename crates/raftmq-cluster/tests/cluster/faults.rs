@@ -10,11 +10,11 @@ async fn isolated_leader_is_replaced_refuses_writes_and_rejoins() {
     let all = cluster.ids.clone();
     let before = names("before", 20);
     cluster.write_majority(&all, &before).await;
-    let old = cluster.agreed_leader(&all, None).await;
+    let old = cluster.leader().await;
 
     // Cut the leader off: the other two elect a new leader among themselves.
     cluster.net.isolate(old, &all);
-    let majority: Vec<NodeId> = all.iter().copied().filter(|&n| n != old).collect();
+    let majority = without(&all, old);
     let new = cluster.agreed_leader(&majority, Some(old)).await;
     assert_ne!(new, old);
 
@@ -26,11 +26,9 @@ async fn isolated_leader_is_replaced_refuses_writes_and_rejoins() {
         vec![Err(DurabilityError::Unavailable); refused.len()],
         "every write through the cut-off leader is refused"
     );
-    eventually("isolated node not ready", Duration::from_secs(10), || {
-        let ready = cluster.node(old).is_ready();
-        async move { !ready }
-    })
-    .await;
+    cluster
+        .wait_ready(old, false, "isolated node not ready")
+        .await;
     let during = names("during", 20);
     cluster.write_majority(&majority, &during).await;
     let other = *majority.iter().find(|&&n| n != new).expect("a follower");
@@ -56,11 +54,9 @@ async fn isolated_leader_is_replaced_refuses_writes_and_rejoins() {
             "node {id} holds a write that was refused"
         );
     }
-    eventually("old leader ready again", Duration::from_secs(10), || {
-        let ready = cluster.node(old).is_ready();
-        async move { ready }
-    })
-    .await;
+    cluster
+        .wait_ready(old, true, "old leader ready again")
+        .await;
     let after = names("after", 5);
     cluster
         .write(old, &after)
@@ -76,11 +72,11 @@ async fn isolated_leader_is_replaced_refuses_writes_and_rejoins() {
 async fn minority_follower_refuses_and_majority_carries_on() {
     let cluster = Cluster::start(3, tuning(10_000, 1_000)).await;
     let all = cluster.ids.clone();
-    let leader = cluster.agreed_leader(&all, None).await;
-    let follower = *all.iter().find(|&&n| n != leader).expect("a follower");
+    let leader = cluster.leader().await;
+    let follower = without(&all, leader)[0];
 
     cluster.net.isolate(follower, &all);
-    let majority: Vec<NodeId> = all.iter().copied().filter(|&n| n != follower).collect();
+    let majority = without(&all, follower);
     let during = names("during", 30);
     cluster.write_majority(&majority, &during).await;
     assert_eq!(
@@ -88,15 +84,9 @@ async fn minority_follower_refuses_and_majority_carries_on() {
         Err(DurabilityError::Unavailable),
         "a node that cannot reach the leader must refuse durable writes"
     );
-    eventually(
-        "isolated follower not ready",
-        Duration::from_secs(10),
-        || {
-            let ready = cluster.node(follower).is_ready();
-            async move { !ready }
-        },
-    )
-    .await;
+    cluster
+        .wait_ready(follower, false, "isolated follower not ready")
+        .await;
 
     cluster.net.heal();
     let expected = set(&[&during]);
@@ -114,7 +104,7 @@ async fn slow_and_lossy_links_still_commit_everything_once() {
     cluster.net.drop_every(7);
     let mut written = Vec::new();
     for round in 0..5 {
-        let leader = cluster.agreed_leader(&all, None).await;
+        let leader = cluster.leader().await;
         let batch = names(&format!("lossy{round}"), 10);
         // A write may be refused while a lost heartbeat triggers an election; retry the
         // round (the same sessions: applying a session open twice is idempotent).
@@ -139,8 +129,8 @@ async fn lagging_node_catches_up_from_a_snapshot() {
     // can only catch up by installing a snapshot.
     let cluster = Cluster::start(3, tuning(20, 0)).await;
     let all = cluster.ids.clone();
-    let leader = cluster.agreed_leader(&all, None).await;
-    let lagging = *all.iter().find(|&&n| n != leader).expect("a follower");
+    let leader = cluster.leader().await;
+    let lagging = without(&all, leader)[0];
     let first = names("first", 5);
     cluster.write_majority(&all, &first).await;
     cluster.converged(&all, &set(&[&first])).await;
@@ -148,7 +138,7 @@ async fn lagging_node_catches_up_from_a_snapshot() {
     cluster.net.isolate(lagging, &all);
     // One log entry per write (sequential), well past two snapshots.
     let mut missed = Vec::new();
-    let majority: Vec<NodeId> = all.iter().copied().filter(|&n| n != lagging).collect();
+    let majority = without(&all, lagging);
     for i in 0..60 {
         let one = vec![format!("missed-{i}")];
         cluster.write_majority(&majority, &one).await;
@@ -197,11 +187,11 @@ async fn a_stopped_node_restarts_from_its_data_dir_and_catches_up() {
     let all = cluster.ids.clone();
     let before = names("before", 10);
     cluster.write_majority(&all, &before).await;
-    let leader = cluster.agreed_leader(&all, None).await;
+    let leader = cluster.leader().await;
 
     // Stop the leader itself; the survivors elect a new one and keep committing.
     cluster.stop(leader).await;
-    let survivors: Vec<NodeId> = all.iter().copied().filter(|&n| n != leader).collect();
+    let survivors = without(&all, leader);
     let new = cluster.agreed_leader(&survivors, Some(leader)).await;
     assert_ne!(new, leader);
     let during = names("during", 10);

@@ -375,6 +375,11 @@ impl Cluster {
             .expect("a follower")
     }
 
+    /// Waits until all nodes agree on a leader; returns it.
+    async fn leader(&self) -> NodeId {
+        self.agreed_leader(&self.ids, None).await
+    }
+
     /// Waits until the nodes in `among` agree on a leader that is one of them and not
     /// `excluded`; returns it.
     async fn agreed_leader(&self, among: &[NodeId], excluded: Option<NodeId>) -> NodeId {
@@ -475,6 +480,15 @@ impl Cluster {
         }
     }
 
+    /// Waits (up to 10 s) until node `id` reports ready (`want`) or not ready; `what` names it.
+    async fn wait_ready(&self, id: NodeId, want: bool, what: &str) {
+        eventually(what, Duration::from_secs(10), || {
+            let ready = self.node(id).is_ready();
+            async move { ready == want }
+        })
+        .await;
+    }
+
     /// Waits until every node has applied session `name`.
     async fn applied_everywhere(&self, name: &str) {
         let what = format!("every node has applied {name}");
@@ -513,6 +527,11 @@ fn session(name: &str) -> StateChange {
         expiry_secs: 3600,
         will: None,
     }
+}
+
+/// `all` but `node`.
+fn without(all: &[NodeId], node: NodeId) -> Vec<NodeId> {
+    all.iter().copied().filter(|&n| n != node).collect()
 }
 
 fn names(prefix: &str, n: usize) -> Vec<String> {

@@ -26,6 +26,30 @@ fn propose_request(name: &str) -> ProposeRequest {
     }
 }
 
+/// Commits session `name` through a follower (which forwards it to the leader) and waits until
+/// every node has applied it; returns the follower.
+async fn commit_via_follower(cluster: &Cluster, name: &str) -> NodeId {
+    let via = cluster.follower();
+    let commit = cluster.node(via).durability.propose(vec![session(name)]);
+    tokio::time::timeout(CALL_TIMEOUT, commit)
+        .await
+        .expect("the write finishes in time")
+        .expect("the write commits");
+    cluster.applied_everywhere(name).await;
+    via
+}
+
+/// Asserts a proposal of session `name` through `client` fails (within [`CALL_TIMEOUT`]).
+async fn assert_refused(mut client: ClusterServiceClient<tonic::transport::Channel>, name: &str) {
+    let result = tokio::time::timeout(CALL_TIMEOUT, client.propose(propose_request(name)))
+        .await
+        .unwrap_or_else(|_| panic!("the refused call for {name} did not end in time"));
+    assert!(
+        result.is_err(),
+        "the proposal of {name} was answered: {result:?}"
+    );
+}
+
 /// Peer credentials made from a node's certificates.
 fn peer_tls(pem: &ClusterTlsPem) -> ClusterTls {
     ClusterTls::from_pem(&pem.cert, &pem.key, &pem.ca)
@@ -37,18 +61,7 @@ async fn mtls_cluster_forms_and_commits_through_a_follower() {
     let cluster = Cluster::start_mtls(&ca).await;
     // A write through a follower is forwarded to the leader (ClusterService.Propose over mTLS),
     // then replicated (AppendEntries over mTLS).
-    let via = cluster.follower();
-    tokio::time::timeout(
-        CALL_TIMEOUT,
-        cluster
-            .node(via)
-            .durability
-            .propose(vec![session("over-mtls")]),
-    )
-    .await
-    .expect("the write finishes in time")
-    .expect("the write commits");
-    cluster.applied_everywhere("over-mtls").await;
+    let via = commit_via_follower(&cluster, "over-mtls").await;
 
     // A peer's own credentials work directly against the leader's port as well.
     let leader = cluster.leader_of(1).expect("leader");
@@ -119,21 +132,11 @@ async fn node_with_a_certificate_from_another_ca_cannot_join_or_propose() {
     // Nor can it inject anything through a member's cluster port.
     let rogue_tls = peer_tls(&pem);
     for addr in cluster.addrs.values() {
-        let mut client = cluster_client(addr, Some(&rogue_tls)).expect("client");
-        let result = tokio::time::timeout(CALL_TIMEOUT, client.propose(propose_request("rogue")))
-            .await
-            .expect("the refused call ends in time");
-        assert!(result.is_err(), "a rogue proposal was answered: {result:?}");
+        let client = cluster_client(addr, Some(&rogue_tls)).expect("client");
+        assert_refused(client, "rogue").await;
     }
     // The cluster still works, and has nothing from the rogue node.
-    let via = cluster.follower();
-    cluster
-        .node(via)
-        .durability
-        .propose(vec![session("after-rogue")])
-        .await
-        .expect("the cluster still commits");
-    cluster.applied_everywhere("after-rogue").await;
+    commit_via_follower(&cluster, "after-rogue").await;
     for id in &cluster.ids {
         assert!(!cluster.sessions(*id).contains("rogue"));
     }
@@ -149,14 +152,8 @@ async fn clients_without_a_certificate_cannot_call_the_cluster_port() {
     let addr = cluster.addrs[&leader].clone();
 
     // Plain gRPC (no TLS) to an mTLS cluster port.
-    let mut plain = cluster_client(&addr, None).expect("client");
-    let result = tokio::time::timeout(CALL_TIMEOUT, plain.propose(propose_request("plain")))
-        .await
-        .expect("the plain call ends in time");
-    assert!(
-        result.is_err(),
-        "a plaintext proposal was answered: {result:?}"
-    );
+    let plain = cluster_client(&addr, None).expect("client");
+    assert_refused(plain, "plain").await;
 
     // TLS that verifies the server but presents no client certificate.
     let channel = Endpoint::from_shared(format!("https://{addr}"))
@@ -164,24 +161,10 @@ async fn clients_without_a_certificate_cannot_call_the_cluster_port() {
         .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem())))
         .expect("TLS config")
         .connect_lazy();
-    let mut anonymous = ClusterServiceClient::new(channel);
-    let result = tokio::time::timeout(CALL_TIMEOUT, anonymous.propose(propose_request("no-cert")))
-        .await
-        .expect("the call without a certificate ends in time");
-    assert!(
-        result.is_err(),
-        "a proposal without a client certificate was answered: {result:?}"
-    );
+    assert_refused(ClusterServiceClient::new(channel), "no-cert").await;
 
     // Neither reached the state.
-    let via = cluster.follower();
-    cluster
-        .node(via)
-        .durability
-        .propose(vec![session("marker")])
-        .await
-        .expect("the cluster commits");
-    cluster.applied_everywhere("marker").await;
+    commit_via_follower(&cluster, "marker").await;
     for id in &cluster.ids {
         let s = cluster.sessions(*id);
         assert!(!s.contains("plain") && !s.contains("no-cert"), "{s:?}");

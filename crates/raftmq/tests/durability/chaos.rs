@@ -6,6 +6,8 @@
 use super::*;
 use raftmq_codec::PacketId;
 use raftmq_tests::process::cluster_views;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// [`wait_converged`], printing the nodes' logs if they do not converge.
 async fn converged_or_logs(ports: &[u16], specs: &[NodeSpec], nodes: &mut [Option<Node>]) -> u64 {
@@ -62,7 +64,9 @@ struct ChaosState {
     subscriber_reconnects: u32,
 }
 
-type Shared = std::sync::Arc<std::sync::Mutex<ChaosState>>;
+type Shared = Arc<std::sync::Mutex<ChaosState>>;
+/// Set when the load (or the subscribers) should stop.
+type Stop = Arc<AtomicBool>;
 
 fn lock(s: &Shared) -> std::sync::MutexGuard<'_, ChaosState> {
     s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -70,12 +74,7 @@ fn lock(s: &Shared) -> std::sync::MutexGuard<'_, ChaosState> {
 
 /// Publishes msg-0, msg-1, ... (QoS 1, one at a time) until `stop`, moving to the next node
 /// whenever a publish is not acknowledged; an unacknowledged number is retried.
-async fn chaos_publisher(
-    addrs: Vec<SocketAddr>,
-    state: Shared,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) {
-    use std::sync::atomic::Ordering;
+async fn chaos_publisher(addrs: Vec<SocketAddr>, state: Shared, stop: Stop) {
     let mut n = 0u32;
     let mut node = 0usize;
     'outer: while !stop.load(Ordering::Relaxed) {
@@ -110,12 +109,7 @@ async fn chaos_publisher(
 /// `stop`. On a reconnect (to the next node) it resumes the exchange in flight as MQTT requires:
 /// PUBLISH again with DUP and the same packet id before PUBREC, PUBREL after it. A message
 /// counts as acknowledged at PUBREC.
-async fn chaos_publisher_qos2(
-    addrs: Vec<SocketAddr>,
-    state: Shared,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) {
-    use std::sync::atomic::Ordering;
+async fn chaos_publisher_qos2(addrs: Vec<SocketAddr>, state: Shared, stop: Stop) {
     let mut n = 0u32;
     let mut node = 1usize;
     let mut connected_before = false;
@@ -203,9 +197,8 @@ async fn chaos_subscriber(
     addrs: Vec<SocketAddr>,
     first: usize,
     state: Shared,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Stop,
 ) {
-    use std::sync::atomic::Ordering;
     let mut node = first;
     // QoS 2 packet ids received and not yet released: a PUBLISH with one of them is the same
     // message again (client-side session state, kept across reconnections).
@@ -274,10 +267,22 @@ async fn chaos_subscriber(
     }
 }
 
+/// Prints what subscriber `id` got at `qos` against what was acknowledged; returns the
+/// distinct numbers it got.
+fn report(id: &str, qos: &str, acked: &BTreeSet<u32>, got: &[u32]) -> BTreeSet<u32> {
+    let distinct: BTreeSet<u32> = got.iter().copied().collect();
+    println!(
+        "chaos {id} {qos}: {} acknowledged, {} received ({} distinct, {} duplicates), 0 missing",
+        acked.len(),
+        got.len(),
+        distinct.len(),
+        got.len() - distinct.len()
+    );
+    distinct
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothing_acknowledged() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let chaos_secs: u64 = std::env::var("RAFTMQ_CHAOS_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -426,24 +431,9 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     }
     let st = lock(&state);
     for id in subs {
-        let got = &st.received[id];
-        let distinct: BTreeSet<u32> = got.iter().copied().collect();
-        println!(
-            "chaos {id} QoS 1: {} acknowledged, {} received ({} distinct, {} duplicates), 0 missing",
-            acked.len(),
-            got.len(),
-            distinct.len(),
-            got.len() - distinct.len()
-        );
+        report(id, "QoS 1", &acked, &st.received[id]);
         let got = &st.received_q2[id];
-        let distinct: BTreeSet<u32> = got.iter().copied().collect();
-        println!(
-            "chaos {id} QoS 2: {} acknowledged, {} received ({} distinct, {} duplicates), 0 missing",
-            acked_q2.len(),
-            got.len(),
-            distinct.len(),
-            got.len() - distinct.len()
-        );
+        let distinct = report(id, "QoS 2", &acked_q2, got);
         assert_eq!(
             got.len(),
             distinct.len(),

@@ -14,8 +14,7 @@ async fn cluster_keeps_acknowledged_messages_when_the_leader_and_then_the_client
 
     let (mut sub, _) = connected(addr, "cluster-sub", true).await;
     sub.subscribe("orders/#", QoS::AtLeastOnce).await;
-    sub.send(&Packet::Disconnect(Default::default())).await;
-    drop(sub);
+    go_offline(sub).await;
 
     let mut acked = publish_acked(addr, 0, 150, deadline).await;
     // kill -9 the leader under load, keep publishing through the election, restart it.
@@ -67,15 +66,11 @@ async fn messages_for_a_session_on_another_node_survive_that_node() {
     assert_eq!(receive_all(&mut on_b, &expected).await, expected);
 
     // Offline on B; published on A (acknowledged); B dies; the client comes back on C.
-    on_b.send(&Packet::Disconnect(Default::default())).await;
-    drop(on_b);
+    go_offline(on_b).await;
     converged(&specs).await;
     publish_each(a, "alerts/queued", 110..130, false).await;
     kill9(&mut nodes, 1);
-    let (mut on_c, present) = connected(c, "remote-sub", false).await;
-    assert!(present, "the session survives its node");
-    let expected: BTreeSet<u32> = (110..130).collect();
-    assert_eq!(receive_all(&mut on_c, &expected).await, expected);
+    resume_and_receive(c, "remote-sub", 110..130, "the session survives its node").await;
     println!(
         "published on A, subscriber's node B killed: 20 of 20 acknowledged messages delivered on C"
     );

@@ -365,3 +365,17 @@ async fn expect_sent_elsewhere(c: &mut RawClient, others: &[&NodeSpec], wait: Du
         "{reference} is not another member's MQTT address ({addrs:?})"
     );
 }
+
+/// Ends `client`'s connection with a normal DISCONNECT: a persistent session stays, offline.
+async fn go_offline(mut client: RawClient) {
+    client.send(&Packet::Disconnect(Default::default())).await;
+}
+
+/// Resumes the persistent session `id` on `addr` (`what`: why it must be there) and receives
+/// exactly the messages `range` (acknowledging them).
+async fn resume_and_receive(addr: SocketAddr, id: &str, range: std::ops::Range<u32>, what: &str) {
+    let (mut c, present) = connected(addr, id, false).await;
+    assert!(present, "{what}");
+    let expected: BTreeSet<u32> = range.collect();
+    assert_eq!(receive_all(&mut c, &expected).await, expected);
+}

@@ -13,8 +13,7 @@ async fn single_node_acknowledged_state_survives_kill_9() {
     let (mut sub, present) = connected(spec.mqtt_addr(), "durable-sub", true).await;
     assert!(!present);
     sub.subscribe("orders/#", QoS::AtLeastOnce).await;
-    sub.send(&Packet::Disconnect(Default::default())).await;
-    drop(sub);
+    go_offline(sub).await;
     let (mut publ, _) = connected(spec.mqtt_addr(), "publisher", true).await;
     for n in 1..=N {
         publ.send(&publish("orders/new", n as u16, format!("msg-{n}"), false))
@@ -66,8 +65,7 @@ async fn whole_cluster_cold_restart_recovers_without_an_operator() {
     let addr = specs[2].mqtt_addr();
     let (mut sub, _) = connected(addr, "cold-sub", true).await;
     sub.subscribe("orders/#", QoS::AtLeastOnce).await;
-    sub.send(&Packet::Disconnect(Default::default())).await;
-    drop(sub);
+    go_offline(sub).await;
     let acked = publish_acked(addr, 0, 50, Instant::now() + Duration::from_secs(60)).await;
     // Every node killed at once, then all started again with their data dirs.
     for n in nodes.iter_mut() {

@@ -35,13 +35,9 @@ async fn sessions_move_between_nodes_and_retained_messages_are_served_everywhere
     assert_eq!(receive_all(&mut on_b, &expected).await, expected);
 
     // Offline on B: messages queue for the session; it comes back through C and gets them.
-    on_b.send(&Packet::Disconnect(Default::default())).await;
-    drop(on_b);
+    go_offline(on_b).await;
     publish_each(b, "jobs/later", 20..30, false).await;
-    let (mut on_c, present) = connected(c, "mover", false).await;
-    assert!(present, "the session is resumed on C");
-    let expected: BTreeSet<u32> = (20..30).collect();
-    assert_eq!(receive_all(&mut on_c, &expected).await, expected);
+    resume_and_receive(c, "mover", 20..30, "the session is resumed on C").await;
     println!(
         "session moved A → B → C; 10 live and 10 queued messages delivered, retained seen on 3 nodes"
     );
