@@ -59,6 +59,17 @@ async fn connect_as(
     (client, ack.reason_code)
 }
 
+/// A broker with `mqtt` settings and a client `id` connected to it.
+async fn broker_and_client(
+    mqtt: MqttConfig,
+    version: ProtocolVersion,
+    id: &str,
+) -> (TestBroker, RawClient) {
+    let b = TestBroker::with_config(mqtt).await;
+    let c = RawClient::connected(b.mqtt, version, id).await;
+    (b, c)
+}
+
 async fn subscribe_codes(c: &mut RawClient, filters: &[(&str, QoS)]) -> Vec<ReasonCode> {
     c.send(&Packet::Subscribe(Subscribe {
         packet_id: pid(7),
@@ -443,8 +454,7 @@ async fn publish_rate_limit_disconnects_with_0x96() {
         ..MqttConfig::default()
     };
     for version in [V5, V3] {
-        let b = TestBroker::with_config(mqtt.clone()).await;
-        let mut c = RawClient::connected(b.mqtt, version, "fast").await;
+        let (b, mut c) = broker_and_client(mqtt.clone(), version, "fast").await;
         // Ten PUBLISH in one write: the broker sees them within microseconds, so the bucket
         // (5 a second, full at connect) cannot refill in between.
         let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, b"x"));
@@ -460,8 +470,7 @@ async fn publish_bandwidth_limit_disconnects_with_0x97() {
         max_publish_bandwidth: ByteSize(1000),
         ..MqttConfig::default()
     };
-    let b = TestBroker::with_config(mqtt).await;
-    let mut c = RawClient::connected(b.mqtt, V5, "big").await;
+    let (b, mut c) = broker_and_client(mqtt, V5, "big").await;
     // Two 600-byte PUBLISH in one write: 1000 bytes a second cannot refill 200 in between.
     let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, &[0; 600]));
     c.send_bytes(&encode_all(&[p.clone(), p], V5)).await;
@@ -482,8 +491,7 @@ async fn topic_and_subscription_limits_have_their_reason_codes() {
         max_subscriptions_per_client: 2,
         ..MqttConfig::default()
     };
-    let b = TestBroker::with_config(mqtt).await;
-    let mut c = RawClient::connected(b.mqtt, V5, "t").await;
+    let (b, mut c) = broker_and_client(mqtt, V5, "t").await;
     assert_eq!(
         puback_code(&mut c, "a/b/c/d", 1).await,
         ReasonCode::TOPIC_NAME_INVALID
@@ -527,8 +535,7 @@ async fn retained_bytes_limit_skips_storing_but_still_delivers() {
         max_retained_bytes: ByteSize(10),
         ..MqttConfig::default()
     };
-    let b = TestBroker::with_config(mqtt).await;
-    let mut sub = RawClient::connected(b.mqtt, V5, "sub").await;
+    let (b, mut sub) = broker_and_client(mqtt, V5, "sub").await;
     sub.subscribe("r/#", QoS::AtMostOnce).await;
     let mut c = RawClient::connected(b.mqtt, V5, "pub").await;
     let retained = |topic: &str, payload: &[u8], id| {

@@ -129,6 +129,14 @@ fn tls_settings(
     }
 }
 
+/// A server certificate for `localhost` from `ca` in files, and TLS settings serving it that
+/// ask for no client certificate.
+fn server_tls(ca: &Ca) -> (TlsFiles, TlsConfig) {
+    let files = tls_files(&leaf(ca, "broker", None, Role::Server), ca);
+    let tls = tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn);
+    (files, tls)
+}
+
 fn client_config(
     trust: &Ca,
     cert: Option<&Leaf>,
@@ -249,12 +257,19 @@ async fn broker_full(
     (tb, recorder)
 }
 
-fn tls_listeners() -> ListenersConfig {
+/// The listeners of `kinds` besides the plain TCP one, on ephemeral ports.
+fn listening(kinds: &[ListenerKind]) -> ListenersConfig {
+    let on = |kind| kinds.contains(&kind).then_some(ANY);
     ListenersConfig {
-        tls: Some(ANY),
-        wss: Some(ANY),
+        tls: on(ListenerKind::Tls),
+        ws: on(ListenerKind::Ws),
+        wss: on(ListenerKind::Wss),
         ..ListenersConfig::default()
     }
+}
+
+fn tls_listeners() -> ListenersConfig {
+    listening(&[ListenerKind::Tls, ListenerKind::Wss])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -263,9 +278,7 @@ fn tls_listeners() -> ListenersConfig {
 #[tokio::test]
 async fn tls_listener_serves_mqtt_over_tls_1_2_and_1_3() {
     let ca = Ca::new("test CA");
-    let server = leaf(&ca, "broker", None, Role::Server);
-    let files = tls_files(&server, &ca);
-    let tls = tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn);
+    let (_files, tls) = server_tls(&ca);
     let (tb, _) = broker_with(tls_listeners(), Some(tls.clone())).await;
     let addr = tb.tls.expect("tls listener");
 
@@ -592,14 +605,8 @@ async fn websocket_round_trip(mut ws: RawClient, tcp: SocketAddr, id: &str) {
 #[tokio::test]
 async fn websocket_and_secure_websocket_clients_publish_and_subscribe() {
     let ca = Ca::new("test CA");
-    let server = leaf(&ca, "broker", None, Role::Server);
-    let files = tls_files(&server, &ca);
-    let listeners = ListenersConfig {
-        ws: Some(ANY),
-        wss: Some(ANY),
-        ..ListenersConfig::default()
-    };
-    let tls = tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn);
+    let (_files, tls) = server_tls(&ca);
+    let listeners = listening(&[ListenerKind::Ws, ListenerKind::Wss]);
     let (tb, _) = broker_with(listeners, Some(tls)).await;
     let ws_addr = tb.ws.expect("ws listener");
     let wss_addr = tb.wss.expect("wss listener");
@@ -785,6 +792,14 @@ async fn limited(limits: LimitsConfig) -> TestBroker {
         .0
 }
 
+/// An MQTT 5 client `id` is refused with `code`, an MQTT 3.1.1 one with 0x03 Server
+/// unavailable (3.1.1 has no finer code).
+async fn assert_refused(addr: SocketAddr, id: &str, code: ReasonCode) {
+    assert_eq!(connack_code(addr, V5, id).await.1, code);
+    let v3 = connack_code(addr, V311, &format!("{id}-v3")).await.1;
+    assert_eq!(v3, ReasonCode::SERVER_UNAVAILABLE);
+}
+
 /// Connects MQTT 5 clients `id` until one gets CONNACK `code` (a limit that frees or fills up
 /// in the background).
 async fn wait_connack(addr: SocketAddr, id: &str, code: ReasonCode) {
@@ -803,22 +818,12 @@ async fn connection_caps_refuse_with_quota_exceeded() {
         max_connections_per_listener: 1,
         ..LimitsConfig::default()
     };
-    let listeners = ListenersConfig {
-        ws: Some(ANY),
-        ..ListenersConfig::default()
-    };
+    let listeners = listening(&[ListenerKind::Ws]);
     let (tb, _) = broker_full(listeners, None, limits, MqttConfig::default()).await;
     let (first, code) = connack_code(tb.mqtt, V5, "first").await;
     assert_eq!(code, ReasonCode::SUCCESS);
     // The TCP listener is full; the WebSocket one is not.
-    assert_eq!(
-        connack_code(tb.mqtt, V5, "second").await.1,
-        ReasonCode::QUOTA_EXCEEDED
-    );
-    assert_eq!(
-        connack_code(tb.mqtt, V311, "second-v3").await.1,
-        ReasonCode::SERVER_UNAVAILABLE
-    );
+    assert_refused(tb.mqtt, "second", ReasonCode::QUOTA_EXCEEDED).await;
     let ws_addr = tb.ws.expect("ws listener");
     let (_ws, code) = ws_connack_code(ws_addr, "web").await;
     assert_eq!(code, ReasonCode::SUCCESS);
@@ -858,14 +863,7 @@ async fn overload_refuses_with_server_busy() {
         ..LimitsConfig::default()
     };
     let tb = limited(limits).await;
-    assert_eq!(
-        connack_code(tb.mqtt, V5, "m").await.1,
-        ReasonCode::SERVER_BUSY
-    );
-    assert_eq!(
-        connack_code(tb.mqtt, V311, "m3").await.1,
-        ReasonCode::SERVER_UNAVAILABLE
-    );
+    assert_refused(tb.mqtt, "m", ReasonCode::SERVER_BUSY).await;
     tb.stop().await;
 
     // Queued messages: an offline persistent session collects more than the threshold.
@@ -1064,13 +1062,8 @@ async fn malformed_packet_flood_does_not_disturb_well_behaved_clients() {
     const MESSAGES: u16 = 250;
     let started = Instant::now();
     let ca = Ca::new("test CA");
-    let files = tls_files(&leaf(&ca, "broker", None, Role::Server), &ca);
-    let listeners = ListenersConfig {
-        tls: Some(ANY),
-        ws: Some(ANY),
-        ..ListenersConfig::default()
-    };
-    let tls = tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn);
+    let (_files, tls) = server_tls(&ca);
+    let listeners = listening(&[ListenerKind::Tls, ListenerKind::Ws]);
     let (tb, _) = broker_with(listeners, Some(tls)).await;
     let addr = tb.mqtt;
     let targets = Targets {

@@ -4,7 +4,7 @@
 //! a running broker, and membership changes with two processes.
 
 use raftmq_codec::{Disconnect, Packet, ProtocolVersion, PubResponse, QoS, ReasonCode};
-use raftmq_tests::process::{Node, NodeSpec, START_TIMEOUT, http_json, voters};
+use raftmq_tests::process::{Node, NodeSpec, START_TIMEOUT, http_get, http_json, voters};
 use raftmq_tests::{RawClient, connect_packet, connect_v5, free_port, poll, publish_packet};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -90,6 +90,12 @@ async fn ctl(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("ctl thread")
 }
 
+/// The node drains: it reports not ready and its MQTT listener is (or soon is) closed.
+async fn assert_draining(node: &Node) {
+    assert_eq!(http_get(node.spec.http, "/readyz").await.0, 503);
+    wait_refused(node.mqtt_addr()).await;
+}
+
 /// Waits (bounded) until connections to `addr` are refused: the listener is closed.
 async fn wait_refused(addr: SocketAddr) {
     let what = format!("{addr} refuses connections");
@@ -100,6 +106,14 @@ async fn wait_refused(addr: SocketAddr) {
         }
     })
     .await;
+}
+
+/// Runs `raftmq ctl` with `args` and `env`, which must fail saying each of `says` on stderr.
+async fn ctl_fails(args: &[&str], env: &[(&str, &str)], says: &[&str]) {
+    let out = ctl(args, env).await;
+    assert_ne!(out.status.code(), Some(0));
+    let stderr = text(&out.stderr);
+    assert!(says.iter().all(|s| stderr.contains(s)), "{stderr}");
 }
 
 fn text(b: &[u8]) -> String {
@@ -407,13 +421,7 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
     assert_eq!(v3.expect_closed().await, []);
 
     // Not ready, new connections refused, the drain reports complete.
-    assert_eq!(
-        http_json(node.spec.http, "GET", "/readyz", None, None)
-            .await
-            .0,
-        503
-    );
-    wait_refused(node.mqtt_addr()).await;
+    assert_draining(&node).await;
     let v = poll(
         "the drain is complete",
         WAIT,
@@ -470,35 +478,19 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
     let with_token = [("RAFTMQ_ADMIN_TOKEN", TOKEN)];
 
     // Errors say what is wrong and exit non-zero.
-    let out = ctl(&["--url", &url, "cluster", "status"], &[]).await;
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        text(&out.stderr).contains("token is missing"),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = ctl(
-        &["--url", &url, "--token", "nope", "cluster", "status"],
+    let status = ["--url", &url, "cluster", "status"];
+    ctl_fails(&status, &[], &["token is missing"]).await;
+    let wrong_token = ["--url", &url, "--token", "nope", "cluster", "status"];
+    ctl_fails(&wrong_token, &[], &["token was refused"]).await;
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    ctl_fails(
+        &["--url", &closed, "cluster", "status"],
         &[],
+        &[closed.as_str()],
     )
     .await;
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        text(&out.stderr).contains("token was refused"),
-        "{}",
-        text(&out.stderr)
-    );
-    let closed = format!("http://127.0.0.1:{}", free_port());
-    let out = ctl(&["--url", &closed, "cluster", "status"], &[]).await;
-    assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains(&closed), "{}", text(&out.stderr));
-    let out = ctl(&["--url", &url, "clients", "show", "nobody"], &with_token).await;
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        text(&out.stderr).contains("404") && text(&out.stderr).contains("no client `nobody`"),
-        "{}",
-        text(&out.stderr)
-    );
+    let show = ["--url", &url, "clients", "show", "nobody"];
+    ctl_fails(&show, &with_token, &["404", "no client `nobody`"]).await;
 
     // Status (table and JSON); the server's own variable is a fallback for the token.
     let out = ctl(
@@ -587,13 +579,7 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
         }
         other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
     }
-    assert_eq!(
-        http_json(node.spec.http, "GET", "/readyz", None, None)
-            .await
-            .0,
-        503
-    );
-    wait_refused(node.mqtt_addr()).await;
+    assert_draining(&node).await;
 }
 
 /// Waits until `node` sees exactly the voters `expected`.
@@ -649,12 +635,7 @@ async fn membership_is_changed_through_the_admin_api_and_ctl() {
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     wait_voters(&n1, &[1, 2]).await;
-    let out = ctl(&["--url", &n1.spec.url(), "cluster", "remove", "9"], &[]).await;
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        text(&out.stderr).contains("not a member"),
-        "{}",
-        text(&out.stderr)
-    );
+    let remove = ["--url", &n1.spec.url(), "cluster", "remove", "9"];
+    ctl_fails(&remove, &[], &["not a member"]).await;
     drop(n2);
 }

@@ -7,14 +7,13 @@ use super::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn isolated_leader_is_replaced_refuses_writes_and_rejoins() {
     let cluster = Cluster::start(3, tuning(10_000, 1_000)).await;
-    let all = cluster.ids.clone();
     let before = names("before", 20);
-    cluster.write_majority(&all, &before).await;
+    cluster.write_majority(&cluster.ids, &before).await;
     let old = cluster.leader().await;
 
     // Cut the leader off: the other two elect a new leader among themselves.
-    cluster.net.isolate(old, &all);
-    let majority = without(&all, old);
+    cluster.net.isolate(old, &cluster.ids);
+    let majority = without(&cluster.ids, old);
     let new = cluster.agreed_leader(&majority, Some(old)).await;
     assert_ne!(new, old);
 
@@ -44,10 +43,10 @@ async fn isolated_leader_is_replaced_refuses_writes_and_rejoins() {
 
     // Heal: the old leader steps down, catches up, and everyone has the same state, without
     // the refused writes.
-    cluster.net.heal();
-    let expected = set(&[&before, &during, &via_follower]);
-    cluster.converged(&all, &expected).await;
-    for id in &all {
+    cluster
+        .heal_and_converge(&set(&[&before, &during, &via_follower]))
+        .await;
+    for id in &cluster.ids {
         let sessions = cluster.sessions(*id);
         assert!(
             refused.iter().all(|r| !sessions.contains(r)),
@@ -63,7 +62,10 @@ async fn isolated_leader_is_replaced_refuses_writes_and_rejoins() {
         .await
         .expect("the healed node commits again");
     cluster
-        .converged(&all, &set(&[&before, &during, &via_follower, &after]))
+        .converged(
+            &cluster.ids,
+            &set(&[&before, &during, &via_follower, &after]),
+        )
         .await;
     cluster.shutdown().await;
 }
@@ -71,12 +73,10 @@ async fn isolated_leader_is_replaced_refuses_writes_and_rejoins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn minority_follower_refuses_and_majority_carries_on() {
     let cluster = Cluster::start(3, tuning(10_000, 1_000)).await;
-    let all = cluster.ids.clone();
-    let leader = cluster.leader().await;
-    let follower = without(&all, leader)[0];
+    let follower = cluster.follower().await;
 
-    cluster.net.isolate(follower, &all);
-    let majority = without(&all, follower);
+    cluster.net.isolate(follower, &cluster.ids);
+    let majority = without(&cluster.ids, follower);
     let during = names("during", 30);
     cluster.write_majority(&majority, &during).await;
     assert_eq!(
@@ -88,19 +88,18 @@ async fn minority_follower_refuses_and_majority_carries_on() {
         .wait_ready(follower, false, "isolated follower not ready")
         .await;
 
-    cluster.net.heal();
-    let expected = set(&[&during]);
-    cluster.converged(&all, &expected).await;
+    cluster.heal_and_converge(&set(&[&during])).await;
     cluster.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_and_lossy_links_still_commit_everything_once() {
     let cluster = Cluster::start(3, tuning(10_000, 1_000)).await;
-    let all = cluster.ids.clone();
     // 20 ms each way between nodes and one message in seven lost: openraft retries, nothing
     // acknowledged is lost, nothing is applied twice.
-    cluster.net.delay_all(&all, Duration::from_millis(20));
+    cluster
+        .net
+        .delay_all(&cluster.ids, Duration::from_millis(20));
     cluster.net.drop_every(7);
     let mut written = Vec::new();
     for round in 0..5 {
@@ -118,8 +117,7 @@ async fn slow_and_lossy_links_still_commit_everything_once() {
         assert!(ok, "round {round} never committed over a lossy network");
         written.extend(batch);
     }
-    cluster.net.heal();
-    cluster.converged(&all, &set(&[&written])).await;
+    cluster.heal_and_converge(&set(&[&written])).await;
     cluster.shutdown().await;
 }
 
@@ -128,17 +126,15 @@ async fn lagging_node_catches_up_from_a_snapshot() {
     // Snapshot every 20 entries and keep no log behind it: a node that misses more than that
     // can only catch up by installing a snapshot.
     let cluster = Cluster::start(3, tuning(20, 0)).await;
-    let all = cluster.ids.clone();
-    let leader = cluster.leader().await;
-    let lagging = without(&all, leader)[0];
+    let lagging = cluster.follower().await;
     let first = names("first", 5);
-    cluster.write_majority(&all, &first).await;
-    cluster.converged(&all, &set(&[&first])).await;
+    cluster.write_majority(&cluster.ids, &first).await;
+    cluster.converged(&cluster.ids, &set(&[&first])).await;
 
-    cluster.net.isolate(lagging, &all);
+    cluster.net.isolate(lagging, &cluster.ids);
     // One log entry per write (sequential), well past two snapshots.
     let mut missed = Vec::new();
-    let majority = without(&all, lagging);
+    let majority = without(&cluster.ids, lagging);
     for i in 0..60 {
         let one = vec![format!("missed-{i}")];
         cluster.write_majority(&majority, &one).await;
@@ -169,9 +165,7 @@ async fn lagging_node_catches_up_from_a_snapshot() {
         "the lagging node ({lagging_applied}) must be behind the purged log ({purged})"
     );
 
-    cluster.net.heal();
-    let expected = set(&[&first, &missed]);
-    cluster.converged(&all, &expected).await;
+    cluster.heal_and_converge(&set(&[&first, &missed])).await;
     let snapshot = cluster.node(lagging).raft.metrics().borrow().snapshot;
     assert!(
         snapshot.is_some_and(|s| s.index >= purged),
@@ -184,20 +178,21 @@ async fn lagging_node_catches_up_from_a_snapshot() {
 async fn a_stopped_node_restarts_from_its_data_dir_and_catches_up() {
     let tuning = tuning(10_000, 1_000);
     let mut cluster = Cluster::start(3, tuning).await;
-    let all = cluster.ids.clone();
     let before = names("before", 10);
-    cluster.write_majority(&all, &before).await;
+    cluster.write_majority(&cluster.ids, &before).await;
     let leader = cluster.leader().await;
 
     // Stop the leader itself; the survivors elect a new one and keep committing.
     cluster.stop(leader).await;
-    let survivors = without(&all, leader);
+    let survivors = without(&cluster.ids, leader);
     let new = cluster.agreed_leader(&survivors, Some(leader)).await;
     assert_ne!(new, leader);
     let during = names("during", 10);
     cluster.write_majority(&survivors, &during).await;
 
     cluster.boot(leader, tuning).await;
-    cluster.converged(&all, &set(&[&before, &during])).await;
+    cluster
+        .converged(&cluster.ids, &set(&[&before, &during]))
+        .await;
     cluster.shutdown().await;
 }

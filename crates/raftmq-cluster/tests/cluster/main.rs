@@ -365,14 +365,9 @@ impl Cluster {
         self.node(id).raft.metrics().borrow().current_leader
     }
 
-    /// A node that is not the leader node 1 knows.
-    fn follower(&self) -> NodeId {
-        let leader = self.leader_of(1);
-        *self
-            .ids
-            .iter()
-            .find(|id| Some(**id) != leader)
-            .expect("a follower")
+    /// Waits until all nodes agree on a leader; returns the first node that is not it.
+    async fn follower(&self) -> NodeId {
+        without(&self.ids, self.leader().await)[0]
     }
 
     /// Waits until all nodes agree on a leader; returns it.
@@ -487,6 +482,12 @@ impl Cluster {
             async move { ready == want }
         })
         .await;
+    }
+
+    /// Heals the network and waits until every node has exactly the sessions `expected`.
+    async fn heal_and_converge(&self, expected: &BTreeSet<String>) {
+        self.net.heal();
+        self.converged(&self.ids, expected).await;
     }
 
     /// Waits until every node has applied session `name`.

@@ -29,7 +29,7 @@ fn propose_request(name: &str) -> ProposeRequest {
 /// Commits session `name` through a follower (which forwards it to the leader) and waits until
 /// every node has applied it; returns the follower.
 async fn commit_via_follower(cluster: &Cluster, name: &str) -> NodeId {
-    let via = cluster.follower();
+    let via = cluster.follower().await;
     let commit = cluster.node(via).durability.propose(vec![session(name)]);
     tokio::time::timeout(CALL_TIMEOUT, commit)
         .await
