@@ -97,8 +97,9 @@ async fn wait_routed_from_1(cluster: &Cluster, subs: &mut [(&str, &mut RawClient
             "after {timeout:?}, probes published on node 1 reached only {reached:?} and were \
              stored for {stored_for} sessions"
         );
-        let p = publish_packet("r/probe/x", QoS::AtMostOnce, 0, PROBE.as_bytes());
-        prober.send(&Packet::Publish(p)).await;
+        prober
+            .publish("r/probe/x", QoS::AtMostOnce, 0, PROBE.as_bytes())
+            .await;
         let now = std::time::Instant::now();
         let stored = Message {
             topic: "r/probe/x".into(),

@@ -319,8 +319,7 @@ async fn wait_routed(from: SocketAddr, topic: &str, subs: &mut [&mut RawClient])
             Instant::now() < deadline,
             "probes published on {from} never reached subscribers {reached:?}"
         );
-        let probe = publish_packet(topic, QoS::AtMostOnce, 0, b"probe");
-        publ.send(&Packet::Publish(probe)).await;
+        publ.publish(topic, QoS::AtMostOnce, 0, b"probe").await;
         for (sub, reached) in subs.iter_mut().zip(reached.iter_mut()) {
             while !*reached {
                 match sub.recv_within(Duration::from_secs(2)).await {
