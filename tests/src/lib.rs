@@ -1,9 +1,23 @@
-//! Shared support for raftmq's black-box tests: an in-process broker on an ephemeral port and
-//! a raw MQTT client (built on `raftmq-codec`) for the packets client libraries won't send.
+//! Shared support for raftmq's tests: an in-process broker on an ephemeral port and a raw MQTT
+//! client (built on `raftmq-codec`) for the packets client libraries won't send, plus
+//! [`ports`] for nodes on fixed addresses, [`wait`] for polling a condition with a deadline,
+//! [`process`] for clusters of real `raftmq` processes, [`certs`] for TLS certificates and
+//! [`metrics`] for reading what was counted, and [`history`], the chaos tests' history
+//! recorder and its offline checker.
 //!
 //! Every wait has a timeout ([`TIMEOUT`]): a broken broker fails a test, never hangs it.
 
+pub mod certs;
 pub mod history;
+pub mod metrics;
+pub mod ports;
+pub mod process;
+mod rng;
+pub mod wait;
+
+pub use ports::{free_addr, free_port};
+pub use rng::Rng;
+pub use wait::{eventually, poll, wait_until};
 
 use bytes::{Bytes, BytesMut};
 use raftmq_codec::{
@@ -27,12 +41,15 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A broker running in this process on 127.0.0.1 with ephemeral ports.
 pub struct TestBroker {
+    /// The plain TCP MQTT listener.
     pub mqtt: SocketAddr,
+    /// The HTTP listener (probes, metrics, admin API).
     pub http: SocketAddr,
     /// The TLS, WebSocket and secure WebSocket listeners, when started with them.
     pub tls: Option<SocketAddr>,
     pub ws: Option<SocketAddr>,
     pub wss: Option<SocketAddr>,
+    /// The broker behind the listeners.
     pub broker: Arc<Broker>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -184,6 +201,12 @@ impl RawClient {
         self.stream.flush().await
     }
 
+    /// Sends a PUBLISH of `payload` to `topic` at `qos` (packet id `id` unless QoS 0).
+    pub async fn publish(&mut self, topic: &str, qos: QoS, id: u16, payload: &[u8]) {
+        self.send(&Packet::Publish(publish_packet(topic, qos, id, payload)))
+            .await;
+    }
+
     /// Encodes and sends a packet for this client's protocol version.
     pub async fn send(&mut self, packet: &Packet) {
         let mut out = BytesMut::new();
@@ -228,20 +251,6 @@ impl RawClient {
     }
 }
 
-/// Waits until `cond` holds, checking every few milliseconds; panics naming `what` after
-/// [`TIMEOUT`]. For broker state that has no packet to wait for (a subscription made by an
-/// external client, a session going offline).
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// A non-zero packet identifier.
 pub fn pid(n: u16) -> PacketId {
     PacketId::new(n).expect("packet id must not be 0")
@@ -259,6 +268,23 @@ pub fn connect_packet(version: ProtocolVersion, client_id: &str, clean_start: bo
         password: None,
         properties: ConnectProperties::default(),
     }
+}
+
+/// `packets` encoded for `version`, back to back (to send in one write).
+pub fn encode_all(packets: &[Packet], version: ProtocolVersion) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    for p in packets {
+        encode(p, version, &mut out).expect("encode");
+    }
+    out.to_vec()
+}
+
+/// An MQTT 5 CONNECT with keep alive off, no will and a session expiry of `expiry` seconds
+/// (0: the session ends with the connection).
+pub fn connect_v5(client_id: &str, clean_start: bool, expiry: u32) -> Connect {
+    let mut c = connect_packet(ProtocolVersion::V5, client_id, clean_start);
+    c.properties.session_expiry_interval = Some(expiry);
+    c
 }
 
 /// A PUBLISH of `payload` to `topic` (packet id `id` unless QoS 0).
@@ -282,6 +308,27 @@ impl RawClient {
         match c.recv().await {
             Some(Packet::ConnAck(ack)) => (c, ack),
             other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Opens a connection within `wait`, sends `connect` and returns the CONNACK, whatever its
+    /// code; `None` if the broker cannot be reached, closes the connection or does not answer
+    /// within `wait` (e.g. a node that is down or restarting).
+    pub async fn try_handshake(
+        addr: SocketAddr,
+        connect: Connect,
+        wait: Duration,
+    ) -> Option<(RawClient, ConnAck)> {
+        let stream = tokio::time::timeout(wait, TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        let _ = stream.set_nodelay(true);
+        let mut c = RawClient::over(stream, connect.protocol);
+        c.try_send(&Packet::Connect(Box::new(connect))).await.ok()?;
+        match c.recv_within(wait).await {
+            Ok(Some(Packet::ConnAck(ack))) => Some((c, ack)),
+            _ => None,
         }
     }
 

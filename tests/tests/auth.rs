@@ -12,7 +12,11 @@ use raftmq_core::config::{ByteSize, DurationStr, MqttConfig};
 use raftmq_core::limits::Limit;
 use raftmq_server::auth::passwd::hash_password;
 use raftmq_server::auth::{Auth, AuthConfig};
-use raftmq_tests::{RawClient, TIMEOUT, TestBroker, connect_packet, pid, publish_packet};
+use raftmq_server::metrics::AUTH_RELOADS_TOTAL;
+use raftmq_tests::metrics::metric;
+use raftmq_tests::{
+    RawClient, TIMEOUT, TestBroker, connect_packet, encode_all, pid, publish_packet,
+};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,6 +59,17 @@ async fn connect_as(
     (client, ack.reason_code)
 }
 
+/// A broker with `mqtt` settings and a client `id` connected to it.
+async fn broker_and_client(
+    mqtt: MqttConfig,
+    version: ProtocolVersion,
+    id: &str,
+) -> (TestBroker, RawClient) {
+    let b = TestBroker::with_config(mqtt).await;
+    let c = RawClient::connected(b.mqtt, version, id).await;
+    (b, c)
+}
+
 async fn subscribe_codes(c: &mut RawClient, filters: &[(&str, QoS)]) -> Vec<ReasonCode> {
     c.send(&Packet::Subscribe(Subscribe {
         packet_id: pid(7),
@@ -78,13 +93,7 @@ async fn subscribe_codes(c: &mut RawClient, filters: &[(&str, QoS)]) -> Vec<Reas
 }
 
 async fn puback_code(c: &mut RawClient, topic: &str, id: u16) -> ReasonCode {
-    c.send(&Packet::Publish(publish_packet(
-        topic,
-        QoS::AtLeastOnce,
-        id,
-        b"x",
-    )))
-    .await;
+    c.publish(topic, QoS::AtLeastOnce, id, b"x").await;
     match c.recv().await {
         Some(Packet::PubAck(PubResponse { reason_code, .. })) => reason_code,
         other => panic!("expected PUBACK, got {other:?}"),
@@ -183,6 +192,12 @@ async fn password_file_change_is_picked_up_without_dropping_clients() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("passwd");
     write_file(&path, &passwd_text(&[("alice", "a")]));
+    // Refused reloads are only visible as a metric (and a log line).
+    let refused_reloads = || {
+        let name = format!("{AUTH_RELOADS_TOTAL}{{file=\"password\",result=\"error\"}}");
+        metric(&raftmq_tests::metrics::render(), &name).unwrap_or(0.0)
+    };
+    let refused_before = refused_reloads();
     let (b, auth) = start(
         AuthConfig {
             password_file: Some(path.clone()),
@@ -198,9 +213,13 @@ async fn password_file_change_is_picked_up_without_dropping_clients() {
     let (_c, code) = connect_as(b.mqtt, V5, "bob-1", Some("bob"), Some("b")).await;
     assert_eq!(code, ReasonCode::BAD_USER_NAME_OR_PASSWORD);
 
-    // A broken file is rejected and the old one kept: alice can still log in.
+    // A broken file is read, refused and the old one kept: alice can still log in.
     write_file(&path, "alice:not-a-hash\n");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    raftmq_tests::wait_until("the broken password file is read and refused", || {
+        refused_reloads() > refused_before
+    })
+    .await;
+    assert_eq!(auth.user_count(), 1, "the previous password file is kept");
     let (_c, code) = connect_as(b.mqtt, V5, "alice-2", Some("alice"), Some("a")).await;
     assert_eq!(code, ReasonCode::SUCCESS);
 
@@ -328,13 +347,7 @@ async fn acl_qos_and_retain_limits() {
         ReasonCode::NO_MATCHING_SUBSCRIBERS
     );
     // QoS 2 above the rule's qos=1: PUBREC 0x87.
-    c.send(&Packet::Publish(publish_packet(
-        "limited/a",
-        QoS::ExactlyOnce,
-        2,
-        b"x",
-    )))
-    .await;
+    c.publish("limited/a", QoS::ExactlyOnce, 2, b"x").await;
     match c.recv().await {
         Some(Packet::PubRec(r)) => assert_eq!(r.reason_code, ReasonCode::NOT_AUTHORIZED),
         other => panic!("expected PUBREC, got {other:?}"),
@@ -441,16 +454,11 @@ async fn publish_rate_limit_disconnects_with_0x96() {
         ..MqttConfig::default()
     };
     for version in [V5, V3] {
-        let b = TestBroker::with_config(mqtt.clone()).await;
-        let mut c = RawClient::connected(b.mqtt, version, "fast").await;
+        let (b, mut c) = broker_and_client(mqtt.clone(), version, "fast").await;
         // Ten PUBLISH in one write: the broker sees them within microseconds, so the bucket
         // (5 a second, full at connect) cannot refill in between.
-        let mut burst = bytes::BytesMut::new();
-        for _ in 0..10 {
-            let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, b"x"));
-            raftmq_codec::encode(&p, version, &mut burst).expect("encode");
-        }
-        c.send_bytes(&burst).await;
+        let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, b"x"));
+        c.send_bytes(&encode_all(&vec![p; 10], version)).await;
         c.expect_disconnect(ReasonCode::MESSAGE_RATE_TOO_HIGH).await;
         assert_eq!(b.broker.stats().limit_exceeded_count(Limit::PublishRate), 1);
     }
@@ -462,15 +470,10 @@ async fn publish_bandwidth_limit_disconnects_with_0x97() {
         max_publish_bandwidth: ByteSize(1000),
         ..MqttConfig::default()
     };
-    let b = TestBroker::with_config(mqtt).await;
-    let mut c = RawClient::connected(b.mqtt, V5, "big").await;
+    let (b, mut c) = broker_and_client(mqtt, V5, "big").await;
     // Two 600-byte PUBLISH in one write: 1000 bytes a second cannot refill 200 in between.
-    let mut burst = bytes::BytesMut::new();
-    for _ in 0..2 {
-        let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, &[0; 600]));
-        raftmq_codec::encode(&p, V5, &mut burst).expect("encode");
-    }
-    c.send_bytes(&burst).await;
+    let p = Packet::Publish(publish_packet("t", QoS::AtMostOnce, 0, &[0; 600]));
+    c.send_bytes(&encode_all(&[p.clone(), p], V5)).await;
     c.expect_disconnect(ReasonCode::QUOTA_EXCEEDED).await;
     assert_eq!(
         b.broker
@@ -488,8 +491,7 @@ async fn topic_and_subscription_limits_have_their_reason_codes() {
         max_subscriptions_per_client: 2,
         ..MqttConfig::default()
     };
-    let b = TestBroker::with_config(mqtt).await;
-    let mut c = RawClient::connected(b.mqtt, V5, "t").await;
+    let (b, mut c) = broker_and_client(mqtt, V5, "t").await;
     assert_eq!(
         puback_code(&mut c, "a/b/c/d", 1).await,
         ReasonCode::TOPIC_NAME_INVALID
@@ -533,8 +535,7 @@ async fn retained_bytes_limit_skips_storing_but_still_delivers() {
         max_retained_bytes: ByteSize(10),
         ..MqttConfig::default()
     };
-    let b = TestBroker::with_config(mqtt).await;
-    let mut sub = RawClient::connected(b.mqtt, V5, "sub").await;
+    let (b, mut sub) = broker_and_client(mqtt, V5, "sub").await;
     sub.subscribe("r/#", QoS::AtMostOnce).await;
     let mut c = RawClient::connected(b.mqtt, V5, "pub").await;
     let retained = |topic: &str, payload: &[u8], id| {

@@ -9,6 +9,82 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 use tokio::process::{Child, Command};
 
+/// What the rumqttc wrappers of both protocol versions share: the client with its event loop,
+/// connecting, driving the loop until an incoming packet is picked, and waiting for a QoS 1 or
+/// 2 exchange to complete. Expands in a module that imports one version's `AsyncClient`,
+/// `Event`, `EventLoop`, `MqttOptions`, `Packet`, `Publish` and `QoS`.
+macro_rules! rumqttc_client {
+    () => {
+        pub struct Client {
+            pub client: AsyncClient,
+            pub events: EventLoop,
+        }
+
+        impl Client {
+            /// Starts a client with `opts`; returns it with CONNACK's session present flag.
+            async fn start(opts: MqttOptions) -> (Client, bool) {
+                let (client, events) = AsyncClient::new(opts, 16);
+                let mut c = Client { client, events };
+                let present = c
+                    .until(|p| match p {
+                        Packet::ConnAck(ack) => Some(ack.session_present),
+                        _ => None,
+                    })
+                    .await;
+                (c, present)
+            }
+
+            /// Drives the event loop until `f` picks an incoming packet.
+            pub async fn until<T>(&mut self, mut f: impl FnMut(Packet) -> Option<T>) -> T {
+                loop {
+                    let event = tokio::time::timeout(TIMEOUT, self.events.poll())
+                        .await
+                        .expect("timed out waiting for rumqttc")
+                        .expect("rumqttc connection failed");
+                    if let Event::Incoming(p) = event
+                        && let Some(t) = f(p)
+                    {
+                        return t;
+                    }
+                }
+            }
+
+            pub async fn next_publish(&mut self) -> Publish {
+                self.until(|p| match p {
+                    Packet::Publish(p) => Some(p),
+                    _ => None,
+                })
+                .await
+            }
+
+            /// Drives the event loop until the broker completed the exchange of a publish at
+            /// `qos` (PUBACK for QoS 1, PUBCOMP for QoS 2).
+            async fn completed(&mut self, qos: QoS) {
+                match qos {
+                    QoS::AtLeastOnce => {
+                        self.until(|p| matches!(p, Packet::PubAck(_)).then_some(()))
+                            .await
+                    }
+                    QoS::ExactlyOnce => {
+                        self.until(|p| matches!(p, Packet::PubComp(_)).then_some(()))
+                            .await
+                    }
+                    QoS::AtMostOnce => {}
+                }
+            }
+        }
+    };
+}
+
+/// Waits until the broker has `client_id`'s session offline (its client went away).
+async fn wait_offline(broker: &TestBroker, client_id: &str) {
+    let core = broker.broker.clone();
+    wait_until("the subscriber is offline", || {
+        core.session(client_id).is_some_and(|s| !s.is_online())
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // rumqttc, MQTT 3.1.1
 // ---------------------------------------------------------------------------------------------
@@ -17,10 +93,7 @@ mod v4 {
     use super::*;
     use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 
-    pub struct Client {
-        pub client: AsyncClient,
-        pub events: EventLoop,
-    }
+    rumqttc_client!();
 
     impl Client {
         /// Connects and returns the client with CONNACK's session present flag.
@@ -29,30 +102,7 @@ mod v4 {
             let mut opts = MqttOptions::new(id, host, port);
             opts.set_keep_alive(Duration::from_secs(30));
             opts.set_clean_session(clean);
-            let (client, events) = AsyncClient::new(opts, 16);
-            let mut c = Client { client, events };
-            let present = c
-                .until(|p| match p {
-                    Packet::ConnAck(ack) => Some(ack.session_present),
-                    _ => None,
-                })
-                .await;
-            (c, present)
-        }
-
-        /// Drives the event loop until `f` picks an incoming packet.
-        pub async fn until<T>(&mut self, mut f: impl FnMut(Packet) -> Option<T>) -> T {
-            loop {
-                let event = tokio::time::timeout(TIMEOUT, self.events.poll())
-                    .await
-                    .expect("timed out waiting for rumqttc")
-                    .expect("rumqttc connection failed");
-                if let Event::Incoming(p) = event
-                    && let Some(t) = f(p)
-                {
-                    return t;
-                }
-            }
+            Client::start(opts).await
         }
 
         pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
@@ -64,14 +114,6 @@ mod v4 {
                 })
                 .await;
             assert_eq!(codes.len(), 1);
-        }
-
-        pub async fn next_publish(&mut self) -> Publish {
-            self.until(|p| match p {
-                Packet::Publish(p) => Some(p),
-                _ => None,
-            })
-            .await
         }
 
         /// Publishes and drives the event loop until the exchange is complete.
@@ -93,14 +135,7 @@ mod v4 {
                         }
                     }
                 }
-                QoS::AtLeastOnce => {
-                    self.until(|p| matches!(p, Packet::PubAck(_)).then_some(()))
-                        .await
-                }
-                QoS::ExactlyOnce => {
-                    self.until(|p| matches!(p, Packet::PubComp(_)).then_some(()))
-                        .await
-                }
+                _ => self.completed(qos).await,
             }
         }
     }
@@ -115,21 +150,15 @@ async fn rumqttc_v311_pub_sub_at_every_qos_with_wildcards() {
     sub.subscribe("sensors/+/temp", QoS::ExactlyOnce).await;
     sub.subscribe("alerts/#", QoS::AtLeastOnce).await;
     let (mut publisher, _) = v4::Client::connect(&broker, "r4-pub", true).await;
-    publisher
-        .publish("sensors/a/temp", QoS::AtMostOnce, false, "q0")
-        .await;
-    publisher
-        .publish("sensors/b/temp", QoS::AtLeastOnce, false, "q1")
-        .await;
-    publisher
-        .publish("sensors/c/temp", QoS::ExactlyOnce, false, "q2")
-        .await;
-    publisher
-        .publish("alerts/fire/kitchen", QoS::ExactlyOnce, false, "alert")
-        .await;
-    publisher
-        .publish("sensors/a/humidity", QoS::AtMostOnce, false, "no match")
-        .await;
+    for (topic, qos, payload) in [
+        ("sensors/a/temp", QoS::AtMostOnce, "q0"),
+        ("sensors/b/temp", QoS::AtLeastOnce, "q1"),
+        ("sensors/c/temp", QoS::ExactlyOnce, "q2"),
+        ("alerts/fire/kitchen", QoS::ExactlyOnce, "alert"),
+        ("sensors/a/humidity", QoS::AtMostOnce, "no match"),
+    ] {
+        publisher.publish(topic, qos, false, payload).await;
+    }
     let mut got = Vec::new();
     for _ in 0..4 {
         let p = sub.next_publish().await;
@@ -176,11 +205,7 @@ async fn rumqttc_v311_persistent_session_resumes_with_queued_messages() {
     assert!(!present);
     sub.subscribe("jobs", QoS::AtLeastOnce).await;
     drop(sub);
-    let core = broker.broker.clone();
-    wait_until("the subscriber is offline", || {
-        core.session("r4-persist").is_some_and(|s| !s.is_online())
-    })
-    .await;
+    wait_offline(&broker, "r4-persist").await;
     let (mut publisher, _) = v4::Client::connect(&broker, "r4-persist-pub", true).await;
     publisher
         .publish("jobs", QoS::AtLeastOnce, false, "queued")
@@ -201,10 +226,7 @@ mod v5 {
     use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
     use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 
-    pub struct Client {
-        pub client: AsyncClient,
-        pub events: EventLoop,
-    }
+    rumqttc_client!();
 
     impl Client {
         /// Connects (session expiry `expiry` seconds, clean start unless resuming) and returns
@@ -220,29 +242,7 @@ mod v5 {
             opts.set_keep_alive(Duration::from_secs(30));
             opts.set_clean_start(clean);
             opts.set_session_expiry_interval(Some(expiry));
-            let (client, events) = AsyncClient::new(opts, 16);
-            let mut c = Client { client, events };
-            let present = c
-                .until(|p| match p {
-                    Packet::ConnAck(ack) => Some(ack.session_present),
-                    _ => None,
-                })
-                .await;
-            (c, present)
-        }
-
-        pub async fn until<T>(&mut self, mut f: impl FnMut(Packet) -> Option<T>) -> T {
-            loop {
-                let event = tokio::time::timeout(TIMEOUT, self.events.poll())
-                    .await
-                    .expect("timed out waiting for rumqttc")
-                    .expect("rumqttc connection failed");
-                if let Event::Incoming(p) = event
-                    && let Some(t) = f(p)
-                {
-                    return t;
-                }
-            }
+            Client::start(opts).await
         }
 
         pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
@@ -251,31 +251,18 @@ mod v5 {
                 .await;
         }
 
-        pub async fn next_publish(&mut self) -> Publish {
-            self.until(|p| match p {
-                Packet::Publish(p) => Some(p),
-                _ => None,
-            })
-            .await
-        }
-
         /// Publishes at QoS 1 or 2 and drives the event loop until the exchange is complete.
         pub async fn publish(&mut self, topic: &str, qos: QoS, payload: &str) {
             self.client
                 .publish(topic, qos, false, payload.as_bytes().to_vec())
                 .await
                 .expect("publish");
-            match qos {
-                QoS::AtLeastOnce => {
-                    self.until(|p| matches!(p, Packet::PubAck(_)).then_some(()))
-                        .await
-                }
-                QoS::ExactlyOnce => {
-                    self.until(|p| matches!(p, Packet::PubComp(_)).then_some(()))
-                        .await
-                }
-                QoS::AtMostOnce => panic!("use QoS 1 or 2 so completion is observable"),
-            }
+            assert_ne!(
+                qos,
+                QoS::AtMostOnce,
+                "use QoS 1 or 2 so completion is observable"
+            );
+            self.completed(qos).await;
         }
     }
 }
@@ -315,11 +302,7 @@ async fn rumqttc_v5_session_expiry_resumes_with_queued_messages() {
     assert!(!present);
     sub.subscribe("jobs", QoS::ExactlyOnce).await;
     drop(sub);
-    let core = broker.broker.clone();
-    wait_until("the subscriber is offline", || {
-        core.session("r5-persist").is_some_and(|s| !s.is_online())
-    })
-    .await;
+    wait_offline(&broker, "r5-persist").await;
     let (mut publisher, _) = v5::Client::connect(&broker, "r5-persist-pub", true, 0).await;
     publisher.publish("jobs", QoS::ExactlyOnce, "queued").await;
     let (mut sub, present) = v5::Client::connect(&broker, "r5-persist", false, 300).await;

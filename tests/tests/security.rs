@@ -12,13 +12,12 @@ use raftmq_server::{
     CertIdentitySource, ClientAuth, LimitsConfig, ListenerKind, ListenersConfig, TlsConfig,
     TlsVersion, WsStream,
 };
+use raftmq_tests::Rng;
+use raftmq_tests::certs::Ca;
 use raftmq_tests::{
-    RawClient, TIMEOUT, TestBroker, connect_packet, pid, publish_packet, wait_until,
+    RawClient, TIMEOUT, TestBroker, connect_packet, encode_all, eventually, pid, wait_until,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,25 +43,6 @@ const ANY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr:
 
 // ---------------------------------------------------------------------------------------------
 // Certificates
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    p.distinguished_name = DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let key = KeyPair::generate().expect("CA key");
-    let cert = p.self_signed(&key).expect("self-signed CA");
-    Ca { cert, key }
-}
 
 struct Leaf {
     cert_pem: String,
@@ -96,8 +76,7 @@ fn leaf(ca: &Ca, cn: &str, org: Option<&str>, role: Role) -> Leaf {
         p.not_before = rcgen::date_time_ymd(2000, 1, 1);
         p.not_after = rcgen::date_time_ymd(2001, 1, 1);
     }
-    let key = KeyPair::generate().expect("leaf key");
-    let cert = p.signed_by(&key, &ca.cert, &ca.key).expect("sign leaf");
+    let (cert, key) = ca.sign(p);
     Leaf {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
@@ -148,6 +127,14 @@ fn tls_settings(
         identity,
         ..TlsConfig::default()
     }
+}
+
+/// A server certificate for `localhost` from `ca` in files, and TLS settings serving it that
+/// ask for no client certificate.
+fn server_tls(ca: &Ca) -> (TlsFiles, TlsConfig) {
+    let files = tls_files(&leaf(ca, "broker", None, Role::Server), ca);
+    let tls = tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn);
+    (files, tls)
 }
 
 fn client_config(
@@ -237,7 +224,23 @@ impl Recorder {
     }
 }
 
+/// [`broker_full`] with default limits and MQTT settings.
 async fn broker_with(
+    listeners: ListenersConfig,
+    tls: Option<TlsConfig>,
+) -> (TestBroker, Arc<Recorder>) {
+    broker_full(
+        listeners,
+        tls,
+        LimitsConfig::default(),
+        MqttConfig::default(),
+    )
+    .await
+}
+
+/// A broker with `listeners`, TLS, `limits` and `mqtt` settings whose authenticator records
+/// what the transport told it about each client.
+async fn broker_full(
     listeners: ListenersConfig,
     tls: Option<TlsConfig>,
     limits: LimitsConfig,
@@ -254,12 +257,19 @@ async fn broker_with(
     (tb, recorder)
 }
 
-fn tls_listeners() -> ListenersConfig {
+/// The listeners of `kinds` besides the plain TCP one, on ephemeral ports.
+fn listening(kinds: &[ListenerKind]) -> ListenersConfig {
+    let on = |kind| kinds.contains(&kind).then_some(ANY);
     ListenersConfig {
-        tls: Some(ANY),
-        wss: Some(ANY),
+        tls: on(ListenerKind::Tls),
+        ws: on(ListenerKind::Ws),
+        wss: on(ListenerKind::Wss),
         ..ListenersConfig::default()
     }
+}
+
+fn tls_listeners() -> ListenersConfig {
+    listening(&[ListenerKind::Tls, ListenerKind::Wss])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,17 +277,9 @@ fn tls_listeners() -> ListenersConfig {
 
 #[tokio::test]
 async fn tls_listener_serves_mqtt_over_tls_1_2_and_1_3() {
-    let ca = ca("test CA");
-    let server = leaf(&ca, "broker", None, Role::Server);
-    let files = tls_files(&server, &ca);
-    let tls = tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn);
-    let (tb, _) = broker_with(
-        tls_listeners(),
-        Some(tls.clone()),
-        LimitsConfig::default(),
-        MqttConfig::default(),
-    )
-    .await;
+    let ca = Ca::new("test CA");
+    let (_files, tls) = server_tls(&ca);
+    let (tb, _) = broker_with(tls_listeners(), Some(tls.clone())).await;
     let addr = tb.tls.expect("tls listener");
 
     let mut publisher = RawClient::connected(tb.mqtt, V5, "plain-publisher").await;
@@ -305,12 +307,7 @@ async fn tls_listener_serves_mqtt_over_tls_1_2_and_1_3() {
         );
         c.subscribe("tls/#", QoS::AtLeastOnce).await;
         publisher
-            .send(&Packet::Publish(publish_packet(
-                "tls/x",
-                QoS::AtLeastOnce,
-                n,
-                b"over tls",
-            )))
+            .publish("tls/x", QoS::AtLeastOnce, n, b"over tls")
             .await;
         assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
         let p = c.recv_publish().await;
@@ -323,13 +320,7 @@ async fn tls_listener_serves_mqtt_over_tls_1_2_and_1_3() {
         min_version: TlsVersion::V1_3,
         ..tls
     };
-    let (tb, _) = broker_with(
-        tls_listeners(),
-        Some(tls13),
-        LimitsConfig::default(),
-        MqttConfig::default(),
-    )
-    .await;
+    let (tb, _) = broker_with(tls_listeners(), Some(tls13)).await;
     let addr = tb.tls.expect("tls listener");
     assert!(
         tls_connect(addr, client_config(&ca, None, &[&rustls::version::TLS12]))
@@ -342,7 +333,7 @@ async fn tls_listener_serves_mqtt_over_tls_1_2_and_1_3() {
 
 #[tokio::test]
 async fn mutual_tls_requires_a_valid_client_certificate_and_passes_its_cn() {
-    let ca = ca("device CA");
+    let ca = Ca::new("device CA");
     let other = ca_other();
     let server = leaf(&ca, "broker", None, Role::Server);
     let good = leaf(&ca, "device-1", Some("Acme"), Role::Client);
@@ -350,13 +341,7 @@ async fn mutual_tls_requires_a_valid_client_certificate_and_passes_its_cn() {
     let expired = leaf(&ca, "device-old", None, Role::ExpiredClient);
     let files = tls_files(&server, &ca);
     let tls = tls_settings(&files, ClientAuth::Required, CertIdentitySource::Cn);
-    let (tb, seen) = broker_with(
-        tls_listeners(),
-        Some(tls),
-        LimitsConfig::default(),
-        MqttConfig::default(),
-    )
-    .await;
+    let (tb, seen) = broker_with(tls_listeners(), Some(tls)).await;
     let addr = tb.tls.expect("tls listener");
 
     assert!(tls_mqtt_accepted(addr, client_config(&ca, Some(&good), BOTH), "good").await);
@@ -389,24 +374,18 @@ async fn mutual_tls_requires_a_valid_client_certificate_and_passes_its_cn() {
 }
 
 fn ca_other() -> Ca {
-    ca("some other CA")
+    Ca::new("some other CA")
 }
 
 #[tokio::test]
 async fn optional_client_certificate_passes_the_subject_when_sent() {
-    let ca = ca("device CA");
+    let ca = Ca::new("device CA");
     let server = leaf(&ca, "broker", None, Role::Server);
     let good = leaf(&ca, "device-1", Some("Acme"), Role::Client);
     let wrong_ca = leaf(&ca_other(), "device-1", None, Role::Client);
     let files = tls_files(&server, &ca);
     let tls = tls_settings(&files, ClientAuth::Optional, CertIdentitySource::Subject);
-    let (tb, seen) = broker_with(
-        tls_listeners(),
-        Some(tls),
-        LimitsConfig::default(),
-        MqttConfig::default(),
-    )
-    .await;
+    let (tb, seen) = broker_with(tls_listeners(), Some(tls)).await;
     let addr = tb.tls.expect("tls listener");
 
     assert!(tls_mqtt_accepted(addr, client_config(&ca, None, BOTH), "anonymous").await);
@@ -419,7 +398,7 @@ async fn optional_client_certificate_passes_the_subject_when_sent() {
 
 #[tokio::test]
 async fn changed_certificate_files_are_used_without_a_restart() {
-    let ca = ca("test CA");
+    let ca = Ca::new("test CA");
     let first = leaf(&ca, "broker-1", None, Role::Server);
     let second = leaf(&ca, "broker-2", None, Role::Server);
     let files = tls_files(&first, &ca);
@@ -427,13 +406,7 @@ async fn changed_certificate_files_are_used_without_a_restart() {
         reload_interval: DurationStr(Duration::from_millis(100)),
         ..tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn)
     };
-    let (tb, _) = broker_with(
-        tls_listeners(),
-        Some(tls),
-        LimitsConfig::default(),
-        MqttConfig::default(),
-    )
-    .await;
+    let (tb, _) = broker_with(tls_listeners(), Some(tls)).await;
     let addr = tb.tls.expect("tls listener");
     let server_cert = || async {
         let s = tls_connect(addr, client_config(&ca, None, BOTH))
@@ -457,17 +430,10 @@ async fn changed_certificate_files_are_used_without_a_restart() {
 
     replace(&files.key, &second.key_pem);
     replace(&files.cert, &second.cert_pem);
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if server_cert().await == second.der {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate was never served"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the new certificate is served", TIMEOUT, || async {
+        server_cert().await == second.der
+    })
+    .await;
     old.send(&Packet::PingReq).await;
     assert_eq!(old.recv().await, Some(Packet::PingResp));
     tb.stop().await;
@@ -495,7 +461,7 @@ async fn finished(child: tokio::process::Child) -> std::process::Output {
 
 #[tokio::test]
 async fn mosquitto_clients_over_mutual_tls() {
-    let ca = ca("device CA");
+    let ca = Ca::new("device CA");
     let server = leaf(&ca, "broker", None, Role::Server);
     let device = leaf(&ca, "mosquitto-device", None, Role::Client);
     let files = tls_files(&server, &ca);
@@ -504,13 +470,7 @@ async fn mosquitto_clients_over_mutual_tls() {
     replace(&cert, &device.cert_pem);
     replace(&key, &device.key_pem);
     let tls = tls_settings(&files, ClientAuth::Required, CertIdentitySource::Cn);
-    let (tb, seen) = broker_with(
-        tls_listeners(),
-        Some(tls),
-        LimitsConfig::default(),
-        MqttConfig::default(),
-    )
-    .await;
+    let (tb, seen) = broker_with(tls_listeners(), Some(tls)).await;
     let port = tb.tls.expect("tls listener").port();
     let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
     let (ca_file, cert, key) = (path(&files.ca), path(&cert), path(&key));
@@ -611,13 +571,7 @@ where
 /// CONNECT split over two WebSocket messages, then two PINGREQ in one message, a subscription
 /// and QoS 1 both ways with a plain TCP client.
 async fn websocket_round_trip(mut ws: RawClient, tcp: SocketAddr, id: &str) {
-    let mut bytes = bytes::BytesMut::new();
-    raftmq_codec::encode(
-        &Packet::Connect(Box::new(connect_packet(V5, id, true))),
-        V5,
-        &mut bytes,
-    )
-    .expect("encode");
+    let bytes = connect_bytes(V5, id);
     let (a, b) = bytes.split_at(5);
     ws.send_bytes(a).await;
     ws.send_bytes(b).await;
@@ -631,26 +585,16 @@ async fn websocket_round_trip(mut ws: RawClient, tcp: SocketAddr, id: &str) {
 
     let mut tcp = RawClient::connected(tcp, V5, &format!("{id}-tcp")).await;
     tcp.subscribe("web/out", QoS::AtLeastOnce).await;
-    tcp.send(&Packet::Publish(publish_packet(
-        "web/in",
-        QoS::AtLeastOnce,
-        7,
-        b"to browser",
-    )))
-    .await;
+    tcp.publish("web/in", QoS::AtLeastOnce, 7, b"to browser")
+        .await;
     assert!(matches!(tcp.recv().await, Some(Packet::PubAck(_))));
     let p = ws.recv_publish().await;
     assert_eq!(&p.payload[..], b"to browser");
     if let Some(id) = p.packet_id {
         ws.send(&Packet::PubAck(PubResponse::success(id))).await;
     }
-    ws.send(&Packet::Publish(publish_packet(
-        "web/out",
-        QoS::AtLeastOnce,
-        9,
-        b"from browser",
-    )))
-    .await;
+    ws.publish("web/out", QoS::AtLeastOnce, 9, b"from browser")
+        .await;
     assert_eq!(
         ws.recv().await,
         Some(Packet::PubAck(PubResponse::success(pid(9))))
@@ -660,22 +604,10 @@ async fn websocket_round_trip(mut ws: RawClient, tcp: SocketAddr, id: &str) {
 
 #[tokio::test]
 async fn websocket_and_secure_websocket_clients_publish_and_subscribe() {
-    let ca = ca("test CA");
-    let server = leaf(&ca, "broker", None, Role::Server);
-    let files = tls_files(&server, &ca);
-    let listeners = ListenersConfig {
-        ws: Some(ANY),
-        wss: Some(ANY),
-        ..ListenersConfig::default()
-    };
-    let tls = tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn);
-    let (tb, _) = broker_with(
-        listeners,
-        Some(tls),
-        LimitsConfig::default(),
-        MqttConfig::default(),
-    )
-    .await;
+    let ca = Ca::new("test CA");
+    let (_files, tls) = server_tls(&ca);
+    let listeners = listening(&[ListenerKind::Ws, ListenerKind::Wss]);
+    let (tb, _) = broker_with(listeners, Some(tls)).await;
     let ws_addr = tb.ws.expect("ws listener");
     let wss_addr = tb.wss.expect("wss listener");
 
@@ -730,15 +662,10 @@ async fn websocket_and_secure_websocket_clients_publish_and_subscribe() {
 // ---------------------------------------------------------------------------------------------
 // PROXY protocol
 
+/// A clean-start CONNECT for `version`, encoded.
 fn connect_bytes(version: ProtocolVersion, id: &str) -> Vec<u8> {
-    let mut out = bytes::BytesMut::new();
-    raftmq_codec::encode(
-        &Packet::Connect(Box::new(connect_packet(version, id, true))),
-        version,
-        &mut out,
-    )
-    .expect("encode");
-    out.to_vec()
+    let connect = Packet::Connect(Box::new(connect_packet(version, id, true)));
+    encode_all(&[connect], version)
 }
 
 #[tokio::test]
@@ -747,13 +674,7 @@ async fn proxy_protocol_header_gives_the_client_address() {
         proxy_protocol: vec![ListenerKind::Tcp],
         ..ListenersConfig::default()
     };
-    let (tb, seen) = broker_with(
-        listeners,
-        None,
-        LimitsConfig::default(),
-        MqttConfig::default(),
-    )
-    .await;
+    let (tb, seen) = broker_with(listeners, None).await;
 
     // v1, with the CONNECT in the same segment.
     let mut c = RawClient::connect(tb.mqtt, V5).await;
@@ -796,7 +717,7 @@ async fn proxy_protocol_header_gives_the_client_address() {
 
 #[tokio::test]
 async fn proxy_protocol_header_comes_before_the_tls_handshake() {
-    let ca = ca("test CA");
+    let ca = Ca::new("test CA");
     let files = tls_files(&leaf(&ca, "broker", None, Role::Server), &ca);
     let listeners = ListenersConfig {
         tls: Some(ANY),
@@ -804,13 +725,7 @@ async fn proxy_protocol_header_comes_before_the_tls_handshake() {
         ..ListenersConfig::default()
     };
     let tls = tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn);
-    let (tb, seen) = broker_with(
-        listeners,
-        Some(tls),
-        LimitsConfig::default(),
-        MqttConfig::default(),
-    )
-    .await;
+    let (tb, seen) = broker_with(listeners, Some(tls)).await;
     let mut tcp = TcpStream::connect(tb.tls.expect("tls listener"))
         .await
         .expect("connect");
@@ -855,6 +770,47 @@ async fn connack_code(
     (c, ack.reason_code)
 }
 
+/// The CONNACK code an MQTT 5 client over WebSocket (to the listener at `addr`) gets.
+async fn ws_connack_code(addr: SocketAddr, id: &str) -> (RawClient, ReasonCode) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut ws = ws_client(tcp, &format!("ws://{addr}/mqtt"))
+        .await
+        .expect("ws");
+    ws.send(&Packet::Connect(Box::new(connect_packet(V5, id, true))))
+        .await;
+    match ws.recv().await {
+        Some(Packet::ConnAck(a)) => (ws, a.reason_code),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+/// A broker with connection `limits` and default settings otherwise.
+async fn limited(limits: LimitsConfig) -> TestBroker {
+    let listeners = ListenersConfig::default();
+    broker_full(listeners, None, limits, MqttConfig::default())
+        .await
+        .0
+}
+
+/// An MQTT 5 client `id` is refused with `code`, an MQTT 3.1.1 one with 0x03 Server
+/// unavailable (3.1.1 has no finer code).
+async fn assert_refused(addr: SocketAddr, id: &str, code: ReasonCode) {
+    assert_eq!(connack_code(addr, V5, id).await.1, code);
+    let v3 = connack_code(addr, V311, &format!("{id}-v3")).await.1;
+    assert_eq!(v3, ReasonCode::SERVER_UNAVAILABLE);
+}
+
+/// Connects MQTT 5 clients `id` until one gets CONNACK `code` (a limit that frees or fills up
+/// in the background).
+async fn wait_connack(addr: SocketAddr, id: &str, code: ReasonCode) {
+    let what = format!("a client gets CONNACK {code:?}");
+    raftmq_tests::poll(&what, TIMEOUT, Duration::from_millis(20), || async {
+        let (_c, got) = connack_code(addr, V5, id).await;
+        if got == code { Ok(()) } else { Err(got) }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn connection_caps_refuse_with_quota_exceeded() {
     let limits = LimitsConfig {
@@ -862,54 +818,22 @@ async fn connection_caps_refuse_with_quota_exceeded() {
         max_connections_per_listener: 1,
         ..LimitsConfig::default()
     };
-    let listeners = ListenersConfig {
-        ws: Some(ANY),
-        ..ListenersConfig::default()
-    };
-    let (tb, _) = broker_with(listeners, None, limits, MqttConfig::default()).await;
+    let listeners = listening(&[ListenerKind::Ws]);
+    let (tb, _) = broker_full(listeners, None, limits, MqttConfig::default()).await;
     let (first, code) = connack_code(tb.mqtt, V5, "first").await;
     assert_eq!(code, ReasonCode::SUCCESS);
     // The TCP listener is full; the WebSocket one is not.
-    assert_eq!(
-        connack_code(tb.mqtt, V5, "second").await.1,
-        ReasonCode::QUOTA_EXCEEDED
-    );
-    assert_eq!(
-        connack_code(tb.mqtt, V311, "second-v3").await.1,
-        ReasonCode::SERVER_UNAVAILABLE
-    );
+    assert_refused(tb.mqtt, "second", ReasonCode::QUOTA_EXCEEDED).await;
     let ws_addr = tb.ws.expect("ws listener");
-    let tcp = TcpStream::connect(ws_addr).await.expect("connect");
-    let mut ws = ws_client(tcp, &format!("ws://{ws_addr}/mqtt"))
-        .await
-        .expect("ws");
-    ws.send(&Packet::Connect(Box::new(connect_packet(V5, "web", true))))
-        .await;
-    assert!(
-        matches!(ws.recv().await, Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::SUCCESS)
-    );
+    let (_ws, code) = ws_connack_code(ws_addr, "web").await;
+    assert_eq!(code, ReasonCode::SUCCESS);
     // The node is full: the last place on the WebSocket listener is refused too.
-    let tcp = TcpStream::connect(ws_addr).await.expect("connect");
-    let mut ws2 = ws_client(tcp, &format!("ws://{ws_addr}/mqtt"))
-        .await
-        .expect("ws");
-    ws2.send(&Packet::Connect(Box::new(connect_packet(V5, "web2", true))))
-        .await;
-    assert!(
-        matches!(ws2.recv().await, Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::QUOTA_EXCEEDED)
-    );
+    let (_ws2, code) = ws_connack_code(ws_addr, "web2").await;
+    assert_eq!(code, ReasonCode::QUOTA_EXCEEDED);
 
     // A closed connection frees its place.
     drop(first);
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let (_c, code) = connack_code(tb.mqtt, V5, "again").await;
-        if code == ReasonCode::SUCCESS {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the place was never freed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_connack(tb.mqtt, "again", ReasonCode::SUCCESS).await;
     tb.stop().await;
 }
 
@@ -922,13 +846,7 @@ async fn connect_rate_refuses_with_connection_rate_exceeded() {
         connect_burst: 2,
         ..LimitsConfig::default()
     };
-    let (tb, _) = broker_with(
-        ListenersConfig::default(),
-        None,
-        limits,
-        MqttConfig::default(),
-    )
-    .await;
+    let tb = limited(limits).await;
     let (_a, code_a) = connack_code(tb.mqtt, V5, "a").await;
     let (_b, code_b) = connack_code(tb.mqtt, V5, "b").await;
     let (_c, code_c) = connack_code(tb.mqtt, V5, "c").await;
@@ -944,21 +862,8 @@ async fn overload_refuses_with_server_busy() {
         max_memory: ByteSize(1024),
         ..LimitsConfig::default()
     };
-    let (tb, _) = broker_with(
-        ListenersConfig::default(),
-        None,
-        limits,
-        MqttConfig::default(),
-    )
-    .await;
-    assert_eq!(
-        connack_code(tb.mqtt, V5, "m").await.1,
-        ReasonCode::SERVER_BUSY
-    );
-    assert_eq!(
-        connack_code(tb.mqtt, V311, "m3").await.1,
-        ReasonCode::SERVER_UNAVAILABLE
-    );
+    let tb = limited(limits).await;
+    assert_refused(tb.mqtt, "m", ReasonCode::SERVER_BUSY).await;
     tb.stop().await;
 
     // Queued messages: an offline persistent session collects more than the threshold.
@@ -966,13 +871,7 @@ async fn overload_refuses_with_server_busy() {
         max_queued_messages: 5,
         ..LimitsConfig::default()
     };
-    let (tb, _) = broker_with(
-        ListenersConfig::default(),
-        None,
-        limits,
-        MqttConfig::default(),
-    )
-    .await;
+    let tb = limited(limits).await;
     let mut connect = connect_packet(V5, "offline", true);
     connect.properties.session_expiry_interval = Some(600);
     let (mut sub, ack) = RawClient::handshake(tb.mqtt, connect).await;
@@ -983,12 +882,7 @@ async fn overload_refuses_with_server_busy() {
     let mut publisher = RawClient::connected(tb.mqtt, V5, "publisher").await;
     for n in 1..=10u16 {
         publisher
-            .send(&Packet::Publish(publish_packet(
-                "queued/x",
-                QoS::AtLeastOnce,
-                n,
-                b"m",
-            )))
+            .publish("queued/x", QoS::AtLeastOnce, n, b"m")
             .await;
         assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
     }
@@ -997,15 +891,7 @@ async fn overload_refuses_with_server_busy() {
         stats.stats().messages_queued.load(Relaxed) >= 10
     })
     .await;
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let (_c, code) = connack_code(tb.mqtt, V5, "late").await;
-        if code == ReasonCode::SERVER_BUSY {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never refused while overloaded");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_connack(tb.mqtt, "late", ReasonCode::SERVER_BUSY).await;
     tb.stop().await;
 }
 
@@ -1019,7 +905,7 @@ async fn client_that_stops_reading_is_disconnected_and_memory_stays_bounded() {
         max_queued_messages: 50,
         ..MqttConfig::default()
     };
-    let (tb, _) = broker_with(ListenersConfig::default(), None, limits, mqtt).await;
+    let (tb, _) = broker_full(ListenersConfig::default(), None, limits, mqtt).await;
     let mut slow = RawClient::connected(tb.mqtt, V5, "slow").await;
     slow.subscribe("big/#", QoS::AtMostOnce).await;
     let mut publisher = RawClient::connected(tb.mqtt, V5, "fast").await;
@@ -1037,12 +923,7 @@ async fn client_that_stops_reading_is_disconnected_and_memory_stays_bounded() {
         );
         for _ in 0..20 {
             publisher
-                .send(&Packet::Publish(publish_packet(
-                    "big/x",
-                    QoS::AtMostOnce,
-                    0,
-                    &payload,
-                )))
+                .publish("big/x", QoS::AtMostOnce, 0, &payload)
                 .await;
         }
         sent += 20;
@@ -1059,24 +940,6 @@ async fn client_that_stops_reading_is_disconnected_and_memory_stays_bounded() {
 
 // ---------------------------------------------------------------------------------------------
 // Robustness
-
-/// A small deterministic generator (xorshift64*), so a failure replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 /// One bad packet: random bytes, a truncated or oversized packet, reserved flags, a bad
 /// remaining length, or a malformed PUBLISH.
@@ -1123,7 +986,7 @@ async fn send_junk<S: tokio::io::AsyncWrite + Unpin>(
     packets: usize,
 ) -> usize {
     if rng.below(2) == 0 {
-        let id = format!("junk-{}", rng.next());
+        let id = format!("junk-{}", rng.next_u64());
         let version = if rng.below(2) == 0 { V5 } else { V311 };
         if s.write_all(&connect_bytes(version, &id)).await.is_err() {
             return 0;
@@ -1141,7 +1004,7 @@ async fn send_junk<S: tokio::io::AsyncWrite + Unpin>(
 /// One misbehaving connection: bad MQTT over TCP, WebSocket or TLS, or garbage instead of the
 /// WebSocket or TLS handshake. Returns how many bad packets (or garbage handshakes) it sent.
 async fn misbehave(to: Targets, seed: u64, packets: usize) -> usize {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed | 1);
     let kind = rng.below(6);
     let addr = match kind {
         0..=2 => to.tcp,
@@ -1198,21 +1061,10 @@ async fn malformed_packet_flood_does_not_disturb_well_behaved_clients() {
     const PUBLISHERS: u16 = 4;
     const MESSAGES: u16 = 250;
     let started = Instant::now();
-    let ca = ca("test CA");
-    let files = tls_files(&leaf(&ca, "broker", None, Role::Server), &ca);
-    let listeners = ListenersConfig {
-        tls: Some(ANY),
-        ws: Some(ANY),
-        ..ListenersConfig::default()
-    };
-    let tls = tls_settings(&files, ClientAuth::None, CertIdentitySource::Cn);
-    let (tb, _) = broker_with(
-        listeners,
-        Some(tls),
-        LimitsConfig::default(),
-        MqttConfig::default(),
-    )
-    .await;
+    let ca = Ca::new("test CA");
+    let (_files, tls) = server_tls(&ca);
+    let listeners = listening(&[ListenerKind::Tls, ListenerKind::Ws]);
+    let (tb, _) = broker_with(listeners, Some(tls)).await;
     let addr = tb.mqtt;
     let targets = Targets {
         tcp: addr,
@@ -1241,13 +1093,8 @@ async fn malformed_packet_flood_does_not_disturb_well_behaved_clients() {
             let mut c = RawClient::connected(addr, V5, &format!("publisher-{n}")).await;
             for m in 1..=MESSAGES {
                 let payload = format!("{n}/{m}");
-                c.send(&Packet::Publish(publish_packet(
-                    "good/t",
-                    QoS::AtLeastOnce,
-                    m,
-                    payload.as_bytes(),
-                )))
-                .await;
+                c.publish("good/t", QoS::AtLeastOnce, m, payload.as_bytes())
+                    .await;
                 match c.recv().await {
                     Some(Packet::PubAck(ack)) => assert_eq!(ack.packet_id, pid(m)),
                     other => panic!("expected PUBACK, got {other:?}"),

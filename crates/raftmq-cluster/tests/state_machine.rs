@@ -77,6 +77,13 @@ fn open(dir: &TempDir) -> Store {
     Store::open(dir.path()).expect("open store")
 }
 
+/// A store in a new temporary directory (kept as long as the directory is).
+fn temp_store() -> (TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    (dir, store)
+}
+
 /// Deletes everything, to reuse one store across proptest cases.
 fn clear(db: &StateDb) {
     let mut batch = StateBatch::new();
@@ -445,8 +452,7 @@ fn changes_round_trip_through_protobuf() {
 /// state machine's last applied log id is the entry's.
 #[test]
 fn apply_is_equivalent_to_the_reference_model() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+    let (_dir, store) = temp_store();
     let db = store.state_db();
     let rt = runtime();
     let mut runner = TestRunner::new(Config::with_cases(cases(256)));
@@ -479,8 +485,7 @@ fn apply_is_equivalent_to_the_reference_model() {
 /// oldest-first acks, clean start releasing references).
 #[test]
 fn messages_are_stored_once_and_reference_counted() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+    let (_dir, store) = temp_store();
     let rt = runtime();
     let mut sm = StateMachine::new(store.state_db());
     let m1 = msg("t/1", "one", QoS::ExactlyOnce);
@@ -566,8 +571,7 @@ fn messages_are_stored_once_and_reference_counted() {
 /// in the middle of an entry hides everything the session had before.
 #[test]
 fn reads_during_an_entry_see_its_own_writes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+    let (_dir, store) = temp_store();
     let rt = runtime();
     let mut sm = StateMachine::new(store.state_db());
     let stored = |qos| StateChange::MessageStored {
@@ -640,8 +644,7 @@ fn reads_during_an_entry_see_its_own_writes() {
 /// nothing else.
 #[test]
 fn unreadable_entries_are_skipped() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+    let (_dir, store) = temp_store();
     let rt = runtime();
     let mut sm = StateMachine::new(store.state_db());
     apply_all(
@@ -701,8 +704,7 @@ fn unreadable_entries_are_skipped() {
 /// A failing entry (here: a corrupt stored record) writes nothing, not even `last_applied`.
 #[test]
 fn a_failed_entry_writes_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+    let (_dir, store) = temp_store();
     let db = store.state_db();
     let rt = runtime();
     let mut sm = StateMachine::new(db.clone());
@@ -738,11 +740,7 @@ fn a_failed_entry_writes_nothing() {
 /// give byte-identical snapshot streams.
 #[test]
 fn apply_is_deterministic() {
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("tempdir"),
-        tempfile::tempdir().expect("tempdir"),
-    );
-    let (store_a, store_b) = (open(&dir_a), open(&dir_b));
+    let ((_dir_a, store_a), (_dir_b, store_b)) = (temp_store(), temp_store());
     let (db_a, db_b) = (store_a.state_db(), store_b.state_db());
     let rt = runtime();
     let mut runner = TestRunner::new(Config::with_cases(cases(48)));
@@ -775,11 +773,7 @@ fn snapshot_restores_the_state() {
     let mut runner = TestRunner::new(Config::with_cases(cases(12)));
     runner
         .run(&(plans(), plans()), |(before, after)| {
-            let (dir_a, dir_b) = (
-                tempfile::tempdir().expect("tempdir"),
-                tempfile::tempdir().expect("tempdir"),
-            );
-            let (store_a, store_b) = (open(&dir_a), open(&dir_b));
+            let ((_dir_a, store_a), (_dir_b, store_b)) = (temp_store(), temp_store());
             let mut a = StateMachine::new(store_a.state_db());
             let mut b = StateMachine::new(store_b.state_db());
             // The entries of `before`, a membership entry (so that the snapshot carries one),
@@ -841,11 +835,7 @@ fn snapshot_restores_the_state() {
 #[test]
 fn installing_a_snapshot_replaces_the_state() {
     let rt = runtime();
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("tempdir"),
-        tempfile::tempdir().expect("tempdir"),
-    );
-    let (store_a, store_b) = (open(&dir_a), open(&dir_b));
+    let ((_dir_a, store_a), (_dir_b, store_b)) = (temp_store(), temp_store());
     let mut a = StateMachine::new(store_a.state_db());
     let mut b = StateMachine::new(store_b.state_db());
     let to_a = [opened("a", false)];

@@ -53,6 +53,19 @@ impl Durability for Held {
     }
 }
 
+/// A broker over [`Held`] durability, and the time the test starts at.
+fn held_broker() -> (Arc<Held>, Arc<Broker>, Instant) {
+    let held = Arc::new(Held::default());
+    (held.clone(), broker(held), Instant::now())
+}
+
+/// Completes every pending commit successfully and returns what `c` sends then.
+fn committed(held: &Held, c: &mut Connection, now: Instant) -> Vec<Packet> {
+    held.complete_all(Ok(()));
+    c.handle_commits(now);
+    drain(c, now)
+}
+
 fn broker(d: Arc<dyn Durability>) -> Arc<Broker> {
     Arc::new(Broker::new(MqttConfig::default()).with_durability(d))
 }
@@ -115,38 +128,44 @@ fn drain(c: &mut Connection, now: Instant) -> Vec<Packet> {
     std::iter::from_fn(|| c.poll_transmit()).collect()
 }
 
+/// A connection with a clean session that is not stored (no commit to wait for), past CONNACK.
+fn clean_client(b: &Arc<Broker>, id: &str, now: Instant) -> Connection {
+    let mut c = open(b, now);
+    assert!(matches!(
+        exchange(&mut c, connect(id, true, 0), now)[..],
+        [Packet::ConnAck(_)]
+    ));
+    c
+}
+
 fn open(b: &Arc<Broker>, now: Instant) -> Connection {
     Connection::new(b.clone(), None, now)
 }
 
 #[test]
 fn puback_waits_for_the_commit_when_a_persistent_session_matches() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     let mut sub = open(&b, now);
     sub.handle_packet(connect("sub", true, 300), now);
     assert!(
         drain(&mut sub, now).is_empty(),
         "CONNACK must wait for the session record"
     );
-    held.complete_all(Ok(()));
-    sub.handle_commits(now);
-    assert!(matches!(drain(&mut sub, now)[..], [Packet::ConnAck(_)]));
+    assert!(matches!(
+        committed(&held, &mut sub, now)[..],
+        [Packet::ConnAck(_)]
+    ));
     sub.handle_packet(subscribe("t/#", QoS::AtLeastOnce), now);
     assert!(
         drain(&mut sub, now).is_empty(),
         "SUBACK must wait for the subscription record"
     );
-    held.complete_all(Ok(()));
-    sub.handle_commits(now);
-    assert!(matches!(drain(&mut sub, now)[..], [Packet::SubAck(_)]));
-
-    let mut publ = open(&b, now);
     assert!(matches!(
-        exchange(&mut publ, connect("pub", true, 0), now)[..],
-        [Packet::ConnAck(_)]
+        committed(&held, &mut sub, now)[..],
+        [Packet::SubAck(_)]
     ));
+
+    let mut publ = clean_client(&b, "pub", now);
     publ.handle_packet(publish("t/1", QoS::AtLeastOnce, 7, false), now);
     assert!(
         drain(&mut publ, now).is_empty(),
@@ -161,9 +180,7 @@ fn puback_waits_for_the_commit_when_a_persistent_session_matches() {
         .filter(|c| matches!(c, StateChange::MessageStored { .. }))
         .count();
     assert_eq!(stored, 1);
-    held.complete_all(Ok(()));
-    publ.handle_commits(now);
-    match &drain(&mut publ, now)[..] {
+    match &committed(&held, &mut publ, now)[..] {
         [Packet::PubAck(ack)] => assert_eq!(ack.packet_id, pid(7)),
         other => panic!("expected PUBACK, got {other:?}"),
     }
@@ -171,14 +188,8 @@ fn puback_waits_for_the_commit_when_a_persistent_session_matches() {
 
 #[test]
 fn clean_sessions_and_qos0_never_wait_for_durability() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
-    let mut sub = open(&b, now);
-    assert!(matches!(
-        exchange(&mut sub, connect("sub", true, 0), now)[..],
-        [Packet::ConnAck(_)]
-    ));
+    let (held, b, now) = held_broker();
+    let mut sub = clean_client(&b, "sub", now);
     assert!(matches!(
         exchange(&mut sub, subscribe("t/#", QoS::ExactlyOnce), now)[..],
         [Packet::SubAck(_)]
@@ -245,9 +256,7 @@ fn assert_connack_after_failed_commit(
 
 #[test]
 fn failed_commit_refuses_connack_with_server_unavailable() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     let mut c = open(&b, now);
     c.handle_packet(connect("c", true, 60), now);
     assert_connack_after_failed_commit(&mut c, &held, now, ReasonCode::SERVER_UNAVAILABLE);
@@ -255,9 +264,7 @@ fn failed_commit_refuses_connack_with_server_unavailable() {
 
 #[test]
 fn failed_commit_closes_the_publisher_without_acknowledging() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     let mut sub = open(&b, now);
     sub.handle_packet(connect("sub", true, 60), now);
     sub.handle_packet(subscribe("t", QoS::AtLeastOnce), now);
@@ -508,9 +515,7 @@ fn resumed_session_resends_no_more_than_the_new_receive_maximum_at_once() {
 
 #[test]
 fn a_refused_publish_leaves_nothing_queued_for_an_offline_persistent_session() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     let mut sub = open(&b, now);
     sub.handle_packet(connect("sub", true, 300), now);
     sub.handle_packet(subscribe("t", QoS::AtLeastOnce), now);
@@ -560,9 +565,7 @@ fn sub_entry(qos: QoS) -> raftmq_core::session::SubEntry {
 
 #[test]
 fn a_qos1_publish_is_stored_for_persistent_sessions_owned_by_other_nodes() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     // Another node's client subscribed (QoS 1 and QoS 0 subscriptions, one shared).
     b.apply_replicated(
         5,
@@ -585,11 +588,7 @@ fn a_qos1_publish_is_stored_for_persistent_sessions_owned_by_other_nodes() {
         ],
         now,
     );
-    let mut publ = open(&b, now);
-    assert!(matches!(
-        exchange(&mut publ, connect("pub", true, 0), now)[..],
-        [Packet::ConnAck(_)]
-    ));
+    let mut publ = clean_client(&b, "pub", now);
     publ.handle_packet(publish("t/1", QoS::AtLeastOnce, 3, false), now);
     assert!(
         drain(&mut publ, now).is_empty(),
@@ -606,9 +605,10 @@ fn a_qos1_publish_is_stored_for_persistent_sessions_owned_by_other_nodes() {
         .map(|t| format!("{}:{:?}", t.client_id.as_str(), t.qos))
         .collect();
     assert_eq!(targets, ["far:AtLeastOnce"]);
-    held.complete_all(Ok(()));
-    publ.handle_commits(now);
-    assert!(matches!(drain(&mut publ, now)[..], [Packet::PubAck(_)]));
+    assert!(matches!(
+        committed(&held, &mut publ, now)[..],
+        [Packet::PubAck(_)]
+    ));
 
     // QoS 0 is never stored; after the remote session ends nothing is stored for it.
     let before = held.changes().len();
@@ -631,9 +631,7 @@ fn a_qos1_publish_is_stored_for_persistent_sessions_owned_by_other_nodes() {
 
 #[test]
 fn a_claim_through_another_node_fences_the_local_connection_and_keeps_its_subscriptions_remote() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     let mut sub = open(&b, now);
     sub.handle_packet(connect("mover", true, 300), now);
     sub.handle_packet(subscribe("jobs/#", QoS::AtLeastOnce), now);
@@ -679,14 +677,13 @@ fn a_claim_through_another_node_fences_the_local_connection_and_keeps_its_subscr
 
 #[test]
 fn a_message_stored_through_another_node_is_queued_for_the_local_session_once() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     let mut sub = open(&b, now);
     sub.handle_packet(connect("here", true, 300), now);
-    held.complete_all(Ok(()));
-    sub.handle_commits(now);
-    assert!(matches!(drain(&mut sub, now)[..], [Packet::ConnAck(_)]));
+    assert!(matches!(
+        committed(&held, &mut sub, now)[..],
+        [Packet::ConnAck(_)]
+    ));
 
     let stored = |id: u64| StateChange::MessageStored {
         id: MessageId(id),
@@ -797,9 +794,7 @@ fn records_of(held: &Held, id: u64) -> Vec<&'static str> {
 
 #[test]
 fn a_forwarded_qos1_message_reaches_a_connected_persistent_session_before_its_commit_once() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     let mut sub = persistent_subscriber(&b, &held, "here", "t/#", QoS::AtLeastOnce, now);
 
     // Forwarded first: delivered at once, without waiting for the replicated copy.
@@ -846,9 +841,7 @@ fn a_forwarded_qos1_message_reaches_a_connected_persistent_session_before_its_co
 
 #[test]
 fn forwarded_qos2_for_a_persistent_session_waits_for_the_log_and_its_sent_record() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     let mut sub = persistent_subscriber(&b, &held, "q2", "t/#", QoS::ExactlyOnce, now);
     let m = remote_message("t/1", QoS::ExactlyOnce, b"once", now);
     assert_eq!(
@@ -864,9 +857,9 @@ fn forwarded_qos2_for_a_persistent_session_waits_for_the_log_and_its_sent_record
     // resend it under the same id.
     assert!(drain(&mut sub, now).is_empty());
     assert_eq!(records_of(&held, 77), ["sent"]);
-    held.complete_all(Ok(()));
-    sub.handle_commits(now);
-    assert!(matches!(&drain(&mut sub, now)[..], [Packet::Publish(p)] if p.qos == QoS::ExactlyOnce));
+    assert!(
+        matches!(&committed(&held, &mut sub, now)[..], [Packet::Publish(p)] if p.qos == QoS::ExactlyOnce)
+    );
 }
 
 #[derive(Default)]
@@ -996,9 +989,7 @@ fn stored_payloads(held: &Held) -> Vec<String> {
 /// What a subscriber is sent once the packet ids of its stored QoS 2 deliveries are recorded.
 fn drain_recorded(c: &mut Connection, held: &Held, now: Instant) -> Vec<Packet> {
     let mut out = drain(c, now);
-    held.complete_all(Ok(()));
-    c.handle_commits(now);
-    out.extend(drain(c, now));
+    out.extend(committed(held, c, now));
     out
 }
 
@@ -1018,15 +1009,14 @@ fn publishes(packets: &[Packet]) -> Vec<String> {
 /// the first is still committing is acknowledged when the first is.
 #[test]
 fn a_qos2_publish_reaches_subscribers_once_whatever_happens_to_its_commit() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     let mut sub = persistent_subscriber(&b, &held, "s", "t/#", QoS::ExactlyOnce, now);
     let mut publ = open(&b, now);
     publ.handle_packet(connect("p", true, 300), now);
-    held.complete_all(Ok(()));
-    publ.handle_commits(now);
-    assert!(matches!(drain(&mut publ, now)[..], [Packet::ConnAck(_)]));
+    assert!(matches!(
+        committed(&held, &mut publ, now)[..],
+        [Packet::ConnAck(_)]
+    ));
 
     // Refused: nothing delivered, nothing acknowledged.
     publ.handle_packet(publish("t/1", QoS::ExactlyOnce, 7, false), now);
@@ -1045,17 +1035,16 @@ fn a_qos2_publish_reaches_subscribers_once_whatever_happens_to_its_commit() {
     // The client comes back and resends it (DUP): routed again, delivered once.
     let mut publ = open(&b, now);
     publ.handle_packet(connect("p", false, 300), now);
-    held.complete_all(Ok(()));
-    publ.handle_commits(now);
-    drain(&mut publ, now);
+    committed(&held, &mut publ, now);
     let mut again = publish("t/1", QoS::ExactlyOnce, 7, false);
     if let Packet::Publish(p) = &mut again {
         p.dup = true;
     }
     publ.handle_packet(again.clone(), now);
-    held.complete_all(Ok(()));
-    publ.handle_commits(now);
-    assert!(matches!(drain(&mut publ, now)[..], [Packet::PubRec(_)]));
+    assert!(matches!(
+        committed(&held, &mut publ, now)[..],
+        [Packet::PubRec(_)]
+    ));
     assert_eq!(publishes(&drain_recorded(&mut sub, &held, now)), ["m7"]);
     assert_eq!(
         stored_payloads(&held),
@@ -1089,9 +1078,7 @@ fn a_qos2_publish_reaches_subscribers_once_whatever_happens_to_its_commit() {
     let before = stored_payloads(&held).len();
     let mut publ = open(&b, now);
     publ.handle_packet(connect("p", false, 300), now);
-    held.complete_all(Ok(()));
-    publ.handle_commits(now);
-    drain(&mut publ, now);
+    committed(&held, &mut publ, now);
     let mut dup9 = publish("t/3", QoS::ExactlyOnce, 9, false);
     if let Packet::Publish(p) = &mut dup9 {
         p.dup = true;
@@ -1134,9 +1121,7 @@ fn a_session_fenced_before_its_connack_waits_for_the_commit_instead_of_spinning(
 /// for a commit (retained) and the next needs none; a refused one does not hold the next back.
 #[test]
 fn qos2_messages_of_one_client_are_delivered_in_order_around_commits() {
-    let held = Arc::new(Held::default());
-    let b = broker(held.clone());
-    let now = Instant::now();
+    let (held, b, now) = held_broker();
     let mut sub = open(&b, now);
     exchange(&mut sub, connect("order-sub", true, 0), now);
     exchange(&mut sub, subscribe("o/#", QoS::ExactlyOnce), now);

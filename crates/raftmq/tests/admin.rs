@@ -2,185 +2,54 @@
 //! clients, kick, subscriptions, retained messages, publish), draining (readiness, refused
 //! connections, the DISCONNECT clients get, no acknowledged message lost), `raftmq ctl` against
 //! a running broker, and membership changes with two processes.
-//!
-//! Ports come from 21000–21999, which no other test uses.
 
-use raftmq_codec::{
-    ConnectProperties, Disconnect, Packet, ProtocolVersion, PubResponse, QoS, ReasonCode,
-};
-use raftmq_tests::{RawClient, connect_packet, publish_packet};
+use raftmq_codec::{Disconnect, Packet, ProtocolVersion, PubResponse, QoS, ReasonCode};
+use raftmq_tests::process::{Node, NodeSpec, START_TIMEOUT, http_get, http_json, voters};
+use raftmq_tests::{RawClient, connect_packet, connect_v5, free_port, poll, publish_packet};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
-/// Upper bound for a node to start (Raft leader election included).
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// Upper bound for any other wait.
+/// Upper bound for any wait but a node's start.
 const WAIT: Duration = Duration::from_secs(15);
 const TOKEN: &str = "s3cret-admin-token";
+/// The executable under test.
+const RAFTMQ: &str = env!("CARGO_BIN_EXE_raftmq");
 
-/// A free port in 21000–21999; each test process starts at its own offset.
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 21_000;
-    const SPAN: u32 = 1_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    // Each test process starts at its own offset and wraps around within the range (an
-    // offset near its end must not leave the process without ports).
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id() % 40 * 25,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..SPAN {
-        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
+/// Starts node `id` (data in `data_dir`, joining through `seeds`) with `env` (e.g. the admin
+/// token) and waits until it is ready.
+async fn start(id: u64, data_dir: &Path, seeds: &[String], env: &[(&str, &str)]) -> Node {
+    let mut spec = NodeSpec::new(RAFTMQ, id, data_dir.to_owned());
+    spec.seeds = seeds.to_vec();
+    for (k, v) in env {
+        spec = spec.with_env(k, *v);
     }
-    panic!("no free test port in 21000-21999");
+    Node::start(&spec).await
 }
 
-/// A running `raftmq` process (killed when dropped).
-struct Node {
-    child: Child,
-    id: u64,
-    mqtt: u16,
-    http: u16,
-    cluster: u16,
-}
-
-impl Node {
-    /// Starts node `id` with `env` (e.g. the admin token) and waits until it is ready.
-    async fn start(id: u64, data_dir: &Path, seeds: &[String], env: &[(&str, &str)]) -> Node {
-        let (mqtt, http, cluster) = (free_port(), free_port(), free_port());
-        Self::start_on(id, data_dir, seeds, env, (mqtt, http, cluster)).await
-    }
-
-    async fn start_on(
-        id: u64,
-        data_dir: &Path,
-        seeds: &[String],
-        env: &[(&str, &str)],
-        (mqtt, http, cluster): (u16, u16, u16),
-    ) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_raftmq"));
-        cmd.env_clear()
-            .args(["serve", "--log-level", "error,openraft=off"])
-            .args(["--node-id", &id.to_string()])
-            .args(["--mqtt-addr", &format!("127.0.0.1:{mqtt}")])
-            .args(["--http-addr", &format!("127.0.0.1:{http}")])
-            .args(["--cluster-addr", &format!("127.0.0.1:{cluster}")])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if !seeds.is_empty() {
-            cmd.args(["--seeds", &seeds.join(",")]);
-        }
-        let node = Node {
-            child: cmd.spawn().expect("starts raftmq"),
-            id,
-            mqtt,
-            http,
-            cluster,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while http_call(http, "GET", "/readyz", None, None).await.0 != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "node {id} not ready within {START_TIMEOUT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        node
-    }
-
-    fn mqtt_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.mqtt))
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http)
-    }
-
-    /// SIGTERM, then waits (bounded) for the process to exit; returns its exit code.
-    fn terminate(mut self) -> Option<i32> {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("runs kill");
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "no exit within 30s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP request to 127.0.0.1:`port`: (status, JSON body or the text as a JSON string);
-/// status 0 when unreachable.
-async fn http_call(
-    port: u16,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return (0, Value::Null);
-    };
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    if !body.is_empty() {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(&body);
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return (0, Value::Null);
-    }
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    let json = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    (code, json)
+/// Starts node 1 alone in a new temporary directory with `env`.
+async fn single_node(env: &[(&str, &str)]) -> (tempfile::TempDir, Node) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start(1, &dir.path().join("data"), &[], env).await;
+    (dir, node)
 }
 
 /// An authorized admin call that must answer `expected`; returns the body.
 async fn api(node: &Node, method: &str, path: &str, body: Option<Value>, expected: u16) -> Value {
-    let (code, v) = http_call(node.http, method, path, Some(TOKEN), body.as_ref()).await;
+    let (code, v) = http_json(node.spec.http, method, path, Some(TOKEN), body.as_ref()).await;
     assert_eq!(code, expected, "{method} {path}: {v}");
     v
+}
+
+/// Kicks `client_id` and discards its session through the API; returns what the answer says:
+/// (session discarded, client disconnected).
+async fn kick_discarding(node: &Node, client_id: &str) -> (Value, Value) {
+    let path = format!("/api/v1/clients/{client_id}?discard_session=true");
+    let v = api(node, "DELETE", &path, None, 200).await;
+    (v["session_discarded"].clone(), v["disconnected"].clone())
 }
 
 /// The `error` of a JSON error answer.
@@ -192,12 +61,7 @@ fn error_of(v: &Value) -> &str {
 
 /// A v5 client with a persistent session (expiry 1 h), subscribed to `filter` at QoS 1.
 async fn persistent_subscriber(addr: SocketAddr, id: &str, filter: &str) -> RawClient {
-    let mut connect = connect_packet(ProtocolVersion::V5, id, false);
-    connect.properties = ConnectProperties {
-        session_expiry_interval: Some(3600),
-        ..Default::default()
-    };
-    let (mut c, ack) = RawClient::handshake(addr, connect).await;
+    let (mut c, ack) = RawClient::handshake(addr, connect_v5(id, false, 3600)).await;
     assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
     c.subscribe(filter, QoS::AtLeastOnce).await;
     c
@@ -226,16 +90,30 @@ async fn ctl(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("ctl thread")
 }
 
+/// The node drains: it reports not ready and its MQTT listener is (or soon is) closed.
+async fn assert_draining(node: &Node) {
+    assert_eq!(http_get(node.spec.http, "/readyz").await.0, 503);
+    wait_refused(node.mqtt_addr()).await;
+}
+
 /// Waits (bounded) until connections to `addr` are refused: the listener is closed.
 async fn wait_refused(addr: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "{addr} still accepts connections"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{addr} refuses connections");
+    poll(&what, WAIT, Duration::from_millis(20), || async {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(_) => Err("accepted"),
+            Err(_) => Ok(()),
+        }
+    })
+    .await;
+}
+
+/// Runs `raftmq ctl` with `args` and `env`, which must fail saying each of `says` on stderr.
+async fn ctl_fails(args: &[&str], env: &[(&str, &str)], says: &[&str]) {
+    let out = ctl(args, env).await;
+    assert_ne!(out.status.code(), Some(0));
+    let stderr = text(&out.stderr);
+    assert!(says.iter().all(|s| stderr.contains(s)), "{stderr}");
 }
 
 fn text(b: &[u8]) -> String {
@@ -244,24 +122,24 @@ fn text(b: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node = Node::start(
-        1,
-        &dir.path().join("data"),
-        &[],
-        &[("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN)],
-    )
-    .await;
+    let (_dir, node) = single_node(&[("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN)]).await;
 
     // The token guards /api/v1, not the probes or the metrics.
-    let (code, v) = http_call(node.http, "GET", "/api/v1/clients", None, None).await;
+    let (code, v) = http_json(node.spec.http, "GET", "/api/v1/clients", None, None).await;
     assert_eq!(code, 401, "{v}");
     assert!(error_of(&v).contains("token"), "{v}");
-    let (code, v) = http_call(node.http, "GET", "/api/v1/cluster", Some("wrong"), None).await;
+    let (code, v) = http_json(
+        node.spec.http,
+        "GET",
+        "/api/v1/cluster",
+        Some("wrong"),
+        None,
+    )
+    .await;
     assert_eq!((code, error_of(&v)), (401, "wrong admin token"));
     for open in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(
-            http_call(node.http, "GET", open, None, None).await.0,
+            http_json(node.spec.http, "GET", open, None, None).await.0,
             200,
             "{open}"
         );
@@ -349,8 +227,8 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
         ),
         (json!({"topic": "t/a", "colour": "red"}), "colour"),
     ] {
-        let (code, v) = http_call(
-            node.http,
+        let (code, v) = http_json(
+            node.spec.http,
             "POST",
             "/api/v1/publish",
             Some(TOKEN),
@@ -408,45 +286,36 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
     assert_eq!(v["session_discarded"], false);
     sub.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION)
         .await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = api(&node, "GET", "/api/v1/clients/sub-1", None, 200).await;
-        if v["connected"] == false {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still connected: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let v = api(&node, "DELETE", "/api/v1/clients/sub-1", None, 409).await;
-    assert!(error_of(&v).contains("discard_session"), "{v}");
-    let v = api(
-        &node,
-        "DELETE",
-        "/api/v1/clients/sub-1?discard_session=true",
-        None,
-        200,
+    poll(
+        "sub-1 is offline",
+        WAIT,
+        Duration::from_millis(50),
+        || async {
+            let v = api(&node, "GET", "/api/v1/clients/sub-1", None, 200).await;
+            if v["connected"] == false {
+                Ok(())
+            } else {
+                Err(v)
+            }
+        },
     )
     .await;
+    let v = api(&node, "DELETE", "/api/v1/clients/sub-1", None, 409).await;
+    assert!(error_of(&v).contains("discard_session"), "{v}");
     assert_eq!(
-        (&v["session_discarded"], &v["disconnected"]),
-        (&json!(true), &json!(false))
+        kick_discarding(&node, "sub-1").await,
+        (json!(true), json!(false)),
+        "(session discarded, disconnected)"
     );
     api(&node, "GET", "/api/v1/clients/sub-1", None, 404).await;
 
     // Kicking with discard_session while connected: the client is told 0x98 too, and
     // reconnecting finds no session.
     let mut sub2 = persistent_subscriber(node.mqtt_addr(), "sub-2", "t/#").await;
-    let v = api(
-        &node,
-        "DELETE",
-        "/api/v1/clients/sub-2?discard_session=true",
-        None,
-        200,
-    )
-    .await;
     assert_eq!(
-        (&v["session_discarded"], &v["disconnected"]),
-        (&json!(true), &json!(true))
+        kick_discarding(&node, "sub-2").await,
+        (json!(true), json!(true)),
+        "(session discarded, disconnected)"
     );
     sub2.expect_disconnect(ReasonCode::ADMINISTRATIVE_ACTION)
         .await;
@@ -473,8 +342,8 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
     const N: u32 = 300;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let node = Node::start(1, &data, &[], &[]).await;
-    let ports = (node.mqtt, node.http, node.cluster);
+    let node = start(1, &data, &[], &[]).await;
+    let spec = node.spec.clone();
 
     let mut sub = persistent_subscriber(node.mqtt_addr(), "drain-sub", "d/#").await;
     let mut v3 = RawClient::connected(node.mqtt_addr(), ProtocolVersion::V3_1_1, "drain-v3").await;
@@ -507,7 +376,7 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
         }
         other => panic!("subscriber got {other:?}"),
     }
-    let (code, status) = http_call(node.http, "POST", "/api/v1/drain", None, None).await;
+    let (code, status) = http_json(node.spec.http, "POST", "/api/v1/drain", None, None).await;
     assert_eq!((code, &status["draining"]), (200, &json!(true)), "{status}");
 
     // The publisher gets an acknowledgement for what was committed, then 0x8B.
@@ -552,22 +421,19 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
     assert_eq!(v3.expect_closed().await, []);
 
     // Not ready, new connections refused, the drain reports complete.
-    assert_eq!(
-        http_call(node.http, "GET", "/readyz", None, None).await.0,
-        503
-    );
-    wait_refused(node.mqtt_addr()).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (code, v) = http_call(node.http, "GET", "/api/v1/drain", None, None).await;
-        assert_eq!(code, 200);
-        if v["complete"] == true {
-            assert_eq!(v["connections"], 0, "{v}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "drain not complete: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_draining(&node).await;
+    let v = poll(
+        "the drain is complete",
+        WAIT,
+        Duration::from_millis(50),
+        || async {
+            let (code, v) = http_json(node.spec.http, "GET", "/api/v1/drain", None, None).await;
+            assert_eq!(code, 200);
+            if v["complete"] == true { Ok(v) } else { Err(v) }
+        },
+    )
+    .await;
+    assert_eq!(v["connections"], 0, "{v}");
     assert_eq!(node.terminate(), Some(0), "clean exit after SIGTERM");
 
     // Every acknowledged message reaches the persistent subscriber after a restart.
@@ -575,10 +441,10 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
         !acked.is_empty(),
         "nothing was acknowledged before the drain"
     );
-    let node = Node::start_on(1, &data, &[], &[], ports).await;
-    let mut connect = connect_packet(ProtocolVersion::V5, "drain-sub", false);
-    connect.properties.session_expiry_interval = Some(3600);
-    let (mut sub, ack) = RawClient::handshake(node.mqtt_addr(), connect).await;
+    // The same node again: the same data dir and ports.
+    let node = Node::start(&spec).await;
+    let (mut sub, ack) =
+        RawClient::handshake(node.mqtt_addr(), connect_v5("drain-sub", false, 3600)).await;
     assert!(ack.session_present);
     while !acked.is_subset(&received) {
         match sub.recv_within(WAIT).await {
@@ -603,50 +469,28 @@ async fn drain_refuses_new_clients_disconnects_the_others_and_loses_no_acknowled
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node = Node::start(
-        1,
-        &dir.path().join("data"),
-        &[],
-        &[
-            ("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN),
-            ("RAFTMQ_DRAIN__SERVER_REFERENCE", "other.example:1883"),
-        ],
-    )
+    let (_dir, node) = single_node(&[
+        ("RAFTMQ_HTTP__ADMIN_TOKEN", TOKEN),
+        ("RAFTMQ_DRAIN__SERVER_REFERENCE", "other.example:1883"),
+    ])
     .await;
-    let url = node.url();
+    let url = node.spec.url();
     let with_token = [("RAFTMQ_ADMIN_TOKEN", TOKEN)];
 
     // Errors say what is wrong and exit non-zero.
-    let out = ctl(&["--url", &url, "cluster", "status"], &[]).await;
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        text(&out.stderr).contains("token is missing"),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = ctl(
-        &["--url", &url, "--token", "nope", "cluster", "status"],
+    let status = ["--url", &url, "cluster", "status"];
+    ctl_fails(&status, &[], &["token is missing"]).await;
+    let wrong_token = ["--url", &url, "--token", "nope", "cluster", "status"];
+    ctl_fails(&wrong_token, &[], &["token was refused"]).await;
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    ctl_fails(
+        &["--url", &closed, "cluster", "status"],
         &[],
+        &[closed.as_str()],
     )
     .await;
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        text(&out.stderr).contains("token was refused"),
-        "{}",
-        text(&out.stderr)
-    );
-    let closed = format!("http://127.0.0.1:{}", free_port());
-    let out = ctl(&["--url", &closed, "cluster", "status"], &[]).await;
-    assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains(&closed), "{}", text(&out.stderr));
-    let out = ctl(&["--url", &url, "clients", "show", "nobody"], &with_token).await;
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        text(&out.stderr).contains("404") && text(&out.stderr).contains("no client `nobody`"),
-        "{}",
-        text(&out.stderr)
-    );
+    let show = ["--url", &url, "clients", "show", "nobody"];
+    ctl_fails(&show, &with_token, &["404", "no client `nobody`"]).await;
 
     // Status (table and JSON); the server's own variable is a fallback for the token.
     let out = ctl(
@@ -711,9 +555,8 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
         .await;
 
     // Drain: a v5 client is sent to the configured server; ctl waits for completion.
-    let mut connect = connect_packet(ProtocolVersion::V5, "ctl-sub", false);
-    connect.properties.session_expiry_interval = Some(3600);
-    let (mut sub, _) = RawClient::handshake(node.mqtt_addr(), connect).await;
+    let (mut sub, _) =
+        RawClient::handshake(node.mqtt_addr(), connect_v5("ctl-sub", false, 3600)).await;
     let out = ctl(
         &["--url", &url, "--output", "json", "drain", "--wait"],
         &with_token,
@@ -736,50 +579,40 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
         }
         other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
     }
-    assert_eq!(
-        http_call(node.http, "GET", "/readyz", None, None).await.0,
-        503
-    );
-    wait_refused(node.mqtt_addr()).await;
+    assert_draining(&node).await;
 }
 
-/// The node's view of the voters, once it answers.
-async fn voters(node: &Node) -> Option<Vec<u64>> {
-    let (code, v) = http_call(node.http, "GET", "/api/v1/cluster", None, None).await;
-    (code == 200).then(|| {
-        v["voters"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default()
-    })
-}
-
+/// Waits until `node` sees exactly the voters `expected`.
 async fn wait_voters(node: &Node, expected: &[u64]) {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        let seen = voters(node).await;
+    let what = format!("node {} sees voters {expected:?}", node.spec.id);
+    poll(&what, START_TIMEOUT, Duration::from_millis(200), || async {
+        let seen = voters(node.spec.http).await;
         if seen.as_deref() == Some(expected) {
-            return;
+            Ok(())
+        } else {
+            Err(seen)
         }
-        assert!(
-            Instant::now() < deadline,
-            "node {} sees voters {seen:?}, expected {expected:?}",
-            node.id
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_is_changed_through_the_admin_api_and_ctl() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let n1 = Node::start(1, &dir.path().join("n1"), &[], &[]).await;
-    let seed = format!("127.0.0.1:{}", n1.cluster);
-    let n2 = Node::start(2, &dir.path().join("n2"), &[seed], &[]).await;
+    let n1 = start(1, &dir.path().join("n1"), &[], &[]).await;
+    let seed = format!("127.0.0.1:{}", n1.spec.cluster);
+    let n2 = start(2, &dir.path().join("n2"), &[seed], &[]).await;
     wait_voters(&n1, &[1, 2]).await;
 
     // Remove node 2 through the API of node 2 itself (forwarded to the leader).
-    let (code, v) = http_call(n2.http, "DELETE", "/api/v1/cluster/nodes/2", None, None).await;
+    let (code, v) = http_json(
+        n2.spec.http,
+        "DELETE",
+        "/api/v1/cluster/nodes/2",
+        None,
+        None,
+    )
+    .await;
     assert_eq!(code, 200, "{v}");
     wait_voters(&n1, &[1]).await;
 
@@ -787,27 +620,22 @@ async fn membership_is_changed_through_the_admin_api_and_ctl() {
     let out = ctl(
         &[
             "--url",
-            &n1.url(),
+            &n1.spec.url(),
             "cluster",
             "add",
             "--node-id",
             "2",
             "--cluster-addr",
-            &format!("127.0.0.1:{}", n2.cluster),
+            &format!("127.0.0.1:{}", n2.spec.cluster),
             "--mqtt-addr",
-            &format!("127.0.0.1:{}", n2.mqtt),
+            &format!("127.0.0.1:{}", n2.spec.mqtt),
         ],
         &[],
     )
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     wait_voters(&n1, &[1, 2]).await;
-    let out = ctl(&["--url", &n1.url(), "cluster", "remove", "9"], &[]).await;
-    assert_ne!(out.status.code(), Some(0));
-    assert!(
-        text(&out.stderr).contains("not a member"),
-        "{}",
-        text(&out.stderr)
-    );
+    let remove = ["--url", &n1.spec.url(), "cluster", "remove", "9"];
+    ctl_fails(&remove, &[], &["not a member"]).await;
     drop(n2);
 }

@@ -1,0 +1,313 @@
+//! Brokers on the harness: routing between nodes, fencing and node failure under injected
+//! faults.
+
+use super::*;
+use raftmq_codec::{Packet, PubResponse, QoS, ReasonCode, Will, WillProperties};
+use raftmq_core::Message;
+use raftmq_tests::{RawClient, connect_v5, publish_packet};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+/// Connects an MQTT 5 client (`expiry` 0: a session that is not stored) with an optional
+/// will; asserts CONNACK success.
+async fn client(addr: SocketAddr, id: &str, expiry: u32, will: Option<Will>) -> RawClient {
+    let mut connect = connect_v5(id, true, expiry);
+    connect.will = will;
+    let (c, ack) = RawClient::handshake(addr, connect).await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS, "CONNACK {ack:?}");
+    c
+}
+
+/// Publishes `payloads` to `topic` at `qos` one exchange at a time (QoS 2: PUBREC, PUBREL,
+/// PUBCOMP), waiting for each acknowledgement.
+async fn publish_all(c: &mut RawClient, topic: &str, qos: QoS, payloads: &[String]) {
+    for (i, payload) in payloads.iter().enumerate() {
+        let id = u16::try_from(i % 60_000 + 1).expect("packet id");
+        c.publish(topic, qos, id, payload.as_bytes()).await;
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => assert!(
+                matches!(c.recv().await, Some(Packet::PubAck(a)) if a.reason_code.is_success())
+            ),
+            QoS::ExactlyOnce => {
+                assert!(
+                    matches!(c.recv().await, Some(Packet::PubRec(r)) if r.reason_code.is_success())
+                );
+                c.send(&Packet::PubRel(PubResponse::success(raftmq_tests::pid(id))))
+                    .await;
+                assert!(matches!(c.recv().await, Some(Packet::PubComp(_))));
+            }
+        }
+    }
+}
+
+/// Receives until `quiet` passes without a PUBLISH, acknowledging everything (QoS 2 as a
+/// receiver must: a PUBLISH with a packet id not yet released is the same message); returns
+/// the payloads in arrival order, one per message.
+async fn drain(c: &mut RawClient, quiet: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut unreleased = BTreeSet::new();
+    while let Ok(Some(p)) = c.recv_within(quiet).await {
+        match p {
+            Packet::Publish(p) => {
+                let text = String::from_utf8_lossy(&p.payload).into_owned();
+                match (p.qos, p.packet_id) {
+                    (QoS::ExactlyOnce, Some(id)) => {
+                        if unreleased.insert(id.get()) {
+                            got.push(text);
+                        }
+                        c.send(&Packet::PubRec(PubResponse::success(id))).await;
+                    }
+                    (_, Some(id)) => {
+                        got.push(text);
+                        c.send(&Packet::PubAck(PubResponse::success(id))).await;
+                    }
+                    (_, None) => got.push(text),
+                }
+            }
+            Packet::PubRel(r) => {
+                unreleased.remove(&r.packet_id.get());
+                c.send(&Packet::PubComp(PubResponse::success(r.packet_id)))
+                    .await;
+            }
+            _ => {}
+        }
+    }
+    got
+}
+
+/// The payload of the probes [`wait_routed_from_1`] publishes.
+const PROBE: &str = "probe";
+
+/// Waits until node 1 routes messages to each of `subs` (named) on the other nodes, and
+/// stores QoS 1 messages for the persistent sessions among them, which it does once it has the
+/// routes the other nodes announced and has applied their subscriptions. Probes (payload
+/// [`PROBE`], to `r/probe/x`) are published on node 1 until each subscriber has received one:
+/// QoS 0 through an MQTT client, and QoS 1 straight into node 1's broker, whose count of
+/// sessions offered the message includes those it stored it for.
+async fn wait_routed_from_1(cluster: &Cluster, subs: &mut [(&str, &mut RawClient)]) {
+    let timeout = Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut prober = client(cluster.mqtt(1), "prober-1", 0, None).await;
+    let mut reached = BTreeSet::new();
+    let mut stored_for = 0;
+    while reached.len() < subs.len() || stored_for == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after {timeout:?}, probes published on node 1 reached only {reached:?} and were \
+             stored for {stored_for} sessions"
+        );
+        prober
+            .publish("r/probe/x", QoS::AtMostOnce, 0, PROBE.as_bytes())
+            .await;
+        let now = std::time::Instant::now();
+        let stored = Message {
+            topic: "r/probe/x".into(),
+            payload: bytes::Bytes::from_static(PROBE.as_bytes()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            received_at: now,
+            origin: None,
+        };
+        stored_for = stored_for.max(cluster.broker(1).publish(Arc::new(stored), now));
+        for (name, sub) in subs.iter_mut() {
+            let got = drain(sub, Duration::from_millis(200)).await;
+            if got.iter().any(|p| p == PROBE) {
+                reached.insert(name.to_string());
+            }
+        }
+    }
+}
+
+/// `got` without the probes of [`wait_routed_from_1`] (stragglers may arrive later).
+fn without_probes(got: Vec<String>) -> Vec<String> {
+    got.into_iter().filter(|p| p != PROBE).collect()
+}
+
+fn counts(got: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for g in got {
+        *m.entry(g.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Brokers on three nodes over slow links (20 ms each way on every link, Raft and
+/// forwarding): QoS 0/1/2 published on node 1 reach a clean and a persistent subscriber on
+/// node 2 (wildcard filters) exactly once each, a shared group with a member on node 2 and one
+/// on node 3 gets each message once, and a retained message set on node 3 is served by node 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn brokers_route_qos_0_1_2_between_nodes_exactly_once_over_slow_links() {
+    let cluster = Cluster::start_with_brokers(3).await;
+    cluster
+        .net
+        .delay_all(&cluster.ids, Duration::from_millis(20));
+    let mut clean = client(cluster.mqtt(2), "clean-2", 0, None).await;
+    clean.subscribe("r/#", QoS::AtLeastOnce).await;
+    let mut persistent = client(cluster.mqtt(2), "persistent-2", 3600, None).await;
+    persistent.subscribe("r/+/x", QoS::ExactlyOnce).await;
+    let mut s2 = client(cluster.mqtt(2), "member-2", 0, None).await;
+    s2.subscribe("$share/g/r/#", QoS::AtLeastOnce).await;
+    let mut s3 = client(cluster.mqtt(3), "member-3", 0, None).await;
+    s3.subscribe("$share/g/r/#", QoS::AtLeastOnce).await;
+    // Routes are announced asynchronously, and the persistent subscription is mirrored once
+    // node 1 has applied it.
+    wait_routed_from_1(
+        &cluster,
+        &mut [
+            ("clean-2", &mut clean),
+            ("persistent-2", &mut persistent),
+            ("member-2", &mut s2),
+            ("member-3", &mut s3),
+        ],
+    )
+    .await;
+
+    let mut publisher = client(cluster.mqtt(1), "publisher-1", 0, None).await;
+    let mut expected = Vec::new();
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+        let payloads: Vec<String> = (0..30).map(|i| format!("q{}-{i}", qos.as_u8())).collect();
+        publish_all(&mut publisher, "r/a/x", qos, &payloads).await;
+        expected.extend(payloads);
+    }
+    let quiet = Duration::from_secs(2);
+    let (got_clean, got_persistent, got_s2, got_s3) = tokio::join!(
+        drain(&mut clean, quiet),
+        drain(&mut persistent, quiet),
+        drain(&mut s2, quiet),
+        drain(&mut s3, quiet)
+    );
+    let [got_clean, got_persistent, got_s2, got_s3] =
+        [got_clean, got_persistent, got_s2, got_s3].map(without_probes);
+    let all: BTreeMap<String, usize> = expected.iter().map(|e| (e.clone(), 1)).collect();
+    assert_eq!(counts(&got_clean), all, "clean subscriber on node 2");
+    assert_eq!(
+        counts(&got_persistent),
+        all,
+        "persistent subscriber on node 2"
+    );
+    let mut shared = got_s2.clone();
+    shared.extend(got_s3.iter().cloned());
+    assert_eq!(
+        counts(&shared),
+        all,
+        "shared group: each message to one member"
+    );
+    assert!(!got_s2.is_empty() || !got_s3.is_empty());
+
+    // Retained through node 3, served by node 1 once applied there.
+    let mut setter = client(cluster.mqtt(3), "setter-3", 0, None).await;
+    let mut retained = publish_packet("status/n3", QoS::AtLeastOnce, 1, b"up");
+    retained.retain = true;
+    setter.send(&Packet::Publish(retained)).await;
+    assert!(matches!(setter.recv().await, Some(Packet::PubAck(_))));
+    eventually(
+        "node 1 has the retained message",
+        Duration::from_secs(10),
+        || {
+            let ok = cluster.broker(1).retained("status/n3").is_some();
+            async move { ok }
+        },
+    )
+    .await;
+    let mut late = client(cluster.mqtt(1), "late-1", 0, None).await;
+    late.subscribe("status/#", QoS::AtLeastOnce).await;
+    let p = late.recv_publish().await;
+    assert!(p.retain && &p.payload[..] == b"up");
+    cluster.shutdown().await;
+}
+
+/// A follower cut off from the others lets go of its persistent session (its client gets
+/// 0x9C with a Server Reference, no will is published there); the majority declares it down
+/// and adopts the session: the will is published once, on the majority side, and the session
+/// expires there. After healing, nothing is published twice and the node does not take the
+/// session back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_node_fences_its_sessions_and_the_majority_publishes_their_wills_once() {
+    let cluster = Cluster::start_with_brokers(3).await;
+    let leader = cluster.agreed_leader(&cluster.ids, None).await;
+    let cut = *cluster
+        .ids
+        .iter()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    let watcher_node = *cluster
+        .ids
+        .iter()
+        .find(|id| **id != cut && **id != leader)
+        .expect("the other follower");
+    let mut watcher = client(cluster.mqtt(watcher_node), "watcher", 0, None).await;
+    watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
+    let will = Will {
+        topic: "wills/device".into(),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: WillProperties::default(),
+    };
+    let mut device = client(cluster.mqtt(cut), "device", 3, Some(will)).await;
+    // The majority holds the device's session (and its will) before the cut.
+    eventually(
+        "the majority has applied the device's session",
+        Duration::from_secs(10),
+        || {
+            let ok = [leader, watcher_node]
+                .iter()
+                .all(|id| cluster.sessions(*id).contains("device"));
+            async move { ok }
+        },
+    )
+    .await;
+
+    let started = tokio::time::Instant::now();
+    cluster.net.isolate(cut, &cluster.ids);
+    // Fenced by its own node: 0x9C, and no will from there. (These brokers have no
+    // redirect installed, so no Server Reference; the real-process tests check it.)
+    match device.recv_within(Duration::from_secs(15)).await {
+        Ok(Some(Packet::Disconnect(d))) => {
+            assert_eq!(d.reason_code, ReasonCode::USE_ANOTHER_SERVER);
+        }
+        other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
+    }
+    let fenced = started.elapsed();
+    assert!(cluster.broker(cut).session("device").is_none());
+    // Declared down by the majority, which adopts the session and publishes the will once.
+    let p = watcher.recv_publish().await;
+    let will_after = started.elapsed();
+    assert_eq!(&p.payload[..], b"gone");
+    watcher
+        .send(&Packet::PubAck(PubResponse::success(
+            p.packet_id.expect("QoS 1"),
+        )))
+        .await;
+    assert!(
+        will_after > fenced,
+        "the will came from the cut-off node ({will_after:?} <= {fenced:?})"
+    );
+    // The session expires (3 s) on the adopting node, in memory and in the replicated state.
+    eventually(
+        "the adopted session expired",
+        Duration::from_secs(15),
+        || {
+            let gone = cluster.broker(leader).session("device").is_none()
+                && !cluster.sessions(leader).contains("device");
+            async move { gone }
+        },
+    )
+    .await;
+    cluster.net.heal();
+    eventually("the healed node caught up", CONVERGE_TIMEOUT, || {
+        let ok = !cluster.sessions(cut).contains("device") && cluster.leader_of(cut).is_some();
+        async move { ok }
+    })
+    .await;
+    assert!(
+        drain(&mut watcher, Duration::from_secs(3)).await.is_empty(),
+        "the will was published twice"
+    );
+    assert!(cluster.broker(cut).session("device").is_none());
+    println!("fenced {fenced:?} after the cut; will published {will_after:?} after it");
+    cluster.shutdown().await;
+}
