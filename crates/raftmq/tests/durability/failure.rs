@@ -135,6 +135,96 @@ async fn when_a_node_dies_its_clients_wills_fire_once_and_their_sessions_expire(
     println!("node killed: will published after {took:?}, once; session expired");
 }
 
+/// The leader's view of the wills `node` announced (`raftmq_forward_peer_wills{peer}`).
+async fn peer_wills(leader_http: u16, node: u64) -> Option<f64> {
+    let (status, body) = http_get(leader_http, "/metrics").await;
+    assert_eq!(status, 200);
+    raftmq_tests::metrics::metric(
+        &body,
+        &format!("raftmq_forward_peer_wills{{peer=\"{node}\"}}"),
+    )
+}
+
+/// A client without a stored session (session expiry 0) proposes nothing to the log, so its
+/// will is known only to its node and, through the forwarding streams, to the peers. When that
+/// node is killed, the node that declares it down publishes the will, once; a will withdrawn
+/// by a normal DISCONNECT before the crash is not published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_node_dies_the_wills_of_its_sessionless_clients_fire_once() {
+    let (_dir, specs, mut nodes, leader) = start_cluster().await;
+    let followers: Vec<usize> = (0..3).filter(|&i| specs[i].id != leader).collect();
+    let (doomed_node, watcher_node) = (followers[0], followers[1]);
+    let leader_http = specs
+        .iter()
+        .find(|s| s.id == leader)
+        .expect("the leader is a member")
+        .http;
+    let doomed_id = specs[doomed_node].id;
+
+    let (mut watcher, _) =
+        connected(specs[watcher_node].mqtt_addr(), "clean-will-watcher", true).await;
+    watcher.subscribe("clean-wills/#", QoS::AtLeastOnce).await;
+    let with_will = |id: &str, payload: &'static [u8]| {
+        let mut connect = connect_v5(id, true, 0);
+        connect.keep_alive = 60;
+        connect.will = Some(raftmq_codec::Will {
+            topic: format!("clean-wills/{id}").as_str().into(),
+            payload: bytes::Bytes::from_static(payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+        });
+        connect
+    };
+    let (doomed, ack) = RawClient::handshake(
+        specs[doomed_node].mqtt_addr(),
+        with_will("doomed-clean", b"msg-7"),
+    )
+    .await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    let (mut graceful, ack) = RawClient::handshake(
+        specs[doomed_node].mqtt_addr(),
+        with_will("graceful-clean", b"msg-8"),
+    )
+    .await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    raftmq_tests::eventually(
+        "the leader holds both wills of the doomed node's clients",
+        Duration::from_secs(10),
+        || async move { peer_wills(leader_http, doomed_id).await == Some(2.0) },
+    )
+    .await;
+    // A normal DISCONNECT withdraws that will from the peers.
+    graceful
+        .send(&Packet::Disconnect(raftmq_codec::Disconnect::default()))
+        .await;
+    raftmq_tests::eventually(
+        "the leader no longer holds the withdrawn will",
+        Duration::from_secs(10),
+        || async move { peer_wills(leader_http, doomed_id).await == Some(1.0) },
+    )
+    .await;
+
+    let killed_at = Instant::now();
+    kill9(&mut nodes, doomed_node);
+    drop(doomed);
+    let mut will = Vec::new();
+    while will.is_empty() && killed_at.elapsed() < Duration::from_secs(40) {
+        will = collect(&mut watcher, 1).await;
+    }
+    let took = killed_at.elapsed();
+    assert_eq!(
+        will,
+        [7],
+        "the will of a dead node's sessionless client is published"
+    );
+    assert!(
+        collect(&mut watcher, 1).await.is_empty(),
+        "the will is published once, and the withdrawn one not at all"
+    );
+    println!("node killed: the sessionless client's will published after {took:?}, once");
+}
+
 /// A node that hangs (SIGSTOP: its connections stay open, nothing answers) does not hold up
 /// QoS 1 publishers on other nodes whose messages match its subscribers: the forwarding stream
 /// to it is closed once an acknowledgement is `FORWARD_ACK_TIMEOUT` (10 s) late, instead of
