@@ -656,12 +656,17 @@ async fn declare_down_nodes(
                     // meanwhile is applied here (the barrier): those the cluster adopted while
                     // this node was away are no longer listed as its own.
                     // A store that cannot be read leaves the lease fenced: tried again next tick.
+                    // Messages stored meanwhile for the sessions to restore are kept for them
+                    // from before the barrier (see `Broker::begin_adoption`).
+                    broker.begin_adoption();
                     if durability.propose(Vec::new()).await.is_ok()
                         && let Ok(owned) = durability.sessions_owned_by(me)
                     {
                         let restored = broker.adopt_sessions(owned, std::time::Instant::now());
                         lease.restored();
                         info!(restored, "quorum regained; persistent sessions restored");
+                    } else {
+                        broker.end_adoption();
                     }
                 }
                 LeaseEvent::None => {}
@@ -684,8 +689,12 @@ async fn declare_down_nodes(
             if declared.contains(&node) || hub.down_for(node).is_none_or(|d| d < NODE_DOWN_AFTER) {
                 continue;
             }
+            broker.begin_adoption();
             let commit = durability.propose(vec![StateChange::NodeDown { node }]);
             if commit.await.is_err() {
+                if !adoption_pending {
+                    broker.end_adoption();
+                }
                 continue;
             }
             declared.insert(node);

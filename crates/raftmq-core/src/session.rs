@@ -406,6 +406,29 @@ impl Session {
         }
     }
 
+    /// Offers a stored delivery unless this session already has that stored message (queued
+    /// or in flight), e.g. restored from a read of the replicated state made after it was
+    /// stored.
+    pub(crate) fn enqueue_stored_once(
+        &self,
+        delivery: Delivery,
+        limits: &QueueLimits,
+        stats: &BrokerStats,
+    ) -> Enqueued {
+        if let Some(id) = delivery.durable {
+            let st = self.state.lock();
+            let present = st.queue.iter().any(|d| d.durable == Some(id))
+                || st.outgoing.values().any(|o| match &o.state {
+                    Outgoing::Publish(d) => d.durable == Some(id),
+                    Outgoing::Released(released) => *released == Some(id),
+                });
+            if present {
+                return Enqueued::Queued;
+            }
+        }
+        self.enqueue(delivery, limits, stats)
+    }
+
     /// Ready when a publisher paused for congestion `episode` of this session may read
     /// again: the episode ended (the queue is down to the resume mark, or the session went
     /// offline) or counts as stalled. Registers the waker otherwise.

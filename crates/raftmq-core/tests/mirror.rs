@@ -13,7 +13,7 @@ use bytes::Bytes;
 use raftmq_codec::{ByteStr, QoS, SubscriptionOptions};
 use raftmq_core::DetachKind;
 use raftmq_core::config::MqttConfig;
-use raftmq_core::durability::{SessionImage, WillRecord};
+use raftmq_core::durability::{Commit, MessageId, SessionImage, WillRecord};
 use raftmq_core::session::SubEntry;
 use raftmq_core::{Broker, Message};
 use std::sync::atomic::Ordering::Relaxed;
@@ -214,4 +214,123 @@ fn a_dead_peers_wills_are_published_once_by_the_node_that_declared_it() {
     broker.forget_peer(3);
     assert_eq!(broker.peer_will_count(3), 0);
     assert_eq!(broker.stats().wills_published.load(Relaxed), 1);
+}
+
+/// Durability whose commits complete when the test says so.
+#[derive(Default)]
+struct Manual {
+    handles: parking_lot::Mutex<Vec<raftmq_core::durability::CommitHandle>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl raftmq_core::durability::Durability for Manual {
+    fn propose(&self, _changes: Vec<raftmq_core::durability::StateChange>) -> Commit {
+        let (commit, handle) = Commit::pending();
+        self.handles.lock().push(handle);
+        commit
+    }
+    fn next_message_id(&self) -> MessageId {
+        MessageId(self.next_id.fetch_add(1, Relaxed) + 1)
+    }
+    fn recover(
+        &self,
+    ) -> Result<raftmq_core::durability::Recovered, raftmq_core::durability::DurabilityError> {
+        Ok(Default::default())
+    }
+}
+
+impl Manual {
+    fn commit_all(&self) {
+        for h in self.handles.lock().drain(..) {
+            h.complete(Ok(()));
+        }
+    }
+}
+
+/// A broker over `durability` that mirrors a persistent subscription to `t/#` of `x`, a
+/// session held by another node (which this node is about to adopt), and a QoS 1 message
+/// `m` for `t/1`.
+fn adopting_broker(durability: Arc<Manual>) -> (Broker, SessionImage, Arc<Message>) {
+    let broker = Broker::new(MqttConfig::default()).with_durability(durability);
+    let entry = SubEntry {
+        options: SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..SubscriptionOptions::default()
+        },
+        subscription_id: None,
+    };
+    broker.replace_remote_subscriptions(vec![(ByteStr::from("x"), Arc::from("t/#"), entry)]);
+    let image = SessionImage {
+        client_id: ByteStr::from("x"),
+        expiry_secs: 3600,
+        subscriptions: vec![(Arc::from("t/#"), entry)],
+        messages: Vec::new(),
+        incoming_qos2: Vec::new(),
+        will: None,
+    };
+    let message = Arc::new(Message {
+        topic: ByteStr::from("t/1"),
+        payload: Bytes::from_static(b"m"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+        expires_at: None,
+        received_at: Instant::now(),
+        origin: Some(ByteStr::from("publisher")),
+    });
+    (broker, image, message)
+}
+
+fn queued(broker: &Broker, client_id: &str) -> usize {
+    broker.session(client_id).expect("adopted").queue_depth().0
+}
+
+/// A message stored (through the mirrored subscription) for a session this node is adopting,
+/// whose commit comes after the adoption read: it is queued for the adopted session once
+/// committed, whichever of the commit and the restore comes first, and never twice.
+#[test]
+fn a_message_stored_while_a_session_is_being_adopted_reaches_it() {
+    let t0 = Instant::now();
+    // The restore before the commit.
+    let durability = Arc::new(Manual::default());
+    let (broker, image, message) = adopting_broker(durability.clone());
+    broker.begin_adoption();
+    let routed = broker.route(message.clone(), None, t0);
+    assert_eq!(routed.offered, 1, "stored for the session held elsewhere");
+    assert_eq!(broker.adopt_sessions(vec![image.clone()], t0), 1);
+    assert_eq!(queued(&broker, "x"), 0, "not before its commit");
+    durability.commit_all();
+    assert_eq!(queued(&broker, "x"), 1, "queued once committed");
+
+    // The commit before the restore (the read did not see it).
+    let durability = Arc::new(Manual::default());
+    let (broker, image, message) = adopting_broker(durability.clone());
+    broker.begin_adoption();
+    broker.route(message.clone(), None, t0);
+    durability.commit_all();
+    broker.adopt_sessions(vec![image.clone()], t0);
+    assert_eq!(queued(&broker, "x"), 1);
+
+    // The read saw it: not queued a second time.
+    let durability = Arc::new(Manual::default());
+    let (broker, mut image, message) = adopting_broker(durability.clone());
+    broker.begin_adoption();
+    broker.route(message.clone(), None, t0);
+    durability.commit_all();
+    image
+        .messages
+        .push(raftmq_core::durability::StoredDelivery {
+            id: MessageId(1),
+            message: message.clone(),
+            target: raftmq_core::durability::StoredTarget {
+                client_id: ByteStr::from("x"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                subscription_ids: Default::default(),
+            },
+            packet_id: None,
+            released: false,
+        });
+    broker.adopt_sessions(vec![image], t0);
+    assert_eq!(queued(&broker, "x"), 1, "the restored copy only");
 }

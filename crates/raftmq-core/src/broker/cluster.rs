@@ -11,14 +11,18 @@
 //!   node or fenced when this node lost touch;
 //! - `live` — a stored QoS 1 message that arrives both forwarded and through the log is
 //!   queued once;
+//! - `adoption` — stored messages routed to sessions this node is about to adopt are kept
+//!   until both their commit and the session's restore happened;
 //! - `wills` — the wills of connections without a stored session, shared with the peers so
 //!   that the node declaring their node down publishes them.
 
+pub(super) mod adoption;
 pub(super) mod forwarding;
 mod live;
 mod mirror;
 mod wills;
 
+pub(super) use adoption::AdoptionSlot;
 pub use forwarding::{CLAIM_CLOCK_TOLERANCE, Forwarder, Redirect};
 
 /// The cluster's part of the broker's state.
@@ -32,7 +36,14 @@ pub(super) struct ClusterState {
     pub(super) live: live::LiveStored,
     /// Wills of sessionless connections, this node's and the peers'.
     pub(super) wills: wills::Wills,
+    /// While an adoption is being prepared: the stored deliveries routed to persistent sessions
+    /// not in memory here, by client id (a leaf lock, taken under the registry).
+    pub(super) adopting: parking_lot::Mutex<Option<Adopting>>,
 }
+
+/// Deliveries kept for sessions about to be adopted, by client id.
+pub(super) type Adopting =
+    ahash::HashMap<raftmq_codec::ByteStr, Vec<std::sync::Arc<adoption::AdoptionSlot>>>;
 
 impl ClusterState {
     pub(super) fn new(index_shards: usize) -> Self {
@@ -41,6 +52,7 @@ impl ClusterState {
             routes: forwarding::Routes::new(index_shards),
             live: live::LiveStored::default(),
             wills: wills::Wills::default(),
+            adopting: parking_lot::Mutex::new(None),
         }
     }
 }

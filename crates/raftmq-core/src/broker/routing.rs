@@ -1,6 +1,7 @@
 //! Routing a publish to the sessions that want it: the delivery pass over the subscription
 //! index, overlapping subscriptions, shared subscriptions, and queueing after a commit.
 
+use crate::broker::cluster::AdoptionSlot;
 use crate::broker::cluster::forwarding::is_share_key;
 use crate::broker::{Broker, Routed, UNFENCED};
 use crate::config::SharedStrategy;
@@ -54,6 +55,9 @@ pub(in crate::broker) struct Pass {
     /// A connected session (not the publisher's own) whose queue is past the pause mark,
     /// with its congestion episode.
     pub congested: Option<(Arc<Session>, u64)>,
+    /// Deliveries kept for sessions about to be adopted (see `cluster::adoption`): told the
+    /// commit once `changes` are proposed.
+    pub adopting: Vec<Arc<AdoptionSlot>>,
 }
 
 /// One subscriber's subscriptions that match a message, merged into one delivery: overlapping
@@ -183,10 +187,14 @@ impl Broker {
             deferred,
             mut acks,
             congested,
+            adopting,
         } = self.deliver(&message, Scope::Origin { hold });
         changes.extend(stored);
         let _ = now;
         let store = self.propose(changes);
+        for slot in adopting {
+            self.slot_proposed(&slot, &store);
+        }
         match incoming_qos2 {
             // A client's QoS 2 messages reach local sessions in the order it sent them: each
             // waits for its own commit and for the previous one's to settle (not to succeed:

@@ -2,6 +2,7 @@
 //! nodes (messages published here are stored for them), changes other nodes committed
 //! (the applied-change feed), and sessions taken from or given to other nodes.
 
+use super::adoption::AdoptionSlot;
 use super::live;
 use crate::broker::routing::{Pass, merge_overlapping};
 use crate::broker::{Broker, UNFENCED};
@@ -139,20 +140,26 @@ impl Broker {
                 // A session being loaded here right now: the replicated log will not queue this
                 // node's own batch for it, and its load may have been read before the commit;
                 // queue it once committed (the load skips ids already queued).
-                if let Some(session) = self.sessions.lock().get(client_id).cloned()
-                    && session.is_durable()
-                {
-                    pass.deferred.push((
-                        session,
-                        Delivery {
-                            qos: merged.qos,
-                            retain: merged.retain,
-                            subscription_ids: merged.subscription_ids.clone(),
-                            message: message.clone(),
-                            durable: Some(*id),
-                        },
-                    ));
+                let delivery = || Delivery {
+                    qos: merged.qos,
+                    retain: merged.retain,
+                    subscription_ids: merged.subscription_ids.clone(),
+                    message: message.clone(),
+                    durable: Some(*id),
+                };
+                let registry = self.sessions.lock();
+                if let Some(session) = registry.get(client_id).filter(|s| s.is_durable()) {
+                    pass.deferred.push((session.clone(), delivery()));
+                } else if let Some(adopting) = self.cluster.adopting.lock().as_mut() {
+                    // A session this node may be about to adopt (see `adoption`).
+                    let slot = AdoptionSlot::new(delivery());
+                    adopting
+                        .entry(client_id.clone())
+                        .or_default()
+                        .push(slot.clone());
+                    pass.adopting.push(slot);
                 }
+                drop(registry);
                 targets.push(StoredTarget {
                     client_id: client_id.clone(),
                     qos: merged.qos,
@@ -174,6 +181,9 @@ impl Broker {
         // One registry lock for the check and the insert: a client connecting meanwhile keeps
         // its live session (it waits, then resumes the adopted one).
         let mut registry = self.sessions.lock();
+        // Messages routed to these sessions since the window opened (under the registry lock,
+        // so no routing pass falls between the window and the restore).
+        let mut kept = self.cluster.adopting.lock().take().unwrap_or_default();
         for image in sessions {
             if registry.contains_key(&image.client_id) {
                 continue;
@@ -181,6 +191,13 @@ impl Broker {
             let client_id = image.client_id.clone();
             self.restore_offline(&mut registry, image, now);
             self.cluster.remote.clear(&client_id);
+            if let (Some(slots), Some(session)) =
+                (kept.remove(&client_id), registry.get(&client_id))
+            {
+                for slot in slots {
+                    self.slot_claimed(&slot, session);
+                }
+            }
             adopted += 1;
         }
         adopted
