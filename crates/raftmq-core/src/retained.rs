@@ -404,29 +404,13 @@ mod tests {
         assert_eq!(sorted(seen), want);
     }
 
-    fn level() -> impl Strategy<Value = &'static str> {
-        prop::sample::select(&["a", "b", "", "$x"][..])
-    }
-
-    fn topic_strategy() -> impl Strategy<Value = String> {
-        prop::collection::vec(level(), 1..5)
-            .prop_map(|levels| levels.join("/"))
-            .prop_filter("topic names are non-empty", |t| !t.is_empty())
-    }
-
     fn filter_strategy() -> impl Strategy<Value = String> {
-        let filter_level = prop_oneof![3 => level(), 1 => Just("+")];
-        (prop::collection::vec(filter_level, 0..4), any::<bool>())
-            .prop_map(|(mut levels, hash)| {
-                if hash || levels.is_empty() {
-                    levels.push("#");
-                }
-                levels.join("/")
-            })
-            .prop_filter("filters are valid", |f| {
-                TopicFilter::new(f, &TopicLimits::default()).is_ok()
-            })
+        crate::topic::strategies::filters().prop_filter("filters are valid", |f| {
+            TopicFilter::new(f, &TopicLimits::default()).is_ok()
+        })
     }
+
+    use crate::topic::strategies::topics as topic_strategy;
 
     proptest! {
         #[test]

@@ -95,17 +95,6 @@ impl TopicName {
         check_levels(levels, limits)?;
         Ok(Self(s.into()))
     }
-
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether this is a server topic (its first character is `$`, as in `$SYS/...`), which
-    /// filters starting with a wildcard do not match.
-    pub fn is_sys(&self) -> bool {
-        self.0.starts_with('$')
-    }
 }
 
 /// A validated topic filter: what a SUBSCRIBE or UNSUBSCRIBE names (without any `$share/`
@@ -140,16 +129,6 @@ impl TopicFilter {
         Ok(Self(s.into()))
     }
 
-    /// The filter as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether the filter starts with `$` and so can only match server topics such as `$SYS/...`.
-    pub fn is_sys(&self) -> bool {
-        self.0.starts_with('$')
-    }
-
     /// Whether the filter contains a `+` or `#` level (otherwise it matches exactly one name).
     pub fn has_wildcards(&self) -> bool {
         self.0.bytes().any(|b| b == b'+' || b == b'#')
@@ -158,6 +137,19 @@ impl TopicFilter {
 
 macro_rules! impl_str_newtype {
     ($ty:ident) => {
+        impl $ty {
+            /// The text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// Whether it starts with `$`: a server topic such as `$SYS/...` (which filters
+            /// starting with a wildcard do not match), or a filter that can only match those.
+            pub fn is_sys(&self) -> bool {
+                self.0.starts_with('$')
+            }
+        }
+
         impl Deref for $ty {
             type Target = str;
 
@@ -509,5 +501,34 @@ mod tests {
         let set: std::collections::HashSet<TopicFilter> = [f].into_iter().collect();
         assert!(set.contains("a/+"));
         assert!(filter("a").expect("valid") < filter("b").expect("valid"));
+    }
+}
+
+/// Proptest strategies over small alphabets of topic levels (including the empty level and a
+/// `$` level), shared by the property tests of the subscription and retained indexes.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use proptest::prelude::*;
+
+    fn level() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(&["a", "b", "", "$x"][..])
+    }
+
+    /// Topic names of one to four levels.
+    pub(crate) fn topics() -> impl Strategy<Value = String> {
+        prop::collection::vec(level(), 1..5)
+            .prop_map(|levels| levels.join("/"))
+            .prop_filter("topic names are non-empty", |t| !t.is_empty())
+    }
+
+    /// Filters of up to three levels (or `+`), ending in `#` when asked or when empty.
+    pub(crate) fn filters() -> impl Strategy<Value = String> {
+        let filter_level = prop_oneof![3 => level(), 1 => Just("+")];
+        (prop::collection::vec(filter_level, 0..4), any::<bool>()).prop_map(|(mut levels, hash)| {
+            if hash || levels.is_empty() {
+                levels.push("#");
+            }
+            levels.join("/")
+        })
     }
 }

@@ -1,9 +1,11 @@
 //! An ACL in `message` mode: a broad subscription is granted, and messages on denied topics
 //! are withheld from it one by one (as Mosquitto users expect), counted as dropped.
 
+mod support;
+
 use raftmq_codec::{
-    Connect, ConnectProperties, Packet, PacketId, ProtocolVersion, Publish, PublishProperties, QoS,
-    ReasonCode, Subscribe, SubscribeFilter, SubscriptionOptions,
+    Packet, PacketId, ProtocolVersion, Publish, PublishProperties, QoS, ReasonCode, Subscribe,
+    SubscribeFilter, SubscriptionOptions,
 };
 use raftmq_core::acl::Acl;
 use raftmq_core::config::MqttConfig;
@@ -26,16 +28,7 @@ fn broker(acl: &str) -> Arc<Broker> {
 fn connected(broker: &Arc<Broker>, id: &str, now: Instant) -> Connection {
     let mut c = Connection::new(broker.clone(), None, now);
     c.handle_packet(
-        Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: true,
-            keep_alive: 0,
-            client_id: id.into(),
-            will: None,
-            username: None,
-            password: None,
-            properties: ConnectProperties::default(),
-        })),
+        Packet::Connect(Box::new(support::connect(ProtocolVersion::V5, id, true))),
         now,
     );
     assert!(

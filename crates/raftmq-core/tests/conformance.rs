@@ -6,10 +6,11 @@
 //! is a base `Instant` plus offsets. The `Conformance` lines name the statements of the OASIS
 //! MQTT 3.1.1 and 5.0 texts each test checks (see docs/conformance.md).
 
+mod support;
+
 use bytes::BytesMut;
 use raftmq_codec::{
-    ByteStr, Connect, ConnectProperties, Packet, ProtocolVersion, QoS, Will, WillProperties,
-    decode, encode,
+    ByteStr, Connect, Packet, ProtocolVersion, QoS, Will, WillProperties, decode, encode,
 };
 use raftmq_core::config::MqttConfig;
 use raftmq_core::{Broker, Connection};
@@ -119,28 +120,12 @@ fn encode_packet(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
 
 /// A v5 CONNECT with clean start and no session expiry.
 fn v5(id: &str) -> Connect {
-    Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 0,
-        client_id: ByteStr::from(id.to_owned()),
-        will: None,
-        username: None,
-        password: None,
-        properties: ConnectProperties::default(),
-    }
+    support::connect(ProtocolVersion::V5, id, true)
 }
 
 /// A v5 CONNECT with the given clean start and session expiry.
 fn v5_session(id: &str, clean_start: bool, expiry: u32) -> Connect {
-    Connect {
-        clean_start,
-        properties: ConnectProperties {
-            session_expiry_interval: Some(expiry),
-            ..ConnectProperties::default()
-        },
-        ..v5(id)
-    }
+    support::connect_v5(id, clean_start, expiry)
 }
 
 fn v311(id: &str, clean_session: bool) -> Connect {

@@ -2,6 +2,8 @@
 //! does, and a broker rebuilt from durable state gives persistent sessions back as the protocol
 //! requires (sans-IO, fake clock).
 
+mod support;
+
 use bytes::Bytes;
 use parking_lot::Mutex;
 use raftmq_codec::{
@@ -71,19 +73,7 @@ fn broker(d: Arc<dyn Durability>) -> Arc<Broker> {
 }
 
 fn connect(id: &str, clean_start: bool, expiry: u32) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start,
-        keep_alive: 0,
-        client_id: ByteStr::from(id),
-        will: None,
-        username: None,
-        password: None,
-        properties: ConnectProperties {
-            session_expiry_interval: Some(expiry),
-            ..Default::default()
-        },
-    }))
+    Packet::Connect(Box::new(support::connect_v5(id, clean_start, expiry)))
 }
 
 fn subscribe(filter: &str, qos: QoS) -> Packet {

@@ -4,6 +4,8 @@
 //! Each client is a `Connection` fed decoded packets; what it would send is collected with
 //! `pump` + `poll_transmit`.
 
+mod support;
+
 use bytes::Bytes;
 use raftmq_codec::{
     ConnAck, Connect, ConnectProperties, DecodeError, Disconnect, DisconnectProperties, Packet,
@@ -163,16 +165,7 @@ fn pid(n: u16) -> PacketId {
 }
 
 fn v5(id: &str) -> Connect {
-    Connect {
-        protocol: ProtocolVersion::V5,
-        clean_start: true,
-        keep_alive: 0,
-        client_id: id.into(),
-        will: None,
-        username: None,
-        password: None,
-        properties: ConnectProperties::default(),
-    }
+    support::connect(ProtocolVersion::V5, id, true)
 }
 
 /// A v5 CONNECT resuming (or creating) a session that lasts `expiry` seconds.

@@ -5,10 +5,10 @@
 //! 0x80; 3.1.1 return code 3) without touching what is stored, so the same client resumes it
 //! once the store reads again.
 
+mod support;
+
 use parking_lot::Mutex;
-use raftmq_codec::{
-    ByteStr, ConnAck, Connect, ConnectProperties, Packet, ProtocolVersion, ReasonCode,
-};
+use raftmq_codec::{ByteStr, ConnAck, Packet, ProtocolVersion, ReasonCode};
 use raftmq_core::config::MqttConfig;
 use raftmq_core::durability::{
     Commit, Durability, DurabilityError, MemoryDurability, MessageId, Recovered, SessionLoad,
@@ -71,19 +71,9 @@ impl Durability for FailingStore {
 }
 
 fn connect(version: ProtocolVersion, id: &str) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: version,
-        clean_start: false,
-        keep_alive: 0,
-        client_id: ByteStr::from(id),
-        will: None,
-        username: None,
-        password: None,
-        properties: ConnectProperties {
-            session_expiry_interval: version.is_v5().then_some(3600),
-            ..Default::default()
-        },
-    }))
+    let mut connect = support::connect(version, id, false);
+    connect.properties.session_expiry_interval = version.is_v5().then_some(3600);
+    Packet::Connect(Box::new(connect))
 }
 
 /// Connects `id` (resuming its session) and returns the CONNACK and whether the connection is
