@@ -97,6 +97,9 @@ pub struct ForwardHub {
     links: Mutex<HashMap<NodeId, mpsc::Sender<Item>>>,
     /// Since when each peer's stream has been down (absent: up, or never tried).
     down_since: Mutex<HashMap<NodeId, std::time::Instant>>,
+    /// Since when every attempt to reach each peer was actively refused (nothing listens on
+    /// its cluster port: its process is gone). Cleared by an open stream or another failure.
+    refused_since: Mutex<HashMap<NodeId, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for ForwardHub {
@@ -184,6 +187,7 @@ impl ForwardHub {
             clock: WallClock::now(),
             links: Mutex::new(HashMap::new()),
             down_since: Mutex::new(HashMap::new()),
+            refused_since: Mutex::new(HashMap::new()),
         });
         broker.set_forwarder(hub.clone());
         let handle = hub.clone();
@@ -243,8 +247,25 @@ impl ForwardHub {
         let mut down = self.down_since.lock();
         if up {
             down.remove(&peer);
+            self.refused_since.lock().remove(&peer);
         } else {
             down.entry(peer).or_insert_with(std::time::Instant::now);
+        }
+    }
+
+    /// How long every attempt to reach `peer` has been refused outright (connection refused:
+    /// no process listens on its cluster port), if they are.
+    pub fn refused_for(&self, peer: NodeId) -> Option<Duration> {
+        self.refused_since.lock().get(&peer).map(|t| t.elapsed())
+    }
+
+    /// Records the outcome of a failed attempt to open the stream to `peer`.
+    fn attempt_failed(&self, peer: NodeId, refused: bool) {
+        let mut since = self.refused_since.lock();
+        if refused {
+            since.entry(peer).or_insert_with(std::time::Instant::now);
+        } else {
+            since.remove(&peer);
         }
     }
 
@@ -292,6 +313,7 @@ async fn link(
         }
         first = false;
         if hub.cut_off(peer) {
+            hub.attempt_failed(peer, false);
             continue;
         }
         let Ok(ch) = channel(&addr, hub.tls.as_ref()) else {
@@ -351,6 +373,7 @@ async fn link(
             Ok(resp) => resp.into_inner(),
             Err(status) => {
                 debug!(peer, %status, "forwarding stream refused");
+                hub.attempt_failed(peer, connection_refused(&status));
                 continue;
             }
         };
@@ -635,4 +658,19 @@ fn registered_will(
         client_id: client_id.to_string(),
         will: Some(will_to_proto(will, clock)),
     }
+}
+
+/// Whether a failed call never reached a process: the connection was refused (nothing listens
+/// on the address), as opposed to a timeout, a reset or a refusal by the peer itself.
+fn connection_refused(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }

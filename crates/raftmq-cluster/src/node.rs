@@ -584,6 +584,15 @@ impl RaftNode {
 /// A member whose forwarding stream has been down this long is declared down by the leader.
 pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(10);
 
+/// A member whose cluster port has refused every connection this long is declared down by the
+/// leader without waiting for [`NODE_DOWN_AFTER`]: nothing listens there, so its process is
+/// gone and can serve no session (its MQTT listeners live in the same process). A process
+/// restarted on the same data dir meanwhile applies the `NodeDown` naming it and lets go of
+/// the sessions it restored, as on any declaration. A partition or a hung process never looks
+/// like this (connections time out, or are accepted), so the self-fencing margin below is
+/// unaffected.
+pub const DEAD_AFTER_REFUSED: Duration = Duration::from_millis(1500);
+
 /// A node that could not commit for this long lets go of its persistent sessions (its clients
 /// are sent elsewhere with 0x9C Use another server) before the rest of the cluster may declare
 /// it down ([`NODE_DOWN_AFTER`]) and adopt them: a partitioned node never serves a session the
@@ -606,7 +615,8 @@ pub const SESSIONS_ADOPTED_TOTAL: &str = "raftmq_cluster_sessions_adopted_total"
 pub const DEAD_NODE_WILLS_TOTAL: &str = "raftmq_cluster_dead_node_wills_total";
 
 /// On the leader: declares down, by a committed `NodeDown`, every member whose stream has been
-/// down for [`NODE_DOWN_AFTER`], then adopts its persistent sessions into `broker` (offline,
+/// down for [`NODE_DOWN_AFTER`] (or whose cluster port has refused connections for
+/// [`DEAD_AFTER_REFUSED`]: its process is gone), then adopts its persistent sessions into `broker` (offline,
 /// their wills and expiry timers running here). Once a declared node's stream is back, a later
 /// failure is declared again.
 async fn declare_down_nodes(
@@ -686,7 +696,9 @@ async fn declare_down_nodes(
             continue;
         }
         for node in members {
-            if declared.contains(&node) || hub.down_for(node).is_none_or(|d| d < NODE_DOWN_AFTER) {
+            let gone = hub.refused_for(node).is_some_and(|r| r >= DEAD_AFTER_REFUSED)
+                || hub.down_for(node).is_some_and(|d| d >= NODE_DOWN_AFTER);
+            if declared.contains(&node) || !gone {
                 continue;
             }
             broker.begin_adoption();
