@@ -696,7 +696,9 @@ async fn declare_down_nodes(
             continue;
         }
         for node in members {
-            let gone = hub.refused_for(node).is_some_and(|r| r >= DEAD_AFTER_REFUSED)
+            let gone = hub
+                .refused_for(node)
+                .is_some_and(|r| r >= DEAD_AFTER_REFUSED)
                 || hub.down_for(node).is_some_and(|d| d >= NODE_DOWN_AFTER);
             if declared.contains(&node) || !gone {
                 continue;
