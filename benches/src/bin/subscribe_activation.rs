@@ -12,6 +12,7 @@
 //!
 //! ```text
 //! subscribe_activation --port 1883 [--host 127.0.0.1] [--trials 300] [--delays 0,5,10,20,50,100,200]
+//!                      [--wait-ms 200]   # how long a delivery may take to count
 //! ```
 
 use std::io::{Read, Write};
@@ -23,6 +24,7 @@ struct Args {
     port: u16,
     trials: usize,
     delays_us: Vec<u64>,
+    wait_ms: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -31,6 +33,7 @@ fn parse_args() -> Result<Args, String> {
         port: 1883,
         trials: 300,
         delays_us: vec![0, 5, 10, 20, 50, 100, 200, 500],
+        wait_ms: 200,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -39,6 +42,7 @@ fn parse_args() -> Result<Args, String> {
             "--host" => args.host = value,
             "--port" => args.port = value.parse().map_err(|e| format!("--port: {e}"))?,
             "--trials" => args.trials = value.parse().map_err(|e| format!("--trials: {e}"))?,
+            "--wait-ms" => args.wait_ms = value.parse().map_err(|e| format!("--wait-ms: {e}"))?,
             "--delays" => {
                 args.delays_us = value
                     .split(',')
@@ -156,7 +160,11 @@ fn main() {
                     std::hint::spin_loop();
                 }
                 publ.write_all(&publish)?;
-                if received(&mut sub, payload.as_bytes(), Duration::from_millis(200))? {
+                if received(
+                    &mut sub,
+                    payload.as_bytes(),
+                    Duration::from_millis(args.wait_ms),
+                )? {
                     delivered += 1;
                 }
             }
