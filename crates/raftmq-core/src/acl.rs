@@ -254,38 +254,26 @@ impl Acl {
                 Access::Subscribe {
                     filter: wanted,
                     qos,
-                } if self.mode == AclMode::Message => {
+                } => {
                     if !rule.subscribe {
                         continue;
                     }
-                    let wanted = strip_share(wanted);
-                    if rule.allow {
-                        if overlaps(&filter, wanted) {
-                            return rule.max_qos.is_none_or(|max| qos <= max);
-                        }
-                    } else if covers(&filter, wanted) {
-                        return false;
+                    // `filter` mode: an allow must cover the whole requested filter, a deny
+                    // decides as soon as it touches it. `message` mode the other way round:
+                    // each message is checked again on delivery.
+                    type Test = fn(&str, &str) -> bool;
+                    let (allow_test, deny_test): (Test, Test) = match self.mode {
+                        AclMode::Filter => (covers, overlaps),
+                        AclMode::Message => (overlaps, covers),
+                    };
+                    let decides = if rule.allow { allow_test } else { deny_test };
+                    if decides(&filter, strip_share(wanted)) {
+                        return rule.allow && rule.max_qos.is_none_or(|max| qos <= max);
                     }
                 }
                 Access::Receive { topic } => {
                     if rule.subscribe && matches(&filter, topic) {
                         return rule.allow;
-                    }
-                }
-                Access::Subscribe {
-                    filter: wanted,
-                    qos,
-                } => {
-                    if !rule.subscribe {
-                        continue;
-                    }
-                    let wanted = strip_share(wanted);
-                    if rule.allow {
-                        if covers(&filter, wanted) {
-                            return rule.max_qos.is_none_or(|max| qos <= max);
-                        }
-                    } else if overlaps(&filter, wanted) {
-                        return false;
                     }
                 }
             }
