@@ -319,7 +319,8 @@ impl Connection {
             release_if_small(&mut self.out);
             return None;
         };
-        if self.fits(&packet) {
+        // A PUBLISH was measured when it was queued (`transmit_publish`): not again here.
+        if matches!(packet, Packet::Publish(_)) || self.fits(&packet) {
             return Some(packet);
         }
         strip_diagnostics(&mut packet);
