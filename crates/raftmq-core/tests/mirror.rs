@@ -133,10 +133,32 @@ fn announced(broker: &Broker) -> Vec<String> {
 /// A sessionless connection's will is announced while it is pending and withdrawn when it is
 /// not any more: a normal disconnect, a disconnect that publishes it, a takeover. Persistent
 /// sessions' wills are never announced (the log records them).
+/// A forwarder that sends nothing: makes a broker a cluster node for these tests.
+struct NoPeers;
+
+impl raftmq_core::Forwarder for NoPeers {
+    fn forward(
+        &self,
+        _node: u64,
+        _message: &Arc<Message>,
+        _plain: bool,
+        _shared: Vec<Arc<str>>,
+        _stored: Option<MessageId>,
+    ) -> Commit {
+        Commit::ready()
+    }
+}
+
 #[test]
 fn sessionless_wills_are_announced_while_pending_and_withdrawn_after() {
     let t0 = Instant::now();
+    // A single node keeps no will table.
+    let single = Broker::new(MqttConfig::default());
+    let _s = single.attach(&ByteStr::from("s"), true, 0, Some(will_of("s")), t0);
+    assert_eq!(announced(&single), [] as [&str; 0]);
+
     let broker = Broker::new(MqttConfig::default());
+    broker.set_forwarder(Arc::new(NoPeers));
     let g0 = broker.wills_generation();
     let a = broker.attach(&ByteStr::from("a"), true, 0, Some(will_of("a")), t0);
     let _b = broker.attach(&ByteStr::from("b"), true, 0, Some(will_of("b")), t0);

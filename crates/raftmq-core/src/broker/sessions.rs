@@ -109,8 +109,12 @@ impl Broker {
                     will: will.clone(),
                 });
             }
-            // A will that no log entry records is announced to the peers instead.
-            if let Some(w) = will.as_ref().filter(|_| !session.is_durable()) {
+            // A will that no log entry records is announced to the peers instead (a single
+            // node has none: nothing to keep).
+            if let Some(w) = will
+                .as_ref()
+                .filter(|_| !session.is_durable() && self.clustered())
+            {
                 self.cluster.wills.register(client_id, w.clone());
             }
             st.will = will;
@@ -263,7 +267,9 @@ impl Broker {
     }
 
     pub(in crate::broker) fn discard_locked(&self, session: &Arc<Session>, st: &mut SessionState) {
-        self.cluster.wills.release(session.client_id());
+        if self.clustered() {
+            self.cluster.wills.release(session.client_id());
+        }
         for (key, rec) in st.subscriptions.drain() {
             if self
                 .index

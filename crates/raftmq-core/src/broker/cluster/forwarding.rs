@@ -212,6 +212,11 @@ impl Broker {
             .map(ByteStr::from)
     }
 
+    /// Whether this broker is a node of a cluster (a forwarder is installed).
+    pub(in crate::broker) fn clustered(&self) -> bool {
+        self.cluster.routes.forwarder.get().is_some()
+    }
+
     /// Installs the live forwarding to other nodes (once; later calls are ignored).
     pub fn set_forwarder(&self, forwarder: Arc<dyn Forwarder>) {
         let _ = self.cluster.routes.forwarder.set(forwarder);
