@@ -226,6 +226,8 @@ pub struct Auth {
     anonymous: bool,
     passwords: RwLock<Option<Arc<PasswordFile>>>,
     acl: RwLock<Option<Arc<Acl>>>,
+    /// Whether `acl` is in `mode message` (read per batch of deliveries, without the lock).
+    acl_per_message: std::sync::atomic::AtomicBool,
     stamps: Mutex<(Stamp, Stamp)>,
     cache: Arc<DecisionCache>,
     hashing: Arc<Semaphore>,
@@ -264,6 +266,7 @@ impl Auth {
             Some(p) => Some(Arc::new(load_acl(p)?)),
             None => None,
         };
+        let acl_per_message = acl.as_deref().is_some_and(per_message);
         let stamps = (
             config.password_file.as_deref().and_then(stamp),
             config.acl_file.as_deref().and_then(stamp),
@@ -272,6 +275,7 @@ impl Auth {
             anonymous: config.anonymous_allowed(),
             passwords: RwLock::new(passwords),
             acl: RwLock::new(acl),
+            acl_per_message: acl_per_message.into(),
             stamps: Mutex::new(stamps),
             cache: Arc::new(DecisionCache::new(config.cache_size, config.cache_ttl.0)),
             hashing: Arc::new(Semaphore::new(config.max_concurrent_hashes.max(1))),
@@ -319,6 +323,8 @@ impl Auth {
                 load_acl,
                 |path, a| {
                     info!(file = %path.display(), rules = a.len(), "ACL file reloaded");
+                    self.acl_per_message
+                        .store(per_message(&a), std::sync::atomic::Ordering::Relaxed);
                     *self.acl.write() = Some(Arc::new(a));
                 },
             ),
@@ -518,12 +524,18 @@ impl Authorizer for Auth {
     }
 
     fn checks_delivery(&self, principal: &Principal) -> bool {
-        let message = |acl: &Acl| acl.mode() == raftmq_core::acl::AclMode::Message;
         match &principal.acl {
-            Some(acl) => message(acl),
-            None => self.acl.read().as_deref().is_some_and(message),
+            Some(acl) => per_message(acl),
+            None => self
+                .acl_per_message
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
+}
+
+/// Whether `acl` checks each delivery (`mode message`).
+fn per_message(acl: &Acl) -> bool {
+    acl.mode() == raftmq_core::acl::AclMode::Message
 }
 
 #[cfg(test)]
@@ -703,5 +715,36 @@ mod tests {
         .expect_err("bad acl");
         assert!(err.to_string().starts_with("auth.acl_file: "), "{err}");
         assert!(err.to_string().contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn deliveries_are_checked_while_the_acl_file_is_in_message_mode() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp");
+        writeln!(file, "mode message\nallow subscribe #").expect("write");
+        let auth = Auth::load(&AuthConfig {
+            acl_file: Some(file.path().to_owned()),
+            ..AuthConfig::default()
+        })
+        .expect("valid");
+        let p = Principal {
+            username: None,
+            client_id: "c".to_owned(),
+            acl: None,
+        };
+        assert!(auth.checks_delivery(&p));
+        std::fs::write(file.path(), "allow subscribe #\n").expect("rewrite");
+        let (reloaded, errors) = auth.reload(true);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(reloaded, 1);
+        assert!(
+            !auth.checks_delivery(&p),
+            "back to filter mode after the reload"
+        );
+        // A connection's own rules (from the callout) decide for it.
+        let own = Principal {
+            acl: Some(Arc::new(Acl::parse("mode message\n").expect("valid"))),
+            ..p
+        };
+        assert!(auth.checks_delivery(&own));
     }
 }
