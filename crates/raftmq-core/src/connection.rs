@@ -359,12 +359,8 @@ impl Connection {
             match head.commit.result() {
                 None => return,
                 Some(Ok(())) => {
-                    if let Some(mut p) = self.pending.as_mut().and_then(|q| q.pop_front()) {
-                        let resumed = self.finish_attach(&mut p.packet);
-                        self.out.push_back(p.packet);
-                        if resumed {
-                            self.resend_inflight(now);
-                        }
+                    if let Some(p) = self.pending.as_mut().and_then(|q| q.pop_front()) {
+                        self.release(p.packet, now);
                     }
                     release_boxed_if_small(&mut self.pending);
                 }
@@ -425,6 +421,17 @@ impl Connection {
                     );
                 }
             }
+        }
+    }
+
+    /// Sends a packet whose commit succeeded. A CONNACK that completes the load of a stored
+    /// session restores it first (setting Session Present) and resends its in-flight messages
+    /// after it.
+    fn release(&mut self, mut packet: Packet, now: Instant) {
+        let resumed = self.finish_attach(&mut packet);
+        self.out.push_back(packet);
+        if resumed {
+            self.resend_inflight(now);
         }
     }
 

@@ -293,14 +293,9 @@ impl Connection {
             principal,
         });
         if loaded_at_once {
-            // The claim and the read already completed: restore the session now, as
-            // `handle_commits` would, before the CONNACK goes out.
-            let mut connack = connack;
-            let resumed = self.finish_attach(&mut connack);
-            self.out.push_back(connack);
-            if resumed {
-                self.resend_inflight(now);
-            }
+            // The claim and the read already completed: released now, as `handle_commits`
+            // would release it.
+            self.release(connack, now);
         } else {
             self.emit(connack, Some(attached.commit));
         }
