@@ -33,7 +33,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
 use raftmq_codec::{ByteStr, PublishProperties, QoS, RetainHandling, SubscriptionOptions};
-use raftmq_core::durability::{DetachRecord, MessageId, StateChange, StoredTarget, WillRecord};
+use raftmq_core::durability::{
+    DetachRecord, Fence, MessageId, StateChange, StoredTarget, WillRecord,
+};
 use raftmq_core::message::Message;
 use raftmq_core::session::SubEntry;
 use raftmq_proto::state;
@@ -153,6 +155,9 @@ pub enum ConvertError {
     /// An unknown `DetachHow`.
     #[error("field `{field}`: unknown detach kind {value}")]
     InvalidDetachHow { field: &'static str, value: i32 },
+    /// A fenced range outside the batch's changes, out of order or overlapping another.
+    #[error("fenced range of {count} changes from {first} is not within the batch")]
+    InvalidFence { first: u32, count: u32 },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -174,6 +179,25 @@ pub fn encode_batch_with(
     clock: &WallClock,
     ctx: &ProposalContext,
 ) -> Vec<u8> {
+    encode_fenced_batch(changes, &[], clock, ctx)
+}
+
+/// A fenced range of a batch: `changes[first .. first + count]` take effect only if `fence`
+/// holds when the batch is applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FencedRange {
+    pub fence: Fence,
+    pub first: u32,
+    pub count: u32,
+}
+
+/// [`encode_batch_with`] with fenced ranges (`Batch.fences`).
+pub fn encode_fenced_batch(
+    changes: &[StateChange],
+    fences: &[FencedRange],
+    clock: &WallClock,
+    ctx: &ProposalContext,
+) -> Vec<u8> {
     state::Batch {
         shard_id: SHARD_ID,
         changes: changes
@@ -181,8 +205,39 @@ pub fn encode_batch_with(
             .map(|c| change_to_proto_with(c, clock, ctx))
             .collect(),
         origin_node: ctx.node_id,
+        fences: fences.iter().map(fence_to_proto).collect(),
     }
     .encode_to_vec()
+}
+
+fn fence_to_proto(range: &FencedRange) -> state::Fence {
+    let (client_id, epoch, offline) = match &range.fence {
+        Fence::Attached { client_id, epoch } => (client_id, *epoch, false),
+        Fence::Offline { client_id, epoch } => (client_id, *epoch, true),
+    };
+    state::Fence {
+        client_id: client_id.to_string(),
+        epoch,
+        offline,
+        first: range.first,
+        count: range.count,
+    }
+}
+
+/// Checks that a batch's fenced ranges lie within its changes, in order and without overlap.
+pub fn validate_fences(batch: &state::Batch) -> Result<(), ConvertError> {
+    let mut next = 0u64;
+    for f in &batch.fences {
+        let (first, end) = (u64::from(f.first), u64::from(f.first) + u64::from(f.count));
+        if first < next || end > batch.changes.len() as u64 {
+            return Err(ConvertError::InvalidFence {
+                first: f.first,
+                count: f.count,
+            });
+        }
+        next = end;
+    }
+    Ok(())
 }
 
 /// Decodes the bytes of a `raftmq.state.v1.Batch`.

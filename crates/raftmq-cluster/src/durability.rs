@@ -7,23 +7,36 @@
 //! forwarded to the leader's `ClusterService.Propose`. A batch that cannot commit within
 //! [`COMMIT_TIMEOUT`] (no quorum, no leader) fails with `Unavailable`: the broker refuses the
 //! acknowledgement and the client retries later.
+//!
+//! Such a failure is not always a batch that did not commit: a write that timed out may sit in
+//! a follower's log and be committed by the next leader, a forwarded batch whose reply was lost
+//! may have committed at the leader. The connection is closed without its acknowledgement, and
+//! the client resends through a new connection, whose claim (`SessionOpened`) is committed
+//! before anything else of it. Proposals made for a connection are **fenced** by its claim
+//! ([`Durability::propose_fenced`], `Batch.fences`): the state machine applies them only while
+//! that claim is the session's latest. So a late copy is either applied before the new claim
+//! (and the new connection loads it: a resent QoS 2 PUBLISH finds its packet id recorded and is
+//! not stored twice) or dropped. A fenced proposal whose fence did not hold completes with
+//! `Unavailable` (its connection has been taken over), as does one whose outcome this node
+//! cannot read back.
 
-use crate::convert::{ProposalContext, WallClock, encode_batch_with};
-use crate::network::{ClusterTls, Faults, cluster_client, pass};
-use crate::state_machine::StateMachine;
+use crate::convert::{FencedRange, ProposalContext, WallClock, encode_fenced_batch};
+use crate::forward::connection_refused;
+use crate::network::{ClusterTls, Faults, cluster_client, pass_forwarded};
+use crate::state_machine::{FenceNotes, StateMachine};
 use crate::types::{NodeId, Raft, Request};
 use metrics::{counter, histogram};
 use openraft::error::{ClientWriteError, RaftError};
 use raftmq_codec::ByteStr;
 use raftmq_core::durability::{
-    Commit, CommitHandle, Durability, DurabilityError, MessageId, Recovered, SessionImage,
+    Commit, CommitHandle, Durability, DurabilityError, Fence, MessageId, Recovered, SessionImage,
     SessionLoad, StateChange,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 /// How long a batch may take to commit before its waiters are told storage is unavailable.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,10 +46,16 @@ const MAX_PROPOSALS_PER_BATCH: usize = 1024;
 pub const PROPOSALS_PER_BATCH: &str = "raftmq_raft_proposals_per_batch";
 pub const COMMIT_SECONDS: &str = "raftmq_raft_commit_seconds";
 pub const COMMIT_FAILURES_TOTAL: &str = "raftmq_raft_commit_failures_total";
+/// Fenced proposals of this node that committed but did not take effect: their session had
+/// been claimed by another connection by the time they were applied.
+pub const FENCED_PROPOSALS_TOTAL: &str = "raftmq_raft_fenced_proposals_total";
 
 struct Proposal {
     changes: Vec<StateChange>,
     handle: CommitHandle,
+    fence: Option<Fence>,
+    /// The ordinal of its fence in the batch it was folded into.
+    fence_ordinal: Option<u32>,
 }
 
 /// Durable broker state through Raft.
@@ -70,6 +89,7 @@ impl RaftDurability {
         raft: Raft,
         node_id: NodeId,
         reader: StateMachine,
+        fence_notes: FenceNotes,
         clock: WallClock,
         faults: Faults,
         tls: Option<ClusterTls>,
@@ -88,8 +108,24 @@ impl RaftDurability {
         // Never reuse an id this node gave to a message that is still stored.
         let recovered = durability.read_state()?;
         durability.seed_ids(&recovered);
-        tokio::spawn(batcher(raft, node_id, rx, clock, faults, tls));
+        tokio::spawn(batcher(raft, node_id, rx, fence_notes, clock, faults, tls));
         Ok(durability)
+    }
+
+    /// Hands a proposal to the batcher.
+    fn submit(&self, fence: Option<Fence>, changes: Vec<StateChange>) -> Commit {
+        let (commit, handle) = Commit::pending();
+        let proposal = Proposal {
+            changes,
+            handle,
+            fence,
+            fence_ordinal: None,
+        };
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(proposal) {
+            // The batcher is gone (shutting down): nothing can become durable.
+            p.handle.complete(Err(DurabilityError::Unavailable));
+        }
+        commit
     }
 
     /// While `on`, every read this durability layer makes of the local state fails, as a
@@ -148,12 +184,11 @@ impl RaftDurability {
 
 impl Durability for RaftDurability {
     fn propose(&self, changes: Vec<StateChange>) -> Commit {
-        let (commit, handle) = Commit::pending();
-        if let Err(mpsc::error::SendError(p)) = self.tx.send(Proposal { changes, handle }) {
-            // The batcher is gone (shutting down): nothing can become durable.
-            p.handle.complete(Err(DurabilityError::Unavailable));
-        }
-        commit
+        self.submit(None, changes)
+    }
+
+    fn propose_fenced(&self, fence: Fence, changes: Vec<StateChange>) -> Commit {
+        self.submit(Some(fence), changes)
     }
 
     fn next_message_id(&self) -> MessageId {
@@ -227,6 +262,7 @@ async fn batcher(
     raft: Raft,
     node_id: NodeId,
     mut rx: mpsc::UnboundedReceiver<Proposal>,
+    fence_notes: FenceNotes,
     clock: WallClock,
     faults: Faults,
     tls: Option<ClusterTls>,
@@ -241,29 +277,58 @@ async fn batcher(
             }
         }
         histogram!(PROPOSALS_PER_BATCH).record(batch.len() as f64);
-        let changes: Vec<StateChange> = batch
-            .iter_mut()
-            .flat_map(|p| std::mem::take(&mut p.changes))
-            .collect();
+        let mut changes: Vec<StateChange> = Vec::new();
+        let mut fences = Vec::new();
+        for p in &mut batch {
+            let first = changes.len();
+            changes.append(&mut p.changes);
+            if let Some(fence) = p.fence.take() {
+                fences.push(FencedRange {
+                    fence,
+                    first: u32::try_from(first).unwrap_or(u32::MAX),
+                    count: u32::try_from(changes.len() - first).unwrap_or(u32::MAX),
+                });
+                // Remembered as the ordinal of its fence in the batch.
+                p.fence_ordinal = Some(fences.len() as u32 - 1);
+            }
+        }
         let ctx = ProposalContext {
             node_id,
             now: Some(std::time::Instant::now()),
         };
-        let bytes = encode_batch_with(&changes, &clock, &ctx);
+        let bytes = encode_fenced_batch(&changes, &fences, &clock, &ctx);
         let started = Instant::now();
         let result = match commit(&raft, bytes, &faults, tls.as_ref()).await {
             // Read your writes: complete only once this node's state machine has the batch
             // (a follower applies it a little after the leader), so a session loaded right
             // after its claim committed reflects everything before the claim.
-            Ok(index) => applied_locally(&raft, index).await,
+            Ok(index) => applied_locally(&raft, index).await.map(|()| index),
             Err(e) => Err(e),
         };
         histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         if result.is_err() {
             counter!(COMMIT_FAILURES_TOTAL).increment(1);
         }
+        // Which fences did not hold (`None`: not known here; see `FenceNotes::take`).
+        let failed = match result {
+            Ok(index) if !fences.is_empty() => fence_notes.take(index),
+            _ => Some(Vec::new()),
+        };
         for p in batch.drain(..) {
-            p.handle.complete(result);
+            let outcome = match (result, p.fence_ordinal) {
+                (Err(e), _) => Err(e),
+                (Ok(_), None) => Ok(()),
+                (Ok(_), Some(ordinal)) => match &failed {
+                    Some(failed) if !failed.contains(&ordinal) => Ok(()),
+                    Some(_) => {
+                        counter!(FENCED_PROPOSALS_TOTAL).increment(1);
+                        Err(DurabilityError::Unavailable)
+                    }
+                    // Committed, but whether it took effect cannot be read back here.
+                    None => Err(DurabilityError::Unavailable),
+                },
+            };
+            p.handle.complete(outcome);
         }
     }
 }
@@ -280,45 +345,130 @@ async fn applied_locally(raft: &Raft, index: u64) -> Result<(), DurabilityError>
         })
 }
 
-/// Commits `batch` through the leader (forwarding when this node is not it). Returns the log
-/// index it was committed at.
+/// Commits `batch` through the leader (forwarding when this node is not it), within
+/// [`COMMIT_TIMEOUT`]. Returns the log index it was committed at.
+///
+/// While no leader is known (an election is on), and when the leader's process is gone (its
+/// cluster port refuses the forward: nothing was delivered), the batch waits for the next
+/// leader instead of failing: a leader that died costs the clients an election, not a
+/// reconnection. Every other failure may have left the batch in a log, and is reported as
+/// `Unavailable` without a retry (see the module docs).
 pub(crate) async fn commit(
     raft: &Raft,
     batch: Vec<u8>,
     faults: &Faults,
     tls: Option<&ClusterTls>,
 ) -> Result<u64, DurabilityError> {
-    let write = tokio::time::timeout(
-        COMMIT_TIMEOUT,
-        raft.client_write(Request {
-            batch: batch.clone(),
-        }),
-    )
-    .await;
-    match write {
-        Ok(Ok(resp)) => Ok(resp.log_id.index),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-            let (Some(leader_id), Some(leader)) = (f.leader_id, f.leader_node) else {
-                warn!("no leader known: durable write refused");
-                return Err(DurabilityError::Unavailable);
-            };
-            let me = raft.metrics().borrow().id;
-            if pass(faults, me, leader_id).await.is_err() {
-                return Err(DurabilityError::Unavailable);
+    let deadline = tokio::time::Instant::now() + COMMIT_TIMEOUT;
+    loop {
+        let write = tokio::time::timeout_at(
+            deadline,
+            raft.client_write(Request {
+                batch: batch.clone(),
+            }),
+        )
+        .await;
+        let unavailable = match write {
+            Ok(Ok(resp)) => return Ok(resp.log_id.index),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                let (Some(leader_id), Some(leader)) = (f.leader_id, f.leader_node) else {
+                    // Nothing was sent: wait for an election to end, then try again.
+                    wait_for_leader(raft, None, deadline).await?;
+                    continue;
+                };
+                let me = raft.metrics().borrow().id;
+                let sent = forward_leg(
+                    me,
+                    leader_id,
+                    leader.cluster_addr,
+                    batch.clone(),
+                    faults,
+                    tls,
+                    deadline,
+                )
+                .await;
+                match sent {
+                    Ok(index) => return Ok(index),
+                    Err(Forwarded::Refused) => {
+                        // Its process is gone and nothing was delivered: wait for another.
+                        wait_for_leader(raft, Some(leader_id), deadline).await?;
+                        continue;
+                    }
+                    Err(Forwarded::Failed) => return Err(DurabilityError::Unavailable),
+                }
             }
-            let result = forward(&leader.cluster_addr, batch, tls).await;
-            if pass(faults, leader_id, me).await.is_err() {
-                return Err(DurabilityError::Unavailable);
-            }
-            result
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no commit within {COMMIT_TIMEOUT:?} (no quorum?)"),
+        };
+        warn!(error = %unavailable, "durable write failed");
+        return Err(DurabilityError::Unavailable);
+    }
+}
+
+/// Waits until a leader other than `not` is known, at the latest until `deadline`.
+async fn wait_for_leader(
+    raft: &Raft,
+    not: Option<NodeId>,
+    deadline: tokio::time::Instant,
+) -> Result<(), DurabilityError> {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    raft.wait(Some(left))
+        .metrics(
+            |m| m.current_leader.is_some() && m.current_leader != not,
+            "a leader to forward to",
+        )
+        .await
+        .map(|_| ())
+        .map_err(|_| {
+            warn!(timeout = ?COMMIT_TIMEOUT, "no leader: durable write refused");
+            DurabilityError::Unavailable
+        })
+}
+
+/// Why a forwarded batch did not commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Forwarded {
+    /// The leader's cluster port refused the connection: nothing was delivered.
+    Refused,
+    /// It may have been delivered (and may still commit), or the leader refused it.
+    Failed,
+}
+
+/// Forwards `batch` from node `me` to the leader, giving up at `deadline`. The request runs on
+/// its own task, as on a real network: one the proposer gave up on may still reach the leader
+/// and commit (fencing keeps such a late copy from acting on a session claimed since; see the
+/// module docs).
+async fn forward_leg(
+    me: NodeId,
+    leader_id: NodeId,
+    leader_addr: String,
+    batch: Vec<u8>,
+    faults: &Faults,
+    tls: Option<&ClusterTls>,
+    deadline: tokio::time::Instant,
+) -> Result<u64, Forwarded> {
+    let faults = faults.clone();
+    let tls = tls.cloned();
+    let request = tokio::spawn(async move {
+        if pass_forwarded(&faults, me, leader_id).await.is_err() {
+            return Err(Forwarded::Failed);
         }
-        Ok(Err(e)) => {
-            warn!(error = %e, "durable write failed");
-            Err(DurabilityError::Unavailable)
+        let result = forward(&leader_addr, batch, tls.as_ref()).await;
+        if pass_forwarded(&faults, leader_id, me).await.is_err() {
+            warn!(
+                leader = leader_id,
+                "the reply to a forwarded durable write was lost"
+            );
+            return Err(Forwarded::Failed);
         }
+        result
+    });
+    match tokio::time::timeout_at(deadline, request).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(Forwarded::Failed),
         Err(_) => {
-            warn!(timeout = ?COMMIT_TIMEOUT, "durable write timed out (no quorum?)");
-            Err(DurabilityError::Unavailable)
+            warn!(leader = leader_id, timeout = ?COMMIT_TIMEOUT, "forwarded durable write timed out");
+            Err(Forwarded::Failed)
         }
     }
 }
@@ -327,9 +477,9 @@ async fn forward(
     leader_addr: &str,
     batch: Vec<u8>,
     tls: Option<&ClusterTls>,
-) -> Result<u64, DurabilityError> {
+) -> Result<u64, Forwarded> {
     let Ok(mut client) = cluster_client(leader_addr, tls) else {
-        return Err(DurabilityError::Unavailable);
+        return Err(Forwarded::Failed);
     };
     let mut req = tonic::Request::new(raftmq_proto::raft::ProposeRequest {
         shard_id: 0,
@@ -338,10 +488,17 @@ async fn forward(
     req.set_timeout(COMMIT_TIMEOUT);
     match client.propose(req).await {
         Ok(resp) if resp.get_ref().committed => Ok(resp.get_ref().log_index),
-        Ok(_) => Err(DurabilityError::Unavailable),
+        Ok(_) => Err(Forwarded::Failed),
+        Err(status) if connection_refused(&status) => {
+            debug!(
+                leader = leader_addr,
+                "the leader's cluster port refused a durable write"
+            );
+            Err(Forwarded::Refused)
+        }
         Err(status) => {
             warn!(leader = leader_addr, %status, "forwarding a durable write to the leader failed");
-            Err(DurabilityError::Unavailable)
+            Err(Forwarded::Failed)
         }
     }
 }

@@ -662,7 +662,7 @@ fn registered_will(
 
 /// Whether a failed call never reached a process: the connection was refused (nothing listens
 /// on the address), as opposed to a timeout, a reset or a refusal by the peer itself.
-fn connection_refused(status: &tonic::Status) -> bool {
+pub(crate) fn connection_refused(status: &tonic::Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(error) = source {
         if let Some(io) = error.downcast_ref::<std::io::Error>()

@@ -11,6 +11,7 @@
 
 pub mod convert;
 pub mod durability;
+pub mod election;
 pub mod forward;
 pub mod grpc;
 pub mod network;

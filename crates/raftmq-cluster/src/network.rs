@@ -90,6 +90,14 @@ pub enum Fault {
 pub trait FaultInjector: std::fmt::Debug + Send + Sync + 'static {
     /// The fate of a message sent by node `from` to node `to`.
     fn fault(&self, from: NodeId, to: NodeId) -> Fault;
+
+    /// The fate of a proposal forwarded by node `from` to the leader `to`, or of the leader's
+    /// reply (`from` the leader, `to` the proposer). By default that of any other message
+    /// between them; a test overrides it to hold up or lose one proposal or one reply while
+    /// Raft's own traffic flows (the proposer then does not learn whether its batch committed).
+    fn forwarded(&self, from: NodeId, to: NodeId) -> Fault {
+        self.fault(from, to)
+    }
 }
 
 /// Shared handle to an optional fault injector.
@@ -152,10 +160,28 @@ impl FaultInjector for FileFaults {
 
 /// Applies the injector's verdict for `from → to`: waits out a delay, or reports a drop.
 pub(crate) async fn pass(faults: &Faults, from: NodeId, to: NodeId) -> Result<(), Dropped> {
+    pass_by(faults, from, to, |f| f.fault(from, to)).await
+}
+
+/// [`pass`] for a forwarded proposal or its reply ([`FaultInjector::forwarded`]).
+pub(crate) async fn pass_forwarded(
+    faults: &Faults,
+    from: NodeId,
+    to: NodeId,
+) -> Result<(), Dropped> {
+    pass_by(faults, from, to, |f| f.forwarded(from, to)).await
+}
+
+async fn pass_by(
+    faults: &Faults,
+    from: NodeId,
+    to: NodeId,
+    verdict: impl Fn(&dyn FaultInjector) -> Fault,
+) -> Result<(), Dropped> {
     let Some(faults) = faults else {
         return Ok(());
     };
-    match faults.fault(from, to) {
+    match verdict(faults.as_ref()) {
         Fault::Deliver => Ok(()),
         Fault::Drop => Err(Dropped { from, to }),
         Fault::Delay(d) => {

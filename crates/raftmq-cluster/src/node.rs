@@ -144,6 +144,8 @@ pub struct RaftNode {
     forward: crate::forward::ForwardGrpc,
     forward_task: Option<tokio::task::JoinHandle<()>>,
     liveness_task: Option<tokio::task::JoinHandle<()>>,
+    /// Replaces a leader whose process is gone ([`crate::election`]).
+    election_task: Option<tokio::task::JoinHandle<()>>,
     /// The forwarding links (once forwarding started): which peers are reachable.
     hub: Option<Arc<crate::forward::ForwardHub>>,
     join_task: Option<tokio::task::JoinHandle<()>>,
@@ -252,6 +254,9 @@ impl RaftNode {
         let store = Store::open(opts.data_dir.join("raft"))?;
         let state_machine = StateMachine::open(store.state_db())?;
         let feed = state_machine.feed().clone();
+        // The batcher learns from the applying state machine which fences of its batches held.
+        let fence_notes = state_machine.fence_notes().clone();
+        fence_notes.set_owner(opts.node_id);
         let reader = StateMachine::open(store.state_db())?;
         let raft = Raft::new(
             opts.node_id,
@@ -295,6 +300,7 @@ impl RaftNode {
             raft.clone(),
             opts.node_id,
             reader,
+            fence_notes,
             WallClock::now(),
             opts.faults.clone(),
             opts.tls.clone(),
@@ -315,6 +321,7 @@ impl RaftNode {
             forward_task: None,
             hub: None,
             liveness_task: None,
+            election_task: None,
             join_task,
             metrics_task,
         })
@@ -551,6 +558,11 @@ impl RaftNode {
         );
         self.forward_task = Some(task);
         self.hub = Some(hub.clone());
+        self.election_task = Some(tokio::spawn(crate::election::replace_dead_leader(
+            self.raft.clone(),
+            self.node_id,
+            hub.clone(),
+        )));
         self.liveness_task = Some(tokio::spawn(declare_down_nodes(
             self.raft.clone(),
             self.node_id,
@@ -562,9 +574,13 @@ impl RaftNode {
 
     /// Stops Raft (the store is closed when the last handle drops).
     pub async fn shutdown(mut self) {
-        for t in [self.forward_task.take(), self.liveness_task.take()]
-            .into_iter()
-            .flatten()
+        for t in [
+            self.forward_task.take(),
+            self.liveness_task.take(),
+            self.election_task.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             t.abort();
         }

@@ -38,6 +38,17 @@
 //! whole batch is skipped rather than its unreadable changes alone because a batch is the unit
 //! of atomicity the proposer asked for.
 //!
+//! # Fenced ranges
+//!
+//! A batch may mark ranges of its changes as fenced (`Batch.fences`, one per fenced proposal):
+//! a range applies only if, when its first change is reached, the session it names still
+//! belongs to what proposed it — for a connection, its claim `(origin node, epoch)` is still
+//! the one the session's record carries; for a disconnected session's timer, the session is
+//! still owned by the origin node and offline (or held by the timer's epoch). Otherwise the
+//! whole range is skipped (no effect, not fed to the broker), the rest of the batch applies,
+//! and the proposing node learns which fences failed ([`FenceNotes`]). This is the one
+//! departure from the reference model, which has no fences; see `fences.rs` for why.
+//!
 //! # Key layout
 //!
 //! Integers are big-endian (bytewise order = numeric order); `\0` separates a client id from
@@ -99,10 +110,16 @@ use raftmq_store::{StateBatch, StateCf, StateDb, StateSnapshot, StoreError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::convert::{self, ConvertError, SHARD_ID, WallClock, decode_batch, validate_change};
+use crate::convert::{
+    self, ConvertError, SHARD_ID, WallClock, decode_batch, validate_change, validate_fences,
+};
+
+mod fences;
 use crate::types::{
     Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
+use fences::BatchOutcome;
+pub use fences::FenceNotes;
 
 /// Key in `sm_meta`: the last applied log id.
 pub const META_LAST_APPLIED: &[u8] = b"last_applied";
@@ -133,6 +150,7 @@ pub struct StateMachine {
     current: Arc<Mutex<Option<CurrentSnapshot>>>,
     snapshot_seq: Arc<AtomicU64>,
     feed: Feed,
+    fence_notes: FenceNotes,
 }
 
 /// What the state machine tells its observer after applying.
@@ -176,7 +194,13 @@ impl StateMachine {
             current: Arc::default(),
             snapshot_seq: Arc::default(),
             feed: Feed::default(),
+            fence_notes: FenceNotes::default(),
         }
+    }
+
+    /// Which fences of this node's own batches did not hold (shared by clones).
+    pub fn fence_notes(&self) -> &FenceNotes {
+        &self.fence_notes
     }
 
     /// The applied-change feed of this state machine (and its clones).
@@ -205,11 +229,11 @@ impl StateMachine {
     /// Applies one log entry: its effects and the new `last_applied` in one atomic write.
     pub fn apply_entry(&self, entry: &Entry) -> Result<Response, StoreError> {
         let mut tx = Tx::new(&self.db);
-        let mut applied = None;
+        let mut outcome = BatchOutcome::default();
         match &entry.payload {
             EntryPayload::Blank => {}
             EntryPayload::Normal(request) => {
-                applied = apply_batch(
+                outcome = apply_batch(
                     &mut tx,
                     &request.batch,
                     &entry.log_id,
@@ -231,7 +255,10 @@ impl StateMachine {
             encode_meta("last applied log id", &Some(entry.log_id))?,
         );
         self.db.write(tx.into_batch())?;
-        if let Some(batch) = applied.filter(|b| !b.changes.is_empty()) {
+        if let Some((origin, failed)) = outcome.fences {
+            self.fence_notes.record(origin, entry.log_id.index, failed);
+        }
+        if let Some(batch) = outcome.feed.filter(|b| !b.changes.is_empty()) {
             self.feed.send(Applied::Batch {
                 index: entry.log_id.index,
                 batch,
@@ -547,37 +574,28 @@ fn apply_batch(
     bytes: &[u8],
     log_id: &LogId,
     keep: bool,
-) -> Result<Option<state::Batch>, StoreError> {
+) -> Result<BatchOutcome, StoreError> {
     let batch = match decode_batch(bytes) {
         Ok(batch) => batch,
         Err(error) => {
             tracing::error!(%log_id, %error, "skipping a log entry whose batch cannot be decoded");
-            return Ok(None);
+            return Ok(BatchOutcome::default());
         }
     };
     if batch.shard_id != SHARD_ID {
         tracing::error!(%log_id, shard_id = batch.shard_id, "skipping a batch of another shard");
-        return Ok(None);
+        return Ok(BatchOutcome::default());
     }
-    if let Err(error) = batch.changes.iter().try_for_each(validate_change) {
+    if let Err(error) = batch
+        .changes
+        .iter()
+        .try_for_each(validate_change)
+        .and_then(|()| validate_fences(&batch))
+    {
         tracing::error!(%log_id, %error, "skipping a batch with a change this version cannot read");
-        return Ok(None);
+        return Ok(BatchOutcome::default());
     }
-    let origin = batch.origin_node;
-    if !keep {
-        for change in batch.changes {
-            if let Some(change) = change.change {
-                apply_change(tx, change, origin)?;
-            }
-        }
-        return Ok(None);
-    }
-    for change in &batch.changes {
-        if let Some(change) = &change.change {
-            apply_change(tx, change.clone(), origin)?;
-        }
-    }
-    Ok(Some(batch))
+    fences::apply_changes(tx, batch, keep)
 }
 
 /// Applies one validated change: [`raftmq_core::durability::StateImage::apply`] on the store.

@@ -16,14 +16,14 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use prost::Message as _;
 use raftmq_cluster::convert::{
-    self, WallClock, batch_from_proto, change_from_proto, change_to_proto, decode_batch,
-    encode_batch,
+    self, FencedRange, ProposalContext, WallClock, batch_from_proto, change_from_proto,
+    change_to_proto, decode_batch, encode_batch, encode_fenced_batch,
 };
 use raftmq_cluster::state_machine::StateMachine;
 use raftmq_cluster::types::{Entry, LogId, Request, StorageError, TypeConfig};
 use raftmq_codec::{ByteStr, PublishProperties, QoS, RetainHandling, SubscriptionOptions};
 use raftmq_core::durability::{
-    DetachRecord, MessageId, StateChange, StateImage, StoredTarget, WillRecord,
+    DetachRecord, Fence, MessageId, StateChange, StateImage, StoredTarget, WillRecord,
 };
 use raftmq_core::message::Message;
 use raftmq_core::session::SubEntry;
@@ -657,6 +657,7 @@ fn unreadable_entries_are_skipped() {
     let bad_qos = state::Batch {
         shard_id: 0,
         origin_node: 0,
+        fences: Vec::new(),
         changes: vec![
             state::Change {
                 change: Some(state::change::Change::SessionEnded(state::SessionEnded {
@@ -677,6 +678,7 @@ fn unreadable_entries_are_skipped() {
     let other_shard = state::Batch {
         shard_id: 9,
         origin_node: 0,
+        fences: Vec::new(),
         changes: vec![change_to_proto(
             &StateChange::SessionEnded {
                 client_id: "a".into(),
@@ -698,6 +700,333 @@ fn unreadable_entries_are_skipped() {
         ],
     );
     assert_eq!(applied(&rt, &mut sm), Some(log_id(1, 0, 7)));
+    assert_eq!(sm.recovered(&clock()).expect("recovered"), before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fenced proposals
+// ---------------------------------------------------------------------------------------------
+
+/// A batch proposed by node `origin`, with `fenced` (fence, changes) proposals first and
+/// `unfenced` changes after them.
+fn batch_from(
+    origin: u64,
+    fenced: &[(Fence, Vec<StateChange>)],
+    unfenced: &[StateChange],
+) -> Vec<u8> {
+    let mut changes = Vec::new();
+    let mut fences = Vec::new();
+    for (fence, part) in fenced {
+        fences.push(FencedRange {
+            fence: fence.clone(),
+            first: changes.len() as u32,
+            count: part.len() as u32,
+        });
+        changes.extend(part.iter().cloned());
+    }
+    changes.extend(unfenced.iter().cloned());
+    let ctx = ProposalContext {
+        node_id: origin,
+        now: None,
+    };
+    encode_fenced_batch(&changes, &fences, &clock(), &ctx)
+}
+
+fn claim(client: &str, epoch: u64) -> StateChange {
+    StateChange::SessionOpened {
+        client_id: client.into(),
+        epoch,
+        clean_start: false,
+        expiry_secs: 60,
+        will: None,
+    }
+}
+
+fn attached(client: &str, epoch: u64) -> Fence {
+    Fence::Attached {
+        client_id: client.into(),
+        epoch,
+    }
+}
+
+/// A QoS 2 PUBLISH from `pub` (packet id `pid`) stored for `sub` as message `id`.
+fn qos2_publish(pid: u16, id: u64) -> Vec<StateChange> {
+    vec![
+        StateChange::IncomingQos2Received {
+            client_id: "pub".into(),
+            packet_id: pid,
+        },
+        StateChange::MessageStored {
+            id: MessageId(id),
+            message: msg("t/q2", "exactly once", QoS::ExactlyOnce),
+            targets: vec![target("sub", QoS::ExactlyOnce)],
+        },
+    ]
+}
+
+fn session<'a>(
+    recovered: &'a raftmq_core::durability::Recovered,
+    id: &str,
+) -> &'a raftmq_core::durability::SessionImage {
+    recovered
+        .sessions
+        .iter()
+        .find(|s| s.client_id.as_str() == id)
+        .unwrap_or_else(|| panic!("session {id} stored"))
+}
+
+/// The ambiguous-commit duplicate, at the state machine: a QoS 2 PUBLISH proposed through a
+/// connection that timed out commits late, after its client reconnected elsewhere (a new
+/// claim) — the late copy must not store the message a second time nor touch the session,
+/// while unfenced changes of the same batch still apply; the proposer learns which fence
+/// failed.
+#[test]
+fn a_fenced_proposal_applies_only_while_its_claim_is_the_sessions_latest() {
+    let (_dir, store) = temp_store();
+    let rt = runtime();
+    let mut sm = StateMachine::new(store.state_db());
+    sm.fence_notes().set_owner(1);
+    let notes = sm.fence_notes().clone();
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            normal(1, batch_from(1, &[], &[claim("pub", 10), claim("sub", 11)])),
+            // Made by node 1's connection of claim 10: applies.
+            normal(
+                2,
+                batch_from(1, &[(attached("pub", 10), qos2_publish(5, 1))], &[]),
+            ),
+        ],
+    );
+    let db = store.state_db();
+    assert_eq!(count(&db, StateCf::Messages), 1);
+    assert_eq!(notes.take(2), Some(vec![]), "the fence of entry 2 held");
+
+    // The client reconnects through node 2 (claim 20); then a late copy of another proposal of
+    // the old connection commits, in a batch with an unfenced change and a fenced change of
+    // another session.
+    let retained = StateChange::RetainedSet {
+        message: msg("t/r", "kept", QoS::AtMostOnce),
+    };
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            normal(3, batch_from(2, &[], &[claim("pub", 20)])),
+            normal(
+                4,
+                batch_from(
+                    1,
+                    &[
+                        (attached("pub", 10), qos2_publish(6, 2)),
+                        (
+                            attached("sub", 11),
+                            vec![StateChange::MessageSent {
+                                client_id: "sub".into(),
+                                id: MessageId(1),
+                                packet_id: 9,
+                            }],
+                        ),
+                    ],
+                    std::slice::from_ref(&retained),
+                ),
+            ),
+        ],
+    );
+    let recovered = sm.recovered(&clock()).expect("recovered");
+    assert_eq!(
+        count(&db, StateCf::Messages),
+        1,
+        "the late copy stored nothing"
+    );
+    assert_eq!(session(&recovered, "pub").incoming_qos2, vec![5]);
+    let sub = session(&recovered, "sub");
+    assert_eq!(sub.messages.len(), 1);
+    assert_eq!(
+        sub.messages[0].packet_id,
+        Some(9),
+        "the fence of `sub` held"
+    );
+    assert_eq!(recovered.retained.len(), 1, "unfenced changes apply");
+    assert_eq!(notes.take(4), Some(vec![0]), "fence 0 of entry 4 failed");
+    assert_eq!(notes.take(4), None, "a note is taken once");
+
+    // The same claim epoch from another node is another claim: node 2's claim 10 is not node
+    // 1's; node 2's own connection (claim 20) proposes normally.
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            normal(
+                5,
+                batch_from(2, &[(attached("pub", 10), qos2_publish(7, 3))], &[]),
+            ),
+            normal(
+                6,
+                batch_from(2, &[(attached("pub", 20), qos2_publish(8, 4))], &[]),
+            ),
+        ],
+    );
+    let recovered = sm.recovered(&clock()).expect("recovered");
+    assert_eq!(session(&recovered, "pub").incoming_qos2, vec![5, 8]);
+    assert_eq!(count(&db, StateCf::Messages), 2);
+    // Node 2's batches are not this state machine's owner's: not noted.
+    assert_eq!(notes.take(5), None);
+}
+
+/// The fence of a disconnected session's timers (delayed will, expiry): holds while the
+/// session is offline and owned by the proposing node, or still held by the timer's epoch
+/// (its detach not recorded); not once another connection has claimed it.
+#[test]
+fn an_offline_fence_holds_until_another_connection_claims_the_session() {
+    let (_dir, store) = temp_store();
+    let rt = runtime();
+    let mut sm = StateMachine::new(store.state_db());
+    let will = WillRecord {
+        message: msg("will/t", "gone", QoS::AtLeastOnce),
+        delay_secs: 30,
+        message_expiry_secs: None,
+    };
+    let with_will = |epoch| StateChange::SessionOpened {
+        client_id: "c".into(),
+        epoch,
+        clean_start: false,
+        expiry_secs: 60,
+        will: Some(will.clone()),
+    };
+    let offline = |epoch| Fence::Offline {
+        client_id: "c".into(),
+        epoch,
+    };
+    let will_published = StateChange::WillPublished {
+        client_id: "c".into(),
+    };
+    let has_will = |sm: &StateMachine| {
+        session(&sm.recovered(&clock()).expect("recovered"), "c")
+            .will
+            .is_some()
+    };
+    // Claimed through node 1 (epoch 10) and not detached: a timer of that epoch holds, one of
+    // another epoch does not (the session is online under another claim).
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            normal(1, batch_from(1, &[], &[with_will(10)])),
+            normal(
+                2,
+                batch_from(1, &[(offline(99), vec![will_published.clone()])], &[]),
+            ),
+        ],
+    );
+    assert!(
+        has_will(&sm),
+        "online under claim 10: a timer of epoch 99 does not hold"
+    );
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![normal(
+            3,
+            batch_from(1, &[(offline(10), vec![will_published.clone()])], &[]),
+        )],
+    );
+    assert!(!has_will(&sm), "the timer of the claim's own epoch holds");
+
+    // Detached on node 1, then claimed again through node 2 (epoch 20), with a will: node 1's
+    // timers no longer hold; node 2's, once it is detached there, do.
+    let detached = StateChange::SessionDetached {
+        client_id: "c".into(),
+        epoch: 20,
+        how: DetachRecord::Abnormal,
+        expiry_secs: 60,
+    };
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            normal(4, batch_from(2, &[], &[with_will(20)])),
+            normal(
+                5,
+                batch_from(1, &[(offline(10), vec![will_published.clone()])], &[]),
+            ),
+        ],
+    );
+    assert!(
+        has_will(&sm),
+        "claimed through node 2: node 1's timer does not hold"
+    );
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            normal(
+                6,
+                batch_from(2, &[(attached("c", 20), vec![detached])], &[]),
+            ),
+            normal(
+                7,
+                batch_from(2, &[(offline(12345), vec![will_published])], &[]),
+            ),
+        ],
+    );
+    assert!(
+        !has_will(&sm),
+        "offline and owned by node 2: its timer holds"
+    );
+}
+
+/// A batch whose fenced ranges do not lie within its changes (or overlap) is skipped whole.
+#[test]
+fn a_batch_with_malformed_fences_is_skipped() {
+    let (_dir, store) = temp_store();
+    let rt = runtime();
+    let mut sm = StateMachine::new(store.state_db());
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![normal(1, batch_from(1, &[], &[claim("pub", 1)]))],
+    );
+    let before = sm.recovered(&clock()).expect("recovered");
+    let changes: Vec<state::Change> = [
+        StateChange::SessionEnded {
+            client_id: "pub".into(),
+        },
+        StateChange::RetainedSet {
+            message: msg("t", "x", QoS::AtMostOnce),
+        },
+    ]
+    .iter()
+    .map(|c| change_to_proto(c, &clock()))
+    .collect();
+    let fence = |first, count| state::Fence {
+        client_id: "pub".into(),
+        epoch: 1,
+        offline: false,
+        first,
+        count,
+    };
+    let bad = |fences: Vec<state::Fence>| {
+        state::Batch {
+            shard_id: 0,
+            origin_node: 1,
+            changes: changes.clone(),
+            fences,
+        }
+        .encode_to_vec()
+    };
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            normal(2, bad(vec![fence(1, 2)])),
+            normal(3, bad(vec![fence(0, 2), fence(1, 1)])),
+            normal(4, bad(vec![fence(1, 1), fence(0, 1)])),
+            normal(5, bad(vec![fence(u32::MAX, 2)])),
+        ],
+    );
+    assert_eq!(applied(&rt, &mut sm), Some(log_id(1, 0, 5)));
     assert_eq!(sm.recovered(&clock()).expect("recovered"), before);
 }
 

@@ -30,7 +30,7 @@
 
 use crate::auth::{Access, AllowAll, Authenticator, Authorizer, Principal};
 use crate::config::MqttConfig;
-use crate::durability::{Commit, Durability, InMemory, SessionLoad, StateChange};
+use crate::durability::{Commit, Durability, Fence, InMemory, SessionLoad, StateChange};
 use crate::index::SubscriptionIndex;
 use crate::message::Message;
 use crate::retained::RetainedIndex;
@@ -216,6 +216,15 @@ impl Broker {
         }
     }
 
+    /// Starts this broker's session epochs above `base`. A clustered node passes a value that
+    /// grows with wall-clock time, so that the epochs of a restarted node never repeat those of
+    /// its earlier run: the replicated state checks fenced changes against the claim's
+    /// `(node, epoch)` ([`Fence`]), and a late change of the earlier run must not match.
+    pub fn with_epoch_base(self, base: u64) -> Self {
+        self.epochs.store(base, Relaxed);
+        self
+    }
+
     /// Uses `durability` for persistent state (the default, [`InMemory`], keeps nothing).
     /// Call [`Broker::recover`] afterwards to load what it holds.
     pub fn with_durability(mut self, durability: Arc<dyn Durability>) -> Self {
@@ -231,6 +240,18 @@ impl Broker {
             Commit::ready()
         } else {
             self.durability.propose(changes)
+        }
+    }
+
+    /// [`Self::propose`] under `fence` (see [`Fence`]): for changes made on behalf of one
+    /// connection (or one disconnected session), which must not take effect once another
+    /// connection has claimed the session.
+    pub fn propose_fenced(&self, fence: Fence, mut changes: Vec<StateChange>) -> Commit {
+        self.cluster.live.hold_back(&mut changes);
+        if changes.is_empty() {
+            Commit::ready()
+        } else {
+            self.durability.propose_fenced(fence, changes)
         }
     }
 

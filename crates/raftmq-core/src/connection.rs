@@ -7,7 +7,7 @@
 
 use crate::auth::Principal;
 use crate::broker::{Broker, DetachKind, TakenOver};
-use crate::durability::{Commit, DurabilityError};
+use crate::durability::{Commit, DurabilityError, Fence};
 use crate::session::Session;
 use ahash::HashMap;
 use raftmq_codec::{
@@ -126,6 +126,17 @@ struct Attachment {
     epoch: u64,
     client_id: ByteStr,
     principal: Principal,
+}
+
+impl Attachment {
+    /// The fence of changes this connection makes to its session's durable state: they take
+    /// effect only while its claim is the session's latest.
+    fn fence(&self) -> Fence {
+        Fence::Attached {
+            client_id: self.client_id.clone(),
+            epoch: self.epoch,
+        }
+    }
 }
 
 /// One client connection's protocol state.

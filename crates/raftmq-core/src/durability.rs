@@ -406,11 +406,47 @@ pub struct Recovered {
     pub remote_subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>,
 }
 
+/// The condition a fenced proposal takes effect under: the session named still belongs to
+/// what made the proposal. Checked where the changes are applied, in log order, so a proposal
+/// that commits late (its proposer gave up on it, or never learned that it committed) cannot
+/// act on a session that a newer connection has claimed since: whatever is applied before the
+/// claim is in the state the new connection loads, whatever comes after it is dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fence {
+    /// Made by the connection attached with `epoch` (its `SessionOpened`), on the proposing
+    /// node: applies only while that claim is the session's latest.
+    Attached { client_id: ByteStr, epoch: u64 },
+    /// Made for a disconnected session owned by the proposing node (its delayed will, its
+    /// expiry), by the timer set for `epoch`: applies while the session is still owned by that
+    /// node and either offline or still held by `epoch` (whose detach may not have been
+    /// recorded), not once another connection has claimed it.
+    Offline { client_id: ByteStr, epoch: u64 },
+}
+
+impl Fence {
+    /// The session the fence names.
+    pub fn client_id(&self) -> &ByteStr {
+        match self {
+            Fence::Attached { client_id, .. } | Fence::Offline { client_id, .. } => client_id,
+        }
+    }
+}
+
 /// Durable storage for broker state.
 pub trait Durability: Send + Sync + 'static {
     /// Records `changes` (in order, atomically as a batch); the commit resolves once they are
     /// durable. Implementations batch concurrent proposals (group commit).
     fn propose(&self, changes: Vec<StateChange>) -> Commit;
+
+    /// [`Self::propose`] under `fence`: the changes take effect only if the fence holds when
+    /// they are applied; if it does not, none of them does and the commit fails
+    /// ([`DurabilityError::Unavailable`]: the proposer's connection has been taken over).
+    /// The default (a store only this node writes, where the broker's own locks already
+    /// order claims and changes) ignores the fence.
+    fn propose_fenced(&self, fence: Fence, changes: Vec<StateChange>) -> Commit {
+        let _ = fence;
+        self.propose(changes)
+    }
 
     /// A fresh, never reused message id.
     fn next_message_id(&self) -> MessageId;

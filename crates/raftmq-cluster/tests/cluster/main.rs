@@ -7,6 +7,7 @@
 //! behaviour: [`faults`] (Raft under partitions, loss and delay), [`brokers`] (brokers routing
 //! between nodes, fencing) and [`tls`] (mutual TLS between nodes).
 
+mod ambiguous;
 mod brokers;
 mod faults;
 mod tls;
@@ -44,6 +45,8 @@ struct Net {
     rules: Mutex<Rules>,
     /// Messages seen, for the deterministic "drop every n-th" rule.
     seen: AtomicU64,
+    /// One-shot rules for forwarded proposals and their replies ([`ambiguous`]).
+    forwarded: ambiguous::ForwardRules,
 }
 
 #[derive(Debug, Default)]
@@ -68,6 +71,10 @@ impl FaultInjector for Net {
             Some(d) => Fault::Delay(*d),
             None => Fault::Deliver,
         }
+    }
+
+    fn forwarded(&self, from: NodeId, to: NodeId) -> Fault {
+        self.forwarded_fault(from, to)
     }
 }
 

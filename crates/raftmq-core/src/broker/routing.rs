@@ -5,7 +5,7 @@ use crate::broker::cluster::AdoptionSlot;
 use crate::broker::cluster::forwarding::is_share_key;
 use crate::broker::{Broker, Routed, UNFENCED};
 use crate::config::SharedStrategy;
-use crate::durability::{Commit, MessageId, StateChange, StoredTarget};
+use crate::durability::{Commit, Fence, MessageId, StateChange, StoredTarget};
 use crate::index::Match;
 use crate::message::{Delivery, Message};
 use crate::session::{Enqueued, Session, SubEntry};
@@ -145,19 +145,29 @@ impl Broker {
 
     /// Routes a message published by a client. QoS 1/2 deliveries to persistent sessions are
     /// stored once (one [`StateChange::MessageStored`] for all of them) and a retained change is
-    /// recorded; `incoming_qos2` (the publisher's session and packet id, for a new QoS 2
-    /// PUBLISH) is recorded when that session is persistent. The returned commit covers all of it.
+    /// recorded; `incoming_qos2` (the publisher's session, its connection's epoch and the packet
+    /// id, for a new QoS 2 PUBLISH) is recorded when that session is persistent, and then all of
+    /// it is fenced by that connection's claim: a copy that commits after the client reconnected
+    /// (and resent the message) cannot store it a second time. The returned commit covers all
+    /// of it.
     pub fn route(
         &self,
         message: Arc<Message>,
-        incoming_qos2: Option<(&Session, u16)>,
+        incoming_qos2: Option<(&Session, u64, u16)>,
         now: Instant,
     ) -> Routed {
         let mut changes = Vec::new();
-        if let Some((publisher, packet_id)) = incoming_qos2.filter(|(s, _)| s.is_durable()) {
+        let mut fence = None;
+        if let Some((publisher, epoch, packet_id)) =
+            incoming_qos2.filter(|(s, _, _)| s.is_durable())
+        {
             changes.push(StateChange::IncomingQos2Received {
                 client_id: publisher.client_id().clone(),
                 packet_id,
+            });
+            fence = Some(Fence::Attached {
+                client_id: publisher.client_id().clone(),
+                epoch,
             });
         }
         // `$SYS/...` statistics are regenerated every interval: never worth a durable write.
@@ -191,7 +201,10 @@ impl Broker {
         } = self.deliver(&message, Scope::Origin { hold });
         changes.extend(stored);
         let _ = now;
-        let store = self.propose(changes);
+        let store = match fence {
+            Some(fence) => self.propose_fenced(fence, changes),
+            None => self.propose(changes),
+        };
         for slot in adopting {
             self.slot_proposed(&slot, &store);
         }
@@ -199,7 +212,7 @@ impl Broker {
             // A client's QoS 2 messages reach local sessions in the order it sent them: each
             // waits for its own commit and for the previous one's to settle (not to succeed:
             // a refused one must not hold this one's back for good).
-            Some((publisher, _)) => {
+            Some((publisher, _, _)) => {
                 let mut st = publisher.lock_unfenced(UNFENCED);
                 let after = Commit::all(vec![store.clone(), st.last_qos2.settled()]);
                 st.last_qos2 = after.clone();

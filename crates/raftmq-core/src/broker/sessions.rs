@@ -2,7 +2,7 @@
 //! (wills and expiry), and taking sessions out of this node.
 
 use crate::broker::{Attached, Broker, DetachKind, TakenOver, UNFENCED};
-use crate::durability::{Commit, DetachRecord, StateChange};
+use crate::durability::{Commit, DetachRecord, Fence, StateChange};
 use crate::session::{Outgoing, PendingWill, Session, SessionState};
 use ahash::HashMap;
 use raftmq_codec::{ByteStr, ReasonCode};
@@ -179,9 +179,17 @@ impl Broker {
                 if session.is_durable() {
                     session.set_durable(false);
                     drop(registry);
-                    self.propose(vec![StateChange::SessionEnded {
-                        client_id: session.client_id().clone(),
-                    }]);
+                    // Fenced: a copy applied after the client reconnected must not end the
+                    // session that connection has claimed since.
+                    self.propose_fenced(
+                        Fence::Attached {
+                            client_id: session.client_id().clone(),
+                            epoch,
+                        },
+                        vec![StateChange::SessionEnded {
+                            client_id: session.client_id().clone(),
+                        }],
+                    );
                 }
             } else {
                 if st.will.as_ref().is_some_and(|w| w.delay_secs == 0) {
@@ -204,7 +212,13 @@ impl Broker {
                 drop(st);
                 drop(registry);
                 if session.is_durable() {
-                    self.propose(vec![record]);
+                    self.propose_fenced(
+                        Fence::Attached {
+                            client_id: session.client_id().clone(),
+                            epoch,
+                        },
+                        vec![record],
+                    );
                 }
                 self.start_disconnected_timers(
                     session.client_id(),

@@ -4,7 +4,7 @@
 //! taken over or replaced since then has another epoch, so the timer finds nothing to do.
 
 use crate::broker::{Broker, NEVER_EXPIRES};
-use crate::durability::StateChange;
+use crate::durability::{Fence, StateChange};
 use crate::session::PendingWill;
 use raftmq_codec::ByteStr;
 use std::cmp::Reverse;
@@ -146,7 +146,15 @@ impl Broker {
                 session.set_durable(false);
             }
             drop(registry);
-            self.propose(vec![record]);
+            // Fenced: if the client has reconnected (here or on another node) by the time
+            // this is applied, its new session keeps its will and its state.
+            self.propose_fenced(
+                Fence::Offline {
+                    client_id: session.client_id().clone(),
+                    epoch: timer.epoch,
+                },
+                vec![record],
+            );
         }
         will
     }

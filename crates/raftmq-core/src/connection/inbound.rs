@@ -143,7 +143,7 @@ impl Connection {
             };
             let incoming_qos2 = pid
                 .filter(|_| p.qos == QoS::ExactlyOnce)
-                .map(|pid| (&*att.session, pid.get()));
+                .map(|pid| (&*att.session, att.epoch, pid.get()));
             let routed = self.broker.route(Arc::new(message), incoming_qos2, now);
             if routed.offered == 0 {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
@@ -190,11 +190,13 @@ impl Connection {
             st.incoming_qos2.remove(&r.packet_id.get()).is_some()
         };
         if existed && att.session.is_durable() {
-            self.broker
-                .propose(vec![StateChange::IncomingQos2Completed {
+            self.broker.propose_fenced(
+                att.fence(),
+                vec![StateChange::IncomingQos2Completed {
                     client_id: att.client_id.clone(),
                     packet_id: r.packet_id.get(),
-                }]);
+                }],
+            );
         }
         let comp = Packet::PubComp(self.next_step(r.packet_id, existed));
         self.emit(comp, None);
@@ -241,7 +243,7 @@ impl Connection {
             codes.push(subscribed.code);
             changes.extend(subscribed.change);
         }
-        let commit = self.broker.propose(changes);
+        let commit = self.broker.propose_fenced(att.fence(), changes);
         let ack = Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             properties: ReasonProperties::default(),
@@ -270,7 +272,7 @@ impl Connection {
                 ReasonCode::NO_SUBSCRIPTION_EXISTED
             });
         }
-        let commit = self.broker.propose(changes);
+        let commit = self.broker.propose_fenced(att.fence(), changes);
         let ack = Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             properties: ReasonProperties::default(),

@@ -3,7 +3,7 @@
 
 use super::{CloseReason, Connection, Violation};
 use crate::auth::Access;
-use crate::durability::{Commit, StateChange};
+use crate::durability::{Commit, Fence, StateChange};
 use crate::message::Delivery;
 use crate::session::{Outgoing, OutgoingEntry};
 use crate::stats::DropReason;
@@ -230,7 +230,13 @@ impl Connection {
         // QoS 1 allows). A stored QoS 2 PUBLISH waits for its record: sent before it and the
         // node lost, the session elsewhere would send the message again under a new packet id,
         // which a receiver cannot recognise as a duplicate (exactly once).
-        let sent = broker.propose(sent_records);
+        let sent = broker.propose_fenced(
+            Fence::Attached {
+                client_id: session.client_id().clone(),
+                epoch,
+            },
+            sent_records,
+        );
         let latency = (!batch.is_empty())
             .then(|| metrics::histogram!(crate::stats::DELIVERY_LATENCY_SECONDS));
         for (d, pid) in batch {
@@ -394,10 +400,13 @@ impl Connection {
         // PUBREL for a stored message waits until "released" is durable: after a restart the
         // session must resend PUBREL, not the PUBLISH (exactly once).
         let commit = released.map(|id| {
-            self.broker.propose(vec![StateChange::MessageReleased {
-                client_id: att.client_id.clone(),
-                id,
-            }])
+            self.broker.propose_fenced(
+                att.fence(),
+                vec![StateChange::MessageReleased {
+                    client_id: att.client_id.clone(),
+                    id,
+                }],
+            )
         });
         let rel = Packet::PubRel(self.next_step(r.packet_id, known));
         self.emit(rel, commit);

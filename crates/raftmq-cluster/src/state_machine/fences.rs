@@ -1,0 +1,139 @@
+//! Fenced proposals (`Batch.fences`): what decides whether a fenced range of a batch takes
+//! effect, and the notes that tell the proposing node which of its fences did not hold.
+//!
+//! A connection's changes to its session (subscriptions, packet ids of deliveries, incoming
+//! QoS 2 records, its detach) are proposed under the claim that attached it: `(origin node,
+//! epoch)`, recorded in the session's record by its `SessionOpened`. When the range is applied
+//! the record must still carry that claim; otherwise another connection has claimed the session
+//! since, and the range is skipped as a whole. Because the check runs in log order on every
+//! node, the claim of a reconnecting client is a barrier: a copy of an old proposal that
+//! commits before it is in the state the new connection loads, a copy that commits after it
+//! has no effect. This is what keeps a proposal whose commit outcome its proposer never learned
+//! (a timeout, a forward whose reply was lost) from applying a second time after the client has
+//! resent the same thing through another connection.
+
+use super::*;
+use std::collections::VecDeque;
+
+/// Batches of the owning node whose fences were checked, kept until its batcher reads them.
+const NOTES_CAPACITY: usize = 4096;
+
+/// The outcome of the fences of this node's own batches, by log index: shared by the state
+/// machine that applies them and the node's batcher, which completes each fenced proposal
+/// according to its fence (see `RaftDurability`).
+#[derive(Clone, Debug, Default)]
+pub struct FenceNotes(Arc<FenceNotesInner>);
+
+#[derive(Debug, Default)]
+struct FenceNotesInner {
+    /// The node whose batches are noted (0: none yet).
+    owner: AtomicU64,
+    /// (log index, ordinals of the fences that did not hold), oldest first.
+    notes: Mutex<VecDeque<(u64, Vec<u32>)>>,
+}
+
+impl FenceNotes {
+    /// Notes the fences of batches proposed by `node` from now on.
+    pub fn set_owner(&self, node: u64) {
+        self.0.owner.store(node, Ordering::Relaxed);
+    }
+
+    /// Which fences of the batch applied at `index` did not hold (ordinals in `Batch.fences`);
+    /// `None` when this node did not apply that batch itself (it installed a snapshot over it)
+    /// or the note is gone.
+    pub fn take(&self, index: u64) -> Option<Vec<u32>> {
+        let mut notes = lock(&self.0.notes);
+        let at = notes.iter().position(|(i, _)| *i == index)?;
+        notes.remove(at).map(|(_, failed)| failed)
+    }
+
+    pub(super) fn record(&self, origin: u64, index: u64, failed: Vec<u32>) {
+        if origin == 0 || origin != self.0.owner.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut notes = lock(&self.0.notes);
+        if notes.len() == NOTES_CAPACITY {
+            notes.pop_front();
+        }
+        notes.push_back((index, failed));
+    }
+}
+
+/// Whether `fence` holds for a batch proposed by node `origin`, against the session record as
+/// the batch's earlier changes left it.
+pub(super) fn fence_holds(
+    tx: &Tx<'_>,
+    fence: &state::Fence,
+    origin: u64,
+) -> Result<bool, StoreError> {
+    let Some(record) = get_session(tx, &fence.client_id)? else {
+        return Ok(false);
+    };
+    if record.node_id != origin {
+        return Ok(false);
+    }
+    Ok(if fence.offline {
+        !record.online || record.epoch == fence.epoch
+    } else {
+        record.epoch == fence.epoch
+    })
+}
+
+/// What applying one batch gave: the changes that took effect (for the feed, when kept) and,
+/// if the batch had fences, the ordinals of those that did not hold.
+#[derive(Debug, Default)]
+pub(super) struct BatchOutcome {
+    pub feed: Option<state::Batch>,
+    pub fences: Option<(u64, Vec<u32>)>,
+}
+
+/// Applies the changes of `batch` in order, skipping every fenced range whose fence does not
+/// hold when its first change is reached.
+pub(super) fn apply_changes(
+    tx: &mut Tx<'_>,
+    mut batch: state::Batch,
+    keep: bool,
+) -> Result<BatchOutcome, StoreError> {
+    let origin = batch.origin_node;
+    let fences = std::mem::take(&mut batch.fences);
+    let changes = std::mem::take(&mut batch.changes);
+    let mut kept = Vec::with_capacity(if keep { changes.len() } else { 0 });
+    let mut failed = Vec::new();
+    let mut pending = fences.iter().zip(0u32..).peekable();
+    let mut skip_until = 0usize;
+    for (i, change) in changes.into_iter().enumerate() {
+        while let Some((fence, ordinal)) = pending.next_if(|(f, _)| f.first as usize <= i) {
+            if !fence_holds(tx, fence, origin)? {
+                tracing::info!(
+                    client_id = fence.client_id,
+                    epoch = fence.epoch,
+                    origin,
+                    "skipping changes made for a session claimed since by another connection"
+                );
+                failed.push(ordinal);
+                skip_until = skip_until.max(fence.first as usize + fence.count as usize);
+            }
+        }
+        if i < skip_until {
+            continue;
+        }
+        let Some(change) = change.change else {
+            continue;
+        };
+        if keep {
+            apply_change(tx, change.clone(), origin)?;
+            kept.push(state::Change {
+                change: Some(change),
+            });
+        } else {
+            apply_change(tx, change, origin)?;
+        }
+    }
+    Ok(BatchOutcome {
+        feed: keep.then(|| state::Batch {
+            changes: kept,
+            ..batch
+        }),
+        fences: (!fences.is_empty()).then_some((origin, failed)),
+    })
+}

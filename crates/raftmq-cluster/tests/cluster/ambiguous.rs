@@ -1,0 +1,313 @@
+//! Commits whose outcome the proposer lost: a follower's forwarded proposal is held up on its
+//! way to the leader until after the proposer gave up (or the leader's reply is lost). The
+//! client resends through a new connection, whose claim fences the old one's proposals: a late
+//! copy never takes effect after the claim, so a QoS 2 message is stored once.
+
+use super::*;
+use bytes::Bytes;
+use raftmq_codec::{PublishProperties, QoS};
+use raftmq_core::durability::{Fence, MessageId, StoredTarget};
+use raftmq_core::message::Message;
+
+/// One-shot rules for forwarded proposals and their replies
+/// ([`FaultInjector::forwarded`]), armed per proposing node.
+#[derive(Debug, Default)]
+pub(crate) struct ForwardRules {
+    /// Proposers whose next forwarded proposal is held up this long on its way to the leader.
+    delay_next_request: Mutex<HashMap<NodeId, Duration>>,
+    /// Proposers that lose the leader's reply to their next forwarded proposal.
+    drop_next_reply: Mutex<HashSet<NodeId>>,
+    /// Replies to forwarded proposals (one per proposal the leader handled), counted for the
+    /// proposers listed.
+    replies: Mutex<HashMap<NodeId, u64>>,
+}
+
+impl ForwardRules {
+    fn replies_to(&self, proposer: NodeId) -> u64 {
+        self.replies.lock().get(&proposer).copied().unwrap_or(0)
+    }
+}
+
+impl Net {
+    /// The fate of a forwarded proposal or of its reply: an armed one-shot rule, else the
+    /// links' rules.
+    pub(crate) fn forwarded_fault(&self, from: NodeId, to: NodeId) -> Fault {
+        let rules = &self.forwarded;
+        if let Some(d) = rules.delay_next_request.lock().remove(&from) {
+            return Fault::Delay(d);
+        }
+        if let Some(n) = rules.replies.lock().get_mut(&to) {
+            *n += 1;
+        }
+        if rules.drop_next_reply.lock().remove(&to) {
+            return Fault::Drop;
+        }
+        self.fault(from, to)
+    }
+}
+
+fn claim(client: &str, epoch: u64) -> StateChange {
+    StateChange::SessionOpened {
+        client_id: ByteStr::from(client),
+        epoch,
+        clean_start: false,
+        expiry_secs: 3600,
+        will: None,
+    }
+}
+
+/// What a node's broker proposes for a QoS 2 PUBLISH (packet id `pid`) of the persistent
+/// session `pub` matching the persistent session `sub`: the packet id record and the message
+/// stored for `sub`.
+fn qos2_publish(pid: u16, id: MessageId) -> Vec<StateChange> {
+    vec![
+        StateChange::IncomingQos2Received {
+            client_id: ByteStr::from("pub"),
+            packet_id: pid,
+        },
+        StateChange::MessageStored {
+            id,
+            message: Arc::new(Message {
+                topic: "q2/t".into(),
+                payload: Bytes::from_static(b"exactly once"),
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                properties: PublishProperties::default(),
+                expires_at: None,
+                received_at: std::time::Instant::now(),
+                origin: Some("pub".into()),
+            }),
+            targets: vec![StoredTarget {
+                client_id: ByteStr::from("sub"),
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                subscription_ids: Default::default(),
+            }],
+        },
+    ]
+}
+
+impl Cluster {
+    async fn propose(
+        &self,
+        via: NodeId,
+        fence: Option<Fence>,
+        changes: Vec<StateChange>,
+    ) -> Result<(), DurabilityError> {
+        let durability = &self.node(via).durability;
+        let commit = match fence {
+            Some(fence) => durability.propose_fenced(fence, changes),
+            None => durability.propose(changes),
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, commit)
+            .await
+            .expect("a durable write neither committed nor failed within the timeout")
+    }
+
+    /// The messages stored for `sub` and the incoming QoS 2 packet ids of `pub` on node `id`.
+    fn qos2_state(&self, id: NodeId) -> (usize, Vec<u16>) {
+        let state = self
+            .node(id)
+            .durability
+            .replicated_state()
+            .expect("the state is readable");
+        let of = |client: &str| {
+            state
+                .sessions
+                .iter()
+                .find(|s| s.client_id.as_str() == client)
+        };
+        (
+            of("sub").map_or(0, |s| s.messages.len()),
+            of("pub").map_or_else(Vec::new, |s| s.incoming_qos2.clone()),
+        )
+    }
+
+    /// Holds up `proposer`'s next forwarded proposal by `hold`, proposes `changes` through it
+    /// (under `fence`), expects the proposer to give up before the proposal is delivered, then
+    /// runs `meanwhile`, and finally waits until the held-up copy has been handled by the
+    /// leader and every node has applied everything the leader had applied by then.
+    async fn late_copy<F: std::future::Future<Output = ()>>(
+        &self,
+        proposer: NodeId,
+        fence: Option<Fence>,
+        changes: Vec<StateChange>,
+        meanwhile: F,
+    ) {
+        let hold = Duration::from_secs(9);
+        self.net
+            .forwarded
+            .delay_next_request
+            .lock()
+            .insert(proposer, hold);
+        self.net.forwarded.replies.lock().insert(proposer, 0);
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            self.propose(proposer, fence, changes).await,
+            Err(DurabilityError::Unavailable),
+            "a proposal held up on its way to the leader was reported committed"
+        );
+        assert!(
+            started.elapsed() < hold,
+            "the proposer only gave up once the held-up proposal was delivered"
+        );
+        meanwhile.await;
+        eventually(
+            "the held-up proposal is handled by the leader",
+            hold + WRITE_TIMEOUT,
+            || {
+                let handled = self.net.forwarded.replies_to(proposer) > 0;
+                async move { handled }
+            },
+        )
+        .await;
+        let leader = self.leader().await;
+        let index = self
+            .node(leader)
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
+        for &id in &self.ids {
+            self.node(id)
+                .raft
+                .wait(Some(CONVERGE_TIMEOUT))
+                .applied_index_at_least(Some(index), "the leader's entries applied")
+                .await
+                .expect("every node applies what the leader applied");
+        }
+    }
+}
+
+/// The QoS 2 duplicate of the reliability issue, at the Raft layer: a publisher's QoS 2
+/// PUBLISH is proposed through a follower whose forward is held up; the proposer gives up
+/// (the broker closes the connection without PUBREC); the client reconnects through another
+/// node (a new claim) and resends, which is stored. When the held-up copy finally commits, it
+/// must not store the message a second time on any node. The same late copy without a fence
+/// does (checked last), which is the duplicate this prevents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_copy_of_a_fenced_proposal_takes_no_effect_after_the_client_reconnected() {
+    let cluster = Cluster::start(3, tuning(10_000, 1_000)).await;
+    let leader = cluster.leader().await;
+    let follower = without(&cluster.ids, leader)[0];
+    // The publisher's first connection is on the follower (claim 10); the subscriber's
+    // session exists.
+    cluster
+        .propose(follower, None, vec![claim("pub", 10), claim("sub", 11)])
+        .await
+        .expect("the claims commit");
+    let first_connection = Fence::Attached {
+        client_id: ByteStr::from("pub"),
+        epoch: 10,
+    };
+
+    // The QoS 2 PUBLISH (packet id 5) through the first connection is held up; meanwhile the
+    // client reconnects through the leader (claim 20) and resends it there.
+    let resend = async {
+        cluster
+            .propose(leader, None, vec![claim("pub", 20)])
+            .await
+            .expect("the new claim commits");
+        assert_eq!(
+            cluster.qos2_state(leader),
+            (0, vec![]),
+            "nothing of the held-up proposal is applied yet"
+        );
+        cluster
+            .propose(
+                leader,
+                Some(Fence::Attached {
+                    client_id: ByteStr::from("pub"),
+                    epoch: 20,
+                }),
+                qos2_publish(5, MessageId(2 << 48 | 7)),
+            )
+            .await
+            .expect("the resend commits");
+    };
+    cluster
+        .late_copy(
+            follower,
+            Some(first_connection),
+            qos2_publish(5, MessageId(1 << 48 | 7)),
+            resend,
+        )
+        .await;
+    for &id in &cluster.ids {
+        assert_eq!(
+            cluster.qos2_state(id),
+            (1, vec![5]),
+            "node {id}: the message is stored once, its packet id recorded once"
+        );
+    }
+
+    // Without the fence, the same late copy stores the message again.
+    cluster
+        .late_copy(
+            follower,
+            None,
+            qos2_publish(5, MessageId(1 << 48 | 8)),
+            async {},
+        )
+        .await;
+    for &id in &cluster.ids {
+        assert_eq!(
+            cluster.qos2_state(id).0,
+            2,
+            "node {id}: an unfenced late copy takes effect (the hazard the fence removes)"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+/// A fenced proposal whose reply is lost after it committed is reported as failed (the
+/// proposer cannot tell); it did take effect, so the client's reconnection finds its packet id
+/// recorded and the resend is recognised as a duplicate (the broker answers PUBREC without
+/// storing it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_committed_proposal_whose_reply_was_lost_is_in_the_state_the_next_claim_loads() {
+    let cluster = Cluster::start(3, tuning(10_000, 1_000)).await;
+    let leader = cluster.leader().await;
+    let follower = without(&cluster.ids, leader)[0];
+    cluster
+        .propose(follower, None, vec![claim("pub", 10), claim("sub", 11)])
+        .await
+        .expect("the claims commit");
+    cluster
+        .net
+        .forwarded
+        .drop_next_reply
+        .lock()
+        .insert(follower);
+    let outcome = cluster
+        .propose(
+            follower,
+            Some(Fence::Attached {
+                client_id: ByteStr::from("pub"),
+                epoch: 10,
+            }),
+            qos2_publish(5, MessageId(1 << 48 | 7)),
+        )
+        .await;
+    assert!(
+        !cluster
+            .net
+            .forwarded
+            .drop_next_reply
+            .lock()
+            .contains(&follower),
+        "the reply to the forwarded proposal was never dropped"
+    );
+    assert_eq!(outcome, Err(DurabilityError::Unavailable));
+    cluster
+        .propose(leader, None, vec![claim("pub", 20)])
+        .await
+        .expect("the new claim commits");
+    assert_eq!(
+        cluster.qos2_state(leader),
+        (1, vec![5]),
+        "the new connection loads the committed message and its packet id"
+    );
+    cluster.shutdown().await;
+}
