@@ -975,6 +975,56 @@ fn an_offline_fence_holds_until_another_connection_claims_the_session() {
         !has_will(&sm),
         "offline and owned by node 2: its timer holds"
     );
+
+    // A session of unknown owner (node 0: a record written before owners were recorded) is
+    // restored, and timed, by the node that reads it.
+    let legacy = vec![
+        StateChange::SessionOpened {
+            client_id: "old".into(),
+            epoch: 1,
+            clean_start: false,
+            expiry_secs: 60,
+            will: Some(will.clone()),
+        },
+        StateChange::SessionDetached {
+            client_id: "old".into(),
+            epoch: 1,
+            how: DetachRecord::Abnormal,
+            expiry_secs: 60,
+        },
+    ];
+    let expired = StateChange::SessionEnded {
+        client_id: "old".into(),
+    };
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            normal(8, encode_batch(&legacy, &clock())),
+            normal(
+                9,
+                batch_from(
+                    5,
+                    &[(
+                        Fence::Offline {
+                            client_id: "old".into(),
+                            epoch: 77,
+                        },
+                        vec![expired],
+                    )],
+                    &[],
+                ),
+            ),
+        ],
+    );
+    let recovered = sm.recovered(&clock()).expect("recovered");
+    assert!(
+        recovered
+            .sessions
+            .iter()
+            .all(|s| s.client_id.as_str() != "old"),
+        "the expiry of a session of unknown owner applies"
+    );
 }
 
 /// A batch whose fenced ranges do not lie within its changes (or overlap) is skipped whole.

@@ -69,13 +69,13 @@ pub(super) fn fence_holds(
     let Some(record) = get_session(tx, &fence.client_id)? else {
         return Ok(false);
     };
-    if record.node_id != origin {
-        return Ok(false);
-    }
     Ok(if fence.offline {
-        !record.online || record.epoch == fence.epoch
+        // A record of unknown owner (node 0: written before owners were recorded) is restored,
+        // and timed, by every node that reads it; a claim since has set its owner.
+        (record.node_id == origin || record.node_id == 0)
+            && (!record.online || record.epoch == fence.epoch)
     } else {
-        record.epoch == fence.epoch
+        record.node_id == origin && record.epoch == fence.epoch
     })
 }
 
