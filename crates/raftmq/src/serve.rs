@@ -324,6 +324,19 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static
     })
 }
 
+/// The first session epoch of this run: milliseconds since the Unix epoch times 2^16, so a
+/// restarted node never hands out an epoch of an earlier run (65,536 attachments per
+/// millisecond of uptime before the counter could catch up with a later start; the clock
+/// would have to step back by more than the downtime for two runs to overlap).
+fn epoch_base() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX >> 16)
+        });
+    ms.saturating_mul(1 << 16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,17 +358,4 @@ mod tests {
         assert!(!admin_api_unprotected(addr("0.0.0.0:9100"), Some("t")));
         assert!(!admin_api_unprotected(addr("127.0.0.1:9100"), None));
     }
-}
-
-/// The first session epoch of this run: milliseconds since the Unix epoch times 2^16, so a
-/// restarted node never hands out an epoch of an earlier run (65,536 attachments per
-/// millisecond of uptime before the counter could catch up with a later start; the clock
-/// would have to step back by more than the downtime for two runs to overlap).
-fn epoch_base() -> u64 {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| {
-            u64::try_from(d.as_millis()).unwrap_or(u64::MAX >> 16)
-        });
-    ms.saturating_mul(1 << 16)
 }
