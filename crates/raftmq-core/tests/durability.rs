@@ -1132,3 +1132,114 @@ fn qos2_messages_of_one_client_are_delivered_in_order_around_commits() {
     held.complete_all(Err(DurabilityError::Unavailable));
     assert_eq!(publishes(&drain(&mut sub, now)), ["m4"]);
 }
+
+/// Durability whose commits and session loads complete when the test says so.
+#[derive(Default)]
+struct Resuming {
+    held: Held,
+    loads: Mutex<Vec<raftmq_core::durability::SessionLoadHandle>>,
+}
+
+impl Durability for Resuming {
+    fn propose(&self, changes: Vec<StateChange>) -> Commit {
+        self.held.propose(changes)
+    }
+    fn next_message_id(&self) -> MessageId {
+        self.held.next_message_id()
+    }
+    fn recover(&self) -> Result<Recovered, DurabilityError> {
+        Ok(Recovered::default())
+    }
+    fn load_session(
+        &self,
+        _client_id: &ByteStr,
+        _claim: Commit,
+    ) -> raftmq_core::durability::SessionLoad {
+        let (load, handle) = raftmq_core::durability::SessionLoad::pending();
+        self.loads.lock().push(handle);
+        load
+    }
+}
+
+/// A client resumes, on this node, a session stored through another one. A message stored
+/// for it just before it attached here is only in the image the load reads; the next one,
+/// committed between the attach and the load, is also queued by the applied-change feed. They
+/// must reach the client in the order they were stored ([MQTT-4.6.0-6]), each once; and one the
+/// image shows was sent under a packet id elsewhere is resent under that id.
+#[test]
+fn a_resumed_session_gets_its_stored_messages_in_order_whichever_way_they_arrived() {
+    let d = Arc::new(Resuming::default());
+    let b = broker(d.clone());
+    let now = Instant::now();
+    let mut sub = open(&b, now);
+    sub.handle_packet(connect("x", false, 300), now);
+    let m = |n: u64| {
+        remote_message(
+            "t/1",
+            QoS::AtLeastOnce,
+            ["m1", "m2", "m3"][n as usize - 1].as_bytes(),
+            now,
+        )
+    };
+    let (m1, m2, m3) = (m(1), m(2), m(3));
+    // m2 and m3 commit after the attach: the feed queues them for the attaching session.
+    b.apply_replicated(20, &[stored_for(2, &m2, "x")], now);
+    b.apply_replicated(21, &[stored_for(3, &m3, "x")], now);
+    // The claim commits; the load reads m1 (stored before the attach), m2, and m3, which the
+    // client's previous node had already sent under packet id 7.
+    d.held.complete_all(Ok(()));
+    let delivery = |id: u64, message: &Arc<raftmq_core::Message>, packet_id| {
+        raftmq_core::durability::StoredDelivery {
+            id: MessageId(id),
+            message: message.clone(),
+            target: raftmq_core::durability::StoredTarget {
+                client_id: ByteStr::from("x"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                subscription_ids: Default::default(),
+            },
+            packet_id,
+            released: false,
+        }
+    };
+    let image = raftmq_core::durability::SessionImage {
+        client_id: ByteStr::from("x"),
+        expiry_secs: 300,
+        subscriptions: vec![(Arc::from("t/#"), sub_entry(QoS::AtLeastOnce))],
+        messages: vec![
+            delivery(1, &m1, None),
+            delivery(2, &m2, None),
+            delivery(3, &m3, Some(7)),
+        ],
+        incoming_qos2: Vec::new(),
+        will: None,
+    };
+    for load in d.loads.lock().drain(..) {
+        load.complete(Ok(Some((image.clone(), 22))));
+    }
+    sub.handle_commits(now);
+    let sent: Vec<(String, Option<u16>, bool)> = drain(&mut sub, now)
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some((
+                String::from_utf8_lossy(&p.payload).into_owned(),
+                p.packet_id.map(|id| id.get()),
+                p.dup,
+            )),
+            _ => None,
+        })
+        .collect();
+    let payloads: Vec<&str> = sent.iter().map(|(p, _, _)| p.as_str()).collect();
+    assert_eq!(
+        payloads,
+        ["m3", "m1", "m2"],
+        "the in-flight one first, then in stored order: {sent:?}"
+    );
+    assert_eq!(sent[0].1, Some(7), "resent under its packet id");
+    assert!(sent[0].2, "with DUP");
+    assert_eq!(
+        b.stats().messages_queued.load(Ordering::Relaxed),
+        0,
+        "nothing left counted as queued"
+    );
+}

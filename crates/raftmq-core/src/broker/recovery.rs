@@ -84,20 +84,44 @@ impl Broker {
             };
             self.add_subscription(session, st, key, parsed, entry);
         }
-        // Stored messages the applied-change feed already queued for this session (committed
-        // between its attach here and the load) are not queued twice.
-        let present: std::collections::HashSet<MessageId> = st
-            .queue
-            .iter()
-            .filter_map(|d| d.durable)
-            .chain(st.outgoing.values().filter_map(|o| match &o.state {
+        // Stored messages the applied-change feed (or live forwarding) already queued for this
+        // session, committed between its attach here and the load, are not queued twice; and
+        // the stored messages come first, in the order they were stored, whichever way they
+        // arrived: a message committed just before the attach (only in the image) goes before
+        // one committed just after it (queued by the feed too), as MQTT's ordering requires.
+        let in_flight: std::collections::HashSet<MessageId> = st
+            .outgoing
+            .values()
+            .filter_map(|o| match &o.state {
                 Outgoing::Publish(d) => d.durable,
                 Outgoing::Released(id) => *id,
-            }))
+            })
             .collect();
+        let stored_ids: std::collections::HashSet<MessageId> =
+            image.messages.iter().map(|m| m.id).collect();
+        let mut fed: HashMap<MessageId, Delivery> = HashMap::default();
+        let mut later = std::collections::VecDeque::new();
+        for d in std::mem::take(&mut st.queue) {
+            match d.durable {
+                Some(id) if stored_ids.contains(&id) => {
+                    fed.insert(id, d);
+                }
+                _ => later.push_back(d),
+            }
+        }
         for stored in image.messages {
-            if present.contains(&stored.id) {
+            if in_flight.contains(&stored.id) {
                 continue;
+            }
+            if let Some(d) = fed.remove(&stored.id) {
+                if stored.packet_id.is_none_or(|id| id == 0) {
+                    // Queued already (and counted): back in its stored place.
+                    st.queue.push_back(d);
+                    continue;
+                }
+                // Sent under a packet id elsewhere meanwhile: resent under that id (below), not
+                // as a new message.
+                self.stats.messages_queued.fetch_sub(1, Relaxed);
             }
             let delivery = Delivery {
                 qos: stored.target.qos,
@@ -128,6 +152,9 @@ impl Broker {
                 }
             }
         }
+        // What was queued here and is not in the image (committed after the load's read, or
+        // not stored at all) follows.
+        st.queue.extend(later);
         st.incoming_qos2.extend(
             image
                 .incoming_qos2
