@@ -616,10 +616,12 @@ pub const DEAD_AFTER_REFUSED: Duration = Duration::from_millis(1500);
 pub const SELF_FENCE_AFTER: Duration = Duration::from_secs(5);
 
 // A node notices it cannot commit after at most an election timeout (follower, ≤ 2 s by
-// default) or QUORUM_STALE_MS (leader); with the liveness tick's lateness on top, it fences
-// itself before the earliest moment the cluster may declare it down.
+// default: `ELECTION_TIMEOUT_MAX_MS`); a leader counts from its last quorum acknowledgement.
+// With the liveness tick's lateness on top, it fences itself before the earliest moment the
+// cluster may declare it down, with a margin for a loaded machine.
+const ELECTION_TIMEOUT_MAX_MS: u128 = 2_000;
 const _: () = assert!(
-    SELF_FENCE_AFTER.as_millis() + 2 * LIVENESS_TICK.as_millis() + (QUORUM_STALE_MS as u128)
+    SELF_FENCE_AFTER.as_millis() + 2 * LIVENESS_TICK.as_millis() + ELECTION_TIMEOUT_MAX_MS
         < NODE_DOWN_AFTER.as_millis()
 );
 
@@ -666,7 +668,15 @@ async fn declare_down_nodes(
         }
         let (leader, members): (bool, Vec<NodeId>) = {
             let m = raft.metrics().borrow().clone();
-            match lease.observe(can_commit(&m), std::time::Instant::now()) {
+            let now = std::time::Instant::now();
+            // A cut-off leader can tell when it last heard from a quorum: its time without one
+            // counts from then, not from when `can_commit` turned false QUORUM_STALE_MS later,
+            // so it lets go of its sessions well before the majority may declare it down.
+            let cut_off_since = (m.state == ServerState::Leader)
+                .then_some(m.millis_since_quorum_ack)
+                .flatten()
+                .and_then(|ms| now.checked_sub(Duration::from_millis(ms)));
+            match lease.observe_since(can_commit(&m), now, cut_off_since) {
                 LeaseEvent::Lost => {
                     let fenced = broker
                         .fence_durable_sessions(Some(raftmq_codec::ReasonCode::USE_ANOTHER_SERVER));
@@ -776,7 +786,18 @@ enum LeaseEvent {
 }
 
 impl Lease {
+    #[cfg(test)]
     fn observe(&mut self, can_commit: bool, now: std::time::Instant) -> LeaseEvent {
+        self.observe_since(can_commit, now, None)
+    }
+
+    /// [`Lease::observe`], where `since` (if known) is when the node last could commit.
+    fn observe_since(
+        &mut self,
+        can_commit: bool,
+        now: std::time::Instant,
+        since: Option<std::time::Instant>,
+    ) -> LeaseEvent {
         if can_commit {
             self.lost_since = None;
             return if self.fenced {
@@ -785,7 +806,7 @@ impl Lease {
                 LeaseEvent::None
             };
         }
-        let since = *self.lost_since.get_or_insert(now);
+        let since = *self.lost_since.get_or_insert(since.unwrap_or(now).min(now));
         if !self.fenced && now.duration_since(since) >= SELF_FENCE_AFTER {
             self.fenced = true;
             return LeaseEvent::Lost;
@@ -853,6 +874,37 @@ async fn join_loop(
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    /// A cut-off leader notices only QUORUM_STALE_MS after its last quorum acknowledgement
+    /// that it cannot commit, but its time without a quorum counts from that acknowledgement:
+    /// it fences itself SELF_FENCE_AFTER after it, well before the majority's NODE_DOWN_AFTER.
+    #[test]
+    fn a_cut_off_leader_counts_its_lease_from_its_last_quorum_acknowledgement() {
+        let mut lease = Lease::default();
+        let acked = Instant::now();
+        let noticed = acked + Duration::from_millis(QUORUM_STALE_MS);
+        assert_eq!(
+            lease.observe_since(false, noticed, Some(acked)),
+            LeaseEvent::None
+        );
+        assert_eq!(
+            lease.observe_since(false, acked + SELF_FENCE_AFTER, Some(acked)),
+            LeaseEvent::Lost,
+            "fenced SELF_FENCE_AFTER after the last acknowledgement"
+        );
+        assert!(SELF_FENCE_AFTER + 2 * LIVENESS_TICK < NODE_DOWN_AFTER - Duration::from_secs(3));
+        // A hint in the future (clock skew between the two readings) counts as now.
+        let mut lease = Lease::default();
+        let now = Instant::now();
+        assert_eq!(
+            lease.observe_since(false, now, Some(now + SELF_FENCE_AFTER)),
+            LeaseEvent::None
+        );
+        assert_eq!(
+            lease.observe_since(false, now + SELF_FENCE_AFTER, None),
+            LeaseEvent::Lost
+        );
+    }
 
     #[test]
     fn the_lease_fences_once_after_the_grace_and_restores_once_quorum_is_back() {
