@@ -13,11 +13,15 @@
 #   leader        the subscriber is on the leader, which is killed; the publisher is on a
 #                 follower
 #
+# Unless --no-wills, clients with wills also connect to the node to be killed (a persistent
+# session, a client without a session, and a persistent session whose will waits 2 s), and a
+# subscriber on a surviving node times their wills and checks that each arrives exactly once.
+#
 # The load tool kills the node itself (SIGKILL, `--kill-pid`) after --before of steady load, and
 # reports the times from the kill. The script prints a Markdown table and writes it
 # (results.md), with every JSON summary, load tool output and node log, to --out DIR (default: a
-# new temporary directory, kept). It exits non-zero if a trial did not recover or lost an
-# acknowledged message.
+# new temporary directory, kept). It exits non-zero if a trial did not recover, lost an
+# acknowledged message, or a will did not arrive exactly once.
 #
 # Binaries: raftmq from $RAFTMQ, else $HOME/.cache/raftmq-target/release/raftmq, else
 # .../debug/raftmq (waiting up to 40 min for a build in progress to produce it; raftmq is never
@@ -29,10 +33,10 @@
 set -euo pipefail
 
 qos_list="1,2" trials="follower-sub,leader" repeat=1 rate=1000 before=3s after=20s out=""
-wait_binary=2400
+wait_binary=2400 wills=(--will-delay 2) no_wills=
 usage() {
     echo "usage: $0 [--qos 1|2|1,2] [--trials follower-sub,leader] [--repeat N] [--rate MSG/S]" >&2
-    echo "          [--before D] [--after D] [--out DIR] [--wait-binary SECONDS]" >&2
+    echo "          [--before D] [--after D] [--no-wills] [--out DIR] [--wait-binary SECONDS]" >&2
     exit 2
 }
 while (($#)); do
@@ -43,6 +47,7 @@ while (($#)); do
         --rate) rate=$2; shift 2 ;;
         --before) before=$2; shift 2 ;;
         --after) after=$2; shift 2 ;;
+        --no-wills) wills=(--no-wills) no_wills=" --no-wills"; shift ;;
         --out) out=$2; shift 2 ;;
         --wait-binary) wait_binary=$2; shift 2 ;;
         *) usage ;;
@@ -176,6 +181,24 @@ IFS=, read -r -a qos_levels <<<"$qos_list"
 IFS=, read -r -a trial_kinds <<<"$trials"
 # Formats a JSON number of ms (or null) for the table.
 ms() { jq -r "if $1 == null then \"${2:-–}\" else ($1 | round | tostring) + \" ms\" end" "$3"; }
+# The publisher's connection in summary $1: kept, or kill → reconnected, to which node id.
+publisher_cell() {
+    jq -r '.failover | if .pub_lost | not then "kept"
+        elif .pub_reconnect_ms == null then "NOT reconnected"
+        else (.pub_reconnect_ms | round | tostring) + " ms to node "
+            + (if .pub_reconnect_node == null then "?" else (.pub_reconnect_node + 1 | tostring) end)
+        end' "$1"
+}
+# Will $1 in summary $2: kill → received (or NOT received), and how often it was published
+# when not once.
+will_cell() {
+    jq -r --arg name "$1" '[.failover.wills[]? | select(.name == $name)] | first
+        | if . == null then "–"
+          elif .received_ms == null then "NOT received"
+          else (.received_ms | round | tostring) + " ms"
+              + (if .publications == 1 then "" else " (published \(.publications) times)" end)
+          end' "$2"
+}
 
 for ((round = 1; round <= repeat; round++)); do
     for qos in "${qos_levels[@]}"; do
@@ -208,7 +231,8 @@ for ((round = 1; round <= repeat; round++)); do
                 --addrs "127.0.0.1:${mqtt[1]},127.0.0.1:${mqtt[2]},127.0.0.1:${mqtt[3]}" \
                 --sub-node $((sub - 1)) --pub-node $((pub - 1)) --killed-node $((killed - 1)) \
                 --kill-pid "${node_pid[killed]}" --qos "$qos" --rate "$rate" \
-                --before "$before" --after "$after" --label "$name" --json "$out/$name.json" \
+                --before "$before" --after "$after" "${wills[@]}" \
+                --label "$name" --json "$out/$name.json" \
                 >"$out/$name.txt" 2>"$dir/bench.log" || status=$?
             cat "$out/$name.txt"
             if [[ -s $out/$name.json ]]; then
@@ -223,9 +247,9 @@ for ((round = 1; round <= repeat; round++)); do
                 elif [[ $present == false ]]; then
                     sub_back+=" (NO session)"
                 fi
-                rows+=("| $name | node $killed ($([[ $trial == leader ]] && echo leader || echo follower)) | $sub_back | $(ms .failover.first_message_ms "none" "$j") | $(ms .failover.first_fresh_message_ms "none" "$j") | $(ms .failover.first_fresh_ack_ms "none" "$j") | $(ms .failover.recovered_ms "NOT recovered" "$j") | $(ms .failover.max_receive_gap_ms "–" "$j") | $(jq -r .failover.acked "$j") | $(jq -r .failover.missing_acked "$j") | $(jq -r .failover.duplicates "$j") |")
+                rows+=("| $name | node $killed ($([[ $trial == leader ]] && echo leader || echo follower)) | $sub_back | $(publisher_cell "$j") | $(ms .failover.first_message_ms "none" "$j") | $(ms .failover.first_fresh_message_ms "none" "$j") | $(ms .failover.first_fresh_ack_ms "none" "$j") | $(ms .failover.recovered_ms "NOT recovered" "$j") | $(ms .failover.max_receive_gap_ms "–" "$j") | $(jq -r .failover.acked "$j") | $(jq -r .failover.missing_acked "$j") | $(jq -r .failover.duplicates "$j") | $(will_cell persistent "$j") | $(will_cell sessionless "$j") | $(will_cell delayed "$j") |")
             else
-                rows+=("| $name | node $killed | (no summary: see $out/$name.txt) | | | | | | | | |")
+                rows+=("| $name | node $killed | (no summary: see $out/$name.txt) | | | | | | | | | | | | |")
             fi
             if ((status != 0)); then
                 failures+=("$name (exit $status)")
@@ -240,11 +264,11 @@ done
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
 {
-    echo "Generated by \`benches/failover.sh --qos $qos_list --trials $trials --repeat $repeat --rate $rate --before $before --after $after\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
+    echo "Generated by \`benches/failover.sh --qos $qos_list --trials $trials --repeat $repeat --rate $rate --before $before --after $after$no_wills\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
     echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores, $(uname -sr); raftmq $profile build; 3 nodes and the load tool on loopback."
     echo
-    echo "| trial | killed | kill → subscriber reconnected | kill → first message | kill → first fresh message | kill → first fresh ack | recovered | longest gap | acked | missing acked | duplicates |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| trial | killed | kill → subscriber reconnected | publisher | kill → first message | kill → first fresh message | kill → first fresh ack | recovered | longest gap | acked | missing acked | duplicates | kill → will, persistent session | kill → will, no session | kill → will, delay 2 s |"
+    echo "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${rows[@]}"
 } >"$results"
 echo
