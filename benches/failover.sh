@@ -23,10 +23,11 @@
 # new temporary directory, kept). It exits non-zero if a trial did not recover, lost an
 # acknowledged message, or a will did not arrive exactly once.
 #
-# Binaries: raftmq from $RAFTMQ, else $HOME/.cache/raftmq-target/release/raftmq, else
-# .../debug/raftmq (waiting up to 40 min for a build in progress to produce it; raftmq is never
-# built here: its first build compiles RocksDB). raftmq-bench from $RAFTMQ_BENCH, else built
-# here (debug; it depends on the codec only) with CARGO_TARGET_DIR=$HOME/.cache/raftmq-target-failover.
+# Binaries (benches/cluster.sh, find_binaries): raftmq from $RAFTMQ, else
+# $HOME/.cache/raftmq-target/release/raftmq, else .../debug/raftmq (waiting up to 40 min for a
+# build in progress to produce it; raftmq is never built here: its first build compiles
+# RocksDB). raftmq-bench from $RAFTMQ_BENCH, else built here (debug; it depends on the codec
+# only) with CARGO_TARGET_DIR=$HOME/.cache/raftmq-target-failover.
 #
 # Every wait is bounded, and every process the script starts is stopped by PID on exit,
 # including on error or Ctrl-C.
@@ -77,100 +78,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# --- binaries ---------------------------------------------------------------------------------
-cache=$HOME/.cache/raftmq-target
-raftmq=${RAFTMQ:-}
-if [[ -z $raftmq ]]; then
-    waited=0
-    while :; do
-        if [[ -x $cache/release/raftmq ]]; then
-            raftmq=$cache/release/raftmq profile=release
-            break
-        elif [[ -x $cache/debug/raftmq ]]; then
-            raftmq=$cache/debug/raftmq profile=debug
-            break
-        fi
-        if ((waited >= wait_binary)); then
-            echo "no raftmq binary in $cache/{release,debug} after ${wait_binary}s" >&2
-            exit 1
-        fi
-        echo "waiting for $cache/debug/raftmq (a build is in progress?), ${waited}s so far"
-        sleep 30
-        waited=$((waited + 30))
-    done
-else
-    profile="from \$RAFTMQ"
-fi
-# One copy for the whole run: a rebuild replacing the binary cannot mix versions in a cluster.
-cp "$raftmq" "$work/raftmq"
-echo "== raftmq: $raftmq ($profile build, $(date -u -r "$raftmq" '+%Y-%m-%d %H:%M UTC'))"
-raftmq_bin=$work/raftmq
-
-bench=${RAFTMQ_BENCH:-}
-if [[ -z $bench ]]; then
-    echo "== building raftmq-bench (debug)"
-    CARGO_TARGET_DIR=$HOME/.cache/raftmq-target-failover \
-        cargo build --locked -p raftmq-bench --bin raftmq-bench
-    bench=$HOME/.cache/raftmq-target-failover/debug/raftmq-bench
-fi
-echo "== raftmq-bench: $bench"
-
-# --- cluster ----------------------------------------------------------------------------------
-# GET http://127.0.0.1:$1$2 (2 s bound); prints the body, fails unless 200.
-http_get() { curl -fsS --max-time 2 "http://127.0.0.1:$1$2"; }
-
-# Starts nodes 1..3 of a new cluster in $1; sets node_pid, mqtt, http (arrays by node id).
-start_cluster() {
-    local dir=$1 id seeds=""
-    node_pid=() mqtt=() http=() cluster=()
-    for id in 1 2 3; do
-        free_port; mqtt[id]=$port
-        free_port; http[id]=$port
-        free_port; cluster[id]=$port
-        seeds+="${seeds:+,}127.0.0.1:${cluster[id]}"
-    done
-    for id in 1 2 3; do
-        # A clean environment: no RAFTMQ_* variable of the caller changes the nodes' config.
-        env -i HOME="$HOME" PATH="$PATH" "$raftmq_bin" serve --node-id "$id" \
-            --mqtt-addr "127.0.0.1:${mqtt[id]}" --http-addr "127.0.0.1:${http[id]}" \
-            --cluster-addr "127.0.0.1:${cluster[id]}" --seeds "$seeds" \
-            --data-dir "$dir/n$id" --log-level warn >"$dir/n$id.log" 2>&1 &
-        node_pid[id]=$!
-        pids+=("$!")
-    done
-}
-
-# Waits (at most 60 s) until every node is ready and all agree on a leader and 3 voters; sets
-# $leader (a node id).
-wait_converged() {
-    local dir=$1 id views leaders voters
-    for _ in $(seq 300); do
-        for id in 1 2 3; do
-            if ! alive "${node_pid[id]}"; then
-                echo "node $id (pid ${node_pid[id]}) exited; last lines of its log:" >&2
-                tail -n 20 "$dir/n$id.log" >&2
-                return 1
-            fi
-        done
-        views=""
-        for id in 1 2 3; do
-            http_get "${http[id]}" /readyz >/dev/null 2>&1 || { views=""; break; }
-            views+="$(http_get "${http[id]}" /api/v1/cluster 2>/dev/null || echo '{}')"$'\n'
-        done
-        if [[ -n $views ]]; then
-            leaders=$(jq -r '.leader // "none"' <<<"$views" | sort -u)
-            voters=$(jq -r '.voters | length' <<<"$views" | sort -u)
-            if [[ $leaders =~ ^[123]$ && $voters == 3 ]]; then
-                leader=$leaders
-                return 0
-            fi
-        fi
-        sleep 0.2
-    done
-    echo "the cluster did not converge within 60 s; last views:" >&2
-    echo "$views" >&2
-    return 1
-}
+# --- binaries and cluster ---------------------------------------------------------------------
+# shellcheck source=benches/cluster.sh
+source "$root/benches/cluster.sh"
+find_binaries "$work" "$wait_binary"
 
 # --- trials -----------------------------------------------------------------------------------
 results=$out/results.md
@@ -265,7 +176,7 @@ done
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
 {
     echo "Generated by \`benches/failover.sh --qos $qos_list --trials $trials --repeat $repeat --rate $rate --before $before --after $after$no_wills\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
-    echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores, $(uname -sr); raftmq $profile build; 3 nodes and the load tool on loopback."
+    echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores, $(uname -sr); raftmq $profile build ($raftmq, $(date -u -r "$raftmq" '+%Y-%m-%d %H:%M UTC')); 3 nodes and the load tool on loopback."
     echo
     echo "| trial | killed | kill → subscriber reconnected | publisher | kill → first message | kill → first fresh message | kill → first fresh ack | recovered | longest gap | acked | missing acked | duplicates | kill → will, persistent session | kill → will, no session | kill → will, delay 2 s |"
     echo "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
