@@ -56,7 +56,7 @@ while (($#)); do
 done
 [[ $qos_list =~ ^[12](,[12])*$ ]] || usage
 [[ $trials =~ ^(follower-sub|leader)(,(follower-sub|leader))*$ ]] || usage
-[[ $repeat =~ ^[0-9]+$ ]] && ((repeat >= 1 && repeat <= 50)) || usage
+if ! [[ $repeat =~ ^[0-9]+$ ]] || ((repeat < 1 || repeat > 50)); then usage; fi
 [[ $wait_binary =~ ^[0-9]+$ ]] || usage
 for tool in curl jq; do
     command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }
@@ -71,7 +71,7 @@ mkdir -p "$out"
 # shellcheck source=benches/common.sh
 source "$root/benches/common.sh"
 cleanup() {
-    stop_all
+    stop_all 3
     rm -f "$work/raftmq"
     [[ $out == "$work" ]] || rm -rf "$work"
 }
@@ -123,7 +123,7 @@ for ((round = 1; round <= repeat; round++)); do
             start_cluster "$dir"
             if ! wait_converged "$dir"; then
                 failures+=("$name: cluster did not start")
-                stop_all
+                stop_all 3
                 continue
             fi
             # Node ids 1..3 are indexes 0..2 of --addrs.
@@ -167,7 +167,7 @@ for ((round = 1; round <= repeat; round++)); do
                 echo "   raftmq-bench exited with $status; its stderr:" >&2
                 tail -n 5 "$dir/bench.log" >&2
             fi
-            stop_all
+            stop_all 3
             rm -rf "$dir/n1" "$dir/n2" "$dir/n3"
         done
     done
