@@ -292,13 +292,15 @@ for id in 1 2 3; do
     done
 done
 
-# The load: published, acknowledged, lost, latency, errors (each stream from its JSON summary).
+# The load: rate, published, acknowledged, lost, latency, errors (from each JSON summary).
 load_rows=()
+warnings=()
 for id in 1 2 3; do
     j=$out/load-$id-to-$((id % 3 + 1)).json
     if [[ -s $j ]]; then
         load_rows+=("$(jq -r --arg s "node $id → node $((id % 3 + 1))" '
-            [$s, (.messages.published | tostring), (.messages.acked | tostring),
+            [$s, (.messages.offered_per_s | round | tostring), (.messages.published | tostring),
+             (.messages.acked | tostring),
              (.messages.lost | tostring), (.messages.duplicates | tostring),
              (if .latency_us == null then "–" else (.latency_us.p50 / 1000 * 10 | round / 10 | tostring) + " ms" end),
              (if .latency_us == null then "–" else (.latency_us.p99 / 1000 * 10 | round / 10 | tostring) + " ms" end),
@@ -307,8 +309,11 @@ for id in 1 2 3; do
             | "| " + join(" | ") + " |"' "$j")")
         lost=$(jq -r '.messages.lost // 0' "$j")
         ((lost == 0)) || failures+=("load $id → $((id % 3 + 1)): $lost messages lost")
+        if jq -e --argjson want "$per_stream" '.messages.offered_per_s < 0.95 * $want' "$j" >/dev/null; then
+            warnings+=("load $id → $((id % 3 + 1)) published $(jq -r '.messages.offered_per_s | round' "$j") msg/s of $per_stream: it fell behind (the machine or the cluster was saturated), so the soak ran lighter than asked")
+        fi
     else
-        load_rows+=("| node $id → node $((id % 3 + 1)) | (no summary: see load-$id-to-$((id % 3 + 1)).log) | | | | | | | |")
+        load_rows+=("| node $id → node $((id % 3 + 1)) | (no summary: see load-$id-to-$((id % 3 + 1)).log) | | | | | | | | |")
         failures+=("load $id → $((id % 3 + 1)): no summary")
     fi
 done
@@ -333,14 +338,19 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true
     echo
     echo "Values at the end; **a → b** where a value moved after the baseline taken once the cluster had converged."
     echo
-    echo "| load | published | acknowledged | lost | duplicates | latency p50 | p99 | max | errors |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| load | msg/s (of $per_stream) | published | acknowledged | lost | duplicates | latency p50 | p99 | max | errors |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${load_rows[@]}"
     echo
     echo "Load commands:"
     echo
     for id in 1 2 3; do echo "    ${load_cmd[id]}"; done
     echo
+    if ((${#warnings[@]})); then
+        echo "Warnings:"
+        printf -- '- %s\n' "${warnings[@]}"
+        echo
+    fi
     if ((${#failures[@]})); then
         echo "FAILED:"
         printf -- '- %s\n' "${failures[@]}"

@@ -5,7 +5,10 @@
 //!
 //! 1. A subscriber with a persistent session (clean start 0, Session Expiry Interval; clean
 //!    session 0 on 3.1.1) connects to `addrs[sub_node]` and subscribes to a topic of this run
-//!    at QoS 1 or 2. A publisher with a persistent session connects to `addrs[pub_node]`.
+//!    at QoS 1 or 2. Unless `--no-wills`, a will watcher with a persistent session subscribes
+//!    at QoS 1 to the run's will topics on a surviving node, and clients with a will connect to
+//!    `addrs[killed_node]` (see [`crate::wills`]); they only ping and never reconnect. A
+//!    publisher with a persistent session connects to `addrs[pub_node]`.
 //! 2. The publisher publishes at `--rate`, every payload stamped with its sequence number and
 //!    send time; at most `--inflight` unacknowledged.
 //! 3. After `--before`, `kill -9 --kill-pid`. The kill's instant is the origin of every time
@@ -15,13 +18,14 @@
 //!    round-robin with the killed node last, `--retry-delay` between attempts. With Session
 //!    Present, the publisher resends its unacknowledged PUBLISHes (DUP) and PUBRELs in their
 //!    original order; a subscriber that finds no session subscribes again.
-//! 5. Once every milestone of [`crate::recovery`] has happened, the publisher goes on for
-//!    `--settle`, or the run gives up `--after` the kill. Then publishing stops, and the run
+//! 5. Once every milestone of [`crate::recovery`] has happened and every will has arrived, the
+//!    publisher goes on for `--settle`, or the run gives up `--after` the kill. Then publishing stops, and the run
 //!    waits up to `--drain` for outstanding acknowledgements and for every acknowledged
 //!    message to arrive.
-//! 6. Both clients disconnect and remove their sessions; the summary reports the times and
-//!    the accounting, and the run fails if it did not recover or an acknowledged message is
-//!    missing.
+//! 6. The clients disconnect and remove their sessions (the will clients' persistent sessions,
+//!    adopted by a surviving node, through a clean-session connection once the watcher is gone);
+//!    the summary reports the times and the accounting, and the run fails if it did not
+//!    recover, an acknowledged message is missing, or a will did not arrive exactly once.
 
 use crate::cli::{CommonArgs, FailoverArgs};
 use crate::client::{Conn, Counters, Endpoint, Handshake, SessionOptions};
