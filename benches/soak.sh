@@ -207,18 +207,19 @@ t_prev=$started
 n_prev=$n0 l_prev=$l0 mb_prev=$m_busy0 mt_prev=$m_total0
 t_win=$started n_win=$n0 l_win=$l0 mb_win=$m_busy0 mt_win=$m_total0
 failures=()
-node_died=0
+# A node that exits is a failure; the loads go on (they end by themselves) so that their
+# summaries and the survivors' metrics show what followed.
+dead=()
 while :; do
     running=0
     for id in 1 2 3; do alive "${load_pid[id]}" && running=$((running + 1)); done
     ((running > 0)) || break
     for id in 1 2 3; do
-        if ! alive "${node_pid[id]}"; then
-            failures+=("node $id (pid ${node_pid[id]}) exited during the soak")
-            node_died=1
+        if [[ -z ${dead[id]:-} ]] && ! alive "${node_pid[id]}"; then
+            failures+=("node $id (pid ${node_pid[id]}) exited $(($(date +%s) - started)) s into the soak")
+            dead[id]=1
         fi
     done
-    ((node_died == 0)) || break
     if (($(date +%s) >= limit)); then
         failures+=("the load did not end within 60 s of its end; stopped")
         break
@@ -263,7 +264,11 @@ for id in 1 2 3; do
     else
         wait "${load_pid[id]}" || status=$?
     fi
-    ((status == 0)) || load_failed+=("load $id → $((id % 3 + 1)) exited with $status")
+    if ((status == 124)); then
+        load_failed+=("load $id → $((id % 3 + 1)) did not end by itself; stopped")
+    elif ((status != 0)); then
+        load_failed+=("load $id → $((id % 3 + 1)) exited with $status")
+    fi
 done
 failures+=("${load_failed[@]}")
 
