@@ -13,26 +13,31 @@
 #   leader        the subscriber is on the leader, which is killed; the publisher is on a
 #                 follower
 #
+# Unless --no-wills, clients with wills also connect to the node to be killed (a persistent
+# session, a client without a session, and a persistent session whose will waits 2 s), and a
+# subscriber on a surviving node times their wills and checks that each arrives exactly once.
+#
 # The load tool kills the node itself (SIGKILL, `--kill-pid`) after --before of steady load, and
 # reports the times from the kill. The script prints a Markdown table and writes it
 # (results.md), with every JSON summary, load tool output and node log, to --out DIR (default: a
-# new temporary directory, kept). It exits non-zero if a trial did not recover or lost an
-# acknowledged message.
+# new temporary directory, kept). It exits non-zero if a trial did not recover, lost an
+# acknowledged message, or a will did not arrive exactly once.
 #
-# Binaries: raftmq from $RAFTMQ, else $HOME/.cache/raftmq-target/release/raftmq, else
-# .../debug/raftmq (waiting up to 40 min for a build in progress to produce it; raftmq is never
-# built here: its first build compiles RocksDB). raftmq-bench from $RAFTMQ_BENCH, else built
-# here (debug; it depends on the codec only) with CARGO_TARGET_DIR=$HOME/.cache/raftmq-target-failover.
+# Binaries (benches/cluster.sh, find_binaries): raftmq from $RAFTMQ, else
+# $HOME/.cache/raftmq-target/release/raftmq, else .../debug/raftmq (waiting up to 40 min for a
+# build in progress to produce it; raftmq is never built here: its first build compiles
+# RocksDB). raftmq-bench from $RAFTMQ_BENCH, else built here (debug; it depends on the codec
+# only) with CARGO_TARGET_DIR=$HOME/.cache/raftmq-target-failover.
 #
 # Every wait is bounded, and every process the script starts is stopped by PID on exit,
 # including on error or Ctrl-C.
 set -euo pipefail
 
 qos_list="1,2" trials="follower-sub,leader" repeat=1 rate=1000 before=3s after=20s out=""
-wait_binary=2400
+wait_binary=2400 wills=(--will-delay 2) no_wills=
 usage() {
     echo "usage: $0 [--qos 1|2|1,2] [--trials follower-sub,leader] [--repeat N] [--rate MSG/S]" >&2
-    echo "          [--before D] [--after D] [--out DIR] [--wait-binary SECONDS]" >&2
+    echo "          [--before D] [--after D] [--no-wills] [--out DIR] [--wait-binary SECONDS]" >&2
     exit 2
 }
 while (($#)); do
@@ -43,6 +48,7 @@ while (($#)); do
         --rate) rate=$2; shift 2 ;;
         --before) before=$2; shift 2 ;;
         --after) after=$2; shift 2 ;;
+        --no-wills) wills=(--no-wills) no_wills=" --no-wills"; shift ;;
         --out) out=$2; shift 2 ;;
         --wait-binary) wait_binary=$2; shift 2 ;;
         *) usage ;;
@@ -50,7 +56,7 @@ while (($#)); do
 done
 [[ $qos_list =~ ^[12](,[12])*$ ]] || usage
 [[ $trials =~ ^(follower-sub|leader)(,(follower-sub|leader))*$ ]] || usage
-[[ $repeat =~ ^[0-9]+$ ]] && ((repeat >= 1 && repeat <= 50)) || usage
+if ! [[ $repeat =~ ^[0-9]+$ ]] || ((repeat < 1 || repeat > 50)); then usage; fi
 [[ $wait_binary =~ ^[0-9]+$ ]] || usage
 for tool in curl jq; do
     command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }
@@ -65,107 +71,17 @@ mkdir -p "$out"
 # shellcheck source=benches/common.sh
 source "$root/benches/common.sh"
 cleanup() {
-    stop_all
+    stop_all 3
     rm -f "$work/raftmq"
     [[ $out == "$work" ]] || rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# --- binaries ---------------------------------------------------------------------------------
-cache=$HOME/.cache/raftmq-target
-raftmq=${RAFTMQ:-}
-if [[ -z $raftmq ]]; then
-    waited=0
-    while :; do
-        if [[ -x $cache/release/raftmq ]]; then
-            raftmq=$cache/release/raftmq profile=release
-            break
-        elif [[ -x $cache/debug/raftmq ]]; then
-            raftmq=$cache/debug/raftmq profile=debug
-            break
-        fi
-        if ((waited >= wait_binary)); then
-            echo "no raftmq binary in $cache/{release,debug} after ${wait_binary}s" >&2
-            exit 1
-        fi
-        echo "waiting for $cache/debug/raftmq (a build is in progress?), ${waited}s so far"
-        sleep 30
-        waited=$((waited + 30))
-    done
-else
-    profile="from \$RAFTMQ"
-fi
-# One copy for the whole run: a rebuild replacing the binary cannot mix versions in a cluster.
-cp "$raftmq" "$work/raftmq"
-echo "== raftmq: $raftmq ($profile build, $(date -u -r "$raftmq" '+%Y-%m-%d %H:%M UTC'))"
-raftmq_bin=$work/raftmq
-
-bench=${RAFTMQ_BENCH:-}
-if [[ -z $bench ]]; then
-    echo "== building raftmq-bench (debug)"
-    CARGO_TARGET_DIR=$HOME/.cache/raftmq-target-failover \
-        cargo build --locked -p raftmq-bench --bin raftmq-bench
-    bench=$HOME/.cache/raftmq-target-failover/debug/raftmq-bench
-fi
-echo "== raftmq-bench: $bench"
-
-# --- cluster ----------------------------------------------------------------------------------
-# GET http://127.0.0.1:$1$2 (2 s bound); prints the body, fails unless 200.
-http_get() { curl -fsS --max-time 2 "http://127.0.0.1:$1$2"; }
-
-# Starts nodes 1..3 of a new cluster in $1; sets node_pid, mqtt, http (arrays by node id).
-start_cluster() {
-    local dir=$1 id seeds=""
-    node_pid=() mqtt=() http=() cluster=()
-    for id in 1 2 3; do
-        free_port; mqtt[id]=$port
-        free_port; http[id]=$port
-        free_port; cluster[id]=$port
-        seeds+="${seeds:+,}127.0.0.1:${cluster[id]}"
-    done
-    for id in 1 2 3; do
-        # A clean environment: no RAFTMQ_* variable of the caller changes the nodes' config.
-        env -i HOME="$HOME" PATH="$PATH" "$raftmq_bin" serve --node-id "$id" \
-            --mqtt-addr "127.0.0.1:${mqtt[id]}" --http-addr "127.0.0.1:${http[id]}" \
-            --cluster-addr "127.0.0.1:${cluster[id]}" --seeds "$seeds" \
-            --data-dir "$dir/n$id" --log-level warn >"$dir/n$id.log" 2>&1 &
-        node_pid[id]=$!
-        pids+=("$!")
-    done
-}
-
-# Waits (at most 60 s) until every node is ready and all agree on a leader and 3 voters; sets
-# $leader (a node id).
-wait_converged() {
-    local dir=$1 id views leaders voters
-    for _ in $(seq 300); do
-        for id in 1 2 3; do
-            if ! alive "${node_pid[id]}"; then
-                echo "node $id (pid ${node_pid[id]}) exited; last lines of its log:" >&2
-                tail -n 20 "$dir/n$id.log" >&2
-                return 1
-            fi
-        done
-        views=""
-        for id in 1 2 3; do
-            http_get "${http[id]}" /readyz >/dev/null 2>&1 || { views=""; break; }
-            views+="$(http_get "${http[id]}" /api/v1/cluster 2>/dev/null || echo '{}')"$'\n'
-        done
-        if [[ -n $views ]]; then
-            leaders=$(jq -r '.leader // "none"' <<<"$views" | sort -u)
-            voters=$(jq -r '.voters | length' <<<"$views" | sort -u)
-            if [[ $leaders =~ ^[123]$ && $voters == 3 ]]; then
-                leader=$leaders
-                return 0
-            fi
-        fi
-        sleep 0.2
-    done
-    echo "the cluster did not converge within 60 s; last views:" >&2
-    echo "$views" >&2
-    return 1
-}
+# --- binaries and cluster ---------------------------------------------------------------------
+# shellcheck source=benches/cluster.sh
+source "$root/benches/cluster.sh"
+find_binaries "$work" "$wait_binary"
 
 # --- trials -----------------------------------------------------------------------------------
 results=$out/results.md
@@ -176,6 +92,24 @@ IFS=, read -r -a qos_levels <<<"$qos_list"
 IFS=, read -r -a trial_kinds <<<"$trials"
 # Formats a JSON number of ms (or null) for the table.
 ms() { jq -r "if $1 == null then \"${2:-–}\" else ($1 | round | tostring) + \" ms\" end" "$3"; }
+# The publisher's connection in summary $1: kept, or kill → reconnected, to which node id.
+publisher_cell() {
+    jq -r '.failover | if .pub_lost | not then "kept"
+        elif .pub_reconnect_ms == null then "NOT reconnected"
+        else (.pub_reconnect_ms | round | tostring) + " ms to node "
+            + (if .pub_reconnect_node == null then "?" else (.pub_reconnect_node + 1 | tostring) end)
+        end' "$1"
+}
+# Will $1 in summary $2: kill → received (or NOT received), and how often it was published
+# when not once.
+will_cell() {
+    jq -r --arg name "$1" '[.failover.wills[]? | select(.name == $name)] | first
+        | if . == null then "–"
+          elif .received_ms == null then "NOT received"
+          else (.received_ms | round | tostring) + " ms"
+              + (if .publications == 1 then "" else " (published \(.publications) times)" end)
+          end' "$2"
+}
 
 for ((round = 1; round <= repeat; round++)); do
     for qos in "${qos_levels[@]}"; do
@@ -189,7 +123,7 @@ for ((round = 1; round <= repeat; round++)); do
             start_cluster "$dir"
             if ! wait_converged "$dir"; then
                 failures+=("$name: cluster did not start")
-                stop_all
+                stop_all 3
                 continue
             fi
             # Node ids 1..3 are indexes 0..2 of --addrs.
@@ -208,7 +142,8 @@ for ((round = 1; round <= repeat; round++)); do
                 --addrs "127.0.0.1:${mqtt[1]},127.0.0.1:${mqtt[2]},127.0.0.1:${mqtt[3]}" \
                 --sub-node $((sub - 1)) --pub-node $((pub - 1)) --killed-node $((killed - 1)) \
                 --kill-pid "${node_pid[killed]}" --qos "$qos" --rate "$rate" \
-                --before "$before" --after "$after" --label "$name" --json "$out/$name.json" \
+                --before "$before" --after "$after" "${wills[@]}" \
+                --label "$name" --json "$out/$name.json" \
                 >"$out/$name.txt" 2>"$dir/bench.log" || status=$?
             cat "$out/$name.txt"
             if [[ -s $out/$name.json ]]; then
@@ -223,16 +158,16 @@ for ((round = 1; round <= repeat; round++)); do
                 elif [[ $present == false ]]; then
                     sub_back+=" (NO session)"
                 fi
-                rows+=("| $name | node $killed ($([[ $trial == leader ]] && echo leader || echo follower)) | $sub_back | $(ms .failover.first_message_ms "none" "$j") | $(ms .failover.first_fresh_message_ms "none" "$j") | $(ms .failover.first_fresh_ack_ms "none" "$j") | $(ms .failover.recovered_ms "NOT recovered" "$j") | $(ms .failover.max_receive_gap_ms "–" "$j") | $(jq -r .failover.acked "$j") | $(jq -r .failover.missing_acked "$j") | $(jq -r .failover.duplicates "$j") |")
+                rows+=("| $name | node $killed ($([[ $trial == leader ]] && echo leader || echo follower)) | $sub_back | $(publisher_cell "$j") | $(ms .failover.first_message_ms "none" "$j") | $(ms .failover.first_fresh_message_ms "none" "$j") | $(ms .failover.first_fresh_ack_ms "none" "$j") | $(ms .failover.recovered_ms "NOT recovered" "$j") | $(ms .failover.max_receive_gap_ms "–" "$j") | $(jq -r .failover.acked "$j") | $(jq -r .failover.missing_acked "$j") | $(jq -r .failover.duplicates "$j") | $(will_cell persistent "$j") | $(will_cell sessionless "$j") | $(will_cell delayed "$j") |")
             else
-                rows+=("| $name | node $killed | (no summary: see $out/$name.txt) | | | | | | | | |")
+                rows+=("| $name | node $killed | (no summary: see $out/$name.txt) | | | | | | | | | | | | |")
             fi
             if ((status != 0)); then
                 failures+=("$name (exit $status)")
                 echo "   raftmq-bench exited with $status; its stderr:" >&2
                 tail -n 5 "$dir/bench.log" >&2
             fi
-            stop_all
+            stop_all 3
             rm -rf "$dir/n1" "$dir/n2" "$dir/n3"
         done
     done
@@ -240,11 +175,11 @@ done
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
 {
-    echo "Generated by \`benches/failover.sh --qos $qos_list --trials $trials --repeat $repeat --rate $rate --before $before --after $after\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
-    echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores, $(uname -sr); raftmq $profile build; 3 nodes and the load tool on loopback."
+    echo "Generated by \`benches/failover.sh --qos $qos_list --trials $trials --repeat $repeat --rate $rate --before $before --after $after$no_wills\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)."
+    echo "Machine: ${cpu:-unknown CPU}, $(nproc) cores, $(uname -sr); raftmq $profile build ($raftmq, $(date -u -r "$raftmq" '+%Y-%m-%d %H:%M UTC')); 3 nodes and the load tool on loopback."
     echo
-    echo "| trial | killed | kill → subscriber reconnected | kill → first message | kill → first fresh message | kill → first fresh ack | recovered | longest gap | acked | missing acked | duplicates |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| trial | killed | kill → subscriber reconnected | publisher | kill → first message | kill → first fresh message | kill → first fresh ack | recovered | longest gap | acked | missing acked | duplicates | kill → will, persistent session | kill → will, no session | kill → will, delay 2 s |"
+    echo "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${rows[@]}"
 } >"$results"
 echo

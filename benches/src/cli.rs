@@ -282,6 +282,19 @@ pub struct FailoverArgs {
     /// Payload size in bytes (at least 24).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
+    /// Measure no wills. Otherwise clients with wills connect to --killed-node before the
+    /// kill (a persistent session with --session-expiry, a client without a session, and on
+    /// MQTT 5 a persistent session with --will-delay), and a watcher on a surviving node times
+    /// their arrival and checks that each arrives exactly once.
+    #[arg(long)]
+    pub no_wills: bool,
+    /// Will Delay Interval of the third will client, seconds (MQTT 5); 0: no such client.
+    #[arg(long, default_value_t = 2)]
+    pub will_delay: u32,
+    /// The node the will watcher subscribes on (not --killed-node). Default: --pub-node, or
+    /// the first node not killed if that is --killed-node.
+    #[arg(long)]
+    pub will_node: Option<usize>,
     #[command(flatten)]
     pub output: RunOutput,
 }
@@ -396,6 +409,10 @@ mod tests {
         assert_eq!(args.before, Duration::from_secs(3));
         assert_eq!(args.after, Duration::from_secs(20));
         assert_eq!(args.retry_delay, Duration::from_millis(50));
+        assert_eq!(
+            (args.no_wills, args.will_delay, args.will_node),
+            (false, 2, None)
+        );
         let with = |extra: &[&'static str]| {
             Cli::try_parse_from(base.iter().chain(extra).copied().collect::<Vec<_>>())
         };

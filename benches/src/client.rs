@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 use raftmq_codec::{
     ByteStr, Connect, ConnectProperties, Disconnect, Packet, PacketId, ProtocolVersion,
     PubResponse, Publish, PublishProperties, QoS, ReasonCode, SubAck, Subscribe, SubscribeFilter,
-    SubscribeProperties, SubscriptionOptions, decode, encode,
+    SubscribeProperties, SubscriptionOptions, Will, decode, encode,
 };
 use std::collections::HashSet;
 use std::io::ErrorKind;
@@ -64,6 +64,8 @@ pub struct SessionOptions {
     pub clean_start: bool,
     /// Session Expiry Interval in seconds (MQTT 5; 3.1.1 ignores it).
     pub expiry: u32,
+    /// The will to register with CONNECT, if any.
+    pub will: Option<Will>,
 }
 
 impl SessionOptions {
@@ -73,6 +75,7 @@ impl SessionOptions {
             client_id,
             clean_start: true,
             expiry: 0,
+            will: None,
         }
     }
 }
@@ -158,7 +161,7 @@ impl Conn {
                 clean_start: session.clean_start,
                 keep_alive: endpoint.keep_alive,
                 client_id: session.client_id.as_str().into(),
-                will: None,
+                will: session.will.clone(),
                 username: None,
                 password: None,
                 properties,

@@ -194,6 +194,7 @@ pub async fn churn(ctx: &Context, args: &ChurnArgs) -> Result<Summary> {
             client_id: ctx.client_id('c', i),
             clean_start: false,
             expiry: args.session_expiry,
+            will: None,
         };
         let filter = ctx.topic(&format!("churn/{i}"));
         let qos = qos(args.qos);

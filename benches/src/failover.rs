@@ -5,7 +5,10 @@
 //!
 //! 1. A subscriber with a persistent session (clean start 0, Session Expiry Interval; clean
 //!    session 0 on 3.1.1) connects to `addrs[sub_node]` and subscribes to a topic of this run
-//!    at QoS 1 or 2. A publisher with a persistent session connects to `addrs[pub_node]`.
+//!    at QoS 1 or 2. Unless `--no-wills`, a will watcher with a persistent session subscribes
+//!    at QoS 1 to the run's will topics on a surviving node, and clients with a will connect to
+//!    `addrs[killed_node]` (see [`crate::wills`]); they only ping and never reconnect. A
+//!    publisher with a persistent session connects to `addrs[pub_node]`.
 //! 2. The publisher publishes at `--rate`, every payload stamped with its sequence number and
 //!    send time; at most `--inflight` unacknowledged.
 //! 3. After `--before`, `kill -9 --kill-pid`. The kill's instant is the origin of every time
@@ -15,13 +18,14 @@
 //!    round-robin with the killed node last, `--retry-delay` between attempts. With Session
 //!    Present, the publisher resends its unacknowledged PUBLISHes (DUP) and PUBRELs in their
 //!    original order; a subscriber that finds no session subscribes again.
-//! 5. Once every milestone of [`crate::recovery`] has happened, the publisher goes on for
-//!    `--settle`, or the run gives up `--after` the kill. Then publishing stops, and the run
+//! 5. Once every milestone of [`crate::recovery`] has happened and every will has arrived, the
+//!    publisher goes on for `--settle`, or the run gives up `--after` the kill. Then publishing stops, and the run
 //!    waits up to `--drain` for outstanding acknowledgements and for every acknowledged
 //!    message to arrive.
-//! 6. Both clients disconnect and remove their sessions; the summary reports the times and
-//!    the accounting, and the run fails if it did not recover or an acknowledged message is
-//!    missing.
+//! 6. The clients disconnect and remove their sessions (the will clients' persistent sessions,
+//!    adopted by a surviving node, through a clean-session connection once the watcher is gone);
+//!    the summary reports the times and the accounting, and the run fails if it did not
+//!    recover, an acknowledged message is missing, or a will did not arrive exactly once.
 
 use crate::cli::{CommonArgs, FailoverArgs};
 use crate::client::{Conn, Counters, Endpoint, Handshake, SessionOptions};
@@ -29,11 +33,12 @@ use crate::context::{ConnectLog, Context, qos};
 use crate::payload::{STAMP_LEN, Stamp, timestamp};
 use crate::recovery::{RecoveryLog, Role};
 use crate::summary::{Errors, FailoverStats, MessageStats, Percentiles, Summary};
+use crate::wills::{self, WillLog, WillSpec};
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use bytes::Bytes;
 use raftmq_codec::{
     ByteStr, Disconnect, DisconnectProperties, Packet, PacketId, ProtocolVersion, PubResponse,
-    Publish, PublishProperties, QoS, ReasonCode,
+    Publish, PublishProperties, QoS, ReasonCode, Will, WillProperties,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -41,6 +46,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
 /// Across nodes, a new subscription reaches the publisher's node asynchronously: wait this long
 /// before publishing (as the message scenarios do).
@@ -107,9 +113,22 @@ enum Event {
     },
     /// A message without this run's stamp.
     Foreign,
-    /// The subscriber subscribed again (its session was gone).
+    /// The subscriber (or the will watcher) subscribed again (its session was gone).
     Resubscribed {
+        role: Role,
         at: Instant,
+    },
+    /// The will watcher received will `index` (of the run's [`WillSpec`]s).
+    Will {
+        at: Instant,
+        index: usize,
+        dup: bool,
+    },
+    /// The connection of will client `index` ended.
+    WillClientLost {
+        at: Instant,
+        index: usize,
+        reason: String,
     },
     /// A QoS 2 PUBLISH reused packet id `id`, still awaiting PUBREL for message `pending`, for
     /// another message `seq`: taken for a resend (as MQTT requires of the receiver), so lost.
@@ -409,7 +428,10 @@ impl Subscriber {
                     .await
                 {
                     Ok(()) => {
-                        self.link.report(Event::Resubscribed { at: Instant::now() });
+                        self.link.report(Event::Resubscribed {
+                            role: self.link.role,
+                            at: Instant::now(),
+                        });
                         break next;
                     }
                     Err(e) => self.link.lost(&e),
@@ -493,6 +515,200 @@ impl Subscriber {
             other => bail!("unexpected {:?} from the broker", other.packet_type()),
         }
         Ok(())
+    }
+}
+
+/// The will watcher: a persistent session on a surviving node subscribed at QoS 1 to the wills'
+/// topics; reports each will it receives. It reconnects like the subscriber.
+struct Watcher {
+    link: Link,
+    /// The wills' topics are `prefix` + a [`WillSpec`] name; the payload is `payloads[index]`.
+    prefix: String,
+    names: Vec<&'static str>,
+    payloads: Vec<Bytes>,
+    timeout: Duration,
+}
+
+impl Watcher {
+    fn filter(&self) -> String {
+        format!("{}#", self.prefix)
+    }
+
+    async fn run(mut self, mut established: Established) -> Result<()> {
+        loop {
+            let mut conn = established.conn;
+            match self.drive(&mut conn).await {
+                Ok(()) => return self.link.end(conn).await,
+                Err(e) => self.link.lost(&e),
+            }
+            established = loop {
+                let Some(mut next) = self.link.reconnect().await else {
+                    return Ok(());
+                };
+                if next.session_present {
+                    break next;
+                }
+                // The session is gone, with any will queued in it: subscribe again.
+                match next
+                    .conn
+                    .subscribe(&self.filter(), QoS::AtLeastOnce, self.timeout)
+                    .await
+                {
+                    Ok(()) => {
+                        self.link.report(Event::Resubscribed {
+                            role: self.link.role,
+                            at: Instant::now(),
+                        });
+                        break next;
+                    }
+                    Err(e) => self.link.lost(&e),
+                }
+            };
+        }
+    }
+
+    /// Runs the connection until it fails or the run ends.
+    async fn drive(&mut self, conn: &mut Conn) -> Result<()> {
+        let every = self.link.ping_every();
+        let ping = tokio::time::sleep(every);
+        tokio::pin!(ping);
+        loop {
+            if *self.link.phase.borrow() == Phase::Shutdown {
+                return Ok(());
+            }
+            flush(conn).await?;
+            tokio::select! {
+                packet = conn.recv() => self.on_packet(conn, packet?)?,
+                () = &mut ping => {
+                    conn.queue(&Packet::PingReq)?;
+                    ping.as_mut().reset((Instant::now() + every).into());
+                }
+                changed = self.link.phase.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_packet(&mut self, conn: &mut Conn, packet: Packet) -> Result<()> {
+        match packet {
+            Packet::Publish(publish) => {
+                let at = Instant::now();
+                if let Some(id) = publish.packet_id {
+                    conn.queue(&Packet::PubAck(PubResponse::success(id)))?;
+                }
+                // Only this run's wills count (by topic and payload).
+                let index = publish
+                    .topic
+                    .as_str()
+                    .strip_prefix(self.prefix.as_str())
+                    .and_then(|name| self.names.iter().position(|n| *n == name))
+                    .filter(|&i| self.payloads[i] == publish.payload);
+                if let Some(index) = index {
+                    self.link.report(Event::Will {
+                        at,
+                        index,
+                        dup: publish.dup,
+                    });
+                }
+            }
+            Packet::PingResp | Packet::SubAck(_) => {}
+            Packet::Disconnect(d) => return Err(disconnected(&mut self.link, d)),
+            other => bail!("unexpected {:?} from the broker", other.packet_type()),
+        }
+        Ok(())
+    }
+}
+
+/// A client with a will, connected to the node that is killed. It keeps its connection alive
+/// (pings) and never reconnects: a new connection would cancel a will that waits for its
+/// delay. It reports when its connection ends.
+struct WillClient {
+    index: usize,
+    conn: Conn,
+    version: ProtocolVersion,
+    ping_every: Duration,
+    events: mpsc::UnboundedSender<Event>,
+    phase: watch::Receiver<Phase>,
+}
+
+impl WillClient {
+    async fn run(mut self) -> Result<()> {
+        let ping = tokio::time::sleep(self.ping_every);
+        tokio::pin!(ping);
+        let error = loop {
+            if *self.phase.borrow() == Phase::Shutdown {
+                // Still connected (its node lives): leave without the will, ending the session
+                // on MQTT 5 (on 3.1.1 a clean-session connection removes it afterwards).
+                let mut disconnect = Disconnect::default();
+                if self.version == ProtocolVersion::V5 {
+                    disconnect.properties.session_expiry_interval = Some(0);
+                }
+                return self.conn.close_with(disconnect).await;
+            }
+            if let Err(e) = flush(&mut self.conn).await {
+                break e;
+            }
+            tokio::select! {
+                packet = self.conn.recv() => match packet {
+                    Ok(Packet::PingResp) => {}
+                    Ok(Packet::Disconnect(d)) => {
+                        break anyhow!("the broker disconnected: {}", d.reason_code);
+                    }
+                    Ok(other) => break anyhow!("unexpected {:?} from the broker", other.packet_type()),
+                    Err(e) => break e,
+                },
+                () = &mut ping => {
+                    if let Err(e) = self.conn.queue(&Packet::PingReq) {
+                        break e;
+                    }
+                    ping.as_mut().reset((Instant::now() + self.ping_every).into());
+                }
+                changed = self.phase.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        // The coordinator stops listening only once the run is over.
+        let _ = self.events.send(Event::WillClientLost {
+            at: Instant::now(),
+            index: self.index,
+            reason: format!("{error:#}"),
+        });
+        Ok(())
+    }
+}
+
+/// The CONNECT options of will client `index`: its will goes to `prefix` + its name, at QoS 1,
+/// with `payload`.
+fn will_session(
+    ctx: &Context,
+    index: usize,
+    spec: &WillSpec,
+    prefix: &str,
+    payload: Bytes,
+) -> SessionOptions {
+    let v5 = ctx.endpoint.version == ProtocolVersion::V5;
+    SessionOptions {
+        client_id: ctx.client_id('w', index as u32),
+        // A new session: clean start with an expiry on MQTT 5; clean session 0 on 3.1.1 for
+        // a persistent one (client ids are unique per run, so nothing old is resumed).
+        clean_start: v5 || spec.session_expiry == 0,
+        expiry: spec.session_expiry,
+        will: Some(Will {
+            topic: ByteStr::from(format!("{prefix}{}", spec.name).as_str()),
+            payload,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: WillProperties {
+                will_delay_interval: (v5 && spec.delay > 0).then_some(spec.delay),
+                ..WillProperties::default()
+            },
+        }),
     }
 }
 
@@ -864,6 +1080,9 @@ struct Collected {
     id_reuses: u64,
     id_reuse_examples: Vec<String>,
     timeline: Timeline,
+    /// The will clients' names, and what was seen of their wills (same order).
+    will_names: Vec<&'static str>,
+    wills: Vec<WillLog>,
 }
 
 impl Collected {
@@ -950,11 +1169,27 @@ impl Collected {
                     ));
                 }
             }
-            Event::Resubscribed { at } => self.timeline.event(
-                Role::Subscriber,
-                at,
-                "subscriber: session gone, subscribed again".to_owned(),
-            ),
+            Event::Resubscribed { role, at } => {
+                self.timeline
+                    .event(role, at, format!("{role}: session gone, subscribed again"))
+            }
+            Event::Will { at, index, dup } => {
+                let name = self.will_names.get(index).copied().unwrap_or("?");
+                if let Some(log) = self.wills.get_mut(index) {
+                    log.receipts.push((at, dup));
+                }
+                let dup = if dup { " (DUP)" } else { "" };
+                self.timeline
+                    .push(at, format!("will watcher: the {name} will arrived{dup}"));
+            }
+            Event::WillClientLost { at, index, reason } => {
+                let name = self.will_names.get(index).copied().unwrap_or("?");
+                self.timeline
+                    .push(at, format!("{name} will client: connection lost: {reason}"));
+                if let Some(log) = self.wills.get_mut(index) {
+                    log.client_lost.get_or_insert((at, reason));
+                }
+            }
         }
     }
 }
@@ -1011,7 +1246,25 @@ fn validate(args: &FailoverArgs) -> Result<()> {
         "no process with PID {} (--kill-pid)",
         args.kill_pid
     );
+    if let Some(w) = args.will_node {
+        ensure!(w < n, "--will-node {w} is not an index of --addrs (0..{n})");
+        ensure!(
+            w != args.killed_node,
+            "--will-node must be a node that survives, not --killed-node"
+        );
+    }
     Ok(())
+}
+
+/// The node the will watcher subscribes on: --will-node, else the publisher's node unless it
+/// is killed, else the first node that is not.
+fn will_node(args: &FailoverArgs) -> usize {
+    args.will_node
+        .unwrap_or(if args.pub_node != args.killed_node {
+            args.pub_node
+        } else {
+            usize::from(args.killed_node == 0)
+        })
 }
 
 /// Runs the scenario.
@@ -1045,7 +1298,7 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
     let killed = Arc::new(AtomicUsize::new(NOT_KILLED));
     let counters = Arc::new(Counters::default());
     let give_up_at = Instant::now()
-        + ROUTE_SETTLE
+        + 2 * ROUTE_SETTLE
         + args.before
         + args.after
         + args.settle
@@ -1060,6 +1313,7 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
             client_id: ctx.client_id(id, 0),
             clean_start: false,
             expiry: args.session_expiry,
+            will: None,
         },
         retry_delay: args.retry_delay,
         killed: killed.clone(),
@@ -1077,6 +1331,8 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
         id_reuses: 0,
         id_reuse_examples: Vec::new(),
         timeline: Timeline::default(),
+        will_names: Vec::new(),
+        wills: Vec::new(),
     };
 
     // The subscriber first, so that nothing published is missed.
@@ -1089,7 +1345,66 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
         .context("subscribing")?;
     collected.connect.established(connecting.elapsed());
     collected.connect.elapsed += connecting.elapsed();
-    if args.sub_node != args.pub_node {
+
+    // The will watcher, then the will clients on the node to be killed.
+    let will_specs = if args.no_wills {
+        Vec::new()
+    } else {
+        wills::specs(
+            ctx.endpoint.version == ProtocolVersion::V5,
+            args.session_expiry,
+            args.will_delay,
+        )
+    };
+    let watch_node = will_node(args);
+    let mut watcher = None;
+    let mut will_clients = Vec::new();
+    if !will_specs.is_empty() {
+        let prefix = ctx.topic("will/");
+        let payloads: Vec<Bytes> = will_specs
+            .iter()
+            .map(|spec| Bytes::from(format!("will of {} in run {:08x}", spec.name, ctx.run)))
+            .collect();
+        let started = async {
+            let mut watch_link = link(Role::Watcher, watch_node, 'v');
+            let mut established = watch_link.connect_first().await?;
+            let watching = Watcher {
+                link: watch_link,
+                prefix: prefix.clone(),
+                names: will_specs.iter().map(|spec| spec.name).collect(),
+                payloads: payloads.clone(),
+                timeout: args.connect_timeout,
+            };
+            established
+                .conn
+                .subscribe(&watching.filter(), QoS::AtLeastOnce, args.connect_timeout)
+                .await
+                .context("will watcher subscribing")?;
+            watcher = Some((watching, established));
+            let endpoint = Endpoint {
+                addr: addrs[args.killed_node],
+                ..ctx.endpoint.clone()
+            };
+            for (i, spec) in will_specs.iter().enumerate() {
+                let session = will_session(&ctx, i, spec, &prefix, payloads[i].clone());
+                let (conn, _) = Conn::connect(&endpoint, &session)
+                    .await
+                    .with_context(|| format!("{} will client connecting", spec.name))?;
+                will_clients.push(conn);
+            }
+            anyhow::Ok(())
+        };
+        if let Err(e) = started.await {
+            let _ = sub_link.end(sub.conn).await;
+            if let Some((watching, established)) = watcher.take() {
+                let _ = watching.link.end(established.conn).await;
+            }
+            return Err(e);
+        }
+        collected.will_names = will_specs.iter().map(|spec| spec.name).collect();
+        collected.wills = vec![WillLog::default(); will_specs.len()];
+    }
+    if args.sub_node != args.pub_node || !will_specs.is_empty() {
         tokio::time::sleep(ROUTE_SETTLE).await;
     }
     let mut pub_link = link(Role::Publisher, args.pub_node, 'p');
@@ -1098,11 +1413,35 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
         Ok(p) => p,
         Err(e) => {
             let _ = sub_link.end(sub.conn).await;
+            if let Some((watching, established)) = watcher.take() {
+                let _ = watching.link.end(established.conn).await;
+            }
             return Err(e);
         }
     };
     collected.connect.established(connecting.elapsed());
     collected.connect.elapsed += connecting.elapsed();
+    let mut will_tasks = JoinSet::new();
+    if let Some((watching, established)) = watcher {
+        will_tasks
+            .spawn(async move { ("will watcher".to_owned(), watching.run(established).await) });
+    }
+    let ping_every = match args.keep_alive {
+        0 => Duration::from_secs(86_400),
+        k => Duration::from_secs(u64::from(k)) / 2,
+    };
+    for (index, conn) in will_clients.into_iter().enumerate() {
+        let client = WillClient {
+            index,
+            conn,
+            version: ctx.endpoint.version,
+            ping_every,
+            events: events_tx.clone(),
+            phase: phase_rx.clone(),
+        };
+        let name = format!("{} will client", will_specs[index].name);
+        will_tasks.spawn(async move { (name, client.run().await) });
+    }
     drop(events_tx);
 
     let start = Instant::now();
@@ -1150,7 +1489,18 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
     let mut errors = Errors::default();
     let mut pub_result = None;
     loop {
-        let settled = collected.log.recovered_at().map(|at| at + args.settle);
+        // Recovered, and every will in (if any are measured); then `settle` more.
+        let settled = collected
+            .log
+            .recovered_at()
+            .and_then(|at| {
+                if collected.wills.is_empty() {
+                    Some(at)
+                } else {
+                    wills::all_received_at(&collected.wills).map(|w| w.max(at))
+                }
+            })
+            .map(|at| at + args.settle);
         if settled.is_some_and(|at| Instant::now() >= at) {
             break;
         }
@@ -1205,13 +1555,25 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
     phase.send_replace(Phase::Shutdown);
     let end_by = Instant::now() + 2 * args.connect_timeout + Duration::from_secs(2);
     let mut sub_result = None;
-    while pub_result.is_none() || sub_result.is_none() {
+    while pub_result.is_none() || sub_result.is_none() || !will_tasks.is_empty() {
         tokio::select! {
             Some(event) = events.recv() => collected.apply(event),
             joined = &mut pub_task, if pub_result.is_none() => pub_result = Some(joined),
             joined = &mut sub_task, if sub_result.is_none() => sub_result = Some(joined),
+            Some(joined) = will_tasks.join_next(), if !will_tasks.is_empty() => match joined {
+                Ok((_, Ok(()))) => {}
+                Ok((name, Err(e))) => errors.push(&e.context(format!("{name} ending"))),
+                Err(e) => errors.push(&anyhow!("will task: {e}")),
+            },
             () = tokio::time::sleep_until(end_by.into()) => break,
         }
+    }
+    if !will_tasks.is_empty() {
+        will_tasks.abort_all();
+        errors.push(&anyhow!(
+            "{} will watcher or will client tasks did not end within their bound",
+            will_tasks.len()
+        ));
     }
     for (role, task, result) in [
         (Role::Publisher, &pub_task, pub_result),
@@ -1229,6 +1591,23 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
     }
     while let Ok(event) = events.try_recv() {
         collected.apply(event);
+    }
+    // The will clients' persistent sessions, adopted by a surviving node: removed by a
+    // clean-session connection (after the watcher has gone, so a will published now is not
+    // counted).
+    for (i, spec) in will_specs.iter().enumerate() {
+        if spec.session_expiry == 0 {
+            continue;
+        }
+        let endpoint = Endpoint {
+            addr: addrs[watch_node],
+            ..ctx.endpoint.clone()
+        };
+        let clean = SessionOptions::clean(ctx.client_id('w', i as u32));
+        let removed = async { Conn::connect(&endpoint, &clean).await?.0.close().await };
+        if let Err(e) = removed.await {
+            errors.push(&e.context(format!("removing the {} will client's session", spec.name)));
+        }
     }
     if let Some(e) = kill_error {
         return Err(e);
@@ -1307,6 +1686,12 @@ pub async fn run(args: &FailoverArgs) -> Result<Summary> {
         redirects: collected.redirects,
         sessions_lost: rec.sessions_lost,
         timeline: collected.timeline.lines(collected.log.killed_at()),
+        will_node: (!will_specs.is_empty()).then_some(watch_node),
+        wills: will_specs
+            .iter()
+            .zip(&collected.wills)
+            .map(|(spec, log)| log.stats(spec, collected.log.killed_at()))
+            .collect(),
     });
     errors.store(&mut summary);
     Ok(summary)
@@ -1514,6 +1899,7 @@ mod tests {
                 client_id: "failover-test".into(),
                 clean_start: false,
                 expiry: 300,
+                will: None,
             },
             retry_delay: Duration::from_millis(10),
             killed: Arc::new(AtomicUsize::new(NOT_KILLED)),

@@ -14,6 +14,7 @@ mod recovery;
 mod report;
 mod retained;
 mod summary;
+mod wills;
 
 use clap::Parser;
 use cli::{Cli, Command};

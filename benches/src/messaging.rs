@@ -152,6 +152,7 @@ pub async fn run(ctx: &Context, args: &LoadArgs, topology: Topology) -> Result<S
                     client_id: ctx.client_id('s', i),
                     clean_start: ctx.common.mqtt_version == 5,
                     expiry,
+                    will: None,
                 },
             };
             let filter = topology.subscribers[i as usize].filter.clone();

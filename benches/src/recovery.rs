@@ -41,6 +41,8 @@ const MISSING_LISTED: usize = 10;
 pub enum Role {
     Subscriber,
     Publisher,
+    /// The subscriber to the wills' topics (on a surviving node).
+    Watcher,
 }
 
 impl fmt::Display for Role {
@@ -48,6 +50,7 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Subscriber => "subscriber",
             Role::Publisher => "publisher",
+            Role::Watcher => "will watcher",
         })
     }
 }
@@ -79,6 +82,8 @@ pub struct RecoveryLog {
     kill: Option<(Instant, u64)>,
     pub subscriber: LinkLog,
     pub publisher: LinkLog,
+    /// The will watcher's connections (no part of the recovery milestones).
+    pub watcher: LinkLog,
     /// Every receipt, by sequence number.
     received: StreamLog,
     /// Bit `seq` is set once message `seq` was acknowledged.
@@ -117,6 +122,7 @@ impl Default for RecoveryLog {
             kill: None,
             subscriber: LinkLog::default(),
             publisher: LinkLog::default(),
+            watcher: LinkLog::default(),
             received: StreamLog::default(),
             acked: Vec::new(),
             acked_count: 0,
@@ -226,6 +232,7 @@ impl RecoveryLog {
         match role {
             Role::Subscriber => &mut self.subscriber,
             Role::Publisher => &mut self.publisher,
+            Role::Watcher => &mut self.watcher,
         }
     }
 

@@ -176,10 +176,76 @@ pub struct FailoverStats {
     pub sessions_lost: u64,
     /// Connection events, with the time from the kill.
     pub timeline: Vec<String>,
+    /// The node the will watcher subscribed on (`None`: no wills measured).
+    #[serde(default)]
+    pub will_node: Option<usize>,
+    /// The wills of the killed node's clients, as the watcher received them.
+    #[serde(default)]
+    pub wills: Vec<WillStats>,
+}
+
+/// One will of a client of the killed node (see [`crate::wills`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WillStats {
+    /// `persistent`, `sessionless` or `delayed`.
+    pub name: String,
+    /// Session Expiry Interval of its client's session, s (0: none outlives the connection).
+    pub session_expiry: u32,
+    /// Will Delay Interval, s.
+    pub will_delay_s: u32,
+    /// Kill → its client saw its connection end (negative: before the kill), and why.
+    pub client_lost_ms: Option<f64>,
+    pub client_lost_reason: Option<String>,
+    /// Kill → the watcher received the will (the first receipt).
+    pub received_ms: Option<f64>,
+    /// Receipts with DUP 0: times the will was published. Must be 1.
+    pub publications: u64,
+    /// Receipts with DUP 1: resends to the watcher after it reconnected.
+    pub resends: u64,
+    /// Receipts at or before the kill. Must be 0.
+    pub received_before_kill: u64,
+}
+
+impl WillStats {
+    /// What makes the run fail: the will missing, published more than once, before the kill or
+    /// before its delay, or its client's connection lost before the kill.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let name = &self.name;
+        if let Some(ms) = self.client_lost_ms.filter(|&ms| ms <= 0.0) {
+            problems.push(format!(
+                "the {name} will client lost its connection {:.0} ms before the kill ({})",
+                -ms,
+                self.client_lost_reason.as_deref().unwrap_or("no reason")
+            ));
+        }
+        if self.publications + self.resends == 0 {
+            problems.push(format!("the {name} will was not received"));
+        } else if self.publications != 1 {
+            problems.push(format!(
+                "the {name} will was published {} times (received with DUP 0)",
+                self.publications
+            ));
+        }
+        if self.received_before_kill > 0 {
+            problems.push(format!("the {name} will arrived before the kill"));
+        }
+        if let Some(ms) = self.received_ms
+            && ms > 0.0
+            && ms < f64::from(self.will_delay_s) * 1e3
+        {
+            problems.push(format!(
+                "the {name} will arrived {ms:.0} ms after the kill, before its delay of {} s",
+                self.will_delay_s
+            ));
+        }
+        problems
+    }
 }
 
 impl FailoverStats {
-    /// What makes the run fail: no recovery, or acknowledged messages missing.
+    /// What makes the run fail: no recovery, acknowledged messages missing, or a will not
+    /// received exactly once (see [`WillStats::problems`]).
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.recovered_ms.is_none() {
@@ -193,6 +259,9 @@ impl FailoverStats {
                 "{} acknowledged messages missing (first: {:?})",
                 self.missing_acked, self.missing_examples
             ));
+        }
+        for will in &self.wills {
+            problems.extend(will.problems());
         }
         problems
     }
@@ -521,6 +590,40 @@ fn write_failover(f: &mut fmt::Formatter<'_>, fo: &FailoverStats) -> fmt::Result
              {}",
             n(fo.qos2_id_reuses),
             fo.qos2_id_reuse_examples.join("; ")
+        )?;
+    }
+    if let Some(node) = fo.will_node {
+        writeln!(
+            f,
+            "  wills        of clients of node {}, received on node {node}:",
+            fo.killed_node
+        )?;
+    }
+    for w in &fo.wills {
+        let session = match w.session_expiry {
+            0 => "no session".to_owned(),
+            s => format!("session expiry {s} s"),
+        };
+        let received = match (w.received_ms, w.publications) {
+            (None, _) => "NOT received".to_owned(),
+            (Some(ms), 1) => format!("received {} after the kill, once", millis(Some(ms))),
+            (Some(ms), n) => format!(
+                "received {} after the kill, published {n} times",
+                millis(Some(ms))
+            ),
+        };
+        let resends = match w.resends {
+            0 => String::new(),
+            r => format!(" (+{r} resends with DUP)"),
+        };
+        writeln!(
+            f,
+            "    {:<12} ({session}, will delay {} s): {received}{resends}; client connection \
+             lost {}",
+            w.name,
+            w.will_delay_s,
+            w.client_lost_ms
+                .map_or_else(|| "never".to_owned(), |ms| format!("at kill {ms:+.1} ms"))
         )?;
     }
     writeln!(
