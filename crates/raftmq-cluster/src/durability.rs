@@ -65,6 +65,7 @@ pub struct RaftDurability {
     node_id: NodeId,
     reader: StateMachine,
     clock: WallClock,
+    fence_notes: FenceNotes,
 }
 
 impl std::fmt::Debug for RaftDurability {
@@ -104,12 +105,19 @@ impl RaftDurability {
             node_id,
             reader,
             clock: clock.clone(),
+            fence_notes: fence_notes.clone(),
         });
         // Never reuse an id this node gave to a message that is still stored.
         let recovered = durability.read_state()?;
         durability.seed_ids(&recovered);
         tokio::spawn(batcher(raft, node_id, rx, fence_notes, clock, faults, tls));
         Ok(durability)
+    }
+
+    /// The log index of the last `NodeDown` this node applied that declared it down (0: none
+    /// since it started).
+    pub fn declared_down_at(&self) -> u64 {
+        self.fence_notes.owner_declared_at()
     }
 
     /// Hands a proposal to the batcher.

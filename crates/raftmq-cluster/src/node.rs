@@ -647,6 +647,8 @@ async fn declare_down_nodes(
     use raftmq_core::durability::{Durability, StateChange};
     let mut declared: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
     let mut lease = Lease::default();
+    // The last applied log index when this node last fenced itself.
+    let mut fenced_at = 0u64;
     // Sessions given to this node by a committed NodeDown that it could not read yet: adopted
     // on a later tick, never dropped.
     let mut adoption_pending = false;
@@ -678,11 +680,17 @@ async fn declare_down_nodes(
                 .and_then(|ms| now.checked_sub(Duration::from_millis(ms)));
             match lease.observe_since(can_commit(&m), now, cut_off_since) {
                 LeaseEvent::Lost => {
-                    let fenced = broker
-                        .fence_durable_sessions(Some(raftmq_codec::ReasonCode::USE_ANOTHER_SERVER));
+                    let code = Some(raftmq_codec::ReasonCode::USE_ANOTHER_SERVER);
+                    let fenced = broker.fence_durable_sessions(code);
+                    // Connections with a will and no stored session close too; their wills
+                    // wait for the outcome (published by whoever declares this node down, or
+                    // here once the quorum is back if nobody did).
+                    let handed = broker.hand_over_sessionless_wills(code);
+                    fenced_at = m.last_applied.map_or(0, |l| l.index);
                     metrics::counter!(SELF_FENCES_TOTAL).increment(1);
                     warn!(
                         fenced,
+                        wills = handed,
                         "no quorum for {SELF_FENCE_AFTER:?}: persistent sessions released, \
                          their clients sent to other nodes"
                     );
@@ -699,8 +707,16 @@ async fn declare_down_nodes(
                         && let Ok(owned) = durability.sessions_owned_by(me)
                     {
                         let restored = broker.adopt_sessions(owned, std::time::Instant::now());
+                        // Everything committed before the barrier is applied here: whether this
+                        // node was declared down meanwhile is known.
+                        let declared = durability.declared_down_at() > fenced_at;
+                        let wills =
+                            broker.settle_handed_over_wills(declared, std::time::Instant::now());
                         lease.restored();
-                        info!(restored, "quorum regained; persistent sessions restored");
+                        info!(
+                            restored,
+                            declared, wills, "quorum regained; persistent sessions restored"
+                        );
                     } else {
                         broker.end_adoption();
                     }

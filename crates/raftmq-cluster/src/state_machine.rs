@@ -255,6 +255,9 @@ impl StateMachine {
             encode_meta("last applied log id", &Some(entry.log_id))?,
         );
         self.db.write(tx.into_batch())?;
+        for node in &outcome.declared {
+            self.fence_notes.declared(*node, entry.log_id.index);
+        }
         if let Some((origin, failed)) = outcome.fences {
             self.fence_notes.record(origin, entry.log_id.index, failed);
         }

@@ -356,3 +356,61 @@ fn a_message_stored_while_a_session_is_being_adopted_reaches_it() {
     broker.adopt_sessions(vec![image], t0);
     assert_eq!(queued(&broker, "x"), 1, "the restored copy only");
 }
+
+/// A node cut off from the quorum closes its sessionless connections that have a will and
+/// hands the wills over instead of publishing them: they stay announced (the peers keep their
+/// copies) until the node knows whether it was declared down. Declared: the declaring node
+/// published them, this one drops them. Not declared (the quorum came back first): it
+/// publishes them itself. Either way once; a connection made meanwhile keeps its own will.
+#[test]
+fn a_cut_off_node_hands_its_sessionless_wills_over_and_each_is_published_once() {
+    let t0 = Instant::now();
+    for declared in [false, true] {
+        let broker = Broker::new(MqttConfig::default());
+        broker.set_forwarder(Arc::new(NoPeers));
+        let a = broker.attach(&ByteStr::from("a"), true, 0, Some(will_of("a")), t0);
+        let _p = broker.attach(&ByteStr::from("p"), true, 3600, Some(will_of("p")), t0);
+        let _n = broker.attach(&ByteStr::from("n"), true, 0, None, t0);
+        assert_eq!(
+            broker.hand_over_sessionless_wills(Some(raftmq_codec::ReasonCode::USE_ANOTHER_SERVER)),
+            1,
+            "only the sessionless connection with a will"
+        );
+        // Its connection ends (the kick): no will here yet, still announced.
+        broker.detach(&a.session, a.epoch, DetachKind::Abnormal, t0);
+        assert_eq!(broker.stats().wills_published.load(Relaxed), 0);
+        assert_eq!(announced(&broker), ["a"]);
+        assert_eq!(broker.handed_over_wills(), 1);
+        // Another client connects meanwhile, with a will of its own.
+        let _b = broker.attach(&ByteStr::from("b"), true, 0, Some(will_of("b")), t0);
+        if declared {
+            // This node (id 1) learns it was declared down.
+            broker.apply_replicated(
+                9,
+                &[raftmq_core::durability::StateChange::NodeDown { node: 1 }],
+                t0,
+            );
+        } else {
+            assert_eq!(broker.settle_handed_over_wills(false, t0), 1);
+        }
+        let expected = u64::from(!declared);
+        assert_eq!(
+            broker.stats().wills_published.load(Relaxed),
+            expected,
+            "declared {declared}: published here {expected} times"
+        );
+        assert_eq!(broker.handed_over_wills(), 0);
+        assert_eq!(
+            broker.settle_handed_over_wills(false, t0),
+            0,
+            "settled once"
+        );
+        if declared {
+            // Declared down, this node let go of b as well (the declaring node had its will
+            // only if b connected before the cut; see docs/cluster.md).
+            assert_eq!(announced(&broker), [] as [&str; 0]);
+        } else {
+            assert_eq!(announced(&broker), ["b"], "a's will withdrawn, b's kept");
+        }
+    }
+}

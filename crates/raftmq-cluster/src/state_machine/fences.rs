@@ -30,6 +30,8 @@ struct FenceNotesInner {
     owner: AtomicU64,
     /// (log index, ordinals of the fences that did not hold), oldest first.
     notes: Mutex<VecDeque<(u64, Vec<u32>)>>,
+    /// The log index of the last `NodeDown` applied that named the owner.
+    owner_declared_at: AtomicU64,
 }
 
 impl FenceNotes {
@@ -45,6 +47,18 @@ impl FenceNotes {
         let mut notes = lock(&self.0.notes);
         let at = notes.iter().position(|(i, _)| *i == index)?;
         notes.remove(at).map(|(_, failed)| failed)
+    }
+
+    /// The log index of the last `NodeDown` applied here that declared the owner down (0:
+    /// none since this process started).
+    pub fn owner_declared_at(&self) -> u64 {
+        self.0.owner_declared_at.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn declared(&self, node: u64, index: u64) {
+        if node != 0 && node == self.0.owner.load(Ordering::Relaxed) {
+            self.0.owner_declared_at.fetch_max(index, Ordering::Relaxed);
+        }
     }
 
     pub(super) fn record(&self, origin: u64, index: u64, failed: Vec<u32>) {
@@ -85,6 +99,8 @@ pub(super) fn fence_holds(
 pub(super) struct BatchOutcome {
     pub feed: Option<state::Batch>,
     pub fences: Option<(u64, Vec<u32>)>,
+    /// Nodes a `NodeDown` of the batch declared down.
+    pub declared: Vec<u64>,
 }
 
 /// Applies the changes of `batch` in order, skipping every fenced range whose fence does not
@@ -101,6 +117,7 @@ pub(super) fn apply_changes(
     let mut failed = Vec::new();
     let mut pending = fences.iter().zip(0u32..).peekable();
     let mut skip_until = 0usize;
+    let mut declared = Vec::new();
     for (i, change) in changes.into_iter().enumerate() {
         while let Some((fence, ordinal)) = pending.next_if(|(f, _)| f.first as usize <= i) {
             if !fence_holds(tx, fence, origin)? {
@@ -120,6 +137,9 @@ pub(super) fn apply_changes(
         let Some(change) = change.change else {
             continue;
         };
+        if let ProtoChange::NodeDown(down) = &change {
+            declared.push(down.node);
+        }
         if keep {
             apply_change(tx, change.clone(), origin)?;
             kept.push(state::Change {
@@ -135,5 +155,6 @@ pub(super) fn apply_changes(
             ..batch
         }),
         fences: (!fences.is_empty()).then_some((origin, failed)),
+        declared,
     })
 }

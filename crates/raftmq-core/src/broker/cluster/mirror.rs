@@ -263,8 +263,12 @@ impl Broker {
                 }
                 StateChange::NodeDown { .. } => {
                     // This node was declared down (it was cut off, its sessions were adopted
-                    // elsewhere): it can no longer prove it owns any persistent session.
+                    // elsewhere): it can no longer prove it owns any persistent session, and
+                    // the declaring node published the wills of its sessionless connections,
+                    // which end here without them.
                     self.fence_durable_sessions(None);
+                    self.hand_over_sessionless_wills(None);
+                    self.settle_handed_over_wills(true, now);
                 }
                 _ => {}
             }

@@ -8,12 +8,18 @@
 //! (`NodeDown` committed), the node that declared it publishes the dead node's wills, once; the
 //! others drop them. A will a node published itself (or that its client cancelled) leaves its
 //! table, and the peers' copies, within one forwarding tick.
+//!
+//! A node cut off from the quorum long enough that the others may declare it down closes these
+//! connections too, and **hands their wills over** rather than publishing them: they stay in its
+//! table (the peers, which cannot hear from it, keep them) until it knows the outcome. If it was
+//! declared down, the declaring node published them; otherwise, once it can commit again, it
+//! publishes them itself. Either way each is published once, after its connection ended.
 
-use crate::broker::Broker;
+use crate::broker::{Broker, UNFENCED};
 use crate::session::PendingWill;
 use ahash::HashMap;
 use parking_lot::Mutex;
-use raftmq_codec::ByteStr;
+use raftmq_codec::{ByteStr, ReasonCode};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
@@ -26,6 +32,9 @@ pub(in crate::broker) struct Wills {
     generation: AtomicU64,
     /// Each peer's table, as it announced it.
     peers: Mutex<HashMap<u64, HashMap<ByteStr, PendingWill>>>,
+    /// Wills of connections this node closed while cut off, kept in `local` until it knows
+    /// whether it was declared down (see the module docs).
+    handed_over: Mutex<HashMap<ByteStr, PendingWill>>,
 }
 
 impl Wills {
@@ -39,7 +48,12 @@ impl Wills {
     /// cancelled, or the session ended or moved). Called whenever a session is emptied, before
     /// a new connection for the client id registers its own.
     pub(in crate::broker) fn release(&self, client_id: &ByteStr) {
+        // A handed-over will stays announced until its outcome is known.
+        let handed = self.handed_over.lock().get(client_id).cloned();
         let mut local = self.local.lock();
+        if handed.is_some() && local.get(client_id) == handed.as_ref() {
+            return;
+        }
         if local.remove(client_id).is_some() {
             self.generation.fetch_add(1, Relaxed);
         }
@@ -114,5 +128,66 @@ impl Broker {
     /// publishes them).
     pub(in crate::broker) fn forget_peer_wills(&self, node: u64) {
         self.cluster.wills.peers.lock().remove(&node);
+    }
+
+    /// Closes every connection here that has a will and no stored session (MQTT 5: with
+    /// `code`), keeping their wills unpublished and announced: this node is cut off and may be
+    /// declared down, and then the declaring node publishes them (see the module docs and
+    /// [`Broker::settle_handed_over_wills`]). Returns how many.
+    pub fn hand_over_sessionless_wills(&self, code: Option<ReasonCode>) -> usize {
+        let ids: Vec<ByteStr> = self.cluster.wills.local.lock().keys().cloned().collect();
+        let mut handed = 0;
+        for client_id in ids {
+            let Some(session) = self.sessions.lock().get(&client_id).cloned() else {
+                continue;
+            };
+            let mut st = session.lock_unfenced(UNFENCED);
+            if session.is_durable() || !st.online {
+                continue;
+            }
+            let Some(will) = st.will.take() else {
+                continue;
+            };
+            if st.kick.is_none() {
+                st.kick = Some(code.unwrap_or(ReasonCode::SESSION_TAKEN_OVER));
+            }
+            drop(st);
+            self.cluster
+                .wills
+                .handed_over
+                .lock()
+                .insert(client_id, will);
+            handed += 1;
+        }
+        handed
+    }
+
+    /// Settles the wills handed over by [`Broker::hand_over_sessionless_wills`]: dropped when
+    /// this node was declared down meanwhile (`declared`: the declaring node published them),
+    /// else published here, now. Either way they leave this node's announced table. Returns
+    /// how many were published.
+    pub fn settle_handed_over_wills(&self, declared: bool, now: Instant) -> usize {
+        let handed = std::mem::take(&mut *self.cluster.wills.handed_over.lock());
+        let mut published = 0;
+        for (client_id, will) in handed {
+            {
+                let wills = &self.cluster.wills;
+                let mut local = wills.local.lock();
+                if local.get(&client_id) == Some(&will) {
+                    local.remove(&client_id);
+                    wills.generation.fetch_add(1, Relaxed);
+                }
+            }
+            if !declared {
+                self.publish_will(will, now);
+                published += 1;
+            }
+        }
+        published
+    }
+
+    /// How many wills are handed over and not settled yet.
+    pub fn handed_over_wills(&self) -> usize {
+        self.cluster.wills.handed_over.lock().len()
     }
 }
