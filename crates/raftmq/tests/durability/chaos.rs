@@ -1,10 +1,19 @@
 //! Chaos: kill -9 and restart nodes, and partition them off (the leader, the subscribers'
 //! nodes), under a steady durable QoS 1 and QoS 2 load, clients reconnecting to other nodes.
-//! Bounded: RAFTMQ_CHAOS_SECONDS (default 60) of chaos, then every acknowledged message must
-//! reach every persistent subscriber, QoS 2 exactly once.
+//! Bounded: RAFTMQ_CHAOS_SECONDS (default 60) of chaos.
+//!
+//! Every client records what it does and sees into one [`History`] (see
+//! [`raftmq_tests::history`] for the recording discipline): connects with session present,
+//! publish attempts before they are sent, every acknowledgement with its reason code, every
+//! delivery with its packet id and DUP flag, PUBRELs read, and connection ends. When the run is
+//! over the history checker decides: every acknowledged QoS 1/2 message reached every
+//! persistent subscriber, QoS 2 exactly once, per-publisher order, session present. A failing
+//! run saves its history as JSON lines under `target/tmp/` (the path is printed); set
+//! `RAFTMQ_CHAOS_HISTORY=<path>` to save it in any case.
 
 use super::*;
 use raftmq_codec::PacketId;
+use raftmq_tests::history::{self, AckKind, Event, History};
 use raftmq_tests::process::cluster_views;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,10 +65,8 @@ struct ChaosState {
     /// a PUBLISH once per exchange, as an MQTT receiver does).
     acked_q2: BTreeSet<u32>,
     received_q2: BTreeMap<String, Vec<u32>>,
-    /// The QoS 2 publisher's persistent session was missing on a reconnect (must not happen).
-    q2_session_lost: u32,
-    /// Index of the node each subscriber is connected to (usize::MAX: none).
-    sub_node: BTreeMap<String, usize>,
+    /// Index of the node each client is connected to (usize::MAX: none).
+    node_of: BTreeMap<String, usize>,
     publish_reconnects: u32,
     subscriber_reconnects: u32,
 }
@@ -72,31 +79,153 @@ fn lock(s: &Shared) -> std::sync::MutexGuard<'_, ChaosState> {
     s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Publishes msg-0, msg-1, ... (QoS 1, one at a time) until `stop`, moving to the next node
-/// whenever a publish is not acknowledged; an unacknowledged number is retried.
-async fn chaos_publisher(addrs: Vec<SocketAddr>, state: Shared, stop: Stop) {
+/// Connects `id` to `addr` (MQTT 5, keep alive 60 s) and records the outcome in `history`:
+/// `Connect` on a successful CONNACK, `ConnectRefused` on a failure code, `ConnectFailed` when
+/// the CONNECT may have been sent but no CONNACK was read (nothing when the socket did not
+/// open: the broker saw nothing). Returns the client and session present.
+async fn connect_recorded(
+    history: &History,
+    addr: SocketAddr,
+    id: &str,
+    clean_start: bool,
+    expiry: u32,
+    will: Option<history::Will>,
+) -> Option<(RawClient, bool)> {
+    let mut connect = connect_v5(id, clean_start, expiry);
+    connect.keep_alive = 60;
+    if let Some(w) = &will {
+        connect.will = Some(raftmq_codec::Will {
+            topic: w.topic.as_str().into(),
+            payload: bytes::Bytes::from(w.payload.clone()),
+            qos: QoS::from_u8(w.qos).expect("will QoS 0-2"),
+            retain: false,
+            properties: raftmq_codec::WillProperties {
+                will_delay_interval: (w.delay_secs > 0).then_some(w.delay_secs),
+                ..Default::default()
+            },
+        });
+    }
+    let stream =
+        match tokio::time::timeout(CONNECT_WAIT, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            _ => return None,
+        };
+    let _ = stream.set_nodelay(true);
+    let mut c = RawClient::over(stream, ProtocolVersion::V5);
+    let answer = match c.try_send(&Packet::Connect(Box::new(connect))).await {
+        Ok(()) => c.recv_within(CONNECT_WAIT).await,
+        Err(_) => Err(()),
+    };
+    match answer {
+        Ok(Some(Packet::ConnAck(ack))) if ack.reason_code == ReasonCode::SUCCESS => {
+            history.record(
+                id,
+                Event::Connect {
+                    clean_start,
+                    session_expiry: expiry,
+                    session_present: ack.session_present,
+                    will,
+                },
+            );
+            Some((c, ack.session_present))
+        }
+        Ok(Some(Packet::ConnAck(ack))) => {
+            history.record(
+                id,
+                Event::ConnectRefused {
+                    clean_start,
+                    session_expiry: expiry,
+                    code: ack.reason_code.0,
+                },
+            );
+            None
+        }
+        _ => {
+            history.record(
+                id,
+                Event::ConnectFailed {
+                    clean_start,
+                    session_expiry: expiry,
+                },
+            );
+            None
+        }
+    }
+}
+
+/// Ends `c` with a normal DISCONNECT and records the end (graceful only if it was sent).
+async fn disconnect_recorded(history: &History, id: &str, mut c: RawClient) {
+    let graceful = c
+        .try_send(&Packet::Disconnect(Default::default()))
+        .await
+        .is_ok();
+    drop(c);
+    history.record(id, Event::ConnectionEnd { graceful });
+}
+
+/// Drops `c` (the connection is lost or given up) and records the end.
+fn lost_recorded(history: &History, id: &str, c: RawClient) {
+    drop(c);
+    history.record(id, Event::ConnectionEnd { graceful: false });
+}
+
+/// Publishes msg-0, msg-1, ... (QoS 1, one at a time, packet id 1) from a clean session until
+/// `stop`, moving to the next node whenever a publish is not acknowledged; an unacknowledged
+/// number is retried (the same message: the same payload).
+async fn chaos_publisher(addrs: Vec<SocketAddr>, history: Arc<History>, state: Shared, stop: Stop) {
+    let id = "pub-chaos";
     let mut n = 0u32;
     let mut node = 0usize;
-    'outer: while !stop.load(Ordering::Relaxed) {
-        let Some((mut c, _)) = try_connect(addrs[node], "pub-chaos", true, 0).await else {
+    while !stop.load(Ordering::Relaxed) {
+        let Some((mut c, _)) = connect_recorded(&history, addrs[node], id, true, 0, None).await
+        else {
             node = (node + 1) % addrs.len();
             lock(&state).publish_reconnects += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        while !stop.load(Ordering::Relaxed) {
+        lock(&state).node_of.insert(id.to_owned(), node);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                disconnect_recorded(&history, id, c).await;
+                return;
+            }
+            let payload = format!("msg-{n}");
+            history.record(id, Event::publish(&payload, "chaos/load", 1, Some(1)));
             let sent = c
-                .try_send(&publish("chaos/load", 1, format!("msg-{n}"), false))
+                .try_send(&publish("chaos/load", 1, payload.clone(), false))
                 .await;
-            let acked = sent.is_ok()
-                && matches!(
-                    c.recv_within(Duration::from_secs(6)).await,
-                    Ok(Some(Packet::PubAck(a))) if a.reason_code.is_success()
-                );
+            let ack = match sent {
+                Ok(()) => match c.recv_within(Duration::from_secs(6)).await {
+                    Ok(Some(Packet::PubAck(a))) => Some(a),
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            let acked = match &ack {
+                Some(a) => {
+                    history.record(
+                        id,
+                        Event::PublishAck {
+                            payload: payload.clone(),
+                            packet_id: a.packet_id.get(),
+                            kind: AckKind::Puback,
+                            reason: a.reason_code.0,
+                        },
+                    );
+                    a.reason_code.is_success()
+                }
+                None => {
+                    history.record(id, Event::PublishFailed { payload });
+                    false
+                }
+            };
             if !acked {
+                lost_recorded(&history, id, c);
+                lock(&state).node_of.insert(id.to_owned(), usize::MAX);
                 node = (node + 1) % addrs.len();
                 lock(&state).publish_reconnects += 1;
-                continue 'outer;
+                break;
             }
             lock(&state).acked.insert(n);
             n += 1;
@@ -105,89 +234,146 @@ async fn chaos_publisher(addrs: Vec<SocketAddr>, state: Shared, stop: Stop) {
     }
 }
 
+/// The QoS 2 PUBLISH of q2-`k` with packet id `pid`.
+fn q2_packet(pid: PacketId, k: u32, dup: bool) -> Packet {
+    let payload = format!("q2-{k}");
+    let mut p = publish_packet(
+        "chaos2/load",
+        QoS::ExactlyOnce,
+        pid.get(),
+        payload.as_bytes(),
+    );
+    p.dup = dup;
+    Packet::Publish(p)
+}
+
 /// Publishes q2-0, q2-1, ... at QoS 2, one exchange at a time, from a persistent session, until
 /// `stop`. On a reconnect (to the next node) it resumes the exchange in flight as MQTT requires:
 /// PUBLISH again with DUP and the same packet id before PUBREC, PUBREL after it. A message
 /// counts as acknowledged at PUBREC.
-async fn chaos_publisher_qos2(addrs: Vec<SocketAddr>, state: Shared, stop: Stop) {
+async fn chaos_publisher_qos2(
+    addrs: Vec<SocketAddr>,
+    history: Arc<History>,
+    state: Shared,
+    stop: Stop,
+) {
+    let id = "chaos-q2-pub";
     let mut n = 0u32;
     let mut node = 1usize;
-    let mut connected_before = false;
     // (packet id, number, PUBREC received)
     let mut in_flight: Option<(PacketId, u32, bool)> = None;
-    let packet = |pid: PacketId, k: u32, dup: bool| {
-        let payload = format!("q2-{k}");
-        let mut p = publish_packet(
-            "chaos2/load",
-            QoS::ExactlyOnce,
-            pid.get(),
-            payload.as_bytes(),
-        );
-        p.dup = dup;
-        Packet::Publish(p)
-    };
     'outer: while !stop.load(Ordering::Relaxed) || in_flight.is_some_and(|f| f.2) {
-        let Some((mut c, present)) = try_connect(addrs[node], "chaos-q2-pub", false, 3600).await
+        let Some((mut c, _)) = connect_recorded(&history, addrs[node], id, false, 3600, None).await
         else {
             node = (node + 1) % addrs.len();
+            lock(&state).publish_reconnects += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        if connected_before && !present {
-            lock(&state).q2_session_lost += 1;
-        }
-        connected_before = true;
+        lock(&state).node_of.insert(id.to_owned(), node);
+        let mut resumed = true;
         if let Some((pid, k, released)) = in_flight {
             let resend = if released {
                 Packet::PubRel(PubResponse::success(pid))
             } else {
-                packet(pid, k, true)
+                history.record(
+                    id,
+                    Event::PublishAttempt {
+                        payload: format!("q2-{k}"),
+                        topic: "chaos2/load".to_owned(),
+                        qos: 2,
+                        packet_id: Some(pid.get()),
+                        dup: true,
+                    },
+                );
+                q2_packet(pid, k, true)
             };
-            if c.try_send(&resend).await.is_err() {
-                node = (node + 1) % addrs.len();
-                continue;
-            }
+            resumed = c.try_send(&resend).await.is_ok();
         }
-        loop {
-            if in_flight.is_none() {
-                if stop.load(Ordering::Relaxed) {
-                    break 'outer;
-                }
-                let pid =
-                    PacketId::new(u16::try_from(n % 60_000 + 1).unwrap_or(1)).expect("nonzero");
-                in_flight = Some((pid, n, false));
-                if c.try_send(&packet(pid, n, false)).await.is_err() {
-                    break;
-                }
-            }
-            let Some((pid, k, _)) = in_flight else { break };
-            match c.recv_within(Duration::from_secs(6)).await {
-                Ok(Some(Packet::PubRec(r))) if r.packet_id == pid => {
-                    if !r.reason_code.is_success() {
-                        // Refused (not routed): the same number again as a new message.
-                        in_flight = None;
-                        continue;
+        if resumed {
+            loop {
+                if in_flight.is_none() {
+                    if stop.load(Ordering::Relaxed) {
+                        disconnect_recorded(&history, id, c).await;
+                        break 'outer;
                     }
-                    lock(&state).acked_q2.insert(k);
-                    in_flight = Some((pid, k, true));
-                    if c.try_send(&Packet::PubRel(PubResponse::success(pid)))
-                        .await
-                        .is_err()
-                    {
+                    let pid =
+                        PacketId::new(u16::try_from(n % 60_000 + 1).unwrap_or(1)).expect("nonzero");
+                    in_flight = Some((pid, n, false));
+                    history.record(
+                        id,
+                        Event::publish(&format!("q2-{n}"), "chaos2/load", 2, Some(pid.get())),
+                    );
+                    if c.try_send(&q2_packet(pid, n, false)).await.is_err() {
                         break;
                     }
                 }
-                Ok(Some(Packet::PubComp(r))) if r.packet_id == pid => {
-                    in_flight = None;
-                    n += 1;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                let Some((pid, k, _)) = in_flight else { break };
+                let ack = |kind, reason: ReasonCode| Event::PublishAck {
+                    payload: format!("q2-{k}"),
+                    packet_id: pid.get(),
+                    kind,
+                    reason: reason.0,
+                };
+                match c.recv_within(Duration::from_secs(6)).await {
+                    Ok(Some(Packet::PubRec(r))) if r.packet_id == pid => {
+                        history.record(id, ack(AckKind::Pubrec, r.reason_code));
+                        if !r.reason_code.is_success() {
+                            // Refused (not routed): the same number again as a new message.
+                            in_flight = None;
+                            continue;
+                        }
+                        lock(&state).acked_q2.insert(k);
+                        in_flight = Some((pid, k, true));
+                        if c.try_send(&Packet::PubRel(PubResponse::success(pid)))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Ok(Some(Packet::PubComp(r))) if r.packet_id == pid => {
+                        history.record(id, ack(AckKind::Pubcomp, r.reason_code));
+                        in_flight = None;
+                        n += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(()) => break,
                 }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(()) => break,
             }
         }
+        if let Some((_, k, false)) = in_flight {
+            history.record(
+                id,
+                Event::PublishFailed {
+                    payload: format!("q2-{k}"),
+                },
+            );
+        }
+        lost_recorded(&history, id, c);
+        lock(&state).node_of.insert(id.to_owned(), usize::MAX);
+        lock(&state).publish_reconnects += 1;
         node = (node + 1) % addrs.len();
     }
+}
+
+/// Creates the persistent session `id` (clean start, session expiry 1 h) on `addr` with
+/// `filters`, then ends the connection normally; recorded in `history`.
+async fn persistent_subscriber(
+    history: &History,
+    addr: SocketAddr,
+    id: &str,
+    filters: &[(&str, QoS)],
+) {
+    let (mut c, _) = connect_recorded(history, addr, id, true, 3600, None)
+        .await
+        .expect("CONNACK success");
+    for (filter, qos) in filters {
+        c.subscribe(filter, *qos).await;
+        history.record(id, Event::subscribe(filter, qos.as_u8()));
+    }
+    disconnect_recorded(history, id, c).await;
 }
 
 /// A persistent subscriber: reconnects (clean start off) to the next node whenever its
@@ -196,6 +382,7 @@ async fn chaos_subscriber(
     id: String,
     addrs: Vec<SocketAddr>,
     first: usize,
+    history: Arc<History>,
     state: Shared,
     stop: Stop,
 ) {
@@ -204,39 +391,68 @@ async fn chaos_subscriber(
     // message again (client-side session state, kept across reconnections).
     let mut unreleased: BTreeSet<u16> = BTreeSet::new();
     while !stop.load(Ordering::Relaxed) {
-        let Some((mut c, _)) = try_connect(addrs[node], &id, false, 3600).await else {
+        let Some((mut c, present)) =
+            connect_recorded(&history, addrs[node], &id, false, 3600, None).await
+        else {
             node = (node + 1) % addrs.len();
             lock(&state).subscriber_reconnects += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        lock(&state).sub_node.insert(id.clone(), node);
+        if !present {
+            // No session on the broker: the client's session state goes too (MQTT 5
+            // §4.1). It should never happen here; the checker reports it.
+            unreleased.clear();
+        }
+        lock(&state).node_of.insert(id.clone(), node);
         loop {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
             match c.recv_within(Duration::from_millis(500)).await {
-                Ok(Some(Packet::Publish(p))) if p.qos == QoS::ExactlyOnce => {
-                    let Some(pid) = p.packet_id else { break };
-                    if unreleased.insert(pid.get())
-                        && let Some(k) = std::str::from_utf8(&p.payload)
-                            .ok()
-                            .and_then(|s| s.strip_prefix("q2-")?.parse().ok())
-                    {
-                        lock(&state)
-                            .received_q2
-                            .entry(id.clone())
-                            .or_default()
-                            .push(k);
-                    }
-                    if c.try_send(&Packet::PubRec(PubResponse::success(pid)))
-                        .await
-                        .is_err()
-                    {
+                Ok(Some(Packet::Publish(p))) => {
+                    history.record(
+                        &id,
+                        Event::Delivery {
+                            payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                            topic: p.topic.to_string(),
+                            qos: p.qos.as_u8(),
+                            packet_id: p.packet_id.map(PacketId::get),
+                            dup: p.dup,
+                            retain: p.retain,
+                        },
+                    );
+                    let Some(pid) = p.packet_id else { continue };
+                    let answer = if p.qos == QoS::ExactlyOnce {
+                        if unreleased.insert(pid.get())
+                            && let Some(k) = std::str::from_utf8(&p.payload)
+                                .ok()
+                                .and_then(|s| s.strip_prefix("q2-")?.parse().ok())
+                        {
+                            lock(&state)
+                                .received_q2
+                                .entry(id.clone())
+                                .or_default()
+                                .push(k);
+                        }
+                        Packet::PubRec(PubResponse::success(pid))
+                    } else {
+                        if let Some(k) = number(&p.payload) {
+                            lock(&state).received.entry(id.clone()).or_default().push(k);
+                        }
+                        Packet::PubAck(PubResponse::success(pid))
+                    };
+                    if c.try_send(&answer).await.is_err() {
                         break;
                     }
                 }
                 Ok(Some(Packet::PubRel(r))) => {
+                    history.record(
+                        &id,
+                        Event::Released {
+                            packet_id: r.packet_id.get(),
+                        },
+                    );
                     unreleased.remove(&r.packet_id.get());
                     if c.try_send(&Packet::PubComp(PubResponse::success(r.packet_id)))
                         .await
@@ -245,40 +461,40 @@ async fn chaos_subscriber(
                         break;
                     }
                 }
-                Ok(Some(Packet::Publish(p))) => {
-                    if let Some(pid) = p.packet_id
-                        && c.try_send(&Packet::PubAck(PubResponse::success(pid)))
-                            .await
-                            .is_err()
-                    {
-                        break;
-                    }
-                    if let Some(k) = number(&p.payload) {
-                        lock(&state).received.entry(id.clone()).or_default().push(k);
-                    }
-                }
                 Ok(Some(_)) | Err(()) => {}
                 Ok(None) => break,
             }
         }
-        lock(&state).sub_node.insert(id.clone(), usize::MAX);
+        lost_recorded(&history, &id, c);
+        lock(&state).node_of.insert(id.clone(), usize::MAX);
         lock(&state).subscriber_reconnects += 1;
         node = (node + 1) % addrs.len();
     }
 }
 
-/// Prints what subscriber `id` got at `qos` against what was acknowledged; returns the
-/// distinct numbers it got.
-fn report(id: &str, qos: &str, acked: &BTreeSet<u32>, got: &[u32]) -> BTreeSet<u32> {
+/// Prints what subscriber `id` got at `qos` against what was acknowledged.
+fn report(id: &str, qos: &str, acked: &BTreeSet<u32>, got: &[u32]) {
     let distinct: BTreeSet<u32> = got.iter().copied().collect();
     println!(
-        "chaos {id} {qos}: {} acknowledged, {} received ({} distinct, {} duplicates), 0 missing",
+        "chaos {id} {qos}: {} acknowledged, {} received ({} distinct, {} duplicates), {} missing",
         acked.len(),
         got.len(),
         distinct.len(),
-        got.len() - distinct.len()
+        got.len() - distinct.len(),
+        acked.difference(&distinct).count()
     );
-    distinct
+}
+
+/// Where a failing run's history goes: `RAFTMQ_CHAOS_HISTORY`, else a new file under the
+/// target directory's `tmp/`.
+fn history_path(tag: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os("RAFTMQ_CHAOS_HISTORY") {
+        return PathBuf::from(path);
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-history-{tag}-{stamp}.jsonl"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,13 +507,20 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     let ports = http_ports(&specs);
     let addrs: Vec<SocketAddr> = specs.iter().map(NodeSpec::mqtt_addr).collect();
     let subs = ["chaos-sub-1", "chaos-sub-2"];
+    let history = Arc::new(History::new());
 
     // Persistent sessions with their subscriptions, on nodes 2 and 3.
     for (i, id) in subs.iter().enumerate() {
-        let (mut c, _) = connected(addrs[i + 1], id, true).await;
-        c.subscribe("chaos/#", QoS::AtLeastOnce).await;
-        c.subscribe("chaos2/#", QoS::ExactlyOnce).await;
-        c.send(&Packet::Disconnect(Default::default())).await;
+        persistent_subscriber(
+            &history,
+            addrs[i + 1],
+            id,
+            &[
+                ("chaos/#", QoS::AtLeastOnce),
+                ("chaos2/#", QoS::ExactlyOnce),
+            ],
+        )
+        .await;
     }
     converged(&specs).await;
 
@@ -309,6 +532,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
             id.to_string(),
             addrs.clone(),
             i + 1,
+            history.clone(),
             state.clone(),
             stop.clone(),
         )));
@@ -316,11 +540,13 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     let stop_pub = Arc::new(AtomicBool::new(false));
     let publisher = tokio::spawn(chaos_publisher(
         addrs.clone(),
+        history.clone(),
         state.clone(),
         stop_pub.clone(),
     ));
     let publisher_q2 = tokio::spawn(chaos_publisher_qos2(
         addrs.clone(),
+        history.clone(),
         state.clone(),
         stop_pub.clone(),
     ));
@@ -347,7 +573,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         } else {
             let sub = subs[(round / 3) % subs.len()];
             lock(&state)
-                .sub_node
+                .node_of
                 .get(sub)
                 .copied()
                 .filter(|n| *n < specs.len())
@@ -377,7 +603,8 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         round += 1;
     }
 
-    // Let the publisher finish its current message, then give subscribers time to drain.
+    // Let the publishers finish their current message, then give subscribers time to drain:
+    // until the checker finds nothing missing, for at most a minute.
     stop_pub.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(15), publisher).await;
     let _ = tokio::time::timeout(Duration::from_secs(15), publisher_q2).await;
@@ -393,59 +620,64 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let missing: Vec<(String, usize)> = {
-            let st = lock(&state);
-            subs.iter()
-                .map(|id| {
-                    let got: BTreeSet<u32> = st
-                        .received
-                        .get(*id)
-                        .map(|v| v.iter().copied().collect())
-                        .unwrap_or_default();
-                    let got_q2: BTreeSet<u32> = st
-                        .received_q2
-                        .get(*id)
-                        .map(|v| v.iter().copied().collect())
-                        .unwrap_or_default();
-                    (
-                        id.to_string(),
-                        acked.difference(&got).count() + acked_q2.difference(&got_q2).count(),
-                    )
-                })
-                .filter(|(_, m)| *m > 0)
-                .collect()
-        };
-        if missing.is_empty() {
+        let pending = history::check(&history).counts.missing;
+        if pending == 0 || Instant::now() >= deadline {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "acknowledged messages never delivered: {missing:?} (of {} acknowledged; kills: {kills:?})",
-            acked.len()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // The subscribers stop (their teardown is not recorded): the history is complete.
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
+    let checked = history::check(&history);
     let st = lock(&state);
     for id in subs {
-        report(id, "QoS 1", &acked, &st.received[id]);
-        let got = &st.received_q2[id];
-        let distinct = report(id, "QoS 2", &acked_q2, got);
-        assert_eq!(
-            got.len(),
-            distinct.len(),
-            "QoS 2 delivered more than once to {id} (kills: {kills:?})"
+        let none = Vec::new();
+        report(id, "QoS 1", &acked, st.received.get(id).unwrap_or(&none));
+        report(
+            id,
+            "QoS 2",
+            &acked_q2,
+            st.received_q2.get(id).unwrap_or(&none),
         );
     }
-    assert_eq!(
-        st.q2_session_lost, 0,
-        "the QoS 2 publisher's session was lost"
-    );
     println!(
         "chaos: {} rounds in {chaos_secs}s ({kills:?}); publisher reconnects {}, subscriber reconnects {}",
         round, st.publish_reconnects, st.subscriber_reconnects
+    );
+    let c = &checked.counts;
+    println!(
+        "chaos checker: {} events, {} acknowledged, {} deliveries expected, {} missing, {} \
+         duplicates, {} QoS 2 resends, {} QoS 2 duplicates, {} ordering checks, {} session \
+         checks, {} wills checked, {} violations",
+        c.events,
+        c.acknowledged,
+        c.expected_deliveries,
+        c.missing,
+        c.duplicates,
+        c.resends,
+        checked.of(history::Rule::Qos2Duplicate).count(),
+        c.ordering_checks,
+        c.session_checks,
+        c.wills_checked,
+        checked.violations.len()
+    );
+    let save = std::env::var_os("RAFTMQ_CHAOS_HISTORY").is_some() || !checked.is_ok();
+    let saved = save.then(|| {
+        let path = history_path("run");
+        match history.save(&path) {
+            Ok(()) => format!("history saved to {}", path.display()),
+            Err(e) => format!("history could not be saved to {}: {e}", path.display()),
+        }
+    });
+    if let Some(saved) = &saved {
+        println!("chaos: {saved}");
+    }
+    assert!(
+        checked.is_ok(),
+        "the history checker found violations (faults: {kills:?}); {}\n{checked}",
+        saved.unwrap_or_default()
     );
 }
