@@ -472,6 +472,172 @@ async fn chaos_subscriber(
     }
 }
 
+/// How the test ends a will client's connection that is still open.
+#[derive(Clone, Copy, Debug)]
+enum EndHow {
+    /// DISCONNECT with reason 0x00: the will is discarded.
+    Graceful,
+    /// The socket is closed without DISCONNECT: the will is due.
+    Abrupt,
+}
+
+/// A client with a will (delay 0) that the test connects anew every round, to the node the
+/// round's fault hits. Each connection is a new "life" with its own will payload.
+struct WillClient {
+    id: &'static str,
+    /// Session expiry: 0 (sessionless, clean start) or above (persistent, clean start 0).
+    expiry: u32,
+    qos: u8,
+    lives: u32,
+    /// The task owning the current connection, and how to tell it to end.
+    life: Option<(
+        tokio::sync::oneshot::Sender<EndHow>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl WillClient {
+    fn new(id: &'static str, expiry: u32, qos: u8) -> WillClient {
+        WillClient {
+            id,
+            expiry,
+            qos,
+            lives: 0,
+            life: None,
+        }
+    }
+
+    /// Ends the current life: its connection, if still open, as `how`; returns once the end
+    /// is recorded (so the next connect comes after it in the history).
+    async fn end(&mut self, how: EndHow) {
+        if let Some((tell, task)) = self.life.take() {
+            let _ = tell.send(how);
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("a will client's connection ends within 15 s")
+                .expect("the will client's task");
+        }
+    }
+
+    /// Connects to `addr` with a new will; whether it is connected.
+    async fn start(&mut self, history: &Arc<History>, addr: SocketAddr) -> bool {
+        self.lives += 1;
+        let will = history::Will {
+            topic: format!("chaos-will/{}", self.id),
+            payload: format!("will-{}-{}", self.id, self.lives),
+            qos: self.qos,
+            delay_secs: 0,
+        };
+        let clean_start = self.expiry == 0;
+        let Some((c, _)) =
+            connect_recorded(history, addr, self.id, clean_start, self.expiry, Some(will)).await
+        else {
+            return false;
+        };
+        let (tell, told) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(will_life(self.id, c, history.clone(), told));
+        self.life = Some((tell, task));
+        true
+    }
+
+    /// Stops watching the connection without recording anything (the teardown at the end of
+    /// a run is not part of the history).
+    fn abandon(&mut self) {
+        if let Some((_, task)) = self.life.take() {
+            task.abort();
+        }
+    }
+}
+
+/// One life of a will client: reads (and pings, keep alive 60 s) until the broker closes the
+/// connection or the test ends it, and records the end.
+async fn will_life(
+    id: &'static str,
+    mut c: RawClient,
+    history: Arc<History>,
+    mut told: tokio::sync::oneshot::Receiver<EndHow>,
+) {
+    use tokio::sync::oneshot::error::TryRecvError;
+    let mut pinged = Instant::now();
+    loop {
+        match told.try_recv() {
+            Ok(EndHow::Graceful) => return disconnect_recorded(&history, id, c).await,
+            Ok(EndHow::Abrupt) | Err(TryRecvError::Closed) => {
+                return lost_recorded(&history, id, c);
+            }
+            Err(TryRecvError::Empty) => {}
+        }
+        // Closed, or DISCONNECT from the broker (e.g. 0x9C from a node that lost its quorum,
+        // 0x8E on a take-over): not a normal end, the will is due.
+        if let Ok(None | Some(Packet::Disconnect(_))) =
+            c.recv_within(Duration::from_millis(100)).await
+        {
+            return lost_recorded(&history, id, c);
+        }
+        if pinged.elapsed() > Duration::from_secs(20) {
+            if c.try_send(&Packet::PingReq).await.is_err() {
+                return lost_recorded(&history, id, c);
+            }
+            pinged = Instant::now();
+        }
+    }
+}
+
+/// Whether `cond` holds within `timeout` (checked every 100 ms).
+async fn holds_within<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of the metric sample `name` on the node with HTTP port `port` (0 if absent or
+/// the node does not answer).
+async fn metric_on(port: u16, name: &str) -> f64 {
+    let (status, body) = http_get(port, "/metrics").await;
+    if status != 200 {
+        return 0.0;
+    }
+    raftmq_tests::metrics::metric(&body, name).unwrap_or(0.0)
+}
+
+/// Nodes declared down so far, summed over the nodes with HTTP ports `ports`.
+async fn declared_down(ports: &[u16]) -> f64 {
+    let mut sum = 0.0;
+    for p in ports {
+        sum += metric_on(*p, "raftmq_cluster_nodes_declared_down_total").await;
+    }
+    sum
+}
+
+/// Waits (up to 10 s) until every node but `victim` holds the `n` wills of sessionless
+/// connections that `victim` announced (what the node declaring it down would publish);
+/// whether they do.
+async fn wills_announced(specs: &[NodeSpec], victim: usize, n: usize) -> bool {
+    let name = format!("raftmq_forward_peer_wills{{peer=\"{}\"}}", specs[victim].id);
+    #[allow(clippy::cast_precision_loss)]
+    let want = n as f64;
+    holds_within(Duration::from_secs(10), || async {
+        for (i, s) in specs.iter().enumerate() {
+            if i != victim && metric_on(s.http, &name).await != want {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+}
+
 /// Prints what subscriber `id` got at `qos` against what was acknowledged.
 fn report(id: &str, qos: &str, acked: &BTreeSet<u32>, got: &[u32]) {
     let distinct: BTreeSet<u32> = got.iter().copied().collect();
@@ -509,7 +675,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     let subs = ["chaos-sub-1", "chaos-sub-2"];
     let history = Arc::new(History::new());
 
-    // Persistent sessions with their subscriptions, on nodes 2 and 3.
+    // Persistent sessions with their subscriptions, on nodes 2 and 3; they get the wills too.
     for (i, id) in subs.iter().enumerate() {
         persistent_subscriber(
             &history,
@@ -518,20 +684,30 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
             &[
                 ("chaos/#", QoS::AtLeastOnce),
                 ("chaos2/#", QoS::ExactlyOnce),
+                ("chaos-will/#", QoS::ExactlyOnce),
             ],
         )
         .await;
     }
+    // A persistent subscriber of the wills only, on node 1.
+    let watcher = "chaos-will-watch";
+    persistent_subscriber(
+        &history,
+        addrs[0],
+        watcher,
+        &[("chaos-will/#", QoS::ExactlyOnce)],
+    )
+    .await;
     converged(&specs).await;
 
     let state: Shared = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for (i, id) in subs.iter().enumerate() {
+    for (i, id) in [watcher].iter().chain(&subs).enumerate() {
         tasks.push(tokio::spawn(chaos_subscriber(
             id.to_string(),
             addrs.clone(),
-            i + 1,
+            i,
             history.clone(),
             state.clone(),
             stop.clone(),
@@ -551,10 +727,19 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         stop_pub.clone(),
     ));
 
+    // Clients with a will (delay 0): a persistent session with a QoS 1 will, a sessionless
+    // connection with a QoS 2 will.
+    let mut will_clients = [
+        WillClient::new("chaos-will-persistent", 3600, 1),
+        WillClient::new("chaos-will-clean", 0, 2),
+    ];
+
     // The schedule, in rounds: kill -9 the leader; kill -9 a subscriber's node; cut a node off
     // (alternately a subscriber's node and the leader) from the other two for longer than the
-    // cluster takes to declare it down, then heal. A killed node stays down a few seconds and
-    // is restarted; the cluster settles after every round.
+    // cluster takes to declare it down, then heal. A killed node stays down until it is
+    // declared down (so that its sessionless clients' wills are published) and is restarted;
+    // the cluster settles after every round. Before each fault the will clients end their
+    // connection (alternately with DISCONNECT and without) and connect anew to the victim.
     let end = Instant::now() + Duration::from_secs(chaos_secs);
     let mut round = 0usize;
     let mut kills = Vec::new();
@@ -584,6 +769,24 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         } else {
             "subscriber's node"
         };
+        let how = if round.is_multiple_of(2) {
+            EndHow::Graceful
+        } else {
+            EndHow::Abrupt
+        };
+        let mut sessionless = 0;
+        for w in &mut will_clients {
+            w.end(how).await;
+            if w.start(&history, addrs[victim]).await && w.expiry == 0 {
+                sessionless += 1;
+            }
+        }
+        if !wills_announced(&specs, victim, sessionless).await {
+            println!(
+                "chaos: the wills of node {}'s sessionless clients were not announced to every peer within 10 s",
+                specs[victim].id
+            );
+        }
         if partitioned {
             let cut = specs[victim].id;
             let rest: Vec<u64> = specs.iter().map(|s| s.id).filter(|id| *id != cut).collect();
@@ -592,11 +795,27 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
             tokio::time::sleep(Duration::from_secs(12)).await;
             partition(dir.path(), &[]);
         } else {
+            let survivors: Vec<u16> = (0..specs.len())
+                .filter(|i| *i != victim)
+                .map(|i| specs[i].http)
+                .collect();
+            let before = declared_down(&survivors).await;
             if let Some(n) = nodes[victim].take() {
                 n.kill9();
                 kills.push(format!("kill {what} {}", specs[victim].id));
             }
             tokio::time::sleep(Duration::from_secs(3)).await;
+            // Restarted before it is declared down, a node forgets which wills it announced.
+            let declared = holds_within(Duration::from_secs(30), || async {
+                declared_down(&survivors).await > before
+            })
+            .await;
+            if !declared {
+                println!(
+                    "chaos: node {} not declared down within 30 s of its kill",
+                    specs[victim].id
+                );
+            }
             nodes[victim] = Some(Node::spawn(&specs[victim]));
         }
         converged_or_logs(&ports, &specs, &mut nodes).await;
@@ -620,16 +839,21 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let pending = history::check(&history).counts.missing;
+        let r = history::check(&history);
+        let pending = r.counts.missing + r.of(history::Rule::WillMissing).count();
         if pending == 0 || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // The subscribers stop (their teardown is not recorded): the history is complete.
+    // The subscribers and the will clients stop (their teardown is not recorded): the history
+    // is complete.
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    for w in &mut will_clients {
+        w.abandon();
     }
     let checked = history::check(&history);
     let st = lock(&state);
@@ -646,6 +870,21 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     println!(
         "chaos: {} rounds in {chaos_secs}s ({kills:?}); publisher reconnects {}, subscriber reconnects {}",
         round, st.publish_reconnects, st.subscriber_reconnects
+    );
+    let ends: Vec<bool> = history
+        .events()
+        .iter()
+        .filter(|e| will_clients.iter().any(|w| w.id == e.client))
+        .filter_map(|e| match e.event {
+            Event::ConnectionEnd { graceful } => Some(graceful),
+            _ => None,
+        })
+        .collect();
+    println!(
+        "chaos wills: {} connections with a will; {} ended with DISCONNECT, {} without",
+        will_clients.iter().map(|w| w.lives).sum::<u32>(),
+        ends.iter().filter(|g| **g).count(),
+        ends.iter().filter(|g| !**g).count()
     );
     let c = &checked.counts;
     println!(
