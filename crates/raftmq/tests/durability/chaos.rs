@@ -13,13 +13,19 @@
 
 use super::*;
 use raftmq_codec::PacketId;
+use raftmq_tests::Rng;
 use raftmq_tests::history::{self, AckKind, Event, History};
 use raftmq_tests::process::cluster_views;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// [`wait_converged`], printing the nodes' logs if they do not converge.
-async fn converged_or_logs(ports: &[u16], specs: &[NodeSpec], nodes: &mut [Option<Node>]) -> u64 {
+async fn converged_or_logs(
+    ports: &[u16],
+    specs: &[NodeSpec],
+    nodes: &mut [Option<Node>],
+    seed: u64,
+) -> u64 {
     match tokio::time::timeout(
         START_TIMEOUT - Duration::from_secs(5),
         wait_converged(ports, 3),
@@ -51,7 +57,7 @@ async fn converged_or_logs(ports: &[u16], specs: &[NodeSpec], nodes: &mut [Optio
             }
             let logs: String = specs.iter().map(|s| s.log_tail(40)).collect();
             panic!(
-                "cluster did not converge: {views:?}\nprocesses (exit status): {processes:?}\n{logs}\n{stacks}"
+                "cluster did not converge (replay with RAFTMQ_CHAOS_SEED={seed}): {views:?}\nprocesses (exit status): {processes:?}\n{logs}\n{stacks}"
             )
         }
     }
@@ -638,6 +644,128 @@ async fn wills_announced(specs: &[NodeSpec], victim: usize, n: usize) -> bool {
     .await
 }
 
+/// What a round of the schedule does to its victim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// kill -9; restarted after the hold, once the cluster has declared it down.
+    Kill,
+    /// Cut off from the other two nodes (clients still reach it) for the hold.
+    Partition,
+}
+
+/// Whose node a round hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Leader,
+    /// The node of one of the two persistent subscribers.
+    Subscriber,
+}
+
+/// The faults the schedule goes through, each once per cycle, in an order drawn anew for
+/// every cycle.
+const ROTATION: &[(Fault, Target)] = &[
+    (Fault::Kill, Target::Leader),
+    (Fault::Kill, Target::Subscriber),
+    (Fault::Partition, Target::Leader),
+    (Fault::Partition, Target::Subscriber),
+];
+
+/// One round, drawn from the seed before it starts (so a seed gives the same rounds whatever
+/// the cluster does; which node is the leader, or a subscriber's, is still up to the run).
+#[derive(Clone, Copy, Debug)]
+struct Round {
+    fault: Fault,
+    target: Target,
+    /// Which subscriber (or publisher) when the target is one.
+    pick: usize,
+    /// The victim when the target's node is not known (e.g. the subscriber is between nodes).
+    fallback: usize,
+    /// Load without faults before the fault.
+    gap: Duration,
+    /// How long the fault lasts (a killed node stays down at least this long).
+    hold: Duration,
+    /// How the will clients end the connections the previous round left open.
+    will_end: EndHow,
+}
+
+/// The seeded sequence of rounds.
+struct Schedule {
+    rng: Rng,
+    cycle: Vec<(Fault, Target)>,
+}
+
+impl Schedule {
+    fn new(seed: u64) -> Schedule {
+        Schedule {
+            rng: Rng::new(seed),
+            cycle: Vec::new(),
+        }
+    }
+
+    /// A duration between `min` and `max` milliseconds.
+    fn millis(&mut self, min: u64, max: u64) -> Duration {
+        Duration::from_millis(min + self.rng.below(max - min + 1))
+    }
+
+    fn next_round(&mut self) -> Round {
+        if self.cycle.is_empty() {
+            self.cycle = ROTATION.to_vec();
+            // Fisher-Yates, popped from the back.
+            for i in (1..self.cycle.len()).rev() {
+                let j = self.rng.below(i as u64 + 1) as usize;
+                self.cycle.swap(i, j);
+            }
+        }
+        let (fault, target) = self.cycle.pop().expect("a full cycle");
+        let pick = self.rng.below(2) as usize;
+        let fallback = self.rng.below(3) as usize;
+        let gap = self.millis(2_000, 4_000);
+        let hold = match fault {
+            Fault::Kill => self.millis(3_000, 8_000),
+            // Shorter and longer than the 10 s after which the majority declares it down.
+            Fault::Partition => self.millis(8_000, 15_000),
+        };
+        let will_end = if self.rng.below(2) == 0 {
+            EndHow::Graceful
+        } else {
+            EndHow::Abrupt
+        };
+        Round {
+            fault,
+            target,
+            pick,
+            fallback,
+            gap,
+            hold,
+            will_end,
+        }
+    }
+}
+
+/// The seed of the schedule: `RAFTMQ_CHAOS_SEED`, else from the clock.
+fn chaos_seed() -> u64 {
+    match std::env::var("RAFTMQ_CHAOS_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("RAFTMQ_CHAOS_SEED={s:?} is not a u64")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    }
+}
+
+/// Prints how to replay the run if the test fails (whatever panics).
+struct ReplayHint(u64);
+
+impl Drop for ReplayHint {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("chaos: failed; replay with RAFTMQ_CHAOS_SEED={}", self.0);
+        }
+    }
+}
+
 /// Prints what subscriber `id` got at `qos` against what was acknowledged.
 fn report(id: &str, qos: &str, acked: &BTreeSet<u32>, got: &[u32]) {
     let distinct: BTreeSet<u32> = got.iter().copied().collect();
@@ -669,6 +797,9 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
+    let seed = chaos_seed();
+    println!("chaos: seed {seed} (replay with RAFTMQ_CHAOS_SEED={seed}), {chaos_secs}s of faults");
+    let _replay = ReplayHint(seed);
     let (dir, specs, mut nodes, _leader) = start_cluster().await;
     let ports = http_ports(&specs);
     let addrs: Vec<SocketAddr> = specs.iter().map(NodeSpec::mqtt_addr).collect();
@@ -734,49 +865,37 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         WillClient::new("chaos-will-clean", 0, 2),
     ];
 
-    // The schedule, in rounds: kill -9 the leader; kill -9 a subscriber's node; cut a node off
-    // (alternately a subscriber's node and the leader) from the other two for longer than the
-    // cluster takes to declare it down, then heal. A killed node stays down until it is
-    // declared down (so that its sessionless clients' wills are published) and is restarted;
-    // the cluster settles after every round. Before each fault the will clients end their
-    // connection (alternately with DISCONNECT and without) and connect anew to the victim.
+    // The schedule, in rounds drawn from the seed (see the module docs): wait, pick the victim,
+    // move the will clients there (ending their connections with or without DISCONNECT), wait
+    // until the peers know the sessionless will, inject the fault, hold it, heal, and wait
+    // until the cluster has converged again.
     let end = Instant::now() + Duration::from_secs(chaos_secs);
+    let mut schedule = Schedule::new(seed);
     let mut round = 0usize;
     let mut kills = Vec::new();
     while Instant::now() < end {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let leader = cluster_status(ports[0])
-            .await
-            .or(cluster_status(ports[1]).await)
-            .or(cluster_status(ports[2]).await)
-            .and_then(|v| v["leader"].as_u64());
-        let partitioned = round % 3 == 2;
-        let target_leader =
-            round.is_multiple_of(3) || (partitioned && (round / 3).is_multiple_of(2));
-        let victim = if target_leader {
-            leader.and_then(|l| specs.iter().position(|s| s.id == l))
-        } else {
-            let sub = subs[(round / 3) % subs.len()];
-            lock(&state)
-                .node_of
-                .get(sub)
-                .copied()
-                .filter(|n| *n < specs.len())
+        let r = schedule.next_round();
+        tokio::time::sleep(r.gap).await;
+        let victim = match r.target {
+            Target::Leader => {
+                let leader = cluster_status(ports[0])
+                    .await
+                    .or(cluster_status(ports[1]).await)
+                    .or(cluster_status(ports[2]).await)
+                    .and_then(|v| v["leader"].as_u64());
+                leader.and_then(|l| specs.iter().position(|s| s.id == l))
+            }
+            Target::Subscriber => lock(&state).node_of.get(subs[r.pick]).copied(),
         }
-        .unwrap_or(round % specs.len());
-        let what = if target_leader {
-            "leader"
-        } else {
-            "subscriber's node"
-        };
-        let how = if round.is_multiple_of(2) {
-            EndHow::Graceful
-        } else {
-            EndHow::Abrupt
+        .filter(|n| *n < specs.len())
+        .unwrap_or(r.fallback);
+        let what = match r.target {
+            Target::Leader => "leader".to_owned(),
+            Target::Subscriber => format!("{}'s node", subs[r.pick]),
         };
         let mut sessionless = 0;
         for w in &mut will_clients {
-            w.end(how).await;
+            w.end(r.will_end).await;
             if w.start(&history, addrs[victim]).await && w.expiry == 0 {
                 sessionless += 1;
             }
@@ -787,38 +906,40 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                 specs[victim].id
             );
         }
-        if partitioned {
-            let cut = specs[victim].id;
-            let rest: Vec<u64> = specs.iter().map(|s| s.id).filter(|id| *id != cut).collect();
-            partition(dir.path(), &[&[cut], &rest]);
-            kills.push(format!("partition {what} {cut}"));
-            tokio::time::sleep(Duration::from_secs(12)).await;
-            partition(dir.path(), &[]);
-        } else {
-            let survivors: Vec<u16> = (0..specs.len())
-                .filter(|i| *i != victim)
-                .map(|i| specs[i].http)
-                .collect();
-            let before = declared_down(&survivors).await;
-            if let Some(n) = nodes[victim].take() {
-                n.kill9();
-                kills.push(format!("kill {what} {}", specs[victim].id));
+        let id = specs[victim].id;
+        kills.push(format!(
+            "{round}: {:?} {what} {id} for {:.1}s",
+            r.fault,
+            r.hold.as_secs_f64()
+        ));
+        match r.fault {
+            Fault::Partition => {
+                let rest: Vec<u64> = specs.iter().map(|s| s.id).filter(|n| *n != id).collect();
+                partition(dir.path(), &[&[id], &rest]);
+                tokio::time::sleep(r.hold).await;
+                partition(dir.path(), &[]);
             }
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            // Restarted before it is declared down, a node forgets which wills it announced.
-            let declared = holds_within(Duration::from_secs(30), || async {
-                declared_down(&survivors).await > before
-            })
-            .await;
-            if !declared {
-                println!(
-                    "chaos: node {} not declared down within 30 s of its kill",
-                    specs[victim].id
-                );
+            Fault::Kill => {
+                let survivors: Vec<u16> = (0..specs.len())
+                    .filter(|i| *i != victim)
+                    .map(|i| specs[i].http)
+                    .collect();
+                let before = declared_down(&survivors).await;
+                kill9(&mut nodes, victim);
+                tokio::time::sleep(r.hold).await;
+                // Restarted before it is declared down, a node forgets which wills it
+                // announced (docs/cluster.md, "Node failure"): wait for the declaration.
+                let declared = holds_within(Duration::from_secs(30), || async {
+                    declared_down(&survivors).await > before
+                })
+                .await;
+                if !declared {
+                    println!("chaos: node {id} not declared down within 30 s of its kill");
+                }
+                nodes[victim] = Some(Node::spawn(&specs[victim]));
             }
-            nodes[victim] = Some(Node::spawn(&specs[victim]));
         }
-        converged_or_logs(&ports, &specs, &mut nodes).await;
+        converged_or_logs(&ports, &specs, &mut nodes, seed).await;
         round += 1;
     }
 
@@ -833,7 +954,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     };
     assert!(
         acked.len() > 50 && acked_q2.len() > 20,
-        "the load barely ran: {} QoS 1 and {} QoS 2 acknowledged",
+        "the load barely ran: {} QoS 1 and {} QoS 2 acknowledged (replay with RAFTMQ_CHAOS_SEED={seed})",
         acked.len(),
         acked_q2.len()
     );
@@ -868,7 +989,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         );
     }
     println!(
-        "chaos: {} rounds in {chaos_secs}s ({kills:?}); publisher reconnects {}, subscriber reconnects {}",
+        "chaos: seed {seed}, {} rounds in {chaos_secs}s ({kills:?}); publisher reconnects {}, subscriber reconnects {}",
         round, st.publish_reconnects, st.subscriber_reconnects
     );
     let ends: Vec<bool> = history
@@ -905,7 +1026,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     );
     let save = std::env::var_os("RAFTMQ_CHAOS_HISTORY").is_some() || !checked.is_ok();
     let saved = save.then(|| {
-        let path = history_path("run");
+        let path = history_path(&seed.to_string());
         match history.save(&path) {
             Ok(()) => format!("history saved to {}", path.display()),
             Err(e) => format!("history could not be saved to {}: {e}", path.display()),
@@ -916,7 +1037,8 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     }
     assert!(
         checked.is_ok(),
-        "the history checker found violations (faults: {kills:?}); {}\n{checked}",
+        "the history checker found violations (replay with RAFTMQ_CHAOS_SEED={seed}; faults: \
+         {kills:?}); {}\n{checked}",
         saved.unwrap_or_default()
     );
 }
