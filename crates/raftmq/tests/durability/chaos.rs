@@ -1,15 +1,60 @@
-//! Chaos: kill -9 and restart nodes, and partition them off (the leader, the subscribers'
-//! nodes), under a steady durable QoS 1 and QoS 2 load, clients reconnecting to other nodes.
-//! Bounded: RAFTMQ_CHAOS_SECONDS (default 60) of chaos.
+//! Chaos: nodes killed with `-9`, cut off by partitions and paused with SIGSTOP (the leader,
+//! the subscribers' and the publishers' nodes) under a steady durable QoS 1 and QoS 2 load,
+//! with clients reconnecting to other nodes and clients whose wills must fire exactly when due.
+//! Bounded: `RAFTMQ_CHAOS_SECONDS` (default 60) of faults, then at most a minute of draining.
+//!
+//! # The clients
+//!
+//! - `pub-chaos` publishes `msg-N` at QoS 1 (clean session) and `chaos-q2-pub` publishes
+//!   `q2-N` at QoS 2 from a persistent session, one message at a time, each moving to the next
+//!   node when its connection fails; the QoS 2 publisher resumes an exchange in flight after a
+//!   reconnect (PUBLISH again with DUP and the same packet id before PUBREC, PUBREL after).
+//! - `chaos-sub-1` and `chaos-sub-2` (persistent sessions) subscribe to both topics and to the
+//!   wills; `chaos-will-watch` (persistent) to the wills only. They reconnect with clean start
+//!   0 whenever their connection ends and keep their QoS 2 receive state across connections.
+//! - `chaos-will-persistent` (session expiry 1 h, QoS 1 will) and `chaos-will-clean` (session
+//!   expiry 0, QoS 2 will), will delay 0, connect anew before every fault to the node it hits,
+//!   each connection with a will payload of its own; a connection the previous fault left open
+//!   is ended first, with DISCONNECT (no will) or without (the will is due).
+//!
+//! # The faults
+//!
+//! Rounds, each: load without faults for 2-4 s; one fault from a rotation that goes through
+//! every kind once per cycle, in an order drawn anew for each cycle: kill -9 of the leader, of a
+//! subscriber's node or of a publisher's node (down 3-8 s, and until the others have declared
+//! it down, then restarted on its data dir); a partition cutting the leader or a subscriber's
+//! node off from the other two (8-15 s, shorter and longer than the 10 s after which the
+//! majority declares it down); SIGSTOP of the leader or a subscriber's node for 2-8 s (SIGCONT
+//! from a drop guard, so a failing test leaves no process stopped). Then the cluster must
+//! converge before the next round.
+//!
+//! # Seed and replay
+//!
+//! `RAFTMQ_CHAOS_SEED` (a u64; default: from the clock) seeds the schedule: the order of the
+//! faults, which subscriber or publisher a round targets, the gaps and durations, and how the
+//! will clients end their connections. The seed is printed at the start and in every failure
+//! message; `RAFTMQ_CHAOS_SEED=<seed> cargo test -p raftmq --test durability chaos` replays the
+//! same rounds (which node is the leader, and the timing of the load, still vary).
+//!
+//! # The verdict, and a saved history
 //!
 //! Every client records what it does and sees into one [`History`] (see
 //! [`raftmq_tests::history`] for the recording discipline): connects with session present,
 //! publish attempts before they are sent, every acknowledgement with its reason code, every
-//! delivery with its packet id and DUP flag, PUBRELs read, and connection ends. When the run is
-//! over the history checker decides: every acknowledged QoS 1/2 message reached every
-//! persistent subscriber, QoS 2 exactly once, per-publisher order, session present. A failing
-//! run saves its history as JSON lines under `target/tmp/` (the path is printed); set
-//! `RAFTMQ_CHAOS_HISTORY=<path>` to save it in any case.
+//! delivery with its packet id and DUP flag, PUBRELs read, and connection ends (graceful or
+//! not). When the run is over the history checker decides: every acknowledged QoS 1/2 message
+//! reached every persistent subscriber, QoS 2 was delivered once (protocol resends told apart
+//! by packet id), order per publisher and topic, session present, and every will published
+//! exactly once after an ungraceful end and never otherwise. The per-subscriber summary lines
+//! and the checker's counts are printed.
+//!
+//! A failing run saves its history as JSON lines under the target directory's `tmp/`
+//! (`chaos-history-<seed>-<time>.jsonl`; the path is printed); `RAFTMQ_CHAOS_HISTORY=<path>`
+//! saves it there in any case. One event per line, in order (`seq`, `at_us`, `client`,
+//! `event`, ...), so `grep`/`jq` find a message's story, e.g.
+//! `jq -c 'select(.payload == "q2-17" or .client == "chaos-sub-1")' <file>`, and
+//! `raftmq_tests::history::History::load(path)` followed by `raftmq_tests::history::check`
+//! checks it again offline.
 
 use super::*;
 use raftmq_codec::PacketId;
@@ -175,11 +220,14 @@ fn lost_recorded(history: &History, id: &str, c: RawClient) {
     history.record(id, Event::ConnectionEnd { graceful: false });
 }
 
+/// The client ids of the QoS 1 and the QoS 2 publisher.
+const PUBLISHERS: [&str; 2] = ["pub-chaos", "chaos-q2-pub"];
+
 /// Publishes msg-0, msg-1, ... (QoS 1, one at a time, packet id 1) from a clean session until
 /// `stop`, moving to the next node whenever a publish is not acknowledged; an unacknowledged
 /// number is retried (the same message: the same payload).
 async fn chaos_publisher(addrs: Vec<SocketAddr>, history: Arc<History>, state: Shared, stop: Stop) {
-    let id = "pub-chaos";
+    let id = PUBLISHERS[0];
     let mut n = 0u32;
     let mut node = 0usize;
     while !stop.load(Ordering::Relaxed) {
@@ -263,7 +311,7 @@ async fn chaos_publisher_qos2(
     state: Shared,
     stop: Stop,
 ) {
-    let id = "chaos-q2-pub";
+    let id = PUBLISHERS[1];
     let mut n = 0u32;
     let mut node = 1usize;
     // (packet id, number, PUBREC received)
@@ -651,6 +699,8 @@ enum Fault {
     Kill,
     /// Cut off from the other two nodes (clients still reach it) for the hold.
     Partition,
+    /// SIGSTOP for the hold, then SIGCONT: a node that hangs, its sockets open.
+    Pause,
 }
 
 /// Whose node a round hits.
@@ -659,6 +709,8 @@ enum Target {
     Leader,
     /// The node of one of the two persistent subscribers.
     Subscriber,
+    /// The node of one of the two publishers (QoS 1, QoS 2).
+    Publisher,
 }
 
 /// The faults the schedule goes through, each once per cycle, in an order drawn anew for
@@ -666,8 +718,11 @@ enum Target {
 const ROTATION: &[(Fault, Target)] = &[
     (Fault::Kill, Target::Leader),
     (Fault::Kill, Target::Subscriber),
+    (Fault::Kill, Target::Publisher),
     (Fault::Partition, Target::Leader),
     (Fault::Partition, Target::Subscriber),
+    (Fault::Pause, Target::Leader),
+    (Fault::Pause, Target::Subscriber),
 ];
 
 /// One round, drawn from the seed before it starts (so a seed gives the same rounds whatever
@@ -724,6 +779,7 @@ impl Schedule {
             Fault::Kill => self.millis(3_000, 8_000),
             // Shorter and longer than the 10 s after which the majority declares it down.
             Fault::Partition => self.millis(8_000, 15_000),
+            Fault::Pause => self.millis(2_000, 8_000),
         };
         let will_end = if self.rng.below(2) == 0 {
             EndHow::Graceful
@@ -739,6 +795,26 @@ impl Schedule {
             hold,
             will_end,
         }
+    }
+}
+
+/// A node stopped with SIGSTOP; SIGCONT when dropped, also when the test fails, so that no
+/// process stays stopped.
+struct Paused(u32);
+
+impl Paused {
+    /// Stops `node` (a process this test started and has not reaped: its PID is its own).
+    fn stop(node: &Node) -> Paused {
+        node.signal("-STOP");
+        Paused(node.pid())
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
     }
 }
 
@@ -886,12 +962,14 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                 leader.and_then(|l| specs.iter().position(|s| s.id == l))
             }
             Target::Subscriber => lock(&state).node_of.get(subs[r.pick]).copied(),
+            Target::Publisher => lock(&state).node_of.get(PUBLISHERS[r.pick]).copied(),
         }
         .filter(|n| *n < specs.len())
         .unwrap_or(r.fallback);
         let what = match r.target {
             Target::Leader => "leader".to_owned(),
             Target::Subscriber => format!("{}'s node", subs[r.pick]),
+            Target::Publisher => format!("{}'s node", PUBLISHERS[r.pick]),
         };
         let mut sessionless = 0;
         for w in &mut will_clients {
@@ -918,6 +996,11 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                 partition(dir.path(), &[&[id], &rest]);
                 tokio::time::sleep(r.hold).await;
                 partition(dir.path(), &[]);
+            }
+            Fault::Pause => {
+                let paused = nodes[victim].as_ref().map(Paused::stop);
+                tokio::time::sleep(r.hold).await;
+                drop(paused);
             }
             Fault::Kill => {
                 let survivors: Vec<u16> = (0..specs.len())
