@@ -25,8 +25,9 @@
 //! it down, then restarted on its data dir); a partition cutting the leader or a subscriber's
 //! node off from the other two (8-15 s, shorter and longer than the 10 s after which the
 //! majority declares it down); SIGSTOP of the leader or a subscriber's node for 2-8 s (SIGCONT
-//! from a drop guard, so a failing test leaves no process stopped). Then the cluster must
-//! converge before the next round.
+//! from a drop guard, so a failing test leaves no process stopped); a slow disk on the leader
+//! for 3-8 s, every synced Raft log write stalled by 0.1-2 s (`cluster.disk_faults_file`,
+//! removed by a drop guard). Then the cluster must converge before the next round.
 //!
 //! # Seed and replay
 //!
@@ -701,6 +702,8 @@ enum Fault {
     Partition,
     /// SIGSTOP for the hold, then SIGCONT: a node that hangs, its sockets open.
     Pause,
+    /// Every synced Raft log write of the node stalls (`cluster.disk_faults_file`) for the hold.
+    StallDisk,
 }
 
 /// Whose node a round hits.
@@ -723,6 +726,7 @@ const ROTATION: &[(Fault, Target)] = &[
     (Fault::Partition, Target::Subscriber),
     (Fault::Pause, Target::Leader),
     (Fault::Pause, Target::Subscriber),
+    (Fault::StallDisk, Target::Leader),
 ];
 
 /// One round, drawn from the seed before it starts (so a seed gives the same rounds whatever
@@ -739,6 +743,8 @@ struct Round {
     gap: Duration,
     /// How long the fault lasts (a killed node stays down at least this long).
     hold: Duration,
+    /// How long each synced log write stalls (slow disk only).
+    stall: Duration,
     /// How the will clients end the connections the previous round left open.
     will_end: EndHow,
 }
@@ -780,6 +786,11 @@ impl Schedule {
             // Shorter and longer than the 10 s after which the majority declares it down.
             Fault::Partition => self.millis(8_000, 15_000),
             Fault::Pause => self.millis(2_000, 8_000),
+            Fault::StallDisk => self.millis(3_000, 8_000),
+        };
+        let stall = match fault {
+            Fault::StallDisk => self.millis(100, 2_000),
+            _ => Duration::ZERO,
         };
         let will_end = if self.rng.below(2) == 0 {
             EndHow::Graceful
@@ -793,6 +804,7 @@ impl Schedule {
             fallback,
             gap,
             hold,
+            stall,
             will_end,
         }
     }
@@ -815,6 +827,25 @@ impl Drop for Paused {
         let _ = std::process::Command::new("kill")
             .args(["-CONT", &self.0.to_string()])
             .status();
+    }
+}
+
+/// A node's disk made slow through its `cluster.disk_faults_file`; healthy again when dropped,
+/// also when the test fails.
+struct SlowDisk(PathBuf);
+
+impl SlowDisk {
+    /// Stalls every synced Raft log write of node `id` of the cluster in `dir` by `by`.
+    fn stall(dir: &std::path::Path, id: u64, by: Duration) -> SlowDisk {
+        let path = disk_faults_file(dir, id);
+        std::fs::write(&path, by.as_millis().to_string()).expect("write the disk faults file");
+        SlowDisk(path)
+    }
+}
+
+impl Drop for SlowDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -985,8 +1016,13 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
             );
         }
         let id = specs[victim].id;
+        let stall = if r.fault == Fault::StallDisk {
+            format!(" ({} ms per synced write)", r.stall.as_millis())
+        } else {
+            String::new()
+        };
         kills.push(format!(
-            "{round}: {:?} {what} {id} for {:.1}s",
+            "{round}: {:?} {what} {id} for {:.1}s{stall}",
             r.fault,
             r.hold.as_secs_f64()
         ));
@@ -996,6 +1032,11 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                 partition(dir.path(), &[&[id], &rest]);
                 tokio::time::sleep(r.hold).await;
                 partition(dir.path(), &[]);
+            }
+            Fault::StallDisk => {
+                let healed = SlowDisk::stall(dir.path(), id, r.stall);
+                tokio::time::sleep(r.hold).await;
+                drop(healed);
             }
             Fault::Pause => {
                 let paused = nodes[victim].as_ref().map(Paused::stop);
