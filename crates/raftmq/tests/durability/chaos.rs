@@ -1181,3 +1181,40 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         saved.unwrap_or_default()
     );
 }
+
+#[test]
+fn a_seed_gives_the_same_schedule_and_every_cycle_has_every_fault_once() {
+    let rounds = |seed| {
+        let mut s = Schedule::new(seed);
+        (0..3 * ROTATION.len())
+            .map(|_| {
+                let r = s.next_round();
+                (
+                    r.fault, r.target, r.pick, r.fallback, r.gap, r.hold, r.stall,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let a = rounds(42);
+    assert_eq!(a, rounds(42), "the same seed, the same rounds");
+    assert_ne!(a, rounds(43), "another seed, other rounds");
+    for cycle in a.chunks(ROTATION.len()) {
+        let mut faults: Vec<String> = cycle
+            .iter()
+            .map(|r| format!("{:?} {:?}", r.0, r.1))
+            .collect();
+        faults.sort();
+        let mut all: Vec<String> = ROTATION
+            .iter()
+            .map(|f| format!("{f:?}").replace(['(', ')', ','], ""))
+            .collect();
+        all.sort();
+        assert_eq!(faults, all, "each cycle goes through the rotation once");
+    }
+    for r in &a {
+        assert!(r.2 < 2 && r.3 < 3);
+        assert!((2_000..=4_000).contains(&r.4.as_millis()));
+        assert!(r.5 >= Duration::from_secs(2) && r.5 <= Duration::from_secs(15));
+        assert_eq!(r.6.is_zero(), r.0 != Fault::StallDisk);
+    }
+}
