@@ -50,6 +50,9 @@
 //! same [`StateBatch`] as the effects of that entry is therefore always consistent after a
 //! restart. [`StateDb::write_sync`] and [`StateDb::sync`] exist for callers that need more.
 //!
+//! For tests, [`inject_disk_faults`] makes every synced log write slower while a file asks for
+//! it (a stalled `fsync`; the `cluster.disk_faults_file` setting).
+//!
 //! # Snapshot stream format (version 1)
 //!
 //! A snapshot of the state column families is a byte stream that can be cut into chunks at any
@@ -73,6 +76,7 @@
 mod codec;
 mod db;
 mod error;
+mod faults;
 mod layout;
 mod log_store;
 mod snapshot;
@@ -80,6 +84,7 @@ mod state;
 
 pub use db::{Store, StoreConfig};
 pub use error::{SnapshotFormatError, StoreError};
+pub use faults::inject_disk_faults;
 pub use layout::StateCf;
 pub use log_store::LogStore;
 pub use snapshot::{

@@ -199,6 +199,7 @@ impl<C: RaftTypeConfig> LogStore<C> {
             .db
             .write_opt(batch, &sync_write_options())
             .map_err(StoreError::backend("write"));
+        crate::faults::stall_synced_write();
         metrics::histogram!(crate::STORE_WRITE_SECONDS, "kind" => "log_append")
             .record(started.elapsed().as_secs_f64());
         result
@@ -210,10 +211,13 @@ impl<C: RaftTypeConfig> LogStore<C> {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf, log_key(since), log_key(u64::MAX));
         batch.delete_cf(cf, log_key(u64::MAX));
-        self.inner
+        let result = self
+            .inner
             .db
             .write_opt(batch, &sync_write_options())
-            .map_err(StoreError::backend("write"))
+            .map_err(StoreError::backend("write"));
+        crate::faults::stall_synced_write();
+        result
     }
 
     /// Records `log_id` as last purged and deletes every entry with index <= `log_id.index`,
@@ -236,10 +240,13 @@ impl<C: RaftTypeConfig> LogStore<C> {
         }
         // Synced: besides the log, this makes every earlier state machine write durable (one
         // shared WAL), which must hold before the log that could rebuild that state is gone.
-        self.inner
+        let result = self
+            .inner
             .db
             .write_opt(batch, &sync_write_options())
-            .map_err(StoreError::backend("write"))
+            .map_err(StoreError::backend("write"));
+        crate::faults::stall_synced_write();
+        result
     }
 }
 
@@ -275,8 +282,9 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
     }
 
     async fn save_vote(&mut self, vote: &Vote<C::NodeId>) -> StorageResult<(), C> {
-        self.write_meta(META_VOTE, "vote", vote, &sync_write_options())
-            .map_err(|e| e.into_storage_error(ErrorSubject::Vote, ErrorVerb::Write))
+        let result = self.write_meta(META_VOTE, "vote", vote, &sync_write_options());
+        crate::faults::stall_synced_write();
+        result.map_err(|e| e.into_storage_error(ErrorSubject::Vote, ErrorVerb::Write))
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<C::NodeId>>, C> {

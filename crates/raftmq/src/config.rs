@@ -117,6 +117,8 @@ pub struct ClusterConfig {
     pub tls_ca_file: Option<PathBuf>,
     /// Tests only: a file describing a network partition between nodes (see the docs).
     pub faults_file: Option<PathBuf>,
+    /// Tests only: a file whose number of milliseconds stalls every synced Raft log write.
+    pub disk_faults_file: Option<PathBuf>,
 }
 
 impl ClusterConfig {
@@ -141,6 +143,7 @@ impl Default for ClusterConfig {
             tls_key_file: None,
             tls_ca_file: None,
             faults_file: None,
+            disk_faults_file: None,
         }
     }
 }

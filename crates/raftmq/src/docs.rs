@@ -242,6 +242,15 @@ pub const KEYS: &[KeyDoc] = &[
          same file.",
         "\"/tmp/raftmq-test/faults\"",
     ),
+    optional(
+        "cluster.disk_faults_file",
+        "For tests only, never in production: a file that makes this node's disk slow, re-read \
+         at most every 100 ms. While it exists and holds a number of milliseconds (at most \
+         30000), every synced Raft log write (append, vote, truncation, purge) takes that much \
+         longer, as if its fsync stalled; a missing or empty file, or anything but a number, is \
+         a healthy disk. Each node reads its own file.",
+        "\"/tmp/raftmq-test/disk-n1\"",
+    ),
     key("mqtt", "MQTT protocol and session settings."),
     key(
         "mqtt.max_packet_size",
@@ -720,7 +729,8 @@ mod tests {
                 "tls_cert_file",
                 "tls_key_file",
                 "tls_ca_file",
-                "faults_file"
+                "faults_file",
+                "disk_faults_file"
             ]
         );
         assert_eq!(optional_keys_under("").count(), 0);

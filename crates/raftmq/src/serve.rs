@@ -75,6 +75,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             path.clone(),
         )));
     }
+    if let Some(path) = &config.cluster.disk_faults_file {
+        warn!(path = %path.display(), "cluster.disk_faults_file is set: slow-disk faults are injected (tests only)");
+        raftmq_store::inject_disk_faults(path.clone());
+    }
     node_options.tls = cluster_tls
         .as_ref()
         .map(|p| ClusterTls::from_pem(&p.cert, &p.key, &p.ca));

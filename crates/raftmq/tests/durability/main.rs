@@ -171,6 +171,13 @@ fn faults_file(dir: &std::path::Path) -> PathBuf {
     dir.join("faults")
 }
 
+/// The file that slows node `id`'s disk in a cluster of [`start_cluster`] in `dir`
+/// (`cluster.disk_faults_file`: a number of milliseconds by which every synced Raft log write
+/// stalls; absent: a healthy disk).
+fn disk_faults_file(dir: &std::path::Path, id: u64) -> PathBuf {
+    dir.join(format!("disk-faults-n{id}"))
+}
+
 /// Cuts the cluster network of [`start_cluster`] in `dir` into `sides` (node ids); no sides
 /// heals it. Clients still reach every node.
 fn partition(dir: &std::path::Path, sides: &[&[u64]]) {
@@ -226,9 +233,14 @@ async fn start_cluster() -> (tempfile::TempDir, Vec<NodeSpec>, Vec<Option<Node>>
 async fn start_cluster_in(dir: &std::path::Path) -> (Vec<NodeSpec>, Vec<Option<Node>>, u64) {
     // Partitions are written to this file (see `partition`); absent: a healthy network.
     let faults = faults_file(dir).display().to_string();
+    // Each node's disk is slowed through its own file (see `disk_faults_file`).
     let specs: Vec<NodeSpec> = cluster_specs(RAFTMQ, dir, 3)
         .into_iter()
-        .map(|s| s.with_env("RAFTMQ_CLUSTER__FAULTS_FILE", faults.clone()))
+        .map(|s| {
+            let disk = disk_faults_file(dir, s.id).display().to_string();
+            s.with_env("RAFTMQ_CLUSTER__FAULTS_FILE", faults.clone())
+                .with_env("RAFTMQ_CLUSTER__DISK_FAULTS_FILE", disk)
+        })
         .collect();
     let nodes: Vec<Option<Node>> = specs.iter().map(|s| Some(Node::spawn(s))).collect();
     let leader = wait_converged(&http_ports(&specs), 3).await;
