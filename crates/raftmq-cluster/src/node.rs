@@ -511,6 +511,17 @@ impl RaftNode {
                 match applied {
                     Applied::Batch { index, batch } => {
                         if batch.origin_node == me {
+                            // This node's own batches are in its broker already, except the
+                            // deliveries of a commit it was told had failed (see
+                            // `raftmq_core`'s `own_stored_applied`).
+                            broker.own_stored_applied(batch.changes.iter().filter_map(|c| {
+                                match &c.change {
+                                    Some(raftmq_proto::state::change::Change::MessageStored(m)) => {
+                                        Some(raftmq_core::durability::MessageId(m.id))
+                                    }
+                                    _ => None,
+                                }
+                            }));
                             continue;
                         }
                         let changes: Vec<_> = batch

@@ -1243,3 +1243,55 @@ fn a_resumed_session_gets_its_stored_messages_in_order_whichever_way_they_arrive
         "nothing left counted as queued"
     );
 }
+
+/// A commit reported failed may have happened (a timeout, a lost reply, a node paused past
+/// its deadline). The local deliveries of the message are then kept and queued if this node
+/// applies the message's `MessageStored` after all (its own batch, which the feed does not
+/// otherwise re-apply to its broker), whichever of the two it learns first; a commit that
+/// really failed queues nothing. Without this, the publisher's resend is recognised as a
+/// duplicate and the subscriber here never gets the message (found by the chaos test).
+#[test]
+fn local_deliveries_of_a_commit_reported_failed_are_queued_if_it_happened() {
+    let (held, b, now) = held_broker();
+    let _sub = persistent_subscriber(&b, &held, "sub", "t", QoS::ExactlyOnce, now);
+    let session = b.session("sub").expect("persistent session");
+    let stored_ids = |held: &Held| -> Vec<MessageId> {
+        held.changes()
+            .iter()
+            .filter_map(|c| match c {
+                StateChange::MessageStored { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    };
+    let publish_refused = |n: u16, applied_first: bool| {
+        let mut publ = open(&b, now);
+        exchange(&mut publ, connect("pub", true, 0), now);
+        publ.handle_packet(publish("t", QoS::ExactlyOnce, n, false), now);
+        let id = *stored_ids(&held).last().expect("stored");
+        if applied_first {
+            b.own_stored_applied([id]);
+        }
+        held.complete_all(Err(DurabilityError::Unavailable));
+        publ.handle_commits(now);
+        assert!(publ.is_closed(), "refused: the client resends");
+        id
+    };
+    // Reported failed, then applied here after all: queued then, once.
+    let first = publish_refused(1, false);
+    assert_eq!(
+        session.queue_depth().0,
+        0,
+        "not before it is known to have happened"
+    );
+    b.own_stored_applied([first]);
+    assert_eq!(session.queue_depth().0, 1);
+    b.own_stored_applied([first]);
+    assert_eq!(session.queue_depth().0, 1, "once");
+    // Applied here before the failure was reported: queued when it is.
+    publish_refused(2, true);
+    assert_eq!(session.queue_depth().0, 2);
+    // Really failed (never applied): nothing.
+    publish_refused(3, false);
+    assert_eq!(session.queue_depth().0, 2);
+}

@@ -14,12 +14,15 @@
 //! - `adoption` — stored messages routed to sessions this node is about to adopt are kept
 //!   until both their commit and the session's restore happened;
 //! - `wills` — the wills of connections without a stored session, shared with the peers so
-//!   that the node declaring their node down publishes them.
+//!   that the node declaring their node down publishes them;
+//! - `unsettled` — local deliveries of a commit reported failed, queued if it turns out to
+//!   have happened.
 
 pub(super) mod adoption;
 pub(super) mod forwarding;
 mod live;
 mod mirror;
+pub(super) mod unsettled;
 mod wills;
 
 pub(super) use adoption::AdoptionSlot;
@@ -39,6 +42,8 @@ pub(super) struct ClusterState {
     /// While an adoption is being prepared: the stored deliveries routed to persistent sessions
     /// not in memory here, by client id (a leaf lock, taken under the registry).
     pub(super) adopting: parking_lot::Mutex<Option<Adopting>>,
+    /// Local deliveries of commits reported failed that may still have happened.
+    pub(super) unsettled: std::sync::Arc<unsettled::Unsettled>,
 }
 
 /// Deliveries kept for sessions about to be adopted, by client id.
@@ -53,6 +58,7 @@ impl ClusterState {
             live: live::LiveStored::default(),
             wills: wills::Wills::default(),
             adopting: parking_lot::Mutex::new(None),
+            unsettled: std::sync::Arc::default(),
         }
     }
 }

@@ -118,28 +118,33 @@ impl Broker {
     }
 
     /// Queues `deferred` deliveries once `commit` succeeds (in commit order: the durability
-    /// layer resolves commits in the order they were proposed), drops them if it fails.
+    /// layer resolves commits in the order they were proposed). If it fails they are dropped,
+    /// or, when the commit stored message `stored`, kept until this node applies that message
+    /// after all (a commit reported failed may have happened; see `cluster::unsettled`).
     pub(in crate::broker) fn deliver_after(
         &self,
         commit: &Commit,
         deferred: Vec<(Arc<Session>, Delivery)>,
+        stored: Option<MessageId>,
     ) {
         if deferred.is_empty() {
             return;
         }
-        match commit.result() {
-            Some(Ok(())) => self.deliver_committed(deferred),
-            Some(Err(_)) => {}
-            None => {
-                let (limits, stats) = (self.queue_limits, self.stats.clone());
-                commit.on_complete(move |result| {
-                    if result.is_ok() {
-                        for (session, delivery) in deferred {
-                            session.enqueue(delivery, &limits, &stats);
-                        }
-                    }
-                });
+        let (limits, stats) = (self.queue_limits, self.stats.clone());
+        let unsettled = self.cluster.unsettled.clone();
+        let complete = move |result: Result<(), crate::durability::DurabilityError>| {
+            let due = match (result, stored) {
+                (Ok(()), _) => Some(deferred),
+                (Err(_), Some(id)) => unsettled.failed(id, deferred),
+                (Err(_), None) => None,
+            };
+            for (session, delivery) in due.into_iter().flatten() {
+                session.enqueue(delivery, &limits, &stats);
             }
+        };
+        match commit.result() {
+            Some(result) => complete(result),
+            None => commit.on_complete(complete),
         }
     }
 
@@ -199,6 +204,10 @@ impl Broker {
             congested,
             adopting,
         } = self.deliver(&message, Scope::Origin { hold });
+        let stored_id = stored.iter().find_map(|c| match c {
+            StateChange::MessageStored { id, .. } => Some(*id),
+            _ => None,
+        });
         changes.extend(stored);
         let _ = now;
         let store = match fence {
@@ -217,9 +226,9 @@ impl Broker {
                 let after = Commit::all(vec![store.clone(), st.last_qos2.settled()]);
                 st.last_qos2 = after.clone();
                 drop(st);
-                self.deliver_after(&after, deferred);
+                self.deliver_after(&after, deferred, stored_id);
             }
-            None => self.deliver_after(&store, deferred),
+            None => self.deliver_after(&store, deferred, stored_id),
         }
         acks.push(store.clone());
         Routed {
