@@ -65,7 +65,6 @@ pub struct RaftDurability {
     node_id: NodeId,
     reader: StateMachine,
     clock: WallClock,
-    fence_notes: FenceNotes,
 }
 
 impl std::fmt::Debug for RaftDurability {
@@ -105,7 +104,6 @@ impl RaftDurability {
             node_id,
             reader,
             clock: clock.clone(),
-            fence_notes: fence_notes.clone(),
         });
         // Never reuse an id this node gave to a message that is still stored.
         let recovered = durability.read_state()?;
@@ -114,10 +112,16 @@ impl RaftDurability {
         Ok(durability)
     }
 
-    /// The log index of the last `NodeDown` this node applied that declared it down (0: none
-    /// since it started).
+    /// The log index of the last `NodeDown` applied here that declared this node down (0:
+    /// never). A store that cannot be read answers "declared" (`u64::MAX`): the caller then
+    /// drops what it would otherwise publish a second time.
     pub fn declared_down_at(&self) -> u64 {
-        self.fence_notes.owner_declared_at()
+        self.reader
+            .declared_down_at(self.node_id)
+            .unwrap_or_else(|e| {
+                error!(error = %e, "cannot read whether this node was declared down");
+                u64::MAX
+            })
     }
 
     /// Hands a proposal to the batcher.

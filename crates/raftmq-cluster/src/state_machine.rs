@@ -38,16 +38,8 @@
 //! whole batch is skipped rather than its unreadable changes alone because a batch is the unit
 //! of atomicity the proposer asked for.
 //!
-//! # Fenced ranges
-//!
-//! A batch may mark ranges of its changes as fenced (`Batch.fences`, one per fenced proposal):
-//! a range applies only if, when its first change is reached, the session it names still
-//! belongs to what proposed it — for a connection, its claim `(origin node, epoch)` is still
-//! the one the session's record carries; for a disconnected session's timer, the session is
-//! still owned by the origin node and offline (or held by the timer's epoch). Otherwise the
-//! whole range is skipped (no effect, not fed to the broker), the rest of the batch applies,
-//! and the proposing node learns which fences failed ([`FenceNotes`]). This is the one
-//! departure from the reference model, which has no fences; see `fences.rs` for why.
+//! **Fenced ranges** (`Batch.fences`, the one departure from the reference model): see
+//! `fences.rs`.
 //!
 //! # Key layout
 //!
@@ -66,6 +58,7 @@
 //! | `sm_meta` | `last_applied` | postcard of `Option<LogId>` |
 //! | `sm_meta` | `last_membership` | postcard of `StoredMembership` |
 //! | `sm_meta` | `next_seq` | `u64`: the next delivery sequence number |
+//! | `sm_meta` | `declared/{node id u64}` | `u64`: log index of the last `NodeDown` naming it |
 //!
 //! Values are `raftmq.state.v1` protobuf messages. The delivery sequence number is one counter
 //! for the whole state machine, so a session's deliveries scan in the order they were stored.
@@ -249,15 +242,21 @@ impl StateMachine {
                 );
             }
         }
+        for node in &outcome.declared {
+            // Durable (and in snapshots): a node that catches up from a snapshot still learns
+            // that it was declared down.
+            tx.put(
+                StateCf::SmMeta,
+                fences::declared_key(*node),
+                entry.log_id.index.to_be_bytes().to_vec(),
+            );
+        }
         tx.put(
             StateCf::SmMeta,
             META_LAST_APPLIED.to_vec(),
             encode_meta("last applied log id", &Some(entry.log_id))?,
         );
         self.db.write(tx.into_batch())?;
-        for node in &outcome.declared {
-            self.fence_notes.declared(*node, entry.log_id.index);
-        }
         if let Some((origin, failed)) = outcome.fences {
             self.fence_notes.record(origin, entry.log_id.index, failed);
         }

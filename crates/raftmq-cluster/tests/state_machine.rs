@@ -1300,3 +1300,41 @@ impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, StateMachine, TempDir> for B
 fn openraft_storage_suite() {
     Suite::test_all(Builder).expect("openraft storage suite");
 }
+
+/// Applying a `NodeDown` records, durably and in snapshots, the log index at which the node was
+/// declared down: a node that was cut off and catches up (from the log or a snapshot) learns
+/// whether it was declared down meanwhile, and settles the wills it handed over accordingly.
+#[test]
+fn a_declaration_is_recorded_and_travels_in_snapshots() {
+    let rt = runtime();
+    let ((_dir_a, store_a), (_dir_b, store_b)) = (temp_store(), temp_store());
+    let mut a = StateMachine::new(store_a.state_db());
+    let mut b = StateMachine::new(store_b.state_db());
+    assert_eq!(a.declared_down_at(3).expect("read"), 0);
+    apply_all(
+        &rt,
+        &mut a,
+        vec![
+            normal(1, batch_from(1, &[], &[claim("x", 1)])),
+            normal(2, batch_from(1, &[], &[StateChange::NodeDown { node: 3 }])),
+            blank(3),
+            normal(4, batch_from(2, &[], &[StateChange::NodeDown { node: 3 }])),
+        ],
+    );
+    assert_eq!(
+        a.declared_down_at(3).expect("read"),
+        4,
+        "the last declaration"
+    );
+    assert_eq!(a.declared_down_at(1).expect("read"), 0);
+    let snapshot = rt
+        .block_on(async { a.get_snapshot_builder().await.build_snapshot().await })
+        .expect("build");
+    rt.block_on(b.install_snapshot(&snapshot.meta, snapshot.snapshot))
+        .expect("install");
+    assert_eq!(
+        b.declared_down_at(3).expect("read"),
+        4,
+        "carried by the snapshot"
+    );
+}

@@ -30,8 +30,6 @@ struct FenceNotesInner {
     owner: AtomicU64,
     /// (log index, ordinals of the fences that did not hold), oldest first.
     notes: Mutex<VecDeque<(u64, Vec<u32>)>>,
-    /// The log index of the last `NodeDown` applied that named the owner.
-    owner_declared_at: AtomicU64,
 }
 
 impl FenceNotes {
@@ -49,18 +47,6 @@ impl FenceNotes {
         notes.remove(at).map(|(_, failed)| failed)
     }
 
-    /// The log index of the last `NodeDown` applied here that declared the owner down (0:
-    /// none since this process started).
-    pub fn owner_declared_at(&self) -> u64 {
-        self.0.owner_declared_at.load(Ordering::Relaxed)
-    }
-
-    pub(super) fn declared(&self, node: u64, index: u64) {
-        if node != 0 && node == self.0.owner.load(Ordering::Relaxed) {
-            self.0.owner_declared_at.fetch_max(index, Ordering::Relaxed);
-        }
-    }
-
     pub(super) fn record(&self, origin: u64, index: u64, failed: Vec<u32>) {
         if origin == 0 || origin != self.0.owner.load(Ordering::Relaxed) {
             return;
@@ -71,6 +57,27 @@ impl FenceNotes {
         }
         notes.push_back((index, failed));
     }
+}
+
+impl StateMachine {
+    /// The log index of the last `NodeDown` applied that declared `node` down (0: never).
+    pub fn declared_down_at(&self, node: u64) -> Result<u64, StoreError> {
+        let key = declared_key(node);
+        Ok(match self.db.get(StateCf::SmMeta, &key)? {
+            Some(raw) => {
+                read_u64(&raw).ok_or_else(|| corrupt(StateCf::SmMeta, &key, "not a u64"))?
+            }
+            None => 0,
+        })
+    }
+}
+
+/// Key in `sm_meta`: `declared/{node id u64}` → the log index of the last `NodeDown` applied
+/// that declared that node down.
+pub(super) fn declared_key(node: u64) -> Vec<u8> {
+    let mut key = b"declared/".to_vec();
+    key.extend_from_slice(&node.to_be_bytes());
+    key
 }
 
 /// Whether `fence` holds for a batch proposed by node `origin`, against the session record as

@@ -151,6 +151,8 @@ impl Broker {
             if st.kick.is_none() {
                 st.kick = Some(code.unwrap_or(ReasonCode::SESSION_TAKEN_OVER));
             }
+            // Wake its connection, which closes on the kick.
+            crate::session::Session::notify(&mut st);
             drop(st);
             self.cluster
                 .wills
