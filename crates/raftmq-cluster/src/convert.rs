@@ -374,9 +374,10 @@ pub fn change_to_proto_with(
                 topic: topic.to_string(),
             })
         }
-        StateChange::NodeDown { node } => ProtoChange::NodeDown(state::NodeDown {
+        StateChange::NodeDown { node, seen } => ProtoChange::NodeDown(state::NodeDown {
             node: *node,
             at_ms: ctx.now.map_or(0, |now| clock.to_unix_ms(now)),
+            seen: *seen,
         }),
     };
     state::Change {
@@ -460,7 +461,10 @@ pub fn change_from_proto(
         ProtoChange::RetainedCleared(c) => StateChange::RetainedCleared {
             topic: c.topic.into(),
         },
-        ProtoChange::NodeDown(c) => StateChange::NodeDown { node: c.node },
+        ProtoChange::NodeDown(c) => StateChange::NodeDown {
+            node: c.node,
+            seen: c.seen,
+        },
     })
 }
 

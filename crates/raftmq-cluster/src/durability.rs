@@ -116,12 +116,16 @@ impl RaftDurability {
     /// never). A store that cannot be read answers "declared" (`u64::MAX`): the caller then
     /// drops what it would otherwise publish a second time.
     pub fn declared_down_at(&self) -> u64 {
-        self.reader
-            .declared_down_at(self.node_id)
-            .unwrap_or_else(|e| {
-                error!(error = %e, "cannot read whether this node was declared down");
-                u64::MAX
-            })
+        self.declared_at(self.node_id)
+    }
+
+    /// The log index of the last `NodeDown` applied here that declared `node` down (0: never;
+    /// `u64::MAX` when the store cannot be read).
+    pub fn declared_at(&self, node: NodeId) -> u64 {
+        self.reader.declared_down_at(node).unwrap_or_else(|e| {
+            error!(error = %e, node, "cannot read whether a node was declared down");
+            u64::MAX
+        })
     }
 
     /// Hands a proposal to the batcher.

@@ -757,11 +757,24 @@ async fn declare_down_nodes(
                 continue;
             }
             broker.begin_adoption();
-            let commit = durability.propose(vec![StateChange::NodeDown { node }]);
+            // Decided on what this node has applied so far: void if the node proposes anything
+            // that commits first (it is back; see `NodeDown.seen`).
+            let seen = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+            let before = durability.declared_at(node);
+            let commit = durability.propose(vec![StateChange::NodeDown { node, seen }]);
             if commit.await.is_err() {
                 if !adoption_pending {
                     broker.end_adoption();
                 }
+                continue;
+            }
+            if durability.declared_at(node) == before {
+                // Void: the node proposed after `seen`; it keeps its sessions and wills.
+                info!(node, "declaration void: the node is back");
+                if !adoption_pending {
+                    broker.end_adoption();
+                }
+                declared.insert(node);
                 continue;
             }
             declared.insert(node);

@@ -59,6 +59,7 @@
 //! | `sm_meta` | `last_membership` | postcard of `StoredMembership` |
 //! | `sm_meta` | `next_seq` | `u64`: the next delivery sequence number |
 //! | `sm_meta` | `declared/{node id u64}` | `u64`: log index of the last `NodeDown` naming it |
+//! | `sm_meta` | `origin/{node id u64}` | `u64`: log index of the last batch it proposed |
 //!
 //! Values are `raftmq.state.v1` protobuf messages. The delivery sequence number is one counter
 //! for the whole state machine, so a session's deliveries scan in the order they were stored.
@@ -242,15 +243,7 @@ impl StateMachine {
                 );
             }
         }
-        for node in &outcome.declared {
-            // Durable (and in snapshots): a node that catches up from a snapshot still learns
-            // that it was declared down.
-            tx.put(
-                StateCf::SmMeta,
-                fences::declared_key(*node),
-                entry.log_id.index.to_be_bytes().to_vec(),
-            );
-        }
+        fences::record_meta(&mut tx, &outcome, entry.log_id.index);
         tx.put(
             StateCf::SmMeta,
             META_LAST_APPLIED.to_vec(),

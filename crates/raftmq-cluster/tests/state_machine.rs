@@ -1316,9 +1316,15 @@ fn a_declaration_is_recorded_and_travels_in_snapshots() {
         &mut a,
         vec![
             normal(1, batch_from(1, &[], &[claim("x", 1)])),
-            normal(2, batch_from(1, &[], &[StateChange::NodeDown { node: 3 }])),
+            normal(
+                2,
+                batch_from(1, &[], &[StateChange::NodeDown { node: 3, seen: 0 }]),
+            ),
             blank(3),
-            normal(4, batch_from(2, &[], &[StateChange::NodeDown { node: 3 }])),
+            normal(
+                4,
+                batch_from(2, &[], &[StateChange::NodeDown { node: 3, seen: 0 }]),
+            ),
         ],
     );
     assert_eq!(
@@ -1337,4 +1343,70 @@ fn a_declaration_is_recorded_and_travels_in_snapshots() {
         4,
         "carried by the snapshot"
     );
+}
+
+/// A declaration is made on what the declaring node had applied (`seen`): if the declared node
+/// proposed anything that committed after that (it is back in touch with a quorum, e.g. a
+/// partition healed while the declaration was on its way), the declaration is void — nothing is
+/// adopted, nothing recorded — so the node and the declaring node never both act on its
+/// sessions and wills. A declaration made after its last batch applies.
+#[test]
+fn a_declaration_is_void_if_the_node_proposed_after_what_it_was_based_on() {
+    let (_dir, store) = temp_store();
+    let rt = runtime();
+    let mut sm = StateMachine::new(store.state_db());
+    let owner = |sm: &StateMachine| {
+        sm.session_owners()
+            .expect("owners")
+            .get("c")
+            .copied()
+            .expect("session c")
+    };
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            // Node 3 claims `c` (index 1); the leader, node 1, has seen up to index 1.
+            normal(1, batch_from(3, &[], &[claim("c", 7)])),
+            // Node 3 commits something again (its regain barrier) at index 2...
+            normal(2, batch_from(3, &[], &[])),
+            // ...so a declaration based on index 1 is void.
+            normal(
+                3,
+                batch_from(1, &[], &[StateChange::NodeDown { node: 3, seen: 1 }]),
+            ),
+        ],
+    );
+    assert_eq!(
+        sm.declared_down_at(3).expect("read"),
+        0,
+        "void: not recorded"
+    );
+    assert_eq!(owner(&sm), 3, "void: nothing adopted");
+    // Based on index 3 (after node 3's last batch): applies.
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![normal(
+            4,
+            batch_from(1, &[], &[StateChange::NodeDown { node: 3, seen: 3 }]),
+        )],
+    );
+    assert_eq!(sm.declared_down_at(3).expect("read"), 4);
+    assert_eq!(owner(&sm), 1, "adopted by the declaring node");
+    // Unconditional (0, older versions) applies too.
+    apply_all(
+        &rt,
+        &mut sm,
+        vec![
+            normal(5, batch_from(1, &[], &[claim("c", 8)])),
+            normal(6, batch_from(1, &[], &[])),
+            normal(
+                7,
+                batch_from(2, &[], &[StateChange::NodeDown { node: 1, seen: 0 }]),
+            ),
+        ],
+    );
+    assert_eq!(sm.declared_down_at(1).expect("read"), 7);
+    assert_eq!(owner(&sm), 2);
 }

@@ -146,9 +146,12 @@ pub enum StateChange {
         topic: ByteStr,
     },
     /// Node `node` was declared down: the proposing node adopts the persistent sessions it
-    /// owned (ownership is not part of [`Recovered`]: no effect on this model).
+    /// owned (ownership is not part of [`Recovered`]: no effect on this model). Void if `node`
+    /// proposed anything committed after log index `seen` (the declaring node's view when it
+    /// decided; 0: unconditional): it is back, and keeps its sessions and wills.
     NodeDown {
         node: u64,
+        seen: u64,
     },
 }
 

@@ -1164,7 +1164,7 @@ impl Durability for Resuming {
 /// A client resumes, on this node, a session stored through another one. A message stored
 /// for it just before it attached here is only in the image the load reads; the next one,
 /// committed between the attach and the load, is also queued by the applied-change feed. They
-/// must reach the client in the order they were stored ([MQTT-4.6.0-6]), each once; and one the
+/// must reach the client in the order they were stored (MQTT 4.6), each once; and one the
 /// image shows was sent under a packet id elsewhere is resent under that id.
 #[test]
 fn a_resumed_session_gets_its_stored_messages_in_order_whichever_way_they_arrived() {

@@ -387,7 +387,7 @@ fn a_cut_off_node_hands_its_sessionless_wills_over_and_each_is_published_once() 
             // This node (id 1) learns it was declared down.
             broker.apply_replicated(
                 9,
-                &[raftmq_core::durability::StateChange::NodeDown { node: 1 }],
+                &[raftmq_core::durability::StateChange::NodeDown { node: 1, seen: 0 }],
                 t0,
             );
         } else {

@@ -72,6 +72,42 @@ impl StateMachine {
     }
 }
 
+/// Key in `sm_meta`: `origin/{node id u64}` → the log index of the last batch that node
+/// proposed (what voids a declaration made before it: see `NodeDown.seen`).
+pub(super) fn origin_key(node: u64) -> Vec<u8> {
+    let mut key = b"origin/".to_vec();
+    key.extend_from_slice(&node.to_be_bytes());
+    key
+}
+
+/// Records in `sm_meta` what an applied batch says about its nodes: the last batch of its
+/// proposer, and the declarations it made (durable, and in snapshots: a node that catches up
+/// from a snapshot still learns that it was declared down).
+pub(super) fn record_meta(tx: &mut Tx<'_>, outcome: &BatchOutcome, index: u64) {
+    if outcome.origin != 0 {
+        tx.put(
+            StateCf::SmMeta,
+            origin_key(outcome.origin),
+            index.to_be_bytes().to_vec(),
+        );
+    }
+    for node in &outcome.declared {
+        tx.put(
+            StateCf::SmMeta,
+            declared_key(*node),
+            index.to_be_bytes().to_vec(),
+        );
+    }
+}
+
+/// A `u64` value of `sm_meta` (0 when absent), as the entry's earlier writes left it.
+fn read_u64_key(tx: &Tx<'_>, key: &[u8]) -> Result<u64, StoreError> {
+    Ok(match tx.get(StateCf::SmMeta, key)? {
+        Some(raw) => read_u64(&raw).ok_or_else(|| corrupt(StateCf::SmMeta, key, "not a u64"))?,
+        None => 0,
+    })
+}
+
 /// Key in `sm_meta`: `declared/{node id u64}` → the log index of the last `NodeDown` applied
 /// that declared that node down.
 pub(super) fn declared_key(node: u64) -> Vec<u8> {
@@ -104,6 +140,8 @@ pub(super) fn fence_holds(
 /// if the batch had fences, the ordinals of those that did not hold.
 #[derive(Debug, Default)]
 pub(super) struct BatchOutcome {
+    /// The proposing node (0: unknown, or the batch was skipped).
+    pub origin: u64,
     pub feed: Option<state::Batch>,
     pub fences: Option<(u64, Vec<u32>)>,
     /// Nodes a `NodeDown` of the batch declared down.
@@ -145,6 +183,16 @@ pub(super) fn apply_changes(
             continue;
         };
         if let ProtoChange::NodeDown(down) = &change {
+            let back = read_u64_key(tx, &origin_key(down.node))?;
+            if down.seen != 0 && back > down.seen {
+                tracing::info!(
+                    node = down.node,
+                    seen = down.seen,
+                    back,
+                    "a declaration of a node that proposed since: void"
+                );
+                continue;
+            }
             declared.push(down.node);
         }
         if keep {
@@ -157,6 +205,7 @@ pub(super) fn apply_changes(
         }
     }
     Ok(BatchOutcome {
+        origin,
         feed: keep.then(|| state::Batch {
             changes: kept,
             ..batch

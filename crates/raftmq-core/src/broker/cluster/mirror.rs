@@ -257,7 +257,7 @@ impl Broker {
                     message,
                     targets,
                 } => self.queue_replicated(index, *id, message, targets),
-                StateChange::NodeDown { node } if *node != self.node_id => {
+                StateChange::NodeDown { node, .. } if *node != self.node_id => {
                     // Its routes are stale until it comes back and announces them again.
                     self.forget_peer(*node);
                 }
