@@ -22,9 +22,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 mod connect;
+mod enhanced;
 mod inbound;
 mod outbound;
 use connect::AwaitingAuth;
+use enhanced::Enhanced;
 use outbound::OutboundAliases;
 
 /// How long a new connection may take to send CONNECT.
@@ -119,6 +121,10 @@ pub enum CloseReason {
     StorageUnavailable,
     /// Disconnected by an administrator (the admin API's kick).
     Kicked,
+    /// The credentials expired while connected (a token's `exp`, [`Principal::valid_until`]).
+    CredentialsExpired,
+    /// A re-authentication (MQTT 5 AUTH 0x19) failed with this reason code.
+    ReauthFailed(ReasonCode),
 }
 
 struct Attachment {
@@ -181,6 +187,9 @@ pub struct Connection {
     /// A CONNECT waiting for an asynchronous authentication decision (boxed: rare, and large
     /// next to the rest of an idle connection's state).
     awaiting_auth: Option<Box<AwaitingAuth>>,
+    /// MQTT 5 enhanced authentication: the method of CONNECT and the exchange in progress
+    /// (boxed: rare).
+    enhanced: Option<Box<Enhanced>>,
     /// Per-client publish rate and bandwidth limits, if configured (boxed, like the alias maps:
     /// most connections never need them, and every idle connection carries this struct).
     limits: Option<Box<crate::limits::PublishLimits>>,
@@ -226,6 +235,7 @@ impl Connection {
             cert_identity: None,
             refusal: None,
             awaiting_auth: None,
+            enhanced: None,
             limits,
             paused: None,
         }
@@ -468,21 +478,46 @@ impl Connection {
         if self.closed.is_some() {
             return None;
         }
-        let keep_alive = match (&self.attachment, self.keep_alive) {
+        let pause = self.paused.as_ref().map(|p| p.until);
+        pause
+            .into_iter()
+            .chain(self.keep_alive_deadline())
+            .chain(self.credentials_deadline())
+            .min()
+    }
+
+    /// When the credentials the connection runs with expire.
+    fn credentials_deadline(&self) -> Option<Instant> {
+        self.attachment.as_ref()?.principal.valid_until
+    }
+
+    /// When the client must have sent CONNECT or its next packet.
+    fn keep_alive_deadline(&self) -> Option<Instant> {
+        match (&self.attachment, self.keep_alive) {
             (None, _) => Some(self.created_at + CONNECT_TIMEOUT),
             (Some(_), 0) => None,
             (Some(_), secs) => {
                 let ka = Duration::from_secs(secs.into());
                 Some(self.last_received + ka + ka / 2)
             }
-        };
-        let pause = self.paused.as_ref().map(|p| p.until);
-        pause.into_iter().chain(keep_alive).min()
+        }
     }
 
     /// Ends a pause that ran out (the subscriber it waited for counts as stalled from now on);
-    /// closes the connection if the client missed its keep alive (or never sent CONNECT).
+    /// closes the connection if the client missed its keep alive (or never sent CONNECT), or
+    /// when its credentials expired (DISCONNECT 0xA0 Maximum connect time to MQTT 5 clients:
+    /// the time the credentials allowed is over; a client reconnects with fresh ones).
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        if self.credentials_deadline().is_some_and(|d| now >= d) {
+            return self.close(
+                CloseReason::CredentialsExpired,
+                Some(ReasonCode::MAXIMUM_CONNECT_TIME),
+                now,
+            );
+        }
         if let Some(p) = self.paused.take_if(|p| now >= p.until)
             && p.session.give_up(p.episode)
         {
@@ -491,7 +526,7 @@ impl Connection {
                 .backpressure_timeouts
                 .fetch_add(1, Relaxed);
         }
-        if let Some(deadline) = self.poll_timeout()
+        if let Some(deadline) = self.keep_alive_deadline()
             && now >= deadline
         {
             self.close(
@@ -581,6 +616,18 @@ impl Connection {
             }
             return;
         }
+        if self.is_exchanging() {
+            // Only AUTH or DISCONNECT until CONNACK ([MQTT-3.1.2-30]).
+            match packet {
+                Packet::Auth(a) => self.handle_auth(a, now),
+                Packet::Disconnect(_) => {
+                    self.enhanced = None;
+                    self.closed = Some(CloseReason::ClientDisconnect);
+                }
+                _ => self.auth_protocol_error(now),
+            }
+            return;
+        }
         if self.attachment.is_none() {
             match packet {
                 Packet::Connect(c) => match self.refusal {
@@ -611,9 +658,12 @@ impl Connection {
                 self.handle_disconnect(d, now);
                 return;
             }
-            // A second CONNECT, enhanced authentication (unsupported), or a server-only packet.
+            Packet::Auth(a) => {
+                self.handle_auth(a, now);
+                return;
+            }
+            // A second CONNECT or a server-only packet.
             Packet::Connect(_)
-            | Packet::Auth(_)
             | Packet::ConnAck(_)
             | Packet::SubAck(_)
             | Packet::UnsubAck(_)

@@ -471,6 +471,7 @@ impl Authenticator for Auth {
             username: username.map(str::to_owned),
             client_id: info.client_id.to_owned(),
             acl: None,
+            valid_until: None,
         };
         // 1. A verified client certificate names the user.
         if self.config.use_cert_identity
@@ -730,6 +731,7 @@ mod tests {
             username: None,
             client_id: "c".to_owned(),
             acl: None,
+            valid_until: None,
         };
         assert!(auth.checks_delivery(&p));
         std::fs::write(file.path(), "allow subscribe #\n").expect("rewrite");
