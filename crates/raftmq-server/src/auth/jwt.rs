@@ -153,6 +153,9 @@ pub struct Token {
     pub acl: Option<Acl>,
 }
 
+/// Latest expiry a connection is given (seconds since the epoch, year ~2514).
+const MAX_EXP: u64 = 1 << 34;
+
 /// Why a token was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum JwtError {
@@ -241,8 +244,9 @@ pub fn validate(
         .to_owned();
     // Checked by the validation: present and a number.
     let exp = claims.get("exp").and_then(Value::as_f64).unwrap_or(0.0);
-    let until = exp.max(0.0) as u64 + rules.leeway.as_secs();
-    let valid_until = UNIX_EPOCH + Duration::from_secs(until.min(u64::from(u32::MAX) * 4));
+    // Saturating, and capped at year ~2514: a huge `exp` must not overflow the clock types.
+    let until = (exp.max(0.0) as u64).saturating_add(rules.leeway.as_secs());
+    let valid_until = UNIX_EPOCH + Duration::from_secs(until.min(MAX_EXP));
     let acl = match &rules.acl_claim {
         Some(name) => match claims.get(name) {
             None => None,
@@ -300,14 +304,15 @@ pub(crate) mod testing {
     use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
     use serde_json::{Value, json};
 
-    /// A random secret made by the test (ring's generator): nothing checked in.
+    /// A random secret made by the test (ring's generator; base64 text, as the docs
+    /// recommend, so that no trailing byte is white space): nothing checked in.
     pub fn secret() -> Vec<u8> {
         use ring::rand::SecureRandom as _;
         let mut s = vec![0u8; 32];
         ring::rand::SystemRandom::new()
             .fill(&mut s)
             .expect("random");
-        s
+        B64URL.encode(s).into_bytes()
     }
 
     /// A fresh P-256 key pair: (PKCS#8 for signing, its public JWK).
@@ -404,6 +409,8 @@ mod tests {
         let early = json!({"sub": "a", "exp": in_secs(600), "nbf": in_secs(300)});
         let err = check(early, &rules()).expect_err("not yet valid");
         assert!(err.to_string().contains("Immature"), "{err}");
+        let far = check(json!({"sub": "a", "exp": u64::MAX}), &generous).expect("far future");
+        assert_eq!(far.valid_until, UNIX_EPOCH + Duration::from_secs(MAX_EXP));
         let forever = json!({"sub": "a"});
         assert!(check(forever, &rules()).is_err(), "exp is required");
         let nameless = json!({"name": "a", "exp": in_secs(60)});
