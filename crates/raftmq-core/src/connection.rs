@@ -127,6 +127,49 @@ pub enum CloseReason {
     ReauthFailed(ReasonCode),
 }
 
+/// The rarely used authentication state of a connection. The two never meet: a CONNECT with
+/// an Authentication Method is decided by its exchange, never by a pending decision.
+enum AuthSlot {
+    /// A CONNECT waiting for an asynchronous authentication decision.
+    Awaiting(AwaitingAuth),
+    /// MQTT 5 enhanced authentication: the method of CONNECT and the exchange in progress.
+    Enhanced(Enhanced),
+}
+
+impl Connection {
+    fn awaiting_auth_mut(&mut self) -> Option<&mut AwaitingAuth> {
+        match self.auth.as_deref_mut() {
+            Some(AuthSlot::Awaiting(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The pending decision, taken out.
+    fn take_awaiting_auth(&mut self) -> Option<AwaitingAuth> {
+        match self.auth.take().map(|b| *b) {
+            Some(AuthSlot::Awaiting(a)) => Some(a),
+            other => {
+                self.auth = other.map(Box::new);
+                None
+            }
+        }
+    }
+
+    fn enhanced(&self) -> Option<&Enhanced> {
+        match self.auth.as_deref() {
+            Some(AuthSlot::Enhanced(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    fn enhanced_mut(&mut self) -> Option<&mut Enhanced> {
+        match self.auth.as_deref_mut() {
+            Some(AuthSlot::Enhanced(e)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 struct Attachment {
     session: Arc<Session>,
     epoch: u64,
@@ -184,12 +227,10 @@ pub struct Connection {
     /// Set when the server refuses this connection (a connection limit): CONNECT is answered
     /// with this reason code.
     refusal: Option<ReasonCode>,
-    /// A CONNECT waiting for an asynchronous authentication decision (boxed: rare, and large
-    /// next to the rest of an idle connection's state).
-    awaiting_auth: Option<Box<AwaitingAuth>>,
-    /// MQTT 5 enhanced authentication: the method of CONNECT and the exchange in progress
-    /// (boxed: rare).
-    enhanced: Option<Box<Enhanced>>,
+    /// A CONNECT waiting for an asynchronous authentication decision, or the state of MQTT 5
+    /// enhanced authentication (boxed: rare, and large next to the rest of an idle
+    /// connection's state).
+    auth: Option<Box<AuthSlot>>,
     /// Per-client publish rate and bandwidth limits, if configured (boxed, like the alias maps:
     /// most connections never need them, and every idle connection carries this struct).
     limits: Option<Box<crate::limits::PublishLimits>>,
@@ -234,8 +275,7 @@ impl Connection {
             outbound_aliases: OutboundAliases::default(),
             cert_identity: None,
             refusal: None,
-            awaiting_auth: None,
-            enhanced: None,
+            auth: None,
             limits,
             paused: None,
         }
@@ -606,10 +646,10 @@ impl Connection {
             return;
         }
         self.last_received = now;
-        if let Some(awaiting) = &mut self.awaiting_auth {
+        if let Some(awaiting) = self.awaiting_auth_mut() {
             if awaiting.held.len() >= MAX_PACKETS_BEFORE_AUTH {
                 // No CONNACK yet, so nothing to tell the client: just close.
-                self.awaiting_auth = None;
+                self.auth = None;
                 self.closed = Some(CloseReason::ProtocolViolation(ReasonCode::QUOTA_EXCEEDED));
             } else {
                 awaiting.held.push_back(packet);
@@ -621,7 +661,7 @@ impl Connection {
             match packet {
                 Packet::Auth(a) => self.handle_auth(a, now),
                 Packet::Disconnect(_) => {
-                    self.enhanced = None;
+                    self.auth = None;
                     self.closed = Some(CloseReason::ClientDisconnect);
                 }
                 _ => self.auth_protocol_error(now),

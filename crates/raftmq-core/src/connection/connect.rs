@@ -1,7 +1,7 @@
 //! CONNECT: authentication (decided outside the state machine), negotiation, attaching the
 //! session, and CONNACK.
 
-use super::{Attachment, CloseReason, Connection};
+use super::{Attachment, AuthSlot, CloseReason, Connection};
 use crate::auth::{Access, AuthDecision, ConnectInfo, PendingAuth, Principal};
 use crate::broker::NEVER_EXPIRES;
 use crate::message::Message;
@@ -36,14 +36,13 @@ impl Connection {
     /// The authentication decision the caller must await (once; see
     /// [`crate::auth::AuthDecision::Pending`]), then report with [`Self::handle_auth_result`].
     pub fn take_pending_auth(&mut self) -> Option<PendingAuth> {
-        self.awaiting_auth
-            .as_mut()
+        self.awaiting_auth_mut()
             .and_then(|a| a.future.get_mut().take())
     }
 
     /// Whether CONNECT waits for an authentication decision.
     pub fn is_awaiting_auth(&self) -> bool {
-        self.awaiting_auth.is_some()
+        matches!(self.auth.as_deref(), Some(AuthSlot::Awaiting(_)))
     }
 
     /// The asynchronous authentication decision for the pending CONNECT: continues it (and
@@ -53,7 +52,7 @@ impl Connection {
         result: Result<Principal, raftmq_codec::ReasonCode>,
         now: Instant,
     ) {
-        let Some(awaiting) = self.awaiting_auth.take().map(|a| *a) else {
+        let Some(awaiting) = self.take_awaiting_auth() else {
             return;
         };
         if self.closed.is_some() {
@@ -140,13 +139,13 @@ impl Connection {
             }
             AuthDecision::Deny(code) => self.refuse_auth(code, now),
             AuthDecision::Pending(future) => {
-                self.awaiting_auth = Some(Box::new(AwaitingAuth {
+                self.auth = Some(Box::new(AuthSlot::Awaiting(AwaitingAuth {
                     connect: c,
                     client_id,
                     assigned,
                     future: parking_lot::Mutex::new(Some(future)),
                     held: VecDeque::new(),
-                }))
+                })))
             }
         }
     }

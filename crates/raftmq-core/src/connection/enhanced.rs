@@ -2,7 +2,7 @@
 //! re-authentication after it. The method's logic is the authenticator's
 //! ([`crate::auth::AuthExchange`]); this module keeps the protocol's order and reason codes.
 
-use super::{CloseReason, Connection};
+use super::{AuthSlot, CloseReason, Connection};
 use crate::auth::{AuthExchange, ConnectInfo, ExchangeStep};
 use bytes::Bytes;
 use raftmq_codec::{Auth, AuthProperties, ByteStr, Connect, Packet, ReasonCode};
@@ -40,11 +40,11 @@ impl Connection {
             return self.refuse_connect(ReasonCode::BAD_AUTHENTICATION_METHOD, now);
         };
         let data = c.properties.authentication_data.clone();
-        self.enhanced = Some(Box::new(Enhanced {
+        self.auth = Some(Box::new(AuthSlot::Enhanced(Enhanced {
             method,
             exchange: Some(exchange),
             connect: Some((c, client_id, assigned)),
-        }));
+        })));
         self.exchange_step(data, now);
     }
 
@@ -52,14 +52,14 @@ impl Connection {
     /// start of a re-authentication after it (0x19). Anything else is a Protocol Error.
     pub(super) fn handle_auth(&mut self, auth: Auth, now: Instant) {
         let connected = self.attachment.is_some();
-        let expected = match &self.enhanced {
+        let expected = match self.enhanced() {
             // Before CONNACK an exchange is always in progress; after it, 0x18 answers ours and
             // 0x19 starts a new one.
             Some(e) if e.exchange.is_some() => Some(ReasonCode::CONTINUE_AUTHENTICATION),
             Some(_) if connected => Some(ReasonCode::RE_AUTHENTICATE),
             _ => None,
         };
-        let same_method = self.enhanced.as_ref().is_some_and(|e| {
+        let same_method = self.enhanced().is_some_and(|e| {
             auth.properties.authentication_method.as_deref() == Some(e.method.as_str())
         });
         if expected != Some(auth.reason_code) || !same_method {
@@ -67,8 +67,7 @@ impl Connection {
         }
         if auth.reason_code == ReasonCode::RE_AUTHENTICATE {
             let Some((method, client_id)) = self
-                .enhanced
-                .as_ref()
+                .enhanced()
                 .zip(self.attachment.as_ref())
                 .map(|(e, a)| (e.method.clone(), a.client_id.clone()))
             else {
@@ -86,7 +85,7 @@ impl Connection {
                 cert_identity: self.cert_identity.as_deref(),
             };
             let exchange = self.broker.authenticator().start_exchange(&method, &info);
-            match (exchange, self.enhanced.as_mut()) {
+            match (exchange, self.enhanced_mut()) {
                 (Some(exchange), Some(e)) => e.exchange = Some(exchange),
                 // The method is no longer offered (configuration changed): not authorized.
                 _ => return self.reauth_failed(ReasonCode::NOT_AUTHORIZED, now),
@@ -97,7 +96,7 @@ impl Connection {
 
     /// Hands the client's data to the exchange and acts on its answer.
     fn exchange_step(&mut self, data: Option<Bytes>, now: Instant) {
-        let Some(e) = self.enhanced.as_mut() else {
+        let Some(e) = self.enhanced_mut() else {
             return;
         };
         let Some(exchange) = e.exchange.as_mut() else {
@@ -137,7 +136,7 @@ impl Connection {
             }
             ExchangeStep::Failure(code) => {
                 if connect.is_some() {
-                    self.enhanced = None;
+                    self.auth = None;
                     self.refuse_auth(code, now);
                 } else {
                     self.reauth_failed(code, now);
@@ -160,14 +159,14 @@ impl Connection {
         if self.attachment.is_some() {
             self.close(CloseReason::ProtocolViolation(code), Some(code), now);
         } else {
-            self.enhanced = None;
+            self.auth = None;
             self.refuse_connect(code, now);
         }
     }
 
     /// Whether a CONNECT waits for the enhanced authentication exchange to finish.
     pub(super) fn is_exchanging(&self) -> bool {
-        self.attachment.is_none() && self.enhanced.as_ref().is_some_and(|e| e.connect.is_some())
+        self.attachment.is_none() && self.enhanced().is_some_and(|e| e.connect.is_some())
     }
 }
 
