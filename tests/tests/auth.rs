@@ -646,3 +646,409 @@ async fn acl_file_change_applies_to_connected_clients() {
         ReasonCode::NO_MATCHING_SUBSCRIBERS
     );
 }
+
+// ---- JSON Web Tokens (auth.jwt_secret_file, auth.jwt_jwks_file) ----
+
+/// A secret made by this test run (never checked in): 64 hex digits, text like the
+/// documented recipe's, so that no trailing byte is white space (which the file loader trims).
+fn test_secret() -> Vec<u8> {
+    // Distinct for each call, even within one clock tick.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        ^ ((CALLS.fetch_add(1, Ordering::Relaxed) as u64) << 48);
+    raftmq_tests::Rng::new(seed)
+        .bytes(32)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn unix_in(secs: i64) -> u64 {
+    raftmq_server::auth::jwt::unix_now().saturating_add_signed(secs)
+}
+
+fn hs256(secret: &[u8], claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .expect("encode token")
+}
+
+/// A fresh P-256 key: (PKCS#8 for signing, its public JWK with `kid`).
+fn ec_key(kid: &str) -> (Vec<u8>, serde_json::Value) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let public = pair.public_key_raw();
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": kid,
+        "x": b64.encode(&public[1..33]), "y": b64.encode(&public[33..]),
+    });
+    (pair.serialize_der(), jwk)
+}
+
+fn es256(pkcs8: &[u8], kid: &str, claims: &serde_json::Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(
+        &header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(pkcs8),
+    )
+    .expect("encode token")
+}
+
+/// A PUBACK code of an accepted message (0x10: accepted, nobody subscribed).
+fn accepted(code: ReasonCode) -> bool {
+    code == ReasonCode::SUCCESS || code == ReasonCode::NO_MATCHING_SUBSCRIBERS
+}
+
+async fn connect_with_token(
+    addr: SocketAddr,
+    version: ProtocolVersion,
+    client_id: &str,
+    token: &str,
+) -> (RawClient, ReasonCode) {
+    // 3.1.1 needs a user name with a password; it is ignored for tokens.
+    connect_as(addr, version, client_id, Some("ignored"), Some(token)).await
+}
+
+#[tokio::test]
+async fn jwt_passwords_are_validated_and_their_claims_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = test_secret();
+    let secret_path = dir.path().join("jwt.secret");
+    std::fs::write(&secret_path, &secret).expect("write secret");
+    let (k1, jwk1) = ec_key("k1");
+    let jwks_path = dir.path().join("jwks.json");
+    write_file(
+        &jwks_path,
+        &serde_json::json!({ "keys": [jwk1] }).to_string(),
+    );
+    let mut acl = tempfile::NamedTempFile::new().expect("temp");
+    writeln!(acl, "allow pubsub users/%u/#").expect("write");
+    let (b, _auth) = start(
+        AuthConfig {
+            jwt_secret_file: Some(secret_path),
+            jwt_jwks_file: Some(jwks_path),
+            jwt_acl_claim: Some("mqtt".into()),
+            acl_file: Some(acl.path().to_owned()),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    let claims = |user: &str, exp: i64| serde_json::json!({"sub": user, "exp": unix_in(exp)});
+    for version in [V5, V3] {
+        let good = hs256(&secret, &claims("alice", 600));
+        let (mut c, code) = connect_with_token(b.mqtt, version, "jwt-ok", &good).await;
+        assert_eq!(code, ReasonCode::SUCCESS, "{version:?}");
+        // %u is the token's `sub`, not the CONNECT user name.
+        assert!(accepted(puback_code(&mut c, "users/alice/x", 1).await));
+        if version.is_v5() {
+            assert_eq!(
+                puback_code(&mut c, "users/ignored/x", 2).await,
+                ReasonCode::NOT_AUTHORIZED
+            );
+        }
+        let refused = [
+            hs256(&secret, &claims("alice", -60)),                // expired
+            hs256(&test_secret(), &claims("alice", 600)),         // another key
+            hs256(&secret, &serde_json::json!({"sub": "alice"})), // no exp
+            hs256(
+                &secret,
+                &serde_json::json!({"sub": "a", "exp": unix_in(600), "nbf": unix_in(300)}),
+            ), // not yet valid
+        ];
+        for token in refused {
+            let (mut c, code) = connect_with_token(b.mqtt, version, "jwt-bad", &token).await;
+            assert_eq!(code, ReasonCode::BAD_USER_NAME_OR_PASSWORD, "{version:?}");
+            assert_eq!(code.to_v3_connack(), 4);
+            assert_eq!(c.expect_closed().await, []);
+        }
+    }
+    // A JWKS key, and the token's own permissions replacing the ACL file.
+    let scoped = serde_json::json!({
+        "sub": "dev-1", "exp": unix_in(600), "mqtt": {"pub": ["telemetry/%u"], "sub": []},
+    });
+    let (mut c, code) = connect_with_token(b.mqtt, V5, "jwt-es", &es256(&k1, "k1", &scoped)).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    assert!(accepted(puback_code(&mut c, "telemetry/dev-1", 1).await));
+    assert_eq!(
+        puback_code(&mut c, "users/dev-1/x", 2).await,
+        ReasonCode::NOT_AUTHORIZED,
+        "the token's permissions replace the ACL file"
+    );
+    // No password shaped like a token and no other credential store: refused.
+    let (_c, code) = connect_as(b.mqtt, V5, "jwt-none", Some("alice"), Some("pw")).await;
+    assert_eq!(code, ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+    let (_c, code) = connect_as(b.mqtt, V5, "jwt-anon", None, None).await;
+    assert_eq!(code, ReasonCode::NOT_AUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_token_that_expires_while_connected_closes_the_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = test_secret();
+    let path = dir.path().join("jwt.secret");
+    std::fs::write(&path, &secret).expect("write secret");
+    let (b, _auth) = start(
+        AuthConfig {
+            jwt_secret_file: Some(path),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    let token = |secs| {
+        hs256(
+            &secret,
+            &serde_json::json!({"sub": "s", "exp": unix_in(secs)}),
+        )
+    };
+    // exp has a one-second resolution: these expire 2 to 3 s from now.
+    let (mut v5, code) = connect_with_token(b.mqtt, V5, "exp-5", &token(3)).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    let (mut v3, code) = connect_with_token(b.mqtt, V3, "exp-3", &token(3)).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    let (mut long, code) = connect_with_token(b.mqtt, V5, "exp-long", &token(600)).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    ping(&mut v5).await;
+    // Then both are closed: MQTT 5 with DISCONNECT 0xA0 Maximum connect time, 3.1.1 without
+    // a packet. `expect_disconnect` waits at most TIMEOUT for each.
+    v5.expect_disconnect(ReasonCode::MAXIMUM_CONNECT_TIME).await;
+    v3.expect_disconnect(ReasonCode::MAXIMUM_CONNECT_TIME).await;
+    ping(&mut long).await;
+}
+
+// ---- MQTT 5 enhanced authentication: SCRAM (auth.scram_file) ----
+
+mod scram_client {
+    use super::*;
+    use raftmq_codec::{Auth, AuthProperties, ConnAck, Connect, ConnectProperties};
+    use raftmq_server::auth::scram::{ClientExchange, Mechanism};
+
+    pub fn auth(code: ReasonCode, method: &str, data: String) -> Packet {
+        Packet::Auth(Auth {
+            reason_code: code,
+            properties: AuthProperties {
+                authentication_method: Some(method.into()),
+                authentication_data: Some(Bytes::from(data)),
+                ..AuthProperties::default()
+            },
+        })
+    }
+
+    pub fn connect(id: &str, method: &str, first: String) -> Connect {
+        Connect {
+            properties: ConnectProperties {
+                authentication_method: Some(method.into()),
+                authentication_data: Some(Bytes::from(first)),
+                ..Default::default()
+            },
+            ..connect_packet(V5, id, true)
+        }
+    }
+
+    /// Runs the exchange from the server-first message on: sends client-final and returns
+    /// what the broker answers (CONNACK or AUTH).
+    pub async fn finish(c: &mut RawClient, client: &mut ClientExchange, method: &str) -> Packet {
+        let first = match c.recv().await {
+            Some(Packet::Auth(a)) => {
+                assert_eq!(a.reason_code, ReasonCode::CONTINUE_AUTHENTICATION);
+                assert_eq!(a.properties.authentication_method.as_deref(), Some(method));
+                a.properties.authentication_data.expect("server-first")
+            }
+            other => panic!("expected AUTH 0x18, got {other:?}"),
+        };
+        let last = client
+            .client_final(&first)
+            .expect("server-first is well formed");
+        c.send(&auth(ReasonCode::CONTINUE_AUTHENTICATION, method, last))
+            .await;
+        c.recv().await.expect("an answer to client-final")
+    }
+
+    /// A full CONNECT exchange; the CONNACK and the client.
+    pub async fn login(
+        addr: SocketAddr,
+        id: &str,
+        m: Mechanism,
+        user: &str,
+        password: &str,
+    ) -> (RawClient, ConnAck, ClientExchange) {
+        let mut client = ClientExchange::new(m, user, password.as_bytes(), "cl1ent-n0nce");
+        let mut c = RawClient::connect(addr, V5).await;
+        c.send(&Packet::Connect(Box::new(connect(
+            id,
+            m.name(),
+            client.client_first(),
+        ))))
+        .await;
+        match finish(&mut c, &mut client, m.name()).await {
+            Packet::ConnAck(ack) => (c, ack, client),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+}
+
+async fn scram_broker() -> (TestBroker, tempfile::TempDir) {
+    use raftmq_server::auth::scram::{Credential, Mechanism, format_credentials};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("scram");
+    let creds: Vec<Credential> = Mechanism::ALL
+        .into_iter()
+        .map(|m| Credential::generate(m, b"correct horse").expect("salt"))
+        .collect();
+    write_file(&path, &format!("carol:{}\n", format_credentials(&creds)));
+    let (b, _auth) = start(
+        AuthConfig {
+            scram_file: Some(path),
+            // For the test of AUTH after a plain CONNECT.
+            allow_anonymous: Some(true),
+            ..AuthConfig::default()
+        },
+        MqttConfig::default(),
+    )
+    .await;
+    (b, dir)
+}
+
+/// Conformance (5.0): [MQTT-4.12.0-2] [MQTT-4.12.0-4] [MQTT-4.12.0-5] [MQTT-3.15.2-1]
+#[tokio::test]
+async fn scram_enhanced_authentication_accepts_the_right_password_only() {
+    use raftmq_server::auth::scram::Mechanism;
+    let (b, _dir) = scram_broker().await;
+    for m in Mechanism::ALL {
+        let (mut c, ack, client) =
+            scram_client::login(b.mqtt, "scram-ok", m, "carol", "correct horse").await;
+        assert_eq!(ack.reason_code, ReasonCode::SUCCESS, "{m:?}");
+        assert_eq!(
+            ack.properties.authentication_method.as_deref(),
+            Some(m.name())
+        );
+        let server_final = ack.properties.authentication_data.expect("server-final");
+        assert!(
+            client.verify_server_final(&server_final),
+            "the server proves it knows the credentials"
+        );
+        ping(&mut c).await;
+
+        let (mut c, ack, _) =
+            scram_client::login(b.mqtt, "scram-bad", m, "carol", "wrong horse").await;
+        assert_eq!(ack.reason_code, ReasonCode::NOT_AUTHORIZED, "{m:?}");
+        assert_eq!(c.expect_closed().await, []);
+        let (mut c, ack, _) =
+            scram_client::login(b.mqtt, "scram-who", m, "mallory", "correct horse").await;
+        assert_eq!(ack.reason_code, ReasonCode::NOT_AUTHORIZED, "{m:?}");
+        assert_eq!(c.expect_closed().await, []);
+    }
+    // A plain CONNECT with a password is not SCRAM: the SCRAM file holds no Argon2 hashes.
+    let (_c, code) = connect_as(b.mqtt, V5, "plain", Some("carol"), Some("correct horse")).await;
+    assert_eq!(code, ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+}
+
+/// Conformance (5.0): [MQTT-4.12.0-1]
+#[tokio::test]
+async fn unknown_methods_and_out_of_order_packets_are_refused() {
+    let (b, _dir) = scram_broker().await;
+    let (mut c, ack) = RawClient::handshake(
+        b.mqtt,
+        scram_client::connect("m1", "SCRAM-SHA-1", "n,,n=carol,r=x".into()),
+    )
+    .await;
+    assert_eq!(ack.reason_code, ReasonCode::BAD_AUTHENTICATION_METHOD);
+    assert_eq!(c.expect_closed().await, []);
+    // Anything but AUTH or DISCONNECT before CONNACK is a Protocol Error.
+    let mut c = RawClient::connect(b.mqtt, V5).await;
+    let connect = scram_client::connect("m2", "SCRAM-SHA-256", "n,,n=carol,r=x".into());
+    c.send(&Packet::Connect(Box::new(connect))).await;
+    assert!(matches!(c.recv().await, Some(Packet::Auth(_))));
+    c.send(&Packet::PingReq).await;
+    match c.expect_closed().await.as_slice() {
+        [Packet::ConnAck(ack)] => assert_eq!(ack.reason_code, ReasonCode::PROTOCOL_ERROR),
+        other => panic!("expected CONNACK 0x82, got {other:?}"),
+    }
+    // An AUTH naming another method is one too.
+    let mut c = RawClient::connect(b.mqtt, V5).await;
+    let connect = scram_client::connect("m3", "SCRAM-SHA-256", "n,,n=carol,r=x".into());
+    c.send(&Packet::Connect(Box::new(connect))).await;
+    assert!(matches!(c.recv().await, Some(Packet::Auth(_))));
+    c.send(&scram_client::auth(
+        ReasonCode::CONTINUE_AUTHENTICATION,
+        "SCRAM-SHA-512",
+        "c=biws,r=x,p=AAAA".into(),
+    ))
+    .await;
+    match c.expect_closed().await.as_slice() {
+        [Packet::ConnAck(ack)] => assert_eq!(ack.reason_code, ReasonCode::PROTOCOL_ERROR),
+        other => panic!("expected CONNACK 0x82, got {other:?}"),
+    }
+    // Re-authentication without enhanced authentication at CONNECT.
+    let mut c = RawClient::connected(b.mqtt, V5, "m4").await;
+    c.send(&scram_client::auth(
+        ReasonCode::RE_AUTHENTICATE,
+        "SCRAM-SHA-256",
+        "n,,n=carol,r=x".into(),
+    ))
+    .await;
+    c.expect_disconnect(ReasonCode::PROTOCOL_ERROR).await;
+}
+
+/// Conformance (5.0): [MQTT-4.12.1-2]
+#[tokio::test]
+async fn scram_re_authentication_renews_or_closes_the_connection() {
+    use raftmq_server::auth::scram::{ClientExchange, Mechanism};
+    let (b, _dir) = scram_broker().await;
+    let m = Mechanism::Sha256;
+    let (mut c, ack, _) = scram_client::login(b.mqtt, "reauth", m, "carol", "correct horse").await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    c.subscribe("reauth/#", QoS::AtLeastOnce).await;
+
+    // Success: AUTH 0x19 → AUTH 0x18 → AUTH 0x18 → AUTH 0x00 with server-final.
+    let mut again = ClientExchange::new(m, "carol", b"correct horse", "n0nce-2");
+    c.send(&scram_client::auth(
+        ReasonCode::RE_AUTHENTICATE,
+        m.name(),
+        again.client_first(),
+    ))
+    .await;
+    match scram_client::finish(&mut c, &mut again, m.name()).await {
+        Packet::Auth(a) => {
+            assert_eq!(a.reason_code, ReasonCode::SUCCESS);
+            assert_eq!(
+                a.properties.authentication_method.as_deref(),
+                Some(m.name())
+            );
+            let last = a.properties.authentication_data.expect("server-final");
+            assert!(again.verify_server_final(&last));
+        }
+        other => panic!("expected AUTH 0x00, got {other:?}"),
+    }
+    // The session goes on.
+    assert!(accepted(puback_code(&mut c, "reauth/a", 3).await));
+    let p = c.recv_publish().await;
+    assert_eq!(p.topic.as_str(), "reauth/a");
+
+    // Failure: a wrong password closes the connection with DISCONNECT 0x87.
+    let mut wrong = ClientExchange::new(m, "carol", b"wrong horse", "n0nce-3");
+    c.send(&scram_client::auth(
+        ReasonCode::RE_AUTHENTICATE,
+        m.name(),
+        wrong.client_first(),
+    ))
+    .await;
+    let answer = scram_client::finish(&mut c, &mut wrong, m.name()).await;
+    assert_eq!(
+        answer,
+        Packet::Disconnect(raftmq_codec::Disconnect::with_code(
+            ReasonCode::NOT_AUTHORIZED
+        ))
+    );
+    assert_eq!(c.expect_closed().await, []);
+}

@@ -1440,6 +1440,7 @@ impl raftmq_core::auth::Authenticator for Guard {
             username: info.username.map(str::to_owned),
             client_id: info.client_id.to_owned(),
             acl: None,
+            valid_until: None,
         })
     }
 }

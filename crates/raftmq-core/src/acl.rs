@@ -206,6 +206,41 @@ impl Acl {
         })
     }
 
+    /// An ACL that allows publishing to the topics matching `publish` and subscribing within
+    /// `subscribe` (filters, `%u`/`%c` substituted as in the file format) and denies the rest,
+    /// in `filter` mode: the per-token permissions of a JWT. The filters are checked, never
+    /// parsed as rule text, so a filter cannot smuggle in another rule. An error names the
+    /// 1-based position of the first bad filter in its list.
+    pub fn from_permissions(publish: &[&str], subscribe: &[&str]) -> Result<Acl, AclError> {
+        let mut rules = Vec::with_capacity(publish.len() + subscribe.len());
+        for (filters, is_publish) in [(publish, true), (subscribe, false)] {
+            for (i, filter) in filters.iter().enumerate() {
+                let checked = if filter.is_empty() {
+                    Err("empty")
+                } else {
+                    check_filter(filter)
+                };
+                checked.map_err(|m| AclError {
+                    line: i + 1,
+                    message: format!("filter `{filter}`: {m}"),
+                })?;
+                rules.push(Rule {
+                    scope: Scope::All,
+                    allow: true,
+                    publish: is_publish,
+                    subscribe: !is_publish,
+                    filter: (*filter).to_owned(),
+                    max_qos: None,
+                    retain: None,
+                });
+            }
+        }
+        Ok(Acl {
+            rules,
+            mode: AclMode::Filter,
+        })
+    }
+
     /// When subscriptions are checked.
     pub fn mode(&self) -> AclMode {
         self.mode
@@ -401,6 +436,7 @@ mod tests {
             username: user.map(str::to_owned),
             client_id: client.to_owned(),
             acl: None,
+            valid_until: None,
         }
     }
 

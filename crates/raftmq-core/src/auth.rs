@@ -32,6 +32,10 @@ pub struct Principal {
     /// Rules given by the authentication backend for this connection (e.g. by an HTTP
     /// callout); when set, they replace the broker-wide ACL for it.
     pub acl: Option<std::sync::Arc<crate::acl::Acl>>,
+    /// When the credentials stop being valid (a token's `exp`): the connection is closed then
+    /// (DISCONNECT 0xA0 Maximum connect time to MQTT 5 clients). The authenticator turns the
+    /// credential's wall-clock expiry into this instant; the core only compares it with `now`.
+    pub valid_until: Option<std::time::Instant>,
 }
 
 /// An owned copy of [`ConnectInfo`], for decisions taken asynchronously.
@@ -94,6 +98,41 @@ impl From<Result<Principal, ReasonCode>> for AuthDecision {
 pub trait Authenticator: Send + Sync + 'static {
     /// Accept, refuse, or (for a slow check) answer later; see [`AuthDecision`].
     fn authenticate(&self, info: &ConnectInfo<'_>) -> AuthDecision;
+
+    /// Starts an MQTT 5 enhanced authentication exchange (§4.12) with the Authentication
+    /// Method `method`, for a CONNECT or a re-authentication. `None` (the default): the method
+    /// is not supported and the CONNECT is refused with 0x8C Bad authentication method.
+    fn start_exchange(
+        &self,
+        _method: &str,
+        _info: &ConnectInfo<'_>,
+    ) -> Option<Box<dyn AuthExchange>> {
+        None
+    }
+}
+
+/// What one step of an enhanced authentication exchange answers.
+#[derive(Debug)]
+pub enum ExchangeStep {
+    /// More is needed: the server sends AUTH 0x18 Continue authentication with this
+    /// Authentication Data and waits for the client's AUTH.
+    Continue(Bytes),
+    /// Authenticated: CONNACK 0x00 (or AUTH 0x00 after a re-authentication) carries `data` as
+    /// its Authentication Data.
+    Success {
+        principal: Principal,
+        data: Option<Bytes>,
+    },
+    /// Refused with this reason code (CONNACK, or DISCONNECT during a re-authentication).
+    Failure(ReasonCode),
+}
+
+/// One enhanced authentication exchange in progress (e.g. a SCRAM conversation). Each step is
+/// synchronous and must be cheap (no key derivation on the server side: SCRAM stores derived
+/// keys).
+pub trait AuthExchange: Send + Sync {
+    /// The client's Authentication Data (from CONNECT, then from each AUTH), if any.
+    fn step(&mut self, data: Option<&[u8]>) -> ExchangeStep;
 }
 
 /// What a client asks to do with a topic.
@@ -138,6 +177,7 @@ impl Authenticator for AllowAll {
             username: info.username.map(str::to_owned),
             client_id: info.client_id.to_owned(),
             acl: None,
+            valid_until: None,
         })
     }
 }

@@ -22,9 +22,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 mod connect;
+mod enhanced;
 mod inbound;
 mod outbound;
 use connect::AwaitingAuth;
+use enhanced::Enhanced;
 use outbound::OutboundAliases;
 
 /// How long a new connection may take to send CONNECT.
@@ -119,6 +121,53 @@ pub enum CloseReason {
     StorageUnavailable,
     /// Disconnected by an administrator (the admin API's kick).
     Kicked,
+    /// The credentials expired while connected (a token's `exp`, [`Principal::valid_until`]).
+    CredentialsExpired,
+    /// A re-authentication (MQTT 5 AUTH 0x19) failed with this reason code.
+    ReauthFailed(ReasonCode),
+}
+
+/// The rarely used authentication state of a connection. The two never meet: a CONNECT with
+/// an Authentication Method is decided by its exchange, never by a pending decision.
+enum AuthSlot {
+    /// A CONNECT waiting for an asynchronous authentication decision.
+    Awaiting(AwaitingAuth),
+    /// MQTT 5 enhanced authentication: the method of CONNECT and the exchange in progress.
+    Enhanced(Enhanced),
+}
+
+impl Connection {
+    fn awaiting_auth_mut(&mut self) -> Option<&mut AwaitingAuth> {
+        match self.auth.as_deref_mut() {
+            Some(AuthSlot::Awaiting(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The pending decision, taken out.
+    fn take_awaiting_auth(&mut self) -> Option<AwaitingAuth> {
+        match self.auth.take().map(|b| *b) {
+            Some(AuthSlot::Awaiting(a)) => Some(a),
+            other => {
+                self.auth = other.map(Box::new);
+                None
+            }
+        }
+    }
+
+    fn enhanced(&self) -> Option<&Enhanced> {
+        match self.auth.as_deref() {
+            Some(AuthSlot::Enhanced(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    fn enhanced_mut(&mut self) -> Option<&mut Enhanced> {
+        match self.auth.as_deref_mut() {
+            Some(AuthSlot::Enhanced(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 struct Attachment {
@@ -178,9 +227,10 @@ pub struct Connection {
     /// Set when the server refuses this connection (a connection limit): CONNECT is answered
     /// with this reason code.
     refusal: Option<ReasonCode>,
-    /// A CONNECT waiting for an asynchronous authentication decision (boxed: rare, and large
-    /// next to the rest of an idle connection's state).
-    awaiting_auth: Option<Box<AwaitingAuth>>,
+    /// A CONNECT waiting for an asynchronous authentication decision, or the state of MQTT 5
+    /// enhanced authentication (boxed: rare, and large next to the rest of an idle
+    /// connection's state).
+    auth: Option<Box<AuthSlot>>,
     /// Per-client publish rate and bandwidth limits, if configured (boxed, like the alias maps:
     /// most connections never need them, and every idle connection carries this struct).
     limits: Option<Box<crate::limits::PublishLimits>>,
@@ -225,7 +275,7 @@ impl Connection {
             outbound_aliases: OutboundAliases::default(),
             cert_identity: None,
             refusal: None,
-            awaiting_auth: None,
+            auth: None,
             limits,
             paused: None,
         }
@@ -468,21 +518,46 @@ impl Connection {
         if self.closed.is_some() {
             return None;
         }
-        let keep_alive = match (&self.attachment, self.keep_alive) {
+        let pause = self.paused.as_ref().map(|p| p.until);
+        pause
+            .into_iter()
+            .chain(self.keep_alive_deadline())
+            .chain(self.credentials_deadline())
+            .min()
+    }
+
+    /// When the credentials the connection runs with expire.
+    fn credentials_deadline(&self) -> Option<Instant> {
+        self.attachment.as_ref()?.principal.valid_until
+    }
+
+    /// When the client must have sent CONNECT or its next packet.
+    fn keep_alive_deadline(&self) -> Option<Instant> {
+        match (&self.attachment, self.keep_alive) {
             (None, _) => Some(self.created_at + CONNECT_TIMEOUT),
             (Some(_), 0) => None,
             (Some(_), secs) => {
                 let ka = Duration::from_secs(secs.into());
                 Some(self.last_received + ka + ka / 2)
             }
-        };
-        let pause = self.paused.as_ref().map(|p| p.until);
-        pause.into_iter().chain(keep_alive).min()
+        }
     }
 
     /// Ends a pause that ran out (the subscriber it waited for counts as stalled from now on);
-    /// closes the connection if the client missed its keep alive (or never sent CONNECT).
+    /// closes the connection if the client missed its keep alive (or never sent CONNECT), or
+    /// when its credentials expired (DISCONNECT 0xA0 Maximum connect time to MQTT 5 clients:
+    /// the time the credentials allowed is over; a client reconnects with fresh ones).
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        if self.credentials_deadline().is_some_and(|d| now >= d) {
+            return self.close(
+                CloseReason::CredentialsExpired,
+                Some(ReasonCode::MAXIMUM_CONNECT_TIME),
+                now,
+            );
+        }
         if let Some(p) = self.paused.take_if(|p| now >= p.until)
             && p.session.give_up(p.episode)
         {
@@ -491,7 +566,7 @@ impl Connection {
                 .backpressure_timeouts
                 .fetch_add(1, Relaxed);
         }
-        if let Some(deadline) = self.poll_timeout()
+        if let Some(deadline) = self.keep_alive_deadline()
             && now >= deadline
         {
             self.close(
@@ -571,13 +646,25 @@ impl Connection {
             return;
         }
         self.last_received = now;
-        if let Some(awaiting) = &mut self.awaiting_auth {
+        if let Some(awaiting) = self.awaiting_auth_mut() {
             if awaiting.held.len() >= MAX_PACKETS_BEFORE_AUTH {
                 // No CONNACK yet, so nothing to tell the client: just close.
-                self.awaiting_auth = None;
+                self.auth = None;
                 self.closed = Some(CloseReason::ProtocolViolation(ReasonCode::QUOTA_EXCEEDED));
             } else {
                 awaiting.held.push_back(packet);
+            }
+            return;
+        }
+        if self.is_exchanging() {
+            // Only AUTH or DISCONNECT until CONNACK ([MQTT-3.1.2-30]).
+            match packet {
+                Packet::Auth(a) => self.handle_auth(a, now),
+                Packet::Disconnect(_) => {
+                    self.auth = None;
+                    self.closed = Some(CloseReason::ClientDisconnect);
+                }
+                _ => self.auth_protocol_error(now),
             }
             return;
         }
@@ -611,9 +698,12 @@ impl Connection {
                 self.handle_disconnect(d, now);
                 return;
             }
-            // A second CONNECT, enhanced authentication (unsupported), or a server-only packet.
+            Packet::Auth(a) => {
+                self.handle_auth(a, now);
+                return;
+            }
+            // A second CONNECT or a server-only packet.
             Packet::Connect(_)
-            | Packet::Auth(_)
             | Packet::ConnAck(_)
             | Packet::SubAck(_)
             | Packet::UnsubAck(_)

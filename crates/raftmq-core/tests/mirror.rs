@@ -199,6 +199,7 @@ fn a_dead_peers_wills_are_published_once_by_the_node_that_declared_it() {
                 username: None,
                 client_id: "watcher".to_owned(),
                 acl: None,
+                valid_until: None,
             },
             "wills/#",
             SubEntry {

@@ -1709,6 +1709,7 @@ impl raftmq_core::auth::Authenticator for Deferring {
                 username: user,
                 client_id,
                 acl: None,
+                valid_until: None,
             })
         }))
     }
@@ -1744,6 +1745,7 @@ fn deferred_auth_holds_connack_and_later_packets_until_the_decision() {
         username: None,
         client_id: "a".into(),
         acl: None,
+        valid_until: None,
     };
     c.conn.handle_auth_result(Ok(principal), t);
     let out = c.drain(t);
@@ -1772,6 +1774,213 @@ fn deferred_auth_refusal_sends_connack_code_and_drops_held_packets() {
     assert!(c.conn.is_closed());
     assert_eq!(w.broker.stats().auth_failures.load(Ordering::Relaxed), 1);
     assert!(w.broker.session("a").is_none());
+}
+
+/// Accepts everyone with credentials valid until a fixed instant, and runs a two-step
+/// challenge exchange for the method "CHALLENGE" (the client must answer "answer").
+struct Expiring(Instant);
+
+struct Challenge {
+    client_id: String,
+    asked: bool,
+}
+
+impl raftmq_core::auth::AuthExchange for Challenge {
+    fn step(&mut self, data: Option<&[u8]>) -> raftmq_core::auth::ExchangeStep {
+        use raftmq_core::auth::ExchangeStep;
+        if !std::mem::replace(&mut self.asked, true) {
+            return ExchangeStep::Continue(bytes::Bytes::from_static(b"question"));
+        }
+        match data {
+            Some(b"answer") => ExchangeStep::Success {
+                principal: raftmq_core::auth::Principal {
+                    username: Some("u".into()),
+                    client_id: self.client_id.clone(),
+                    acl: None,
+                    valid_until: None,
+                },
+                data: Some(bytes::Bytes::from_static(b"welcome")),
+            },
+            _ => ExchangeStep::Failure(ReasonCode::NOT_AUTHORIZED),
+        }
+    }
+}
+
+impl raftmq_core::auth::Authenticator for Expiring {
+    fn authenticate(
+        &self,
+        info: &raftmq_core::auth::ConnectInfo<'_>,
+    ) -> raftmq_core::auth::AuthDecision {
+        raftmq_core::auth::AuthDecision::Allow(raftmq_core::auth::Principal {
+            username: info.username.map(str::to_owned),
+            client_id: info.client_id.to_owned(),
+            acl: None,
+            valid_until: Some(self.0),
+        })
+    }
+
+    fn start_exchange(
+        &self,
+        method: &str,
+        info: &raftmq_core::auth::ConnectInfo<'_>,
+    ) -> Option<Box<dyn raftmq_core::auth::AuthExchange>> {
+        (method == "CHALLENGE").then(|| {
+            Box::new(Challenge {
+                client_id: info.client_id.to_owned(),
+                asked: false,
+            }) as Box<dyn raftmq_core::auth::AuthExchange>
+        })
+    }
+}
+
+fn expiring_world(valid_for: u64) -> World {
+    let t0 = Instant::now();
+    World {
+        broker: Arc::new(Broker::with_auth(
+            MqttConfig::default(),
+            Arc::new(Expiring(t0 + Duration::from_secs(valid_for))),
+            Arc::new(raftmq_core::auth::AllowAll),
+            1,
+        )),
+        t0,
+    }
+}
+
+#[test]
+fn credentials_that_expire_close_the_connection_at_their_deadline() {
+    let w = expiring_world(30);
+    let mut c = w.connect_ok(
+        Connect {
+            keep_alive: 60,
+            ..v5("exp")
+        },
+        w.at(0),
+    );
+    // The credentials' deadline comes before the keep alive's.
+    assert_eq!(c.conn.poll_timeout(), Some(w.at(30)));
+    c.conn.handle_timeout(w.at(29));
+    assert!(!c.conn.is_closed());
+    c.conn.handle_timeout(w.at(30));
+    c.expect_disconnect(ReasonCode::MAXIMUM_CONNECT_TIME, w.at(30));
+    assert_eq!(c.conn.close_reason(), Some(CloseReason::CredentialsExpired));
+    // 3.1.1: closed without a DISCONNECT.
+    let mut c = w.connect_ok(v311("exp3", true), w.at(0));
+    c.conn.handle_timeout(w.at(31));
+    assert_eq!(c.drain(w.at(31)), []);
+    assert_eq!(c.conn.close_reason(), Some(CloseReason::CredentialsExpired));
+}
+
+fn auth_packet(code: ReasonCode, method: &str, data: &'static [u8]) -> Packet {
+    Packet::Auth(raftmq_codec::Auth {
+        reason_code: code,
+        properties: raftmq_codec::AuthProperties {
+            authentication_method: Some(method.into()),
+            authentication_data: Some(bytes::Bytes::from_static(data)),
+            ..Default::default()
+        },
+    })
+}
+
+fn challenge_connect(id: &str) -> Connect {
+    let mut c = v5(id);
+    c.properties.authentication_method = Some("CHALLENGE".into());
+    c
+}
+
+#[test]
+fn enhanced_authentication_exchanges_auth_before_connack_and_on_re_authentication() {
+    let w = expiring_world(3600);
+    let t = w.at(0);
+    let mut c = w.open(t);
+    c.send(Packet::Connect(Box::new(challenge_connect("ch"))), t);
+    assert_eq!(
+        c.drain(t),
+        [auth_packet(
+            ReasonCode::CONTINUE_AUTHENTICATION,
+            "CHALLENGE",
+            b"question"
+        )]
+    );
+    let out = c.exchange(
+        auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, "CHALLENGE", b"answer"),
+        t,
+    );
+    match &out[..] {
+        [Packet::ConnAck(ack)] => {
+            assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+            assert_eq!(
+                ack.properties.authentication_method.as_deref(),
+                Some("CHALLENGE")
+            );
+            assert_eq!(
+                ack.properties.authentication_data.as_deref(),
+                Some(&b"welcome"[..])
+            );
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    // Re-authentication: 0x19, challenge, answer, AUTH 0x00; the connection goes on.
+    assert_eq!(
+        c.exchange(
+            auth_packet(ReasonCode::RE_AUTHENTICATE, "CHALLENGE", b""),
+            t
+        ),
+        [auth_packet(
+            ReasonCode::CONTINUE_AUTHENTICATION,
+            "CHALLENGE",
+            b"question"
+        )]
+    );
+    assert_eq!(c.exchange(Packet::PingReq, t), [Packet::PingResp]);
+    assert_eq!(
+        c.exchange(
+            auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, "CHALLENGE", b"answer"),
+            t
+        ),
+        [auth_packet(ReasonCode::SUCCESS, "CHALLENGE", b"welcome")]
+    );
+    // A wrong answer during re-authentication closes with DISCONNECT 0x87.
+    c.exchange(
+        auth_packet(ReasonCode::RE_AUTHENTICATE, "CHALLENGE", b""),
+        t,
+    );
+    c.send(
+        auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, "CHALLENGE", b"wrong"),
+        t,
+    );
+    c.expect_disconnect(ReasonCode::NOT_AUTHORIZED, t);
+    assert_eq!(
+        c.conn.close_reason(),
+        Some(CloseReason::ReauthFailed(ReasonCode::NOT_AUTHORIZED))
+    );
+    // A wrong answer before CONNACK: CONNACK 0x87; an unknown method: 0x8C.
+    let mut c = w.open(t);
+    c.send(Packet::Connect(Box::new(challenge_connect("ch2"))), t);
+    c.drain(t);
+    let out = c.exchange(
+        auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, "CHALLENGE", b"wrong"),
+        t,
+    );
+    assert!(
+        matches!(&out[..], [Packet::ConnAck(a)] if a.reason_code == ReasonCode::NOT_AUTHORIZED),
+        "{out:?}"
+    );
+    assert!(c.conn.is_closed());
+    assert!(w.broker.session("ch2").is_none());
+    let mut unknown = challenge_connect("ch3");
+    unknown.properties.authentication_method = Some("OTHER".into());
+    let (_, ack) = w.connect(unknown, t);
+    assert_eq!(ack.reason_code, ReasonCode::BAD_AUTHENTICATION_METHOD);
+    // The client may give up with DISCONNECT before CONNACK.
+    let mut c = w.open(t);
+    c.send(Packet::Connect(Box::new(challenge_connect("ch4"))), t);
+    c.drain(t);
+    c.send(
+        Packet::Disconnect(Disconnect::with_code(ReasonCode::SUCCESS)),
+        t,
+    );
+    assert_eq!(c.drain(t), []);
+    assert_eq!(c.conn.close_reason(), Some(CloseReason::ClientDisconnect));
 }
 
 #[test]

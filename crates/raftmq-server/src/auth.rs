@@ -11,29 +11,39 @@
 
 pub mod cache;
 pub mod callout;
+pub mod jwt;
 pub mod passwd;
+pub mod scram;
 
-use crate::metrics::{AUTH_CACHE_LOOKUPS_TOTAL, AUTH_CALLOUTS_TOTAL, AUTH_RELOADS_TOTAL};
+use crate::metrics::{
+    AUTH_CACHE_LOOKUPS_TOTAL, AUTH_CALLOUTS_TOTAL, AUTH_RELOADS_TOTAL, AUTH_TOKENS_TOTAL,
+};
 use cache::DecisionCache;
 use callout::{AuthCallout, HttpCallout};
+use jwt::{Jwks, JwtRules, JwtSecret};
 use metrics::counter;
 use parking_lot::{Mutex, RwLock};
 use passwd::PasswordFile;
 use raftmq_codec::ReasonCode;
 use raftmq_core::acl::Acl;
 use raftmq_core::auth::{
-    Access, AuthDecision, AuthRequest, Authenticator, Authorizer, ConnectInfo, Principal,
+    Access, AuthDecision, AuthExchange, AuthRequest, Authenticator, Authorizer, ConnectInfo,
+    Principal,
 };
 use raftmq_core::config::{ConfigProblem, DurationStr};
+use scram::{Mechanism, ScramStore};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Longest `auth.callout_timeout` (a connection waits at most this long for any decision).
 pub const MAX_CALLOUT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest `auth.jwt_leeway`.
+pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(300);
 
 /// Authentication and authorization settings (the `[auth]` section).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +72,25 @@ pub struct AuthConfig {
     pub callout_url: Option<String>,
     /// How long the callout may take before the client is refused.
     pub callout_timeout: DurationStr,
+    /// File holding the shared secret of HS256/HS384/HS512 tokens (at least 32 bytes; trailing
+    /// white space is not part of it). A CONNECT password shaped like a JWT is then a token.
+    pub jwt_secret_file: Option<PathBuf>,
+    /// JWKS document with the public keys of RS*/PS*/ES*/EdDSA tokens.
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// The token claim that names the user (`%u` in ACL rules).
+    pub jwt_username_claim: String,
+    /// The token claim with per-token permissions (`{"pub": [filters], "sub": [filters]}`);
+    /// unset: tokens carry no permissions and the ACL file applies.
+    pub jwt_acl_claim: Option<String>,
+    /// Tolerance for the clocks of token issuers when checking `exp` and `nbf`.
+    pub jwt_leeway: DurationStr,
+    /// Required `aud` claim, if set.
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim, if set.
+    pub jwt_issuer: Option<String>,
+    /// SCRAM credentials file (`raftmq passwd --scram`): enables MQTT 5 enhanced
+    /// authentication with the methods SCRAM-SHA-256 and SCRAM-SHA-512.
+    pub scram_file: Option<PathBuf>,
 }
 
 impl Default for AuthConfig {
@@ -77,6 +106,14 @@ impl Default for AuthConfig {
             max_concurrent_hashes: 2,
             callout_url: None,
             callout_timeout: DurationStr(Duration::from_secs(2)),
+            jwt_secret_file: None,
+            jwt_jwks_file: None,
+            jwt_username_claim: "sub".to_owned(),
+            jwt_acl_claim: None,
+            jwt_leeway: DurationStr(Duration::ZERO),
+            jwt_audience: None,
+            jwt_issuer: None,
+            scram_file: None,
         }
     }
 }
@@ -84,8 +121,20 @@ impl Default for AuthConfig {
 impl AuthConfig {
     /// Whether clients without a user name are accepted (see [`Self::allow_anonymous`]).
     pub fn anonymous_allowed(&self) -> bool {
-        self.allow_anonymous
-            .unwrap_or(self.password_file.is_none() && self.callout_url.is_none())
+        self.allow_anonymous.unwrap_or(!self.has_credential_store())
+    }
+
+    /// Whether any way of checking credentials is configured (besides certificates).
+    fn has_credential_store(&self) -> bool {
+        self.password_file.is_some()
+            || self.callout_url.is_some()
+            || self.jwt_enabled()
+            || self.scram_file.is_some()
+    }
+
+    /// Whether CONNECT passwords shaped like JWTs are validated as tokens.
+    pub fn jwt_enabled(&self) -> bool {
+        self.jwt_secret_file.is_some() || self.jwt_jwks_file.is_some()
     }
 
     /// Every problem with the values, keys prefixed with `prefix`.
@@ -98,15 +147,29 @@ impl AuthConfig {
             })
         };
         if self.allow_anonymous == Some(false)
-            && self.password_file.is_none()
-            && self.callout_url.is_none()
+            && !self.has_credential_store()
             && !self.use_cert_identity
         {
             bad(
                 "allow_anonymous",
-                "false with no password_file, callout_url or use_cert_identity would refuse \
-                 every client"
+                "false with no password_file, callout_url, jwt_secret_file, jwt_jwks_file, \
+                 scram_file or use_cert_identity would refuse every client"
                     .into(),
+            );
+        }
+        if self.jwt_username_claim.is_empty() {
+            bad("jwt_username_claim", "must not be empty".into());
+        }
+        if self.jwt_acl_claim.as_deref() == Some("") {
+            bad(
+                "jwt_acl_claim",
+                "must not be empty (leave it out to disable)".into(),
+            );
+        }
+        if self.jwt_leeway.0 > MAX_JWT_LEEWAY {
+            bad(
+                "jwt_leeway",
+                format!("at most {}s", MAX_JWT_LEEWAY.as_secs()),
             );
         }
         if let Some(url) = &self.callout_url
@@ -126,6 +189,9 @@ impl AuthConfig {
         for (key, path) in [
             ("password_file", &self.password_file),
             ("acl_file", &self.acl_file),
+            ("jwt_secret_file", &self.jwt_secret_file),
+            ("jwt_jwks_file", &self.jwt_jwks_file),
+            ("scram_file", &self.scram_file),
         ] {
             if let Some(p) = path
                 && p.as_os_str().is_empty()
@@ -190,6 +256,9 @@ fn reload_file<T>(
 
 const PASSWORD_FILE_KEY: &str = "auth.password_file";
 const ACL_FILE_KEY: &str = "auth.acl_file";
+const JWT_SECRET_FILE_KEY: &str = "auth.jwt_secret_file";
+const JWT_JWKS_FILE_KEY: &str = "auth.jwt_jwks_file";
+const SCRAM_FILE_KEY: &str = "auth.scram_file";
 
 fn read(key: &'static str, path: &Path) -> Result<String, AuthError> {
     std::fs::read_to_string(path).map_err(|source| AuthError::Read {
@@ -220,6 +289,46 @@ fn load_acl(path: &Path) -> Result<Acl, AuthError> {
     load(ACL_FILE_KEY, path, Acl::parse)
 }
 
+fn load_jwt_secret(path: &Path) -> Result<JwtSecret, AuthError> {
+    let key = JWT_SECRET_FILE_KEY;
+    let bytes = std::fs::read(path).map_err(|source| AuthError::Read {
+        key,
+        path: path.to_owned(),
+        source,
+    })?;
+    JwtSecret::parse(&bytes).map_err(|message| AuthError::Invalid {
+        key,
+        path: path.to_owned(),
+        message,
+    })
+}
+
+fn load_jwks(path: &Path) -> Result<Jwks, AuthError> {
+    load(JWT_JWKS_FILE_KEY, path, Jwks::parse)
+}
+
+fn load_scram(path: &Path) -> Result<ScramStore, AuthError> {
+    load(SCRAM_FILE_KEY, path, ScramStore::parse)
+}
+
+/// Loads the file at `path`, if configured.
+fn load_optional<T>(
+    path: Option<&Path>,
+    load: impl FnOnce(&Path) -> Result<T, AuthError>,
+) -> Result<Option<Arc<T>>, AuthError> {
+    path.map(|p| load(p).map(Arc::new)).transpose()
+}
+
+/// Modification stamps of the files as last loaded.
+#[derive(Default)]
+struct Stamps {
+    password: Stamp,
+    acl: Stamp,
+    jwt_secret: Stamp,
+    jwks: Stamp,
+    scram: Stamp,
+}
+
 /// The broker's authenticator and authorizer; see the module documentation.
 pub struct Auth {
     config: AuthConfig,
@@ -228,7 +337,11 @@ pub struct Auth {
     acl: RwLock<Option<Arc<Acl>>>,
     /// Whether `acl` is in `mode message` (read per batch of deliveries, without the lock).
     acl_per_message: std::sync::atomic::AtomicBool,
-    stamps: Mutex<(Stamp, Stamp)>,
+    jwt_secret: RwLock<Option<Arc<JwtSecret>>>,
+    jwks: RwLock<Option<Arc<Jwks>>>,
+    jwt_rules: JwtRules,
+    scram: RwLock<Option<Arc<ScramStore>>>,
+    stamps: Mutex<Stamps>,
     cache: Arc<DecisionCache>,
     hashing: Arc<Semaphore>,
     callout: Option<Arc<dyn AuthCallout>>,
@@ -267,15 +380,32 @@ impl Auth {
             None => None,
         };
         let acl_per_message = acl.as_deref().is_some_and(per_message);
-        let stamps = (
-            config.password_file.as_deref().and_then(stamp),
-            config.acl_file.as_deref().and_then(stamp),
-        );
+        let jwt_secret = load_optional(config.jwt_secret_file.as_deref(), load_jwt_secret)?;
+        let jwks = load_optional(config.jwt_jwks_file.as_deref(), load_jwks)?;
+        let scram = load_optional(config.scram_file.as_deref(), load_scram)?;
+        let stamp_of = |p: &Option<PathBuf>| p.as_deref().and_then(stamp);
+        let stamps = Stamps {
+            password: stamp_of(&config.password_file),
+            acl: stamp_of(&config.acl_file),
+            jwt_secret: stamp_of(&config.jwt_secret_file),
+            jwks: stamp_of(&config.jwt_jwks_file),
+            scram: stamp_of(&config.scram_file),
+        };
         Ok(Auth {
             anonymous: config.anonymous_allowed(),
             passwords: RwLock::new(passwords),
             acl: RwLock::new(acl),
             acl_per_message: acl_per_message.into(),
+            jwt_secret: RwLock::new(jwt_secret),
+            jwks: RwLock::new(jwks),
+            jwt_rules: JwtRules {
+                username_claim: config.jwt_username_claim.clone(),
+                acl_claim: config.jwt_acl_claim.clone(),
+                leeway: config.jwt_leeway.0,
+                audience: config.jwt_audience.clone(),
+                issuer: config.jwt_issuer.clone(),
+            },
+            scram: RwLock::new(scram),
             stamps: Mutex::new(stamps),
             cache: Arc::new(DecisionCache::new(config.cache_size, config.cache_ttl.0)),
             hashing: Arc::new(Semaphore::new(config.max_concurrent_hashes.max(1))),
@@ -295,6 +425,49 @@ impl Auth {
         self.passwords.read().as_ref().map_or(0, |p| p.len())
     }
 
+    /// Number of keys in the JWKS file.
+    pub fn jwks_key_count(&self) -> usize {
+        self.jwks.read().as_ref().map_or(0, |k| k.len())
+    }
+
+    /// Number of users in the SCRAM credentials file.
+    pub fn scram_user_count(&self) -> usize {
+        self.scram.read().as_ref().map_or(0, |s| s.len())
+    }
+
+    /// Validates a token given as the CONNECT password.
+    fn token_check(&self, token: &[u8], client_id: &str) -> AuthDecision {
+        let refusal = ReasonCode::BAD_USER_NAME_OR_PASSWORD;
+        let Ok(token) = std::str::from_utf8(token) else {
+            return AuthDecision::Deny(refusal);
+        };
+        let secret = self.jwt_secret.read().clone();
+        let jwks = self.jwks.read().clone();
+        match jwt::validate(token, secret.as_deref(), jwks.as_deref(), &self.jwt_rules) {
+            Ok(t) => {
+                counter!(AUTH_TOKENS_TOTAL, "result" => "valid").increment(1);
+                // The wall-clock expiry as an instant of the monotonic clock the connection
+                // uses; already past (within the leeway) means now.
+                let left = t
+                    .valid_until
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                let now = Instant::now();
+                AuthDecision::Allow(Principal {
+                    username: Some(t.username),
+                    client_id: client_id.to_owned(),
+                    acl: t.acl.map(Arc::new),
+                    valid_until: Some(now.checked_add(left).unwrap_or(now)),
+                })
+            }
+            Err(e) => {
+                counter!(AUTH_TOKENS_TOTAL, "result" => "invalid").increment(1);
+                debug!(client_id, "token refused: {e}");
+                AuthDecision::Deny(refusal)
+            }
+        }
+    }
+
     /// Rereads the files that changed since they were loaded (every configured file when
     /// `force`). A file that fails to load is reported and the previous version kept.
     /// Returns what was reloaded and the errors.
@@ -306,7 +479,7 @@ impl Auth {
             reload_file(
                 "password",
                 self.config.password_file.as_deref(),
-                &mut stamps.0,
+                &mut stamps.password,
                 force,
                 load_passwords,
                 |path, p| {
@@ -318,7 +491,7 @@ impl Auth {
             reload_file(
                 "acl",
                 self.config.acl_file.as_deref(),
-                &mut stamps.1,
+                &mut stamps.acl,
                 force,
                 load_acl,
                 |path, a| {
@@ -326,6 +499,39 @@ impl Auth {
                     self.acl_per_message
                         .store(per_message(&a), std::sync::atomic::Ordering::Relaxed);
                     *self.acl.write() = Some(Arc::new(a));
+                },
+            ),
+            reload_file(
+                "jwt_secret",
+                self.config.jwt_secret_file.as_deref(),
+                &mut stamps.jwt_secret,
+                force,
+                load_jwt_secret,
+                |path, s| {
+                    info!(file = %path.display(), "JWT secret reloaded");
+                    *self.jwt_secret.write() = Some(Arc::new(s));
+                },
+            ),
+            reload_file(
+                "jwks",
+                self.config.jwt_jwks_file.as_deref(),
+                &mut stamps.jwks,
+                force,
+                load_jwks,
+                |path, k| {
+                    info!(file = %path.display(), keys = k.len(), "JWKS reloaded");
+                    *self.jwks.write() = Some(Arc::new(k));
+                },
+            ),
+            reload_file(
+                "scram",
+                self.config.scram_file.as_deref(),
+                &mut stamps.scram,
+                force,
+                load_scram,
+                |path, s| {
+                    info!(file = %path.display(), users = s.len(), "SCRAM credentials reloaded");
+                    *self.scram.write() = Some(Arc::new(s));
                 },
             ),
         ];
@@ -471,6 +677,7 @@ impl Authenticator for Auth {
             username: username.map(str::to_owned),
             client_id: info.client_id.to_owned(),
             acl: None,
+            valid_until: None,
         };
         // 1. A verified client certificate names the user.
         if self.config.use_cert_identity
@@ -478,36 +685,59 @@ impl Authenticator for Auth {
         {
             return AuthDecision::Allow(principal(Some(identity)));
         }
+        // 2. A user of the password file.
+        let hash = info.username.and_then(|user| {
+            self.passwords
+                .read()
+                .as_ref()
+                .and_then(|p| p.get(user).map(str::to_owned))
+        });
+        if let (Some(hash), Some(user)) = (hash, info.username) {
+            return match info.password {
+                Some(pw) => self.password_check(hash, user, pw, principal(Some(user))),
+                None => AuthDecision::Deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD),
+            };
+        }
+        // 3. A password shaped like a JWT, when tokens are configured: the token alone decides
+        // (a user name, if sent, is ignored: the token's claim names the user).
+        if self.config.jwt_enabled()
+            && let Some(pw) = info.password
+            && jwt::looks_like_jwt(pw)
+        {
+            return self.token_check(pw, info.client_id);
+        }
         let Some(user) = info.username else {
+            // 4. No user name: anonymous, if allowed.
             return if self.anonymous {
                 AuthDecision::Allow(principal(None))
             } else {
                 AuthDecision::Deny(ReasonCode::NOT_AUTHORIZED)
             };
         };
-        let hash = self
-            .passwords
-            .read()
-            .as_ref()
-            .and_then(|p| p.get(user).map(str::to_owned));
-        match (hash, &self.callout) {
-            // 2. A user of the password file.
-            (Some(hash), _) => match info.password {
-                Some(pw) => self.password_check(hash, user, pw, principal(Some(user))),
-                None => AuthDecision::Deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD),
-            },
-            // 3. Anyone else: the callout, if one is configured.
-            (None, Some(callout)) => {
-                self.callout_check(callout.clone(), info, principal(Some(user)))
+        match &self.callout {
+            // 5. Anyone else: the callout, if one is configured.
+            Some(callout) => self.callout_check(callout.clone(), info, principal(Some(user))),
+            // 6. No credential store at all: the name is only a label, like anonymous.
+            None if self.anonymous && !self.config.has_credential_store() => {
+                AuthDecision::Allow(principal(Some(user)))
             }
-            // 4. An unknown user when a password file is configured.
-            (None, None) if self.config.password_file.is_some() => {
-                AuthDecision::Deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
-            }
-            // 5. No credential store at all: the name is only a label, like anonymous.
-            (None, None) if self.anonymous => AuthDecision::Allow(principal(Some(user))),
-            (None, None) => AuthDecision::Deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD),
+            // 7. An unknown user when credentials are checked.
+            None => AuthDecision::Deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD),
         }
+    }
+
+    fn start_exchange(
+        &self,
+        method: &str,
+        info: &ConnectInfo<'_>,
+    ) -> Option<Box<dyn AuthExchange>> {
+        let mechanism = Mechanism::from_name(method)?;
+        let store = self.scram.read().clone()?;
+        Some(Box::new(scram::ServerExchange::new(
+            mechanism,
+            store,
+            info.client_id,
+        )))
     }
 }
 
@@ -730,6 +960,7 @@ mod tests {
             username: None,
             client_id: "c".to_owned(),
             acl: None,
+            valid_until: None,
         };
         assert!(auth.checks_delivery(&p));
         std::fs::write(file.path(), "allow subscribe #\n").expect("rewrite");
@@ -746,5 +977,133 @@ mod tests {
             ..p
         };
         assert!(auth.checks_delivery(&own));
+    }
+
+    fn claims(user: &str, exp_in: i64) -> serde_json::Value {
+        serde_json::json!({"sub": user, "exp": jwt::unix_now().saturating_add_signed(exp_in)})
+    }
+
+    #[tokio::test]
+    async fn jwks_reload_swaps_the_keys_and_a_bad_file_keeps_the_old_ones() {
+        use jwt::testing::{ec_key, es256};
+        let (k1, jwk1) = ec_key("k1");
+        let (k2, jwk2) = ec_key("k2");
+        let file = tempfile::NamedTempFile::new().expect("temp");
+        let write = |keys: serde_json::Value| {
+            std::fs::write(file.path(), serde_json::json!({ "keys": keys }).to_string())
+                .expect("write")
+        };
+        write(serde_json::json!([jwk1]));
+        let auth = Auth::load(&AuthConfig {
+            jwt_jwks_file: Some(file.path().to_owned()),
+            ..AuthConfig::default()
+        })
+        .expect("load");
+        assert!(
+            !auth.allows_anonymous(),
+            "JWT keys turn anonymous access off"
+        );
+        let t1 = Bytes::from(es256(&k1, Some("k1"), &claims("d1", 60)));
+        let t2 = Bytes::from(es256(&k2, Some("k2"), &claims("d2", 60)));
+        let before = Instant::now();
+        let p = decide(&auth, &info(None, Some(&t1), None))
+            .await
+            .expect("k1");
+        assert_eq!(p.username.as_deref(), Some("d1"));
+        let until = p.valid_until.expect("the token's expiry");
+        assert!(
+            until > before + Duration::from_secs(55) && until < before + Duration::from_secs(62)
+        );
+        assert_eq!(
+            decide(&auth, &info(None, Some(&t2), None)).await,
+            Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+        );
+        write(serde_json::json!([jwk2]));
+        let (reloaded, errors) = auth.reload(true);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(reloaded, 1);
+        assert_eq!(auth.jwks_key_count(), 1);
+        decide(&auth, &info(None, Some(&t2), None))
+            .await
+            .expect("k2 after the reload");
+        assert!(decide(&auth, &info(None, Some(&t1), None)).await.is_err());
+        // A broken JWKS is refused and the keys in use stay.
+        std::fs::write(file.path(), "{\"keys\": [{\"kty\": \"RSA\"}]}").expect("write");
+        let (reloaded, errors) = auth.reload(true);
+        assert_eq!(reloaded, 0);
+        assert!(
+            errors[0].to_string().starts_with("auth.jwt_jwks_file: "),
+            "{}",
+            errors[0]
+        );
+        decide(&auth, &info(None, Some(&t2), None))
+            .await
+            .expect("old keys kept");
+    }
+
+    #[tokio::test]
+    async fn the_password_file_comes_before_tokens_and_tokens_before_the_anonymous_rule() {
+        let secret = jwt::testing::secret();
+        let mut secret_file = tempfile::NamedTempFile::new().expect("temp");
+        secret_file.write_all(&secret).expect("write");
+        writeln!(secret_file).expect("a trailing newline is not part of the secret");
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims("tok", 60),
+            &jsonwebtoken::EncodingKey::from_secret(&secret),
+        )
+        .expect("encode");
+        let token = Bytes::from(token);
+        let users = password_file(&[("alice", "pw")]);
+        let auth = Auth::load(&AuthConfig {
+            password_file: Some(users.path().to_owned()),
+            jwt_secret_file: Some(secret_file.path().to_owned()),
+            ..AuthConfig::default()
+        })
+        .expect("load");
+        // alice is in the password file: her password is checked there, even token-shaped.
+        assert_eq!(
+            decide(&auth, &info(Some("alice"), Some(&token), None)).await,
+            Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+        );
+        // Anyone else (with or without a user name) presenting a token is the token's user.
+        for user in [Some("bob"), None] {
+            let p = decide(&auth, &info(user, Some(&token), None))
+                .await
+                .expect("token");
+            assert_eq!(p.username.as_deref(), Some("tok"));
+        }
+        let not_a_token = Bytes::from_static(b"pw");
+        assert_eq!(
+            decide(&auth, &info(Some("bob"), Some(&not_a_token), None)).await,
+            Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+        );
+        assert!(
+            auth.start_exchange("SCRAM-SHA-256", &info(None, None, None))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn scram_methods_are_offered_only_with_a_credentials_file() {
+        let c = scram::Credential::generate(Mechanism::Sha256, b"pw").expect("salt");
+        let mut file = tempfile::NamedTempFile::new().expect("temp");
+        writeln!(file, "carol:{}", c.to_text()).expect("write");
+        let auth = Auth::load(&AuthConfig {
+            scram_file: Some(file.path().to_owned()),
+            ..AuthConfig::default()
+        })
+        .expect("load");
+        assert_eq!(auth.scram_user_count(), 1);
+        assert!(!auth.allows_anonymous());
+        let who = info(None, None, None);
+        assert!(auth.start_exchange("SCRAM-SHA-256", &who).is_some());
+        assert!(auth.start_exchange("SCRAM-SHA-512", &who).is_some());
+        assert!(auth.start_exchange("SCRAM-SHA-1", &who).is_none());
+        assert!(auth.start_exchange("scram-sha-256", &who).is_none());
+        std::fs::write(file.path(), "carol:$argon2id$nope\n").expect("write");
+        let (_, errors) = auth.reload(true);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(auth.scram_user_count(), 1, "the old credentials stay");
     }
 }

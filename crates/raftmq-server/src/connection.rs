@@ -339,5 +339,7 @@ fn close_label(reason: CloseReason) -> &'static str {
         CloseReason::ServerShutdown => "server_shutdown",
         CloseReason::StorageUnavailable => "storage_unavailable",
         CloseReason::Kicked => "kicked",
+        CloseReason::CredentialsExpired => "credentials_expired",
+        CloseReason::ReauthFailed(_) => "reauth_failed",
     }
 }

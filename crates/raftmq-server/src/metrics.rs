@@ -35,6 +35,7 @@ pub const AUTH_DENIED_TOTAL: &str = "raftmq_auth_denied_total";
 pub const AUTH_CACHE_LOOKUPS_TOTAL: &str = "raftmq_auth_cache_lookups_total";
 pub const AUTH_CALLOUTS_TOTAL: &str = "raftmq_auth_callouts_total";
 pub const AUTH_RELOADS_TOTAL: &str = "raftmq_auth_reloads_total";
+pub const AUTH_TOKENS_TOTAL: &str = "raftmq_auth_tokens_total";
 pub const LIMITS_EXCEEDED_TOTAL: &str = "raftmq_limits_exceeded_total";
 pub const RETAINED_BYTES: &str = "raftmq_retained_bytes";
 pub const BACKPRESSURE_PAUSES_TOTAL: &str = "raftmq_backpressure_pauses_total";

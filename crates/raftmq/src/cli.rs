@@ -42,7 +42,8 @@ pub enum Command {
     Config(ConfigCommand),
     /// Administer a running node through its admin API (HTTP).
     Ctl(crate::ctl::CtlArgs),
-    /// Add, update or delete a user in a password file (auth.password_file).
+    /// Add, update or delete a user in a password file (auth.password_file), or with --scram in
+    /// a SCRAM credentials file (auth.scram_file).
     Passwd(PasswdArgs),
 }
 
@@ -60,6 +61,11 @@ pub struct PasswdArgs {
     /// Remove the user instead.
     #[arg(long)]
     pub delete: bool,
+    /// Write SCRAM-SHA-256 and SCRAM-SHA-512 credentials (salted keys, for MQTT 5 enhanced
+    /// authentication) to a SCRAM credentials file (auth.scram_file) instead of an Argon2id hash
+    /// to a password file.
+    #[arg(long)]
+    pub scram: bool,
 }
 
 /// `raftmq config ...`

@@ -377,13 +377,15 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "auth",
         "Authentication and authorization (see docs/security.md). A fresh install has no \
-         password file and accepts anonymous clients; configuring a password file or a callout \
-         turns anonymous access off unless allow_anonymous = true.",
+         password file and accepts anonymous clients; configuring a password file, a callout, \
+         JWT keys or SCRAM credentials turns anonymous access off unless allow_anonymous = \
+         true.",
     ),
     optional(
         "auth.allow_anonymous",
         "Accept clients that send no user name (refused otherwise with CONNACK 0x87 / 3.1.1: \
-         5). Unset: true when neither password_file nor callout_url is set, false otherwise.",
+         5). Unset: true when none of password_file, callout_url, jwt_secret_file, \
+         jwt_jwks_file and scram_file is set, false otherwise.",
         "true",
     ),
     optional(
@@ -406,8 +408,8 @@ pub const KEYS: &[KeyDoc] = &[
     ),
     key(
         "auth.reload_interval",
-        "How often the password and ACL files are checked for changes; \"0s\" reloads only on \
-         SIGHUP.",
+        "How often the password, ACL, JWT key and SCRAM files are checked for changes; \"0s\" \
+         reloads only on SIGHUP.",
     ),
     key(
         "auth.cache_size",
@@ -433,6 +435,56 @@ pub const KEYS: &[KeyDoc] = &[
         "auth.callout_timeout",
         "How long the authentication callout may take (at most 10s); a slower answer refuses \
          the client (CONNACK 0x87 / 3.1.1: 5).",
+    ),
+    optional(
+        "auth.jwt_secret_file",
+        "File with the shared secret of HS256/HS384/HS512 JSON Web Tokens (at least 32 bytes; \
+         trailing white space ignored). A CONNECT password shaped like a JWT is then validated \
+         as a token (exp required; invalid: CONNACK 0x86 / 3.1.1: 4) and the connection is \
+         closed when it expires (MQTT 5: DISCONNECT 0xA0). Reloaded like the password file.",
+        "\"/etc/raftmq/jwt.secret\"",
+    ),
+    optional(
+        "auth.jwt_jwks_file",
+        "JWKS document (JSON {\"keys\": [...]}) with the public keys of RS256/384/512, \
+         PS256/384/512, ES256/384 and EdDSA tokens; a token's kid picks the key. Reloaded like \
+         the password file.",
+        "\"/etc/raftmq/jwks.json\"",
+    ),
+    key(
+        "auth.jwt_username_claim",
+        "The token claim that names the user (the user name of %u in ACL rules); a token \
+         without it is refused.",
+    ),
+    optional(
+        "auth.jwt_acl_claim",
+        "Token claim with the connection's own permissions, {\"pub\": [filters], \"sub\": \
+         [filters]}, which then replace the ACL file for it. Unset, or absent from a token: \
+         the ACL file applies.",
+        "\"mqtt\"",
+    ),
+    key(
+        "auth.jwt_leeway",
+        "Tolerance for clock differences with the token issuer when checking exp and nbf (at \
+         most 5m); a connection stays open until exp plus this.",
+    ),
+    optional(
+        "auth.jwt_audience",
+        "Required aud claim of tokens.",
+        "\"mqtt\"",
+    ),
+    optional(
+        "auth.jwt_issuer",
+        "Required iss claim of tokens.",
+        "\"https://id.example.com\"",
+    ),
+    optional(
+        "auth.scram_file",
+        "SCRAM credentials file (\"username:SCRAM-SHA-256$...\" lines; manage it with \
+         `raftmq passwd --scram FILE USER`): MQTT 5 clients may then authenticate with the \
+         enhanced authentication methods SCRAM-SHA-256 and SCRAM-SHA-512. Reloaded like the \
+         password file.",
+        "\"/etc/raftmq/scram\"",
     ),
     key("log", "Logging (to standard error)."),
     key(

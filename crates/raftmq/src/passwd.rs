@@ -1,4 +1,7 @@
-//! `raftmq passwd FILE USER [--password-stdin] [--delete]`: edits a password file.
+//! `raftmq passwd FILE USER [--password-stdin] [--delete] [--scram]`: edits a password file
+//! (Argon2id hashes), or with `--scram` a SCRAM credentials file (salted SCRAM-SHA-256 and
+//! SCRAM-SHA-512 keys: an Argon2id hash cannot serve SCRAM, whose client proves it knows a
+//! PBKDF2-derived key).
 //!
 //! The file is rewritten atomically (a temporary file in the same directory, then a rename),
 //! keeping its comments; a running broker picks the change up by itself.
@@ -6,6 +9,7 @@
 use crate::cli::PasswdArgs;
 use anyhow::{Context as _, bail};
 use raftmq_server::auth::passwd::{PasswordFile, hash_password, invalid_username};
+use raftmq_server::auth::scram::{self, Credential, Mechanism};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
@@ -14,7 +18,7 @@ pub fn run(args: &PasswdArgs) -> anyhow::Result<String> {
     if let Some(problem) = invalid_username(&args.username) {
         bail!("invalid user name `{}`: {problem}", args.username);
     }
-    let mut file = read(&args.file)?;
+    let mut file = read(&args.file, args.scram)?;
     if args.delete {
         if !file.remove(&args.username) {
             bail!("user `{}` is not in {}", args.username, args.file.display());
@@ -46,10 +50,17 @@ pub fn run(args: &PasswdArgs) -> anyhow::Result<String> {
         bail!("the password is empty");
     }
     let existed = file.get(&args.username).is_some();
-    file.set(
-        &args.username,
-        hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?,
-    );
+    let value = if args.scram {
+        let credentials = Mechanism::ALL
+            .into_iter()
+            .map(|m| Credential::generate(m, password.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        scram::format_credentials(&credentials)
+    } else {
+        hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?
+    };
+    file.set(&args.username, value);
     write(&args.file, &file)?;
     Ok(format!(
         "{} `{}` in {}",
@@ -59,12 +70,15 @@ pub fn run(args: &PasswdArgs) -> anyhow::Result<String> {
     ))
 }
 
-/// The password file at `path` (empty if it does not exist).
-fn read(path: &Path) -> anyhow::Result<PasswordFile> {
+/// The password file (or SCRAM credentials file) at `path` (empty if it does not exist).
+fn read(path: &Path, scram: bool) -> anyhow::Result<PasswordFile> {
     match std::fs::read_to_string(path) {
-        Ok(text) => {
-            PasswordFile::parse(&text).with_context(|| format!("reading {}", path.display()))
+        Ok(text) => if scram {
+            scram::parse_file(&text)
+        } else {
+            PasswordFile::parse(&text)
         }
+        .with_context(|| format!("reading {}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PasswordFile::default()),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -160,10 +174,11 @@ mod tests {
             username: "alice".into(),
             password_stdin: false,
             delete: true,
+            scram: false,
         };
         assert!(run(&args).expect("delete").contains("removed"));
         assert!(run(&args).is_err(), "deleting twice fails");
-        let back = read(&path).expect("read");
+        let back = read(&path, false).expect("read");
         assert_eq!(back.get("alice"), None);
         assert!(verify_password(back.get("bob").expect("bob"), b"b"));
         use std::os::unix::fs::PermissionsExt as _;
@@ -177,5 +192,46 @@ mod tests {
             ..args
         };
         assert!(run(&bad).expect_err("bad name").to_string().contains("`:`"));
+    }
+
+    #[test]
+    fn scram_files_hold_salted_keys_that_a_client_proves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("scram");
+        let mut file = PasswordFile::default();
+        let credentials: Vec<Credential> = Mechanism::ALL
+            .into_iter()
+            .map(|m| Credential::generate(m, b"pencil").expect("salt"))
+            .collect();
+        file.set("carol", scram::format_credentials(&credentials));
+        write(&path, &file).expect("write");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(!text.contains("pencil"));
+        assert!(text.starts_with("carol:SCRAM-SHA-256$4096:"), "{text}");
+        let store = std::sync::Arc::new(scram::ScramStore::parse(&text).expect("valid"));
+        for m in Mechanism::ALL {
+            let mut server = scram::ServerExchange::new(m, store.clone(), "c");
+            let mut client = scram::ClientExchange::new(m, "carol", b"pencil", "n0nce");
+            let first = server
+                .server_first(client.client_first().as_bytes())
+                .expect("first");
+            let last = client.client_final(first.as_bytes()).expect("final");
+            let (user, _) = server
+                .server_final(last.as_bytes())
+                .expect("proof accepted");
+            assert_eq!(user, "carol");
+        }
+        // A SCRAM file is not a password file, nor the other way round.
+        assert!(read(&path, false).is_err());
+        assert!(read(&path, true).is_ok());
+        let args = PasswdArgs {
+            file: path.clone(),
+            username: "carol".into(),
+            password_stdin: false,
+            delete: true,
+            scram: true,
+        };
+        assert!(run(&args).expect("delete").contains("removed"));
+        assert_eq!(read(&path, true).expect("read").len(), 0);
     }
 }

@@ -38,8 +38,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     let upkeep = telemetry::spawn_upkeep(metrics.clone(), telemetry::UPKEEP_INTERVAL);
 
-    // Authentication and authorization: password file, ACL, callout; files reloaded when they
-    // change and on SIGHUP.
+    // Authentication and authorization: password file, JWT keys, SCRAM credentials, ACL,
+    // callout; files reloaded when they change and on SIGHUP.
     let auth = Arc::new(Auth::load(&config.auth).context("loading authentication files")?);
     info!(
         anonymous = auth.allows_anonymous(),
@@ -47,6 +47,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         acl = config.auth.acl_file.is_some(),
         callout = config.auth.callout_url.is_some(),
         cert_identity = config.auth.use_cert_identity,
+        jwt = config.auth.jwt_enabled(),
+        jwks_keys = auth.jwks_key_count(),
+        scram_users = auth.scram_user_count(),
         "authentication configured"
     );
     let auth_watch = tokio::spawn(auth.clone().watch());

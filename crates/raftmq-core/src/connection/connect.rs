@@ -1,7 +1,7 @@
 //! CONNECT: authentication (decided outside the state machine), negotiation, attaching the
 //! session, and CONNACK.
 
-use super::{Attachment, CloseReason, Connection};
+use super::{Attachment, AuthSlot, CloseReason, Connection};
 use crate::auth::{Access, AuthDecision, ConnectInfo, PendingAuth, Principal};
 use crate::broker::NEVER_EXPIRES;
 use crate::message::Message;
@@ -36,14 +36,13 @@ impl Connection {
     /// The authentication decision the caller must await (once; see
     /// [`crate::auth::AuthDecision::Pending`]), then report with [`Self::handle_auth_result`].
     pub fn take_pending_auth(&mut self) -> Option<PendingAuth> {
-        self.awaiting_auth
-            .as_mut()
+        self.awaiting_auth_mut()
             .and_then(|a| a.future.get_mut().take())
     }
 
     /// Whether CONNECT waits for an authentication decision.
     pub fn is_awaiting_auth(&self) -> bool {
-        self.awaiting_auth.is_some()
+        matches!(self.auth.as_deref(), Some(AuthSlot::Awaiting(_)))
     }
 
     /// The asynchronous authentication decision for the pending CONNECT: continues it (and
@@ -53,7 +52,7 @@ impl Connection {
         result: Result<Principal, raftmq_codec::ReasonCode>,
         now: Instant,
     ) {
-        let Some(awaiting) = self.awaiting_auth.take().map(|a| *a) else {
+        let Some(awaiting) = self.take_awaiting_auth() else {
             return;
         };
         if self.closed.is_some() {
@@ -67,6 +66,7 @@ impl Connection {
                     awaiting.client_id,
                     awaiting.assigned,
                     principal,
+                    None,
                     now,
                 );
                 for packet in awaiting.held {
@@ -105,9 +105,6 @@ impl Connection {
         self.version = c.protocol;
         let v5 = c.protocol.is_v5();
         let cfg = self.broker.config().clone();
-        if c.properties.authentication_method.is_some() {
-            return self.refuse_connect(ReasonCode::BAD_AUTHENTICATION_METHOD, now);
-        }
         // Client identifier (§3.1.3.1).
         let mut assigned = None;
         let client_id = if c.client_id.is_empty() {
@@ -125,6 +122,10 @@ impl Connection {
             // keep the connection's whole read buffer allocated.
             ByteStr::from(c.client_id.as_str())
         };
+        // Enhanced authentication (§4.12): the method's exchange decides instead.
+        if let Some(method) = c.properties.authentication_method.clone() {
+            return self.start_enhanced(c, client_id, assigned, method, now);
+        }
         let info = ConnectInfo {
             client_id: &client_id,
             username: c.username.as_deref(),
@@ -134,17 +135,17 @@ impl Connection {
         };
         match self.broker.authenticator().authenticate(&info) {
             AuthDecision::Allow(principal) => {
-                self.finish_connect(c, client_id, assigned, principal, now)
+                self.finish_connect(c, client_id, assigned, principal, None, now)
             }
             AuthDecision::Deny(code) => self.refuse_auth(code, now),
             AuthDecision::Pending(future) => {
-                self.awaiting_auth = Some(Box::new(AwaitingAuth {
+                self.auth = Some(Box::new(AuthSlot::Awaiting(AwaitingAuth {
                     connect: c,
                     client_id,
                     assigned,
                     future: parking_lot::Mutex::new(Some(future)),
                     held: VecDeque::new(),
-                }))
+                })))
             }
         }
     }
@@ -156,6 +157,7 @@ impl Connection {
         client_id: ByteStr,
         assigned: Option<ByteStr>,
         principal: Principal,
+        auth_data: Option<bytes::Bytes>,
         now: Instant,
     ) {
         let v5 = c.protocol.is_v5();
@@ -241,6 +243,11 @@ impl Connection {
         let mut props = ConnAckProperties::default();
         if v5 {
             props.assigned_client_identifier = assigned;
+            // The method of an enhanced authentication and its last data ([MQTT-4.12.0-5]).
+            if let Some(method) = &c.properties.authentication_method {
+                props.authentication_method = Some(method.clone());
+                props.authentication_data = auth_data;
+            }
             props.receive_maximum = Some(cfg.receive_maximum);
             props.maximum_packet_size = u32::try_from(cfg.max_packet_size.0).ok();
             props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
@@ -276,7 +283,9 @@ impl Connection {
         attached.session.set_connection_info(
             attached.epoch,
             ConnectionInfo {
-                username: c.username.as_deref().map(str::to_owned),
+                // The authenticated name (a token's claim, a certificate's identity, the SCRAM
+                // user), not whatever CONNECT said.
+                username: principal.username.clone(),
                 peer: self.peer,
                 protocol_level: match c.protocol {
                     ProtocolVersion::V3_1 => 3,

@@ -51,6 +51,15 @@ pub fn invalid_username(user: &str) -> Option<&'static str> {
 impl PasswordFile {
     /// Parses the text of a password file; the first problem is returned with its line.
     pub fn parse(text: &str) -> Result<PasswordFile, PasswdError> {
+        Self::parse_with(text, check_hash)
+    }
+
+    /// Parses a file of the same `username:value` layout whose values `check` validates (the
+    /// SCRAM credentials file).
+    pub fn parse_with<E: std::fmt::Display>(
+        text: &str,
+        check: impl Fn(&str) -> Result<(), E>,
+    ) -> Result<PasswordFile, PasswdError> {
         let mut file = PasswordFile::default();
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
@@ -66,7 +75,7 @@ impl PasswordFile {
             if let Some(problem) = invalid_username(user) {
                 return Err(err(problem.into()));
             }
-            check_hash(hash).map_err(|m| err(format!("user `{user}`: {m}")))?;
+            check(hash).map_err(|m| err(format!("user `{user}`: {m}")))?;
             if file.index.contains_key(user) {
                 return Err(err(format!("user `{user}` appears twice")));
             }
@@ -85,6 +94,14 @@ impl PasswordFile {
             Some(Line::Entry { hash, .. }) => Some(hash),
             _ => None,
         }
+    }
+
+    /// Every `(user, value)`, in file order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.lines.iter().filter_map(|l| match l {
+            Line::Entry { user, hash } => Some((user.as_str(), hash.as_str())),
+            Line::Other(_) => None,
+        })
     }
 
     /// Number of users.
