@@ -119,6 +119,12 @@ impl RaftDurability {
         self.declared_at(self.node_id)
     }
 
+    /// The log index of the last batch `node` proposed that was applied here (0: none, or the
+    /// store cannot be read).
+    pub fn last_proposed_by(&self, node: NodeId) -> u64 {
+        self.reader.last_proposed_by(node).unwrap_or(0)
+    }
+
     /// The log index of the last `NodeDown` applied here that declared `node` down (0: never;
     /// `u64::MAX` when the store cannot be read).
     pub fn declared_at(&self, node: NodeId) -> u64 {

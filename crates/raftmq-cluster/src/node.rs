@@ -660,6 +660,9 @@ async fn declare_down_nodes(
     let mut lease = Lease::default();
     // The last applied log index when this node last fenced itself.
     let mut fenced_at = 0u64;
+    // Per member: the index of its last batch seen here, and since when it is the last.
+    let mut last_proposed: std::collections::HashMap<NodeId, (u64, std::time::Instant)> =
+        std::collections::HashMap::new();
     // Sessions given to this node by a committed NodeDown that it could not read yet: adopted
     // on a later tick, never dropped.
     let mut adoption_pending = false;
@@ -745,14 +748,33 @@ async fn declare_down_nodes(
             )
         };
         declared.retain(|n| members.contains(n) && hub.down_for(*n).is_some());
+        // A node whose batches still commit is in touch with a quorum, whatever its forwarding
+        // stream says (a partition healing, say): never declared down. Its silence in the log
+        // counts like its stream's (watched on every node, so a new leader knows it too).
+        let now = std::time::Instant::now();
+        last_proposed.retain(|n, _| members.contains(n));
+        for &node in &members {
+            let proposed = durability.last_proposed_by(node);
+            if last_proposed
+                .get(&node)
+                .is_none_or(|(index, _)| *index != proposed)
+            {
+                last_proposed.insert(node, (proposed, now));
+            }
+        }
         if !leader {
             continue;
         }
         for node in members {
+            let quiet = last_proposed
+                .get(&node)
+                .map_or(Duration::ZERO, |(_, since)| now.duration_since(*since));
             let gone = hub
                 .refused_for(node)
-                .is_some_and(|r| r >= DEAD_AFTER_REFUSED)
-                || hub.down_for(node).is_some_and(|d| d >= NODE_DOWN_AFTER);
+                .is_some_and(|r| r >= DEAD_AFTER_REFUSED && quiet >= DEAD_AFTER_REFUSED)
+                || hub
+                    .down_for(node)
+                    .is_some_and(|d| d >= NODE_DOWN_AFTER && quiet >= NODE_DOWN_AFTER);
             if declared.contains(&node) || !gone {
                 continue;
             }

@@ -62,10 +62,18 @@ impl FenceNotes {
 impl StateMachine {
     /// The log index of the last `NodeDown` applied that declared `node` down (0: never).
     pub fn declared_down_at(&self, node: u64) -> Result<u64, StoreError> {
-        let key = declared_key(node);
-        Ok(match self.db.get(StateCf::SmMeta, &key)? {
+        self.meta_u64(&declared_key(node))
+    }
+
+    /// The log index of the last batch `node` proposed (0: none applied here).
+    pub fn last_proposed_by(&self, node: u64) -> Result<u64, StoreError> {
+        self.meta_u64(&origin_key(node))
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<u64, StoreError> {
+        Ok(match self.db.get(StateCf::SmMeta, key)? {
             Some(raw) => {
-                read_u64(&raw).ok_or_else(|| corrupt(StateCf::SmMeta, &key, "not a u64"))?
+                read_u64(&raw).ok_or_else(|| corrupt(StateCf::SmMeta, key, "not a u64"))?
             }
             None => 0,
         })
