@@ -180,6 +180,19 @@ impl Cluster {
     }
 }
 
+/// A 3-node cluster (with its leader and a follower) where `pub` (claim 10) and `sub` (claim
+/// 11) were claimed through the follower.
+async fn claimed_through_a_follower() -> (Cluster, NodeId, NodeId) {
+    let cluster = Cluster::start(3, tuning(10_000, 1_000)).await;
+    let leader = cluster.leader().await;
+    let follower = without(&cluster.ids, leader)[0];
+    cluster
+        .propose(follower, None, vec![claim("pub", 10), claim("sub", 11)])
+        .await
+        .expect("the claims commit");
+    (cluster, leader, follower)
+}
+
 /// The QoS 2 duplicate of the reliability issue, at the Raft layer: a publisher's QoS 2
 /// PUBLISH is proposed through a follower whose forward is held up; the proposer gives up
 /// (the broker closes the connection without PUBREC); the client reconnects through another
@@ -188,15 +201,9 @@ impl Cluster {
 /// does (checked last), which is the duplicate this prevents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_late_copy_of_a_fenced_proposal_takes_no_effect_after_the_client_reconnected() {
-    let cluster = Cluster::start(3, tuning(10_000, 1_000)).await;
-    let leader = cluster.leader().await;
-    let follower = without(&cluster.ids, leader)[0];
     // The publisher's first connection is on the follower (claim 10); the subscriber's
     // session exists.
-    cluster
-        .propose(follower, None, vec![claim("pub", 10), claim("sub", 11)])
-        .await
-        .expect("the claims commit");
+    let (cluster, leader, follower) = claimed_through_a_follower().await;
     let first_connection = Fence::Attached {
         client_id: ByteStr::from("pub"),
         epoch: 10,
@@ -267,13 +274,7 @@ async fn a_late_copy_of_a_fenced_proposal_takes_no_effect_after_the_client_recon
 /// storing it again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_committed_proposal_whose_reply_was_lost_is_in_the_state_the_next_claim_loads() {
-    let cluster = Cluster::start(3, tuning(10_000, 1_000)).await;
-    let leader = cluster.leader().await;
-    let follower = without(&cluster.ids, leader)[0];
-    cluster
-        .propose(follower, None, vec![claim("pub", 10), claim("sub", 11)])
-        .await
-        .expect("the claims commit");
+    let (cluster, leader, follower) = claimed_through_a_follower().await;
     cluster
         .net
         .forwarded
