@@ -318,16 +318,50 @@ pub fn agreed_leader(views: &[Option<Value>], voters: usize) -> Option<u64> {
     agreed.then(|| first["leader"].as_u64()).flatten()
 }
 
-/// Waits (up to [`START_TIMEOUT`]) until every node in `http_ports` reports the same leader,
-/// `voters` voters and the same applied index; returns the leader id.
+/// The leader every view names, with `voters` voters each, and the lowest and highest applied
+/// index among them; `None` while they disagree on the leader or the voters.
+pub fn agreed_leader_applied(views: &[Option<Value>], voters: usize) -> Option<(u64, u64, u64)> {
+    let first = views.first()?.as_ref()?;
+    let mut applied = Vec::with_capacity(views.len());
+    for v in views {
+        let v = v.as_ref()?;
+        if v["voters"].as_array().is_none_or(|a| a.len() != voters)
+            || v["leader"] != first["leader"]
+        {
+            return None;
+        }
+        applied.push(v["last_applied"].as_u64().unwrap_or(0));
+    }
+    let leader = first["leader"].as_u64()?;
+    Some((leader, *applied.iter().min()?, *applied.iter().max()?))
+}
+
+/// Waits (up to [`START_TIMEOUT`]) until every node in `http_ports` reports the same leader
+/// and `voters` voters, and every one has applied what the most advanced had applied when they
+/// first agreed (not "the same applied index at one instant", which a cluster under steady load
+/// may seldom show); returns the leader id.
 pub async fn wait_converged(http_ports: &[u16], voters: usize) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    // The index to reach, fixed when the nodes first agree on the leader (MAX: not yet).
+    let goal = AtomicU64::new(u64::MAX);
+    let goal = &goal;
     poll(
         "the cluster converges",
         START_TIMEOUT,
         Duration::from_millis(200),
-        || async {
+        || async move {
             let views = cluster_views(http_ports).await;
-            agreed_leader(&views, voters).ok_or(views)
+            match agreed_leader_applied(&views, voters) {
+                Some((leader, lowest, highest)) => {
+                    let _ = goal.compare_exchange(u64::MAX, highest, Relaxed, Relaxed);
+                    if lowest >= goal.load(Relaxed) {
+                        Ok(leader)
+                    } else {
+                        Err(views)
+                    }
+                }
+                None => Err(views),
+            }
         },
     )
     .await
@@ -337,6 +371,24 @@ pub async fn wait_converged(http_ports: &[u16], voters: usize) -> u64 {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn agreement_on_the_leader_reports_the_spread_of_applied_indexes() {
+        let view = |leader: u64, applied: u64| {
+            Some(json!({"leader": leader, "voters": [1, 2, 3], "last_applied": applied}))
+        };
+        assert_eq!(
+            agreed_leader_applied(&[view(2, 9), view(2, 7), view(2, 12)], 3),
+            Some((2, 7, 12))
+        );
+        assert_eq!(
+            agreed_leader_applied(&[view(2, 9), view(1, 9), view(2, 9)], 3),
+            None
+        );
+        assert_eq!(agreed_leader_applied(&[view(2, 9), None], 3), None);
+        let two_voters = Some(json!({"leader": 2, "voters": [1, 2], "last_applied": 9}));
+        assert_eq!(agreed_leader_applied(&[view(2, 9), two_voters], 3), None);
+    }
 
     #[test]
     fn agreement_needs_the_same_leader_voters_and_applied_index() {
