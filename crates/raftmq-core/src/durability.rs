@@ -426,15 +426,6 @@ pub enum Fence {
     Offline { client_id: ByteStr, epoch: u64 },
 }
 
-impl Fence {
-    /// The session the fence names.
-    pub fn client_id(&self) -> &ByteStr {
-        match self {
-            Fence::Attached { client_id, .. } | Fence::Offline { client_id, .. } => client_id,
-        }
-    }
-}
-
 /// Durable storage for broker state.
 pub trait Durability: Send + Sync + 'static {
     /// Records `changes` (in order, atomically as a batch); the commit resolves once they are

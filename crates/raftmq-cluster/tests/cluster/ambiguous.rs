@@ -180,6 +180,23 @@ impl Cluster {
     }
 }
 
+/// The fence of `pub`'s connection of claim `epoch`.
+fn pub_connection(epoch: u64) -> Fence {
+    Fence::Attached {
+        client_id: ByteStr::from("pub"),
+        epoch,
+    }
+}
+
+impl Cluster {
+    /// `pub` reconnects through node `via` (claim 20).
+    async fn reclaim_pub(&self, via: NodeId) {
+        self.propose(via, None, vec![claim("pub", 20)])
+            .await
+            .expect("the new claim commits");
+    }
+}
+
 /// A 3-node cluster (with its leader and a follower) where `pub` (claim 10) and `sub` (claim
 /// 11) were claimed through the follower.
 async fn claimed_through_a_follower() -> (Cluster, NodeId, NodeId) {
@@ -204,18 +221,12 @@ async fn a_late_copy_of_a_fenced_proposal_takes_no_effect_after_the_client_recon
     // The publisher's first connection is on the follower (claim 10); the subscriber's
     // session exists.
     let (cluster, leader, follower) = claimed_through_a_follower().await;
-    let first_connection = Fence::Attached {
-        client_id: ByteStr::from("pub"),
-        epoch: 10,
-    };
+    let first_connection = pub_connection(10);
 
     // The QoS 2 PUBLISH (packet id 5) through the first connection is held up; meanwhile the
     // client reconnects through the leader (claim 20) and resends it there.
     let resend = async {
-        cluster
-            .propose(leader, None, vec![claim("pub", 20)])
-            .await
-            .expect("the new claim commits");
+        cluster.reclaim_pub(leader).await;
         assert_eq!(
             cluster.qos2_state(leader),
             (0, vec![]),
@@ -224,10 +235,7 @@ async fn a_late_copy_of_a_fenced_proposal_takes_no_effect_after_the_client_recon
         cluster
             .propose(
                 leader,
-                Some(Fence::Attached {
-                    client_id: ByteStr::from("pub"),
-                    epoch: 20,
-                }),
+                Some(pub_connection(20)),
                 qos2_publish(5, MessageId(2 << 48 | 7)),
             )
             .await
@@ -284,10 +292,7 @@ async fn a_committed_proposal_whose_reply_was_lost_is_in_the_state_the_next_clai
     let outcome = cluster
         .propose(
             follower,
-            Some(Fence::Attached {
-                client_id: ByteStr::from("pub"),
-                epoch: 10,
-            }),
+            Some(pub_connection(10)),
             qos2_publish(5, MessageId(1 << 48 | 7)),
         )
         .await;
@@ -301,10 +306,7 @@ async fn a_committed_proposal_whose_reply_was_lost_is_in_the_state_the_next_clai
         "the reply to the forwarded proposal was never dropped"
     );
     assert_eq!(outcome, Err(DurabilityError::Unavailable));
-    cluster
-        .propose(leader, None, vec![claim("pub", 20)])
-        .await
-        .expect("the new claim commits");
+    cluster.reclaim_pub(leader).await;
     assert_eq!(
         cluster.qos2_state(leader),
         (1, vec![5]),
