@@ -71,12 +71,7 @@ impl StateMachine {
     }
 
     fn meta_u64(&self, key: &[u8]) -> Result<u64, StoreError> {
-        Ok(match self.db.get(StateCf::SmMeta, key)? {
-            Some(raw) => {
-                read_u64(&raw).ok_or_else(|| corrupt(StateCf::SmMeta, key, "not a u64"))?
-            }
-            None => 0,
-        })
+        meta_u64(self.db.get(StateCf::SmMeta, key)?, key)
     }
 }
 
@@ -108,11 +103,10 @@ pub(super) fn record_meta(tx: &mut Tx<'_>, outcome: &BatchOutcome, index: u64) {
     }
 }
 
-/// A `u64` value of `sm_meta` (0 when absent), as the entry's earlier writes left it.
-fn read_u64_key(tx: &Tx<'_>, key: &[u8]) -> Result<u64, StoreError> {
-    Ok(match tx.get(StateCf::SmMeta, key)? {
-        Some(raw) => read_u64(&raw).ok_or_else(|| corrupt(StateCf::SmMeta, key, "not a u64"))?,
-        None => 0,
+/// A `u64` value read from `sm_meta` (through the database or an entry's overlay): 0 when absent.
+fn meta_u64(raw: Option<Vec<u8>>, key: &[u8]) -> Result<u64, StoreError> {
+    raw.map_or(Ok(0), |raw| {
+        read_u64(&raw).ok_or_else(|| corrupt(StateCf::SmMeta, key, "not a u64"))
     })
 }
 
@@ -191,7 +185,8 @@ pub(super) fn apply_changes(
             continue;
         };
         if let ProtoChange::NodeDown(down) = &change {
-            let back = read_u64_key(tx, &origin_key(down.node))?;
+            let key = origin_key(down.node);
+            let back = meta_u64(tx.get(StateCf::SmMeta, &key)?, &key)?;
             if down.seen != 0 && back > down.seen {
                 tracing::info!(
                     node = down.node,
