@@ -350,7 +350,8 @@ async fn batcher(
                     None => Err(DurabilityError::Unavailable),
                 },
             };
-            p.handle.complete(outcome);
+            let index = result.ok();
+            p.handle.complete_at(outcome, index);
         }
     }
 }

@@ -60,6 +60,17 @@ pub const FORWARD_DUPLICATES_TOTAL: &str = "raftmq_forward_duplicates_total";
 pub const FORWARD_PEER_WILLS: &str = "raftmq_forward_peer_wills";
 pub const FORWARD_RESEND_OVERFLOW_TOTAL: &str = "raftmq_forward_resend_overflow_total";
 pub const FORWARD_ACK_TIMEOUTS_TOTAL: &str = "raftmq_forward_ack_timeouts_total";
+/// Forwarded messages that had to wait, on the sending or the receiving side, for the
+/// publisher's previous stored message (see [`ORDER_WAIT`]).
+pub const FORWARD_ORDER_WAITS_TOTAL: &str = "raftmq_forward_order_waits_total";
+/// Of those, the waits given up after [`ORDER_WAIT`] (the message went on unordered).
+pub const FORWARD_ORDER_WAIT_TIMEOUTS_TOTAL: &str = "raftmq_forward_order_wait_timeouts_total";
+
+/// Most a forwarded message waits to keep its publisher's order: on the sending side for the
+/// commit of the publisher's previous stored message (to learn its log index), on the
+/// receiving side for that index to be applied there. Past it the message goes on (a commit
+/// that slow, or a receiver that far behind, is a failure the log's copy still covers).
+pub const ORDER_WAIT: Duration = Duration::from_secs(2);
 
 /// One message for a peer.
 struct Outgoing {
@@ -67,6 +78,9 @@ struct Outgoing {
     plain: bool,
     shared: Vec<Arc<str>>,
     stored: Option<MessageId>,
+    /// The commit of the same publisher's previous stored message: the receiver delivers
+    /// this one only after applying it (see `pb::Forwarded::after_index`).
+    after: Option<Commit>,
     /// Resolved when the peer acknowledges it (QoS 1/2 while the link is up).
     ack: Option<CommitHandle>,
 }
@@ -118,6 +132,7 @@ impl Forwarder for ForwardHub {
         plain: bool,
         shared: Vec<Arc<str>>,
         stored: Option<MessageId>,
+        after: Option<&Commit>,
     ) -> Commit {
         // QoS 1/2 over a working link: the publisher's acknowledgement waits for the peer's.
         // Over a link that is down there is nobody to wait for (its subscribers' connections
@@ -140,6 +155,7 @@ impl Forwarder for ForwardHub {
             plain,
             shared,
             stored,
+            after: after.cloned(),
             ack,
         }));
         drop(links);
@@ -408,6 +424,7 @@ async fn link(
                             plain: o.plain,
                             shared: o.shared.iter().map(|s| s.to_string()).collect(),
                             stored_id: o.stored.map_or(0, |id| id.0),
+                            after_index: after_index(o.after).await,
                         };
                         messages.push(frame.clone());
                         unacked.push_back(Unacked {
@@ -517,6 +534,38 @@ async fn link(
     }
 }
 
+/// Where the commit `after` (of the publisher's previous stored message) landed in the log,
+/// waiting up to [`ORDER_WAIT`] for it to resolve; 0 if there is nothing to wait for (no
+/// such message, it failed, or it took too long).
+async fn after_index(after: Option<Commit>) -> u64 {
+    let Some(after) = after else { return 0 };
+    if after.result().is_none() {
+        counter!(FORWARD_ORDER_WAITS_TOTAL).increment(1);
+        if tokio::time::timeout(ORDER_WAIT, after.clone())
+            .await
+            .is_err()
+        {
+            counter!(FORWARD_ORDER_WAIT_TIMEOUTS_TOTAL).increment(1);
+        }
+    }
+    after.log_index().unwrap_or(0)
+}
+
+/// Waits until this node has mirrored the replicated log up to `index` (see
+/// [`ForwardGrpc::set_mirror_progress`]), for at most [`ORDER_WAIT`].
+async fn mirrored(progress: Option<&tokio::sync::watch::Receiver<u64>>, index: u64) {
+    let Some(progress) = progress else { return };
+    if index == 0 || *progress.borrow() >= index {
+        return;
+    }
+    counter!(FORWARD_ORDER_WAITS_TOTAL).increment(1);
+    let mut progress = progress.clone();
+    let reached = tokio::time::timeout(ORDER_WAIT, progress.wait_for(|i| *i >= index)).await;
+    if !matches!(reached, Ok(Ok(_))) {
+        counter!(FORWARD_ORDER_WAIT_TIMEOUTS_TOTAL).increment(1);
+    }
+}
+
 /// The receiving side, served on the cluster port. Refuses streams until the broker exists.
 #[derive(Clone, Default)]
 pub struct ForwardGrpc {
@@ -527,6 +576,8 @@ pub struct ForwardGrpc {
 struct Receiver {
     broker: OnceLock<Arc<Broker>>,
     clock: OnceLock<WallClock>,
+    /// How far this node has mirrored the replicated log into its broker.
+    progress: OnceLock<tokio::sync::watch::Receiver<u64>>,
     /// Per sending node: its incarnation and the last sequence number handled.
     seen: Mutex<HashMap<NodeId, (u64, u64)>>,
 }
@@ -542,6 +593,12 @@ impl ForwardGrpc {
     pub fn set_broker(&self, broker: Arc<Broker>) {
         let _ = self.inner.clock.set(WallClock::now());
         let _ = self.inner.broker.set(broker);
+    }
+
+    /// How far the applied-change feed has mirrored the log into the broker: a forwarded
+    /// message with an `after_index` waits for it (see `pb::Forwarded::after_index`).
+    pub fn set_mirror_progress(&self, progress: tokio::sync::watch::Receiver<u64>) {
+        let _ = self.inner.progress.set(progress);
     }
 
     /// The gRPC service.
@@ -603,6 +660,7 @@ impl ForwardService for ForwardGrpc {
                             let shared: Vec<Arc<str>> =
                                 f.shared.into_iter().map(Arc::from).collect();
                             let stored = (f.stored_id != 0).then_some(MessageId(f.stored_id));
+                            mirrored(inner.progress.get(), f.after_index).await;
                             broker.deliver_forwarded(Arc::new(message), f.plain, &shared, stored);
                         }
                         if let Some(entry) = inner.seen.lock().get_mut(&from)
@@ -673,4 +731,64 @@ pub(crate) fn connection_refused(status: &tonic::Status) -> bool {
         source = error.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The receiving side holds a forwarded message back until the log is mirrored up to its
+    /// `after_index`, and no longer than [`ORDER_WAIT`].
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_message_waits_until_the_log_is_mirrored_up_to_its_index() {
+        let (progress, watching) = tokio::sync::watch::channel(5u64);
+        // Already mirrored, nothing to wait for, or no feed: at once.
+        let start = tokio::time::Instant::now();
+        mirrored(Some(&watching), 5).await;
+        mirrored(Some(&watching), 0).await;
+        mirrored(None, 9).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // Behind: until the feed gets there.
+        let waiting = tokio::spawn({
+            let watching = watching.clone();
+            async move {
+                mirrored(Some(&watching), 7).await;
+                tokio::time::Instant::now()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        progress.send_replace(6);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "delivered before index 7 was mirrored"
+        );
+        progress.send_replace(7);
+        let done = waiting.await.expect("the waiting task");
+        assert_eq!(done - start, Duration::from_millis(600));
+        // A feed that never gets there: given up after ORDER_WAIT.
+        let start = tokio::time::Instant::now();
+        mirrored(Some(&watching), 100).await;
+        assert_eq!(start.elapsed(), ORDER_WAIT);
+    }
+
+    /// The sending side names where the previous stored message committed, waiting for a
+    /// pending commit at most [`ORDER_WAIT`]; a failed one names nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarded_message_names_where_the_previous_stored_message_committed() {
+        assert_eq!(after_index(None).await, 0);
+        assert_eq!(after_index(Some(Commit::ready())).await, 0);
+        let (pending, handle) = Commit::pending();
+        let naming = tokio::spawn(after_index(Some(pending)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!naming.is_finished(), "named before the commit resolved");
+        handle.complete_at(Ok(()), Some(42));
+        assert_eq!(naming.await.expect("the naming task"), 42);
+        let failed = Commit::failed(raftmq_core::durability::DurabilityError::Unavailable);
+        assert_eq!(after_index(Some(failed)).await, 0);
+        let (never, _handle) = Commit::pending();
+        let start = tokio::time::Instant::now();
+        assert_eq!(after_index(Some(never)).await, 0);
+        assert_eq!(start.elapsed(), ORDER_WAIT);
+    }
 }

@@ -23,11 +23,60 @@ fn bad_request(e: conv::WireError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// When this node last heard from a leader it follows: an AppendEntries or InstallSnapshot
+/// it accepted (not one it refused for a higher vote). A cut-off follower knows from it how
+/// long it has been without one (see `node.rs`, the lease), which openraft's metrics do not
+/// tell: a follower keeps naming its leader until the leader lease and an election timeout
+/// have passed (up to 4 s, and 4 s more after a refused election).
+#[derive(Debug)]
+pub struct LeaderContact {
+    base: std::time::Instant,
+    /// Milliseconds after `base`, plus one (0: never).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Default for LeaderContact {
+    fn default() -> Self {
+        LeaderContact {
+            base: std::time::Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl LeaderContact {
+    /// Records a contact now.
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.last
+            .fetch_max(ms + 1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The last contact, if any.
+    pub fn last(&self) -> Option<std::time::Instant> {
+        match self.last.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.base + std::time::Duration::from_millis(ms - 1)),
+        }
+    }
+}
+
 /// Both services of a node, ready to be served.
 pub fn routes(raft: Raft) -> tonic::service::Routes {
-    let raft_service = RaftServiceServer::new(RaftGrpc { raft: raft.clone() })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    routes_with(raft, None)
+}
+
+/// [`routes`], recording every accepted contact from a leader in `contact`.
+pub fn routes_with(
+    raft: Raft,
+    contact: Option<std::sync::Arc<LeaderContact>>,
+) -> tonic::service::Routes {
+    let raft_service = RaftServiceServer::new(RaftGrpc {
+        raft: raft.clone(),
+        contact,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let cluster_service = ClusterServiceServer::new(ClusterGrpc { raft })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -36,6 +85,7 @@ pub fn routes(raft: Raft) -> tonic::service::Routes {
 
 struct RaftGrpc {
     raft: Raft,
+    contact: Option<std::sync::Arc<LeaderContact>>,
 }
 
 #[tonic::async_trait]
@@ -55,6 +105,11 @@ impl RaftService for RaftGrpc {
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
         let req = conv::append_request_from_pb(req.get_ref()).map_err(bad_request)?;
         let resp = self.raft.append_entries(req).await.map_err(to_status)?;
+        if let Some(contact) = &self.contact
+            && !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_))
+        {
+            contact.touch();
+        }
         Ok(Response::new(conv::append_response_to_pb(&resp)))
     }
 
@@ -63,7 +118,13 @@ impl RaftService for RaftGrpc {
         req: GrpcRequest<pb::InstallSnapshotRequest>,
     ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
         let req = conv::snapshot_request_from_pb(req.get_ref()).map_err(bad_request)?;
+        let vote = req.vote;
         let resp = self.raft.install_snapshot(req).await.map_err(to_status)?;
+        if let Some(contact) = &self.contact
+            && resp.vote <= vote
+        {
+            contact.touch();
+        }
         Ok(Response::new(conv::snapshot_response_to_pb(&resp)))
     }
 }

@@ -150,6 +150,8 @@ pub struct RaftNode {
     hub: Option<Arc<crate::forward::ForwardHub>>,
     join_task: Option<tokio::task::JoinHandle<()>>,
     metrics_task: tokio::task::JoinHandle<()>,
+    /// When a leader last reached this node (recorded by the Raft service).
+    contact: Arc<crate::grpc::LeaderContact>,
 }
 
 pub const RAFT_TERM: &str = "raftmq_raft_term";
@@ -324,6 +326,7 @@ impl RaftNode {
             election_task: None,
             join_task,
             metrics_task,
+            contact: Arc::default(),
         })
     }
 
@@ -506,9 +509,16 @@ impl RaftNode {
         let me = self.node_id;
         let clock = WallClock::now();
         let durability = self.durability.clone();
+        // How far the log is mirrored into the broker (forwarded messages may wait for it).
+        let (progress, watching) = tokio::sync::watch::channel(0u64);
+        self.forward.set_mirror_progress(watching);
+        let raft = self.raft.clone();
         self.feed_task = Some(tokio::spawn(async move {
             while let Some(applied) = rx.recv().await {
                 match applied {
+                    Applied::Progress { index } => {
+                        progress.send_if_modified(|i| std::mem::replace(i, index.max(*i)) < index);
+                    }
                     Applied::Batch { index, batch } => {
                         if batch.origin_node == me {
                             // This node's own batches are in its broker already, except the
@@ -522,14 +532,15 @@ impl RaftNode {
                                     _ => None,
                                 }
                             }));
-                            continue;
+                        } else {
+                            let changes: Vec<_> = batch
+                                .changes
+                                .into_iter()
+                                .filter_map(|c| change_from_proto(c, &clock).ok())
+                                .collect();
+                            broker.apply_replicated(index, &changes, std::time::Instant::now());
                         }
-                        let changes: Vec<_> = batch
-                            .changes
-                            .into_iter()
-                            .filter_map(|c| change_from_proto(c, &clock).ok())
-                            .collect();
-                        broker.apply_replicated(index, &changes, std::time::Instant::now());
+                        progress.send_if_modified(|i| std::mem::replace(i, index.max(*i)) < index);
                     }
                     Applied::SnapshotInstalled => {
                         // The whole state was replaced: take the retained messages and the
@@ -544,6 +555,8 @@ impl RaftNode {
                         };
                         broker.replace_retained(recovered.retained);
                         broker.replace_remote_subscriptions(recovered.remote_subscriptions);
+                        let index = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+                        progress.send_if_modified(|i| std::mem::replace(i, index.max(*i)) < index);
                     }
                 }
             }
@@ -553,7 +566,8 @@ impl RaftNode {
     /// The gRPC services this node serves on its cluster address: Raft, cluster
     /// administration and live forwarding.
     pub fn grpc_routes(&self) -> tonic::service::Routes {
-        crate::grpc::routes(self.raft.clone()).add_service(self.forward.service())
+        crate::grpc::routes_with(self.raft.clone(), Some(self.contact.clone()))
+            .add_service(self.forward.service())
     }
 
     /// Starts live forwarding between `broker` and the other members' brokers (see
@@ -580,6 +594,7 @@ impl RaftNode {
             self.durability.clone(),
             hub,
             broker,
+            self.contact.clone(),
         )));
     }
 
@@ -626,13 +641,14 @@ pub const DEAD_AFTER_REFUSED: Duration = Duration::from_millis(1500);
 /// majority has handed to someone else.
 pub const SELF_FENCE_AFTER: Duration = Duration::from_secs(5);
 
-// A node notices it cannot commit after at most an election timeout (follower, ≤ 2 s by
-// default: `ELECTION_TIMEOUT_MAX_MS`); a leader counts from its last quorum acknowledgement.
-// With the liveness tick's lateness on top, it fences itself before the earliest moment the
-// cluster may declare it down, with a margin for a loaded machine.
-const ELECTION_TIMEOUT_MAX_MS: u128 = 2_000;
+// A node notices it cannot commit QUORUM_STALE_MS after it last heard from a quorum (a leader)
+// or from a leader (a follower: `grpc::LeaderContact`), and counts its time without one from
+// that last contact, so it fences itself SELF_FENCE_AFTER after it, plus the liveness tick's
+// lateness. The cluster declares it down NODE_DOWN_AFTER after its forwarding stream went down,
+// which is no earlier than that last contact: the margin left is for a loaded machine.
+const FENCE_MARGIN_MS: u128 = 3_000;
 const _: () = assert!(
-    SELF_FENCE_AFTER.as_millis() + 2 * LIVENESS_TICK.as_millis() + ELECTION_TIMEOUT_MAX_MS
+    SELF_FENCE_AFTER.as_millis() + 2 * LIVENESS_TICK.as_millis() + FENCE_MARGIN_MS
         < NODE_DOWN_AFTER.as_millis()
 );
 
@@ -654,6 +670,7 @@ async fn declare_down_nodes(
     durability: Arc<RaftDurability>,
     hub: Arc<crate::forward::ForwardHub>,
     broker: Arc<Broker>,
+    contact: Arc<crate::grpc::LeaderContact>,
 ) {
     use raftmq_core::durability::{Durability, StateChange};
     let mut declared: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
@@ -688,11 +705,21 @@ async fn declare_down_nodes(
             // A cut-off leader can tell when it last heard from a quorum: its time without one
             // counts from then, not from when `can_commit` turned false QUORUM_STALE_MS later,
             // so it lets go of its sessions well before the majority may declare it down.
-            let cut_off_since = (m.state == ServerState::Leader)
-                .then_some(m.millis_since_quorum_ack)
-                .flatten()
-                .and_then(|ms| now.checked_sub(Duration::from_millis(ms)));
-            match lease.observe_since(can_commit(&m), now, cut_off_since) {
+            // A follower (or candidate) counts from the last time a leader reached it: openraft
+            // keeps naming the leader for up to a lease and an election timeout after that.
+            let (can, cut_off_since) = if m.state == ServerState::Leader {
+                let since = m
+                    .millis_since_quorum_ack
+                    .and_then(|ms| now.checked_sub(Duration::from_millis(ms)));
+                (can_commit(&m), since)
+            } else {
+                let last = contact.last();
+                let silent = last.is_some_and(|t| {
+                    now.saturating_duration_since(t) >= Duration::from_millis(QUORUM_STALE_MS)
+                });
+                (can_commit(&m) && !silent, last)
+            };
+            match lease.observe_since(can, now, cut_off_since) {
                 LeaseEvent::Lost => {
                     let code = Some(raftmq_codec::ReasonCode::USE_ANOTHER_SERVER);
                     let fenced = broker.fence_durable_sessions(code);

@@ -152,6 +152,8 @@ pub struct StateMachine {
 pub enum Applied {
     /// A normal entry's batch was applied (in log order) at log index `index`.
     Batch { index: u64, batch: state::Batch },
+    /// A normal entry with no change that took effect was applied at log index `index`.
+    Progress { index: u64 },
     /// A snapshot replaced the whole state.
     SnapshotInstalled,
 }
@@ -253,11 +255,16 @@ impl StateMachine {
         if let Some((origin, failed)) = outcome.fences {
             self.fence_notes.record(origin, entry.log_id.index, failed);
         }
-        if let Some(batch) = outcome.feed.filter(|b| !b.changes.is_empty()) {
-            self.feed.send(Applied::Batch {
+        match outcome.feed {
+            Some(batch) if !batch.changes.is_empty() => self.feed.send(Applied::Batch {
                 index: entry.log_id.index,
                 batch,
-            });
+            }),
+            // Nothing to mirror, but how far the log is mirrored moves on.
+            Some(_) => self.feed.send(Applied::Progress {
+                index: entry.log_id.index,
+            }),
+            None => {}
         }
         Ok(Response)
     }

@@ -53,6 +53,7 @@ mod subscriptions;
 mod timers;
 pub use admin::{ClientSummary, Kicked, SubscriptionSummary};
 pub use cluster::{CLAIM_CLOCK_TOLERANCE, Forwarder, Redirect};
+pub use routing::Publisher;
 use timers::Timers;
 
 /// Proof that the caller is the broker: lets it lock a session whatever its epoch

@@ -171,6 +171,8 @@ pub enum DurabilityError {
 #[derive(Debug, Default)]
 struct CommitInner {
     result: Option<Result<(), DurabilityError>>,
+    /// Where the change was committed in the replicated log, when the implementation says.
+    log_index: Option<u64>,
     wakers: SmallVec<[Waker; 1]>,
 }
 
@@ -200,6 +202,13 @@ impl Commit {
             None => Some(Ok(())),
             Some(inner) => inner.lock().result,
         }
+    }
+
+    /// The replicated log index the change was committed at, once it has been (`None` while
+    /// pending, after a failure, for a combined commit, or when the implementation has no log).
+    pub fn log_index(&self) -> Option<u64> {
+        let inner = self.0.as_ref()?.lock();
+        inner.result.filter(Result::is_ok).and(inner.log_index)
     }
 
     /// Polls for the result, registering the waker.
@@ -349,9 +358,16 @@ impl Future for Commit {
 impl CommitHandle {
     /// Resolves the commit and wakes its waiters.
     pub fn complete(self, result: Result<(), DurabilityError>) {
+        self.complete_at(result, None);
+    }
+
+    /// [`CommitHandle::complete`], saying where in the replicated log the change committed
+    /// (see [`Commit::log_index`]).
+    pub fn complete_at(self, result: Result<(), DurabilityError>, log_index: Option<u64>) {
         let wakers = {
             let mut inner = self.0.lock();
             inner.result = Some(result);
+            inner.log_index = log_index;
             std::mem::take(&mut inner.wakers)
         };
         wakers.into_iter().for_each(Waker::wake);

@@ -115,6 +115,9 @@ pub(crate) struct SessionState {
     /// What the deliveries of the client's latest QoS 2 PUBLISH wait for (the next one's wait
     /// for it too, so they arrive in order).
     pub last_qos2: crate::durability::Commit,
+    /// The commit of the client's latest PUBLISH that was stored through the log: peers
+    /// deliver its next messages only after it (see `Forwarder::forward`).
+    pub last_stored: crate::durability::Commit,
     /// The will of the attached connection, or a will waiting for its delay after disconnect.
     pub will: Option<PendingWill>,
     /// When the session was disconnected (to compute the will and expiry deadlines).
@@ -270,6 +273,7 @@ impl Session {
                 next_seq: 0,
                 incoming_qos2: Default::default(),
                 last_qos2: crate::durability::Commit::ready(),
+                last_stored: crate::durability::Commit::ready(),
                 will: None,
                 disconnected_at: None,
                 attached_at: None,

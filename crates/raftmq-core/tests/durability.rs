@@ -865,6 +865,7 @@ impl raftmq_core::Forwarder for RecordingForwarder {
         _plain: bool,
         _shared: Vec<Arc<str>>,
         _stored: Option<MessageId>,
+        _after: Option<&Commit>,
     ) -> Commit {
         Commit::ready()
     }

@@ -144,6 +144,7 @@ impl raftmq_core::Forwarder for NoPeers {
         _plain: bool,
         _shared: Vec<Arc<str>>,
         _stored: Option<MessageId>,
+        _after: Option<&Commit>,
     ) -> Commit {
         Commit::ready()
     }
@@ -414,4 +415,100 @@ fn a_cut_off_node_hands_its_sessionless_wills_over_and_each_is_published_once() 
             assert_eq!(announced(&broker), ["b"], "a's will withdrawn, b's kept");
         }
     }
+}
+
+/// A forwarder that records, per forwarded message, the commit it must be delivered after.
+#[derive(Default)]
+struct OrderRecorder {
+    calls: parking_lot::Mutex<Vec<(String, Option<Commit>)>>,
+}
+
+impl raftmq_core::Forwarder for OrderRecorder {
+    fn forward(
+        &self,
+        _node: u64,
+        message: &Arc<Message>,
+        _plain: bool,
+        _shared: Vec<Arc<str>>,
+        _stored: Option<MessageId>,
+        after: Option<&Commit>,
+    ) -> Commit {
+        let payload = String::from_utf8_lossy(&message.payload).into_owned();
+        self.calls.lock().push((payload, after.cloned()));
+        Commit::ready()
+    }
+}
+
+impl Manual {
+    /// Commits everything proposed so far at log index `index`.
+    fn commit_all_at(&self, index: u64) {
+        for h in self.handles.lock().drain(..) {
+            h.complete_at(Ok(()), Some(index));
+        }
+    }
+}
+
+/// MQTT 4.6 across nodes: a publisher's message stored through the log for a session held
+/// elsewhere is handed to the forwarder's next message of the same publisher as the commit to
+/// wait for, so the peer delivers that one only after applying it (whether it was committed
+/// when the next was routed, or still pending: then its log index is known once it commits).
+#[test]
+fn a_forwarded_message_names_the_publishers_previous_stored_commit() {
+    let t0 = Instant::now();
+    let durability = Arc::new(Manual::default());
+    let (broker, _image, _) = adopting_broker(durability.clone());
+    let forwarder = Arc::new(OrderRecorder::default());
+    broker.set_forwarder(forwarder.clone());
+    // Node 2 has a live subscriber of t/# too: every message is forwarded there.
+    broker.apply_peer_routes(2, true, vec![Arc::from("t/#")], Vec::new());
+    let publisher = broker.attach(&ByteStr::from("publisher"), true, 0, None, t0);
+    let message = |n: u32| {
+        Arc::new(Message {
+            topic: ByteStr::from("t/1"),
+            payload: Bytes::from(format!("m{n}")),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            received_at: t0,
+            origin: Some(ByteStr::from("publisher")),
+        })
+    };
+    let route = |n: u32| {
+        broker.route(
+            message(n),
+            Some(raftmq_core::broker::Publisher {
+                session: &publisher.session,
+                epoch: publisher.epoch,
+                qos2_packet_id: None,
+            }),
+            t0,
+        )
+    };
+    // m1 (stored for x, held elsewhere): nothing before it.
+    route(1);
+    durability.commit_all_at(41);
+    // m2, after m1 committed at 41: delivered after index 41.
+    route(2);
+    // m3 while m2 is still pending: after m2's commit, whose index is known once it commits.
+    route(3);
+    durability.commit_all_at(42);
+    // A broker's own publish (no publisher): nothing to wait for.
+    broker.publish(message(4), t0);
+
+    let calls = forwarder.calls.lock();
+    let after: Vec<(&str, Option<Option<u64>>)> = calls
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_ref().map(Commit::log_index)))
+        .collect();
+    assert_eq!(
+        after,
+        [
+            ("m1", Some(None)),
+            ("m2", Some(Some(41))),
+            ("m3", Some(Some(42))),
+            ("m4", None),
+        ],
+        "each forwarded message waits for its publisher's previous stored message"
+    );
 }

@@ -282,9 +282,18 @@ async fn a_cut_off_node_fences_its_sessions_and_the_majority_publishes_their_wil
             p.packet_id.expect("QoS 1"),
         )))
         .await;
+    // The node counts its time without a leader from the last one it heard, not from when
+    // openraft stops naming the leader (a lease and an election timeout later): fenced about
+    // SELF_FENCE_AFTER after the cut, seconds before the majority may declare it down, so its
+    // clients are gone well before their wills are published elsewhere.
     assert!(
-        will_after > fenced,
-        "the will came from the cut-off node ({will_after:?} <= {fenced:?})"
+        fenced < raftmq_cluster::node::SELF_FENCE_AFTER + Duration::from_secs(2),
+        "fenced only {fenced:?} after the cut"
+    );
+    assert!(
+        will_after > fenced + Duration::from_secs(2),
+        "the will was published {will_after:?} after the cut, too close to (or before) the \
+         node let go of its client ({fenced:?})"
     );
     // The session expires (3 s) on the adopting node, in memory and in the replicated state.
     eventually(

@@ -21,7 +21,14 @@ pub(in crate::broker) enum Scope<'a> {
     /// A publish received here: every local subscriber, peers with matching routes, and
     /// persistent sessions owned by other nodes (stored for them). `hold`: every local
     /// delivery waits for the commit (a client's QoS 2 PUBLISH).
-    Origin { hold: bool },
+    ///
+    /// `after`: the commit of the publisher's previous stored message; a peer this message is
+    /// forwarded to delivers it only once it has applied that commit (see
+    /// [`Forwarder::forward`]), so it never overtakes a message that went through the log only.
+    Origin {
+        hold: bool,
+        after: Option<&'a Commit>,
+    },
     /// A message another node forwarded: local ordinary subscribers if `plain`, one local
     /// member of each listed shared subscription. Persistent sessions that the origin stored
     /// it for (under `stored`) get it live if connected and QoS 1 (once: the replicated copy
@@ -31,6 +38,17 @@ pub(in crate::broker) enum Scope<'a> {
         shared: &'a [Arc<str>],
         stored: Option<MessageId>,
     },
+}
+
+/// The client that published a message being routed.
+#[derive(Clone, Copy)]
+pub struct Publisher<'a> {
+    pub session: &'a Session,
+    /// Its connection's claim on the session.
+    pub epoch: u64,
+    /// For a new QoS 2 PUBLISH, its packet id: recorded in the session with the message when
+    /// the session is persistent, both fenced by the claim.
+    pub qos2_packet_id: Option<u16>,
 }
 
 /// The local subscriptions matching a message: (session, subscription, through a shared
@@ -148,19 +166,24 @@ impl Broker {
         }
     }
 
-    /// Routes a message published by a client. QoS 1/2 deliveries to persistent sessions are
-    /// stored once (one [`StateChange::MessageStored`] for all of them) and a retained change is
-    /// recorded; `incoming_qos2` (the publisher's session, its connection's epoch and the packet
-    /// id, for a new QoS 2 PUBLISH) is recorded when that session is persistent, and then all of
-    /// it is fenced by that connection's claim: a copy that commits after the client reconnected
-    /// (and resent the message) cannot store it a second time. The returned commit covers all
-    /// of it.
+    /// Routes a message published by a client (`publisher`; `None` for the broker's own
+    /// publishes). QoS 1/2 deliveries to persistent sessions are stored once (one
+    /// [`StateChange::MessageStored`] for all of them) and a retained change is recorded; a new
+    /// QoS 2 PUBLISH's packet id is recorded when the publisher's session is persistent, and
+    /// then all of it is fenced by that connection's claim: a copy that commits after the
+    /// client reconnected (and resent the message) cannot store it a second time. The returned
+    /// commit covers all of it.
     pub fn route(
         &self,
         message: Arc<Message>,
-        incoming_qos2: Option<(&Session, u64, u16)>,
+        publisher: Option<Publisher<'_>>,
         now: Instant,
     ) -> Routed {
+        let incoming_qos2 =
+            publisher.and_then(|p| p.qos2_packet_id.map(|pid| (p.session, p.epoch, pid)));
+        // The publisher's previous message stored through the log: peers deliver this one
+        // only after it (MQTT 4.6 order, whichever path each took).
+        let after = publisher.map(|p| p.session.lock_unfenced(UNFENCED).last_stored.clone());
         let mut changes = Vec::new();
         let mut fence = None;
         if let Some((publisher, epoch, packet_id)) =
@@ -203,7 +226,13 @@ impl Broker {
             mut acks,
             congested,
             adopting,
-        } = self.deliver(&message, Scope::Origin { hold });
+        } = self.deliver(
+            &message,
+            Scope::Origin {
+                hold,
+                after: after.as_ref(),
+            },
+        );
         let stored_id = stored.iter().find_map(|c| match c {
             StateChange::MessageStored { id, .. } => Some(*id),
             _ => None,
@@ -216,6 +245,11 @@ impl Broker {
         };
         for slot in adopting {
             self.slot_proposed(&slot, &store);
+        }
+        if stored_id.is_some()
+            && let Some(p) = publisher
+        {
+            p.session.lock_unfenced(UNFENCED).last_stored = store.clone();
         }
         match incoming_qos2 {
             // A client's QoS 2 messages reach local sessions in the order it sent them: each
@@ -246,11 +280,11 @@ impl Broker {
         let (mut targets, local_groups) = self.match_local(message, scope);
         // The message stored once, under one id, for every persistent session it goes to.
         let mut stored: Option<(MessageId, Vec<StoredTarget>)> = None;
-        if let Scope::Origin { .. } = scope {
+        if let Scope::Origin { after, .. } = scope {
             pass.offered += self.store_for_remote(message, &targets, &mut stored, &mut pass);
             if let Some(groups) = local_groups {
                 let stored_id = stored.as_ref().map(|(id, _)| *id);
-                self.forward_to_peers(message, &groups, stored_id, &mut pass.acks);
+                self.forward_to_peers(message, &groups, stored_id, after, &mut pass.acks);
             }
         }
         if targets.is_empty() && pass.offered == 0 {
@@ -385,7 +419,7 @@ impl Broker {
             message: message.clone(),
             durable,
         };
-        let hold = matches!(scope, Scope::Origin { hold: true });
+        let hold = matches!(scope, Scope::Origin { hold: true, .. });
         // A client waiting for its own queue would never read the acknowledgements that
         // drain it. A shared subscription's member only pauses the publisher if it was
         // crowded before (`pick_shared` prefers members that are not: all were).

@@ -3,7 +3,7 @@
 
 use super::{Attachment, CloseReason, Connection, Pause, Violation};
 use crate::auth::Access;
-use crate::broker::{DetachKind, TakenOver};
+use crate::broker::{DetachKind, Publisher, TakenOver};
 use crate::durability::{Commit, StateChange};
 use crate::message::Message;
 use crate::session::SubEntry;
@@ -141,10 +141,14 @@ impl Connection {
                 received_at: now,
                 origin: Some(att.client_id.clone()),
             };
-            let incoming_qos2 = pid
-                .filter(|_| p.qos == QoS::ExactlyOnce)
-                .map(|pid| (&*att.session, att.epoch, pid.get()));
-            let routed = self.broker.route(Arc::new(message), incoming_qos2, now);
+            let publisher = Publisher {
+                session: &att.session,
+                epoch: att.epoch,
+                qos2_packet_id: pid
+                    .filter(|_| p.qos == QoS::ExactlyOnce)
+                    .map(|pid| pid.get()),
+            };
+            let routed = self.broker.route(Arc::new(message), Some(publisher), now);
             if routed.offered == 0 {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
             }

@@ -29,6 +29,9 @@ pub trait Forwarder: Send + Sync + 'static {
     /// `stored`: the id under which this node stores the message (QoS 1/2) for persistent
     /// sessions held by other nodes, so the peer can deliver it to them at once and skip the
     /// replicated copy (see [`Broker::deliver_forwarded`]).
+    /// `after`: the commit of the same publisher's previous message stored through the log;
+    /// the peer must deliver this message only once it has applied that commit (a message
+    /// that reached some of its sessions through the log only is not overtaken by this one).
     fn forward(
         &self,
         node: u64,
@@ -36,6 +39,7 @@ pub trait Forwarder: Send + Sync + 'static {
         plain: bool,
         shared: Vec<Arc<str>>,
         stored: Option<MessageId>,
+        after: Option<&Commit>,
     ) -> Commit;
 
     /// Tells every peer that `client_id` connected here at `at` with a session that is not
@@ -150,6 +154,7 @@ impl Broker {
         message: &Arc<Message>,
         local_groups: &[(String, String)],
         stored: Option<MessageId>,
+        after: Option<&Commit>,
         acks: &mut Vec<Commit>,
     ) {
         let Some(forwarder) = self.cluster.routes.forwarder.get() else {
@@ -192,7 +197,7 @@ impl Broker {
                 }
             });
         for (node, plain, shared) in per_node {
-            acks.push(forwarder.forward(node, message, plain, shared, stored));
+            acks.push(forwarder.forward(node, message, plain, shared, stored, after));
         }
     }
 
