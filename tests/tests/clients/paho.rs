@@ -56,8 +56,13 @@ async fn publish(program: &str, a: &[String]) {
 struct Subscriber {
     child: Child,
     lines: mpsc::UnboundedReceiver<String>,
-    /// Every line read so far (`out: …` / `err: …`), for failure messages.
+    /// Every line read so far (`out: …` / `err: …`), in the order they were read.
     seen: Vec<String>,
+    /// Where in `seen` the next message's trace and output lines are looked for.
+    err: usize,
+    out: usize,
+    /// The topic filter it subscribed to (`-t`).
+    filter: String,
     program: String,
 }
 
@@ -95,51 +100,79 @@ impl Subscriber {
             child,
             lines,
             seen: Vec::new(),
+            err: 0,
+            out: 0,
+            filter: a
+                .iter()
+                .skip_while(|x| *x != "-t")
+                .nth(1)
+                .cloned()
+                .expect("the subscriber's -t filter"),
             program: program.to_owned(),
         }
     }
 
-    /// Reads lines until `pick` picks one (within [`TIMEOUT`]); returns what it picked.
-    async fn until<T>(&mut self, what: &str, mut pick: impl FnMut(&str) -> Option<T>) -> T {
+    /// The first line of `stream` ("out" or "err") from line `*cursor` on that `pick` picks,
+    /// reading more lines as they come (within [`TIMEOUT`]); moves `*cursor` past it.
+    async fn pick<T>(
+        &mut self,
+        stream: &str,
+        cursor: &mut usize,
+        what: &str,
+        mut pick: impl FnMut(&str) -> Option<T>,
+    ) -> T {
         let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let prefix = format!("{stream}: ");
         loop {
-            let line = match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => line,
+            while *cursor < self.seen.len() {
+                let line = &self.seen[*cursor];
+                *cursor += 1;
+                if let Some(t) = line.strip_prefix(&prefix).and_then(&mut pick) {
+                    return t;
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => self.seen.push(line),
                 Ok(None) => panic!("{} ended before {what}\n{}", self.program, self.shown()),
                 Err(_) => panic!("timed out waiting for {what}\n{}", self.shown()),
-            };
-            self.seen.push(line);
-            if let Some(t) = pick(self.seen.last().expect("a line")) {
-                return t;
             }
         }
     }
 
-    /// The next `n` messages: (topic, QoS, retain flag, payload) from the `<- PUBLISH` trace
-    /// line and the `topic<TAB>payload` line of each, in order; for QoS 2 also waits for the
-    /// `-> PUBCOMP` that completes it.
+    /// The next `n` messages, in order: (topic, QoS, retain flag, payload) from the
+    /// `<- PUBLISH` trace line and the `topic<TAB>payload` output line of each; for each one at
+    /// QoS 2 also waits for the `-> PUBCOMP` that completes it.
     async fn receive_n(&mut self, n: usize) -> Vec<Got> {
         let mut out = Vec::new();
+        let begin = self.err;
+        let (mut err, mut stdout) = (self.err, self.out);
         for _ in 0..n {
             let (qos, retain, payload) = self
-                .until("a PUBLISH in the protocol trace", |l| {
-                    l.strip_prefix("err: ").and_then(traced_publish)
-                })
+                .pick("err", &mut err, "a PUBLISH in the protocol trace", traced_publish)
                 .await;
             let suffix = format!("\t{payload}");
+            let filter = self.filter.clone();
             let topic = self
-                .until("the message's output line", |l| {
-                    let l = l.strip_prefix("out: ")?.strip_suffix(&suffix)?;
+                .pick("out", &mut stdout, "the message's output line", |l| {
+                    // Without wildcards in the filter, only the payload is printed.
+                    if l == payload && !filter.contains(['+', '#']) {
+                        return Some(filter.clone());
+                    }
+                    let l = l.strip_suffix(&suffix)?;
                     // paho_c_sub prints `<topic length> <topic>`, paho_cs_sub `<topic>`.
                     Some(l.rsplit(' ').next().unwrap_or(l).to_owned())
                 })
                 .await;
-            if qos == 2 {
-                self.until("-> PUBCOMP", |l| l.contains(" -> PUBCOMP ").then_some(()))
-                    .await;
-            }
             out.push(got(&topic, qos, retain, payload.as_bytes()));
         }
+        let mut completed = begin;
+        for _ in out.iter().filter(|m| m.1 == 2) {
+            self.pick("err", &mut completed, "-> PUBCOMP", |l| {
+                l.contains(" -> PUBCOMP ").then_some(())
+            })
+            .await;
+        }
+        (self.err, self.out) = (err, stdout);
         out
     }
 
