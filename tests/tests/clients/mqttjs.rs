@@ -414,7 +414,7 @@ impl Browser {
             "--no-pings",
             // Nothing but this machine: no name resolves except localhost, and whatever is not
             // loopback would go to a proxy that is not there.
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
             "--proxy-server=http://127.0.0.1:9",
             // The secure WebSocket listener's certificate comes from the test's own CA.
             "--ignore-certificate-errors",
