@@ -15,8 +15,8 @@ use raftmq_tests::{RawClient, TIMEOUT, TestBroker, pid, publish_packet, wait_unt
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::{Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::process::{Child, Command};
 
@@ -120,7 +120,9 @@ impl Peer {
                     Packet::PubRel(r) if r.packet_id == id => {}
                     other => panic!("expected PUBREL for {id:?}, got {other:?}"),
                 }
-                self.c.send(&Packet::PubComp(PubResponse::success(id))).await;
+                self.c
+                    .send(&Packet::PubComp(PubResponse::success(id)))
+                    .await;
             }
             _ => {}
         }

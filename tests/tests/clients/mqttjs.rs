@@ -224,7 +224,11 @@ async fn retained_both_ways<D: Driver>(d: &mut D, peer: &mut Peer, prefix: &str)
 async fn will_on_dropped_connection<D: Driver>(d: &mut D, peer: &mut Peer, client_id: &str) {
     let topic = format!("wills/{client_id}");
     peer.subscribe(&topic, 2).await;
-    run(d, json!({"op": "end", "force": true, "timeoutMs": JS_WAIT_MS})).await;
+    run(
+        d,
+        json!({"op": "end", "force": true, "timeoutMs": JS_WAIT_MS}),
+    )
+    .await;
     assert_eq!(peer.receive().await, got(&topic, 1, false, b"gone"), "will");
     peer.expect_nothing(Duration::from_millis(200)).await;
 }
@@ -623,7 +627,14 @@ async fn mqttjs_in_chromium_over_websocket_every_qos_retained_restart_and_will()
     let mut page = Browser::start().await;
     let prefix = "browser-ws";
     let client_id = "browser-ws-js";
-    connect(&mut page, &format!("ws://{ws}/mqtt"), client_id, 5, json!({})).await;
+    connect(
+        &mut page,
+        &format!("ws://{ws}/mqtt"),
+        client_id,
+        5,
+        json!({}),
+    )
+    .await;
     let mut peer = every_qos_both_ways(&mut page, &broker, prefix).await;
     retained_both_ways(&mut page, &mut peer, prefix).await;
     drop(peer);
@@ -650,8 +661,13 @@ async fn mqttjs_in_chromium_over_websocket_every_qos_retained_restart_and_will()
     );
     let mut peer = Peer::connect(&broker, "browser-ws-peer-2").await;
     peer.subscribe(&format!("{prefix}/from-js/#"), 2).await;
-    peer.publish(&format!("{prefix}/to-js/again"), 2, false, "after the restart")
-        .await;
+    peer.publish(
+        &format!("{prefix}/to-js/again"),
+        2,
+        false,
+        "after the restart",
+    )
+    .await;
     assert_eq!(
         next(&mut page, 1).await,
         expected(&[(

@@ -77,7 +77,10 @@ impl Subscriber {
         let out = child.stdout.take().expect("stdout");
         let err = child.stderr.take().expect("stderr");
         for (stream, tag) in [
-            (Box::new(out) as Box<dyn tokio::io::AsyncRead + Unpin + Send>, "out"),
+            (
+                Box::new(out) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                "out",
+            ),
             (Box::new(err), "err"),
         ] {
             let tx = tx.clone();
@@ -148,7 +151,12 @@ impl Subscriber {
         let (mut err, mut stdout) = (self.err, self.out);
         for _ in 0..n {
             let (qos, retain, payload) = self
-                .pick("err", &mut err, "a PUBLISH in the protocol trace", traced_publish)
+                .pick(
+                    "err",
+                    &mut err,
+                    "a PUBLISH in the protocol trace",
+                    traced_publish,
+                )
                 .await;
             let suffix = format!("\t{payload}");
             let filter = self.filter.clone();
@@ -227,7 +235,11 @@ async fn peer_to_paho(peer: &mut Peer, sub: &mut Subscriber, prefix: &str) {
     for (topic, q, _, payload) in &want {
         peer.publish(topic, *q, false, payload).await;
     }
-    assert_eq!(sub.receive_n(3).await, messages(&want), "what Paho received");
+    assert_eq!(
+        sub.receive_n(3).await,
+        messages(&want),
+        "what Paho received"
+    );
 }
 
 /// Conformance (3.1.1): [MQTT-7.0.0-2]
@@ -311,8 +323,16 @@ async fn paho_c_over_tls_websocket_and_secure_websocket() {
     let port = |a: Option<SocketAddr>| a.expect("listener").port();
     let urls = [
         ("tls", format!("ssl://localhost:{}", port(broker.tls)), true),
-        ("ws", format!("ws://127.0.0.1:{}/mqtt", port(broker.ws)), false),
-        ("wss", format!("wss://localhost:{}/mqtt", port(broker.wss)), true),
+        (
+            "ws",
+            format!("ws://127.0.0.1:{}/mqtt", port(broker.ws)),
+            false,
+        ),
+        (
+            "wss",
+            format!("wss://localhost:{}/mqtt", port(broker.wss)),
+            true,
+        ),
     ];
 
     let mut peer = Peer::connect(&broker, "paho-transports-peer").await;
@@ -323,7 +343,14 @@ async fn paho_c_over_tls_websocket_and_secure_websocket() {
             a.extend(args(&["--cafile", &ca_file]));
         }
         let topic = format!("paho-transports/from-paho/{name}");
-        a.extend(args(&["-t", &topic, "-q", "2", "-m", &format!("over {name}")]));
+        a.extend(args(&[
+            "-t",
+            &topic,
+            "-q",
+            "2",
+            "-m",
+            &format!("over {name}"),
+        ]));
         publish("paho_c_pub", &a).await;
         assert_eq!(
             peer.receive().await,
