@@ -51,6 +51,8 @@ pub struct TestBroker {
     pub wss: Option<SocketAddr>,
     /// The broker behind the listeners.
     pub broker: Arc<Broker>,
+    /// What the front end was started with, at the addresses it bound (for [`Self::restart`]).
+    started: Started,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -94,17 +96,28 @@ impl TestBroker {
             wss: listeners.wss.map(|_| local),
             ..listeners
         };
+        let started = Started {
+            listeners,
+            http: local,
+            tls,
+            limits,
+        };
+        Self::start_front_end(broker, started).await
+    }
+
+    /// Binds exactly the addresses of `started` and runs the front end for `broker`.
+    async fn start_front_end(broker: Arc<Broker>, mut started: Started) -> TestBroker {
         let http = HttpConfig {
-            addr: Some(local),
+            addr: Some(started.http),
             ..HttpConfig::default()
         };
-        let mut server = Server::bind(broker.clone(), &listeners, &http, None)
+        let mut server = Server::bind(broker.clone(), &started.listeners, &http, None)
             .await
             .expect("bind test broker");
-        if let Some(tls) = &tls {
+        if let Some(tls) = &started.tls {
             server.set_tls(tls).expect("load TLS certificates");
         }
-        server.set_limits(limits);
+        server.set_limits(started.limits.clone());
         let mqtt = server.mqtt_addr().expect("mqtt addr");
         let http = server.http_addr().expect("http addr");
         let (tls, ws, wss) = (
@@ -112,6 +125,14 @@ impl TestBroker {
             server.listener_addr(ListenerKind::Ws),
             server.listener_addr(ListenerKind::Wss),
         );
+        started.listeners = ListenersConfig {
+            tcp: Some(mqtt),
+            tls,
+            ws,
+            wss,
+            ..started.listeners
+        };
+        started.http = http;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ = server
@@ -127,6 +148,7 @@ impl TestBroker {
             ws,
             wss,
             broker,
+            started,
             stop: Some(stop),
             task: Some(task),
         }
@@ -137,15 +159,44 @@ impl TestBroker {
         (self.mqtt.ip().to_string(), self.mqtt.port())
     }
 
+    /// Stops the front end gracefully (its clients are disconnected as by a node that shuts
+    /// down) and starts it again on the same addresses with the same TLS settings and limits,
+    /// for clients that reconnect by themselves. The broker's state (sessions, subscriptions,
+    /// retained messages) is kept, as a restarted node keeps its durable state.
+    pub async fn restart(mut self) -> TestBroker {
+        let broker = self.broker.clone();
+        let started = self.started.clone();
+        assert!(
+            self.shutdown().await,
+            "the broker did not stop within {TIMEOUT:?}"
+        );
+        Self::start_front_end(broker, started).await
+    }
+
     /// Stops the broker gracefully and waits for it.
     pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    /// Stops the front end; whether it stopped within [`TIMEOUT`].
+    async fn shutdown(&mut self) -> bool {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(TIMEOUT, task).await;
+        match self.task.take() {
+            Some(task) => tokio::time::timeout(TIMEOUT, task).await.is_ok(),
+            None => true,
         }
     }
+}
+
+/// What a [`TestBroker`]'s front end was started with.
+#[derive(Clone)]
+struct Started {
+    listeners: ListenersConfig,
+    http: SocketAddr,
+    tls: Option<TlsConfig>,
+    limits: LimitsConfig,
 }
 
 impl Drop for TestBroker {

@@ -1,13 +1,207 @@
-//! Interoperability with independent client implementations: rumqttc (MQTT 3.1.1 and 5) and
-//! the Debian `mosquitto_pub` / `mosquitto_sub` command line clients.
+//! Interoperability with independent client implementations: rumqttc (MQTT 3.1.1 and 5), the
+//! Debian `mosquitto_pub` / `mosquitto_sub` command line clients, the Eclipse Paho C client's
+//! sample programs ([`paho`]) and MQTT.js, in Node over TCP and TLS and in headless Chromium
+//! over WebSocket and secure WebSocket ([`mqttjs`]).
 //!
 //! Publishing only starts once the broker holds the subscription, so nothing depends on timing.
+//! A client program that is missing fails its test, naming the Debian package that brings it
+//! (`scripts/install-prereqs --test` installs them all).
 
-use raftmq_codec::{ProtocolVersion, QoS as RawQoS};
-use raftmq_tests::{RawClient, TIMEOUT, TestBroker, wait_until};
+use raftmq_codec::{Packet, PacketId, ProtocolVersion, PubResponse, Publish, QoS as RawQoS};
+use raftmq_core::config::MqttConfig;
+use raftmq_server::{LimitsConfig, ListenersConfig, TlsConfig};
+use raftmq_tests::certs::Ca;
+use raftmq_tests::{RawClient, TIMEOUT, TestBroker, pid, publish_packet, wait_until};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::process::{Child, Command};
+
+#[path = "clients/mqttjs.rs"]
+mod mqttjs;
+#[path = "clients/paho.rs"]
+mod paho;
+
+// ---------------------------------------------------------------------------------------------
+// The other end of an interop exchange
+// ---------------------------------------------------------------------------------------------
+
+/// What a subscriber was sent: topic, QoS, retain flag and payload (as text).
+type Got = (String, u8, bool, String);
+
+/// The other end of an exchange with a client under test: a raw MQTT 5 client that completes
+/// QoS 1 and 2 exchanges in both directions and reports exactly what the broker sent it (QoS,
+/// retain flag, payload), whatever the client under test would show of it.
+struct Peer {
+    c: RawClient,
+    next_id: u16,
+    /// Publishes received while waiting for an acknowledgement of one of its own.
+    pending: VecDeque<Publish>,
+}
+
+impl Peer {
+    async fn connect(broker: &TestBroker, client_id: &str) -> Peer {
+        Peer {
+            c: RawClient::connected(broker.mqtt, ProtocolVersion::V5, client_id).await,
+            next_id: 1,
+            pending: VecDeque::new(),
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str, qos_n: u8) {
+        self.c.subscribe(filter, qos(qos_n)).await;
+    }
+
+    fn packet_id(&mut self) -> PacketId {
+        let id = pid(self.next_id);
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// The next packet that is not a PUBLISH (those are kept for [`Self::receive`]).
+    async fn next_response(&mut self, what: &str) -> Packet {
+        loop {
+            match self.c.recv().await {
+                Some(Packet::Publish(p)) => self.pending.push_back(p),
+                Some(p) => return p,
+                None => panic!("the broker closed the peer's connection waiting for {what}"),
+            }
+        }
+    }
+
+    /// Publishes and completes the exchange: PUBACK (QoS 1), PUBREC/PUBREL/PUBCOMP (QoS 2).
+    async fn publish(&mut self, topic: &str, qos_n: u8, retain: bool, payload: &str) {
+        let qos = qos(qos_n);
+        let id = self.packet_id();
+        let mut p = publish_packet(topic, qos, id.get(), payload.as_bytes());
+        p.retain = retain;
+        self.c.send(&Packet::Publish(p)).await;
+        match qos {
+            RawQoS::AtMostOnce => {}
+            RawQoS::AtLeastOnce => match self.next_response("PUBACK").await {
+                Packet::PubAck(r) if r.packet_id == id => {
+                    assert!(r.reason_code.0 < 0x80, "PUBACK {r:?}")
+                }
+                other => panic!("expected PUBACK for {id:?}, got {other:?}"),
+            },
+            RawQoS::ExactlyOnce => {
+                match self.next_response("PUBREC").await {
+                    Packet::PubRec(r) if r.packet_id == id => {
+                        assert!(r.reason_code.0 < 0x80, "PUBREC {r:?}")
+                    }
+                    other => panic!("expected PUBREC for {id:?}, got {other:?}"),
+                }
+                self.c.send(&Packet::PubRel(PubResponse::success(id))).await;
+                match self.next_response("PUBCOMP").await {
+                    Packet::PubComp(r) if r.packet_id == id => {}
+                    other => panic!("expected PUBCOMP for {id:?}, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// The next message the broker sends, acknowledged as its QoS requires (for QoS 2 the
+    /// whole PUBREC/PUBREL/PUBCOMP exchange).
+    async fn receive(&mut self) -> Got {
+        let p = match self.pending.pop_front() {
+            Some(p) => p,
+            None => self.c.recv_publish().await,
+        };
+        match (p.qos, p.packet_id) {
+            (RawQoS::AtLeastOnce, Some(id)) => {
+                self.c.send(&Packet::PubAck(PubResponse::success(id))).await
+            }
+            (RawQoS::ExactlyOnce, Some(id)) => {
+                self.c.send(&Packet::PubRec(PubResponse::success(id))).await;
+                match self.next_response("PUBREL").await {
+                    Packet::PubRel(r) if r.packet_id == id => {}
+                    other => panic!("expected PUBREL for {id:?}, got {other:?}"),
+                }
+                self.c
+                    .send(&Packet::PubComp(PubResponse::success(id)))
+                    .await;
+            }
+            _ => {}
+        }
+        got(&p.topic, p.qos.as_u8(), p.retain, &p.payload)
+    }
+
+    /// The next `n` messages, in the order they arrived.
+    async fn receive_n(&mut self, n: usize) -> Vec<Got> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.receive().await);
+        }
+        out
+    }
+
+    /// Asserts nothing more arrives within `wait` (after what was expected did).
+    async fn expect_nothing(&mut self, wait: Duration) {
+        assert!(self.pending.is_empty(), "unexpected {:?}", self.pending);
+        match self.c.recv_within(wait).await {
+            Err(()) => {}
+            Ok(p) => panic!("expected nothing more, got {p:?}"),
+        }
+    }
+}
+
+fn got(topic: &str, qos: u8, retain: bool, payload: &[u8]) -> Got {
+    (
+        topic.to_owned(),
+        qos,
+        retain,
+        String::from_utf8_lossy(payload).into_owned(),
+    )
+}
+
+/// A QoS level from its number.
+fn qos(n: u8) -> RawQoS {
+    RawQoS::from_u8(n).expect("QoS 0, 1 or 2")
+}
+
+/// A broker with TLS, WebSocket and secure WebSocket listeners serving a certificate for
+/// `localhost` and 127.0.0.1 from a fresh CA; returns it with the CA certificate's file (in
+/// the returned directory).
+async fn tls_broker() -> (TestBroker, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = Ca::new("raftmq interop test CA");
+    let (cert, key) = ca.issue("localhost", &["localhost", "127.0.0.1"]);
+    let paths = ["ca.crt", "server.crt", "server.key"].map(|f| dir.path().join(f));
+    for (path, text) in paths.iter().zip([ca.pem(), cert, key]) {
+        std::fs::write(path, text).expect("write certificate file");
+    }
+    let [ca_file, cert_file, key_file] = paths;
+    let tls = TlsConfig {
+        cert_file: Some(cert_file),
+        key_file: Some(key_file),
+        ..TlsConfig::default()
+    };
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let listeners = ListenersConfig {
+        tls: Some(any),
+        ws: Some(any),
+        wss: Some(any),
+        ..ListenersConfig::default()
+    };
+    let broker = Arc::new(raftmq_core::Broker::new(MqttConfig::default()));
+    let tb = TestBroker::with_server(broker, listeners, Some(tls), LimitsConfig::default()).await;
+    (tb, ca_file, dir)
+}
+
+/// Starts `cmd`; a missing program fails the test naming the Debian `package` that has it.
+fn spawn_program(mut cmd: Command, program: &str, package: &str) -> Child {
+    match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "{program} not found: run scripts/install-prereqs --test \
+             (apt-get install {package})"
+        ),
+        Err(e) => panic!("cannot run {program}: {e}"),
+    }
+}
 
 /// What the rumqttc wrappers of both protocol versions share: the client with its event loop,
 /// connecting, driving the loop until an incoming packet is picked, and waiting for a QoS 1 or
@@ -328,16 +522,8 @@ fn mosquitto(program: &str, broker: &TestBroker, args: &[&str]) -> Command {
     cmd
 }
 
-fn spawn(mut cmd: Command, program: &str) -> Child {
-    match cmd.spawn() {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!(
-                "{program} not found: install the mosquitto clients (apt-get install mosquitto-clients)"
-            )
-        }
-        Err(e) => panic!("cannot run {program}: {e}"),
-    }
+fn spawn(cmd: Command, program: &str) -> Child {
+    spawn_program(cmd, program, "mosquitto-clients")
 }
 
 async fn finish(child: Child, program: &str) -> Output {
