@@ -246,7 +246,8 @@ fn state_machine(c: &mut Criterion) {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(dir.path().join("raft")).expect("store");
-    let sm = StateMachine::open(store.state_db()).expect("state machine");
+    let sm = StateMachine::open(store.state_db(raftmq_cluster::types::DATA_SHARD.get()))
+        .expect("state machine");
     let clock = WallClock::now();
     let entry = |index: u64, batch: Vec<u8>| Entry {
         log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), index),

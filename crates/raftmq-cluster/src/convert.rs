@@ -164,10 +164,12 @@ pub enum ConvertError {
 // Batches
 // ---------------------------------------------------------------------------------------------
 
-/// The shard of every batch until multi-Raft.
-pub const SHARD_ID: u64 = 0;
+/// The shard of every batch until the cluster is sharded: the one data group,
+/// [`DATA_SHARD`](crate::types::DATA_SHARD).
+pub const SHARD_ID: u64 = crate::types::DATA_SHARD.get() as u64;
 
-/// Encodes `changes` as a `raftmq.state.v1.Batch` (shard 0), the payload of one log entry.
+/// Encodes `changes` as a `raftmq.state.v1.Batch` (of [`SHARD_ID`]), the payload of one log
+/// entry.
 /// `SessionOpened.node_id` and `SessionDetached.at_ms` are 0 (see [`encode_batch_with`]).
 pub fn encode_batch(changes: &[StateChange], clock: &WallClock) -> Vec<u8> {
     encode_batch_with(changes, clock, &ProposalContext::default())

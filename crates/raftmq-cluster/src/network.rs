@@ -204,7 +204,7 @@ pub struct Dropped {
 }
 
 /// Creates [`PeerClient`]s for openraft.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Network {
     shard_id: ShardId,
     node_id: NodeId,
@@ -333,7 +333,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
-        let msg = conv::append_request_to_pb(self.shard_id, &rpc);
+        let msg = conv::append_request_to_pb(self.shard_id.into(), &rpc);
         self.link(true).await?;
         let resp = self
             .client()?
@@ -349,7 +349,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>> {
-        let msg = conv::snapshot_request_to_pb(self.shard_id, &rpc);
+        let msg = conv::snapshot_request_to_pb(self.shard_id.into(), &rpc);
         self.link(true).await?;
         let resp = self
             .client()?
@@ -365,7 +365,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcError> {
-        let msg = conv::vote_request_to_pb(self.shard_id, &rpc);
+        let msg = conv::vote_request_to_pb(self.shard_id.into(), &rpc);
         self.link(true).await?;
         let resp = self
             .client()?

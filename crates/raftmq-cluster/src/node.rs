@@ -12,7 +12,7 @@ use crate::convert::change_from_proto;
 use crate::durability::RaftDurability;
 use crate::network::{ClusterTls, Faults, Network, cluster_client};
 use crate::state_machine::{Applied, Feed, StateMachine};
-use crate::types::{ClusterNode, NodeId, Raft, TypeConfig};
+use crate::types::{ClusterNode, DATA_SHARD, NodeId, Raft, TypeConfig};
 use openraft::{Config, ServerState, SnapshotPolicy};
 use raftmq_core::Broker;
 use raftmq_core::durability::Durability as _;
@@ -254,19 +254,19 @@ impl RaftNode {
     /// Opens the store under `data_dir/raft`, starts Raft and bootstraps or joins as needed.
     pub async fn start(opts: NodeOptions) -> Result<RaftNode, NodeError> {
         let store = Store::open(opts.data_dir.join("raft"))?;
-        let state_machine = StateMachine::open(store.state_db())?;
+        let state_machine = StateMachine::open(store.state_db(DATA_SHARD.get()))?;
         let feed = state_machine.feed().clone();
         // The batcher learns from the applying state machine which fences of its batches held.
         let fence_notes = state_machine.fence_notes().clone();
         fence_notes.set_owner(opts.node_id);
-        let reader = StateMachine::open(store.state_db())?;
+        let reader = StateMachine::open(store.state_db(DATA_SHARD.get()))?;
         let raft = Raft::new(
             opts.node_id,
             Arc::new(raft_config(&opts.tuning)?),
-            Network::new(0, opts.node_id)
+            Network::new(DATA_SHARD, opts.node_id)
                 .with_faults(opts.faults.clone())
                 .with_tls(opts.tls.clone()),
-            store.log_store::<TypeConfig>(),
+            store.log_store::<TypeConfig>(DATA_SHARD.get()),
             state_machine,
         )
         .await?;

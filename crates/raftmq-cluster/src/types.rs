@@ -25,8 +25,12 @@ pub struct ClusterNode {
 /// A node id (the StatefulSet ordinal + 1 on Kubernetes).
 pub type NodeId = u64;
 
-/// The shard (Raft group) id carried by every command, RPC and key. One group for now.
-pub type ShardId = u64;
+/// The shard (Raft group) id carried by every command, RPC and key prefix of the store.
+pub use raftmq_core::shard::ShardId;
+
+/// The one data group, until the cluster is sharded (RFC 0002, step 2): shard 1. Group 0 is
+/// reserved for the metadata group.
+pub const DATA_SHARD: ShardId = ShardId::FIRST_DATA;
 
 openraft::declare_raft_types!(
     /// Type configuration of raftmq's Raft groups.

@@ -16,11 +16,11 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use prost::Message as _;
 use raftmq_cluster::convert::{
-    self, FencedRange, ProposalContext, WallClock, batch_from_proto, change_from_proto,
+    self, FencedRange, ProposalContext, SHARD_ID, WallClock, batch_from_proto, change_from_proto,
     change_to_proto, decode_batch, encode_batch, encode_fenced_batch,
 };
 use raftmq_cluster::state_machine::StateMachine;
-use raftmq_cluster::types::{Entry, LogId, Request, StorageError, TypeConfig};
+use raftmq_cluster::types::{DATA_SHARD, Entry, LogId, Request, StorageError, TypeConfig};
 use raftmq_codec::{ByteStr, PublishProperties, QoS, RetainHandling, SubscriptionOptions};
 use raftmq_core::durability::{
     DetachRecord, Fence, MessageId, StateChange, StateImage, StoredTarget, WillRecord,
@@ -436,7 +436,7 @@ fn changes_round_trip_through_protobuf() {
                 prop_assert_eq!(&change_from_proto(proto, &c).expect("convert"), change);
             }
             let batch = decode_batch(&encode_batch(&changes, &c)).expect("decode");
-            prop_assert_eq!(batch.shard_id, 0);
+            prop_assert_eq!(batch.shard_id, SHARD_ID);
             prop_assert_eq!(batch_from_proto(batch, &c).expect("convert"), changes);
             Ok(())
         })
@@ -453,7 +453,7 @@ fn changes_round_trip_through_protobuf() {
 #[test]
 fn apply_is_equivalent_to_the_reference_model() {
     let (_dir, store) = temp_store();
-    let db = store.state_db();
+    let db = store.state_db(DATA_SHARD.get());
     let rt = runtime();
     let mut runner = TestRunner::new(Config::with_cases(cases(256)));
     runner
@@ -487,7 +487,7 @@ fn apply_is_equivalent_to_the_reference_model() {
 fn messages_are_stored_once_and_reference_counted() {
     let (_dir, store) = temp_store();
     let rt = runtime();
-    let mut sm = StateMachine::new(store.state_db());
+    let mut sm = StateMachine::new(store.state_db(DATA_SHARD.get()));
     let m1 = msg("t/1", "one", QoS::ExactlyOnce);
     let changes = vec![
         opened("a", false),
@@ -519,7 +519,7 @@ fn messages_are_stored_once_and_reference_counted() {
         &mut sm,
         vec![normal(1, encode_batch(&changes, &clock()))],
     );
-    let db = store.state_db();
+    let db = store.state_db(DATA_SHARD.get());
     assert_eq!(count(&db, StateCf::Messages), 1, "stored once");
     let recovered = sm.recovered(&clock()).expect("recovered");
     assert_eq!(recovered, image.recovered());
@@ -573,7 +573,7 @@ fn messages_are_stored_once_and_reference_counted() {
 fn reads_during_an_entry_see_its_own_writes() {
     let (_dir, store) = temp_store();
     let rt = runtime();
-    let mut sm = StateMachine::new(store.state_db());
+    let mut sm = StateMachine::new(store.state_db(DATA_SHARD.get()));
     let stored = |qos| StateChange::MessageStored {
         id: MessageId(1),
         message: msg("t/1", "m", QoS::ExactlyOnce),
@@ -633,7 +633,10 @@ fn reads_during_an_entry_see_its_own_writes() {
     assert_eq!(a.subscriptions.len(), 1);
     assert_eq!(a.messages.len(), 1);
     assert_eq!(a.messages[0].target.qos, QoS::AtLeastOnce);
-    assert_eq!(count(&store.state_db(), StateCf::Messages), 1);
+    assert_eq!(
+        count(&store.state_db(DATA_SHARD.get()), StateCf::Messages),
+        1
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -646,7 +649,7 @@ fn reads_during_an_entry_see_its_own_writes() {
 fn unreadable_entries_are_skipped() {
     let (_dir, store) = temp_store();
     let rt = runtime();
-    let mut sm = StateMachine::new(store.state_db());
+    let mut sm = StateMachine::new(store.state_db(DATA_SHARD.get()));
     apply_all(
         &rt,
         &mut sm,
@@ -655,7 +658,7 @@ fn unreadable_entries_are_skipped() {
     let before = sm.recovered(&clock()).expect("recovered");
 
     let bad_qos = state::Batch {
-        shard_id: 0,
+        shard_id: SHARD_ID,
         origin_node: 0,
         fences: Vec::new(),
         changes: vec![
@@ -784,7 +787,7 @@ fn session<'a>(
 fn a_fenced_proposal_applies_only_while_its_claim_is_the_sessions_latest() {
     let (_dir, store) = temp_store();
     let rt = runtime();
-    let mut sm = StateMachine::new(store.state_db());
+    let mut sm = StateMachine::new(store.state_db(DATA_SHARD.get()));
     sm.fence_notes().set_owner(1);
     let notes = sm.fence_notes().clone();
     apply_all(
@@ -799,7 +802,7 @@ fn a_fenced_proposal_applies_only_while_its_claim_is_the_sessions_latest() {
             ),
         ],
     );
-    let db = store.state_db();
+    let db = store.state_db(DATA_SHARD.get());
     assert_eq!(count(&db, StateCf::Messages), 1);
     assert_eq!(notes.take(2), Some(vec![]), "the fence of entry 2 held");
 
@@ -882,7 +885,7 @@ fn a_fenced_proposal_applies_only_while_its_claim_is_the_sessions_latest() {
 fn an_offline_fence_holds_until_another_connection_claims_the_session() {
     let (_dir, store) = temp_store();
     let rt = runtime();
-    let mut sm = StateMachine::new(store.state_db());
+    let mut sm = StateMachine::new(store.state_db(DATA_SHARD.get()));
     let will = WillRecord {
         message: msg("will/t", "gone", QoS::AtLeastOnce),
         delay_secs: 30,
@@ -1032,7 +1035,7 @@ fn an_offline_fence_holds_until_another_connection_claims_the_session() {
 fn a_batch_with_malformed_fences_is_skipped() {
     let (_dir, store) = temp_store();
     let rt = runtime();
-    let mut sm = StateMachine::new(store.state_db());
+    let mut sm = StateMachine::new(store.state_db(DATA_SHARD.get()));
     apply_all(
         &rt,
         &mut sm,
@@ -1059,7 +1062,7 @@ fn a_batch_with_malformed_fences_is_skipped() {
     };
     let bad = |fences: Vec<state::Fence>| {
         state::Batch {
-            shard_id: 0,
+            shard_id: SHARD_ID,
             origin_node: 1,
             changes: changes.clone(),
             fences,
@@ -1084,7 +1087,7 @@ fn a_batch_with_malformed_fences_is_skipped() {
 #[test]
 fn a_failed_entry_writes_nothing() {
     let (_dir, store) = temp_store();
-    let db = store.state_db();
+    let db = store.state_db(DATA_SHARD.get());
     let rt = runtime();
     let mut sm = StateMachine::new(db.clone());
     apply_all(
@@ -1120,7 +1123,10 @@ fn a_failed_entry_writes_nothing() {
 #[test]
 fn apply_is_deterministic() {
     let ((_dir_a, store_a), (_dir_b, store_b)) = (temp_store(), temp_store());
-    let (db_a, db_b) = (store_a.state_db(), store_b.state_db());
+    let (db_a, db_b) = (
+        store_a.state_db(DATA_SHARD.get()),
+        store_b.state_db(DATA_SHARD.get()),
+    );
     let rt = runtime();
     let mut runner = TestRunner::new(Config::with_cases(cases(48)));
     runner
@@ -1153,8 +1159,8 @@ fn snapshot_restores_the_state() {
     runner
         .run(&(plans(), plans()), |(before, after)| {
             let ((_dir_a, store_a), (_dir_b, store_b)) = (temp_store(), temp_store());
-            let mut a = StateMachine::new(store_a.state_db());
-            let mut b = StateMachine::new(store_b.state_db());
+            let mut a = StateMachine::new(store_a.state_db(DATA_SHARD.get()));
+            let mut b = StateMachine::new(store_b.state_db(DATA_SHARD.get()));
             // The entries of `before`, a membership entry (so that the snapshot carries one),
             // then the entries of `after`.
             let mut first = entries(&before);
@@ -1202,8 +1208,14 @@ fn snapshot_restores_the_state() {
             apply_all(&rt, &mut a, rest.clone());
             apply_all(&rt, &mut b, rest);
             prop_assert_eq!(
-                store_a.state_db().export_snapshot_to_vec().expect("export"),
-                store_b.state_db().export_snapshot_to_vec().expect("export")
+                store_a
+                    .state_db(DATA_SHARD.get())
+                    .export_snapshot_to_vec()
+                    .expect("export"),
+                store_b
+                    .state_db(DATA_SHARD.get())
+                    .export_snapshot_to_vec()
+                    .expect("export")
             );
             Ok(())
         })
@@ -1215,8 +1227,8 @@ fn snapshot_restores_the_state() {
 fn installing_a_snapshot_replaces_the_state() {
     let rt = runtime();
     let ((_dir_a, store_a), (_dir_b, store_b)) = (temp_store(), temp_store());
-    let mut a = StateMachine::new(store_a.state_db());
-    let mut b = StateMachine::new(store_b.state_db());
+    let mut a = StateMachine::new(store_a.state_db(DATA_SHARD.get()));
+    let mut b = StateMachine::new(store_b.state_db(DATA_SHARD.get()));
     let to_a = [opened("a", false)];
     let to_b = [
         opened("b", false),
@@ -1253,23 +1265,29 @@ fn state_survives_reopening_the_store() {
             let dir = tempfile::tempdir().expect("tempdir");
             let (applied_before, recovered_before, export_before) = {
                 let store = open(&dir);
-                let mut sm = StateMachine::open(store.state_db()).expect("open");
+                let mut sm = StateMachine::open(store.state_db(DATA_SHARD.get())).expect("open");
                 apply_all(&rt, &mut sm, entries(&plans));
                 (
                     rt.block_on(sm.applied_state()).expect("applied"),
                     sm.recovered(&clock()).expect("recovered"),
-                    store.state_db().export_snapshot_to_vec().expect("export"),
+                    store
+                        .state_db(DATA_SHARD.get())
+                        .export_snapshot_to_vec()
+                        .expect("export"),
                 )
             };
             let store = open(&dir);
-            let mut sm = StateMachine::open(store.state_db()).expect("open");
+            let mut sm = StateMachine::open(store.state_db(DATA_SHARD.get())).expect("open");
             prop_assert_eq!(
                 rt.block_on(sm.applied_state()).expect("applied"),
                 applied_before
             );
             prop_assert_eq!(sm.recovered(&clock()).expect("recovered"), recovered_before);
             prop_assert_eq!(
-                store.state_db().export_snapshot_to_vec().expect("export"),
+                store
+                    .state_db(DATA_SHARD.get())
+                    .export_snapshot_to_vec()
+                    .expect("export"),
                 export_before
             );
             Ok(())
@@ -1289,9 +1307,9 @@ impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, StateMachine, TempDir> for B
             .map_err(|e| StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
         let store = Store::open(dir.path())
             .map_err(|e| e.into_storage_error(ErrorSubject::Store, ErrorVerb::Read))?;
-        let sm = StateMachine::open(store.state_db())
+        let sm = StateMachine::open(store.state_db(DATA_SHARD.get()))
             .map_err(|e| e.into_storage_error(ErrorSubject::StateMachine, ErrorVerb::Read))?;
-        Ok((dir, store.log_store::<TypeConfig>(), sm))
+        Ok((dir, store.log_store::<TypeConfig>(DATA_SHARD.get()), sm))
     }
 }
 
@@ -1308,8 +1326,8 @@ fn openraft_storage_suite() {
 fn a_declaration_is_recorded_and_travels_in_snapshots() {
     let rt = runtime();
     let ((_dir_a, store_a), (_dir_b, store_b)) = (temp_store(), temp_store());
-    let mut a = StateMachine::new(store_a.state_db());
-    let mut b = StateMachine::new(store_b.state_db());
+    let mut a = StateMachine::new(store_a.state_db(DATA_SHARD.get()));
+    let mut b = StateMachine::new(store_b.state_db(DATA_SHARD.get()));
     assert_eq!(a.declared_down_at(3).expect("read"), 0);
     apply_all(
         &rt,
@@ -1354,7 +1372,7 @@ fn a_declaration_is_recorded_and_travels_in_snapshots() {
 fn a_declaration_is_void_if_the_node_proposed_after_what_it_was_based_on() {
     let (_dir, store) = temp_store();
     let rt = runtime();
-    let mut sm = StateMachine::new(store.state_db());
+    let mut sm = StateMachine::new(store.state_db(DATA_SHARD.get()));
     let owner = |sm: &StateMachine| {
         sm.session_owners()
             .expect("owners")

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod message;
 pub mod retained;
 pub mod session;
+pub mod shard;
 pub mod stats;
 pub mod topic;
 

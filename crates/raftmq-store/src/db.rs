@@ -3,6 +3,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use openraft::RaftTypeConfig;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteOptions};
@@ -11,6 +12,7 @@ use crate::error::StoreError;
 use crate::layout::{CF_DEFAULT, FORMAT_KEY, FORMAT_VERSION, all_cf_names};
 use crate::log_store::LogStore;
 use crate::state::StateDb;
+use crate::syncer::WalSyncer;
 
 /// Tunables for [`Store::open_with`]. `StoreConfig::default()` is what [`Store::open`] uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,10 +35,16 @@ impl Default for StoreConfig {
     }
 }
 
-/// The one RocksDB instance of a node, shared by the Raft log and the state machine state.
+/// The one RocksDB instance of a node, shared by the Raft logs and the state machine states of
+/// every shard.
 pub(crate) struct Inner {
-    pub(crate) db: DB,
+    /// Declared first, so it is dropped first: its drop syncs what is pending and joins the
+    /// thread, which holds the other reference to `db`.
+    pub(crate) syncer: WalSyncer,
+    pub(crate) db: Arc<DB>,
     pub(crate) path: PathBuf,
+    /// While set, every sync of the syncer fails ([`Store::inject_sync_faults`]).
+    sync_faults: Arc<AtomicBool>,
 }
 
 impl Inner {
@@ -60,6 +68,10 @@ pub(crate) fn sync_write_options() -> WriteOptions {
 
 /// Handle to an open store: cheap to clone, the database closes when the last handle (including
 /// every [`LogStore`] and [`StateDb`] made from it) is dropped.
+///
+/// Every Raft group of the node (shard `0` the metadata group, `1..=S` the data shards) keeps
+/// its log and its state in this one database, under keys prefixed with its shard id: get a
+/// group's handles with [`Store::log_store`] and [`Store::state_db`].
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -82,6 +94,10 @@ impl Store {
     }
 
     /// Opens (creating if missing) the store in directory `path`.
+    ///
+    /// A database written in another format (in particular format 1, the single-group layout
+    /// without shard prefixes) is refused with [`StoreError::IncompatibleFormat`] before
+    /// anything is written to it: its format is read from a read-only open first.
     pub fn open_with(path: impl AsRef<Path>, config: &StoreConfig) -> Result<Store, StoreError> {
         let path = path.as_ref().to_path_buf();
         let db_opts = db_options(config);
@@ -91,6 +107,7 @@ impl Store {
         // opening stores that a newer version extended (it fails below if the DB is absent,
         // which is fine: then there is nothing to list).
         if let Ok(existing) = DB::list_cf(&db_opts, &path) {
+            probe_format(&db_opts, &path)?;
             for name in existing {
                 if !names.contains(&name) {
                     names.push(name);
@@ -107,23 +124,46 @@ impl Store {
             }
         })?;
 
-        let inner = Inner { db, path };
-        check_format(&inner)?;
+        let db = Arc::new(db);
+        check_format(&db, &path)?;
+        let sync_faults = Arc::new(AtomicBool::new(false));
+        let syncer = WalSyncer::start({
+            let db = Arc::clone(&db);
+            let faults = Arc::clone(&sync_faults);
+            move || sync_wal(&db, &faults)
+        })?;
         Ok(Store {
-            inner: Arc::new(inner),
+            inner: Arc::new(Inner {
+                syncer,
+                db,
+                path,
+                sync_faults,
+            }),
         })
     }
 
-    /// The Raft log store (`RaftLogStorage` + `RaftLogReader`) for type config `C`.
+    /// The Raft log store (`RaftLogStorage` + `RaftLogReader`) of shard `shard` for type
+    /// config `C`: its keys are prefixed with the shard id, so the logs of several groups
+    /// share the store without seeing each other.
     ///
-    /// All log stores of one `Store` share the same column families: make one per node.
-    pub fn log_store<C: RaftTypeConfig>(&self) -> LogStore<C> {
-        LogStore::new(Arc::clone(&self.inner))
+    /// Make one per shard (and clone it): two log stores of the same shard would be two
+    /// writers of one log.
+    pub fn log_store<C: RaftTypeConfig>(&self, shard: u32) -> LogStore<C> {
+        LogStore::new(Arc::clone(&self.inner), shard)
     }
 
-    /// The state machine database.
-    pub fn state_db(&self) -> StateDb {
-        StateDb::new(Arc::clone(&self.inner))
+    /// The state machine database of shard `shard` (keys prefixed with the shard id, which it
+    /// adds on writes and strips on reads: its users see the keys they wrote).
+    pub fn state_db(&self, shard: u32) -> StateDb {
+        StateDb::new(Arc::clone(&self.inner), shard)
+    }
+
+    /// While `on`, every sync of the write-ahead log fails, as an `fsync` error of a failing
+    /// disk would: every log write waiting for it (appends, votes, truncations, purges, of
+    /// every shard) fails. For tests of the paths that must fail closed; off unless a test
+    /// turns it on.
+    pub fn inject_sync_faults(&self, on: bool) {
+        self.inner.sync_faults.store(on, Ordering::Relaxed);
     }
 
     /// The database directory.
@@ -179,16 +219,70 @@ fn cf_options() -> Options {
     opts
 }
 
-/// Stamps a fresh database with [`FORMAT_VERSION`] and refuses one written in another format.
-fn check_format(inner: &Inner) -> Result<(), StoreError> {
-    let cf = inner.cf(CF_DEFAULT)?;
-    match inner
-        .db
+/// One sync of the shared write-ahead log: every write made before it is durable once it
+/// returns `Ok` (the [`WalSyncer`]'s sync).
+fn sync_wal(db: &DB, faults: &AtomicBool) -> Result<(), StoreError> {
+    if faults.load(Ordering::Relaxed) {
+        return Err(StoreError::InjectedFault { op: "WAL sync" });
+    }
+    let result = db.flush_wal(true).map_err(StoreError::backend("flush WAL"));
+    // A slow disk (tests only): the sync, and every log write waiting for it, takes longer.
+    crate::faults::stall_synced_write();
+    result
+}
+
+/// The format version stamped in a database, `None` in a fresh one.
+fn read_format(found: Option<Vec<u8>>) -> Option<u32> {
+    // A marker that is not 4 bytes is no format this build knows: reported as version 0.
+    found.map(|raw| {
+        <[u8; 4]>::try_from(raw.as_slice())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0)
+    })
+}
+
+fn incompatible(path: &Path, found: u32) -> StoreError {
+    StoreError::IncompatibleFormat {
+        path: path.to_path_buf(),
+        found,
+        supported: FORMAT_VERSION,
+    }
+}
+
+/// Refuses an existing database written in another format, reading its marker through a
+/// read-only open of the `default` column family: a refused data dir is left as it was (only
+/// RocksDB's own info log, `LOG`, records the attempt).
+fn probe_format(opts: &Options, path: &Path) -> Result<(), StoreError> {
+    let db = DB::open_cf_for_read_only(opts, path, [CF_DEFAULT], false).map_err(|source| {
+        StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    let cf = db
+        .cf_handle(CF_DEFAULT)
+        .ok_or(StoreError::MissingColumnFamily(CF_DEFAULT))?;
+    let found = db
         .get_cf(cf, FORMAT_KEY)
-        .map_err(StoreError::backend("get"))?
-    {
-        None => inner
-            .db
+        .map_err(StoreError::backend("get"))?;
+    match read_format(found) {
+        Some(found) if found != FORMAT_VERSION => Err(incompatible(path, found)),
+        // A database without a marker was created but never stamped (a crash right after its
+        // creation): it holds nothing, `check_format` stamps it.
+        _ => Ok(()),
+    }
+}
+
+/// Stamps a fresh database with [`FORMAT_VERSION`] and refuses one written in another format.
+fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
+    let cf = db
+        .cf_handle(CF_DEFAULT)
+        .ok_or(StoreError::MissingColumnFamily(CF_DEFAULT))?;
+    let found = db
+        .get_cf(cf, FORMAT_KEY)
+        .map_err(StoreError::backend("get"))?;
+    match read_format(found) {
+        None => db
             .put_cf_opt(
                 cf,
                 FORMAT_KEY,
@@ -196,19 +290,7 @@ fn check_format(inner: &Inner) -> Result<(), StoreError> {
                 &sync_write_options(),
             )
             .map_err(StoreError::backend("write")),
-        Some(raw) => {
-            let found = <[u8; 4]>::try_from(raw.as_slice())
-                .map(u32::from_be_bytes)
-                .unwrap_or(0);
-            if found == FORMAT_VERSION {
-                Ok(())
-            } else {
-                Err(StoreError::IncompatibleFormat {
-                    path: inner.path.clone(),
-                    found,
-                    supported: FORMAT_VERSION,
-                })
-            }
-        }
+        Some(found) if found == FORMAT_VERSION => Ok(()),
+        Some(found) => Err(incompatible(path, found)),
     }
 }

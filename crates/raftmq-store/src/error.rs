@@ -56,6 +56,15 @@ pub enum StoreError {
         supported: u32,
     },
 
+    /// The sync of the write-ahead log that was to make a log write durable failed (the same
+    /// error for every write it covered).
+    #[error("syncing the write-ahead log failed: {0}")]
+    WalSync(#[source] std::sync::Arc<StoreError>),
+
+    /// The WAL syncer ended before it made a write durable (the store is closing).
+    #[error("the WAL syncer stopped")]
+    SyncerStopped,
+
     /// A value could not be serialized.
     #[error("cannot encode {what}: {source}")]
     Encode {

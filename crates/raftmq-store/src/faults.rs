@@ -1,6 +1,7 @@
 //! Test-only fault injection: a slow disk. While the file given to [`inject_disk_faults`]
-//! exists and holds a number of milliseconds, every synced Raft log write (append, vote,
-//! truncation, purge) takes that much longer before it returns, as if its `fsync` stalled. The
+//! exists and holds a number of milliseconds, every sync of the WAL syncer takes that much
+//! longer, as if its `fsync` stalled: every Raft log write waiting for it (append, vote,
+//! truncation, purge, of every shard) is reported durable that much later. The
 //! file is read again at most every 100 ms; a missing, empty or unreadable file, or one that
 //! is not a number, means a healthy disk. Nothing is injected unless the process asked for it
 //! (`cluster.disk_faults_file`).
@@ -70,8 +71,8 @@ fn sync_delay() -> Duration {
         .map_or(Duration::ZERO, |faults| faults.delay_at(Instant::now()))
 }
 
-/// Stalls the calling thread for the injected delay, if any: called right after a synced
-/// write, on the thread that made it (which a stalled `fsync` would block too).
+/// Stalls the calling thread for the injected delay, if any: called by the WAL syncer right
+/// after its `fsync`, on its thread (which a stalled `fsync` would block too).
 pub(crate) fn stall_synced_write() {
     let delay = sync_delay();
     if !delay.is_zero() {

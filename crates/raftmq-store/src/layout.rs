@@ -1,23 +1,29 @@
 //! Column family names, ids and key encodings (see the crate docs for the full table).
 
-/// Column family holding the Raft log: key = big-endian `u64` index, value = postcard entry.
+/// Column family holding the Raft log: key = shard prefix ‖ big-endian `u64` index, value =
+/// postcard entry.
 pub(crate) const CF_RAFT_LOG: &str = "raft_log";
 /// Column family holding Raft metadata (vote, last purged log id, committed log id).
 pub(crate) const CF_RAFT_META: &str = "raft_meta";
 /// RocksDB's mandatory default column family; holds only the store format marker.
 pub(crate) const CF_DEFAULT: &str = "default";
 
-/// Key in `raft_meta`: the last saved vote.
+/// Key in `raft_meta` (after the shard prefix): the last saved vote.
 pub(crate) const META_VOTE: &[u8] = b"vote";
-/// Key in `raft_meta`: the last purged log id.
+/// Key in `raft_meta` (after the shard prefix): the last purged log id.
 pub(crate) const META_LAST_PURGED: &[u8] = b"last_purged_log_id";
-/// Key in `raft_meta`: the last saved committed log id.
+/// Key in `raft_meta` (after the shard prefix): the last saved committed log id.
 pub(crate) const META_COMMITTED: &[u8] = b"committed";
 
 /// Key in `default`: the on-disk format version (big-endian `u32`).
 pub(crate) const FORMAT_KEY: &[u8] = b"raftmq_store_format";
-/// The on-disk format version written and understood by this build.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// The on-disk format version written and understood by this build: 2, every key starts with
+/// its shard's 4-byte prefix. Version 1 (one Raft group, keys without a prefix) is refused.
+pub(crate) const FORMAT_VERSION: u32 = 2;
+
+/// Length of the shard prefix of every key of `raft_log`, `raft_meta` and the state column
+/// families.
+pub(crate) const SHARD_PREFIX_LEN: usize = 4;
 
 /// The column families of the replicated state machine, managed through [`StateDb`].
 ///
@@ -97,9 +103,27 @@ pub(crate) fn all_cf_names() -> Vec<&'static str> {
     names
 }
 
-/// Key of a log entry: the index, big-endian, so that byte order is numeric order.
-pub(crate) fn log_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
+/// The key prefix of every key of shard `shard`: its id, big-endian (so a shard's keys are one
+/// contiguous range, and shards sort by id).
+pub(crate) const fn shard_prefix(shard: u32) -> [u8; SHARD_PREFIX_LEN] {
+    shard.to_be_bytes()
+}
+
+/// `prefix ‖ key`.
+pub(crate) fn prefixed(prefix: &[u8; SHARD_PREFIX_LEN], key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SHARD_PREFIX_LEN + key.len());
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(key);
+    out
+}
+
+/// Key of a log entry of shard `shard`: the shard prefix then the index, both big-endian, so
+/// that byte order is numeric order within the shard.
+pub(crate) fn log_key(shard: u32, index: u64) -> [u8; SHARD_PREFIX_LEN + 8] {
+    let mut key = [0u8; SHARD_PREFIX_LEN + 8];
+    key[..SHARD_PREFIX_LEN].copy_from_slice(&shard_prefix(shard));
+    key[SHARD_PREFIX_LEN..].copy_from_slice(&index.to_be_bytes());
+    key
 }
 
 /// Smallest key strictly greater than every key starting with `prefix`, or `None` when no
@@ -148,6 +172,9 @@ mod tests {
         assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
         assert_eq!(prefix_successor(&[1, 0xFF]), Some(vec![2]));
         assert_eq!(key_successor(b"a"), b"a\0".to_vec());
-        assert!(log_key(1) < log_key(256));
+        assert!(log_key(1, 1) < log_key(1, 256));
+        assert!(log_key(1, u64::MAX) < log_key(2, 0));
+        assert_eq!(log_key(0x0102_0304, 5)[..4], [1, 2, 3, 4]);
+        assert_eq!(prefixed(&shard_prefix(1), b"k"), [0, 0, 0, 1, b'k']);
     }
 }

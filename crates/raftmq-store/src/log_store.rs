@@ -1,4 +1,4 @@
-//! openraft `RaftLogStorage` / `RaftLogReader` on RocksDB.
+//! openraft `RaftLogStorage` / `RaftLogReader` on RocksDB, one per shard.
 //!
 //! # Blocking
 //!
@@ -6,10 +6,11 @@
 //! openraft 0.9 calls the log store from its own core task and waits for each call anyway
 //! (log I/O must be serialized), the calls are short (one batched write, one seek, or one
 //! bounded scan), and a hop to the blocking pool would add a thread switch plus an allocation to
-//! every append. The one potentially slow call is the `fsync` of `append`/`save_vote`
-//! (typically 0.1–2 ms on SSDs): it holds one runtime worker for that time, which is the cost
-//! of durability openraft would wait for in any case. The broker therefore runs Raft on a
-//! multi-threaded runtime.
+//! every append. No call waits for an `fsync` on a runtime worker: writes go to the WAL without
+//! one, and the store's WAL syncer thread makes them durable, one `fsync` for every shard's
+//! writes at once. `append` returns as soon as its entries are readable and reports them
+//! durable later, through openraft's `LogFlushed` callback, from the syncer thread;
+//! `save_vote`, `truncate` and `purge` await the syncer before they return.
 
 use std::fmt;
 use std::fmt::Debug;
@@ -18,9 +19,10 @@ use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
+use openraft::async_runtime::AsyncOneshotSendExt;
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
-    ErrorSubject, ErrorVerb, LogId, LogState, OptionalSend, RaftLogId, RaftLogReader,
+    AsyncRuntime, ErrorSubject, ErrorVerb, LogId, LogState, OptionalSend, RaftLogId, RaftLogReader,
     RaftTypeConfig, StorageError, Vote,
 };
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
@@ -28,18 +30,21 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::codec::{decode, encode};
-use crate::db::{Inner, sync_write_options};
+use crate::db::Inner;
 use crate::error::StoreError;
 use crate::layout::{
-    CF_RAFT_LOG, CF_RAFT_META, META_COMMITTED, META_LAST_PURGED, META_VOTE, log_key,
+    CF_RAFT_LOG, CF_RAFT_META, META_COMMITTED, META_LAST_PURGED, META_VOTE, SHARD_PREFIX_LEN,
+    log_key, prefix_successor, prefixed, shard_prefix,
 };
 
-/// Raft log storage for type config `C`, in the `raft_log` and `raft_meta` column families.
+/// Raft log storage of one shard for type config `C`, in the `raft_log` and `raft_meta`
+/// column families under the shard's key prefix.
 ///
 /// Cheap to clone; the clone is also the [`RaftLogReader`] handed to replication tasks.
 /// Entries (`C::Entry`) and metadata are encoded with postcard.
 pub struct LogStore<C: RaftTypeConfig> {
     inner: Arc<Inner>,
+    shard: u32,
     _config: PhantomData<fn() -> C>,
 }
 
@@ -47,6 +52,7 @@ impl<C: RaftTypeConfig> Clone for LogStore<C> {
     fn clone(&self) -> Self {
         LogStore {
             inner: Arc::clone(&self.inner),
+            shard: self.shard,
             _config: PhantomData,
         }
     }
@@ -56,6 +62,7 @@ impl<C: RaftTypeConfig> fmt::Debug for LogStore<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LogStore")
             .field("path", &self.inner.path)
+            .field("shard", &self.shard)
             .finish_non_exhaustive()
     }
 }
@@ -63,10 +70,46 @@ impl<C: RaftTypeConfig> fmt::Debug for LogStore<C> {
 type StorageResult<T, C> = Result<T, StorageError<<C as RaftTypeConfig>::NodeId>>;
 
 impl<C: RaftTypeConfig> LogStore<C> {
-    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+    pub(crate) fn new(inner: Arc<Inner>, shard: u32) -> Self {
         LogStore {
             inner,
+            shard,
             _config: PhantomData,
+        }
+    }
+
+    /// The shard whose log this is.
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    fn meta_key(&self, key: &[u8]) -> Vec<u8> {
+        prefixed(&shard_prefix(self.shard), key)
+    }
+
+    /// Read options bounding an iteration to this shard's log entries.
+    fn shard_read_options(&self) -> ReadOptions {
+        let mut opts = ReadOptions::default();
+        let prefix = shard_prefix(self.shard);
+        opts.set_iterate_lower_bound(prefix.to_vec());
+        if let Some(end) = prefix_successor(&prefix) {
+            opts.set_iterate_upper_bound(end);
+        }
+        opts
+    }
+
+    /// Waits until every write made so far is durable: one sync of the shared WAL by the
+    /// store's syncer thread (shared with the other writers waiting then).
+    async fn durable(&self) -> Result<(), StoreError> {
+        let (tx, rx) = C::AsyncRuntime::oneshot();
+        self.inner.syncer.submit(Box::new(move |result| {
+            // The receiver is gone only if the caller's future was dropped: nobody to tell.
+            let _ = tx.send(result);
+        }));
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::WalSync(e)),
+            Err(_) => Err(StoreError::SyncerStopped),
         }
     }
 
@@ -79,7 +122,7 @@ impl<C: RaftTypeConfig> LogStore<C> {
         match self
             .inner
             .db
-            .get_pinned_cf(cf, key)
+            .get_pinned_cf(cf, self.meta_key(key))
             .map_err(StoreError::backend("get"))?
         {
             Some(raw) => decode(what, &raw).map(Some),
@@ -98,14 +141,19 @@ impl<C: RaftTypeConfig> LogStore<C> {
         let raw = encode(what, value)?;
         self.inner
             .db
-            .put_cf_opt(cf, key, raw, opts)
+            .put_cf_opt(cf, self.meta_key(key), raw, opts)
             .map_err(StoreError::backend("write"))
     }
 
     /// Log id of the entry with the highest index, if any entry is present.
     fn last_entry_log_id(&self) -> Result<Option<LogId<C::NodeId>>, StoreError> {
         let cf = self.inner.cf(CF_RAFT_LOG)?;
-        match self.inner.db.iterator_cf(cf, IteratorMode::End).next() {
+        match self
+            .inner
+            .db
+            .iterator_cf_opt(cf, self.shard_read_options(), IteratorMode::End)
+            .next()
+        {
             None => Ok(None),
             Some(item) => {
                 let (_, value) = item.map_err(StoreError::backend("iterate"))?;
@@ -136,11 +184,11 @@ impl<C: RaftTypeConfig> LogStore<C> {
         }
 
         let cf = self.inner.cf(CF_RAFT_LOG)?;
-        let mut opts = ReadOptions::default();
+        let mut opts = self.shard_read_options();
         if let Some(end) = end {
-            opts.set_iterate_upper_bound(log_key(end).to_vec());
+            opts.set_iterate_upper_bound(log_key(self.shard, end).to_vec());
         }
-        let start_key = log_key(start);
+        let start_key = log_key(self.shard, start);
         let iter = self.inner.db.iterator_cf_opt(
             cf,
             opts,
@@ -150,7 +198,7 @@ impl<C: RaftTypeConfig> LogStore<C> {
         let mut entries = Vec::new();
         for item in iter {
             let (key, value) = item.map_err(StoreError::backend("iterate"))?;
-            let index = decode_log_key(&key)?;
+            let index = decode_log_key(self.shard, &key)?;
             let entry: C::Entry = decode("log entry", &value)?;
             if entry.get_log_id().index != index {
                 return Err(StoreError::CorruptKey {
@@ -186,77 +234,84 @@ impl<C: RaftTypeConfig> LogStore<C> {
         let cf = self.inner.cf(CF_RAFT_LOG)?;
         let mut batch = WriteBatch::default();
         for entry in entries {
-            let key = log_key(entry.get_log_id().index);
+            let key = log_key(self.shard, entry.get_log_id().index);
             batch.put_cf(cf, key, encode("log entry", &entry)?);
         }
         if batch.is_empty() {
             return Ok(());
         }
-        // One synced write for the whole append: durable once it returns.
+        // One write for the whole append, readable when it returns; made durable by the
+        // syncer (the caller hands it the callback).
         let started = std::time::Instant::now();
         let result = self
             .inner
             .db
-            .write_opt(batch, &sync_write_options())
+            .write_opt(batch, &WriteOptions::default())
             .map_err(StoreError::backend("write"));
-        crate::faults::stall_synced_write();
         metrics::histogram!(crate::STORE_WRITE_SECONDS, "kind" => "log_append")
             .record(started.elapsed().as_secs_f64());
         result
     }
 
-    /// Deletes every entry with index >= `since`.
+    /// Deletes every entry with index >= `since` (not yet durable when it returns).
     fn truncate_since(&self, since: u64) -> Result<(), StoreError> {
         let cf = self.inner.cf(CF_RAFT_LOG)?;
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(cf, log_key(since), log_key(u64::MAX));
-        batch.delete_cf(cf, log_key(u64::MAX));
-        let result = self
-            .inner
+        batch.delete_range_cf(
+            cf,
+            log_key(self.shard, since),
+            log_key(self.shard, u64::MAX),
+        );
+        batch.delete_cf(cf, log_key(self.shard, u64::MAX));
+        self.inner
             .db
-            .write_opt(batch, &sync_write_options())
-            .map_err(StoreError::backend("write"));
-        crate::faults::stall_synced_write();
-        result
+            .write_opt(batch, &WriteOptions::default())
+            .map_err(StoreError::backend("write"))
     }
 
     /// Records `log_id` as last purged and deletes every entry with index <= `log_id.index`,
     /// atomically (so a crash cannot leave a hole between the purged id and the first entry).
+    /// Not yet durable when it returns.
     fn purge_upto(&self, log_id: &LogId<C::NodeId>) -> Result<(), StoreError> {
         let log_cf = self.inner.cf(CF_RAFT_LOG)?;
         let meta_cf = self.inner.cf(CF_RAFT_META)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(
             meta_cf,
-            META_LAST_PURGED,
+            self.meta_key(META_LAST_PURGED),
             encode("last purged log id", log_id)?,
         );
+        let first = log_key(self.shard, 0);
         match log_id.index.checked_add(1) {
-            Some(end) => batch.delete_range_cf(log_cf, log_key(0), log_key(end)),
+            Some(end) => batch.delete_range_cf(log_cf, first, log_key(self.shard, end)),
             None => {
-                batch.delete_range_cf(log_cf, log_key(0), log_key(u64::MAX));
-                batch.delete_cf(log_cf, log_key(u64::MAX));
+                batch.delete_range_cf(log_cf, first, log_key(self.shard, u64::MAX));
+                batch.delete_cf(log_cf, log_key(self.shard, u64::MAX));
             }
         }
-        // Synced: besides the log, this makes every earlier state machine write durable (one
-        // shared WAL), which must hold before the log that could rebuild that state is gone.
-        let result = self
-            .inner
+        self.inner
             .db
-            .write_opt(batch, &sync_write_options())
-            .map_err(StoreError::backend("write"));
-        crate::faults::stall_synced_write();
-        result
+            .write_opt(batch, &WriteOptions::default())
+            .map_err(StoreError::backend("write"))
     }
 }
 
-fn decode_log_key(key: &[u8]) -> Result<u64, StoreError> {
-    <[u8; 8]>::try_from(key)
+/// The index of the log entry of shard `shard` stored under `key`.
+fn decode_log_key(shard: u32, key: &[u8]) -> Result<u64, StoreError> {
+    let corrupt = || StoreError::CorruptKey {
+        cf: CF_RAFT_LOG,
+        detail: format!(
+            "expected shard {shard} and an index (12 bytes), found {} bytes {key:02x?}",
+            key.len()
+        ),
+    };
+    let (prefix, index) = key.split_at_checked(SHARD_PREFIX_LEN).ok_or_else(corrupt)?;
+    if prefix != shard_prefix(shard) {
+        return Err(corrupt());
+    }
+    <[u8; 8]>::try_from(index)
         .map(u64::from_be_bytes)
-        .map_err(|_| StoreError::CorruptKey {
-            cf: CF_RAFT_LOG,
-            detail: format!("expected 8 bytes, found {}", key.len()),
-        })
+        .map_err(|_| corrupt())
 }
 
 impl<C: RaftTypeConfig> RaftLogReader<C> for LogStore<C> {
@@ -282,8 +337,10 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
     }
 
     async fn save_vote(&mut self, vote: &Vote<C::NodeId>) -> StorageResult<(), C> {
-        let result = self.write_meta(META_VOTE, "vote", vote, &sync_write_options());
-        crate::faults::stall_synced_write();
+        let result = match self.write_meta(META_VOTE, "vote", vote, &WriteOptions::default()) {
+            Ok(()) => self.durable().await,
+            Err(e) => Err(e),
+        };
         result.map_err(|e| e.into_storage_error(ErrorSubject::Vote, ErrorVerb::Write))
     }
 
@@ -297,7 +354,7 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
         committed: Option<LogId<C::NodeId>>,
     ) -> StorageResult<(), C> {
         // Not synced: `committed` only lets a restart re-apply up to it sooner; losing the last
-        // update in a power cut is harmless, and it rides along with the next synced write.
+        // update in a power cut is harmless, and it rides along with the next WAL sync.
         self.write_meta(
             META_COMMITTED,
             "committed log id",
@@ -321,8 +378,12 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
     {
         match self.append_entries(entries) {
             Ok(()) => {
-                // The write was synced: the entries are durable, report it now.
-                callback.log_io_completed(Ok(()));
+                // Readable now; durable once the syncer's next sync returned, which reports it.
+                self.inner.syncer.submit(Box::new(move |result| {
+                    callback.log_io_completed(
+                        result.map_err(|e| io::Error::other(StoreError::WalSync(e))),
+                    );
+                }));
                 Ok(())
             }
             Err(e) => {
@@ -333,12 +394,21 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
     }
 
     async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> StorageResult<(), C> {
-        self.truncate_since(log_id.index)
-            .map_err(|e| e.into_storage_error(ErrorSubject::Log(log_id), ErrorVerb::Delete))
+        let result = match self.truncate_since(log_id.index) {
+            Ok(()) => self.durable().await,
+            Err(e) => Err(e),
+        };
+        result.map_err(|e| e.into_storage_error(ErrorSubject::Log(log_id), ErrorVerb::Delete))
     }
 
     async fn purge(&mut self, log_id: LogId<C::NodeId>) -> StorageResult<(), C> {
-        self.purge_upto(&log_id)
-            .map_err(|e| e.into_storage_error(ErrorSubject::Log(log_id), ErrorVerb::Delete))
+        // Durable before it returns: besides the log, the sync makes every earlier state
+        // machine write durable (one shared WAL), which must hold before the log that could
+        // rebuild that state is gone.
+        let result = match self.purge_upto(&log_id) {
+            Ok(()) => self.durable().await,
+            Err(e) => Err(e),
+        };
+        result.map_err(|e| e.into_storage_error(ErrorSubject::Log(log_id), ErrorVerb::Delete))
     }
 }

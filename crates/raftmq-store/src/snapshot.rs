@@ -8,7 +8,7 @@ use rocksdb::{DB, Direction, IteratorMode, ReadOptions, SnapshotWithThreadMode, 
 use crate::db::{Inner, sync_write_options};
 use crate::error::{SnapshotFormatError, StoreError};
 use crate::layout::{StateCf, key_successor, prefix_successor};
-use crate::state::{StateDb, StateIter, range_read_options};
+use crate::state::{StateDb, StateIter, range_read_options, unprefixed};
 
 /// First bytes of every snapshot stream.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"RMQSNAP\0";
@@ -29,7 +29,7 @@ pub struct SnapshotStats {
     pub bytes: u64,
 }
 
-/// A consistent, read-only, point-in-time view of every state column family.
+/// A consistent, read-only, point-in-time view of every state column family of one shard.
 ///
 /// Taking it is cheap and does not block writers; while it lives RocksDB keeps the data it
 /// sees (so do not keep one for hours). Read the snapshot's own state machine metadata through
@@ -50,7 +50,7 @@ impl fmt::Debug for StateSnapshot<'_> {
 }
 
 impl StateDb {
-    /// A consistent view of the whole state as of now.
+    /// A consistent view of this shard's whole state as of now.
     pub fn snapshot(&self) -> StateSnapshot<'_> {
         StateSnapshot {
             inner: &self.inner,
@@ -72,21 +72,25 @@ impl StateDb {
         Ok(out)
     }
 
-    /// Replaces the entire state (every [`StateCf`]) with the content of a snapshot stream.
+    /// Replaces this shard's entire state (every [`StateCf`]) with the content of a snapshot
+    /// stream; other shards are not touched.
     ///
     /// The stream is read and verified (magic, version, record count, CRC-32) completely before
-    /// anything is written; then one synced write batch deletes every existing key and inserts
-    /// the snapshot's records, so the state is either untouched (on any error) or exactly the
-    /// snapshot's. The batch holds the whole snapshot in memory.
+    /// anything is written; then one synced write batch deletes every existing key of the
+    /// shard and inserts the snapshot's records under the shard's prefix, so the state is
+    /// either untouched (on any error) or exactly the snapshot's. The batch holds the whole
+    /// snapshot in memory.
     ///
     /// Must not run concurrently with other writes to the state column families (the Raft state
     /// machine serializes `install_snapshot` with `apply`).
     pub fn import_snapshot<R: Read>(&self, input: R) -> Result<SnapshotStats, StoreError> {
         let mut wb = WriteBatch::default();
+        // The deletions come first in the batch: no key of its own to cover.
+        let nothing_put = Default::default();
         for cf in StateCf::ALL {
-            self.delete_all_from(&mut wb, cf, &[], None)?;
+            self.delete_stored_prefix(&mut wb, cf, &self.prefix, &nothing_put)?;
         }
-        let stats = decode_stream(self.inner.as_ref(), input, &mut wb)?;
+        let stats = decode_stream(self, input, &mut wb)?;
         self.inner
             .db
             .write_opt(wb, &sync_write_options())
@@ -100,7 +104,7 @@ impl<'a> StateSnapshot<'a> {
     pub fn get(&self, cf: StateCf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let handle = self.db.cf_for_read(cf)?;
         self.snap
-            .get_cf(handle, key)
+            .get_cf(handle, self.db.stored_key(key))
             .map_err(StoreError::backend("get"))
     }
 
@@ -108,11 +112,12 @@ impl<'a> StateSnapshot<'a> {
     pub fn scan_prefix(&self, cf: StateCf, prefix: &[u8]) -> StateIter<'_> {
         match self.db.cf_for_read(cf) {
             Ok(handle) => {
-                let end = prefix_successor(prefix);
+                let prefix = self.db.stored_key(prefix);
+                let end = prefix_successor(&prefix);
                 StateIter::new(self.snap.iterator_cf_opt(
                     handle,
                     range_read_options(end.as_deref()),
-                    IteratorMode::From(prefix, Direction::Forward),
+                    IteratorMode::From(&prefix, Direction::Forward),
                 ))
             }
             Err(e) => StateIter::failed(e),
@@ -270,10 +275,13 @@ impl Encoder {
                     let mut opts = ReadOptions::default();
                     // A bulk scan: do not evict the hot working set from the block cache.
                     opts.fill_cache(false);
+                    // This shard's keys only.
+                    if let Some(end) = snapshot.db.shard_end() {
+                        opts.set_iterate_upper_bound(end);
+                    }
                     let start = resume_after
                         .as_deref()
-                        .map(key_successor)
-                        .unwrap_or_default();
+                        .map_or_else(|| snapshot.db.prefix.to_vec(), key_successor);
                     let iter = snapshot.snap.iterator_cf_opt(
                         handle,
                         opts,
@@ -282,7 +290,7 @@ impl Encoder {
                     let mut chunk_full = false;
                     for item in iter {
                         let (key, value) = item.map_err(StoreError::backend("iterate"))?;
-                        write_record(&mut out, cf, &key, &value)?;
+                        write_record(&mut out, cf, &unprefixed(&key), &value)?;
                         self.stats.records += 1;
                         if out.len() >= self.chunk_size {
                             *resume_after = Some(key.into_vec());
@@ -365,9 +373,9 @@ fn read_bytes(r: &mut impl Read) -> Result<Vec<u8>, StoreError> {
     Ok(buf)
 }
 
-/// Parses and verifies a whole stream, adding its records to `wb`.
+/// Parses and verifies a whole stream, adding its records to `wb` under `db`'s shard prefix.
 fn decode_stream<R: Read>(
-    inner: &Inner,
+    db: &StateDb,
     input: R,
     wb: &mut WriteBatch,
 ) -> Result<SnapshotStats, StoreError> {
@@ -400,7 +408,7 @@ fn decode_stream<R: Read>(
                 let value = read_bytes(&mut r)?;
                 bytes += 10 + key.len() as u64 + value.len() as u64;
                 records += 1;
-                wb.put_cf(inner.cf(cf.name())?, key, value);
+                wb.put_cf(db.inner.cf(cf.name())?, db.stored_key(&key), value);
             }
             TAG_END => {
                 let expected_records = u64::from_be_bytes(read_array(&mut r)?);

@@ -8,14 +8,19 @@ use rocksdb::{DB, DBIteratorWithThreadMode, Direction, IteratorMode, ReadOptions
 
 use crate::db::{Inner, sync_write_options};
 use crate::error::StoreError;
-use crate::layout::{StateCf, prefix_successor};
+use crate::layout::{SHARD_PREFIX_LEN, StateCf, prefix_successor, prefixed, shard_prefix};
 
-/// Handle to the state machine's column families (see [`StateCf`]). Cheap to clone.
+/// Handle to one shard's state machine column families (see [`StateCf`]). Cheap to clone.
 ///
-/// Reads see the latest committed writes. [`StateDb::write`] is atomic across column families.
+/// Every key it writes is stored behind the shard's 4-byte prefix, and every key it reads is
+/// returned without it: the state of one shard never sees another's, and a scan, a prefix
+/// deletion or a snapshot covers this shard only. Reads see the latest committed writes.
+/// [`StateDb::write`] is atomic across column families.
 #[derive(Clone)]
 pub struct StateDb {
     pub(crate) inner: Arc<Inner>,
+    shard: u32,
+    pub(crate) prefix: [u8; SHARD_PREFIX_LEN],
     /// Read faults injected into this handle and its clones ([`StateDb::with_own_faults`]).
     faults: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -24,6 +29,7 @@ impl fmt::Debug for StateDb {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StateDb")
             .field("path", &self.inner.path)
+            .field("shard", &self.shard)
             .finish_non_exhaustive()
     }
 }
@@ -160,7 +166,8 @@ impl Extend<BatchOp> for StateBatch {
     }
 }
 
-/// Iterator over `(key, value)` pairs of a scan, in ascending key order.
+/// Iterator over `(key, value)` pairs of a scan, in ascending key order (keys without the
+/// shard prefix).
 ///
 /// Borrows the [`StateDb`] (or [`StateSnapshot`](crate::StateSnapshot)) it came from; a scan
 /// of the live database may or may not see writes made while it runs, a scan of a snapshot
@@ -171,6 +178,7 @@ pub struct StateIter<'a> {
 }
 
 impl<'a> StateIter<'a> {
+    /// Iterates `iter`, which must stay within one shard's keys (its prefix is stripped).
     pub(crate) fn new(iter: DBIteratorWithThreadMode<'a, DB>) -> Self {
         StateIter {
             iter: Some(iter),
@@ -186,6 +194,12 @@ impl<'a> StateIter<'a> {
     }
 }
 
+/// `key` without its shard prefix (a stored key is never shorter than the prefix: every
+/// key of a state column family is written with one).
+pub(crate) fn unprefixed(key: &[u8]) -> Vec<u8> {
+    key.get(SHARD_PREFIX_LEN..).unwrap_or_default().to_vec()
+}
+
 impl Iterator for StateIter<'_> {
     type Item = Result<KeyValue, StoreError>;
 
@@ -195,7 +209,7 @@ impl Iterator for StateIter<'_> {
         }
         let item = self.iter.as_mut()?.next()?;
         Some(match item {
-            Ok((key, value)) => Ok((key.into_vec(), value.into_vec())),
+            Ok((key, value)) => Ok((unprefixed(&key), value.into_vec())),
             Err(e) => {
                 self.iter = None;
                 Err(StoreError::Backend {
@@ -225,18 +239,36 @@ pub(crate) fn range_read_options(to: Option<&[u8]>) -> ReadOptions {
 }
 
 impl StateDb {
-    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+    pub(crate) fn new(inner: Arc<Inner>, shard: u32) -> Self {
         StateDb {
             inner,
+            shard,
+            prefix: shard_prefix(shard),
             faults: Arc::default(),
         }
     }
 
-    /// A handle to the same database whose read faults ([`StateDb::inject_read_faults`]) are
-    /// its own (shared with its clones only), so a test can fail one reader's reads while the
-    /// rest of the node (the Raft state machine's apply) reads normally.
+    /// The shard whose state this handle reads and writes.
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    /// A handle to the same shard whose read faults ([`StateDb::inject_read_faults`]) are its
+    /// own (shared with its clones only), so a test can fail one reader's reads while the rest
+    /// of the node (the Raft state machine's apply) reads normally.
     pub fn with_own_faults(&self) -> StateDb {
-        StateDb::new(self.inner.clone())
+        StateDb::new(self.inner.clone(), self.shard)
+    }
+
+    /// `key` as stored: behind this shard's prefix.
+    pub(crate) fn stored_key(&self, key: &[u8]) -> Vec<u8> {
+        prefixed(&self.prefix, key)
+    }
+
+    /// The first stored key after every key of this shard (`None`: the last possible shard,
+    /// unbounded above).
+    pub(crate) fn shard_end(&self) -> Option<Vec<u8>> {
+        prefix_successor(&self.prefix)
     }
 
     /// While `on`, every read of the state through this handle (live or through a snapshot)
@@ -260,22 +292,32 @@ impl StateDb {
         let handle = self.cf_for_read(cf)?;
         self.inner
             .db
-            .get_cf(handle, key)
+            .get_cf(handle, self.stored_key(key))
             .map_err(StoreError::backend("get"))
     }
 
     /// Every pair of `cf` whose key starts with `prefix` (everything for an empty prefix).
     pub fn scan_prefix(&self, cf: StateCf, prefix: &[u8]) -> StateIter<'_> {
-        let end = prefix_successor(prefix);
-        self.scan_range(cf, prefix, end.as_deref())
+        let from = self.stored_key(prefix);
+        let to = prefix_successor(&from);
+        self.scan_stored(cf, &from, to)
     }
 
-    /// Every pair of `cf` with `from <= key < to` (`to = None`: up to the last key).
+    /// Every pair of `cf` with `from <= key < to` (`to = None`: up to the shard's last key).
     pub fn scan_range(&self, cf: StateCf, from: &[u8], to: Option<&[u8]>) -> StateIter<'_> {
+        let to = match to {
+            Some(to) => Some(self.stored_key(to)),
+            None => self.shard_end(),
+        };
+        self.scan_stored(cf, &self.stored_key(from), to)
+    }
+
+    /// Every pair of `cf` with stored keys in `[from, to)`, both within this shard.
+    fn scan_stored(&self, cf: StateCf, from: &[u8], to: Option<Vec<u8>>) -> StateIter<'_> {
         match self.cf_for_read(cf) {
             Ok(handle) => StateIter::new(self.inner.db.iterator_cf_opt(
                 handle,
-                range_read_options(to),
+                range_read_options(to.as_deref()),
                 IteratorMode::From(from, Direction::Forward),
             )),
             Err(e) => StateIter::failed(e),
@@ -290,8 +332,9 @@ impl StateDb {
         prefix: &[u8],
     ) -> Result<Option<KeyValue>, StoreError> {
         let handle = self.cf_for_read(cf)?;
-        let mut opts = range_read_options(prefix_successor(prefix).as_deref());
-        opts.set_iterate_lower_bound(prefix.to_vec());
+        let prefix = self.stored_key(prefix);
+        let mut opts = range_read_options(prefix_successor(&prefix).as_deref());
+        opts.set_iterate_lower_bound(prefix);
         match self
             .inner
             .db
@@ -299,7 +342,7 @@ impl StateDb {
             .next()
         {
             None => Ok(None),
-            Some(Ok((key, value))) => Ok(Some((key.into_vec(), value.into_vec()))),
+            Some(Ok((key, value))) => Ok(Some((unprefixed(&key), value.into_vec()))),
             Some(Err(e)) => Err(StoreError::Backend {
                 op: "iterate",
                 source: e,
@@ -312,7 +355,7 @@ impl StateDb {
     ///
     /// That is enough for a Raft state machine that stores its last applied log id in the same
     /// batch: the state is always consistent with that id, and Raft re-applies the entries after
-    /// it from the log. The log store's synced writes flush the shared WAL, including every
+    /// it from the log. The WAL syncer's syncs make the shared WAL durable, including every
     /// earlier state write, before the log entries that could rebuild the state are purged.
     /// Use [`StateDb::write_sync`] when the caller needs durability on return.
     pub fn write(&self, batch: StateBatch) -> Result<(), StoreError> {
@@ -337,7 +380,7 @@ impl StateDb {
             .map_err(StoreError::backend("write"))
     }
 
-    /// Makes every write so far durable (`fsync` of the shared WAL).
+    /// Makes every write so far durable (`fsync` of the shared WAL, on the calling thread).
     pub fn sync(&self) -> Result<(), StoreError> {
         self.inner
             .db
@@ -345,6 +388,7 @@ impl StateDb {
             .map_err(StoreError::backend("flush WAL"))
     }
 
+    /// The batch as a RocksDB write batch, every key behind this shard's prefix.
     fn to_write_batch(&self, batch: StateBatch) -> Result<WriteBatch, StoreError> {
         let mut wb = WriteBatch::default();
         // Greatest key put so far in this batch, per column family: a prefix delete that must
@@ -353,26 +397,52 @@ impl StateDb {
         for op in batch.ops {
             match op {
                 BatchOp::Put { cf, key, value } => {
+                    let key = self.stored_key(&key);
                     wb.put_cf(self.inner.cf(cf.name())?, &key, value);
                     let slot = &mut max_put[usize::from(cf.id() - 1)];
                     if slot.as_ref().is_none_or(|max| *max < key) {
                         *slot = Some(key);
                     }
                 }
-                BatchOp::Delete { cf, key } => wb.delete_cf(self.inner.cf(cf.name())?, key),
-                BatchOp::DeleteRange { cf, from, to } => {
-                    wb.delete_range_cf(self.inner.cf(cf.name())?, from, to);
+                BatchOp::Delete { cf, key } => {
+                    wb.delete_cf(self.inner.cf(cf.name())?, self.stored_key(&key));
                 }
-                BatchOp::DeletePrefix { cf, prefix } => match prefix_successor(&prefix) {
-                    Some(end) => wb.delete_range_cf(self.inner.cf(cf.name())?, prefix, end),
-                    None => {
-                        let batch_max = max_put[usize::from(cf.id() - 1)].as_deref();
-                        self.delete_all_from(&mut wb, cf, &prefix, batch_max)?;
-                    }
-                },
+                BatchOp::DeleteRange { cf, from, to } => {
+                    wb.delete_range_cf(
+                        self.inner.cf(cf.name())?,
+                        self.stored_key(&from),
+                        self.stored_key(&to),
+                    );
+                }
+                BatchOp::DeletePrefix { cf, prefix } => {
+                    let prefix = self.stored_key(&prefix);
+                    self.delete_stored_prefix(&mut wb, cf, &prefix, &max_put)?;
+                }
             }
         }
         Ok(wb)
+    }
+
+    /// Adds to `wb` the deletion of every stored key of `cf` starting with `prefix` (a stored
+    /// key: this shard's prefix included). `max_put`: the greatest key the batch itself puts,
+    /// per column family (only needed for the last shard, whose range is unbounded above).
+    pub(crate) fn delete_stored_prefix(
+        &self,
+        wb: &mut WriteBatch,
+        cf: StateCf,
+        prefix: &[u8],
+        max_put: &[Option<Vec<u8>>; StateCf::ALL.len()],
+    ) -> Result<(), StoreError> {
+        match prefix_successor(prefix) {
+            Some(end) => {
+                wb.delete_range_cf(self.inner.cf(cf.name())?, prefix, end.as_slice());
+                Ok(())
+            }
+            None => {
+                let batch_max = max_put[usize::from(cf.id() - 1)].as_deref();
+                self.delete_all_from(wb, cf, prefix, batch_max)
+            }
+        }
     }
 
     /// Adds to `wb` the deletion of every key `>= from` in `cf`: a range tombstone up to the

@@ -1,6 +1,10 @@
 //! raftmq-store integration tests: openraft's storage test suite run against [`LogStore`] and a
 //! minimal key/value state machine over [`StateDb`], plus restart durability, snapshot streams,
-//! log truncation/purge semantics and the state database API.
+//! log truncation/purge semantics and the state database API. [`shards`]: several shards (Raft
+//! groups) in one store, the WAL syncer, and the refusal of a format-1 data dir.
+
+#[path = "store/shards.rs"]
+mod shards;
 
 use std::collections::BTreeMap;
 use std::io::{self, Cursor, Read};
@@ -259,7 +263,11 @@ impl StoreBuilder<TC, raftmq_store::LogStore<TC>, TestSm, TempDir> for Builder {
             .map_err(|e| StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
         let store = Store::open(dir.path())
             .map_err(|e| e.into_storage_error(ErrorSubject::Store, ErrorVerb::Read))?;
-        Ok((dir, store.log_store::<TC>(), TestSm::new(store.state_db())))
+        Ok((
+            dir,
+            store.log_store::<TC>(1),
+            TestSm::new(store.state_db(1)),
+        ))
     }
 }
 
@@ -358,7 +366,7 @@ async fn reopen_keeps_vote_log_committed_and_state() {
         let second = Store::open(dir.path());
         assert!(matches!(second, Err(StoreError::Open { .. })), "{second:?}");
 
-        let mut log = store.log_store::<TC>();
+        let mut log = store.log_store::<TC>(1);
         log.save_vote(&Vote::new(3, 1)).await.expect("vote");
         log.blocking_append((0..=5).map(|i| normal(1, i, &format!("k{i}"), &format!("v{i}"))))
             .await
@@ -368,7 +376,7 @@ async fn reopen_keeps_vote_log_committed_and_state() {
             .await
             .expect("committed");
 
-        let mut sm = TestSm::new(store.state_db());
+        let mut sm = TestSm::new(store.state_db(1));
         let entries = log.try_get_log_entries(2..=4).await.expect("read");
         let replies = sm.apply(entries).await.expect("apply");
         assert_eq!(replies.len(), 3);
@@ -376,7 +384,7 @@ async fn reopen_keeps_vote_log_committed_and_state() {
     }
 
     let store = open(&dir);
-    let mut log = store.log_store::<TC>();
+    let mut log = store.log_store::<TC>(1);
     assert_eq!(log.read_vote().await.expect("vote"), Some(Vote::new(3, 1)));
     assert_eq!(
         log.get_log_state().await.expect("log state"),
@@ -398,10 +406,10 @@ async fn reopen_keeps_vote_log_committed_and_state() {
         );
     }
 
-    let mut sm = TestSm::new(store.state_db());
+    let mut sm = TestSm::new(store.state_db(1));
     let (applied, _) = sm.applied_state().await.expect("applied");
     assert_eq!(applied, Some(log_id(1, 0, 4)));
-    let db = store.state_db();
+    let db = store.state_db(1);
     assert_eq!(db.get(KV, b"k3").expect("get"), Some(b"v3".to_vec()));
     assert_eq!(db.get(KV, b"k5").expect("get"), None, "never applied");
 }
@@ -410,7 +418,7 @@ async fn reopen_keeps_vote_log_committed_and_state() {
 async fn truncate_and_purge_semantics() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir);
-    let mut log = store.log_store::<TC>();
+    let mut log = store.log_store::<TC>(1);
     let all = (Bound::Unbounded, Bound::Unbounded);
 
     log.blocking_append((1..=10).map(|i| blank(1, i)))
@@ -530,7 +538,7 @@ async fn truncate_and_purge_semantics() {
 fn state_batches_and_scans() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir);
-    let db = store.state_db();
+    let db = store.state_db(1);
     let scan = |cf: StateCf, prefix: &[u8]| -> Vec<Vec<u8>> {
         db.scan_prefix(cf, prefix)
             .map(|item| item.expect("scan").0)
@@ -618,7 +626,7 @@ fn state_batches_and_scans() {
 #[test]
 fn snapshot_round_trip_restores_identical_state() {
     let source_dir = tempfile::tempdir().expect("tempdir");
-    let source = open(&source_dir).state_db();
+    let source = open(&source_dir).state_db(1);
     let written = fill(&source, "src");
     let original = dump(&source);
     assert_eq!(original.len(), written);
@@ -648,7 +656,7 @@ fn snapshot_round_trip_restores_identical_state() {
     assert_eq!(read, bytes);
 
     let target_dir = tempfile::tempdir().expect("tempdir");
-    let target = open(&target_dir).state_db();
+    let target = open(&target_dir).state_db(1);
     let stats = target.import_snapshot(bytes.as_slice()).expect("import");
     assert_eq!(stats.records, written as u64);
     assert_eq!(stats.bytes, bytes.len() as u64);
@@ -660,7 +668,7 @@ fn snapshot_round_trip_restores_identical_state() {
 #[test]
 fn import_replaces_instead_of_merging() {
     let source_dir = tempfile::tempdir().expect("tempdir");
-    let source = open(&source_dir).state_db();
+    let source = open(&source_dir).state_db(1);
     let mut batch = StateBatch::new();
     batch.put(StateCf::Sessions, b"only-in-source", b"1").put(
         StateCf::Retained,
@@ -671,7 +679,7 @@ fn import_replaces_instead_of_merging() {
     let bytes = source.export_snapshot_to_vec().expect("export");
 
     let target_dir = tempfile::tempdir().expect("tempdir");
-    let target = open(&target_dir).state_db();
+    let target = open(&target_dir).state_db(1);
     fill(&target, "old");
     let mut batch = StateBatch::new();
     batch.put(StateCf::Retained, b"shared", b"target");
@@ -684,7 +692,7 @@ fn import_replaces_instead_of_merging() {
     // An empty snapshot empties the state.
     let empty_dir = tempfile::tempdir().expect("tempdir");
     let empty = open(&empty_dir)
-        .state_db()
+        .state_db(1)
         .export_snapshot_to_vec()
         .expect("export");
     target.import_snapshot(empty.as_slice()).expect("import");
@@ -694,7 +702,7 @@ fn import_replaces_instead_of_merging() {
 #[test]
 fn invalid_snapshot_is_rejected_without_touching_state() {
     let source_dir = tempfile::tempdir().expect("tempdir");
-    let source = open(&source_dir).state_db();
+    let source = open(&source_dir).state_db(1);
     let mut batch = StateBatch::new();
     for i in 0..50u32 {
         batch.put(StateCf::Sessions, i.to_be_bytes(), vec![i as u8; 40]);
@@ -703,7 +711,7 @@ fn invalid_snapshot_is_rejected_without_touching_state() {
     let good = source.export_snapshot_to_vec().expect("export");
 
     let target_dir = tempfile::tempdir().expect("tempdir");
-    let target = open(&target_dir).state_db();
+    let target = open(&target_dir).state_db(1);
     fill(&target, "keep");
     let before = dump(&target);
 
@@ -783,7 +791,7 @@ fn invalid_snapshot_is_rejected_without_touching_state() {
 #[test]
 fn concurrent_writes_during_export_are_not_in_the_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = open(&dir).state_db();
+    let db = open(&dir).state_db(1);
     let key = |i: u32| format!("key/{i:06}").into_bytes();
     let mut batch = StateBatch::new();
     for cf in StateCf::ALL {
@@ -835,7 +843,7 @@ fn concurrent_writes_during_export_are_not_in_the_snapshot() {
 
     assert_ne!(dump(&db), expected, "the writes did happen");
     let target_dir = tempfile::tempdir().expect("tempdir");
-    let target = open(&target_dir).state_db();
+    let target = open(&target_dir).state_db(1);
     let stats = target.import_snapshot(bytes.as_slice()).expect("import");
     assert_eq!(stats.records, expected.len() as u64);
     assert_eq!(dump(&target), expected);
@@ -862,7 +870,7 @@ fn open_checks_format_and_tolerates_unknown_column_families() {
     let store = open(&dir);
     let mut batch = StateBatch::new();
     batch.put(StateCf::SmMeta, b"k", b"v");
-    store.state_db().write(batch).expect("write");
+    store.state_db(1).write(batch).expect("write");
     drop(store);
 
     // A different on-disk format version is refused.
@@ -870,14 +878,14 @@ fn open_checks_format_and_tolerates_unknown_column_families() {
         let opts = rocksdb::Options::default();
         let names = rocksdb::DB::list_cf(&opts, dir.path()).expect("list");
         let db = rocksdb::DB::open_cf(&opts, dir.path(), &names).expect("raw open");
-        db.put(b"raftmq_store_format", 2u32.to_be_bytes())
+        db.put(b"raftmq_store_format", 3u32.to_be_bytes())
             .expect("put");
     }
     match Store::open(dir.path()) {
         Err(StoreError::IncompatibleFormat {
             found, supported, ..
         }) => {
-            assert_eq!((found, supported), (2, 1));
+            assert_eq!((found, supported), (3, 2));
         }
         other => panic!("expected IncompatibleFormat, got {other:?}"),
     }

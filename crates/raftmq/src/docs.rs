@@ -246,8 +246,8 @@ pub const KEYS: &[KeyDoc] = &[
         "cluster.disk_faults_file",
         "For tests only, never in production: a file that makes this node's disk slow, re-read \
          at most every 100 ms. While it exists and holds a number of milliseconds (at most \
-         30000), every synced Raft log write (append, vote, truncation, purge) takes that much \
-         longer, as if its fsync stalled; a missing or empty file, or anything but a number, is \
+         30000), every sync of the Raft log (the WAL syncer's fsync, which appends, votes, \
+         truncations and purges wait for) takes that much longer, as if the fsync stalled; a missing or empty file, or anything but a number, is \
          a healthy disk. Each node reads its own file.",
         "\"/tmp/raftmq-test/disk-n1\"",
     ),

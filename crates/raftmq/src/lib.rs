@@ -8,6 +8,7 @@ pub mod docs;
 pub mod passwd;
 pub mod serve;
 pub mod telemetry;
+pub mod upgrade;
 
 use anyhow::Context as _;
 use cli::{Command, ConfigCommand};
@@ -25,7 +26,15 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(serve::serve(config))?;
+            let data_dir = config.data_dir.clone();
+            if let Err(e) = runtime.block_on(serve::serve(config)) {
+                // A data dir of another store format: the operator's move, not a crash.
+                if let Some(message) = upgrade::refusal(&e, &data_dir) {
+                    eprintln!("{message}");
+                    return Ok(ExitCode::from(upgrade::EXIT_INCOMPATIBLE_DATA_DIR));
+                }
+                return Err(e);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl(args) => {
