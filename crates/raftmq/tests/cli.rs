@@ -303,3 +303,79 @@ fn serve_with_an_unreadable_password_file_exits_1_naming_the_key() {
         "{stderr}"
     );
 }
+
+/// Every file of `dir` but RocksDB's info log (`LOG`, `LOG.old.*`), with its content.
+fn store_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|entry| entry.expect("dir entry"))
+        .filter(|entry| !entry.file_name().to_string_lossy().starts_with("LOG"))
+        .map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(entry.path()).expect("read file"))
+        })
+        .collect()
+}
+
+/// A data dir written by the single-group release (store format 1: the fixture
+/// `crates/raftmq-store/tests/fixtures/format-1`, made by `raftmq serve` of commit 6f6bd8e, see
+/// the README there) is refused: exit status 78 (`EX_CONFIG`), the message naming the data dir
+/// and the way out, and nothing written to the store.
+#[test]
+fn serve_on_a_format_1_data_dir_exits_78_and_leaves_it_untouched() {
+    let fixture = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../raftmq-store/tests/fixtures/format-1"
+    ));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let store = data_dir.join("raft");
+    std::fs::create_dir_all(&store).expect("create data dir");
+    for (name, content) in store_files(fixture) {
+        std::fs::write(store.join(name), content).expect("copy fixture");
+    }
+    let before = store_files(&store);
+
+    /// Kills the server if the test fails before it exited by itself.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Reap(
+        raftmq()
+            .args(["serve", "--mqtt-addr", "none", "--http-addr", "none"])
+            .args(["--cluster-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("runs raftmq"),
+    );
+    let status = raftmq_tests::wait::poll_blocking(
+        "raftmq serve exits",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || server.0.try_wait().expect("try_wait").ok_or("running"),
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(server.0.stderr.as_mut().expect("stderr piped"), &mut stderr)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(78), "{stderr}");
+    let d = data_dir.display();
+    assert!(
+        stderr.ends_with(&format!(
+            "data dir {d} was written by a single-group release (store format 1);\n\
+             this release keeps sharded state (format 2) and cannot open it.\n\
+             It cannot export it either (`raftmq data export` comes with a later release):\n\
+             keep running the single-group release on {d}, or move {d} aside to start this \
+             node empty.\n\
+             See docs/operations.md#upgrading-to-sharded-state\n"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("error:"), "{stderr}");
+    assert_eq!(store_files(&store), before, "nothing written to the store");
+}
