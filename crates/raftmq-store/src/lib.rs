@@ -124,7 +124,8 @@ pub use snapshot::{
 pub use state::{BatchOp, KeyValue, StateBatch, StateDb, StateIter};
 
 /// Time of one RocksDB write batch (histogram), by `kind`: `log_append` (Raft log entries,
-/// fsynced) or `state` (one applied entry's state machine changes).
+/// written to the WAL; the WAL syncer makes them durable) or `state` (one applied entry's
+/// state machine changes).
 pub const STORE_WRITE_SECONDS: &str = "raftmq_store_write_seconds";
 /// Bytes the store occupies (SST files and memtables, all column families).
 pub const STORE_SIZE_BYTES: &str = "raftmq_store_size_bytes";
