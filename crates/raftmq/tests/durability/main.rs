@@ -10,6 +10,7 @@
 //! process harness (ports, starting and killing nodes, their HTTP endpoints) is
 //! [`raftmq_tests::process`]; the MQTT helpers every part uses are here.
 
+mod bridge;
 mod chaos;
 mod failure;
 mod partition;
