@@ -271,10 +271,14 @@ impl Remote {
 
     /// Sends DISCONNECT (best effort); the event loop ends when the connection closes.
     pub(crate) fn disconnect(&self) {
-        let _ = match &self.client {
-            Client::V4(c) => c.try_disconnect(),
-            Client::V5(c) => c.try_disconnect(),
-        };
+        match &self.client {
+            Client::V4(c) => {
+                let _ = c.try_disconnect();
+            }
+            Client::V5(c) => {
+                let _ = c.try_disconnect();
+            }
+        }
     }
 
     /// Waits (at most `limit`) for the event loop to finish, e.g. after [`Self::disconnect`].
