@@ -311,9 +311,7 @@ impl Server {
         let bridges: Arc<[Arc<crate::bridge::Bridge>]> = self.bridges.into();
         let bridge_tasks = TaskTracker::new();
         if !bridges.is_empty() {
-            let placement = self
-                .placement
-                .unwrap_or_else(|| watch::channel(true).1);
+            let placement = self.placement.unwrap_or_else(|| watch::channel(true).1);
             for bridge in bridges.iter() {
                 bridge_tasks.spawn(crate::bridge::supervise(
                     bridge.clone(),

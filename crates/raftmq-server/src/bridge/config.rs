@@ -208,7 +208,10 @@ impl BridgeConfig {
             );
         }
         if self.address.is_empty() {
-            bad("address", "required (host:port of the remote broker)".into());
+            bad(
+                "address",
+                "required (host:port of the remote broker)".into(),
+            );
         } else if self.host_port().is_none() || self.address.contains(char::is_whitespace) {
             bad(
                 "address",
@@ -296,8 +299,16 @@ impl BridgeConfig {
         }
         for (key, d, min) in [
             ("keep_alive", self.keep_alive.0, Duration::from_secs(1)),
-            ("connect_timeout", self.connect_timeout.0, Duration::from_secs(1)),
-            ("reconnect_min", self.reconnect_min.0, Duration::from_millis(100)),
+            (
+                "connect_timeout",
+                self.connect_timeout.0,
+                Duration::from_secs(1),
+            ),
+            (
+                "reconnect_min",
+                self.reconnect_min.0,
+                Duration::from_millis(100),
+            ),
         ] {
             if d < min {
                 bad(key, format!("must be at least {min:?}"));
@@ -529,12 +540,18 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/bridges.md");
         let docs = std::fs::read_to_string(path).expect("read docs/bridges.md");
         for (key, default) in BRIDGE_KEYS {
-            let row = format!("| `{key}` | {} |", if default.starts_with(['u', 'r']) {
-                (*default).to_owned()
-            } else {
-                format!("`{default}`")
-            });
-            assert!(docs.contains(&row), "docs/bridges.md lacks the row starting {row}");
+            let row = format!(
+                "| `{key}` | {} |",
+                if default.starts_with(['u', 'r']) {
+                    (*default).to_owned()
+                } else {
+                    format!("`{default}`")
+                }
+            );
+            assert!(
+                docs.contains(&row),
+                "docs/bridges.md lacks the row starting {row}"
+            );
         }
     }
 }

@@ -488,7 +488,7 @@ impl Link<'_> {
             let Some(p) = self.held.pop_front() else {
                 break;
             };
-            let Some(publish) = self.to_local(&p, qos) else {
+            let Some(publish) = self.local_publish(&p, qos) else {
                 // Not publishable here (bad topic, outside the prefix): acknowledged, counted.
                 self.bridge.count_refused_in();
                 self.remote.ack(&p)?;
@@ -514,7 +514,7 @@ impl Link<'_> {
     }
 
     /// The local PUBLISH for a remote message, or `None` if it cannot be published here.
-    fn to_local(&mut self, p: &RemotePublish, qos: u8) -> Option<Publish> {
+    fn local_publish(&mut self, p: &RemotePublish, qos: u8) -> Option<Publish> {
         let cfg = &self.bridge.cfg;
         let topic = cfg.to_local(p.topic()?)?;
         TopicName::new(&topic, self.broker.topic_limits()).ok()?;

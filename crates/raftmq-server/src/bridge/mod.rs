@@ -288,7 +288,10 @@ pub(crate) async fn supervise(
         match end {
             LinkEnd::Stopped => break,
             LinkEnd::Inactive => {
-                info!(bridge = bridge.name(), "bridge stopped here: another node runs it");
+                info!(
+                    bridge = bridge.name(),
+                    "bridge stopped here: another node runs it"
+                );
                 backoff = cfg.reconnect_min.0;
             }
             LinkEnd::Failed { error, connected } => {

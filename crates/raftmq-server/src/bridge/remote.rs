@@ -423,7 +423,10 @@ pub(crate) fn tls_config(
             let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
                 .map_err(|e| format!("{prefix}tls_key_file: {}: {e}", key.display()))?
                 .ok_or_else(|| {
-                    format!("{prefix}tls_key_file: no PEM private key in {}", key.display())
+                    format!(
+                        "{prefix}tls_key_file: no PEM private key in {}",
+                        key.display()
+                    )
                 })?;
             builder
                 .with_client_auth_cert(chain, key_der)

@@ -181,7 +181,10 @@ fn check_bridges(value: &Value, problems: &mut Vec<ConfigProblem>) {
                 let hint = closest(key, known())
                     .map(|k| format!(" (did you mean `{prefix}.{k}`?)"))
                     .unwrap_or_default();
-                problems.push(problem(format!("{prefix}.{key}"), format!("unknown key{hint}")));
+                problems.push(problem(
+                    format!("{prefix}.{key}"),
+                    format!("unknown key{hint}"),
+                ));
                 continue;
             }
             let mut probe = Table::new();

@@ -490,8 +490,5 @@ subscribe = ["y/#"]
 "#,
         &["bridges[1].name: `a` is the name of another bridge"],
     );
-    problems_starting(
-        "bridges = 3",
-        &["bridges: must be a list of tables"],
-    );
+    problems_starting("bridges = 3", &["bridges: must be a list of tables"]);
 }

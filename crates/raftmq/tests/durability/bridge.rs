@@ -55,16 +55,23 @@ impl Mosquitto {
 
     fn spawn(&mut self) {
         let conf = self.dir.join("mosquitto.conf");
+        // Started as root, Mosquitto switches to the user `mosquitto`, which could not write
+        // its persistence file in the test's private directory: it stays who it is.
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\n\
+                "{user}listener {port} 127.0.0.1\n\
                  allow_anonymous true\n\
                  persistence true\n\
                  persistence_location {dir}/\n\
                  max_queued_messages 0\n\
                  log_dest file {dir}/mosquitto.log\n\
                  log_type all\n",
+                user = if root { "user root\n" } else { "" },
                 port = self.port,
                 dir = self.dir.display()
             ),
@@ -185,7 +192,12 @@ async fn publish_all(addr: SocketAddr, id: &str, topic: &str, range: std::ops::R
         'conn: while next < range.end {
             let batch: Vec<u32> = (next..range.end.min(next + 8)).collect();
             for (i, n) in batch.iter().enumerate() {
-                let p = publish_packet(topic, QoS::AtLeastOnce, i as u16 + 1, format!("msg-{n}").as_bytes());
+                let p = publish_packet(
+                    topic,
+                    QoS::AtLeastOnce,
+                    i as u16 + 1,
+                    format!("msg-{n}").as_bytes(),
+                );
                 if c.try_send(&Packet::Publish(p)).await.is_err() {
                     break 'conn;
                 }
@@ -325,10 +337,18 @@ reconnect_max = "1s"
     publish_all(remote, "mpub-loop", "site1/loop/b", 1..2).await;
     assert_eq!(&msub.recv_publish().await.topic[..], "site1/loop/b");
     let p = lsub.recv_publish().await;
-    assert_eq!(&p.topic[..], "loop/b", "the local echo of loop/a came back: {p:?}");
+    assert_eq!(
+        &p.topic[..],
+        "loop/b",
+        "the local echo of loop/a came back: {p:?}"
+    );
     publish_all(local, "lpub-loop", "loop/c", 2..3).await;
     let p = msub.recv_publish().await;
-    assert_eq!(&p.topic[..], "site1/loop/c", "loop/b went back to Mosquitto: {p:?}");
+    assert_eq!(
+        &p.topic[..],
+        "site1/loop/c",
+        "loop/b went back to Mosquitto: {p:?}"
+    );
     drop((lsub, msub));
 
     // MQTT 3.1.1 bridge, both ways.
@@ -352,9 +372,13 @@ reconnect_max = "1s"
         DELIVERY_WAIT,
         Duration::from_millis(20),
         || async {
-            let n = metric(spec.http, "raftmq_bridge_messages_total", "bridge=\"m\",direction=\"out\"")
-                .await
-                .unwrap_or(0.0);
+            let n = metric(
+                spec.http,
+                "raftmq_bridge_messages_total",
+                "bridge=\"m\",direction=\"out\"",
+            )
+            .await
+            .unwrap_or(0.0);
             if n >= 100.0 { Ok(()) } else { Err(n) }
         },
     )
@@ -368,6 +392,12 @@ reconnect_max = "1s"
     let inc = receive_all(local, in_sub, "lsub-in", "in/#", &want).await;
     assert_eq!(out.len(), N as usize);
     assert_eq!(inc.len(), N as usize);
+    let twice = |m: &std::collections::BTreeMap<u32, u32>| m.values().filter(|c| **c > 1).count();
+    eprintln!(
+        "through the restart: {N} messages each way, delivered more than once: {} out, {} in",
+        twice(&out),
+        twice(&inc)
+    );
 
     // The bridge reconnected (and says so), and counted what it carried.
     let after = wait_connected(spec.http, "m").await;
@@ -389,7 +419,9 @@ reconnect_max = "1s"
     assert_eq!(code, 200, "{list}");
     assert_eq!(list["bridges"].as_array().map(Vec::len), Some(2), "{list}");
     assert_eq!(
-        http_json(spec.http, "GET", "/api/v1/bridges/nope", None, None).await.0,
+        http_json(spec.http, "GET", "/api/v1/bridges/nope", None, None)
+            .await
+            .0,
         404
     );
     for labels in [
@@ -404,9 +436,10 @@ reconnect_max = "1s"
         );
     }
     // A network client may not take the bridge's local session.
-    let refused = RawClient::try_handshake(local, connect_v5("$bridge/m", false, 60), START_TIMEOUT)
-        .await
-        .map(|(_, ack)| ack.reason_code);
+    let refused =
+        RawClient::try_handshake(local, connect_v5("$bridge/m", false, 60), START_TIMEOUT)
+            .await
+            .map(|(_, ack)| ack.reason_code);
     assert_eq!(refused, Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID));
     drop(node);
 }
@@ -474,9 +507,13 @@ reconnect_max = "1s"
         DELIVERY_WAIT,
         Duration::from_millis(20),
         || async {
-            let n = metric(ports[runner_idx], "raftmq_bridge_messages_total", "bridge=\"c\",direction=\"out\"")
-                .await
-                .unwrap_or(0.0);
+            let n = metric(
+                ports[runner_idx],
+                "raftmq_bridge_messages_total",
+                "bridge=\"c\",direction=\"out\"",
+            )
+            .await
+            .unwrap_or(0.0);
             if n >= 50.0 { Ok(()) } else { Err(n) }
         },
     )
