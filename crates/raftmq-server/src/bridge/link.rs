@@ -119,32 +119,7 @@ pub(crate) async fn run(
         return failed(format!("subscribing at the remote broker: {e}"));
     }
     // 2. The local session.
-    let now = Instant::now();
-    let mut conn = Connection::new(broker.clone(), None, now);
-    conn.trust(Principal {
-        username: cfg.local_username.clone(),
-        client_id: String::new(),
-        acl: None,
-        valid_until: None,
-    });
-    let expiry = u32::try_from(cfg.session_expiry.0.as_secs()).unwrap_or(u32::MAX);
-    conn.handle_packet(
-        Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
-            clean_start: false,
-            keep_alive: LOCAL_KEEP_ALIVE,
-            client_id: ByteStr::from(cfg.local_client_id()),
-            will: None,
-            username: None,
-            password: None,
-            properties: ConnectProperties {
-                session_expiry_interval: Some(expiry),
-                receive_maximum: Some(cfg.max_inflight),
-                ..ConnectProperties::default()
-            },
-        })),
-        now,
-    );
+    let conn = local_connection(bridge, broker, Instant::now());
     let mut link = Link {
         bridge,
         broker,
@@ -175,6 +150,94 @@ pub(crate) async fn run(
     link.remote.disconnect();
     link.remote.finish(DISCONNECT_GRACE).await;
     end
+}
+
+/// The bridge's local session: a [`Connection`] made inside the server, its CONNECT (MQTT 5,
+/// persistent, no authentication: see [`Connection::trust`]) already handled.
+fn local_connection(bridge: &Bridge, broker: &Arc<Broker>, now: Instant) -> Connection {
+    let cfg = &bridge.cfg;
+    let mut conn = Connection::new(broker.clone(), None, now);
+    conn.trust(Principal {
+        username: cfg.local_username.clone(),
+        client_id: String::new(),
+        acl: None,
+        valid_until: None,
+    });
+    let expiry = u32::try_from(cfg.session_expiry.0.as_secs()).unwrap_or(u32::MAX);
+    conn.handle_packet(
+        Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: false,
+            keep_alive: LOCAL_KEEP_ALIVE,
+            client_id: ByteStr::from(cfg.local_client_id()),
+            will: None,
+            username: None,
+            password: None,
+            properties: ConnectProperties {
+                session_expiry_interval: Some(expiry),
+                receive_maximum: Some(cfg.max_inflight),
+                ..ConnectProperties::default()
+            },
+        })),
+        now,
+    );
+    conn
+}
+
+/// Longest wait for the local session to be created by [`prime`].
+const PRIME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Creates the bridge's local session, subscribed to the `forward` filters, and detaches it:
+/// while the remote broker has never been reached, what the filters match is queued for the
+/// bridge rather than dropped for lack of a subscriber.
+pub(crate) async fn prime(bridge: &Bridge, broker: &Arc<Broker>) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + PRIME_TIMEOUT;
+    let mut conn = local_connection(bridge, broker, Instant::now());
+    let mut subscribed = false;
+    loop {
+        let now = Instant::now();
+        while let Some(packet) = conn.poll_transmit() {
+            match packet {
+                Packet::ConnAck(c) if !c.reason_code.is_success() => {
+                    return Err(format!(
+                        "the local broker refused the bridge's session: {:?}",
+                        c.reason_code
+                    ));
+                }
+                Packet::ConnAck(_) => subscribe_locally(&mut conn, bridge, broker, now),
+                Packet::SubAck(_) => subscribed = true,
+                // Retained messages delivered at once stay in flight for the first link.
+                _ => {}
+            }
+        }
+        if subscribed || conn.is_closed() {
+            break;
+        }
+        let Some(commit) = conn.pending_commit() else {
+            return Err("the local session did not answer".into());
+        };
+        if tokio::time::timeout_at(deadline, commit).await.is_err() {
+            return Err(format!(
+                "the local session was not stored within {PRIME_TIMEOUT:?}"
+            ));
+        }
+        conn.handle_commits(Instant::now());
+    }
+    if !conn.is_closed() {
+        conn.handle_packet(
+            Packet::Disconnect(Disconnect {
+                reason_code: ReasonCode::SUCCESS,
+                properties: DisconnectProperties::default(),
+            }),
+            Instant::now(),
+        );
+    }
+    while conn.poll_transmit().is_some() {}
+    if subscribed {
+        Ok(())
+    } else {
+        Err("the local session ended before its subscriptions were made".into())
+    }
 }
 
 impl Link<'_> {
@@ -288,7 +351,7 @@ impl Link<'_> {
                     self.ping_every = (ka > 0).then(|| Duration::from_secs(u64::from(ka)) / 2);
                     self.ping_due = self.ping_every.map(|e| tokio::time::Instant::now() + e);
                     self.local_ready = true;
-                    self.subscribe_locally(now);
+                    subscribe_locally(&mut self.conn, self.bridge, self.broker, now);
                     self.bridge.set_state(LinkState::Connected);
                     let mut st = self.bridge.status.lock();
                     st.since = unix_now();
@@ -331,57 +394,6 @@ impl Link<'_> {
             }
         }
         Ok(())
-    }
-
-    /// Subscribes the local session to the `forward` filters (again on every attach: a filter
-    /// added to the configuration is picked up) and drops the filters no longer configured.
-    fn subscribe_locally(&mut self, now: Instant) {
-        let cfg = &self.bridge.cfg;
-        let wanted: Vec<String> = cfg.forward.iter().map(|f| cfg.local_filter(f)).collect();
-        let stale: Vec<ByteStr> = self
-            .broker
-            .inspect_client(&cfg.local_client_id())
-            .map(|(_, subs)| {
-                subs.into_iter()
-                    .filter(|s| !wanted.contains(&s.filter))
-                    .map(|s| ByteStr::from(s.filter))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !stale.is_empty() {
-            info!(bridge = %cfg.name, filters = ?stale, "dropping local subscriptions no longer configured");
-            self.conn.handle_packet(
-                Packet::Unsubscribe(Unsubscribe {
-                    packet_id: PacketId::MIN,
-                    properties: Vec::new(),
-                    filters: stale,
-                }),
-                now,
-            );
-        }
-        if wanted.is_empty() {
-            return;
-        }
-        let qos = QoS::from_u8(cfg.qos).unwrap_or(QoS::AtLeastOnce);
-        self.conn.handle_packet(
-            Packet::Subscribe(Subscribe {
-                packet_id: PacketId::MIN.saturating_add(1),
-                properties: SubscribeProperties::default(),
-                filters: wanted
-                    .into_iter()
-                    .map(|f| SubscribeFilter {
-                        filter: ByteStr::from(f),
-                        options: SubscriptionOptions {
-                            qos,
-                            no_local: true,
-                            retain_as_published: true,
-                            retain_handling: RetainHandling::SendIfNew,
-                        },
-                    })
-                    .collect(),
-            }),
-            now,
-        );
     }
 
     /// A local message for the bridge: forwarded to the remote broker.
@@ -546,6 +558,56 @@ impl Link<'_> {
         }
         None
     }
+}
+
+/// Subscribes the local session to the `forward` filters (again on every attach: a filter
+/// added to the configuration is picked up) and drops the filters no longer configured.
+fn subscribe_locally(conn: &mut Connection, bridge: &Bridge, broker: &Broker, now: Instant) {
+    let cfg = &bridge.cfg;
+    let wanted: Vec<String> = cfg.forward.iter().map(|f| cfg.local_filter(f)).collect();
+    let stale: Vec<ByteStr> = broker
+        .inspect_client(&cfg.local_client_id())
+        .map(|(_, subs)| {
+            subs.into_iter()
+                .filter(|s| !wanted.contains(&s.filter))
+                .map(|s| ByteStr::from(s.filter))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !stale.is_empty() {
+        info!(bridge = %cfg.name, filters = ?stale, "dropping local subscriptions no longer configured");
+        conn.handle_packet(
+            Packet::Unsubscribe(Unsubscribe {
+                packet_id: PacketId::MIN,
+                properties: Vec::new(),
+                filters: stale,
+            }),
+            now,
+        );
+    }
+    if wanted.is_empty() {
+        return;
+    }
+    let qos = QoS::from_u8(cfg.qos).unwrap_or(QoS::AtLeastOnce);
+    conn.handle_packet(
+        Packet::Subscribe(Subscribe {
+            packet_id: PacketId::MIN.saturating_add(1),
+            properties: SubscribeProperties::default(),
+            filters: wanted
+                .into_iter()
+                .map(|f| SubscribeFilter {
+                    filter: ByteStr::from(f),
+                    options: SubscriptionOptions {
+                        qos,
+                        no_local: true,
+                        retain_as_published: true,
+                        retain_handling: RetainHandling::SendIfNew,
+                    },
+                })
+                .collect(),
+        }),
+        now,
+    );
 }
 
 /// MQTT 5 properties of a local message as sent to the remote broker (without topic alias and

@@ -297,6 +297,18 @@ pub(crate) async fn supervise(
             LinkEnd::Failed { error, connected } => {
                 if connected {
                     backoff = cfg.reconnect_min.0;
+                } else if broker.inspect_client(&cfg.local_client_id()).is_none() {
+                    // Never connected yet: the local session is made now, so what `forward`
+                    // matches is queued until the remote broker can be reached.
+                    match link::prime(&bridge, &broker).await {
+                        Ok(()) => info!(
+                            bridge = bridge.name(),
+                            "remote broker unreachable: the bridge's local session queues meanwhile"
+                        ),
+                        Err(e) => {
+                            warn!(bridge = bridge.name(), error = %e, "cannot create the bridge's local session")
+                        }
+                    }
                 }
                 warn!(bridge = bridge.name(), error = %error, retry_in = ?backoff, "bridge link failed");
                 bridge.set_error(&error);

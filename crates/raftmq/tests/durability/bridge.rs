@@ -32,21 +32,48 @@ const DELIVERY_WAIT: Duration = Duration::from_secs(60);
 
 /// A Mosquitto process on 127.0.0.1:`port`, persisting its sessions and queued messages in
 /// `dir` (saved when it stops on SIGTERM, restored when it starts again).
+/// With `tls_port`, a second listener there serves mutual TLS (certificates in `dir`: `ca.pem`,
+/// `server.pem`, `server.key`; clients need a certificate from the same CA).
 struct Mosquitto {
     child: Option<Child>,
     port: u16,
+    tls_port: Option<u16>,
     dir: PathBuf,
 }
 
 impl Mosquitto {
     fn start(dir: &Path) -> Mosquitto {
-        let mut m = Mosquitto {
-            child: None,
-            port: free_port(),
-            dir: dir.to_owned(),
-        };
+        let mut m = Mosquitto::new(dir);
         m.spawn();
         m
+    }
+
+    /// Not started yet (see [`Mosquitto::spawn`]).
+    fn new(dir: &Path) -> Mosquitto {
+        Mosquitto {
+            child: None,
+            port: free_port(),
+            tls_port: None,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Also listens for mutual TLS with certificates signed by `ca` (the server's for
+    /// 127.0.0.1); returns the client certificate and key (PEM) for the bridge.
+    fn with_tls(&mut self, ca: &raftmq_tests::certs::Ca) -> (PathBuf, PathBuf) {
+        let (cert, key) = ca.issue("127.0.0.1", &["127.0.0.1"]);
+        let (client_cert, client_key) = ca.issue("raftmq-bridge", &[]);
+        for (name, pem) in [
+            ("ca.pem", ca.pem()),
+            ("server.pem", cert),
+            ("server.key", key),
+            ("client.pem", client_cert),
+            ("client.key", client_key),
+        ] {
+            std::fs::write(self.dir.join(name), pem).expect("write a certificate");
+        }
+        self.tls_port = Some(free_port());
+        (self.dir.join("client.pem"), self.dir.join("client.key"))
     }
 
     fn addr(&self) -> SocketAddr {
@@ -74,7 +101,16 @@ impl Mosquitto {
                 user = if root { "user root\n" } else { "" },
                 port = self.port,
                 dir = self.dir.display()
-            ),
+            ) + &self.tls_port.map_or(String::new(), |tls| {
+                format!(
+                    "listener {tls} 127.0.0.1\n\
+                     cafile {dir}/ca.pem\n\
+                     certfile {dir}/server.pem\n\
+                     keyfile {dir}/server.key\n\
+                     require_certificate true\n",
+                    dir = self.dir.display()
+                )
+            }),
         )
         .expect("write mosquitto.conf");
         let child = Command::new(MOSQUITTO)
@@ -98,6 +134,12 @@ impl Mosquitto {
     /// SIGTERM (Mosquitto saves its persistence file), waits for the exit, starts it again on
     /// the same port and files.
     fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// SIGTERM (Mosquitto saves its persistence file), and waits for the exit.
+    fn stop(&mut self) {
         let mut child = self.child.take().expect("running");
         let pid = child.id().to_string();
         let sent = Command::new("kill")
@@ -114,7 +156,6 @@ impl Mosquitto {
                 None => Err("running"),
             },
         );
-        self.spawn();
     }
 
     fn log_tail(&self) -> String {
@@ -289,11 +330,26 @@ async fn bridge_to_mosquitto_both_ways_survives_a_remote_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mdir = dir.path().join("mosquitto");
     std::fs::create_dir_all(&mdir).expect("mkdir");
-    let mut mosq = Mosquitto::start(&mdir);
+    let mut mosq = Mosquitto::new(&mdir);
+    let ca = raftmq_tests::certs::Ca::new("bridge test CA");
+    let (client_cert, client_key) = mosq.with_tls(&ca);
+    mosq.spawn();
     let conf = config_file(
         dir.path(),
         &format!(
             r#"
+[[bridges]]
+name = "mtls"
+address = "127.0.0.1:{tls_port}"
+tls = true
+tls_ca_file = "{dir}/ca.pem"
+tls_cert_file = "{cert}"
+tls_key_file = "{key}"
+forward = ["tls/out/#"]
+subscribe = ["tls/in/#"]
+reconnect_min = "200ms"
+reconnect_max = "1s"
+
 [[bridges]]
 name = "m"
 address = "127.0.0.1:{port}"
@@ -314,7 +370,11 @@ subscribe = ["v3/in/#"]
 reconnect_min = "200ms"
 reconnect_max = "1s"
 "#,
-            port = mosq.port
+            port = mosq.port,
+            tls_port = mosq.tls_port.expect("a TLS listener"),
+            dir = mdir.display(),
+            cert = client_cert.display(),
+            key = client_key.display(),
         ),
     );
     let spec = NodeSpec::new(RAFTMQ, 1, dir.path().join("n1"))
@@ -325,6 +385,8 @@ reconnect_max = "1s"
     assert_eq!(status["active"], true, "{status}");
     assert_eq!(status["remote_client_id"], "raftmq-bridge-m", "{status}");
     wait_connected(spec.http, "m311").await;
+    let status = wait_connected(spec.http, "mtls").await;
+    assert_eq!(status["tls"], true, "{status}");
 
     // Loop prevention, both ways: a message published on either side reaches the other side
     // once and never comes back (no-local on both sessions of the bridge). A marker sent after
@@ -359,6 +421,14 @@ reconnect_max = "1s"
     let want: BTreeSet<u32> = (0..20).collect();
     receive_all(remote, v3_remote, "msub-v3", "v3/out/#", &want).await;
     receive_all(local, v3_local, "lsub-v3", "v3/in/#", &want).await;
+
+    // Over mutual TLS, both ways.
+    let tls_local = subscriber(local, "lsub-tls", "tls/in/#").await;
+    let tls_remote = subscriber(remote, "msub-tls", "tls/out/#").await;
+    publish_all(local, "lpub-tls", "tls/out/x", 0..20).await;
+    publish_all(remote, "mpub-tls", "tls/in/x", 0..20).await;
+    receive_all(remote, tls_remote, "msub-tls", "tls/out/#", &want).await;
+    receive_all(local, tls_local, "lsub-tls", "tls/in/#", &want).await;
 
     // QoS 1 streams both ways; Mosquitto restarted in the middle.
     const N: u32 = 1500;
@@ -417,7 +487,7 @@ reconnect_max = "1s"
     );
     let (code, list) = http_json(spec.http, "GET", "/api/v1/bridges", None, None).await;
     assert_eq!(code, 200, "{list}");
-    assert_eq!(list["bridges"].as_array().map(Vec::len), Some(2), "{list}");
+    assert_eq!(list["bridges"].as_array().map(Vec::len), Some(3), "{list}");
     assert_eq!(
         http_json(spec.http, "GET", "/api/v1/bridges/nope", None, None)
             .await
@@ -442,6 +512,63 @@ reconnect_max = "1s"
             .map(|(_, ack)| ack.reason_code);
     assert_eq!(refused, Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID));
     drop(node);
+}
+
+/// A bridge whose remote broker is down from the start: its local session is made anyway, so
+/// the QoS 1 messages published meanwhile are queued and forwarded once the broker is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_queues_while_its_remote_broker_was_never_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mdir = dir.path().join("mosquitto");
+    std::fs::create_dir_all(&mdir).expect("mkdir");
+    // Mosquitto keeps the subscriber's session over its stop (persistence).
+    let mut mosq = Mosquitto::start(&mdir);
+    drop(subscriber(mosq.addr(), "msub-late", "late/#").await);
+    mosq.stop();
+    let conf = config_file(
+        dir.path(),
+        &format!(
+            r#"
+[[bridges]]
+name = "late"
+address = "127.0.0.1:{port}"
+forward = ["late/#"]
+reconnect_min = "200ms"
+reconnect_max = "1s"
+"#,
+            port = mosq.port
+        ),
+    );
+    let spec = NodeSpec::new(RAFTMQ, 1, dir.path().join("n1"))
+        .with_env("RAFTMQ_CONFIG", conf.display().to_string());
+    let _node = Node::start(&spec).await;
+    poll(
+        "the bridge failed to connect and made its local session",
+        BRIDGE_WAIT,
+        Duration::from_millis(100),
+        || async {
+            match bridge_status(spec.http, "late").await {
+                Some(v)
+                    if v["connect_failures"].as_u64() >= Some(1) && v["local_session"] == true =>
+                {
+                    Ok(())
+                }
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    publish_all(spec.mqtt_addr(), "lpub-late", "late/x", 0..50).await;
+    let queued = bridge_status(spec.http, "late").await.expect("status");
+    assert_eq!(queued["queued"].as_u64(), Some(50), "{queued}");
+    mosq.spawn();
+    wait_connected(spec.http, "late").await;
+    let (msub, present) = try_connect(mosq.addr(), "msub-late", false, 3600)
+        .await
+        .expect("reconnects to Mosquitto");
+    assert!(present, "Mosquitto kept the subscriber's session");
+    let want: BTreeSet<u32> = (0..50).collect();
+    receive_all(mosq.addr(), msub, "msub-late", "late/#", &want).await;
 }
 
 /// In a 3-node cluster the bridge runs on the leader only; `kill -9` of that node moves it to
