@@ -123,14 +123,14 @@ pub(crate) fn routes() -> Router<HttpState> {
 }
 
 /// `GET /api/v1/bridges`: every bridge configured, as this node sees it (`active`: this node
-/// runs it now).
+/// runs it now), as `{"items": [...]}` (not paged: there are as many as configured).
 async fn list_bridges(_: Admin, State(state): State<HttpState>) -> ApiResult {
     let items: Vec<Value> = state
         .bridges
         .iter()
         .map(|b| b.to_json(&state.broker))
         .collect();
-    Ok(Json(json!({ "bridges": items })))
+    Ok(Json(json!({ "items": items })))
 }
 
 /// `GET /api/v1/bridges/{name}`: one bridge.

@@ -487,7 +487,7 @@ reconnect_max = "1s"
     );
     let (code, list) = http_json(spec.http, "GET", "/api/v1/bridges", None, None).await;
     assert_eq!(code, 200, "{list}");
-    assert_eq!(list["bridges"].as_array().map(Vec::len), Some(3), "{list}");
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(3), "{list}");
     assert_eq!(
         http_json(spec.http, "GET", "/api/v1/bridges/nope", None, None)
             .await
@@ -505,6 +505,23 @@ reconnect_max = "1s"
             "raftmq_bridge_messages_total{{{labels}}}"
         );
     }
+    // `raftmq ctl bridges` shows them as a table.
+    let url = spec.url();
+    let ctl = tokio::task::spawn_blocking(move || {
+        Command::new(RAFTMQ)
+            .args(["ctl", "--url", &url, "bridges"])
+            .env_clear()
+            .output()
+            .expect("runs raftmq ctl")
+    })
+    .await
+    .expect("ctl thread");
+    let table = String::from_utf8_lossy(&ctl.stdout);
+    assert!(ctl.status.success(), "{table}");
+    assert!(
+        table.starts_with("NAME") && table.lines().filter(|l| l.contains("connected")).count() == 3,
+        "{table}"
+    );
     // A network client may not take the bridge's local session.
     let refused =
         RawClient::try_handshake(local, connect_v5("$bridge/m", false, 60), START_TIMEOUT)
