@@ -60,6 +60,10 @@ struct Link<'a> {
     ping_every: Option<Duration>,
     /// When the next PINGREQ goes to the local session.
     ping_due: Option<tokio::time::Instant>,
+    /// The remote broker's Maximum QoS (forwarded messages are downgraded to it) and Maximum
+    /// Packet Size (larger messages are refused rather than sent and disconnected for).
+    remote_max_qos: u8,
+    remote_max_packet: usize,
 }
 
 /// Runs one link until it ends. See the module documentation.
@@ -89,8 +93,17 @@ pub(crate) async fn run(
         _ = stop.changed() => return LinkEnd::Stopped,
         _ = placement.changed() => return LinkEnd::Inactive,
     };
+    let remote_limits;
     match connected {
-        Ok(Some(RemoteEvent::Connected { session_present })) => {
+        Ok(Some(RemoteEvent::Connected {
+            session_present,
+            max_qos,
+            max_packet_size,
+        })) => {
+            remote_limits = (
+                max_qos.unwrap_or(2).min(2),
+                max_packet_size.map_or(usize::MAX, |m| m as usize),
+            );
             bridge.count_connect(true);
             bridge.status.lock().remote_session_present = Some(session_present);
             info!(bridge = %cfg.name, address = %cfg.address, session_present, "bridge connected to the remote broker");
@@ -134,6 +147,8 @@ pub(crate) async fn run(
         local_ready: false,
         ping_every: None,
         ping_due: None,
+        remote_max_qos: remote_limits.0,
+        remote_max_packet: remote_limits.1,
     };
     let end = link.drive(&mut events, placement, stop).await;
     // Either side ended: end the other (the local session stays, detached, and queues).
@@ -408,9 +423,11 @@ impl Link<'_> {
             }
             return Ok(());
         };
-        if topic.is_empty() || topic.contains(['+', '#', '\0']) {
-            // Not a valid topic name at the remote broker: never accepted there, so
-            // acknowledged and counted rather than retried forever.
+        // Topic, payload and room for the header and properties.
+        let size = topic.len() + p.payload.len() + 16 + properties_size(&p.properties);
+        if topic.is_empty() || topic.contains(['+', '#', '\0']) || size > self.remote_max_packet {
+            // Not a valid topic name at the remote broker, or larger than it accepts: never
+            // accepted there, so acknowledged and counted rather than retried forever.
             self.bridge.count_refused_out();
             if let Some(pid) = p.packet_id {
                 self.ack_local(pid, qos);
@@ -421,13 +438,21 @@ impl Link<'_> {
             super::BridgeMqttVersion::V5 => to_remote_properties(&p.properties),
             super::BridgeMqttVersion::V311 => None,
         };
+        let remote_qos = qos.min(self.remote_max_qos);
         match self
             .remote
-            .publish(topic, qos, p.retain, p.payload.clone(), props)
+            .publish(topic, remote_qos, p.retain, p.payload.clone(), props)
         {
             Ok(()) => {
-                self.unsent
-                    .push_back(p.packet_id.map(|local| Out { local, qos }));
+                // Acknowledged locally at the local QoS, whatever QoS the remote hop used.
+                match p.packet_id {
+                    Some(local) if remote_qos == 0 => {
+                        self.unsent.push_back(None);
+                        self.bridge.count_forwarded();
+                        self.ack_local(local, qos);
+                    }
+                    local => self.unsent.push_back(local.map(|local| Out { local, qos })),
+                }
                 if qos == 0 {
                     self.bridge.count_forwarded();
                 }
@@ -608,6 +633,18 @@ fn subscribe_locally(conn: &mut Connection, bridge: &Bridge, broker: &Broker, no
         }),
         now,
     );
+}
+
+/// Bytes the properties take on the wire, roughly (an upper bound for the common ones).
+fn properties_size(p: &PublishProperties) -> usize {
+    let text = |s: &Option<ByteStr>| s.as_ref().map_or(0, |s| s.len() + 3);
+    8 + text(&p.response_topic)
+        + text(&p.content_type)
+        + p.correlation_data.as_ref().map_or(0, |d| d.len() + 3)
+        + p.user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 5)
+            .sum::<usize>()
 }
 
 /// MQTT 5 properties of a local message as sent to the remote broker (without topic alias and

@@ -57,8 +57,13 @@ impl RemotePublish {
 /// What happened on the remote connection, in order.
 #[derive(Debug)]
 pub(crate) enum RemoteEvent {
-    /// CONNACK accepted.
-    Connected { session_present: bool },
+    /// CONNACK accepted, with what the remote broker announced (MQTT 5): its Maximum QoS
+    /// and Maximum Packet Size.
+    Connected {
+        session_present: bool,
+        max_qos: Option<u8>,
+        max_packet_size: Option<u32>,
+    },
     /// A PUBLISH request was put on the wire under this packet id (0 for QoS 0), in the order
     /// the requests were made.
     Sent(u16),
@@ -309,6 +314,8 @@ fn convert_v4(event: rumqttc::Event) -> Option<RemoteEvent> {
     Some(match event {
         Event::Incoming(Packet::ConnAck(c)) => RemoteEvent::Connected {
             session_present: c.session_present,
+            max_qos: None,
+            max_packet_size: None,
         },
         Event::Incoming(Packet::Publish(p)) => RemoteEvent::Publish(RemotePublish::V4(p)),
         Event::Incoming(Packet::PubAck(a)) => RemoteEvent::PubAck {
@@ -343,6 +350,8 @@ fn convert_v5(event: rumqttc::v5::Event) -> Option<RemoteEvent> {
     Some(match event {
         Event::Incoming(Packet::ConnAck(c)) => RemoteEvent::Connected {
             session_present: c.session_present,
+            max_qos: c.properties.as_ref().and_then(|p| p.max_qos),
+            max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
         },
         Event::Incoming(Packet::Publish(p)) => RemoteEvent::Publish(RemotePublish::V5(p)),
         Event::Incoming(Packet::PubAck(a)) => RemoteEvent::PubAck {

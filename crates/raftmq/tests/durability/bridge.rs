@@ -10,7 +10,8 @@ use super::{RAFTMQ, connected, http_ports, number, try_connect};
 use raftmq_codec::{Packet, PubResponse, QoS, ReasonCode};
 use raftmq_tests::ports::free_port;
 use raftmq_tests::process::{
-    Node, NodeSpec, START_TIMEOUT, cluster_specs, http_get, http_json, wait_converged,
+    Node, NodeSpec, START_TIMEOUT, cluster_specs, cluster_status, http_get, http_json,
+    wait_converged,
 };
 use raftmq_tests::wait::poll;
 use raftmq_tests::{RawClient, connect_v5, publish_packet};
@@ -560,17 +561,24 @@ reconnect_max = "1s"
         .with_env("RAFTMQ_CONFIG", conf.display().to_string());
     let _node = Node::start(&spec).await;
     poll(
-        "the bridge failed to connect and made its local session",
+        "the bridge failed to connect and made its local session, subscribed",
         BRIDGE_WAIT,
         Duration::from_millis(100),
         || async {
-            match bridge_status(spec.http, "late").await {
-                Some(v)
-                    if v["connect_failures"].as_u64() >= Some(1) && v["local_session"] == true =>
-                {
-                    Ok(())
-                }
-                other => Err(other),
+            let failed = bridge_status(spec.http, "late")
+                .await
+                .is_some_and(|v| v["connect_failures"].as_u64() >= Some(1));
+            let session = http_json(
+                spec.http,
+                "GET",
+                "/api/v1/clients/%24bridge%2Flate",
+                None,
+                None,
+            )
+            .await;
+            match session {
+                (200, v) if failed && v["subscriptions"] == 1 => Ok(()),
+                other => Err((failed, other)),
             }
         },
     )
@@ -615,7 +623,7 @@ reconnect_max = "1s"
     );
     let cluster_dir = dir.path().join("cluster");
     std::fs::create_dir_all(&cluster_dir).expect("mkdir");
-    let (specs, mut nodes, leader) = start_cluster_with(&cluster_dir, &conf).await;
+    let (specs, mut nodes, _) = start_cluster_with(&cluster_dir, &conf).await;
     let ports = http_ports(&specs);
     // Exactly one node runs it: the leader.
     let runner = poll(
@@ -638,8 +646,16 @@ reconnect_max = "1s"
         },
     )
     .await;
-    assert_eq!(runner, leader, "the bridge runs on the Raft leader");
     let runner_idx = specs.iter().position(|s| s.id == runner).expect("runner");
+    // On the leader (as that node sees it now: leadership may have moved since the start).
+    let view = cluster_status(ports[runner_idx])
+        .await
+        .expect("cluster view");
+    assert_eq!(
+        view["leader"].as_u64(),
+        Some(runner),
+        "the bridge runs on the Raft leader: {view}"
+    );
     let publisher_idx = (runner_idx + 1) % specs.len();
     let publish_to = specs[publisher_idx].mqtt_addr();
 
