@@ -206,6 +206,10 @@ const PRIME_TIMEOUT: Duration = Duration::from_secs(10);
 /// while the remote broker has never been reached, what the filters match is queued for the
 /// bridge rather than dropped for lack of a subscriber.
 pub(crate) async fn prime(bridge: &Bridge, broker: &Arc<Broker>) -> Result<(), String> {
+    if bridge.cfg.forward.is_empty() {
+        // Nothing to queue.
+        return Ok(());
+    }
     let deadline = tokio::time::Instant::now() + PRIME_TIMEOUT;
     let mut conn = local_connection(bridge, broker, Instant::now());
     let mut subscribed = false;
