@@ -129,11 +129,20 @@ pub enum CloseReason {
 
 /// The rarely used authentication state of a connection. The two never meet: a CONNECT with
 /// an Authentication Method is decided by its exchange, never by a pending decision.
+/// Client ids starting with this are the server's own (a bridge's local session): a network
+/// client asking for one is refused (CONNACK 0x85 Client Identifier not valid), so none can take
+/// such a session over.
+pub const RESERVED_CLIENT_ID_PREFIX: &str = "$bridge/";
+
 enum AuthSlot {
     /// A CONNECT waiting for an asynchronous authentication decision.
     Awaiting(AwaitingAuth),
     /// MQTT 5 enhanced authentication: the method of CONNECT and the exchange in progress.
     Enhanced(Enhanced),
+    /// Set before CONNECT by the connection's owner for a connection made inside the server
+    /// (a bridge's local side, see [`Connection::trust`]): CONNECT skips authentication and
+    /// runs as this principal (its client id is the CONNECT's).
+    Trusted(Principal),
 }
 
 impl Connection {
@@ -279,6 +288,13 @@ impl Connection {
             limits,
             paused: None,
         }
+    }
+
+    /// Makes the coming CONNECT skip authentication and run as `principal` (its `client_id`
+    /// replaced by the CONNECT's): for connections the server makes itself (a bridge's local
+    /// side), never for a network client. Authorization (the ACL) still applies to it.
+    pub fn trust(&mut self, principal: Principal) {
+        self.auth = Some(Box::new(AuthSlot::Trusted(principal)));
     }
 
     /// Sets the identity taken from a verified client certificate (before CONNECT).

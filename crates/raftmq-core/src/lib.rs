@@ -24,6 +24,6 @@ pub mod stats;
 pub mod topic;
 
 pub use broker::{Attached, Broker, DetachKind, Forwarder, NEVER_EXPIRES, Redirect};
-pub use connection::{CloseReason, Connection};
+pub use connection::{CloseReason, Connection, RESERVED_CLIENT_ID_PREFIX};
 pub use message::{Delivery, Message};
 pub use session::Session;

@@ -113,3 +113,66 @@ fn filter_mode_still_refuses_an_overlapping_subscription() {
         [ReasonCode::GRANTED_QOS_1]
     );
 }
+
+/// A connection the server makes itself (a bridge's local side, `Connection::trust`) skips
+/// authentication (here an authenticator that refuses everyone) but not the ACL, which applies
+/// to its user name; a client asking for a client id reserved for the server is refused.
+#[test]
+fn a_trusted_connection_skips_authentication_but_not_the_acl() {
+    use raftmq_core::auth::{AuthDecision, Authenticator, ConnectInfo, Principal};
+    struct Nobody;
+    impl Authenticator for Nobody {
+        fn authenticate(&self, _: &ConnectInfo<'_>) -> AuthDecision {
+            AuthDecision::Deny(ReasonCode::NOT_AUTHORIZED)
+        }
+    }
+    let acl = Acl::parse("user bridge\nallow subscribe out/#\nallow publish in/#\n").expect("ACL");
+    let b = Arc::new(Broker::with_auth(
+        MqttConfig::default(),
+        Arc::new(Nobody),
+        Arc::new(acl),
+        1,
+    ));
+    let now = Instant::now();
+    let connack = |c: &mut Connection| match c.poll_transmit() {
+        Some(Packet::ConnAck(a)) => a.reason_code,
+        other => panic!("expected CONNACK, got {other:?}"),
+    };
+    // A network client: refused by the authenticator, and for a reserved id before that.
+    for id in ["device", "$bridge/cloud"] {
+        let mut client = Connection::new(b.clone(), None, now);
+        client.handle_packet(
+            Packet::Connect(Box::new(support::connect(ProtocolVersion::V5, id, true))),
+            now,
+        );
+        let want = if id.starts_with(raftmq_core::RESERVED_CLIENT_ID_PREFIX) {
+            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID
+        } else {
+            ReasonCode::NOT_AUTHORIZED
+        };
+        assert_eq!(connack(&mut client), want, "{id}");
+    }
+    // The server's own connection, running as user "bridge".
+    let mut bridge = Connection::new(b.clone(), None, now);
+    bridge.trust(Principal {
+        username: Some("bridge".into()),
+        ..Principal::default()
+    });
+    bridge.handle_packet(
+        Packet::Connect(Box::new(support::connect(
+            ProtocolVersion::V5,
+            "$bridge/cloud",
+            true,
+        ))),
+        now,
+    );
+    assert_eq!(connack(&mut bridge), ReasonCode::SUCCESS);
+    assert_eq!(
+        subscribe(&mut bridge, "out/#", now),
+        [ReasonCode::GRANTED_QOS_1]
+    );
+    assert_eq!(
+        subscribe(&mut bridge, "secret/#", now),
+        [ReasonCode::NOT_AUTHORIZED]
+    );
+}

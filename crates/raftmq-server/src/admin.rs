@@ -118,6 +118,34 @@ pub(crate) fn routes() -> Router<HttpState> {
         .route("/api/v1/retained/{*topic}", delete(delete_retained))
         .route("/api/v1/publish", post(publish))
         .route("/api/v1/drain", get(drain_status).post(start_drain))
+        .route("/api/v1/bridges", get(list_bridges))
+        .route("/api/v1/bridges/{name}", get(show_bridge))
+}
+
+/// `GET /api/v1/bridges`: every bridge configured, as this node sees it (`active`: this node
+/// runs it now), as `{"items": [...]}` (not paged: there are as many as configured).
+async fn list_bridges(_: Admin, State(state): State<HttpState>) -> ApiResult {
+    let items: Vec<Value> = state
+        .bridges
+        .iter()
+        .map(|b| b.to_json(&state.broker))
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `GET /api/v1/bridges/{name}`: one bridge.
+async fn show_bridge(
+    _: Admin,
+    State(state): State<HttpState>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let Path(name) = path?;
+    state
+        .bridges
+        .iter()
+        .find(|b| b.config().name == name)
+        .map(|b| Json(b.to_json(&state.broker)))
+        .ok_or_else(|| ApiError::not_found(format!("no bridge named `{name}`")))
 }
 
 const DEFAULT_LIMIT: usize = 100;

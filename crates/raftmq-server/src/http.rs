@@ -23,6 +23,8 @@ pub(crate) struct HttpState {
     /// Bearer token of the admin API (`None`: open).
     pub admin_token: Option<Arc<str>>,
     pub drain: Arc<crate::drain::Drain>,
+    /// The bridges configured (run on this node or not).
+    pub bridges: Arc<[Arc<crate::bridge::Bridge>]>,
 }
 
 pub(crate) async fn serve(
@@ -148,6 +150,7 @@ mod tests {
             cluster,
             admin_token: None,
             drain: Arc::new(Drain::new(&DrainConfig::default(), ready)),
+            bridges: Arc::from(Vec::new()),
         };
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(serve(listener, state, stopped));

@@ -11,6 +11,7 @@
 mod admin;
 pub mod admin_client;
 pub mod auth;
+pub mod bridge;
 mod config;
 mod connection;
 mod control;

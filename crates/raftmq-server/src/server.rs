@@ -26,6 +26,8 @@ pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// How long connections get to say goodbye at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a stopping server waits for its bridges to say goodbye to their remote brokers.
+const BRIDGE_STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,9 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A bridge cannot be set up (its password or certificate files); names the key.
+    #[error("{0}")]
+    Bridge(String),
 }
 
 /// The cluster gRPC endpoint (Raft, forwarded proposals, join). It runs on its own, from
@@ -125,6 +130,9 @@ pub struct Server {
     cluster: Option<Arc<dyn ClusterControl>>,
     admin_token: Option<Arc<str>>,
     drain: DrainConfig,
+    bridges: Vec<Arc<crate::bridge::Bridge>>,
+    /// Whether this node runs the bridges (`None`: always, a node alone).
+    placement: Option<crate::bridge::BridgePlacement>,
 }
 
 async fn bind(
@@ -171,6 +179,8 @@ impl Server {
             cluster: None,
             admin_token: http.admin_token.as_deref().map(Arc::from),
             drain: DrainConfig::default(),
+            bridges: Vec::new(),
+            placement: None,
         })
     }
 
@@ -179,6 +189,28 @@ impl Server {
     /// (`/api/v1/cluster/nodes`).
     pub fn set_cluster(&mut self, cluster: Arc<dyn ClusterControl>) {
         self.cluster = Some(cluster);
+    }
+
+    /// The bridges to other brokers (`[[bridges]]`), checked now: their password and TLS
+    /// files are read here, so a bad one stops the start-up (naming its key). `placement`
+    /// tells, in a cluster, whether this node runs them now (see [`crate::bridge`]); `None`
+    /// runs them always.
+    pub fn set_bridges(
+        &mut self,
+        bridges: &[crate::bridge::BridgeConfig],
+        placement: Option<crate::bridge::BridgePlacement>,
+    ) -> Result<(), ServerError> {
+        if let Some(p) = crate::bridge::validate_bridges(bridges).into_iter().next() {
+            return Err(ServerError::Bridge(p.to_string()));
+        }
+        self.bridges = bridges
+            .iter()
+            .enumerate()
+            .map(|(i, b)| crate::bridge::Bridge::new(b.clone(), i).map(Arc::new))
+            .collect::<Result<_, _>>()
+            .map_err(ServerError::Bridge)?;
+        self.placement = placement;
+        Ok(())
     }
 
     /// How to drain (at `POST /api/v1/drain` and at shutdown).
@@ -273,6 +305,28 @@ impl Server {
             });
             tasks.spawn(accept_loop(listener, ctx, stop_rx.clone(), tasks.clone()));
         }
+        // Bridges stop first at shutdown (before the drain), so they hand their local session
+        // back (detached: it queues) and say DISCONNECT to the remote broker.
+        let (bridges_stop, bridges_stopped) = watch::channel(false);
+        let bridges: Arc<[Arc<crate::bridge::Bridge>]> = self.bridges.into();
+        let bridge_tasks = TaskTracker::new();
+        if !bridges.is_empty() {
+            let placement = self.placement.unwrap_or_else(|| watch::channel(true).1);
+            for bridge in bridges.iter() {
+                bridge_tasks.spawn(crate::bridge::supervise(
+                    bridge.clone(),
+                    self.broker.clone(),
+                    placement.clone(),
+                    bridges_stopped.clone(),
+                ));
+            }
+            tasks.spawn(crate::bridge::export_queues(
+                bridges.clone(),
+                self.broker.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        bridge_tasks.close();
         if let Some(listener) = self.http {
             let state = http::HttpState {
                 broker: self.broker.clone(),
@@ -281,6 +335,7 @@ impl Server {
                 cluster: self.cluster,
                 admin_token: self.admin_token,
                 drain: drain.clone(),
+                bridges: bridges.clone(),
             };
             tasks.spawn(http::serve(listener, state, stop_rx.clone()));
         }
@@ -297,6 +352,13 @@ impl Server {
 
         shutdown.await;
         info!("shutting down");
+        let _ = bridges_stop.send(true);
+        if tokio::time::timeout(BRIDGE_STOP_GRACE, bridge_tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("bridges did not stop within {BRIDGE_STOP_GRACE:?}");
+        }
         ready.store(false, Ordering::Relaxed);
         if drain.start(Instant::now()) {
             info!("draining connections");

@@ -15,6 +15,7 @@
 
 use raftmq_core::config::{ConfigProblem, MqttConfig};
 use raftmq_server::auth::AuthConfig;
+use raftmq_server::bridge::BridgeConfig;
 use raftmq_server::{DrainConfig, HttpConfig, LimitsConfig, ListenersConfig, TlsConfig};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -78,6 +79,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Bridges to other MQTT brokers (`[[bridges]]` tables, see docs/bridges.md).
+    pub bridges: Vec<BridgeConfig>,
 }
 
 impl Default for Config {
@@ -94,6 +97,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             auth: AuthConfig::default(),
             log: LogConfig::default(),
+            bridges: Vec::new(),
         }
     }
 }

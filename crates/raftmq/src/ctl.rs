@@ -71,6 +71,8 @@ pub enum CtlCommand {
     },
     /// Show the drain status.
     DrainStatus,
+    /// Bridges to other brokers, as this node sees them (`active`: this node runs it).
+    Bridges,
 }
 
 #[derive(Debug, Subcommand)]
@@ -440,6 +442,23 @@ async fn execute(client: &AdminClient, cmd: &CtlCommand) -> anyhow::Result<Answe
         CtlCommand::DrainStatus => {
             let v = client.get("/api/v1/drain").await?;
             let table = drain_table(&v);
+            Answer { json: v, table }
+        }
+        CtlCommand::Bridges => {
+            let v = client.get("/api/v1/bridges").await?;
+            let table = list_table(
+                &v,
+                &[
+                    ("NAME", "name"),
+                    ("ADDRESS", "address"),
+                    ("ACTIVE", "active"),
+                    ("STATE", "state"),
+                    ("FORWARDED", "messages_forwarded"),
+                    ("RECEIVED", "messages_received"),
+                    ("QUEUED", "queued"),
+                    ("LAST ERROR", "last_error"),
+                ],
+            );
             Answer { json: v, table }
         }
     })

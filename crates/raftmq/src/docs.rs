@@ -44,6 +44,14 @@ pub const KEYS: &[KeyDoc] = &[
         "Directory where the node keeps its state (Raft log, sessions, retained messages). \
          Created at startup if missing.",
     ),
+    key(
+        "bridges",
+        "Bridges to other MQTT brokers, one [[bridges]] table each (name, address, forward and \
+         subscribe filters, QoS, prefixes, credentials, TLS): the broker connects to each as a \
+         client and passes messages both ways, queueing QoS 1/2 while the remote broker is \
+         away. In a cluster the Raft leader runs them. Every key, its default and the \
+         guarantees: docs/bridges.md. Empty: no bridges.",
+    ),
     key("listeners", "MQTT listeners."),
     key(
         "listeners.tcp",

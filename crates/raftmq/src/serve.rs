@@ -156,6 +156,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .context("loading TLS certificates")?;
     }
     server.set_cluster(Arc::new(NodeControl(node.clone())));
+    // Bridges run on the Raft leader (while it can commit), so on one node at a time.
+    let (placement_tx, placement) = tokio::sync::watch::channel(false);
+    let placement_task = (!config.bridges.is_empty())
+        .then(|| tokio::spawn(bridge_placement(node.clone(), placement_tx)));
+    server
+        .set_bridges(&config.bridges, Some(placement))
+        .context("setting up the bridges")?;
+    if !config.bridges.is_empty() {
+        info!(
+            bridges = config.bridges.len(),
+            "bridges configured (run by the Raft leader)"
+        );
+    }
     server.set_drain_config(config.drain.clone());
     match server.mqtt_addr() {
         Some(addr) => {
@@ -192,6 +205,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let result = server.run(shutdown).await.context("running the server");
+    if let Some(task) = placement_task {
+        task.abort();
+    }
     upkeep.abort();
     auth_watch.abort();
     sighup.abort();
@@ -212,6 +228,37 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Err(e) => error!("stopped: {e:#}"),
     }
     result
+}
+
+/// How often the bridges' placement is re-evaluated.
+const PLACEMENT_TICK: Duration = Duration::from_millis(200);
+
+/// Keeps `placement` true while this node should run the bridges: while it is the Raft leader
+/// and a quorum acknowledged it recently (`RaftNode::is_ready`; a leader cut off from the
+/// majority stops within about 3 s, see docs/bridges.md). A deterministic choice every node
+/// agrees on without more coordination: one leader per term.
+async fn bridge_placement(node: Arc<RaftNode>, placement: tokio::sync::watch::Sender<bool>) {
+    let mut tick = tokio::time::interval(PLACEMENT_TICK);
+    loop {
+        tick.tick().await;
+        let leader = node.raft.metrics().borrow().current_leader == Some(node.node_id);
+        let here = leader && node.is_ready();
+        let changed = placement.send_if_modified(|v| std::mem::replace(v, here) != here);
+        if changed {
+            info!(
+                runs_bridges = here,
+                "bridge placement: {}",
+                if here {
+                    "this node is the leader and runs the bridges"
+                } else {
+                    "another node runs the bridges"
+                }
+            );
+        }
+        if placement.is_closed() {
+            return;
+        }
+    }
 }
 
 /// The HTTP endpoint's view of the cluster (status, readiness, membership changes), served by

@@ -122,6 +122,15 @@ impl Connection {
             // keep the connection's whole read buffer allocated.
             ByteStr::from(c.client_id.as_str())
         };
+        // A connection the server made itself: no authentication. Its client ids are reserved.
+        if matches!(self.auth.as_deref(), Some(AuthSlot::Trusted(_))) {
+            if let Some(AuthSlot::Trusted(mut principal)) = self.auth.take().map(|b| *b) {
+                principal.client_id = client_id.to_string();
+                return self.finish_connect(c, client_id, assigned, principal, None, now);
+            }
+        } else if client_id.starts_with(super::RESERVED_CLIENT_ID_PREFIX) {
+            return self.refuse_connect(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, now);
+        }
         // Enhanced authentication (§4.12): the method's exchange decides instead.
         if let Some(method) = c.properties.authentication_method.clone() {
             return self.start_enhanced(c, client_id, assigned, method, now);

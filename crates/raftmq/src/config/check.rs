@@ -5,6 +5,7 @@ use super::{ClusterConfig, Config, DISABLEABLE_ADDRS, LogConfig, default_table};
 use crate::docs;
 use raftmq_core::config::{ConfigProblem, MqttConfig};
 use raftmq_server::auth::AuthConfig;
+use raftmq_server::bridge::{BRIDGE_KEYS, BridgeConfig, validate_bridges};
 use raftmq_server::{DrainConfig, HttpConfig, LimitsConfig, ListenersConfig, TlsConfig};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -136,6 +137,9 @@ impl Config {
         if let Some(limits) = c.section::<LimitsConfig>("limits") {
             c.problems.extend(limits.validate("limits."));
         }
+        if let Some(bridges) = table.get("bridges") {
+            check_bridges(bridges, c.problems);
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -149,6 +153,66 @@ impl Config {
             config.http.addr = None;
         }
         Ok(config)
+    }
+}
+
+/// Checks the `[[bridges]]` tables one by one, reporting problems as `bridges[i].key`.
+fn check_bridges(value: &Value, problems: &mut Vec<ConfigProblem>) {
+    let Value::Array(items) = value else {
+        problems.push(problem(
+            "bridges",
+            "must be a list of tables: write each bridge as a [[bridges]] table",
+        ));
+        return;
+    };
+    let mut bridges = Vec::new();
+    let mut broken = false;
+    for (i, item) in items.iter().enumerate() {
+        let prefix = format!("bridges[{i}]");
+        let Value::Table(fields) = item else {
+            problems.push(problem(prefix, "must be a table ([[bridges]])"));
+            broken = true;
+            continue;
+        };
+        let before = problems.len();
+        let known = || BRIDGE_KEYS.iter().map(|(k, _)| *k);
+        for (key, field) in fields {
+            if !known().any(|k| k == key) {
+                let hint = closest(key, known())
+                    .map(|k| format!(" (did you mean `{prefix}.{k}`?)"))
+                    .unwrap_or_default();
+                problems.push(problem(
+                    format!("{prefix}.{key}"),
+                    format!("unknown key{hint}"),
+                ));
+                continue;
+            }
+            let mut probe = Table::new();
+            probe.insert(key.clone(), field.clone());
+            if let Err(e) = BridgeConfig::deserialize(Value::Table(probe)) {
+                problems.push(problem(format!("{prefix}.{key}"), message(&e)));
+            }
+        }
+        if problems.len() > before {
+            broken = true;
+            continue;
+        }
+        match BridgeConfig::deserialize(item.clone()) {
+            Ok(b) => bridges.push((i, b)),
+            Err(e) => {
+                problems.push(problem(prefix, message(&e)));
+                broken = true;
+            }
+        }
+    }
+    if broken {
+        // The others are still checked, each on its own.
+        for (i, b) in &bridges {
+            problems.extend(b.validate(&format!("bridges[{i}].")));
+        }
+    } else {
+        let all: Vec<BridgeConfig> = bridges.into_iter().map(|(_, b)| b).collect();
+        problems.extend(validate_bridges(&all));
     }
 }
 

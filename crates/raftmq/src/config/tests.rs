@@ -438,3 +438,57 @@ fn transport_and_limit_problems_name_their_keys() {
     assert_eq!(config.limits.max_memory.0, 2 << 30);
     assert_eq!(config.listeners.proxy_protocol.len(), 2);
 }
+
+#[test]
+fn bridges_are_checked_table_by_table_naming_the_key() {
+    let ok = check_file(
+        r#"
+[[bridges]]
+name = "cloud"
+address = "mqtt.example.com:8883"
+forward = ["sensors/#"]
+qos = 2
+keep_alive = "30s"
+"#,
+    )
+    .expect("valid bridge");
+    assert_eq!(ok.bridges.len(), 1);
+    assert_eq!(ok.bridges[0].qos, 2);
+    assert_eq!(ok.bridges[0].keep_alive.0, Duration::from_secs(30));
+    let p = problems_starting(
+        r#"
+[[bridges]]
+name = "a"
+address = "h:1"
+forward = ["x/#"]
+qos = 3
+
+[[bridges]]
+name = "b"
+adress = "h:2"
+keep_alive = "soon"
+forward = ["y"]
+"#,
+        &[
+            "bridges[1].adress: unknown key (did you mean `bridges[1].address`?)",
+            "bridges[1].keep_alive:",
+            "bridges[0].qos: must be 0, 1 or 2",
+        ],
+    );
+    assert!(p[1].contains("soon"), "{p:?}");
+    problems_starting(
+        r#"
+[[bridges]]
+name = "a"
+address = "h:1"
+forward = ["x/#"]
+
+[[bridges]]
+name = "a"
+address = "h:2"
+subscribe = ["y/#"]
+"#,
+        &["bridges[1].name: `a` is the name of another bridge"],
+    );
+    problems_starting("bridges = 3", &["bridges: must be a list of tables"]);
+}

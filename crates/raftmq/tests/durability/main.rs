@@ -6,10 +6,12 @@
 //! One test binary (each links RocksDB), split by behaviour: [`restart`] (kill -9 and restart),
 //! [`failure`] (nodes that die or hang), [`partition`] (lost quorum, cut-off nodes),
 //! [`takeover`] (sessions moving between nodes), [`routing`] (live delivery between nodes),
-//! [`chaos`] (all of it at once under load) and [`tls`] (mutual TLS between nodes). The
+//! [`chaos`] (all of it at once under load), [`tls`] (mutual TLS between nodes) and [`bridge`]
+//! (bridges to a real Mosquitto, and a bridge moving when its node dies). The
 //! process harness (ports, starting and killing nodes, their HTTP endpoints) is
 //! [`raftmq_tests::process`]; the MQTT helpers every part uses are here.
 
+mod bridge;
 mod chaos;
 mod failure;
 mod partition;
