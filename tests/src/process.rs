@@ -19,6 +19,14 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Upper bound for one HTTP exchange with a node.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The log level of nodes started by tests: `RAFTMQ_TEST_NODE_LOG` (a `--log-level` value, e.g.
+/// `warn,openraft=off,raftmq=info,raftmq_cluster=debug` to follow sessions in a chaos run), else
+/// `warn,openraft=off,raftmq=info`.
+fn node_log_level() -> String {
+    std::env::var("RAFTMQ_TEST_NODE_LOG")
+        .unwrap_or_else(|_| "warn,openraft=off,raftmq=info".to_owned())
+}
+
 /// Where one node listens and keeps its data, and how it is started.
 #[derive(Clone, Debug)]
 pub struct NodeSpec {
@@ -116,7 +124,7 @@ impl Node {
             .map_or_else(|_| Stdio::inherit(), Stdio::from);
         let mut cmd = Command::new(&spec.program);
         cmd.env_clear()
-            .args(["serve", "--log-level", "warn,openraft=off,raftmq=info"])
+            .args(["serve", "--log-level", &node_log_level()])
             .args(["--node-id", &spec.id.to_string()])
             .args(["--mqtt-addr", &format!("127.0.0.1:{}", spec.mqtt)])
             .args(["--http-addr", &format!("127.0.0.1:{}", spec.http)])

@@ -264,8 +264,23 @@ impl Durability for RaftDurability {
             }
             let read = tokio::task::spawn_blocking(move || {
                 match reader.session_image(&client_id, &clock) {
-                    Ok(Some((_, _, 1))) | Ok(None) => Ok(None),
-                    Ok(Some((image, upto, _))) => Ok(Some((image, upto))),
+                    Ok(Some((_, upto, 1))) => {
+                        debug!(client_id, upto, "session load: created by this claim");
+                        Ok(None)
+                    }
+                    Ok(None) => Ok(None),
+                    Ok(Some((image, upto, claims))) => {
+                        debug!(
+                            client_id,
+                            upto,
+                            claims,
+                            messages = image.messages.len(),
+                            sent = image.messages.iter().filter(|m| m.packet_id.is_some()).count(),
+                            released = image.messages.iter().filter(|m| m.released).count(),
+                            "session load"
+                        );
+                        Ok(Some((image, upto)))
+                    }
                     Err(e) => {
                         error!(error = %e, client_id, "cannot read a stored session; its client is refused");
                         Err(DurabilityError::Storage)

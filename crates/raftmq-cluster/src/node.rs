@@ -513,6 +513,12 @@ impl RaftNode {
         let (progress, watching) = tokio::sync::watch::channel(0u64);
         self.forward.set_mirror_progress(watching);
         let raft = self.raft.clone();
+        // The deliveries kept from this node's own commits reported failed are queued while
+        // their batch is applied: before any later commit of this node completes and queues
+        // its own deliveries (their order), not later through this task.
+        let own = broker.clone();
+        self.feed
+            .on_own_stored(me, move |ids| own.own_stored_applied(ids));
         self.feed_task = Some(tokio::spawn(async move {
             while let Some(applied) = rx.recv().await {
                 match applied {
@@ -520,19 +526,10 @@ impl RaftNode {
                         progress.send_if_modified(|i| std::mem::replace(i, index.max(*i)) < index);
                     }
                     Applied::Batch { index, batch } => {
-                        if batch.origin_node == me {
-                            // This node's own batches are in its broker already, except the
-                            // deliveries of a commit it was told had failed (see
-                            // `raftmq_core`'s `own_stored_applied`).
-                            broker.own_stored_applied(batch.changes.iter().filter_map(|c| {
-                                match &c.change {
-                                    Some(raftmq_proto::state::change::Change::MessageStored(m)) => {
-                                        Some(raftmq_core::durability::MessageId(m.id))
-                                    }
-                                    _ => None,
-                                }
-                            }));
-                        } else {
+                        // This node's own batches are in its broker already (the deliveries
+                        // of its commits reported failed were queued during the apply:
+                        // `on_own_stored` above).
+                        if batch.origin_node != me {
                             let changes: Vec<_> = batch
                                 .changes
                                 .into_iter()
@@ -689,7 +686,8 @@ async fn declare_down_nodes(
             match durability.sessions_owned_by(me) {
                 Ok(orphans) => {
                     adoption_pending = false;
-                    let adopted = broker.adopt_sessions(orphans, std::time::Instant::now());
+                    let adopted = broker
+                        .adopt_sessions(log_images("adopting", orphans), std::time::Instant::now());
                     metrics::counter!(SESSIONS_ADOPTED_TOTAL).increment(adopted as u64);
                     warn!(
                         adopted,
@@ -747,7 +745,10 @@ async fn declare_down_nodes(
                     if durability.propose(Vec::new()).await.is_ok()
                         && let Ok(owned) = durability.sessions_owned_by(me)
                     {
-                        let restored = broker.adopt_sessions(owned, std::time::Instant::now());
+                        let restored = broker.adopt_sessions(
+                            log_images("adopting", owned),
+                            std::time::Instant::now(),
+                        );
                         // Everything committed before the barrier is applied here: whether this
                         // node was declared down meanwhile is known.
                         let declared = durability.declared_down_at() > fenced_at;
@@ -836,7 +837,8 @@ async fn declare_down_nodes(
                 .set(0.0);
             match durability.sessions_owned_by(me) {
                 Ok(orphans) => {
-                    let adopted = broker.adopt_sessions(orphans, std::time::Instant::now());
+                    let adopted = broker
+                        .adopt_sessions(log_images("adopting", orphans), std::time::Instant::now());
                     metrics::counter!(SESSIONS_ADOPTED_TOTAL).increment(adopted as u64);
                     warn!(
                         node,
@@ -850,6 +852,24 @@ async fn declare_down_nodes(
             }
         }
     }
+}
+
+/// Logs (at debug) each stored session about to be adopted or restored here: which client,
+/// and how many of its messages were sent and released (to follow sessions in chaos runs).
+fn log_images(
+    what: &str,
+    images: Vec<raftmq_core::durability::SessionImage>,
+) -> Vec<raftmq_core::durability::SessionImage> {
+    for image in &images {
+        tracing::debug!(
+            client_id = %image.client_id,
+            messages = image.messages.len(),
+            sent = image.messages.iter().filter(|m| m.packet_id.is_some()).count(),
+            released = image.messages.iter().filter(|m| m.released).count(),
+            "{what} a stored session"
+        );
+    }
+    images
 }
 
 /// How often liveness (dead members, this node's own lease) is checked.

@@ -158,27 +158,76 @@ pub enum Applied {
     SnapshotInstalled,
 }
 
+/// Called, during the apply, with the ids of the messages a batch of this node's own stored.
+type OwnStored = Arc<dyn Fn(Vec<raftmq_core::durability::MessageId>) + Send + Sync>;
+
 /// Where applied changes go, once someone listens (see [`StateMachine::feed`]). Shared by
 /// clones, so the instance openraft drives and the node's handle see the same observer.
-#[derive(Clone, Debug, Default)]
-pub struct Feed(Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Applied>>>);
+#[derive(Clone, Default)]
+pub struct Feed {
+    tx: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Applied>>>,
+    /// This node's id and what to call with the messages its own batches stored.
+    own: Arc<std::sync::OnceLock<(u64, OwnStored)>>,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed")
+            .field("active", &self.is_active())
+            .finish_non_exhaustive()
+    }
+}
 
 impl Feed {
     /// Starts listening. Only the first call gets a receiver; later calls get `None`.
     pub fn subscribe(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Applied>> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.0.set(tx).ok().map(|()| rx)
+        self.tx.set(tx).ok().map(|()| rx)
+    }
+
+    /// Calls `f` with the ids of the messages each batch of node `me` stored, while that
+    /// batch is applied, before the applied index moves past it (so before any later commit
+    /// of this node completes): what depends on this node's own batches in log order does not
+    /// go through the asynchronous feed. Only the first call counts.
+    pub fn on_own_stored(
+        &self,
+        me: u64,
+        f: impl Fn(Vec<raftmq_core::durability::MessageId>) + Send + Sync + 'static,
+    ) {
+        let _ = self.own.set((me, Arc::new(f)));
+    }
+
+    fn own_stored(&self, batch: &state::Batch) {
+        let Some((me, f)) = self.own.get() else {
+            return;
+        };
+        if batch.origin_node != *me {
+            return;
+        }
+        let ids: Vec<_> = batch
+            .changes
+            .iter()
+            .filter_map(|c| match &c.change {
+                Some(ProtoChange::MessageStored(m)) => {
+                    Some(raftmq_core::durability::MessageId(m.id))
+                }
+                _ => None,
+            })
+            .collect();
+        if !ids.is_empty() {
+            f(ids);
+        }
     }
 
     fn send(&self, applied: Applied) {
-        if let Some(tx) = self.0.get() {
+        if let Some(tx) = self.tx.get() {
             // A closed receiver (node shutting down) has nothing left to learn.
             let _ = tx.send(applied);
         }
     }
 
     fn is_active(&self) -> bool {
-        self.0.get().is_some()
+        self.tx.get().is_some()
     }
 }
 
@@ -254,6 +303,9 @@ impl StateMachine {
         self.db.write(tx.into_batch())?;
         if let Some((origin, failed)) = outcome.fences {
             self.fence_notes.record(origin, entry.log_id.index, failed);
+        }
+        if let Some(batch) = &outcome.feed {
+            self.feed.own_stored(batch);
         }
         match outcome.feed {
             Some(batch) if !batch.changes.is_empty() => self.feed.send(Applied::Batch {

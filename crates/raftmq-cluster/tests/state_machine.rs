@@ -1428,3 +1428,32 @@ fn a_declaration_is_void_if_the_node_proposed_after_what_it_was_based_on() {
     assert_eq!(sm.declared_down_at(1).expect("read"), 7);
     assert_eq!(owner(&sm), 2);
 }
+
+/// The deliveries of a commit reported failed are queued when the node applies that batch
+/// after all: during the apply itself (not through the asynchronous feed), so before any later
+/// commit of the node completes and queues its own deliveries. Only this node's batches count,
+/// and only for the messages they stored.
+#[test]
+fn the_messages_a_nodes_own_batches_stored_are_reported_while_each_is_applied() {
+    let (_dir, store) = temp_store();
+    let sm = StateMachine::new(store.state_db(DATA_SHARD.get()));
+    let _feed = sm.feed().subscribe().expect("the first listener");
+    let seen: Arc<parking_lot::Mutex<Vec<Vec<MessageId>>>> = Arc::default();
+    let record = seen.clone();
+    sm.feed()
+        .on_own_stored(1, move |ids| record.lock().push(ids));
+    let apply = |index: u64, origin: u64, changes: Vec<StateChange>| {
+        sm.apply_entry(&normal(index, batch_from(origin, &[], &changes)))
+            .expect("applies");
+        std::mem::take(&mut *seen.lock())
+    };
+    // Node 1's batch storing message 7: reported by the time the apply returned.
+    assert_eq!(
+        apply(1, 1, qos2_publish(1, 7)),
+        vec![vec![MessageId(7)]],
+        "reported during the apply"
+    );
+    // Another node's batch, or one of this node's that stored nothing: not reported.
+    assert!(apply(2, 2, qos2_publish(2, 8)).is_empty());
+    assert!(apply(3, 1, vec![claim("pub", 12)]).is_empty());
+}
