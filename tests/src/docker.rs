@@ -97,13 +97,11 @@ pub struct DockerCluster {
 
 /// Whether a Docker daemon answers (`docker info` within 30 s), or why not.
 pub fn available() -> Result<(), String> {
-    match run_blocking(
+    run_blocking(
         &["info", "--format", "{{.ServerVersion}}"],
         Duration::from_secs(30),
-    ) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(e),
-    }
+    )
+    .map(|_| ())
 }
 
 impl DockerCluster {
@@ -141,7 +139,14 @@ impl DockerCluster {
         std::fs::create_dir_all(&c.faults_dir).expect("create the disk faults directory");
         set_mode(&c.faults_dir, 0o755);
         c.image = match std::env::var("RAFTMQ_DOCKER_IMAGE") {
-            Ok(image) if !image.is_empty() => image,
+            Ok(image) if !image.is_empty() => {
+                if let Err(e) = run_blocking(&["image", "inspect", &image], DOCKER_TIMEOUT) {
+                    panic!(
+                        "RAFTMQ_DOCKER_IMAGE={image}: no such image here ({e}); nothing is pulled"
+                    )
+                }
+                image
+            }
             _ => c.build_image(program),
         };
         let label = format!("{LABEL}={}", c.prefix);
@@ -176,6 +181,8 @@ impl DockerCluster {
             c.volumes.push(d.volume.clone());
             let mut args: Vec<String> = [
                 "create",
+                "--pull",
+                "never",
                 "--name",
                 &d.container,
                 "--label",
