@@ -5,10 +5,12 @@
 //! # Layout
 //!
 //! Everything a [`DockerCluster`] creates is named `<prefix>-...` with a prefix of its own
-//! (`raftmq-dc-<pid>-<time>`) and labelled `raftmq-test=<prefix>`, and removed when it is
-//! dropped (also when the test panics): the containers (with `-v`), their data volumes, both
-//! networks, the image if it built one, and the host directory of the disk fault files. It
-//! never touches anything else.
+//! (`raftmq-dc-[<RAFTMQ_DOCKER_RUN>-]<pid>-<time>`; the image `raftmq-test:<prefix>`) and
+//! labelled `raftmq-test=<prefix>`, and removed when it is dropped (also when the test
+//! panics): the containers (with `-v`), their data volumes, both networks, the image if it
+//! built one, and the host directory of the disk fault files. It never touches anything else.
+//! A test process killed outright (SIGKILL, a supervisor's timeout) cannot clean up: remove
+//! what is left by its prefix (`.ci/run` sets `RAFTMQ_DOCKER_RUN` and does so).
 //!
 //! - **The image** is built offline from the executable under test by
 //!   `deploy/docker/build-image.sh` (FROM scratch: the binary and the shared libraries `ldd`
@@ -121,7 +123,7 @@ impl DockerCluster {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
-        let prefix = format!("raftmq-dc-{}-{stamp}", std::process::id());
+        let prefix = format!("raftmq-dc-{}{}-{stamp}", run_tag(), std::process::id());
         let faults_dir = std::env::temp_dir().join(&prefix);
         let mut c = DockerCluster {
             image: String::new(),
@@ -416,6 +418,23 @@ impl Drop for DockerCluster {
                 self.prefix, self.prefix
             );
         }
+    }
+}
+
+/// `RAFTMQ_DOCKER_RUN` followed by `-` if set (the names of this run then start with
+/// `raftmq-dc-<run>-`, so a supervisor that had to kill the test can remove what it left with a
+/// name filter, as `.ci/run` does), else nothing.
+fn run_tag() -> String {
+    match std::env::var("RAFTMQ_DOCKER_RUN") {
+        Ok(run) if !run.is_empty() => {
+            assert!(
+                run.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "RAFTMQ_DOCKER_RUN={run:?}: only letters, digits, - and _"
+            );
+            format!("{run}-")
+        }
+        _ => String::new(),
     }
 }
 
