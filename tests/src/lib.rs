@@ -1,13 +1,14 @@
 //! Shared support for raftmq's tests: an in-process broker on an ephemeral port and a raw MQTT
 //! client (built on `raftmq-codec`) for the packets client libraries won't send, plus
 //! [`ports`] for nodes on fixed addresses, [`wait`] for polling a condition with a deadline,
-//! [`process`] for clusters of real `raftmq` processes, [`certs`] for TLS certificates and
-//! [`metrics`] for reading what was counted, and [`history`], the chaos tests' history
-//! recorder and its offline checker.
+//! [`process`] for clusters of real `raftmq` processes, [`certs`] for TLS certificates,
+//! [`metrics`] for reading what was counted, [`history`], the chaos tests' history
+//! recorder and its offline checker, and [`docker`] for clusters of `raftmq` containers.
 //!
 //! Every wait has a timeout ([`TIMEOUT`]): a broken broker fails a test, never hangs it.
 
 pub mod certs;
+pub mod docker;
 pub mod history;
 pub mod metrics;
 pub mod ports;

@@ -29,6 +29,19 @@
 //! for 3-8 s, every synced Raft log write stalled by 0.1-2 s (`cluster.disk_faults_file`,
 //! removed by a drop guard). Then the cluster must converge before the next round.
 //!
+//! # Processes or containers
+//!
+//! By default the three nodes are processes and a partition is made inside them, by the
+//! nodes' `cluster.faults_file`. With `RAFTMQ_CHAOS_DOCKER=1` they are containers of an image
+//! built offline from the same executable (`deploy/docker/build-image.sh`), each on two Docker
+//! networks of the run's own: a partition takes the node off the cluster network with `docker
+//! network disconnect` (a real network cut: its peers' connections hang), while clients keep
+//! reaching it through the other; kill -9 is `docker kill -s KILL` then `docker start`, a
+//! pause `docker pause`, and the slow disk the same file in a bind-mounted directory. The
+//! schedule, the load and the checker are the same; see [`cluster`] and
+//! [`raftmq_tests::docker`]. Docker must answer: without it the run fails, saying so. The
+//! containers, networks, volumes and image are removed at the end, also when the test fails.
+//!
 //! # Seed and replay
 //!
 //! `RAFTMQ_CHAOS_SEED` (a u64; default: from the clock) seeds the schedule: the order of the
@@ -62,7 +75,10 @@
 //! `raftmq_tests::history::History::load(path)` followed by `raftmq_tests::history::check`
 //! checks it again offline.
 
+mod cluster;
+
 use super::*;
+use cluster::ChaosCluster;
 use raftmq_codec::PacketId;
 use raftmq_tests::Rng;
 use raftmq_tests::history::{self, AckKind, Event, History};
@@ -75,13 +91,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// not at all), each node's metrics and full log and the history so far (saved next to the
 /// history files, the paths printed), the tails of the logs and any hung process's stacks.
 async fn converged_or_logs(
-    ports: &[u16],
-    specs: &[NodeSpec],
-    nodes: &mut [Option<Node>],
+    cluster: &mut ChaosCluster,
     seed: u64,
     history: &History,
     kills: &[String],
 ) -> u64 {
+    let ports = &cluster.http_ports();
     match tokio::time::timeout(
         START_TIMEOUT - Duration::from_secs(5),
         wait_converged(ports, 3),
@@ -108,33 +123,30 @@ async fn converged_or_logs(
                 progress += &format!("  {row:?}\n");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
-            let processes: Vec<String> = nodes
-                .iter_mut()
-                .map(|n| match n {
-                    Some(n) => format!("{:?}", n.try_wait()),
-                    None => "not running".to_owned(),
-                })
-                .collect();
+            let processes = cluster.states().await;
             // A node that is running but does not answer: its threads' stacks, if gdb is here.
             let mut stacks = String::new();
-            for (view, node) in views.iter().zip(nodes.iter_mut()) {
-                if let (None, Some(node)) = (view, node)
-                    && matches!(node.try_wait(), Ok(None))
+            for (i, view) in views.iter().enumerate() {
+                if view.is_none()
+                    && let Some(pid) = cluster.running_pid(i).await
                     && let Ok(out) = std::process::Command::new("timeout")
-                        .args(["60", "gdb", "-p", &node.pid().to_string(), "-batch"])
+                        .args(["60", "gdb", "-p", &pid.to_string(), "-batch"])
                         .args(["-ex", "thread apply all bt 25"])
                         .output()
                 {
                     stacks += &String::from_utf8_lossy(&out.stdout);
                 }
             }
-            let kept = keep_evidence(specs, &format!("{seed}-nonconverged")).await;
+            let kept = keep_evidence(cluster, &format!("{seed}-nonconverged")).await;
             let path = history_path(&format!("{seed}-nonconverged"));
             let saved = match history.save(&path) {
                 Ok(()) => format!("history saved to {}", path.display()),
                 Err(e) => format!("history could not be saved to {}: {e}", path.display()),
             };
-            let logs: String = specs.iter().map(|s| s.log_tail(40)).collect();
+            let mut logs = String::new();
+            for i in 0..cluster.len() {
+                logs += &cluster.log_tail(i, 40).await;
+            }
             panic!(
                 "cluster did not converge (replay with RAFTMQ_CHAOS_SEED={seed}; faults: \
                  {kills:?}): {views:?}\nprogress over 20 s:\n{progress}processes (exit \
@@ -144,9 +156,10 @@ async fn converged_or_logs(
     }
 }
 
-/// Copies every node's full log and its current metrics into a new directory beside the saved
-/// histories (`chaos-evidence-<tag>-<time>/`); says where, or why not.
-async fn keep_evidence(specs: &[NodeSpec], tag: &str) -> String {
+/// Copies every node's full log (a container's: `docker logs`), RocksDB's own logs and its
+/// current metrics into a new directory beside the saved histories
+/// (`chaos-evidence-<tag>-<time>/`); says where, or why not.
+async fn keep_evidence(cluster: &ChaosCluster, tag: &str) -> String {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -155,28 +168,17 @@ async fn keep_evidence(specs: &[NodeSpec], tag: &str) -> String {
     if let Err(e) = std::fs::create_dir_all(&dir) {
         return format!("node logs not kept ({}: {e})", dir.display());
     }
-    for s in specs {
-        let _ = std::fs::copy(s.log_path(), dir.join(format!("n{}.log", s.id)));
+    for (i, port) in cluster.http_ports().into_iter().enumerate() {
+        let id = cluster.id(i);
+        let _ = std::fs::write(dir.join(format!("n{id}.log")), cluster.log(i).await);
         // RocksDB's own logs (compaction and write-stall statistics), wherever they are.
-        let mut dirs = vec![s.data_dir.clone()];
-        while let Some(d) = dirs.pop() {
-            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    dirs.push(path);
-                } else if entry.file_name() == "LOG" {
-                    let rel = path.strip_prefix(&s.data_dir).unwrap_or(&path);
-                    let name = rel.to_string_lossy().replace('/', "_");
-                    let _ = std::fs::copy(&path, dir.join(format!("n{}-{name}", s.id)));
-                }
-            }
-        }
+        cluster.copy_store_logs(i, &dir).await;
         let (status, metrics) =
-            tokio::time::timeout(Duration::from_secs(5), http_get(s.http, "/metrics"))
+            tokio::time::timeout(Duration::from_secs(5), http_get(port, "/metrics"))
                 .await
                 .unwrap_or((0, String::new()));
         if status == 200 {
-            let _ = std::fs::write(dir.join(format!("n{}.metrics", s.id)), metrics);
+            let _ = std::fs::write(dir.join(format!("n{id}.metrics")), metrics);
         }
     }
     format!("node logs and metrics kept in {}", dir.display())
@@ -751,14 +753,15 @@ async fn declared_down(ports: &[u16]) -> f64 {
 /// Waits (up to 10 s) until every node holds, for each other node `peer`, `expected(peer)`
 /// wills of sessionless connections announced by that peer (what the node declaring `peer`
 /// down would publish); whether they do. The will clients' are the only sessionless wills.
-async fn wills_held(specs: &[NodeSpec], expected: impl Fn(usize) -> usize) -> bool {
+async fn wills_held(cluster: &ChaosCluster, expected: impl Fn(usize) -> usize) -> bool {
+    let ports = cluster.http_ports();
     holds_within(Duration::from_secs(10), || async {
-        for (holder, h) in specs.iter().enumerate() {
-            for (peer, p) in specs.iter().enumerate() {
-                let name = format!("raftmq_forward_peer_wills{{peer=\"{}\"}}", p.id);
+        for (holder, port) in ports.iter().enumerate() {
+            for peer in 0..cluster.len() {
+                let name = format!("raftmq_forward_peer_wills{{peer=\"{}\"}}", cluster.id(peer));
                 #[allow(clippy::cast_precision_loss)]
                 let want = expected(peer) as f64;
-                if holder != peer && metric_on(h.http, &name).await != want {
+                if holder != peer && metric_on(*port, &name).await != want {
                     return false;
                 }
             }
@@ -885,34 +888,14 @@ impl Schedule {
     }
 }
 
-/// A node stopped with SIGSTOP; SIGCONT when dropped, also when the test fails, so that no
-/// process stays stopped.
-struct Paused(u32);
-
-impl Paused {
-    /// Stops `node` (a process this test started and has not reaped: its PID is its own).
-    fn stop(node: &Node) -> Paused {
-        node.signal("-STOP");
-        Paused(node.pid())
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-CONT", &self.0.to_string()])
-            .status();
-    }
-}
-
 /// A node's disk made slow through its `cluster.disk_faults_file`; healthy again when dropped,
 /// also when the test fails.
 struct SlowDisk(PathBuf);
 
 impl SlowDisk {
-    /// Stalls every synced Raft log write of node `id` of the cluster in `dir` by `by`.
-    fn stall(dir: &std::path::Path, id: u64, by: Duration) -> SlowDisk {
-        let path = disk_faults_file(dir, id);
+    /// Stalls every synced Raft log write of the node that reads `path` (its
+    /// `cluster.disk_faults_file`) by `by`.
+    fn stall(path: PathBuf, by: Duration) -> SlowDisk {
         std::fs::write(&path, by.as_millis().to_string()).expect("write the disk faults file");
         SlowDisk(path)
     }
@@ -982,9 +965,10 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     let seed = chaos_seed();
     println!("chaos: seed {seed} (replay with RAFTMQ_CHAOS_SEED={seed}), {chaos_secs}s of faults");
     let _replay = ReplayHint(seed);
-    let (dir, specs, mut nodes, _leader) = start_cluster().await;
-    let ports = http_ports(&specs);
-    let addrs: Vec<SocketAddr> = specs.iter().map(NodeSpec::mqtt_addr).collect();
+    let mut cluster = ChaosCluster::start().await;
+    println!("chaos: on {}", cluster.describe());
+    let ports = cluster.http_ports();
+    let addrs = cluster.mqtt_addrs();
     let subs = ["chaos-sub-1", "chaos-sub-2"];
     let history = Arc::new(History::new());
 
@@ -1011,7 +995,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         &[("chaos-will/#", QoS::ExactlyOnce)],
     )
     .await;
-    converged(&specs).await;
+    wait_converged(&ports, 3).await;
 
     let state: Shared = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -1065,12 +1049,12 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                     .or(cluster_status(ports[1]).await)
                     .or(cluster_status(ports[2]).await)
                     .and_then(|v| v["leader"].as_u64());
-                leader.and_then(|l| specs.iter().position(|s| s.id == l))
+                leader.and_then(|l| cluster.position(l))
             }
             Target::Subscriber => lock(&state).node_of.get(subs[r.pick]).copied(),
             Target::Publisher => lock(&state).node_of.get(PUBLISHERS[r.pick]).copied(),
         }
-        .filter(|n| *n < specs.len())
+        .filter(|n| *n < cluster.len())
         .unwrap_or(r.fallback);
         let what = match r.target {
             Target::Leader => "leader".to_owned(),
@@ -1084,7 +1068,7 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         for w in &mut will_clients {
             w.end(r.will_end).await;
         }
-        if !wills_held(&specs, |_| 0).await {
+        if !wills_held(&cluster, |_| 0).await {
             println!(
                 "chaos: round {round}: the nodes still hold sessionless wills 10 s after their \
                  connections ended"
@@ -1096,14 +1080,14 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                 sessionless += 1;
             }
         }
-        if !wills_held(&specs, |p| if p == victim { sessionless } else { 0 }).await {
+        if !wills_held(&cluster, |p| if p == victim { sessionless } else { 0 }).await {
             println!(
                 "chaos: round {round}: the sessionless wills of node {} were not announced to \
                  every peer within 10 s",
-                specs[victim].id
+                cluster.id(victim)
             );
         }
-        let id = specs[victim].id;
+        let id = cluster.id(victim);
         let stall = if r.fault == Fault::StallDisk {
             format!(" ({} ms per synced write)", r.stall.as_millis())
         } else {
@@ -1116,28 +1100,27 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
         ));
         match r.fault {
             Fault::Partition => {
-                let rest: Vec<u64> = specs.iter().map(|s| s.id).filter(|n| *n != id).collect();
-                partition(dir.path(), &[&[id], &rest]);
+                cluster.cut_off(victim).await;
                 tokio::time::sleep(r.hold).await;
-                partition(dir.path(), &[]);
+                cluster.reconnect(victim).await;
             }
             Fault::StallDisk => {
-                let healed = SlowDisk::stall(dir.path(), id, r.stall);
+                let healed = SlowDisk::stall(cluster.disk_faults_file(victim), r.stall);
                 tokio::time::sleep(r.hold).await;
                 drop(healed);
             }
             Fault::Pause => {
-                let paused = nodes[victim].as_ref().map(Paused::stop);
+                cluster.pause(victim).await;
                 tokio::time::sleep(r.hold).await;
-                drop(paused);
+                cluster.resume(victim).await;
             }
             Fault::Kill => {
-                let survivors: Vec<u16> = (0..specs.len())
+                let survivors: Vec<u16> = (0..cluster.len())
                     .filter(|i| *i != victim)
-                    .map(|i| specs[i].http)
+                    .map(|i| ports[i])
                     .collect();
                 let before = declared_down(&survivors).await;
-                kill9(&mut nodes, victim);
+                cluster.kill9(victim).await;
                 tokio::time::sleep(r.hold).await;
                 // Restarted before it is declared down, a node forgets which wills it
                 // announced (docs/cluster.md, "Node failure"): wait for the declaration.
@@ -1148,10 +1131,10 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                 if !declared {
                     println!("chaos: node {id} not declared down within 30 s of its kill");
                 }
-                nodes[victim] = Some(Node::spawn(&specs[victim]));
+                cluster.restart(victim).await;
             }
         }
-        converged_or_logs(&ports, &specs, &mut nodes, seed, &history, &kills).await;
+        converged_or_logs(&mut cluster, seed, &history, &kills).await;
         round += 1;
     }
 
@@ -1268,7 +1251,10 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
     });
     if let Some(saved) = &saved {
         println!("chaos: {saved}");
-        println!("chaos: {}", keep_evidence(&specs, &seed.to_string()).await);
+        println!(
+            "chaos: {}",
+            keep_evidence(&cluster, &seed.to_string()).await
+        );
     }
     assert!(
         failing == 0,
