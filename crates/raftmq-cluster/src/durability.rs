@@ -158,9 +158,12 @@ impl RaftDurability {
     }
 
     /// The stored persistent sessions that node `node` owns (last claimed through it, or
-    /// adopted by it). An error when any of them cannot be read: the caller retries rather
-    /// than adopt part of them.
-    pub fn sessions_owned_by(&self, node: NodeId) -> Result<Vec<SessionImage>, DurabilityError> {
+    /// adopted by it), each with the log index it was read at. An error when any of them
+    /// cannot be read: the caller retries rather than adopt part of them.
+    pub fn sessions_owned_by(
+        &self,
+        node: NodeId,
+    ) -> Result<Vec<(SessionImage, u64)>, DurabilityError> {
         let owners = self.reader.session_owners().map_err(|e| {
             error!(error = %e, "cannot read the owners of the stored sessions");
             DurabilityError::Storage
@@ -168,7 +171,7 @@ impl RaftDurability {
         let mut sessions = Vec::new();
         for (client_id, _) in owners.into_iter().filter(|(_, owner)| *owner == node) {
             match self.reader.session_image(&client_id, &self.clock) {
-                Ok(found) => sessions.extend(found.map(|(image, _, _)| image)),
+                Ok(found) => sessions.extend(found.map(|(image, read_at, _)| (image, read_at))),
                 Err(e) => {
                     error!(error = %e, client_id, "cannot read a stored session");
                     return Err(DurabilityError::Storage);

@@ -686,8 +686,10 @@ async fn declare_down_nodes(
             match durability.sessions_owned_by(me) {
                 Ok(orphans) => {
                     adoption_pending = false;
-                    let adopted = broker
-                        .adopt_sessions(log_images("adopting", orphans), std::time::Instant::now());
+                    let adopted = broker.adopt_sessions_read_at(
+                        log_images("adopting", orphans),
+                        std::time::Instant::now(),
+                    );
                     metrics::counter!(SESSIONS_ADOPTED_TOTAL).increment(adopted as u64);
                     warn!(
                         adopted,
@@ -745,7 +747,7 @@ async fn declare_down_nodes(
                     if durability.propose(Vec::new()).await.is_ok()
                         && let Ok(owned) = durability.sessions_owned_by(me)
                     {
-                        let restored = broker.adopt_sessions(
+                        let restored = broker.adopt_sessions_read_at(
                             log_images("adopting", owned),
                             std::time::Instant::now(),
                         );
@@ -837,8 +839,10 @@ async fn declare_down_nodes(
                 .set(0.0);
             match durability.sessions_owned_by(me) {
                 Ok(orphans) => {
-                    let adopted = broker
-                        .adopt_sessions(log_images("adopting", orphans), std::time::Instant::now());
+                    let adopted = broker.adopt_sessions_read_at(
+                        log_images("adopting", orphans),
+                        std::time::Instant::now(),
+                    );
                     metrics::counter!(SESSIONS_ADOPTED_TOTAL).increment(adopted as u64);
                     warn!(
                         node,
@@ -858,14 +862,15 @@ async fn declare_down_nodes(
 /// and how many of its messages were sent and released (to follow sessions in chaos runs).
 fn log_images(
     what: &str,
-    images: Vec<raftmq_core::durability::SessionImage>,
-) -> Vec<raftmq_core::durability::SessionImage> {
-    for image in &images {
+    images: Vec<(raftmq_core::durability::SessionImage, u64)>,
+) -> Vec<(raftmq_core::durability::SessionImage, u64)> {
+    for (image, read_at) in &images {
         tracing::debug!(
             client_id = %image.client_id,
             messages = image.messages.len(),
             sent = image.messages.iter().filter(|m| m.packet_id.is_some()).count(),
             released = image.messages.iter().filter(|m| m.released).count(),
+            read_at,
             "{what} a stored session"
         );
     }

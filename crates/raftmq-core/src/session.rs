@@ -133,6 +133,11 @@ pub(crate) struct SessionState {
     /// node, [`crate::Broker::finish_attach`]): stored messages committed up to it came with
     /// the load, so the applied-change feed must not queue them again. 0 otherwise.
     pub replicated_upto: u64,
+    /// Stored messages the applied-change feed queued while the session's load was pending,
+    /// with the log index of the batch that stored each: those at or below the load's index
+    /// are covered by the loaded image (in it, or acknowledged already) and are dropped when
+    /// it is restored (see `Broker::restore_locked`).
+    pub fed_while_loading: Vec<(crate::durability::MessageId, u64)>,
     /// Set while the queue is past the pause mark (backpressure): the publishers waiting for
     /// room. Boxed: rare, and every idle session carries this struct.
     pub congestion: Option<Box<Congestion>>,
@@ -280,6 +285,7 @@ impl Session {
                 connection: None,
                 kick: None,
                 replicated_upto: 0,
+                fed_while_loading: Vec::new(),
                 congestion: None,
             }),
         }
@@ -373,11 +379,46 @@ impl Session {
         stats: &BrokerStats,
     ) -> Enqueued {
         let mut s = self.state.lock();
+        self.enqueue_locked(&mut s, delivery, limits, stats)
+    }
+
+    /// Queues a stored message that the applied-change feed brought, committed in the batch
+    /// at log index `index`, unless the session's state was loaded from at least that index
+    /// (then it is in the loaded image already, or was acknowledged). While the session's
+    /// load is still pending (`loading`), the index is remembered with it, so the restore can
+    /// drop it if the load covers it. Checked and queued under one lock. Whether it was
+    /// queued.
+    pub fn enqueue_replicated(
+        &self,
+        delivery: Delivery,
+        index: u64,
+        loading: bool,
+        limits: &QueueLimits,
+        stats: &BrokerStats,
+    ) -> bool {
+        let mut s = self.state.lock();
+        if s.replicated_upto >= index {
+            return false;
+        }
+        if loading && let Some(id) = delivery.durable {
+            s.fed_while_loading.push((id, index));
+        }
+        self.enqueue_locked(&mut s, delivery, limits, stats)
+            .is_queued()
+    }
+
+    fn enqueue_locked(
+        &self,
+        s: &mut SessionState,
+        delivery: Delivery,
+        limits: &QueueLimits,
+        stats: &BrokerStats,
+    ) -> Enqueued {
         if !s.online && delivery.qos == QoS::AtMostOnce && !limits.queue_qos0_offline {
             stats.dropped(DropReason::Offline, 1);
             return Enqueued::Dropped(DropReason::Offline);
         }
-        let congested = self.congest(&mut s, limits, 1);
+        let congested = self.congest(s, limits, 1);
         if s.queue.len() >= limits.max_queued {
             match limits.overflow {
                 OverflowPolicy::DropNew => {
@@ -400,7 +441,7 @@ impl Session {
         }
         s.queue.push_back(delivery);
         stats.messages_queued.fetch_add(1, Ordering::Relaxed);
-        Self::notify(&mut s);
+        Self::notify(s);
         match congested {
             Some(episode) => Enqueued::Congested {
                 queued: true,

@@ -512,3 +512,100 @@ fn a_forwarded_message_names_the_publishers_previous_stored_commit() {
         "each forwarded message waits for its publisher's previous stored message"
     );
 }
+
+/// A durability layer whose session loads the test completes by hand.
+#[derive(Default)]
+struct HandLoaded {
+    load: parking_lot::Mutex<Option<raftmq_core::durability::SessionLoadHandle>>,
+}
+
+impl raftmq_core::durability::Durability for HandLoaded {
+    fn propose(&self, _changes: Vec<raftmq_core::durability::StateChange>) -> Commit {
+        Commit::ready()
+    }
+    fn next_message_id(&self) -> MessageId {
+        MessageId(1000)
+    }
+    fn recover(
+        &self,
+    ) -> Result<raftmq_core::durability::Recovered, raftmq_core::durability::DurabilityError> {
+        Ok(Default::default())
+    }
+    fn load_session(
+        &self,
+        _client_id: &ByteStr,
+        _claim: Commit,
+    ) -> raftmq_core::durability::SessionLoad {
+        let (load, handle) = raftmq_core::durability::SessionLoad::pending();
+        *self.load.lock() = Some(handle);
+        load
+    }
+}
+
+/// The QoS 2 duplicate of a lagging feed: a session resumed here is loaded from the state
+/// machine at some log index, while the applied-change feed, which may lag behind, is still
+/// queueing messages of older batches for it. A message at or below the load's index that the
+/// image does not hold was acknowledged on the node the session came from: queued again, it
+/// would reach the client a second time as a new message. Only what the image does not cover
+/// stays.
+#[test]
+fn the_feed_does_not_queue_again_what_a_sessions_loaded_image_covers() {
+    let t0 = Instant::now();
+    let durability = Arc::new(HandLoaded::default());
+    let broker = Broker::new(MqttConfig::default()).with_durability(durability.clone());
+    broker.set_forwarder(Arc::new(NoPeers));
+    let sub = ByteStr::from("sub");
+    let attached = broker.attach(&sub, false, 3600, None, t0);
+    assert!(
+        attached.load_after_commit,
+        "resumes a session stored elsewhere"
+    );
+    let stored =
+        |id: u64, payload: &'static str| raftmq_core::durability::StateChange::MessageStored {
+            id: MessageId(id),
+            message: Arc::new(Message {
+                topic: ByteStr::from("t/1"),
+                payload: Bytes::from_static(payload.as_bytes()),
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                properties: Default::default(),
+                expires_at: None,
+                received_at: t0,
+                origin: Some(ByteStr::from("publisher")),
+            }),
+            targets: vec![raftmq_core::durability::StoredTarget {
+                client_id: sub.clone(),
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                subscription_ids: Default::default(),
+            }],
+        };
+    // The feed, behind: message 5 (batch 10, delivered and acknowledged on the session's
+    // previous node before the load's read at 15) and message 6 (batch 20, after the read).
+    broker.apply_replicated(10, &[stored(5, "acknowledged elsewhere")], t0);
+    broker.apply_replicated(20, &[stored(6, "after the read")], t0);
+    let image = SessionImage {
+        client_id: sub.clone(),
+        expiry_secs: 3600,
+        subscriptions: Vec::new(),
+        messages: Vec::new(),
+        incoming_qos2: Vec::new(),
+        will: None,
+    };
+    durability
+        .load
+        .lock()
+        .take()
+        .expect("the load started")
+        .complete(Ok(Some((image, 15))));
+    assert!(broker.finish_attach(&attached.session, attached.epoch));
+    assert_eq!(
+        attached.session.queue_depth().0,
+        1,
+        "only the message committed after the read is queued"
+    );
+    // Later batches at or below the read are not queued either; newer ones are.
+    broker.apply_replicated(14, &[stored(7, "old")], t0);
+    broker.apply_replicated(21, &[stored(8, "new")], t0);
+    assert_eq!(attached.session.queue_depth().0, 2);
+}

@@ -37,7 +37,7 @@ impl Broker {
         let count = sessions.len();
         let mut registry = self.sessions.lock();
         for image in sessions {
-            self.restore_offline(&mut registry, image, now);
+            self.restore_offline(&mut registry, image, 0, now);
         }
         Ok(count)
     }
@@ -45,15 +45,20 @@ impl Broker {
     /// Puts a stored session back in memory, offline, into `registry` (locked by the caller
     /// from its check that the client id has no session here, so no connection can attach in
     /// between), with its will and expiry timers starting at `now`.
+    ///
+    /// `read_at`: the log index the image was read at (0: unknown); the applied-change feed
+    /// does not queue again what the image covers.
     pub(in crate::broker) fn restore_offline(
         &self,
         registry: &mut HashMap<ByteStr, Arc<Session>>,
         image: SessionImage,
+        read_at: u64,
         now: Instant,
     ) {
         let session = Arc::new(Session::new(image.client_id.clone(), image.expiry_secs));
         session.set_durable(true);
         let mut st = session.lock_unfenced(UNFENCED);
+        st.replicated_upto = read_at;
         let epoch = self.next_epoch();
         st.epoch = epoch;
         st.disconnected_at = Some(now);
@@ -99,12 +104,23 @@ impl Broker {
             .collect();
         let stored_ids: std::collections::HashSet<MessageId> =
             image.messages.iter().map(|m| m.id).collect();
+        // Queued by the feed while the load was pending, from a batch the load's read covers:
+        // in the image (above), or acknowledged before the read — not to be delivered again.
+        let covered: std::collections::HashSet<MessageId> =
+            std::mem::take(&mut st.fed_while_loading)
+                .into_iter()
+                .filter(|(_, index)| *index <= st.replicated_upto)
+                .map(|(id, _)| id)
+                .collect();
         let mut fed: HashMap<MessageId, Delivery> = HashMap::default();
         let mut later = std::collections::VecDeque::new();
         for d in std::mem::take(&mut st.queue) {
             match d.durable {
                 Some(id) if stored_ids.contains(&id) => {
                     fed.insert(id, d);
+                }
+                Some(id) if covered.contains(&id) => {
+                    self.stats.messages_queued.fetch_sub(1, Relaxed);
                 }
                 _ => later.push_back(d),
             }

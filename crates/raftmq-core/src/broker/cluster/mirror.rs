@@ -177,6 +177,17 @@ impl Broker {
     /// their wills and expiry run here. Sessions already in memory are left alone. Returns how
     /// many were adopted.
     pub fn adopt_sessions(&self, sessions: Vec<SessionImage>, now: Instant) -> usize {
+        self.adopt_sessions_read_at(sessions.into_iter().map(|s| (s, 0)).collect(), now)
+    }
+
+    /// [`Broker::adopt_sessions`] of images each read at a known log index: the
+    /// applied-change feed, which may lag behind the reads, does not queue again a message
+    /// the image covers (in it, or acknowledged before the read).
+    pub fn adopt_sessions_read_at(
+        &self,
+        sessions: Vec<(SessionImage, u64)>,
+        now: Instant,
+    ) -> usize {
         let mut adopted = 0;
         // One registry lock for the check and the insert: a client connecting meanwhile keeps
         // its live session (it waits, then resumes the adopted one).
@@ -184,12 +195,12 @@ impl Broker {
         // Messages routed to these sessions since the window opened (under the registry lock,
         // so no routing pass falls between the window and the restore).
         let mut kept = self.cluster.adopting.lock().take().unwrap_or_default();
-        for image in sessions {
+        for (image, read_at) in sessions {
             if registry.contains_key(&image.client_id) {
                 continue;
             }
             let client_id = image.client_id.clone();
-            self.restore_offline(&mut registry, image, now);
+            self.restore_offline(&mut registry, image, read_at, now);
             self.cluster.remote.clear(&client_id);
             if let (Some(slots), Some(session)) =
                 (kept.remove(&client_id), registry.get(&client_id))
@@ -334,8 +345,7 @@ impl Broker {
                 .replicated(id, &target.client_id, expect_forward);
             release.extend(held);
             let Some(session) = here else { continue };
-            if copy == live::Copy::Skip || session.lock_unfenced(UNFENCED).replicated_upto >= index
-            {
+            if copy == live::Copy::Skip {
                 continue;
             }
             let delivery = Delivery {
@@ -345,7 +355,10 @@ impl Broker {
                 message: message.clone(),
                 durable: Some(id),
             };
-            session.enqueue(delivery, &self.queue_limits, &self.stats);
+            // A session whose load is pending: the restore drops this one if the loaded image
+            // covers its index (it is in the image, or was acknowledged already).
+            let loading = self.loading.lock().contains_key(&target.client_id);
+            session.enqueue_replicated(delivery, index, loading, &self.queue_limits, &self.stats);
         }
         drop(self.propose(release));
     }
