@@ -108,6 +108,7 @@ mod error;
 mod faults;
 mod layout;
 mod log_store;
+mod migrate;
 mod snapshot;
 mod state;
 mod syncer;
@@ -117,6 +118,9 @@ pub use error::{SnapshotFormatError, StoreError};
 pub use faults::inject_disk_faults;
 pub use layout::StateCf;
 pub use log_store::LogStore;
+pub use migrate::{
+    DEFAULT_MIGRATION_CHUNK_BYTES, Migration, MigrationEvent, MigrationOutcome, MigrationReport,
+};
 pub use snapshot::{
     DEFAULT_CHUNK_SIZE, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC, SnapshotStats, SnapshotStream,
     StateSnapshot,
