@@ -144,3 +144,92 @@ pub fn rewrite_single_group_entry(index: u64, raw: &[u8]) -> Result<Option<Vec<u
         .map(Some)
         .map_err(|e| format!("cannot encode the entry: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::{WallClock, encode_batch};
+    use openraft::testing::log_id;
+    use raftmq_core::durability::StateChange;
+
+    fn entry(index: u64, payload: EntryPayload<crate::types::TypeConfig>) -> Vec<u8> {
+        postcard::to_stdvec(&Entry {
+            log_id: log_id(3, 1, index),
+            payload,
+        })
+        .expect("encode")
+    }
+
+    fn single_group_batch() -> Vec<u8> {
+        let mut batch = decode_batch(&encode_batch(
+            &[StateChange::RetainedCleared {
+                topic: "a/b".into(),
+            }],
+            &WallClock::now(),
+        ))
+        .expect("decode");
+        batch.shard_id = 0;
+        batch.origin_node = 2;
+        batch.encode_to_vec()
+    }
+
+    #[test]
+    fn a_single_group_batch_gets_the_data_shard_and_keeps_its_bytes() {
+        let old = single_group_batch();
+        let raw = entry(5, EntryPayload::Normal(Request { batch: old.clone() }));
+        let new = rewrite_single_group_entry(5, &raw)
+            .expect("rewrite")
+            .expect("changed");
+        let new: Entry = postcard::from_bytes(&new).expect("decode");
+        assert_eq!(new.log_id, log_id(3, 1, 5));
+        let EntryPayload::Normal(request) = new.payload else {
+            panic!("not a normal entry");
+        };
+        assert!(request.batch.starts_with(&old));
+        let (batch, before) = (
+            decode_batch(&request.batch).expect("batch"),
+            decode_batch(&old).expect("batch"),
+        );
+        assert_eq!(batch.shard_id, SHARD_ID);
+        assert_eq!(
+            (batch.changes, batch.origin_node, batch.fences),
+            (before.changes, before.origin_node, before.fences)
+        );
+    }
+
+    #[test]
+    fn other_entries_stay_and_impossible_ones_are_refused() {
+        let blank = entry(1, EntryPayload::Blank);
+        assert_eq!(rewrite_single_group_entry(1, &blank), Ok(None));
+        let garbage = entry(
+            2,
+            EntryPayload::Normal(Request {
+                batch: vec![0xFF, 0xFF, 0xFF],
+            }),
+        );
+        assert_eq!(rewrite_single_group_entry(2, &garbage), Ok(None));
+        let mut other = decode_batch(&single_group_batch()).expect("decode");
+        other.shard_id = 7;
+        let other = entry(
+            3,
+            EntryPayload::Normal(Request {
+                batch: other.encode_to_vec(),
+            }),
+        );
+        assert_eq!(rewrite_single_group_entry(3, &other), Ok(None));
+
+        let sharded = entry(
+            4,
+            EntryPayload::Normal(Request {
+                batch: encode_batch(&[], &WallClock::now()),
+            }),
+        );
+        assert!(rewrite_single_group_entry(4, &sharded).is_err());
+        assert!(
+            rewrite_single_group_entry(9, &blank).is_err(),
+            "index mismatch"
+        );
+        assert!(rewrite_single_group_entry(1, b"\xFF\xFF").is_err());
+        assert!(rewrite_single_group_entry(1, b"").is_err());
+    }
+}
