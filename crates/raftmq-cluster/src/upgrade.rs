@@ -64,11 +64,11 @@ pub fn migrate_store_with(
                 );
                 last_log = Instant::now();
             }
-            MigrationEvent::Progress { keys, bytes, cf } => {
-                if last_log.elapsed() >= PROGRESS_EVERY {
-                    info!(keys, bytes, cf, "migrating the store: {keys} keys copied");
-                    last_log = Instant::now();
-                }
+            MigrationEvent::Progress { keys, bytes, cf }
+                if last_log.elapsed() >= PROGRESS_EVERY =>
+            {
+                info!(keys, bytes, cf, "migrating the store: {keys} keys copied");
+                last_log = Instant::now();
             }
             _ => {}
         });
