@@ -633,9 +633,16 @@ fn copy(
     new.write_opt(batch, &sync_write_options())
         .map_err(StoreError::backend("write"))
         .map_err(failed(path, "stamping the staging store format 2"))?;
-    new.flush_wal(true)
-        .map_err(StoreError::backend("flush WAL"))
-        .map_err(failed(path, "stamping the staging store format 2"))?;
+    // Into SST files (compressed), so that the first open of the migrated store does not
+    // replay the whole copy from the WAL.
+    for name in &known {
+        let cf = new
+            .cf_handle(name)
+            .ok_or(StoreError::MissingColumnFamily(name))?;
+        new.flush_cf(cf)
+            .map_err(StoreError::backend("flush"))
+            .map_err(failed(path, "flushing the staging store"))?;
+    }
     drop(snapshot);
     drop(old);
     drop(new);
