@@ -62,13 +62,8 @@ fn incompatible(data_dir: &Path, found: u32, supported: u32) -> String {
 
 fn migration_failed(data_dir: &Path, step: &str, source: &StoreError) -> String {
     let dir = data_dir.display();
-    let mut cause = source.to_string();
-    let mut next = std::error::Error::source(source);
-    while let Some(inner) = next {
-        cause.push_str(": ");
-        cause.push_str(&inner.to_string());
-        next = inner.source();
-    }
+    // The store's errors name their cause in their own message.
+    let cause = source.to_string();
     format!(
         "data dir {dir}: migrating its store from format 1 (single-group release) to format 2 \
          failed while {step}: {cause}\n\
