@@ -19,3 +19,4 @@ pub mod node;
 mod raft_proto;
 pub mod state_machine;
 pub mod types;
+pub mod upgrade;

@@ -252,8 +252,26 @@ fn raft_config(t: &RaftTuning) -> Result<Config, openraft::ConfigError> {
 
 impl RaftNode {
     /// Opens the store under `data_dir/raft`, starts Raft and bootstraps or joins as needed.
+    ///
+    /// A store written by a single-group release (format 1) is migrated to format 2 first
+    /// ([`crate::upgrade::migrate_store`], on a blocking thread: it copies the whole store).
     pub async fn start(opts: NodeOptions) -> Result<RaftNode, NodeError> {
-        let store = Store::open(opts.data_dir.join("raft"))?;
+        let store_path = opts.data_dir.join("raft");
+        let migrated = {
+            let path = store_path.clone();
+            tokio::task::spawn_blocking(move || crate::upgrade::migrate_store(&path)).await
+        };
+        match migrated {
+            Ok(outcome) => drop(outcome?),
+            Err(join) => {
+                return Err(NodeError::Store(StoreError::Migration {
+                    path: store_path,
+                    step: "running the migration thread".to_owned(),
+                    source: Box::new(StoreError::Io(std::io::Error::other(join.to_string()))),
+                }));
+            }
+        }
+        let store = Store::open(&store_path)?;
         let state_machine = StateMachine::open(store.state_db(DATA_SHARD.get()))?;
         let feed = state_machine.feed().clone();
         // The batcher learns from the applying state machine which fences of its batches held.

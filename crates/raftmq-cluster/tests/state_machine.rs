@@ -1457,3 +1457,71 @@ fn the_messages_a_nodes_own_batches_stored_are_reported_while_each_is_applied() 
     assert!(apply(2, 2, qos2_publish(2, 8)).is_empty());
     assert!(apply(3, 1, vec![claim("pub", 12)]).is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Migration of a single-group release's store
+// ---------------------------------------------------------------------------------------------
+
+/// The store `raftmq serve` of the last single-group commit wrote
+/// (`crates/raftmq-store/tests/fixtures/format-1`), migrated by what `RaftNode::start` runs: every
+/// batch of its log names the data shard now, and replaying that log into an empty state
+/// machine rebuilds the state the single-group release had applied (none of its entries is
+/// skipped as another shard's).
+#[test]
+fn the_single_group_releases_log_applies_after_migration() {
+    let fixture = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../raftmq-store/tests/fixtures/format-1"
+    ));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("raft");
+    std::fs::create_dir(&path).expect("mkdir");
+    for entry in std::fs::read_dir(fixture).expect("fixture") {
+        let entry = entry.expect("dir entry");
+        if !entry.file_name().to_string_lossy().starts_with("LOG") {
+            std::fs::copy(entry.path(), path.join(entry.file_name())).expect("copy");
+        }
+    }
+    let report = match raftmq_cluster::upgrade::migrate_store(&path).expect("migrate") {
+        raftmq_store::MigrationOutcome::Migrated(report) => report,
+        other => panic!("expected a migration, got {other:?}"),
+    };
+
+    let rt = runtime();
+    let store = Store::open(&path).expect("open the migrated store");
+    let mut log: LogStore<TypeConfig> = store.log_store(DATA_SHARD.get());
+    let entries = rt
+        .block_on(openraft::RaftLogReader::try_get_log_entries(&mut log, 0..8))
+        .expect("entries");
+    assert_eq!(entries.len(), 8);
+    let mut batches = 0;
+    for entry in &entries {
+        if let EntryPayload::Normal(request) = &entry.payload {
+            let batch = decode_batch(&request.batch).expect("batch");
+            assert_eq!(batch.shard_id, SHARD_ID, "entry {}", entry.log_id);
+            batches += 1;
+        }
+    }
+    assert!(batches > 0);
+    assert_eq!(report.log_entries_rewritten, batches);
+
+    let (_replay_dir, replay) = temp_store();
+    let mut sm = StateMachine::open(replay.state_db(DATA_SHARD.get())).expect("open");
+    rt.block_on(sm.apply(entries)).expect("apply");
+    let migrated = store.state_db(DATA_SHARD.get());
+    let replayed = replay.state_db(DATA_SHARD.get());
+    assert!(
+        replayed
+            .get(StateCf::Sessions, b"fixture-sub")
+            .expect("get")
+            .is_some()
+    );
+    for cf in StateCf::ALL {
+        let all = |db: &StateDb| -> Vec<_> {
+            db.scan_prefix(cf, b"")
+                .map(|item| item.expect("scan"))
+                .collect()
+        };
+        assert_eq!(all(&replayed), all(&migrated), "{cf}");
+    }
+}

@@ -11,6 +11,7 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Optio
 use crate::error::StoreError;
 use crate::layout::{CF_DEFAULT, FORMAT_KEY, FORMAT_VERSION, all_cf_names};
 use crate::log_store::LogStore;
+use crate::migrate::{Migration, MigrationOutcome};
 use crate::state::StateDb;
 use crate::syncer::WalSyncer;
 
@@ -113,6 +114,15 @@ impl Store {
                     names.push(name);
                 }
             }
+        } else if DB::list_cf(&db_opts, crate::migrate::staging_path(&path)?).is_ok() {
+            // A migration stopped between its two renames: creating an empty store here would
+            // hide the migrated one.
+            return Err(StoreError::MigrationBlocked {
+                path,
+                detail: "no store there, but the copy of an unfinished migration next to it: \
+                         `Store::migrate_format_1` finishes it"
+                    .to_owned(),
+            });
         }
         let descriptors = names
             .iter()
@@ -140,6 +150,24 @@ impl Store {
                 sync_faults,
             }),
         })
+    }
+
+    /// Migrates the format-1 store at `path` (written by a single-group release) to format 2,
+    /// every key going to `migration`'s shard: see the crate docs ("Migration from format
+    /// 1") for how, and why a crash at any point is safe. Call it before [`Store::open`], which
+    /// refuses format 1.
+    ///
+    /// Returns [`MigrationOutcome::NotNeeded`] when there is no store at `path` or it is in
+    /// format 2 already; refuses any other format with [`StoreError::IncompatibleFormat`]
+    /// (nothing written). Any failure is a [`StoreError::Migration`] naming the step (or
+    /// [`StoreError::MigrationBlocked`] when nothing was written): the store at `path` is then
+    /// still the format-1 one, and a new call resumes the copy.
+    pub fn migrate_format_1(
+        path: impl AsRef<Path>,
+        config: &StoreConfig,
+        migration: Migration<'_>,
+    ) -> Result<MigrationOutcome, StoreError> {
+        crate::migrate::migrate(path.as_ref(), config, migration)
     }
 
     /// The Raft log store (`RaftLogStorage` + `RaftLogReader`) of shard `shard` for type
@@ -198,7 +226,7 @@ impl Store {
     }
 }
 
-fn db_options(config: &StoreConfig) -> Options {
+pub(crate) fn db_options(config: &StoreConfig) -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -213,7 +241,7 @@ fn db_options(config: &StoreConfig) -> Options {
     opts
 }
 
-fn cf_options() -> Options {
+pub(crate) fn cf_options() -> Options {
     let mut opts = Options::default();
     opts.set_compression_type(DBCompressionType::Lz4);
     opts
@@ -232,7 +260,7 @@ fn sync_wal(db: &DB, faults: &AtomicBool) -> Result<(), StoreError> {
 }
 
 /// The format version stamped in a database, `None` in a fresh one.
-fn read_format(found: Option<Vec<u8>>) -> Option<u32> {
+pub(crate) fn read_format(found: Option<Vec<u8>>) -> Option<u32> {
     // A marker that is not 4 bytes is no format this build knows: reported as version 0.
     found.map(|raw| {
         <[u8; 4]>::try_from(raw.as_slice())

@@ -56,6 +56,42 @@ pub enum StoreError {
         supported: u32,
     },
 
+    /// Migrating a format-1 store to format 2 failed at `step`
+    /// ([`Store::migrate_format_1`](crate::Store::migrate_format_1)). The format-1 store is
+    /// left as it was (or, once the copy is complete, the next start finishes the renames); a
+    /// new start resumes the copy.
+    #[error(
+        "migrating the store at {} from format 1 to format 2 failed while {step}: {source}",
+        path.display()
+    )]
+    Migration {
+        /// Directory of the (format-1) store.
+        path: PathBuf,
+        /// What the migration was doing.
+        step: String,
+        /// Why it failed.
+        #[source]
+        source: Box<StoreError>,
+    },
+
+    /// A format-1 store this build will not migrate as it is found; nothing was written.
+    #[error("cannot migrate the store at {} to format 2: {detail}", path.display())]
+    MigrationBlocked {
+        /// Directory of the store.
+        path: PathBuf,
+        /// Why, and what to do.
+        detail: String,
+    },
+
+    /// The rewrite of a format-1 log entry refused it.
+    #[error("log entry {index}: {reason}")]
+    LogEntryRewrite {
+        /// Index of the entry.
+        index: u64,
+        /// Why it cannot be migrated.
+        reason: String,
+    },
+
     /// The sync of the write-ahead log that was to make a log write durable failed (the same
     /// error for every write it covered).
     #[error("syncing the write-ahead log failed: {0}")]

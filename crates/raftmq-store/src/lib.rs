@@ -50,9 +50,20 @@
 //! open SST files.
 //!
 //! **Format 1** (the single-group releases: the same column families, keys without a shard
-//! prefix) is refused with [`StoreError::IncompatibleFormat`] (`found: 1`), as is any other
-//! format: an existing database's marker is read through a read-only open first, so nothing is
-//! written to a refused data dir (RocksDB's info log `LOG` excepted).
+//! prefix) is refused by [`Store::open`] with [`StoreError::IncompatibleFormat`] (`found: 1`),
+//! as is any other format: an existing database's marker is read through a read-only open
+//! first, so nothing is written to a refused data dir (RocksDB's info log `LOG` excepted).
+//!
+//! # Migration from format 1
+//!
+//! [`Store::migrate_format_1`] turns a format-1 store into format 2, every key going to one
+//! shard (the caller's [`Migration`]): a `raft_log` key (8 bytes) becomes the 12-byte log key
+//! of that shard, every other key gets the shard prefix, values are copied byte for byte except
+//! log entries the caller's rewrite changes (their encoding is the caller's). It copies into
+//! `<path>.migrating` in synced chunks, each recording a resume cursor, stamps the copy format 2
+//! last, then renames `<path>` to `<path>.format-1` and the copy to `<path>`. A crash at any
+//! point leaves the format-1 store (resumed by the next call) or a finished copy (whose renames
+//! the next call completes); see `migrate.rs` for why it copies instead of rewriting in place.
 //!
 //! # Durability
 //!
@@ -108,6 +119,7 @@ mod error;
 mod faults;
 mod layout;
 mod log_store;
+mod migrate;
 mod snapshot;
 mod state;
 mod syncer;
@@ -117,6 +129,9 @@ pub use error::{SnapshotFormatError, StoreError};
 pub use faults::inject_disk_faults;
 pub use layout::StateCf;
 pub use log_store::LogStore;
+pub use migrate::{
+    DEFAULT_MIGRATION_CHUNK_BYTES, Migration, MigrationEvent, MigrationOutcome, MigrationReport,
+};
 pub use snapshot::{
     DEFAULT_CHUNK_SIZE, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC, SnapshotStats, SnapshotStream,
     StateSnapshot,

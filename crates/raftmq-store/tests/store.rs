@@ -1,10 +1,14 @@
 //! raftmq-store integration tests: openraft's storage test suite run against [`LogStore`] and a
 //! minimal key/value state machine over [`StateDb`], plus restart durability, snapshot streams,
 //! log truncation/purge semantics and the state database API. [`shards`]: several shards (Raft
-//! groups) in one store, the WAL syncer, and the refusal of a format-1 data dir.
+//! groups) in one store, the WAL syncer, and the refusal of a format-1 data dir by `open`;
+//! [`migrate`]: its migration to format 2.
 
 #[path = "store/shards.rs"]
 mod shards;
+
+#[path = "store/migrate.rs"]
+mod migrate;
 
 use std::collections::BTreeMap;
 use std::io::{self, Cursor, Read};

@@ -317,22 +317,137 @@ fn store_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<
         .collect()
 }
 
-/// A data dir written by the single-group release (store format 1: the fixture
-/// `crates/raftmq-store/tests/fixtures/format-1`, made by `raftmq serve` of commit 6f6bd8e, see
-/// the README there) is refused: exit status 78 (`EX_CONFIG`), the message naming the data dir
-/// and the way out, and nothing written to the store.
-#[test]
-fn serve_on_a_format_1_data_dir_exits_78_and_leaves_it_untouched() {
+/// A copy of the store `raftmq serve` of the last single-group commit wrote (store format 1: the
+/// fixture `crates/raftmq-store/tests/fixtures/format-1`, made by commit 6f6bd8e, see the README
+/// there) in `<dir>/data/raft`; returns the data dir.
+fn format_1_data_dir(dir: &std::path::Path) -> std::path::PathBuf {
     let fixture = std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../raftmq-store/tests/fixtures/format-1"
     ));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data_dir = dir.path().join("data");
+    let data_dir = dir.join("data");
     let store = data_dir.join("raft");
     std::fs::create_dir_all(&store).expect("create data dir");
     for (name, content) in store_files(fixture) {
         std::fs::write(store.join(name), content).expect("copy fixture");
+    }
+    data_dir
+}
+
+/// A data dir written by the single-group release is migrated on the first start (logged),
+/// keeps the format-1 store as `raft.format-1`, and serves what it held: the persistent
+/// session `fixture-sub` resumes with its queued message, the retained message is delivered to a
+/// new subscriber. The next start finds format 2 and migrates nothing.
+#[tokio::test]
+async fn serve_on_a_format_1_data_dir_migrates_it_and_serves_its_sessions_and_retained_messages() {
+    use raftmq_codec::{ProtocolVersion, PubResponse, QoS, ReasonCode};
+    use raftmq_tests::process::{Node, NodeSpec};
+    use raftmq_tests::{RawClient, connect_v5};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = format_1_data_dir(dir.path());
+    // Node 1, as the fixture was written (the default node id).
+    let spec = NodeSpec::new(env!("CARGO_BIN_EXE_raftmq"), 1, data_dir.clone());
+    let node = Node::start(&spec).await;
+    let log = std::fs::read_to_string(spec.log_path()).expect("node log");
+    let d = data_dir.join("raft");
+    assert!(
+        log.contains(&format!(
+            "migrating data dir {} from format 1 to format 2 (about",
+            d.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("migrated data dir {} to format 2: ", d.display())),
+        "{log}"
+    );
+    // The format-1 store is kept next to it, still format 1 (RocksDB's recovery at the
+    // migration's open rewrote its files, not its keys).
+    {
+        let backup = data_dir.join("raft.format-1");
+        let opts = rocksdb::Options::default();
+        let names = rocksdb::DB::list_cf(&opts, &backup).expect("list");
+        let db = rocksdb::DB::open_cf_for_read_only(&opts, &backup, &names, false).expect("open");
+        assert_eq!(
+            db.get(b"raftmq_store_format").expect("get"),
+            Some(1u32.to_be_bytes().to_vec())
+        );
+    }
+    assert!(!data_dir.join("raft.migrating").exists());
+
+    // The persistent session resumes: its subscription and its queued QoS 1 message.
+    let (mut sub, ack) =
+        RawClient::handshake(node.mqtt_addr(), connect_v5("fixture-sub", false, 3600)).await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS, "{ack:?}");
+    assert!(ack.session_present, "{ack:?}");
+    // Delivered on resume: both messages queued for the offline session, in publish order (the
+    // fixture's `mosquitto_sub -C 1 -W 2` ended before they were published, see its README).
+    let mut delivered = Vec::new();
+    while let Ok(Some(raftmq_codec::Packet::Publish(publish))) =
+        sub.recv_within(Duration::from_secs(2)).await
+    {
+        sub.send(&raftmq_codec::Packet::PubAck(PubResponse::success(
+            publish.packet_id.expect("QoS 1 packet id"),
+        )))
+        .await;
+        delivered.push((
+            publish.topic.to_string(),
+            String::from_utf8_lossy(&publish.payload).into_owned(),
+            publish.qos,
+            publish.dup,
+        ));
+    }
+    let qos1 = |topic: &str, payload: &str| {
+        (
+            topic.to_owned(),
+            payload.to_owned(),
+            QoS::AtLeastOnce,
+            false,
+        )
+    };
+    assert_eq!(
+        delivered,
+        [
+            qos1("fixture/retained", "kept by format 1"),
+            qos1("fixture/queued", "queued for fixture-sub"),
+        ]
+    );
+
+    // The retained message, to a new subscriber.
+    let mut reader =
+        RawClient::connected(node.mqtt_addr(), ProtocolVersion::V5, "fixture-reader").await;
+    reader.subscribe("fixture/retained", QoS::AtLeastOnce).await;
+    let retained = reader.recv_publish().await;
+    assert_eq!(
+        (&*retained.topic, &retained.payload[..], retained.retain),
+        ("fixture/retained", &b"kept by format 1"[..], true)
+    );
+    drop((sub, reader));
+    assert_eq!(node.terminate(), Some(0));
+
+    // Format 2 now: the next start migrates nothing.
+    let node = Node::start(&spec).await;
+    assert_eq!(node.terminate(), Some(0));
+    let log = std::fs::read_to_string(spec.log_path()).expect("node log");
+    assert_eq!(log.matches("migrating data dir").count(), 1, "{log}");
+}
+
+/// A data dir of a store format this release does not know (a newer release wrote it) is
+/// refused: exit status 78 (`EX_CONFIG`), the message naming the data dir and the way out, and
+/// nothing written to the store.
+#[test]
+fn serve_on_a_data_dir_of_an_unknown_format_exits_78_and_leaves_it_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let store = data_dir.join("raft");
+    {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        let db = rocksdb::DB::open(&opts, &store).expect("raw open");
+        db.put(b"raftmq_store_format", 3u32.to_be_bytes())
+            .expect("put");
+        db.flush_wal(true).expect("sync");
     }
     let before = store_files(&store);
 
@@ -367,15 +482,15 @@ fn serve_on_a_format_1_data_dir_exits_78_and_leaves_it_untouched() {
     let d = data_dir.display();
     assert!(
         stderr.ends_with(&format!(
-            "data dir {d} was written by a single-group release (store format 1);\n\
-             this release keeps sharded state (format 2) and cannot open it.\n\
-             It cannot export it either (`raftmq data export` comes with a later release):\n\
-             keep running the single-group release on {d}, or move {d} aside to start this \
-             node empty.\n\
+            "data dir {d} was written in store format 3, and this release reads only format 2 \
+             (a newer release wrote it?);\n\
+             run the release that wrote it, or move {d} aside to start this node empty.\n\
              See docs/operations.md#upgrading-to-sharded-state\n"
         )),
         "{stderr}"
     );
     assert!(!stderr.contains("error:"), "{stderr}");
     assert_eq!(store_files(&store), before, "nothing written to the store");
+    assert!(!data_dir.join("raft.migrating").exists());
+    assert!(!data_dir.join("raft.format-1").exists());
 }

@@ -1,8 +1,8 @@
 //! Several shards (Raft groups) in one store (RFC 0002, section 6.5): the logs and states of
 //! shards sharing the column families never see each other, the WAL syncer makes every shard's
 //! log writes durable and fails them all when a sync fails, a shard's snapshot replaces that
-//! shard only, and a data dir written in format 1 (one group, no shard prefixes) is refused
-//! untouched.
+//! shard only, and `Store::open` refuses a data dir written in format 1 (one group, no shard
+//! prefixes) untouched: it is migrated first (`super::migrate`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -357,7 +357,7 @@ fn appends_of_many_shards_at_once_are_all_durable() {
 /// format marker 1, and keys without a shard prefix (log entries under their bare 8-byte
 /// index, the vote under `vote`, state keys as the state machine made them). Left in the WAL,
 /// not flushed, as after a crash.
-fn write_format_1_store(path: &Path) {
+pub(super) fn write_format_1_store(path: &Path) {
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -389,7 +389,7 @@ fn write_format_1_store(path: &Path) {
 }
 
 /// Every file of `dir` but RocksDB's info log (`LOG`, `LOG.old.*`), with its content.
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+pub(super) fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .expect("read dir")
         .map(|entry| entry.expect("dir entry"))
@@ -457,63 +457,4 @@ fn a_new_store_is_stamped_with_format_2() {
     );
     drop(db);
     drop(open(&dir));
-}
-
-/// The store written by the single-group release itself (`tests/fixtures/format-1`, see the
-/// README there): refused, and left as it was.
-#[test]
-fn the_single_group_releases_store_is_refused_and_left_untouched() {
-    let fixture = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/format-1"
-    ));
-    let dir = tempfile::tempdir().expect("tempdir");
-    for (name, content) in files(fixture) {
-        std::fs::write(dir.path().join(name), content).expect("copy fixture");
-    }
-    let before = files(dir.path());
-
-    // What the fixture holds, read as format 1 (bare 8-byte log keys, unprefixed state keys).
-    {
-        let opts = rocksdb::Options::default();
-        let names = rocksdb::DB::list_cf(&opts, dir.path()).expect("list");
-        let db =
-            rocksdb::DB::open_cf_for_read_only(&opts, dir.path(), &names, false).expect("open");
-        assert_eq!(
-            db.get(b"raftmq_store_format").expect("get"),
-            Some(1u32.to_be_bytes().to_vec())
-        );
-        let log = db.cf_handle("raft_log").expect("raft_log");
-        let keys: Vec<Vec<u8>> = db
-            .iterator_cf(log, rocksdb::IteratorMode::Start)
-            .map(|item| item.expect("iterate").0.into_vec())
-            .collect();
-        assert_eq!(
-            keys,
-            (0..=7u64)
-                .map(|i| i.to_be_bytes().to_vec())
-                .collect::<Vec<_>>()
-        );
-        let sessions = db.cf_handle("sessions").expect("sessions");
-        assert!(db.get_cf(sessions, b"fixture-sub").expect("get").is_some());
-        let retained = db.cf_handle("retained").expect("retained");
-        assert!(
-            db.get_cf(retained, b"fixture/retained")
-                .expect("get")
-                .is_some()
-        );
-    }
-    assert_eq!(files(dir.path()), before);
-
-    match Store::open(dir.path()) {
-        Err(StoreError::IncompatibleFormat {
-            found, supported, ..
-        }) => assert_eq!((found, supported), (1, 2)),
-        other => panic!("expected IncompatibleFormat, got {other:?}"),
-    }
-    assert_eq!(
-        files(dir.path()),
-        before,
-        "nothing written to the refused store"
-    );
 }
