@@ -609,3 +609,69 @@ fn the_feed_does_not_queue_again_what_a_sessions_loaded_image_covers() {
     broker.apply_replicated(21, &[stored(8, "new")], t0);
     assert_eq!(attached.session.queue_depth().0, 2);
 }
+
+/// A QoS 1 message in a session's loaded image may also be forwarded live by its publisher's
+/// node, and that copy may arrive after the load (it waits for this node's log to catch up):
+/// it is not queued a second time.
+#[test]
+fn a_forwarded_copy_of_a_message_in_the_loaded_image_is_not_queued_again() {
+    let t0 = Instant::now();
+    let durability = Arc::new(HandLoaded::default());
+    let broker = Broker::new(MqttConfig::default()).with_durability(durability.clone());
+    broker.set_forwarder(Arc::new(NoPeers));
+    let sub = ByteStr::from("sub");
+    let attached = broker.attach(&sub, false, 3600, None, t0);
+    let entry = SubEntry {
+        options: SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..SubscriptionOptions::default()
+        },
+        subscription_id: None,
+    };
+    let message = Arc::new(Message {
+        topic: ByteStr::from("t/1"),
+        payload: Bytes::from_static(b"stored and forwarded"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+        expires_at: None,
+        received_at: t0,
+        origin: Some(ByteStr::from("publisher")),
+    });
+    let image = SessionImage {
+        client_id: sub.clone(),
+        expiry_secs: 3600,
+        subscriptions: vec![(Arc::from("t/#"), entry)],
+        messages: vec![raftmq_core::durability::StoredDelivery {
+            id: MessageId(5),
+            message: message.clone(),
+            target: raftmq_core::durability::StoredTarget {
+                client_id: sub.clone(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                subscription_ids: Default::default(),
+            },
+            packet_id: None,
+            released: false,
+        }],
+        incoming_qos2: Vec::new(),
+        will: None,
+    };
+    durability
+        .load
+        .lock()
+        .take()
+        .expect("the load started")
+        .complete(Ok(Some((image, 15))));
+    assert!(broker.finish_attach(&attached.session, attached.epoch));
+    assert_eq!(attached.session.queue_depth().0, 1, "the image's copy");
+    broker.deliver_forwarded(message.clone(), true, &[], Some(MessageId(5)));
+    assert_eq!(
+        attached.session.queue_depth().0,
+        1,
+        "the forwarded copy of the same stored message is skipped"
+    );
+    // Another stored message forwarded live is queued.
+    broker.deliver_forwarded(message, true, &[], Some(MessageId(6)));
+    assert_eq!(attached.session.queue_depth().0, 2);
+}

@@ -7,7 +7,7 @@ use crate::message::Delivery;
 use crate::session::{Outgoing, OutgoingEntry, Session, SessionState};
 use crate::topic::parse_subscription;
 use ahash::HashMap;
-use raftmq_codec::ByteStr;
+use raftmq_codec::{ByteStr, QoS};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -194,12 +194,27 @@ impl Broker {
             return false;
         };
         st.replicated_upto = upto;
+        // QoS 1 messages of the image may also be forwarded live by their publishers' nodes,
+        // and such a copy may arrive after this restore (it waits for this node's log to catch
+        // up): marked, so it is skipped rather than queued a second time.
+        let live: Vec<MessageId> = image
+            .messages
+            .iter()
+            .filter(|m| m.target.qos == QoS::AtLeastOnce)
+            .map(|m| m.id)
+            .collect();
         // The connection's own will and expiry stay as its CONNECT set them.
         self.restore_locked(session, &mut st, image);
         // Its subscriptions are local from now on (removed from the remote index only once
         // they are in the local one, so no publish in between finds neither).
         self.cluster.remote.clear(session.client_id());
         Session::notify(&mut st);
+        drop(st);
+        let mut held = Vec::new();
+        for id in live {
+            held.extend(self.cluster.live.loaded(id, session.client_id()));
+        }
+        drop(self.propose(held));
         true
     }
 

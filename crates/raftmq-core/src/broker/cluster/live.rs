@@ -79,6 +79,20 @@ impl LiveStored {
         }
     }
 
+    /// Session `client_id` was loaded here from an image holding stored message `id`: a
+    /// forwarded copy arriving later is skipped (the image's copy is queued). Returns the
+    /// changes held back for a forwarded copy that came first (its replicated copy is applied).
+    pub(in crate::broker) fn loaded(&self, id: MessageId, client_id: &ByteStr) -> Vec<StateChange> {
+        let mut inner = self.inner.lock();
+        let key = (id, client_id.clone());
+        let held = match inner.marks.remove(&key) {
+            Some(Mark::Delivered(held)) => held,
+            Some(Mark::Queued) | None => inner.insert(key, Mark::Queued),
+        };
+        self.len.store(inner.marks.len(), Relaxed);
+        held
+    }
+
     /// The forwarded copy that [`Self::forwarded`] said to queue could not be queued: the
     /// replicated copy should be, when it comes. Returns changes to propose now.
     pub(super) fn not_queued(&self, id: MessageId, client_id: &ByteStr) -> Vec<StateChange> {
