@@ -675,3 +675,68 @@ fn a_forwarded_copy_of_a_message_in_the_loaded_image_is_not_queued_again() {
     broker.deliver_forwarded(message, true, &[], Some(MessageId(6)));
     assert_eq!(attached.session.queue_depth().0, 2);
 }
+
+/// A durability layer that counts what is proposed.
+#[derive(Default)]
+struct Counting {
+    proposed: std::sync::atomic::AtomicUsize,
+}
+
+impl raftmq_core::durability::Durability for Counting {
+    fn propose(&self, changes: Vec<raftmq_core::durability::StateChange>) -> Commit {
+        self.proposed.fetch_add(changes.len(), Relaxed);
+        Commit::ready()
+    }
+    fn next_message_id(&self) -> MessageId {
+        MessageId(1)
+    }
+    fn recover(
+        &self,
+    ) -> Result<raftmq_core::durability::Recovered, raftmq_core::durability::DurabilityError> {
+        Ok(Default::default())
+    }
+}
+
+/// A QoS 2 PUBLISH of a connection whose persistent session this node has just let go of (no
+/// quorum): refused, and nothing proposed. Routed as the publish of a session that is not
+/// persistent, it would be stored without its packet id and without the connection's fence,
+/// so a copy committing after the client resent the message through another node would
+/// deliver it twice.
+#[test]
+fn a_qos2_publish_of_a_connection_whose_session_was_fenced_is_refused() {
+    let t0 = Instant::now();
+    let durability = Arc::new(Counting::default());
+    let broker = Broker::new(MqttConfig::default()).with_durability(durability.clone());
+    let publisher = broker.attach(&ByteStr::from("pub"), true, 3600, None, t0);
+    assert!(publisher.session.is_durable());
+    let before = durability.proposed.load(Relaxed);
+    broker.fence_durable_sessions(Some(raftmq_codec::ReasonCode::USE_ANOTHER_SERVER));
+    let message = Arc::new(Message {
+        topic: ByteStr::from("t/q2"),
+        payload: Bytes::from_static(b"exactly once"),
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        properties: Default::default(),
+        expires_at: None,
+        received_at: t0,
+        origin: Some(ByteStr::from("pub")),
+    });
+    let routed = broker.route(
+        message,
+        Some(raftmq_core::broker::Publisher {
+            session: &publisher.session,
+            epoch: publisher.epoch,
+            qos2_packet_id: Some(7),
+        }),
+        t0,
+    );
+    assert!(
+        matches!(routed.store.result(), Some(Err(_))),
+        "refused: the connection no longer holds its session"
+    );
+    assert_eq!(
+        durability.proposed.load(Relaxed),
+        before,
+        "nothing proposed"
+    );
+}

@@ -5,7 +5,7 @@ use crate::broker::cluster::AdoptionSlot;
 use crate::broker::cluster::forwarding::is_share_key;
 use crate::broker::{Broker, Routed, UNFENCED};
 use crate::config::SharedStrategy;
-use crate::durability::{Commit, Fence, MessageId, StateChange, StoredTarget};
+use crate::durability::{Commit, DurabilityError, Fence, MessageId, StateChange, StoredTarget};
 use crate::index::Match;
 use crate::message::{Delivery, Message};
 use crate::session::{Enqueued, Session, SubEntry};
@@ -186,9 +186,26 @@ impl Broker {
         let after = publisher.map(|p| p.session.lock_unfenced(UNFENCED).last_stored.clone());
         let mut changes = Vec::new();
         let mut fence = None;
-        if let Some((publisher, epoch, packet_id)) =
-            incoming_qos2.filter(|(s, _, _)| s.is_durable())
-        {
+        // Whether the publisher's session is persistent is read with its connection's claim
+        // (one lock): a session fenced just now (this node lost its quorum) is no longer
+        // marked persistent here, and a QoS 2 PUBLISH routed in that window would otherwise be
+        // stored unfenced and without its packet id, and stored again when the client resends
+        // it through another node. Such a connection has lost its session: refused.
+        let durable_qos2 = match incoming_qos2 {
+            Some((publisher, epoch, _)) => match publisher.lock_attached(epoch) {
+                Ok(_claim) => publisher.is_durable(),
+                Err(_) => {
+                    return Routed {
+                        offered: 0,
+                        commit: Commit::failed(DurabilityError::Unavailable),
+                        store: Commit::failed(DurabilityError::Unavailable),
+                        congested: None,
+                    };
+                }
+            },
+            None => false,
+        };
+        if let Some((publisher, epoch, packet_id)) = incoming_qos2.filter(|_| durable_qos2) {
             changes.push(StateChange::IncomingQos2Received {
                 client_id: publisher.client_id().clone(),
                 packet_id,
