@@ -542,6 +542,38 @@ impl raftmq_core::durability::Durability for HandLoaded {
     }
 }
 
+impl HandLoaded {
+    /// Completes the pending load with `image` read at log index `upto`, and restores it.
+    fn load_with(
+        &self,
+        broker: &Broker,
+        attached: &raftmq_core::Attached,
+        image: SessionImage,
+        upto: u64,
+    ) {
+        self.load
+            .lock()
+            .take()
+            .expect("the load started")
+            .complete(Ok(Some((image, upto))));
+        assert!(broker.finish_attach(&attached.session, attached.epoch));
+    }
+}
+
+/// A message on `topic` from `publisher` at `t0`.
+fn published(t0: Instant, topic: &str, payload: &'static str, qos: QoS) -> Arc<Message> {
+    Arc::new(Message {
+        topic: ByteStr::from(topic.to_owned()),
+        payload: Bytes::from_static(payload.as_bytes()),
+        qos,
+        retain: false,
+        properties: Default::default(),
+        expires_at: None,
+        received_at: t0,
+        origin: Some(ByteStr::from("publisher")),
+    })
+}
+
 /// The QoS 2 duplicate of a lagging feed: a session resumed here is loaded from the state
 /// machine at some log index, while the applied-change feed, which may lag behind, is still
 /// queueing messages of older batches for it. A message at or below the load's index that the
@@ -563,16 +595,7 @@ fn the_feed_does_not_queue_again_what_a_sessions_loaded_image_covers() {
     let stored =
         |id: u64, payload: &'static str| raftmq_core::durability::StateChange::MessageStored {
             id: MessageId(id),
-            message: Arc::new(Message {
-                topic: ByteStr::from("t/1"),
-                payload: Bytes::from_static(payload.as_bytes()),
-                qos: QoS::ExactlyOnce,
-                retain: false,
-                properties: Default::default(),
-                expires_at: None,
-                received_at: t0,
-                origin: Some(ByteStr::from("publisher")),
-            }),
+            message: published(t0, "t/1", payload, QoS::ExactlyOnce),
             targets: vec![raftmq_core::durability::StoredTarget {
                 client_id: sub.clone(),
                 qos: QoS::ExactlyOnce,
@@ -592,13 +615,7 @@ fn the_feed_does_not_queue_again_what_a_sessions_loaded_image_covers() {
         incoming_qos2: Vec::new(),
         will: None,
     };
-    durability
-        .load
-        .lock()
-        .take()
-        .expect("the load started")
-        .complete(Ok(Some((image, 15))));
-    assert!(broker.finish_attach(&attached.session, attached.epoch));
+    durability.load_with(&broker, &attached, image, 15);
     assert_eq!(
         attached.session.queue_depth().0,
         1,
@@ -628,16 +645,7 @@ fn a_forwarded_copy_of_a_message_in_the_loaded_image_is_not_queued_again() {
         },
         subscription_id: None,
     };
-    let message = Arc::new(Message {
-        topic: ByteStr::from("t/1"),
-        payload: Bytes::from_static(b"stored and forwarded"),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        properties: Default::default(),
-        expires_at: None,
-        received_at: t0,
-        origin: Some(ByteStr::from("publisher")),
-    });
+    let message = published(t0, "t/1", "stored and forwarded", QoS::AtLeastOnce);
     let image = SessionImage {
         client_id: sub.clone(),
         expiry_secs: 3600,
@@ -657,13 +665,7 @@ fn a_forwarded_copy_of_a_message_in_the_loaded_image_is_not_queued_again() {
         incoming_qos2: Vec::new(),
         will: None,
     };
-    durability
-        .load
-        .lock()
-        .take()
-        .expect("the load started")
-        .complete(Ok(Some((image, 15))));
-    assert!(broker.finish_attach(&attached.session, attached.epoch));
+    durability.load_with(&broker, &attached, image, 15);
     assert_eq!(attached.session.queue_depth().0, 1, "the image's copy");
     broker.deliver_forwarded(message.clone(), true, &[], Some(MessageId(5)));
     assert_eq!(
@@ -711,16 +713,7 @@ fn a_qos2_publish_of_a_connection_whose_session_was_fenced_is_refused() {
     assert!(publisher.session.is_durable());
     let before = durability.proposed.load(Relaxed);
     broker.fence_durable_sessions(Some(raftmq_codec::ReasonCode::USE_ANOTHER_SERVER));
-    let message = Arc::new(Message {
-        topic: ByteStr::from("t/q2"),
-        payload: Bytes::from_static(b"exactly once"),
-        qos: QoS::ExactlyOnce,
-        retain: false,
-        properties: Default::default(),
-        expires_at: None,
-        received_at: t0,
-        origin: Some(ByteStr::from("pub")),
-    });
+    let message = published(t0, "t/q2", "exactly once", QoS::ExactlyOnce);
     let routed = broker.route(
         message,
         Some(raftmq_core::broker::Publisher {
