@@ -541,7 +541,7 @@ impl RaftNode {
             while let Some(applied) = rx.recv().await {
                 match applied {
                     Applied::Progress { index } => {
-                        progress.send_if_modified(|i| std::mem::replace(i, index.max(*i)) < index);
+                        advance(&progress, index);
                     }
                     Applied::Batch { index, batch } => {
                         // This node's own batches are in its broker already (the deliveries
@@ -555,7 +555,7 @@ impl RaftNode {
                                 .collect();
                             broker.apply_replicated(index, &changes, std::time::Instant::now());
                         }
-                        progress.send_if_modified(|i| std::mem::replace(i, index.max(*i)) < index);
+                        advance(&progress, index);
                     }
                     Applied::SnapshotInstalled => {
                         // The whole state was replaced: take the retained messages and the
@@ -571,7 +571,7 @@ impl RaftNode {
                         broker.replace_retained(recovered.retained);
                         broker.replace_remote_subscriptions(recovered.remote_subscriptions);
                         let index = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
-                        progress.send_if_modified(|i| std::mem::replace(i, index.max(*i)) < index);
+                        advance(&progress, index);
                     }
                 }
             }
@@ -893,6 +893,12 @@ fn log_images(
         );
     }
     images
+}
+
+/// Moves the mirrored-log watch forward to `index` (never back), waking the forwarded messages
+/// that wait for it.
+fn advance(progress: &tokio::sync::watch::Sender<u64>, index: u64) {
+    progress.send_if_modified(|i| std::mem::replace(i, index.max(*i)) < index);
 }
 
 /// How often liveness (dead members, this node's own lease) is checked.

@@ -183,7 +183,9 @@ impl Broker {
             publisher.and_then(|p| p.qos2_packet_id.map(|pid| (p.session, p.epoch, pid)));
         // The publisher's previous message stored through the log: peers deliver this one
         // only after it (MQTT 4.6 order, whichever path each took).
-        let after = publisher.map(|p| p.session.lock_unfenced(UNFENCED).last_stored.clone());
+        // Only a cluster forwards: a single node keeps no chain (no lock per publish for it).
+        let chained = publisher.filter(|_| self.clustered());
+        let after = chained.map(|p| p.session.lock_unfenced(UNFENCED).last_stored.clone());
         let mut changes = Vec::new();
         let mut fence = None;
         // Whether the publisher's session is persistent is read with its connection's claim
@@ -264,7 +266,7 @@ impl Broker {
             self.slot_proposed(&slot, &store);
         }
         if stored_id.is_some()
-            && let Some(p) = publisher
+            && let Some(p) = chained
         {
             p.session.lock_unfenced(UNFENCED).last_stored = store.clone();
         }
