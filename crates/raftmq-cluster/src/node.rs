@@ -15,13 +15,12 @@ use crate::state_machine::{Applied, Feed, StateMachine};
 use crate::types::{ClusterNode, DATA_SHARD, NodeId, Raft, TypeConfig};
 use openraft::{Config, ServerState, SnapshotPolicy};
 use raftmq_core::Broker;
-use raftmq_core::durability::Durability as _;
 use raftmq_store::{Store, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How this node takes part in the cluster.
 #[derive(Clone, Debug)]
@@ -152,6 +151,8 @@ pub struct RaftNode {
     metrics_task: tokio::task::JoinHandle<()>,
     /// When a leader last reached this node (recorded by the Raft service).
     contact: Arc<crate::grpc::LeaderContact>,
+    /// How far the log is mirrored into the broker (once [`RaftNode::feed_broker`] ran).
+    mirrored: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 pub const RAFT_TERM: &str = "raftmq_raft_term";
@@ -345,6 +346,7 @@ impl RaftNode {
             join_task,
             metrics_task,
             contact: Arc::default(),
+            mirrored: None,
         })
     }
 
@@ -516,6 +518,12 @@ impl RaftNode {
         Err(AdminError::NoLeader)
     }
 
+    /// The log index up to which the broker fed by [`RaftNode::feed_broker`] has mirrored the
+    /// applied state (0 before).
+    pub fn mirrored_index(&self) -> u64 {
+        self.mirrored.as_ref().map_or(0, |w| *w.borrow())
+    }
+
     /// Mirrors into `broker` what other nodes commit (retained messages, session claims: see
     /// [`Broker::apply_replicated`]), in log order, from now on. Call it before
     /// [`Broker::recover`] so nothing applied in between is missed (mirroring is idempotent).
@@ -529,6 +537,7 @@ impl RaftNode {
         let durability = self.durability.clone();
         // How far the log is mirrored into the broker (forwarded messages may wait for it).
         let (progress, watching) = tokio::sync::watch::channel(0u64);
+        self.mirrored = Some(watching.clone());
         self.forward.set_mirror_progress(watching);
         let raft = self.raft.clone();
         // The deliveries kept from this node's own commits reported failed are queued while
@@ -538,6 +547,9 @@ impl RaftNode {
         self.feed
             .on_own_stored(me, move |ids| own.own_stored_applied(ids));
         self.feed_task = Some(tokio::spawn(async move {
+            // The log index of the last declaration of this node the broker has seen (one
+            // inside a snapshot installed here is seen only through the state).
+            let mut declared_seen = durability.declared_down_at();
             while let Some(applied) = rx.recv().await {
                 match applied {
                     Applied::Progress { index } => {
@@ -553,24 +565,63 @@ impl RaftNode {
                                 .into_iter()
                                 .filter_map(|c| change_from_proto(c, &clock).ok())
                                 .collect();
+                            if changes.iter().any(
+                                |c| matches!(c, raftmq_core::durability::StateChange::NodeDown { node, .. } if *node == me),
+                            ) {
+                                declared_seen = index;
+                            }
                             broker.apply_replicated(index, &changes, std::time::Instant::now());
                         }
                         advance(&progress, index);
                     }
                     Applied::SnapshotInstalled => {
                         // The whole state was replaced: take the retained messages and the
-                        // other nodes' persistent subscriptions from it.
+                        // subscriptions of every persistent session not held here from it.
                         // Retried until the store can be read: the mirror stays as it was
                         // meanwhile (logged as an error each time).
-                        let recovered = loop {
-                            match durability.recover() {
-                                Ok(recovered) => break recovered,
+                        let (recovered, elsewhere) = loop {
+                            match durability.mirror_image() {
+                                Ok(image) => break image,
                                 Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
                             }
                         };
+                        let now = std::time::Instant::now();
+                        let index = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+                        // Declared down in the part of the log the snapshot replaced: what
+                        // applying that declaration does here (every persistent session let
+                        // go of, the wills of sessionless connections left to the declaring
+                        // node) is done now.
+                        let declared = durability.declared_down_at();
+                        if declared != u64::MAX && declared > declared_seen {
+                            declared_seen = declared;
+                            warn!(
+                                declared,
+                                "snapshot installed: this node was declared down meanwhile"
+                            );
+                            broker.apply_replicated(
+                                index,
+                                &[raftmq_core::durability::StateChange::NodeDown {
+                                    node: me,
+                                    seen: 0,
+                                }],
+                                now,
+                            );
+                        }
+                        let forgotten = broker.forget_sessions_owned_elsewhere(&elsewhere, now);
+                        debug!(
+                            index,
+                            owned_elsewhere = elsewhere.len(),
+                            forgotten,
+                            "snapshot installed: mirror replaced"
+                        );
+                        if forgotten > 0 {
+                            warn!(
+                                forgotten,
+                                "snapshot installed: sessions claimed elsewhere meanwhile let go of"
+                            );
+                        }
                         broker.replace_retained(recovered.retained);
                         broker.replace_remote_subscriptions(recovered.remote_subscriptions);
-                        let index = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
                         advance(&progress, index);
                     }
                 }

@@ -116,8 +116,10 @@ pub(crate) struct SessionState {
     /// for it too, so they arrive in order).
     pub last_qos2: crate::durability::Commit,
     /// The commit of the client's latest PUBLISH that was stored through the log: peers
-    /// deliver its next messages only after it (see `Forwarder::forward`).
-    pub last_stored: crate::durability::Commit,
+    /// deliver its next messages only after it (see `Forwarder::forward`). `None` until this
+    /// node stores one for the session (a new connection, or a session loaded or moved here):
+    /// its previous message may have gone through another node.
+    pub last_stored: Option<crate::durability::Commit>,
     /// The will of the attached connection, or a will waiting for its delay after disconnect.
     pub will: Option<PendingWill>,
     /// When the session was disconnected (to compute the will and expiry deadlines).
@@ -278,7 +280,7 @@ impl Session {
                 next_seq: 0,
                 incoming_qos2: Default::default(),
                 last_qos2: crate::durability::Commit::ready(),
-                last_stored: crate::durability::Commit::ready(),
+                last_stored: None,
                 will: None,
                 disconnected_at: None,
                 attached_at: None,

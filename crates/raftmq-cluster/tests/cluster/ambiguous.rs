@@ -20,6 +20,9 @@ pub(crate) struct ForwardRules {
     /// Replies to forwarded proposals (one per proposal the leader handled), counted for the
     /// proposers listed.
     replies: Mutex<HashMap<NodeId, u64>>,
+    /// Proposers whose forwarded proposals are all lost until [`Net::heal_forwarded`] (Raft's
+    /// own traffic flows).
+    cut_requests: Mutex<HashSet<NodeId>>,
 }
 
 impl ForwardRules {
@@ -29,10 +32,23 @@ impl ForwardRules {
 }
 
 impl Net {
+    /// Loses every proposal `proposer` forwards to the leader until [`Net::heal_forwarded`].
+    pub(crate) fn cut_forwarded_from(&self, proposer: NodeId) {
+        self.forwarded.cut_requests.lock().insert(proposer);
+    }
+
+    /// Ends every [`Net::cut_forwarded_from`].
+    pub(crate) fn heal_forwarded(&self) {
+        self.forwarded.cut_requests.lock().clear();
+    }
+
     /// The fate of a forwarded proposal or of its reply: an armed one-shot rule, else the
     /// links' rules.
     pub(crate) fn forwarded_fault(&self, from: NodeId, to: NodeId) -> Fault {
         let rules = &self.forwarded;
+        if rules.cut_requests.lock().contains(&from) {
+            return Fault::Drop;
+        }
         if let Some(d) = rules.delay_next_request.lock().remove(&from) {
             return Fault::Delay(d);
         }

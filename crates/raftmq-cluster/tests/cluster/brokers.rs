@@ -320,3 +320,236 @@ async fn a_cut_off_node_fences_its_sessions_and_the_majority_publishes_their_wil
     println!("fenced {fenced:?} after the cut; will published {will_after:?} after it");
     cluster.shutdown().await;
 }
+
+/// A QoS 1 message for the persistent subscriptions of `t/#` (published straight into a
+/// broker, which returns how many sessions it was offered to, those it stored it for included).
+fn stored_message(payload: &'static str) -> Arc<Message> {
+    Arc::new(Message {
+        topic: "t/x".into(),
+        payload: bytes::Bytes::from_static(payload.as_bytes()),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+        expires_at: None,
+        received_at: std::time::Instant::now(),
+        origin: None,
+    })
+}
+
+/// A node cut off long enough to let go of its persistent sessions (but not long enough to be
+/// declared down, so it still owns them in the replicated state) catches up by installing a
+/// snapshot before it can take them back. Meanwhile it must still store what is published
+/// through it for those sessions: routed through the mirrored subscriptions of sessions held
+/// elsewhere, which the snapshot replaces. (The mirror used to be rebuilt from the sessions of
+/// *other* owners only: a publish there matched nothing and was acknowledged with 0x10 No
+/// matching subscribers, unstored: the loss a chaos run found.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fenced_node_that_installs_a_snapshot_still_stores_for_the_sessions_it_let_go() {
+    // Snapshot every 20 entries, keep no log behind it: the cut-off node can only catch up
+    // from a snapshot.
+    let cluster = Cluster::start_with(3, tuning(20, 0), true, Transport::Plain).await;
+    let leader = cluster.agreed_leader(&cluster.ids, None).await;
+    let cut = *cluster
+        .ids
+        .iter()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    let majority = without(&cluster.ids, cut);
+    let mut sub = client(cluster.mqtt(cut), "sub", 300, None).await;
+    sub.subscribe("t/#", QoS::AtLeastOnce).await;
+    eventually(
+        "every node has applied the subscriber's session",
+        Duration::from_secs(10),
+        || {
+            let ok = cluster
+                .ids
+                .iter()
+                .all(|id| cluster.sessions(*id).contains("sub"));
+            async move { ok }
+        },
+    )
+    .await;
+    let now = std::time::Instant::now();
+    assert_eq!(
+        cluster.broker(cut).publish(stored_message("before"), now),
+        1
+    );
+
+    cluster.net.isolate(cut, &cluster.ids);
+    // The majority moves on, one log entry per write, well past two snapshots.
+    for i in 0..60 {
+        cluster
+            .write_majority(&majority, &[format!("missed-{i}")])
+            .await;
+    }
+    let leader = cluster.agreed_leader(&majority, None).await;
+    eventually(
+        "the cut-off node let go of its sessions",
+        Duration::from_secs(10),
+        || {
+            let fenced = cluster.broker(cut).session("sub").is_none();
+            async move { fenced }
+        },
+    )
+    .await;
+    let purged = cluster
+        .node(leader)
+        .raft
+        .metrics()
+        .borrow()
+        .purged
+        .map_or(0, |p| p.index);
+    let behind = cluster
+        .node(cut)
+        .raft
+        .metrics()
+        .borrow()
+        .last_applied
+        .map_or(0, |l| l.index);
+    assert!(
+        behind < purged,
+        "the cut-off node ({behind}) must be behind the purged log ({purged})"
+    );
+    // Raft reaches it again, but what it proposes (the barrier it takes its sessions back
+    // after) does not: it stays fenced, with the snapshot installed and mirrored.
+    cluster.net.cut_forwarded_from(cut);
+    cluster.net.heal();
+    eventually(
+        "the cut-off node installed a snapshot and mirrored it",
+        Duration::from_secs(15),
+        || {
+            let node = cluster.node(cut);
+            let snapshot = node.raft.metrics().borrow().snapshot.map_or(0, |s| s.index);
+            let ok = snapshot >= purged && node.mirrored_index() >= snapshot;
+            async move { ok }
+        },
+    )
+    .await;
+    assert!(
+        cluster.broker(cut).session("sub").is_none(),
+        "the node took its sessions back although its barrier cannot commit"
+    );
+    let owned = cluster
+        .node(leader)
+        .durability
+        .sessions_owned_by(cut)
+        .expect("the state is readable");
+    assert!(
+        owned.iter().any(|(image, _)| image.client_id == "sub"),
+        "the cut-off node was declared down (its session adopted elsewhere): too slow a run"
+    );
+    let offered = cluster
+        .broker(cut)
+        .publish(stored_message("after"), std::time::Instant::now());
+    assert_eq!(
+        offered, 1,
+        "a message published through the node after the snapshot matched no session"
+    );
+    cluster.net.heal_forwarded();
+    cluster.shutdown().await;
+}
+
+/// A node that misses, behind a snapshot, the claim another node made of a session it holds
+/// offline lets go of that session when it installs the snapshot (as the claim, had it been
+/// fed, would have made it), and keeps the sessions nobody claimed. Without it the node kept a
+/// stale copy: resumed there, the session would deliver again what its client had already
+/// received elsewhere (QoS 2 twice, a chaos run found 374 of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_lets_go_of_a_session_claimed_elsewhere_behind_a_snapshot_it_installs() {
+    let cluster = Cluster::start_with(3, tuning(20, 0), true, Transport::Plain).await;
+    let leader = cluster.agreed_leader(&cluster.ids, None).await;
+    let behind = *cluster
+        .ids
+        .iter()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    let other = *cluster
+        .ids
+        .iter()
+        .find(|id| **id != leader && **id != behind)
+        .expect("the other follower");
+    let majority = without(&cluster.ids, behind);
+    // Two persistent sessions held offline on the node that will fall behind.
+    for id in ["moving", "staying"] {
+        let mut c = client(cluster.mqtt(behind), id, 300, None).await;
+        c.subscribe("t/#", QoS::AtLeastOnce).await;
+        c.send(&Packet::Disconnect(Default::default())).await;
+    }
+    eventually(
+        "every node has applied both sessions",
+        Duration::from_secs(10),
+        || {
+            let ok = cluster.ids.iter().all(|id| {
+                let s = cluster.sessions(*id);
+                s.contains("moving") && s.contains("staying")
+            });
+            async move { ok }
+        },
+    )
+    .await;
+
+    // Cut off for less than the time after which it would let go of its sessions itself.
+    let started = tokio::time::Instant::now();
+    cluster.net.isolate(behind, &cluster.ids);
+    let mut moved = {
+        let mut connect = connect_v5("moving", false, 300);
+        connect.will = None;
+        let (c, ack) = RawClient::handshake(cluster.mqtt(other), connect).await;
+        assert_eq!(ack.reason_code, ReasonCode::SUCCESS, "CONNACK {ack:?}");
+        assert!(ack.session_present);
+        c
+    };
+    for i in 0..60 {
+        cluster
+            .write_majority(&majority, &[format!("missed-{i}")])
+            .await;
+    }
+    let last = cluster
+        .node(behind)
+        .raft
+        .metrics()
+        .borrow()
+        .last_log_index
+        .unwrap_or(0);
+    let purged = cluster
+        .node(leader)
+        .raft
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index > last),
+            "the leader purged the log the cut-off node lacks",
+        )
+        .await
+        .expect("the leader compacts its log")
+        .purged
+        .map_or(0, |p| p.index);
+    cluster.net.heal();
+    let healed_after = started.elapsed();
+    eventually(
+        "the node installed a snapshot and mirrored it",
+        Duration::from_secs(15),
+        || {
+            let node = cluster.node(behind);
+            let snapshot = node.raft.metrics().borrow().snapshot.map_or(0, |s| s.index);
+            let ok = snapshot >= purged && node.mirrored_index() >= snapshot;
+            async move { ok }
+        },
+    )
+    .await;
+    assert!(
+        cluster.broker(behind).session("staying").is_some(),
+        "the node let go of every session (it fenced itself: the cut, healed after \
+         {healed_after:?}, lasted too long for this test)"
+    );
+    assert!(
+        cluster.broker(behind).session("moving").is_none(),
+        "the node kept a session claimed elsewhere behind the snapshot it installed"
+    );
+    // Published through it, a message is still stored for the session it let go of.
+    let offered = cluster
+        .broker(behind)
+        .publish(stored_message("after"), std::time::Instant::now());
+    assert_eq!(offered, 2, "both persistent sessions are routed to");
+    moved.send(&Packet::Disconnect(Default::default())).await;
+    cluster.shutdown().await;
+}

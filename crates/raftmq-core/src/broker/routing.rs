@@ -185,7 +185,20 @@ impl Broker {
         // only after it (MQTT 4.6 order, whichever path each took).
         // Only a cluster forwards: a single node keeps no chain (no lock per publish for it).
         let chained = publisher.filter(|_| self.clustered());
-        let after = chained.map(|p| p.session.lock_unfenced(UNFENCED).last_stored.clone());
+        // A publisher with no stored message through this node yet (a new connection, or a
+        // session loaded or moved here) may have had its previous one stored through another
+        // node, at a log index unknown here: peers then deliver this one only after its own
+        // commit (by when they have the previous one from the log). One commit's latency, on
+        // the first stored message of each connection.
+        let mut first_link = None;
+        let after = chained.map(|p| {
+            let last = p.session.lock_unfenced(UNFENCED).last_stored.clone();
+            last.unwrap_or_else(|| {
+                let (own, handle) = Commit::pending();
+                first_link = Some(handle);
+                own
+            })
+        });
         let mut changes = Vec::new();
         let mut fence = None;
         // Whether the publisher's session is persistent is read with its connection's claim
@@ -265,10 +278,19 @@ impl Broker {
         for slot in adopting {
             self.slot_proposed(&slot, &store);
         }
+        if let Some(handle) = first_link {
+            if stored_id.is_some() {
+                let own = store.clone();
+                store.on_complete(move |result| handle.complete_at(result, own.log_index()));
+            } else {
+                // Nothing stored: nothing for peers to wait for.
+                handle.complete(Ok(()));
+            }
+        }
         if stored_id.is_some()
             && let Some(p) = chained
         {
-            p.session.lock_unfenced(UNFENCED).last_stored = store.clone();
+            p.session.lock_unfenced(UNFENCED).last_stored = Some(store.clone());
         }
         match incoming_qos2 {
             // A client's QoS 2 messages reach local sessions in the order it sent them: each

@@ -363,26 +363,66 @@ impl Broker {
         drop(self.propose(release));
     }
 
-    /// Replaces the mirrored subscriptions of sessions owned by other nodes (after the durable
-    /// state was replaced wholesale, e.g. a Raft snapshot installed on a lagging node).
+    /// After the replicated state was replaced wholesale (a Raft snapshot installed here),
+    /// lets go of the sessions held in memory here that the new state says another node owns
+    /// (of `client_ids`): their claim was in the part of the log the snapshot replaced, so the
+    /// applied-change feed never fenced them. As that claim would have: a connection still
+    /// attached is told it was taken over, a will due now is published, and the session's
+    /// subscriptions are mirrored as those of a session held elsewhere. A session whose load
+    /// is pending (its own claim not applied yet) is left alone. Returns how many.
+    pub fn forget_sessions_owned_elsewhere(&self, client_ids: &[ByteStr], now: Instant) -> usize {
+        let mut forgotten = 0;
+        for client_id in client_ids {
+            if !self.owns(client_id) || self.loading.lock().contains_key(client_id) {
+                continue;
+            }
+            if let Some(will) = self.forget_session(client_id, true, true) {
+                self.publish_will(will, now);
+            }
+            forgotten += 1;
+        }
+        forgotten
+    }
+
+    /// Replaces the mirrored subscriptions of sessions held elsewhere (after the durable state
+    /// was replaced wholesale, e.g. a Raft snapshot installed on a lagging node) with
+    /// `subscriptions`, those of every stored persistent session: the ones of sessions held in
+    /// memory here are skipped (their own subscriptions route to them).
+    ///
+    /// Never emptier than either side while it runs: the new subscriptions are added before
+    /// the stale ones are removed, so a publish routed meanwhile matches at least every
+    /// subscription of the new state (a message stored for a subscription removed a moment
+    /// later is harmless; one not stored is lost).
     pub fn replace_remote_subscriptions(&self, subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>) {
-        let clients: Vec<ByteStr> = self
-            .cluster
-            .remote
+        let remote = &self.cluster.remote;
+        let mut keep: ahash::HashSet<(ByteStr, String)> = ahash::HashSet::default();
+        for (client_id, filter, entry) in subscriptions {
+            if self.owns(&client_id) {
+                continue;
+            }
+            let Ok(parsed) = parse_subscription(&filter, &self.topic_limits) else {
+                continue;
+            };
+            if parsed.share_group.is_some() {
+                continue;
+            }
+            keep.insert((client_id.clone(), parsed.filter.as_str().to_owned()));
+            remote.add(&client_id, &filter, entry, &self.topic_limits);
+        }
+        let stale: Vec<(ByteStr, crate::topic::TopicFilter)> = remote
             .by_client
             .lock()
-            .keys()
-            .cloned()
+            .iter()
+            .flat_map(|(client_id, filters)| {
+                filters
+                    .iter()
+                    .filter(|f| !keep.contains(&(client_id.clone(), f.as_str().to_owned())))
+                    .map(|f| (client_id.clone(), f.clone()))
+                    .collect::<Vec<_>>()
+            })
             .collect();
-        for client_id in clients {
-            self.cluster.remote.clear(&client_id);
-        }
-        for (client_id, filter, entry) in subscriptions {
-            if !self.owns(&client_id) {
-                self.cluster
-                    .remote
-                    .add(&client_id, &filter, entry, &self.topic_limits);
-            }
+        for (client_id, filter) in stale {
+            remote.remove(&client_id, filter.as_str(), &self.topic_limits);
         }
     }
 
