@@ -193,20 +193,7 @@ impl RaftDurability {
     /// not hold in memory: a session this node owns but has let go of (fenced while cut off
     /// from the quorum, not yet restored) is routed to through them like any other; leaving
     /// it out would make a publish here match nothing (PUBACK 0x10) and lose the message.
-    ///
-    /// Also returns the stored sessions another node owns: one still held in memory here
-    /// was claimed elsewhere in the part of the log the snapshot replaced (the feed never saw
-    /// that claim), and must be let go of as the claim would have made it.
-    pub fn mirror_image(&self) -> Result<(Recovered, Vec<ByteStr>), DurabilityError> {
-        let owners = self.reader.session_owners().map_err(|e| {
-            error!(error = %e, "cannot read the owners of the stored sessions");
-            DurabilityError::Storage
-        })?;
-        let elsewhere = owners
-            .into_iter()
-            .filter(|(_, owner)| *owner != 0 && *owner != self.node_id)
-            .map(|(client_id, _)| ByteStr::from(client_id))
-            .collect();
+    pub fn mirror_image(&self) -> Result<Recovered, DurabilityError> {
         let mut recovered = self.read_state()?;
         recovered.remote_subscriptions = std::mem::take(&mut recovered.sessions)
             .into_iter()
@@ -217,7 +204,7 @@ impl RaftDurability {
                     .map(move |(filter, entry)| (client_id.clone(), filter, entry))
             })
             .collect();
-        Ok((recovered, elsewhere))
+        Ok(recovered)
     }
 
     fn read_state(&self) -> Result<Recovered, DurabilityError> {

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// How this node takes part in the cluster.
 #[derive(Clone, Debug)]
@@ -153,6 +153,9 @@ pub struct RaftNode {
     contact: Arc<crate::grpc::LeaderContact>,
     /// How far the log is mirrored into the broker (once [`RaftNode::feed_broker`] ran).
     mirrored: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Set by the feed when a snapshot install made it let go of the persistent sessions held
+    /// here: the liveness task takes back those this node still owns, as after a self-fence.
+    reload: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub const RAFT_TERM: &str = "raftmq_raft_term";
@@ -347,6 +350,7 @@ impl RaftNode {
             metrics_task,
             contact: Arc::default(),
             mirrored: None,
+            reload: Arc::default(),
         })
     }
 
@@ -540,6 +544,7 @@ impl RaftNode {
         self.mirrored = Some(watching.clone());
         self.forward.set_mirror_progress(watching);
         let raft = self.raft.clone();
+        let reload = self.reload.clone();
         // The deliveries kept from this node's own commits reported failed are queued while
         // their batch is applied: before any later commit of this node completes and queues
         // its own deliveries (their order), not later through this task.
@@ -579,7 +584,7 @@ impl RaftNode {
                         // subscriptions of every persistent session not held here from it.
                         // Retried until the store can be read: the mirror stays as it was
                         // meanwhile (logged as an error each time).
-                        let (recovered, elsewhere) = loop {
+                        let recovered = loop {
                             match durability.mirror_image() {
                                 Ok(image) => break image,
                                 Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -607,17 +612,21 @@ impl RaftNode {
                                 now,
                             );
                         }
-                        let forgotten = broker.forget_sessions_owned_elsewhere(&elsewhere, now);
-                        debug!(
-                            index,
-                            owned_elsewhere = elsewhere.len(),
-                            forgotten,
-                            "snapshot installed: mirror replaced"
-                        );
-                        if forgotten > 0 {
+                        // The sessions held here missed what the compacted part of the log
+                        // did to them (a claim through another node, messages stored for
+                        // them): let go of every one, as on a self-fence (connected clients
+                        // are sent elsewhere and resume from the replicated state), and take
+                        // back those this node still owns once a barrier commits (the
+                        // liveness task, as when a quorum is regained).
+                        let fenced = broker.fence_durable_sessions(Some(
+                            raftmq_codec::ReasonCode::USE_ANOTHER_SERVER,
+                        ));
+                        if fenced > 0 {
+                            reload.store(true, std::sync::atomic::Ordering::SeqCst);
                             warn!(
-                                forgotten,
-                                "snapshot installed: sessions claimed elsewhere meanwhile let go of"
+                                fenced,
+                                "snapshot installed: persistent sessions held here let go of, \
+                                 to be taken back from the new state"
                             );
                         }
                         broker.replace_retained(recovered.retained);
@@ -661,6 +670,7 @@ impl RaftNode {
             hub,
             broker,
             self.contact.clone(),
+            self.reload.clone(),
         )));
     }
 
@@ -737,6 +747,7 @@ async fn declare_down_nodes(
     hub: Arc<crate::forward::ForwardHub>,
     broker: Arc<Broker>,
     contact: Arc<crate::grpc::LeaderContact>,
+    reload: Arc<std::sync::atomic::AtomicBool>,
 ) {
     use raftmq_core::durability::{Durability, StateChange};
     let mut declared: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
@@ -751,6 +762,11 @@ async fn declare_down_nodes(
     let mut adoption_pending = false;
     loop {
         tokio::time::sleep(LIVENESS_TICK).await;
+        // The feed let go of the sessions held here (a snapshot installed): taken back below as
+        // when a quorum is regained, once a barrier commits.
+        if reload.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            lease.fenced = true;
+        }
         if adoption_pending {
             match durability.sessions_owned_by(me) {
                 Ok(orphans) => {

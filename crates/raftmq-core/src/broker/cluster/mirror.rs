@@ -363,27 +363,6 @@ impl Broker {
         drop(self.propose(release));
     }
 
-    /// After the replicated state was replaced wholesale (a Raft snapshot installed here),
-    /// lets go of the sessions held in memory here that the new state says another node owns
-    /// (of `client_ids`): their claim was in the part of the log the snapshot replaced, so the
-    /// applied-change feed never fenced them. As that claim would have: a connection still
-    /// attached is told it was taken over, a will due now is published, and the session's
-    /// subscriptions are mirrored as those of a session held elsewhere. A session whose load
-    /// is pending (its own claim not applied yet) is left alone. Returns how many.
-    pub fn forget_sessions_owned_elsewhere(&self, client_ids: &[ByteStr], now: Instant) -> usize {
-        let mut forgotten = 0;
-        for client_id in client_ids {
-            if !self.owns(client_id) || self.loading.lock().contains_key(client_id) {
-                continue;
-            }
-            if let Some(will) = self.forget_session(client_id, true, true) {
-                self.publish_will(will, now);
-            }
-            forgotten += 1;
-        }
-        forgotten
-    }
-
     /// Replaces the mirrored subscriptions of sessions held elsewhere (after the durable state
     /// was replaced wholesale, e.g. a Raft snapshot installed on a lagging node) with
     /// `subscriptions`, those of every stored persistent session: the ones of sessions held in
