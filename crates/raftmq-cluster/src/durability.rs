@@ -49,11 +49,15 @@ pub const COMMIT_FAILURES_TOTAL: &str = "raftmq_raft_commit_failures_total";
 /// Fenced proposals of this node that committed but did not take effect: their session had
 /// been claimed by another connection by the time they were applied.
 pub const FENCED_PROPOSALS_TOTAL: &str = "raftmq_raft_fenced_proposals_total";
+/// Proposals refused unproposed because an earlier one of the same connection failed.
+pub const CHAIN_REFUSED_TOTAL: &str = "raftmq_raft_chain_refused_total";
 
 struct Proposal {
     changes: Vec<StateChange>,
     handle: CommitHandle,
     fence: Option<Fence>,
+    /// The connection that made it (client id, epoch), if one did: see `Broken`.
+    chain: Option<(ByteStr, u64)>,
     /// The ordinal of its fence in the batch it was folded into.
     fence_ordinal: Option<u32>,
 }
@@ -135,12 +139,23 @@ impl RaftDurability {
     }
 
     /// Hands a proposal to the batcher.
-    fn submit(&self, fence: Option<Fence>, changes: Vec<StateChange>) -> Commit {
+    fn submit(
+        &self,
+        fence: Option<Fence>,
+        chain: Option<(ByteStr, u64)>,
+        changes: Vec<StateChange>,
+    ) -> Commit {
         let (commit, handle) = Commit::pending();
+        // A connection's fenced changes are chained too.
+        let chain = chain.or_else(|| match &fence {
+            Some(Fence::Attached { client_id, epoch }) => Some((client_id.clone(), *epoch)),
+            _ => None,
+        });
         let proposal = Proposal {
             changes,
             handle,
             fence,
+            chain,
             fence_ordinal: None,
         };
         if let Err(mpsc::error::SendError(p)) = self.tx.send(proposal) {
@@ -229,11 +244,20 @@ impl RaftDurability {
 
 impl Durability for RaftDurability {
     fn propose(&self, changes: Vec<StateChange>) -> Commit {
-        self.submit(None, changes)
+        self.submit(None, None, changes)
     }
 
     fn propose_fenced(&self, fence: Fence, changes: Vec<StateChange>) -> Commit {
-        self.submit(Some(fence), changes)
+        self.submit(Some(fence), None, changes)
+    }
+
+    fn propose_chained(
+        &self,
+        chain: (ByteStr, u64),
+        fence: Option<Fence>,
+        changes: Vec<StateChange>,
+    ) -> Commit {
+        self.submit(fence, Some(chain), changes)
     }
 
     fn next_message_id(&self) -> MessageId {
@@ -328,6 +352,7 @@ async fn batcher(
     tls: Option<ClusterTls>,
 ) {
     let mut batch = Vec::new();
+    let mut broken = Broken::default();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_PROPOSALS_PER_BATCH {
@@ -335,6 +360,20 @@ async fn batcher(
                 Ok(p) => batch.push(p),
                 Err(_) => break,
             }
+        }
+        // The later proposals of a connection one of whose proposals failed are refused
+        // unproposed (see `Broken`).
+        batch.retain_mut(|p| {
+            if !broken.contains(p.chain.as_ref()) {
+                return true;
+            }
+            counter!(CHAIN_REFUSED_TOTAL).increment(1);
+            let (_, handle) = Commit::pending();
+            std::mem::replace(&mut p.handle, handle).complete(Err(DurabilityError::Unavailable));
+            false
+        });
+        if batch.is_empty() {
+            continue;
         }
         histogram!(PROPOSALS_PER_BATCH).record(batch.len() as f64);
         let mut changes: Vec<StateChange> = Vec::new();
@@ -374,6 +413,7 @@ async fn batcher(
             Ok(index) if !fences.is_empty() => fence_notes.take(index),
             _ => Some(Vec::new()),
         };
+        let now = Instant::now();
         for p in batch.drain(..) {
             let outcome = match (result, p.fence_ordinal) {
                 (Err(e), _) => Err(e),
@@ -388,9 +428,42 @@ async fn batcher(
                     None => Err(DurabilityError::Unavailable),
                 },
             };
+            if outcome.is_err()
+                && let Some(chain) = p.chain
+            {
+                broken.insert(chain, now);
+            }
             let index = result.ok();
             p.handle.complete_at(outcome, index);
         }
+    }
+}
+
+/// Connections (client id, epoch) one of whose proposals failed. What a connection proposes
+/// must take effect in order, as a prefix: a failed proposal (its client resends, or its
+/// connection closes and the session is loaded again elsewhere) must not be followed by a later
+/// one that commits, or a later message would be stored before an earlier one (a subscriber
+/// gets them inverted), or a later delivery recorded as sent while an earlier one is not (a
+/// resumed session resends the later one first). The batcher proposes one batch at a time, so a
+/// connection's later proposals are still queued when an earlier one fails: they are refused
+/// without being proposed. Entries are dropped after [`Broken::KEEP`] (a connection whose
+/// proposal failed is closed by its broker long before).
+#[derive(Default)]
+struct Broken {
+    chains: std::collections::HashMap<(ByteStr, u64), Instant>,
+}
+
+impl Broken {
+    const KEEP: Duration = Duration::from_secs(60);
+
+    fn contains(&self, chain: Option<&(ByteStr, u64)>) -> bool {
+        chain.is_some_and(|c| self.chains.contains_key(c))
+    }
+
+    fn insert(&mut self, chain: (ByteStr, u64), now: Instant) {
+        self.chains
+            .retain(|_, since| now.saturating_duration_since(*since) < Self::KEEP);
+        self.chains.insert(chain, now);
     }
 }
 

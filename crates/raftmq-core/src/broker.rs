@@ -256,6 +256,22 @@ impl Broker {
         }
     }
 
+    /// [`Self::propose`] or [`Self::propose_fenced`] for changes made by the connection
+    /// `chain` (client id, epoch): see [`Durability::propose_chained`].
+    pub fn propose_chained(
+        &self,
+        chain: (ByteStr, u64),
+        fence: Option<Fence>,
+        mut changes: Vec<StateChange>,
+    ) -> Commit {
+        self.cluster.live.hold_back(&mut changes);
+        if changes.is_empty() {
+            Commit::ready()
+        } else {
+            self.durability.propose_chained(chain, fence, changes)
+        }
+    }
+
     /// The protocol settings.
     pub fn config(&self) -> &MqttConfig {
         &self.config

@@ -458,6 +458,26 @@ pub trait Durability: Send + Sync + 'static {
         self.propose(changes)
     }
 
+    /// [`Self::propose`] (or [`Self::propose_fenced`] with `fence`) for a change one
+    /// connection made without a fence (a QoS 1 PUBLISH): `chain` names the connection (its
+    /// client id and epoch), as a [`Fence::Attached`] does. Once one proposal of a connection
+    /// failed, an implementation that can fail refuses its later ones without proposing them,
+    /// so what one connection proposed takes effect in order, as a prefix: never a later
+    /// message stored while an earlier one, which its client will resend, was not (MQTT 4.6
+    /// order). The default has nothing that fails out of order and ignores the chain.
+    fn propose_chained(
+        &self,
+        chain: (ByteStr, u64),
+        fence: Option<Fence>,
+        changes: Vec<StateChange>,
+    ) -> Commit {
+        let _ = chain;
+        match fence {
+            Some(fence) => self.propose_fenced(fence, changes),
+            None => self.propose(changes),
+        }
+    }
+
     /// A fresh, never reused message id.
     fn next_message_id(&self) -> MessageId;
 

@@ -330,3 +330,97 @@ async fn a_committed_proposal_whose_reply_was_lost_is_in_the_state_the_next_clai
     );
     cluster.shutdown().await;
 }
+
+/// What one connection proposes takes effect in order, as a prefix: once one of its proposals
+/// failed (here held up on its way to the leader until the proposer gave up), its later
+/// proposals, queued behind it, are refused without being proposed, while another
+/// connection's go through. Without it the later one committed while the earlier one had
+/// failed: the client resent the earlier message, which subscribers then got after the later
+/// one (checker rule `out_of_order`), or a session recorded a later delivery as sent while an
+/// earlier one was not, and resent the later one first when it resumed elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_proposal_of_a_connection_failed_its_later_ones_are_refused() {
+    let (cluster, _leader, follower) = claimed_through_a_follower().await;
+    let durability = cluster.node(follower).durability.clone();
+    let hold = Duration::from_secs(9);
+    cluster
+        .net
+        .forwarded
+        .delay_next_request
+        .lock()
+        .insert(follower, hold);
+    cluster.net.forwarded.replies.lock().insert(follower, 0);
+    let connection = (ByteStr::from("pub"), 10);
+    let started = tokio::time::Instant::now();
+    let first = durability.propose_chained(connection.clone(), None, vec![session("first")]);
+    // The first is on its way (held up) before the next ones are proposed: they wait behind
+    // it in the batcher.
+    eventually(
+        "the first proposal was forwarded",
+        Duration::from_secs(5),
+        || {
+            let sent = !cluster
+                .net
+                .forwarded
+                .delay_next_request
+                .lock()
+                .contains_key(&follower);
+            async move { sent }
+        },
+    )
+    .await;
+    let second = durability.propose_chained(connection.clone(), None, vec![session("second")]);
+    let other =
+        durability.propose_chained((ByteStr::from("sub"), 11), None, vec![session("other")]);
+    assert_eq!(
+        first.await,
+        Err(DurabilityError::Unavailable),
+        "a proposal held up on its way to the leader was reported committed"
+    );
+    assert!(
+        started.elapsed() < hold,
+        "the proposer waited for the held-up proposal"
+    );
+    assert_eq!(
+        second.await,
+        Err(DurabilityError::Unavailable),
+        "a connection's proposal after one that failed was not refused"
+    );
+    other
+        .await
+        .expect("another connection's proposal is not held back by it");
+    // Once the held-up copy has reached the leader (it may commit late: a prefix still), the
+    // later proposal is nowhere.
+    eventually(
+        "the held-up proposal is handled by the leader",
+        hold + WRITE_TIMEOUT,
+        || {
+            let handled = cluster.net.forwarded.replies_to(follower) > 0;
+            async move { handled }
+        },
+    )
+    .await;
+    let leader = cluster.leader().await;
+    let index = cluster
+        .node(leader)
+        .raft
+        .metrics()
+        .borrow()
+        .last_applied
+        .map_or(0, |l| l.index);
+    for &id in &cluster.ids {
+        cluster
+            .node(id)
+            .raft
+            .wait(Some(CONVERGE_TIMEOUT))
+            .applied_index_at_least(Some(index), "the leader's entries applied")
+            .await
+            .expect("every node applies what the leader applied");
+        assert!(cluster.sessions(id).contains("other"));
+        assert!(
+            !cluster.sessions(id).contains("second"),
+            "node {id}: a connection's later proposal took effect after its earlier one failed"
+        );
+    }
+    cluster.shutdown().await;
+}

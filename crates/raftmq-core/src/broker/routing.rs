@@ -271,9 +271,17 @@ impl Broker {
         });
         changes.extend(stored);
         let _ = now;
-        let store = match fence {
-            Some(fence) => self.propose_fenced(fence, changes),
-            None => self.propose(changes),
+        // A client's messages are stored in the order it sent them: once one failed (it will
+        // resend it), the next ones of the connection are refused too (see
+        // `Durability::propose_chained`).
+        let store = match publisher {
+            Some(p) => {
+                self.propose_chained((p.session.client_id().clone(), p.epoch), fence, changes)
+            }
+            None => match fence {
+                Some(fence) => self.propose_fenced(fence, changes),
+                None => self.propose(changes),
+            },
         };
         for slot in adopting {
             self.slot_proposed(&slot, &store);
