@@ -1265,15 +1265,10 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
 }
 
 /// Rules whose violations are known gaps, documented in docs/reliability.md ("Known gaps"):
-/// printed and saved but not failing a run unless `RAFTMQ_CHAOS_STRICT=1`.
-///
-/// - `OutOfOrder`: a subscriber's queue sometimes holds a publisher's message before the one
-///   published just before it, after faults that move the subscriber's session (seen on
-///   containers in about half of the 60 s runs, on processes in long runs; seed
-///   1796650954361960173 on containers, 1796647587856287465 for 480 s on processes). The
-///   causes fixed so far (docs/reliability.md, "Defects found and fixed") did not remove it;
-///   the remaining one is not established. Nothing is lost or duplicated.
-const KNOWN_GAPS: &[history::Rule] = &[history::Rule::OutOfOrder];
+/// printed and saved but not failing a run unless `RAFTMQ_CHAOS_STRICT=1`. None: every rule
+/// of the checker fails a run (`OutOfOrder` was one until the chained proposals of
+/// docs/reliability.md, "Defects found and fixed").
+const KNOWN_GAPS: &[history::Rule] = &[];
 
 #[test]
 fn a_seed_gives_the_same_schedule_and_every_cycle_has_every_fault_once() {
