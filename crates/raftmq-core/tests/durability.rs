@@ -1162,13 +1162,13 @@ impl Durability for Resuming {
     }
 }
 
-/// A client resumes, on this node, a session stored through another one. A message stored
+/// A session resumes here after its client's previous node went away: a message stored
 /// for it just before it attached here is only in the image the load reads; the next one,
-/// committed between the attach and the load, is also queued by the applied-change feed. They
-/// must reach the client in the order they were stored (MQTT 4.6), each once; and one the
-/// image shows was sent under a packet id elsewhere is resent under that id.
-#[test]
-fn a_resumed_session_gets_its_stored_messages_in_order_whichever_way_they_arrived() {
+/// committed between the attach and the load, is also queued by the applied-change feed; the
+/// third, the image shows, was sent under packet id 7 by the previous node, whose records of
+/// the two before it did not land (a record held back for a live delivery, or lost in a
+/// failure). Returns what the client gets: (payload, packet id, DUP).
+fn resumed_with_a_later_message_recorded_sent(qos: QoS) -> Vec<(String, Option<u16>, bool)> {
     let d = Arc::new(Resuming::default());
     let b = broker(d.clone());
     let now = Instant::now();
@@ -1177,7 +1177,7 @@ fn a_resumed_session_gets_its_stored_messages_in_order_whichever_way_they_arrive
     let m = |n: u64| {
         remote_message(
             "t/1",
-            QoS::AtLeastOnce,
+            qos,
             ["m1", "m2", "m3"][n as usize - 1].as_bytes(),
             now,
         )
@@ -1195,7 +1195,7 @@ fn a_resumed_session_gets_its_stored_messages_in_order_whichever_way_they_arrive
             message: message.clone(),
             target: raftmq_core::durability::StoredTarget {
                 client_id: ByteStr::from("x"),
-                qos: QoS::AtLeastOnce,
+                qos,
                 retain: false,
                 subscription_ids: Default::default(),
             },
@@ -1206,7 +1206,7 @@ fn a_resumed_session_gets_its_stored_messages_in_order_whichever_way_they_arrive
     let image = raftmq_core::durability::SessionImage {
         client_id: ByteStr::from("x"),
         expiry_secs: 300,
-        subscriptions: vec![(Arc::from("t/#"), sub_entry(QoS::AtLeastOnce))],
+        subscriptions: vec![(Arc::from("t/#"), sub_entry(qos))],
         messages: vec![
             delivery(1, &m1, None),
             delivery(2, &m2, None),
@@ -1219,7 +1219,12 @@ fn a_resumed_session_gets_its_stored_messages_in_order_whichever_way_they_arrive
         load.complete(Ok(Some((image.clone(), 22))));
     }
     sub.handle_commits(now);
-    let sent: Vec<(String, Option<u16>, bool)> = drain(&mut sub, now)
+    let mut packets = drain(&mut sub, now);
+    // QoS 2 deliveries wait for their records.
+    d.held.complete_all(Ok(()));
+    sub.handle_commits(now);
+    packets.extend(drain(&mut sub, now));
+    let sent = packets
         .into_iter()
         .filter_map(|p| match p {
             Packet::Publish(p) => Some((
@@ -1230,19 +1235,38 @@ fn a_resumed_session_gets_its_stored_messages_in_order_whichever_way_they_arrive
             _ => None,
         })
         .collect();
-    let payloads: Vec<&str> = sent.iter().map(|(p, _, _)| p.as_str()).collect();
-    assert_eq!(
-        payloads,
-        ["m3", "m1", "m2"],
-        "the in-flight one first, then in stored order: {sent:?}"
-    );
-    assert_eq!(sent[0].1, Some(7), "resent under its packet id");
-    assert!(sent[0].2, "with DUP");
     assert_eq!(
         b.stats().messages_queued.load(Ordering::Relaxed),
         0,
         "nothing left counted as queued"
     );
+    sent
+}
+
+/// QoS 1: the stored order wins (MQTT 4.6): m1, m2, then m3 again under a new packet id (a
+/// duplicate QoS 1 allows, if the client had it). Before, m3 was resent first (in flight),
+/// ahead of the two stored before it: the chaos checker's `out_of_order`.
+#[test]
+fn a_resumed_session_gets_its_qos_1_messages_in_stored_order_even_one_recorded_sent() {
+    let sent = resumed_with_a_later_message_recorded_sent(QoS::AtLeastOnce);
+    let payloads: Vec<&str> = sent.iter().map(|(p, _, _)| p.as_str()).collect();
+    assert_eq!(payloads, ["m1", "m2", "m3"], "in stored order: {sent:?}");
+    assert!(!sent[2].2, "m3 is sent anew, without DUP: {sent:?}");
+}
+
+/// QoS 2: exactly once wins: m3, which its receiver may hold unreleased under packet id 7, is
+/// resent first under that id with DUP, then m1 and m2.
+#[test]
+fn a_resumed_session_resends_a_qos_2_message_recorded_sent_under_its_packet_id_first() {
+    let sent = resumed_with_a_later_message_recorded_sent(QoS::ExactlyOnce);
+    let payloads: Vec<&str> = sent.iter().map(|(p, _, _)| p.as_str()).collect();
+    assert_eq!(
+        payloads,
+        ["m3", "m1", "m2"],
+        "the in-flight one first: {sent:?}"
+    );
+    assert_eq!(sent[0].1, Some(7), "resent under its packet id");
+    assert!(sent[0].2, "with DUP");
 }
 
 /// A commit reported failed may have happened (a timeout, a lost reply, a node paused past

@@ -125,6 +125,13 @@ impl Broker {
                 _ => later.push_back(d),
             }
         }
+        // Whether a message before this one is queued (not sent yet). A later QoS 1 message
+        // the image shows as sent (its record landed, the earlier one's did not: a record held
+        // back for a live delivery, or lost in a failure) is then queued behind it, in stored
+        // order, under a new packet id: MQTT 4.6 order, at the cost of a duplicate QoS 1
+        // allows. A QoS 2 one keeps its packet id (exactly once first: its receiver may hold
+        // that id unreleased).
+        let mut unsent_before = false;
         for stored in image.messages {
             if in_flight.contains(&stored.id) {
                 continue;
@@ -133,6 +140,7 @@ impl Broker {
                 if stored.packet_id.is_none_or(|id| id == 0) {
                     // Queued already (and counted): back in its stored place.
                     st.queue.push_back(d);
+                    unsent_before = true;
                     continue;
                 }
                 // Sent under a packet id elsewhere meanwhile: resent under that id (below), not
@@ -146,9 +154,10 @@ impl Broker {
                 message: stored.message,
                 durable: Some(stored.id),
             };
+            let requeue = unsent_before && stored.target.qos == QoS::AtLeastOnce;
             match stored
                 .packet_id
-                .filter(|id| *id != 0 && !st.outgoing.contains_key(id))
+                .filter(|id| *id != 0 && !st.outgoing.contains_key(id) && !requeue)
             {
                 Some(id) => {
                     let state = if stored.released {
@@ -165,6 +174,7 @@ impl Broker {
                 None => {
                     self.stats.messages_queued.fetch_add(1, Relaxed);
                     st.queue.push_back(delivery);
+                    unsent_before = true;
                 }
             }
         }
