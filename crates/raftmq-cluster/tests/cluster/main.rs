@@ -292,8 +292,10 @@ impl Cluster {
         Self::start_with(3, tuning(10_000, 1_000), false, Transport::MutualTls(ca)).await
     }
 
+    /// With `cluster.shards` from `RAFTMQ_TEST_SHARDS` (1 when unset), so the whole suite can
+    /// run with several data groups per node: `RAFTMQ_TEST_SHARDS=8 cargo test --test cluster`.
     async fn start_with(n: u64, tuning: RaftTuning, brokers: bool, via: Transport<'_>) -> Cluster {
-        Self::start_full(n, tuning, brokers, via, ShardCount::ONE).await
+        Self::start_full(n, tuning, brokers, via, test_shards()).await
     }
 
     async fn start_full(
@@ -569,6 +571,19 @@ impl Cluster {
                 self.stop(id).await;
             }
         }
+    }
+}
+
+/// `cluster.shards` of the clusters of the tests that do not choose it: `RAFTMQ_TEST_SHARDS`,
+/// else 1.
+fn test_shards() -> ShardCount {
+    match std::env::var("RAFTMQ_TEST_SHARDS") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .and_then(ShardCount::new)
+            .unwrap_or_else(|| panic!("RAFTMQ_TEST_SHARDS={v:?} is no shard count")),
+        Err(_) => ShardCount::ONE,
     }
 }
 
