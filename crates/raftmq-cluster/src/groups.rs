@@ -137,11 +137,12 @@ impl Groups {
     }
 }
 
+/// Whether `node` is a voter of every configuration of the group's membership: a joint
+/// configuration whose old half lacks it (a join cut off between its two entries) does not
+/// count, so the join is asked again and finishes it.
 fn is_voter(m: &openraft::RaftMetrics<NodeId, ClusterNode>, node: NodeId) -> bool {
-    m.membership_config
-        .membership()
-        .voter_ids()
-        .any(|id| id == node)
+    let joint = m.membership_config.membership().get_joint_config();
+    !joint.is_empty() && joint.iter().all(|config| config.contains(&node))
 }
 
 /// The shard count of the cluster the store at `data_dir` belongs to, checked against the

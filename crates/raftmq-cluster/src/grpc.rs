@@ -88,6 +88,14 @@ pub fn routes_with(
     tonic::service::Routes::new(raft_service).add_service(cluster_service)
 }
 
+/// Runs `change` in a task of its own and waits for it: dropping the wait (the caller gave up)
+/// leaves the change running to its end.
+async fn detached(
+    change: impl Future<Output = Result<(), Status>> + Send + 'static,
+) -> Result<(), Status> {
+    tokio::spawn(change).await.map_err(to_status)?
+}
+
 /// The message of the `UNAVAILABLE` answer to a membership change of a group whose leader
 /// this node does not know (the caller retries; the admin API answers 503).
 pub const NO_LEADER: &str = "no leader is known for this group (an election, or no quorum)";
@@ -282,18 +290,28 @@ impl ClusterService for ClusterGrpc {
                 leader: None,
             }));
         }
-        if !known {
-            info!(node_id = req.node_id, shard, addr = %node.cluster_addr, "adding node as learner");
-            // Blocks until the learner has caught up.
-            raft.add_learner(req.node_id, node, true)
+        let node_id = req.node_id;
+        let raft = raft.clone();
+        // In a task of its own: a caller that gives up (or stops) does not cut the change off
+        // between its two membership entries (a joint configuration left behind).
+        detached(async move {
+            if !known {
+                info!(node_id, shard, addr = %node.cluster_addr, "adding node as learner");
+                // Blocks until the learner has caught up.
+                raft.add_learner(node_id, node, true)
+                    .await
+                    .map_err(to_status)?;
+            }
+            // From a joint configuration that includes the node (a change cut off earlier),
+            // this only finishes it.
+            let voters: BTreeSet<NodeId> = [node_id].into();
+            raft.change_membership(ChangeMembers::AddVoterIds(voters), false)
                 .await
                 .map_err(to_status)?;
-        }
-        let voters: BTreeSet<NodeId> = [req.node_id].into();
-        raft.change_membership(ChangeMembers::AddVoterIds(voters), false)
-            .await
-            .map_err(to_status)?;
-        info!(node_id = req.node_id, shard, "node promoted to voter");
+            info!(node_id, shard, "node promoted to voter");
+            Ok(())
+        })
+        .await?;
         Ok(Response::new(pb::JoinResponse {
             leader_id: None,
             leader: None,
@@ -319,16 +337,30 @@ impl ClusterService for ClusterGrpc {
                 membership.get_node(&node_id).is_some(),
             )
         };
-        if voter {
-            raft.change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
-                .await
-                .map_err(to_status)?;
-        }
-        if member {
-            raft.change_membership(ChangeMembers::RemoveNodes(ids), false)
-                .await
-                .map_err(to_status)?;
-        }
+        let raft = raft.clone();
+        // In a task of its own, as a join.
+        detached(async move {
+            if voter {
+                raft.change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
+                    .await
+                    .map_err(to_status)?;
+            }
+            // Removing a voter without retaining it removes the node too; a learner is left.
+            let still = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(&node_id)
+                .is_some();
+            if member && still {
+                raft.change_membership(ChangeMembers::RemoveNodes(ids), false)
+                    .await
+                    .map_err(to_status)?;
+            }
+            Ok(())
+        })
+        .await?;
         info!(node_id, shard = req.shard_id, "node removed from the group");
         Ok(Response::new(pb::LeaveResponse {
             leader_id: None,

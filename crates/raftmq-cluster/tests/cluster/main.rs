@@ -200,7 +200,25 @@ impl Node {
         opts.tls = setup
             .tls
             .map(|pem| ClusterTls::from_pem(&pem.cert, &pem.key, &pem.ca));
-        let raft = RaftNode::start(opts).await.expect("node starts");
+        // A node stopped just before may still hold its store for a moment (openraft's state
+        // machine workers end after `shutdown` returns): its RocksDB lock is released then.
+        let raft = raftmq_tests::poll(
+            "the node starts (its data dir unlocked)",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                let opts = opts.clone();
+                async move {
+                    match RaftNode::start(opts).await {
+                        Ok(raft) => Ok(Ok(raft)),
+                        Err(e) if format!("{e:?}").contains("LOCK") => Err(format!("{e:?}")),
+                        Err(e) => Ok(Err(e)),
+                    }
+                }
+            },
+        )
+        .await
+        .expect("node starts");
         let grpc = if setup.all_services {
             raft.grpc_routes()
         } else {
