@@ -1,16 +1,19 @@
-//! The gRPC services a node exposes to its peers: `RaftService` (openraft's RPCs) and
-//! `ClusterService` (forwarded proposals, join, leave). The server crate serves them on the
+//! The gRPC services a node exposes to its peers: `RaftService` (openraft's RPCs, dispatched
+//! to the group of each request's `shard_id`) and `ClusterService` (forwarded proposals, and
+//! join and leave of one group). The server crate serves them on the
 //! cluster address; this module only implements them.
 
+use crate::groups::Groups;
 use crate::network::MAX_MESSAGE_BYTES;
 use crate::raft_proto as conv;
-use crate::types::{ClusterNode, NodeId, Raft, Request};
+use crate::types::{ClusterNode, DATA_SHARD, NodeId, Raft, Request, ShardId};
 use openraft::ChangeMembers;
 use openraft::error::{ClientWriteError, RaftError};
 use raftmq_proto::raft as pb;
 use raftmq_proto::raft::cluster_service_server::{ClusterService, ClusterServiceServer};
 use raftmq_proto::raft::raft_service_server::{RaftService, RaftServiceServer};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use tonic::{Request as GrpcRequest, Response, Status};
 use tracing::info;
 
@@ -61,31 +64,68 @@ impl LeaderContact {
     }
 }
 
-/// Both services of a node, ready to be served.
+/// Both services of a node running the data group only, ready to be served.
 pub fn routes(raft: Raft) -> tonic::service::Routes {
-    routes_with(raft, None)
+    routes_with(Arc::new(Groups::new(vec![raft])), None)
 }
 
-/// [`routes`], recording every accepted contact from a leader in `contact`.
+/// Both services of a node running `groups`: each Raft request goes to the group of its
+/// `shard_id` (a shard the node does not run answers `NOT_FOUND`). Every accepted contact from
+/// a leader of the data group is recorded in `contact` (it drives this node's lease).
 pub fn routes_with(
-    raft: Raft,
-    contact: Option<std::sync::Arc<LeaderContact>>,
+    groups: Arc<Groups>,
+    contact: Option<Arc<LeaderContact>>,
 ) -> tonic::service::Routes {
     let raft_service = RaftServiceServer::new(RaftGrpc {
-        raft: raft.clone(),
+        groups: groups.clone(),
         contact,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let cluster_service = ClusterServiceServer::new(ClusterGrpc { raft })
+    let cluster_service = ClusterServiceServer::new(ClusterGrpc { groups })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::service::Routes::new(raft_service).add_service(cluster_service)
 }
 
+/// Runs `change` in a task of its own and waits for it: dropping the wait (the caller gave up)
+/// leaves the change running to its end.
+async fn detached(
+    change: impl Future<Output = Result<(), Status>> + Send + 'static,
+) -> Result<(), Status> {
+    tokio::spawn(change).await.map_err(to_status)?
+}
+
+/// The message of the `UNAVAILABLE` answer to a membership change of a group whose leader
+/// this node does not know (the caller retries; the admin API answers 503).
+pub const NO_LEADER: &str = "no leader is known for this group (an election, or no quorum)";
+
+/// The answer to a request for a shard this node runs no group of.
+fn unknown_shard(shard_id: u64) -> Status {
+    Status::not_found(format!("this node runs no Raft group of shard {shard_id}"))
+}
+
 struct RaftGrpc {
-    raft: Raft,
-    contact: Option<std::sync::Arc<LeaderContact>>,
+    groups: Arc<Groups>,
+    contact: Option<Arc<LeaderContact>>,
+}
+
+impl RaftGrpc {
+    fn group(&self, shard_id: u64) -> Result<(ShardId, &Raft), Status> {
+        self.groups
+            .by_wire_id(shard_id)
+            .ok_or_else(|| unknown_shard(shard_id))
+    }
+
+    /// Records a contact from the data group's leader (the other groups do not drive the
+    /// lease).
+    fn touch(&self, shard: ShardId) {
+        if shard == DATA_SHARD
+            && let Some(contact) = &self.contact
+        {
+            contact.touch();
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -94,8 +134,9 @@ impl RaftService for RaftGrpc {
         &self,
         req: GrpcRequest<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
+        let (_, raft) = self.group(req.get_ref().shard_id)?;
         let req = conv::vote_request_from_pb(req.get_ref()).map_err(bad_request)?;
-        let resp = self.raft.vote(req).await.map_err(to_status)?;
+        let resp = raft.vote(req).await.map_err(to_status)?;
         Ok(Response::new(conv::vote_response_to_pb(&resp)))
     }
 
@@ -103,12 +144,11 @@ impl RaftService for RaftGrpc {
         &self,
         req: GrpcRequest<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        let (shard, raft) = self.group(req.get_ref().shard_id)?;
         let req = conv::append_request_from_pb(req.get_ref()).map_err(bad_request)?;
-        let resp = self.raft.append_entries(req).await.map_err(to_status)?;
-        if let Some(contact) = &self.contact
-            && !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_))
-        {
-            contact.touch();
+        let resp = raft.append_entries(req).await.map_err(to_status)?;
+        if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
+            self.touch(shard);
         }
         Ok(Response::new(conv::append_response_to_pb(&resp)))
     }
@@ -117,38 +157,65 @@ impl RaftService for RaftGrpc {
         &self,
         req: GrpcRequest<pb::InstallSnapshotRequest>,
     ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
+        let (shard, raft) = self.group(req.get_ref().shard_id)?;
         let req = conv::snapshot_request_from_pb(req.get_ref()).map_err(bad_request)?;
         let vote = req.vote;
-        let resp = self.raft.install_snapshot(req).await.map_err(to_status)?;
-        if let Some(contact) = &self.contact
-            && resp.vote <= vote
-        {
-            contact.touch();
+        let resp = raft.install_snapshot(req).await.map_err(to_status)?;
+        if resp.vote <= vote {
+            self.touch(shard);
         }
         Ok(Response::new(conv::snapshot_response_to_pb(&resp)))
     }
 }
 
 struct ClusterGrpc {
-    raft: Raft,
+    groups: Arc<Groups>,
 }
 
 impl ClusterGrpc {
-    /// The current leader, as protobuf, for redirects.
-    fn leader(&self) -> (Option<u64>, Option<pb::Node>) {
-        let metrics = self.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader;
-        let node = leader.and_then(|id| {
-            metrics
-                .membership_config
-                .membership()
-                .get_node(&id)
-                .map(|n| pb::Node {
-                    cluster_addr: n.cluster_addr.clone(),
-                    mqtt_addr: n.mqtt_addr.clone(),
-                })
-        });
-        (leader, node)
+    /// The group a cluster administration request names: 0 (senders from before the field, and
+    /// forwarded proposals) is the data group.
+    fn group(&self, shard_id: u64) -> Result<&Raft, Status> {
+        let shard_id = if shard_id == 0 {
+            u64::from(DATA_SHARD.get())
+        } else {
+            shard_id
+        };
+        self.groups
+            .by_wire_id(shard_id)
+            .map(|(_, raft)| raft)
+            .ok_or_else(|| unknown_shard(shard_id))
+    }
+}
+
+/// A group's leader as a redirect names it: its id and addresses.
+type LeaderHint = (Option<u64>, Option<pb::Node>);
+
+/// The current leader of `raft`'s group, as protobuf, for redirects.
+fn leader(raft: &Raft) -> LeaderHint {
+    let metrics = raft.metrics().borrow().clone();
+    let leader = metrics.current_leader;
+    let node = leader.and_then(|id| {
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| pb::Node {
+                cluster_addr: n.cluster_addr.clone(),
+                mqtt_addr: n.mqtt_addr.clone(),
+            })
+    });
+    (leader, node)
+}
+
+/// Where a membership change of `raft`'s group must go: `Ok(None)` when this node leads it,
+/// `Ok(Some(leader))` to redirect, an error when no leader is known (the caller retries).
+fn redirect(raft: &Raft) -> Result<Option<LeaderHint>, Status> {
+    let (leader_id, leader) = leader(raft);
+    match leader_id {
+        Some(id) if id == raft.metrics().borrow().id => Ok(None),
+        Some(_) => Ok(Some((leader_id, leader))),
+        None => Err(Status::unavailable(NO_LEADER)),
     }
 }
 
@@ -158,8 +225,10 @@ impl ClusterService for ClusterGrpc {
         &self,
         req: GrpcRequest<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeResponse>, Status> {
-        let batch = req.into_inner().batch.to_vec();
-        match self.raft.client_write(Request { batch }).await {
+        let req = req.into_inner();
+        let raft = self.group(req.shard_id)?;
+        let batch = req.batch.to_vec();
+        match raft.client_write(Request { batch }).await {
             Ok(resp) => Ok(Response::new(pb::ProposeResponse {
                 committed: true,
                 leader_id: None,
@@ -167,7 +236,7 @@ impl ClusterService for ClusterGrpc {
                 log_index: resp.log_id.index,
             })),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                let (leader_id, leader) = self.leader();
+                let (leader_id, leader) = leader(raft);
                 Ok(Response::new(pb::ProposeResponse {
                     committed: false,
                     leader_id,
@@ -184,37 +253,65 @@ impl ClusterService for ClusterGrpc {
         req: GrpcRequest<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let req = req.into_inner();
+        let raft = self.group(req.shard_id)?;
+        if req.shards != 0 && req.shards != self.groups.count() {
+            return Err(Status::failed_precondition(format!(
+                "node {} has cluster.shards = {}, but this cluster was created with \
+                 cluster.shards = {}: the shard count is fixed when a cluster is created",
+                req.node_id,
+                req.shards,
+                self.groups.count()
+            )));
+        }
+        if let Some((leader_id, leader)) = redirect(raft)? {
+            return Ok(Response::new(pb::JoinResponse { leader_id, leader }));
+        }
         let node: ClusterNode = req
             .node
             .as_ref()
             .map(conv::node_from_pb)
             .unwrap_or_default();
-        let (leader_id, leader) = self.leader();
-        if leader_id != Some(self.raft_id()) {
-            return Ok(Response::new(pb::JoinResponse { leader_id, leader }));
+        let shard = req.shard_id;
+        let (known, voter) = {
+            let m = raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            (
+                membership.get_node(&req.node_id).is_some(),
+                membership
+                    .get_joint_config()
+                    .iter()
+                    .all(|config| config.contains(&req.node_id)),
+            )
+        };
+        if voter {
+            // Already a voter of every configuration: nothing to change (a retried join).
+            return Ok(Response::new(pb::JoinResponse {
+                leader_id: None,
+                leader: None,
+            }));
         }
-        let known = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&req.node_id)
-            .is_some();
-        if !known {
-            info!(node_id = req.node_id, addr = %node.cluster_addr, "adding node as learner");
-            // Blocks until the learner has caught up.
-            self.raft
-                .add_learner(req.node_id, node, true)
+        let node_id = req.node_id;
+        let raft = raft.clone();
+        // In a task of its own: a caller that gives up (or stops) does not cut the change off
+        // between its two membership entries (a joint configuration left behind).
+        detached(async move {
+            if !known {
+                info!(node_id, shard, addr = %node.cluster_addr, "adding node as learner");
+                // Blocks until the learner has caught up.
+                raft.add_learner(node_id, node, true)
+                    .await
+                    .map_err(to_status)?;
+            }
+            // From a joint configuration that includes the node (a change cut off earlier),
+            // this only finishes it.
+            let voters: BTreeSet<NodeId> = [node_id].into();
+            raft.change_membership(ChangeMembers::AddVoterIds(voters), false)
                 .await
                 .map_err(to_status)?;
-        }
-        let voters: BTreeSet<NodeId> = [req.node_id].into();
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(voters), false)
-            .await
-            .map_err(to_status)?;
-        info!(node_id = req.node_id, "node promoted to voter");
+            info!(node_id, shard, "node promoted to voter");
+            Ok(())
+        })
+        .await?;
         Ok(Response::new(pb::JoinResponse {
             leader_id: None,
             leader: None,
@@ -225,30 +322,49 @@ impl ClusterService for ClusterGrpc {
         &self,
         req: GrpcRequest<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
-        let node_id = req.into_inner().node_id;
-        let (leader_id, leader) = self.leader();
-        if leader_id != Some(self.raft_id()) {
+        let req = req.into_inner();
+        let node_id = req.node_id;
+        let raft = self.group(req.shard_id)?;
+        if let Some((leader_id, leader)) = redirect(raft)? {
             return Ok(Response::new(pb::LeaveResponse { leader_id, leader }));
         }
         let ids: BTreeSet<NodeId> = [node_id].into();
-        self.raft
-            .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
-            .await
-            .map_err(to_status)?;
-        self.raft
-            .change_membership(ChangeMembers::RemoveNodes(ids), false)
-            .await
-            .map_err(to_status)?;
-        info!(node_id, "node removed from the cluster");
+        let (voter, member) = {
+            let m = raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            (
+                membership.voter_ids().any(|id| id == node_id),
+                membership.get_node(&node_id).is_some(),
+            )
+        };
+        let raft = raft.clone();
+        // In a task of its own, as a join.
+        detached(async move {
+            if voter {
+                raft.change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
+                    .await
+                    .map_err(to_status)?;
+            }
+            // Removing a voter without retaining it removes the node too; a learner is left.
+            let still = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(&node_id)
+                .is_some();
+            if member && still {
+                raft.change_membership(ChangeMembers::RemoveNodes(ids), false)
+                    .await
+                    .map_err(to_status)?;
+            }
+            Ok(())
+        })
+        .await?;
+        info!(node_id, shard = req.shard_id, "node removed from the group");
         Ok(Response::new(pb::LeaveResponse {
             leader_id: None,
             leader: None,
         }))
-    }
-}
-
-impl ClusterGrpc {
-    fn raft_id(&self) -> NodeId {
-        self.raft.metrics().borrow().id
     }
 }

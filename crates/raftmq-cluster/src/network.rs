@@ -4,6 +4,7 @@
 //! is reported as `Unreachable` so openraft backs off. With [`ClusterTls`] every channel is
 //! mutual TLS: this node presents its certificate and verifies the peer's.
 
+use crate::peers::PeerPool;
 use crate::raft_proto::{self as conv, WireError};
 use crate::types::{ClusterNode, NodeId, ShardId, TypeConfig};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
@@ -14,6 +15,7 @@ use openraft::raft::{
 };
 use raftmq_proto::raft::cluster_service_client::ClusterServiceClient;
 use raftmq_proto::raft::raft_service_client::RaftServiceClient;
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -91,6 +93,14 @@ pub trait FaultInjector: std::fmt::Debug + Send + Sync + 'static {
     /// The fate of a message sent by node `from` to node `to`.
     fn fault(&self, from: NodeId, to: NodeId) -> Fault;
 
+    /// The fate of a Raft message of group `shard` from node `from` to node `to`. By default
+    /// that of any other message between them; a test overrides it to cut or slow one group's
+    /// traffic while the other groups' (sharing the same connection) flows.
+    fn raft(&self, shard: ShardId, from: NodeId, to: NodeId) -> Fault {
+        let _ = shard;
+        self.fault(from, to)
+    }
+
     /// The fate of a proposal forwarded by node `from` to the leader `to`, or of the leader's
     /// reply (`from` the leader, `to` the proposer). By default that of any other message
     /// between them; a test overrides it to hold up or lose one proposal or one reply while
@@ -158,12 +168,18 @@ impl FaultInjector for FileFaults {
     }
 }
 
-/// Applies the injector's verdict for `from → to`: waits out a delay, or reports a drop.
-pub(crate) async fn pass(faults: &Faults, from: NodeId, to: NodeId) -> Result<(), Dropped> {
-    pass_by(faults, from, to, |f| f.fault(from, to)).await
+/// Applies the injector's verdict for a Raft message of group `shard` from `from` to `to`
+/// ([`FaultInjector::raft`]): waits out a delay, or reports a drop.
+pub(crate) async fn pass_raft(
+    faults: &Faults,
+    shard: ShardId,
+    from: NodeId,
+    to: NodeId,
+) -> Result<(), Dropped> {
+    pass_by(faults, from, to, |f| f.raft(shard, from, to)).await
 }
 
-/// [`pass`] for a forwarded proposal or its reply ([`FaultInjector::forwarded`]).
+/// [`pass_raft`] for a forwarded proposal or its reply ([`FaultInjector::forwarded`]).
 pub(crate) async fn pass_forwarded(
     faults: &Faults,
     from: NodeId,
@@ -203,30 +219,26 @@ pub struct Dropped {
     pub to: NodeId,
 }
 
-/// Creates [`PeerClient`]s for openraft.
+/// Creates [`PeerClient`]s for openraft: one factory per Raft group, every group's clients
+/// sharing the node's [`PeerPool`] (one channel per peer).
 #[derive(Clone, Debug)]
 pub struct Network {
     shard_id: ShardId,
     node_id: NodeId,
     faults: Faults,
-    tls: Option<ClusterTls>,
+    pool: Arc<PeerPool>,
 }
 
 impl Network {
-    /// The network of shard `shard_id` as seen from node `node_id`.
-    pub fn new(shard_id: ShardId, node_id: NodeId) -> Self {
+    /// The network of shard `shard_id` as seen from node `node_id`, over the channels of
+    /// `pool` (which carries the node's mutual TLS settings).
+    pub fn new(shard_id: ShardId, node_id: NodeId, pool: Arc<PeerPool>) -> Self {
         Network {
             shard_id,
             node_id,
             faults: None,
-            tls: None,
+            pool,
         }
-    }
-
-    /// Connects to peers over mutual TLS.
-    pub fn with_tls(mut self, tls: Option<ClusterTls>) -> Self {
-        self.tls = tls;
-        self
     }
 
     /// Routes every RPC through `faults` first (tests).
@@ -245,18 +257,16 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             me: self.node_id,
             faults: self.faults.clone(),
             target,
-            client: channel(&node.cluster_addr, self.tls.as_ref())
-                .map(|ch| {
-                    RaftServiceClient::new(ch)
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-                })
-                .map_err(|e| e.to_string()),
+            client: self.pool.channel(target, &node.cluster_addr).map(|ch| {
+                RaftServiceClient::new(ch)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            }),
         }
     }
 }
 
-/// The connection to one peer.
+/// The connection to one peer, for one group.
 pub struct PeerClient {
     shard_id: ShardId,
     me: NodeId,
@@ -272,7 +282,9 @@ fn status_error<E: std::error::Error>(
     status: tonic::Status,
 ) -> RPCError<NodeId, ClusterNode, RaftError<NodeId, E>> {
     match status.code() {
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+        // NotFound: the peer runs no group of this shard (not created there yet, or a peer of
+        // another shard count): unreachable for this group only, openraft backs off.
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::NotFound => {
             RPCError::Unreachable(Unreachable::new(&status))
         }
         _ => RPCError::Network(NetworkError::new(&status)),
@@ -315,7 +327,7 @@ impl PeerClient {
         } else {
             (self.target, self.me)
         };
-        pass(&self.faults, from, to)
+        pass_raft(&self.faults, self.shard_id, from, to)
             .await
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
     }
@@ -380,6 +392,23 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that runs no group of the shard answers NOT_FOUND: unreachable for that group
+    /// (openraft backs off), like a peer that is down, never a protocol error.
+    #[test]
+    fn an_unknown_shard_at_the_peer_is_unreachable_for_that_group() {
+        let unreachable = |status: tonic::Status| {
+            matches!(
+                status_error::<openraft::error::Infallible>(status),
+                RPCError::Unreachable(_)
+            )
+        };
+        assert!(unreachable(tonic::Status::not_found("no group of shard 9")));
+        assert!(unreachable(tonic::Status::unavailable(
+            "connection refused"
+        )));
+        assert!(!unreachable(tonic::Status::internal("a bug")));
+    }
 
     #[test]
     fn a_faults_file_cuts_links_between_sides_only() {

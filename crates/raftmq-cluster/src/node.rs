@@ -1,20 +1,25 @@
-//! A node's Raft group: opening the store, starting openraft, deterministic bootstrap and
-//! joining, readiness and status.
+//! A node's Raft groups: opening the store, starting openraft (one group per data shard,
+//! [`crate::groups`]), deterministic bootstrap and joining, readiness and status.
 //!
-//! Bootstrap: a node with no seeds, or node 1 (StatefulSet ordinal 0), initializes the group
+//! Bootstrap: a node with no seeds, or node 1 (StatefulSet ordinal 0), initializes every group
 //! with itself as the only voter when its store is empty. Every other node keeps asking its
-//! seeds to add it (`ClusterService.Join`: the leader adds it as a learner, waits until it has
-//! caught up, then promotes it to voter). A node restarted with its data dir needs neither:
-//! membership and vote are on disk, so a whole-cluster cold restart recovers by itself.
+//! seeds to add it to every group (`ClusterService.Join`, per group: the group's leader adds it
+//! as a learner, waits until it has caught up, then promotes it to voter). A node restarted
+//! with its data dir needs neither: memberships and votes are on disk, so a whole-cluster cold
+//! restart recovers by itself. The data group (shard 1) drives everything else: readiness,
+//! the lease, the feed, proposals and declarations.
 
 use crate::convert::WallClock;
 use crate::convert::change_from_proto;
 use crate::durability::RaftDurability;
-use crate::network::{ClusterTls, Faults, Network, cluster_client};
+use crate::groups::{Groups, ShardStatus};
+use crate::network::{ClusterTls, Faults, Network};
+use crate::peers::PeerPool;
 use crate::state_machine::{Applied, Feed, StateMachine};
 use crate::types::{ClusterNode, DATA_SHARD, NodeId, Raft, TypeConfig};
 use openraft::{Config, ServerState, SnapshotPolicy};
 use raftmq_core::Broker;
+use raftmq_core::shard::ShardCount;
 use raftmq_store::{Store, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -42,6 +47,9 @@ pub struct NodeOptions {
     /// membership changes, live forwarding); `None`: plain gRPC. The cluster endpoint this
     /// node serves must be configured to match (`raftmq_server::ClusterServer::bind`).
     pub tls: Option<ClusterTls>,
+    /// `cluster.shards`: the number of data groups, fixed when the cluster is created (recorded
+    /// in the store at the first start; a start with another count is refused).
+    pub shards: ShardCount,
 }
 
 impl NodeOptions {
@@ -62,6 +70,7 @@ impl NodeOptions {
             tuning: RaftTuning::default(),
             faults: None,
             tls: None,
+            shards: ShardCount::ONE,
         }
     }
 }
@@ -102,6 +111,20 @@ pub enum NodeError {
     Config(#[from] openraft::ConfigError),
     #[error("starting Raft")]
     Raft(#[from] openraft::error::Fatal<NodeId>),
+    #[error("reading the Raft log")]
+    Storage(#[from] openraft::StorageError<NodeId>),
+    /// The configured shard count is not the one the data dir's cluster was created with.
+    #[error(
+        "cluster.shards is {configured}, but the data dir {} belongs to a cluster created with \
+         cluster.shards = {recorded}: the shard count is fixed when a cluster is created (set \
+         cluster.shards = {recorded}, or start on an empty data dir to create a new cluster)",
+        data_dir.display()
+    )]
+    ShardCount {
+        configured: u32,
+        recorded: u32,
+        data_dir: PathBuf,
+    },
     #[error("initializing the cluster")]
     Initialize(
         #[from]
@@ -133,7 +156,13 @@ pub enum AdminError {
 
 /// A running Raft node.
 pub struct RaftNode {
+    /// The data group (shard 1): the state the broker reads, proposals, declarations.
     pub raft: Raft,
+    /// Every data group, shard 1 included ([`crate::groups`]).
+    groups: Arc<Groups>,
+    /// The node's channels to its peers, shared by every group.
+    pool: Arc<PeerPool>,
+    shard_metrics_task: tokio::task::JoinHandle<()>,
     pub durability: Arc<RaftDurability>,
     pub node_id: NodeId,
     faults: Faults,
@@ -232,13 +261,17 @@ pub struct ClusterStatus {
     pub voters: Vec<NodeId>,
     pub nodes: BTreeMap<NodeId, ClusterNode>,
     pub healthy: bool,
+    /// `cluster.shards`.
+    pub shard_count: u32,
+    /// Every data group as this node sees it.
+    pub shards: Vec<ShardStatus>,
 }
 
 #[allow(
     clippy::result_large_err,
     reason = "openraft's error type, returned once at startup"
 )]
-fn raft_config(t: &RaftTuning) -> Result<Config, openraft::ConfigError> {
+pub(crate) fn raft_config(t: &RaftTuning) -> Result<Config, openraft::ConfigError> {
     Config {
         cluster_name: "raftmq".into(),
         heartbeat_interval: t.heartbeat_ms,
@@ -276,6 +309,9 @@ impl RaftNode {
             }
         }
         let store = Store::open(&store_path)?;
+        let shards = crate::groups::settle_shard_count(&store, opts.shards, &opts.data_dir).await?;
+        let pool = Arc::new(PeerPool::new(opts.tls.clone()));
+        let config = Arc::new(raft_config(&opts.tuning)?);
         let state_machine = StateMachine::open(store.state_db(DATA_SHARD.get()))?;
         let feed = state_machine.feed().clone();
         // The batcher learns from the applying state machine which fences of its batches held.
@@ -284,25 +320,43 @@ impl RaftNode {
         let reader = StateMachine::open(store.state_db(DATA_SHARD.get()))?;
         let raft = Raft::new(
             opts.node_id,
-            Arc::new(raft_config(&opts.tuning)?),
-            Network::new(DATA_SHARD, opts.node_id)
-                .with_faults(opts.faults.clone())
-                .with_tls(opts.tls.clone()),
+            config.clone(),
+            Network::new(DATA_SHARD, opts.node_id, pool.clone()).with_faults(opts.faults.clone()),
             store.log_store::<TypeConfig>(DATA_SHARD.get()),
             state_machine,
         )
         .await?;
+        let mut rafts = vec![raft.clone()];
+        for shard in shards.shards().skip(1) {
+            rafts.push(
+                crate::groups::start_group(
+                    shard,
+                    opts.node_id,
+                    config.clone(),
+                    pool.clone(),
+                    opts.faults.clone(),
+                    &store,
+                )
+                .await?,
+            );
+        }
+        let groups = Arc::new(Groups::new(rafts));
         let me = ClusterNode {
             cluster_addr: opts.advertise_addr.clone(),
             mqtt_addr: opts.mqtt_addr.clone(),
         };
-        let initialized = raft.is_initialized().await.unwrap_or(false);
+        // Every group has its membership on disk once this node bootstrapped or joined it: one
+        // without is new here (or its bootstrap or join was interrupted).
+        let uninitialized = crate::groups::uninitialized(&groups).await;
         let mut join_task = None;
-        if !initialized {
+        if !uninitialized.is_empty() {
             if opts.seeds.is_empty() || opts.node_id == 1 {
-                info!(node_id = opts.node_id, "initializing a new cluster");
-                raft.initialize(BTreeMap::from([(opts.node_id, me)]))
-                    .await?;
+                info!(
+                    node_id = opts.node_id,
+                    shards = shards.get(),
+                    "initializing a new cluster"
+                );
+                crate::groups::initialize(&groups, &uninitialized, opts.node_id, &me).await?;
             } else {
                 // The seed list may name this node too (a StatefulSet lists every pod).
                 let seeds: Vec<String> = opts
@@ -311,12 +365,14 @@ impl RaftNode {
                     .filter(|s| **s != opts.advertise_addr)
                     .cloned()
                     .collect();
-                join_task = Some(tokio::spawn(join_loop(
-                    raft.clone(),
-                    opts.node_id,
-                    me,
-                    seeds,
-                    opts.tls.clone(),
+                join_task = Some(tokio::spawn(crate::groups::join_loop(
+                    crate::groups::Joiner {
+                        groups: groups.clone(),
+                        node_id: opts.node_id,
+                        me,
+                        seeds,
+                        tls: opts.tls.clone(),
+                    },
                 )));
             }
         }
@@ -333,8 +389,12 @@ impl RaftNode {
             data_dir: opts.data_dir.clone(),
         })?;
         let metrics_task = tokio::spawn(export_metrics(raft.clone(), store.clone()));
+        let shard_metrics_task = tokio::spawn(crate::groups::export_shard_metrics(groups.clone()));
         Ok(RaftNode {
             raft,
+            groups,
+            pool,
+            shard_metrics_task,
             durability,
             node_id: opts.node_id,
             faults: opts.faults.clone(),
@@ -444,34 +504,33 @@ impl RaftNode {
             voters: membership.voter_ids().collect(),
             nodes: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
             healthy: can_commit(&m),
+            shard_count: self.groups.count(),
+            shards: self.groups.status(),
         }
     }
 
-    /// Adds node `node_id` (reachable at `node`) to the cluster: as a learner first, promoted
-    /// to voter once it has caught up. Runs on the leader, found by following redirects from
-    /// this node. Idempotent: adding a member again only (re)promotes it.
-    pub async fn add_node(&self, node_id: NodeId, node: ClusterNode) -> Result<(), AdminError> {
-        let req = raftmq_proto::raft::JoinRequest {
-            node_id,
-            node: Some(raftmq_proto::raft::Node {
-                cluster_addr: node.cluster_addr,
-                mqtt_addr: node.mqtt_addr,
-            }),
-        };
-        self.on_leader(|mut client| {
-            let req = req.clone();
-            async move {
-                client
-                    .join(req)
-                    .await
-                    .map(|r| r.into_inner().leader.map(|l| l.cluster_addr))
-            }
-        })
-        .await
+    /// Every data group of this node (shard 1 is [`RaftNode::raft`]).
+    pub fn groups(&self) -> &Arc<Groups> {
+        &self.groups
     }
 
-    /// Removes node `node_id` from the voters and then from the membership (scale-in). The
-    /// remaining voters must still form a quorum.
+    /// The node's channels to its peers, shared by every group.
+    pub fn peer_pool(&self) -> &Arc<PeerPool> {
+        &self.pool
+    }
+
+    /// Adds node `node_id` (reachable at `node`) to the cluster: to every group, as a learner
+    /// first, promoted to voter once it has caught up. Runs on each group's leader, found by
+    /// following redirects from this node. Idempotent: adding a member again only (re)promotes
+    /// it, and completes the groups an interrupted call left.
+    pub async fn add_node(&self, node_id: NodeId, node: ClusterNode) -> Result<(), AdminError> {
+        let start = self.own_cluster_addr()?;
+        crate::groups::add_to_every_group(&self.groups, start, self.tls.as_ref(), node_id, node)
+            .await
+    }
+
+    /// Removes node `node_id` from the voters and then from the membership of every group
+    /// (scale-in), the data group last. The remaining voters must still form a quorum.
     pub async fn remove_node(&self, node_id: NodeId) -> Result<(), AdminError> {
         let members = self.status().nodes;
         if !members.contains_key(&node_id) {
@@ -480,46 +539,18 @@ impl RaftNode {
         if members.len() == 1 {
             return Err(AdminError::LastNode(node_id));
         }
-        let req = raftmq_proto::raft::LeaveRequest { node_id };
-        self.on_leader(|mut client| async move {
-            client
-                .leave(req)
-                .await
-                .map(|r| r.into_inner().leader.map(|l| l.cluster_addr))
-        })
-        .await
+        let start = self.own_cluster_addr()?;
+        crate::groups::remove_from_every_group(&self.groups, start, self.tls.as_ref(), node_id)
+            .await
     }
 
-    /// Runs a membership RPC against the leader: starting with this node, following the
-    /// leader address each non-leader answers with, a few hops at most.
-    async fn on_leader<F, Fut>(&self, call: F) -> Result<(), AdminError>
-    where
-        F: Fn(
-            raftmq_proto::raft::cluster_service_client::ClusterServiceClient<
-                tonic::transport::Channel,
-            >,
-        ) -> Fut,
-        Fut: Future<Output = Result<Option<String>, tonic::Status>>,
-    {
+    /// This node's cluster address, where membership changes start looking for a leader.
+    fn own_cluster_addr(&self) -> Result<String, AdminError> {
         let me = self.status();
-        let mut addr = me
-            .nodes
+        me.nodes
             .get(&me.node_id)
             .map(|n| n.cluster_addr.clone())
-            .ok_or(AdminError::NoLeader)?;
-        for _ in 0..4 {
-            let client = cluster_client(&addr, self.tls.as_ref())
-                .map_err(|e| AdminError::Rpc(e.to_string()))?;
-            let call = tokio::time::timeout(ADMIN_TIMEOUT, call(client))
-                .await
-                .map_err(|_| AdminError::Timeout(ADMIN_TIMEOUT))?;
-            match call {
-                Ok(None) => return Ok(()),
-                Ok(Some(leader)) => addr = leader,
-                Err(status) => return Err(AdminError::Rpc(status.message().to_owned())),
-            }
-        }
-        Err(AdminError::NoLeader)
+            .ok_or(AdminError::NoLeader)
     }
 
     /// The log index up to which the broker fed by [`RaftNode::feed_broker`] has mirrored the
@@ -641,8 +672,13 @@ impl RaftNode {
     /// The gRPC services this node serves on its cluster address: Raft, cluster
     /// administration and live forwarding.
     pub fn grpc_routes(&self) -> tonic::service::Routes {
-        crate::grpc::routes_with(self.raft.clone(), Some(self.contact.clone()))
-            .add_service(self.forward.service())
+        self.raft_routes().add_service(self.forward.service())
+    }
+
+    /// The Raft and cluster administration services alone (every group), without live
+    /// forwarding.
+    pub fn raft_routes(&self) -> tonic::service::Routes {
+        crate::grpc::routes_with(self.groups.clone(), Some(self.contact.clone()))
     }
 
     /// Starts live forwarding between `broker` and the other members' brokers (see
@@ -693,6 +729,8 @@ impl RaftNode {
             t.abort();
         }
         self.metrics_task.abort();
+        self.shard_metrics_task.abort();
+        self.groups.shutdown_others().await;
         if let Err(e) = self.raft.shutdown().await {
             warn!(error = %e, "raft shutdown failed");
         }
@@ -1021,57 +1059,6 @@ impl Lease {
 
     fn restored(&mut self) {
         self.fenced = false;
-    }
-}
-
-/// Asks the seeds (or the leader they point to) to add this node, until it is a member.
-async fn join_loop(
-    raft: Raft,
-    node_id: NodeId,
-    me: ClusterNode,
-    seeds: Vec<String>,
-    tls: Option<ClusterTls>,
-) {
-    let mut targets = seeds.clone();
-    loop {
-        // Joined means voter: a learner whose promotion failed (a concurrent membership change)
-        // asks again.
-        let is_voter = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|id| id == node_id);
-        if is_voter {
-            info!(node_id, "joined the cluster");
-            return;
-        }
-        for addr in std::mem::take(&mut targets) {
-            let Ok(mut client) = cluster_client(&addr, tls.as_ref()) else {
-                continue;
-            };
-            let req = raftmq_proto::raft::JoinRequest {
-                node_id,
-                node: Some(raftmq_proto::raft::Node {
-                    cluster_addr: me.cluster_addr.clone(),
-                    mqtt_addr: me.mqtt_addr.clone(),
-                }),
-            };
-            match client.join(req).await {
-                Ok(resp) => match resp.into_inner().leader {
-                    Some(leader) => targets.push(leader.cluster_addr),
-                    None => {
-                        info!(node_id, via = %addr, "join accepted");
-                    }
-                },
-                Err(status) => warn!(via = %addr, %status, "join attempt failed"),
-            }
-        }
-        if targets.is_empty() {
-            targets = seeds.clone();
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -105,7 +105,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::convert::{
-    self, ConvertError, SHARD_ID, WallClock, decode_batch, validate_change, validate_fences,
+    self, ConvertError, WallClock, decode_batch, validate_change, validate_fences,
 };
 
 mod fences;
@@ -636,7 +636,8 @@ fn apply_batch(
             return Ok(BatchOutcome::default());
         }
     };
-    if batch.shard_id != SHARD_ID {
+    // Each group's state machine applies the batches of its own shard (its store handle's).
+    if batch.shard_id != u64::from(tx.db.shard()) {
         tracing::error!(%log_id, shard_id = batch.shard_id, "skipping a batch of another shard");
         return Ok(BatchOutcome::default());
     }

@@ -9,7 +9,7 @@ use openraft::RaftTypeConfig;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteOptions};
 
 use crate::error::StoreError;
-use crate::layout::{CF_DEFAULT, FORMAT_KEY, FORMAT_VERSION, all_cf_names};
+use crate::layout::{CF_DEFAULT, FORMAT_KEY, FORMAT_VERSION, SHARD_COUNT_KEY, all_cf_names};
 use crate::log_store::LogStore;
 use crate::migrate::{Migration, MigrationOutcome};
 use crate::state::StateDb;
@@ -184,6 +184,41 @@ impl Store {
     /// adds on writes and strips on reads: its users see the keys they wrote).
     pub fn state_db(&self, shard: u32) -> StateDb {
         StateDb::new(Arc::clone(&self.inner), shard)
+    }
+
+    /// The number of data shards recorded in this store ([`Store::record_shard_count`]), `None`
+    /// when none was recorded (a new store, or one written before the count was recorded).
+    pub fn shard_count(&self) -> Result<Option<u32>, StoreError> {
+        let cf = self.inner.cf(CF_DEFAULT)?;
+        let raw = self
+            .inner
+            .db
+            .get_cf(cf, SHARD_COUNT_KEY)
+            .map_err(StoreError::backend("get"))?;
+        raw.map(|raw| {
+            <[u8; 4]>::try_from(raw.as_slice())
+                .map(u32::from_be_bytes)
+                .map_err(|_| StoreError::CorruptValue {
+                    what: "the recorded shard count",
+                    detail: format!("{} bytes instead of 4", raw.len()),
+                })
+        })
+        .transpose()
+    }
+
+    /// Records the number of data shards of the cluster this store belongs to (durable when it
+    /// returns). The store only keeps it: refusing a start with another count is the caller's.
+    pub fn record_shard_count(&self, count: u32) -> Result<(), StoreError> {
+        let cf = self.inner.cf(CF_DEFAULT)?;
+        self.inner
+            .db
+            .put_cf_opt(
+                cf,
+                SHARD_COUNT_KEY,
+                count.to_be_bytes(),
+                &sync_write_options(),
+            )
+            .map_err(StoreError::backend("write"))
     }
 
     /// While `on`, every sync of the write-ahead log fails, as an `fsync` error of a failing

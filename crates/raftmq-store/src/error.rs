@@ -130,6 +130,16 @@ pub enum StoreError {
         detail: String,
     },
 
+    /// A stored value does not have the expected shape (e.g. a shard count that is not 4
+    /// bytes).
+    #[error("corrupt value of {what}: {detail}")]
+    CorruptValue {
+        /// What the value is.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+
     /// A snapshot stream is not valid; nothing was imported.
     #[error("invalid snapshot stream: {0}")]
     Snapshot(#[from] SnapshotFormatError),

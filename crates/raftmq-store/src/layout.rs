@@ -5,7 +5,8 @@
 pub(crate) const CF_RAFT_LOG: &str = "raft_log";
 /// Column family holding Raft metadata (vote, last purged log id, committed log id).
 pub(crate) const CF_RAFT_META: &str = "raft_meta";
-/// RocksDB's mandatory default column family; holds only the store format marker.
+/// RocksDB's mandatory default column family; holds only node-wide markers: the store format
+/// and the shard count the cluster was created with.
 pub(crate) const CF_DEFAULT: &str = "default";
 
 /// Key in `raft_meta` (after the shard prefix): the last saved vote.
@@ -20,6 +21,10 @@ pub(crate) const FORMAT_KEY: &[u8] = b"raftmq_store_format";
 /// The on-disk format version written and understood by this build: 2, every key starts with
 /// its shard's 4-byte prefix. Version 1 (one Raft group, keys without a prefix) is refused.
 pub(crate) const FORMAT_VERSION: u32 = 2;
+
+/// Key in `default`: the number of data shards of the cluster this store belongs to
+/// (big-endian `u32`), recorded when the node first starts on it and fixed afterwards.
+pub(crate) const SHARD_COUNT_KEY: &[u8] = b"raftmq_shard_count";
 
 /// Length of the shard prefix of every key of `raft_log`, `raft_meta` and the state column
 /// families.

@@ -112,6 +112,9 @@ pub struct ClusterConfig {
     pub advertise_addr: Option<String>,
     /// `host:port` of nodes to contact when joining; empty for a single node.
     pub seeds: Vec<String>,
+    /// Number of data shards (Raft groups of the durable state), `1..=1024`; fixed when the
+    /// cluster is created (recorded in the data dir, a start with another value is refused).
+    pub shards: u32,
     /// This node's certificate chain (PEM) for mutual TLS between nodes; with `tls_key_file`
     /// and `tls_ca_file` it turns mTLS on for all cluster traffic.
     pub tls_cert_file: Option<PathBuf>,
@@ -143,6 +146,7 @@ impl Default for ClusterConfig {
             addr: SocketAddr::from(([0, 0, 0, 0], 7946)),
             advertise_addr: None,
             seeds: Vec::new(),
+            shards: 1,
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,

@@ -79,6 +79,8 @@ pub enum CtlCommand {
 pub enum ClusterCmd {
     /// This node's view of the cluster: leader, term, voters, members.
     Status,
+    /// This node's view of every shard (Raft group): leader, term, voters, learners.
+    Shards,
     /// Add a node (as learner, promoted to voter once caught up).
     Add {
         /// The new node's id.
@@ -271,6 +273,14 @@ async fn execute(client: &AdminClient, cmd: &CtlCommand) -> anyhow::Result<Answe
             let v = client.get("/api/v1/cluster").await?;
             let table = cluster_table(&v);
             Answer { json: v, table }
+        }
+        CtlCommand::Cluster(ClusterCmd::Shards) => {
+            let v = client.get("/api/v1/cluster").await?;
+            let table = shards_table(&v);
+            Answer {
+                json: json!({"shard_count": v["shard_count"], "shards": v["shards"]}),
+                table,
+            }
         }
         CtlCommand::Cluster(ClusterCmd::Add {
             node_id,
@@ -546,6 +556,38 @@ fn cluster_table(v: &Value) -> String {
                 cell(&n["mqtt_addr"])
             ));
         }
+    }
+    out
+}
+
+/// One line per shard of `GET /api/v1/cluster`: `SHARD LEADER TERM VOTERS LEARNERS`.
+fn shards_table(v: &Value) -> String {
+    let ids = |v: &Value| {
+        let ids: Vec<String> = v
+            .as_array()
+            .map(|a| a.iter().map(cell).collect())
+            .unwrap_or_default();
+        if ids.is_empty() {
+            "-".to_owned()
+        } else {
+            ids.join(",")
+        }
+    };
+    let mut out = format!(
+        "{:<6} {:<7} {:<6} {:<16} LEARNERS\n",
+        "SHARD", "LEADER", "TERM", "VOTERS"
+    );
+    for shard in v["shards"].as_array().into_iter().flatten() {
+        let line = format!(
+            "{:<6} {:<7} {:<6} {:<16} {}",
+            cell(&shard["id"]),
+            cell(&shard["leader"]),
+            cell(&shard["term"]),
+            ids(&shard["voters"]),
+            ids(&shard["learners"])
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }

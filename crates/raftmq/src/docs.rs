@@ -219,6 +219,15 @@ pub const KEYS: &[KeyDoc] = &[
         "cluster.seeds",
         "\"host:port\" of nodes to contact when joining a cluster; empty for a single node.",
     ),
+    key(
+        "cluster.shards",
+        "Number of data shards (1 to 1024): the durable state is split into this many Raft \
+         groups, every node a replica of each. Fixed when the cluster is created: the first \
+         start records it in the data dir, and a node started with another value is refused \
+         (as is a node joining a cluster created with another value). A data dir written before \
+         the key existed has 1. Shard 1 holds every session and retained message for now; the \
+         other groups only replicate their membership.",
+    ),
     optional(
         "cluster.tls_cert_file",
         "PEM file with this node's certificate chain, leaf first, for mutual TLS between nodes. \

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 
+use raftmq_cluster::node::NodeError;
 use raftmq_store::StoreError;
 
 /// Exit status of a refused data dir, or of a failed migration (`EX_CONFIG` of sysexits.h: a
@@ -21,11 +22,16 @@ const SINGLE_GROUP_FORMAT: u32 = 1;
 const SEE: &str = "See docs/operations.md#upgrading-to-sharded-state";
 
 /// The message for a start that failed with `error`, if it failed because the store in
-/// `data_dir` is in a format this release does not read, or its migration failed.
+/// `data_dir` is in a format this release does not read, or its migration failed, or it
+/// belongs to a cluster created with another `cluster.shards`.
 pub fn refusal(error: &anyhow::Error, data_dir: &Path) -> Option<String> {
-    error
-        .chain()
-        .find_map(|cause| match cause.downcast_ref::<StoreError>() {
+    error.chain().find_map(|cause| {
+        // A data dir of a cluster created with another shard count: the message names
+        // `cluster.shards` and both values.
+        if let Some(e @ NodeError::ShardCount { .. }) = cause.downcast_ref::<NodeError>() {
+            return Some(e.to_string());
+        }
+        match cause.downcast_ref::<StoreError>() {
             Some(StoreError::IncompatibleFormat {
                 found, supported, ..
             }) => Some(incompatible(data_dir, *found, *supported)),
@@ -38,7 +44,8 @@ pub fn refusal(error: &anyhow::Error, data_dir: &Path) -> Option<String> {
                 data_dir.display()
             )),
             _ => None,
-        })
+        }
+    })
 }
 
 fn incompatible(data_dir: &Path, found: u32, supported: u32) -> String {

@@ -144,9 +144,17 @@ async fn admin_api_needs_the_token_and_inspects_kicks_publishes_and_clears() {
             "{open}"
         );
     }
+    let cluster = api(&node, "GET", "/api/v1/cluster", None, 200).await;
+    assert_eq!(cluster["leader"], 1);
+    assert_eq!(cluster["shard_count"], 1, "{cluster}");
     assert_eq!(
-        api(&node, "GET", "/api/v1/cluster", None, 200).await["leader"],
-        1
+        (
+            &cluster["shards"][0]["id"],
+            &cluster["shards"][0]["leader"],
+            &cluster["shards"][0]["voters"]
+        ),
+        (&json!(1), &json!(1), &json!([1])),
+        "{cluster}"
     );
 
     // Clients: list with a prefix filter, paging, inspect.
@@ -511,6 +519,21 @@ async fn ctl_reports_status_lists_kicks_publishes_and_drains() {
     .await;
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
     assert_eq!(v["voters"], json!([1]));
+    // One line per shard: a single node has one shard (the default), led by itself.
+    let out = ctl(&["--url", &url, "cluster", "shards"], &with_token).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shards = text(&out.stdout);
+    let lines: Vec<Vec<&str>> = shards
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 2, "{shards}");
+    assert_eq!(lines[0], ["SHARD", "LEADER", "TERM", "VOTERS", "LEARNERS"]);
+    assert_eq!(
+        (lines[1][0], lines[1][1], lines[1][3], lines[1][4]),
+        ("1", "1", "1", "-"),
+        "{shards}"
+    );
 
     // Clients, publish, kick.
     let mut sub = persistent_subscriber(node.mqtt_addr(), "ctl-sub", "c/#").await;

@@ -494,3 +494,67 @@ fn serve_on_a_data_dir_of_an_unknown_format_exits_78_and_leaves_it_untouched() {
     assert!(!data_dir.join("raft.migrating").exists());
     assert!(!data_dir.join("raft.format-1").exists());
 }
+
+/// A data dir keeps the shard count its cluster was created with: `raftmq serve` configured
+/// with another `cluster.shards` exits 78 naming the key and both values.
+#[test]
+fn serve_on_a_data_dir_created_with_other_shards_exits_78_naming_cluster_shards() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    // A node of 4 shards created the data dir (and bootstrapped its groups).
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut opts = raftmq_cluster::node::NodeOptions::new(
+            1,
+            "127.0.0.1:1".to_owned(),
+            String::new(),
+            Vec::new(),
+            data_dir.clone(),
+        );
+        opts.shards = raftmq_core::shard::ShardCount::new(4).expect("valid");
+        raftmq_cluster::node::RaftNode::start(opts)
+            .await
+            .expect("node starts")
+            .shutdown()
+            .await;
+    });
+    drop(runtime);
+
+    /// Kills the server if the test fails before it exited by itself.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Reap(
+        raftmq()
+            .args(["serve", "--mqtt-addr", "none", "--http-addr", "none"])
+            .args(["--cluster-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .env("RAFTMQ_CLUSTER__SHARDS", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("runs raftmq"),
+    );
+    let status = raftmq_tests::wait::poll_blocking(
+        "raftmq serve exits",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || server.0.try_wait().expect("try_wait").ok_or("running"),
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(server.0.stderr.as_mut().expect("stderr piped"), &mut stderr)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cluster.shards is 2, but the data dir {} belongs to a cluster created with \
+             cluster.shards = 4",
+            data_dir.display()
+        )),
+        "{stderr}"
+    );
+}

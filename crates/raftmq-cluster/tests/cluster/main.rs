@@ -10,6 +10,7 @@
 mod ambiguous;
 mod brokers;
 mod faults;
+mod shards;
 mod tls;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -18,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use raftmq_cluster::grpc::routes;
 use raftmq_cluster::network::{ClusterTls, Fault, FaultInjector};
 use raftmq_cluster::node::{NodeOptions, RaftNode, RaftTuning};
 use raftmq_codec::ByteStr;
@@ -26,6 +26,7 @@ use raftmq_core::Broker;
 use raftmq_core::auth::AllowAll;
 use raftmq_core::config::MqttConfig;
 use raftmq_core::durability::{Durability, DurabilityError, StateChange};
+use raftmq_core::shard::{ShardCount, ShardId};
 use raftmq_server::{ClusterServer, ClusterTlsPem};
 use raftmq_tests::certs::Ca;
 use raftmq_tests::{TestBroker, eventually, free_addr};
@@ -52,6 +53,8 @@ struct Net {
 #[derive(Debug, Default)]
 struct Rules {
     cut: HashSet<(NodeId, NodeId)>,
+    /// Links cut for one group's Raft traffic only: (shard, from, to).
+    cut_shard: HashSet<(u32, NodeId, NodeId)>,
     delay: HashMap<(NodeId, NodeId), Duration>,
     drop_every: Option<u64>,
 }
@@ -76,6 +79,18 @@ impl FaultInjector for Net {
     fn forwarded(&self, from: NodeId, to: NodeId) -> Fault {
         self.forwarded_fault(from, to)
     }
+
+    fn raft(&self, shard: ShardId, from: NodeId, to: NodeId) -> Fault {
+        if self
+            .rules
+            .lock()
+            .cut_shard
+            .contains(&(shard.get(), from, to))
+        {
+            return Fault::Drop;
+        }
+        self.fault(from, to)
+    }
 }
 
 impl Net {
@@ -87,6 +102,16 @@ impl Net {
                 rules.cut.insert((x, y));
                 rules.cut.insert((y, x));
             }
+        }
+    }
+
+    /// Cuts group `shard`'s Raft traffic between `node` and every other node in `all`, both
+    /// ways (the other groups' traffic flows).
+    fn isolate_shard(&self, shard: u32, node: NodeId, all: &[NodeId]) {
+        let mut rules = self.rules.lock();
+        for &other in all.iter().filter(|&&n| n != node) {
+            rules.cut_shard.insert((shard, node, other));
+            rules.cut_shard.insert((shard, other, node));
         }
     }
 
@@ -147,6 +172,8 @@ struct NodeSetup<'a> {
     /// Serve every cluster service (Raft, administration, live forwarding); otherwise Raft and
     /// administration only.
     all_services: bool,
+    /// `cluster.shards`.
+    shards: ShardCount,
 }
 
 struct Node {
@@ -168,15 +195,34 @@ impl Node {
             setup.data_dir,
         );
         opts.tuning = setup.tuning;
+        opts.shards = setup.shards;
         opts.faults = setup.faults.map(|net| net as _);
         opts.tls = setup
             .tls
             .map(|pem| ClusterTls::from_pem(&pem.cert, &pem.key, &pem.ca));
-        let raft = RaftNode::start(opts).await.expect("node starts");
+        // A node stopped just before may still hold its store for a moment (openraft's state
+        // machine workers end after `shutdown` returns): its RocksDB lock is released then.
+        let raft = raftmq_tests::poll(
+            "the node starts (its data dir unlocked)",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                let opts = opts.clone();
+                async move {
+                    match RaftNode::start(opts).await {
+                        Ok(raft) => Ok(Ok(raft)),
+                        Err(e) if format!("{e:?}").contains("LOCK") => Err(format!("{e:?}")),
+                        Err(e) => Ok(Err(e)),
+                    }
+                }
+            },
+        )
+        .await
+        .expect("node starts");
         let grpc = if setup.all_services {
             raft.grpc_routes()
         } else {
-            routes(raft.raft.clone())
+            raft.raft_routes()
         };
         let server = ClusterServer::bind(setup.addr.parse().expect("address"), grpc, setup.tls)
             .await
@@ -227,6 +273,8 @@ struct Cluster {
     /// Run a broker (applied-change feed, live forwarding, liveness) and an MQTT listener on
     /// every node.
     brokers: bool,
+    /// `cluster.shards` of every node.
+    shards: ShardCount,
 }
 
 const FORM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -262,7 +310,19 @@ impl Cluster {
         Self::start_with(3, tuning(10_000, 1_000), false, Transport::MutualTls(ca)).await
     }
 
+    /// With `cluster.shards` from `RAFTMQ_TEST_SHARDS` (1 when unset), so the whole suite can
+    /// run with several data groups per node: `RAFTMQ_TEST_SHARDS=8 cargo test --test cluster`.
     async fn start_with(n: u64, tuning: RaftTuning, brokers: bool, via: Transport<'_>) -> Cluster {
+        Self::start_full(n, tuning, brokers, via, test_shards()).await
+    }
+
+    async fn start_full(
+        n: u64,
+        tuning: RaftTuning,
+        brokers: bool,
+        via: Transport<'_>,
+        shards: ShardCount,
+    ) -> Cluster {
         init_logs();
         let ids: Vec<NodeId> = (1..=n).collect();
         let dirs: HashMap<NodeId, TempDir> = ids
@@ -290,6 +350,7 @@ impl Cluster {
             pems,
             ids: ids.clone(),
             brokers,
+            shards,
         };
         for &id in &ids {
             cluster.boot(id, tuning).await;
@@ -333,6 +394,7 @@ impl Cluster {
             tls,
             // The mutual TLS tests check the whole cluster port.
             all_services: self.brokers || tls.is_some(),
+            shards: self.shards,
         })
         .await;
         // As `raftmq serve` wires them: feed, forwarding (with the node's fault injection),
@@ -527,6 +589,19 @@ impl Cluster {
                 self.stop(id).await;
             }
         }
+    }
+}
+
+/// `cluster.shards` of the clusters of the tests that do not choose it: `RAFTMQ_TEST_SHARDS`,
+/// else 1.
+fn test_shards() -> ShardCount {
+    match std::env::var("RAFTMQ_TEST_SHARDS") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .and_then(ShardCount::new)
+            .unwrap_or_else(|| panic!("RAFTMQ_TEST_SHARDS={v:?} is no shard count")),
+        Err(_) => ShardCount::ONE,
     }
 }
 

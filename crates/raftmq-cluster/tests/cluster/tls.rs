@@ -98,6 +98,7 @@ async fn node_with_a_certificate_from_another_ca_cannot_join_or_propose() {
         faults: None,
         tls: Some(&pem),
         all_services: true,
+        shards: test_shards(),
     })
     .await;
 

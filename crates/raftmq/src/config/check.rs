@@ -230,6 +230,16 @@ impl ClusterConfig {
                 out.push(problem(format!("{prefix}seeds"), e));
             }
         }
+        if raftmq_core::shard::ShardCount::new(self.shards).is_none() {
+            out.push(problem(
+                format!("{prefix}shards"),
+                format!(
+                    "must be between 1 and {} (the number of data shards), not {}",
+                    raftmq_core::shard::ShardCount::MAX,
+                    self.shards
+                ),
+            ));
+        }
         let files = [
             ("tls_cert_file", &self.tls_cert_file),
             ("tls_key_file", &self.tls_key_file),

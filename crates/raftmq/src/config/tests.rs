@@ -492,3 +492,24 @@ subscribe = ["y/#"]
     );
     problems_starting("bridges = 3", &["bridges: must be a list of tables"]);
 }
+
+#[test]
+fn the_shard_count_is_checked_against_its_range_naming_the_key() {
+    assert_eq!(
+        problems("[cluster]\nshards = 0"),
+        ["cluster.shards: must be between 1 and 1024 (the number of data shards), not 0"]
+    );
+    assert_eq!(
+        problems("[cluster]\nshards = 1025"),
+        ["cluster.shards: must be between 1 and 1024 (the number of data shards), not 1025"]
+    );
+    assert_eq!(
+        check_file("[cluster]\nshards = 1024").map(|c| c.cluster.shards),
+        Ok(1024)
+    );
+    assert_eq!(
+        Config::default().cluster.shards,
+        1,
+        "one data group by default"
+    );
+}
