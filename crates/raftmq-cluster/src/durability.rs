@@ -210,15 +210,7 @@ impl RaftDurability {
     /// it out would make a publish here match nothing (PUBACK 0x10) and lose the message.
     pub fn mirror_image(&self) -> Result<Recovered, DurabilityError> {
         let mut recovered = self.read_state()?;
-        recovered.remote_subscriptions = std::mem::take(&mut recovered.sessions)
-            .into_iter()
-            .flat_map(|s| {
-                let client_id = s.client_id;
-                s.subscriptions
-                    .into_iter()
-                    .map(move |(filter, entry)| (client_id.clone(), filter, entry))
-            })
-            .collect();
+        recovered.remote_subscriptions = subscriptions_of(std::mem::take(&mut recovered.sessions));
         Ok(recovered)
     }
 
@@ -283,15 +275,7 @@ impl Durability for RaftDurability {
                     .is_none_or(|&owner| owner == 0 || owner == self.node_id)
             });
         recovered.sessions = mine;
-        recovered.remote_subscriptions = theirs
-            .into_iter()
-            .flat_map(|s| {
-                let client_id = s.client_id;
-                s.subscriptions
-                    .into_iter()
-                    .map(move |(filter, entry)| (client_id.clone(), filter, entry))
-            })
-            .collect();
+        recovered.remote_subscriptions = subscriptions_of(theirs);
         Ok(recovered)
     }
 
@@ -340,6 +324,21 @@ impl Durability for RaftDurability {
         });
         load
     }
+}
+
+/// The subscriptions of `sessions`, as `(client id, filter as subscribed, options)`.
+fn subscriptions_of(
+    sessions: Vec<SessionImage>,
+) -> Vec<(ByteStr, Arc<str>, raftmq_core::session::SubEntry)> {
+    sessions
+        .into_iter()
+        .flat_map(|s| {
+            let client_id = s.client_id;
+            s.subscriptions
+                .into_iter()
+                .map(move |(filter, entry)| (client_id.clone(), filter, entry))
+        })
+        .collect()
 }
 
 async fn batcher(

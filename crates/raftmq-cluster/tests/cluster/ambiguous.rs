@@ -177,6 +177,11 @@ impl Cluster {
             },
         )
         .await;
+        self.all_applied_what_the_leader_applied().await;
+    }
+
+    /// Waits until every node has applied what the leader has applied now.
+    async fn all_applied_what_the_leader_applied(&self) {
         let leader = self.leader().await;
         let index = self
             .node(leader)
@@ -400,22 +405,8 @@ async fn after_a_proposal_of_a_connection_failed_its_later_ones_are_refused() {
         },
     )
     .await;
-    let leader = cluster.leader().await;
-    let index = cluster
-        .node(leader)
-        .raft
-        .metrics()
-        .borrow()
-        .last_applied
-        .map_or(0, |l| l.index);
+    cluster.all_applied_what_the_leader_applied().await;
     for &id in &cluster.ids {
-        cluster
-            .node(id)
-            .raft
-            .wait(Some(CONVERGE_TIMEOUT))
-            .applied_index_at_least(Some(index), "the leader's entries applied")
-            .await
-            .expect("every node applies what the leader applied");
         assert!(cluster.sessions(id).contains("other"));
         assert!(
             !cluster.sessions(id).contains("second"),

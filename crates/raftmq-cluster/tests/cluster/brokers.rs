@@ -336,6 +336,32 @@ fn stored_message(payload: &'static str) -> Arc<Message> {
     })
 }
 
+/// The majority moves on, one log entry per write, well past two snapshots (of a cluster
+/// snapshotting every 20 entries).
+async fn write_past_two_snapshots(cluster: &Cluster, majority: &[NodeId]) {
+    for i in 0..60 {
+        cluster
+            .write_majority(majority, &[format!("missed-{i}")])
+            .await;
+    }
+}
+
+/// Waits until `node` has installed a snapshot at or past `purged` and its broker has
+/// mirrored it.
+async fn installed_a_snapshot_and_mirrored_it(cluster: &Cluster, node: NodeId, purged: u64) {
+    eventually(
+        "the node installed a snapshot and mirrored it",
+        Duration::from_secs(15),
+        || {
+            let node = cluster.node(node);
+            let snapshot = node.raft.metrics().borrow().snapshot.map_or(0, |s| s.index);
+            let ok = snapshot >= purged && node.mirrored_index() >= snapshot;
+            async move { ok }
+        },
+    )
+    .await;
+}
+
 /// A node cut off long enough to let go of its persistent sessions (but not long enough to be
 /// declared down, so it still owns them in the replicated state) catches up by installing a
 /// snapshot before it can take them back. Meanwhile it must still store what is published
@@ -376,12 +402,7 @@ async fn a_fenced_node_that_installs_a_snapshot_still_stores_for_the_sessions_it
     );
 
     cluster.net.isolate(cut, &cluster.ids);
-    // The majority moves on, one log entry per write, well past two snapshots.
-    for i in 0..60 {
-        cluster
-            .write_majority(&majority, &[format!("missed-{i}")])
-            .await;
-    }
+    write_past_two_snapshots(&cluster, &majority).await;
     let leader = cluster.agreed_leader(&majority, None).await;
     eventually(
         "the cut-off node let go of its sessions",
@@ -414,17 +435,7 @@ async fn a_fenced_node_that_installs_a_snapshot_still_stores_for_the_sessions_it
     // after) does not: it stays fenced, with the snapshot installed and mirrored.
     cluster.net.cut_forwarded_from(cut);
     cluster.net.heal();
-    eventually(
-        "the cut-off node installed a snapshot and mirrored it",
-        Duration::from_secs(15),
-        || {
-            let node = cluster.node(cut);
-            let snapshot = node.raft.metrics().borrow().snapshot.map_or(0, |s| s.index);
-            let ok = snapshot >= purged && node.mirrored_index() >= snapshot;
-            async move { ok }
-        },
-    )
-    .await;
+    installed_a_snapshot_and_mirrored_it(&cluster, cut, purged).await;
     assert!(
         cluster.broker(cut).session("sub").is_none(),
         "the node took its sessions back although its barrier cannot commit"
@@ -507,11 +518,7 @@ async fn a_node_lets_go_of_a_session_claimed_elsewhere_behind_a_snapshot_it_inst
             .publish(stored_message("while behind"), std::time::Instant::now()),
         2
     );
-    for i in 0..60 {
-        cluster
-            .write_majority(&majority, &[format!("missed-{i}")])
-            .await;
-    }
+    write_past_two_snapshots(&cluster, &majority).await;
     let last = cluster
         .node(behind)
         .raft
@@ -533,17 +540,7 @@ async fn a_node_lets_go_of_a_session_claimed_elsewhere_behind_a_snapshot_it_inst
         .map_or(0, |p| p.index);
     cluster.net.heal();
     let healed_after = started.elapsed();
-    eventually(
-        "the node installed a snapshot and mirrored it",
-        Duration::from_secs(15),
-        || {
-            let node = cluster.node(behind);
-            let snapshot = node.raft.metrics().borrow().snapshot.map_or(0, |s| s.index);
-            let ok = snapshot >= purged && node.mirrored_index() >= snapshot;
-            async move { ok }
-        },
-    )
-    .await;
+    installed_a_snapshot_and_mirrored_it(&cluster, behind, purged).await;
     // It lets go of the sessions it held and takes back those it still owns (once a barrier
     // commits): not the one claimed elsewhere.
     eventually(
