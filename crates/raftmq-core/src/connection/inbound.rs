@@ -193,17 +193,21 @@ impl Connection {
             let mut st = att.session.lock_attached(att.epoch)?;
             st.incoming_qos2.remove(&r.packet_id.get()).is_some()
         };
-        if existed && att.session.is_durable() {
+        // PUBCOMP once the release is durable: after it the client may use the packet id for
+        // a new message, which a session loaded from a state still holding the id unreleased
+        // would take for a resend and drop (acknowledged, never delivered). If the record
+        // fails, the connection closes without PUBCOMP and the client sends PUBREL again.
+        let released = (existed && att.session.is_durable()).then(|| {
             self.broker.propose_fenced(
                 att.fence(),
                 vec![StateChange::IncomingQos2Completed {
                     client_id: att.client_id.clone(),
                     packet_id: r.packet_id.get(),
                 }],
-            );
-        }
+            )
+        });
         let comp = Packet::PubComp(self.next_step(r.packet_id, existed));
-        self.emit(comp, None);
+        self.emit(comp, released);
         Ok(())
     }
 
