@@ -1320,6 +1320,42 @@ fn a_resumed_session_resends_a_qos_2_message_recorded_sent_under_its_packet_id_f
     assert!(sent[0].2, "with DUP");
 }
 
+/// In a cluster, a QoS 2 PUBLISH whose commit was reported failed may have committed all the
+/// same (its reply lost). When its client reconnects to the same node, its session is not
+/// resumed from memory (which says "not recorded", so the resend would be routed and stored a
+/// second time: a QoS 2 duplicate a 30-minute chaos run found) but loaded from the replicated
+/// state, which says whether the packet id was recorded.
+#[test]
+fn a_session_holding_a_failed_qos2_commit_is_loaded_again_not_resumed_from_memory() {
+    let d = Arc::new(Resuming::default());
+    let b = broker(d.clone());
+    b.set_forwarder(Arc::new(RecordingForwarder::default()));
+    let now = Instant::now();
+    let mut publ = open(&b, now);
+    publ.handle_packet(connect("pub", true, 3600), now);
+    d.held.complete_all(Ok(()));
+    publ.handle_commits(now);
+    drain(&mut publ, now);
+    publ.handle_packet(publish("x", QoS::ExactlyOnce, 5, false), now);
+    // Reported failed (it may have committed): no PUBREC, the connection closes.
+    d.held.complete_all(Err(DurabilityError::Unavailable));
+    publ.handle_commits(now);
+    drain(&mut publ, now);
+    assert!(publ.is_closed());
+    assert!(d.loads.lock().is_empty());
+    // The client reconnects to this node: its session is loaded, not taken from memory.
+    let mut again = open(&b, now);
+    again.handle_packet(connect("pub", false, 3600), now);
+    d.held.complete_all(Ok(()));
+    again.handle_commits(now);
+    assert_eq!(
+        d.loads.lock().len(),
+        1,
+        "the session was resumed from memory, which does not know whether its QoS 2 PUBLISH \
+         was recorded"
+    );
+}
+
 /// A commit reported failed may have happened (a timeout, a lost reply, a node paused past
 /// its deadline). The local deliveries of the message are then kept and queued if this node
 /// applies the message's `MessageStored` after all (its own batch, which the feed does not

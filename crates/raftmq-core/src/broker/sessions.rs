@@ -24,6 +24,24 @@ impl Broker {
     ) -> Attached {
         let mut wills_to_publish = Vec::new();
         let mut changes = Vec::new();
+        // In a cluster, a stored session whose memory here holds a QoS 2 PUBLISH whose commit
+        // was reported failed cannot be resumed from memory: the commit may have happened all
+        // the same (a lost reply, a timeout), and the client's resend would then be routed as
+        // new and stored twice. It is let go of and loaded from the replicated state, which
+        // says whether the packet id was recorded (as on any other node).
+        if !clean_start
+            && self.clustered()
+            && self.sessions.lock().get(client_id).is_some_and(|s| {
+                s.is_durable()
+                    && s.lock_unfenced(UNFENCED)
+                        .incoming_qos2
+                        .values()
+                        .any(|c| matches!(c.result(), Some(Err(_))))
+            })
+            && let Some(w) = self.forget_session(client_id, true, true)
+        {
+            wills_to_publish.push(w);
+        }
         // The session starts empty: clean start, or the one found ends with its connection.
         let mut fresh = clean_start;
         let attached = {
