@@ -1294,15 +1294,26 @@ fn resumed_with_a_later_message_recorded_sent(qos: QoS) -> Vec<(String, Option<u
     sent
 }
 
-/// QoS 1: the stored order wins (MQTT 4.6): m1, m2, then m3 again under a new packet id (a
-/// duplicate QoS 1 allows, if the client had it). Before, m3 was resent first (in flight),
-/// ahead of the two stored before it: the chaos checker's `out_of_order`.
+/// QoS 1: the stored order wins (MQTT 4.6): m1 and m2 are sent first, under packet ids of
+/// their own, then m3 is resent under its id 7; all with DUP (the previous node may have sent
+/// m1 and m2 too). Before, m3 was resent first (in flight), ahead of the two stored before it:
+/// the chaos checker's `out_of_order`.
 #[test]
 fn a_resumed_session_gets_its_qos_1_messages_in_stored_order_even_one_recorded_sent() {
     let sent = resumed_with_a_later_message_recorded_sent(QoS::AtLeastOnce);
     let payloads: Vec<&str> = sent.iter().map(|(p, _, _)| p.as_str()).collect();
     assert_eq!(payloads, ["m1", "m2", "m3"], "in stored order: {sent:?}");
-    assert!(!sent[2].2, "m3 is sent anew, without DUP: {sent:?}");
+    assert_eq!(sent[2].1, Some(7), "m3 keeps its packet id: {sent:?}");
+    assert!(
+        sent[..2]
+            .iter()
+            .all(|(_, id, _)| id.is_some() && *id != Some(7)),
+        "m1 and m2 under ids of their own: {sent:?}"
+    );
+    assert!(
+        sent.iter().all(|(_, _, dup)| *dup),
+        "all resent with DUP: {sent:?}"
+    );
 }
 
 /// QoS 2: exactly once wins: m3, which its receiver may hold unreleased under packet id 7, is

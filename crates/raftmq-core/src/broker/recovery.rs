@@ -125,13 +125,20 @@ impl Broker {
                 _ => later.push_back(d),
             }
         }
-        // Whether a message before this one is queued (not sent yet). A later QoS 1 message
-        // the image shows as sent (its record landed, the earlier one's did not: a record held
-        // back for a live delivery, or lost in a failure) is then queued behind it, in stored
-        // order, under a new packet id: MQTT 4.6 order, at the cost of a duplicate QoS 1
-        // allows. A QoS 2 one keeps its packet id (exactly once first: its receiver may hold
-        // that id unreleased).
-        let mut unsent_before = false;
+        // QoS 1 messages of the image queued so far by this loop (not sent yet). A later QoS 1
+        // message the image shows as sent (its record landed, theirs did not: a record held
+        // back for a live delivery, or lost in a failure) must not overtake them (MQTT 4.6):
+        // they are sent first, resent with the in-flight ones in stored order under packet
+        // ids of their own (a duplicate QoS 1 allows), and the sent one keeps its id. A QoS 2
+        // one keeps its place too (exactly once first: ids for QoS 2 are only used once
+        // recorded, which the chained records of a connection make this case need a lost one).
+        let image_pids: std::collections::HashSet<u16> = image
+            .messages
+            .iter()
+            .filter_map(|m| m.packet_id)
+            .filter(|id| *id != 0)
+            .collect();
+        let mut unsent_qos1 = 0usize;
         for stored in image.messages {
             if in_flight.contains(&stored.id) {
                 continue;
@@ -139,8 +146,10 @@ impl Broker {
             if let Some(d) = fed.remove(&stored.id) {
                 if stored.packet_id.is_none_or(|id| id == 0) {
                     // Queued already (and counted): back in its stored place.
+                    if d.qos == QoS::AtLeastOnce {
+                        unsent_qos1 += 1;
+                    }
                     st.queue.push_back(d);
-                    unsent_before = true;
                     continue;
                 }
                 // Sent under a packet id elsewhere meanwhile: resent under that id (below), not
@@ -154,12 +163,15 @@ impl Broker {
                 message: stored.message,
                 durable: Some(stored.id),
             };
-            let requeue = unsent_before && stored.target.qos == QoS::AtLeastOnce;
             match stored
                 .packet_id
-                .filter(|id| *id != 0 && !st.outgoing.contains_key(id) && !requeue)
+                .filter(|id| *id != 0 && !st.outgoing.contains_key(id))
             {
                 Some(id) => {
+                    if stored.target.qos == QoS::AtLeastOnce && unsent_qos1 > 0 {
+                        self.send_queued_qos1_first(st, &image_pids);
+                        unsent_qos1 = 0;
+                    }
                     let state = if stored.released {
                         Outgoing::Released(Some(stored.id))
                     } else {
@@ -173,8 +185,10 @@ impl Broker {
                 }
                 None => {
                     self.stats.messages_queued.fetch_add(1, Relaxed);
+                    if delivery.qos == QoS::AtLeastOnce {
+                        unsent_qos1 += 1;
+                    }
                     st.queue.push_back(delivery);
-                    unsent_before = true;
                 }
             }
         }
@@ -187,6 +201,43 @@ impl Broker {
                 .into_iter()
                 .map(|id| (id, Commit::ready())),
         );
+    }
+
+    /// Moves the QoS 1 messages queued in `st` (those of the image being restored) into the
+    /// in-flight set, in queue order, each under a free packet id that no message of the image
+    /// holds (`taken`): they are resent, with DUP, before the in-flight messages restored after
+    /// them. One that finds no free id stays queued.
+    fn send_queued_qos1_first(
+        &self,
+        st: &mut SessionState,
+        taken: &std::collections::HashSet<u16>,
+    ) {
+        let (first, rest): (std::collections::VecDeque<Delivery>, _) =
+            std::mem::take(&mut st.queue)
+                .into_iter()
+                .partition(|d| d.qos == QoS::AtLeastOnce);
+        st.queue = rest;
+        for d in first {
+            let free = (0..u16::MAX)
+                .map_while(|_| st.allocate_packet_id())
+                .map(|p| p.get())
+                .find(|p| !taken.contains(p));
+            let Some(id) = free else {
+                st.queue.push_back(d);
+                continue;
+            };
+            self.stats.messages_queued.fetch_sub(1, Relaxed);
+            self.stats.messages_inflight.fetch_add(1, Relaxed);
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            st.outgoing.insert(
+                id,
+                OutgoingEntry {
+                    seq,
+                    state: Outgoing::Publish(d),
+                },
+            );
+        }
     }
 
     /// Completes an attachment whose session was not in memory ([`Attached::load_after_commit`]):
