@@ -11,7 +11,7 @@ use crate::index::Match;
 use crate::index::SubscriptionIndex;
 use crate::message::{Delivery, Message};
 use crate::session::{PendingWill, Session, SubEntry};
-use crate::topic::{TopicLimits, parse_subscription};
+use crate::topic::{TopicFilter, TopicLimits, parse_subscription};
 use ahash::HashMap;
 use parking_lot::Mutex;
 use raftmq_codec::{ByteStr, QoS, ReasonCode};
@@ -23,7 +23,7 @@ use std::time::Instant;
 /// Plain (non-shared) subscriptions of persistent sessions owned by other nodes, by client id.
 pub(in crate::broker) struct RemoteSubscriptions {
     index: SubscriptionIndex<ByteStr, SubEntry>,
-    by_client: Mutex<HashMap<ByteStr, Vec<crate::topic::TopicFilter>>>,
+    by_client: Mutex<HashMap<ByteStr, Vec<TopicFilter>>>,
 }
 
 impl RemoteSubscriptions {
@@ -43,21 +43,21 @@ impl RemoteSubscriptions {
         entry: SubEntry,
         limits: &TopicLimits,
     ) {
-        let Ok(parsed) = parse_subscription(filter, limits) else {
-            return;
-        };
-        if parsed.share_group.is_some() {
-            return;
+        if let Some(filter) = plain_filter(filter, limits) {
+            self.add_parsed(client_id, filter, entry);
         }
+    }
+
+    fn add_parsed(&self, client_id: &ByteStr, filter: TopicFilter, entry: SubEntry) {
         let previous = self
             .index
-            .subscribe(&parsed.filter, None, client_id.clone(), entry);
+            .subscribe(&filter, None, client_id.clone(), entry);
         if previous.is_none() {
             self.by_client
                 .lock()
                 .entry(client_id.clone())
                 .or_default()
-                .push(parsed.filter);
+                .push(filter);
         }
     }
 
@@ -67,19 +67,44 @@ impl RemoteSubscriptions {
         filter: &str,
         limits: &TopicLimits,
     ) {
-        let Ok(parsed) = parse_subscription(filter, limits) else {
-            return;
-        };
-        if parsed.share_group.is_some() {
-            return;
+        if let Some(filter) = plain_filter(filter, limits) {
+            self.remove_parsed(client_id, &filter);
         }
-        self.index.unsubscribe(&parsed.filter, None, client_id);
+    }
+
+    fn remove_parsed(&self, client_id: &ByteStr, filter: &TopicFilter) {
+        self.index.unsubscribe(filter, None, client_id);
         let mut by_client = self.by_client.lock();
         if let Some(filters) = by_client.get_mut(client_id) {
-            filters.retain(|f| f.as_str() != parsed.filter.as_str());
+            filters.retain(|f| f != filter);
             if filters.is_empty() {
                 by_client.remove(client_id);
             }
+        }
+    }
+
+    /// Makes the mirror hold exactly `subscriptions` (plain ones; each as subscribed). The new
+    /// entries go in before the stale ones are removed: a publish routed meanwhile matches at
+    /// least every subscription of the new set (a message stored for a subscription removed a
+    /// moment later is harmless; one not stored is lost).
+    fn replace(&self, subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>, limits: &TopicLimits) {
+        let mut keep: ahash::HashSet<(ByteStr, TopicFilter)> = ahash::HashSet::default();
+        for (client_id, filter, entry) in subscriptions {
+            if let Some(filter) = plain_filter(&filter, limits) {
+                self.add_parsed(&client_id, filter.clone(), entry);
+                keep.insert((client_id, filter));
+            }
+        }
+        let stale: Vec<(ByteStr, TopicFilter)> = self
+            .by_client
+            .lock()
+            .iter()
+            .flat_map(|(client_id, filters)| filters.iter().map(move |f| (client_id, f)))
+            .filter(|(client_id, f)| !keep.contains(&((*client_id).clone(), (*f).clone())))
+            .map(|(client_id, f)| (client_id.clone(), f.clone()))
+            .collect();
+        for (client_id, filter) in stale {
+            self.remove_parsed(&client_id, &filter);
         }
     }
 
@@ -92,6 +117,15 @@ impl RemoteSubscriptions {
             self.index.unsubscribe(&filter, None, client_id);
         }
     }
+}
+
+/// The filter of a plain (not shared) subscription `filter` as subscribed; `None` for a shared
+/// or malformed one (neither is mirrored).
+fn plain_filter(filter: &str, limits: &TopicLimits) -> Option<TopicFilter> {
+    parse_subscription(filter, limits)
+        .ok()
+        .filter(|p| p.share_group.is_none())
+        .map(|p| p.filter)
 }
 
 impl Broker {
@@ -373,36 +407,11 @@ impl Broker {
     /// subscription of the new state (a message stored for a subscription removed a moment
     /// later is harmless; one not stored is lost).
     pub fn replace_remote_subscriptions(&self, subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>) {
-        let remote = &self.cluster.remote;
-        let mut keep: ahash::HashSet<(ByteStr, String)> = ahash::HashSet::default();
-        for (client_id, filter, entry) in subscriptions {
-            if self.owns(&client_id) {
-                continue;
-            }
-            let Ok(parsed) = parse_subscription(&filter, &self.topic_limits) else {
-                continue;
-            };
-            if parsed.share_group.is_some() {
-                continue;
-            }
-            keep.insert((client_id.clone(), parsed.filter.as_str().to_owned()));
-            remote.add(&client_id, &filter, entry, &self.topic_limits);
-        }
-        let stale: Vec<(ByteStr, crate::topic::TopicFilter)> = remote
-            .by_client
-            .lock()
-            .iter()
-            .flat_map(|(client_id, filters)| {
-                filters
-                    .iter()
-                    .filter(|f| !keep.contains(&(client_id.clone(), f.as_str().to_owned())))
-                    .map(|f| (client_id.clone(), f.clone()))
-                    .collect::<Vec<_>>()
-            })
+        let theirs = subscriptions
+            .into_iter()
+            .filter(|(client_id, _, _)| !self.owns(client_id))
             .collect();
-        for (client_id, filter) in stale {
-            remote.remove(&client_id, filter.as_str(), &self.topic_limits);
-        }
+        self.cluster.remote.replace(theirs, &self.topic_limits);
     }
 
     /// Drops the in-memory session of `client_id` without recording anything (its durable
