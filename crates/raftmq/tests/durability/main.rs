@@ -270,7 +270,11 @@ async fn wait_retained(addr: SocketAddr, filter: &str, n: u32) {
     let deadline = Instant::now() + Duration::from_secs(15);
     let want = format!("msg-{n}");
     loop {
-        let (mut c, _) = connected(addr, "pub-retained-probe", true).await;
+        // A client id of its own per node: probes of one id on several nodes in quick
+        // succession take each other over (client ids are unique cluster-wide, best effort),
+        // which is not what this waits for.
+        let id = format!("pub-retained-probe-{}", addr.port());
+        let (mut c, _) = connected(addr, &id, true).await;
         c.subscribe(filter, QoS::AtLeastOnce).await;
         if let Ok(Some(Packet::Publish(p))) = c.recv_within(Duration::from_millis(500)).await
             && p.retain
