@@ -45,6 +45,10 @@ const MAX_BATCH: usize = 512;
 const ROUTE_CHECK: Duration = Duration::from_millis(20);
 /// How often the membership is checked for peers to link to.
 const MEMBERSHIP_CHECK: Duration = Duration::from_millis(500);
+/// How long a queue opened for a peer that is not (yet) in this node's view of the membership
+/// is kept (see [`ForwardHub::forward`]): a member this node has not applied yet is in it well
+/// within this; past it the queued messages are dropped and counted (`reason="no_link"`).
+const EARLY_LINK_GRACE: Duration = Duration::from_secs(10);
 /// A peer that has not acknowledged a message for this long is treated as unreachable: the
 /// stream is closed (its publishers stop waiting, what was sent is resent after a reconnect),
 /// so a hung peer whose connection stays open cannot hold publishers up.
@@ -60,6 +64,9 @@ pub const FORWARD_DUPLICATES_TOTAL: &str = "raftmq_forward_duplicates_total";
 pub const FORWARD_PEER_WILLS: &str = "raftmq_forward_peer_wills";
 pub const FORWARD_RESEND_OVERFLOW_TOTAL: &str = "raftmq_forward_resend_overflow_total";
 pub const FORWARD_ACK_TIMEOUTS_TOTAL: &str = "raftmq_forward_ack_timeouts_total";
+/// Queues opened for a peer on its first message, before the membership check had linked to
+/// it (the peer announced routes first: it joined, or this node started, a moment ago).
+pub const FORWARD_EARLY_LINKS_TOTAL: &str = "raftmq_forward_early_links_total";
 /// Forwarded messages that had to wait, on the sending or the receiving side, for the
 /// publisher's previous stored message (see [`ORDER_WAIT`]).
 pub const FORWARD_ORDER_WAITS_TOTAL: &str = "raftmq_forward_order_waits_total";
@@ -109,6 +116,12 @@ pub struct ForwardHub {
     incarnation: u64,
     clock: WallClock,
     links: Mutex<HashMap<NodeId, mpsc::Sender<Item>>>,
+    /// Queues opened by [`ForwardHub::forward`] for peers that announced routes before the
+    /// membership check linked to them, with when; the check starts their links (lock order:
+    /// `links`, then `early`).
+    early: Mutex<HashMap<NodeId, (mpsc::Receiver<Item>, std::time::Instant)>>,
+    /// Wakes the membership check (a queue was opened early).
+    wake: tokio::sync::Notify,
     /// Since when each peer's stream has been down (absent: up, or never tried).
     down_since: Mutex<HashMap<NodeId, std::time::Instant>>,
     /// Since when every attempt to reach each peer was actively refused (nothing listens on
@@ -137,11 +150,14 @@ impl Forwarder for ForwardHub {
         // QoS 1/2 over a working link: the publisher's acknowledgement waits for the peer's.
         // Over a link that is down there is nobody to wait for (its subscribers' connections
         // are gone with it, or it comes back and gets the message then): no waiting.
-        let links = self.links.lock();
+        let mut links = self.links.lock();
+        if !links.contains_key(&node) {
+            // The peer announced routes before the membership check linked to it (it joined,
+            // or this node started, a moment ago): queue for it now, the check links to it at
+            // once (and drops the queue if the peer never shows up in the membership).
+            self.open_early(&mut links, node);
+        }
         let Some(tx) = links.get(&node) else {
-            // Not (yet) a member this node links to: nothing to wait for.
-            counter!(FORWARD_DROPPED_TOTAL, "peer" => node.to_string(), "reason" => "no_link")
-                .increment(1);
             return Commit::ready();
         };
         let (commit, ack) = if message.qos != QoS::AtMostOnce && self.down_for(node).is_none() {
@@ -195,16 +211,7 @@ impl ForwardHub {
         tls: Option<ClusterTls>,
         faults: Faults,
     ) -> (Arc<ForwardHub>, tokio::task::JoinHandle<()>) {
-        let hub = Arc::new(ForwardHub {
-            node_id,
-            tls,
-            faults,
-            incarnation: incarnation(),
-            clock: WallClock::now(),
-            links: Mutex::new(HashMap::new()),
-            down_since: Mutex::new(HashMap::new()),
-            refused_since: Mutex::new(HashMap::new()),
-        });
+        let hub = Arc::new(ForwardHub::new(node_id, tls, faults));
         broker.set_forwarder(hub.clone());
         let handle = hub.clone();
         let task = tokio::spawn(async move {
@@ -223,11 +230,7 @@ impl ForwardHub {
                     if tasks.contains_key(peer) {
                         continue;
                     }
-                    hub.down_since
-                        .lock()
-                        .insert(*peer, std::time::Instant::now());
-                    let (tx, rx) = mpsc::channel(PEER_QUEUE);
-                    hub.links.lock().insert(*peer, tx);
+                    let rx = hub.queue_for(*peer);
                     info!(peer, addr, "forwarding link to peer");
                     tasks.insert(
                         *peer,
@@ -247,10 +250,87 @@ impl ForwardHub {
                     }
                     broker.forget_peer(peer);
                 }
-                tokio::time::sleep(MEMBERSHIP_CHECK).await;
+                hub.drop_stale_early(&members, std::time::Instant::now());
+                // Checked again after a while, or at once when a queue was opened early.
+                tokio::select! {
+                    _ = tokio::time::sleep(MEMBERSHIP_CHECK) => {}
+                    _ = hub.wake.notified() => {}
+                }
             }
         });
         (handle, task)
+    }
+
+    /// A hub of node `node_id` with no links yet.
+    fn new(node_id: NodeId, tls: Option<ClusterTls>, faults: Faults) -> ForwardHub {
+        ForwardHub {
+            node_id,
+            tls,
+            faults,
+            incarnation: incarnation(),
+            clock: WallClock::now(),
+            links: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
+            down_since: Mutex::new(HashMap::new()),
+            refused_since: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens the queue for `node` before its link exists (see [`ForwardHub::forward`]); the
+    /// link counts as down until its stream opens, like any link being connected.
+    fn open_early(&self, links: &mut HashMap<NodeId, mpsc::Sender<Item>>, node: NodeId) {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        links.insert(node, tx);
+        self.early
+            .lock()
+            .insert(node, (rx, std::time::Instant::now()));
+        self.down_since
+            .lock()
+            .entry(node)
+            .or_insert_with(std::time::Instant::now);
+        counter!(FORWARD_EARLY_LINKS_TOTAL, "peer" => node.to_string()).increment(1);
+        self.wake.notify_one();
+    }
+
+    /// The queue a new link to `peer` sends from: the one opened early, if any, else a new one.
+    fn queue_for(&self, peer: NodeId) -> mpsc::Receiver<Item> {
+        let mut links = self.links.lock();
+        if let Some((rx, _)) = self.early.lock().remove(&peer) {
+            return rx;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        links.insert(peer, tx);
+        self.down_since
+            .lock()
+            .insert(peer, std::time::Instant::now());
+        rx
+    }
+
+    /// Drops the queues opened early for nodes still not in `members` after
+    /// [`EARLY_LINK_GRACE`], counting what they held.
+    fn drop_stale_early(&self, members: &HashMap<NodeId, String>, now: std::time::Instant) {
+        let mut links = self.links.lock();
+        let mut early = self.early.lock();
+        let stale: Vec<NodeId> = early
+            .iter()
+            .filter(|(id, (_, at))| {
+                !members.contains_key(id) && now.saturating_duration_since(*at) > EARLY_LINK_GRACE
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for node in stale {
+            links.remove(&node);
+            self.down_since.lock().remove(&node);
+            if let Some((mut rx, _)) = early.remove(&node) {
+                let mut dropped = 0u64;
+                while rx.try_recv().is_ok() {
+                    dropped += 1;
+                }
+                counter!(FORWARD_DROPPED_TOTAL, "peer" => node.to_string(), "reason" => "no_link")
+                    .increment(dropped);
+            }
+        }
     }
 
     /// How long the stream to `peer` has been down, if it is (the liveness signal used to
@@ -318,6 +398,9 @@ async fn link(
     broker: Arc<Broker>,
 ) {
     let mut unacked: VecDeque<Unacked> = VecDeque::new();
+    // What was still queued when a stream broke: sent first on the next one (never dropped
+    // for a reconnect; bounded by the queue it came from).
+    let mut carried: VecDeque<Item> = VecDeque::new();
     let mut seq = 0u64;
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
@@ -339,7 +422,7 @@ async fn link(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (out, frames) = mpsc::channel::<pb::Frame>(64);
-        // Routes first, then whatever the peer has not acknowledged yet.
+        // Routes first, then the wills of this node's sessionless connections, in full.
         let (mut generation, routes) = broker.local_routes();
         let mut announced: HashSet<Arc<str>> = routes.iter().cloned().collect();
         let full = pb::frame::Body::Routes(pb::Routes {
@@ -350,7 +433,6 @@ async fn link(
         if out.send(hub.frame(full)).await.is_err() {
             continue;
         }
-        // Then the wills of this node's sessionless connections, in full.
         let (mut wills_generation, wills) = broker.local_wills();
         let mut wills_announced: HashSet<ByteStr> =
             wills.iter().map(|(id, _)| id.clone()).collect();
@@ -365,23 +447,6 @@ async fn link(
         if out.send(hub.frame(full)).await.is_err() {
             continue;
         }
-        let resent_at = tokio::time::Instant::now();
-        for u in unacked.iter_mut() {
-            u.sent_at = resent_at;
-        }
-        for chunk in unacked
-            .iter()
-            .map(|u| u.frame.clone())
-            .collect::<Vec<_>>()
-            .chunks(MAX_BATCH)
-        {
-            let body = pb::frame::Body::Deliveries(pb::Deliveries {
-                messages: chunk.to_vec(),
-            });
-            if out.send(hub.frame(body)).await.is_err() {
-                break;
-            }
-        }
         let frames = futures_util::stream::unfold(frames, |mut rx| async move {
             rx.recv().await.map(|f| (f, rx))
         });
@@ -394,144 +459,186 @@ async fn link(
             }
         };
         backoff = Duration::from_millis(100);
-        hub.mark(peer, true);
-        let mut tick = tokio::time::interval(ROUTE_CHECK);
-        loop {
-            tokio::select! {
-                next = rx.recv() => {
-                    let Some(first) = next else { return };
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(o) => batch.push(o),
-                            Err(_) => break,
-                        }
-                    }
-                    let mut messages = Vec::with_capacity(batch.len());
-                    let mut claims = Vec::new();
-                    for item in batch {
-                        let o = match item {
-                            Item::Message(o) => o,
-                            Item::Claim(c) => {
-                                claims.push(c);
-                                continue;
-                            }
-                        };
-                        seq += 1;
-                        let frame = pb::Forwarded {
-                            seq,
-                            message: Some(message_to_proto(&o.message, &hub.clock)),
-                            plain: o.plain,
-                            shared: o.shared.iter().map(|s| s.to_string()).collect(),
-                            stored_id: o.stored.map_or(0, |id| id.0),
-                            after_index: after_index(o.after).await,
-                        };
-                        messages.push(frame.clone());
-                        unacked.push_back(Unacked {
-                            frame,
-                            ack: o.ack,
-                            sent_at: tokio::time::Instant::now(),
-                        });
-                    }
-                    counter!(FORWARDED_TOTAL, "peer" => peer.to_string())
-                        .increment(messages.len() as u64);
-                    while unacked.len() > MAX_UNACKED {
-                        // Sent, but no longer resendable after a reconnect.
-                        if let Some(u) = unacked.pop_front()
-                            && let Some(ack) = u.ack
-                        {
-                            ack.complete(Ok(()));
-                        }
-                        counter!(FORWARD_RESEND_OVERFLOW_TOTAL, "peer" => peer.to_string())
-                            .increment(1);
-                    }
-                    if !messages.is_empty() {
-                        let body = pb::frame::Body::Deliveries(pb::Deliveries { messages });
-                        if out.send(hub.frame(body)).await.is_err() {
-                            break;
-                        }
-                    }
-                    if !claims.is_empty() {
-                        let body = pb::frame::Body::Claims(pb::Claims { claims });
-                        if out.send(hub.frame(body)).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                ack = acks.message() => match ack {
-                    Ok(Some(ack)) => {
-                        while unacked.front().is_some_and(|u| u.frame.seq <= ack.up_to_seq) {
-                            if let Some(u) = unacked.pop_front()
-                                && let Some(handle) = u.ack
-                            {
-                                handle.complete(Ok(()));
+        // Then, on the open stream (more frames than its buffer may wait), whatever the peer
+        // has not acknowledged yet, and what the last stream left queued.
+        let resent_at = tokio::time::Instant::now();
+        for u in unacked.iter_mut() {
+            u.sent_at = resent_at;
+        }
+        let resend: Vec<pb::Forwarded> = unacked.iter().map(|u| u.frame.clone()).collect();
+        let mut broken = false;
+        for chunk in resend.chunks(MAX_BATCH) {
+            let body = pb::frame::Body::Deliveries(pb::Deliveries {
+                messages: chunk.to_vec(),
+            });
+            if out.send(hub.frame(body)).await.is_err() {
+                broken = true;
+                break;
+            }
+        }
+        while !broken && !carried.is_empty() {
+            let batch: Vec<Item> = carried.drain(..carried.len().min(MAX_BATCH)).collect();
+            broken = send_batch(&hub, peer, &out, batch, &mut seq, &mut unacked)
+                .await
+                .is_err();
+        }
+        // A stream that broke while the backlog went out goes straight to the reconnect.
+        if !broken {
+            hub.mark(peer, true);
+            let mut tick = tokio::time::interval(ROUTE_CHECK);
+            loop {
+                tokio::select! {
+                    next = rx.recv() => {
+                        let Some(first) = next else { return };
+                        let mut batch = vec![first];
+                        while batch.len() < MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(o) => batch.push(o),
+                                Err(_) => break,
                             }
                         }
-                    }
-                    Ok(None) | Err(_) => break,
-                },
-                _ = tick.tick() => {
-                    if hub.cut_off(peer) {
-                        break;
-                    }
-                    if unacked.front().is_some_and(|u| u.sent_at.elapsed() > FORWARD_ACK_TIMEOUT) {
-                        info!(peer, "no acknowledgement from peer for {FORWARD_ACK_TIMEOUT:?}; closing the stream");
-                        counter!(FORWARD_ACK_TIMEOUTS_TOTAL, "peer" => peer.to_string()).increment(1);
-                        break;
-                    }
-                    if broker.wills_generation() != wills_generation {
-                        let (g, wills) = broker.local_wills();
-                        wills_generation = g;
-                        let now: HashSet<ByteStr> = wills.iter().map(|(id, _)| id.clone()).collect();
-                        let registered = wills
-                            .iter()
-                            .filter(|(id, _)| !wills_announced.contains(id))
-                            .map(|(id, will)| registered_will(id, will, &hub.clock))
-                            .collect();
-                        let released = wills_announced
-                            .difference(&now)
-                            .map(|id| id.to_string())
-                            .collect();
-                        wills_announced = now;
-                        let body = pb::frame::Body::Wills(pb::Wills { full: false, registered, released });
-                        if out.send(hub.frame(body)).await.is_err() {
+                        if send_batch(&hub, peer, &out, batch, &mut seq, &mut unacked).await.is_err() {
                             break;
                         }
                     }
-                    if broker.route_generation() == generation {
-                        continue;
-                    }
-                    let (g, routes) = broker.local_routes();
-                    generation = g;
-                    let now: HashSet<Arc<str>> = routes.into_iter().collect();
-                    let added = now.difference(&announced).map(|r| r.to_string()).collect();
-                    let removed = announced.difference(&now).map(|r| r.to_string()).collect();
-                    announced = now;
-                    let body = pb::frame::Body::Routes(pb::Routes { full: false, added, removed });
-                    if out.send(hub.frame(body)).await.is_err() {
-                        break;
+                    ack = acks.message() => match ack {
+                        Ok(Some(ack)) => {
+                            while unacked.front().is_some_and(|u| u.frame.seq <= ack.up_to_seq) {
+                                if let Some(u) = unacked.pop_front()
+                                    && let Some(handle) = u.ack
+                                {
+                                    handle.complete(Ok(()));
+                                }
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = tick.tick() => {
+                        if hub.cut_off(peer) {
+                            break;
+                        }
+                        if unacked.front().is_some_and(|u| u.sent_at.elapsed() > FORWARD_ACK_TIMEOUT) {
+                            info!(peer, "no acknowledgement from peer for {FORWARD_ACK_TIMEOUT:?}; closing the stream");
+                            counter!(FORWARD_ACK_TIMEOUTS_TOTAL, "peer" => peer.to_string()).increment(1);
+                            break;
+                        }
+                        if broker.wills_generation() != wills_generation {
+                            let (g, wills) = broker.local_wills();
+                            wills_generation = g;
+                            let now: HashSet<ByteStr> = wills.iter().map(|(id, _)| id.clone()).collect();
+                            let registered = wills
+                                .iter()
+                                .filter(|(id, _)| !wills_announced.contains(id))
+                                .map(|(id, will)| registered_will(id, will, &hub.clock))
+                                .collect();
+                            let released = wills_announced
+                                .difference(&now)
+                                .map(|id| id.to_string())
+                                .collect();
+                            wills_announced = now;
+                            let body = pb::frame::Body::Wills(pb::Wills { full: false, registered, released });
+                            if out.send(hub.frame(body)).await.is_err() {
+                                break;
+                            }
+                        }
+                        if broker.route_generation() == generation {
+                            continue;
+                        }
+                        let (g, routes) = broker.local_routes();
+                        generation = g;
+                        let now: HashSet<Arc<str>> = routes.into_iter().collect();
+                        let added = now.difference(&announced).map(|r| r.to_string()).collect();
+                        let removed = announced.difference(&now).map(|r| r.to_string()).collect();
+                        announced = now;
+                        let body = pb::frame::Body::Routes(pb::Routes { full: false, added, removed });
+                        if out.send(hub.frame(body)).await.is_err() {
+                            break;
+                        }
                     }
                 }
             }
         }
         hub.mark(peer, false);
         // Publishers do not wait on a broken link: what was sent is resent after a reconnect,
-        // what was still queued is dropped (counted).
+        // and what was still queued is carried over to the next stream (sent after the
+        // resends), so a reconnect loses nothing this node acknowledged.
         for u in &mut unacked {
             if let Some(ack) = u.ack.take() {
                 ack.complete(Ok(()));
             }
         }
-        while let Ok(item) = rx.try_recv() {
-            let Item::Message(o) = item else { continue };
-            if let Some(ack) = o.ack {
+        while let Ok(mut item) = rx.try_recv() {
+            if let Item::Message(o) = &mut item
+                && let Some(ack) = o.ack.take()
+            {
                 ack.complete(Ok(()));
             }
-            counter!(FORWARD_DROPPED_TOTAL, "peer" => peer.to_string(), "reason" => "link_down")
-                .increment(1);
+            carried.push_back(item);
         }
-        debug!(peer, "forwarding stream closed; reconnecting");
+        debug!(
+            peer,
+            carried = carried.len(),
+            "forwarding stream closed; reconnecting"
+        );
     }
+}
+
+/// Sends one batch of queued items to `peer` on the stream `out`: its messages as one
+/// `Deliveries` frame (numbered from `seq`, kept in `unacked` for a resend), its claims as one
+/// `Claims` frame. `Err` if the stream is gone.
+async fn send_batch(
+    hub: &ForwardHub,
+    peer: NodeId,
+    out: &mpsc::Sender<pb::Frame>,
+    batch: Vec<Item>,
+    seq: &mut u64,
+    unacked: &mut VecDeque<Unacked>,
+) -> Result<(), ()> {
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut claims = Vec::new();
+    for item in batch {
+        let o = match item {
+            Item::Message(o) => o,
+            Item::Claim(c) => {
+                claims.push(c);
+                continue;
+            }
+        };
+        *seq += 1;
+        let frame = pb::Forwarded {
+            seq: *seq,
+            message: Some(message_to_proto(&o.message, &hub.clock)),
+            plain: o.plain,
+            shared: o.shared.iter().map(|s| s.to_string()).collect(),
+            stored_id: o.stored.map_or(0, |id| id.0),
+            after_index: after_index(o.after).await,
+        };
+        messages.push(frame.clone());
+        unacked.push_back(Unacked {
+            frame,
+            ack: o.ack,
+            sent_at: tokio::time::Instant::now(),
+        });
+    }
+    counter!(FORWARDED_TOTAL, "peer" => peer.to_string()).increment(messages.len() as u64);
+    while unacked.len() > MAX_UNACKED {
+        // Sent, but no longer resendable after a reconnect.
+        if let Some(u) = unacked.pop_front()
+            && let Some(ack) = u.ack
+        {
+            ack.complete(Ok(()));
+        }
+        counter!(FORWARD_RESEND_OVERFLOW_TOTAL, "peer" => peer.to_string()).increment(1);
+    }
+    if !messages.is_empty() {
+        let body = pb::frame::Body::Deliveries(pb::Deliveries { messages });
+        out.send(hub.frame(body)).await.map_err(|_| ())?;
+    }
+    if !claims.is_empty() {
+        let body = pb::frame::Body::Claims(pb::Claims { claims });
+        out.send(hub.frame(body)).await.map_err(|_| ())?;
+    }
+    Ok(())
 }
 
 /// Where the commit `after` (of the publisher's previous stored message) landed in the log,
@@ -736,6 +843,85 @@ pub(crate) fn connection_refused(status: &tonic::Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(qos: QoS) -> Arc<Message> {
+        Arc::new(Message {
+            topic: ByteStr::from("work/1"),
+            payload: bytes::Bytes::from_static(b"m"),
+            qos,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            received_at: std::time::Instant::now(),
+            origin: None,
+        })
+    }
+
+    fn queued(rx: &mut mpsc::Receiver<Item>) -> usize {
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    /// A peer can announce its routes before this node's membership check has linked to it
+    /// (it joined, or this node started, a moment ago): a message for it then waits in a queue
+    /// that the link, once started, sends from; it is not dropped.
+    #[tokio::test]
+    async fn a_message_for_a_peer_not_linked_yet_waits_for_the_link() {
+        let hub = ForwardHub::new(1, None, None);
+        let shared = vec![Arc::<str>::from("$share/g/work/#")];
+        let commit = hub.forward(
+            3,
+            &message(QoS::AtLeastOnce),
+            false,
+            shared.clone(),
+            None,
+            None,
+        );
+        // The link counts as down until its stream opens: the publisher does not wait.
+        assert!(
+            commit.result().is_some(),
+            "a publisher waits on a link not started"
+        );
+        assert!(hub.down_for(3).is_some());
+        hub.forward(3, &message(QoS::AtMostOnce), true, Vec::new(), None, None);
+        // The membership check starts the link on the queue opened early.
+        let mut rx = hub.queue_for(3);
+        hub.forward(3, &message(QoS::AtMostOnce), true, Vec::new(), None, None);
+        assert_eq!(
+            queued(&mut rx),
+            3,
+            "every message for the peer is in its link's queue"
+        );
+        assert!(hub.early.lock().is_empty());
+        // A peer the check links to first gets a queue of its own, as before.
+        let mut rx2 = hub.queue_for(2);
+        hub.forward(2, &message(QoS::AtMostOnce), true, Vec::new(), None, None);
+        assert_eq!(queued(&mut rx2), 1);
+    }
+
+    /// A queue opened early for a node that never shows up in the membership is dropped
+    /// after [`EARLY_LINK_GRACE`], and only then; a member's is kept.
+    #[tokio::test]
+    async fn an_early_queue_for_a_node_that_never_joins_is_dropped_after_a_grace() {
+        let hub = ForwardHub::new(1, None, None);
+        hub.forward(9, &message(QoS::AtMostOnce), true, Vec::new(), None, None);
+        hub.forward(3, &message(QoS::AtMostOnce), true, Vec::new(), None, None);
+        let members: HashMap<NodeId, String> = [(2, String::new()), (3, String::new())].into();
+        let now = std::time::Instant::now();
+        hub.drop_stale_early(&members, now);
+        assert_eq!(hub.early.lock().len(), 2, "dropped within the grace");
+        hub.drop_stale_early(&members, now + EARLY_LINK_GRACE + Duration::from_secs(1));
+        assert!(!hub.links.lock().contains_key(&9));
+        assert!(hub.down_for(9).is_none());
+        assert!(
+            hub.links.lock().contains_key(&3),
+            "a member's early queue was dropped"
+        );
+        assert_eq!(queued(&mut hub.queue_for(3)), 1);
+    }
 
     /// The receiving side holds a forwarded message back until the log is mirrored up to its
     /// `after_index`, and no longer than [`ORDER_WAIT`].

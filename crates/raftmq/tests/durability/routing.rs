@@ -55,13 +55,20 @@ async fn messages_published_on_one_node_reach_subscribers_on_the_others() {
     let from_c = collect(&mut worker_c, 40 - from_b.len()).await;
     let mut all: Vec<u32> = from_b.iter().chain(&from_c).copied().collect();
     all.sort_unstable();
-    assert_eq!(
-        all,
-        (200..240).collect::<Vec<_>>(),
-        "each shared message to exactly one member (B got {}, C got {})",
-        from_b.len(),
-        from_c.len()
-    );
+    if all != (200..240).collect::<Vec<_>>() {
+        // What the nodes saw, for the failure message: forwarding counters and log tails.
+        let mut seen = String::new();
+        for spec in &specs {
+            let (_, metrics) = http_get(spec.http, "/metrics").await;
+            for line in metrics.lines().filter(|l| l.starts_with("raftmq_forward")) {
+                seen += &format!("node {}: {line}\n", spec.id);
+            }
+            seen += &spec.log_tail(40);
+        }
+        panic!(
+            "each shared message to exactly one member (B got {from_b:?}, C got {from_c:?})\n{seen}"
+        );
+    }
     // What operators see: forwarding counted per peer on A, delivery latency observed on B.
     let (_, metrics_a) = http_get(specs[0].http, "/metrics").await;
     let forwarded_to_b = format!("raftmq_forward_messages_total{{peer=\"{}\"}}", specs[1].id);
