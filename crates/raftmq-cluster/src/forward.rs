@@ -567,19 +567,25 @@ async fn link(
                 ack.complete(Ok(()));
             }
         }
-        while let Ok(mut item) = rx.try_recv() {
-            if let Item::Message(o) = &mut item
-                && let Some(ack) = o.ack.take()
-            {
-                ack.complete(Ok(()));
-            }
-            carried.push_back(item);
-        }
+        carry_over(&mut rx, &mut carried);
         debug!(
             peer,
             carried = carried.len(),
             "forwarding stream closed; reconnecting"
         );
+    }
+}
+
+/// Moves what is still queued in `rx` (a stream just broke) to the end of `carried`, in order,
+/// completing the publishers' acknowledgements (they do not wait on a broken link).
+fn carry_over(rx: &mut mpsc::Receiver<Item>, carried: &mut VecDeque<Item>) {
+    while let Ok(mut item) = rx.try_recv() {
+        if let Item::Message(o) = &mut item
+            && let Some(ack) = o.ack.take()
+        {
+            ack.complete(Ok(()));
+        }
+        carried.push_back(item);
     }
 }
 
@@ -900,6 +906,47 @@ mod tests {
         let mut rx2 = hub.queue_for(2);
         hub.forward(2, &message(QoS::AtMostOnce), true, Vec::new(), None, None);
         assert_eq!(queued(&mut rx2), 1);
+    }
+
+    /// What is queued when a stream breaks is kept, in order (claims too), for the next
+    /// stream, and the publishers waiting on it are acknowledged.
+    #[tokio::test]
+    async fn what_is_queued_when_a_stream_breaks_is_carried_over_in_order() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut commits = Vec::new();
+        for n in 0..3u8 {
+            let (commit, handle) = Commit::pending();
+            commits.push(commit);
+            let mut m = (*message(QoS::AtLeastOnce)).clone();
+            m.payload = bytes::Bytes::from(vec![n]);
+            let o = Outgoing {
+                message: Arc::new(m),
+                plain: true,
+                shared: Vec::new(),
+                stored: None,
+                after: None,
+                ack: Some(handle),
+            };
+            assert!(tx.try_send(Item::Message(o)).is_ok());
+        }
+        let claim = pb::Claim {
+            client_id: "c".into(),
+            at_unix_ms: 1,
+        };
+        assert!(tx.try_send(Item::Claim(claim)).is_ok());
+        let mut carried = VecDeque::new();
+        carry_over(&mut rx, &mut carried);
+        assert!(commits.iter().all(|c| matches!(c.result(), Some(Ok(())))));
+        let payloads: Vec<u8> = carried
+            .iter()
+            .filter_map(|i| match i {
+                Item::Message(o) => Some(o.message.payload[0]),
+                Item::Claim(_) => None,
+            })
+            .collect();
+        assert_eq!(payloads, [0, 1, 2]);
+        assert!(matches!(carried.back(), Some(Item::Claim(_))));
+        assert!(rx.try_recv().is_err(), "left in the queue");
     }
 
     /// A queue opened early for a node that never shows up in the membership is dropped
