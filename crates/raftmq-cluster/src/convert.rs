@@ -376,10 +376,11 @@ pub fn change_to_proto_with(
                 topic: topic.to_string(),
             })
         }
-        StateChange::NodeDown { node, seen } => ProtoChange::NodeDown(state::NodeDown {
+        StateChange::NodeDown { node, seen, wills } => ProtoChange::NodeDown(state::NodeDown {
             node: *node,
             at_ms: ctx.now.map_or(0, |now| clock.to_unix_ms(now)),
             seen: *seen,
+            wills: wills.iter().map(|w| w.to_string()).collect(),
         }),
     };
     state::Change {
@@ -466,6 +467,7 @@ pub fn change_from_proto(
         ProtoChange::NodeDown(c) => StateChange::NodeDown {
             node: c.node,
             seen: c.seen,
+            wills: c.wills.into_iter().map(ByteStr::from).collect(),
         },
     })
 }

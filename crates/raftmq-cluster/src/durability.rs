@@ -123,6 +123,36 @@ impl RaftDurability {
         self.declared_at(self.node_id)
     }
 
+    /// What became of this node's sessionless wills, judged by the declarations of it applied
+    /// after log index `since`: not declared, declared with the wills the declaring node
+    /// published, or unknown (the store cannot be read: the caller drops them).
+    pub fn wills_outcome_since(&self, since: u64) -> raftmq_core::broker::WillsOutcome {
+        use raftmq_core::broker::WillsOutcome;
+        let at = self.declared_down_at();
+        if at == u64::MAX {
+            return WillsOutcome::Unknown;
+        }
+        if at <= since {
+            return WillsOutcome::Kept;
+        }
+        match self.reader.declared_wills(self.node_id) {
+            Ok(ids) => WillsOutcome::Declared(ids.into_iter().map(ByteStr::from).collect()),
+            Err(e) => {
+                error!(error = %e, "cannot read which wills the declaration of this node listed");
+                WillsOutcome::Unknown
+            }
+        }
+    }
+
+    /// The client ids the last declaration of this node down listed (empty if none, or the
+    /// store cannot be read).
+    pub fn declared_wills(&self) -> Vec<ByteStr> {
+        self.reader
+            .declared_wills(self.node_id)
+            .map(|ids| ids.into_iter().map(ByteStr::from).collect())
+            .unwrap_or_default()
+    }
+
     /// The log index of the last batch `node` proposed that was applied here (0: none, or the
     /// store cannot be read).
     pub fn last_proposed_by(&self, node: NodeId) -> u64 {

@@ -67,6 +67,9 @@ pub const FORWARD_ACK_TIMEOUTS_TOTAL: &str = "raftmq_forward_ack_timeouts_total"
 /// Queues opened for a peer on its first message, before the membership check had linked to
 /// it (the peer announced routes first: it joined, or this node started, a moment ago).
 pub const FORWARD_EARLY_LINKS_TOTAL: &str = "raftmq_forward_early_links_total";
+/// Wills of this node's previous process (it restarted before being declared down) that it
+/// published, as its peers reported them.
+pub const PREDECESSOR_WILLS_TOTAL: &str = "raftmq_cluster_predecessor_wills_total";
 /// Forwarded messages that had to wait, on the sending or the receiving side, for the
 /// publisher's previous stored message (see [`ORDER_WAIT`]).
 pub const FORWARD_ORDER_WAITS_TOTAL: &str = "raftmq_forward_order_waits_total";
@@ -447,6 +450,13 @@ async fn link(
         if out.send(hub.frame(full)).await.is_err() {
             continue;
         }
+        // Then the wills of the peer's previous process, if it restarted (it publishes them).
+        let mut ended_generation = broker.ended_wills_generation();
+        if let Some(body) = ended_wills(&broker, peer, &hub.clock)
+            && out.send(hub.frame(body)).await.is_err()
+        {
+            continue;
+        }
         let frames = futures_util::stream::unfold(frames, |mut rx| async move {
             rx.recv().await.map(|f| (f, rx))
         });
@@ -521,6 +531,14 @@ async fn link(
                             info!(peer, "no acknowledgement from peer for {FORWARD_ACK_TIMEOUT:?}; closing the stream");
                             counter!(FORWARD_ACK_TIMEOUTS_TOTAL, "peer" => peer.to_string()).increment(1);
                             break;
+                        }
+                        if broker.ended_wills_generation() != ended_generation {
+                            ended_generation = broker.ended_wills_generation();
+                            if let Some(body) = ended_wills(&broker, peer, &hub.clock)
+                                && out.send(hub.frame(body)).await.is_err()
+                            {
+                                break;
+                            }
                         }
                         if broker.wills_generation() != wills_generation {
                             let (g, wills) = broker.local_wills();
@@ -795,9 +813,32 @@ impl ForwardService for ForwardGrpc {
                             })
                             .collect();
                         let released = w.released.into_iter().map(ByteStr::from).collect();
-                        broker.apply_peer_wills(from, w.full, registered, released);
+                        broker.apply_peer_wills(
+                            from,
+                            frame.incarnation,
+                            w.full,
+                            registered,
+                            released,
+                            std::time::Instant::now(),
+                        );
                         metrics::gauge!(FORWARD_PEER_WILLS, "peer" => from.to_string())
                             .set(broker.peer_will_count(from) as f64);
+                    }
+                    Some(pb::frame::Body::EndedWills(e)) => {
+                        let wills = e
+                            .wills
+                            .into_iter()
+                            .filter_map(|r| {
+                                let will = will_from_proto(r.will?, &clock).ok()?;
+                                Some((ByteStr::from(r.client_id), will))
+                            })
+                            .collect();
+                        let published = broker.predecessor_wills(
+                            e.incarnation,
+                            wills,
+                            std::time::Instant::now(),
+                        );
+                        counter!(PREDECESSOR_WILLS_TOTAL).increment(published as u64);
                     }
                     Some(pb::frame::Body::Claims(c)) => {
                         let now = std::time::Instant::now();
@@ -817,6 +858,18 @@ impl ForwardService for ForwardGrpc {
             );
         Ok(tonic::Response::new(Box::pin(acks)))
     }
+}
+
+/// The `EndedWills` frame for `peer`, if its previous process left wills this node holds.
+fn ended_wills(broker: &Broker, peer: NodeId, clock: &WallClock) -> Option<pb::frame::Body> {
+    let (incarnation, wills) = broker.ended_wills_of(peer, std::time::Instant::now())?;
+    Some(pb::frame::Body::EndedWills(pb::EndedWills {
+        incarnation,
+        wills: wills
+            .iter()
+            .map(|(id, will)| registered_will(id, will, clock))
+            .collect(),
+    }))
 }
 
 /// A will of a sessionless connection, as announced to peers.

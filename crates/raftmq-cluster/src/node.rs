@@ -185,6 +185,8 @@ pub struct RaftNode {
     /// Set by the feed when a snapshot install made it let go of the persistent sessions held
     /// here: the liveness task takes back those this node still owns, as after a self-fence.
     reload: Arc<std::sync::atomic::AtomicBool>,
+    /// The last declaration of this node down applied when this process started.
+    declared_at_start: u64,
 }
 
 pub const RAFT_TERM: &str = "raftmq_raft_term";
@@ -318,6 +320,14 @@ impl RaftNode {
         let fence_notes = state_machine.fence_notes().clone();
         fence_notes.set_owner(opts.node_id);
         let reader = StateMachine::open(store.state_db(DATA_SHARD.get()))?;
+        // Whether this node's previous process was declared down is told by a declaration
+        // applied after what that process had applied (see `settle_predecessor`).
+        let declared_at_start =
+            reader
+                .declared_down_at(opts.node_id)
+                .map_err(|_| NodeError::Unreadable {
+                    data_dir: opts.data_dir.clone(),
+                })?;
         let raft = Raft::new(
             opts.node_id,
             config.clone(),
@@ -411,6 +421,7 @@ impl RaftNode {
             contact: Arc::default(),
             mirrored: None,
             reload: Arc::default(),
+            declared_at_start,
         })
     }
 
@@ -639,6 +650,7 @@ impl RaftNode {
                                 &[raftmq_core::durability::StateChange::NodeDown {
                                     node: me,
                                     seen: 0,
+                                    wills: durability.declared_wills(),
                                 }],
                                 now,
                             );
@@ -699,6 +711,11 @@ impl RaftNode {
             self.node_id,
             hub.clone(),
         )));
+        tokio::spawn(settle_predecessor(
+            self.durability.clone(),
+            broker.clone(),
+            self.declared_at_start,
+        ));
         self.liveness_task = Some(tokio::spawn(declare_down_nodes(
             self.raft.clone(),
             self.node_id,
@@ -876,9 +893,10 @@ async fn declare_down_nodes(
                         );
                         // Everything committed before the barrier is applied here: whether this
                         // node was declared down meanwhile is known.
-                        let declared = durability.declared_down_at() > fenced_at;
+                        let outcome = durability.wills_outcome_since(fenced_at);
+                        let declared = outcome != raftmq_core::broker::WillsOutcome::Kept;
                         let wills =
-                            broker.settle_handed_over_wills(declared, std::time::Instant::now());
+                            broker.settle_handed_over_wills(&outcome, std::time::Instant::now());
                         lease.restored();
                         info!(
                             restored,
@@ -936,7 +954,14 @@ async fn declare_down_nodes(
             // that commits first (it is back; see `NodeDown.seen`).
             let seen = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
             let before = durability.declared_at(node);
-            let commit = durability.propose(vec![StateChange::NodeDown { node, seen }]);
+            // The wills of its sessionless connections this node knows of, published here once
+            // the declaration commits; the node publishes those it held beyond them.
+            let wills = broker.peer_will_ids(node);
+            let commit = durability.propose(vec![StateChange::NodeDown {
+                node,
+                seen,
+                wills: wills.clone(),
+            }]);
             if commit.await.is_err() {
                 if !adoption_pending {
                     broker.end_adoption();
@@ -956,7 +981,7 @@ async fn declare_down_nodes(
             metrics::counter!(NODES_DECLARED_DOWN_TOTAL).increment(1);
             // The wills of its sessionless connections: this node declared it, so this node
             // publishes them (the others drop them when they apply the NodeDown).
-            let wills = broker.publish_wills_of(node, std::time::Instant::now());
+            let wills = broker.publish_wills_of(node, &wills, std::time::Instant::now());
             metrics::counter!(DEAD_NODE_WILLS_TOTAL).increment(wills as u64);
             metrics::gauge!(crate::forward::FORWARD_PEER_WILLS, "peer" => node.to_string())
                 .set(0.0);
@@ -978,6 +1003,34 @@ async fn declare_down_nodes(
                 }
             }
         }
+    }
+}
+
+/// Settles the wills of this node's previous process that its peers send it (see
+/// `Broker::predecessor_wills`): once a barrier commits, everything committed before this
+/// process started is applied here, so a declaration of the previous process down is known
+/// (applied after `declared_at_start`). Retried until the barrier commits.
+async fn settle_predecessor(
+    durability: Arc<RaftDurability>,
+    broker: Arc<Broker>,
+    declared_at_start: u64,
+) {
+    use raftmq_core::durability::Durability;
+    loop {
+        if durability.propose(Vec::new()).await.is_ok() {
+            let outcome = durability.wills_outcome_since(declared_at_start);
+            let declared = outcome != raftmq_core::broker::WillsOutcome::Kept;
+            let published = broker.settle_predecessor_wills(outcome, std::time::Instant::now());
+            metrics::counter!(crate::forward::PREDECESSOR_WILLS_TOTAL).increment(published as u64);
+            if published > 0 || declared {
+                info!(
+                    published,
+                    declared, "wills of the previous process of this node settled"
+                );
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -59,6 +59,7 @@
 //! | `sm_meta` | `last_membership` | postcard of `StoredMembership` |
 //! | `sm_meta` | `next_seq` | `u64`: the next delivery sequence number |
 //! | `sm_meta` | `declared/{node id u64}` | `u64`: log index of the last `NodeDown` naming it |
+//! | `sm_meta` | `declared_wills/{node id u64}` | `DeclaredWills`: the wills that `NodeDown` listed |
 //! | `sm_meta` | `origin/{node id u64}` | `u64`: log index of the last batch it proposed |
 //!
 //! Values are `raftmq.state.v1` protobuf messages. The delivery sequence number is one counter

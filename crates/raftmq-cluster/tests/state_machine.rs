@@ -1336,12 +1336,28 @@ fn a_declaration_is_recorded_and_travels_in_snapshots() {
             normal(1, batch_from(1, &[], &[claim("x", 1)])),
             normal(
                 2,
-                batch_from(1, &[], &[StateChange::NodeDown { node: 3, seen: 0 }]),
+                batch_from(
+                    1,
+                    &[],
+                    &[StateChange::NodeDown {
+                        node: 3,
+                        seen: 0,
+                        wills: vec!["w1".into()],
+                    }],
+                ),
             ),
             blank(3),
             normal(
                 4,
-                batch_from(2, &[], &[StateChange::NodeDown { node: 3, seen: 0 }]),
+                batch_from(
+                    2,
+                    &[],
+                    &[StateChange::NodeDown {
+                        node: 3,
+                        seen: 0,
+                        wills: vec!["w2".into(), "w3".into()],
+                    }],
+                ),
             ),
         ],
     );
@@ -1351,6 +1367,12 @@ fn a_declaration_is_recorded_and_travels_in_snapshots() {
         "the last declaration"
     );
     assert_eq!(a.declared_down_at(1).expect("read"), 0);
+    assert_eq!(
+        a.declared_wills(3).expect("read"),
+        ["w2", "w3"],
+        "the wills the last declaration listed"
+    );
+    assert!(a.declared_wills(1).expect("read").is_empty());
     let snapshot = rt
         .block_on(async { a.get_snapshot_builder().await.build_snapshot().await })
         .expect("build");
@@ -1361,6 +1383,7 @@ fn a_declaration_is_recorded_and_travels_in_snapshots() {
         4,
         "carried by the snapshot"
     );
+    assert_eq!(b.declared_wills(3).expect("read"), ["w2", "w3"]);
 }
 
 /// A declaration is made on what the declaring node had applied (`seen`): if the declared node
@@ -1391,7 +1414,15 @@ fn a_declaration_is_void_if_the_node_proposed_after_what_it_was_based_on() {
             // ...so a declaration based on index 1 is void.
             normal(
                 3,
-                batch_from(1, &[], &[StateChange::NodeDown { node: 3, seen: 1 }]),
+                batch_from(
+                    1,
+                    &[],
+                    &[StateChange::NodeDown {
+                        node: 3,
+                        seen: 1,
+                        wills: Vec::new(),
+                    }],
+                ),
             ),
         ],
     );
@@ -1407,7 +1438,15 @@ fn a_declaration_is_void_if_the_node_proposed_after_what_it_was_based_on() {
         &mut sm,
         vec![normal(
             4,
-            batch_from(1, &[], &[StateChange::NodeDown { node: 3, seen: 3 }]),
+            batch_from(
+                1,
+                &[],
+                &[StateChange::NodeDown {
+                    node: 3,
+                    seen: 3,
+                    wills: Vec::new(),
+                }],
+            ),
         )],
     );
     assert_eq!(sm.declared_down_at(3).expect("read"), 4);
@@ -1421,7 +1460,15 @@ fn a_declaration_is_void_if_the_node_proposed_after_what_it_was_based_on() {
             normal(6, batch_from(1, &[], &[])),
             normal(
                 7,
-                batch_from(2, &[], &[StateChange::NodeDown { node: 1, seen: 0 }]),
+                batch_from(
+                    2,
+                    &[],
+                    &[StateChange::NodeDown {
+                        node: 1,
+                        seen: 0,
+                        wills: Vec::new(),
+                    }],
+                ),
             ),
         ],
     );

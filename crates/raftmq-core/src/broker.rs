@@ -52,7 +52,7 @@ mod sessions;
 mod subscriptions;
 mod timers;
 pub use admin::{ClientSummary, Kicked, SubscriptionSummary};
-pub use cluster::{CLAIM_CLOCK_TOLERANCE, Forwarder, Redirect};
+pub use cluster::{CLAIM_CLOCK_TOLERANCE, ENDED_WILLS_KEPT, Forwarder, Redirect, WillsOutcome};
 pub use routing::Publisher;
 use timers::Timers;
 

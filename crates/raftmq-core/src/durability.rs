@@ -152,6 +152,9 @@ pub enum StateChange {
     NodeDown {
         node: u64,
         seen: u64,
+        /// The client ids of the node's sessionless wills the declaring node publishes (the
+        /// node publishes the others it held: see `Broker::settle_handed_over_wills`).
+        wills: Vec<ByteStr>,
     },
 }
 

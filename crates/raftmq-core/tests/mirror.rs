@@ -12,6 +12,7 @@
 use bytes::Bytes;
 use raftmq_codec::{ByteStr, QoS, SubscriptionOptions};
 use raftmq_core::DetachKind;
+use raftmq_core::broker::{ENDED_WILLS_KEPT, WillsOutcome};
 use raftmq_core::config::MqttConfig;
 use raftmq_core::durability::{Commit, MessageId, SessionImage, WillRecord};
 use raftmq_core::session::SubEntry;
@@ -215,29 +216,153 @@ fn a_dead_peers_wills_are_published_once_by_the_node_that_declared_it() {
         .expect("subscribed");
     broker.apply_peer_wills(
         2,
+        20,
         true,
         vec![
             (ByteStr::from("x"), will_of("x")),
             (ByteStr::from("y"), will_of("y")),
         ],
         Vec::new(),
+        t0,
     );
-    broker.apply_peer_wills(2, false, Vec::new(), vec![ByteStr::from("y")]);
+    broker.apply_peer_wills(2, 20, false, Vec::new(), vec![ByteStr::from("y")], t0);
     broker.apply_peer_wills(
         3,
+        30,
         true,
         vec![(ByteStr::from("z"), will_of("z"))],
         Vec::new(),
+        t0,
     );
     assert_eq!(broker.peer_will_count(2), 1);
-    assert_eq!(broker.publish_wills_of(2, t0), 1);
-    assert_eq!(broker.publish_wills_of(2, t0), 0);
+    // Declared with the wills this node knew of: x (y was released).
+    assert_eq!(broker.peer_will_ids(2), [ByteStr::from("x")]);
+    assert_eq!(broker.publish_wills_of(2, &[ByteStr::from("x")], t0), 1);
+    assert_eq!(broker.publish_wills_of(2, &[ByteStr::from("x")], t0), 0);
     let (queued, _) = watcher.session.queue_depth();
     assert_eq!(queued, 1, "the watcher got x's will only");
     // Another node declared 3 down: this one drops 3's wills without publishing them.
     broker.forget_peer(3);
     assert_eq!(broker.peer_will_count(3), 0);
     assert_eq!(broker.stats().wills_published.load(Relaxed), 1);
+}
+
+/// A watcher session subscribed to `wills/#` on `broker`.
+fn will_watcher(broker: &Broker, t0: Instant) -> Arc<raftmq_core::session::Session> {
+    let watcher = broker.attach(&ByteStr::from("watcher"), true, 0, None, t0);
+    broker
+        .subscribe(
+            &watcher.session,
+            watcher.epoch,
+            &raftmq_core::auth::Principal {
+                username: None,
+                client_id: "watcher".to_owned(),
+                acl: None,
+                valid_until: None,
+            },
+            "wills/#",
+            SubEntry {
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+                subscription_id: None,
+            },
+            t0,
+        )
+        .expect("subscribed");
+    watcher.session
+}
+
+/// A peer that restarts before anyone declared it down: its new process's first table sets
+/// the old one's wills aside (a reconnect of the same process does not), to be sent to the
+/// new process; a declaration of the peer publishes those too, once.
+#[test]
+fn a_restarted_peers_previous_wills_are_set_aside_for_it() {
+    let t0 = Instant::now();
+    let broker = Broker::new(MqttConfig::default());
+    let x = (ByteStr::from("x"), will_of("x"));
+    let y = (ByteStr::from("y"), will_of("y"));
+    broker.apply_peer_wills(2, 20, true, vec![x.clone(), y.clone()], Vec::new(), t0);
+    // The same process reconnecting its stream: nothing set aside.
+    broker.apply_peer_wills(2, 20, true, vec![x.clone()], Vec::new(), t0);
+    assert!(broker.ended_wills_of(2, t0).is_none());
+    let g = broker.ended_wills_generation();
+    // A new process: its table replaces the old, whose unreleased will is set aside.
+    broker.apply_peer_wills(2, 21, true, Vec::new(), Vec::new(), t0);
+    assert_eq!(broker.peer_will_count(2), 0);
+    assert_ne!(broker.ended_wills_generation(), g);
+    let (incarnation, wills) = broker.ended_wills_of(2, t0).expect("set aside");
+    assert_eq!(incarnation, 20);
+    assert_eq!(wills, vec![x.clone()]);
+    // Kept for a while only.
+    assert!(broker.ended_wills_of(2, t0 + ENDED_WILLS_KEPT).is_none());
+
+    // Declared down after all: the declaring node publishes both processes' wills, once.
+    let watcher = will_watcher(&broker, t0);
+    broker.apply_peer_wills(2, 22, true, vec![y.clone()], Vec::new(), t0);
+    broker.apply_peer_wills(2, 23, true, Vec::new(), Vec::new(), t0);
+    assert_eq!(
+        broker.peer_will_ids(2),
+        [ByteStr::from("y")],
+        "process 23's table is empty, process 22's y set aside"
+    );
+    assert_eq!(
+        broker.publish_wills_of(2, &[ByteStr::from("y")], t0),
+        1,
+        "y, of process 22"
+    );
+    assert!(broker.ended_wills_of(2, t0).is_none());
+    assert_eq!(watcher.queue_depth().0, 1);
+    // A node that only learns of the declaration forgets them.
+    broker.apply_peer_wills(3, 30, true, vec![x.clone()], Vec::new(), t0);
+    broker.apply_peer_wills(3, 31, true, Vec::new(), Vec::new(), t0);
+    broker.forget_peer(3);
+    assert!(broker.ended_wills_of(3, t0).is_none());
+    assert_eq!(broker.stats().wills_published.load(Relaxed), 1);
+}
+
+/// The restarted node publishes its previous process's wills, as its peers send them, each
+/// once however many peers send it, and only once it knows that process was not declared
+/// down; if it was, it publishes none.
+#[test]
+fn a_restarted_node_publishes_its_previous_processes_wills_once_unless_declared() {
+    let t0 = Instant::now();
+    let x = (ByteStr::from("x"), will_of("x"));
+    let y = (ByteStr::from("y"), will_of("y"));
+    let broker = Broker::new(MqttConfig::default());
+    let watcher = will_watcher(&broker, t0);
+    // From the first peer, before this node knows: held.
+    assert_eq!(broker.predecessor_wills(20, vec![x.clone()], t0), 0);
+    assert_eq!(watcher.queue_depth().0, 0);
+    // Not declared: published now.
+    assert_eq!(broker.settle_predecessor_wills(WillsOutcome::Kept, t0), 1);
+    assert_eq!(watcher.queue_depth().0, 1);
+    // The second peer's copy: not again; a will it alone had: at once.
+    assert_eq!(
+        broker.predecessor_wills(20, vec![x.clone(), y.clone()], t0),
+        1
+    );
+    assert_eq!(broker.predecessor_wills(20, vec![y.clone()], t0), 0);
+    assert_eq!(watcher.queue_depth().0, 2);
+
+    let declared = Broker::new(MqttConfig::default());
+    let watcher = will_watcher(&declared, t0);
+    declared.predecessor_wills(20, vec![x.clone()], t0);
+    // Declared down, with x listed: the declaring node published x; y it did not know of.
+    let outcome = WillsOutcome::Declared([ByteStr::from("x")].into_iter().collect());
+    assert_eq!(declared.settle_predecessor_wills(outcome, t0), 0);
+    assert_eq!(
+        watcher.queue_depth().0,
+        0,
+        "x published by the declaring node"
+    );
+    assert_eq!(declared.predecessor_wills(20, vec![x, y], t0), 1);
+    assert_eq!(
+        watcher.queue_depth().0,
+        1,
+        "y, which the declaration did not list"
+    );
 }
 
 /// Durability whose commits complete when the test says so.
@@ -361,13 +486,22 @@ fn a_message_stored_while_a_session_is_being_adopted_reaches_it() {
 
 /// A node cut off from the quorum closes its sessionless connections that have a will and
 /// hands the wills over instead of publishing them: they stay announced (the peers keep their
-/// copies) until the node knows whether it was declared down. Declared: the declaring node
-/// published them, this one drops them. Not declared (the quorum came back first): it
-/// publishes them itself. Either way once; a connection made meanwhile keeps its own will.
+/// copies) until the node knows whether it was declared down. Not declared (the quorum came
+/// back first): it publishes them itself. Declared: the declaring node published those its
+/// declaration lists, this node the others (a connection made while it was cut off, whose will
+/// the declaring node never heard of, is closed by the declaration and its will published
+/// here). Either way once.
 #[test]
 fn a_cut_off_node_hands_its_sessionless_wills_over_and_each_is_published_once() {
     let t0 = Instant::now();
-    for declared in [false, true] {
+    // (declared with this list, or not declared; wills published here)
+    let cases: [(Option<&[&str]>, u64); 4] = [
+        (None, 1),
+        (Some(&["a"]), 1),
+        (Some(&[]), 2),
+        (Some(&["a", "b"]), 0),
+    ];
+    for (declared, expected) in cases {
         let broker = Broker::new(MqttConfig::default());
         broker.set_forwarder(Arc::new(NoPeers));
         let a = broker.attach(&ByteStr::from("a"), true, 0, Some(will_of("a")), t0);
@@ -385,31 +519,37 @@ fn a_cut_off_node_hands_its_sessionless_wills_over_and_each_is_published_once() 
         assert_eq!(broker.handed_over_wills(), 1);
         // Another client connects meanwhile, with a will of its own.
         let _b = broker.attach(&ByteStr::from("b"), true, 0, Some(will_of("b")), t0);
-        if declared {
-            // This node (id 1) learns it was declared down.
-            broker.apply_replicated(
-                9,
-                &[raftmq_core::durability::StateChange::NodeDown { node: 1, seen: 0 }],
-                t0,
-            );
-        } else {
-            assert_eq!(broker.settle_handed_over_wills(false, t0), 1);
+        match declared {
+            Some(listed) => {
+                // This node (id 1) learns it was declared down, by a declaration listing
+                // the wills the declaring node publishes.
+                broker.apply_replicated(
+                    9,
+                    &[raftmq_core::durability::StateChange::NodeDown {
+                        node: 1,
+                        seen: 0,
+                        wills: listed.iter().map(|id| ByteStr::from(*id)).collect(),
+                    }],
+                    t0,
+                );
+            }
+            None => {
+                assert_eq!(broker.settle_handed_over_wills(&WillsOutcome::Kept, t0), 1);
+            }
         }
-        let expected = u64::from(!declared);
         assert_eq!(
             broker.stats().wills_published.load(Relaxed),
             expected,
-            "declared {declared}: published here {expected} times"
+            "declared {declared:?}: published here {expected} times"
         );
         assert_eq!(broker.handed_over_wills(), 0);
         assert_eq!(
-            broker.settle_handed_over_wills(false, t0),
+            broker.settle_handed_over_wills(&WillsOutcome::Kept, t0),
             0,
             "settled once"
         );
-        if declared {
-            // Declared down, this node let go of b as well (the declaring node had its will
-            // only if b connected before the cut; see docs/cluster.md).
+        if declared.is_some() {
+            // Declared down, this node let go of b as well.
             assert_eq!(announced(&broker), [] as [&str; 0]);
         } else {
             assert_eq!(announced(&broker), ["b"], "a's will withdrawn, b's kept");

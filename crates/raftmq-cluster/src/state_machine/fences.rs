@@ -65,6 +65,18 @@ impl StateMachine {
         self.meta_u64(&declared_key(node))
     }
 
+    /// The client ids of `node`'s sessionless wills that the last declaration of it down
+    /// listed (published by the declaring node; see `NodeDown.wills`).
+    pub fn declared_wills(&self, node: u64) -> Result<Vec<String>, StoreError> {
+        let key = declared_wills_key(node);
+        match self.db.get(StateCf::SmMeta, &key)? {
+            None => Ok(Vec::new()),
+            Some(raw) => state::DeclaredWills::decode(raw.as_slice())
+                .map(|d| d.client_ids)
+                .map_err(|_| corrupt(StateCf::SmMeta, &key, "not a DeclaredWills")),
+        }
+    }
+
     /// The log index of the last batch `node` proposed (0: none applied here).
     pub fn last_proposed_by(&self, node: u64) -> Result<u64, StoreError> {
         self.meta_u64(&origin_key(node))
@@ -94,11 +106,19 @@ pub(super) fn record_meta(tx: &mut Tx<'_>, outcome: &BatchOutcome, index: u64) {
             index.to_be_bytes().to_vec(),
         );
     }
-    for node in &outcome.declared {
+    for (node, wills) in &outcome.declared {
         tx.put(
             StateCf::SmMeta,
             declared_key(*node),
             index.to_be_bytes().to_vec(),
+        );
+        let list = state::DeclaredWills {
+            client_ids: wills.clone(),
+        };
+        tx.put(
+            StateCf::SmMeta,
+            declared_wills_key(*node),
+            list.encode_to_vec(),
         );
     }
 }
@@ -114,6 +134,14 @@ fn meta_u64(raw: Option<Vec<u8>>, key: &[u8]) -> Result<u64, StoreError> {
 /// that declared that node down.
 pub(super) fn declared_key(node: u64) -> Vec<u8> {
     let mut key = b"declared/".to_vec();
+    key.extend_from_slice(&node.to_be_bytes());
+    key
+}
+
+/// Key in `sm_meta`: `declared_wills/{node id u64}` → [`state::DeclaredWills`] of the last
+/// `NodeDown` applied that declared that node down.
+pub(super) fn declared_wills_key(node: u64) -> Vec<u8> {
+    let mut key = b"declared_wills/".to_vec();
     key.extend_from_slice(&node.to_be_bytes());
     key
 }
@@ -146,8 +174,8 @@ pub(super) struct BatchOutcome {
     pub origin: u64,
     pub feed: Option<state::Batch>,
     pub fences: Option<(u64, Vec<u32>)>,
-    /// Nodes a `NodeDown` of the batch declared down.
-    pub declared: Vec<u64>,
+    /// Nodes a `NodeDown` of the batch declared down, with the wills it listed.
+    pub declared: Vec<(u64, Vec<String>)>,
 }
 
 /// Applies the changes of `batch` in order, skipping every fenced range whose fence does not
@@ -196,7 +224,7 @@ pub(super) fn apply_changes(
                 );
                 continue;
             }
-            declared.push(down.node);
+            declared.push((down.node, down.wills.clone()));
         }
         if keep {
             apply_change(tx, change.clone(), origin)?;

@@ -321,6 +321,75 @@ async fn a_cut_off_node_fences_its_sessions_and_the_majority_publishes_their_wil
     cluster.shutdown().await;
 }
 
+/// A client without a stored session that connects to a node already cut off from the others
+/// registers a will the majority never hears of. The majority declares the node down and
+/// publishes the wills it knew (listed in the declaration); the node, once it learns of the
+/// declaration, publishes the one the list lacks. Each will once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_will_registered_on_a_cut_off_node_is_published_once_after_it_is_declared_down() {
+    let cluster = Cluster::start_with_brokers(3).await;
+    let leader = cluster.agreed_leader(&cluster.ids, None).await;
+    let cut = *cluster
+        .ids
+        .iter()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    let watcher_node = *cluster
+        .ids
+        .iter()
+        .find(|id| **id != cut && **id != leader)
+        .expect("the other follower");
+    let mut watcher = client(cluster.mqtt(watcher_node), "watcher", 0, None).await;
+    watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
+    let will = |payload: &'static [u8]| Will {
+        topic: "wills/device".into(),
+        payload: bytes::Bytes::from_static(payload),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: WillProperties::default(),
+    };
+    let _known = client(cluster.mqtt(cut), "known", 0, Some(will(b"known-gone"))).await;
+    eventually(
+        "the leader holds the will of the client connected before the cut",
+        Duration::from_secs(10),
+        || {
+            let ok = cluster.broker(leader).peer_will_count(cut) == 1;
+            async move { ok }
+        },
+    )
+    .await;
+
+    cluster.net.isolate(cut, &cluster.ids);
+    let _late = client(cluster.mqtt(cut), "late", 0, Some(will(b"late-gone"))).await;
+    // The majority declares the node down (10 s after the cut) and publishes the will it
+    // knew.
+    let p = match watcher.recv_within(CONVERGE_TIMEOUT).await {
+        Ok(Some(Packet::Publish(p))) => p,
+        other => panic!("expected the known will, got {other:?}"),
+    };
+    assert_eq!(&p.payload[..], b"known-gone");
+    watcher
+        .send(&Packet::PubAck(PubResponse::success(
+            p.packet_id.expect("QoS 1"),
+        )))
+        .await;
+    assert_eq!(cluster.broker(leader).peer_will_count(cut), 0);
+    cluster.net.heal();
+    // The node learns it was declared down: it publishes the will the declaration did not
+    // list (its client connected after the cut).
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + CONVERGE_TIMEOUT;
+    while got.is_empty() && tokio::time::Instant::now() < deadline {
+        got = drain(&mut watcher, Duration::from_secs(1)).await;
+    }
+    assert_eq!(got, ["late-gone"], "the will registered while cut off");
+    assert!(
+        drain(&mut watcher, Duration::from_secs(3)).await.is_empty(),
+        "a will was published twice"
+    );
+    cluster.shutdown().await;
+}
+
 /// A QoS 1 message for the persistent subscriptions of `t/#` (published straight into a
 /// broker, which returns how many sessions it was offered to, those it stored it for included).
 fn stored_message(payload: &'static str) -> Arc<Message> {

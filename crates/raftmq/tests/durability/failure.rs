@@ -225,6 +225,75 @@ async fn when_a_node_dies_the_wills_of_its_sessionless_clients_fire_once() {
     println!("node killed: the sessionless client's will published after {took:?}, once");
 }
 
+/// A node killed and started again at once (a supervisor or Kubernetes restarting it) before
+/// anyone declares it down: its new process has forgotten the wills of its sessionless
+/// clients, but its peers kept its previous process's table and send it to the new one, which
+/// publishes each will once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_node_restarts_at_once_the_wills_of_its_sessionless_clients_fire_once() {
+    let (_dir, specs, mut nodes, leader) = start_cluster().await;
+    let followers: Vec<usize> = (0..3).filter(|&i| specs[i].id != leader).collect();
+    let (doomed_node, watcher_node) = (followers[0], followers[1]);
+    let leader_http = specs
+        .iter()
+        .find(|s| s.id == leader)
+        .expect("the leader is a member")
+        .http;
+    let doomed_id = specs[doomed_node].id;
+    let (mut watcher, _) = connected(
+        specs[watcher_node].mqtt_addr(),
+        "restart-will-watcher",
+        true,
+    )
+    .await;
+    watcher.subscribe("restart-wills/#", QoS::AtLeastOnce).await;
+    let mut connect = connect_v5("restart-doomed", true, 0);
+    connect.keep_alive = 60;
+    connect.will = Some(raftmq_codec::Will {
+        topic: "restart-wills/doomed".into(),
+        payload: bytes::Bytes::from_static(b"msg-9"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let (doomed, ack) = RawClient::handshake(specs[doomed_node].mqtt_addr(), connect).await;
+    assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+    raftmq_tests::eventually(
+        "the leader holds the will of the doomed node's client",
+        Duration::from_secs(10),
+        || async move { peer_wills(leader_http, doomed_id).await == Some(1.0) },
+    )
+    .await;
+
+    let killed_at = Instant::now();
+    kill9(&mut nodes, doomed_node);
+    drop(doomed);
+    nodes[doomed_node] = Some(Node::spawn(&specs[doomed_node]));
+    let mut will = Vec::new();
+    while will.is_empty() && killed_at.elapsed() < Duration::from_secs(40) {
+        will = collect(&mut watcher, 1).await;
+    }
+    let took = killed_at.elapsed();
+    assert_eq!(
+        will,
+        [9],
+        "the will of a restarted node's sessionless client"
+    );
+    assert!(
+        collect(&mut watcher, 1).await.is_empty(),
+        "the will is published once"
+    );
+    // Which path published it: the restarted node (its peers sent it the old table), or the
+    // leader, if the restart took long enough for it to declare the node down.
+    let (_, metrics) = http_get(leader_http, "/metrics").await;
+    let declared =
+        raftmq_tests::metrics::metric(&metrics, "raftmq_cluster_nodes_declared_down_total")
+            .unwrap_or(0.0);
+    println!(
+        "node killed and restarted: the will published after {took:?}, once (declared down: {declared})"
+    );
+}
+
 /// A node that hangs (SIGSTOP: its connections stay open, nothing answers) does not hold up
 /// QoS 1 publishers on other nodes whose messages match its subscribers: the forwarding stream
 /// to it is closed once an acknowledgement is `FORWARD_ACK_TIMEOUT` (10 s) late, instead of

@@ -306,14 +306,16 @@ impl Broker {
                     // Its routes are stale until it comes back and announces them again.
                     self.forget_peer(*node);
                 }
-                StateChange::NodeDown { .. } => {
+                StateChange::NodeDown { wills, .. } => {
                     // This node was declared down (it was cut off, its sessions were adopted
                     // elsewhere): it can no longer prove it owns any persistent session, and
-                    // the declaring node published the wills of its sessionless connections,
-                    // which end here without them.
+                    // the declaring node published the wills of its sessionless connections
+                    // it knew of (listed); the connections end here, and the wills it did not
+                    // know of (registered here while cut off from it) are published here.
                     self.fence_durable_sessions(None);
                     self.hand_over_sessionless_wills(None);
-                    self.settle_handed_over_wills(true, now);
+                    let outcome = super::WillsOutcome::Declared(wills.iter().cloned().collect());
+                    self.settle_handed_over_wills(&outcome, now);
                 }
                 _ => {}
             }

@@ -14,14 +14,77 @@
 //! table (the peers, which cannot hear from it, keep them) until it knows the outcome. If it was
 //! declared down, the declaring node published them; otherwise, once it can commit again, it
 //! publishes them itself. Either way each is published once, after its connection ended.
+//!
+//! A node that **restarts** before anyone declared it down has lost its table with its previous
+//! process, and its peers learn of the new process from its first full table (a new
+//! incarnation). They keep the old process's table aside and send it to the new process
+//! (`EndedWills`), which publishes each will once, after a barrier commit proves what it has
+//! applied is current, unless it was declared down meanwhile (then the declaring node
+//! published them). Peers drop such a table when the node is declared down, or after
+//! [`ENDED_WILLS_KEPT`].
 
 use crate::broker::{Broker, UNFENCED};
 use crate::session::PendingWill;
 use ahash::HashMap;
 use parking_lot::Mutex;
 use raftmq_codec::{ByteStr, ReasonCode};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// What became of this node while it was out of touch (or of its previous process): whether
+/// it was declared down, and which of its sessionless wills the declaring node published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WillsOutcome {
+    /// Not declared down: this node publishes its wills itself.
+    Kept,
+    /// Declared down; the declaring node published the wills of these client ids
+    /// (`NodeDown.wills`), and this node publishes the others it held (registered while it
+    /// was cut off from the declaring node).
+    Declared(HashSet<ByteStr>),
+    /// The store could not tell: every such will is dropped (never published twice).
+    Unknown,
+}
+
+impl WillsOutcome {
+    /// Whether this node publishes the will of `client_id` itself.
+    fn publishes_here(&self, client_id: &ByteStr) -> bool {
+        match self {
+            WillsOutcome::Kept => true,
+            WillsOutcome::Declared(published) => !published.contains(client_id),
+            WillsOutcome::Unknown => false,
+        }
+    }
+}
+
+/// How long a peer's ended process's wills are kept, to be sent to its new process.
+pub const ENDED_WILLS_KEPT: Duration = Duration::from_secs(300);
+
+/// One peer's table, as announced by one process of it.
+#[derive(Default)]
+struct PeerTable {
+    incarnation: u64,
+    wills: HashMap<ByteStr, PendingWill>,
+}
+
+/// The table a peer's previous process had announced when a new process of it showed up.
+struct EndedTable {
+    incarnation: u64,
+    wills: HashMap<ByteStr, PendingWill>,
+    since: Instant,
+}
+
+/// What the peers report of this node's previous process's wills.
+#[derive(Default)]
+struct Predecessor {
+    /// `None` until this node knows whether its previous process was declared down (see
+    /// [`Broker::settle_predecessor_wills`]).
+    settled: Option<WillsOutcome>,
+    /// Received before that.
+    pending: Vec<(ByteStr, PendingWill)>,
+    /// (incarnation, client id) of every will received (each peer sends its copy).
+    seen: HashSet<(u64, ByteStr)>,
+}
 
 /// This node's sessionless wills and the peers' (leaf locks, never held together).
 #[derive(Default)]
@@ -30,8 +93,14 @@ pub(in crate::broker) struct Wills {
     local: Mutex<HashMap<ByteStr, PendingWill>>,
     /// Bumped on every change of `local`.
     generation: AtomicU64,
-    /// Each peer's table, as it announced it.
-    peers: Mutex<HashMap<u64, HashMap<ByteStr, PendingWill>>>,
+    /// Each peer's table, as its current process announced it.
+    peers: Mutex<HashMap<u64, PeerTable>>,
+    /// Per peer: the table of its previous process, to send to the new one.
+    ended: Mutex<HashMap<u64, EndedTable>>,
+    /// Bumped whenever `ended` gains a table.
+    ended_generation: AtomicU64,
+    /// This node's previous process's wills, as peers send them.
+    predecessor: Mutex<Predecessor>,
     /// Wills of connections this node closed while cut off, kept in `local` until it knows
     /// whether it was declared down (see the module docs).
     handed_over: Mutex<HashMap<ByteStr, PendingWill>>,
@@ -81,24 +150,47 @@ impl Broker {
         self.cluster.wills.generation.load(Relaxed)
     }
 
-    /// Applies a will announcement from peer `node`: its full table (`full`), or wills
-    /// registered and released since its last announcement.
+    /// Applies a will announcement from process `incarnation` of peer `node`: its full table
+    /// (`full`), or wills registered and released since its last announcement. The first
+    /// announcement of a new process sets the previous process's table aside (see the module
+    /// docs and [`Broker::ended_wills_of`]).
     pub fn apply_peer_wills(
         &self,
         node: u64,
+        incarnation: u64,
         full: bool,
         registered: Vec<(ByteStr, PendingWill)>,
         released: Vec<ByteStr>,
+        now: Instant,
     ) {
-        let mut peers = self.cluster.wills.peers.lock();
+        let wills = &self.cluster.wills;
+        let mut peers = wills.peers.lock();
         let table = peers.entry(node).or_default();
+        if table.incarnation != incarnation {
+            let old = std::mem::take(&mut table.wills);
+            if table.incarnation != 0 && !old.is_empty() {
+                let mut ended = wills.ended.lock();
+                let entry = ended.entry(node).or_insert_with(|| EndedTable {
+                    incarnation: table.incarnation,
+                    wills: HashMap::default(),
+                    since: now,
+                });
+                // A process that ended before the previous one's table was sent on: the
+                // newest ended process's table, with the older one's wills it lacks.
+                entry.incarnation = table.incarnation;
+                entry.since = now;
+                entry.wills.extend(old);
+                wills.ended_generation.fetch_add(1, Relaxed);
+            }
+            table.incarnation = incarnation;
+        }
         if full {
-            table.clear();
+            table.wills.clear();
         }
         for client_id in released {
-            table.remove(&client_id);
+            table.wills.remove(&client_id);
         }
-        table.extend(registered);
+        table.wills.extend(registered);
     }
 
     /// How many wills peer `node` has announced.
@@ -108,18 +200,126 @@ impl Broker {
             .peers
             .lock()
             .get(&node)
-            .map_or(0, HashMap::len)
+            .map_or(0, |t| t.wills.len())
     }
 
-    /// Publishes the wills announced by `node`, which this node has just declared down (their
-    /// connections ended with it, ungracefully; their sessions ended too, having no expiry):
-    /// once, here. Returns how many.
-    pub fn publish_wills_of(&self, node: u64, now: Instant) -> usize {
-        let table = self.cluster.wills.peers.lock().remove(&node);
-        let wills: Vec<PendingWill> = table.into_iter().flat_map(|t| t.into_values()).collect();
-        let count = wills.len();
-        for will in wills {
+    /// The wills announced by the previous process of peer `node` (with its incarnation) that
+    /// had not been released when a new process of it showed up: sent to the new process,
+    /// which publishes them (see the module docs). Tables older than [`ENDED_WILLS_KEPT`] are
+    /// dropped.
+    pub fn ended_wills_of(
+        &self,
+        node: u64,
+        now: Instant,
+    ) -> Option<(u64, Vec<(ByteStr, PendingWill)>)> {
+        let mut ended = self.cluster.wills.ended.lock();
+        ended.retain(|_, t| now.saturating_duration_since(t.since) < ENDED_WILLS_KEPT);
+        ended.get(&node).map(|t| {
+            (
+                t.incarnation,
+                t.wills
+                    .iter()
+                    .map(|(id, will)| (id.clone(), will.clone()))
+                    .collect(),
+            )
+        })
+    }
+
+    /// Changes whenever a peer's ended process's table is set aside.
+    pub fn ended_wills_generation(&self) -> u64 {
+        self.cluster.wills.ended_generation.load(Relaxed)
+    }
+
+    /// Wills of this node's previous process `incarnation`, as a peer sent them: each is
+    /// published once, when this node knows it was not declared down meanwhile (see
+    /// [`Broker::settle_predecessor_wills`]; at once if it knows already). Returns how many
+    /// were published now.
+    pub fn predecessor_wills(
+        &self,
+        incarnation: u64,
+        wills: Vec<(ByteStr, PendingWill)>,
+        now: Instant,
+    ) -> usize {
+        let mut publish = Vec::new();
+        {
+            let mut p = self.cluster.wills.predecessor.lock();
+            for (client_id, will) in wills {
+                if !p.seen.insert((incarnation, client_id.clone())) {
+                    continue;
+                }
+                match &p.settled {
+                    None => p.pending.push((client_id, will)),
+                    Some(outcome) if outcome.publishes_here(&client_id) => publish.push(will),
+                    Some(_) => {}
+                }
+            }
+        }
+        let count = publish.len();
+        for will in publish {
             self.publish_will(will, now);
+        }
+        count
+    }
+
+    /// Settles the wills of this node's previous process (see
+    /// [`Broker::predecessor_wills`]) by what became of it (`outcome`): those the node that
+    /// declared it down published are dropped, the others published, now and as they arrive.
+    /// Call once everything committed before this process started is applied here (a
+    /// barrier). Returns how many were published now.
+    pub fn settle_predecessor_wills(&self, outcome: WillsOutcome, now: Instant) -> usize {
+        let pending = {
+            let mut p = self.cluster.wills.predecessor.lock();
+            let pending = std::mem::take(&mut p.pending);
+            let publish: Vec<PendingWill> = pending
+                .into_iter()
+                .filter(|(id, _)| outcome.publishes_here(id))
+                .map(|(_, will)| will)
+                .collect();
+            p.settled = Some(outcome);
+            publish
+        };
+        let count = pending.len();
+        for will in pending {
+            self.publish_will(will, now);
+        }
+        count
+    }
+
+    /// The client ids of the wills announced by `node` (by its current process and, set
+    /// aside, its previous one): what a declaration of it down lists (`NodeDown.wills`).
+    pub fn peer_will_ids(&self, node: u64) -> Vec<ByteStr> {
+        let mut ids: HashSet<ByteStr> = self
+            .cluster
+            .wills
+            .peers
+            .lock()
+            .get(&node)
+            .map(|t| t.wills.keys().cloned().collect())
+            .unwrap_or_default();
+        if let Some(t) = self.cluster.wills.ended.lock().get(&node) {
+            ids.extend(t.wills.keys().cloned());
+        }
+        let mut ids: Vec<ByteStr> = ids.into_iter().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Publishes the wills announced by `node` (its previous process's set aside too) whose
+    /// client ids `listed` names: this node has just declared `node` down with that list
+    /// (their connections ended with it, ungracefully; their sessions ended too, having no
+    /// expiry). Once, here; the rest of its table is dropped (the declared node publishes
+    /// what it held beyond the list). Returns how many.
+    pub fn publish_wills_of(&self, node: u64, listed: &[ByteStr], now: Instant) -> usize {
+        let table = self.cluster.wills.peers.lock().remove(&node);
+        let ended = self.cluster.wills.ended.lock().remove(&node);
+        let mut wills: HashMap<ByteStr, PendingWill> = ended.map(|t| t.wills).unwrap_or_default();
+        wills.extend(table.into_iter().flat_map(|t| t.wills));
+        let mut count = 0;
+        for (client_id, will) in wills {
+            if listed.contains(&client_id) {
+                self.publish_will(will, now);
+                count += 1;
+            }
         }
         count
     }
@@ -128,6 +328,7 @@ impl Broker {
     /// publishes them).
     pub(in crate::broker) fn forget_peer_wills(&self, node: u64) {
         self.cluster.wills.peers.lock().remove(&node);
+        self.cluster.wills.ended.lock().remove(&node);
     }
 
     /// Closes every connection here that has a will and no stored session (MQTT 5: with
@@ -164,11 +365,11 @@ impl Broker {
         handed
     }
 
-    /// Settles the wills handed over by [`Broker::hand_over_sessionless_wills`]: dropped when
-    /// this node was declared down meanwhile (`declared`: the declaring node published them),
-    /// else published here, now. Either way they leave this node's announced table. Returns
-    /// how many were published.
-    pub fn settle_handed_over_wills(&self, declared: bool, now: Instant) -> usize {
+    /// Settles the wills handed over by [`Broker::hand_over_sessionless_wills`] by what became
+    /// of this node meanwhile (`outcome`): those the node that declared it down published
+    /// are dropped, the others published here, now. Either way they leave this node's
+    /// announced table. Returns how many were published.
+    pub fn settle_handed_over_wills(&self, outcome: &WillsOutcome, now: Instant) -> usize {
         let handed = std::mem::take(&mut *self.cluster.wills.handed_over.lock());
         let mut published = 0;
         for (client_id, will) in handed {
@@ -180,7 +381,7 @@ impl Broker {
                     wills.generation.fetch_add(1, Relaxed);
                 }
             }
-            if !declared {
+            if outcome.publishes_here(&client_id) {
                 self.publish_will(will, now);
                 published += 1;
             }
