@@ -380,7 +380,8 @@ pub fn change_to_proto_with(
             node: *node,
             at_ms: ctx.now.map_or(0, |now| clock.to_unix_ms(now)),
             seen: *seen,
-            wills: wills.iter().map(|w| w.to_string()).collect(),
+            wills: wills.iter().flatten().map(|w| w.to_string()).collect(),
+            lists_wills: wills.is_some(),
         }),
     };
     state::Change {
@@ -467,7 +468,9 @@ pub fn change_from_proto(
         ProtoChange::NodeDown(c) => StateChange::NodeDown {
             node: c.node,
             seen: c.seen,
-            wills: c.wills.into_iter().map(ByteStr::from).collect(),
+            wills: c
+                .lists_wills
+                .then(|| c.wills.into_iter().map(ByteStr::from).collect()),
         },
     })
 }

@@ -136,7 +136,9 @@ impl RaftDurability {
             return WillsOutcome::Kept;
         }
         match self.reader.declared_wills(self.node_id) {
-            Ok(ids) => WillsOutcome::Declared(ids.into_iter().map(ByteStr::from).collect()),
+            Ok(Some(ids)) => WillsOutcome::Declared(ids.into_iter().map(ByteStr::from).collect()),
+            // Declared by an older version, which listed nothing: it published all it knew.
+            Ok(None) => WillsOutcome::Unknown,
             Err(e) => {
                 error!(error = %e, "cannot read which wills the declaration of this node listed");
                 WillsOutcome::Unknown
@@ -144,13 +146,14 @@ impl RaftDurability {
         }
     }
 
-    /// The client ids the last declaration of this node down listed (empty if none, or the
-    /// store cannot be read).
-    pub fn declared_wills(&self) -> Vec<ByteStr> {
+    /// The client ids the last declaration of this node down listed (`None` if it listed none,
+    /// or the store cannot be read: then every will is dropped, never published twice).
+    pub fn declared_wills(&self) -> Option<Vec<ByteStr>> {
         self.reader
             .declared_wills(self.node_id)
+            .ok()
+            .flatten()
             .map(|ids| ids.into_iter().map(ByteStr::from).collect())
-            .unwrap_or_default()
     }
 
     /// The log index of the last batch `node` proposed that was applied here (0: none, or the

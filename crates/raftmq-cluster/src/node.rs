@@ -960,7 +960,7 @@ async fn declare_down_nodes(
             let commit = durability.propose(vec![StateChange::NodeDown {
                 node,
                 seen,
-                wills: wills.clone(),
+                wills: Some(wills.clone()),
             }]);
             if commit.await.is_err() {
                 if !adoption_pending {

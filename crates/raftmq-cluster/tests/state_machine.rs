@@ -1342,7 +1342,7 @@ fn a_declaration_is_recorded_and_travels_in_snapshots() {
                     &[StateChange::NodeDown {
                         node: 3,
                         seen: 0,
-                        wills: vec!["w1".into()],
+                        wills: Some(vec!["w1".into()]),
                     }],
                 ),
             ),
@@ -1355,7 +1355,7 @@ fn a_declaration_is_recorded_and_travels_in_snapshots() {
                     &[StateChange::NodeDown {
                         node: 3,
                         seen: 0,
-                        wills: vec!["w2".into(), "w3".into()],
+                        wills: Some(vec!["w2".into(), "w3".into()]),
                     }],
                 ),
             ),
@@ -1369,10 +1369,10 @@ fn a_declaration_is_recorded_and_travels_in_snapshots() {
     assert_eq!(a.declared_down_at(1).expect("read"), 0);
     assert_eq!(
         a.declared_wills(3).expect("read"),
-        ["w2", "w3"],
+        Some(vec!["w2".to_owned(), "w3".to_owned()]),
         "the wills the last declaration listed"
     );
-    assert!(a.declared_wills(1).expect("read").is_empty());
+    assert_eq!(a.declared_wills(1).expect("read"), None);
     let snapshot = rt
         .block_on(async { a.get_snapshot_builder().await.build_snapshot().await })
         .expect("build");
@@ -1383,7 +1383,10 @@ fn a_declaration_is_recorded_and_travels_in_snapshots() {
         4,
         "carried by the snapshot"
     );
-    assert_eq!(b.declared_wills(3).expect("read"), ["w2", "w3"]);
+    assert_eq!(
+        b.declared_wills(3).expect("read"),
+        Some(vec!["w2".to_owned(), "w3".to_owned()])
+    );
 }
 
 /// A declaration is made on what the declaring node had applied (`seen`): if the declared node
@@ -1420,7 +1423,7 @@ fn a_declaration_is_void_if_the_node_proposed_after_what_it_was_based_on() {
                     &[StateChange::NodeDown {
                         node: 3,
                         seen: 1,
-                        wills: Vec::new(),
+                        wills: Some(Vec::new()),
                     }],
                 ),
             ),
@@ -1444,7 +1447,7 @@ fn a_declaration_is_void_if_the_node_proposed_after_what_it_was_based_on() {
                 &[StateChange::NodeDown {
                     node: 3,
                     seen: 3,
-                    wills: Vec::new(),
+                    wills: Some(Vec::new()),
                 }],
             ),
         )],
@@ -1466,7 +1469,7 @@ fn a_declaration_is_void_if_the_node_proposed_after_what_it_was_based_on() {
                     &[StateChange::NodeDown {
                         node: 1,
                         seen: 0,
-                        wills: Vec::new(),
+                        wills: Some(Vec::new()),
                     }],
                 ),
             ),

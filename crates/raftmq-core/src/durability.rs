@@ -153,8 +153,9 @@ pub enum StateChange {
         node: u64,
         seen: u64,
         /// The client ids of the node's sessionless wills the declaring node publishes (the
-        /// node publishes the others it held: see `Broker::settle_handed_over_wills`).
-        wills: Vec<ByteStr>,
+        /// node publishes the others it held: see `Broker::settle_handed_over_wills`). `None`:
+        /// a declaring node of an older version, which listed nothing (the node drops all).
+        wills: Option<Vec<ByteStr>>,
     },
 }
 

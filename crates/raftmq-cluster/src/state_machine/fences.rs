@@ -66,13 +66,14 @@ impl StateMachine {
     }
 
     /// The client ids of `node`'s sessionless wills that the last declaration of it down
-    /// listed (published by the declaring node; see `NodeDown.wills`).
-    pub fn declared_wills(&self, node: u64) -> Result<Vec<String>, StoreError> {
+    /// listed (published by the declaring node; see `NodeDown.wills`); `None` if it listed
+    /// none (an older version's, or no declaration).
+    pub fn declared_wills(&self, node: u64) -> Result<Option<Vec<String>>, StoreError> {
         let key = declared_wills_key(node);
         match self.db.get(StateCf::SmMeta, &key)? {
-            None => Ok(Vec::new()),
+            None => Ok(None),
             Some(raw) => state::DeclaredWills::decode(raw.as_slice())
-                .map(|d| d.client_ids)
+                .map(|d| d.listed.then_some(d.client_ids))
                 .map_err(|_| corrupt(StateCf::SmMeta, &key, "not a DeclaredWills")),
         }
     }
@@ -113,7 +114,8 @@ pub(super) fn record_meta(tx: &mut Tx<'_>, outcome: &BatchOutcome, index: u64) {
             index.to_be_bytes().to_vec(),
         );
         let list = state::DeclaredWills {
-            client_ids: wills.clone(),
+            client_ids: wills.clone().unwrap_or_default(),
+            listed: wills.is_some(),
         };
         tx.put(
             StateCf::SmMeta,
@@ -175,7 +177,7 @@ pub(super) struct BatchOutcome {
     pub feed: Option<state::Batch>,
     pub fences: Option<(u64, Vec<u32>)>,
     /// Nodes a `NodeDown` of the batch declared down, with the wills it listed.
-    pub declared: Vec<(u64, Vec<String>)>,
+    pub declared: Vec<(u64, Option<Vec<String>>)>,
 }
 
 /// Applies the changes of `batch` in order, skipping every fenced range whose fence does not
@@ -224,7 +226,7 @@ pub(super) fn apply_changes(
                 );
                 continue;
             }
-            declared.push((down.node, down.wills.clone()));
+            declared.push((down.node, down.lists_wills.then(|| down.wills.clone())));
         }
         if keep {
             apply_change(tx, change.clone(), origin)?;

@@ -314,7 +314,12 @@ impl Broker {
                     // know of (registered here while cut off from it) are published here.
                     self.fence_durable_sessions(None);
                     self.hand_over_sessionless_wills(None);
-                    let outcome = super::WillsOutcome::Declared(wills.iter().cloned().collect());
+                    let outcome = match wills {
+                        Some(listed) => {
+                            super::WillsOutcome::Declared(listed.iter().cloned().collect())
+                        }
+                        None => super::WillsOutcome::Unknown,
+                    };
                     self.settle_handed_over_wills(&outcome, now);
                 }
                 _ => {}
