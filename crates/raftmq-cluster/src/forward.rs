@@ -446,6 +446,7 @@ async fn link(
                 .map(|(id, will)| registered_will(id, will, &hub.clock))
                 .collect(),
             released: Vec::new(),
+            ended_settled: broker.predecessor_settled(),
         });
         if out.send(hub.frame(full)).await.is_err() {
             continue;
@@ -554,7 +555,12 @@ async fn link(
                                 .map(|id| id.to_string())
                                 .collect();
                             wills_announced = now;
-                            let body = pb::frame::Body::Wills(pb::Wills { full: false, registered, released });
+                            let body = pb::frame::Body::Wills(pb::Wills {
+                                full: false,
+                                registered,
+                                released,
+                                ended_settled: broker.predecessor_settled(),
+                            });
                             if out.send(hub.frame(body)).await.is_err() {
                                 break;
                             }
@@ -815,10 +821,13 @@ impl ForwardService for ForwardGrpc {
                         let released = w.released.into_iter().map(ByteStr::from).collect();
                         broker.apply_peer_wills(
                             from,
-                            frame.incarnation,
-                            w.full,
-                            registered,
-                            released,
+                            raftmq_core::broker::WillsAnnouncement {
+                                incarnation: frame.incarnation,
+                                full: w.full,
+                                registered,
+                                released,
+                                ended_settled: w.ended_settled,
+                            },
                             std::time::Instant::now(),
                         );
                         metrics::gauge!(FORWARD_PEER_WILLS, "peer" => from.to_string())

@@ -52,7 +52,9 @@ mod sessions;
 mod subscriptions;
 mod timers;
 pub use admin::{ClientSummary, Kicked, SubscriptionSummary};
-pub use cluster::{CLAIM_CLOCK_TOLERANCE, ENDED_WILLS_KEPT, Forwarder, Redirect, WillsOutcome};
+pub use cluster::{
+    CLAIM_CLOCK_TOLERANCE, ENDED_WILLS_KEPT, Forwarder, Redirect, WillsAnnouncement, WillsOutcome,
+};
 pub use routing::Publisher;
 use timers::Timers;
 

@@ -12,7 +12,7 @@
 use bytes::Bytes;
 use raftmq_codec::{ByteStr, QoS, SubscriptionOptions};
 use raftmq_core::DetachKind;
-use raftmq_core::broker::{ENDED_WILLS_KEPT, WillsOutcome};
+use raftmq_core::broker::{ENDED_WILLS_KEPT, WillsAnnouncement, WillsOutcome};
 use raftmq_core::config::MqttConfig;
 use raftmq_core::durability::{Commit, MessageId, SessionImage, WillRecord};
 use raftmq_core::session::SubEntry;
@@ -216,24 +216,22 @@ fn a_dead_peers_wills_are_published_once_by_the_node_that_declared_it() {
         .expect("subscribed");
     broker.apply_peer_wills(
         2,
-        20,
-        true,
-        vec![
-            (ByteStr::from("x"), will_of("x")),
-            (ByteStr::from("y"), will_of("y")),
-        ],
-        Vec::new(),
+        table(
+            20,
+            &[
+                (ByteStr::from("x"), will_of("x")),
+                (ByteStr::from("y"), will_of("y")),
+            ],
+        ),
         t0,
     );
-    broker.apply_peer_wills(2, 20, false, Vec::new(), vec![ByteStr::from("y")], t0);
-    broker.apply_peer_wills(
-        3,
-        30,
-        true,
-        vec![(ByteStr::from("z"), will_of("z"))],
-        Vec::new(),
-        t0,
-    );
+    let release_y = WillsAnnouncement {
+        incarnation: 20,
+        released: vec![ByteStr::from("y")],
+        ..WillsAnnouncement::default()
+    };
+    broker.apply_peer_wills(2, release_y, t0);
+    broker.apply_peer_wills(3, table(30, &[(ByteStr::from("z"), will_of("z"))]), t0);
     assert_eq!(broker.peer_will_count(2), 1);
     // Declared with the wills this node knew of: x (y was released).
     assert_eq!(broker.peer_will_ids(2), [ByteStr::from("x")]);
@@ -274,49 +272,82 @@ fn will_watcher(broker: &Broker, t0: Instant) -> Arc<raftmq_core::session::Sessi
     watcher.session
 }
 
+/// The full table of process `incarnation` of a peer.
+fn table(incarnation: u64, wills: &[(ByteStr, WillRecord)]) -> WillsAnnouncement {
+    WillsAnnouncement {
+        incarnation,
+        full: true,
+        registered: wills.to_vec(),
+        ..WillsAnnouncement::default()
+    }
+}
+
 /// A peer that restarts before anyone declared it down: its new process's first table sets
 /// the old one's wills aside (a reconnect of the same process does not), to be sent to the
-/// new process; a declaration of the peer publishes those too, once.
+/// new process. Until that process reports them settled, a declaration of the peer lists and
+/// publishes them too (once); after, neither a declaration nor the next process gets them.
 #[test]
 fn a_restarted_peers_previous_wills_are_set_aside_for_it() {
     let t0 = Instant::now();
     let broker = Broker::new(MqttConfig::default());
     let x = (ByteStr::from("x"), will_of("x"));
     let y = (ByteStr::from("y"), will_of("y"));
-    broker.apply_peer_wills(2, 20, true, vec![x.clone(), y.clone()], Vec::new(), t0);
+    broker.apply_peer_wills(2, table(20, &[x.clone(), y.clone()]), t0);
     // The same process reconnecting its stream: nothing set aside.
-    broker.apply_peer_wills(2, 20, true, vec![x.clone()], Vec::new(), t0);
+    broker.apply_peer_wills(2, table(20, std::slice::from_ref(&x)), t0);
     assert!(broker.ended_wills_of(2, t0).is_none());
     let g = broker.ended_wills_generation();
     // A new process: its table replaces the old, whose unreleased will is set aside.
-    broker.apply_peer_wills(2, 21, true, Vec::new(), Vec::new(), t0);
+    broker.apply_peer_wills(2, table(21, &[]), t0);
     assert_eq!(broker.peer_will_count(2), 0);
     assert_ne!(broker.ended_wills_generation(), g);
     let (incarnation, wills) = broker.ended_wills_of(2, t0).expect("set aside");
     assert_eq!(incarnation, 20);
     assert_eq!(wills, vec![x.clone()]);
+    assert_eq!(
+        broker.peer_will_ids(2),
+        std::slice::from_ref(&x.0),
+        "not settled yet"
+    );
     // Kept for a while only.
     assert!(broker.ended_wills_of(2, t0 + ENDED_WILLS_KEPT).is_none());
 
-    // Declared down after all: the declaring node publishes both processes' wills, once.
-    let watcher = will_watcher(&broker, t0);
-    broker.apply_peer_wills(2, 22, true, vec![y.clone()], Vec::new(), t0);
-    broker.apply_peer_wills(2, 23, true, Vec::new(), Vec::new(), t0);
+    // Process 22 registers y, settles its predecessors' wills, and ends: only y is left to
+    // its successor, and a declaration lists only what that successor has not settled.
+    broker.apply_peer_wills(2, table(21, std::slice::from_ref(&x)), t0);
+    broker.apply_peer_wills(2, table(22, std::slice::from_ref(&y)), t0);
+    let settled = WillsAnnouncement {
+        incarnation: 22,
+        ended_settled: true,
+        ..WillsAnnouncement::default()
+    };
+    broker.apply_peer_wills(2, settled.clone(), t0);
     assert_eq!(
         broker.peer_will_ids(2),
-        [ByteStr::from("y")],
-        "process 23's table is empty, process 22's y set aside"
+        std::slice::from_ref(&y.0),
+        "x was settled by 22"
     );
+    broker.apply_peer_wills(2, table(23, &[]), t0);
+    let (incarnation, wills) = broker.ended_wills_of(2, t0).expect("set aside");
+    assert_eq!((incarnation, wills), (22, vec![y.clone()]));
+
+    // Declared down after all: the declaring node publishes what it lists, once.
+    let watcher = will_watcher(&broker, t0);
+    assert_eq!(broker.peer_will_ids(2), std::slice::from_ref(&y.0));
     assert_eq!(
-        broker.publish_wills_of(2, &[ByteStr::from("y")], t0),
+        broker.publish_wills_of(2, std::slice::from_ref(&y.0), t0),
         1,
-        "y, of process 22"
+        "y, of 22"
     );
     assert!(broker.ended_wills_of(2, t0).is_none());
+    assert_eq!(
+        broker.publish_wills_of(2, std::slice::from_ref(&y.0), t0),
+        0
+    );
     assert_eq!(watcher.queue_depth().0, 1);
     // A node that only learns of the declaration forgets them.
-    broker.apply_peer_wills(3, 30, true, vec![x.clone()], Vec::new(), t0);
-    broker.apply_peer_wills(3, 31, true, Vec::new(), Vec::new(), t0);
+    broker.apply_peer_wills(3, table(30, std::slice::from_ref(&x)), t0);
+    broker.apply_peer_wills(3, table(31, &[]), t0);
     broker.forget_peer(3);
     assert!(broker.ended_wills_of(3, t0).is_none());
     assert_eq!(broker.stats().wills_published.load(Relaxed), 1);
@@ -335,8 +366,12 @@ fn a_restarted_node_publishes_its_previous_processes_wills_once_unless_declared(
     // From the first peer, before this node knows: held.
     assert_eq!(broker.predecessor_wills(20, vec![x.clone()], t0), 0);
     assert_eq!(watcher.queue_depth().0, 0);
-    // Not declared: published now.
+    // Not declared: published now, and announced to the peers with the table.
+    assert!(!broker.predecessor_settled());
+    let g = broker.wills_generation();
     assert_eq!(broker.settle_predecessor_wills(WillsOutcome::Kept, t0), 1);
+    assert!(broker.predecessor_settled());
+    assert_ne!(broker.wills_generation(), g);
     assert_eq!(watcher.queue_depth().0, 1);
     // The second peer's copy: not again; a will it alone had: at once.
     assert_eq!(

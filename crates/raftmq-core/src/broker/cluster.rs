@@ -27,7 +27,7 @@ mod wills;
 
 pub(super) use adoption::AdoptionSlot;
 pub use forwarding::{CLAIM_CLOCK_TOLERANCE, Forwarder, Redirect};
-pub use wills::{ENDED_WILLS_KEPT, WillsOutcome};
+pub use wills::{ENDED_WILLS_KEPT, WillsAnnouncement, WillsOutcome};
 
 /// The cluster's part of the broker's state.
 pub(super) struct ClusterState {

@@ -65,6 +65,24 @@ pub const ENDED_WILLS_KEPT: Duration = Duration::from_secs(300);
 struct PeerTable {
     incarnation: u64,
     wills: HashMap<ByteStr, PendingWill>,
+    /// The process reported that it settled its previous processes' wills (see
+    /// [`WillsAnnouncement::ended_settled`]).
+    ended_settled: bool,
+}
+
+/// A will announcement from one process of a peer (see [`Broker::apply_peer_wills`]).
+#[derive(Clone, Debug, Default)]
+pub struct WillsAnnouncement {
+    /// The id of the sending process.
+    pub incarnation: u64,
+    /// The whole table (sent when a stream opens), else a delta.
+    pub full: bool,
+    pub registered: Vec<(ByteStr, PendingWill)>,
+    pub released: Vec<ByteStr>,
+    /// The process has settled the wills of the node's previous processes (published them,
+    /// or left them to the node that declared it down): peers no longer include them in a
+    /// declaration, nor carry them over to the next process.
+    pub ended_settled: bool,
 }
 
 /// The table a peer's previous process had announced when a new process of it showed up.
@@ -154,43 +172,47 @@ impl Broker {
     /// (`full`), or wills registered and released since its last announcement. The first
     /// announcement of a new process sets the previous process's table aside (see the module
     /// docs and [`Broker::ended_wills_of`]).
-    pub fn apply_peer_wills(
-        &self,
-        node: u64,
-        incarnation: u64,
-        full: bool,
-        registered: Vec<(ByteStr, PendingWill)>,
-        released: Vec<ByteStr>,
-        now: Instant,
-    ) {
+    pub fn apply_peer_wills(&self, node: u64, announced: WillsAnnouncement, now: Instant) {
         let wills = &self.cluster.wills;
         let mut peers = wills.peers.lock();
         let table = peers.entry(node).or_default();
-        if table.incarnation != incarnation {
+        if table.incarnation != announced.incarnation {
             let old = std::mem::take(&mut table.wills);
-            if table.incarnation != 0 && !old.is_empty() {
+            if table.incarnation != 0 {
                 let mut ended = wills.ended.lock();
-                let entry = ended.entry(node).or_insert_with(|| EndedTable {
-                    incarnation: table.incarnation,
-                    wills: HashMap::default(),
-                    since: now,
-                });
-                // A process that ended before the previous one's table was sent on: the
-                // newest ended process's table, with the older one's wills it lacks.
-                entry.incarnation = table.incarnation;
-                entry.since = now;
-                entry.wills.extend(old);
-                wills.ended_generation.fetch_add(1, Relaxed);
+                // The ended process had settled its predecessors' wills: only its own are
+                // left to its successor. Otherwise they are carried over with its own.
+                if table.ended_settled {
+                    ended.remove(&node);
+                }
+                if !old.is_empty() {
+                    let entry = ended.entry(node).or_insert_with(|| EndedTable {
+                        incarnation: table.incarnation,
+                        wills: HashMap::default(),
+                        since: now,
+                    });
+                    entry.incarnation = table.incarnation;
+                    entry.since = now;
+                    entry.wills.extend(old);
+                    wills.ended_generation.fetch_add(1, Relaxed);
+                }
             }
-            table.incarnation = incarnation;
+            table.incarnation = announced.incarnation;
         }
-        if full {
+        table.ended_settled = announced.ended_settled;
+        if announced.full {
             table.wills.clear();
         }
-        for client_id in released {
+        for client_id in announced.released {
             table.wills.remove(&client_id);
         }
-        table.wills.extend(registered);
+        table.wills.extend(announced.registered);
+    }
+
+    /// Whether this process has settled the wills of its node's previous processes (see
+    /// [`Broker::settle_predecessor_wills`]): announced to peers with its table.
+    pub fn predecessor_settled(&self) -> bool {
+        self.cluster.wills.predecessor.lock().settled.is_some()
     }
 
     /// How many wills peer `node` has announced.
@@ -278,6 +300,8 @@ impl Broker {
             p.settled = Some(outcome);
             publish
         };
+        // Announced to the peers with the table (they drop what they set aside).
+        self.cluster.wills.generation.fetch_add(1, Relaxed);
         let count = pending.len();
         for will in pending {
             self.publish_will(will, now);
@@ -286,17 +310,18 @@ impl Broker {
     }
 
     /// The client ids of the wills announced by `node` (by its current process and, set
-    /// aside, its previous one): what a declaration of it down lists (`NodeDown.wills`).
+    /// aside, its previous ones unless the current one settled them): what a declaration of
+    /// it down lists (`NodeDown.wills`).
     pub fn peer_will_ids(&self, node: u64) -> Vec<ByteStr> {
-        let mut ids: HashSet<ByteStr> = self
+        let (mut ids, settled): (HashSet<ByteStr>, bool) = self
             .cluster
             .wills
             .peers
             .lock()
             .get(&node)
-            .map(|t| t.wills.keys().cloned().collect())
+            .map(|t| (t.wills.keys().cloned().collect(), t.ended_settled))
             .unwrap_or_default();
-        if let Some(t) = self.cluster.wills.ended.lock().get(&node) {
+        if !settled && let Some(t) = self.cluster.wills.ended.lock().get(&node) {
             ids.extend(t.wills.keys().cloned());
         }
         let mut ids: Vec<ByteStr> = ids.into_iter().collect();
@@ -304,8 +329,8 @@ impl Broker {
         ids
     }
 
-    /// Publishes the wills announced by `node` (its previous process's set aside too) whose
-    /// client ids `listed` names: this node has just declared `node` down with that list
+    /// Publishes the wills announced by `node` (its previous processes' set aside too) whose
+    /// client ids `listed` (from [`Broker::peer_will_ids`]) names: this node has just declared `node` down with that list
     /// (their connections ended with it, ungracefully; their sessions ended too, having no
     /// expiry). Once, here; the rest of its table is dropped (the declared node publishes
     /// what it held beyond the list). Returns how many.
