@@ -781,6 +781,10 @@ async fn wills_held(cluster: &ChaosCluster, expected: impl Fn(usize) -> usize) -
 enum Fault {
     /// kill -9; restarted after the hold, once the cluster has declared it down.
     Kill,
+    /// kill -9 and started again at once (within the hold, at most 0.5 s), as a supervisor or
+    /// Kubernetes does: usually before the cluster can declare it down, so the new process
+    /// publishes the sessionless wills its peers kept of the old one.
+    Restart,
     /// Cut off from the other two nodes (clients still reach it) for the hold.
     Partition,
     /// SIGSTOP for the hold, then SIGCONT: a node that hangs, its sockets open.
@@ -805,6 +809,8 @@ const ROTATION: &[(Fault, Target)] = &[
     (Fault::Kill, Target::Leader),
     (Fault::Kill, Target::Subscriber),
     (Fault::Kill, Target::Publisher),
+    (Fault::Restart, Target::Leader),
+    (Fault::Restart, Target::Subscriber),
     (Fault::Partition, Target::Leader),
     (Fault::Partition, Target::Subscriber),
     (Fault::Pause, Target::Leader),
@@ -866,6 +872,7 @@ impl Schedule {
         let gap = self.millis(2_000, 4_000);
         let hold = match fault {
             Fault::Kill => self.millis(3_000, 8_000),
+            Fault::Restart => self.millis(0, 500),
             // Shorter and longer than the 10 s after which the majority declares it down.
             Fault::Partition => self.millis(8_000, 15_000),
             Fault::Pause => self.millis(2_000, 8_000),
@@ -1118,6 +1125,11 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                 cluster.pause(victim).await;
                 tokio::time::sleep(r.hold).await;
                 cluster.resume(victim).await;
+            }
+            Fault::Restart => {
+                cluster.kill9(victim).await;
+                tokio::time::sleep(r.hold).await;
+                cluster.restart(victim).await;
             }
             Fault::Kill => {
                 let survivors: Vec<u16> = (0..cluster.len())
