@@ -842,11 +842,7 @@ impl ForwardService for ForwardGrpc {
                                 Some((ByteStr::from(r.client_id), will))
                             })
                             .collect();
-                        let published = broker.predecessor_wills(
-                            e.incarnation,
-                            wills,
-                            std::time::Instant::now(),
-                        );
+                        let published = broker.predecessor_wills(wills, std::time::Instant::now());
                         counter!(PREDECESSOR_WILLS_TOTAL).increment(published as u64);
                     }
                     Some(pb::frame::Body::Claims(c)) => {

@@ -364,7 +364,7 @@ fn a_restarted_node_publishes_its_previous_processes_wills_once_unless_declared(
     let broker = Broker::new(MqttConfig::default());
     let watcher = will_watcher(&broker, t0);
     // From the first peer, before this node knows: held.
-    assert_eq!(broker.predecessor_wills(20, vec![x.clone()], t0), 0);
+    assert_eq!(broker.predecessor_wills(vec![x.clone()], t0), 0);
     assert_eq!(watcher.queue_depth().0, 0);
     // Not declared: published now, and announced to the peers with the table.
     assert!(!broker.predecessor_settled());
@@ -374,16 +374,13 @@ fn a_restarted_node_publishes_its_previous_processes_wills_once_unless_declared(
     assert_ne!(broker.wills_generation(), g);
     assert_eq!(watcher.queue_depth().0, 1);
     // The second peer's copy: not again; a will it alone had: at once.
-    assert_eq!(
-        broker.predecessor_wills(20, vec![x.clone(), y.clone()], t0),
-        1
-    );
-    assert_eq!(broker.predecessor_wills(20, vec![y.clone()], t0), 0);
+    assert_eq!(broker.predecessor_wills(vec![x.clone(), y.clone()], t0), 1);
+    assert_eq!(broker.predecessor_wills(vec![y.clone()], t0), 0);
     assert_eq!(watcher.queue_depth().0, 2);
 
     let declared = Broker::new(MqttConfig::default());
     let watcher = will_watcher(&declared, t0);
-    declared.predecessor_wills(20, vec![x.clone()], t0);
+    declared.predecessor_wills(vec![x.clone()], t0);
     // Declared down, with x listed: the declaring node published x; y it did not know of.
     let outcome = WillsOutcome::Declared([ByteStr::from("x")].into_iter().collect());
     assert_eq!(declared.settle_predecessor_wills(outcome, t0), 0);
@@ -392,7 +389,7 @@ fn a_restarted_node_publishes_its_previous_processes_wills_once_unless_declared(
         0,
         "x published by the declaring node"
     );
-    assert_eq!(declared.predecessor_wills(20, vec![x, y], t0), 1);
+    assert_eq!(declared.predecessor_wills(vec![x, y], t0), 1);
     assert_eq!(
         watcher.queue_depth().0,
         1,

@@ -100,8 +100,10 @@ struct Predecessor {
     settled: Option<WillsOutcome>,
     /// Received before that.
     pending: Vec<(ByteStr, PendingWill)>,
-    /// (incarnation, client id) of every will received (each peer sends its copy).
-    seen: HashSet<(u64, ByteStr)>,
+    /// Every will received, as (client id, topic, payload): each peer sends its copy, and
+    /// peers that saw different processes of this node end may send one will under different
+    /// incarnations.
+    seen: HashSet<(ByteStr, ByteStr, bytes::Bytes)>,
 }
 
 /// This node's sessionless wills and the peers' (leaf locks, never held together).
@@ -252,21 +254,21 @@ impl Broker {
         self.cluster.wills.ended_generation.load(Relaxed)
     }
 
-    /// Wills of this node's previous process `incarnation`, as a peer sent them: each is
-    /// published once, when this node knows it was not declared down meanwhile (see
+    /// Wills of this node's previous processes, as a peer sent them: each is published once,
+    /// when this node knows it was not declared down meanwhile (see
     /// [`Broker::settle_predecessor_wills`]; at once if it knows already). Returns how many
     /// were published now.
-    pub fn predecessor_wills(
-        &self,
-        incarnation: u64,
-        wills: Vec<(ByteStr, PendingWill)>,
-        now: Instant,
-    ) -> usize {
+    pub fn predecessor_wills(&self, wills: Vec<(ByteStr, PendingWill)>, now: Instant) -> usize {
         let mut publish = Vec::new();
         {
             let mut p = self.cluster.wills.predecessor.lock();
             for (client_id, will) in wills {
-                if !p.seen.insert((incarnation, client_id.clone())) {
+                let key = (
+                    client_id.clone(),
+                    will.message.topic.clone(),
+                    will.message.payload.clone(),
+                );
+                if !p.seen.insert(key) {
                     continue;
                 }
                 match &p.settled {
