@@ -106,7 +106,8 @@ struct Predecessor {
     seen: HashSet<(ByteStr, ByteStr, bytes::Bytes)>,
 }
 
-/// This node's sessionless wills and the peers' (leaf locks, never held together).
+/// This node's sessionless wills and the peers' (leaf locks, one at a time, except `peers` then
+/// `ended`).
 #[derive(Default)]
 pub(in crate::broker) struct Wills {
     /// Client id → the will of its connection here.
