@@ -174,6 +174,8 @@ pub struct RaftNode {
     liveness_task: Option<tokio::task::JoinHandle<()>>,
     /// Replaces a leader whose process is gone ([`crate::election`]).
     election_task: Option<tokio::task::JoinHandle<()>>,
+    /// Settles the wills of this node's previous process (`settle_predecessor`).
+    settle_task: Option<tokio::task::JoinHandle<()>>,
     /// The forwarding links (once forwarding started): which peers are reachable.
     hub: Option<Arc<crate::forward::ForwardHub>>,
     join_task: Option<tokio::task::JoinHandle<()>>,
@@ -416,6 +418,7 @@ impl RaftNode {
             hub: None,
             liveness_task: None,
             election_task: None,
+            settle_task: None,
             join_task,
             metrics_task,
             contact: Arc::default(),
@@ -711,11 +714,11 @@ impl RaftNode {
             self.node_id,
             hub.clone(),
         )));
-        tokio::spawn(settle_predecessor(
+        self.settle_task = Some(tokio::spawn(settle_predecessor(
             self.durability.clone(),
             broker.clone(),
             self.declared_at_start,
-        ));
+        )));
         self.liveness_task = Some(tokio::spawn(declare_down_nodes(
             self.raft.clone(),
             self.node_id,
@@ -733,6 +736,7 @@ impl RaftNode {
             self.forward_task.take(),
             self.liveness_task.take(),
             self.election_task.take(),
+            self.settle_task.take(),
         ]
         .into_iter()
         .flatten()
