@@ -1139,8 +1139,8 @@ async fn chaos_kill_9_leader_and_subscriber_nodes_under_durable_load_loses_nothi
                 let before = declared_down(&survivors).await;
                 cluster.kill9(victim).await;
                 tokio::time::sleep(r.hold).await;
-                // Restarted before it is declared down, a node forgets which wills it
-                // announced (docs/cluster.md, "Node failure"): wait for the declaration.
+                // This fault exercises the declaration (adoption, the declaring node's wills):
+                // wait for it before restarting. `Fault::Restart` covers a restart before it.
                 let declared = holds_within(Duration::from_secs(30), || async {
                     declared_down(&survivors).await > before
                 })
