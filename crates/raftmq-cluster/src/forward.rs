@@ -154,15 +154,10 @@ impl Forwarder for ForwardHub {
         // Over a link that is down there is nobody to wait for (its subscribers' connections
         // are gone with it, or it comes back and gets the message then): no waiting.
         let mut links = self.links.lock();
-        if !links.contains_key(&node) {
-            // The peer announced routes before the membership check linked to it (it joined,
-            // or this node started, a moment ago): queue for it now, the check links to it at
-            // once (and drops the queue if the peer never shows up in the membership).
-            self.open_early(&mut links, node);
-        }
-        let Some(tx) = links.get(&node) else {
-            return Commit::ready();
-        };
+        // A peer that announced routes before the membership check linked to it (it joined, or
+        // this node started, a moment ago) gets its queue now; the check links to it at once
+        // (and drops the queue if the peer never shows up in the membership).
+        let tx = links.entry(node).or_insert_with(|| self.open_early(node));
         let (commit, ack) = if message.qos != QoS::AtMostOnce && self.down_for(node).is_none() {
             let (commit, handle) = Commit::pending();
             (commit, Some(handle))
@@ -282,9 +277,9 @@ impl ForwardHub {
 
     /// Opens the queue for `node` before its link exists (see [`ForwardHub::forward`]); the
     /// link counts as down until its stream opens, like any link being connected.
-    fn open_early(&self, links: &mut HashMap<NodeId, mpsc::Sender<Item>>, node: NodeId) {
+    /// Returns the queue's sending side, for the caller (which holds `links`) to record.
+    fn open_early(&self, node: NodeId) -> mpsc::Sender<Item> {
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
-        links.insert(node, tx);
         self.early
             .lock()
             .insert(node, (rx, std::time::Instant::now()));
@@ -294,6 +289,7 @@ impl ForwardHub {
             .or_insert_with(std::time::Instant::now);
         counter!(FORWARD_EARLY_LINKS_TOTAL, "peer" => node.to_string()).increment(1);
         self.wake.notify_one();
+        tx
     }
 
     /// The queue a new link to `peer` sends from: the one opened early, if any, else a new one.
@@ -810,14 +806,7 @@ impl ForwardService for ForwardGrpc {
                         }
                     }
                     Some(pb::frame::Body::Wills(w)) => {
-                        let registered = w
-                            .registered
-                            .into_iter()
-                            .filter_map(|r| {
-                                let will = will_from_proto(r.will?, &clock).ok()?;
-                                Some((ByteStr::from(r.client_id), will))
-                            })
-                            .collect();
+                        let registered = wills_from_proto(w.registered, &clock);
                         let released = w.released.into_iter().map(ByteStr::from).collect();
                         broker.apply_peer_wills(
                             from,
@@ -834,14 +823,7 @@ impl ForwardService for ForwardGrpc {
                             .set(broker.peer_will_count(from) as f64);
                     }
                     Some(pb::frame::Body::EndedWills(e)) => {
-                        let wills = e
-                            .wills
-                            .into_iter()
-                            .filter_map(|r| {
-                                let will = will_from_proto(r.will?, &clock).ok()?;
-                                Some((ByteStr::from(r.client_id), will))
-                            })
-                            .collect();
+                        let wills = wills_from_proto(e.wills, &clock);
                         let published = broker.predecessor_wills(wills, std::time::Instant::now());
                         counter!(PREDECESSOR_WILLS_TOTAL).increment(published as u64);
                     }
@@ -875,6 +857,20 @@ fn ended_wills(broker: &Broker, peer: NodeId, clock: &WallClock) -> Option<pb::f
             .map(|(id, will)| registered_will(id, will, clock))
             .collect(),
     }))
+}
+
+/// Wills as a peer announced them (those that do not decode are skipped).
+fn wills_from_proto(
+    wills: Vec<pb::RegisteredWill>,
+    clock: &WallClock,
+) -> Vec<(ByteStr, PendingWill)> {
+    wills
+        .into_iter()
+        .filter_map(|r| {
+            let will = will_from_proto(r.will?, clock).ok()?;
+            Some((ByteStr::from(r.client_id), will))
+        })
+        .collect()
 }
 
 /// A will of a sessionless connection, as announced to peers.

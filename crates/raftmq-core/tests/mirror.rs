@@ -192,28 +192,7 @@ fn sessionless_wills_are_announced_while_pending_and_withdrawn_after() {
 fn a_dead_peers_wills_are_published_once_by_the_node_that_declared_it() {
     let t0 = Instant::now();
     let broker = Broker::new(MqttConfig::default());
-    let watcher = broker.attach(&ByteStr::from("watcher"), true, 0, None, t0);
-    broker
-        .subscribe(
-            &watcher.session,
-            watcher.epoch,
-            &raftmq_core::auth::Principal {
-                username: None,
-                client_id: "watcher".to_owned(),
-                acl: None,
-                valid_until: None,
-            },
-            "wills/#",
-            SubEntry {
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..SubscriptionOptions::default()
-                },
-                subscription_id: None,
-            },
-            t0,
-        )
-        .expect("subscribed");
+    let watcher = will_watcher(&broker, t0);
     broker.apply_peer_wills(
         2,
         table(
@@ -237,7 +216,7 @@ fn a_dead_peers_wills_are_published_once_by_the_node_that_declared_it() {
     assert_eq!(broker.peer_will_ids(2), [ByteStr::from("x")]);
     assert_eq!(broker.publish_wills_of(2, &[ByteStr::from("x")], t0), 1);
     assert_eq!(broker.publish_wills_of(2, &[ByteStr::from("x")], t0), 0);
-    let (queued, _) = watcher.session.queue_depth();
+    let (queued, _) = watcher.queue_depth();
     assert_eq!(queued, 1, "the watcher got x's will only");
     // Another node declared 3 down: this one drops 3's wills without publishing them.
     broker.forget_peer(3);

@@ -219,6 +219,22 @@ async fn brokers_route_qos_0_1_2_between_nodes_exactly_once_over_slow_links() {
     cluster.shutdown().await;
 }
 
+/// The agreed leader, a follower to cut off, and the other follower.
+async fn follower_to_cut(cluster: &Cluster) -> (NodeId, NodeId, NodeId) {
+    let leader = cluster.agreed_leader(&cluster.ids, None).await;
+    let cut = *cluster
+        .ids
+        .iter()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    let other = *cluster
+        .ids
+        .iter()
+        .find(|id| **id != cut && **id != leader)
+        .expect("the other follower");
+    (leader, cut, other)
+}
+
 /// A follower cut off from the others lets go of its persistent session (its client gets
 /// 0x9C with a Server Reference, no will is published there); the majority declares it down
 /// and adopts the session: the will is published once, on the majority side, and the session
@@ -227,17 +243,7 @@ async fn brokers_route_qos_0_1_2_between_nodes_exactly_once_over_slow_links() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_off_node_fences_its_sessions_and_the_majority_publishes_their_wills_once() {
     let cluster = Cluster::start_with_brokers(3).await;
-    let leader = cluster.agreed_leader(&cluster.ids, None).await;
-    let cut = *cluster
-        .ids
-        .iter()
-        .find(|id| **id != leader)
-        .expect("a follower");
-    let watcher_node = *cluster
-        .ids
-        .iter()
-        .find(|id| **id != cut && **id != leader)
-        .expect("the other follower");
+    let (leader, cut, watcher_node) = follower_to_cut(&cluster).await;
     let mut watcher = client(cluster.mqtt(watcher_node), "watcher", 0, None).await;
     watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
     let will = Will {
@@ -328,17 +334,7 @@ async fn a_cut_off_node_fences_its_sessions_and_the_majority_publishes_their_wil
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_will_registered_on_a_cut_off_node_is_published_once_after_it_is_declared_down() {
     let cluster = Cluster::start_with_brokers(3).await;
-    let leader = cluster.agreed_leader(&cluster.ids, None).await;
-    let cut = *cluster
-        .ids
-        .iter()
-        .find(|id| **id != leader)
-        .expect("a follower");
-    let watcher_node = *cluster
-        .ids
-        .iter()
-        .find(|id| **id != cut && **id != leader)
-        .expect("the other follower");
+    let (leader, cut, watcher_node) = follower_to_cut(&cluster).await;
     let mut watcher = client(cluster.mqtt(watcher_node), "watcher", 0, None).await;
     watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
     let will = |payload: &'static [u8]| Will {

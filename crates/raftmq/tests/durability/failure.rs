@@ -145,6 +145,33 @@ async fn peer_wills(leader_http: u16, node: u64) -> Option<f64> {
     )
 }
 
+/// The nodes of a will test: the follower to fail, the other follower (the watcher's), and the
+/// leader's HTTP port.
+fn will_roles(specs: &[NodeSpec], leader: u64) -> (usize, usize, u16) {
+    let followers: Vec<usize> = (0..3).filter(|&i| specs[i].id != leader).collect();
+    let leader_http = specs
+        .iter()
+        .find(|s| s.id == leader)
+        .expect("the leader is a member")
+        .http;
+    (followers[0], followers[1], leader_http)
+}
+
+/// An MQTT 5 CONNECT of `id` without a stored session, with a QoS 1 will `payload` to
+/// `{prefix}/{id}`.
+fn sessionless_with_will(id: &str, prefix: &str, payload: &'static [u8]) -> raftmq_codec::Connect {
+    let mut connect = connect_v5(id, true, 0);
+    connect.keep_alive = 60;
+    connect.will = Some(raftmq_codec::Will {
+        topic: format!("{prefix}/{id}").as_str().into(),
+        payload: bytes::Bytes::from_static(payload),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    connect
+}
+
 /// A client without a stored session (session expiry 0) proposes nothing to the log, so its
 /// will is known only to its node and, through the forwarding streams, to the peers. When that
 /// node is killed, the node that declares it down publishes the will, once; a will withdrawn
@@ -152,30 +179,13 @@ async fn peer_wills(leader_http: u16, node: u64) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_a_node_dies_the_wills_of_its_sessionless_clients_fire_once() {
     let (_dir, specs, mut nodes, leader) = start_cluster().await;
-    let followers: Vec<usize> = (0..3).filter(|&i| specs[i].id != leader).collect();
-    let (doomed_node, watcher_node) = (followers[0], followers[1]);
-    let leader_http = specs
-        .iter()
-        .find(|s| s.id == leader)
-        .expect("the leader is a member")
-        .http;
+    let (doomed_node, watcher_node, leader_http) = will_roles(&specs, leader);
     let doomed_id = specs[doomed_node].id;
 
     let (mut watcher, _) =
         connected(specs[watcher_node].mqtt_addr(), "clean-will-watcher", true).await;
     watcher.subscribe("clean-wills/#", QoS::AtLeastOnce).await;
-    let with_will = |id: &str, payload: &'static [u8]| {
-        let mut connect = connect_v5(id, true, 0);
-        connect.keep_alive = 60;
-        connect.will = Some(raftmq_codec::Will {
-            topic: format!("clean-wills/{id}").as_str().into(),
-            payload: bytes::Bytes::from_static(payload),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: Default::default(),
-        });
-        connect
-    };
+    let with_will = |id: &str, payload| sessionless_with_will(id, "clean-wills", payload);
     let (doomed, ack) = RawClient::handshake(
         specs[doomed_node].mqtt_addr(),
         with_will("doomed-clean", b"msg-7"),
@@ -232,13 +242,7 @@ async fn when_a_node_dies_the_wills_of_its_sessionless_clients_fire_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_a_node_restarts_at_once_the_wills_of_its_sessionless_clients_fire_once() {
     let (_dir, specs, mut nodes, leader) = start_cluster().await;
-    let followers: Vec<usize> = (0..3).filter(|&i| specs[i].id != leader).collect();
-    let (doomed_node, watcher_node) = (followers[0], followers[1]);
-    let leader_http = specs
-        .iter()
-        .find(|s| s.id == leader)
-        .expect("the leader is a member")
-        .http;
+    let (doomed_node, watcher_node, leader_http) = will_roles(&specs, leader);
     let doomed_id = specs[doomed_node].id;
     let (mut watcher, _) = connected(
         specs[watcher_node].mqtt_addr(),
@@ -247,15 +251,7 @@ async fn when_a_node_restarts_at_once_the_wills_of_its_sessionless_clients_fire_
     )
     .await;
     watcher.subscribe("restart-wills/#", QoS::AtLeastOnce).await;
-    let mut connect = connect_v5("restart-doomed", true, 0);
-    connect.keep_alive = 60;
-    connect.will = Some(raftmq_codec::Will {
-        topic: "restart-wills/doomed".into(),
-        payload: bytes::Bytes::from_static(b"msg-9"),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        properties: Default::default(),
-    });
+    let connect = sessionless_with_will("restart-doomed", "restart-wills", b"msg-9");
     let (doomed, ack) = RawClient::handshake(specs[doomed_node].mqtt_addr(), connect).await;
     assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
     raftmq_tests::eventually(
