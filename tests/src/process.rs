@@ -102,8 +102,13 @@ pub fn cluster_specs(program: &str, dir: &std::path::Path, n: u64) -> Vec<NodeSp
         .map(|id| NodeSpec::new(program, id, dir.join(format!("n{id}"))))
         .collect();
     let seeds: Vec<String> = specs.iter().map(NodeSpec::cluster_addr).collect();
+    // `RAFTMQ_TEST_SHARDS=<n>` runs every multi-process cluster with n data shards.
+    let shards = std::env::var("RAFTMQ_TEST_SHARDS").ok();
     for s in &mut specs {
         s.seeds = seeds.clone();
+        if let Some(n) = &shards {
+            s.env.push(("RAFTMQ_CLUSTER__SHARDS".to_owned(), n.clone()));
+        }
     }
     specs
 }

@@ -155,6 +155,9 @@ pub enum ConvertError {
     /// An unknown `DetachHow`.
     #[error("field `{field}`: unknown detach kind {value}")]
     InvalidDetachHow { field: &'static str, value: i32 },
+    /// A change of the store's own bookkeeping (`PublishSettled`), with no broker form.
+    #[error("a change of the store's own bookkeeping")]
+    StoreOnly,
     /// A fenced range outside the batch's changes, out of order or overlapping another.
     #[error("fenced range of {count} changes from {first} is not within the batch")]
     InvalidFence { first: u32, count: u32 },
@@ -173,6 +176,25 @@ pub const SHARD_ID: u64 = crate::types::DATA_SHARD.get() as u64;
 /// `SessionOpened.node_id` and `SessionDetached.at_ms` are 0 (see [`encode_batch_with`]).
 pub fn encode_batch(changes: &[StateChange], clock: &WallClock) -> Vec<u8> {
     encode_batch_with(changes, clock, &ProposalContext::default())
+}
+
+/// [`encode_batch`] for shard `shard`.
+pub fn encode_shard_batch(
+    shard: crate::types::ShardId,
+    changes: &[StateChange],
+    clock: &WallClock,
+) -> Vec<u8> {
+    let ctx = ProposalContext::default();
+    state::Batch {
+        shard_id: u64::from(shard.get()),
+        changes: changes
+            .iter()
+            .map(|c| change_to_proto_with(c, clock, &ctx))
+            .collect(),
+        origin_node: ctx.node_id,
+        fences: Vec::new(),
+    }
+    .encode_to_vec()
 }
 
 /// [`encode_batch`] recording the proposer's node id and the proposal time.
@@ -212,7 +234,7 @@ pub fn encode_fenced_batch(
     .encode_to_vec()
 }
 
-fn fence_to_proto(range: &FencedRange) -> state::Fence {
+pub(crate) fn fence_to_proto(range: &FencedRange) -> state::Fence {
     let (client_id, epoch, offline) = match &range.fence {
         Fence::Attached { client_id, epoch } => (client_id, *epoch, false),
         Fence::Offline { client_id, epoch } => (client_id, *epoch, true),
@@ -332,6 +354,8 @@ pub fn change_to_proto_with(
             id: id.0,
             message: Some(message_to_proto(message, clock)),
             targets: targets.iter().map(target_to_proto).collect(),
+            dedupe: false,
+            at_ms: 0,
         }),
         StateChange::MessageSent {
             client_id,
@@ -354,12 +378,17 @@ pub fn change_to_proto_with(
                 id: id.0,
             })
         }
+        // The message id is kept only by a store that cannot record the message atomically
+        // with the packet id (`RaftDurability` sets it for a store spanning shards).
         StateChange::IncomingQos2Received {
             client_id,
             packet_id,
+            message_id: _,
         } => ProtoChange::IncomingQos2Received(state::IncomingQos2Received {
             client_id: client_id.to_string(),
             packet_id: u32::from(*packet_id),
+            message_id: 0,
+            shards: Vec::new(),
         }),
         StateChange::IncomingQos2Completed {
             client_id,
@@ -451,6 +480,7 @@ pub fn change_from_proto(
         ProtoChange::IncomingQos2Received(c) => StateChange::IncomingQos2Received {
             client_id: c.client_id.into(),
             packet_id: packet_id(c.packet_id, "incoming_qos2_received.packet_id")?,
+            message_id: (c.message_id != 0).then_some(MessageId(c.message_id)),
         },
         ProtoChange::IncomingQos2Completed(c) => StateChange::IncomingQos2Completed {
             client_id: c.client_id.into(),
@@ -472,6 +502,7 @@ pub fn change_from_proto(
                 .lists_wills
                 .then(|| c.wills.into_iter().map(ByteStr::from).collect()),
         },
+        ProtoChange::PublishSettled(_) => return Err(ConvertError::StoreOnly),
     })
 }
 
@@ -514,7 +545,8 @@ pub fn validate_change(change: &state::Change) -> Result<(), ConvertError> {
         | ProtoChange::MessageAcked(_)
         | ProtoChange::MessageReleased(_)
         | ProtoChange::RetainedCleared(_)
-        | ProtoChange::NodeDown(_) => {}
+        | ProtoChange::NodeDown(_)
+        | ProtoChange::PublishSettled(_) => {}
     }
     Ok(())
 }

@@ -1,9 +1,20 @@
 //! [`RaftDurability`]: the core's [`Durability`] implemented by proposing batches through Raft.
 //!
-//! Group commit: proposals from all connections go into one queue; a single batcher task takes
-//! everything waiting, encodes it as one `raftmq.state.v1.Batch` and writes it as one log entry,
-//! so the cost is one consensus round per batch, not per message, and the order of proposals
-//! (hence of each connection's changes) is the order in the log. On a follower the batch is
+//! Shards: each proposal is split over the shards its changes belong to ([`crate::split`]):
+//! a session's changes go to its client id's shard, a stored message to the shard of each of
+//! its target sessions (stored once per shard), a retained message to its topic's shard. The
+//! commit of the proposal resolves once every part committed, and says where each did
+//! ([`Commit::log_positions`]). A fenced proposal spanning shards (a persistent publisher's
+//! QoS 2 PUBLISH for sessions elsewhere) is gated: its part in the publisher's shard commits
+//! first, recording the packet id with the message id, and only then are the other parts
+//! proposed, de-duplicated by message id, so that a resend stores the message again where it
+//! is missing and nowhere twice. A connection's later proposals wait behind a pending gate, so
+//! its changes reach every shard in the order it made them.
+//!
+//! Group commit, per shard: proposals from all connections go into the shard's queue; its
+//! batcher task takes everything waiting, encodes it as one `raftmq.state.v1.Batch` and writes
+//! it as one log entry, so the cost is one consensus round per batch, not per message, and the
+//! order of proposals (hence of each connection's changes) is the order in the shard's log. On a follower the batch is
 //! forwarded to the leader's `ClusterService.Propose`. A batch that cannot commit within
 //! [`COMMIT_TIMEOUT`] (no quorum, no leader) fails with `Unavailable`: the broker refuses the
 //! acknowledgement and the client retries later.
@@ -20,18 +31,25 @@
 //! `Unavailable` (its connection has been taken over), as does one whose outcome this node
 //! cannot read back.
 
-use crate::convert::{FencedRange, ProposalContext, WallClock, encode_fenced_batch};
+use crate::convert::{ProposalContext, WallClock, change_to_proto_with};
 use crate::forward::connection_refused;
 use crate::network::{ClusterTls, Faults, cluster_client, pass_forwarded};
+use crate::split::{Part, split};
 use crate::state_machine::{FenceNotes, StateMachine};
-use crate::types::{NodeId, Raft, Request};
+use crate::types::{NodeId, Raft, Request, ShardId};
 use metrics::{counter, histogram};
 use openraft::error::{ClientWriteError, RaftError};
+use parking_lot::Mutex;
+use prost::Message as _;
 use raftmq_codec::ByteStr;
 use raftmq_core::durability::{
-    Commit, CommitHandle, Durability, DurabilityError, Fence, MessageId, Recovered, SessionImage,
-    SessionLoad, StateChange,
+    Commit, CommitHandle, Durability, DurabilityError, Fence, LogPositions, MessageId, Recovered,
+    SessionImage, SessionLoad, StateChange,
 };
+use raftmq_core::shard::{ShardCount, shard_of};
+use raftmq_proto::state;
+use raftmq_proto::state::change::Change as ProtoChange;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -51,9 +69,12 @@ pub const COMMIT_FAILURES_TOTAL: &str = "raftmq_raft_commit_failures_total";
 pub const FENCED_PROPOSALS_TOTAL: &str = "raftmq_raft_fenced_proposals_total";
 /// Proposals refused unproposed because an earlier one of the same connection failed.
 pub const CHAIN_REFUSED_TOTAL: &str = "raftmq_raft_chain_refused_total";
+/// Proposals split over more than one shard (each part is proposed to its shard's batcher).
+pub const SPLIT_PROPOSALS_TOTAL: &str = "raftmq_raft_split_proposals_total";
 
+/// One shard's part of a proposal, queued for that shard's batcher.
 struct Proposal {
-    changes: Vec<StateChange>,
+    changes: Vec<state::Change>,
     handle: CommitHandle,
     fence: Option<Fence>,
     /// The connection that made it (client id, epoch), if one did: see `Broken`.
@@ -62,19 +83,43 @@ struct Proposal {
     fence_ordinal: Option<u32>,
 }
 
-/// Durable broker state through Raft.
+/// A part ready to go: its shard's batcher (index `shard - 1`) and the proposal.
+type Ready = (usize, Proposal);
+
+/// Durable broker state through Raft: one batcher per shard, and the router that splits each
+/// proposal over them (see [`crate::split`]).
 pub struct RaftDurability {
-    tx: mpsc::UnboundedSender<Proposal>,
+    router: Arc<Router>,
     next_id: AtomicU64,
     node_id: NodeId,
-    reader: StateMachine,
+    /// This node's state machine of each shard (`readers[i]` is shard `i + 1`), for reads.
+    readers: Vec<StateMachine>,
     clock: WallClock,
+}
+
+/// The batchers of every shard, and the proposals of connections held back behind a gate.
+struct Router {
+    batchers: Vec<mpsc::UnboundedSender<Proposal>>,
+    count: ShardCount,
+    /// Per connection with a gated proposal pending: its proposals not sent yet, in order.
+    chains: Mutex<HashMap<(ByteStr, u64), VecDeque<Held>>>,
+}
+
+/// A proposal of a connection held back until the gated proposals before it are through.
+struct Held {
+    /// Its gate, not sent yet (sent when it reaches the head of the queue).
+    gate: Option<Ready>,
+    /// The commit of its gate once sent (`None`: not gated).
+    gate_commit: Option<Commit>,
+    /// The parts sent once the gate committed (dropped, so failed, if it did not).
+    rest: Vec<Ready>,
 }
 
 impl std::fmt::Debug for RaftDurability {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RaftDurability")
             .field("node_id", &self.node_id)
+            .field("shards", &self.router.count.get())
             .finish_non_exhaustive()
     }
 }
@@ -84,48 +129,108 @@ fn id_base(node_id: NodeId) -> u64 {
     node_id << 48
 }
 
+/// One shard's group as the durability layer uses it: its Raft handle, the fence notes of
+/// its state machine, and a reader of that state machine.
+pub struct ShardHandle {
+    pub raft: Raft,
+    pub fence_notes: FenceNotes,
+    pub reader: StateMachine,
+}
+
 impl RaftDurability {
-    /// Starts the batcher on the current tokio runtime. `reader` reads the local state machine
-    /// (for [`Durability::recover`]); `clock` maps `Instant`s to wall-clock time in commands.
-    /// `faults` applies to proposals forwarded to the leader (tests; `None` in production);
-    /// `tls` secures the connection to the leader.
+    /// Starts one batcher per shard on the current tokio runtime; `shards[i]` is shard `i + 1`.
+    /// Each reader reads its shard's local state machine (for [`Durability::recover`] and
+    /// session loads); `clock` maps `Instant`s to wall-clock time in commands. `faults` applies
+    /// to proposals forwarded to a leader (tests; `None` in production); `tls` secures the
+    /// connection to the leader.
     pub fn start(
-        raft: Raft,
+        shards: Vec<ShardHandle>,
         node_id: NodeId,
-        reader: StateMachine,
-        fence_notes: FenceNotes,
         clock: WallClock,
         faults: Faults,
         tls: Option<ClusterTls>,
     ) -> Result<Arc<Self>, DurabilityError> {
-        // Reads made for the broker (recovery, session loads) go through their own handle, so
-        // a test can make them fail while the Raft state machine keeps applying.
-        let reader = reader.with_own_faults();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let count = u32::try_from(shards.len())
+            .ok()
+            .and_then(ShardCount::new)
+            .ok_or(DurabilityError::Storage)?;
+        let broken = Arc::new(Mutex::new(Broken::default()));
+        let mut batchers = Vec::with_capacity(shards.len());
+        let mut readers = Vec::with_capacity(shards.len());
+        let mut tasks = Vec::with_capacity(shards.len());
+        for (i, handle) in shards.into_iter().enumerate() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            batchers.push(tx);
+            // Reads made for the broker (recovery, session loads) go through their own handle,
+            // so a test can make them fail while the Raft state machine keeps applying.
+            readers.push(handle.reader.with_own_faults());
+            let shard = ShardId::new(u32::try_from(i + 1).unwrap_or(u32::MAX));
+            tasks.push((shard, handle.raft, rx, handle.fence_notes));
+        }
         let durability = Arc::new(RaftDurability {
-            tx,
+            router: Arc::new(Router {
+                batchers,
+                count,
+                chains: Mutex::default(),
+            }),
             next_id: AtomicU64::new(id_base(node_id) + 1),
             node_id,
-            reader,
+            readers,
             clock: clock.clone(),
         });
         // Never reuse an id this node gave to a message that is still stored.
         let recovered = durability.read_state()?;
         durability.seed_ids(&recovered);
-        tokio::spawn(batcher(raft, node_id, rx, fence_notes, clock, faults, tls));
+        for (shard, raft, rx, fence_notes) in tasks {
+            tokio::spawn(batcher(
+                Batcher {
+                    raft,
+                    shard,
+                    node_id,
+                    fence_notes,
+                    faults: faults.clone(),
+                    tls: tls.clone(),
+                    broken: broken.clone(),
+                },
+                rx,
+            ));
+        }
         Ok(durability)
     }
 
-    /// The log index of the last `NodeDown` applied here that declared this node down (0:
-    /// never). A store that cannot be read answers "declared" (`u64::MAX`): the caller then
-    /// drops what it would otherwise publish a second time.
+    /// The number of shards proposals are split over.
+    pub fn shard_count(&self) -> ShardCount {
+        self.router.count
+    }
+
+    /// The reader of the control shard: shard 1, where node-down declarations, their wills
+    /// and the node's liveness are decided until the metadata group exists.
+    fn control(&self) -> &StateMachine {
+        &self.readers[0]
+    }
+
+    /// The reader of shard `shard` (1-based), if there is one.
+    fn reader(&self, shard: ShardId) -> Option<&StateMachine> {
+        self.readers
+            .get(usize::try_from(shard.get()).ok()?.checked_sub(1)?)
+    }
+
+    /// The reader of the shard of session `client_id`.
+    fn reader_of(&self, client_id: &str) -> &StateMachine {
+        let shard = shard_of(client_id.as_bytes(), self.router.count);
+        self.reader(shard).unwrap_or_else(|| self.control())
+    }
+
+    /// The log index of the last `NodeDown` applied in the control shard that declared this
+    /// node down (0: never). A store that cannot be read answers "declared" (`u64::MAX`): the
+    /// caller then drops what it would otherwise publish a second time.
     pub fn declared_down_at(&self) -> u64 {
         self.declared_at(self.node_id)
     }
 
     /// What became of this node's sessionless wills, judged by the declarations of it applied
-    /// after log index `since`: not declared, declared with the wills the declaring node
-    /// published, or unknown (the store cannot be read: the caller drops them).
+    /// in the control shard after log index `since`: not declared, declared with the wills the
+    /// declaring node published, or unknown (the store cannot be read: the caller drops them).
     pub fn wills_outcome_since(&self, since: u64) -> raftmq_core::broker::WillsOutcome {
         use raftmq_core::broker::WillsOutcome;
         let at = self.declared_down_at();
@@ -135,7 +240,7 @@ impl RaftDurability {
         if at <= since {
             return WillsOutcome::Kept;
         }
-        match self.reader.declared_wills(self.node_id) {
+        match self.control().declared_wills(self.node_id) {
             Ok(Some(ids)) => WillsOutcome::Declared(ids.into_iter().map(ByteStr::from).collect()),
             // Declared by an older version, which listed nothing: it published all it knew.
             Ok(None) => WillsOutcome::Unknown,
@@ -149,87 +254,189 @@ impl RaftDurability {
     /// The client ids the last declaration of this node down listed (`None` if it listed none,
     /// or the store cannot be read: then every will is dropped, never published twice).
     pub fn declared_wills(&self) -> Option<Vec<ByteStr>> {
-        self.reader
+        self.control()
             .declared_wills(self.node_id)
             .ok()
             .flatten()
             .map(|ids| ids.into_iter().map(ByteStr::from).collect())
     }
 
-    /// The log index of the last batch `node` proposed that was applied here (0: none, or the
-    /// store cannot be read).
-    pub fn last_proposed_by(&self, node: NodeId) -> u64 {
-        self.reader.last_proposed_by(node).unwrap_or(0)
+    /// The log index of the last batch `node` proposed in each shard that was applied here
+    /// (`[i]` is shard `i + 1`; 0: none, or the store cannot be read).
+    pub fn last_proposed_by(&self, node: NodeId) -> Vec<u64> {
+        self.readers
+            .iter()
+            .map(|r| r.last_proposed_by(node).unwrap_or(0))
+            .collect()
     }
 
-    /// The log index of the last `NodeDown` applied here that declared `node` down (0: never;
-    /// `u64::MAX` when the store cannot be read).
+    /// The log index of the last `NodeDown` applied in the control shard that declared `node`
+    /// down (0: never; `u64::MAX` when the store cannot be read).
     pub fn declared_at(&self, node: NodeId) -> u64 {
-        self.reader.declared_down_at(node).unwrap_or_else(|e| {
+        self.declared_at_in(crate::types::DATA_SHARD, node)
+    }
+
+    /// [`RaftDurability::declared_at`] in shard `shard`.
+    pub fn declared_at_in(&self, shard: ShardId, node: NodeId) -> u64 {
+        let Some(reader) = self.reader(shard) else {
+            return u64::MAX;
+        };
+        reader.declared_down_at(node).unwrap_or_else(|e| {
             error!(error = %e, node, "cannot read whether a node was declared down");
             u64::MAX
         })
     }
 
-    /// Hands a proposal to the batcher.
+    /// Proposes `changes` to shard `shard` alone, unsplit (a declaration, whose `seen` names
+    /// that shard's log).
+    pub fn propose_to(&self, shard: ShardId, changes: Vec<StateChange>) -> Commit {
+        let ctx = ProposalContext {
+            node_id: self.node_id,
+            now: Some(Instant::now()),
+        };
+        let part = Part {
+            shard,
+            changes: changes
+                .iter()
+                .map(|c| change_to_proto_with(c, &self.clock, &ctx))
+                .collect(),
+        };
+        let (ready, commit) = proposal(part, None, None);
+        self.router.send(ready);
+        commit
+    }
+
+    /// Hands a proposal to the batchers of the shards it touches.
     fn submit(
         &self,
         fence: Option<Fence>,
         chain: Option<(ByteStr, u64)>,
         changes: Vec<StateChange>,
     ) -> Commit {
-        let (commit, handle) = Commit::pending();
         // A connection's fenced changes are chained too.
         let chain = chain.or_else(|| match &fence {
             Some(Fence::Attached { client_id, epoch }) => Some((client_id.clone(), *epoch)),
             _ => None,
         });
-        let proposal = Proposal {
-            changes,
-            handle,
-            fence,
-            chain,
-            fence_ordinal: None,
+        let ctx = ProposalContext {
+            node_id: self.node_id,
+            now: Some(Instant::now()),
         };
-        if let Err(mpsc::error::SendError(p)) = self.tx.send(proposal) {
-            // The batcher is gone (shutting down): nothing can become durable.
-            p.handle.complete(Err(DurabilityError::Unavailable));
+        let settle = self.settlements(&changes);
+        let split = split(
+            &changes,
+            fence.as_ref(),
+            self.router.count,
+            &self.clock,
+            &ctx,
+        );
+        if split.parts.len() > 1 {
+            counter!(SPLIT_PROPOSALS_TOTAL).increment(1);
+        }
+        let mut gate = None;
+        let mut rest = Vec::with_capacity(split.parts.len());
+        let mut commits = Vec::with_capacity(split.parts.len());
+        for (i, part) in split.parts.into_iter().enumerate() {
+            // Only the part in the fence's shard carries the fence (the session is there).
+            let fenced = fence
+                .clone()
+                .filter(|f| crate::split::fence_shard(f, self.router.count) == part.shard);
+            let (ready, commit) = proposal(part, fenced, chain.clone());
+            commits.push(commit);
+            if Some(i) == split.gate {
+                gate = Some(ready);
+            } else {
+                rest.push(ready);
+            }
+        }
+        let commit = Commit::all(commits);
+        self.router.route(chain, gate, rest);
+        if !settle.is_empty() {
+            let router = self.router.clone();
+            commit.on_complete(move |result| {
+                if result.is_ok() {
+                    router.settle(settle);
+                }
+            });
         }
         commit
+    }
+
+    /// For the QoS 2 exchanges `changes` complete (`IncomingQos2Completed`) whose message was
+    /// stored with de-duplication: the shards and ids whose records to drop once they commit.
+    fn settlements(&self, changes: &[StateChange]) -> Vec<(ShardId, u64)> {
+        if self.router.count.get() == 1 {
+            return Vec::new();
+        }
+        let mut settle = Vec::new();
+        for change in changes {
+            let StateChange::IncomingQos2Completed {
+                client_id,
+                packet_id,
+            } = change
+            else {
+                continue;
+            };
+            match self.reader_of(client_id).qos2_intent(client_id, *packet_id) {
+                Ok(Some(intent)) => settle.extend(
+                    intent
+                        .shards
+                        .iter()
+                        .map(|&s| (ShardId::new(s), intent.message_id)),
+                ),
+                Ok(None) => {}
+                // Left to the de-duplication horizon.
+                Err(e) => warn!(error = %e, %client_id, "cannot read a QoS 2 receipt to settle"),
+            }
+        }
+        settle
+    }
+
+    /// Whether shard `shard` keeps the de-duplication record of stored message `id` (a QoS 2
+    /// exchange still open; see `state_machine::published`). False when it cannot be read.
+    pub fn dedupe_recorded(&self, shard: ShardId, id: u64) -> bool {
+        self.reader(shard)
+            .is_some_and(|r| r.published(id).unwrap_or(false))
     }
 
     /// While `on`, every read this durability layer makes of the local state fails, as a
     /// failing disk would make it (tests of the paths that must fail closed); the Raft state
     /// machine's own reads are not affected.
     pub fn inject_read_faults(&self, on: bool) {
-        self.reader.inject_read_faults(on);
+        for reader in &self.readers {
+            reader.inject_read_faults(on);
+        }
     }
 
     /// The stored persistent sessions that node `node` owns (last claimed through it, or
-    /// adopted by it), each with the log index it was read at. An error when any of them
-    /// cannot be read: the caller retries rather than adopt part of them.
+    /// adopted by it), each with the log index (of its shard) it was read at. An error when
+    /// any of them cannot be read: the caller retries rather than adopt part of them.
     pub fn sessions_owned_by(
         &self,
         node: NodeId,
     ) -> Result<Vec<(SessionImage, u64)>, DurabilityError> {
-        let owners = self.reader.session_owners().map_err(|e| {
-            error!(error = %e, "cannot read the owners of the stored sessions");
-            DurabilityError::Storage
-        })?;
         let mut sessions = Vec::new();
-        for (client_id, _) in owners.into_iter().filter(|(_, owner)| *owner == node) {
-            match self.reader.session_image(&client_id, &self.clock) {
-                Ok(found) => sessions.extend(found.map(|(image, read_at, _)| (image, read_at))),
-                Err(e) => {
-                    error!(error = %e, client_id, "cannot read a stored session");
-                    return Err(DurabilityError::Storage);
+        for reader in &self.readers {
+            let owners = reader.session_owners().map_err(|e| {
+                error!(error = %e, "cannot read the owners of the stored sessions");
+                DurabilityError::Storage
+            })?;
+            for (client_id, _) in owners.into_iter().filter(|(_, owner)| *owner == node) {
+                match reader.session_image(&client_id, &self.clock) {
+                    Ok(found) => {
+                        sessions.extend(found.map(|(image, read_at, _)| (image, read_at)));
+                    }
+                    Err(e) => {
+                        error!(error = %e, client_id, "cannot read a stored session");
+                        return Err(DurabilityError::Storage);
+                    }
                 }
             }
         }
         Ok(sessions)
     }
 
-    /// The whole replicated state as this node's state machine has it (every session,
+    /// The whole replicated state as this node's state machines have it (every session,
     /// whoever owns it).
     pub fn replicated_state(&self) -> Result<Recovered, DurabilityError> {
         self.read_state()
@@ -247,11 +454,19 @@ impl RaftDurability {
         Ok(recovered)
     }
 
+    /// Every shard's state, one after the other (each read from a consistent snapshot of its
+    /// shard).
     fn read_state(&self) -> Result<Recovered, DurabilityError> {
-        self.reader.recovered(&self.clock).map_err(|e| {
-            error!(error = %e, "cannot read the replicated state");
-            DurabilityError::Storage
-        })
+        let mut all = Recovered::default();
+        for reader in &self.readers {
+            let shard = reader.recovered(&self.clock).map_err(|e| {
+                error!(error = %e, shard = reader.shard(), "cannot read the replicated state");
+                DurabilityError::Storage
+            })?;
+            all.sessions.extend(shard.sessions);
+            all.retained.extend(shard.retained);
+        }
+        Ok(all)
     }
 
     fn seed_ids(&self, recovered: &Recovered) {
@@ -264,6 +479,160 @@ impl RaftDurability {
             .max()
             .unwrap_or(base);
         self.next_id.fetch_max(max + 1, Ordering::Relaxed);
+    }
+}
+
+/// A proposal of `part`, and its commit.
+fn proposal(part: Part, fence: Option<Fence>, chain: Option<(ByteStr, u64)>) -> (Ready, Commit) {
+    let (commit, handle) = Commit::pending();
+    let index = usize::try_from(part.shard.get().saturating_sub(1)).unwrap_or(usize::MAX);
+    let proposal = Proposal {
+        changes: part.changes,
+        handle,
+        fence,
+        chain,
+        fence_ordinal: None,
+    };
+    ((index, proposal), commit)
+}
+
+impl Router {
+    /// Hands a part to its shard's batcher.
+    fn send(&self, (index, proposal): Ready) {
+        match self.batchers.get(index) {
+            Some(tx) => {
+                if let Err(mpsc::error::SendError(p)) = tx.send(proposal) {
+                    // The batcher is gone (shutting down): nothing can become durable.
+                    p.handle.complete(Err(DurabilityError::Unavailable));
+                }
+            }
+            None => proposal.handle.complete(Err(DurabilityError::Unavailable)),
+        }
+    }
+
+    /// Sends a split proposal: at once when nothing of its connection is held back and it
+    /// has no gate; otherwise behind what is held back, its gate first (see `Held`).
+    fn route(
+        self: &Arc<Self>,
+        chain: Option<(ByteStr, u64)>,
+        gate: Option<Ready>,
+        rest: Vec<Ready>,
+    ) {
+        let Some(chain) = chain else {
+            // Not a connection's (a timer's): nothing of the same origin to keep in order.
+            match gate {
+                None => rest.into_iter().for_each(|r| self.send(r)),
+                Some(gate) => self.gated(gate, rest),
+            }
+            return;
+        };
+        let mut chains = self.chains.lock();
+        match chains.get_mut(&chain) {
+            Some(queue) => {
+                queue.push_back(Held {
+                    gate,
+                    gate_commit: None,
+                    rest,
+                });
+            }
+            None if gate.is_none() => {
+                drop(chains);
+                rest.into_iter().for_each(|r| self.send(r));
+                return;
+            }
+            None => {
+                chains.insert(
+                    chain.clone(),
+                    VecDeque::from([Held {
+                        gate,
+                        gate_commit: None,
+                        rest,
+                    }]),
+                );
+            }
+        }
+        drop(chains);
+        self.drain(chain);
+    }
+
+    /// A gated proposal of no connection: its gate, then the rest once the gate committed.
+    fn gated(self: &Arc<Self>, gate: Ready, rest: Vec<Ready>) {
+        let (commit, handle) = Commit::pending();
+        let (index, mut proposal) = gate;
+        let own = std::mem::replace(&mut proposal.handle, handle);
+        self.send((index, proposal));
+        let router = self.clone();
+        let gate_commit = commit.clone();
+        commit.on_complete(move |result| {
+            own.complete_at(result, gate_commit.log_positions().unwrap_or_default());
+            if result.is_ok() {
+                rest.into_iter().for_each(|r| router.send(r));
+            }
+        });
+    }
+
+    /// Sends what is held back for `chain`, in order, as far as the gates allow.
+    fn drain(self: &Arc<Self>, chain: (ByteStr, u64)) {
+        let mut chains = self.chains.lock();
+        loop {
+            let Some(queue) = chains.get_mut(&chain) else {
+                return;
+            };
+            let Some(head) = queue.front_mut() else {
+                chains.remove(&chain);
+                return;
+            };
+            if let Some((index, mut proposal)) = head.gate.take() {
+                // Its gate's own commit is watched through a second handle: the gate's
+                // waiter completes with it, then the queue moves on.
+                let (watch, handle) = Commit::pending();
+                let own = std::mem::replace(&mut proposal.handle, handle);
+                head.gate_commit = Some(watch.clone());
+                self.send((index, proposal));
+                drop(chains);
+                let router = self.clone();
+                let positions = watch.clone();
+                watch.on_complete(move |result| {
+                    own.complete_at(result, positions.log_positions().unwrap_or_default());
+                    router.drain(chain);
+                });
+                return;
+            }
+            match head.gate_commit.as_ref().map(Commit::result) {
+                Some(None) => return,
+                Some(Some(Err(_))) => {
+                    // The gate failed: the rest is never proposed (its waiters fail as their
+                    // handles drop), and the connection's later proposals are refused by the
+                    // batchers (`Broken`).
+                    queue.pop_front();
+                }
+                Some(Some(Ok(()))) | None => {
+                    if let Some(held) = queue.pop_front() {
+                        held.rest.into_iter().for_each(|r| self.send(r));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Proposes, without waiting, that the shards drop the de-duplication records of
+    /// completed QoS 2 exchanges.
+    fn settle(&self, settle: Vec<(ShardId, u64)>) {
+        let mut by_shard: std::collections::BTreeMap<ShardId, Vec<u64>> = Default::default();
+        for (shard, id) in settle {
+            by_shard.entry(shard).or_default().push(id);
+        }
+        for (shard, ids) in by_shard {
+            let part = Part {
+                shard,
+                changes: vec![state::Change {
+                    change: Some(ProtoChange::PublishSettled(state::PublishSettled { ids })),
+                }],
+            };
+            let (ready, commit) = proposal(part, None, None);
+            self.send(ready);
+            drop(commit);
+        }
     }
 }
 
@@ -296,10 +665,13 @@ impl Durability for RaftDurability {
     fn recover(&self) -> Result<Recovered, DurabilityError> {
         let mut recovered = self.read_state()?;
         self.seed_ids(&recovered);
-        let owners = self.reader.session_owners().map_err(|e| {
-            error!(error = %e, "cannot read the owners of the stored sessions");
-            DurabilityError::Storage
-        })?;
+        let mut owners = HashMap::new();
+        for reader in &self.readers {
+            owners.extend(reader.session_owners().map_err(|e| {
+                error!(error = %e, "cannot read the owners of the stored sessions");
+                DurabilityError::Storage
+            })?);
+        }
         let (mine, theirs): (Vec<_>, Vec<_>) = std::mem::take(&mut recovered.sessions)
             .into_iter()
             .partition(|s| {
@@ -312,14 +684,14 @@ impl Durability for RaftDurability {
         Ok(recovered)
     }
 
-    /// Reads the session once `claim` committed, on tokio's blocking pool (a RocksDB read
-    /// must not stall the connection task or a runtime worker). Nothing to resume also when
-    /// the session was created by the claim this load follows (one claim applied). A failed
-    /// read fails the load with [`DurabilityError::Storage`]: the client is refused and the
-    /// stored session kept.
+    /// Reads the session from its shard once `claim` committed, on tokio's blocking pool (a
+    /// RocksDB read must not stall the connection task or a runtime worker). Nothing to resume
+    /// also when the session was created by the claim this load follows (one claim applied).
+    /// A failed read fails the load with [`DurabilityError::Storage`]: the client is refused
+    /// and the stored session kept.
     fn load_session(&self, client_id: &ByteStr, claim: Commit) -> SessionLoad {
         let (load, handle) = SessionLoad::pending();
-        let reader = self.reader.clone();
+        let reader = self.reader_of(client_id).clone();
         let clock = self.clock.clone();
         let client_id = client_id.to_string();
         tokio::spawn(async move {
@@ -374,17 +746,21 @@ fn subscriptions_of(
         .collect()
 }
 
-async fn batcher(
+/// What one shard's batcher works with.
+struct Batcher {
     raft: Raft,
+    shard: ShardId,
     node_id: NodeId,
-    mut rx: mpsc::UnboundedReceiver<Proposal>,
     fence_notes: FenceNotes,
-    clock: WallClock,
     faults: Faults,
     tls: Option<ClusterTls>,
-) {
+    /// Shared by every shard's batcher of the node: a connection whose proposal failed in one
+    /// shard has its later proposals refused in all.
+    broken: Arc<Mutex<Broken>>,
+}
+
+async fn batcher(b: Batcher, mut rx: mpsc::UnboundedReceiver<Proposal>) {
     let mut batch = Vec::new();
-    let mut broken = Broken::default();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_PROPOSALS_PER_BATCH {
@@ -395,45 +771,54 @@ async fn batcher(
         }
         // The later proposals of a connection one of whose proposals failed are refused
         // unproposed (see `Broken`).
-        batch.retain_mut(|p| {
-            if !broken.contains(p.chain.as_ref()) {
-                return true;
-            }
-            counter!(CHAIN_REFUSED_TOTAL).increment(1);
-            let (_, handle) = Commit::pending();
-            std::mem::replace(&mut p.handle, handle).complete(Err(DurabilityError::Unavailable));
-            false
-        });
+        {
+            let broken = b.broken.lock();
+            batch.retain_mut(|p| {
+                if !broken.contains(p.chain.as_ref()) {
+                    return true;
+                }
+                counter!(CHAIN_REFUSED_TOTAL).increment(1);
+                let (_, handle) = Commit::pending();
+                std::mem::replace(&mut p.handle, handle)
+                    .complete(Err(DurabilityError::Unavailable));
+                false
+            });
+        }
         if batch.is_empty() {
             continue;
         }
         histogram!(PROPOSALS_PER_BATCH).record(batch.len() as f64);
-        let mut changes: Vec<StateChange> = Vec::new();
+        let mut changes: Vec<state::Change> = Vec::new();
         let mut fences = Vec::new();
         for p in &mut batch {
             let first = changes.len();
             changes.append(&mut p.changes);
             if let Some(fence) = p.fence.take() {
-                fences.push(FencedRange {
-                    fence,
-                    first: u32::try_from(first).unwrap_or(u32::MAX),
-                    count: u32::try_from(changes.len() - first).unwrap_or(u32::MAX),
-                });
+                fences.push(crate::convert::fence_to_proto(
+                    &crate::convert::FencedRange {
+                        fence,
+                        first: u32::try_from(first).unwrap_or(u32::MAX),
+                        count: u32::try_from(changes.len() - first).unwrap_or(u32::MAX),
+                    },
+                ));
                 // Remembered as the ordinal of its fence in the batch.
                 p.fence_ordinal = Some(fences.len() as u32 - 1);
             }
         }
-        let ctx = ProposalContext {
-            node_id,
-            now: Some(std::time::Instant::now()),
-        };
-        let bytes = encode_fenced_batch(&changes, &fences, &clock, &ctx);
+        let has_fences = !fences.is_empty();
+        let bytes = state::Batch {
+            shard_id: u64::from(b.shard.get()),
+            changes,
+            origin_node: b.node_id,
+            fences,
+        }
+        .encode_to_vec();
         let started = Instant::now();
-        let result = match commit(&raft, bytes, &faults, tls.as_ref()).await {
+        let result = match commit(&b.raft, b.shard, bytes, &b.faults, b.tls.as_ref()).await {
             // Read your writes: complete only once this node's state machine has the batch
             // (a follower applies it a little after the leader), so a session loaded right
             // after its claim committed reflects everything before the claim.
-            Ok(index) => applied_locally(&raft, index).await.map(|()| index),
+            Ok(index) => applied_locally(&b.raft, index).await.map(|()| index),
             Err(e) => Err(e),
         };
         histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
@@ -442,7 +827,7 @@ async fn batcher(
         }
         // Which fences did not hold (`None`: not known here; see `FenceNotes::take`).
         let failed = match result {
-            Ok(index) if !fences.is_empty() => fence_notes.take(index),
+            Ok(index) if has_fences => b.fence_notes.take(index),
             _ => Some(Vec::new()),
         };
         let now = Instant::now();
@@ -463,10 +848,13 @@ async fn batcher(
             if outcome.is_err()
                 && let Some(chain) = p.chain
             {
-                broken.insert(chain, now);
+                b.broken.lock().insert(chain, now);
             }
-            let index = result.ok();
-            p.handle.complete_at(outcome, index);
+            let positions: LogPositions = result
+                .ok()
+                .map(|index| LogPositions::from_slice(&[(b.shard.get(), index)]))
+                .unwrap_or_default();
+            p.handle.complete_at(outcome, positions);
         }
     }
 }
@@ -522,6 +910,7 @@ async fn applied_locally(raft: &Raft, index: u64) -> Result<(), DurabilityError>
 /// `Unavailable` without a retry (see the module docs).
 pub(crate) async fn commit(
     raft: &Raft,
+    shard: ShardId,
     batch: Vec<u8>,
     faults: &Faults,
     tls: Option<&ClusterTls>,
@@ -546,6 +935,7 @@ pub(crate) async fn commit(
                 let me = raft.metrics().borrow().id;
                 let sent = forward_leg(
                     me,
+                    shard,
                     leader_id,
                     leader.cluster_addr,
                     batch.clone(),
@@ -605,8 +995,10 @@ enum Forwarded {
 /// its own task, as on a real network: one the proposer gave up on may still reach the leader
 /// and commit (fencing keeps such a late copy from acting on a session claimed since; see the
 /// module docs).
+#[allow(clippy::too_many_arguments)]
 async fn forward_leg(
     me: NodeId,
+    shard: ShardId,
     leader_id: NodeId,
     leader_addr: String,
     batch: Vec<u8>,
@@ -620,7 +1012,7 @@ async fn forward_leg(
         if pass_forwarded(&faults, me, leader_id).await.is_err() {
             return Err(Forwarded::Failed);
         }
-        let result = forward(&leader_addr, batch, tls.as_ref()).await;
+        let result = forward(&leader_addr, shard, batch, tls.as_ref()).await;
         if pass_forwarded(&faults, leader_id, me).await.is_err() {
             warn!(
                 leader = leader_id,
@@ -642,6 +1034,7 @@ async fn forward_leg(
 
 async fn forward(
     leader_addr: &str,
+    shard: ShardId,
     batch: Vec<u8>,
     tls: Option<&ClusterTls>,
 ) -> Result<u64, Forwarded> {
@@ -649,7 +1042,7 @@ async fn forward(
         return Err(Forwarded::Failed);
     };
     let mut req = tonic::Request::new(raftmq_proto::raft::ProposeRequest {
-        shard_id: 0,
+        shard_id: u64::from(shard.get()),
         batch: batch.into(),
     });
     req.set_timeout(COMMIT_TIMEOUT);
@@ -667,5 +1060,115 @@ async fn forward(
             warn!(leader = leader_addr, %status, "forwarding a durable write to the leader failed");
             Err(Forwarded::Failed)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A router over `n` shards whose batchers are plain channels the test reads.
+    fn router(n: u32) -> (Arc<Router>, Vec<mpsc::UnboundedReceiver<Proposal>>) {
+        let (batchers, receivers) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        let router = Arc::new(Router {
+            batchers,
+            count: ShardCount::new(n).expect("valid"),
+            chains: Mutex::default(),
+        });
+        (router, receivers)
+    }
+
+    /// A part for shard `shard` whose one change names `tag` (a client id), and its commit.
+    fn part(shard: u32, tag: &str) -> (Ready, Commit) {
+        let change = state::Change {
+            change: Some(ProtoChange::SessionEnded(state::SessionEnded {
+                client_id: tag.to_owned(),
+            })),
+        };
+        proposal(
+            Part {
+                shard: ShardId::new(shard),
+                changes: vec![change],
+            },
+            None,
+            None,
+        )
+    }
+
+    /// The tags of the proposals waiting in a batcher's queue.
+    fn queued(rx: &mut mpsc::UnboundedReceiver<Proposal>) -> Vec<(String, Proposal)> {
+        let mut out = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            let tag = match &p.changes[0].change {
+                Some(ProtoChange::SessionEnded(e)) => e.client_id.clone(),
+                _ => String::new(),
+            };
+            out.push((tag, p));
+        }
+        out
+    }
+
+    fn tags(q: &[(String, Proposal)]) -> Vec<&str> {
+        q.iter().map(|(t, _)| t.as_str()).collect()
+    }
+
+    /// A connection's gated proposal sends its gate alone; its other parts, and every later
+    /// proposal of the connection (gated or not), wait until the gate committed, then go in
+    /// the order they were made. Another connection is not held up.
+    #[test]
+    fn a_gated_proposal_holds_back_the_connections_later_proposals_until_its_gate_commits() {
+        let (router, mut rx) = router(3);
+        let chain = Some((ByteStr::from("pub"), 1));
+        // Proposal 1: gate in shard 1, rest in shard 2.
+        let (gate1, gate1_commit) = part(1, "p1-gate");
+        let (rest1, _) = part(2, "p1-rest");
+        router.route(chain.clone(), Some(gate1), vec![rest1]);
+        // Proposal 2, not gated: shards 1 and 3.
+        let (a2, _) = part(1, "p2-a");
+        let (b2, _) = part(3, "p2-b");
+        router.route(chain.clone(), None, vec![a2, b2]);
+        // Another connection's proposal to shard 2 goes at once.
+        let (other, _) = part(2, "other");
+        router.route(Some((ByteStr::from("else"), 1)), None, vec![other]);
+        let mut first = queued(&mut rx[0]);
+        assert_eq!(tags(&first), vec!["p1-gate"], "the gate alone");
+        assert_eq!(tags(&queued(&mut rx[1])), vec!["other"]);
+        assert!(queued(&mut rx[2]).is_empty());
+        // The gate commits: the rest of 1, then 2, in order.
+        let (_, gate) = first.remove(0);
+        gate.handle
+            .complete_at(Ok(()), LogPositions::from_slice(&[(1, 10)]));
+        assert_eq!(gate1_commit.result(), Some(Ok(())));
+        assert_eq!(
+            gate1_commit.log_positions().expect("positions").as_slice(),
+            &[(1, 10)],
+            "the gate's own commit says where it committed"
+        );
+        assert_eq!(tags(&queued(&mut rx[1])), vec!["p1-rest"]);
+        assert_eq!(tags(&queued(&mut rx[0])), vec!["p2-a"]);
+        assert_eq!(tags(&queued(&mut rx[2])), vec!["p2-b"]);
+        assert!(router.chains.lock().is_empty(), "nothing left held back");
+    }
+
+    /// A gate that fails never lets its other parts through: their waiters fail, and the
+    /// connection's next proposals are sent (to be refused by the batchers' `Broken`).
+    #[test]
+    fn the_rest_of_a_proposal_whose_gate_failed_is_never_proposed() {
+        let (router, mut rx) = router(2);
+        let chain = Some((ByteStr::from("pub"), 1));
+        let (gate, gate_commit) = part(1, "gate");
+        let (rest, rest_commit) = part(2, "rest");
+        let whole = Commit::all(vec![gate_commit, rest_commit.clone()]);
+        router.route(chain.clone(), Some(gate), vec![rest]);
+        let (later, _) = part(2, "later");
+        router.route(chain, None, vec![later]);
+        let (_, gate) = queued(&mut rx[0]).remove(0);
+        gate.handle.complete(Err(DurabilityError::Unavailable));
+        assert_eq!(tags(&queued(&mut rx[1])), vec!["later"]);
+        assert_eq!(
+            rest_commit.result(),
+            Some(Err(DurabilityError::Unavailable))
+        );
+        assert_eq!(whole.result(), Some(Err(DurabilityError::Unavailable)));
     }
 }

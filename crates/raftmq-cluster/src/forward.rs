@@ -21,7 +21,7 @@ use crate::types::{NodeId, Raft};
 use metrics::counter;
 use parking_lot::Mutex;
 use raftmq_codec::{ByteStr, QoS};
-use raftmq_core::durability::{Commit, CommitHandle, MessageId};
+use raftmq_core::durability::{Commit, CommitHandle, LogPositions, MessageId};
 use raftmq_core::message::Message;
 use raftmq_core::session::PendingWill;
 use raftmq_core::{Broker, Forwarder};
@@ -631,13 +631,22 @@ async fn send_batch(
             }
         };
         *seq += 1;
+        let after = after_positions(o.after).await;
         let frame = pb::Forwarded {
             seq: *seq,
             message: Some(message_to_proto(&o.message, &hub.clock)),
             plain: o.plain,
             shared: o.shared.iter().map(|s| s.to_string()).collect(),
             stored_id: o.stored.map_or(0, |id| id.0),
-            after_index: after_index(o.after).await,
+            // Shard 1's index for receivers of before shards; every shard's in `after`.
+            after_index: after
+                .iter()
+                .find(|(shard, _)| *shard == crate::types::DATA_SHARD.get())
+                .map_or(0, |(_, index)| *index),
+            after: after
+                .iter()
+                .map(|&(shard, index)| pb::ShardIndex { shard, index })
+                .collect(),
         };
         messages.push(frame.clone());
         unacked.push_back(Unacked {
@@ -667,11 +676,13 @@ async fn send_batch(
     Ok(())
 }
 
-/// Where the commit `after` (of the publisher's previous stored message) landed in the log,
-/// waiting up to [`ORDER_WAIT`] for it to resolve; 0 if there is nothing to wait for (no
-/// such message, it failed, or it took too long).
-async fn after_index(after: Option<Commit>) -> u64 {
-    let Some(after) = after else { return 0 };
+/// Where the commit `after` (of the publisher's previous stored message) landed in the logs of
+/// the shards it went to, waiting up to [`ORDER_WAIT`] for it to resolve; nothing if there is
+/// nothing to wait for (no such message, it failed, or it took too long).
+async fn after_positions(after: Option<Commit>) -> LogPositions {
+    let Some(after) = after else {
+        return LogPositions::new();
+    };
     if after.result().is_none() {
         counter!(FORWARD_ORDER_WAITS_TOTAL).increment(1);
         if tokio::time::timeout(ORDER_WAIT, after.clone())
@@ -681,19 +692,45 @@ async fn after_index(after: Option<Commit>) -> u64 {
             counter!(FORWARD_ORDER_WAIT_TIMEOUTS_TOTAL).increment(1);
         }
     }
-    after.log_index().unwrap_or(0)
+    after.log_positions().unwrap_or_default()
 }
 
-/// Waits until this node has mirrored the replicated log up to `index` (see
+/// How far each shard's log is mirrored into this node's broker (`[i]`: shard `i + 1`).
+pub type MirrorProgress = tokio::sync::watch::Receiver<Vec<u64>>;
+
+/// Whether `mirrored` (per shard) has reached every position of `after`.
+fn reached(mirrored: &[u64], after: &[(u32, u64)]) -> bool {
+    after.iter().all(|&(shard, index)| {
+        index == 0
+            || usize::try_from(shard)
+                .ok()
+                .and_then(|s| s.checked_sub(1))
+                .and_then(|s| mirrored.get(s))
+                // A shard this node does not run cannot be waited for.
+                .is_none_or(|m| *m >= index)
+    })
+}
+
+/// The positions a received frame names: every shard's (`after`), or shard 1's index alone
+/// (senders of before shards).
+fn frame_after(f: &pb::Forwarded) -> LogPositions {
+    if f.after.is_empty() {
+        LogPositions::from_slice(&[(crate::types::DATA_SHARD.get(), f.after_index)])
+    } else {
+        f.after.iter().map(|p| (p.shard, p.index)).collect()
+    }
+}
+
+/// Waits until this node has mirrored each shard's log up to its position in `after` (see
 /// [`ForwardGrpc::set_mirror_progress`]), for at most [`ORDER_WAIT`].
-async fn mirrored(progress: Option<&tokio::sync::watch::Receiver<u64>>, index: u64) {
+async fn mirrored(progress: Option<&MirrorProgress>, after: &[(u32, u64)]) {
     let Some(progress) = progress else { return };
-    if index == 0 || *progress.borrow() >= index {
+    if reached(&progress.borrow(), after) {
         return;
     }
     counter!(FORWARD_ORDER_WAITS_TOTAL).increment(1);
     let mut progress = progress.clone();
-    let reached = tokio::time::timeout(ORDER_WAIT, progress.wait_for(|i| *i >= index)).await;
+    let reached = tokio::time::timeout(ORDER_WAIT, progress.wait_for(|m| reached(m, after))).await;
     if !matches!(reached, Ok(Ok(_))) {
         counter!(FORWARD_ORDER_WAIT_TIMEOUTS_TOTAL).increment(1);
     }
@@ -710,7 +747,7 @@ struct Receiver {
     broker: OnceLock<Arc<Broker>>,
     clock: OnceLock<WallClock>,
     /// How far this node has mirrored the replicated log into its broker.
-    progress: OnceLock<tokio::sync::watch::Receiver<u64>>,
+    progress: OnceLock<MirrorProgress>,
     /// Per sending node: its incarnation and the last sequence number handled.
     seen: Mutex<HashMap<NodeId, (u64, u64)>>,
 }
@@ -730,7 +767,7 @@ impl ForwardGrpc {
 
     /// How far the applied-change feed has mirrored the log into the broker: a forwarded
     /// message with an `after_index` waits for it (see `pb::Forwarded::after_index`).
-    pub fn set_mirror_progress(&self, progress: tokio::sync::watch::Receiver<u64>) {
+    pub fn set_mirror_progress(&self, progress: MirrorProgress) {
         let _ = self.inner.progress.set(progress);
     }
 
@@ -785,6 +822,7 @@ impl ForwardService for ForwardGrpc {
                                 continue;
                             }
                             last = f.seq;
+                            let after = frame_after(&f);
                             let Some(message) = f.message else { continue };
                             let Ok(message) = message_from_proto(message, &clock) else {
                                 continue;
@@ -793,7 +831,7 @@ impl ForwardService for ForwardGrpc {
                             let shared: Vec<Arc<str>> =
                                 f.shared.into_iter().map(Arc::from).collect();
                             let stored = (f.stored_id != 0).then_some(MessageId(f.stored_id));
-                            mirrored(inner.progress.get(), f.after_index).await;
+                            mirrored(inner.progress.get(), &after).await;
                             broker.deliver_forwarded(Arc::new(message), f.plain, &shared, stored);
                         }
                         if let Some(entry) = inner.seen.lock().get_mut(&from)
@@ -1028,54 +1066,74 @@ mod tests {
     /// `after_index`, and no longer than [`ORDER_WAIT`].
     #[tokio::test(start_paused = true)]
     async fn a_forwarded_message_waits_until_the_log_is_mirrored_up_to_its_index() {
-        let (progress, watching) = tokio::sync::watch::channel(5u64);
+        let (progress, watching) = tokio::sync::watch::channel(vec![5u64, 3]);
         // Already mirrored, nothing to wait for, or no feed: at once.
         let start = tokio::time::Instant::now();
-        mirrored(Some(&watching), 5).await;
-        mirrored(Some(&watching), 0).await;
-        mirrored(None, 9).await;
+        mirrored(Some(&watching), &[(1, 5), (2, 3)]).await;
+        mirrored(Some(&watching), &[(1, 0)]).await;
+        mirrored(Some(&watching), &[]).await;
+        mirrored(None, &[(1, 9)]).await;
         assert_eq!(start.elapsed(), Duration::ZERO);
-        // Behind: until the feed gets there.
+        // Behind in one shard: until the feed gets there in that shard.
         let waiting = tokio::spawn({
             let watching = watching.clone();
             async move {
-                mirrored(Some(&watching), 7).await;
+                mirrored(Some(&watching), &[(1, 7), (2, 4)]).await;
                 tokio::time::Instant::now()
             }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        progress.send_replace(6);
+        progress.send_replace(vec![7, 3]);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             !waiting.is_finished(),
-            "delivered before index 7 was mirrored"
+            "delivered before shard 2 was mirrored up to index 4"
         );
-        progress.send_replace(7);
+        progress.send_replace(vec![7, 4]);
         let done = waiting.await.expect("the waiting task");
         assert_eq!(done - start, Duration::from_millis(600));
         // A feed that never gets there: given up after ORDER_WAIT.
         let start = tokio::time::Instant::now();
-        mirrored(Some(&watching), 100).await;
+        mirrored(Some(&watching), &[(2, 100)]).await;
         assert_eq!(start.elapsed(), ORDER_WAIT);
+        // A frame of a sender from before shards names shard 1 alone.
+        let old = pb::Forwarded {
+            after_index: 9,
+            ..Default::default()
+        };
+        assert_eq!(frame_after(&old).as_slice(), &[(1, 9)]);
     }
 
     /// The sending side names where the previous stored message committed, waiting for a
     /// pending commit at most [`ORDER_WAIT`]; a failed one names nothing.
     #[tokio::test(start_paused = true)]
     async fn a_forwarded_message_names_where_the_previous_stored_message_committed() {
-        assert_eq!(after_index(None).await, 0);
-        assert_eq!(after_index(Some(Commit::ready())).await, 0);
+        assert!(after_positions(None).await.is_empty());
+        assert!(after_positions(Some(Commit::ready())).await.is_empty());
         let (pending, handle) = Commit::pending();
-        let naming = tokio::spawn(after_index(Some(pending)));
+        let naming = tokio::spawn(after_positions(Some(pending)));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!naming.is_finished(), "named before the commit resolved");
-        handle.complete_at(Ok(()), Some(42));
-        assert_eq!(naming.await.expect("the naming task"), 42);
+        handle.complete_at(Ok(()), LogPositions::from_slice(&[(1, 42)]));
+        assert_eq!(
+            naming.await.expect("the naming task").as_slice(),
+            &[(1, 42)]
+        );
+        // A commit split over shards names each shard's position.
+        let (a, ha) = Commit::pending();
+        let (b, hb) = Commit::pending();
+        let both = Commit::all(vec![a, b]);
+        ha.complete_at(Ok(()), LogPositions::from_slice(&[(3, 7)]));
+        hb.complete_at(Ok(()), LogPositions::from_slice(&[(1, 40)]));
+        assert_eq!(
+            after_positions(Some(both)).await.as_slice(),
+            &[(1, 40), (3, 7)]
+        );
         let failed = Commit::failed(raftmq_core::durability::DurabilityError::Unavailable);
-        assert_eq!(after_index(Some(failed)).await, 0);
+        assert!(after_positions(Some(failed)).await.is_empty());
         let (never, _handle) = Commit::pending();
         let start = tokio::time::Instant::now();
-        assert_eq!(after_index(Some(never)).await, 0);
+        assert!(after_positions(Some(never)).await.is_empty());
         assert_eq!(start.elapsed(), ORDER_WAIT);
     }
 }

@@ -70,6 +70,12 @@ impl Groups {
         u32::try_from(self.rafts.len()).unwrap_or(u32::MAX)
     }
 
+    /// The number of data shards, as the shard hash takes it.
+    pub fn shard_count(&self) -> raftmq_core::shard::ShardCount {
+        raftmq_core::shard::ShardCount::new(self.count())
+            .unwrap_or(raftmq_core::shard::ShardCount::ONE)
+    }
+
     /// The group of shard `shard`, if this node runs it.
     pub fn get(&self, shard: ShardId) -> Option<&Raft> {
         let index = usize::try_from(shard.get().checked_sub(1)?).ok()?;
@@ -210,8 +216,8 @@ async fn holds_state(store: &Store, n: u32) -> Result<bool, NodeError> {
     Ok(false)
 }
 
-/// Starts the Raft of data shard `shard` (not the data group, which the node starts itself
-/// with the handles it keeps) on `store`, talking to peers through `pool`.
+/// Starts the Raft of data shard `shard` on `store`, applying with `state_machine`, talking to
+/// peers through `pool`.
 pub(crate) async fn start_group(
     shard: ShardId,
     node_id: NodeId,
@@ -219,8 +225,8 @@ pub(crate) async fn start_group(
     pool: Arc<PeerPool>,
     faults: Faults,
     store: &Store,
+    state_machine: StateMachine,
 ) -> Result<Raft, NodeError> {
-    let state_machine = StateMachine::open(store.state_db(shard.get()))?;
     Ok(Raft::new(
         node_id,
         config,

@@ -19,6 +19,7 @@ pub mod network;
 pub mod node;
 pub mod peers;
 mod raft_proto;
+pub mod split;
 pub mod state_machine;
 pub mod types;
 pub mod upgrade;

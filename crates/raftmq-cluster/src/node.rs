@@ -13,10 +13,10 @@ use crate::convert::WallClock;
 use crate::convert::change_from_proto;
 use crate::durability::RaftDurability;
 use crate::groups::{Groups, ShardStatus};
-use crate::network::{ClusterTls, Faults, Network};
+use crate::network::{ClusterTls, Faults};
 use crate::peers::PeerPool;
 use crate::state_machine::{Applied, Feed, StateMachine};
-use crate::types::{ClusterNode, DATA_SHARD, NodeId, Raft, TypeConfig};
+use crate::types::{ClusterNode, DATA_SHARD, NodeId, Raft};
 use openraft::{Config, ServerState, SnapshotPolicy};
 use raftmq_core::Broker;
 use raftmq_core::shard::ShardCount;
@@ -183,7 +183,7 @@ pub struct RaftNode {
     /// When a leader last reached this node (recorded by the Raft service).
     contact: Arc<crate::grpc::LeaderContact>,
     /// How far the log is mirrored into the broker (once [`RaftNode::feed_broker`] ran).
-    mirrored: Option<tokio::sync::watch::Receiver<u64>>,
+    mirrored: Option<crate::forward::MirrorProgress>,
     /// Set by the feed when a snapshot install made it let go of the persistent sessions held
     /// here: the liveness task takes back those this node still owns, as after a self-fence.
     reload: Arc<std::sync::atomic::AtomicBool>,
@@ -316,42 +316,48 @@ impl RaftNode {
         let shards = crate::groups::settle_shard_count(&store, opts.shards, &opts.data_dir).await?;
         let pool = Arc::new(PeerPool::new(opts.tls.clone()));
         let config = Arc::new(raft_config(&opts.tuning)?);
-        let state_machine = StateMachine::open(store.state_db(DATA_SHARD.get()))?;
-        let feed = state_machine.feed().clone();
-        // The batcher learns from the applying state machine which fences of its batches held.
-        let fence_notes = state_machine.fence_notes().clone();
-        fence_notes.set_owner(opts.node_id);
-        let reader = StateMachine::open(store.state_db(DATA_SHARD.get()))?;
-        // Whether this node's previous process was declared down is told by a declaration
-        // applied after what that process had applied (see `settle_predecessor`).
-        let declared_at_start =
-            reader
-                .declared_down_at(opts.node_id)
-                .map_err(|_| NodeError::Unreadable {
-                    data_dir: opts.data_dir.clone(),
-                })?;
-        let raft = Raft::new(
-            opts.node_id,
-            config.clone(),
-            Network::new(DATA_SHARD, opts.node_id, pool.clone()).with_faults(opts.faults.clone()),
-            store.log_store::<TypeConfig>(DATA_SHARD.get()),
-            state_machine,
-        )
-        .await?;
-        let mut rafts = vec![raft.clone()];
-        for shard in shards.shards().skip(1) {
-            rafts.push(
-                crate::groups::start_group(
-                    shard,
-                    opts.node_id,
-                    config.clone(),
-                    pool.clone(),
-                    opts.faults.clone(),
-                    &store,
-                )
-                .await?,
-            );
+        // Every group's state machine reports to one feed (the broker's mirror of all shards).
+        let feed = crate::state_machine::Feed::default();
+        let mut handles = Vec::new();
+        let mut rafts = Vec::new();
+        let mut declared_at_start = 0;
+        for shard in shards.shards() {
+            let state_machine =
+                StateMachine::open_with_feed(store.state_db(shard.get()), feed.clone())?;
+            // The batcher learns from the applying state machine which fences of its batches
+            // held.
+            let fence_notes = state_machine.fence_notes().clone();
+            fence_notes.set_owner(opts.node_id);
+            let reader = StateMachine::open(store.state_db(shard.get()))?;
+            if shard == DATA_SHARD {
+                // Whether this node's previous process was declared down is told by a
+                // declaration applied after what that process had applied (see
+                // `settle_predecessor`).
+                declared_at_start =
+                    reader
+                        .declared_down_at(opts.node_id)
+                        .map_err(|_| NodeError::Unreadable {
+                            data_dir: opts.data_dir.clone(),
+                        })?;
+            }
+            let raft = crate::groups::start_group(
+                shard,
+                opts.node_id,
+                config.clone(),
+                pool.clone(),
+                opts.faults.clone(),
+                &store,
+                state_machine,
+            )
+            .await?;
+            rafts.push(raft.clone());
+            handles.push(crate::durability::ShardHandle {
+                raft,
+                fence_notes,
+                reader,
+            });
         }
+        let raft = rafts[0].clone();
         let groups = Arc::new(Groups::new(rafts));
         let me = ClusterNode {
             cluster_addr: opts.advertise_addr.clone(),
@@ -389,10 +395,8 @@ impl RaftNode {
             }
         }
         let durability = RaftDurability::start(
-            raft.clone(),
+            handles,
             opts.node_id,
-            reader,
-            fence_notes,
             WallClock::now(),
             opts.faults.clone(),
             opts.tls.clone(),
@@ -428,24 +432,39 @@ impl RaftNode {
         })
     }
 
-    /// Waits until this node can serve from complete state: a leader is known, and a read
-    /// barrier (an empty batch committed through the leader) has been applied locally, so
-    /// everything committed before it (including entries this node missed while down) is in
-    /// the local state machine. Returns false on timeout.
+    /// Waits until this node can serve from complete state: in every shard, a leader is
+    /// known and a read barrier (an empty batch committed through the leader) has been applied
+    /// locally, so everything committed before it (including entries this node missed while
+    /// down) is in the local state machines. Returns false on timeout.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
-        let leader = self
-            .raft
-            .wait(Some(timeout))
+        for (shard, raft) in self.groups.iter() {
+            if !self.shard_ready(shard, raft, deadline).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn shard_ready(
+        &self,
+        shard: crate::types::ShardId,
+        raft: &Raft,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let leader = raft
+            .wait(Some(left))
             .metrics(|m| m.current_leader.is_some(), "leader known")
             .await;
         if leader.is_err() {
             return false;
         }
-        let barrier = crate::convert::encode_batch(&[], &WallClock::now());
+        let barrier = crate::convert::encode_shard_batch(shard, &[], &WallClock::now());
         loop {
             if let Ok(index) = crate::durability::commit(
-                &self.raft,
+                raft,
+                shard,
                 barrier.clone(),
                 &self.faults,
                 self.tls.as_ref(),
@@ -453,8 +472,7 @@ impl RaftNode {
             .await
             {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                return self
-                    .raft
+                return raft
                     .wait(Some(left))
                     .metrics(
                         |m| m.last_applied.is_some_and(|l| l.index >= index),
@@ -570,7 +588,9 @@ impl RaftNode {
     /// The log index up to which the broker fed by [`RaftNode::feed_broker`] has mirrored the
     /// applied state (0 before).
     pub fn mirrored_index(&self) -> u64 {
-        self.mirrored.as_ref().map_or(0, |w| *w.borrow())
+        self.mirrored
+            .as_ref()
+            .map_or(0, |w| w.borrow().first().copied().unwrap_or(0))
     }
 
     /// Mirrors into `broker` what other nodes commit (retained messages, session claims: see
@@ -584,47 +604,85 @@ impl RaftNode {
         let me = self.node_id;
         let clock = WallClock::now();
         let durability = self.durability.clone();
-        // How far the log is mirrored into the broker (forwarded messages may wait for it).
-        let (progress, watching) = tokio::sync::watch::channel(0u64);
+        // How far each shard's log is mirrored into the broker (`[i]`: shard `i + 1`;
+        // forwarded messages may wait for it).
+        let shards = usize::try_from(self.groups.count()).unwrap_or(1);
+        let (progress, watching) = tokio::sync::watch::channel(vec![0u64; shards]);
         self.mirrored = Some(watching.clone());
         self.forward.set_mirror_progress(watching);
-        let raft = self.raft.clone();
+        let groups = self.groups.clone();
         let reload = self.reload.clone();
         // The deliveries kept from this node's own commits reported failed are queued while
         // their batch is applied: before any later commit of this node completes and queues
         // its own deliveries (their order), not later through this task.
         let own = broker.clone();
         self.feed
-            .on_own_stored(me, move |ids| own.own_stored_applied(ids));
+            .on_own_stored(me, move |stored| own.own_stored_applied(stored));
         self.feed_task = Some(tokio::spawn(async move {
             // The log index of the last declaration of this node the broker has seen (one
             // inside a snapshot installed here is seen only through the state).
             let mut declared_seen = durability.declared_down_at();
             while let Some(applied) = rx.recv().await {
                 match applied {
-                    Applied::Progress { index } => {
-                        advance(&progress, index);
+                    Applied::Progress { shard, index } => {
+                        advance(&progress, shard, index);
                     }
-                    Applied::Batch { index, batch } => {
+                    Applied::Batch {
+                        shard,
+                        index,
+                        batch,
+                    } => {
                         // This node's own batches are in its broker already (the deliveries
                         // of its commits reported failed were queued during the apply:
                         // `on_own_stored` above).
                         if batch.origin_node != me {
-                            let changes: Vec<_> = batch
+                            let mut changes: Vec<_> = batch
                                 .changes
                                 .into_iter()
                                 .filter_map(|c| change_from_proto(c, &clock).ok())
                                 .collect();
-                            if changes.iter().any(
+                            let declared_here = changes.iter().any(
                                 |c| matches!(c, raftmq_core::durability::StateChange::NodeDown { node, .. } if *node == me),
-                            ) {
+                            );
+                            if shard != DATA_SHARD.get() {
+                                // Declarations are the control shard's to mirror; one in
+                                // another shard gave that shard's sessions of the node to
+                                // the declaring node.
+                                changes.retain(|c| {
+                                    !matches!(
+                                        c,
+                                        raftmq_core::durability::StateChange::NodeDown { .. }
+                                    )
+                                });
+                                if declared_here {
+                                    let count = groups.shard_count();
+                                    let fenced =
+                                        broker.fence_durable_sessions_where(None, |client_id| {
+                                            raftmq_core::shard::shard_of(
+                                                client_id.as_bytes(),
+                                                count,
+                                            )
+                                            .get()
+                                                == shard
+                                        });
+                                    // Those it still owns elsewhere are taken back after a
+                                    // barrier, as when a quorum is regained.
+                                    reload.store(true, std::sync::atomic::Ordering::SeqCst);
+                                    warn!(
+                                        shard,
+                                        fenced,
+                                        "this node was declared down in a shard: its sessions \
+                                         there let go of"
+                                    );
+                                }
+                            } else if declared_here {
                                 declared_seen = index;
                             }
                             broker.apply_replicated(index, &changes, std::time::Instant::now());
                         }
-                        advance(&progress, index);
+                        advance(&progress, shard, index);
                     }
-                    Applied::SnapshotInstalled => {
+                    Applied::SnapshotInstalled { shard } => {
                         // The whole state was replaced: take the retained messages and the
                         // subscriptions of every persistent session not held here from it.
                         // Retried until the store can be read: the mirror stays as it was
@@ -636,13 +694,20 @@ impl RaftNode {
                             }
                         };
                         let now = std::time::Instant::now();
-                        let index = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
-                        // Declared down in the part of the log the snapshot replaced: what
-                        // applying that declaration does here (every persistent session let
-                        // go of, the wills of sessionless connections left to the declaring
-                        // node) is done now.
+                        let index = groups
+                            .get(crate::types::ShardId::new(shard))
+                            .map_or(0, |raft| {
+                                raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
+                            });
+                        // Declared down in the part of the control shard's log the snapshot
+                        // replaced: what applying that declaration does here (every
+                        // persistent session let go of, the wills of sessionless connections
+                        // left to the declaring node) is done now.
                         let declared = durability.declared_down_at();
-                        if declared != u64::MAX && declared > declared_seen {
+                        if shard == DATA_SHARD.get()
+                            && declared != u64::MAX
+                            && declared > declared_seen
+                        {
                             declared_seen = declared;
                             warn!(
                                 declared,
@@ -677,7 +742,7 @@ impl RaftNode {
                         }
                         broker.replace_retained(recovered.retained);
                         broker.replace_remote_subscriptions(recovered.remote_subscriptions);
-                        advance(&progress, index);
+                        advance(&progress, shard, index);
                     }
                 }
             }
@@ -720,7 +785,7 @@ impl RaftNode {
             self.declared_at_start,
         )));
         self.liveness_task = Some(tokio::spawn(declare_down_nodes(
-            self.raft.clone(),
+            self.groups.clone(),
             self.node_id,
             self.durability.clone(),
             hub,
@@ -800,7 +865,7 @@ pub const DEAD_NODE_WILLS_TOTAL: &str = "raftmq_cluster_dead_node_wills_total";
 /// their wills and expiry timers running here). Once a declared node's stream is back, a later
 /// failure is declared again.
 async fn declare_down_nodes(
-    raft: Raft,
+    groups: Arc<Groups>,
     me: NodeId,
     durability: Arc<RaftDurability>,
     hub: Arc<crate::forward::ForwardHub>,
@@ -813,8 +878,10 @@ async fn declare_down_nodes(
     let mut lease = Lease::default();
     // The last applied log index when this node last fenced itself.
     let mut fenced_at = 0u64;
-    // Per member: the index of its last batch seen here, and since when it is the last.
-    let mut last_proposed: std::collections::HashMap<NodeId, (u64, std::time::Instant)> =
+    let raft = groups.data().clone();
+    // Per member: the index of its last batch seen here in each shard, and since when they
+    // are the last.
+    let mut last_proposed: std::collections::HashMap<NodeId, (Vec<u64>, std::time::Instant)> =
         std::collections::HashMap::new();
     // Sessions given to this node by a committed NodeDown that it could not read yet: adopted
     // on a later tick, never dropped.
@@ -932,7 +999,7 @@ async fn declare_down_nodes(
             let proposed = durability.last_proposed_by(node);
             if last_proposed
                 .get(&node)
-                .is_none_or(|(index, _)| *index != proposed)
+                .is_none_or(|(indexes, _)| *indexes != proposed)
             {
                 last_proposed.insert(node, (proposed, now));
             }
@@ -954,41 +1021,63 @@ async fn declare_down_nodes(
                 continue;
             }
             broker.begin_adoption();
-            // Decided on what this node has applied so far: void if the node proposes anything
-            // that commits first (it is back; see `NodeDown.seen`).
-            let seen = raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
-            let before = durability.declared_at(node);
             // The wills of its sessionless connections this node knows of, published here once
             // the declaration commits; the node publishes those it held beyond them.
             let wills = broker.peer_will_ids(node);
-            let commit = durability.propose(vec![StateChange::NodeDown {
-                node,
-                seen,
-                wills: Some(wills.clone()),
-            }]);
-            if commit.await.is_err() {
+            // One declaration per shard, each decided on what this node has applied of that
+            // shard so far: void there if the node proposes anything in it that commits first
+            // (it is back; see `NodeDown.seen`). The control shard's decides the wills.
+            let mut before = Vec::new();
+            let mut commits = Vec::new();
+            for (shard, group) in groups.iter() {
+                let seen = group.metrics().borrow().last_applied.map_or(0, |l| l.index);
+                before.push((shard, durability.declared_at_in(shard, node)));
+                commits.push(durability.propose_to(
+                    shard,
+                    vec![StateChange::NodeDown {
+                        node,
+                        seen,
+                        wills: Some(wills.clone()),
+                    }],
+                ));
+            }
+            if raftmq_core::durability::Commit::all(commits).await.is_err() {
+                // Tried again next tick (in every shard: a second declaration where the first
+                // held finds nothing left to adopt).
                 if !adoption_pending {
                     broker.end_adoption();
                 }
                 continue;
             }
-            if durability.declared_at(node) == before {
+            let held: Vec<_> = before
+                .iter()
+                .filter(|(shard, at)| durability.declared_at_in(*shard, node) != *at)
+                .map(|(shard, _)| *shard)
+                .collect();
+            declared.insert(node);
+            if held.is_empty() {
                 // Void: the node proposed after `seen`; it keeps its sessions and wills.
                 info!(node, "declaration void: the node is back");
                 if !adoption_pending {
                     broker.end_adoption();
                 }
-                declared.insert(node);
                 continue;
             }
-            declared.insert(node);
             metrics::counter!(NODES_DECLARED_DOWN_TOTAL).increment(1);
-            // The wills of its sessionless connections: this node declared it, so this node
-            // publishes them (the others drop them when they apply the NodeDown).
-            let wills = broker.publish_wills_of(node, &wills, std::time::Instant::now());
-            metrics::counter!(DEAD_NODE_WILLS_TOTAL).increment(wills as u64);
-            metrics::gauge!(crate::forward::FORWARD_PEER_WILLS, "peer" => node.to_string())
-                .set(0.0);
+            if held.contains(&DATA_SHARD) {
+                // The wills of its sessionless connections: this node declared it, so this
+                // node publishes them (the others drop them when they apply the NodeDown).
+                let wills = broker.publish_wills_of(node, &wills, std::time::Instant::now());
+                metrics::counter!(DEAD_NODE_WILLS_TOTAL).increment(wills as u64);
+                metrics::gauge!(crate::forward::FORWARD_PEER_WILLS, "peer" => node.to_string())
+                    .set(0.0);
+            } else {
+                info!(
+                    node,
+                    shards = held.len(),
+                    "declaration held in some shards only: the node keeps its wills"
+                );
+            }
             match durability.sessions_owned_by(me) {
                 Ok(orphans) => {
                     let adopted = broker.adopt_sessions_read_at(
@@ -1057,10 +1146,19 @@ fn log_images(
     images
 }
 
-/// Moves the mirrored-log watch forward to `index` (never back), waking the forwarded messages
-/// that wait for it.
-fn advance(progress: &tokio::sync::watch::Sender<u64>, index: u64) {
-    progress.send_if_modified(|i| std::mem::replace(i, index.max(*i)) < index);
+/// Moves the mirrored-log watch of `shard` forward to `index` (never back), waking the
+/// forwarded messages that wait for it.
+fn advance(progress: &tokio::sync::watch::Sender<Vec<u64>>, shard: u32, index: u64) {
+    progress.send_if_modified(|all| {
+        let Some(i) = usize::try_from(shard)
+            .ok()
+            .and_then(|s| s.checked_sub(1))
+            .and_then(|s| all.get_mut(s))
+        else {
+            return false;
+        };
+        std::mem::replace(i, index.max(*i)) < index
+    });
 }
 
 /// How often liveness (dead members, this node's own lease) is checked.

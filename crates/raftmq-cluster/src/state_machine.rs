@@ -110,6 +110,7 @@ use crate::convert::{
 };
 
 mod fences;
+pub mod published;
 use crate::types::{
     Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -151,16 +152,28 @@ pub struct StateMachine {
 /// What the state machine tells its observer after applying.
 #[derive(Clone, Debug)]
 pub enum Applied {
-    /// A normal entry's batch was applied (in log order) at log index `index`.
-    Batch { index: u64, batch: state::Batch },
-    /// A normal entry with no change that took effect was applied at log index `index`.
-    Progress { index: u64 },
-    /// A snapshot replaced the whole state.
-    SnapshotInstalled,
+    /// A normal entry's batch was applied (in log order) at log index `index` of `shard`.
+    Batch {
+        shard: u32,
+        index: u64,
+        batch: state::Batch,
+    },
+    /// A normal entry with no change that took effect was applied at log index `index` of
+    /// `shard`.
+    Progress { shard: u32, index: u64 },
+    /// A snapshot replaced the whole state of `shard`.
+    SnapshotInstalled { shard: u32 },
 }
 
-/// Called, during the apply, with the ids of the messages a batch of this node's own stored.
-type OwnStored = Arc<dyn Fn(Vec<raftmq_core::durability::MessageId>) + Send + Sync>;
+/// A stored message of one of this node's own batches: its id and the sessions it was stored
+/// for.
+pub type StoredFor = (
+    raftmq_core::durability::MessageId,
+    Vec<raftmq_codec::ByteStr>,
+);
+
+/// Called, during the apply, with the messages a batch of this node's own stored.
+type OwnStored = Arc<dyn Fn(Vec<StoredFor>) + Send + Sync>;
 
 /// Where applied changes go, once someone listens (see [`StateMachine::feed`]). Shared by
 /// clones, so the instance openraft drives and the node's handle see the same observer.
@@ -186,15 +199,12 @@ impl Feed {
         self.tx.set(tx).ok().map(|()| rx)
     }
 
-    /// Calls `f` with the ids of the messages each batch of node `me` stored, while that
-    /// batch is applied, before the applied index moves past it (so before any later commit
-    /// of this node completes): what depends on this node's own batches in log order does not
-    /// go through the asynchronous feed. Only the first call counts.
-    pub fn on_own_stored(
-        &self,
-        me: u64,
-        f: impl Fn(Vec<raftmq_core::durability::MessageId>) + Send + Sync + 'static,
-    ) {
+    /// Calls `f` with the messages each batch of node `me` stored (id, and the sessions it
+    /// was stored for in this shard), while that batch is applied, before the applied index
+    /// moves past it (so before any later commit of this node completes): what depends on
+    /// this node's own batches in log order does not go through the asynchronous feed. Only
+    /// the first call counts.
+    pub fn on_own_stored(&self, me: u64, f: impl Fn(Vec<StoredFor>) + Send + Sync + 'static) {
         let _ = self.own.set((me, Arc::new(f)));
     }
 
@@ -209,9 +219,13 @@ impl Feed {
             .changes
             .iter()
             .filter_map(|c| match &c.change {
-                Some(ProtoChange::MessageStored(m)) => {
-                    Some(raftmq_core::durability::MessageId(m.id))
-                }
+                Some(ProtoChange::MessageStored(m)) => Some((
+                    raftmq_core::durability::MessageId(m.id),
+                    m.targets
+                        .iter()
+                        .map(|t| raftmq_codec::ByteStr::from(t.client_id.as_str()))
+                        .collect(),
+                )),
                 _ => None,
             })
             .collect();
@@ -235,13 +249,24 @@ impl Feed {
 impl StateMachine {
     /// The state machine persisted in `db` (empty for a new store).
     pub fn new(db: StateDb) -> StateMachine {
+        StateMachine::with_feed(db, Feed::default())
+    }
+
+    /// [`StateMachine::new`] reporting to `feed`, which the groups of a node share: one
+    /// listener learns what every shard applied.
+    pub fn with_feed(db: StateDb, feed: Feed) -> StateMachine {
         StateMachine {
             db,
             current: Arc::default(),
             snapshot_seq: Arc::default(),
-            feed: Feed::default(),
+            feed,
             fence_notes: FenceNotes::default(),
         }
+    }
+
+    /// The shard this state machine applies.
+    pub fn shard(&self) -> u32 {
+        self.db.shard()
     }
 
     /// Which fences of this node's own batches did not hold (shared by clones).
@@ -257,7 +282,12 @@ impl StateMachine {
     /// [`StateMachine::new`], after checking that the state machine metadata is readable (a
     /// store written by an incompatible version fails here rather than in Raft).
     pub fn open(db: StateDb) -> Result<StateMachine, StoreError> {
-        let sm = StateMachine::new(db);
+        StateMachine::open_with_feed(db, Feed::default())
+    }
+
+    /// [`StateMachine::open`] reporting to `feed` (see [`StateMachine::with_feed`]).
+    pub fn open_with_feed(db: StateDb, feed: Feed) -> Result<StateMachine, StoreError> {
+        let sm = StateMachine::with_feed(db, feed);
         sm.applied()?;
         Ok(sm)
     }
@@ -308,13 +338,16 @@ impl StateMachine {
         if let Some(batch) = &outcome.feed {
             self.feed.own_stored(batch);
         }
+        let shard = self.db.shard();
         match outcome.feed {
             Some(batch) if !batch.changes.is_empty() => self.feed.send(Applied::Batch {
+                shard,
                 index: entry.log_id.index,
                 batch,
             }),
             // Nothing to mirror, but how far the log is mirrored moves on.
             Some(_) => self.feed.send(Applied::Progress {
+                shard,
                 index: entry.log_id.index,
             }),
             None => {}
@@ -542,7 +575,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(join_error)?
             .map_err(StoreError::write_snapshot)?;
-        self.feed.send(Applied::SnapshotInstalled);
+        self.feed.send(Applied::SnapshotInstalled {
+            shard: self.db.shard(),
+        });
         metrics::histogram!(SNAPSHOT_SECONDS, "op" => "install")
             .record(started.elapsed().as_secs_f64());
         metrics::counter!(SNAPSHOTS_TOTAL, "op" => "install").increment(1);
@@ -770,11 +805,26 @@ fn apply_change(tx: &mut Tx<'_>, change: ProtoChange, origin: u64) -> Result<(),
         }
         ProtoChange::IncomingQos2Received(c) => {
             if session_exists(tx, &c.client_id)? {
+                // With the message id when its store spans shards (the resend stores it again).
+                let value = if c.message_id == 0 {
+                    Vec::new()
+                } else {
+                    state::Qos2Intent {
+                        message_id: c.message_id,
+                        shards: c.shards,
+                    }
+                    .encode_to_vec()
+                };
                 tx.put(
                     StateCf::SessionMessages,
                     qos2_key(&c.client_id, c.packet_id),
-                    Vec::new(),
+                    value,
                 );
+            }
+        }
+        ProtoChange::PublishSettled(c) => {
+            for id in c.ids {
+                published::settle(tx, id)?;
             }
         }
         ProtoChange::IncomingQos2Completed(c) => {
@@ -837,7 +887,8 @@ fn client_of(change: &ProtoChange) -> Option<&str> {
         ProtoChange::MessageStored(_)
         | ProtoChange::RetainedSet(_)
         | ProtoChange::RetainedCleared(_)
-        | ProtoChange::NodeDown(_) => return None,
+        | ProtoChange::NodeDown(_)
+        | ProtoChange::PublishSettled(_) => return None,
     })
 }
 
@@ -986,15 +1037,19 @@ fn recover_session(
     }
 
     let mut incoming_qos2 = Vec::new();
+    let mut qos2_reroute = Vec::new();
     let qos2_prefix = qos2_prefix(&client_id);
     for item in snap.scan_prefix(StateCf::SessionMessages, &qos2_prefix) {
-        let (key, _) = item?;
+        let (key, value) = item?;
         let packet_id = key
             .get(qos2_prefix.len()..)
             .and_then(|b| <[u8; 2]>::try_from(b).ok())
             .map(u16::from_be_bytes)
             .ok_or_else(|| corrupt(StateCf::SessionMessages, &key, "bad QoS 2 key"))?;
         incoming_qos2.push(packet_id);
+        if let Some(intent) = published::decode_intent(&key, &value)? {
+            qos2_reroute.push((packet_id, MessageId(intent.message_id)));
+        }
     }
 
     let will = record
@@ -1009,6 +1064,7 @@ fn recover_session(
         subscriptions,
         messages: deliveries,
         incoming_qos2,
+        qos2_reroute,
         will,
     })
 }

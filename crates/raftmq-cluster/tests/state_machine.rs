@@ -2,6 +2,7 @@
 //! protobuf round trip, determinism, snapshots, restarts, skipped entries and openraft's
 //! storage test suite.
 
+use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -336,9 +337,11 @@ fn change() -> impl Strategy<Value = StateChange> {
         1 => (client(), message_id())
             .prop_map(|(client_id, id)| StateChange::MessageReleased { client_id, id }),
         1 => (client(), packet_id()).prop_map(|(client_id, packet_id)| {
+            // The message id is not carried by a single-shard batch (see `convert`).
             StateChange::IncomingQos2Received {
                 client_id,
                 packet_id,
+                message_id: None,
             }
         }),
         1 => (client(), packet_id()).prop_map(|(client_id, packet_id)| {
@@ -758,6 +761,7 @@ fn qos2_publish(pid: u16, id: u64) -> Vec<StateChange> {
         StateChange::IncomingQos2Received {
             client_id: "pub".into(),
             packet_id: pid,
+            message_id: Some(MessageId(id)),
         },
         StateChange::MessageStored {
             id: MessageId(id),
@@ -1488,7 +1492,8 @@ fn the_messages_a_nodes_own_batches_stored_are_reported_while_each_is_applied() 
     let (_dir, store) = temp_store();
     let sm = StateMachine::new(store.state_db(DATA_SHARD.get()));
     let _feed = sm.feed().subscribe().expect("the first listener");
-    let seen: Arc<parking_lot::Mutex<Vec<Vec<MessageId>>>> = Arc::default();
+    type Stored = Vec<(MessageId, Vec<raftmq_codec::ByteStr>)>;
+    let seen: Arc<parking_lot::Mutex<Vec<Stored>>> = Arc::default();
     let record = seen.clone();
     sm.feed()
         .on_own_stored(1, move |ids| record.lock().push(ids));
@@ -1500,8 +1505,8 @@ fn the_messages_a_nodes_own_batches_stored_are_reported_while_each_is_applied() 
     // Node 1's batch storing message 7: reported by the time the apply returned.
     assert_eq!(
         apply(1, 1, qos2_publish(1, 7)),
-        vec![vec![MessageId(7)]],
-        "reported during the apply"
+        vec![vec![(MessageId(7), vec!["sub".into()])]],
+        "reported during the apply, with the sessions it was stored for"
     );
     // Another node's batch, or one of this node's that stored nothing: not reported.
     assert!(apply(2, 2, qos2_publish(2, 8)).is_empty());
@@ -1574,4 +1579,183 @@ fn the_single_group_releases_log_applies_after_migration() {
         };
         assert_eq!(all(&replayed), all(&migrated), "{cf}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stores spanning shards
+// ---------------------------------------------------------------------------------------------
+
+/// Applies `parts` (what `RaftDurability` proposes to each shard) as batches of node 1, the
+/// fenced part with its fence, each on its own shard's state machine.
+fn apply_parts(
+    sms: &HashMap<u32, StateMachine>,
+    next: &mut u64,
+    split: raftmq_cluster::split::Split,
+    fence: Option<&Fence>,
+    count: raftmq_core::shard::ShardCount,
+) {
+    for part in split.parts {
+        let fences = fence
+            .filter(|f| raftmq_cluster::split::fence_shard(f, count) == part.shard)
+            .map(|f| {
+                let Fence::Attached { client_id, epoch } = f else {
+                    panic!("attached fences only here")
+                };
+                vec![state::Fence {
+                    client_id: client_id.to_string(),
+                    epoch: *epoch,
+                    offline: false,
+                    first: 0,
+                    count: part.changes.len() as u32,
+                }]
+            })
+            .unwrap_or_default();
+        let batch = state::Batch {
+            shard_id: u64::from(part.shard.get()),
+            changes: part.changes,
+            origin_node: 1,
+            fences,
+        };
+        *next += 1;
+        sms[&part.shard.get()]
+            .apply_entry(&normal(*next, batch.encode_to_vec()))
+            .expect("applies");
+    }
+}
+
+/// A QoS 2 message whose store spans shards: the publisher's shard records the packet id with
+/// the message id and the shards it went to (a loaded session stores it again on a resend);
+/// every shard stores it once under its id and skips a second store of it, even after the
+/// delivery was acknowledged, until the exchange is settled, or the record is older than the
+/// de-duplication horizon.
+#[test]
+fn a_qos2_store_spanning_shards_is_recorded_deduplicated_and_settled() {
+    use raftmq_cluster::split::split;
+    use raftmq_core::shard::{ShardCount, shard_of};
+    let (_dir, store) = temp_store();
+    let count = ShardCount::new(4).expect("valid");
+    let sms: HashMap<u32, StateMachine> = count
+        .shards()
+        .map(|s| (s.get(), StateMachine::new(store.state_db(s.get()))))
+        .collect();
+    let shard = |c: &str| shard_of(c.as_bytes(), count).get();
+    // A publisher and a subscriber in two different shards.
+    let publisher = "pub";
+    let subscriber = (0..)
+        .map(|i| format!("sub{i}"))
+        .find(|c| shard(c) != shard(publisher))
+        .expect("a client id in another shard");
+    let clock = WallClock::now();
+    let ctx = ProposalContext {
+        node_id: 1,
+        now: Some(Instant::now()),
+    };
+    let mut next = 0;
+    for client in [publisher, subscriber.as_str()] {
+        let parts = split(&[claim(client, 1)], None, count, &clock, &ctx);
+        apply_parts(&sms, &mut next, parts, None, count);
+    }
+    let fence = attached(publisher, 1);
+    let publish = |id: u64| {
+        vec![
+            StateChange::IncomingQos2Received {
+                client_id: publisher.into(),
+                packet_id: 5,
+                message_id: Some(MessageId(id)),
+            },
+            StateChange::MessageStored {
+                id: MessageId(id),
+                message: msg("t/q2", "exactly once", QoS::ExactlyOnce),
+                targets: vec![target(&subscriber, QoS::ExactlyOnce)],
+            },
+        ]
+    };
+    let deliveries = |id: u64| {
+        let recovered = sms[&shard(&subscriber)]
+            .recovered(&clock)
+            .expect("recovered");
+        session(&recovered, &subscriber)
+            .messages
+            .iter()
+            .filter(|m| m.id == MessageId(id))
+            .count()
+    };
+    let store_9 = split(&publish(9), Some(&fence), count, &clock, &ctx);
+    assert_eq!(store_9.parts.len(), 2, "spans two shards");
+    apply_parts(&sms, &mut next, store_9.clone(), Some(&fence), count);
+    assert_eq!(deliveries(9), 1);
+    let recovered = sms[&shard(publisher)].recovered(&clock).expect("recovered");
+    let image = session(&recovered, publisher);
+    assert_eq!(image.incoming_qos2, vec![5]);
+    assert_eq!(
+        image.qos2_reroute,
+        vec![(5, MessageId(9))],
+        "a resend stores it again under its id"
+    );
+    let intent = sms[&shard(publisher)]
+        .qos2_intent(publisher, 5)
+        .expect("read")
+        .expect("recorded");
+    assert_eq!(intent.shards, vec![shard(&subscriber)]);
+    // Stored again (the resend): skipped, also once the subscriber acknowledged it.
+    apply_parts(&sms, &mut next, store_9.clone(), Some(&fence), count);
+    assert_eq!(deliveries(9), 1, "not stored twice");
+    let ack = vec![StateChange::MessageAcked {
+        client_id: subscriber.as_str().into(),
+        id: MessageId(9),
+    }];
+    apply_parts(
+        &sms,
+        &mut next,
+        split(&ack, None, count, &clock, &ctx),
+        None,
+        count,
+    );
+    assert_eq!(deliveries(9), 0);
+    apply_parts(&sms, &mut next, store_9.clone(), Some(&fence), count);
+    assert_eq!(deliveries(9), 0, "acknowledged: not delivered again");
+    assert!(sms[&shard(&subscriber)].published(9).expect("read"));
+    // Settled: the record goes.
+    let settle = state::Batch {
+        shard_id: u64::from(shard(&subscriber)),
+        changes: vec![state::Change {
+            change: Some(state::change::Change::PublishSettled(
+                state::PublishSettled { ids: vec![9] },
+            )),
+        }],
+        origin_node: 1,
+        fences: Vec::new(),
+    };
+    next += 1;
+    sms[&shard(&subscriber)]
+        .apply_entry(&normal(next, settle.encode_to_vec()))
+        .expect("applies");
+    assert!(!sms[&shard(&subscriber)].published(9).expect("read"));
+    // Without a settle, a record older than the horizon goes when a newer one is recorded.
+    apply_parts(
+        &sms,
+        &mut next,
+        split(&publish(10), Some(&fence), count, &clock, &ctx),
+        Some(&fence),
+        count,
+    );
+    assert!(sms[&shard(&subscriber)].published(10).expect("read"));
+    let later = ProposalContext {
+        node_id: 1,
+        now: ctx.now.map(|t| {
+            t + Duration::from_millis(raftmq_cluster::state_machine::published::HORIZON_MS + 1)
+        }),
+    };
+    apply_parts(
+        &sms,
+        &mut next,
+        split(&publish(11), Some(&fence), count, &clock, &later),
+        Some(&fence),
+        count,
+    );
+    assert!(
+        !sms[&shard(&subscriber)].published(10).expect("read"),
+        "expired"
+    );
+    assert!(sms[&shard(&subscriber)].published(11).expect("read"));
 }

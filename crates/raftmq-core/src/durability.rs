@@ -130,9 +130,14 @@ pub enum StateChange {
         id: MessageId,
     },
     /// A persistent session received QoS 2 `packet_id` from its client (PUBREC sent).
+    /// `message_id`: the id the message is stored under for persistent sessions, if any. A
+    /// store that cannot record the message atomically with this change (its sessions live in
+    /// other shards) keeps the id, and a resent PUBLISH is stored again under it
+    /// ([`SessionImage::qos2_reroute`]); the store then keeps it from being stored twice.
     IncomingQos2Received {
         client_id: ByteStr,
         packet_id: u16,
+        message_id: Option<MessageId>,
     },
     /// The client's PUBREL completed that exchange.
     IncomingQos2Completed {
@@ -172,11 +177,25 @@ pub enum DurabilityError {
     Storage,
 }
 
+/// Where a change committed: `(shard, log index)` for each replicated log it went to (one
+/// entry for a single log; several when a change was split over shards), shard ids ascending.
+pub type LogPositions = SmallVec<[(u32, u64); 2]>;
+
+/// Merges `more` into `into`: per shard, the higher index.
+fn merge_positions(into: &mut LogPositions, more: &[(u32, u64)]) {
+    for &(shard, index) in more {
+        match into.binary_search_by_key(&shard, |(s, _)| *s) {
+            Ok(at) => into[at].1 = into[at].1.max(index),
+            Err(at) => into.insert(at, (shard, index)),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct CommitInner {
     result: Option<Result<(), DurabilityError>>,
-    /// Where the change was committed in the replicated log, when the implementation says.
-    log_index: Option<u64>,
+    /// Where the change was committed in the replicated logs, when the implementation says.
+    positions: LogPositions,
     wakers: SmallVec<[Waker; 1]>,
 }
 
@@ -208,11 +227,15 @@ impl Commit {
         }
     }
 
-    /// The replicated log index the change was committed at, once it has been (`None` while
-    /// pending, after a failure, for a combined commit, or when the implementation has no log).
-    pub fn log_index(&self) -> Option<u64> {
+    /// Where in the replicated logs the change committed, once it has (`None` while pending,
+    /// after a failure, or when the implementation has no log; a combined commit
+    /// ([`Commit::all`]) has the positions of all its parts).
+    pub fn log_positions(&self) -> Option<LogPositions> {
         let inner = self.0.as_ref()?.lock();
-        inner.result.filter(Result::is_ok).and(inner.log_index)
+        match inner.result {
+            Some(Ok(())) if !inner.positions.is_empty() => Some(inner.positions.clone()),
+            _ => None,
+        }
     }
 
     /// Polls for the result, registering the waker.
@@ -244,9 +267,11 @@ impl Commit {
     /// Resolves when all of `parts` have: `Ok` if they all succeeded, else the first error
     /// seen. Needs no executor: the parts' completions drive it.
     pub fn all(parts: Vec<Commit>) -> Commit {
+        // Parts already committed are left out, unless they say where (their positions are
+        // the combined commit's too).
         let mut parts: Vec<Commit> = parts
             .into_iter()
-            .filter(|c| c.result() != Some(Ok(())))
+            .filter(|c| c.result() != Some(Ok(())) || c.log_positions().is_some())
             .collect();
         match parts.len() {
             0 => Commit::ready(),
@@ -341,7 +366,13 @@ impl Joiner {
             }
         }
         if !pending && let Some(h) = self.handle.lock().take() {
-            h.complete(Ok(()));
+            let mut positions = LogPositions::new();
+            for part in &self.parts {
+                if let Some(p) = part.log_positions() {
+                    merge_positions(&mut positions, &p);
+                }
+            }
+            h.complete_at(Ok(()), positions);
         }
     }
 }
@@ -362,16 +393,16 @@ impl Future for Commit {
 impl CommitHandle {
     /// Resolves the commit and wakes its waiters.
     pub fn complete(self, result: Result<(), DurabilityError>) {
-        self.complete_at(result, None);
+        self.complete_at(result, LogPositions::new());
     }
 
-    /// [`CommitHandle::complete`], saying where in the replicated log the change committed
-    /// (see [`Commit::log_index`]).
-    pub fn complete_at(self, result: Result<(), DurabilityError>, log_index: Option<u64>) {
+    /// [`CommitHandle::complete`], saying where in the replicated logs the change committed
+    /// (see [`Commit::log_positions`]).
+    pub fn complete_at(self, result: Result<(), DurabilityError>, positions: LogPositions) {
         let wakers = {
             let mut inner = self.0.lock();
             inner.result = Some(result);
-            inner.log_index = log_index;
+            inner.positions = positions;
             std::mem::take(&mut inner.wakers)
         };
         wakers.into_iter().for_each(Waker::wake);
@@ -403,6 +434,11 @@ pub struct SessionImage {
     pub messages: Vec<StoredDelivery>,
     /// Incoming QoS 2 packet ids awaiting PUBREL.
     pub incoming_qos2: Vec<u16>,
+    /// Of those, the ones whose message may not be stored for every session yet (it went to
+    /// several shards, and the proposer did not learn that all of them committed): a resent
+    /// PUBLISH with that packet id is stored again under the same message id, which the
+    /// store de-duplicates, instead of being only acknowledged.
+    pub qos2_reroute: Vec<(u16, MessageId)>,
     pub will: Option<WillRecord>,
 }
 
@@ -737,9 +773,12 @@ impl StateImage {
                     self.release_message(*id);
                 }
             }
+            // The re-route id is the store's business (kept only when it could not store the
+            // message atomically with this record): not part of this model.
             StateChange::IncomingQos2Received {
                 client_id,
                 packet_id,
+                ..
             } => {
                 if let Some(s) = self.sessions.get_mut(client_id) {
                     s.incoming_qos2.insert(*packet_id);
@@ -821,6 +860,7 @@ impl StateImage {
                     })
                     .collect(),
                 incoming_qos2: s.incoming_qos2.iter().copied().collect(),
+                qos2_reroute: Vec::new(),
                 will: s.will.clone(),
             })
             .collect();

@@ -112,6 +112,10 @@ pub(crate) struct SessionState {
     /// PUBLISH is acknowledged only once that commit succeeded, and routed again if it failed
     /// (nothing was recorded, so nothing was acknowledged).
     pub incoming_qos2: HashMap<u16, crate::durability::Commit, ProcessSeed>,
+    /// Of those, loaded from the store: the ones whose message a resent PUBLISH stores again,
+    /// under this id (see [`crate::durability::SessionImage::qos2_reroute`]). Removed once
+    /// such a store commits.
+    pub qos2_reroute: HashMap<u16, crate::durability::MessageId, ProcessSeed>,
     /// What the deliveries of the client's latest QoS 2 PUBLISH wait for (the next one's wait
     /// for it too, so they arrive in order).
     pub last_qos2: crate::durability::Commit,
@@ -279,6 +283,7 @@ impl Session {
                 next_packet_id: 1,
                 next_seq: 0,
                 incoming_qos2: Default::default(),
+                qos2_reroute: Default::default(),
                 last_qos2: crate::durability::Commit::ready(),
                 last_stored: None,
                 will: None,

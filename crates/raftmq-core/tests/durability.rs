@@ -1264,6 +1264,7 @@ fn resumed_with_a_later_message_recorded_sent(qos: QoS) -> Vec<(String, Option<u
             delivery(3, &m3, Some(7)),
         ],
         incoming_qos2: Vec::new(),
+        qos2_reroute: Vec::new(),
         will: None,
     };
     for load in d.loads.lock().drain(..) {
@@ -1393,7 +1394,7 @@ fn local_deliveries_of_a_commit_reported_failed_are_queued_if_it_happened() {
         publ.handle_packet(publish("t", QoS::ExactlyOnce, n, false), now);
         let id = *stored_ids(&held).last().expect("stored");
         if applied_first {
-            b.own_stored_applied([id]);
+            b.own_stored_applied([(id, vec!["sub".into()])]);
         }
         held.complete_all(Err(DurabilityError::Unavailable));
         publ.handle_commits(now);
@@ -1407,9 +1408,9 @@ fn local_deliveries_of_a_commit_reported_failed_are_queued_if_it_happened() {
         0,
         "not before it is known to have happened"
     );
-    b.own_stored_applied([first]);
+    b.own_stored_applied([(first, vec!["sub".into()])]);
     assert_eq!(session.queue_depth().0, 1);
-    b.own_stored_applied([first]);
+    b.own_stored_applied([(first, vec!["sub".into()])]);
     assert_eq!(session.queue_depth().0, 1, "once");
     // Applied here before the failure was reported: queued when it is.
     publish_refused(2, true);
@@ -1417,4 +1418,119 @@ fn local_deliveries_of_a_commit_reported_failed_are_queued_if_it_happened() {
     // Really failed (never applied): nothing.
     publish_refused(3, false);
     assert_eq!(session.queue_depth().0, 2);
+}
+
+/// A QoS 2 PUBLISH whose packet id was loaded with a message id to store again (its first
+/// store reached the publisher's shard, and maybe not the others): the client's resend is
+/// stored again under that id, not a new one, and not forwarded live; the sessions here get it
+/// only once the store applied it for them (`own_stored_applied`), and PUBREC waits for the
+/// commit. Once that committed, a further resend is only acknowledged.
+#[test]
+fn a_resent_qos2_publish_loaded_with_a_message_id_is_stored_again_under_it() {
+    let d = Arc::new(Resuming::default());
+    let b = broker(d.clone());
+    let now = Instant::now();
+    let settle = |c: &mut Connection| {
+        for _ in 0..3 {
+            d.held.complete_all(Ok(()));
+            for load in d.loads.lock().drain(..) {
+                load.complete(Ok(None));
+            }
+            c.handle_commits(now);
+        }
+        drain(c, now)
+    };
+    let mut sub = open(&b, now);
+    sub.handle_packet(connect("sub", false, 300), now);
+    settle(&mut sub);
+    sub.handle_packet(subscribe("t", QoS::ExactlyOnce), now);
+    assert!(
+        settle(&mut sub)
+            .iter()
+            .any(|p| matches!(p, Packet::SubAck(_))),
+        "subscribed"
+    );
+    let mut publ = open(&b, now);
+    publ.handle_packet(connect("pub", false, 300), now);
+    d.held.complete_all(Ok(()));
+    let image = raftmq_core::durability::SessionImage {
+        client_id: ByteStr::from("pub"),
+        expiry_secs: 300,
+        incoming_qos2: vec![5],
+        qos2_reroute: vec![(5, MessageId(77))],
+        ..Default::default()
+    };
+    for load in d.loads.lock().drain(..) {
+        load.complete(Ok(Some((image.clone(), 9))));
+    }
+    publ.handle_commits(now);
+    assert!(
+        drain(&mut publ, now)
+            .iter()
+            .any(|p| matches!(p, Packet::ConnAck(_))),
+        "connected with its session"
+    );
+    let before = d.held.changes().len();
+    let mut resend = publish("t", QoS::ExactlyOnce, 5, false);
+    if let Packet::Publish(p) = &mut resend {
+        p.dup = true;
+    }
+    publ.handle_packet(resend.clone(), now);
+    let proposed: Vec<StateChange> = d.held.changes()[before..].to_vec();
+    let stored: Vec<MessageId> = proposed
+        .iter()
+        .filter_map(|c| match c {
+            StateChange::MessageStored { id, targets, .. } => {
+                assert_eq!(targets.len(), 1);
+                assert_eq!(targets[0].client_id.as_str(), "sub");
+                Some(*id)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stored, vec![MessageId(77)], "stored again under its id");
+    assert!(proposed.iter().any(|c| matches!(
+        c,
+        StateChange::IncomingQos2Received {
+            packet_id: 5,
+            message_id: Some(MessageId(77)),
+            ..
+        }
+    )));
+    assert!(
+        !drain(&mut publ, now)
+            .iter()
+            .any(|p| matches!(p, Packet::PubRec(_))),
+        "PUBREC waits for the commit"
+    );
+    d.held.complete_all(Ok(()));
+    publ.handle_commits(now);
+    assert!(
+        drain(&mut publ, now)
+            .iter()
+            .any(|p| matches!(p, Packet::PubRec(_))),
+        "acknowledged once stored"
+    );
+    sub.handle_commits(now);
+    assert!(
+        publishes(&drain(&mut sub, now)).is_empty(),
+        "not delivered here before the store applied it for this session"
+    );
+    b.own_stored_applied([(MessageId(77), vec![ByteStr::from("sub")])]);
+    // A QoS 2 delivery to a persistent session goes once its sending is recorded.
+    let mut sent = drain(&mut sub, now);
+    d.held.complete_all(Ok(()));
+    sub.handle_commits(now);
+    sent.extend(drain(&mut sub, now));
+    assert_eq!(publishes(&sent), ["m5"]);
+    // Resent once more: acknowledged, not stored again.
+    let before = d.held.changes().len();
+    publ.handle_packet(resend, now);
+    publ.handle_commits(now);
+    assert!(
+        drain(&mut publ, now)
+            .iter()
+            .any(|p| matches!(p, Packet::PubRec(_)))
+    );
+    assert_eq!(d.held.changes().len(), before, "nothing proposed");
 }

@@ -39,6 +39,7 @@ fn stored_session(client_id: &str, subscriptions: usize, now: Instant) -> Sessio
             .collect(),
         messages: Vec::new(),
         incoming_qos2: Vec::new(),
+        qos2_reroute: Vec::new(),
         will: Some(WillRecord {
             message: Arc::new(Message {
                 topic: ByteStr::from("wills/adopted".to_owned()),
@@ -426,6 +427,7 @@ fn adopting_broker(durability: Arc<Manual>) -> (Broker, SessionImage, Arc<Messag
         subscriptions: vec![(Arc::from("t/#"), entry)],
         messages: Vec::new(),
         incoming_qos2: Vec::new(),
+        qos2_reroute: Vec::new(),
         will: None,
     };
     let message = Arc::new(Message {
@@ -596,7 +598,10 @@ impl Manual {
     /// Commits everything proposed so far at log index `index`.
     fn commit_all_at(&self, index: u64) {
         for h in self.handles.lock().drain(..) {
-            h.complete_at(Ok(()), Some(index));
+            h.complete_at(
+                Ok(()),
+                raftmq_core::durability::LogPositions::from_slice(&[(1, index)]),
+            );
         }
     }
 }
@@ -634,6 +639,7 @@ fn a_forwarded_message_names_the_publishers_previous_stored_commit() {
                 session: &publisher.session,
                 epoch: publisher.epoch,
                 qos2_packet_id: None,
+                reroute: None,
             }),
             t0,
         )
@@ -652,9 +658,10 @@ fn a_forwarded_message_names_the_publishers_previous_stored_commit() {
     broker.publish(message(4), t0);
 
     let calls = forwarder.calls.lock();
+    let index = |c: &Commit| c.log_positions().map(|p| p[0].1);
     let after: Vec<(&str, Option<Option<u64>>)> = calls
         .iter()
-        .map(|(p, c)| (p.as_str(), c.as_ref().map(Commit::log_index)))
+        .map(|(p, c)| (p.as_str(), c.as_ref().map(index)))
         .collect();
     assert_eq!(
         after,
@@ -768,6 +775,7 @@ fn the_feed_does_not_queue_again_what_a_sessions_loaded_image_covers() {
         subscriptions: Vec::new(),
         messages: Vec::new(),
         incoming_qos2: Vec::new(),
+        qos2_reroute: Vec::new(),
         will: None,
     };
     durability.load_with(&broker, &attached, image, 15);
@@ -818,6 +826,7 @@ fn a_forwarded_copy_of_a_message_in_the_loaded_image_is_not_queued_again() {
             released: false,
         }],
         incoming_qos2: Vec::new(),
+        qos2_reroute: Vec::new(),
         will: None,
     };
     durability.load_with(&broker, &attached, image, 15);
@@ -875,6 +884,7 @@ fn a_qos2_publish_of_a_connection_whose_session_was_fenced_is_refused() {
             session: &publisher.session,
             epoch: publisher.epoch,
             qos2_packet_id: Some(7),
+            reroute: None,
         }),
         t0,
     );

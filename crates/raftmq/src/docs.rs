@@ -225,8 +225,10 @@ pub const KEYS: &[KeyDoc] = &[
          groups, every node a replica of each. Fixed when the cluster is created: the first \
          start records it in the data dir, and a node started with another value is refused \
          (as is a node joining a cluster created with another value). A data dir written before \
-         the key existed has 1. Shard 1 holds every session and retained message for now; the \
-         other groups only replicate their membership.",
+         the key existed has 1. Sessions live in the shard of their client id, retained \
+         messages in the shard of their topic, and a message for persistent sessions is stored \
+         once in each shard holding one of them (see docs/cluster.md). Every node is still a \
+         replica of every shard, so more shards do not yet reduce the work per node.",
     ),
     optional(
         "cluster.tls_cert_file",

@@ -214,6 +214,17 @@ pub(super) fn apply_changes(
         let Some(change) = change.change else {
             continue;
         };
+        // A QoS 2 message stored again (its publisher resent it) is skipped where it was
+        // stored already (see `published`).
+        if let ProtoChange::MessageStored(stored) = &change
+            && stored.dedupe
+        {
+            if published::seen(tx, stored.id)? {
+                tracing::debug!(id = stored.id, "a message stored here already: skipped");
+                continue;
+            }
+            published::record(tx, stored.id, stored.at_ms)?;
+        }
         if let ProtoChange::NodeDown(down) = &change {
             let key = origin_key(down.node);
             let back = meta_u64(tx.get(StateCf::SmMeta, &key)?, &key)?;

@@ -80,6 +80,7 @@ fn qos2_publish(pid: u16, id: MessageId) -> Vec<StateChange> {
         StateChange::IncomingQos2Received {
             client_id: ByteStr::from("pub"),
             packet_id: pid,
+            message_id: Some(id),
         },
         StateChange::MessageStored {
             id,

@@ -10,6 +10,7 @@
 mod ambiguous;
 mod brokers;
 mod faults;
+mod sharded;
 mod shards;
 mod tls;
 

@@ -201,6 +201,7 @@ impl Broker {
                 .into_iter()
                 .map(|id| (id, Commit::ready())),
         );
+        st.qos2_reroute.extend(image.qos2_reroute);
     }
 
     /// Moves the QoS 1 messages queued in `st` (those of the image being restored) into the

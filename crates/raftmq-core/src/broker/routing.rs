@@ -25,9 +25,13 @@ pub(in crate::broker) enum Scope<'a> {
     /// `after`: the commit of the publisher's previous stored message; a peer this message is
     /// forwarded to delivers it only once it has applied that commit (see
     /// [`Forwarder::forward`]), so it never overtakes a message that went through the log only.
+    ///
+    /// `reroute`: the message is a resent QoS 2 PUBLISH whose first store may be incomplete
+    /// (see [`Publisher::reroute`]): stored again under this id, not forwarded live.
     Origin {
         hold: bool,
         after: Option<&'a Commit>,
+        reroute: Option<MessageId>,
     },
     /// A message another node forwarded: local ordinary subscribers if `plain`, one local
     /// member of each listed shared subscription. Persistent sessions that the origin stored
@@ -49,6 +53,11 @@ pub struct Publisher<'a> {
     /// For a new QoS 2 PUBLISH, its packet id: recorded in the session with the message when
     /// the session is persistent, both fenced by the claim.
     pub qos2_packet_id: Option<u16>,
+    /// For a resent QoS 2 PUBLISH whose packet id was loaded with a message id to store it
+    /// under again ([`crate::durability::SessionImage::qos2_reroute`]): that id. The store
+    /// skips the shards that have it already; the deliveries to sessions held here follow
+    /// the store (only those it actually stored).
+    pub reroute: Option<MessageId>,
 }
 
 /// The local subscriptions matching a message: (session, subscription, through a shared
@@ -181,6 +190,9 @@ impl Broker {
     ) -> Routed {
         let incoming_qos2 =
             publisher.and_then(|p| p.qos2_packet_id.map(|pid| (p.session, p.epoch, pid)));
+        let reroute = publisher
+            .and_then(|p| p.reroute)
+            .filter(|_| incoming_qos2.is_some());
         // The publisher's previous message stored through the log: peers deliver this one
         // only after it (MQTT 4.6 order, whichever path each took).
         // Only a cluster forwards: a single node keeps no chain (no lock per publish for it).
@@ -221,9 +233,11 @@ impl Broker {
             None => false,
         };
         if let Some((publisher, epoch, packet_id)) = incoming_qos2.filter(|_| durable_qos2) {
+            // The message id is filled in once the routing pass below has chosen it.
             changes.push(StateChange::IncomingQos2Received {
                 client_id: publisher.client_id().clone(),
                 packet_id,
+                message_id: None,
             });
             fence = Some(Fence::Attached {
                 client_id: publisher.client_id().clone(),
@@ -263,12 +277,18 @@ impl Broker {
             Scope::Origin {
                 hold,
                 after: after.as_ref(),
+                reroute,
             },
         );
         let stored_id = stored.iter().find_map(|c| match c {
             StateChange::MessageStored { id, .. } => Some(*id),
             _ => None,
         });
+        for change in &mut changes {
+            if let StateChange::IncomingQos2Received { message_id, .. } = change {
+                *message_id = stored_id;
+            }
+        }
         changes.extend(stored);
         let _ = now;
         // A client's messages are stored in the order it sent them: once one failed (it will
@@ -289,7 +309,9 @@ impl Broker {
         if let Some(handle) = first_link {
             if stored_id.is_some() {
                 let own = store.clone();
-                store.on_complete(move |result| handle.complete_at(result, own.log_index()));
+                store.on_complete(move |result| {
+                    handle.complete_at(result, own.log_positions().unwrap_or_default())
+                });
             } else {
                 // Nothing stored: nothing for peers to wait for.
                 handle.complete(Ok(()));
@@ -300,18 +322,25 @@ impl Broker {
         {
             p.session.lock_unfenced(UNFENCED).last_stored = Some(store.clone());
         }
-        match incoming_qos2 {
+        match (incoming_qos2, reroute.and(stored_id)) {
+            // A resent QoS 2 PUBLISH stored again: the sessions here get it once the store
+            // applies it for them (not again if a first store of it reached them already).
+            (Some(_), Some(id)) => {
+                if let Some(due) = self.cluster.unsettled.failed(id, deferred) {
+                    self.deliver_committed(due);
+                }
+            }
             // A client's QoS 2 messages reach local sessions in the order it sent them: each
             // waits for its own commit and for the previous one's to settle (not to succeed:
             // a refused one must not hold this one's back for good).
-            Some((publisher, _, _)) => {
+            (Some((publisher, _, _)), None) => {
                 let mut st = publisher.lock_unfenced(UNFENCED);
                 let after = Commit::all(vec![store.clone(), st.last_qos2.settled()]);
                 st.last_qos2 = after.clone();
                 drop(st);
                 self.deliver_after(&after, deferred, stored_id);
             }
-            None => self.deliver_after(&store, deferred, stored_id),
+            (None, _) => self.deliver_after(&store, deferred, stored_id),
         }
         acks.push(store.clone());
         Routed {
@@ -329,9 +358,11 @@ impl Broker {
         let (mut targets, local_groups) = self.match_local(message, scope);
         // The message stored once, under one id, for every persistent session it goes to.
         let mut stored: Option<(MessageId, Vec<StoredTarget>)> = None;
-        if let Scope::Origin { after, .. } = scope {
+        if let Scope::Origin { after, reroute, .. } = scope {
+            stored = reroute.map(|id| (id, Vec::new()));
             pass.offered += self.store_for_remote(message, &targets, &mut stored, &mut pass);
-            if let Some(groups) = local_groups {
+            // A resent message is stored again, never forwarded live a second time.
+            if let Some(groups) = local_groups.filter(|_| reroute.is_none()) {
                 let stored_id = stored.as_ref().map(|(id, _)| *id);
                 self.forward_to_peers(message, &groups, stored_id, after, &mut pass.acks);
             }

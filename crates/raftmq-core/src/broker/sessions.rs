@@ -325,6 +325,7 @@ impl Broker {
             .fetch_sub(inflight as i64, Relaxed);
         st.outgoing.clear();
         st.incoming_qos2.clear();
+        st.qos2_reroute.clear();
     }
 
     /// Ends a session by administrative action (kicks its connection if online).

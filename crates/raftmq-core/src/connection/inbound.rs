@@ -97,21 +97,33 @@ impl Connection {
         // again, just acknowledged again (method B, §4.3.3) once what the first one recorded is
         // durable. If that failed, nothing was acknowledged: it is routed as new.
         let mut record_qos2 = None;
+        let mut reroute = None;
         if p.qos == QoS::ExactlyOnce {
             let pid = pid.ok_or(Violation::Code(ReasonCode::PROTOCOL_ERROR))?;
             let (session, epoch) = (att.session.clone(), att.epoch);
             let mut st = session.lock_attached(epoch)?;
-            match st.incoming_qos2.get(&pid.get()) {
-                Some(first) if !matches!(first.result(), Some(Err(_))) => {
+            // A packet id loaded with a message id to store again (its first store may have
+            // reached only some shards): stored again under that id, whose shards skip it if
+            // they have it; acknowledged once that commits (waiting if a resend is at it).
+            let again = st.qos2_reroute.get(&pid.get()).copied();
+            match (st.incoming_qos2.get(&pid.get()), again) {
+                (Some(first), None) if !matches!(first.result(), Some(Err(_))) => {
                     let first = first.clone();
                     drop(st);
                     self.emit(Packet::PubRec(PubResponse::success(pid)), Some(first));
                     return Ok(());
                 }
-                Some(_) => {
+                (Some(first), Some(_)) if first.result().is_none() => {
+                    let first = first.clone();
+                    drop(st);
+                    self.emit(Packet::PubRec(PubResponse::success(pid)), Some(first));
+                    return Ok(());
+                }
+                (Some(_), again) => {
+                    reroute = again;
                     st.incoming_qos2.remove(&pid.get());
                 }
-                None => {}
+                (None, _) => {}
             }
             if refusal.is_none() || !v5 {
                 if st.incoming_qos2.len() >= usize::from(cfg.receive_maximum) {
@@ -147,6 +159,7 @@ impl Connection {
                 qos2_packet_id: pid
                     .filter(|_| p.qos == QoS::ExactlyOnce)
                     .map(|pid| pid.get()),
+                reroute,
             };
             let routed = self.broker.route(Arc::new(message), Some(publisher), now);
             if routed.offered == 0 {
@@ -171,7 +184,19 @@ impl Connection {
         if let Some((session, epoch, id)) = record_qos2
             && let Ok(mut st) = session.lock_attached(epoch)
         {
-            st.incoming_qos2.insert(id, recorded);
+            st.incoming_qos2.insert(id, recorded.clone());
+            drop(st);
+            if reroute.is_some() {
+                // Stored everywhere once this commits: a later resend is only acknowledged.
+                let done = session.clone();
+                recorded.on_complete(move |result| {
+                    if result.is_ok()
+                        && let Ok(mut st) = done.lock_attached(epoch)
+                    {
+                        st.qos2_reroute.remove(&id);
+                    }
+                });
+            }
         }
         let ack = |pid| PubResponse {
             packet_id: pid,

@@ -334,11 +334,21 @@ impl Broker {
     /// `None`: 0x8E Session taken over); no will is published here (the adopting node publishes it), and the sessions'
     /// subscriptions are kept as those of sessions held elsewhere. Returns how many.
     pub fn fence_durable_sessions(&self, code: Option<ReasonCode>) -> usize {
+        self.fence_durable_sessions_where(code, |_| true)
+    }
+
+    /// [`Broker::fence_durable_sessions`] of the persistent sessions whose client id `which`
+    /// selects (those of one shard, when this node was declared down in that shard alone).
+    pub fn fence_durable_sessions_where(
+        &self,
+        code: Option<ReasonCode>,
+        which: impl Fn(&ByteStr) -> bool,
+    ) -> usize {
         let durable: Vec<Arc<Session>> = self
             .sessions
             .lock()
             .values()
-            .filter(|s| s.is_durable())
+            .filter(|s| s.is_durable() && which(s.client_id()))
             .cloned()
             .collect();
         let mut fenced = 0;

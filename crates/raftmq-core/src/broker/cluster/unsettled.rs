@@ -16,6 +16,7 @@ use crate::message::Delivery;
 use crate::session::Session;
 use ahash::{HashMap, HashSet};
 use parking_lot::Mutex;
+use raftmq_codec::ByteStr;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -31,57 +32,89 @@ pub(in crate::broker) struct Unsettled(Mutex<Inner>);
 struct Inner {
     waiting: HashMap<MessageId, Deferred>,
     waiting_order: VecDeque<MessageId>,
-    applied: HashSet<MessageId>,
+    /// Per stored id applied here, the sessions it was stored for (a message split over
+    /// shards is applied one shard at a time, each storing it for its own sessions).
+    applied: HashMap<MessageId, HashSet<ByteStr>>,
     applied_order: VecDeque<MessageId>,
 }
 
+impl Inner {
+    /// Takes out of `deferred` the deliveries to the sessions in `stored_for`.
+    fn take_stored(deferred: &mut Deferred, stored_for: &HashSet<ByteStr>) -> Deferred {
+        let (due, rest) = std::mem::take(deferred)
+            .into_iter()
+            .partition(|(session, _)| stored_for.contains(session.client_id()));
+        *deferred = rest;
+        due
+    }
+}
+
 impl Unsettled {
-    /// Keeps the deliveries of message `id`, whose commit was reported failed; returns them at
-    /// once if this node has already applied its `MessageStored` (then they are due now).
+    /// Keeps the deliveries of message `id`, whose commit was reported failed (or whose store
+    /// is still to be applied); returns at once those whose sessions this node has already
+    /// applied its `MessageStored` for (they are due now).
     pub(in crate::broker) fn failed(&self, id: MessageId, deferred: Deferred) -> Option<Deferred> {
         let mut inner = self.0.lock();
-        if inner.applied.contains(&id) {
-            return Some(deferred);
-        }
-        if inner.waiting.insert(id, deferred).is_none() {
-            inner.waiting_order.push_back(id);
+        let mut deferred = deferred;
+        let due = inner
+            .applied
+            .get(&id)
+            .map(|stored_for| Inner::take_stored(&mut deferred, stored_for));
+        if !deferred.is_empty() {
+            match inner.waiting.entry(id) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().extend(deferred),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(deferred);
+                    inner.waiting_order.push_back(id);
+                }
+            }
         }
         while inner.waiting_order.len() > CAPACITY {
             if let Some(old) = inner.waiting_order.pop_front() {
                 inner.waiting.remove(&old);
             }
         }
-        None
+        due
     }
 
-    /// This node applied the `MessageStored` of `id` (proposed here): the deliveries kept for
-    /// it, if its commit had been reported failed.
-    fn applied(&self, id: MessageId) -> Option<Deferred> {
+    /// This node applied the `MessageStored` of `id` (proposed here) for the sessions
+    /// `stored_for`: the deliveries kept for them, if its commit had been reported failed.
+    fn applied(&self, id: MessageId, stored_for: Vec<ByteStr>) -> Option<Deferred> {
         let mut inner = self.0.lock();
-        if let Some(deferred) = inner.waiting.remove(&id) {
-            inner.waiting_order.retain(|w| *w != id);
-            return Some(deferred);
-        }
-        if inner.applied.insert(id) {
+        let inner = &mut *inner;
+        let entry = inner.applied.entry(id).or_insert_with(|| {
             inner.applied_order.push_back(id);
-        }
+            HashSet::default()
+        });
+        entry.extend(stored_for);
+        let due = match inner.waiting.get_mut(&id) {
+            Some(deferred) => {
+                let due = Inner::take_stored(deferred, entry);
+                if deferred.is_empty() {
+                    inner.waiting.remove(&id);
+                    inner.waiting_order.retain(|w| *w != id);
+                }
+                Some(due)
+            }
+            None => None,
+        };
         while inner.applied_order.len() > CAPACITY {
             if let Some(old) = inner.applied_order.pop_front() {
                 inner.applied.remove(&old);
             }
         }
-        None
+        due
     }
 }
 
 impl Broker {
-    /// This node applied the `MessageStored` changes with these ids from batches it proposed
-    /// itself (see the module docs): queues the deliveries kept for any whose commit had been
-    /// reported failed. The caller is the applied-change feed; batches of other nodes go to
-    /// [`Broker::apply_replicated`].
-    pub fn own_stored_applied(&self, ids: impl IntoIterator<Item = MessageId>) {
-        for id in ids {
-            if let Some(deferred) = self.cluster.unsettled.applied(id) {
+    /// This node applied `MessageStored` changes from batches it proposed itself: each stored
+    /// id with the sessions it was stored for (see the module docs). Queues the deliveries
+    /// kept for those sessions, if the commit had been reported failed. The caller is the
+    /// applied-change feed; batches of other nodes go to [`Broker::apply_replicated`].
+    pub fn own_stored_applied(&self, stored: impl IntoIterator<Item = (MessageId, Vec<ByteStr>)>) {
+        for (id, stored_for) in stored {
+            if let Some(deferred) = self.cluster.unsettled.applied(id, stored_for) {
                 self.deliver_committed(deferred);
             }
         }

@@ -1,0 +1,277 @@
+//! The durable path over several shards (RFC 0002, step 2b): a proposal is split over the
+//! shards of the sessions and topics it names, committed in each, and acknowledged once all
+//! committed. A persistent publisher's QoS 2 message for sessions in other shards is recorded
+//! in the publisher's shard first; when a shard it also goes to cannot commit, the publish is
+//! refused, and its resend stores it where it is missing and nowhere twice.
+
+use super::*;
+use bytes::Bytes;
+use raftmq_codec::{PublishProperties, QoS};
+use raftmq_core::durability::{Fence, MessageId, StoredTarget};
+use raftmq_core::message::Message;
+use raftmq_core::shard::shard_of;
+
+const SHARDS: u32 = 4;
+
+impl Cluster {
+    /// Proposes `changes` through node `via` (under `fence`), waiting for the outcome.
+    async fn propose_via(
+        &self,
+        via: NodeId,
+        fence: Option<Fence>,
+        changes: Vec<StateChange>,
+    ) -> Result<(), DurabilityError> {
+        let durability = &self.node(via).durability;
+        let commit = match fence {
+            Some(fence) => durability.propose_fenced(fence, changes),
+            None => durability.propose(changes),
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, commit)
+            .await
+            .expect("a durable write neither committed nor failed within the timeout")
+    }
+
+    /// How many deliveries of message `id` node `node` has stored for each of `clients`.
+    fn stored_for(&self, node: NodeId, id: MessageId, clients: &[String]) -> Vec<usize> {
+        let state = self
+            .node(node)
+            .durability
+            .replicated_state()
+            .expect("the state is readable");
+        clients
+            .iter()
+            .map(|c| {
+                state
+                    .sessions
+                    .iter()
+                    .find(|s| s.client_id.as_str() == c)
+                    .map_or(0, |s| s.messages.iter().filter(|m| m.id == id).count())
+            })
+            .collect()
+    }
+
+    /// Waits until every node has stored message `id` exactly `want[i]` times for
+    /// `clients[i]`.
+    async fn stored_everywhere(&self, id: MessageId, clients: &[String], want: &[usize]) {
+        for &node in &self.ids {
+            let what = format!("node {node}: message {id:?} stored {want:?} times for {clients:?}");
+            eventually(&what, CONVERGE_TIMEOUT, || {
+                std::future::ready(self.stored_for(node, id, clients) == want)
+            })
+            .await;
+        }
+    }
+}
+
+fn qos2_message() -> Arc<Message> {
+    Arc::new(Message {
+        topic: "q2/t".into(),
+        payload: Bytes::from_static(b"exactly once"),
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        properties: PublishProperties::default(),
+        expires_at: None,
+        received_at: std::time::Instant::now(),
+        origin: Some("pub".into()),
+    })
+}
+
+/// What a broker proposes for a QoS 2 PUBLISH (packet id `pid`) of the persistent session
+/// `publisher` matching the persistent sessions `subscribers`.
+fn qos2_publish(
+    publisher: &str,
+    pid: u16,
+    id: MessageId,
+    subscribers: &[String],
+) -> Vec<StateChange> {
+    vec![
+        StateChange::IncomingQos2Received {
+            client_id: ByteStr::from(publisher),
+            packet_id: pid,
+            message_id: Some(id),
+        },
+        StateChange::MessageStored {
+            id,
+            message: qos2_message(),
+            targets: subscribers
+                .iter()
+                .map(|s| StoredTarget {
+                    client_id: ByteStr::from(s.as_str()),
+                    qos: QoS::ExactlyOnce,
+                    retain: false,
+                    subscription_ids: Default::default(),
+                })
+                .collect(),
+        },
+    ]
+}
+
+/// One QoS 2 publish touching every shard: acknowledged once all committed (stored once in
+/// each shard, for each of its sessions); refused while one of those shards has no quorum,
+/// with the publisher's shard already holding the packet id and the message id; and after the
+/// shard is back, the client's resend (same packet id, so the same message id) stores it in
+/// that shard and in no other a second time. Completing the exchange drops the shards'
+/// de-duplication records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_stored_once_after_its_resend()
+ {
+    let count = ShardCount::new(SHARDS).expect("a valid shard count");
+    let cluster =
+        Cluster::start_full(3, tuning(10_000, 1_000), false, Transport::Plain, count).await;
+    let shard = |c: &str| shard_of(c.as_bytes(), count).get();
+    // The publisher, and one subscriber in each other shard.
+    let publisher = "pub";
+    let mut subscribers: Vec<String> = Vec::new();
+    for i in 0.. {
+        let c = format!("sub{i}");
+        let s = shard(&c);
+        if s != shard(publisher) && !subscribers.iter().any(|o| shard(o) == s) {
+            subscribers.push(c);
+        }
+        if subscribers.len() == SHARDS as usize - 1 {
+            break;
+        }
+    }
+    let via = 2;
+    let claims: Vec<StateChange> = std::iter::once(publisher.to_owned())
+        .chain(subscribers.iter().cloned())
+        .map(|c| StateChange::SessionOpened {
+            client_id: ByteStr::from(c.as_str()),
+            epoch: 1,
+            clean_start: false,
+            expiry_secs: 3600,
+            will: None,
+        })
+        .collect();
+    cluster
+        .propose_via(via, None, claims)
+        .await
+        .expect("the claims commit in every shard");
+    let fence = Fence::Attached {
+        client_id: ByteStr::from(publisher),
+        epoch: 1,
+    };
+    // Every shard commits: acknowledged, stored once for each subscriber on every node.
+    let first = MessageId(1 << 40);
+    cluster
+        .propose_via(
+            via,
+            Some(fence.clone()),
+            qos2_publish(publisher, 1, first, &subscribers),
+        )
+        .await
+        .expect("committed in every shard");
+    let once = vec![1; subscribers.len()];
+    cluster.stored_everywhere(first, &subscribers, &once).await;
+
+    // The last subscriber's shard cannot commit: refused.
+    let cut = shard(&subscribers[2]);
+    for &node in &cluster.ids {
+        cluster.net.isolate_shard(cut, node, &cluster.ids);
+    }
+    let second = MessageId((1 << 40) + 1);
+    let refused = cluster
+        .propose_via(
+            via,
+            Some(fence.clone()),
+            qos2_publish(publisher, 2, second, &subscribers),
+        )
+        .await;
+    assert_eq!(refused, Err(DurabilityError::Unavailable));
+    // The publisher's shard holds the packet id with the message id: a resend stores it again.
+    let state = cluster
+        .node(via)
+        .durability
+        .replicated_state()
+        .expect("readable");
+    let image = state
+        .sessions
+        .iter()
+        .find(|s| s.client_id.as_str() == publisher)
+        .expect("the publisher's session");
+    assert!(image.incoming_qos2.contains(&2));
+    assert!(image.qos2_reroute.contains(&(2, second)));
+
+    // The shard is back; the client reconnects (a new claim: the refused connection's chain is
+    // broken) and resends: stored where it was missing, nowhere twice.
+    cluster.net.heal();
+    cluster
+        .propose_via(
+            via,
+            None,
+            vec![StateChange::SessionOpened {
+                client_id: ByteStr::from(publisher),
+                epoch: 2,
+                clean_start: false,
+                expiry_secs: 3600,
+                will: None,
+            }],
+        )
+        .await
+        .expect("the new claim commits");
+    let fence = Fence::Attached {
+        client_id: ByteStr::from(publisher),
+        epoch: 2,
+    };
+    cluster
+        .propose_via(
+            via,
+            Some(fence.clone()),
+            qos2_publish(publisher, 2, second, &subscribers),
+        )
+        .await
+        .expect("the resend commits in every shard");
+    cluster.stored_everywhere(second, &subscribers, &once).await;
+    // And a third time (a client resending again): still once.
+    cluster
+        .propose_via(
+            via,
+            Some(fence.clone()),
+            qos2_publish(publisher, 2, second, &subscribers),
+        )
+        .await
+        .expect("committed");
+    cluster.stored_everywhere(second, &subscribers, &once).await;
+    for s in &subscribers {
+        assert!(
+            cluster
+                .node(via)
+                .durability
+                .dedupe_recorded(ShardId::new(shard(s)), second.0),
+            "shard {} keeps the message's id while the exchange is open",
+            shard(s)
+        );
+    }
+
+    // PUBREL: the exchange completes and every shard drops the message's record.
+    cluster
+        .propose_via(
+            via,
+            Some(fence),
+            vec![StateChange::IncomingQos2Completed {
+                client_id: ByteStr::from(publisher),
+                packet_id: 2,
+            }],
+        )
+        .await
+        .expect("the release commits");
+    for &node in &cluster.ids {
+        for s in &subscribers {
+            let shard_id = ShardId::new(shard(s));
+            eventually(
+                &format!("node {node}: shard {shard_id:?} drops the record of {second:?}"),
+                CONVERGE_TIMEOUT,
+                || {
+                    std::future::ready(
+                        !cluster
+                            .node(node)
+                            .durability
+                            .dedupe_recorded(shard_id, second.0),
+                    )
+                },
+            )
+            .await;
+        }
+    }
+    cluster.shutdown().await;
+}
