@@ -32,6 +32,16 @@ impl ForwardRules {
 }
 
 impl Net {
+    /// Loses the leader's reply to the next proposal `proposer` forwards.
+    pub(crate) fn lose_next_reply_to(&self, proposer: NodeId) {
+        self.forwarded.drop_next_reply.lock().insert(proposer);
+    }
+
+    /// Whether a reply armed by [`Net::lose_next_reply_to`] is still to be lost.
+    pub(crate) fn reply_loss_armed(&self, proposer: NodeId) -> bool {
+        self.forwarded.drop_next_reply.lock().contains(&proposer)
+    }
+
     /// Loses every proposal `proposer` forwards to the leader until [`Net::heal_forwarded`].
     pub(crate) fn cut_forwarded_from(&self, proposer: NodeId) {
         self.forwarded.cut_requests.lock().insert(proposer);
@@ -220,9 +230,18 @@ impl Cluster {
 }
 
 /// A 3-node cluster (with its leader and a follower) where `pub` (claim 10) and `sub` (claim
-/// 11) were claimed through the follower.
+/// 11) were claimed through the follower. One shard: these are the hazards of one log, which
+/// every shard's log has in the same way (a session's claim and what it fences share a
+/// shard); a publish spanning shards is in `sharded`.
 async fn claimed_through_a_follower() -> (Cluster, NodeId, NodeId) {
-    let cluster = Cluster::start(3, tuning(10_000, 1_000)).await;
+    let cluster = Cluster::start_full(
+        3,
+        tuning(10_000, 1_000),
+        false,
+        Transport::Plain,
+        ShardCount::ONE,
+    )
+    .await;
     let leader = cluster.leader().await;
     let follower = without(&cluster.ids, leader)[0];
     cluster

@@ -125,9 +125,10 @@ async fn slow_and_lossy_links_still_commit_everything_once() {
 async fn lagging_node_catches_up_from_a_snapshot() {
     // Snapshot every 20 entries and keep no log behind it: a node that misses more than that
     // can only catch up by installing a snapshot.
+    // Every write goes to shard 1 (with several shards, the one whose log is watched).
     let cluster = Cluster::start(3, tuning(20, 0)).await;
     let lagging = cluster.follower().await;
-    let first = names("first", 5);
+    let first = names_in("first", 5, 1, cluster.shards);
     cluster.write_majority(&cluster.ids, &first).await;
     cluster.converged(&cluster.ids, &set(&[&first])).await;
 
@@ -135,8 +136,8 @@ async fn lagging_node_catches_up_from_a_snapshot() {
     // One log entry per write (sequential), well past two snapshots.
     let mut missed = Vec::new();
     let majority = without(&cluster.ids, lagging);
-    for i in 0..60 {
-        let one = vec![format!("missed-{i}")];
+    for name in names_in("missed", 60, 1, cluster.shards) {
+        let one = vec![name];
         cluster.write_majority(&majority, &one).await;
         missed.extend(one);
     }

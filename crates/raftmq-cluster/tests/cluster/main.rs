@@ -625,6 +625,15 @@ fn names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
+/// `n` session names (`{prefix}-{i}`) that all live in shard `shard` of `count`.
+fn names_in(prefix: &str, n: usize, shard: u32, count: ShardCount) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .filter(|c| raftmq_core::shard::shard_of(c.as_bytes(), count).get() == shard)
+        .take(n)
+        .collect()
+}
+
 fn set(lists: &[&[String]]) -> BTreeSet<String> {
     lists.iter().flat_map(|l| l.iter().cloned()).collect()
 }

@@ -275,3 +275,105 @@ async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_sto
     }
     cluster.shutdown().await;
 }
+
+/// The same publish when the reply to its gate (the record in the publisher's shard, proposed
+/// through a follower of that shard) is lost after it committed: the proposer reports it
+/// failed and never proposes the rest, so no other shard has the message; the session the
+/// client reconnects to has the packet id with the message id, and the resend stores the
+/// message in every other shard, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_qos2_publish_whose_gate_reply_was_lost_is_stored_everywhere_once_after_its_resend() {
+    let count = ShardCount::new(SHARDS).expect("a valid shard count");
+    let cluster =
+        Cluster::start_full(3, tuning(10_000, 1_000), false, Transport::Plain, count).await;
+    let shard = |c: &str| shard_of(c.as_bytes(), count).get();
+    let publisher = "pub";
+    let subscribers: Vec<String> = (0..)
+        .map(|i| format!("sub{i}"))
+        .filter(|c| shard(c) != shard(publisher))
+        .take(3)
+        .collect();
+    // Through a follower of the publisher's shard, so its record is forwarded to that leader.
+    let p = cluster
+        .node(1)
+        .groups()
+        .get(ShardId::new(shard(publisher)))
+        .expect("the shard")
+        .clone();
+    let shard_leader = p
+        .wait(Some(FORM_TIMEOUT))
+        .metrics(|m| m.current_leader.is_some(), "a leader of the shard")
+        .await
+        .expect("the publisher's shard has a leader")
+        .current_leader
+        .expect("a leader");
+    let via = without(&cluster.ids, shard_leader)[0];
+    let claim = |c: &str, epoch| StateChange::SessionOpened {
+        client_id: ByteStr::from(c),
+        epoch,
+        clean_start: false,
+        expiry_secs: 3600,
+        will: None,
+    };
+    let claims = std::iter::once(claim(publisher, 1))
+        .chain(subscribers.iter().map(|s| claim(s, 1)))
+        .collect();
+    cluster
+        .propose_via(via, None, claims)
+        .await
+        .expect("the claims commit");
+    let id = MessageId(1 << 41);
+    cluster.net.lose_next_reply_to(via);
+    let outcome = cluster
+        .propose_via(
+            via,
+            Some(Fence::Attached {
+                client_id: ByteStr::from(publisher),
+                epoch: 1,
+            }),
+            qos2_publish(publisher, 5, id, &subscribers),
+        )
+        .await;
+    assert!(
+        !cluster.net.reply_loss_armed(via),
+        "the reply to the forwarded record was never lost"
+    );
+    assert_eq!(outcome, Err(DurabilityError::Unavailable));
+    // The record committed; the stores were never proposed.
+    let none = vec![0; subscribers.len()];
+    for &node in &cluster.ids {
+        assert_eq!(cluster.stored_for(node, id, &subscribers), none);
+    }
+    // The client reconnects and resends.
+    cluster
+        .propose_via(via, None, vec![claim(publisher, 2)])
+        .await
+        .expect("the new claim commits");
+    let state = cluster
+        .node(via)
+        .durability
+        .replicated_state()
+        .expect("readable");
+    let image = state
+        .sessions
+        .iter()
+        .find(|s| s.client_id.as_str() == publisher)
+        .expect("the publisher's session");
+    assert_eq!(image.incoming_qos2, vec![5]);
+    assert_eq!(image.qos2_reroute, vec![(5, id)], "loaded to store again");
+    cluster
+        .propose_via(
+            via,
+            Some(Fence::Attached {
+                client_id: ByteStr::from(publisher),
+                epoch: 2,
+            }),
+            qos2_publish(publisher, 5, id, &subscribers),
+        )
+        .await
+        .expect("the resend commits everywhere");
+    cluster
+        .stored_everywhere(id, &subscribers, &vec![1; subscribers.len()])
+        .await;
+    cluster.shutdown().await;
+}
