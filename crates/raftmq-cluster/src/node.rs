@@ -774,11 +774,14 @@ impl RaftNode {
         );
         self.forward_task = Some(task);
         self.hub = Some(hub.clone());
-        self.election_task = Some(tokio::spawn(crate::election::replace_dead_leader(
-            self.raft.clone(),
-            self.node_id,
-            hub.clone(),
-        )));
+        // Every shard replaces a dead leader at once, not after its election timeout.
+        let (groups, me, watch) = (self.groups.clone(), self.node_id, hub.clone());
+        self.election_task = Some(tokio::spawn(async move {
+            let each = groups.iter().map(|(_, raft)| {
+                crate::election::replace_dead_leader(raft.clone(), me, watch.clone())
+            });
+            futures_util::future::join_all(each).await;
+        }));
         self.settle_task = Some(tokio::spawn(settle_predecessor(
             self.durability.clone(),
             broker.clone(),

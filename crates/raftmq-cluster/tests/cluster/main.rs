@@ -503,12 +503,28 @@ impl Cluster {
         let mut last = None;
         for _ in 0..4 {
             let leader = self.agreed_leader(among, None).await;
+            // With several shards, each needs a leader the majority can reach.
+            self.shards_led_among(among).await;
             match self.write(leader, names).await {
                 Ok(()) => return,
                 Err(e) => last = Some((leader, e)),
             }
         }
         panic!("the majority {among:?} could not commit: {last:?}");
+    }
+
+    /// Waits until, as `among[0]` sees it, every shard has a leader in `among`.
+    async fn shards_led_among(&self, among: &[NodeId]) {
+        for (shard, raft) in self.node(among[0]).groups().iter() {
+            let what = format!("shard {shard:?} led by one of {among:?}");
+            raft.wait(Some(FORM_TIMEOUT))
+                .metrics(
+                    |m| m.current_leader.is_some_and(|l| among.contains(&l)),
+                    &what,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
     }
 
     /// The client ids of the sessions in node `id`'s state machine.
