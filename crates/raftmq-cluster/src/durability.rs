@@ -90,7 +90,7 @@ type Ready = (usize, Proposal);
 /// proposal over them (see [`crate::split`]).
 pub struct RaftDurability {
     router: Arc<Router>,
-    next_id: AtomicU64,
+    ids: MessageIds,
     node_id: NodeId,
     /// This node's state machine of each shard (`readers[i]` is shard `i + 1`), for reads.
     readers: Vec<StateMachine>,
@@ -129,6 +129,76 @@ fn id_base(node_id: NodeId) -> u64 {
     node_id << 48
 }
 
+/// Ids reserved in the store at a time (one synced write per this many messages).
+const ID_BLOCK: u64 = 1 << 20;
+
+/// This node's message ids, never given out twice, not even by a later process: a shard
+/// records the ids of QoS 2 messages stored across shards and skips a second store of one
+/// (`state_machine::published`), so an id given again would drop a new message as a copy of
+/// an old one. Ids are handed out below a bound recorded in the store beforehand
+/// ([`Store::reserve_message_ids`]), and a new process starts at that bound.
+struct MessageIds {
+    next: AtomicU64,
+    /// Ids below this are reserved in the store.
+    reserved: AtomicU64,
+    store: Option<raftmq_store::Store>,
+    reserving: Mutex<()>,
+}
+
+/// Reservations of message ids that could not be written to the store.
+pub const MESSAGE_ID_RESERVE_FAILURES_TOTAL: &str = "raftmq_message_id_reserve_failures_total";
+
+impl MessageIds {
+    /// Starting at the bound the store records (and above `at_least`).
+    fn new(
+        store: Option<raftmq_store::Store>,
+        at_least: u64,
+    ) -> Result<MessageIds, DurabilityError> {
+        let reserved = match &store {
+            Some(store) => store.message_ids_reserved().map_err(|e| {
+                error!(error = %e, "cannot read the reserved message ids");
+                DurabilityError::Storage
+            })?,
+            None => 0,
+        };
+        let next = at_least.max(reserved);
+        // Nothing is reserved for this process yet: its first id reserves a block.
+        Ok(MessageIds {
+            next: AtomicU64::new(next),
+            reserved: AtomicU64::new(if store.is_some() { next } else { u64::MAX }),
+            store,
+            reserving: Mutex::new(()),
+        })
+    }
+
+    /// Never below `at_least` from now on.
+    fn raise(&self, at_least: u64) {
+        self.next.fetch_max(at_least, Ordering::Relaxed);
+    }
+
+    fn next(&self) -> MessageId {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if id >= self.reserved.load(Ordering::Acquire) {
+            let _one = self.reserving.lock();
+            if id >= self.reserved.load(Ordering::Acquire)
+                && let Some(store) = &self.store
+            {
+                let upto = id.saturating_add(ID_BLOCK);
+                match store.reserve_message_ids(upto) {
+                    Ok(()) => self.reserved.store(upto, Ordering::Release),
+                    Err(e) => {
+                        // Given out all the same: a store that cannot write cannot append this
+                        // node's log either; counted, and tried again with the next id.
+                        counter!(MESSAGE_ID_RESERVE_FAILURES_TOTAL).increment(1);
+                        error!(error = %e, "cannot reserve message ids in the store");
+                    }
+                }
+            }
+        }
+        MessageId(id)
+    }
+}
+
 /// One shard's group as the durability layer uses it: its Raft handle, the fence notes of
 /// its state machine, and a reader of that state machine.
 pub struct ShardHandle {
@@ -145,6 +215,7 @@ impl RaftDurability {
     /// connection to the leader.
     pub fn start(
         shards: Vec<ShardHandle>,
+        store: Option<raftmq_store::Store>,
         node_id: NodeId,
         clock: WallClock,
         faults: Faults,
@@ -173,7 +244,7 @@ impl RaftDurability {
                 count,
                 chains: Mutex::default(),
             }),
-            next_id: AtomicU64::new(id_base(node_id) + 1),
+            ids: MessageIds::new(store, id_base(node_id) + 1)?,
             node_id,
             readers,
             clock: clock.clone(),
@@ -442,14 +513,19 @@ impl RaftDurability {
         self.read_state()
     }
 
-    /// What the broker mirrors after the state was replaced wholesale (a Raft snapshot
-    /// installed here): the retained messages, and the subscriptions of **every** stored
-    /// persistent session, whoever owns it. The broker keeps those of the sessions it does
-    /// not hold in memory: a session this node owns but has let go of (fenced while cut off
-    /// from the quorum, not yet restored) is routed to through them like any other; leaving
-    /// it out would make a publish here match nothing (PUBACK 0x10) and lose the message.
-    pub fn mirror_image(&self) -> Result<Recovered, DurabilityError> {
-        let mut recovered = self.read_state()?;
+    /// What the broker mirrors after shard `shard`'s state was replaced wholesale (a Raft
+    /// snapshot installed here): its retained messages, and the subscriptions of **every**
+    /// stored persistent session of the shard, whoever owns it. The broker keeps those of the
+    /// sessions it does not hold in memory: a session this node owns but has let go of (fenced
+    /// while cut off from the quorum, not yet restored) is routed to through them like any
+    /// other; leaving it out would make a publish here match nothing (PUBACK 0x10) and lose
+    /// the message.
+    pub fn mirror_image_of(&self, shard: ShardId) -> Result<Recovered, DurabilityError> {
+        let reader = self.reader(shard).ok_or(DurabilityError::Storage)?;
+        let mut recovered = reader.recovered(&self.clock).map_err(|e| {
+            error!(error = %e, shard = shard.get(), "cannot read the replicated state");
+            DurabilityError::Storage
+        })?;
         recovered.remote_subscriptions = subscriptions_of(std::mem::take(&mut recovered.sessions));
         Ok(recovered)
     }
@@ -478,7 +554,7 @@ impl RaftDurability {
             .filter(|id| id >> 48 == self.node_id)
             .max()
             .unwrap_or(base);
-        self.next_id.fetch_max(max + 1, Ordering::Relaxed);
+        self.ids.raise(max + 1);
     }
 }
 
@@ -655,7 +731,7 @@ impl Durability for RaftDurability {
     }
 
     fn next_message_id(&self) -> MessageId {
-        MessageId(self.next_id.fetch_add(1, Ordering::Relaxed))
+        self.ids.next()
     }
 
     /// The state this node restores at start-up: retained messages, and the persistent

@@ -314,6 +314,14 @@ impl RaftNode {
         }
         let store = Store::open(&store_path)?;
         let shards = crate::groups::settle_shard_count(&store, opts.shards, &opts.data_dir).await?;
+        if shards.get() > 1 {
+            warn!(
+                shards = shards.get(),
+                "cluster.shards > 1 is a preview: the durable path over several shards is not \
+                 yet proven under failures (docs/cluster.md, docs/reliability.md); use 1 in \
+                 production"
+            );
+        }
         let pool = Arc::new(PeerPool::new(opts.tls.clone()));
         let config = Arc::new(raft_config(&opts.tuning)?);
         // Every group's state machine reports to one feed (the broker's mirror of all shards).
@@ -396,6 +404,7 @@ impl RaftNode {
         }
         let durability = RaftDurability::start(
             handles,
+            Some(store.clone()),
             opts.node_id,
             WallClock::now(),
             opts.faults.clone(),
@@ -588,9 +597,20 @@ impl RaftNode {
     /// The log index up to which the broker fed by [`RaftNode::feed_broker`] has mirrored the
     /// applied state (0 before).
     pub fn mirrored_index(&self) -> u64 {
+        self.mirrored_index_of(DATA_SHARD)
+    }
+
+    /// [`RaftNode::mirrored_index`] of shard `shard`'s log.
+    pub fn mirrored_index_of(&self, shard: crate::types::ShardId) -> u64 {
+        let Some(i) = usize::try_from(shard.get())
+            .ok()
+            .and_then(|s| s.checked_sub(1))
+        else {
+            return 0;
+        };
         self.mirrored
             .as_ref()
-            .map_or(0, |w| w.borrow().first().copied().unwrap_or(0))
+            .map_or(0, |w| w.borrow().get(i).copied().unwrap_or(0))
     }
 
     /// Mirrors into `broker` what other nodes commit (retained messages, session claims: see
@@ -677,18 +697,29 @@ impl RaftNode {
                                 }
                             } else if declared_here {
                                 declared_seen = index;
+                                // Declared in the control shard: the broker lets go of every
+                                // session below. Those of shards where the declaration was
+                                // void are still this node's: taken back after a barrier.
+                                if groups.count() > 1 {
+                                    reload.store(true, std::sync::atomic::Ordering::SeqCst);
+                                }
                             }
                             broker.apply_replicated(index, &changes, std::time::Instant::now());
                         }
                         advance(&progress, shard, index);
                     }
                     Applied::SnapshotInstalled { shard } => {
-                        // The whole state was replaced: take the retained messages and the
-                        // subscriptions of every persistent session not held here from it.
-                        // Retried until the store can be read: the mirror stays as it was
-                        // meanwhile (logged as an error each time).
+                        // The shard's whole state was replaced: take its retained messages
+                        // and the subscriptions of its persistent sessions not held here from
+                        // it (the other shards' are untouched). Retried until the store can be
+                        // read: the mirror stays as it was meanwhile (logged as an error each
+                        // time).
+                        let shard_id = crate::types::ShardId::new(shard);
+                        let count = groups.shard_count();
+                        let in_shard =
+                            move |key: &[u8]| raftmq_core::shard::shard_of(key, count) == shard_id;
                         let recovered = loop {
-                            match durability.mirror_image() {
+                            match durability.mirror_image_of(shard_id) {
                                 Ok(image) => break image,
                                 Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
                             }
@@ -723,15 +754,16 @@ impl RaftNode {
                                 now,
                             );
                         }
-                        // The sessions held here missed what the compacted part of the log
-                        // did to them (a claim through another node, messages stored for
-                        // them): let go of every one, as on a self-fence (connected clients
-                        // are sent elsewhere and resume from the replicated state), and take
-                        // back those this node still owns once a barrier commits (the
-                        // liveness task, as when a quorum is regained).
-                        let fenced = broker.fence_durable_sessions(Some(
-                            raftmq_codec::ReasonCode::USE_ANOTHER_SERVER,
-                        ));
+                        // The sessions of the shard held here missed what the compacted part
+                        // of its log did to them (a claim through another node, messages
+                        // stored for them): let go of every one, as on a self-fence
+                        // (connected clients are sent elsewhere and resume from the
+                        // replicated state), and take back those this node still owns once a
+                        // barrier commits (the liveness task, as when a quorum is regained).
+                        let fenced = broker.fence_durable_sessions_where(
+                            Some(raftmq_codec::ReasonCode::USE_ANOTHER_SERVER),
+                            |client_id| in_shard(client_id.as_bytes()),
+                        );
                         if fenced > 0 {
                             reload.store(true, std::sync::atomic::Ordering::SeqCst);
                             warn!(
@@ -740,8 +772,13 @@ impl RaftNode {
                                  to be taken back from the new state"
                             );
                         }
-                        broker.replace_retained(recovered.retained);
-                        broker.replace_remote_subscriptions(recovered.remote_subscriptions);
+                        broker.replace_retained_where(recovered.retained, |topic| {
+                            in_shard(topic.as_bytes())
+                        });
+                        broker.replace_remote_subscriptions_where(
+                            recovered.remote_subscriptions,
+                            |client_id| in_shard(client_id.as_bytes()),
+                        );
                         advance(&progress, shard, index);
                     }
                 }
@@ -878,6 +915,10 @@ async fn declare_down_nodes(
 ) {
     use raftmq_core::durability::{Durability, StateChange};
     let mut declared: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
+    // Per member being declared down: the shards whose declaration has not committed yet
+    // (tried again each tick; the shards where it committed are not declared twice).
+    let mut pending: std::collections::HashMap<NodeId, Vec<crate::types::ShardId>> =
+        std::collections::HashMap::new();
     let mut lease = Lease::default();
     // The last applied log index when this node last fenced itself.
     let mut fenced_at = 0u64;
@@ -993,6 +1034,7 @@ async fn declare_down_nodes(
             )
         };
         declared.retain(|n| members.contains(n) && hub.down_for(*n).is_some());
+        pending.retain(|n, _| members.contains(n) && hub.down_for(*n).is_some());
         // A node whose batches still commit is in touch with a quorum, whatever its forwarding
         // stream says (a partition healing, say): never declared down. Its silence in the log
         // counts like its stream's (watched on every node, so a new leader knows it too).
@@ -1030,35 +1072,48 @@ async fn declare_down_nodes(
             // One declaration per shard, each decided on what this node has applied of that
             // shard so far: void there if the node proposes anything in it that commits first
             // (it is back; see `NodeDown.seen`). The control shard's decides the wills.
-            let mut before = Vec::new();
-            let mut commits = Vec::new();
-            for (shard, group) in groups.iter() {
+            let shards = pending
+                .remove(&node)
+                .unwrap_or_else(|| groups.iter().map(|(shard, _)| shard).collect());
+            let mut proposed = Vec::new();
+            for shard in shards {
+                let Some(group) = groups.get(shard) else {
+                    continue;
+                };
                 let seen = group.metrics().borrow().last_applied.map_or(0, |l| l.index);
-                before.push((shard, durability.declared_at_in(shard, node)));
-                commits.push(durability.propose_to(
+                let before = durability.declared_at_in(shard, node);
+                let commit = durability.propose_to(
                     shard,
                     vec![StateChange::NodeDown {
                         node,
                         seen,
                         wills: Some(wills.clone()),
                     }],
-                ));
+                );
+                proposed.push((shard, before, commit));
             }
-            if raftmq_core::durability::Commit::all(commits).await.is_err() {
-                // Tried again next tick (in every shard: a second declaration where the first
-                // held finds nothing left to adopt).
-                if !adoption_pending {
-                    broker.end_adoption();
+            let mut held = Vec::new();
+            let mut failed = Vec::new();
+            for (shard, before, commit) in proposed {
+                if commit.await.is_err() {
+                    failed.push(shard);
+                } else if durability.declared_at_in(shard, node) != before {
+                    held.push(shard);
                 }
-                continue;
             }
-            let held: Vec<_> = before
-                .iter()
-                .filter(|(shard, at)| durability.declared_at_in(*shard, node) != *at)
-                .map(|(shard, _)| *shard)
-                .collect();
-            declared.insert(node);
+            if failed.is_empty() {
+                declared.insert(node);
+            } else {
+                // Those shards are tried again next tick; the others are not declared twice.
+                pending.insert(node, failed.clone());
+            }
             if held.is_empty() {
+                if !failed.is_empty() {
+                    if !adoption_pending {
+                        broker.end_adoption();
+                    }
+                    continue;
+                }
                 // Void: the node proposed after `seen`; it keeps its sessions and wills.
                 info!(node, "declaration void: the node is back");
                 if !adoption_pending {
@@ -1074,7 +1129,7 @@ async fn declare_down_nodes(
                 metrics::counter!(DEAD_NODE_WILLS_TOTAL).increment(wills as u64);
                 metrics::gauge!(crate::forward::FORWARD_PEER_WILLS, "peer" => node.to_string())
                     .set(0.0);
-            } else {
+            } else if !failed.contains(&DATA_SHARD) {
                 info!(
                     node,
                     shards = held.len(),

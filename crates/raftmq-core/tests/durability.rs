@@ -1470,6 +1470,9 @@ fn a_resent_qos2_publish_loaded_with_a_message_id_is_stored_again_under_it() {
             .any(|p| matches!(p, Packet::ConnAck(_))),
         "connected with its session"
     );
+    // A first attempt's store of the message had reached this session here (applied here
+    // before): the resend must not deliver it again for that.
+    b.own_stored_applied([(MessageId(77), vec![ByteStr::from("sub")])]);
     let before = d.held.changes().len();
     let mut resend = publish("t", QoS::ExactlyOnce, 5, false);
     if let Packet::Publish(p) = &mut resend {
@@ -1523,6 +1526,8 @@ fn a_resent_qos2_publish_loaded_with_a_message_id_is_stored_again_under_it() {
     sub.handle_commits(now);
     sent.extend(drain(&mut sub, now));
     assert_eq!(publishes(&sent), ["m5"]);
+    b.own_stored_applied([(MessageId(77), vec![ByteStr::from("sub")])]);
+    assert!(publishes(&drain(&mut sub, now)).is_empty(), "once");
     // Resent once more: acknowledged, not stored again.
     let before = d.held.changes().len();
     publ.handle_packet(resend, now);
@@ -1533,4 +1538,39 @@ fn a_resent_qos2_publish_loaded_with_a_message_id_is_stored_again_under_it() {
             .any(|p| matches!(p, Packet::PubRec(_)))
     );
     assert_eq!(d.held.changes().len(), before, "nothing proposed");
+}
+
+/// A QoS 2 commit reported failed that happened after all, with a persistent subscriber and
+/// a clean one here: once this node applies the message's store, both get it, although the
+/// store names the persistent one only (with shards, a store names the sessions of its shard;
+/// a delivery that is not stored only waited to know the message was accepted).
+#[test]
+fn a_store_applied_after_a_reported_failure_releases_the_clean_sessions_deliveries_too() {
+    let (held, b, now) = held_broker();
+    let _durable = persistent_subscriber(&b, &held, "sub", "t", QoS::ExactlyOnce, now);
+    let durable = b.session("sub").expect("persistent session");
+    let mut clean = open(&b, now);
+    exchange(&mut clean, connect("clean", true, 0), now);
+    exchange(&mut clean, subscribe("t", QoS::ExactlyOnce), now);
+    let mut publ = open(&b, now);
+    exchange(&mut publ, connect("pub", true, 0), now);
+    publ.handle_packet(publish("t", QoS::ExactlyOnce, 1, false), now);
+    let id = held
+        .changes()
+        .iter()
+        .rev()
+        .find_map(|c| match c {
+            StateChange::MessageStored { id, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("stored");
+    held.complete_all(Err(DurabilityError::Unavailable));
+    publ.handle_commits(now);
+    assert!(
+        publishes(&drain(&mut clean, now)).is_empty(),
+        "not before it is known"
+    );
+    b.own_stored_applied([(id, vec![ByteStr::from("sub")])]);
+    assert_eq!(publishes(&drain(&mut clean, now)), ["m1"]);
+    assert_eq!(durable.queue_depth().0, 1);
 }

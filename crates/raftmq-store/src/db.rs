@@ -9,7 +9,9 @@ use openraft::RaftTypeConfig;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteOptions};
 
 use crate::error::StoreError;
-use crate::layout::{CF_DEFAULT, FORMAT_KEY, FORMAT_VERSION, SHARD_COUNT_KEY, all_cf_names};
+use crate::layout::{
+    CF_DEFAULT, FORMAT_KEY, FORMAT_VERSION, MESSAGE_IDS_KEY, SHARD_COUNT_KEY, all_cf_names,
+};
 use crate::log_store::LogStore;
 use crate::migrate::{Migration, MigrationOutcome};
 use crate::state::StateDb;
@@ -216,6 +218,40 @@ impl Store {
                 cf,
                 SHARD_COUNT_KEY,
                 count.to_be_bytes(),
+                &sync_write_options(),
+            )
+            .map_err(StoreError::backend("write"))
+    }
+
+    /// The bound below which this node's processes may have given out message ids
+    /// ([`Store::reserve_message_ids`]; 0 when none was reserved).
+    pub fn message_ids_reserved(&self) -> Result<u64, StoreError> {
+        let cf = self.inner.cf(CF_DEFAULT)?;
+        let raw = self
+            .inner
+            .db
+            .get_cf(cf, MESSAGE_IDS_KEY)
+            .map_err(StoreError::backend("get"))?;
+        raw.map_or(Ok(0), |raw| {
+            <[u8; 8]>::try_from(raw.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::CorruptValue {
+                    what: "the reserved message ids",
+                    detail: format!("{} bytes instead of 8", raw.len()),
+                })
+        })
+    }
+
+    /// Records that message ids below `upto` may be given out (durable when it returns): a
+    /// later process of the node starts at or above it.
+    pub fn reserve_message_ids(&self, upto: u64) -> Result<(), StoreError> {
+        let cf = self.inner.cf(CF_DEFAULT)?;
+        self.inner
+            .db
+            .put_cf_opt(
+                cf,
+                MESSAGE_IDS_KEY,
+                upto.to_be_bytes(),
                 &sync_write_options(),
             )
             .map_err(StoreError::backend("write"))

@@ -26,6 +26,11 @@ pub(crate) const FORMAT_VERSION: u32 = 2;
 /// (big-endian `u32`), recorded when the node first starts on it and fixed afterwards.
 pub(crate) const SHARD_COUNT_KEY: &[u8] = b"raftmq_shard_count";
 
+/// Key in `default`: the message ids this node has reserved (big-endian `u64`: every id it
+/// gave out, in any of its processes, is below it), so that a restarted process never gives
+/// out an id again.
+pub(crate) const MESSAGE_IDS_KEY: &[u8] = b"raftmq_message_ids_reserved";
+
 /// Length of the shard prefix of every key of `raft_log`, `raft_meta` and the state column
 /// families.
 pub(crate) const SHARD_PREFIX_LEN: usize = 4;

@@ -95,12 +95,25 @@ impl Broker {
     /// Replaces every retained message with `retained` (after the durable state was replaced
     /// wholesale, e.g. a Raft snapshot installed on a lagging node).
     pub fn replace_retained(&self, retained: Vec<Arc<Message>>) {
+        self.replace_retained_where(retained, |_| true);
+    }
+
+    /// [`Broker::replace_retained`] for the topics `in_scope` selects (those of one shard,
+    /// whose state alone was replaced): retained messages of other topics are kept.
+    pub fn replace_retained_where(
+        &self,
+        retained: Vec<Arc<Message>>,
+        in_scope: impl Fn(&str) -> bool,
+    ) {
         let keep: std::collections::HashSet<&str> =
             retained.iter().map(|m| m.topic.as_str()).collect();
         let mut stale = Vec::new();
         self.retained.for_each(|topic, _| {
             // `$SYS` topics are this node's own statistics, never replicated.
-            if !keep.contains(topic.as_str()) && !topic.as_str().starts_with("$SYS/") {
+            if !keep.contains(topic.as_str())
+                && !topic.as_str().starts_with("$SYS/")
+                && in_scope(topic.as_str())
+            {
                 stale.push(topic.as_str().to_owned());
             }
         });

@@ -268,7 +268,7 @@ impl Broker {
         let Pass {
             offered,
             changes: stored,
-            deferred,
+            mut deferred,
             mut acks,
             congested,
             adopting,
@@ -288,6 +288,14 @@ impl Broker {
             if let StateChange::IncomingQos2Received { message_id, .. } = change {
                 *message_id = stored_id;
             }
+        }
+        // A resent QoS 2 PUBLISH stored again: the sessions here get it once a store applied
+        // here names them, which happens only in the shards that did not have it (kept before
+        // proposing, so that apply cannot come first).
+        if let Some(id) = reroute.and(stored_id) {
+            self.cluster
+                .unsettled
+                .rerouted(id, std::mem::take(&mut deferred));
         }
         changes.extend(stored);
         let _ = now;
@@ -323,13 +331,8 @@ impl Broker {
             p.session.lock_unfenced(UNFENCED).last_stored = Some(store.clone());
         }
         match (incoming_qos2, reroute.and(stored_id)) {
-            // A resent QoS 2 PUBLISH stored again: the sessions here get it once the store
-            // applies it for them (not again if a first store of it reached them already).
-            (Some(_), Some(id)) => {
-                if let Some(due) = self.cluster.unsettled.failed(id, deferred) {
-                    self.deliver_committed(due);
-                }
-            }
+            // A resent QoS 2 PUBLISH stored again: its deliveries were kept above.
+            (Some(_), Some(_)) => {}
             // A client's QoS 2 messages reach local sessions in the order it sent them: each
             // waits for its own commit and for the previous one's to settle (not to succeed:
             // a refused one must not hold this one's back for good).

@@ -105,7 +105,12 @@ impl Connection {
             // A packet id loaded with a message id to store again (its first store may have
             // reached only some shards): stored again under that id, whose shards skip it if
             // they have it; acknowledged once that commits (waiting if a resend is at it).
-            let again = st.qos2_reroute.get(&pid.get()).copied();
+            let mut again = st.qos2_reroute.get(&pid.get()).copied();
+            if again.is_some() && !st.incoming_qos2.contains_key(&pid.get()) {
+                // Left from an exchange that completed: the packet id is free again.
+                st.qos2_reroute.remove(&pid.get());
+                again = None;
+            }
             match (st.incoming_qos2.get(&pid.get()), again) {
                 (Some(first), None) if !matches!(first.result(), Some(Err(_))) => {
                     let first = first.clone();
@@ -216,6 +221,8 @@ impl Connection {
         let att = self.attachment()?;
         let existed = {
             let mut st = att.session.lock_attached(att.epoch)?;
+            // The exchange is complete: the packet id names a new message next time.
+            st.qos2_reroute.remove(&r.packet_id.get());
             st.incoming_qos2.remove(&r.packet_id.get()).is_some()
         };
         // PUBCOMP once the release is durable: after it the client may use the packet id for

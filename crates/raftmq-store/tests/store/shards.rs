@@ -458,3 +458,23 @@ fn a_new_store_is_stamped_with_format_2() {
     drop(db);
     drop(open(&dir));
 }
+
+/// The bound on a node's message ids survives the store being closed and opened again (a
+/// restarted process starts above every id the previous one could have given out), and a
+/// store that never reserved any says 0.
+#[test]
+fn reserved_message_ids_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(&dir);
+        assert_eq!(store.message_ids_reserved().expect("read"), 0);
+        store
+            .reserve_message_ids((3 << 48) + 1_048_577)
+            .expect("reserve");
+    }
+    let store = open(&dir);
+    assert_eq!(
+        store.message_ids_reserved().expect("read"),
+        (3 << 48) + 1_048_577
+    );
+}

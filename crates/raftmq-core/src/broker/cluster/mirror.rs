@@ -87,7 +87,12 @@ impl RemoteSubscriptions {
     /// entries go in before the stale ones are removed: a publish routed meanwhile matches at
     /// least every subscription of the new set (a message stored for a subscription removed a
     /// moment later is harmless; one not stored is lost).
-    fn replace(&self, subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>, limits: &TopicLimits) {
+    fn replace(
+        &self,
+        subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>,
+        limits: &TopicLimits,
+        in_scope: impl Fn(&ByteStr) -> bool,
+    ) {
         let mut keep: ahash::HashSet<(ByteStr, TopicFilter)> = ahash::HashSet::default();
         for (client_id, filter, entry) in subscriptions {
             if let Some(filter) = plain_filter(&filter, limits) {
@@ -100,7 +105,9 @@ impl RemoteSubscriptions {
             .lock()
             .iter()
             .flat_map(|(client_id, filters)| filters.iter().map(move |f| (client_id, f)))
-            .filter(|(client_id, f)| !keep.contains(&((*client_id).clone(), (*f).clone())))
+            .filter(|(client_id, f)| {
+                in_scope(client_id) && !keep.contains(&((*client_id).clone(), (*f).clone()))
+            })
             .map(|(client_id, f)| (client_id.clone(), f.clone()))
             .collect();
         for (client_id, filter) in stale {
@@ -424,11 +431,24 @@ impl Broker {
     /// subscription of the new state (a message stored for a subscription removed a moment
     /// later is harmless; one not stored is lost).
     pub fn replace_remote_subscriptions(&self, subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>) {
+        self.replace_remote_subscriptions_where(subscriptions, |_| true);
+    }
+
+    /// [`Broker::replace_remote_subscriptions`] for the sessions `in_scope` selects (those of
+    /// one shard, whose state alone was replaced): mirrored subscriptions of other sessions are
+    /// kept.
+    pub fn replace_remote_subscriptions_where(
+        &self,
+        subscriptions: Vec<(ByteStr, Arc<str>, SubEntry)>,
+        in_scope: impl Fn(&ByteStr) -> bool,
+    ) {
         let theirs = subscriptions
             .into_iter()
             .filter(|(client_id, _, _)| !self.owns(client_id))
             .collect();
-        self.cluster.remote.replace(theirs, &self.topic_limits);
+        self.cluster
+            .remote
+            .replace(theirs, &self.topic_limits, in_scope);
     }
 
     /// Drops the in-memory session of `client_id` without recording anything (its durable

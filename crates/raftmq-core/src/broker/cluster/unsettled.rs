@@ -39,17 +39,50 @@ struct Inner {
 }
 
 impl Inner {
-    /// Takes out of `deferred` the deliveries to the sessions in `stored_for`.
+    /// Takes out of `deferred` the deliveries a store of the message for the sessions
+    /// `stored_for` makes due: those to these sessions, and every delivery that is not of the
+    /// stored message (to a session that is not persistent, or at QoS 0), which only waited
+    /// to know that the message was accepted.
     fn take_stored(deferred: &mut Deferred, stored_for: &HashSet<ByteStr>) -> Deferred {
         let (due, rest) = std::mem::take(deferred)
             .into_iter()
-            .partition(|(session, _)| stored_for.contains(session.client_id()));
+            .partition(|(session, delivery)| {
+                delivery.durable.is_none() || stored_for.contains(session.client_id())
+            });
         *deferred = rest;
         due
     }
 }
 
 impl Unsettled {
+    /// Keeps the deliveries of message `id`, stored again by a resent QoS 2 PUBLISH, until
+    /// this node applies a store of it for their sessions. Unlike [`Unsettled::failed`], what
+    /// was applied of `id` before does not count (a session it reached then has the message
+    /// already), and a delivery replaces one kept for the same session (a first attempt's:
+    /// the message goes to each session once).
+    pub(in crate::broker) fn rerouted(&self, id: MessageId, deferred: Deferred) {
+        let mut inner = self.0.lock();
+        let inner = &mut *inner;
+        match inner.waiting.entry(id) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let kept = e.get_mut();
+                kept.retain(|(s, _)| !deferred.iter().any(|(n, _)| n.client_id() == s.client_id()));
+                kept.extend(deferred);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(deferred);
+                inner.waiting_order.push_back(id);
+            }
+        }
+        // Only stores applied from now on release them.
+        inner.applied.remove(&id);
+        while inner.waiting_order.len() > CAPACITY {
+            if let Some(old) = inner.waiting_order.pop_front() {
+                inner.waiting.remove(&old);
+            }
+        }
+    }
+
     /// Keeps the deliveries of message `id`, whose commit was reported failed (or whose store
     /// is still to be applied); returns at once those whose sessions this node has already
     /// applied its `MessageStored` for (they are due now).
