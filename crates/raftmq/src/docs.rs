@@ -228,7 +228,9 @@ pub const KEYS: &[KeyDoc] = &[
          the key existed has 1. Sessions live in the shard of their client id, retained \
          messages in the shard of their topic, and a message for persistent sessions is stored \
          once in each shard holding one of them (see docs/cluster.md). Every node is still a \
-         replica of every shard, so more shards do not yet reduce the work per node.",
+         replica of every shard, so more shards do not yet reduce the work per node. More than \
+         1 is a preview: not yet proven under failures (docs/reliability.md); keep 1 in \
+         production.",
     ),
     optional(
         "cluster.tls_cert_file",
