@@ -4,10 +4,8 @@
 //! copy never takes effect after the claim, so a QoS 2 message is stored once.
 
 use super::*;
-use bytes::Bytes;
-use raftmq_codec::{PublishProperties, QoS};
+use raftmq_codec::QoS;
 use raftmq_core::durability::{Fence, MessageId, StoredTarget};
-use raftmq_core::message::Message;
 
 /// One-shot rules for forwarded proposals and their replies
 /// ([`FaultInjector::forwarded`]), armed per proposing node.
@@ -72,7 +70,8 @@ impl Net {
     }
 }
 
-fn claim(client: &str, epoch: u64) -> StateChange {
+/// The claim of persistent session `client` (expiry 3600 s) with `epoch`.
+pub(crate) fn claim(client: &str, epoch: u64) -> StateChange {
     StateChange::SessionOpened {
         client_id: ByteStr::from(client),
         epoch,
@@ -94,16 +93,7 @@ fn qos2_publish(pid: u16, id: MessageId) -> Vec<StateChange> {
         },
         StateChange::MessageStored {
             id,
-            message: Arc::new(Message {
-                topic: "q2/t".into(),
-                payload: Bytes::from_static(b"exactly once"),
-                qos: QoS::ExactlyOnce,
-                retain: false,
-                properties: PublishProperties::default(),
-                expires_at: None,
-                received_at: std::time::Instant::now(),
-                origin: Some("pub".into()),
-            }),
+            message: super::sharded::qos2_message(),
             targets: vec![StoredTarget {
                 client_id: ByteStr::from("sub"),
                 qos: QoS::ExactlyOnce,
@@ -115,7 +105,8 @@ fn qos2_publish(pid: u16, id: MessageId) -> Vec<StateChange> {
 }
 
 impl Cluster {
-    async fn propose(
+    /// Proposes `changes` through node `via` (under `fence`), waiting for the outcome.
+    pub(crate) async fn propose(
         &self,
         via: NodeId,
         fence: Option<Fence>,

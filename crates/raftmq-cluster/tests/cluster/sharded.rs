@@ -4,6 +4,7 @@
 //! in the publisher's shard first; when a shard it also goes to cannot commit, the publish is
 //! refused, and its resend stores it where it is missing and nowhere twice.
 
+use super::ambiguous::claim;
 use super::*;
 use bytes::Bytes;
 use raftmq_codec::{Packet, PublishProperties, QoS};
@@ -14,21 +15,20 @@ use raftmq_core::shard::shard_of;
 const SHARDS: u32 = 4;
 
 impl Cluster {
-    /// Proposes `changes` through node `via` (under `fence`), waiting for the outcome.
-    async fn propose_via(
-        &self,
-        via: NodeId,
-        fence: Option<Fence>,
-        changes: Vec<StateChange>,
-    ) -> Result<(), DurabilityError> {
-        let durability = &self.node(via).durability;
-        let commit = match fence {
-            Some(fence) => durability.propose_fenced(fence, changes),
-            None => durability.propose(changes),
-        };
-        tokio::time::timeout(WRITE_TIMEOUT, commit)
-            .await
-            .expect("a durable write neither committed nor failed within the timeout")
+    /// The incoming QoS 2 packet ids of session `client`, and those loaded to store again, as
+    /// node `node` has them.
+    fn qos2_receipts(&self, node: NodeId, client: &str) -> (Vec<u16>, Vec<(u16, MessageId)>) {
+        let state = self
+            .node(node)
+            .durability
+            .replicated_state()
+            .expect("the state is readable");
+        let image = state
+            .sessions
+            .iter()
+            .find(|s| s.client_id.as_str() == client)
+            .expect("the session is stored");
+        (image.incoming_qos2.clone(), image.qos2_reroute.clone())
     }
 
     /// How many deliveries of message `id` node `node` has stored for each of `clients`.
@@ -63,7 +63,8 @@ impl Cluster {
     }
 }
 
-fn qos2_message() -> Arc<Message> {
+/// The message of the QoS 2 publishes of these tests.
+pub(crate) fn qos2_message() -> Arc<Message> {
     Arc::new(Message {
         topic: "q2/t".into(),
         payload: Bytes::from_static(b"exactly once"),
@@ -133,18 +134,12 @@ async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_sto
         }
     }
     let via = 2;
-    let claims: Vec<StateChange> = std::iter::once(publisher.to_owned())
-        .chain(subscribers.iter().cloned())
-        .map(|c| StateChange::SessionOpened {
-            client_id: ByteStr::from(c.as_str()),
-            epoch: 1,
-            clean_start: false,
-            expiry_secs: 3600,
-            will: None,
-        })
+    let claims: Vec<StateChange> = std::iter::once(publisher)
+        .chain(subscribers.iter().map(String::as_str))
+        .map(|c| claim(c, 1))
         .collect();
     cluster
-        .propose_via(via, None, claims)
+        .propose(via, None, claims)
         .await
         .expect("the claims commit in every shard");
     let fence = Fence::Attached {
@@ -154,7 +149,7 @@ async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_sto
     // Every shard commits: acknowledged, stored once for each subscriber on every node.
     let first = MessageId(1 << 40);
     cluster
-        .propose_via(
+        .propose(
             via,
             Some(fence.clone()),
             qos2_publish(publisher, 1, first, &subscribers),
@@ -171,7 +166,7 @@ async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_sto
     }
     let second = MessageId((1 << 40) + 1);
     let refused = cluster
-        .propose_via(
+        .propose(
             via,
             Some(fence.clone()),
             qos2_publish(publisher, 2, second, &subscribers),
@@ -179,59 +174,33 @@ async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_sto
         .await;
     assert_eq!(refused, Err(DurabilityError::Unavailable));
     // The publisher's shard holds the packet id with the message id: a resend stores it again.
-    let state = cluster
-        .node(via)
-        .durability
-        .replicated_state()
-        .expect("readable");
-    let image = state
-        .sessions
-        .iter()
-        .find(|s| s.client_id.as_str() == publisher)
-        .expect("the publisher's session");
-    assert!(image.incoming_qos2.contains(&2));
-    assert!(image.qos2_reroute.contains(&(2, second)));
+    let (received, reroute) = cluster.qos2_receipts(via, publisher);
+    assert!(received.contains(&2));
+    assert!(reroute.contains(&(2, second)));
 
     // The shard is back; the client reconnects (a new claim: the refused connection's chain is
     // broken) and resends: stored where it was missing, nowhere twice.
     cluster.net.heal();
     cluster
-        .propose_via(
-            via,
-            None,
-            vec![StateChange::SessionOpened {
-                client_id: ByteStr::from(publisher),
-                epoch: 2,
-                clean_start: false,
-                expiry_secs: 3600,
-                will: None,
-            }],
-        )
+        .propose(via, None, vec![claim(publisher, 2)])
         .await
         .expect("the new claim commits");
     let fence = Fence::Attached {
         client_id: ByteStr::from(publisher),
         epoch: 2,
     };
-    cluster
-        .propose_via(
-            via,
-            Some(fence.clone()),
-            qos2_publish(publisher, 2, second, &subscribers),
-        )
-        .await
-        .expect("the resend commits in every shard");
-    cluster.stored_everywhere(second, &subscribers, &once).await;
-    // And a third time (a client resending again): still once.
-    cluster
-        .propose_via(
-            via,
-            Some(fence.clone()),
-            qos2_publish(publisher, 2, second, &subscribers),
-        )
-        .await
-        .expect("committed");
-    cluster.stored_everywhere(second, &subscribers, &once).await;
+    // Resent, and resent again: still once.
+    for attempt in ["the resend", "a second resend"] {
+        cluster
+            .propose(
+                via,
+                Some(fence.clone()),
+                qos2_publish(publisher, 2, second, &subscribers),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{attempt} commits in every shard: {e:?}"));
+        cluster.stored_everywhere(second, &subscribers, &once).await;
+    }
     for s in &subscribers {
         assert!(
             cluster
@@ -245,7 +214,7 @@ async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_sto
 
     // PUBREL: the exchange completes and every shard drops the message's record.
     cluster
-        .propose_via(
+        .propose(
             via,
             Some(fence),
             vec![StateChange::IncomingQos2Completed {
@@ -308,24 +277,17 @@ async fn a_qos2_publish_whose_gate_reply_was_lost_is_stored_everywhere_once_afte
         .current_leader
         .expect("a leader");
     let via = without(&cluster.ids, shard_leader)[0];
-    let claim = |c: &str, epoch| StateChange::SessionOpened {
-        client_id: ByteStr::from(c),
-        epoch,
-        clean_start: false,
-        expiry_secs: 3600,
-        will: None,
-    };
     let claims = std::iter::once(claim(publisher, 1))
         .chain(subscribers.iter().map(|s| claim(s, 1)))
         .collect();
     cluster
-        .propose_via(via, None, claims)
+        .propose(via, None, claims)
         .await
         .expect("the claims commit");
     let id = MessageId(1 << 41);
     cluster.net.lose_next_reply_to(via);
     let outcome = cluster
-        .propose_via(
+        .propose(
             via,
             Some(Fence::Attached {
                 client_id: ByteStr::from(publisher),
@@ -346,23 +308,14 @@ async fn a_qos2_publish_whose_gate_reply_was_lost_is_stored_everywhere_once_afte
     }
     // The client reconnects and resends.
     cluster
-        .propose_via(via, None, vec![claim(publisher, 2)])
+        .propose(via, None, vec![claim(publisher, 2)])
         .await
         .expect("the new claim commits");
-    let state = cluster
-        .node(via)
-        .durability
-        .replicated_state()
-        .expect("readable");
-    let image = state
-        .sessions
-        .iter()
-        .find(|s| s.client_id.as_str() == publisher)
-        .expect("the publisher's session");
-    assert_eq!(image.incoming_qos2, vec![5]);
-    assert_eq!(image.qos2_reroute, vec![(5, id)], "loaded to store again");
+    let (received, reroute) = cluster.qos2_receipts(via, publisher);
+    assert_eq!(received, vec![5]);
+    assert_eq!(reroute, vec![(5, id)], "loaded to store again");
     cluster
-        .propose_via(
+        .propose(
             via,
             Some(Fence::Attached {
                 client_id: ByteStr::from(publisher),
