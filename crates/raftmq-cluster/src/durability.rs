@@ -401,6 +401,30 @@ impl RaftDurability {
             &self.clock,
             &ctx,
         );
+        for part in &split.parts {
+            for c in &part.changes {
+                match &c.change {
+                    Some(ProtoChange::MessageStored(m)) => debug!(
+                        diag = "store",
+                        id = m.id,
+                        shard = part.shard.get(),
+                        dedupe = m.dedupe,
+                        gated = split.gate.is_some(),
+                        targets = ?m.targets.iter().map(|t| t.client_id.as_str()).collect::<Vec<_>>(),
+                        chain = ?chain,
+                    ),
+                    Some(ProtoChange::IncomingQos2Received(r)) => debug!(
+                        diag = "qos2",
+                        client = r.client_id,
+                        pid = r.packet_id,
+                        id = r.message_id,
+                        shard = part.shard.get(),
+                        chain = ?chain,
+                    ),
+                    _ => {}
+                }
+            }
+        }
         if split.parts.len() > 1 {
             counter!(SPLIT_PROPOSALS_TOTAL).increment(1);
         }
@@ -782,6 +806,13 @@ impl Durability for RaftDurability {
                     }
                     Ok(None) => Ok(None),
                     Ok(Some((image, upto, claims))) => {
+                        debug!(
+                            diag = "load",
+                            client_id,
+                            ids = ?image.messages.iter().map(|m| m.id.0).collect::<Vec<_>>(),
+                            qos2 = ?image.incoming_qos2,
+                            reroute = ?image.qos2_reroute,
+                        );
                         debug!(
                             client_id,
                             upto,

@@ -220,7 +220,12 @@ pub(super) fn apply_changes(
             && stored.dedupe
         {
             if published::seen(tx, stored.id)? {
-                tracing::debug!(id = stored.id, "a message stored here already: skipped");
+                tracing::debug!(
+                    diag = "skip",
+                    id = stored.id,
+                    shard = tx.db.shard(),
+                    "a message stored here already: skipped"
+                );
                 continue;
             }
             published::record(tx, stored.id, stored.at_ms)?;
