@@ -357,22 +357,27 @@ impl Cluster {
             cluster.boot(id, tuning).await;
         }
         let all: BTreeSet<NodeId> = ids.iter().copied().collect();
+        // Every node a voter of a settled membership of every shard (with several shards,
+        // a node's joins of the other groups may still run when shard 1 has it: a test that
+        // stops a node then could leave a group without a quorum).
         for &id in &ids {
-            let raft = cluster.node(id).raft.clone();
-            raft.wait(Some(FORM_TIMEOUT))
-                .metrics(
-                    |m| {
-                        let membership = m.membership_config.membership();
-                        // Settled: one configuration (not the joint one of a change in
-                        // progress, which would also need the old majority).
-                        membership.get_joint_config().len() == 1
-                            && membership.voter_ids().collect::<BTreeSet<_>>() == all
-                            && m.current_leader.is_some()
-                    },
-                    "all nodes are voters of a settled membership",
-                )
-                .await
-                .expect("cluster formed");
+            for (shard, raft) in cluster.node(id).groups().iter() {
+                let what = format!("node {id}: all nodes are voters of shard {shard:?}");
+                raft.wait(Some(FORM_TIMEOUT))
+                    .metrics(
+                        |m| {
+                            let membership = m.membership_config.membership();
+                            // Settled: one configuration (not the joint one of a change in
+                            // progress, which would also need the old majority).
+                            membership.get_joint_config().len() == 1
+                                && membership.voter_ids().collect::<BTreeSet<_>>() == all
+                                && m.current_leader.is_some()
+                        },
+                        &what,
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
         }
         cluster
     }
