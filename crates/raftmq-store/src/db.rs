@@ -191,69 +191,57 @@ impl Store {
     /// The number of data shards recorded in this store ([`Store::record_shard_count`]), `None`
     /// when none was recorded (a new store, or one written before the count was recorded).
     pub fn shard_count(&self) -> Result<Option<u32>, StoreError> {
-        let cf = self.inner.cf(CF_DEFAULT)?;
-        let raw = self
-            .inner
-            .db
-            .get_cf(cf, SHARD_COUNT_KEY)
-            .map_err(StoreError::backend("get"))?;
-        raw.map(|raw| {
-            <[u8; 4]>::try_from(raw.as_slice())
-                .map(u32::from_be_bytes)
-                .map_err(|_| StoreError::CorruptValue {
-                    what: "the recorded shard count",
-                    detail: format!("{} bytes instead of 4", raw.len()),
-                })
-        })
-        .transpose()
+        self.read_fixed::<4>(SHARD_COUNT_KEY, "the recorded shard count")
+            .map(|raw| raw.map(u32::from_be_bytes))
     }
 
     /// Records the number of data shards of the cluster this store belongs to (durable when it
     /// returns). The store only keeps it: refusing a start with another count is the caller's.
     pub fn record_shard_count(&self, count: u32) -> Result<(), StoreError> {
-        let cf = self.inner.cf(CF_DEFAULT)?;
-        self.inner
-            .db
-            .put_cf_opt(
-                cf,
-                SHARD_COUNT_KEY,
-                count.to_be_bytes(),
-                &sync_write_options(),
-            )
-            .map_err(StoreError::backend("write"))
+        self.write_synced(SHARD_COUNT_KEY, &count.to_be_bytes())
     }
 
     /// The bound below which this node's processes may have given out message ids
     /// ([`Store::reserve_message_ids`]; 0 when none was reserved).
     pub fn message_ids_reserved(&self) -> Result<u64, StoreError> {
-        let cf = self.inner.cf(CF_DEFAULT)?;
-        let raw = self
-            .inner
-            .db
-            .get_cf(cf, MESSAGE_IDS_KEY)
-            .map_err(StoreError::backend("get"))?;
-        raw.map_or(Ok(0), |raw| {
-            <[u8; 8]>::try_from(raw.as_slice())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::CorruptValue {
-                    what: "the reserved message ids",
-                    detail: format!("{} bytes instead of 8", raw.len()),
-                })
-        })
+        self.read_fixed::<8>(MESSAGE_IDS_KEY, "the reserved message ids")
+            .map(|raw| raw.map_or(0, u64::from_be_bytes))
     }
 
     /// Records that message ids below `upto` may be given out (durable when it returns): a
     /// later process of the node starts at or above it.
     pub fn reserve_message_ids(&self, upto: u64) -> Result<(), StoreError> {
+        self.write_synced(MESSAGE_IDS_KEY, &upto.to_be_bytes())
+    }
+
+    /// A value of `N` bytes under `key` in the `default` column family, if there is one (a
+    /// value of another length is corrupt: `what` names it in the error).
+    fn read_fixed<const N: usize>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<[u8; N]>, StoreError> {
+        let cf = self.inner.cf(CF_DEFAULT)?;
+        let raw = self
+            .inner
+            .db
+            .get_cf(cf, key)
+            .map_err(StoreError::backend("get"))?;
+        raw.map(|raw| {
+            <[u8; N]>::try_from(raw.as_slice()).map_err(|_| StoreError::CorruptValue {
+                what,
+                detail: format!("{} bytes instead of {N}", raw.len()),
+            })
+        })
+        .transpose()
+    }
+
+    /// Writes `value` under `key` in the `default` column family, durable when it returns.
+    fn write_synced(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let cf = self.inner.cf(CF_DEFAULT)?;
         self.inner
             .db
-            .put_cf_opt(
-                cf,
-                MESSAGE_IDS_KEY,
-                upto.to_be_bytes(),
-                &sync_write_options(),
-            )
+            .put_cf_opt(cf, key, value, &sync_write_options())
             .map_err(StoreError::backend("write"))
     }
 
