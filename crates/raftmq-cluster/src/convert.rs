@@ -184,17 +184,13 @@ pub fn encode_shard_batch(
     changes: &[StateChange],
     clock: &WallClock,
 ) -> Vec<u8> {
-    let ctx = ProposalContext::default();
-    state::Batch {
-        shard_id: u64::from(shard.get()),
-        changes: changes
-            .iter()
-            .map(|c| change_to_proto_with(c, clock, &ctx))
-            .collect(),
-        origin_node: ctx.node_id,
-        fences: Vec::new(),
-    }
-    .encode_to_vec()
+    encode_batch_of(
+        u64::from(shard.get()),
+        changes,
+        &[],
+        clock,
+        &ProposalContext::default(),
+    )
 }
 
 /// [`encode_batch`] recording the proposer's node id and the proposal time.
@@ -222,8 +218,19 @@ pub fn encode_fenced_batch(
     clock: &WallClock,
     ctx: &ProposalContext,
 ) -> Vec<u8> {
+    encode_batch_of(SHARD_ID, changes, fences, clock, ctx)
+}
+
+/// The one encoder behind the others: a batch of shard `shard_id`.
+fn encode_batch_of(
+    shard_id: u64,
+    changes: &[StateChange],
+    fences: &[FencedRange],
+    clock: &WallClock,
+    ctx: &ProposalContext,
+) -> Vec<u8> {
     state::Batch {
-        shard_id: SHARD_ID,
+        shard_id,
         changes: changes
             .iter()
             .map(|c| change_to_proto_with(c, clock, ctx))
