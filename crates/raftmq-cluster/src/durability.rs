@@ -34,7 +34,7 @@
 use crate::convert::{ProposalContext, WallClock, change_to_proto_with};
 use crate::forward::connection_refused;
 use crate::network::{ClusterTls, Faults, cluster_client, pass_forwarded};
-use crate::split::{Part, split};
+use crate::split::{Part, Split, split};
 use crate::state_machine::{FenceNotes, StateMachine};
 use crate::types::{NodeId, Raft, Request, ShardId};
 use metrics::{counter, histogram};
@@ -95,6 +95,39 @@ pub struct RaftDurability {
     /// This node's state machine of each shard (`readers[i]` is shard `i + 1`), for reads.
     readers: Vec<StateMachine>,
     clock: WallClock,
+    /// The de-duplication records of QoS 2 exchanges opened through this node, for PUBREL.
+    intents: Intents,
+}
+
+/// Open QoS 2 exchanges whose message was stored with de-duplication (several shards): the
+/// message id and its shards per (client id, packet id), as proposed, so that PUBREL settles
+/// them without reading the session's receipt from the store. An exchange opened elsewhere (a
+/// session taken over or loaded after a restart) is not here: PUBREL reads its receipt then.
+/// Bounded: two generations of at most [`Intents::GENERATION`] entries; when the newer is full
+/// the older is dropped (those exchanges are read from the store at PUBREL, as above).
+#[derive(Default)]
+struct Intents(Mutex<[HashMap<(ByteStr, u16), Intent>; 2]>);
+
+/// A message id and the shards that record it.
+type Intent = (u64, Vec<u32>);
+
+impl Intents {
+    const GENERATION: usize = 1 << 15;
+
+    fn insert(&self, key: (ByteStr, u16), intent: Intent) {
+        let mut gens = self.0.lock();
+        if gens[0].len() >= Self::GENERATION {
+            gens[1] = std::mem::take(&mut gens[0]);
+        }
+        gens[1].remove(&key);
+        gens[0].insert(key, intent);
+    }
+
+    fn take(&self, key: &(ByteStr, u16)) -> Option<Intent> {
+        let mut gens = self.0.lock();
+        let found = gens[0].remove(key);
+        found.or_else(|| gens[1].remove(key))
+    }
 }
 
 /// The batchers of every shard, and the proposals of connections held back behind a gate.
@@ -248,6 +281,7 @@ impl RaftDurability {
             node_id,
             readers,
             clock: clock.clone(),
+            intents: Intents::default(),
         });
         // Never reuse an id this node gave to a message that is still stored.
         let recovered = durability.read_state()?;
@@ -401,29 +435,8 @@ impl RaftDurability {
             &self.clock,
             &ctx,
         );
-        for part in &split.parts {
-            for c in &part.changes {
-                match &c.change {
-                    Some(ProtoChange::MessageStored(m)) => debug!(
-                        diag = "store",
-                        id = m.id,
-                        shard = part.shard.get(),
-                        dedupe = m.dedupe,
-                        gated = split.gate.is_some(),
-                        targets = ?m.targets.iter().map(|t| t.client_id.as_str()).collect::<Vec<_>>(),
-                        chain = ?chain,
-                    ),
-                    Some(ProtoChange::IncomingQos2Received(r)) => debug!(
-                        diag = "qos2",
-                        client = r.client_id,
-                        pid = r.packet_id,
-                        id = r.message_id,
-                        shard = part.shard.get(),
-                        chain = ?chain,
-                    ),
-                    _ => {}
-                }
-            }
+        if self.router.count.get() > 1 {
+            self.note_parts(&split, chain.as_ref());
         }
         if split.parts.len() > 1 {
             counter!(SPLIT_PROPOSALS_TOTAL).increment(1);
@@ -457,6 +470,50 @@ impl RaftDurability {
         commit
     }
 
+    /// Keeps the de-duplication records the parts of a split proposal open (`Intents`; a
+    /// receipt without one closes what its packet id had), and logs what they store at debug
+    /// level (chaos replays).
+    fn note_parts(&self, split: &Split, chain: Option<&(ByteStr, u64)>) {
+        let logged = tracing::enabled!(tracing::Level::DEBUG);
+        for part in &split.parts {
+            for c in &part.changes {
+                match &c.change {
+                    Some(ProtoChange::MessageStored(m)) if logged => debug!(
+                        diag = "store",
+                        id = m.id,
+                        shard = part.shard.get(),
+                        dedupe = m.dedupe,
+                        gated = split.gate.is_some(),
+                        targets = ?m.targets.iter().map(|t| t.client_id.as_str()).collect::<Vec<_>>(),
+                        chain = ?chain,
+                    ),
+                    Some(ProtoChange::IncomingQos2Received(r)) => {
+                        if logged {
+                            debug!(
+                                diag = "qos2",
+                                client = r.client_id,
+                                pid = r.packet_id,
+                                id = r.message_id,
+                                shard = part.shard.get(),
+                                chain = ?chain,
+                            );
+                        }
+                        let Ok(packet_id) = u16::try_from(r.packet_id) else {
+                            continue;
+                        };
+                        let key = (ByteStr::from(r.client_id.as_str()), packet_id);
+                        if r.message_id == 0 {
+                            self.intents.take(&key);
+                        } else {
+                            self.intents.insert(key, (r.message_id, r.shards.clone()));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// For the QoS 2 exchanges `changes` complete (`IncomingQos2Completed`) whose message was
     /// stored with de-duplication: the shards and ids whose records to drop once they commit.
     fn settlements(&self, changes: &[StateChange]) -> Vec<(ShardId, u64)> {
@@ -472,6 +529,10 @@ impl RaftDurability {
             else {
                 continue;
             };
+            if let Some((id, shards)) = self.intents.take(&(client_id.clone(), *packet_id)) {
+                settle.extend(shards.into_iter().map(|s| (ShardId::new(s), id)));
+                continue;
+            }
             match self.reader_of(client_id).qos2_intent(client_id, *packet_id) {
                 Ok(Some(intent)) => settle.extend(
                     intent
@@ -546,10 +607,7 @@ impl RaftDurability {
     /// the message.
     pub fn mirror_image_of(&self, shard: ShardId) -> Result<Recovered, DurabilityError> {
         let reader = self.reader(shard).ok_or(DurabilityError::Storage)?;
-        let mut recovered = reader.recovered(&self.clock).map_err(|e| {
-            error!(error = %e, shard = shard.get(), "cannot read the replicated state");
-            DurabilityError::Storage
-        })?;
+        let mut recovered = self.read_shard(reader)?;
         recovered.remote_subscriptions = subscriptions_of(std::mem::take(&mut recovered.sessions));
         Ok(recovered)
     }
@@ -559,14 +617,19 @@ impl RaftDurability {
     fn read_state(&self) -> Result<Recovered, DurabilityError> {
         let mut all = Recovered::default();
         for reader in &self.readers {
-            let shard = reader.recovered(&self.clock).map_err(|e| {
-                error!(error = %e, shard = reader.shard(), "cannot read the replicated state");
-                DurabilityError::Storage
-            })?;
+            let shard = self.read_shard(reader)?;
             all.sessions.extend(shard.sessions);
             all.retained.extend(shard.retained);
         }
         Ok(all)
+    }
+
+    /// One shard's state, read from a consistent snapshot of it.
+    fn read_shard(&self, reader: &StateMachine) -> Result<Recovered, DurabilityError> {
+        reader.recovered(&self.clock).map_err(|e| {
+            error!(error = %e, shard = reader.shard(), "cannot read the replicated state");
+            DurabilityError::Storage
+        })
     }
 
     fn seed_ids(&self, recovered: &Recovered) {
@@ -618,6 +681,11 @@ impl Router {
         gate: Option<Ready>,
         rest: Vec<Ready>,
     ) {
+        if gate.is_none() && self.count.get() == 1 {
+            // One shard: nothing is ever gated, so nothing is held back.
+            rest.into_iter().for_each(|r| self.send(r));
+            return;
+        }
         let Some(chain) = chain else {
             // Not a connection's (a timer's): nothing of the same origin to keep in order.
             match gate {
@@ -1183,6 +1251,35 @@ mod tests {
             chains: Mutex::default(),
         });
         (router, receivers)
+    }
+
+    #[test]
+    fn an_open_qos2_intent_is_taken_once_and_the_older_generation_goes_when_the_newer_fills() {
+        let intents = Intents::default();
+        let key = |pid: u16| (ByteStr::from("c"), pid);
+        intents.insert(key(1), (7, vec![1, 3]));
+        assert_eq!(intents.take(&key(1)), Some((7, vec![1, 3])));
+        assert_eq!(intents.take(&key(1)), None, "taken once");
+        // Packet ids 0.. fill the newer generation; the next insert retires it.
+        for pid in 0..u16::try_from(Intents::GENERATION).expect("fits") {
+            intents.insert(key(pid), (u64::from(pid), vec![2]));
+        }
+        intents.insert((ByteStr::from("d"), 1), (1, vec![2]));
+        assert_eq!(
+            intents.take(&key(5)),
+            Some((5, vec![2])),
+            "kept one generation more"
+        );
+        for pid in 0..u16::try_from(Intents::GENERATION).expect("fits") {
+            intents.insert((ByteStr::from("e"), pid), (1, vec![2]));
+        }
+        intents.insert((ByteStr::from("f"), 1), (1, vec![2]));
+        assert_eq!(intents.take(&key(6)), None, "dropped with its generation");
+        assert!(intents.take(&(ByteStr::from("d"), 1)).is_some());
+        // A packet id opened again replaces its older intent.
+        intents.insert((ByteStr::from("f"), 1), (9, vec![4]));
+        assert_eq!(intents.take(&(ByteStr::from("f"), 1)), Some((9, vec![4])));
+        assert_eq!(intents.take(&(ByteStr::from("f"), 1)), None);
     }
 
     /// A part for shard `shard` whose one change names `tag` (a client id), and its commit.

@@ -158,6 +158,16 @@ async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_sto
         .expect("committed in every shard");
     let once = vec![1; subscribers.len()];
     cluster.stored_everywhere(first, &subscribers, &once).await;
+    for s in &subscribers {
+        assert!(
+            cluster
+                .node(via)
+                .durability
+                .dedupe_recorded(ShardId::new(shard(s)), first.0),
+            "shard {} keeps the first message's id while its exchange is open",
+            shard(s)
+        );
+    }
 
     // The last subscriber's shard cannot commit: refused.
     let cut = shard(&subscribers[2]);
@@ -212,34 +222,57 @@ async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_sto
         );
     }
 
-    // PUBREL: the exchange completes and every shard drops the message's record.
-    cluster
-        .propose(
-            via,
-            Some(fence),
-            vec![StateChange::IncomingQos2Completed {
-                client_id: ByteStr::from(publisher),
-                packet_id: 2,
-            }],
-        )
-        .await
-        .expect("the release commits");
-    for &node in &cluster.ids {
-        for s in &subscribers {
-            let shard_id = ShardId::new(shard(s));
-            eventually(
-                &format!("node {node}: shard {shard_id:?} drops the record of {second:?}"),
-                CONVERGE_TIMEOUT,
-                || {
-                    std::future::ready(
-                        !cluster
-                            .node(node)
-                            .durability
-                            .dedupe_recorded(shard_id, second.0),
-                    )
-                },
+    // PUBREL: the exchange completes and every shard drops the message's record. Packet 2
+    // through the node that proposed its receipt (which kept what to settle); then the client
+    // reconnects through another node (which reads what to settle from the publisher's stored
+    // receipt) and releases packet 1 there.
+    let other = cluster
+        .ids
+        .iter()
+        .copied()
+        .find(|&n| n != via)
+        .expect("3 nodes");
+    let moved = Fence::Attached {
+        client_id: ByteStr::from(publisher),
+        epoch: 3,
+    };
+    for (node, fence, packet_id, id) in [(via, fence, 2, second), (other, moved, 1, first)] {
+        if node == other {
+            cluster
+                .propose(other, None, vec![claim(publisher, 3)])
+                .await
+                .expect("the claim through another node commits");
+        }
+        cluster
+            .propose(
+                node,
+                Some(fence),
+                vec![StateChange::IncomingQos2Completed {
+                    client_id: ByteStr::from(publisher),
+                    packet_id,
+                }],
             )
-            .await;
+            .await
+            .unwrap_or_else(|e| {
+                panic!("the release of {packet_id} through node {node} commits: {e:?}")
+            });
+        for &node in &cluster.ids {
+            for s in &subscribers {
+                let shard_id = ShardId::new(shard(s));
+                eventually(
+                    &format!("node {node}: shard {shard_id:?} drops the record of {id:?}"),
+                    CONVERGE_TIMEOUT,
+                    || {
+                        std::future::ready(
+                            !cluster
+                                .node(node)
+                                .durability
+                                .dedupe_recorded(shard_id, id.0),
+                        )
+                    },
+                )
+                .await;
+            }
         }
     }
     cluster.shutdown().await;
