@@ -857,6 +857,10 @@ impl Durability for RaftDurability {
     /// also when the session was created by the claim this load follows (one claim applied).
     /// A failed read fails the load with [`DurabilityError::Storage`]: the client is refused
     /// and the stored session kept.
+    fn shard_of(&self, client_id: &[u8]) -> u32 {
+        shard_of(client_id, self.router.count).get()
+    }
+
     fn load_session(&self, client_id: &ByteStr, claim: Commit) -> SessionLoad {
         let (load, handle) = SessionLoad::pending();
         let reader = self.reader_of(client_id).clone();

@@ -165,11 +165,12 @@ pub enum Applied {
     SnapshotInstalled { shard: u32 },
 }
 
-/// A stored message of one of this node's own batches: its id and the sessions it was stored
-/// for.
+/// A stored message of one of this node's own batches: its id, the sessions it was stored
+/// for, and the log index (of this shard) of the batch.
 pub type StoredFor = (
     raftmq_core::durability::MessageId,
     Vec<raftmq_codec::ByteStr>,
+    u64,
 );
 
 /// Called, during the apply, with the messages a batch of this node's own stored.
@@ -208,7 +209,7 @@ impl Feed {
         let _ = self.own.set((me, Arc::new(f)));
     }
 
-    fn own_stored(&self, batch: &state::Batch) {
+    fn own_stored(&self, batch: &state::Batch, index: u64) {
         let Some((me, f)) = self.own.get() else {
             return;
         };
@@ -225,6 +226,7 @@ impl Feed {
                         .iter()
                         .map(|t| raftmq_codec::ByteStr::from(t.client_id.as_str()))
                         .collect(),
+                    index,
                 )),
                 _ => None,
             })
@@ -336,7 +338,7 @@ impl StateMachine {
             self.fence_notes.record(origin, entry.log_id.index, failed);
         }
         if let Some(batch) = &outcome.feed {
-            self.feed.own_stored(batch);
+            self.feed.own_stored(batch, entry.log_id.index);
         }
         let shard = self.db.shard();
         match outcome.feed {

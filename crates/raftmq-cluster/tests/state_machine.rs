@@ -1492,7 +1492,7 @@ fn the_messages_a_nodes_own_batches_stored_are_reported_while_each_is_applied() 
     let (_dir, store) = temp_store();
     let sm = StateMachine::new(store.state_db(DATA_SHARD.get()));
     let _feed = sm.feed().subscribe().expect("the first listener");
-    type Stored = Vec<(MessageId, Vec<raftmq_codec::ByteStr>)>;
+    type Stored = Vec<(MessageId, Vec<raftmq_codec::ByteStr>, u64)>;
     let seen: Arc<parking_lot::Mutex<Vec<Stored>>> = Arc::default();
     let record = seen.clone();
     sm.feed()
@@ -1505,8 +1505,8 @@ fn the_messages_a_nodes_own_batches_stored_are_reported_while_each_is_applied() 
     // Node 1's batch storing message 7: reported by the time the apply returned.
     assert_eq!(
         apply(1, 1, qos2_publish(1, 7)),
-        vec![vec![(MessageId(7), vec!["sub".into()])]],
-        "reported during the apply, with the sessions it was stored for"
+        vec![vec![(MessageId(7), vec!["sub".into()], 1)]],
+        "reported during the apply, with the sessions it was stored for and its index"
     );
     // Another node's batch, or one of this node's that stored nothing: not reported.
     assert!(apply(2, 2, qos2_publish(2, 8)).is_empty());

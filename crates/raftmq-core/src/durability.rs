@@ -535,6 +535,13 @@ pub trait Durability: Send + Sync + 'static {
     fn load_session(&self, _client_id: &ByteStr, claim: Commit) -> SessionLoad {
         SessionLoad::after(claim, None)
     }
+
+    /// The shard whose log holds session `client_id`'s state: the log the index a session
+    /// load reflects is of, and the one of a commit's [`Commit::log_positions`] that stored
+    /// anything for the session. The default: one log, shard 1.
+    fn shard_of(&self, _client_id: &[u8]) -> u32 {
+        1
+    }
 }
 
 /// The stored session found by [`Durability::load_session`], with the log index it reflects

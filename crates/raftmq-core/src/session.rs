@@ -389,6 +389,13 @@ impl Session {
         self.enqueue_locked(&mut s, delivery, limits, stats)
     }
 
+    /// Whether the session's state was loaded from the log at index `index` or later (of the
+    /// session's shard): then whatever its shard stored for it up to `index` is in the loaded
+    /// image, or was acknowledged.
+    pub fn loaded_from_at_least(&self, index: u64) -> bool {
+        self.state.lock().replicated_upto >= index
+    }
+
     /// Queues a stored message that the applied-change feed brought, committed in the batch
     /// at log index `index`, unless the session's state was loaded from at least that index
     /// (then it is in the loaded image already, or was acknowledged). While the session's

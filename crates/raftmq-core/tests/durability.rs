@@ -1394,7 +1394,7 @@ fn local_deliveries_of_a_commit_reported_failed_are_queued_if_it_happened() {
         publ.handle_packet(publish("t", QoS::ExactlyOnce, n, false), now);
         let id = *stored_ids(&held).last().expect("stored");
         if applied_first {
-            b.own_stored_applied([(id, vec!["sub".into()])]);
+            b.own_stored_applied([(id, vec!["sub".into()], 0)]);
         }
         held.complete_all(Err(DurabilityError::Unavailable));
         publ.handle_commits(now);
@@ -1408,9 +1408,9 @@ fn local_deliveries_of_a_commit_reported_failed_are_queued_if_it_happened() {
         0,
         "not before it is known to have happened"
     );
-    b.own_stored_applied([(first, vec!["sub".into()])]);
+    b.own_stored_applied([(first, vec!["sub".into()], 0)]);
     assert_eq!(session.queue_depth().0, 1);
-    b.own_stored_applied([(first, vec!["sub".into()])]);
+    b.own_stored_applied([(first, vec!["sub".into()], 0)]);
     assert_eq!(session.queue_depth().0, 1, "once");
     // Applied here before the failure was reported: queued when it is.
     publish_refused(2, true);
@@ -1472,7 +1472,7 @@ fn a_resent_qos2_publish_loaded_with_a_message_id_is_stored_again_under_it() {
     );
     // A first attempt's store of the message had reached this session here (applied here
     // before): the resend must not deliver it again for that.
-    b.own_stored_applied([(MessageId(77), vec![ByteStr::from("sub")])]);
+    b.own_stored_applied([(MessageId(77), vec![ByteStr::from("sub")], 0)]);
     let before = d.held.changes().len();
     let mut resend = publish("t", QoS::ExactlyOnce, 5, false);
     if let Packet::Publish(p) = &mut resend {
@@ -1519,14 +1519,14 @@ fn a_resent_qos2_publish_loaded_with_a_message_id_is_stored_again_under_it() {
         publishes(&drain(&mut sub, now)).is_empty(),
         "not delivered here before the store applied it for this session"
     );
-    b.own_stored_applied([(MessageId(77), vec![ByteStr::from("sub")])]);
+    b.own_stored_applied([(MessageId(77), vec![ByteStr::from("sub")], 0)]);
     // A QoS 2 delivery to a persistent session goes once its sending is recorded.
     let mut sent = drain(&mut sub, now);
     d.held.complete_all(Ok(()));
     sub.handle_commits(now);
     sent.extend(drain(&mut sub, now));
     assert_eq!(publishes(&sent), ["m5"]);
-    b.own_stored_applied([(MessageId(77), vec![ByteStr::from("sub")])]);
+    b.own_stored_applied([(MessageId(77), vec![ByteStr::from("sub")], 0)]);
     assert!(publishes(&drain(&mut sub, now)).is_empty(), "once");
     // Resent once more: acknowledged, not stored again.
     let before = d.held.changes().len();
@@ -1570,7 +1570,7 @@ fn a_store_applied_after_a_reported_failure_releases_the_clean_sessions_deliveri
         publishes(&drain(&mut clean, now)).is_empty(),
         "not before it is known"
     );
-    b.own_stored_applied([(id, vec![ByteStr::from("sub")])]);
+    b.own_stored_applied([(id, vec![ByteStr::from("sub")], 0)]);
     assert_eq!(publishes(&drain(&mut clean, now)), ["m1"]);
     assert_eq!(durable.queue_depth().0, 1);
 }

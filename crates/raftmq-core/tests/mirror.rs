@@ -898,3 +898,228 @@ fn a_qos2_publish_of_a_connection_whose_session_was_fenced_is_refused() {
         "nothing proposed"
     );
 }
+
+/// A durability layer of several shards whose commits (at log positions the test names) and
+/// session loads the test completes by hand: `a` is in shard 2, every other client id in
+/// shard 1.
+#[derive(Default)]
+struct Sharded {
+    handles: parking_lot::Mutex<Vec<(raftmq_core::durability::CommitHandle, Vec<StateChange>)>>,
+    load: parking_lot::Mutex<Option<raftmq_core::durability::SessionLoadHandle>>,
+    ids: std::sync::atomic::AtomicU64,
+}
+
+use raftmq_core::durability::{StateChange, StoredDelivery, StoredTarget};
+
+impl raftmq_core::durability::Durability for Sharded {
+    fn propose(&self, changes: Vec<StateChange>) -> Commit {
+        let (commit, handle) = Commit::pending();
+        self.handles.lock().push((handle, changes));
+        commit
+    }
+    fn next_message_id(&self) -> MessageId {
+        MessageId(500 + self.ids.fetch_add(1, Relaxed))
+    }
+    fn recover(
+        &self,
+    ) -> Result<raftmq_core::durability::Recovered, raftmq_core::durability::DurabilityError> {
+        Ok(Default::default())
+    }
+    fn load_session(
+        &self,
+        _client_id: &ByteStr,
+        _claim: Commit,
+    ) -> raftmq_core::durability::SessionLoad {
+        let (load, handle) = raftmq_core::durability::SessionLoad::pending();
+        *self.load.lock() = Some(handle);
+        load
+    }
+    fn shard_of(&self, client_id: &[u8]) -> u32 {
+        if client_id == b"a" { 2 } else { 1 }
+    }
+}
+
+impl Sharded {
+    /// Commits every pending proposal that stored a message, at `positions`.
+    fn commit_stores_at(&self, positions: &[(u32, u64)]) {
+        let mut handles = self.handles.lock();
+        let (stores, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut *handles)
+                .into_iter()
+                .partition(|(_, changes)| {
+                    changes
+                        .iter()
+                        .any(|c| matches!(c, StateChange::MessageStored { .. }))
+                });
+        *handles = rest;
+        drop(handles);
+        for (handle, _) in stores {
+            handle.complete_at(
+                Ok(()),
+                raftmq_core::durability::LogPositions::from_slice(positions),
+            );
+        }
+    }
+
+    /// Commits every other pending proposal (claims).
+    fn commit_rest(&self) {
+        for (handle, _) in self.handles.lock().drain(..) {
+            handle.complete(Ok(()));
+        }
+    }
+
+    /// Completes the pending load of `attached` with `image` read at `upto`, and restores it.
+    fn load_with(
+        &self,
+        broker: &Broker,
+        attached: &raftmq_core::Attached,
+        image: SessionImage,
+        upto: u64,
+    ) {
+        self.load
+            .lock()
+            .take()
+            .expect("the load started")
+            .complete(Ok(Some((image, upto))));
+        assert!(broker.finish_attach(&attached.session, attached.epoch));
+    }
+}
+
+/// Routes `message` as persistent publisher `publisher`'s QoS 2 PUBLISH `packet_id`.
+fn route_qos2(
+    broker: &Broker,
+    publisher: &raftmq_core::Attached,
+    message: Arc<Message>,
+    packet_id: u16,
+    t0: Instant,
+) -> raftmq_core::broker::Routed {
+    broker.route(
+        message,
+        Some(raftmq_core::broker::Publisher {
+            session: &publisher.session,
+            epoch: publisher.epoch,
+            qos2_packet_id: Some(packet_id),
+            reroute: None,
+        }),
+        t0,
+    )
+}
+
+fn qos2_entry() -> SubEntry {
+    SubEntry {
+        options: SubscriptionOptions {
+            qos: QoS::ExactlyOnce,
+            ..SubscriptionOptions::default()
+        },
+        subscription_id: None,
+    }
+}
+
+fn image_of(client_id: &str, messages: Vec<StoredDelivery>) -> SessionImage {
+    SessionImage {
+        client_id: ByteStr::from(client_id.to_owned()),
+        expiry_secs: 3600,
+        subscriptions: vec![(Arc::from("t/#"), qos2_entry())],
+        messages,
+        incoming_qos2: Vec::new(),
+        qos2_reroute: Vec::new(),
+        will: None,
+    }
+}
+
+/// With shards, a message's commit completes when its store committed in every shard it
+/// went to, which can be long after the part in one subscriber's shard applied. A session
+/// held here when the message was routed waits for that commit; if it was loaded from the
+/// log meanwhile, at or past its shard's store, the image has the message already (and it
+/// may have been delivered and acknowledged since): the commit must not queue it again.
+#[test]
+fn a_delivery_waiting_for_a_commit_is_dropped_when_the_session_was_loaded_past_its_store() {
+    let t0 = Instant::now();
+    let durability = Arc::new(Sharded::default());
+    let broker = Broker::new(MqttConfig::default()).with_durability(durability.clone());
+    broker.set_forwarder(Arc::new(NoPeers));
+    // `a` (shard 2), held elsewhere, resumes its stored session here; its load is pending
+    // when the message is routed (so its delivery waits for the message's commit).
+    broker.replace_remote_subscriptions(vec![(ByteStr::from("a"), Arc::from("t/#"), qos2_entry())]);
+    let a = broker.attach(&ByteStr::from("a"), false, 3600, None, t0);
+    assert!(a.load_after_commit);
+    let publisher = broker.attach(&ByteStr::from("pub"), true, 3600, None, t0);
+    durability.commit_rest();
+    let message = published(t0, "t/1", "q2", QoS::ExactlyOnce);
+    let routed = route_qos2(&broker, &publisher, message.clone(), 1, t0);
+    assert_eq!(routed.offered, 1);
+    // The load read shard 2 at 15, past the message's store there (12): the image has it.
+    let stored = StoredDelivery {
+        id: MessageId(500),
+        message,
+        target: StoredTarget {
+            client_id: ByteStr::from("a"),
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            subscription_ids: Default::default(),
+        },
+        packet_id: None,
+        released: false,
+    };
+    durability.load_with(&broker, &a, image_of("a", vec![stored]), 15);
+    assert_eq!(a.session.queue_depth().0, 1, "the image's copy");
+    // The whole commit completes later (its part in shard 1 at 40).
+    durability.commit_stores_at(&[(1, 40), (2, 12)]);
+    assert_eq!(
+        a.session.queue_depth().0,
+        1,
+        "not queued a second time by the commit"
+    );
+}
+
+/// The other side of the same window: a message stored through this node for a session
+/// held elsewhere when it was routed (so no delivery waits here for it), whose store applies
+/// after that session was loaded here from an earlier point of its shard's log. A node's own
+/// stores are not fed to its broker: the session gets it when the store applies here, once;
+/// a store the image covers is not queued.
+#[test]
+fn a_message_stored_for_a_session_held_elsewhere_reaches_it_once_loaded_here_before_the_store() {
+    let t0 = Instant::now();
+    let durability = Arc::new(Sharded::default());
+    let broker = Broker::new(MqttConfig::default()).with_durability(durability.clone());
+    broker.set_forwarder(Arc::new(NoPeers));
+    broker.replace_remote_subscriptions(vec![(ByteStr::from("a"), Arc::from("t/#"), qos2_entry())]);
+    let publisher = broker.attach(&ByteStr::from("pub"), true, 3600, None, t0);
+    durability.commit_rest();
+    let first = route_qos2(
+        &broker,
+        &publisher,
+        published(t0, "t/1", "m1", QoS::ExactlyOnce),
+        1,
+        t0,
+    );
+    let second = route_qos2(
+        &broker,
+        &publisher,
+        published(t0, "t/1", "m2", QoS::ExactlyOnce),
+        2,
+        t0,
+    );
+    assert_eq!(
+        (first.offered, second.offered),
+        (1, 1),
+        "stored for a, held elsewhere"
+    );
+    // `a` moves here and is loaded at 15 of shard 2, without either message.
+    let a = broker.attach(&ByteStr::from("a"), false, 3600, None, t0);
+    durability.commit_rest();
+    durability.load_with(&broker, &a, image_of("a", Vec::new()), 15);
+    assert_eq!(a.session.queue_depth().0, 0);
+    // The first message's store applies here at 20: after the load, so it is queued.
+    broker.own_stored_applied([(MessageId(500), vec![ByteStr::from("a")], 20)]);
+    assert_eq!(
+        a.session.queue_depth().0,
+        1,
+        "queued when its store applied here"
+    );
+    broker.own_stored_applied([(MessageId(500), vec![ByteStr::from("a")], 20)]);
+    assert_eq!(a.session.queue_depth().0, 1, "once");
+    // The second message's store at 12, which the load at 15 covers, is not queued.
+    broker.own_stored_applied([(MessageId(501), vec![ByteStr::from("a")], 12)]);
+    assert_eq!(a.session.queue_depth().0, 1, "the image covers it");
+}

@@ -148,24 +148,39 @@ impl Broker {
     /// layer resolves commits in the order they were proposed). If it fails they are dropped,
     /// or, when the commit stored message `stored`, kept until this node applies that message
     /// after all (a commit reported failed may have happened; see `cluster::unsettled`).
+    ///
+    /// `store` is the commit that stored the message (`commit` may also wait for others): a
+    /// stored delivery to a session loaded from the log since, at or past the store's position
+    /// in the session's shard, is dropped: the loaded image had the message already (its
+    /// parts in other shards may commit well after, and with them `commit`).
     pub(in crate::broker) fn deliver_after(
         &self,
         commit: &Commit,
         deferred: Vec<(Arc<Session>, Delivery)>,
         stored: Option<MessageId>,
+        store: &Commit,
     ) {
         if deferred.is_empty() {
             return;
         }
         let (limits, stats) = (self.queue_limits, self.stats.clone());
         let unsettled = self.cluster.unsettled.clone();
+        let (durability, store) = (self.durability.clone(), store.clone());
         let complete = move |result: Result<(), crate::durability::DurabilityError>| {
             let due = match (result, stored) {
                 (Ok(()), _) => Some(deferred),
                 (Err(_), Some(id)) => unsettled.failed(id, deferred),
                 (Err(_), None) => None,
             };
+            let positions = store.log_positions().unwrap_or_default();
             for (session, delivery) in due.into_iter().flatten() {
+                if delivery.durable.is_some() {
+                    let shard = durability.shard_of(session.client_id().as_bytes());
+                    let at = positions.iter().find(|(s, _)| *s == shard).map(|(_, i)| *i);
+                    if at.is_some_and(|at| session.loaded_from_at_least(at)) {
+                        continue;
+                    }
+                }
                 session.enqueue(delivery, &limits, &stats);
             }
         };
@@ -289,6 +304,33 @@ impl Broker {
                 *message_id = stored_id;
             }
         }
+        // A persistent publisher's QoS 2 message may be stored in the shards of its targets
+        // only after its receipt committed: a target held elsewhere now may be loaded here
+        // before that (see `Unsettled::stored_remotely`).
+        if durable_qos2
+            && self.clustered()
+            && let Some(id) = stored_id
+        {
+            let remote: Vec<StoredTarget> = stored
+                .iter()
+                .filter_map(|c| match c {
+                    StateChange::MessageStored { targets, .. } => Some(targets),
+                    _ => None,
+                })
+                .flatten()
+                .filter(|t| {
+                    !deferred
+                        .iter()
+                        .any(|(session, _)| session.client_id() == &t.client_id)
+                })
+                .cloned()
+                .collect();
+            if !remote.is_empty() {
+                self.cluster
+                    .unsettled
+                    .stored_remotely(id, message.clone(), remote);
+            }
+        }
         // A resent QoS 2 PUBLISH stored again: the sessions here get it once a store applied
         // here names them, which happens only in the shards that did not have it (kept before
         // proposing, so that apply cannot come first).
@@ -341,9 +383,9 @@ impl Broker {
                 let after = Commit::all(vec![store.clone(), st.last_qos2.settled()]);
                 st.last_qos2 = after.clone();
                 drop(st);
-                self.deliver_after(&after, deferred, stored_id);
+                self.deliver_after(&after, deferred, stored_id, &store);
             }
-            (None, _) => self.deliver_after(&store, deferred, stored_id),
+            (None, _) => self.deliver_after(&store, deferred, stored_id, &store),
         }
         acks.push(store.clone());
         Routed {

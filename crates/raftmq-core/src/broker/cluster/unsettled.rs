@@ -11,8 +11,8 @@
 //! ([`Broker::own_stored_applied`]). Bounded: the oldest are forgotten first.
 
 use crate::broker::Broker;
-use crate::durability::MessageId;
-use crate::message::Delivery;
+use crate::durability::{MessageId, StoredTarget};
+use crate::message::{Delivery, Message};
 use crate::session::Session;
 use ahash::{HashMap, HashSet};
 use parking_lot::Mutex;
@@ -36,6 +36,11 @@ struct Inner {
     /// shards is applied one shard at a time, each storing it for its own sessions).
     applied: HashMap<MessageId, HashSet<ByteStr>>,
     applied_order: VecDeque<MessageId>,
+    /// Messages this node stored for sessions held elsewhere when it routed them, whose
+    /// stores may apply only after such a session was loaded here (see
+    /// [`Unsettled::stored_remotely`]).
+    remote: HashMap<MessageId, (Arc<Message>, Vec<StoredTarget>)>,
+    remote_order: VecDeque<MessageId>,
 }
 
 impl Inner {
@@ -110,6 +115,53 @@ impl Unsettled {
         due
     }
 
+    /// Message `id` is stored, through this node, for `targets`, sessions that were not held
+    /// here when it was routed (so it has no delivery for them here). A node's own stores are
+    /// not fed to its broker: if one of those sessions is loaded here before the store
+    /// applies, nothing else queues the message for it. That happens when the store commits
+    /// after the claim of the session's load in the session's shard: a QoS 2 message of a
+    /// persistent publisher stored across shards waits for its receipt to commit in the
+    /// publisher's shard first (`raftmq_cluster::split`, the gate). Kept until the store
+    /// applies here ([`Broker::own_stored_applied`]); bounded.
+    pub(in crate::broker) fn stored_remotely(
+        &self,
+        id: MessageId,
+        message: Arc<Message>,
+        targets: Vec<StoredTarget>,
+    ) {
+        let mut inner = self.0.lock();
+        if inner.remote.insert(id, (message, targets)).is_none() {
+            inner.remote_order.push_back(id);
+        }
+        while inner.remote_order.len() > CAPACITY {
+            if let Some(old) = inner.remote_order.pop_front() {
+                inner.remote.remove(&old);
+            }
+        }
+    }
+
+    /// The targets of [`Unsettled::stored_remotely`] message `id` among `stored_for` (a
+    /// store of one shard), with the message; forgotten once every target was taken.
+    fn take_remote(
+        &self,
+        id: MessageId,
+        stored_for: &[ByteStr],
+    ) -> Option<(Arc<Message>, Vec<StoredTarget>)> {
+        let mut inner = self.0.lock();
+        let inner = &mut *inner;
+        let (message, targets) = inner.remote.get_mut(&id)?;
+        let (taken, rest): (Vec<_>, Vec<_>) = std::mem::take(targets)
+            .into_iter()
+            .partition(|t| stored_for.contains(&t.client_id));
+        *targets = rest;
+        let message = message.clone();
+        if targets.is_empty() {
+            inner.remote.remove(&id);
+            inner.remote_order.retain(|r| *r != id);
+        }
+        Some((message, taken))
+    }
+
     /// This node applied the `MessageStored` of `id` (proposed here) for the sessions
     /// `stored_for`: the deliveries kept for them, if its commit had been reported failed.
     fn applied(&self, id: MessageId, stored_for: Vec<ByteStr>) -> Option<Deferred> {
@@ -145,11 +197,58 @@ impl Broker {
     /// id with the sessions it was stored for (see the module docs). Queues the deliveries
     /// kept for those sessions, if the commit had been reported failed. The caller is the
     /// applied-change feed; batches of other nodes go to [`Broker::apply_replicated`].
-    pub fn own_stored_applied(&self, stored: impl IntoIterator<Item = (MessageId, Vec<ByteStr>)>) {
-        for (id, stored_for) in stored {
+    ///
+    /// `index` is the log index (of the shard) the store applied at: a session routed to
+    /// elsewhere but loaded here before that index gets the message now (see
+    /// [`Unsettled::stored_remotely`]), as a replicated copy would reach it.
+    pub fn own_stored_applied(
+        &self,
+        stored: impl IntoIterator<Item = (MessageId, Vec<ByteStr>, u64)>,
+    ) {
+        for (id, stored_for, index) in stored {
+            let remote = self.cluster.unsettled.take_remote(id, &stored_for);
             if let Some(deferred) = self.cluster.unsettled.applied(id, stored_for) {
                 self.deliver_committed(deferred);
             }
+            if let Some((message, targets)) = remote {
+                self.queue_loaded_before(index, id, &message, &targets);
+            }
+        }
+    }
+
+    /// Queues message `id`, stored at `index` for `targets`, for those of them held here
+    /// whose state was loaded from the log before `index` (or whose load is pending: the
+    /// restore drops it if the load covers it). A session held here but never loaded from the
+    /// log was held here when the message was routed, or is a new one: left alone.
+    fn queue_loaded_before(
+        &self,
+        index: u64,
+        id: MessageId,
+        message: &Arc<Message>,
+        targets: &[StoredTarget],
+    ) {
+        for target in targets {
+            let Some(session) = self
+                .sessions
+                .lock()
+                .get(&target.client_id)
+                .filter(|s| s.is_durable())
+                .cloned()
+            else {
+                continue;
+            };
+            let loading = self.loading.lock().contains_key(&target.client_id);
+            if !loading && !session.loaded_from_at_least(1) {
+                continue;
+            }
+            let delivery = Delivery {
+                qos: target.qos,
+                retain: target.retain,
+                subscription_ids: target.subscription_ids.iter().copied().collect(),
+                message: message.clone(),
+                durable: Some(id),
+            };
+            session.enqueue_replicated(delivery, index, loading, &self.queue_limits, &self.stats);
         }
     }
 }
