@@ -37,6 +37,8 @@ pub const SHARD_REPLICAS: &str = "raftmq_shard_replicas";
 pub struct Groups {
     /// `rafts[i]` is shard `i + 1`.
     rafts: Vec<Raft>,
+    /// Which shards are quiesced here ([`crate::quiesce`]).
+    quiet: Arc<crate::quiesce::Quiet>,
 }
 
 impl std::fmt::Debug for Groups {
@@ -62,7 +64,15 @@ impl Groups {
     /// The groups of shards `1..=rafts.len()`, in that order; `rafts` must not be empty.
     pub fn new(rafts: Vec<Raft>) -> Groups {
         assert!(!rafts.is_empty(), "a node runs at least the data group");
-        Groups { rafts }
+        Groups {
+            rafts,
+            quiet: Arc::default(),
+        }
+    }
+
+    /// What this node knows of quiesced shards ([`crate::quiesce`]).
+    pub fn quiet(&self) -> &Arc<crate::quiesce::Quiet> {
+        &self.quiet
     }
 
     /// The number of data shards `S`.

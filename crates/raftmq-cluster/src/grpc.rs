@@ -117,6 +117,11 @@ impl RaftGrpc {
             .ok_or_else(|| unknown_shard(shard_id))
     }
 
+    /// A Raft message of `shard` arrived: a shard quiesced here is awake again.
+    fn wake(&self, shard: ShardId, raft: &Raft) {
+        self.groups.quiet().woken(shard, raft);
+    }
+
     /// Records a contact from the data group's leader (the other groups do not drive the
     /// lease).
     fn touch(&self, shard: ShardId) {
@@ -134,7 +139,8 @@ impl RaftService for RaftGrpc {
         &self,
         req: GrpcRequest<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
-        let (_, raft) = self.group(req.get_ref().shard_id)?;
+        let (shard, raft) = self.group(req.get_ref().shard_id)?;
+        self.wake(shard, raft);
         let req = conv::vote_request_from_pb(req.get_ref()).map_err(bad_request)?;
         let resp = raft.vote(req).await.map_err(to_status)?;
         Ok(Response::new(conv::vote_response_to_pb(&resp)))
@@ -145,6 +151,7 @@ impl RaftService for RaftGrpc {
         req: GrpcRequest<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
         let (shard, raft) = self.group(req.get_ref().shard_id)?;
+        self.wake(shard, raft);
         let req = conv::append_request_from_pb(req.get_ref()).map_err(bad_request)?;
         let resp = raft.append_entries(req).await.map_err(to_status)?;
         if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
@@ -158,6 +165,7 @@ impl RaftService for RaftGrpc {
         req: GrpcRequest<pb::InstallSnapshotRequest>,
     ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
         let (shard, raft) = self.group(req.get_ref().shard_id)?;
+        self.wake(shard, raft);
         let req = conv::snapshot_request_from_pb(req.get_ref()).map_err(bad_request)?;
         let vote = req.vote;
         let resp = raft.install_snapshot(req).await.map_err(to_status)?;
@@ -165,6 +173,23 @@ impl RaftService for RaftGrpc {
             self.touch(shard);
         }
         Ok(Response::new(conv::snapshot_response_to_pb(&resp)))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: GrpcRequest<pb::NodeHeartbeat>,
+    ) -> Result<Response<pb::NodeHeartbeatAck>, Status> {
+        self.groups.quiet().heard_from(req.get_ref().from);
+        Ok(Response::new(pb::NodeHeartbeatAck {}))
+    }
+
+    async fn quiesce(
+        &self,
+        req: GrpcRequest<pb::QuiesceRequest>,
+    ) -> Result<Response<pb::QuiesceResponse>, Status> {
+        let (shard, raft) = self.group(req.get_ref().shard_id)?;
+        let quiesced = self.groups.quiet().on_quiesce(shard, raft, req.get_ref());
+        Ok(Response::new(pb::QuiesceResponse { quiesced }))
     }
 }
 

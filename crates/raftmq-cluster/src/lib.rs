@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod network;
 pub mod node;
 pub mod peers;
+pub mod quiesce;
 mod raft_proto;
 pub mod split;
 pub mod state_machine;

@@ -179,6 +179,12 @@ pub(crate) async fn pass_raft(
     pass_by(faults, from, to, |f| f.raft(shard, from, to)).await
 }
 
+/// [`pass_raft`] for a message between two nodes that belongs to no group (a node heartbeat):
+/// [`FaultInjector::fault`].
+pub(crate) async fn pass_node(faults: &Faults, from: NodeId, to: NodeId) -> Result<(), Dropped> {
+    pass_by(faults, from, to, |f| f.fault(from, to)).await
+}
+
 /// [`pass_raft`] for a forwarded proposal or its reply ([`FaultInjector::forwarded`]).
 pub(crate) async fn pass_forwarded(
     faults: &Faults,

@@ -88,6 +88,9 @@ pub struct RaftTuning {
     /// Log entries kept behind a snapshot, so a briefly lagging follower catches up from the
     /// log instead of a full snapshot.
     pub keep_after_snapshot: u64,
+    /// A shard other than shard 1 with nothing appended for this long stops its heartbeats
+    /// ([`crate::quiesce`]); 0: never. Only with more than one shard.
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -98,6 +101,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 2000,
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
+            quiesce_after_ms: crate::quiesce::QUIESCE_AFTER.as_millis() as u64,
         }
     }
 }
@@ -176,6 +180,8 @@ pub struct RaftNode {
     election_task: Option<tokio::task::JoinHandle<()>>,
     /// Settles the wills of this node's previous process (`settle_predecessor`).
     settle_task: Option<tokio::task::JoinHandle<()>>,
+    /// Quiesces idle shards and sends node heartbeats ([`crate::quiesce`]; several shards).
+    quiesce_task: Option<tokio::task::JoinHandle<()>>,
     /// The forwarding links (once forwarding started): which peers are reachable.
     hub: Option<Arc<crate::forward::ForwardHub>>,
     join_task: Option<tokio::task::JoinHandle<()>>,
@@ -415,6 +421,15 @@ impl RaftNode {
         })?;
         let metrics_task = tokio::spawn(export_metrics(raft.clone(), store.clone()));
         let shard_metrics_task = tokio::spawn(crate::groups::export_shard_metrics(groups.clone()));
+        let quiesce_task = (shards.get() > 1 && opts.tuning.quiesce_after_ms > 0).then(|| {
+            tokio::spawn(crate::quiesce::run(
+                groups.clone(),
+                opts.node_id,
+                pool.clone(),
+                opts.faults.clone(),
+                Duration::from_millis(opts.tuning.quiesce_after_ms),
+            ))
+        });
         Ok(RaftNode {
             raft,
             groups,
@@ -432,6 +447,7 @@ impl RaftNode {
             liveness_task: None,
             election_task: None,
             settle_task: None,
+            quiesce_task,
             join_task,
             metrics_task,
             contact: Arc::default(),
@@ -842,6 +858,7 @@ impl RaftNode {
             self.liveness_task.take(),
             self.election_task.take(),
             self.settle_task.take(),
+            self.quiesce_task.take(),
         ]
         .into_iter()
         .flatten()

@@ -10,6 +10,7 @@
 mod ambiguous;
 mod brokers;
 mod faults;
+mod quiesce;
 mod sharded;
 mod shards;
 mod tls;
@@ -157,6 +158,7 @@ fn tuning(snapshot_every: u64, keep_after_snapshot: u64) -> RaftTuning {
         election_timeout_max_ms: 2000,
         snapshot_every,
         keep_after_snapshot,
+        ..RaftTuning::default()
     }
 }
 
