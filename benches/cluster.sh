@@ -50,23 +50,24 @@ find_binaries() {
 # GET http://127.0.0.1:$1$2 (2 s bound); prints the body, fails unless 200.
 http_get() { curl -fsS --max-time 2 "http://127.0.0.1:$1$2"; }
 
-# Starts nodes 1..3 of a new cluster in $1 (data directories $1/nN, logs $1/nN.log), each with
-# the extra `raftmq serve` arguments ${@:2}; sets node_pid, mqtt, http, cluster (arrays by node
-# id) and adds the PIDs to $pids.
+# Starts nodes 1..$cluster_size (default 3) of a new cluster in $1 (data directories $1/nN, logs
+# $1/nN.log), each with the extra `raftmq serve` arguments ${@:2} and the environment variables
+# of the array $node_env (e.g. RAFTMQ_CLUSTER__SHARDS=4); sets node_pid, mqtt, http, cluster
+# (arrays by node id) and adds the PIDs to $pids.
 # shellcheck disable=SC2154 # $port is set by free_port (common.sh)
 start_cluster() {
     local dir=$1 id seeds=""
     shift
     node_pid=() mqtt=() http=() cluster=()
-    for id in 1 2 3; do
+    for id in $(seq "${cluster_size:-3}"); do
         free_port; mqtt[id]=$port
         free_port; http[id]=$port
         free_port; cluster[id]=$port
         seeds+="${seeds:+,}127.0.0.1:${cluster[id]}"
     done
-    for id in 1 2 3; do
+    for id in $(seq "${cluster_size:-3}"); do
         # A clean environment: no RAFTMQ_* variable of the caller changes the nodes' config.
-        env -i HOME="$HOME" PATH="$PATH" "$raftmq_bin" serve --node-id "$id" \
+        env -i HOME="$HOME" PATH="$PATH" ${node_env[@]+"${node_env[@]}"} "$raftmq_bin" serve --node-id "$id" \
             --mqtt-addr "127.0.0.1:${mqtt[id]}" --http-addr "127.0.0.1:${http[id]}" \
             --cluster-addr "127.0.0.1:${cluster[id]}" --seeds "$seeds" \
             --data-dir "$dir/n$id" --log-level warn "$@" >"$dir/n$id.log" 2>&1 &
@@ -75,12 +76,13 @@ start_cluster() {
     done
 }
 
-# Waits (at most 60 s) until every node of the cluster whose logs are in $1 is ready and all
-# agree on a leader and 3 voters; sets $leader (a node id).
+# Waits (at most 60 s) until every node of the cluster whose logs are in $1 is ready, all agree
+# on a leader and $cluster_size (default 3) voters, and every shard has a leader and that many
+# voters; sets $leader (a node id).
 wait_converged() {
-    local dir=$1 id views leaders voters
+    local dir=$1 id views leaders voters shards n=${cluster_size:-3}
     for _ in $(seq 300); do
-        for id in 1 2 3; do
+        for id in $(seq "$n"); do
             if ! alive "${node_pid[id]}"; then
                 echo "node $id (pid ${node_pid[id]}) exited; last lines of its log:" >&2
                 tail -n 20 "$dir/n$id.log" >&2
@@ -88,14 +90,18 @@ wait_converged() {
             fi
         done
         views=""
-        for id in 1 2 3; do
+        for id in $(seq "$n"); do
             http_get "${http[id]}" /readyz >/dev/null 2>&1 || { views=""; break; }
             views+="$(http_get "${http[id]}" /api/v1/cluster 2>/dev/null || echo '{}')"$'\n'
         done
         if [[ -n $views ]]; then
             leaders=$(jq -r '.leader // "none"' <<<"$views" | sort -u)
             voters=$(jq -r '.voters | length' <<<"$views" | sort -u)
-            if [[ $leaders =~ ^[123]$ && $voters == 3 ]]; then
+            # Per node: "ok" when each of its shards has a leader and n voters.
+            shards=$(jq -r --argjson n "$n" \
+                'if all((.shards // [])[]; .leader != null and (.voters | length) == $n)
+                 then "ok" else "no" end' <<<"$views" | sort -u)
+            if [[ $leaders =~ ^[0-9]+$ && $voters == "$n" && $shards == ok ]]; then
                 # shellcheck disable=SC2034 # for the caller
                 leader=$leaders
                 return 0
