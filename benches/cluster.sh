@@ -3,6 +3,30 @@
 # soak.sh). Source it after common.sh. It defines functions only; they set the variables named
 # in their comments.
 
+# The common start of a script that runs clusters: checks for curl and jq, makes the work
+# directory $work (and $out, if empty, is it), removes it on exit (unless it is $out) after
+# stopping every process started (stop_all $2), and finds the binaries (find_binaries, waiting
+# up to $3 s). $1 names the run (the work directory's prefix). Call it after sourcing common.sh.
+start_run() {
+    local tool
+    for tool in curl jq; do
+        command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }
+    done
+    work=$(mktemp -d "${TMPDIR:-/tmp}/raftmq-$1.XXXXXX")
+    [[ -n $out ]] || out=$work
+    mkdir -p "$out"
+    stop_wait=$2
+    # shellcheck disable=SC2317 # called by the trap
+    cleanup() {
+        stop_all "$stop_wait"
+        rm -f "$work/raftmq"
+        [[ $out == "$work" ]] || rm -rf "$work"
+    }
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    find_binaries "$work" "$3"
+}
+
 # Finds the binaries; sets $raftmq (the binary found), $raftmq_bin (a copy of it in directory
 # $1: a rebuild replacing the original cannot mix versions in a cluster), $profile and $bench.
 #   raftmq: $RAFTMQ, else $HOME/.cache/raftmq-target/release/raftmq, else .../debug/raftmq,

@@ -58,30 +58,15 @@ done
 [[ $trials =~ ^(follower-sub|leader)(,(follower-sub|leader))*$ ]] || usage
 if ! [[ $repeat =~ ^[0-9]+$ ]] || ((repeat < 1 || repeat > 50)); then usage; fi
 [[ $wait_binary =~ ^[0-9]+$ ]] || usage
-for tool in curl jq; do
-    command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }
-done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-work=$(mktemp -d "${TMPDIR:-/tmp}/raftmq-failover.XXXXXX")
-[[ -n $out ]] || out=$work
-mkdir -p "$out"
-
 # shellcheck source=benches/common.sh
 source "$root/benches/common.sh"
-cleanup() {
-    stop_all 3
-    rm -f "$work/raftmq"
-    [[ $out == "$work" ]] || rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # --- binaries and cluster ---------------------------------------------------------------------
 # shellcheck source=benches/cluster.sh
 source "$root/benches/cluster.sh"
-find_binaries "$work" "$wait_binary"
+start_run failover 3 "$wait_binary"
 
 # --- trials -----------------------------------------------------------------------------------
 results=$out/results.md

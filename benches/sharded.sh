@@ -60,29 +60,14 @@ done
 ((repeat >= 1 && repeat <= 20 && rate >= 1)) || usage
 for n in ${nodes_list//,/ }; do ((n >= 2 && n <= 9 && pairs >= n)) || usage; done
 for s in ${shards_list//,/ }; do ((s >= 1 && s <= 1024)) || usage; done
-for tool in curl jq; do
-    command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }
-done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-work=$(mktemp -d "${TMPDIR:-/tmp}/raftmq-sharded.XXXXXX")
-[[ -n $out ]] || out=$work
-mkdir -p "$out"
-
 # shellcheck source=benches/common.sh
 source "$root/benches/common.sh"
-cleanup() {
-    stop_all 5
-    rm -f "$work/raftmq"
-    [[ $out == "$work" ]] || rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # shellcheck source=benches/cluster.sh
 source "$root/benches/cluster.sh"
-find_binaries "$work" "$wait_binary"
+start_run sharded 5 "$wait_binary"
 
 ticks=$(getconf CLK_TCK)
 # CPU time of process $1 in clock ticks (utime + stime; fields 14 and 15 of /proc/PID/stat,

@@ -905,7 +905,8 @@ fn a_qos2_publish_of_a_connection_whose_session_was_fenced_is_refused() {
 #[derive(Default)]
 struct Sharded {
     handles: parking_lot::Mutex<Vec<(raftmq_core::durability::CommitHandle, Vec<StateChange>)>>,
-    load: parking_lot::Mutex<Option<raftmq_core::durability::SessionLoadHandle>>,
+    /// Its session loads.
+    loads: HandLoaded,
     ids: std::sync::atomic::AtomicU64,
 }
 
@@ -927,12 +928,10 @@ impl raftmq_core::durability::Durability for Sharded {
     }
     fn load_session(
         &self,
-        _client_id: &ByteStr,
-        _claim: Commit,
+        client_id: &ByteStr,
+        claim: Commit,
     ) -> raftmq_core::durability::SessionLoad {
-        let (load, handle) = raftmq_core::durability::SessionLoad::pending();
-        *self.load.lock() = Some(handle);
-        load
+        self.loads.load_session(client_id, claim)
     }
     fn shard_of(&self, client_id: &[u8]) -> u32 {
         if client_id == b"a" { 2 } else { 1 }
@@ -966,22 +965,6 @@ impl Sharded {
         for (handle, _) in self.handles.lock().drain(..) {
             handle.complete(Ok(()));
         }
-    }
-
-    /// Completes the pending load of `attached` with `image` read at `upto`, and restores it.
-    fn load_with(
-        &self,
-        broker: &Broker,
-        attached: &raftmq_core::Attached,
-        image: SessionImage,
-        upto: u64,
-    ) {
-        self.load
-            .lock()
-            .take()
-            .expect("the load started")
-            .complete(Ok(Some((image, upto))));
-        assert!(broker.finish_attach(&attached.session, attached.epoch));
     }
 }
 
@@ -1061,7 +1044,9 @@ fn a_delivery_waiting_for_a_commit_is_dropped_when_the_session_was_loaded_past_i
         packet_id: None,
         released: false,
     };
-    durability.load_with(&broker, &a, image_of("a", vec![stored]), 15);
+    durability
+        .loads
+        .load_with(&broker, &a, image_of("a", vec![stored]), 15);
     assert_eq!(a.session.queue_depth().0, 1, "the image's copy");
     // The whole commit completes later (its part in shard 1 at 40).
     durability.commit_stores_at(&[(1, 40), (2, 12)]);
@@ -1108,7 +1093,9 @@ fn a_message_stored_for_a_session_held_elsewhere_reaches_it_once_loaded_here_bef
     // `a` moves here and is loaded at 15 of shard 2, without either message.
     let a = broker.attach(&ByteStr::from("a"), false, 3600, None, t0);
     durability.commit_rest();
-    durability.load_with(&broker, &a, image_of("a", Vec::new()), 15);
+    durability
+        .loads
+        .load_with(&broker, &a, image_of("a", Vec::new()), 15);
     assert_eq!(a.session.queue_depth().0, 0);
     // The first message's store applies here at 20: after the load, so it is queued.
     broker.own_stored_applied([(MessageId(500), vec![ByteStr::from("a")], 20)]);

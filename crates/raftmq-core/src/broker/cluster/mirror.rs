@@ -406,13 +406,7 @@ impl Broker {
             if copy == live::Copy::Skip {
                 continue;
             }
-            let delivery = Delivery {
-                qos: target.qos,
-                retain: target.retain,
-                subscription_ids: target.subscription_ids.iter().copied().collect(),
-                message: message.clone(),
-                durable: Some(id),
-            };
+            let delivery = stored_delivery(message, id, target);
             // A session whose load is pending: the restore drops this one if the loaded image
             // covers its index (it is in the image, or was acknowledged already).
             let loading = self.loading.lock().contains_key(&target.client_id);
@@ -488,5 +482,20 @@ impl Broker {
         session.set_durable(false);
         self.unload_locked(&mut registry, &session, st);
         will
+    }
+}
+
+/// The delivery of stored message `id` to one of its targets.
+pub(in crate::broker) fn stored_delivery(
+    message: &Arc<Message>,
+    id: MessageId,
+    target: &StoredTarget,
+) -> Delivery {
+    Delivery {
+        qos: target.qos,
+        retain: target.retain,
+        subscription_ids: target.subscription_ids.iter().copied().collect(),
+        message: message.clone(),
+        durable: Some(id),
     }
 }

@@ -241,13 +241,7 @@ impl Broker {
             if !loading && !session.loaded_from_at_least(1) {
                 continue;
             }
-            let delivery = Delivery {
-                qos: target.qos,
-                retain: target.retain,
-                subscription_ids: target.subscription_ids.iter().copied().collect(),
-                message: message.clone(),
-                durable: Some(id),
-            };
+            let delivery = super::mirror::stored_delivery(message, id, target);
             session.enqueue_replicated(delivery, index, loading, &self.queue_limits, &self.stats);
         }
     }
