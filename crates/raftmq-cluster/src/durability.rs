@@ -69,6 +69,9 @@ pub const COMMIT_FAILURES_TOTAL: &str = "raftmq_raft_commit_failures_total";
 pub const FENCED_PROPOSALS_TOTAL: &str = "raftmq_raft_fenced_proposals_total";
 /// Proposals refused unproposed because an earlier one of the same connection failed.
 pub const CHAIN_REFUSED_TOTAL: &str = "raftmq_raft_chain_refused_total";
+/// Parts of a gated proposal refused unproposed because its gate committed later than
+/// [`REST_DEADLINE`] after the proposal.
+pub const GATED_PARTS_EXPIRED_TOTAL: &str = "raftmq_raft_gated_parts_expired_total";
 /// Proposals split over more than one shard (each part is proposed to its shard's batcher).
 pub const SPLIT_PROPOSALS_TOTAL: &str = "raftmq_raft_split_proposals_total";
 
@@ -81,7 +84,17 @@ struct Proposal {
     chain: Option<(ByteStr, u64)>,
     /// The ordinal of its fence in the batch it was folded into.
     fence_ordinal: Option<u32>,
+    /// Refused unproposed after this (the parts of a gated proposal: see [`REST_DEADLINE`]).
+    not_after: Option<Instant>,
 }
+
+/// How long after a gated proposal was made its other parts may still be proposed. Once its
+/// gate committed late (its node paused or cut off meanwhile) its client may have resent the
+/// message through another node, which stored it everywhere and completed the exchange; the
+/// shards drop a settled message's de-duplication record some time after that
+/// (`state_machine::published::SETTLED_GRACE_MS`), so a part proposed arbitrarily late could
+/// store the message a second time. Refused instead: the client resends it.
+pub const REST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A part ready to go: its shard's batcher (index `shard - 1`) and the proposal.
 type Ready = (usize, Proposal);
@@ -136,6 +149,8 @@ struct Router {
     count: ShardCount,
     /// Per connection with a gated proposal pending: its proposals not sent yet, in order.
     chains: Mutex<HashMap<(ByteStr, u64), VecDeque<Held>>>,
+    /// The batchers' record of connections with a failed proposal (`Broken`).
+    broken: Arc<Mutex<Broken>>,
 }
 
 /// A proposal of a connection held back until the gated proposals before it are through.
@@ -276,6 +291,7 @@ impl RaftDurability {
                 batchers,
                 count,
                 chains: Mutex::default(),
+                broken: broken.clone(),
             }),
             ids: MessageIds::new(store, id_base(node_id) + 1)?,
             node_id,
@@ -458,12 +474,19 @@ impl RaftDurability {
             }
         }
         let commit = Commit::all(commits);
+        if gate.is_some() {
+            let not_after = Instant::now() + REST_DEADLINE;
+            for (_, p) in &mut rest {
+                p.not_after = Some(not_after);
+            }
+        }
         self.router.route(chain, gate, rest);
         if !settle.is_empty() {
             let router = self.router.clone();
+            let clock = self.clock.clone();
             commit.on_complete(move |result| {
                 if result.is_ok() {
-                    router.settle(settle);
+                    router.settle(settle, clock.to_unix_ms(Instant::now()));
                 }
             });
         }
@@ -549,10 +572,17 @@ impl RaftDurability {
     }
 
     /// Whether shard `shard` keeps the de-duplication record of stored message `id` (a QoS 2
-    /// exchange still open; see `state_machine::published`). False when it cannot be read.
+    /// exchange still open, or settled within its grace; see `state_machine::published`).
+    /// False when it cannot be read.
     pub fn dedupe_recorded(&self, shard: ShardId, id: u64) -> bool {
+        self.dedupe_expiry(shard, id).is_some()
+    }
+
+    /// When shard `shard`'s de-duplication record of stored message `id` expires (wall-clock
+    /// ms), if it keeps one (`None` too when it cannot be read).
+    pub fn dedupe_expiry(&self, shard: ShardId, id: u64) -> Option<u64> {
         self.reader(shard)
-            .is_some_and(|r| r.published(id).unwrap_or(false))
+            .and_then(|r| r.published_expiry(id).ok().flatten())
     }
 
     /// While `on`, every read this durability layer makes of the local state fails, as a
@@ -655,6 +685,7 @@ fn proposal(part: Part, fence: Option<Fence>, chain: Option<(ByteStr, u64)>) -> 
         fence,
         chain,
         fence_ordinal: None,
+        not_after: None,
     };
     ((index, proposal), commit)
 }
@@ -671,6 +702,28 @@ impl Router {
             }
             None => proposal.handle.complete(Err(DurabilityError::Unavailable)),
         }
+    }
+
+    /// Whether the parts `rest` of a gated proposal, whose gate just committed, are past their
+    /// deadline ([`REST_DEADLINE`]): then they are refused unproposed (dropped, their waiters
+    /// fail), and `chain`'s later proposals with them (its client resends in order).
+    fn expired(&self, chain: Option<&(ByteStr, u64)>, rest: &[Ready]) -> bool {
+        let now = Instant::now();
+        if !rest
+            .iter()
+            .any(|(_, p)| p.not_after.is_some_and(|t| now > t))
+        {
+            return false;
+        }
+        counter!(GATED_PARTS_EXPIRED_TOTAL).increment(rest.len() as u64);
+        warn!(
+            "a QoS 2 publish whose record committed too late is not stored in its other shards \
+             (its client resends it)"
+        );
+        if let Some(chain) = chain {
+            self.broken.lock().insert(chain.clone(), now);
+        }
+        true
     }
 
     /// Sends a split proposal: at once when nothing of its connection is held back and it
@@ -733,7 +786,7 @@ impl Router {
         let gate_commit = commit.clone();
         commit.on_complete(move |result| {
             own.complete_at(result, gate_commit.log_positions().unwrap_or_default());
-            if result.is_ok() {
+            if result.is_ok() && !router.expired(None, &rest) {
                 rest.into_iter().for_each(|r| router.send(r));
             }
         });
@@ -775,7 +828,9 @@ impl Router {
                     queue.pop_front();
                 }
                 Some(Some(Ok(()))) | None => {
-                    if let Some(held) = queue.pop_front() {
+                    if let Some(held) = queue.pop_front()
+                        && !self.expired(Some(&chain), &held.rest)
+                    {
                         held.rest.into_iter().for_each(|r| self.send(r));
                     }
                 }
@@ -783,9 +838,9 @@ impl Router {
         }
     }
 
-    /// Proposes, without waiting, that the shards drop the de-duplication records of
-    /// completed QoS 2 exchanges.
-    fn settle(&self, settle: Vec<(ShardId, u64)>) {
+    /// Proposes, without waiting, that the shards drop the de-duplication records of QoS 2
+    /// exchanges completed at `at_ms` (after a grace, see `PublishSettled`).
+    fn settle(&self, settle: Vec<(ShardId, u64)>, at_ms: u64) {
         let mut by_shard: std::collections::BTreeMap<ShardId, Vec<u64>> = Default::default();
         for (shard, id) in settle {
             by_shard.entry(shard).or_default().push(id);
@@ -794,7 +849,10 @@ impl Router {
             let part = Part {
                 shard,
                 changes: vec![state::Change {
-                    change: Some(ProtoChange::PublishSettled(state::PublishSettled { ids })),
+                    change: Some(ProtoChange::PublishSettled(state::PublishSettled {
+                        ids,
+                        at_ms,
+                    })),
                 }],
             };
             let (ready, commit) = proposal(part, None, None);
@@ -949,14 +1007,30 @@ async fn batcher(b: Batcher, mut rx: mpsc::UnboundedReceiver<Proposal>) {
             }
         }
         // The later proposals of a connection one of whose proposals failed are refused
-        // unproposed (see `Broken`).
+        // unproposed (see `Broken`), and so are parts of a gated proposal past their deadline.
         {
-            let broken = b.broken.lock();
+            let mut broken = b.broken.lock();
+            let now = Instant::now();
             batch.retain_mut(|p| {
-                if !broken.contains(p.chain.as_ref()) {
+                let expired = p.not_after.is_some_and(|t| now > t);
+                if !expired && !broken.contains(p.chain.as_ref()) {
                     return true;
                 }
-                counter!(CHAIN_REFUSED_TOTAL).increment(1);
+                if expired {
+                    // A failure of the connection's like any other: its later proposals wait
+                    // for its resend.
+                    if let Some(chain) = p.chain.take() {
+                        broken.insert(chain, now);
+                    }
+                    counter!(GATED_PARTS_EXPIRED_TOTAL).increment(1);
+                    warn!(
+                        shard = b.shard.get(),
+                        "a part of a QoS 2 publish whose record committed too late is refused \
+                         (its client resends it)"
+                    );
+                } else {
+                    counter!(CHAIN_REFUSED_TOTAL).increment(1);
+                }
                 let (_, handle) = Commit::pending();
                 std::mem::replace(&mut p.handle, handle)
                     .complete(Err(DurabilityError::Unavailable));
@@ -1253,6 +1327,7 @@ mod tests {
             batchers,
             count: ShardCount::new(n).expect("valid"),
             chains: Mutex::default(),
+            broken: Arc::default(),
         });
         (router, receivers)
     }
@@ -1360,6 +1435,43 @@ mod tests {
 
     /// A gate that fails never lets its other parts through: their waiters fail, and the
     /// connection's next proposals are sent (to be refused by the batchers' `Broken`).
+    #[test]
+    fn the_rest_of_a_proposal_whose_gate_committed_too_late_is_refused_with_the_chain() {
+        let (router, mut rx) = router(2);
+        let chain = Some((ByteStr::from("pub"), 1));
+        let (gate, _) = part(1, "gate");
+        let (mut rest, rest_commit) = part(2, "rest");
+        // Its node was paused past the deadline while the gate was out.
+        rest.1.not_after = Some(Instant::now() - Duration::from_millis(1));
+        router.route(chain.clone(), Some(gate), vec![rest]);
+        let (later, _) = part(2, "later");
+        router.route(chain.clone(), None, vec![later]);
+        let (_, gate) = queued(&mut rx[0]).remove(0);
+        gate.handle.complete(Ok(()));
+        assert_eq!(
+            tags(&queued(&mut rx[1])),
+            vec!["later"],
+            "the rest is not proposed (the later proposal goes to its batcher, which refuses it)"
+        );
+        assert_eq!(
+            rest_commit.result(),
+            Some(Err(DurabilityError::Unavailable))
+        );
+        assert!(
+            router.broken.lock().contains(chain.as_ref()),
+            "the connection's later proposals are refused"
+        );
+        // Within the deadline the rest goes.
+        let (router, mut rx) = self::router(2);
+        let (gate, _) = part(1, "gate");
+        let (mut rest, _) = part(2, "rest");
+        rest.1.not_after = Some(Instant::now() + Duration::from_secs(60));
+        router.route(chain, Some(gate), vec![rest]);
+        let (_, gate) = queued(&mut rx[0]).remove(0);
+        gate.handle.complete(Ok(()));
+        assert_eq!(tags(&queued(&mut rx[1])), vec!["rest"]);
+    }
+
     #[test]
     fn the_rest_of_a_proposal_whose_gate_failed_is_never_proposed() {
         let (router, mut rx) = router(2);

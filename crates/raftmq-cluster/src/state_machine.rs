@@ -826,7 +826,7 @@ fn apply_change(tx: &mut Tx<'_>, change: ProtoChange, origin: u64) -> Result<(),
         }
         ProtoChange::PublishSettled(c) => {
             for id in c.ids {
-                published::settle(tx, id)?;
+                published::settle(tx, id, c.at_ms)?;
             }
         }
         ProtoChange::IncomingQos2Completed(c) => {

@@ -1715,22 +1715,56 @@ fn a_qos2_store_spanning_shards_is_recorded_deduplicated_and_settled() {
     apply_parts(&sms, &mut next, store_9.clone(), Some(&fence), count);
     assert_eq!(deliveries(9), 0, "acknowledged: not delivered again");
     assert!(sms[&shard(&subscriber)].published(9).expect("read"));
-    // Settled: the record goes.
-    let settle = state::Batch {
-        shard_id: u64::from(shard(&subscriber)),
-        changes: vec![state::Change {
-            change: Some(state::change::Change::PublishSettled(
-                state::PublishSettled { ids: vec![9] },
-            )),
-        }],
-        origin_node: 1,
-        fences: Vec::new(),
+    // Settled: the record stays for a grace period, in which a copy of the store proposed
+    // before the resend (its node paused right after its gate) is still skipped.
+    let settle = |ids: Vec<u64>, at_ms: u64| {
+        state::Batch {
+            shard_id: u64::from(shard(&subscriber)),
+            changes: vec![state::Change {
+                change: Some(state::change::Change::PublishSettled(
+                    state::PublishSettled { ids, at_ms },
+                )),
+            }],
+            origin_node: 1,
+            fences: Vec::new(),
+        }
+        .encode_to_vec()
     };
+    let settled_ms = clock.to_unix_ms(ctx.now.expect("timed"));
     next += 1;
     sms[&shard(&subscriber)]
-        .apply_entry(&normal(next, settle.encode_to_vec()))
+        .apply_entry(&normal(next, settle(vec![9], settled_ms)))
         .expect("applies");
-    assert!(!sms[&shard(&subscriber)].published(9).expect("read"));
+    assert!(sms[&shard(&subscriber)].published(9).expect("read"));
+    apply_parts(&sms, &mut next, store_9.clone(), Some(&fence), count);
+    assert_eq!(deliveries(9), 0, "a late copy after the settle is skipped");
+    // A store recorded after the grace drops it.
+    let after_grace = ProposalContext {
+        node_id: 1,
+        now: ctx.now.map(|t| {
+            t + Duration::from_millis(
+                raftmq_cluster::state_machine::published::SETTLED_GRACE_MS + 1,
+            )
+        }),
+    };
+    apply_parts(
+        &sms,
+        &mut next,
+        split(&publish(12), Some(&fence), count, &clock, &after_grace),
+        Some(&fence),
+        count,
+    );
+    assert!(
+        !sms[&shard(&subscriber)].published(9).expect("read"),
+        "gone after the grace"
+    );
+    assert!(sms[&shard(&subscriber)].published(12).expect("read"));
+    // A settle of a version without the time drops the record at once.
+    next += 1;
+    sms[&shard(&subscriber)]
+        .apply_entry(&normal(next, settle(vec![12], 0)))
+        .expect("applies");
+    assert!(!sms[&shard(&subscriber)].published(12).expect("read"));
     // Without a settle, a record older than the horizon goes when a newer one is recorded.
     apply_parts(
         &sms,

@@ -17,6 +17,12 @@ use super::*;
 /// How long a record is kept without its settle: a QoS 2 PUBLISH resent later than this after
 /// its first store (its client away that long with the exchange open) may be stored twice.
 pub const HORIZON_MS: u64 = 24 * 60 * 60 * 1000;
+/// How long a record is kept after its exchange settled: a copy of the store proposed before
+/// the client's resend can still reach a shard's log after the resend's store and settle (its
+/// node paused or cut off right after its gate committed, its request held up in the network).
+/// The proposing node sends no part later than [`crate::durability::REST_DEADLINE`] after the
+/// proposal; this covers that and the request's transit with a wide margin.
+pub const SETTLED_GRACE_MS: u64 = 10 * 60 * 1000;
 /// Most expired records dropped while one entry is applied (the rest go with later ones).
 const PURGE_PER_ENTRY: usize = 64;
 
@@ -49,15 +55,28 @@ pub(super) fn record(tx: &mut Tx<'_>, id: u64, at_ms: u64) -> Result<(), StoreEr
     purge_before(tx, at_ms.saturating_sub(HORIZON_MS))
 }
 
-/// Drops the record of message `id` (its exchange completed).
-pub(super) fn settle(tx: &mut Tx<'_>, id: u64) -> Result<(), StoreError> {
+/// The exchange of `id` completed at `settled_ms` (the settle's proposer's clock; 0: a
+/// settle of a version without it, which drops the record at once). The record is kept, and
+/// re-dated so that it expires [`SETTLED_GRACE_MS`] after the settle (sooner than its
+/// [`HORIZON_MS`]; left as it is if that would keep it longer).
+pub(super) fn settle(tx: &mut Tx<'_>, id: u64, settled_ms: u64) -> Result<(), StoreError> {
     let key = id_key(id);
     let Some(raw) = tx.get(StateCf::SmMeta, &key)? else {
         return Ok(());
     };
     let at_ms = read_u64(&raw).ok_or_else(|| corrupt(StateCf::SmMeta, &key, "not a u64"))?;
-    tx.delete(StateCf::SmMeta, key);
+    // Expires when the newest record is HORIZON_MS past its date.
+    let dated = (settled_ms + SETTLED_GRACE_MS).saturating_sub(HORIZON_MS);
+    if settled_ms != 0 && dated >= at_ms {
+        return Ok(());
+    }
     tx.delete(StateCf::SmMeta, at_key(at_ms, id));
+    if settled_ms == 0 {
+        tx.delete(StateCf::SmMeta, key);
+    } else {
+        tx.put(StateCf::SmMeta, key, dated.to_be_bytes().to_vec());
+        tx.put(StateCf::SmMeta, at_key(dated, id), Vec::new());
+    }
     Ok(())
 }
 
@@ -98,6 +117,19 @@ impl StateMachine {
     /// Whether message `id` is recorded as stored in this shard (see the module docs).
     pub fn published(&self, id: u64) -> Result<bool, StoreError> {
         Ok(self.db.get(StateCf::SmMeta, &id_key(id))?.is_some())
+    }
+
+    /// When the de-duplication record of `id` expires (wall-clock ms; it goes once a store
+    /// proposed after that is applied), if there is one: [`HORIZON_MS`] after its store, or
+    /// [`SETTLED_GRACE_MS`] after its settle.
+    pub fn published_expiry(&self, id: u64) -> Result<Option<u64>, StoreError> {
+        let key = id_key(id);
+        match self.db.get(StateCf::SmMeta, &key)? {
+            None => Ok(None),
+            Some(raw) => read_u64(&raw)
+                .map(|at_ms| Some(at_ms + HORIZON_MS))
+                .ok_or_else(|| corrupt(StateCf::SmMeta, &key, "not a u64")),
+        }
     }
 
     /// The message id and shards recorded with the incoming QoS 2 packet id `packet_id` of

@@ -222,7 +222,8 @@ async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_sto
         );
     }
 
-    // PUBREL: the exchange completes and every shard drops the message's record. Packet 2
+    // PUBREL: the exchange completes and every shard keeps the message's record only for the
+    // grace after a settle (a copy proposed before the resend may still come). Packet 2
     // through the node that proposed its receipt (which kept what to settle); then the client
     // reconnects through another node (which reads what to settle from the publisher's stored
     // receipt) and releases packet 1 there.
@@ -256,19 +257,22 @@ async fn a_qos2_publish_across_shards_is_refused_while_one_cannot_commit_and_sto
             .unwrap_or_else(|e| {
                 panic!("the release of {packet_id} through node {node} commits: {e:?}")
             });
+        // Settled: the record expires a grace after now instead of a day after its store.
+        let settled_by = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64
+            + raftmq_cluster::state_machine::published::SETTLED_GRACE_MS
+            + 60_000;
         for &node in &cluster.ids {
             for s in &subscribers {
                 let shard_id = ShardId::new(shard(s));
                 eventually(
-                    &format!("node {node}: shard {shard_id:?} drops the record of {id:?}"),
+                    &format!("node {node}: shard {shard_id:?} settles the record of {id:?}"),
                     CONVERGE_TIMEOUT,
                     || {
-                        std::future::ready(
-                            !cluster
-                                .node(node)
-                                .durability
-                                .dedupe_recorded(shard_id, id.0),
-                        )
+                        let expiry = cluster.node(node).durability.dedupe_expiry(shard_id, id.0);
+                        std::future::ready(expiry.is_some_and(|at| at < settled_by))
                     },
                 )
                 .await;
