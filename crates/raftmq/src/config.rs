@@ -115,6 +115,8 @@ pub struct ClusterConfig {
     /// Number of data shards (Raft groups of the durable state), `1..=1024`; fixed when the
     /// cluster is created (recorded in the data dir, a start with another value is refused).
     pub shards: u32,
+    /// Whether idle shards other than shard 1 stop their Raft heartbeats (with `shards > 1`).
+    pub quiesce_idle_shards: bool,
     /// This node's certificate chain (PEM) for mutual TLS between nodes; with `tls_key_file`
     /// and `tls_ca_file` it turns mTLS on for all cluster traffic.
     pub tls_cert_file: Option<PathBuf>,
@@ -147,6 +149,7 @@ impl Default for ClusterConfig {
             advertise_addr: None,
             seeds: Vec::new(),
             shards: 1,
+            quiesce_idle_shards: true,
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,

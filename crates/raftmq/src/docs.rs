@@ -232,6 +232,16 @@ pub const KEYS: &[KeyDoc] = &[
          1 is a preview: not yet proven under failures (docs/reliability.md); keep 1 in \
          production.",
     ),
+    key(
+        "cluster.quiesce_idle_shards",
+        "With cluster.shards > 1: a shard other than shard 1 with nothing written for 2 s stops \
+         its Raft heartbeats (its followers stop their election timers) until something is \
+         written, and every node sends a small heartbeat to each peer every 500 ms instead, so \
+         an idle cluster's work does not grow with the number of shards. A quiet shard whose \
+         leader's node falls silent elects a new leader in about 2.5 to 5 s. false keeps every \
+         shard's heartbeats (for comparison, or if quiescence misbehaves). Set it the same on \
+         every node.",
+    ),
     optional(
         "cluster.tls_cert_file",
         "PEM file with this node's certificate chain, leaf first, for mutual TLS between nodes. \

@@ -74,6 +74,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
     node_options.shards = raftmq_core::shard::ShardCount::new(config.cluster.shards)
         .context("cluster.shards must be between 1 and 1024")?;
+    if !config.cluster.quiesce_idle_shards {
+        node_options.tuning.quiesce_after_ms = 0;
+    }
     if let Some(path) = &config.cluster.faults_file {
         warn!(path = %path.display(), "cluster.faults_file is set: network faults are injected (tests only)");
         node_options.faults = Some(Arc::new(raftmq_cluster::network::FileFaults::new(

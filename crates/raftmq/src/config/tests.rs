@@ -513,3 +513,13 @@ fn the_shard_count_is_checked_against_its_range_naming_the_key() {
         "one data group by default"
     );
 }
+
+#[test]
+fn idle_shards_quiesce_unless_the_key_says_otherwise() {
+    assert!(Config::default().cluster.quiesce_idle_shards);
+    assert_eq!(
+        check_file("[cluster]\nquiesce_idle_shards = false").map(|c| c.cluster.quiesce_idle_shards),
+        Ok(false)
+    );
+    assert_eq!(problems("[cluster]\nquiesce_idle_shards = \"no\"").len(), 1);
+}
