@@ -919,6 +919,10 @@ impl Durability for RaftDurability {
         shard_of(client_id, self.router.count).get()
     }
 
+    fn shards(&self) -> u32 {
+        self.router.count.get()
+    }
+
     fn load_session(&self, client_id: &ByteStr, claim: Commit) -> SessionLoad {
         let (load, handle) = SessionLoad::pending();
         let reader = self.reader_of(client_id).clone();

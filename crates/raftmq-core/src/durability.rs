@@ -542,6 +542,13 @@ pub trait Durability: Send + Sync + 'static {
     fn shard_of(&self, _client_id: &[u8]) -> u32 {
         1
     }
+
+    /// How many shards (logs) the state is split over. With one, a message's store and a
+    /// later claim go through one log in order, so the checks that only several shards need
+    /// are skipped.
+    fn shards(&self) -> u32 {
+        1
+    }
 }
 
 /// The stored session found by [`Durability::load_session`], with the log index it reflects

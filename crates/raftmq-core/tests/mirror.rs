@@ -936,6 +936,9 @@ impl raftmq_core::durability::Durability for Sharded {
     fn shard_of(&self, client_id: &[u8]) -> u32 {
         if client_id == b"a" { 2 } else { 1 }
     }
+    fn shards(&self) -> u32 {
+        2
+    }
 }
 
 impl Sharded {

@@ -165,6 +165,8 @@ impl Broker {
         }
         let (limits, stats) = (self.queue_limits, self.stats.clone());
         let unsettled = self.cluster.unsettled.clone();
+        // One log: the store comes before any later claim's load, never after it.
+        let sharded = self.durability.shards() > 1;
         let (durability, store) = (self.durability.clone(), store.clone());
         let complete = move |result: Result<(), crate::durability::DurabilityError>| {
             let due = match (result, stored) {
@@ -172,9 +174,13 @@ impl Broker {
                 (Err(_), Some(id)) => unsettled.failed(id, deferred),
                 (Err(_), None) => None,
             };
-            let positions = store.log_positions().unwrap_or_default();
+            let positions = if sharded {
+                store.log_positions().unwrap_or_default()
+            } else {
+                Default::default()
+            };
             for (session, delivery) in due.into_iter().flatten() {
-                if delivery.durable.is_some() {
+                if !positions.is_empty() && delivery.durable.is_some() {
                     let shard = durability.shard_of(session.client_id().as_bytes());
                     let at = positions.iter().find(|(s, _)| *s == shard).map(|(_, i)| *i);
                     if at.is_some_and(|at| session.loaded_from_at_least(at)) {
@@ -308,6 +314,7 @@ impl Broker {
         // only after its receipt committed: a target held elsewhere now may be loaded here
         // before that (see `Unsettled::stored_remotely`).
         if durable_qos2
+            && self.durability.shards() > 1
             && self.clustered()
             && let Some(id) = stored_id
         {
